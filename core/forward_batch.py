@@ -1,0 +1,63 @@
+"""The tensors one forward pass needs.
+
+Ownership of the three batch objects:
+  Req            (core/req.py)        per-request state on the CPU; owned by the Scheduler.
+  ScheduleBatch  (core/schedule_batch.py) the requests the scheduler chose for one step and the
+                 KV slots it allocated for them; built and owned by the Scheduler.
+  ForwardBatch   (here) the device tensors derived from a ScheduleBatch; built by the
+                 ModelRunner and passed explicitly to model.forward and attn_backend.forward.
+                 Nothing reads it from module globals.
+
+Shapes: T = total new tokens in the step (= B for decode), B = number of requests.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from kvyard.attention import AttentionBackend
+    from kvyard.mem_cache.kv_pool import KVPool
+
+
+class ForwardMode(enum.IntEnum):
+    EXTEND = 1  # prefill of new tokens, possibly on top of a cached prefix (also chunked)
+    DECODE = 2  # exactly one new token per request
+    IDLE = 3    # nothing to run (keeps collective ranks in step)
+
+    def is_extend(self) -> bool:
+        return self == ForwardMode.EXTEND
+
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor          # [T] int64
+    positions: torch.Tensor          # [T] int64 position of each new token in its sequence
+    out_cache_loc: torch.Tensor      # [T] int64 KV slot each new token's k/v is written to
+    req_pool_indices: torch.Tensor   # [B] int64 rows of req_to_token
+    seq_lens: torch.Tensor           # [B] int64 KV length after this step (prefix + new)
+    seq_lens_cpu: list[int]          # same as seq_lens, on the host
+    extend_prefix_lens_cpu: list[int]  # [B] tokens already cached before this step
+    extend_seq_lens_cpu: list[int]     # [B] new tokens this step (all 1 for decode)
+    extend_start_loc: torch.Tensor     # [B] int64 offset of each request's first new token in T
+    logits_indices: torch.Tensor       # [N] int64 rows of the hidden states that need logits
+    req_to_token: torch.Tensor         # [R, C] int32 slot of token j of request row r
+    kv_pool: "KVPool"
+    attn_backend: "AttentionBackend"
+    # free-form per-step data an attention backend computes in init_forward_metadata
+    attn_metadata: Any = None
+    # graph/compile padding: the real batch size when batch_size counts padded rows
+    real_batch_size: Optional[int] = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

@@ -1,0 +1,1 @@
+"""Building blocks shared by model plugins (norms, rotary, linear, attention, logits)."""

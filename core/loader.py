@@ -1,0 +1,58 @@
+"""WeightLoader: the load-format plugin kind (safetensors, pt, gguf, dummy, ...).
+
+A loader turns a --model-path into three things: the HF config, where the tokenizer comes from,
+and a stream of (HF parameter name, tensor) pairs that the model's ``load_weights`` consumes.
+A tensor may be a plain torch.Tensor or an object with ``dequantize()`` (kept-quantized GGUF
+blocks); the linear layer's LinearMethod decides what to do with it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    load_format: str = "auto"
+    revision: Optional[str] = None
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    json_model_override_args: str = ""    # JSON merged into the HF config
+    keep_quantized: bool = False          # GGUF: hand out quantized blocks instead of floats
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    path: str
+    kwargs: dict
+
+
+class WeightLoader(ABC):
+    name: str = "base"
+
+    def __init__(self, config: LoadConfig):
+        self.config = config
+
+    @classmethod
+    @abstractmethod
+    def can_load(cls, model_path: str) -> bool:
+        """Whether this format recognises the path (used by --load-format auto)."""
+
+    @abstractmethod
+    def hf_config(self, model_path: str) -> Any:
+        """A transformers PretrainedConfig (overrides not yet applied)."""
+
+    def tokenizer_source(self, model_path: str) -> TokenizerSource:
+        return TokenizerSource(model_path, {})
+
+    @abstractmethod
+    def weights(self, model_path: str, hf_config: Any) -> Iterator[tuple[str, Any]]:
+        """(HF parameter name, tensor) pairs in checkpoint order."""
+
+    def quantization(self) -> Optional[str]:
+        """The --quantization this format implies when the user gave none."""
+        return None

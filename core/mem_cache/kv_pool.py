@@ -1,0 +1,35 @@
+"""KVPool: the per-layer key/value buffers, indexed by slot.
+
+k_buffers[layer] and v_buffers[layer] are [num_slots, Hkv, D]. Slots 0 .. page_size-1 (the
+first page) are the dummy page: padded rows write there and nothing reads it back, so it is
+never handed out by the allocator. Slot allocation lives in mem_cache/allocator.py.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str | torch.device):
+        self.num_slots = num_slots
+        self.num_layers = num_layers
+        self.dtype = dtype
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """loc [T] slots; k/v [T, Hkv, D]."""
+        self.k_buffers[layer_id][loc] = k.to(self.dtype)
+        self.v_buffers[layer_id][loc] = v.to(self.dtype)
+
+    def k_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.k_buffers[layer_id]
+
+    def v_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.v_buffers[layer_id]
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

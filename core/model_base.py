@@ -1,0 +1,29 @@
+"""The model-architecture plugin kind.
+
+A model class is registered by HF architecture name and built as ``cls(hf_config, ctx)``.
+It must provide:
+  forward(input_ids [T], positions [T], fb: ForwardBatch) -> hidden states [T, hidden]
+  compute_logits(hidden [N, hidden]) -> logits [N, vocab] in float32
+  load_weights(weights: Iterable[(hf_name, tensor)]) -> None
+and may set ``is_generation = False`` (embedding models) and provide ``pool(hidden, fb)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kvyard.quantization import LinearMethod, QuantizationMethod, UnquantizedLinearMethod
+
+
+@dataclass(frozen=True)
+class ModelBuildContext:
+    dtype: torch.dtype
+    device: str
+    quantization: Optional[QuantizationMethod] = None
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        if self.quantization is None:
+            return UnquantizedLinearMethod(self.dtype, self.device)
+        return self.quantization.linear_method(prefix)

@@ -1,0 +1,75 @@
+"""Req: one request's state inside the scheduler process (CPU only).
+
+KV bookkeeping invariants (between steps):
+  - ``req_to_token[req_pool_idx, :kv_len]`` holds the slots of the first ``kv_len`` tokens of
+    ``origin_input_ids + output_ids``.
+  - slots ``[:len(prefix_indices)]`` belong to the prefix cache (locked through ``last_node``);
+    the rest up to ``kv_len`` are owned by this request alone.
+  - a finished or aborted request has ``req_pool_idx is None`` and owns no slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class FinishReason:
+    type: str                 # "stop" | "length" | "abort"
+    matched: Any = None       # the stop token id or stop string that ended it
+    message: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        d = {"type": self.type, "matched": self.matched}
+        if self.message:
+            d["message"] = self.message
+        return d
+
+
+@dataclass
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    sampling_params: Any                      # kvyard.sampling.params.SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    stream: bool = False
+    priority: int = 0
+    arrival: float = 0.0
+
+    output_ids: list[int] = field(default_factory=list)
+    finished_reason: Optional[FinishReason] = None
+
+    # KV state (see module docstring)
+    req_pool_idx: Optional[int] = None
+    kv_len: int = 0                                   # tokens whose k/v are in the pool
+    prefix_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    last_node: Any = None                             # radix node locked for this request
+    cached_tokens: int = 0                            # prompt tokens served from the prefix cache
+    extend_len: int = 0                               # new tokens scheduled for this step
+    is_chunked: bool = False                          # prefill not finished yet
+    retractions: int = 0
+
+    # sampling state carried across steps
+    generator_seed: Optional[int] = None
+    grammar: Any = None
+
+    # logprobs accumulated for the output
+    input_token_logprobs: list = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+    output_token_logprobs: list = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    def finished(self) -> bool:
+        return self.finished_reason is not None
