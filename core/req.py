@@ -52,9 +52,12 @@ class Req:
     extend_len: int = 0                               # new tokens scheduled for this step
     is_chunked: bool = False                          # prefill not finished yet
     retractions: int = 0
+    sent_len: int = 0                                 # output tokens already sent to the API process
+    input_logprobs_sent: bool = False
+    embed: bool = False
 
     # sampling state carried across steps
-    generator_seed: Optional[int] = None
+    sampling_seed: int = 0                            # user seed or one drawn by the API process
     grammar: Any = None
 
     # logprobs accumulated for the output

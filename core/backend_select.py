@@ -1,0 +1,40 @@
+"""The one place where "auto" plugin choices are resolved, each logged with its reason."""
+from __future__ import annotations
+
+import logging
+
+from kvyard.plugins import registry
+
+logger = logging.getLogger(__name__)
+
+# Preference order per device; the first installed plugin wins.
+_ATTENTION_PREFERENCE = {"cuda": ("flashinfer", "triton", "torch_native"),
+                         "cpu": ("torch_native", "flex_attention")}
+
+
+def resolve_attention_backend(requested: str, device: str) -> str:
+    reg = registry("attention_backends")
+    if requested != "auto":
+        reg.entry(requested)  # unknown name -> PluginError listing the valid ones
+        return requested
+    for name in _ATTENTION_PREFERENCE.get(device, ("torch_native",)):
+        if name in reg:
+            logger.info("attention backend: %s (auto: first installed of %s on %s)",
+                        name, ", ".join(_ATTENTION_PREFERENCE[device]), device)
+            return name
+    raise ValueError(f"attention_backend: no attention plugin installed for {device}; "
+                     f"installed: {', '.join(reg.names()) or '(none)'}")
+
+
+def resolve_quantization(requested: str | None, load_format: str) -> str | None:
+    """GGUF files keep their weights quantized unless --quantization none or --dtype float32 asks
+    for the exact dequantized path (the caller passes requested='none' then)."""
+    if requested == "none":
+        return None
+    if requested:
+        registry("quantization_methods").entry(requested)
+        return requested
+    if load_format == "gguf" and "gguf" in registry("quantization_methods"):
+        logger.info("quantization: gguf (auto: the model is a GGUF file; weights stay quantized)")
+        return "gguf"
+    return None

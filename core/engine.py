@@ -1,0 +1,186 @@
+"""kvyard.Engine: the offline, in-process API (SGLang's Engine shape).
+
+    with kvyard.Engine(model_path="...") as e:
+        e.generate("Hi", {"max_new_tokens": 8})["text"]
+
+The engine runs its TokenizerManager on a private asyncio loop in a background thread; the
+scheduler and the model live in their own process.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Any, AsyncIterator, Iterator, Optional, Union
+
+from kvyard.launch import make_tokenizer_manager, start_engine_process
+from kvyard.server_args import ServerArgs
+
+Prompt = Union[str, list[str], None]
+
+
+class Engine:
+    def __init__(self, server_args: Optional[ServerArgs] = None, **kwargs: Any):
+        args = server_args or ServerArgs(**kwargs)
+        import logging
+        logging.basicConfig(level=args.log_level.upper(), format="[kvyard] %(levelname)s %(message)s")
+        self.process = start_engine_process(args)
+        self.server_args = self.process.args
+        self.tokenizer = self.process.tokenizer
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kvyard-engine-loop", daemon=True)
+        self._thread.start()
+        self.tm = make_tokenizer_manager(self.process)
+        self._call(self._start())
+        self._closed = False
+
+    async def _start(self) -> None:
+        self.tm.start()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    # -- generation -------------------------------------------------------------------------
+    def _request(self, prompt: Prompt, sampling_params, input_ids, **kw: Any) -> dict:
+        obj = {k: v for k, v in kw.items() if v is not None}
+        if prompt is not None:
+            obj["text"] = prompt
+        if input_ids is not None:
+            obj["input_ids"] = input_ids
+        obj["sampling_params"] = sampling_params or {}
+        return obj
+
+    def generate(self, prompt: Prompt = None, sampling_params: Optional[dict | list] = None,
+                 input_ids: Optional[list] = None, return_logprob: bool = False, top_logprobs_num: int = 0,
+                 logprob_start_len: int = -1, return_text_in_logprobs: bool = False, stream: bool = False,
+                 rid: Optional[str | list] = None, priority: Optional[int] = None):
+        """One prompt → one dict; a list of prompts (or n > 1) → a list; stream=True → an
+        iterator of incremental chunks {"text": new text, "output_ids": new ids, "meta_info"}."""
+        obj = self._request(prompt, sampling_params, input_ids, return_logprob=return_logprob,
+                            top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
+                            stream=stream, rid=rid, priority=priority)
+        if stream:
+            return self._sync_stream(obj, return_text_in_logprobs)
+        return self._call(self._generate(obj, return_text_in_logprobs))
+
+    async def async_generate(self, prompt: Prompt = None, sampling_params: Optional[dict | list] = None,
+                             input_ids: Optional[list] = None, return_logprob: bool = False,
+                             top_logprobs_num: int = 0, logprob_start_len: int = -1,
+                             return_text_in_logprobs: bool = False, stream: bool = False,
+                             rid: Optional[str | list] = None, priority: Optional[int] = None):
+        """Awaitable twin of generate; with stream=True returns an async iterator of chunks."""
+        obj = self._request(prompt, sampling_params, input_ids, return_logprob=return_logprob,
+                            top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
+                            stream=stream, rid=rid, priority=priority)
+        if stream:
+            return self._async_stream(obj, return_text_in_logprobs)
+        fut = asyncio.run_coroutine_threadsafe(self._generate(obj, return_text_in_logprobs), self._loop)
+        return await asyncio.wrap_future(fut)
+
+    async def _generate(self, obj: dict, text_in_logprobs: bool):
+        reqs = self.tm.prepare(obj)
+        states = [self.tm.submit(r, text_in_logprobs) for r in reqs]
+        outs = await asyncio.gather(*(self.tm.final_output(s) for s in states))
+        single = len(outs) == 1 and not isinstance(obj.get("text"), list) and not _is_batch_ids(obj.get("input_ids"))
+        return outs[0] if single else list(outs)
+
+    async def _chunks(self, obj: dict, text_in_logprobs: bool) -> AsyncIterator[dict]:
+        reqs = self.tm.prepare(obj)
+        if len(reqs) != 1:
+            raise ValueError("stream: streaming takes one prompt with n=1")
+        state = self.tm.submit(reqs[0], text_in_logprobs)
+        sent_ids = 0
+        async for out in self.tm.stream_outputs(state):
+            delta = self.tm.delta_of(state)
+            ids = out["output_ids"][sent_ids:]
+            sent_ids = len(out["output_ids"])
+            yield {"text": delta, "output_ids": ids, "meta_info": out["meta_info"]}
+
+    def _sync_stream(self, obj: dict, text_in_logprobs: bool) -> Iterator[dict]:
+        q: queue.Queue = queue.Queue()
+        done = object()
+
+        async def pump():
+            try:
+                async for chunk in self._chunks(obj, text_in_logprobs):
+                    q.put(chunk)
+            except BaseException as exc:  # hand errors to the consuming thread
+                q.put(exc)
+            finally:
+                q.put(done)
+
+        task = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while (item := q.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            task.cancel()  # consumer stopped early: the request is aborted
+
+    async def _async_stream(self, obj: dict, text_in_logprobs: bool) -> AsyncIterator[dict]:
+        q: asyncio.Queue = asyncio.Queue()
+        caller_loop = asyncio.get_running_loop()
+        done = object()
+
+        async def pump():
+            try:
+                async for chunk in self._chunks(obj, text_in_logprobs):
+                    caller_loop.call_soon_threadsafe(q.put_nowait, chunk)
+            except BaseException as exc:
+                caller_loop.call_soon_threadsafe(q.put_nowait, exc)
+            finally:
+                caller_loop.call_soon_threadsafe(q.put_nowait, done)
+
+        task = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while (item := await q.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            task.cancel()
+
+    # -- control ----------------------------------------------------------------------------
+    def flush_cache(self) -> bool:
+        return self._call(self.tm.control("flush_cache")).ok
+
+    def get_server_info(self) -> dict:
+        reply = self._call(self.tm.control("get_info"))
+        return {**self.server_args.to_dict(), **reply.result}
+
+    def check_kv_integrity(self) -> None:
+        """Raises AssertionError unless every KV slot is free, cached or owned — exactly one."""
+        reply = self._call(self.tm.control("check_integrity"))
+        if not reply.ok:
+            raise AssertionError(reply.message)
+
+    def abort_request(self, rid: str = "") -> None:
+        self._loop.call_soon_threadsafe(self.tm.abort, rid)
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            self._call(self.tm.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self.process.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _is_batch_ids(ids) -> bool:
+    return bool(ids) and isinstance(ids[0], list)

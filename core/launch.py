@@ -1,0 +1,98 @@
+"""Starts the scheduler process and builds the API-side TokenizerManager (Engine and server share it)."""
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing as mp
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from kvyard.model_registry import ModelRegistry
+from kvyard.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineProcess:
+    args: ServerArgs
+    process: Any
+    info: dict
+    send_addr: str
+    recv_addr: str
+    tokenizer: Any
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process.is_alive():
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+
+
+def resolve_args(args: ServerArgs) -> ServerArgs:
+    """Fills in what depends on the machine: the default model path."""
+    from kvyard.model_source import default_model_path
+
+    if args.model_path is None:
+        args = replace(args, model_path=default_model_path())
+    elif not os.path.exists(args.model_path) and not args.revision:
+        raise ValueError(f"model_path: {args.model_path} does not exist")
+    if args.model_type == "diffusion" or (args.model_type == "auto" and _is_diffusion(args.model_path)):
+        raise ValueError("model_type: diffusion models are not supported yet")
+    return args
+
+
+def _is_diffusion(path: str) -> bool:
+    import json
+    index = os.path.join(path, "model_index.json") if os.path.isdir(path) else ""
+    if not index or not os.path.exists(index):
+        return False
+    with open(index) as fh:
+        return "_diffusers_version" in json.load(fh)
+
+
+def tokenizer_factory(args: ServerArgs):
+    from kvyard.tokenizer import load_tokenizer
+    return functools.partial(load_tokenizer, args.model_path, args.tokenizer_path, args.tokenizer_mode,
+                             args.load_format, args.revision, args.trust_remote_code, args.chat_template)
+
+
+def start_engine_process(args: ServerArgs) -> EngineProcess:
+    from kvyard.scheduler_process import run_scheduler_process
+
+    args = resolve_args(args)
+    ipc_dir = tempfile.mkdtemp(prefix="kvyard-")
+    send_addr, recv_addr = f"ipc://{ipc_dir}/to_scheduler", f"ipc://{ipc_dir}/from_scheduler"
+    ctx = mp.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    factory = None if args.skip_tokenizer_init else tokenizer_factory(args)
+    proc = ctx.Process(target=run_scheduler_process, name="kvyard-scheduler", daemon=True,
+                       args=(args, send_addr, recv_addr, ModelRegistry.snapshot(), writer, factory))
+    proc.start()
+    writer.close()
+    tokenizer = factory() if factory else None  # loads while the scheduler loads the model
+    try:
+        ready = reader.recv()
+    except EOFError:
+        proc.join(1)
+        raise RuntimeError(f"the scheduler process exited during start-up (exit code {proc.exitcode})") from None
+    if not ready["ok"]:
+        proc.join(5)
+        logger.debug(ready.get("traceback", ""))
+        raise ValueError(ready["error"])
+    return EngineProcess(args, proc, ready["info"], send_addr, recv_addr, tokenizer)
+
+
+def make_tokenizer_manager(ep: EngineProcess, on_finish=None):
+    from kvyard.tokenizer_manager import TokenizerManager
+
+    name = ep.args.served_model_name or ep.args.model_path
+    return TokenizerManager(ep.tokenizer, ep.info, ep.send_addr, ep.recv_addr, ep.is_alive,
+                            random_seed=ep.args.random_seed, allow_auto_truncate=ep.args.allow_auto_truncate,
+                            model_name=name, on_finish=on_finish)

@@ -1,0 +1,207 @@
+"""ModelRunner: owns the model, the KV memory and the sampler; runs one ScheduleBatch per call.
+
+prepare (ScheduleBatch -> ForwardBatch) / forward (model + logits) / sample. The only host
+sync per step is the copy of the sampled ids (and logprobs when asked).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kvyard.attention import AttentionConfig
+from kvyard.backend_select import resolve_attention_backend, resolve_quantization
+from kvyard.forward_batch import ForwardBatch, ForwardMode
+from kvyard.loader import LoadConfig
+from kvyard.mem_cache.allocator import SlotAllocator
+from kvyard.mem_cache.kv_pool import KVPool
+from kvyard.mem_cache.req_to_token import ReqToTokenPool
+from kvyard.model_base import ModelBuildContext
+from kvyard.model_config import ModelConfig, resolve_dtype
+from kvyard.model_registry import ModelRegistry
+from kvyard.plugins import registry
+from kvyard.quantization import QuantizationConfig
+from kvyard.sampling.sampler import Sampler
+from kvyard.schedule_batch import ScheduleBatch, StepResult
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
+CPU_KV_MEMORY_FRACTION = 0.4  # of available RAM, at most
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_path: str
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "cpu"
+    quantization: Optional[str] = None
+    attention_backend: str = "auto"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    context_length: Optional[int] = None
+    json_model_override_args: str = ""
+    is_embedding: bool = False
+    page_size: int = 1
+    max_total_tokens: Optional[int] = None
+    mem_fraction_static: Optional[float] = None
+    max_running_requests: Optional[int] = None
+    num_threads: Optional[int] = None
+    random_seed: Optional[int] = None
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+class ModelRunner:
+    def __init__(self, config: RunnerConfig):
+        self.config = config
+        self.device = config.device
+        if self.device == "cpu":
+            torch.set_num_threads(config.num_threads or physical_cores())
+        if config.random_seed is not None:
+            torch.manual_seed(config.random_seed)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self._load_model()
+        self._init_memory()
+        backend_name = resolve_attention_backend(config.attention_backend, self.device)
+        self.attn_backend = registry("attention_backends").get(backend_name)(self._attention_config())
+        self.attn_backend_name = backend_name
+        self.sampler = Sampler()
+
+    # -- model ------------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        cfg = self.config
+        quant_name = cfg.quantization
+        if quant_name is None and cfg.dtype == "float32":
+            quant_name = "none"  # explicit float32: the exact dequantized path
+        load_config = LoadConfig(load_format=cfg.load_format, revision=cfg.revision, dtype=self.dtype,
+                                 device=self.device, trust_remote_code=cfg.trust_remote_code,
+                                 json_model_override_args=cfg.json_model_override_args)
+        self.model_config = ModelConfig.from_path(
+            cfg.model_path, load_config, context_length=cfg.context_length,
+            json_model_override_args=cfg.json_model_override_args, is_embedding=cfg.is_embedding)
+        mc = self.model_config
+        quant_name = resolve_quantization(quant_name, mc.load_format)
+        quant = None
+        if quant_name:
+            quant = registry("quantization_methods").get(quant_name)(
+                QuantizationConfig(quant_name, self.dtype, self.device))
+        self.quantization = quant_name
+        load_config = LoadConfig(**{**load_config.__dict__, "load_format": mc.load_format,
+                                    "keep_quantized": quant_name == "gguf"})
+        loader = registry("load_formats").get(mc.load_format)(load_config)
+        model_cls = ModelRegistry.resolve(mc.architectures)
+        with torch.device(self.device):
+            self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant))
+        self.model.load_weights(loader.weights(mc.model_path, mc.hf_config))
+        self.model.eval()
+        logger.info("loaded %s (%s, %s, dtype %s, quantization %s) on %s", mc.model_path,
+                    mc.architectures[0], mc.load_format, self.dtype, quant_name, self.device)
+
+    # -- memory -----------------------------------------------------------------------------
+    def _init_memory(self) -> None:
+        cfg, mc = self.config, self.model_config
+        per_slot = KVPool.bytes_per_slot(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        tokens = cfg.max_total_tokens or self._default_pool_tokens(per_slot)
+        page = cfg.page_size
+        num_slots = (tokens // page + 1) * page  # + the dummy page
+        self.max_total_tokens = num_slots - page
+        self.kv_pool = KVPool(num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        self.allocator = SlotAllocator(num_slots, page, self.device)
+        max_reqs = cfg.max_running_requests or max(1, min(512, self.max_total_tokens // 64))
+        self.max_running_requests = max_reqs
+        self.req_to_token = ReqToTokenPool(max_reqs, mc.context_length + page, self.device)
+        logger.info("KV pool: %d tokens (%.1f MiB), page size %d, %d request rows",
+                    self.max_total_tokens, num_slots * per_slot / 2**20, page, max_reqs)
+
+    def _default_pool_tokens(self, per_slot: int) -> int:
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            fraction = self.config.mem_fraction_static or 0.88
+            budget = free - total * (1 - fraction)
+            return max(1024, int(budget // per_slot))
+        try:
+            import psutil
+            budget = psutil.virtual_memory().available * CPU_KV_MEMORY_FRACTION
+        except ImportError:
+            budget = 4 * 2**30
+        return max(1024, min(CPU_DEFAULT_MAX_TOTAL_TOKENS, int(budget // per_slot)))
+
+    def _attention_config(self) -> AttentionConfig:
+        mc = self.model_config
+        return AttentionConfig(num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+                               dtype=self.dtype, device=self.device, page_size=self.config.page_size,
+                               max_context_len=mc.context_length, max_batch_size=self.max_running_requests)
+
+    # -- one step ---------------------------------------------------------------------------
+    def prepare(self, batch: ScheduleBatch) -> ForwardBatch:
+        dev = self.device
+        long = dict(dtype=torch.int64, device=dev)
+        extend_lens = batch.extend_lens
+        starts, acc = [], 0
+        for n in extend_lens:
+            starts.append(acc)
+            acc += n
+        rows = batch.sample_rows + [row for _, row, _ in batch.input_logprob_rows]
+        fb = ForwardBatch(
+            mode=batch.mode, batch_size=batch.batch_size,
+            input_ids=torch.tensor(batch.input_ids, **long),
+            positions=torch.tensor(batch.positions, **long),
+            out_cache_loc=batch.out_cache_loc.to(dev),
+            req_pool_indices=torch.tensor(batch.req_pool_indices(), **long),
+            seq_lens=torch.tensor(batch.seq_lens, **long), seq_lens_cpu=batch.seq_lens,
+            extend_prefix_lens_cpu=batch.prefix_lens, extend_seq_lens_cpu=extend_lens,
+            extend_start_loc=torch.tensor(starts, **long), logits_indices=torch.tensor(rows, **long),
+            req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
+        return fb
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduleBatch) -> StepResult:
+        fb = self.prepare(batch)
+        self.attn_backend.init_forward_metadata(fb)
+        hidden = self.model(fb.input_ids, fb.positions, fb)
+        if not getattr(self.model, "is_generation", True):
+            return StepResult(next_ids=[], embeddings=self.model.pool(hidden, fb).float().cpu())
+        logits = self.model.compute_logits(hidden[fb.logits_indices])
+        num_sample = len(batch.sample_rows)
+        result = self._sample(batch, logits[:num_sample])
+        if batch.input_logprob_rows:
+            self._input_logprobs(batch, logits[num_sample:], result)
+        return result
+
+    def _sample(self, batch: ScheduleBatch, logits: torch.Tensor) -> StepResult:
+        if logits.shape[0] == 0:
+            return StepResult(next_ids=[])
+        reqs = [batch.reqs[i] for i in batch.sample_req_idx]
+        want_logprob = any(r.return_logprob for r in reqs)
+        top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
+        positions = torch.tensor([r.seq_len for r in reqs], dtype=torch.int64, device=logits.device)
+        out = self.sampler(logits, batch.sampling_info, positions, want_logprob, top_nums)
+        result = StepResult(next_ids=out.next_ids.tolist())  # the one host sync of the step
+        if want_logprob:
+            result.logprobs = out.logprobs.tolist()
+            if out.top_logprobs is not None:
+                values, ids = (t.tolist() for t in out.top_logprobs)
+                result.top_logprobs = [list(zip(v[:k], i[:k])) for v, i, k in zip(values, ids, top_nums)]
+        return result
+
+    def _input_logprobs(self, batch: ScheduleBatch, logits: torch.Tensor, result: StepResult) -> None:
+        from kvyard.sampling.sampler import logprobs_of, top_logprobs
+
+        targets = torch.tensor([t for _, _, t in batch.input_logprob_rows], dtype=torch.int64,
+                               device=logits.device)
+        result.input_logprobs = logprobs_of(logits, targets).tolist()
+        k = max(batch.reqs[i].top_logprobs_num for i, _, _ in batch.input_logprob_rows)
+        if k > 0:
+            values, ids = (t.tolist() for t in top_logprobs(logits, k))
+            result.input_top_logprobs = [list(zip(v, i)) for v, i in zip(values, ids)]

@@ -1,0 +1,159 @@
+"""The scheduler process: builds the ModelRunner and Scheduler, then serves ZMQ messages.
+
+Loop: drain incoming messages (never blocking while there is work), run one scheduler step,
+push the updates. A step that raises fails the requests it touched, not the process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from kvyard.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, SchedulerError,
+                              TokenizedGenerateReq)
+from kvyard.model_registry import ModelRegistry
+from kvyard.req import FinishReason
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 50
+
+
+def build_scheduler(args, tokenizer_factory=None):
+    """ModelRunner + Scheduler from ServerArgs (also used in-process by tests and benchmarks)."""
+    from kvyard.model_runner import ModelRunner, RunnerConfig
+    from kvyard.scheduler import Scheduler, SchedulerConfig
+
+    runner = ModelRunner(runner_config(args))
+    mc = runner.model_config
+    chunk = args.chunked_prefill_size if args.chunked_prefill_size is not None else 8192
+    config = SchedulerConfig(
+        max_running_requests=runner.max_running_requests, context_length=mc.context_length,
+        chunked_prefill_size=chunk, max_prefill_tokens=args.max_prefill_tokens,
+        schedule_policy=args.schedule_policy, schedule_conservativeness=args.schedule_conservativeness,
+        disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval,
+        random_seed=args.random_seed, debug_kv_integrity=args.debug_kv_integrity)
+    return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory)
+
+
+def runner_config(args):
+    from kvyard.model_runner import RunnerConfig
+
+    return RunnerConfig(
+        model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
+        device=args.resolved_device(), quantization=args.quantization,
+        attention_backend=args.attention_backend, revision=args.revision,
+        trust_remote_code=args.trust_remote_code, context_length=args.context_length,
+        json_model_override_args=args.json_model_override_args, is_embedding=args.is_embedding,
+        page_size=args.page_size, max_total_tokens=args.max_total_tokens,
+        mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
+        num_threads=args.num_threads, random_seed=args.random_seed)
+
+
+def run_scheduler_process(args, in_addr: str, out_addr: str, registry_snapshot: dict,
+                          ready_conn, tokenizer_factory=None) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="[kvyard scheduler] %(levelname)s %(message)s")
+    ModelRegistry.restore(registry_snapshot)
+    try:
+        scheduler = build_scheduler(args, tokenizer_factory)
+    except Exception as exc:
+        ready_conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                         "traceback": traceback.format_exc()})
+        return
+    ready_conn.send({"ok": True, "info": scheduler_info(scheduler)})
+    ready_conn.close()
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(in_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(out_addr)
+    SchedulerLoop(scheduler, inbox, outbox).run()
+
+
+def scheduler_info(scheduler) -> dict[str, Any]:
+    runner = scheduler.runner
+    mc = runner.model_config
+    return {"max_total_num_tokens": runner.max_total_tokens,
+            "max_running_requests": runner.max_running_requests,
+            "context_length": mc.context_length, "vocab_size": mc.vocab_size,
+            "attention_backend": runner.attn_backend_name, "dtype": str(runner.dtype).replace("torch.", ""),
+            "quantization": runner.quantization, "device": runner.device, "pid": os.getpid(),
+            "page_size": runner.config.page_size}
+
+
+class SchedulerLoop:
+    def __init__(self, scheduler, inbox, outbox):
+        self.scheduler = scheduler
+        self.inbox = inbox
+        self.outbox = outbox
+        self.was_busy = False
+
+    def run(self) -> None:
+        while True:
+            busy = self.scheduler.has_work()
+            if not busy:
+                if self.was_busy:
+                    self._idle_check()
+                self.inbox.poll(IDLE_POLL_MS)
+            self.was_busy = busy
+            updates = self._drain()
+            try:
+                updates += self.scheduler.step()
+            except Exception as exc:  # fail what was running, keep serving
+                logger.error("scheduler step failed:\n%s", traceback.format_exc())
+                updates += self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
+            if updates:
+                self.outbox.send_pyobj(BatchTokenOut(updates))
+
+    def _drain(self) -> list:
+        updates = []
+        while True:
+            try:
+                msg = self.inbox.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                return updates
+            if isinstance(msg, TokenizedGenerateReq):
+                rejected = self.scheduler.add_request(msg)
+                if rejected:
+                    updates.append(rejected)
+            elif isinstance(msg, AbortReq):
+                updates += self.scheduler.abort(msg.rid)
+            elif isinstance(msg, ControlReq):
+                self.outbox.send_pyobj(self._control(msg))
+            elif msg == "shutdown":
+                raise SystemExit(0)
+
+    def _control(self, msg: ControlReq) -> ControlReply:
+        s = self.scheduler
+        try:
+            if msg.op == "flush_cache":
+                ok = s.flush_cache()
+                return ControlReply(msg.id, ok, message="" if ok else "requests are running; not flushed")
+            if msg.op == "get_info":
+                return ControlReply(msg.id, True, {**scheduler_info(s), **s.load_info()})
+            if msg.op == "check_integrity":
+                s.check_integrity()
+                return ControlReply(msg.id, True)
+            if msg.op == "update_weights":
+                s.runner.update_weights(msg.args["model_path"], msg.args.get("load_format"))
+                s.cache.reset() if not s.has_work() else None
+                return ControlReply(msg.id, True, message="weights updated")
+            return ControlReply(msg.id, False, message=f"unknown control op {msg.op!r}")
+        except Exception as exc:
+            return ControlReply(msg.id, False, message=f"{type(exc).__name__}: {exc}")
+
+    def _fail_all(self, message: str) -> list:
+        updates = self.scheduler.abort("")
+        for u in updates:
+            u.finished_reason = FinishReason("abort", message=message).to_dict()
+        return updates
+
+    def _idle_check(self) -> None:
+        try:
+            self.scheduler.check_integrity()
+        except AssertionError as exc:
+            logger.error("KV integrity check failed while idle: %s", exc)

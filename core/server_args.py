@@ -1,0 +1,196 @@
+"""ServerArgs: every user-facing flag of `kvyard serve` / `kvyard generate` / kvyard.Engine.
+
+Flags use SGLang's names. The argparse parser is generated from the fields (grouped by topic for
+--help); plugin-backed flags are checked against their registry at parse time. Components never
+receive ServerArgs: they get the small frozen configs built by the ``*_config()`` methods.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from kvyard.plugins import registry
+
+SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "priority")
+
+
+def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, **meta})
+
+
+@dataclass
+class ServerArgs:
+    # -- model and tokenizer ------------------------------------------------------------
+    model_path: Optional[str] = _f(None, "model folder or .gguf file (default: the installed SmolLM2-135M-Instruct GGUF)", "model")
+    tokenizer_path: Optional[str] = _f(None, "tokenizer folder (default: from the model)", "model")
+    tokenizer_mode: str = _f("auto", "auto: fast tokenizer if available; slow: the Python one", "model", choices=("auto", "slow"))
+    skip_tokenizer_init: bool = _f(False, "take and return token ids only (no text)", "model")
+    load_format: str = _f("auto", "weights format", "model", registry="load_formats", allow=("auto",))
+    trust_remote_code: bool = _f(False, "allow custom model code from the hub cache", "model")
+    revision: Optional[str] = _f(None, "model revision (branch, tag or commit) in the hub cache", "model")
+    context_length: Optional[int] = _f(None, "maximum sequence length (default: the model's)", "model")
+    is_embedding: bool = _f(False, "serve the model as an embedding model", "model")
+    dtype: str = _f("auto", "weights and activations dtype", "model", choices=("auto", "float32", "float16", "bfloat16", "half", "float"))
+    quantization: Optional[str] = _f(None, "keep weights quantized with this method (gguf: automatic for .gguf models)", "model", registry="quantization_methods", allow=("none",))
+    json_model_override_args: str = _f("", "JSON merged into the model config", "model")
+    served_model_name: Optional[str] = _f(None, "model name reported by the API", "model")
+    chat_template: Optional[str] = _f(None, "a .jinja file, a JSON template file, or a built-in name", "model")
+    model_type: str = _f("auto", "auto: detected from the folder", "model", choices=("auto", "llm", "diffusion"))
+
+    # -- HTTP ---------------------------------------------------------------------------
+    host: str = _f("127.0.0.1", "HTTP host", "http")
+    port: int = _f(30000, "HTTP port", "http")
+    api_key: Optional[str] = _f(None, "require 'Authorization: Bearer KEY' on every endpoint but /health", "http")
+    file_storage_path: str = _f("kvyard_storage", "folder of the /v1/files store", "http")
+    enable_metrics: bool = _f(False, "serve Prometheus metrics at /metrics", "http")
+    skip_server_warmup: bool = _f(False, "do not run a warmup request before reporting ready", "http")
+    warmups: Optional[str] = _f(None, "comma-separated warmup names to run at start", "http")
+    config: Optional[str] = _f(None, "YAML file whose keys are these arguments; flags override it", "http")
+
+    # -- memory and scheduling ----------------------------------------------------------
+    mem_fraction_static: Optional[float] = _f(None, "fraction of device memory for weights + KV pool (CUDA)", "scheduling")
+    max_total_tokens: Optional[int] = _f(None, "KV pool size in tokens (CPU default: 32768, capped by memory)", "scheduling")
+    max_running_requests: Optional[int] = _f(None, "maximum concurrently running requests", "scheduling")
+    max_queued_requests: Optional[int] = _f(None, "reject new requests beyond this queue length", "scheduling")
+    chunked_prefill_size: Optional[int] = _f(None, "maximum prefill tokens per step per request chunk (-1 disables)", "scheduling")
+    max_prefill_tokens: int = _f(16384, "maximum new tokens in one prefill batch", "scheduling")
+    schedule_policy: str = _f("fcfs", "order of the waiting queue", "scheduling", choices=SCHEDULE_POLICIES)
+    schedule_conservativeness: float = _f(1.0, "how much KV to reserve for running requests' future tokens", "scheduling")
+    page_size: int = _f(1, "tokens per KV page", "scheduling")
+    disable_radix_cache: bool = _f(False, "no prefix caching", "scheduling")
+    stream_interval: int = _f(1, "stream every N tokens", "scheduling")
+    random_seed: Optional[int] = _f(None, "seed of the server's random state", "scheduling")
+    watchdog_timeout: float = _f(300.0, "abort if one scheduler step takes longer than this (s)", "scheduling")
+    allow_auto_truncate: bool = _f(False, "truncate over-long prompts instead of rejecting them", "scheduling")
+    enable_cache_report: bool = _f(False, "report cached prompt tokens in usage", "scheduling")
+    debug_kv_integrity: bool = _f(False, "check the KV integrity after every step (slow; tests)", "scheduling")
+
+    # -- runtime and kernels ------------------------------------------------------------
+    device: str = _f("auto", "auto: cuda if available, else cpu", "runtime", choices=("auto", "cuda", "cpu"))
+    attention_backend: str = _f("auto", "attention plugin", "runtime", registry="attention_backends", allow=("auto",))
+    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores)", "runtime")
+    enable_torch_compile: bool = _f(False, "compile the decode step (inductor) for batch-size buckets", "runtime")
+    torch_compile_max_bs: int = _f(32, "largest batch size compiled", "runtime")
+
+    # -- parsers and grammar ------------------------------------------------------------
+    tool_call_parser: Optional[str] = _f(None, "tool-call parser", "parsers", registry="tool_call_parsers")
+    reasoning_parser: Optional[str] = _f(None, "reasoning parser", "parsers", registry="reasoning_parsers")
+
+    # -- logging ------------------------------------------------------------------------
+    log_level: str = _f("info", "log level", "logging", choices=("debug", "info", "warning", "error"))
+    log_level_http: Optional[str] = _f(None, "HTTP access log level (default: log_level)", "logging")
+    log_requests: bool = _f(False, "log every request and its output", "logging")
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    # -------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """One-line ValueError naming the field for values argparse cannot catch."""
+        positive = ("context_length", "max_total_tokens", "max_running_requests", "page_size",
+                    "stream_interval", "max_prefill_tokens", "num_threads", "torch_compile_max_bs",
+                    "max_queued_requests")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
+            raise ValueError("chunked_prefill_size must be positive or -1, got 0")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.schedule_conservativeness <= 0:
+            raise ValueError("schedule_conservativeness must be > 0")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}")
+        for f in dataclasses.fields(self):
+            kind = f.metadata.get("registry")
+            value = getattr(self, f.name)
+            if kind and value is not None and value not in f.metadata.get("allow", ()):
+                reg = registry(kind)
+                if value not in reg:
+                    raise ValueError(f"{f.name}: {reg.unknown_message(value)}")
+        if self.json_model_override_args:
+            try:
+                json.loads(self.json_model_override_args)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"json_model_override_args is not valid JSON: {exc}") from None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- argparse -------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, groups: Optional[set[str]] = None) -> None:
+        titles = {"model": "model and tokenizer", "http": "HTTP server", "scheduling": "memory and scheduling",
+                  "runtime": "runtime and kernels", "parsers": "parsers and grammar", "logging": "logging"}
+        arg_groups = {g: parser.add_argument_group(t) for g, t in titles.items()
+                      if groups is None or g in groups}
+        for f in dataclasses.fields(cls):
+            group = arg_groups.get(f.metadata["group"])
+            if group is None:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
+            if f.type in ("bool", bool):
+                group.add_argument(flag, action="store_true", **kwargs)
+                continue
+            kwargs["type"] = _arg_type(f.type)
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            elif "registry" in f.metadata:
+                kwargs["type"] = _registry_choice(f.metadata["registry"], f.metadata.get("allow", ()))
+            group.add_argument(flag, **kwargs)
+
+    @classmethod
+    def from_cli_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
+        values = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(cls)}}
+        if values.get("config"):
+            values = {**load_yaml_config(values["config"]), **values}
+        return cls(**values)
+
+
+def _arg_type(annotation: str):
+    text = str(annotation)
+    if "float" in text:
+        return float
+    if "int" in text:
+        return int
+    return str
+
+
+def _registry_choice(kind: str, allow: tuple[str, ...]):
+    def check(value: str) -> str:
+        if value in allow or value in registry(kind):
+            return value
+        raise argparse.ArgumentTypeError(registry(kind).unknown_message(value))
+    check.__name__ = kind[:-1].replace("_", " ")
+    return check
+
+
+def load_yaml_config(path: str) -> dict:
+    import yaml
+
+    if not os.path.exists(path):
+        raise ValueError(f"config: file {path!r} does not exist")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping of argument names to values")
+    names = {f.name for f in dataclasses.fields(ServerArgs)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ValueError(f"config: unknown argument {key!r} in {path}")
+        out[name] = value
+    return out

@@ -1,0 +1,327 @@
+"""TokenizerManager: the API process's side of the engine.
+
+Turns a request (text or token ids, one or a batch, n samples) into TokenizedGenerateReqs for
+the scheduler process, and the scheduler's token updates back into SGLang-shaped outputs:
+{"text", "output_ids", "meta_info": {...}}. It lives on one asyncio loop (the Engine's own
+thread, or the HTTP server's loop) and never runs model compute, so it stays responsive.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Optional
+
+import zmq
+import zmq.asyncio
+
+from kvyard.detokenizer import DecodeState, next_delta, visible_text
+from kvyard.errors import EngineDeadError, RequestError
+from kvyard.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, ReqUpdate,
+                              SchedulerError, TokenizedGenerateReq)
+from kvyard.sampling.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+REQUEST_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "top_logprobs_num",
+                  "logprob_start_len", "return_text_in_logprobs", "stream", "priority", "prompt"}
+
+
+@dataclass
+class ReqState:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    return_logprob: bool
+    return_text_in_logprobs: bool
+    decode: DecodeState
+    created: float = field(default_factory=time.monotonic)
+    first_token: Optional[float] = None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[dict] = None
+    meta: dict = field(default_factory=dict)
+    logprobs: dict = field(default_factory=lambda: {"output_token_logprobs": [], "output_top_logprobs": [],
+                                                    "input_token_logprobs": [], "input_top_logprobs": []})
+    embedding: Optional[list[float]] = None
+
+
+class TokenizerManager:
+    def __init__(self, tokenizer, scheduler_info: dict, send_addr: str, recv_addr: str,
+                 is_alive: Callable[[], bool], *, random_seed: Optional[int] = None,
+                 allow_auto_truncate: bool = False, model_name: str = "default",
+                 on_finish: Optional[Callable[[ReqState], None]] = None):
+        self.tokenizer = tokenizer
+        self.info = scheduler_info
+        self.context_length = scheduler_info["context_length"]
+        self.vocab_size = scheduler_info["vocab_size"]
+        self.allow_auto_truncate = allow_auto_truncate
+        self.model_name = model_name
+        self.on_finish = on_finish
+        self._send_addr, self._recv_addr = send_addr, recv_addr
+        self._is_alive = is_alive
+        self._states: dict[str, ReqState] = {}
+        self._controls: dict[int, asyncio.Future] = {}
+        self._control_ids = itertools.count(1)
+        self._rng = random.Random(random_seed)
+        self._started = False
+        self.dead: Optional[str] = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Binds the sockets to the running loop; call from inside it."""
+        if self._started:
+            return
+        self._ctx = zmq.asyncio.Context()
+        self._send = self._ctx.socket(zmq.PUSH)
+        self._send.bind(self._send_addr)
+        self._recv = self._ctx.socket(zmq.PULL)
+        self._recv.bind(self._recv_addr)
+        self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._watchdog())]
+        self._started = True
+
+    async def close(self) -> None:
+        for t in getattr(self, "_tasks", []):
+            t.cancel()
+        if self._started:
+            try:
+                self._send.send_pyobj("shutdown", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self._send.close(linger=100)
+            self._recv.close(linger=0)
+            self._ctx.term()
+            self._started = False
+
+    async def _receive_loop(self) -> None:
+        while True:
+            msg = await self._recv.recv_pyobj()
+            if isinstance(msg, BatchTokenOut):
+                for update in msg.updates:
+                    self._on_update(update)
+            elif isinstance(msg, ControlReply):
+                fut = self._controls.pop(msg.id, None)
+                if fut and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, SchedulerError):
+                self._fail_all(msg.message)
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if not self._is_alive():
+                self._fail_all("the scheduler process exited")
+                return
+
+    def _fail_all(self, message: str) -> None:
+        self.dead = message
+        logger.error("engine failed: %s", message)
+        for state in list(self._states.values()):
+            state.queue.put_nowait(EngineDeadError(message))
+        for fut in self._controls.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(message))
+
+    # -- requests ---------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                 return_dict=False, **kwargs)
+        return list(out["input_ids"] if isinstance(out, dict) else out)
+
+    def prepare(self, obj: dict) -> list[TokenizedGenerateReq]:
+        """Validates and tokenizes one request dict (single or batch, n expanded).
+
+        Raises RequestError naming the field. Order of the result: prompt-major, then sample."""
+        unknown = set(obj) - REQUEST_FIELDS
+        if unknown:
+            raise RequestError(f"unknown request field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
+        prompts = self._prompts(obj)
+        params_list = obj.get("sampling_params") or {}
+        if isinstance(params_list, dict):
+            params_list = [params_list] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise RequestError("sampling_params: a list must have one entry per prompt", param="sampling_params")
+        rids = obj.get("rid")
+        if rids is None:
+            rids = [uuid.uuid4().hex for _ in prompts]
+        elif isinstance(rids, str):
+            rids = [rids] if len(prompts) == 1 else [f"{rids}-{i}" for i in range(len(prompts))]
+        out = []
+        for ids, p, rid in zip(prompts, params_list, rids):
+            params = self._sampling_params(p, len(ids))
+            ids = self._fit_context(ids, params)
+            for i in range(params.n):
+                seed = (params.seed + i) if params.seed is not None else self._rng.getrandbits(62)
+                out.append(TokenizedGenerateReq(
+                    rid=rid if params.n == 1 else f"{rid}-{i}", input_ids=ids, sampling_params=params,
+                    return_logprob=bool(obj.get("return_logprob", False)),
+                    top_logprobs_num=int(obj.get("top_logprobs_num") or 0),
+                    logprob_start_len=int(obj.get("logprob_start_len", -1)),
+                    stream=bool(obj.get("stream", False)), priority=int(obj.get("priority") or 0),
+                    sampling_seed=seed))
+        return out
+
+    def _prompts(self, obj: dict) -> list[list[int]]:
+        text = obj.get("text", obj.get("prompt"))
+        ids = obj.get("input_ids")
+        if (text is None) == (ids is None):
+            raise RequestError("exactly one of text or input_ids is required", param="text")
+        if ids is not None:
+            batch = ids if ids and isinstance(ids[0], list) else [ids]
+            for row in batch:
+                if not row or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in row):
+                    raise RequestError(f"input_ids: token ids must be a non-empty list of ints in [0, {self.vocab_size})",
+                                       param="input_ids")
+            return [list(r) for r in batch]
+        batch = [text] if isinstance(text, str) else text
+        if not isinstance(batch, list) or not batch or not all(isinstance(t, str) for t in batch):
+            raise RequestError("text: must be a string or a non-empty list of strings", param="text")
+        if any(t == "" for t in batch):
+            raise RequestError("text: the prompt is empty", param="text")
+        return [self.tokenize(t) for t in batch]
+
+    def _sampling_params(self, raw: Any, prompt_len: int) -> SamplingParams:
+        if isinstance(raw, SamplingParams):
+            params = raw
+        elif isinstance(raw, dict):
+            try:
+                params = SamplingParams.from_dict(raw)
+            except (ValueError, TypeError) as exc:
+                raise RequestError(str(exc), param="sampling_params") from None
+        else:
+            raise RequestError("sampling_params: must be an object", param="sampling_params")
+        try:
+            params.verify(self.vocab_size)
+            params.normalize(self.tokenizer)
+        except ValueError as exc:
+            raise RequestError(str(exc), param=_field_of(str(exc))) from None
+        return params
+
+    def _fit_context(self, ids: list[int], params: SamplingParams) -> list[int]:
+        if len(ids) >= self.context_length:
+            if not self.allow_auto_truncate:
+                raise RequestError(
+                    f"the prompt has {len(ids)} tokens, more than the context length "
+                    f"{self.context_length} allows; shorten it or start with --allow-auto-truncate",
+                    param="input_ids", status=413)
+            ids = ids[:self.context_length - 1]
+        room = self.context_length - len(ids)
+        if params.max_new_tokens is None or params.max_new_tokens > room:
+            params.max_new_tokens = room
+        return ids
+
+    # -- running ----------------------------------------------------------------------------
+    def submit(self, req: TokenizedGenerateReq, return_text_in_logprobs: bool = False) -> ReqState:
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        if req.rid in self._states:
+            raise RequestError(f"rid: a request with id {req.rid!r} is already running", param="rid")
+        p = req.sampling_params
+        state = ReqState(rid=req.rid, prompt_ids=req.input_ids, params=p, stream=req.stream,
+                         return_logprob=req.return_logprob, return_text_in_logprobs=return_text_in_logprobs,
+                         decode=DecodeState(p.skip_special_tokens, p.spaces_between_special_tokens,
+                                            tuple(p.stop or ()), p.no_stop_trim))
+        self._states[req.rid] = state
+        self._send.send_pyobj(req)
+        return state
+
+    async def stream_outputs(self, state: ReqState) -> AsyncIterator[dict]:
+        """Yields output dicts as updates arrive (cumulative text and ids); the last is final.
+
+        Cancelling the consumer (client disconnect) aborts the request in the scheduler."""
+        try:
+            while True:
+                item = await state.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield self.output_of(state)
+                if state.finish_reason is not None:
+                    return
+        finally:
+            if state.finish_reason is None and self._states.pop(state.rid, None) is not None:
+                self.abort(state.rid)
+
+    async def final_output(self, state: ReqState) -> dict:
+        out = None
+        async for out in self.stream_outputs(state):
+            pass
+        return out
+
+    def abort(self, rid: str) -> None:
+        if self._started:
+            self._send.send_pyobj(AbortReq(rid))
+
+    def _on_update(self, update: ReqUpdate) -> None:
+        state = self._states.get(update.rid)
+        if state is None:
+            return  # aborted by the client already
+        now = time.monotonic()
+        if state.first_token is None and update.new_token_ids:
+            state.first_token = now
+        state.output_ids += update.new_token_ids
+        for key in state.logprobs:
+            state.logprobs[key] += getattr(update, key)
+        state.meta = {"prompt_tokens": update.prompt_tokens, "completion_tokens": update.completion_tokens,
+                      "cached_tokens": update.cached_tokens}
+        state.embedding = update.embedding
+        if update.finished_reason is not None:
+            state.finish_reason = update.finished_reason
+            state.meta["e2e_latency"] = now - state.created
+            self._states.pop(update.rid, None)
+            if self.on_finish:
+                self.on_finish(state)
+        state.queue.put_nowait(update)
+
+    def output_of(self, state: ReqState) -> dict:
+        text = visible_text(self.tokenizer, state.output_ids, state.decode, state.finish_reason) \
+            if self.tokenizer is not None else ""
+        meta = {"id": state.rid, **state.meta, "finish_reason": state.finish_reason}
+        if state.first_token is not None:
+            meta["ttft"] = state.first_token - state.created
+        if state.return_logprob:
+            meta.update(self._logprob_meta(state))
+        out = {"text": text, "output_ids": list(state.output_ids), "meta_info": meta}
+        if state.embedding is not None:
+            out = {"embedding": state.embedding, "meta_info": meta}
+        return out
+
+    def delta_of(self, state: ReqState) -> str:
+        return next_delta(self.tokenizer, state.output_ids, state.decode, state.finish_reason)
+
+    def _logprob_meta(self, state: ReqState) -> dict:
+        def fmt(pairs):
+            return [(lp, tid, self._token_text(tid, state)) for lp, tid in pairs]
+        lp = state.logprobs
+        return {"output_token_logprobs": fmt(lp["output_token_logprobs"]),
+                "output_top_logprobs": [fmt(t) for t in lp["output_top_logprobs"]],
+                "input_token_logprobs": fmt(lp["input_token_logprobs"]),
+                "input_top_logprobs": [fmt(t) for t in lp["input_top_logprobs"]]}
+
+    def _token_text(self, tid: int, state: ReqState) -> Optional[str]:
+        return self.tokenizer.decode([tid]) if state.return_text_in_logprobs and self.tokenizer else None
+
+    async def control(self, op: str, timeout: float = 600.0, **args: Any) -> ControlReply:
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        cid = next(self._control_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._controls[cid] = fut
+        self._send.send_pyobj(ControlReq(cid, op, args))
+        return await asyncio.wait_for(fut, timeout)
+
+    def num_running(self) -> int:
+        return len(self._states)
+
+
+def _field_of(message: str) -> Optional[str]:
+    """The field a SamplingParams error names (its first word)."""
+    first = message.split(" ", 1)[0].strip(":'\"")
+    return first if first.isidentifier() else None
