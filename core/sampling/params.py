@@ -68,15 +68,15 @@ class SamplingParams:
 
     # -- validation -------------------------------------------------------------------------
     def check_types(self) -> None:
-        """One-line ValueError naming the first field whose value has the wrong type."""
+        """One-line ValueError naming the first field whose value has the wrong type.
+        Every message in this module starts with the field's name (the API layer reports it)."""
         for name, kinds in _FIELD_TYPES.items():
             value = getattr(self, name)
             if value is None and name in _NULLABLE:
                 continue
             if not _is_instance(value, kinds):
                 expected = " or ".join(_TYPE_NAMES[k] for k in kinds)
-                raise ValueError(f"sampling parameter '{name}' must be {expected}, "
-                                 f"got {type(value).__name__}")
+                raise ValueError(f"{name} must be {expected}, got {type(value).__name__}")
 
     def verify(self, vocab_size: int) -> None:
         """Range checks; one-line ValueError naming the field. Call before normalize()."""
@@ -88,8 +88,8 @@ class SamplingParams:
         self._verify_logit_bias(vocab_size)
         grammars = [name for name in _GRAMMAR_FIELDS if getattr(self, name) is not None]
         if len(grammars) > 1:
-            raise ValueError(f"sampling parameters {', '.join(grammars)}: at most one of "
-                             f"{'/'.join(_GRAMMAR_FIELDS)} may be set")
+            raise ValueError(f"{grammars[-1]}: only one of {'/'.join(_GRAMMAR_FIELDS)} may be set "
+                             f"(got {', '.join(grammars)})")
 
     def _verify_sampling(self) -> None:
         if self.temperature < 0:
