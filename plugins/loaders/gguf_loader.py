@@ -1,0 +1,148 @@
+"""The gguf load format: one llama.cpp GGUF file (or a folder holding exactly one).
+
+Config and tokenizer come from transformers' GGUF support (the chat template is in the file).
+Weights are read from the memory-mapped file with gguf.GGUFReader, renamed to HF names, and
+either dequantized to LoadConfig.dtype or, with LoadConfig.keep_quantized, handed out as
+QuantizedTensor blocks (2-D weights of quantized types only; F32/F16/BF16 stay float).
+
+llama.cpp stores the q/k projections of "llama"-architecture files with the rows of each head
+reordered for its interleaved rotary embedding; ``_unpermute_index`` undoes that so the weights
+match the HF (half-split rotary) layout. It permutes whole rows, so it applies unchanged to
+rows of quantized blocks.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from kvyard.loader import QuantizedTensor, TokenizerSource, WeightLoader
+from kvyard.model_source import gguf_file_of
+
+logger = logging.getLogger(__name__)
+
+_TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_PER_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+# Architectures whose converter permuted the q/k rows (llama.cpp's LlamaModel.permute).
+_PERMUTED_ARCHITECTURES = ("llama",)
+
+
+class GGUFLoader(WeightLoader):
+    name = "gguf"
+
+    @classmethod
+    def can_load(cls, model_path: str) -> bool:
+        return gguf_file_of(model_path) is not None
+
+    def _file(self, model_path: str):
+        path = gguf_file_of(model_path)
+        if path is None:
+            raise ValueError(f"model_path: {model_path} is not a .gguf file or a folder holding one")
+        return path
+
+    def hf_config(self, model_path: str) -> Any:
+        from transformers import AutoConfig
+
+        path = self._file(model_path)
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
+                                          revision=self.config.revision)
+
+    def tokenizer_source(self, model_path: str) -> TokenizerSource:
+        path = self._file(model_path)
+        return TokenizerSource(str(path.parent), {"gguf_file": path.name,
+                                                  "revision": self.config.revision})
+
+    def quantization(self) -> Optional[str]:
+        return "gguf" if self.config.keep_quantized else None
+
+    def weights(self, model_path: str, hf_config: Any) -> Iterator[tuple[str, Any]]:
+        import gguf
+
+        reader = gguf.GGUFReader(str(self._file(model_path)))
+        arch = _field(reader, "general.architecture")
+        heads = {"q": _field(reader, f"{arch}.attention.head_count")}
+        heads["k"] = _field(reader, f"{arch}.attention.head_count_kv") or heads["q"]
+        skipped = []
+        for tensor in reader.tensors:
+            hf_name = hf_name_of(tensor.name)
+            if hf_name is None:
+                skipped.append(tensor.name)
+                continue
+            value = self._convert(tensor)
+            role = _qk_role(tensor.name)
+            if role and arch in _PERMUTED_ARCHITECTURES:
+                value = _permute_rows(value, _unpermute_index(value.shape[0], heads[role]))
+            yield hf_name, value
+        if skipped:
+            logger.info("gguf: skipped %d tensor(s) with no HF counterpart: %s",
+                        len(skipped), ", ".join(skipped[:8]))
+
+    def _convert(self, tensor: Any) -> Any:
+        """A ReaderTensor as a float tensor in LoadConfig.dtype, or QuantizedTensor blocks."""
+        import gguf
+
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists the fastest dim first
+        qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                     gguf.GGMLQuantizationType.BF16):
+            values = np.array(gguf.quants.dequantize(tensor.data, qtype))  # a copy: mmap is read-only
+            return torch.from_numpy(values).reshape(shape).to(self.config.dtype)
+        # Quantized: data is uint8 [rows, bytes_per_row]; copy it out of the read-only mmap.
+        blocks = QuantizedTensor(torch.from_numpy(np.array(tensor.data)), shape, int(qtype))
+        if self.config.keep_quantized and len(shape) == 2:
+            return blocks
+        return blocks.dequantize(self.config.dtype)
+
+
+def hf_name_of(gguf_name: str) -> Optional[str]:
+    """"blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"; None if unknown."""
+    base, _, kind = gguf_name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        return None
+    if base in _TOP_LEVEL:
+        return f"{_TOP_LEVEL[base]}.{kind}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _PER_BLOCK:
+        return f"model.layers.{parts[1]}.{_PER_BLOCK[parts[2]]}.{kind}"
+    return None
+
+
+def _qk_role(gguf_name: str) -> Optional[str]:
+    """"q" / "k" for the permuted projections (weights and biases), else None."""
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
+        return parts[2][-1]
+    return None
+
+
+def _unpermute_index(rows: int, num_heads: int) -> torch.Tensor:
+    """index[h] = the GGUF row holding HF row h.
+
+    Within one head of head_dim rows, HF keeps the two rotary halves apart (row j*half + i,
+    j in {0, 1}) while llama.cpp interleaves them (row 2*i + j).
+    """
+    head_dim = rows // num_heads
+    half = head_dim // 2
+    hf_row = torch.arange(rows)
+    head, within = hf_row // head_dim, hf_row % head_dim
+    j, i = within // half, within % half
+    return head * head_dim + 2 * i + j
+
+
+def _permute_rows(value: Any, index: torch.Tensor) -> Any:
+    if isinstance(value, QuantizedTensor):
+        return QuantizedTensor(value.data[index], value.shape, value.qtype)
+    return value[index]
+
+
+def _field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    return field.contents() if field is not None else None
