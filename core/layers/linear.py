@@ -30,9 +30,16 @@ class Linear(nn.Module):
     def load_shard(self, shard: int, weight: Any) -> None:
         self.method.load_shard(self, shard, weight)
 
-    def load_bias_shard(self, shard: int, bias: torch.Tensor) -> None:
+    def load_bias_shard(self, shard: int, bias: Any) -> None:
+        """bias [output_sizes[shard]]: a tensor or anything with ``dequantize()``."""
+        if self.bias is None:
+            raise ValueError(f"{self.prefix}: the checkpoint has a bias but the layer was built without one")
+        bias = bias if isinstance(bias, torch.Tensor) else bias.dequantize()
+        rows = self.output_sizes[shard]
+        if tuple(bias.shape) != (rows,):
+            raise ValueError(f"{self.prefix}: checkpoint bias shape {tuple(bias.shape)} does not match ({rows},)")
         start = sum(self.output_sizes[:shard])
-        self.bias.data[start:start + self.output_sizes[shard]].copy_(bias)
+        self.bias.data[start:start + rows].copy_(bias)
 
     def process_after_loading(self) -> None:
         self.method.process_after_loading(self)

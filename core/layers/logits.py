@@ -1,0 +1,41 @@
+"""LogitsHead: hidden states of the rows that need logits -> float32 logits.
+
+The projection is a ``Linear`` (prefix "lm_head"), so a quantization method may keep it packed;
+with tied word embeddings the model loads the embedding tensor into it too.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kvyard.layers.linear import Linear
+
+
+class LogitsHead(nn.Module):
+    def __init__(self, lm_head: Linear, vocab_size: Optional[int] = None, scale: float = 1.0,
+                 soft_cap: Optional[float] = None):
+        """``vocab_size`` < lm_head.out_features drops padded vocabulary rows; ``scale``
+        multiplies the logits and ``soft_cap`` applies cap * tanh(logits / cap) (Gemma-style)."""
+        super().__init__()
+        if vocab_size is not None and not 0 < vocab_size <= lm_head.out_features:
+            raise ValueError(f"vocab_size must be in (0, {lm_head.out_features}], got {vocab_size}")
+        if soft_cap is not None and soft_cap <= 0:
+            raise ValueError(f"soft_cap must be positive, got {soft_cap}")
+        self.lm_head = lm_head
+        self.vocab_size = vocab_size or lm_head.out_features
+        self.scale = scale
+        self.soft_cap = soft_cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] float32."""
+        logits = self.lm_head(hidden)
+        if self.vocab_size != logits.shape[-1]:
+            logits = logits[..., :self.vocab_size]
+        logits = logits.float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.soft_cap is not None:
+            logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
+        return logits
