@@ -1,0 +1,3 @@
+from kvyard.cli import main
+
+main()
