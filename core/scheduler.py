@@ -147,8 +147,8 @@ class Scheduler:
             if batch.reqs and batch.reqs[0].embed != req.embed:
                 break  # embedding and generation requests do not share a batch
             need = self._extend_need(req)
-            if batch.reqs and need > free_budget:
-                break
+            if need > free_budget and (batch.reqs or self.running):
+                break  # admitting it would only force retractions of the running requests
             if not self._admit(req):
                 break
             self.waiting.remove(req)
