@@ -1,0 +1,297 @@
+"""The Llama-family decoder: Llama 2/3 (and SmolLM, which ships as LlamaForCausalLM), Mistral, Qwen2.
+
+They share one graph and differ only in which projections carry a bias and in sliding-window
+attention. Per step the model does (T new tokens, H/Hkv heads, D head_dim):
+
+    h = embed(input_ids)                                  [T, hidden]
+    cos_sin = rotary.lookup(positions)                    once, shared by every layer
+    per layer:  x, residual = input_norm(h, residual)     fused residual add
+                qkv = qkv_proj(x)                         [T, (H + 2 Hkv) D]
+                q|k rotated together as [T, H + Hkv, D], attention over the paged KV
+                x, residual = post_norm(o_proj(attn), residual)
+                h = down_proj(silu(gate) * up)
+    hidden = norm(h, residual)                            [T, hidden]
+
+Sliding window (Mistral, Qwen2 with use_sliding_window): attention here is always full. That is
+exact while every sequence is shorter than the window; longer ones differ from HF (a warning says
+so at construction when the window is below max_position_embeddings).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from kvyard.forward_batch import ForwardBatch
+from kvyard.layers.activation import SiluAndMul
+from kvyard.layers.attention import Attention
+from kvyard.layers.embedding import VocabEmbedding
+from kvyard.layers.linear import Linear
+from kvyard.layers.logits import LogitsHead
+from kvyard.layers.norm import RMSNorm
+from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
+from kvyard.layers.weights import copy_checked
+from kvyard.model_base import ModelBuildContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """The sizes the graph needs, read once from the HF config and checked."""
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def read_dims(cfg: Any, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> LlamaDims:
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return LlamaDims(
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, dims: LlamaDims, layer_id: int, ctx: ModelBuildContext, prefix: str):
+        super().__init__()
+        self.dims = dims
+        self.qkv_proj = Linear(dims.hidden_size, [dims.q_size, dims.kv_size, dims.kv_size],
+                               bias=dims.qkv_bias, method=ctx.linear_method(f"{prefix}.qkv_proj"),
+                               prefix=f"{prefix}.qkv_proj", dtype=ctx.dtype, device=ctx.device)
+        self.o_proj = Linear(dims.q_size, dims.hidden_size, bias=dims.o_bias,
+                             method=ctx.linear_method(f"{prefix}.o_proj"), prefix=f"{prefix}.o_proj",
+                             dtype=ctx.dtype, device=ctx.device)
+        self.attn = Attention(layer_id, dims.num_heads, dims.num_kv_heads, dims.head_dim)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                fb: ForwardBatch) -> torch.Tensor:
+        d = self.dims
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)                                  # [T, q | k | v]
+        qk_width = d.q_size + d.kv_size
+        # q and k are adjacent columns: rotate them as one [T, H + Hkv, D] view
+        qk = RotaryEmbedding.apply(qkv[:, :qk_width].view(t, d.num_heads + d.num_kv_heads, d.head_dim),
+                                   cos_sin)
+        q = qk[:, :d.num_heads].flatten(1)
+        k = qk[:, d.num_heads:].flatten(1)
+        v = qkv[:, qk_width:]
+        return self.o_proj(self.attn(q, k, v, fb))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, dims: LlamaDims, ctx: ModelBuildContext, prefix: str):
+        super().__init__()
+        inter = dims.intermediate_size
+        self.gate_up_proj = Linear(dims.hidden_size, [inter, inter], bias=dims.mlp_bias,
+                                   method=ctx.linear_method(f"{prefix}.gate_up_proj"),
+                                   prefix=f"{prefix}.gate_up_proj", dtype=ctx.dtype, device=ctx.device)
+        self.down_proj = Linear(inter, dims.hidden_size, bias=dims.mlp_bias,
+                                method=ctx.linear_method(f"{prefix}.down_proj"),
+                                prefix=f"{prefix}.down_proj", dtype=ctx.dtype, device=ctx.device)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, dims: LlamaDims, layer_id: int, ctx: ModelBuildContext):
+        super().__init__()
+        prefix = f"model.layers.{layer_id}"
+        self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
+        self.self_attn = LlamaAttention(dims, layer_id, ctx, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
+        self.mlp = LlamaMLP(dims, ctx, f"{prefix}.mlp")
+
+    def forward(self, h: torch.Tensor, residual: Optional[torch.Tensor],
+                cos_sin: tuple[torch.Tensor, torch.Tensor], fb: ForwardBatch):
+        """h [T, hidden] is the previous layer's output not yet added to ``residual``
+        (None before the first layer). Returns the same pair for the next layer."""
+        if residual is None:
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x = self.self_attn(x, cos_sin, fb)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, hf_config: Any, dims: LlamaDims, ctx: ModelBuildContext):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(dims.vocab_size, dims.hidden_size, ctx.dtype, ctx.device,
+                                           prefix="model.embed_tokens")
+        self.rotary = RotaryEmbedding(rope_config_from_hf(hf_config, dims.head_dim), ctx.dtype, ctx.device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(dims, i, ctx) for i in range(dims.num_layers))
+        self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.lookup(positions)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(h, residual, cos_sin, fb)
+        hidden, _ = self.norm(h, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Model plugin contract: see kvyard.model_base."""
+
+    is_generation = True
+
+    def __init__(self, hf_config: Any, ctx: ModelBuildContext):
+        super().__init__()
+        self.config = hf_config
+        self.dims = read_dims(hf_config, *self.biases(hf_config))
+        self._warn_sliding_window(hf_config)
+        self.model = LlamaModel(hf_config, self.dims, ctx)
+        self.lm_head = Linear(self.dims.hidden_size, self.dims.vocab_size, bias=False,
+                              method=ctx.linear_method("lm_head"), prefix="lm_head",
+                              dtype=ctx.dtype, device=ctx.device)
+        self.logits_head = LogitsHead(self.lm_head)
+
+    # -- architecture differences ------------------------------------------------------------
+    @classmethod
+    def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
+        """(q/k/v bias, o_proj bias, mlp bias)."""
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        return attention_bias, attention_bias, bool(getattr(cfg, "mlp_bias", False))
+
+    @classmethod
+    def sliding_window(cls, cfg: Any) -> Optional[int]:
+        return None
+
+    def _warn_sliding_window(self, cfg: Any) -> None:
+        window = self.sliding_window(cfg)
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if window is not None and (limit is None or window < limit):
+            logger.warning("%s: sliding_window=%d is not applied; attention is full, which matches "
+                           "the reference only for sequences up to %d tokens",
+                           type(self).__name__, window, window)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""
+        return self.model(input_ids, positions, fb)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        return self.logits_head(hidden)
+
+    # -- weights -----------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Consumes (HF name, tensor or QuantizedTensor) pairs. Unknown names (rotary inv_freq,
+        ...) are skipped; a weight the model needs and never received is an error naming it."""
+        targets = self._checkpoint_targets()
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            load = targets.get(name)
+            if load is None:
+                logger.debug("skipping checkpoint entry %s", name)
+                continue
+            load(tensor)
+            loaded.add(name)
+        if self.dims.tie_word_embeddings and "model.embed_tokens.weight" in loaded:
+            loaded.add("lm_head.weight")  # filled from the embedding
+        missing = sorted(set(targets) - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise ValueError(f"checkpoint is missing weights: {shown}")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_after_loading()
+
+    def _checkpoint_targets(self) -> dict[str, Callable[[Any], None]]:
+        """HF checkpoint name -> the call that loads it."""
+        targets: dict[str, Callable[[Any], None]] = {
+            "model.embed_tokens.weight": self._load_embedding,
+            "model.norm.weight": partial(copy_checked, self.model.norm.weight, name="model.norm.weight"),
+            "lm_head.weight": partial(self.lm_head.load_shard, 0),
+        }
+        for i, layer in enumerate(self.model.layers):
+            targets.update(_layer_targets(f"model.layers.{i}", layer))
+        return targets
+
+    def _load_embedding(self, weight: Any) -> None:
+        self.model.embed_tokens.load(weight, "model.embed_tokens.weight")
+        if self.dims.tie_word_embeddings:
+            # the lm_head gets the checkpoint entry itself, so a quantization method can keep it packed
+            self.lm_head.load_shard(0, weight)
+
+
+def _layer_targets(prefix: str, layer: LlamaDecoderLayer) -> dict[str, Callable[[Any], None]]:
+    attn, mlp = layer.self_attn, layer.mlp
+    fused = {
+        "self_attn": (attn.qkv_proj, ("q_proj", "k_proj", "v_proj")),
+        "mlp": (mlp.gate_up_proj, ("gate_proj", "up_proj")),
+    }
+    targets: dict[str, Callable[[Any], None]] = {}
+    for block, (linear, parts) in fused.items():
+        for shard, part in enumerate(parts):
+            targets[f"{prefix}.{block}.{part}.weight"] = partial(linear.load_shard, shard)
+            if linear.bias is not None:
+                targets[f"{prefix}.{block}.{part}.bias"] = partial(linear.load_bias_shard, shard)
+    for name, linear in (("self_attn.o_proj", attn.o_proj), ("mlp.down_proj", mlp.down_proj)):
+        targets[f"{prefix}.{name}.weight"] = partial(linear.load_shard, 0)
+        if linear.bias is not None:
+            targets[f"{prefix}.{name}.bias"] = partial(linear.load_bias_shard, 0)
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        param = getattr(layer, name).weight
+        targets[f"{prefix}.{name}.weight"] = partial(copy_checked, param, name=f"{prefix}.{name}.weight")
+    return targets
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
+        return False, False, False
+
+    @classmethod
+    def sliding_window(cls, cfg: Any) -> Optional[int]:
+        return getattr(cfg, "sliding_window", None)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
+        return True, False, False
+
+    @classmethod
+    def sliding_window(cls, cfg: Any) -> Optional[int]:
+        return getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", False) else None
