@@ -1,0 +1,78 @@
+"""`kvyard bench one-batch`: prefill latency and decode ms/step of one static batch, run on the
+in-process scheduler (no HTTP, no IPC), one row per batch size."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvyard.bench.common import append_result, console, print_rows, random_prompts
+from kvyard.cli.common import engine_parser, run_reporting_errors, server_args_from
+
+
+def build_parser():
+    p = engine_parser("kvyard bench one-batch", __doc__, groups={"model", "scheduling", "runtime", "logging"})
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    g.add_argument("--input-len", type=int, default=128)
+    g.add_argument("--output-len", type=int, default=128)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output-file", default=None, help="append one JSON line per batch size")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    ns = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: run(ns))
+
+
+def run(ns) -> int:
+    from dataclasses import replace
+
+    from kvyard.launch import resolve_args
+    from kvyard.scheduler_process import build_scheduler
+
+    args = resolve_args(server_args_from(ns))
+    biggest = max(ns.batch_size) * (ns.input_len + ns.output_len)
+    args = replace(args, chunked_prefill_size=-1, max_prefill_tokens=max(args.max_prefill_tokens, biggest),
+                   skip_tokenizer_init=True,
+                   max_running_requests=max(args.max_running_requests or 0, max(ns.batch_size)),
+                   max_total_tokens=args.max_total_tokens or biggest + 1024, disable_radix_cache=True)
+    with console.status("loading the model…"):
+        scheduler = build_scheduler(args)
+    runner = scheduler.runner
+    rows = []
+    _run_batch(scheduler, 1, 16, 4, ns.seed)  # warm-up
+    for bs in ns.batch_size:
+        prefill_s, decode_steps = _run_batch(scheduler, bs, ns.input_len, ns.output_len, ns.seed)
+        step_ms = 1000 * sum(decode_steps) / max(1, len(decode_steps))
+        rows.append({"batch": bs, "input_len": ns.input_len, "output_len": ns.output_len,
+                     "prefill_s": prefill_s, "prefill_tok_s": bs * ns.input_len / prefill_s,
+                     "decode_ms_step": step_ms, "decode_tok_s": bs * 1000 / step_ms if step_ms else 0.0,
+                     "dtype": str(runner.dtype).replace("torch.", ""), "quantization": str(runner.quantization),
+                     "threads": torch.get_num_threads()})
+    print_rows(f"one batch: {args.model_path}", rows)
+    for r in rows:
+        append_result(ns.output_file, {"bench": "one-batch", "model": args.model_path, **r})
+    return 0
+
+
+def _run_batch(scheduler, bs: int, input_len: int, output_len: int, seed: int) -> tuple[float, list[float]]:
+    from kvyard.io_struct import TokenizedGenerateReq
+    from kvyard.sampling.params import SamplingParams
+
+    vocab = scheduler.vocab_size
+    params = SamplingParams.from_dict({"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True})
+    params.verify(vocab)
+    params.normalize(None)
+    for i, ids in enumerate(random_prompts(bs, input_len, vocab, seed)):
+        scheduler.add_request(TokenizedGenerateReq(f"bench-{bs}-{i}", ids, params))
+    start = time.perf_counter()
+    scheduler.step()  # the whole batch prefills in one step (chunking is off)
+    prefill_s = time.perf_counter() - start
+    steps = []
+    while scheduler.has_work():
+        start = time.perf_counter()
+        scheduler.step()
+        steps.append(time.perf_counter() - start)
+    return prefill_s, steps
