@@ -1,0 +1,1 @@
+"""Benchmarks: `kvyard bench offline | one-batch | serving`."""
