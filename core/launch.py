@@ -95,4 +95,4 @@ def make_tokenizer_manager(ep: EngineProcess, on_finish=None):
     name = ep.args.served_model_name or ep.args.model_path
     return TokenizerManager(ep.tokenizer, ep.info, ep.send_addr, ep.recv_addr, ep.is_alive,
                             random_seed=ep.args.random_seed, allow_auto_truncate=ep.args.allow_auto_truncate,
-                            model_name=name, on_finish=on_finish)
+                            model_name=name, on_finish=on_finish, log_requests=ep.args.log_requests)

@@ -41,6 +41,7 @@ class SchedulerConfig:
     stream_interval: int = 1
     random_seed: Optional[int] = None
     debug_kv_integrity: bool = False
+    max_queued_requests: Optional[int] = None
 
 
 class Scheduler:
@@ -72,6 +73,9 @@ class Scheduler:
                   logprob_start_len=msg.logprob_start_len, stream=msg.stream, priority=msg.priority,
                   arrival=time.monotonic(), sampling_seed=msg.sampling_seed, embed=msg.embed)
         problem = self._reject_reason(req)
+        if problem is None and self.config.max_queued_requests is not None \
+                and len(self.waiting) >= self.config.max_queued_requests:
+            problem = f"the queue is full ({self.config.max_queued_requests} waiting requests); retry later"
         if problem:
             req.finished_reason = FinishReason("abort", message=problem)
             return self._update(req)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import zmq
 
@@ -36,7 +37,8 @@ def build_scheduler(args, tokenizer_factory=None):
         chunked_prefill_size=chunk, max_prefill_tokens=args.max_prefill_tokens,
         schedule_policy=args.schedule_policy, schedule_conservativeness=args.schedule_conservativeness,
         disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval,
-        random_seed=args.random_seed, debug_kv_integrity=args.debug_kv_integrity)
+        random_seed=args.random_seed, debug_kv_integrity=args.debug_kv_integrity,
+        max_queued_requests=args.max_queued_requests)
     return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory)
 
 
@@ -71,7 +73,7 @@ def run_scheduler_process(args, in_addr: str, out_addr: str, registry_snapshot: 
     inbox.connect(in_addr)
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(out_addr)
-    SchedulerLoop(scheduler, inbox, outbox).run()
+    SchedulerLoop(scheduler, inbox, outbox, args.watchdog_timeout).run()
 
 
 def scheduler_info(scheduler) -> dict[str, Any]:
@@ -86,13 +88,16 @@ def scheduler_info(scheduler) -> dict[str, Any]:
 
 
 class SchedulerLoop:
-    def __init__(self, scheduler, inbox, outbox):
+    def __init__(self, scheduler, inbox, outbox, watchdog_timeout: float = 300.0):
         self.scheduler = scheduler
         self.inbox = inbox
         self.outbox = outbox
         self.was_busy = False
+        self.watchdog_timeout = watchdog_timeout
+        self.step_started: Optional[float] = None
 
     def run(self) -> None:
+        threading.Thread(target=self._watchdog, name="kvyard-watchdog", daemon=True).start()
         while True:
             busy = self.scheduler.has_work()
             if not busy:
@@ -101,13 +106,25 @@ class SchedulerLoop:
                 self.inbox.poll(IDLE_POLL_MS)
             self.was_busy = busy
             updates = self._drain()
+            self.step_started = time.monotonic()
             try:
                 updates += self.scheduler.step()
             except Exception as exc:  # fail what was running, keep serving
                 logger.error("scheduler step failed:\n%s", traceback.format_exc())
                 updates += self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
+            self.step_started = None
             if updates:
                 self.outbox.send_pyobj(BatchTokenOut(updates))
+
+    def _watchdog(self) -> None:
+        """A step stuck past --watchdog-timeout ends the process; the API side then fails
+        pending requests instead of hanging forever."""
+        while True:
+            time.sleep(min(5.0, self.watchdog_timeout / 4))
+            started = self.step_started
+            if started is not None and time.monotonic() - started > self.watchdog_timeout:
+                logger.error("a scheduler step exceeded --watchdog-timeout (%.0f s); exiting", self.watchdog_timeout)
+                os._exit(1)
 
     def _drain(self) -> list:
         updates = []

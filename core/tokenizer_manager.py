@@ -55,7 +55,7 @@ class TokenizerManager:
     def __init__(self, tokenizer, scheduler_info: dict, send_addr: str, recv_addr: str,
                  is_alive: Callable[[], bool], *, random_seed: Optional[int] = None,
                  allow_auto_truncate: bool = False, model_name: str = "default",
-                 on_finish: Optional[Callable[[ReqState], None]] = None):
+                 on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False):
         self.tokenizer = tokenizer
         self.info = scheduler_info
         self.context_length = scheduler_info["context_length"]
@@ -63,6 +63,7 @@ class TokenizerManager:
         self.allow_auto_truncate = allow_auto_truncate
         self.model_name = model_name
         self.on_finish = on_finish
+        self.log_requests = log_requests
         self._send_addr, self._recv_addr = send_addr, recv_addr
         self._is_alive = is_alive
         self._states: dict[str, ReqState] = {}
@@ -278,6 +279,10 @@ class TokenizerManager:
             self._states.pop(update.rid, None)
             if self.on_finish:
                 self.on_finish(state)
+            if self.log_requests:
+                logger.info("request %s finished %s: %d prompt + %d output tokens, output %r", state.rid,
+                            state.finish_reason, len(state.prompt_ids), len(state.output_ids),
+                            self.output_of(state).get("text", ""))
         state.queue.put_nowait(update)
 
     def output_of(self, state: ReqState) -> dict:
