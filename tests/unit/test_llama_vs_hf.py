@@ -20,6 +20,8 @@ import kvyard_plugins.attention.torch_native as torch_native_plugin
 import kvyard_plugins.models.llama as llama_plugin
 
 STEPS = 16
+# our model also runs on CUDA (HF stays the CPU reference); those cases run only with a GPU
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ATOL = 1e-4
 COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=256, max_position_embeddings=256, eos_token_id=None, bos_token_id=None,
@@ -73,15 +75,15 @@ def reference(name: str):
     return hf, outputs
 
 
-def build(hf, page_size: int = 1) -> Harness:
+def build(hf, page_size: int = 1, device: str = "cpu") -> Harness:
     cfg = hf.config
     pm = plugins()
     model_cls = pm.registry("model_architectures").get(type(hf).__name__)
-    model = model_cls(cfg, ModelBuildContext(dtype=torch.float32, device="cpu"))
+    model = model_cls(cfg, ModelBuildContext(dtype=torch.float32, device=device))
     model.load_weights(hf.state_dict().items())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = PagedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, num_pages=256 // page_size,
-                 page_size=page_size, seed=page_size)
+                 page_size=page_size, seed=page_size, device=device)
     backend = pm.registry("attention_backends").get("torch_native")(kv.backend_config(cfg.num_attention_heads, head_dim))
     return Harness(model, backend, kv)
 
@@ -89,7 +91,7 @@ def build(hf, page_size: int = 1) -> Harness:
 def assert_matches_reference(generation, expected):
     for i, (tokens, logits) in enumerate(expected):
         assert generation.tokens[i] == tokens, f"prompt {i}"
-        ours = torch.stack([step[i] for step in generation.logits])
+        ours = torch.stack([step[i] for step in generation.logits]).cpu()
         torch.testing.assert_close(ours, logits, rtol=0, atol=ATOL)
 
 
@@ -102,10 +104,11 @@ def test_prefill_logits_every_position(name):
             torch.testing.assert_close(got, hf(torch.tensor([prompt])).logits[0], rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_batched_greedy_equals_hf_generate(name):
+def test_batched_greedy_equals_hf_generate(name, device):
     hf, expected = reference(name)
-    assert_matches_reference(build(hf).generate(PROMPTS, STEPS), expected)
+    assert_matches_reference(build(hf, device=device).generate(PROMPTS, STEPS), expected)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2-tied"])
@@ -115,11 +118,12 @@ def test_chunked_prefill(name, page_size):
     assert_matches_reference(build(hf, page_size).generate(PROMPTS, STEPS, chunk_size=16), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["llama-tied-llama3rope", "mistral-headdim32"])
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_prefix_reuse(name, page_size):
+def test_prefix_reuse(name, page_size, device):
     hf, expected = reference(name)
-    harness = build(hf, page_size)
+    harness = build(hf, page_size, device)
     generation = harness.generate(PROMPTS, STEPS, reuse_prefix=True)
     shared = harness.kv.req_to_token[2, :20] == harness.kv.req_to_token[1, :20]
     assert shared.all(), "prompt 1 must run on prompt 0's cached slots"

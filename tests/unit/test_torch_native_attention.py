@@ -11,6 +11,8 @@ import kvyard_plugins.attention.torch_native as torch_native_plugin
 
 HEAD_DIM = 8
 KV_HEADS = 2
+# the same code runs on CUDA; those cases run only where a GPU is present
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def reference(q, k, v, prefix: int):
@@ -35,16 +37,18 @@ def fill_prefix(kv: PagedKV, seq: Seq, k_all, v_all, layer_id: int):
     """Puts the cached part of a sequence into the pool, as earlier steps would have."""
     if seq.kv_len:
         loc = kv.allocate(seq.row, 0, seq.kv_len)
-        kv.pool.set_kv(layer_id, loc, k_all[:seq.kv_len], v_all[:seq.kv_len])
+        device = loc.device
+        kv.pool.set_kv(layer_id, loc, k_all[:seq.kv_len].to(device), v_all[:seq.kv_len].to(device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_extend_mixed_prefixes_matches_dense(group, page_size):
+def test_extend_mixed_prefixes_matches_dense(group, page_size, device):
     torch.manual_seed(group * 10 + page_size)
     heads = KV_HEADS * group
     kv = PagedKV(num_layers=2, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_pages=128,
-                 page_size=page_size, seed=page_size)
+                 page_size=page_size, seed=page_size, device=device)
     backend = make_backend(kv, heads)
     layer = Attention(layer_id=1, num_heads=heads, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
     # (prefix cached before this step, new tokens): no prefix, prefix + chunk, prefix + 1 token
@@ -63,20 +67,21 @@ def test_extend_mixed_prefixes_matches_dense(group, page_size):
     q = torch.cat([t[0] for t in tensors])
     k_new = torch.cat([k[p:] for (p, _), (_, k, _) in zip(shapes, tensors)])
     v_new = torch.cat([v[p:] for (p, _), (_, _, v) in zip(shapes, tensors)])
-    out = layer(q.flatten(1), k_new.flatten(1), v_new.flatten(1), fb)
+    out = layer(*(x.flatten(1).to(device) for x in (q, k_new, v_new)), fb)
 
     expected = torch.cat([reference(q_i, k_i, v_i, p) for (p, _), (q_i, k_i, v_i) in zip(shapes, tensors)])
     assert out.shape == (q.shape[0], heads * HEAD_DIM)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_decode_mixed_lengths_matches_dense(group, page_size):
+def test_decode_mixed_lengths_matches_dense(group, page_size, device):
     torch.manual_seed(group * 100 + page_size)
     heads = KV_HEADS * group
     kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_pages=128,
-                 page_size=page_size, seed=page_size + 1)
+                 page_size=page_size, seed=page_size + 1, device=device)
     backend = make_backend(kv, heads)
     layer = Attention(layer_id=0, num_heads=heads, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
     lengths = [1, 17, 6, 33]           # cached tokens before the decode step
@@ -92,11 +97,11 @@ def test_decode_mixed_lengths_matches_dense(group, page_size):
     fb = Harness(model=None, backend=backend, kv=kv).decode_batch(seqs)
     backend.init_forward_metadata(fb)
     q = torch.randn(len(lengths), heads, HEAD_DIM)
-    out = layer(q.flatten(1), torch.stack([k[-1] for k in ks]).flatten(1),
-                torch.stack([v[-1] for v in vs]).flatten(1), fb)
+    k_new, v_new = torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs])
+    out = layer(*(x.flatten(1).to(device) for x in (q, k_new, v_new)), fb)
 
     expected = torch.cat([reference(q[i:i + 1], ks[i], vs[i], n) for i, n in enumerate(lengths)])
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_padded_row_on_the_dummy_slot_stays_finite():
