@@ -141,6 +141,18 @@ class Engine:
         finally:
             task.cancel()
 
+    def encode(self, prompt: Prompt = None, input_ids: Optional[list] = None):
+        """Embeddings of an embedding model: one prompt → {"embedding", "meta_info"}; a list → a list."""
+        obj = self._request(prompt, None, input_ids)
+        return self._call(self._encode(obj))
+
+    async def _encode(self, obj: dict):
+        reqs = self.tm.prepare_embedding(obj)
+        states = [self.tm.submit(r) for r in reqs]
+        outs = await asyncio.gather(*(self.tm.final_output(s) for s in states))
+        single = len(outs) == 1 and not isinstance(obj.get("text"), list) and not _is_batch_ids(obj.get("input_ids"))
+        return outs[0] if single else list(outs)
+
     # -- control ----------------------------------------------------------------------------
     def flush_cache(self) -> bool:
         return self._call(self.tm.control("flush_cache")).ok

@@ -70,7 +70,6 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads or physical_cores())
         if config.random_seed is not None:
             torch.manual_seed(config.random_seed)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         self._load_model()
         self._init_memory()
         backend_name = resolve_attention_backend(config.attention_backend, self.device)
@@ -84,20 +83,21 @@ class ModelRunner:
         quant_name = cfg.quantization
         if quant_name is None and cfg.dtype == "float32":
             quant_name = "none"  # explicit float32: the exact dequantized path
-        load_config = LoadConfig(load_format=cfg.load_format, revision=cfg.revision, dtype=self.dtype,
+        load_config = LoadConfig(load_format=cfg.load_format, revision=cfg.revision,
                                  device=self.device, trust_remote_code=cfg.trust_remote_code,
                                  json_model_override_args=cfg.json_model_override_args)
         self.model_config = ModelConfig.from_path(
             cfg.model_path, load_config, context_length=cfg.context_length,
             json_model_override_args=cfg.json_model_override_args, is_embedding=cfg.is_embedding)
         mc = self.model_config
+        self.dtype = resolve_dtype(cfg.dtype, self.device, mc.config_dtype)
         quant_name = resolve_quantization(quant_name, mc.load_format)
         quant = None
         if quant_name:
             quant = registry("quantization_methods").get(quant_name)(
                 QuantizationConfig(quant_name, self.dtype, self.device))
         self.quantization = quant_name
-        load_config = LoadConfig(**{**load_config.__dict__, "load_format": mc.load_format,
+        load_config = LoadConfig(**{**load_config.__dict__, "load_format": mc.load_format, "dtype": self.dtype,
                                     "keep_quantized": quant_name == "gguf"})
         loader = registry("load_formats").get(mc.load_format)(load_config)
         model_cls = ModelRegistry.resolve(mc.architectures)

@@ -204,7 +204,8 @@ class Scheduler:
 
     def _add_extend(self, batch: "_ExtendBuilder", req: Req, budget: int, chunk: int) -> int:
         remaining = len(req.all_ids) - req.kv_len
-        n = remaining if chunk <= 0 else min(remaining, max(budget, 1))
+        # encoders need the whole prompt in one step
+        n = remaining if chunk <= 0 or req.embed else min(remaining, max(budget, 1))
         slots = self._alloc(req, n)
         if slots is None:  # no memory even after eviction: back to the queue
             self._release(req, insert=False)

@@ -84,7 +84,8 @@ def scheduler_info(scheduler) -> dict[str, Any]:
             "context_length": mc.context_length, "vocab_size": mc.vocab_size,
             "attention_backend": runner.attn_backend_name, "dtype": str(runner.dtype).replace("torch.", ""),
             "quantization": runner.quantization, "device": runner.device, "pid": os.getpid(),
-            "page_size": runner.config.page_size}
+            "page_size": runner.config.page_size,
+            "is_embedding": not getattr(runner.model, "is_generation", True)}
 
 
 class SchedulerLoop:

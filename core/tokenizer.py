@@ -26,8 +26,8 @@ def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None, tokeni
             .tokenizer_source(model_path)
         path, kwargs = source.path, dict(source.kwargs)
     kwargs.setdefault("revision", revision)
-    tok = AutoTokenizer.from_pretrained(path, use_fast=tokenizer_mode != "slow",
-                                        trust_remote_code=trust_remote_code, **kwargs)
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, use_fast=tokenizer_mode != "slow", **kwargs)
     if chat_template:
         tok.chat_template = read_chat_template(chat_template)
     return tok

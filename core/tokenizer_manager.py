@@ -137,10 +137,13 @@ class TokenizerManager:
                                                  return_dict=False, **kwargs)
         return list(out["input_ids"] if isinstance(out, dict) else out)
 
-    def prepare(self, obj: dict) -> list[TokenizedGenerateReq]:
+    def prepare(self, obj: dict, embed: bool = False) -> list[TokenizedGenerateReq]:
         """Validates and tokenizes one request dict (single or batch, n expanded).
 
         Raises RequestError naming the field. Order of the result: prompt-major, then sample."""
+        if self.info.get("is_embedding") and not embed:
+            raise RequestError("the served model is an embedding model: it does not generate text; "
+                               "use encode or /v1/embeddings", param="model")
         unknown = set(obj) - REQUEST_FIELDS
         if unknown:
             raise RequestError(f"unknown request field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
@@ -169,6 +172,17 @@ class TokenizerManager:
                     stream=bool(obj.get("stream", False)), priority=int(obj.get("priority") or 0),
                     sampling_seed=seed))
         return out
+
+    def prepare_embedding(self, obj: dict) -> list[TokenizedGenerateReq]:
+        """Like prepare, for embedding requests (text or input_ids, single or batch)."""
+        if not self.info.get("is_embedding"):
+            raise RequestError("the served model is not an embedding model (start it with an "
+                               "embedding model or --is-embedding)", param="model")
+        reqs = self.prepare({k: v for k, v in obj.items() if k in ("text", "input_ids", "rid", "prompt")}
+                            | {"sampling_params": {"max_new_tokens": 0}}, embed=True)
+        for r in reqs:
+            r.embed = True
+        return reqs
 
     def _prompts(self, obj: dict) -> list[list[int]]:
         text = obj.get("text", obj.get("prompt"))
