@@ -56,3 +56,24 @@ class WeightLoader(ABC):
     def quantization(self) -> Optional[str]:
         """The --quantization this format implies when the user gave none."""
         return None
+
+
+@dataclass
+class QuantizedTensor:
+    """A checkpoint tensor kept in its quantized block format (GGUF/ggml).
+
+    ``data`` is the raw block bytes as a uint8 tensor [rows, bytes_per_row]; ``shape`` is the
+    logical (rows, cols) float shape in PyTorch orientation (out_features, in_features);
+    ``qtype`` is a ``gguf.GGMLQuantizationType`` value.
+    """
+    data: torch.Tensor
+    shape: tuple[int, int]
+    qtype: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        import gguf
+        import numpy as np
+
+        raw = self.data.cpu().numpy()
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.qtype))
+        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(dtype)
