@@ -5,11 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvyard.kernels import use_triton
+
 
 class SiluAndMul(nn.Module):
     """x [..., 2 * d] -> silu(x[..., :d]) * x[..., d:]  of shape [..., d]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton("silu_and_mul", x):
+            from kvyard.triton_ops.activation import silu_and_mul
+            return silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]).mul_(x[..., d:])
 

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kvyard.kernels import use_triton
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32,
@@ -22,6 +24,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """x [..., hidden] -> normed; with ``residual`` -> (normed, x + residual)."""
+        if use_triton("rmsnorm", x):
+            from kvyard.triton_ops.rmsnorm import rmsnorm
+            return rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._normalize(x)
         summed = x + residual

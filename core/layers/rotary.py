@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from kvyard.kernels import use_triton
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -155,6 +157,9 @@ class RotaryEmbedding(nn.Module):
         [T, Hq + Hkv, D]: one set of kernels for both.
         """
         cos, sin = cos_sin
+        if use_triton("rotary", x):
+            from kvyard.triton_ops.rotary import apply_rotary
+            return apply_rotary(x, cos, sin)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return torch.addcmul(x * cos, rotated, sin)

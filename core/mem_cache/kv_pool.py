@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kvyard.kernels import use_triton
+
 
 class KVPool:
     def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -21,6 +23,10 @@ class KVPool:
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """loc [T] slots; k/v [T, Hkv, D]."""
+        if use_triton("kv_write", k):
+            from kvyard.triton_ops.kv_write import write_kv
+            write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)
+            return
         self.k_buffers[layer_id][loc] = k.to(self.dtype)
         self.v_buffers[layer_id][loc] = v.to(self.dtype)
 

@@ -1,0 +1,91 @@
+"""The one place that decides, per fused op, between a Triton kernel and the plain torch code.
+
+Ops (each has a torch path in its layer and a Triton kernel in kvyard.triton_ops):
+  rmsnorm        RMSNorm with the fused residual add           (layers/norm.py)
+  silu_and_mul   silu(gate) * up                               (layers/activation.py)
+  rotary         rotary embedding from the cos/sin rows         (layers/rotary.py)
+  kv_write       k/v of the new tokens into the paged KV pool   (mem_cache/kv_pool.py)
+
+Rule: a CUDA tensor takes the Triton kernel when triton imports; a CPU tensor always takes the
+torch path (the layers' CPU numerics never change), unless a test forces the Triton interpreter
+with ``force_triton`` while TRITON_INTERPRET=1 is set.
+
+Environment:
+  KVYARD_TRITON_OPS   comma-separated ops (or "all" / "none"): overrides the rule for every device.
+                      "none" turns the fused kernels off on CUDA; a list on the CPU needs
+                      TRITON_INTERPRET=1. Read once at import; it reaches spawned scheduler
+                      processes because they inherit the environment.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterable, Iterator, Optional, Union
+
+import torch
+
+OPS = ("rmsnorm", "silu_and_mul", "rotary", "kv_write")
+
+
+def _parse_ops(text: Optional[str]) -> Optional[frozenset[str]]:
+    if text is None or text.strip() == "":
+        return None
+    text = text.strip().lower()
+    if text == "all":
+        return frozenset(OPS)
+    if text == "none":
+        return frozenset()
+    ops = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(ops - set(OPS))
+    if unknown:
+        raise ValueError(f"KVYARD_TRITON_OPS: unknown op(s) {', '.join(unknown)}; valid: {', '.join(OPS)}, all, none")
+    return ops
+
+
+# None: the device rule decides; a set: exactly these ops use Triton (on any device)
+_override: Optional[frozenset[str]] = _parse_ops(os.environ.get("KVYARD_TRITON_OPS"))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(op: str, device: Union[torch.device, str, torch.Tensor]) -> bool:
+    """Whether ``op`` runs as a Triton kernel for tensors on ``device`` (a tensor is accepted)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    device_type = torch.device(device).type
+    if _override is not None:
+        if op not in _override or not triton_available():
+            return False
+        return device_type == "cuda" or interpreting()
+    return device_type == "cuda" and triton_available()
+
+
+@contextlib.contextmanager
+def force_triton(ops: Iterable[str] = OPS) -> Iterator[None]:
+    """Tests: route ``ops`` (and only those) to Triton inside the block, on any device."""
+    global _override
+    wanted = frozenset(ops)
+    unknown = sorted(wanted - set(OPS))
+    if unknown:
+        raise ValueError(f"ops: unknown op(s) {', '.join(unknown)}; valid: {', '.join(OPS)}")
+    saved, _override = _override, wanted
+    try:
+        yield
+    finally:
+        _override = saved

@@ -1,0 +1,147 @@
+"""The fused Triton layer kernels (kvyard.triton_ops) equal the layers' torch paths, run in the
+Triton CPU interpreter; and kvyard.kernels picks between them in one place.
+
+Tolerances: float32 1e-5 (only the order of a row's summation differs); bfloat16 one unit in the
+last place (rtol 1.6e-2, atol 1e-2): the kernels compute in float32 and round once where the
+torch path may round an intermediate product, and the interpreter rounds float32 -> bfloat16
+toward zero where a GPU rounds to nearest.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
+
+import pytest
+import torch
+
+from kvyard import kernels
+from kvyard.kernels import force_triton, use_triton
+from kvyard.layers.activation import SiluAndMul
+from kvyard.layers.norm import RMSNorm
+from kvyard.layers.rotary import RopeConfig, RotaryEmbedding
+from kvyard.mem_cache.kv_pool import KVPool
+
+pytest.importorskip("triton")
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def both_paths(op: str, fn):
+    """(torch result, triton result) of fn() — the same call with the op routed each way."""
+    with force_triton(()):
+        expected = fn()
+    with force_triton((op,)):
+        got = fn()
+    return expected, got
+
+
+# -- the dispatch rule ---------------------------------------------------------------------
+def test_cpu_tensors_take_torch_unless_forced(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.setattr(kernels, "_override", None)
+    assert not any(use_triton(op, x) for op in kernels.OPS)
+    with force_triton(("rmsnorm",)):
+        assert use_triton("rmsnorm", x) and not use_triton("rotary", x)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # forced, but no interpreter: still torch
+    with force_triton(("rmsnorm",)):
+        assert not use_triton("rmsnorm", x)
+
+
+def test_cuda_device_takes_triton_by_default(monkeypatch):
+    monkeypatch.setattr(kernels, "_override", None)
+    assert use_triton("silu_and_mul", "cuda") == kernels.triton_available()
+    assert not use_triton("silu_and_mul", "cpu")
+
+
+def test_bad_op_names_are_one_line_errors():
+    with pytest.raises(ValueError, match="op must be one of"):
+        use_triton("softmax", "cpu")
+    with pytest.raises(ValueError, match="KVYARD_TRITON_OPS: unknown op"):
+        kernels._parse_ops("rmsnorm,gelu")
+    assert kernels._parse_ops("all") == frozenset(kernels.OPS)
+    assert kernels._parse_ops("none") == frozenset()
+    assert kernels._parse_ops("") is None
+
+
+# -- RMSNorm ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (5, 96), (3, 1000)])
+def test_rmsnorm_with_and_without_residual(rows, hidden, dtype):
+    torch.manual_seed(rows + hidden)
+    norm = RMSNorm(hidden, eps=1e-5, dtype=dtype)
+    norm.weight.data.copy_(torch.randn(hidden))
+    x, residual = torch.randn(rows, hidden, dtype=dtype) * 3, torch.randn(rows, hidden, dtype=dtype)
+
+    expected, got = both_paths("rmsnorm", lambda: norm(x))
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+    (exp_normed, exp_sum), (normed, summed) = both_paths("rmsnorm", lambda: norm(x, residual))
+    torch.testing.assert_close(summed, exp_sum, **TOL[dtype])
+    torch.testing.assert_close(normed, exp_normed, **TOL[dtype])
+
+
+def test_rmsnorm_on_a_strided_3d_input():
+    torch.manual_seed(0)
+    norm = RMSNorm(32)
+    x = torch.randn(4, 3, 64)[..., :32]           # rows are not contiguous
+    expected, got = both_paths("rmsnorm", lambda: norm(x))
+    torch.testing.assert_close(got, expected, **TOL[torch.float32])
+
+
+# -- SiLU and mul ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2 * 16), (7, 2 * 200), (2, 3, 2 * 1500)])
+def test_silu_and_mul(shape, dtype):
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape, dtype=dtype) * 4
+    expected, got = both_paths("silu_and_mul", lambda: SiluAndMul()(x))
+    assert got.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+# -- rotary ----------------------------------------------------------------------------------
+ROPES = {
+    "default": RopeConfig(head_dim=64, max_position=256, theta=10000.0),
+    "llama3": RopeConfig(head_dim=128, max_position=256, theta=500000.0, rope_type="llama3",
+                         scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 32}),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_rotary_on_the_qk_columns_of_a_fused_qkv(rope, dtype):
+    cfg = ROPES[rope]
+    torch.manual_seed(cfg.head_dim)
+    rotary = RotaryEmbedding(cfg, dtype=dtype)
+    heads, kv_heads, t, d = 6, 2, 9, cfg.head_dim
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, dtype=dtype)
+    qk = qkv[:, :(heads + kv_heads) * d].view(t, heads + kv_heads, d)    # strided rows
+    positions = torch.tensor([0, 1, 2, 31, 32, 33, 100, 200, 255])
+    cos_sin = rotary.lookup(positions)
+    expected, got = both_paths("rotary", lambda: RotaryEmbedding.apply(qk, cos_sin))
+    assert got.shape == qk.shape and got.dtype == dtype
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+# -- KV-cache write --------------------------------------------------------------------------
+@pytest.mark.parametrize("pool_dtype,act_dtype", [(torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32)])
+def test_kv_write_scatters_rows_into_slots(pool_dtype, act_dtype):
+    torch.manual_seed(1)
+    kv_heads, d, t = 3, 64, 11
+    pools = [KVPool(40, 2, kv_heads, d, pool_dtype, "cpu") for _ in range(2)]
+    loc = torch.randperm(39)[:t] + 1                       # scattered, never the dummy slot 0
+    qkv = torch.randn(t, 8 * kv_heads * d, dtype=act_dtype)
+    k = qkv[:, :kv_heads * d].view(t, kv_heads, d)          # strided rows, as a model passes them
+    v = qkv[:, -kv_heads * d:].view(t, kv_heads, d)
+    with force_triton(()):
+        pools[0].set_kv(1, loc, k, v)
+    with force_triton(("kv_write",)):
+        pools[1].set_kv(1, loc, k, v)
+    for a, b in ((pools[0].k_buffer(1), pools[1].k_buffer(1)), (pools[0].v_buffer(1), pools[1].v_buffer(1))):
+        exact = dict(rtol=0, atol=0) if pool_dtype == act_dtype else TOL[pool_dtype]  # a cast rounds
+        torch.testing.assert_close(b, a, **exact)
+    assert pools[1].k_buffer(0).abs().sum() == 0           # other layers untouched
