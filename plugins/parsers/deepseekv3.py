@@ -15,7 +15,7 @@ from kvyard.parsers import StructureInfo
 from kvyard_plugins.parsers.json_tools import CallRead, Progress
 from kvyard_plugins.parsers.scanning import (Opener, RegionOutcome, RegionToolCallParser,
                                              ScannedCall, ToolSet, marker_opener)
-from kvyard_plugins.parsers.text_scan import (MISMATCH, PENDING, JsonScanError, match_literal,
+from kvyard_plugins.parsers.text_scan import (MISMATCH, PENDING, JsonScanError, Memo, match_literal,
                                               scan_json_value, skip_ws)
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
@@ -39,7 +39,8 @@ class DeepSeekV3Parser(RegionToolCallParser):
         return StructureInfo(begin=f"{CALLS_BEGIN}{CALL_BEGIN}{_HEAD}{function_name}\n{_FENCE_OPEN}\n",
                              end=f"\n{_FENCE_CLOSE}{CALL_END}{CALLS_END}", trigger=CALLS_BEGIN)
 
-    def scan_body(self, text: str, opener: Opener, tools: ToolSet, final: bool) -> RegionOutcome:
+    def scan_body(self, text: str, opener: Opener, tools: ToolSet, final: bool,
+                  memo: Memo) -> RegionOutcome:
         calls: list[ScannedCall] = []
         pos = opener.body
         while True:
@@ -49,7 +50,7 @@ class DeepSeekV3Parser(RegionToolCallParser):
                 return RegionOutcome(calls, None)  # may also be the start of CALLS_END
             if begin is PENDING or begin == MISMATCH:
                 return RegionOutcome(calls, _region_end(text, at, pos, final))
-            read = _read_call(text, begin, tools, final)
+            read = _read_call(text, begin, tools, final, memo)
             if read.progress is Progress.PENDING:
                 return RegionOutcome(calls, None)
             if read.progress is Progress.REJECTED:
@@ -68,7 +69,7 @@ def _region_end(text: str, at: int, pos: int, final: bool) -> int | None:
     return pos if end == MISMATCH else end
 
 
-def _read_call(text: str, pos: int, tools: ToolSet, final: bool) -> CallRead:
+def _read_call(text: str, pos: int, tools: ToolSet, final: bool, memo: Memo) -> CallRead:
     """One call from just past CALL_BEGIN: head, name line, fenced arguments, trailer."""
     waiting = CallRead(Progress.REJECTED if final else Progress.PENDING)
     rejected = CallRead(Progress.REJECTED)
@@ -81,7 +82,7 @@ def _read_call(text: str, pos: int, tools: ToolSet, final: bool) -> CallRead:
     name = text[head:newline].strip()
     if name not in tools:
         return rejected
-    args_start, args_end = _fenced_arguments(text, skip_ws(text, newline))
+    args_start, args_end = _fenced_arguments(text, skip_ws(text, newline), memo)
     if args_start == MISMATCH or (final and args_end is PENDING):
         return rejected
     if args_end is PENDING:
@@ -99,7 +100,7 @@ def _read_call(text: str, pos: int, tools: ToolSet, final: bool) -> CallRead:
     return CallRead(Progress.DONE, end, name, arguments)
 
 
-def _fenced_arguments(text: str, pos: int) -> tuple[int | None, int | None]:
+def _fenced_arguments(text: str, pos: int, memo: Memo) -> tuple[int | None, int | None]:
     """(start, end) of the arguments object after the ```json fence; PENDING/MISMATCH parts."""
     fence = match_literal(text, pos, _FENCE_OPEN)
     if fence is PENDING or fence == MISMATCH:
@@ -110,7 +111,7 @@ def _fenced_arguments(text: str, pos: int) -> tuple[int | None, int | None]:
     if text[start] != "{":
         return MISMATCH, PENDING
     try:
-        return start, scan_json_value(text, start)
+        return start, scan_json_value(text, start, memo)
     except JsonScanError:
         return MISMATCH, PENDING
 

@@ -13,7 +13,7 @@ from enum import Enum
 
 from kvyard_plugins.parsers.scanning import (Opener, RegionOutcome, RegionToolCallParser,
                                              ScannedCall, ToolSet)
-from kvyard_plugins.parsers.text_scan import (MISMATCH, PENDING, JsonScanError, match_literal,
+from kvyard_plugins.parsers.text_scan import (MISMATCH, PENDING, JsonScanError, Memo, match_literal,
                                               scan_json_string, scan_json_value, skip_ws)
 
 ARGUMENT_KEYS = ("arguments", "parameters")
@@ -44,7 +44,7 @@ class _ObjectFields:
     end: int | None = None                     # just past "}" once the object is complete
 
 
-def _walk_object(text: str, pos: int) -> _ObjectFields:
+def _walk_object(text: str, pos: int, memo: Memo) -> _ObjectFields:
     """Top-level keys of the JSON object at text[pos] == "{", as far as the text goes."""
     fields = _ObjectFields({})
     i = pos + 1
@@ -69,7 +69,7 @@ def _walk_object(text: str, pos: int) -> _ObjectFields:
         i = skip_ws(text, i + 1)
         if i >= len(text):
             return fields
-        value_end = scan_json_value(text, i)
+        value_end = scan_json_value(text, i, memo)
         fields.values.setdefault(key, (i, value_end))
         if value_end is PENDING:
             return fields
@@ -80,10 +80,10 @@ def _walk_object(text: str, pos: int) -> _ObjectFields:
             raise JsonScanError(f"expected ',' or '}}' at {i}")
 
 
-def read_call_object(text: str, pos: int, tools: ToolSet, final: bool) -> CallRead:
+def read_call_object(text: str, pos: int, tools: ToolSet, final: bool, memo: Memo) -> CallRead:
     """Reads the call object at text[pos] == "{". An incomplete object is REJECTED if final."""
     try:
-        fields = _walk_object(text, pos)
+        fields = _walk_object(text, pos, memo)
         name = _complete_name(text, fields)
     except ValueError:  # JsonScanError, or a string json.loads refuses
         return _REJECTED
@@ -164,7 +164,8 @@ class _Step(Enum):
 class JsonRegionParser(RegionToolCallParser):
     """A region of call objects; subclasses supply find_opener and Opener.syntax."""
 
-    def scan_body(self, text: str, opener: Opener, tools: ToolSet, final: bool) -> RegionOutcome:
+    def scan_body(self, text: str, opener: Opener, tools: ToolSet, final: bool,
+                  memo: Memo) -> RegionOutcome:
         syntax: JsonCallSyntax = opener.syntax
         calls: list[ScannedCall] = []
         pos = skip_ws(text, opener.body)
@@ -176,7 +177,7 @@ class JsonRegionParser(RegionToolCallParser):
                 return RegionOutcome(calls, pos if final else None)
             if text[pos] != "{":
                 return RegionOutcome(calls, pos)
-            read = read_call_object(text, pos, tools, final)
+            read = read_call_object(text, pos, tools, final, memo)
             if read.progress is Progress.PENDING:
                 return RegionOutcome(calls, None)
             if read.progress is Progress.REJECTED:

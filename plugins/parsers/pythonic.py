@@ -16,12 +16,10 @@ import re
 from kvyard.parsers import StructureInfo
 from kvyard_plugins.parsers.scanning import (Opener, RegionOutcome, RegionToolCallParser,
                                              ScannedCall, ToolSet)
-from kvyard_plugins.parsers.text_scan import MISMATCH, PENDING
+from kvyard_plugins.parsers.text_scan import MISMATCH, PENDING, Memo, resumable
 
 _OPEN = re.compile(r"\[\s*[A-Za-z_]\w*\s*\(")
 _MAYBE_OPEN = re.compile(r"\[\s*(?:[A-Za-z_]\w*\s*)?\Z")
-# A whole one-line string (skipped), a bracket, or a lone quote (an unterminated string).
-_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|[\[\](){}]|["\']')
 _CLOSER = {"[": "]", "(": ")", "{": "}"}
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 
@@ -39,8 +37,9 @@ class PythonicParser(RegionToolCallParser):
     def structure_info(self, function_name: str) -> StructureInfo | None:
         return None  # arguments are Python keywords, not one JSON object
 
-    def scan_body(self, text: str, opener: Opener, tools: ToolSet, final: bool) -> RegionOutcome:
-        end = _list_end(text, opener.start)
+    def scan_body(self, text: str, opener: Opener, tools: ToolSet, final: bool,
+                  memo: Memo) -> RegionOutcome:
+        end = resumable(memo, _ListEnd, opener.start).advance(text)
         if end is PENDING and not final:
             return RegionOutcome([], None)
         if end is PENDING or end == MISMATCH:
@@ -52,21 +51,72 @@ class PythonicParser(RegionToolCallParser):
                               for i, (name, arguments) in enumerate(calls)], end)
 
 
-def _list_end(text: str, start: int) -> int | None:
-    """Just past the "]" closing the list at ``start``; PENDING if unfinished; MISMATCH if unbalanced."""
-    expected: list[str] = []
-    for m in _TOKEN.finditer(text, start):
-        token = m.group()
-        if token in ('"', "'"):
+class _ListEnd:
+    """Finds the "]" closing the list at ``start``, resuming across appends (see JsonValueEnd).
+
+    Knows Python's quoting: strings in one or three single or double quotes; only the
+    triple-quoted ones may span lines. ``advance`` returns the end, PENDING, or MISMATCH (unbalanced).
+    """
+    _OUTSIDE = re.compile(r"[\"'\[\](){}]")
+    _INSIDE = {q: re.compile(r"\\|\n|" + re.escape(q)) for q in ("'", '"')}
+    _INSIDE.update({q * 3: re.compile(r"\\|" + re.escape(q * 3)) for q in ("'", '"')})
+
+    def __init__(self, start: int):
+        self.pos = start
+        self.expected: list[str] = []
+        self.quote: str | None = None  # the open string's delimiter
+        self.end: int | None = None
+
+    def advance(self, text: str) -> int | None:
+        while self.end is None:
+            if self.quote is not None:
+                step = self._leave_string(text)
+            else:
+                step = self._next_token(text)
+            if step is not True:
+                return step
+        return self.end
+
+    def _leave_string(self, text: str) -> bool | int | None:
+        m = self._INSIDE[self.quote].search(text, self.pos)
+        if m is None:  # no backslash in text[pos:]: only a partial closing quote may be pending
+            self.pos = max(self.pos, len(text) - len(self.quote) + 1)
             return PENDING
+        if m.group() == "\n":
+            return MISMATCH
+        if m.group() == "\\":
+            if m.end() == len(text):
+                self.pos = m.start()
+                return PENDING
+            self.pos = m.end() + 1
+            return True
+        self.quote, self.pos = None, m.end()
+        return True
+
+    def _next_token(self, text: str) -> bool | int | None:
+        m = self._OUTSIDE.search(text, self.pos)
+        if m is None:
+            self.pos = len(text)
+            return PENDING
+        token, at = m.group(), m.start()
+        if token in "'\"":
+            triple = token * 3
+            if at + 3 > len(text) and triple.startswith(text[at:]):
+                self.pos = at  # two quotes may be an empty string or the start of three
+                return PENDING
+            self.quote = triple if text.startswith(triple, at) else token
+            self.pos = at + len(self.quote)
+            return True
         if token in _CLOSER:
-            expected.append(_CLOSER[token])
-        elif token in ("]", ")", "}"):
-            if not expected or expected.pop() != token:
-                return MISMATCH
-            if not expected:
-                return m.end()
-    return PENDING
+            self.expected.append(_CLOSER[token])
+        elif not self.expected or self.expected[-1] != token:
+            return MISMATCH  # nothing moved: a later advance answers the same
+        else:
+            self.expected.pop()
+            if not self.expected:
+                self.end = at + 1
+        self.pos = at + 1
+        return True
 
 
 def _parse_calls(source: str, tools: ToolSet) -> list[tuple[str, str]] | None:

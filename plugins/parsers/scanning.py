@@ -25,7 +25,7 @@ from typing import Sequence
 
 from kvyard.parsers import (StreamingParseResult, ToolCallItem, ToolCallParser, ToolSpec,
                             canonical_arguments, tool_names)
-from kvyard_plugins.parsers.text_scan import find_first, held_suffix
+from kvyard_plugins.parsers.text_scan import Memo, find_first, held_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +85,22 @@ class RegionToolCallParser(ToolCallParser):
         self._window_start = 0             # its offset in the whole output
         self._normal_upto = 0              # normal text before this offset has been sent
         self._sent: dict[int, list[int]] = {}  # call start offset -> [call index, argument chars sent]
+        self._memo: Memo = {}              # scanner states of the window; cleared when it shifts
 
     @abstractmethod
     def find_opener(self, text: str, pos: int, at_start: bool, final: bool) -> Opener | None:
         """The first region start in text[pos:]; ``at_start``: pos is the start of the output."""
 
     @abstractmethod
-    def scan_body(self, text: str, opener: Opener, tools: ToolSet, final: bool) -> RegionOutcome:
-        """The calls of the region ``opener`` starts. With final=True the region must end."""
+    def scan_body(self, text: str, opener: Opener, tools: ToolSet, final: bool,
+                  memo: Memo) -> RegionOutcome:
+        """The calls of the region ``opener`` starts. With final=True the region must end.
+        ``memo`` carries resumable scanner states between rescans of the growing text."""
 
     def has_tool_call(self, text: str) -> bool:
         return self.find_opener(text, 0, at_start=True, final=True) is not None
 
-    def scan(self, text: str, tools: ToolSet, final: bool, at_start: bool) -> Scan:
+    def scan(self, text: str, tools: ToolSet, final: bool, at_start: bool, memo: Memo) -> Scan:
         scan, pos = Scan(), 0
         while True:
             opener = self.find_opener(text, pos, at_start, final)
@@ -110,7 +113,7 @@ class RegionToolCallParser(ToolCallParser):
             scan.consumed = opener.start
             if opener.body is None:
                 return scan
-            outcome = self.scan_body(text, opener, tools, final)
+            outcome = self.scan_body(text, opener, tools, final, memo)
             if not outcome.calls and outcome.end is not None:
                 logger.debug("%s: no valid tool call, kept as text: %r", self.name,
                              text[opener.start:opener.start + 120])
@@ -123,7 +126,7 @@ class RegionToolCallParser(ToolCallParser):
             pos = outcome.end
 
     def detect_and_parse(self, text: str, tools: Sequence[ToolSpec]) -> StreamingParseResult:
-        scan = self.scan(text, ToolSet(tools), final=True, at_start=True)
+        scan = self.scan(text, ToolSet(tools), final=True, at_start=True, memo={})
         normal = "".join(text[s:e] for s, e in scan.normal)
         calls = [ToolCallItem(i, c.name, canonical_arguments(c.arguments))
                  for i, c in enumerate(scan.calls)]
@@ -138,7 +141,7 @@ class RegionToolCallParser(ToolCallParser):
 
     def _emit(self, tools: ToolSet, final: bool) -> StreamingParseResult:
         window, base = self._window, self._window_start
-        scan = self.scan(window, tools, final, at_start=base == 0)
+        scan = self.scan(window, tools, final, at_start=base == 0, memo=self._memo)
         pieces = []
         for start, end in scan.normal:
             start, end = start + base, end + base
@@ -146,8 +149,10 @@ class RegionToolCallParser(ToolCallParser):
                 pieces.append(window[max(start, self._normal_upto) - base:end - base])
                 self._normal_upto = end
         calls = [item for call in scan.calls for item in self._call_delta(call, base)]
-        self._window = window[scan.consumed:]
-        self._window_start = base + scan.consumed
+        if scan.consumed:
+            self._window = window[scan.consumed:]
+            self._window_start = base + scan.consumed
+            self._memo.clear()  # its states are keyed by positions in the old window
         return StreamingParseResult("".join(pieces), calls)
 
     def _call_delta(self, call: ScannedCall, base: int) -> list[ToolCallItem]:

@@ -64,6 +64,8 @@ CASES = {
          f'{{"name": "search", "arguments": {SJ}}}] after', "Checking ✓  after",
          [("get_weather", W), ("search", S)]),
         ('[TOOL_CALLS]{"name": "get_time", "arguments": {}}', "", [("get_time", {})]),
+        (f'Newer layout:[TOOL_CALLS]get_weather[ARGS]{WJ}[TOOL_CALLS]search[ARGS] {SJ} end',
+         "Newer layout: end", [("get_weather", W), ("search", S)]),
         (f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WJ}}}, {{"name": "nope", "arguments": {{}}}}]',
          '{"name": "nope", "arguments": {}}]', [("get_weather", W)]),
     ],
@@ -83,6 +85,8 @@ CASES = {
          '"tags": {"a": None, "b": true}}, limit=5.5)] ok',
          "I will call:  ok", [("get_weather", W), ("search", S)]),
         ("[get_time()]\n[get_time( )]", "\n", [("get_time", {}), ("get_time", {})]),
+        ('[search(query="""line one\nline "two" \'\'\n""", limit=2, filters={"q": \'it\\\'s\'})]', "",
+         [("search", {"query": 'line one\nline "two" \'\'\n', "limit": 2, "filters": {"q": "it's"}})]),
     ],
     "json": [
         ("Plain answer, no JSON.", "Plain answer, no JSON.", []),
@@ -116,6 +120,9 @@ MALFORMED = {
         '[TOOL_CALLS] []',
         '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "x"}',
         '[TOOL_CALLS] [{"name": "get_weather" "arguments": {}}]',
+        '[TOOL_CALLS]nope[ARGS]{}',
+        '[TOOL_CALLS]get_weather[ARGS][1]',
+        '[TOOL_CALLS] hello there',
     ],
     "deepseekv3": [
         DS_CALLS + ds_call("nope", "{}") + DS_END,
@@ -130,6 +137,7 @@ MALFORMED = {
         '[get_weather(city="x"',
         "[get_weather(city={1, 2})]",
         "[get_weather(**kw)]",
+        '[get_weather(city="multi\nline")]',
     ],
     "json": [
         "[1, 2, 3]",
@@ -255,3 +263,26 @@ def test_structure_info_wraps_arguments_into_a_parsable_call(parser_name):
 
 def test_pythonic_has_no_json_structure():
     assert FunctionCallParser(TOOLS, "pythonic").structure_info("search") is None
+
+
+LONG = {"query": 'def f(x):\n    return "a\\\\b" + x  # [brackets] {braces} \'quote\'\n' * 60, "limit": 1}
+LONG_OUTPUTS = {
+    "qwen25": f'Writing.<tool_call>\n{{"name": "search", "arguments": {json.dumps(LONG)}}}\n</tool_call>',
+    "deepseekv3": "Writing." + DS_CALLS + ds_call("search", json.dumps(LONG)) + DS_END,
+    "mistral": f"Writing.[TOOL_CALLS]search[ARGS]{json.dumps(LONG)}",
+    "pythonic": f"Writing.[search(query={LONG['query']!r}, limit=1)]",
+}
+
+
+@pytest.mark.parametrize("parser_name", sorted(LONG_OUTPUTS))
+def test_long_arguments_stream_in_small_chunks(parser_name):
+    """Scanners resume across chunks; the result must not depend on where chunks end."""
+    text = LONG_OUTPUTS[parser_name]
+    rng = random.Random(5)
+    for size in (1, 3, 7):
+        chunks, pos = [], 0
+        while pos < len(text):
+            step = rng.randint(1, size)
+            chunks.append(text[pos:pos + step])
+            pos += step
+        assert _stream(parser_name, chunks) == ("Writing.", [("search", LONG)])
