@@ -7,8 +7,9 @@ lengths (no device->host sync) and shared by every layer.
 
 extend: per request, SDPA of its new tokens over prefix + new keys. Query j of a request with
         P cached tokens sits at position P + j and sees keys 0 .. P + j.
-decode: all rows at once: K/V gathered into [B, L, Hkv, D] (L = longest sequence), q viewed as
-        [B, Hkv, group, D] for GQA, scores masked past each row's length, softmax in float32.
+decode: all rows at once: K/V gathered head-major into [Hkv, B, L, D] (L = longest sequence),
+        q viewed as [Hkv, B, group, D] for GQA, scores masked past each row's length, softmax in
+        float32.
 Gathered K/V land in staging buffers allocated once per step and reused by every layer.
 """
 from __future__ import annotations
@@ -50,23 +51,31 @@ class DecodeMetadata:
     max_len: int                   # L
     padding: torch.Tensor          # [1, B, 1, L] bool, True past a row's length; broadcasts over
                                    # the head-major scores [Hkv, B, group, L]
-    k_stage: torch.Tensor          # [B * L, Hkv * D] gather target reused by every layer
+    k_stage: torch.Tensor          # [Hkv, B * L, D] head-major gather target reused by every layer
     v_stage: torch.Tensor
 
 
-def _staging(fb: "ForwardBatch", rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two [rows, Hkv * D] buffers in the pool's dtype. Allocated once per step rather than per
-    layer: fresh multi-MB allocations cost page faults on every layer (measured 2x slower decode)."""
+def _staging(fb: "ForwardBatch", *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two buffers in the pool's dtype for gathered K and V. Allocated once per step rather than
+    per layer: fresh multi-MB allocations cost page faults on every layer (measured 2x slower
+    CPU decode at 8 x 600 tokens)."""
     pool = fb.kv_pool.k_buffer(0)
-    width = pool.shape[1] * pool.shape[2]
-    return pool.new_empty(rows, width), pool.new_empty(rows, width)
+    return pool.new_empty(shape), pool.new_empty(shape)
 
 
-def _gather(buffer: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _gather_rows(buffer: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """buffer [S, Hkv, D] rows at ``slots`` [N] into ``out`` [N, Hkv * D]; returns [N, Hkv, D].
     index_select over flattened rows is ~10x faster on the CPU than advanced indexing."""
     torch.index_select(buffer.view(buffer.shape[0], -1), 0, slots, out=out)
     return out.view(out.shape[0], *buffer.shape[1:])
+
+
+def _gather_head_major(buffer: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """buffer [S, Hkv, D] rows at ``slots`` [N] into ``out`` [Hkv, N, D], one copy per kv head.
+    Head-major K/V let one batched matmul run over (Hkv, B) without copying K/V again."""
+    for h in range(buffer.shape[1]):
+        torch.index_select(buffer[:, h], 0, slots, out=out[h])
+    return out
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -88,7 +97,8 @@ class TorchNativeBackend(AttentionBackend):
         lengths = fb.seq_lens.clamp(min=1)
         valid = torch.arange(max_len, device=rows.device)[None, :] < lengths[:, None]
         slots = torch.where(valid, rows, torch.zeros_like(rows))
-        k_stage, v_stage = _staging(fb, slots.numel())
+        pool = fb.kv_pool.k_buffer(0)
+        k_stage, v_stage = _staging(fb, pool.shape[1], slots.numel(), pool.shape[2])
         return DecodeMetadata(slots=slots.view(-1), max_len=max_len, padding=~valid[None, :, None, :],
                               k_stage=k_stage, v_stage=v_stage)
 
@@ -108,7 +118,8 @@ class TorchNativeBackend(AttentionBackend):
                                     is_causal=prefix == 0 and q_len > 1))
             q_start += q_len
             kv_start += kv_len
-        return ExtendMetadata(spans, *_staging(fb, kv_start))
+        pool = fb.kv_pool.k_buffer(0)
+        return ExtendMetadata(spans, *_staging(fb, kv_start, pool.shape[1] * pool.shape[2]))
 
     # -- attention ---------------------------------------------------------------------------
     def forward_extend(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
@@ -120,8 +131,8 @@ class TorchNativeBackend(AttentionBackend):
         for span in meta.spans:
             rows = slice(span.q_start, span.q_start + span.q_len)
             stage = slice(span.kv_start, span.kv_start + span.kv_slots.shape[0])
-            k = _gather(k_buf, span.kv_slots, meta.k_stage[stage]).to(q.dtype)   # [L, Hkv, D]
-            v = _gather(v_buf, span.kv_slots, meta.v_stage[stage]).to(q.dtype)
+            k = _gather_rows(k_buf, span.kv_slots, meta.k_stage[stage]).to(q.dtype)   # [L, Hkv, D]
+            v = _gather_rows(v_buf, span.kv_slots, meta.v_stage[stage]).to(q.dtype)
             # SDPA layout [1, heads, tokens, D]: 4-D inputs take the fused CPU kernel
             # (2-3x faster than 3-D ones, which fall back to the unfused math path)
             o = F.scaled_dot_product_attention(
@@ -136,19 +147,13 @@ class TorchNativeBackend(AttentionBackend):
         meta: DecodeMetadata = fb.attn_metadata
         b, heads, dim = q.shape
         kv_heads, length = layer.num_kv_heads, meta.max_len
-        group = heads // kv_heads
-        k = _gather(fb.kv_pool.k_buffer(layer.layer_id), meta.slots, meta.k_stage).to(q.dtype)
-        v = _gather(fb.kv_pool.v_buffer(layer.layer_id), meta.slots, meta.v_stage).to(q.dtype)
-        k, v = k.view(b, length, kv_heads, dim), v.view(b, length, kv_heads, dim)
-        qg = q.view(b, kv_heads, group, dim)
-        # One bmm per kv head over strided [B, L, D] views: batching over (B, Hkv) at once would
-        # first copy K and V into head-major order, which costs more than the extra calls.
-        scores = q.new_empty(kv_heads, b, group, length)
-        for h in range(kv_heads):
-            torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2), out=scores[h])   # [B, G, L]
-        scores = scores.float().mul_(layer.scaling).masked_fill_(meta.padding, float("-inf"))
+        k = _gather_head_major(fb.kv_pool.k_buffer(layer.layer_id), meta.slots, meta.k_stage)
+        v = _gather_head_major(fb.kv_pool.v_buffer(layer.layer_id), meta.slots, meta.v_stage)
+        k = k.view(kv_heads, b, length, dim).to(q.dtype)
+        v = v.view(kv_heads, b, length, dim).to(q.dtype)
+        qh = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)         # [Hkv, B, G, D]
+        scores = torch.matmul(qh, k.transpose(-1, -2)).float()                  # [Hkv, B, G, L]
+        scores.mul_(layer.scaling).masked_fill_(meta.padding, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = q.new_empty(kv_heads, b, group, dim)
-        for h in range(kv_heads):
-            torch.bmm(probs[h], v[:, :, h], out=out[h])                      # [B, G, D]
+        out = torch.matmul(probs, v)                                             # [Hkv, B, G, D]
         return out.transpose(0, 1).reshape(b, heads * dim)
