@@ -37,8 +37,8 @@ class RMSNorm(nn.Module):
         # cast back to the activation dtype (the HF order of operations, so float32 matches bitwise).
         # Written out instead of F.rms_norm: on the CPU that kernel is ~10x slower for long prefills.
         xf = x.float()
-        variance = xf.pow(2).mean(-1, keepdim=True)
-        normed = (xf * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        inv_rms = xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        normed = (xf * inv_rms).to(x.dtype)
         return normed.mul_(self.weight)
 
     def extra_repr(self) -> str:

@@ -1,7 +1,9 @@
 """Rotary position embedding (neox / rotate-half layout) with a precomputed cos/sin cache.
 
-Supported ``rope_type``: "default", "linear", "llama3", "yarn". The frequencies follow the
-transformers definitions, so float32 results match HF. The cache covers positions
+Supported ``rope_type``: "default", "linear", "llama3", "yarn", "dynamic". The frequencies follow
+the transformers definitions, so float32 results match HF. "dynamic" (NTK) only rescales once a
+sequence outgrows max_position_embeddings; the cache stops there, so within it this is the
+default rope, exactly as HF computes it (the engine's context length must not exceed it). The cache covers positions
 [0, max_position); the model looks its rows up once per forward (``lookup``) and every layer
 reuses them (``apply``), so no layer does position work of its own.
 """
@@ -129,6 +131,7 @@ def _yarn(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
 
 _INV_FREQ: dict[str, Callable[[RopeConfig], tuple[torch.Tensor, float]]] = {
     "default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn,
+    "dynamic": _default,   # see the module docstring: identical below max_position_embeddings
 }
 
 
