@@ -15,7 +15,7 @@ CUDA-graph hooks: a backend that supports graphs keeps its metadata in buffers p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +35,9 @@ class AttentionConfig:
     page_size: int
     max_context_len: int
     max_batch_size: int
+    # backend-specific settings from ServerArgs, keyed by flag name without dashes
+    # (e.g. "triton_attention_num_kv_splits"); a backend reads the keys it knows
+    options: dict = field(default_factory=dict)
 
 
 class AttentionBackend(ABC):

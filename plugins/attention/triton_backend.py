@@ -1,0 +1,121 @@
+"""triton: kvyard's own Triton attention kernels over the paged KV pool (CUDA; CPU interpreter).
+
+extend  one launch for the whole batch: new tokens over cached prefix + themselves
+        (triton_kernels/extend_attention.py). Per-step metadata: per-request new-token counts and
+        prefix lengths as device vectors, and the longest new-token count as a host int.
+decode  split-KV flash-decoding + reduce (triton_kernels/decode_attention.py). The kernels read
+        only device tensors of the batch (seq_lens, req_pool_indices), so the step's metadata is
+        just the split workspace. For CUDA graphs that workspace is allocated once for the
+        largest batch (init_cuda_graph_state) and captured steps take views of it: nothing is
+        allocated inside a captured step, and replay has nothing to refill (the graph runner
+        refills seq_lens / req_pool_indices in place).
+
+Options (AttentionConfig.options): triton_attention_num_kv_splits (S, default 8),
+triton_attention_reduce_in_fp32 (keep the split partial outputs in float32 instead of the
+activation dtype; default False). Writing the new tokens' k/v is the pool's set_kv, which takes
+the fused Triton write on CUDA (kvyard.kernels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from kvyard.attention import AttentionBackend, AttentionConfig
+from kvyard_plugins.attention.triton_kernels.decode_attention import decode_attention, decode_workspace
+from kvyard_plugins.attention.triton_kernels.extend_attention import extend_attention
+
+if TYPE_CHECKING:
+    from kvyard.forward_batch import ForwardBatch
+    from kvyard.layers.attention import Attention
+
+DEFAULT_NUM_KV_SPLITS = 8
+
+
+@dataclass
+class TritonExtendMetadata:
+    q_lens: torch.Tensor        # [B] int64 new tokens per request
+    prefix_lens: torch.Tensor   # [B] int64 cached tokens per request
+    max_q_len: int              # host: sizes the grid
+
+
+@dataclass
+class TritonDecodeMetadata:
+    mid_o: torch.Tensor         # [>= B, H, S, D] split partial outputs
+    mid_lse: torch.Tensor       # [>= B, H, S] float32 split log2-sum-exp
+
+
+def read_options(options: dict) -> tuple[int, bool]:
+    """(num_kv_splits, reduce_in_fp32) from AttentionConfig.options, checked."""
+    splits = options.get("triton_attention_num_kv_splits", DEFAULT_NUM_KV_SPLITS)
+    if splits is None:
+        splits = DEFAULT_NUM_KV_SPLITS
+    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
+        raise ValueError(f"triton_attention_num_kv_splits must be an integer >= 1, got {splits!r}")
+    return splits, bool(options.get("triton_attention_reduce_in_fp32", False))
+
+
+class TritonAttnBackend(AttentionBackend):
+    name = "triton"
+    supports_cuda_graph = True
+
+    def __init__(self, config: AttentionConfig):
+        super().__init__(config)
+        self.num_kv_splits, self.reduce_in_fp32 = read_options(config.options)
+        self.mid_dtype = torch.float32 if self.reduce_in_fp32 else config.dtype
+        self._graph_workspace: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    # -- per-step metadata -------------------------------------------------------------------
+    def init_forward_metadata(self, fb: "ForwardBatch") -> None:
+        if fb.mode.is_decode():
+            fb.attn_metadata = TritonDecodeMetadata(*self._workspace(fb.batch_size, fb.req_to_token.device))
+        elif fb.mode.is_extend():
+            dev = fb.req_to_token.device
+            fb.attn_metadata = TritonExtendMetadata(
+                q_lens=torch.tensor(fb.extend_seq_lens_cpu, dtype=torch.int64, device=dev),
+                prefix_lens=torch.tensor(fb.extend_prefix_lens_cpu, dtype=torch.int64, device=dev),
+                max_q_len=max(fb.extend_seq_lens_cpu, default=0))
+
+    def _workspace(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        return decode_workspace(batch, cfg.num_heads, self.num_kv_splits, cfg.head_dim, self.mid_dtype, device)
+
+    # -- attention ---------------------------------------------------------------------------
+    def forward_extend(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
+        """q [T, H, D] -> [T, H * D]."""
+        meta: TritonExtendMetadata = fb.attn_metadata
+        t, heads, dim = q.shape
+        out = q.new_empty(t, heads, dim)
+        extend_attention(q, fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id), out,
+                         fb.req_to_token, fb.req_pool_indices, fb.extend_start_loc, meta.q_lens,
+                         meta.prefix_lens, meta.max_q_len, layer.scaling)
+        return out.view(t, heads * dim)
+
+    def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
+        """q [B, H, D] -> [B, H * D]."""
+        meta: TritonDecodeMetadata = fb.attn_metadata
+        b, heads, dim = q.shape
+        out = q.new_empty(b, heads, dim)
+        decode_attention(q, fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id), out,
+                         fb.req_to_token, fb.req_pool_indices, fb.seq_lens, meta.mid_o, meta.mid_lse,
+                         layer.scaling)
+        return out.view(b, heads * dim)
+
+    # -- CUDA-graph hooks (decode) -------------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs: int) -> None:
+        self._graph_workspace = self._workspace(max_bs, self.config.device)
+
+    def init_forward_metadata_capture(self, fb: "ForwardBatch") -> None:
+        if self._graph_workspace is None:
+            raise RuntimeError("init_cuda_graph_state must run before a graph is captured")
+        mid_o, mid_lse = self._graph_workspace
+        if fb.batch_size > mid_o.shape[0]:
+            raise ValueError(f"batch_size {fb.batch_size} exceeds the graph workspace ({mid_o.shape[0]})")
+        fb.attn_metadata = TritonDecodeMetadata(mid_o[:fb.batch_size], mid_lse[:fb.batch_size])
+
+    def init_forward_metadata_replay(self, fb: "ForwardBatch") -> None:
+        # The captured kernels read seq_lens / req_pool_indices from the runner's buffers, which
+        # it has refilled in place; the workspace views are the captured ones.
+        if not isinstance(fb.attn_metadata, TritonDecodeMetadata):
+            self.init_forward_metadata_capture(fb)
