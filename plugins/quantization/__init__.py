@@ -1,0 +1,1 @@
+"""Built-in kvyard plugins, registered through the "kvyard" entry points."""

@@ -1,0 +1,446 @@
+// Fused dequantize-matmul for GGUF (ggml) block formats on the CPU.
+//
+// The weight stays in its file layout: uint8 [N, bytes_per_row], one row per output feature,
+// each row a run of ggml blocks. Two ways to multiply, chosen by the caller per call:
+//   mm_int    M small (decode): the activations are quantized to int16 per 32-block
+//             (relative error ~1.5e-5 of the block's max, far below bf16's); each 32-element
+//             chunk of a weight row is unpacked to int16 lanes in registers and multiplied into
+//             up to 4 activation rows by pmaddwd. Per sub-block (SUB elements sharing a scale)
+//             y += scale_w * scale_x * sum(q_w * q_x) + min_w * sum(x).
+//   mm_dense  M large (prefill, big batches): rows are dequantized in L2-sized chunks to fp32
+//             (or bf16 where the CPU multiplies bf16 natively) and handed to the BLAS gemm.
+// Both run on ATen's intra-op thread pool, split over output rows.
+//
+// The block formats live in gguf_formats.h. Dequantization reproduces gguf.quants.dequantize
+// bit for bit (built with -ffp-contract=off, so q*scale+min rounds twice as numpy does).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "gguf_formats.h"
+
+namespace kvyard_gguf {
+namespace {
+
+// ---- activations ------------------------------------------------------------------------------
+
+// One activation row quantized per 32-block: x ~ q * d; sums of x per 16 and per 32 elements
+// carry the min terms exactly.
+struct QuantizedActs {
+  int64_t M, K;
+  std::vector<int16_t> q;        // [M, K]
+  std::vector<float> d;          // [M, K/32]
+  std::vector<float> sum16;      // [M, K/16]
+  std::vector<float> sum32;      // [M, K/32]
+};
+
+void quantize_row(const float* x, int64_t K, int16_t* q, float* d, float* s16, float* s32) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f, lo = 0.f, hi = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    for (int i = 0; i < 16; ++i) lo += xb[i];
+    for (int i = 16; i < 32; ++i) hi += xb[i];
+    const float db = amax / 32767.f;
+    const float inv = db > 0.f ? 1.f / db : 0.f;
+    for (int i = 0; i < 32; ++i) q[b * 32 + i] = int16_t(std::nearbyint(xb[i] * inv));
+    d[b] = db;
+    s16[2 * b] = lo;
+    s16[2 * b + 1] = hi;
+    s32[b] = lo + hi;
+  }
+}
+
+QuantizedActs quantize_acts(const at::Tensor& x32) {
+  QuantizedActs a;
+  a.M = x32.size(0);
+  a.K = x32.size(1);
+  a.q.resize(a.M * a.K);
+  a.d.resize(a.M * a.K / 32);
+  a.sum16.resize(a.M * a.K / 16);
+  a.sum32.resize(a.M * a.K / 32);
+  const float* x = x32.data_ptr<float>();
+  for (int64_t m = 0; m < a.M; ++m)
+    quantize_row(x + m * a.K, a.K, a.q.data() + m * a.K, a.d.data() + m * a.K / 32,
+                 a.sum16.data() + m * a.K / 16, a.sum32.data() + m * a.K / 32);
+  return a;
+}
+
+// ---- the int16 kernel ------------------------------------------------------------------------
+
+#ifdef KVYARD_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[m, n] for weight rows [n0, n1) and the MT activation rows from m0: each 32-element chunk
+// is unpacked once into registers and multiplied into all MT rows. Two accumulator sets
+// (even/odd chunks) keep the fma chains short.
+template <class F, int MT>
+void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+              const QuantizedActs& a, int64_t m0, float* out, int64_t N) {
+  constexpr int PER = F::QK / F::SUB, CH = F::QK / 32;
+  const int64_t K = a.K, blocks = K / F::QK;
+  const std::vector<float>& xsum = F::SUB == 16 ? a.sum16 : a.sum32;
+  const int16_t* xq[MT];
+  const float* dx[MT];
+  const float* xs[MT];
+  for (int m = 0; m < MT; ++m) {
+    xq[m] = a.q.data() + (m0 + m) * K;
+    dx[m] = a.d.data() + (m0 + m) * (K / 32);
+    xs[m] = xsum.data() + (m0 + m) * (K / F::SUB);
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m256 acc0[MT], acc1[MT];
+    float macc[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc0[m] = acc1[m] = _mm256_setzero_ps();
+      macc[m] = 0.f;
+    }
+    auto block = [&](int64_t blk, __m256 (&even)[MT], __m256 (&odd)[MT]) {
+      float scale[PER], min[PER];
+      F::scales(row, blk, blocks, scale, min);
+      for (int c = 0; c < CH; ++c) {
+        __m256i w0, w1;
+        F::unpack(row, blk, blocks, c, w0, w1);
+        const int64_t e = blk * F::QK + c * 32;
+        for (int m = 0; m < MT; ++m) {
+          const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(xq[m] + e)));
+          const __m256i p1 =
+              _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xq[m] + e + 16)));
+          const float d = dx[m][e / 32];
+          if constexpr (F::SUB == 32) {
+            __m256& acc = (c % 2 == 0) ? even[m] : odd[m];
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
+                                  _mm256_set1_ps(scale[c] * d), acc);
+          } else {
+            even[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(scale[2 * c] * d),
+                                      even[m]);
+            odd[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1),
+                                     _mm256_set1_ps(scale[2 * c + 1] * d), odd[m]);
+          }
+        }
+      }
+      if constexpr (F::HAS_MIN)
+        for (int m = 0; m < MT; ++m)
+          for (int s = 0; s < PER; ++s) macc[m] += min[s] * xs[m][blk * PER + s];
+    };
+    int64_t blk = 0;
+    for (; blk + 1 < blocks; blk += 2) {
+      block(blk, acc0, acc1);
+      block(blk + 1, acc1, acc0);
+    }
+    if (blk < blocks) block(blk, acc0, acc1);
+    for (int m = 0; m < MT; ++m)
+      out[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + macc[m];
+  }
+}
+
+// The planar legacy formats (gguf_formats.h). Per row, a first pass turns 8 fp16 scales at a
+// time into f[blk] = d_blk * dx_blk (one vcvtph2ps + one vmulps) and accumulates the min/offset
+// term sum_blk (m_blk - OFFSET * d_blk) * sum(x_blk); the block loop is then only unpack,
+// pmaddwd and one fma per activation row. f: scratch of MT * nb floats.
+template <class P, int MT>
+void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                     const QuantizedActs& a, int64_t m0, float* out, int64_t N, float* f) {
+  const int64_t K = a.K, nb = K / 32, full = nb / 8 * 8;
+  constexpr bool SHIFTED = P::MIN_FIELD >= 0 || P::OFFSET != 0;
+  const int16_t* xq[MT];
+  const float* dx[MT];
+  const float* xs[MT];
+  for (int m = 0; m < MT; ++m) {
+    xq[m] = a.q.data() + (m0 + m) * K;
+    dx[m] = a.d.data() + (m0 + m) * nb;
+    xs[m] = a.sum32.data() + (m0 + m) * nb;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    const uint8_t* d_plane = P::field(row, nb, 0);
+    const uint8_t* m_plane = P::field(row, nb, P::MIN_FIELD >= 0 ? P::MIN_FIELD : 0);
+    __m256 shifted[MT];
+    float shifted_tail[MT];
+    for (int m = 0; m < MT; ++m) {
+      shifted[m] = _mm256_setzero_ps();
+      shifted_tail[m] = 0.f;
+    }
+    for (int64_t g = 0; g < full; g += 8) {
+      const __m256 d8 = _mm256_cvtph_ps(load16(d_plane + g * 2));
+      __m256 shift = _mm256_setzero_ps();
+      if constexpr (P::MIN_FIELD >= 0) shift = _mm256_cvtph_ps(load16(m_plane + g * 2));
+      if constexpr (P::OFFSET != 0)
+        shift = _mm256_fnmadd_ps(_mm256_set1_ps(float(P::OFFSET)), d8, shift);
+      for (int m = 0; m < MT; ++m) {
+        _mm256_storeu_ps(f + m * nb + g, _mm256_mul_ps(d8, _mm256_loadu_ps(dx[m] + g)));
+        if constexpr (SHIFTED)
+          shifted[m] = _mm256_fmadd_ps(shift, _mm256_loadu_ps(xs[m] + g), shifted[m]);
+      }
+    }
+    for (int64_t blk = full; blk < nb; ++blk) {
+      const float d = half_at(d_plane + blk * 2);
+      float shift = 0.f;
+      if constexpr (P::MIN_FIELD >= 0) shift = half_at(m_plane + blk * 2);
+      if constexpr (P::OFFSET != 0) shift -= float(P::OFFSET) * d;
+      for (int m = 0; m < MT; ++m) {
+        f[m * nb + blk] = d * dx[m][blk];
+        shifted_tail[m] += shift * xs[m][blk];
+      }
+    }
+    __m256 acc0[MT], acc1[MT];
+    for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    auto step = [&](int64_t blk, __m256 (&acc)[MT]) {
+      __m256i w0, w1;
+      unpack_planar<P>(row, blk, nb, w0, w1);
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* x = xq[m] + blk * 32;
+        const __m256i p = _mm256_add_epi32(
+            _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)x)),
+            _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(x + 16))));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + m * nb + blk),
+                                 acc[m]);
+      }
+    };
+    int64_t blk = 0;
+    for (; blk + 1 < nb; blk += 2) {
+      step(blk, acc0);
+      step(blk + 1, acc1);
+    }
+    if (blk < nb) step(blk, acc0);
+    for (int m = 0; m < MT; ++m)
+      out[(m0 + m) * N + n] =
+          hsum(_mm256_add_ps(_mm256_add_ps(acc0[m], acc1[m]), shifted[m])) + shifted_tail[m];
+  }
+}
+
+// The row range [n0, n1) for every activation row, in tiles of up to 4 rows.
+template <class F>
+void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                  const QuantizedActs& a, float* out, int64_t N) {
+  std::vector<float> scratch(is_planar<F> ? 4 * a.K / 32 : 0);
+  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+    const int64_t mt = std::min<int64_t>(4, a.M - m0);
+    auto run = [&]<int MT>() {
+      if constexpr (is_planar<F>)
+        int_rows_planar<F, MT>(w, row_bytes, n0, n1, a, m0, out, N, scratch.data());
+      else
+        int_rows<F, MT>(w, row_bytes, n0, n1, a, m0, out, N);
+    };
+    if (mt == 1) run.template operator()<1>();
+    else if (mt == 2) run.template operator()<2>();
+    else if (mt == 3) run.template operator()<3>();
+    else run.template operator()<4>();
+  }
+}
+#else
+// Portable kernel: each weight row decoded to int16 once, then dotted with every activation row.
+template <class F>
+void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                  const QuantizedActs& a, float* out, int64_t N) {
+  constexpr int PER = F::QK / F::SUB;
+  const int64_t K = a.K, subs = K / F::SUB;
+  const std::vector<float>& xsum = F::SUB == 16 ? a.sum16 : a.sum32;
+  std::vector<int16_t> q(K);
+  std::vector<float> scale(subs), min(subs);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t blk = 0; blk < K / F::QK; ++blk) {
+      F::values(row, blk, K / F::QK, q.data() + blk * F::QK);
+      F::scales(row, blk, K / F::QK, scale.data() + blk * PER, min.data() + blk * PER);
+    }
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int16_t* x = a.q.data() + m * K;
+      const float* dx = a.d.data() + m * (K / 32);
+      const float* xs = xsum.data() + m * subs;
+      float y = 0.f;
+      for (int64_t s = 0; s < subs; ++s) {
+        int32_t p = 0;
+        for (int i = 0; i < F::SUB; ++i)
+          p += int32_t(q[s * F::SUB + i]) * int32_t(x[s * F::SUB + i]);
+        y += float(p) * scale[s] * dx[s * F::SUB / 32] + min[s] * xs[s];
+      }
+      out[m * N + n] = y;
+    }
+  }
+}
+#endif
+
+// ---- dequantization ---------------------------------------------------------------------------
+
+template <class F, class T>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K, T* out) {
+  constexpr int PER = F::QK / F::SUB;
+  int16_t q[F::QK];
+  float scale[PER], min[PER];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t blk = 0; blk < K / F::QK; ++blk) {
+      F::values(row, blk, K / F::QK, q);
+      F::scales(row, blk, K / F::QK, scale, min);
+      T* o = out + (n - n0) * K + blk * F::QK;
+      for (int e = 0; e < F::QK; ++e) {
+        const float v = float(q[e]) * scale[e / F::SUB];
+        o[e] = T(F::HAS_MIN ? v + min[e / F::SUB] : v);
+      }
+    }
+  }
+}
+
+template <class F>
+void check_weight(const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 &&
+                  w.is_contiguous(),
+              "kvyard_gguf: weight must be a contiguous CPU uint8 tensor [rows, bytes_per_row]");
+  TORCH_CHECK(K % F::QK == 0 && w.size(1) == K / F::QK * F::BYTES, "kvyard_gguf: in_features ",
+              K, " does not match ", w.size(1), " bytes per row of ", F::QK, "-element blocks");
+}
+
+at::Tensor as_float_2d(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
+              "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
+  return x.to(at::kFloat).contiguous();
+}
+
+at::Tensor finish(at::Tensor out, const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return out.to(dtype);
+}
+
+// Rows per parallel task: enough work per task to hide the pool's fork/join.
+int64_t row_grain(int64_t K, int64_t M) {
+  return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K * M));
+}
+
+at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
+                  const std::optional<at::Tensor>& bias) {
+  const at::Tensor x32 = as_float_2d(x, K);
+  const int64_t M = x32.size(0), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x32.options());
+  dispatch(qtype, [&](auto fmt) {
+    using F = decltype(fmt);
+    check_weight<F>(w, K);
+    const QuantizedActs acts = quantize_acts(x32);
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    float* op = out.data_ptr<float>();
+    // Groups of 16 weight rows stay in L1 while every activation tile passes over them.
+    at::parallel_for(0, N, row_grain(K, M), [&](int64_t n0, int64_t n1) {
+      for (int64_t g = n0; g < n1; g += 16)
+        int_rows_all<F>(wp, w.size(1), g, std::min(g + 16, n1), acts, op, N);
+    });
+  });
+  return finish(out, bias, x.scalar_type());
+}
+
+// Dequantizes chunks of CHUNK rows (fp32: 64 x 1536 x 4 B = 384 KiB, L2-sized) and multiplies
+// each with one single-threaded gemm inside the parallel region.
+at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
+                    const std::optional<at::Tensor>& bias, bool bf16_gemm) {
+  constexpr int64_t CHUNK = 64;
+  const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
+              "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
+  const at::Tensor xg = x.to(gemm_dtype).contiguous();
+  const int64_t M = xg.size(0), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  dispatch(qtype, [&](auto fmt) {
+    using F = decltype(fmt);
+    check_weight<F>(w, K);
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const int64_t chunks = (N + CHUNK - 1) / CHUNK;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      at::Tensor tile = at::empty({CHUNK, K}, xg.options());
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = c * CHUNK, rows = std::min(CHUNK, N - n0);
+        if (bf16_gemm)
+          dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>());
+        else
+          dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<float>());
+        const at::Tensor y = at::mm(xg, tile.narrow(0, 0, rows).t());   // [M, rows]
+        out.narrow(1, n0, rows).copy_(y);
+      }
+    });
+  });
+  return finish(out, bias, x.scalar_type());
+}
+
+at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K, at::ScalarType dtype) {
+  const int64_t N = w.size(0);
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  dispatch(qtype, [&](auto fmt) {
+    using F = decltype(fmt);
+    check_weight<F>(w, K);
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, N, row_grain(K, 1), [&](int64_t n0, int64_t n1) {
+      dequant_rows<F>(wp, w.size(1), n0, n1, K, op + n0 * K);
+    });
+  });
+  return out.to(dtype);
+}
+
+// File layout -> planar layout (same shape) for the legacy formats; see gguf_formats.h.
+at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t K) {
+  at::Tensor out = at::empty_like(w);
+  bool done = false;
+  dispatch(PLANAR_BASE + qtype, [&](auto fmt) {
+    using P = decltype(fmt);
+    if constexpr (is_planar<P>) {
+      check_weight<P>(w, K);
+      for (int64_t n = 0; n < w.size(0); ++n)
+        P::repack_row(w.data_ptr<uint8_t>() + n * w.size(1), out.data_ptr<uint8_t>() + n * w.size(1),
+                      K / 32);
+      done = true;
+    }
+  });
+  TORCH_CHECK(done, "kvyard_gguf: no planar layout for ggml type id ", qtype);
+  return out;
+}
+
+// Whether this build multiplies bf16 natively (AVX512-BF16 or AMX), i.e. whether the dense path
+// should feed the gemm bf16 instead of fp32.
+bool native_bf16() {
+#if defined(__AVX512BF16__) || defined(__AMX_BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool has_simd() {
+#ifdef KVYARD_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace kvyard_gguf
+
+TORCH_LIBRARY(kvyard_gguf, m) {
+  m.def("mm_int(Tensor x, Tensor w, int qtype, int in_features, Tensor? bias) -> Tensor");
+  m.def("mm_dense(Tensor x, Tensor w, int qtype, int in_features, Tensor? bias, bool bf16_gemm)"
+        " -> Tensor");
+  m.def("dequantize(Tensor w, int qtype, int in_features, ScalarType dtype) -> Tensor");
+  m.def("repack(Tensor w, int qtype, int in_features) -> Tensor");
+  m.def("native_bf16() -> bool", &kvyard_gguf::native_bf16);
+  m.def("has_simd() -> bool", &kvyard_gguf::has_simd);
+}
+
+TORCH_LIBRARY_IMPL(kvyard_gguf, CPU, m) {
+  m.impl("mm_int", &kvyard_gguf::mm_int);
+  m.impl("mm_dense", &kvyard_gguf::mm_dense);
+  m.impl("dequantize", &kvyard_gguf::dequantize);
+  m.impl("repack", &kvyard_gguf::repack);
+}
