@@ -1,0 +1,90 @@
+"""`kvyard serve`: load the model in the scheduler process, then run the HTTP server.
+
+    kvyard serve --model-path PATH [--host 127.0.0.1] [--port 30000] [--config server.yaml] ...
+
+Every flag of ServerArgs applies (grouped by topic in --help); a --config YAML file gives
+defaults that flags override. Exit code 0 after a clean shutdown (Ctrl-C / SIGTERM), 1 when
+start-up fails (bad flag value, model, busy port, failed warmup).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+
+from kvyard.cli.common import engine_parser, err, run_reporting_errors, server_args_from
+from kvyard.server_args import ServerArgs
+
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+logger = logging.getLogger("kvyard.serve")
+
+
+def build_parser():
+    return engine_parser("kvyard serve", "Serve a model over HTTP: OpenAI-compatible and native APIs.")
+
+
+def run_serve(argv: list[str]) -> int:
+    ns = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: serve(server_args_from(ns)))
+
+
+def serve(args: ServerArgs) -> int:
+    import uvicorn
+
+    from kvyard.launch import make_tokenizer_manager, start_engine_process
+    from kvyard.server.app import create_app, warmup_names
+    from kvyard.server.context import ServerContext
+    from kvyard.server.metrics import ServerMetrics
+
+    logging.basicConfig(level=args.log_level.upper(), format="[kvyard] %(levelname)s %(message)s")
+    http_level = _http_log_level(args)
+    warmup_names(args.warmups)
+    check_port_free(args.host, args.port)
+    logger.info("loading the model…")
+    engine = start_engine_process(args)
+    try:
+        args = engine.args  # with the defaults resolved (model path)
+        metrics = ServerMetrics(args.served_model_name or args.model_path) if args.enable_metrics else None
+        tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None)
+        ctx = ServerContext(args=args, engine=engine, tm=tm, metrics=metrics)
+        config = uvicorn.Config(create_app(ctx), host=args.host, port=args.port, log_level=http_level,
+                                access_log=http_level in ("info", "debug", "trace"), timeout_keep_alive=5,
+                                lifespan="on")
+        server = uvicorn.Server(config)
+        ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
+        ctx.listening = lambda: server.started
+        _quiet_stop_signals()
+        server.run()
+    finally:
+        engine.stop()
+    if ctx.failed:
+        err.print(f"[red]error:[/] {ctx.failed}", highlight=False)
+        return 1
+    return 0 if server.started else 1
+
+
+def _quiet_stop_signals() -> None:
+    """uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
+    handler that was installed before it; make that a no-op so a requested stop exits 0."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+
+
+def _http_log_level(args: ServerArgs) -> str:
+    level = (args.log_level_http or args.log_level).lower()
+    if level not in UVICORN_LOG_LEVELS:
+        raise ValueError(f"log_level_http must be one of {', '.join(UVICORN_LOG_LEVELS)}, got {level!r}")
+    return level
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail in a second, not after the model has loaded."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"port: cannot listen on {host}:{port} ({exc.strerror})") from None

@@ -1,0 +1,139 @@
+"""The FastAPI app of `kvyard serve`.
+
+Start-up (lifespan, on uvicorn's event loop): bind the TokenizerManager's sockets, open the
+file/batch store, then warm up in the background. Until warmup has passed (and the socket is
+bound), /health answers 503 and every other endpoint but /metrics too; then the one ready line
+is printed. Shutdown: stop batches, close the TokenizerManager (the caller stops the engine).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Awaitable, Callable
+
+from fastapi import FastAPI
+
+from kvyard.server.auth import ApiKeyMiddleware
+from kvyard.server.context import ServerContext
+from kvyard.server.errors import error_body, install_error_handlers
+
+logger = logging.getLogger(__name__)
+
+ALWAYS_OPEN = frozenset({"/health", "/metrics"})
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    from kvyard import __version__
+    from kvyard.server import files_batches, native_api, openai_api
+
+    app = FastAPI(title="kvyard", version=__version__, lifespan=_lifespan(ctx))
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(openai_api.router)
+    app.include_router(files_batches.router)
+    app.include_router(native_api.router)
+    if ctx.args.enable_metrics:
+        app.add_api_route("/metrics", native_api.metrics, methods=["GET"])
+    app.add_middleware(ReadinessMiddleware, ctx=ctx)
+    if ctx.args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=ctx.args.api_key)  # outermost: checked first
+    return app
+
+
+def _lifespan(ctx: ServerContext):
+    from kvyard.server.file_store import FileStore
+    from kvyard.server.files_batches import BatchRunner
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx.tm.start()
+        ctx.files = FileStore(ctx.args.file_storage_path)
+        ctx.batches = BatchRunner(ctx, ctx.files, ctx.args.file_storage_path)
+        ctx.batches.recover()
+        warm = asyncio.ensure_future(warm_up(ctx))
+        try:
+            yield
+        finally:
+            warm.cancel()
+            await ctx.batches.close()
+            await ctx.tm.close()
+    return lifespan
+
+
+class ReadinessMiddleware:
+    """503 (OpenAI error body) for every endpoint but /health and /metrics until ready."""
+
+    def __init__(self, app, ctx: ServerContext):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.ctx.ready or scope["path"] in ALWAYS_OPEN:
+            await self.app(scope, receive, send)
+            return
+        import json
+        body = json.dumps(error_body(503, "the server is starting up (warming up); retry shortly")).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# -- warmup --------------------------------------------------------------------------------
+async def _warm_generate(ctx: ServerContext) -> None:
+    from kvyard.server.running import run_to_completion
+
+    prompt = {"text": "The capital city of France is"} if ctx.tm.tokenizer is not None \
+        else {"input_ids": [ctx.tm.vocab_size // 2] * 8}
+    reqs = ctx.tm.prepare({**prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    await run_to_completion(ctx.tm, reqs)
+
+
+async def _warm_chat(ctx: ServerContext) -> None:
+    from kvyard.server.running import run_to_completion
+
+    ids = ctx.tm.apply_chat_template([{"role": "user", "content": "Hello!"}])
+    await run_to_completion(ctx.tm, ctx.tm.prepare({"input_ids": ids, "sampling_params": {"max_new_tokens": 4}}))
+
+
+async def _warm_encode(ctx: ServerContext) -> None:
+    from kvyard.server.openai_completions import encode
+
+    await encode(ctx, {"text": "warmup"} if ctx.tm.tokenizer is not None else {"input_ids": [ctx.tm.vocab_size // 2] * 4})
+
+
+WARMUPS: dict[str, Callable[[ServerContext], Awaitable[None]]] = {
+    "generate": _warm_generate, "chat": _warm_chat, "encode": _warm_encode}
+
+
+def warmup_names(spec: str | None) -> list[str]:
+    """--warmups "a,b" -> names; ValueError naming the unknown one."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    for name in names:
+        if name not in WARMUPS:
+            raise ValueError(f"warmups: unknown warmup {name!r} (known: {', '.join(sorted(WARMUPS))})")
+    return names
+
+
+async def warm_up(ctx: ServerContext) -> None:
+    try:
+        if not ctx.args.skip_server_warmup:
+            default = "generate" if ctx.is_generation else "encode"
+            for name in warmup_names(ctx.args.warmups) or [default]:
+                await WARMUPS[name](ctx)
+        while not ctx.listening():
+            await asyncio.sleep(0.05)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        ctx.failed = f"warmup failed: {type(exc).__name__}: {exc}"
+        logger.error("%s; shutting down", ctx.failed)
+        ctx.request_shutdown()
+        return
+    ctx.ready = True
+    print(f"kvyard server ready at {ready_url(ctx.args.host, ctx.args.port)}", flush=True)
+
+
+def ready_url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"

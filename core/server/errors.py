@@ -1,0 +1,66 @@
+"""OpenAI-style error bodies: {"error": {"message", "type", "param", "code"}}, and the FastAPI
+handlers that turn every failure (bad field, unknown route, dead engine, bug) into one."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvyard.errors import EngineDeadError, RequestError
+
+logger = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 500: "internal_server_error",
+               503: "service_unavailable_error"}
+
+
+def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+    """(one-line message, field) for the first problem pydantic found."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # pydantic adds the union member's type name to loc ("prompt.list[int].0"); drop those parts
+    loc = [p for p in loc if "[" not in p and p not in ("str", "int", "list", "function-after")]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError):
+        return error_response(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        message, param = validation_message(exc)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        message = "not found" if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, message)
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, exc: EngineDeadError):
+        return error_response(503, f"the engine is not running: {exc}")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        logger.exception("internal error serving %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")

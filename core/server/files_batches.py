@@ -1,0 +1,294 @@
+"""/v1/files and /v1/batches: OpenAI's batch API on an on-disk store.
+
+A batch reads its input JSONL file ({"custom_id", "method", "url", "body"} per line), runs every
+line in the background through the same handlers as the HTTP endpoints (so through the same
+TokenizerManager and scheduler as live traffic), and writes an output file (2xx responses) and
+an error file (the rest). Batch objects are JSON files under ``<root>/batches``; a batch that was
+running when the server stopped is marked failed at the next start.
+
+Status: validating -> in_progress -> finalizing -> completed, or failed, or cancelling -> cancelled.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from typing import Any, Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from kvyard.errors import EngineDeadError, RequestError
+from kvyard.server.context import ctx_of
+from kvyard.server.errors import error_body
+from kvyard.server.file_store import FileStore, _write_atomic, parse_multipart
+from kvyard.server.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+logger = logging.getLogger(__name__)
+
+MAX_CONCURRENT_LINES = 64      # in flight per batch; the scheduler batches them
+_BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+class BatchRunner:
+    def __init__(self, ctx, files: FileStore, root: str):
+        self.ctx = ctx
+        self.files = files
+        self.dir = os.path.join(root, "batches")
+        os.makedirs(self.dir, exist_ok=True)
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._closing = False
+
+    # -- store -----------------------------------------------------------------------------
+    def _path(self, batch_id: str) -> str:
+        if not _BATCH_ID.match(batch_id):
+            raise RequestError(f"batch_id: no batch {batch_id!r}", param="batch_id", status=404)
+        return os.path.join(self.dir, batch_id + ".json")
+
+    def get(self, batch_id: str) -> dict:
+        path = self._path(batch_id)
+        if not os.path.exists(path):
+            raise RequestError(f"batch_id: no batch {batch_id!r}", param="batch_id", status=404)
+        with open(path) as fh:
+            return json.load(fh)
+
+    def _save(self, batch: dict) -> dict:
+        _write_atomic(self._path(batch["id"]), json.dumps(batch).encode())
+        return batch
+
+    def _update(self, batch_id: str, **changes: Any) -> dict:
+        return self._save({**self.get(batch_id), **changes})
+
+    def list(self) -> list[dict]:
+        ids = [n[:-5] for n in os.listdir(self.dir) if n.endswith(".json") and _BATCH_ID.match(n[:-5])]
+        return sorted((self.get(i) for i in ids), key=lambda b: b["created_at"], reverse=True)
+
+    def recover(self) -> None:
+        """Batches left active by a previous server process can never finish: mark them failed."""
+        for batch in self.list():
+            if batch["status"] in ACTIVE and batch["id"] not in self._tasks:
+                self._update(batch["id"], status="failed", failed_at=int(time.time()),
+                             errors=_errors("server_restarted", "the server stopped while the batch ran"))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def create(self, req: BatchCreateRequest) -> dict:
+        self.files.get(req.input_file_id)  # 404 when missing
+        now = int(time.time())
+        batch = {"id": f"batch_{uuid.uuid4().hex}", "object": "batch", "endpoint": req.endpoint, "errors": None,
+                 "input_file_id": req.input_file_id, "completion_window": req.completion_window,
+                 "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now,
+                 "in_progress_at": None, "expires_at": now + 24 * 3600, "finalizing_at": None,
+                 "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
+                 "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                 "metadata": req.metadata}
+        self._save(batch)
+        task = asyncio.ensure_future(self._run(batch["id"]))
+        task.add_done_callback(lambda _: self._settle(batch["id"]))
+        self._tasks[batch["id"]] = task
+        return batch
+
+    def _settle(self, batch_id: str) -> None:
+        """A task cancelled before it ever ran never reached _run's handlers: settle it here."""
+        self._tasks.pop(batch_id, None)
+        if self.get(batch_id)["status"] in ACTIVE:
+            if self._closing:
+                self._update(batch_id, status="failed", failed_at=int(time.time()),
+                             errors=_errors("server_stopped", "the server stopped while the batch ran"))
+            else:
+                self._finish(batch_id, [], status="cancelled")
+
+    def cancel(self, batch_id: str) -> dict:
+        batch = self.get(batch_id)
+        if batch["status"] not in ("validating", "in_progress"):
+            return batch
+        batch = self._update(batch_id, status="cancelling", cancelling_at=int(time.time()))
+        task = self._tasks.get(batch_id)
+        if task is not None:
+            task.cancel()
+        return batch
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, batch_id: str) -> None:
+        lines: list = []
+        results: list[Optional[dict]] = []
+        try:
+            lines = self._parse_input(batch_id)
+            if lines is None:
+                return
+            results = [None] * len(lines)
+            self._update(batch_id, status="in_progress", in_progress_at=int(time.time()),
+                         request_counts={"total": len(lines), "completed": 0, "failed": 0})
+            gate = asyncio.Semaphore(MAX_CONCURRENT_LINES)
+            await asyncio.gather(*(self._run_line(batch_id, i, line, results, gate) for i, line in enumerate(lines)))
+            self._update(batch_id, status="finalizing", finalizing_at=int(time.time()))
+            self._finish(batch_id, results, status="completed")
+        except asyncio.CancelledError:
+            if self._closing:  # the server stops: not the user's cancel
+                self._update(batch_id, status="failed", failed_at=int(time.time()),
+                             errors=_errors("server_stopped", "the server stopped while the batch ran"))
+            else:
+                self._finish(batch_id, results, status="cancelled")
+        except Exception as exc:  # a bug: fail the batch, keep the server
+            logger.exception("batch %s failed", batch_id)
+            self._update(batch_id, status="failed", failed_at=int(time.time()),
+                         errors=_errors("internal_error", f"{type(exc).__name__}: {exc}"))
+
+    def _parse_input(self, batch_id: str) -> Optional[list[dict]]:
+        """The input lines, or None after marking the batch failed (with one error per bad line)."""
+        batch = self.get(batch_id)
+        text = self.files.content(batch["input_file_id"]).decode("utf-8", errors="replace")
+        lines, problems = [], []
+        for number, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                problems.append(("invalid_json_line", f"line {number}: not JSON ({exc.msg})", number))
+                continue
+            problem = _line_problem(line, batch["endpoint"])
+            if problem:
+                problems.append(("invalid_request", f"line {number}: {problem}", number))
+            lines.append(line)
+        if not lines and not problems:
+            problems.append(("empty_file", "the input file has no requests", None))
+        if problems:
+            data = [{"code": c, "message": m, "param": None, "line": n} for c, m, n in problems]
+            self._update(batch_id, status="failed", failed_at=int(time.time()),
+                         errors={"object": "list", "data": data})
+            return None
+        return lines
+
+    async def _run_line(self, batch_id: str, index: int, line: dict, results: list, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            status, body = await self._call(line["url"], line["body"])
+        request_id = f"batch_req_{uuid.uuid4().hex}"
+        results[index] = {"id": request_id, "custom_id": line["custom_id"],
+                          "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
+        counts = dict(self.get(batch_id)["request_counts"])
+        counts["completed" if status == 200 else "failed"] += 1
+        self._update(batch_id, request_counts=counts)
+
+    async def _call(self, url: str, body: dict) -> tuple[int, dict]:
+        """One line through the endpoint's handler: (HTTP status, response body)."""
+        from kvyard.server.openai_chat import chat_completion
+        from kvyard.server.openai_completions import completion, embeddings
+
+        handlers = {"/v1/chat/completions": (ChatCompletionRequest, chat_completion),
+                    "/v1/completions": (CompletionRequest, completion),
+                    "/v1/embeddings": (EmbeddingRequest, embeddings)}
+        model_cls, handler = handlers[url]
+        try:
+            req = model_cls(**body)
+            if getattr(req, "stream", False):
+                raise RequestError("stream: batch requests cannot stream", param="stream")
+            return 200, await handler(self.ctx, req)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"])
+            return 400, error_body(400, f"{param}: {first['msg']}", param)
+        except RequestError as exc:
+            return exc.status, error_body(exc.status, exc.message, exc.param)
+        except EngineDeadError as exc:
+            return 503, error_body(503, f"the engine is not running: {exc}")
+
+    def _finish(self, batch_id: str, results: list, status: str) -> None:
+        ok = [r for r in results if r is not None and r["response"]["status_code"] == 200]
+        bad = [r for r in results if r is not None and r["response"]["status_code"] != 200]
+        batch = self.get(batch_id)
+        out_id = self._write_results(batch_id, "output", ok)
+        err_id = self._write_results(batch_id, "errors", bad)
+        stamp = "completed_at" if status == "completed" else "cancelled_at"
+        self._save({**batch, "status": status, stamp: int(time.time()), "output_file_id": out_id,
+                    "error_file_id": err_id})
+
+    def _write_results(self, batch_id: str, kind: str, rows: list[dict]) -> Optional[str]:
+        if not rows:
+            return None
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+        return self.files.create(f"{batch_id}_{kind}.jsonl", "batch_output", data)["id"]
+
+
+def _line_problem(line: Any, endpoint: str) -> Optional[str]:
+    if not isinstance(line, dict):
+        return "must be a JSON object"
+    if not isinstance(line.get("custom_id"), str):
+        return "custom_id: must be a string"
+    if line.get("method", "POST") != "POST":
+        return "method: must be POST"
+    if line.get("url") != endpoint:
+        return f"url: must be the batch's endpoint {endpoint}, got {line.get('url')!r}"
+    if not isinstance(line.get("body"), dict):
+        return "body: must be an object"
+    return None
+
+
+def _errors(code: str, message: str) -> dict:
+    return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
+
+
+# -- routes --------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.post("/v1/files")
+async def upload_file(request: Request):
+    fields, files = parse_multipart(request.headers.get("content-type", ""), await request.body())
+    if "file" not in files:
+        raise RequestError("file: the form has no 'file' part", param="file")
+    filename, data = files["file"]
+    return ctx_of(request).files.create(filename, fields.get("purpose", ""), data)
+
+
+@router.get("/v1/files")
+async def list_files(request: Request, purpose: Optional[str] = None):
+    return {"object": "list", "data": ctx_of(request).files.list(purpose)}
+
+
+@router.get("/v1/files/{file_id}")
+async def retrieve_file(file_id: str, request: Request):
+    return ctx_of(request).files.get(file_id)
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(file_id: str, request: Request):
+    return Response(ctx_of(request).files.content(file_id), media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, request: Request):
+    return ctx_of(request).files.delete(file_id)
+
+
+@router.post("/v1/batches")
+async def create_batch(req: BatchCreateRequest, request: Request):
+    return ctx_of(request).batches.create(req)
+
+
+@router.get("/v1/batches")
+async def list_batches(request: Request, limit: int = 20):
+    batches = ctx_of(request).batches.list()[:max(1, limit)]
+    return {"object": "list", "data": batches, "first_id": batches[0]["id"] if batches else None,
+            "last_id": batches[-1]["id"] if batches else None, "has_more": False}
+
+
+@router.get("/v1/batches/{batch_id}")
+async def retrieve_batch(batch_id: str, request: Request):
+    return ctx_of(request).batches.get(batch_id)
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+async def cancel_batch(batch_id: str, request: Request):
+    return ctx_of(request).batches.cancel(batch_id)

@@ -1,0 +1,67 @@
+"""Prometheus metrics (--enable-metrics), named ``kvyard:*`` and labelled with the model name.
+
+Counters and histograms are fed by the TokenizerManager's on_finish hook (one call per finished
+request, on the event loop). Gauges describe the scheduler and are refreshed from its get_info
+control op when /metrics is scraped.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+# scheduler get_info key -> gauge name and help
+GAUGES = {
+    "num_running_reqs": ("kvyard:num_running_reqs", "requests running in the scheduler"),
+    "num_queue_reqs": ("kvyard:num_queue_reqs", "requests waiting in the scheduler queue"),
+    "token_usage": ("kvyard:token_usage", "fraction of KV slots held by requests"),
+    "cache_hit_rate": ("kvyard:cache_hit_rate", "prompt tokens served from the prefix cache / all prompt tokens"),
+}
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        r = self.registry
+        self.prompt_tokens = Counter("kvyard:prompt_tokens", "prompt tokens processed", labels, registry=r)
+        self.generation_tokens = Counter("kvyard:generation_tokens", "tokens generated", labels, registry=r)
+        self.cached_tokens = Counter("kvyard:cached_tokens", "prompt tokens served from the prefix cache",
+                                     labels, registry=r)
+        self.requests = Counter("kvyard:num_requests", "requests that finished (client disconnects excluded)", labels, registry=r)
+        self.ttft = Histogram("kvyard:time_to_first_token_seconds", "time to first token", labels,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("kvyard:time_per_output_token_seconds", "time per output token after the first",
+                              labels, buckets=TOKEN_TIME_BUCKETS, registry=r)
+        self.e2e = Histogram("kvyard:e2e_request_latency_seconds", "end-to-end request latency", labels,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.gauges = {key: Gauge(name, doc, labels, registry=r) for key, (name, doc) in GAUGES.items()}
+
+    def on_finish(self, state) -> None:
+        """TokenizerManager hook: one finished (or aborted) request."""
+        name = self.model_name
+        meta = state.meta
+        self.requests.labels(name).inc()
+        self.prompt_tokens.labels(name).inc(meta.get("prompt_tokens", len(state.prompt_ids)))
+        completion = meta.get("completion_tokens", len(state.output_ids))
+        self.generation_tokens.labels(name).inc(completion)
+        self.cached_tokens.labels(name).inc(meta.get("cached_tokens", 0))
+        e2e: Optional[float] = meta.get("e2e_latency")
+        if e2e is not None:
+            self.e2e.labels(name).observe(e2e)
+        if state.first_token is not None:
+            ttft = state.first_token - state.created
+            self.ttft.labels(name).observe(ttft)
+            if e2e is not None and completion > 1:
+                self.tpot.labels(name).observe((e2e - ttft) / (completion - 1))
+
+    def set_scheduler_load(self, info: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if key in info:
+                gauge.labels(self.model_name).set(float(info[key]))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

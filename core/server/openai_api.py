@@ -1,0 +1,48 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions,
+/v1/embeddings. The work is in openai_chat and openai_completions; files and batches are in
+files_batches."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from kvyard.errors import RequestError
+from kvyard.server.context import ctx_of
+from kvyard.server.openai_chat import chat_completion
+from kvyard.server.openai_completions import completion, embeddings
+from kvyard.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+router = APIRouter()
+
+
+def _model_card(ctx) -> dict:
+    return {"id": ctx.model_name, "object": "model", "created": ctx.started, "owned_by": "kvyard",
+            "root": ctx.args.model_path, "max_model_len": ctx.tm.context_length}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_model_card(ctx_of(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request):
+    ctx = ctx_of(request)
+    if model_id != ctx.model_name:
+        raise RequestError(f"model: {model_id!r} is not served here (serving {ctx.model_name!r})",
+                           param="model", status=404)
+    return _model_card(ctx)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    return await chat_completion(ctx_of(request), req, request)
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    return await completion(ctx_of(request), req, request)
+
+
+@router.post("/v1/embeddings")
+async def create_embeddings(req: EmbeddingRequest, request: Request):
+    return await embeddings(ctx_of(request), req, request)

@@ -1,0 +1,212 @@
+"""POST /v1/chat/completions: messages -> chat template -> engine -> OpenAI chat objects.
+
+With --reasoning-parser the thinking text goes to ``reasoning_content``; with
+--tool-call-parser and ``tools`` the calls go to ``tool_calls`` (finish_reason "tool_calls").
+Both run per choice, on the whole text (non-stream) or chunk by chunk (stream).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from starlette.requests import Request
+
+from kvyard.errors import RequestError
+from kvyard.server.context import ServerContext
+from kvyard.server.openai_format import (chat_logprobs, finish_reason_of, matched_stop, message_of_tool_call,
+                                         new_id, now, tool_call_dict, usage_of)
+from kvyard.server.openai_params import (chat_max_tokens, check_top_logprobs, native_request,
+                                         reject_structured_output)
+from kvyard.server.protocol import ChatCompletionRequest, ChatMessage
+from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
+from kvyard.server.streaming import EventStream, sse, with_errors_and_done
+
+# chat_template_kwargs may not override what the server itself passes
+_RESERVED_TEMPLATE_KWARGS = {"tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+                             "tools", "conversation", "messages"}
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    id: str
+    created: int
+    n: int
+    logprobs: bool
+    tools: Optional[list[dict]]            # OpenAI tool dicts when a tool-call parser will read them
+    tool_call_parser: Optional[str]
+    reasoning_parser: Optional[str]
+    stream_reasoning: bool
+
+
+async def chat_completion(ctx: ServerContext, req: ChatCompletionRequest, request: Optional[Request] = None):
+    """A response dict, or an EventStream when req.stream."""
+    reqs, plan = prepare_chat(ctx, req)
+    if req.stream:
+        return EventStream(with_errors_and_done(_stream(ctx, req, reqs, plan)))
+    outs = await run_to_completion(ctx.tm, reqs, request)
+    return {"id": plan.id, "object": "chat.completion", "created": plan.created, "model": ctx.model_name,
+            "choices": [_choice(plan, i, out) for i, out in enumerate(outs)],
+            "usage": usage_of(outs, plan.n, ctx.args.enable_cache_report)}
+
+
+# -- request -------------------------------------------------------------------------------
+def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest):
+    ctx.require_tokenizer("messages")
+    reject_structured_output(req)
+    if req.tool_choice not in (None, "auto", "none"):
+        raise RequestError("tool_choice: forcing a tool call needs structured output, which is not supported "
+                           "yet; use 'auto' or 'none'", param="tool_choice")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise RequestError("top_logprobs: requires logprobs=true", param="top_logprobs")
+    top = check_top_logprobs(req.top_logprobs, "top_logprobs") if req.logprobs else None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
+    ids = _template_ids(ctx, req, tools)
+    obj = native_request(req, {"input_ids": ids}, chat_max_tokens(req, ctx.tm.context_length), top)
+    obj.setdefault("rid", new_id("chatcmpl"))
+    reqs = ctx.tm.prepare(obj)
+    parser = ctx.args.tool_call_parser if tools else None
+    reasoning = ctx.args.reasoning_parser if req.separate_reasoning else None
+    plan = ChatPlan(id=obj["rid"], created=now(), n=req.n, logprobs=req.logprobs, tools=tools,
+                    tool_call_parser=parser, reasoning_parser=reasoning, stream_reasoning=req.stream_reasoning)
+    return reqs, plan
+
+
+def _template_ids(ctx: ServerContext, req: ChatCompletionRequest, tools: Optional[list[dict]]) -> list[int]:
+    messages = [_message_dict(m, i) for i, m in enumerate(req.messages)]
+    kwargs = dict(req.chat_template_kwargs or {})
+    bad = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
+    if bad:
+        raise RequestError(f"chat_template_kwargs: {sorted(bad)[0]!r} is set by the server", param="chat_template_kwargs")
+    if tools:
+        kwargs["tools"] = tools
+    if req.continue_final_message:
+        if messages[-1]["role"] != "assistant":
+            raise RequestError("continue_final_message: the last message must be the assistant's",
+                               param="continue_final_message")
+        kwargs.update(add_generation_prompt=False, continue_final_message=True)
+    if not getattr(ctx.tm.tokenizer, "chat_template", None):
+        raise RequestError("messages: the model has no chat template; start the server with --chat-template",
+                           param="messages")
+    try:
+        return ctx.tm.apply_chat_template(messages, **kwargs)
+    except Exception as exc:  # the template's own checks (role order, ...) are the user's to fix
+        raise RequestError(f"messages: the chat template rejected them: {exc}", param="messages") from None
+
+
+def _message_dict(m: ChatMessage, index: int) -> dict:
+    out = {"role": m.role, "content": _content_text(m, index)}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [message_of_tool_call(c) for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.reasoning_content is not None:
+        out["reasoning_content"] = m.reasoning_content
+    return out
+
+
+def _content_text(m: ChatMessage, index: int) -> str:
+    if m.content is None or isinstance(m.content, str):
+        return m.content or ""
+    texts = []
+    for part in m.content:
+        if part.type != "text" or part.text is None:
+            raise RequestError(f"messages.{index}.content: only text parts are supported, got {part.type!r}",
+                               param=f"messages.{index}.content")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+# -- response ------------------------------------------------------------------------------
+def _choice(plan: ChatPlan, index: int, out: dict) -> dict:
+    meta = out["meta_info"]
+    text, reasoning, calls = out["text"], None, []
+    if plan.reasoning_parser:
+        from kvyard.parsers import ReasoningParserFacade
+        reasoning, text = ReasoningParserFacade(plan.reasoning_parser).parse_non_stream(text)
+    if plan.tool_call_parser:
+        from kvyard.parsers import FunctionCallParser
+        text, calls = FunctionCallParser(plan.tools, plan.tool_call_parser).parse_non_stream(text)
+    message: dict = {"role": "assistant", "content": text if text or not calls else None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning or None
+    if calls:
+        message["tool_calls"] = [tool_call_dict(c) for c in calls]
+    finish = finish_reason_of(meta)
+    if calls and finish == "stop":
+        finish = "tool_calls"
+    logprobs = chat_logprobs(meta["output_token_logprobs"], meta["output_top_logprobs"]) if plan.logprobs else None
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+            "matched_stop": matched_stop(meta)}
+
+
+class _ChoiceStreamParser:
+    """Reasoning, then tool calls, over one choice's text deltas (one instance per choice)."""
+
+    def __init__(self, plan: ChatPlan):
+        self.reasoning = self.tools = None
+        if plan.reasoning_parser:
+            from kvyard.parsers import ReasoningParserFacade
+            self.reasoning = ReasoningParserFacade(plan.reasoning_parser, stream_reasoning=plan.stream_reasoning)
+        if plan.tool_call_parser:
+            from kvyard.parsers import FunctionCallParser
+            self.tools = FunctionCallParser(plan.tools, plan.tool_call_parser)
+        self.call_ids: dict[int, str] = {}
+
+    @property
+    def saw_calls(self) -> bool:
+        return bool(self.call_ids)
+
+    def delta(self, text: str, final: bool) -> dict:
+        reasoning, normal = "", text
+        if self.reasoning:
+            reasoning, normal = self.reasoning.parse_stream_chunk(text)
+            if final:
+                r, t = self.reasoning.finish_stream()
+                reasoning, normal = reasoning + r, normal + t
+        calls = []
+        if self.tools:
+            normal, calls = self.tools.parse_stream_chunk(normal)
+            if final:
+                t, more = self.tools.finish_stream()
+                normal, calls = normal + t, calls + more
+        out: dict = {}
+        if reasoning:
+            out["reasoning_content"] = reasoning
+        if normal:
+            out["content"] = normal
+        if calls:
+            out["tool_calls"] = [self._call_delta(c) for c in calls]
+        return out
+
+    def _call_delta(self, call) -> dict:
+        if call.name is not None:
+            self.call_ids.setdefault(call.tool_index, new_id("call"))
+        return tool_call_dict(call, self.call_ids.get(call.tool_index), index=call.tool_index)
+
+
+async def _stream(ctx: ServerContext, req: ChatCompletionRequest, reqs, plan: ChatPlan) -> AsyncIterator[str]:
+    base = {"id": plan.id, "object": "chat.completion.chunk", "created": plan.created, "model": ctx.model_name}
+    parsers = [_ChoiceStreamParser(plan) for _ in reqs]
+    finals: list[Optional[dict]] = [None] * len(reqs)
+    for i in range(len(reqs)):
+        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    async for c in stream_chunks(ctx.tm, reqs):
+        if c.finished:
+            check_not_aborted(c.out)
+            finals[c.index] = c.out
+        delta = parsers[c.index].delta(c.text, c.finished)
+        logprobs = chat_logprobs(c.token_logprobs, c.top_logprobs) if plan.logprobs and c.token_logprobs else None
+        if not (delta or logprobs or c.finished):
+            continue
+        choice = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+        if c.finished:
+            meta = c.out["meta_info"]
+            finish = finish_reason_of(meta)
+            choice.update(finish_reason="tool_calls" if parsers[c.index].saw_calls and finish == "stop" else finish,
+                          matched_stop=matched_stop(meta))
+        yield sse({**base, "choices": [choice]})
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse({**base, "choices": [], "usage": usage_of(finals, plan.n, ctx.args.enable_cache_report)})
