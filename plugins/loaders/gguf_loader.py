@@ -12,7 +12,11 @@ rows of quantized blocks.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -51,14 +55,33 @@ class GGUFLoader(WeightLoader):
     def hf_config(self, model_path: str) -> Any:
         from transformers import AutoConfig
 
-        path = self._file(model_path)
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
-                                          revision=self.config.revision)
+        return AutoConfig.from_pretrained(self._converted(model_path))
 
     def tokenizer_source(self, model_path: str) -> TokenizerSource:
+        return TokenizerSource(self._converted(model_path), {})
+
+    def _converted(self, model_path: str) -> str:
+        """An HF folder with the file's config and tokenizer, converted once and cached.
+
+        transformers reads them from the GGUF's metadata, which takes seconds per read (the
+        vocabulary is parsed field by field); the engine needs them in several places and
+        processes, so they are converted on first use and kept next to other kvyard caches."""
+        from transformers import AutoConfig, AutoTokenizer
+
         path = self._file(model_path)
-        return TokenizerSource(str(path.parent), {"gguf_file": path.name,
-                                                  "revision": self.config.revision})
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        folder = Path(os.environ.get("KVYARD_CACHE_DIR", Path.home() / ".cache" / "kvyard")) / "gguf" / key
+        if (folder / "config.json").exists() and (folder / "tokenizer_config.json").exists():
+            return str(folder)
+        tmp = folder.with_name(f"{key}.tmp{os.getpid()}")
+        AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(folder)
 
     def quantization(self) -> Optional[str]:
         return "gguf" if self.config.keep_quantized else None
