@@ -108,6 +108,34 @@ class ModelRunner:
         logger.info("loaded %s (%s, %s, dtype %s, quantization %s) on %s", mc.model_path,
                     mc.architectures[0], mc.load_format, self.dtype, quant_name, self.device)
 
+    def update_weights(self, model_path: str, load_format: Optional[str] = None) -> None:
+        """Loads the checkpoint at model_path into a fresh model object and swaps it in.
+
+        The KV pool and the attention backend stay, so the checkpoint must have the same
+        architecture and KV shape. On any failure this raises and the old model keeps serving."""
+        from dataclasses import replace
+
+        keep = ("config", "model", "model_config", "dtype", "quantization")
+        old = {name: getattr(self, name) for name in keep}
+        self.config = replace(self.config, model_path=model_path, load_format=load_format or "auto")
+        try:
+            self._load_model()
+            self._check_same_shape(old["model_config"], old["dtype"])
+        except BaseException:
+            for name, value in old.items():
+                setattr(self, name, value)
+            raise
+        logger.info("weights updated from %s", model_path)
+
+    def _check_same_shape(self, old: ModelConfig, old_dtype: torch.dtype) -> None:
+        new = self.model_config
+        for name in ("architectures", "num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+            if getattr(new, name) != getattr(old, name):
+                raise ValueError(f"model_path: {name} differs from the served model's "
+                                 f"({getattr(new, name)} vs {getattr(old, name)})")
+        if self.dtype != old_dtype:
+            raise ValueError(f"model_path: dtype {self.dtype} differs from the served model's {old_dtype}")
+
     # -- memory -----------------------------------------------------------------------------
     def _init_memory(self) -> None:
         cfg, mc = self.config, self.model_config

@@ -132,8 +132,9 @@ class TokenizerManager:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                                  return_dict=False, **kwargs)
         return list(out["input_ids"] if isinstance(out, dict) else out)
 
@@ -269,6 +270,12 @@ class TokenizerManager:
         async for out in self.stream_outputs(state):
             pass
         return out
+
+    def abort_state(self, state: ReqState) -> None:
+        """Aborts the request unless it has finished; idempotent. For callers that stop
+        consuming its outputs (a closed HTTP stream, a disconnected client)."""
+        if state.finish_reason is None and self._states.pop(state.rid, None) is not None:
+            self.abort(state.rid)
 
     def abort(self, rid: str) -> None:
         if self._started:
