@@ -26,6 +26,19 @@ def resolve_attention_backend(requested: str, device: str) -> str:
                      f"installed: {', '.join(reg.names()) or '(none)'}")
 
 
+def resolve_attention_backends(requested: str, prefill: str | None, decode: str | None,
+                               device: str) -> tuple[str, str]:
+    """(extend backend, decode backend). --prefill-attention-backend / --decode-attention-backend
+    override --attention-backend for their mode; two different names make a hybrid."""
+    base = None if prefill and decode else resolve_attention_backend(requested, device)
+    prefill_name = resolve_attention_backend(prefill, device) if prefill else base
+    decode_name = resolve_attention_backend(decode, device) if decode else base
+    if prefill_name != decode_name:
+        logger.info("attention backend: hybrid, extend steps on %s, decode steps on %s",
+                    prefill_name, decode_name)
+    return prefill_name, decode_name
+
+
 def resolve_quantization(requested: str | None, load_format: str) -> str | None:
     """GGUF files keep their weights quantized unless --quantization none or --dtype float32 asks
     for the exact dequantized path (the caller passes requested='none' then)."""

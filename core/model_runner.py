@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from kvyard.attention import AttentionConfig
-from kvyard.backend_select import resolve_attention_backend, resolve_quantization
+from kvyard.backend_select import resolve_attention_backends, resolve_quantization
+from kvyard.hybrid_attention import build_attention_backend
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
@@ -41,6 +42,9 @@ class RunnerConfig:
     device: str = "cpu"
     quantization: Optional[str] = None
     attention_backend: str = "auto"
+    prefill_attention_backend: Optional[str] = None   # extend steps (default: attention_backend)
+    decode_attention_backend: Optional[str] = None    # decode steps (default: attention_backend)
+    attention_options: Optional[dict] = None          # AttentionConfig.options
     revision: Optional[str] = None
     trust_remote_code: bool = False
     context_length: Optional[int] = None
@@ -72,9 +76,11 @@ class ModelRunner:
             torch.manual_seed(config.random_seed)
         self._load_model()
         self._init_memory()
-        backend_name = resolve_attention_backend(config.attention_backend, self.device)
-        self.attn_backend = registry("attention_backends").get(backend_name)(self._attention_config())
-        self.attn_backend_name = backend_name
+        prefill_name, decode_name = resolve_attention_backends(
+            config.attention_backend, config.prefill_attention_backend, config.decode_attention_backend,
+            self.device)
+        self.attn_backend, self.attn_backend_name = build_attention_backend(
+            self._attention_config(), prefill_name, decode_name)
         self.sampler = Sampler()
 
     # -- model ------------------------------------------------------------------------------
@@ -169,7 +175,8 @@ class ModelRunner:
         mc = self.model_config
         return AttentionConfig(num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
                                dtype=self.dtype, device=self.device, page_size=self.config.page_size,
-                               max_context_len=mc.context_length, max_batch_size=self.max_running_requests)
+                               max_context_len=mc.context_length, max_batch_size=self.max_running_requests,
+                               options=dict(self.config.attention_options or {}))
 
     # -- one step ---------------------------------------------------------------------------
     def prepare(self, batch: ScheduleBatch) -> ForwardBatch:

@@ -49,6 +49,8 @@ def runner_config(args):
         model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
         device=args.resolved_device(), quantization=args.quantization,
         attention_backend=args.attention_backend, revision=args.revision,
+        prefill_attention_backend=args.prefill_attention_backend,
+        decode_attention_backend=args.decode_attention_backend, attention_options=args.attention_options(),
         trust_remote_code=args.trust_remote_code, context_length=args.context_length,
         json_model_override_args=args.json_model_override_args, is_embedding=args.is_embedding,
         page_size=args.page_size, max_total_tokens=args.max_total_tokens,

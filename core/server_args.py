@@ -75,6 +75,14 @@ class ServerArgs:
     num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores)", "runtime")
     enable_torch_compile: bool = _f(False, "compile the decode step (inductor) for batch-size buckets", "runtime")
     torch_compile_max_bs: int = _f(32, "largest batch size compiled", "runtime")
+    prefill_attention_backend: Optional[str] = _f(None, "attention plugin for extend (prefill) steps (default: --attention-backend)", "runtime", registry="attention_backends")
+    decode_attention_backend: Optional[str] = _f(None, "attention plugin for decode steps (default: --attention-backend)", "runtime", registry="attention_backends")
+    triton_attention_num_kv_splits: int = _f(8, "key splits of the triton decode kernel (flash-decoding)", "runtime")
+    triton_attention_reduce_in_fp32: bool = _f(False, "keep the triton decode kernel's per-split partial outputs in float32", "runtime")
+    cuda_graph_max_bs: Optional[int] = _f(None, "largest decode batch captured as a CUDA graph (default: 160, capped by --max-running-requests)", "runtime")
+    cuda_graph_bs: Optional[list[int]] = _f(None, "decode batch sizes to capture, e.g. 1 2 4 8 (overrides --cuda-graph-max-bs)", "runtime", nargs="+")
+    disable_cuda_graph: bool = _f(False, "run decode eagerly (no CUDA-graph capture)", "runtime")
+    disable_cuda_graph_padding: bool = _f(False, "replay a graph only for a batch of exactly a captured size (no padding)", "runtime")
 
     # -- parsers and grammar ------------------------------------------------------------
     tool_call_parser: Optional[str] = _f(None, "tool-call parser", "parsers", registry="tool_call_parsers")
@@ -93,7 +101,7 @@ class ServerArgs:
         """One-line ValueError naming the field for values argparse cannot catch."""
         positive = ("context_length", "max_total_tokens", "max_running_requests", "page_size",
                     "stream_interval", "max_prefill_tokens", "num_threads", "torch_compile_max_bs",
-                    "max_queued_requests")
+                    "max_queued_requests", "triton_attention_num_kv_splits", "cuda_graph_max_bs")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -113,6 +121,8 @@ class ServerArgs:
                 reg = registry(kind)
                 if value not in reg:
                     raise ValueError(f"{f.name}: {reg.unknown_message(value)}")
+        if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
+            raise ValueError(f"cuda_graph_bs must list batch sizes >= 1, got {self.cuda_graph_bs}")
         if self.json_model_override_args:
             try:
                 json.loads(self.json_model_override_args)
@@ -127,6 +137,18 @@ class ServerArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def attention_options(self) -> dict:
+        """AttentionConfig.options: the backend-specific flags (each backend reads its own)."""
+        return {"triton_attention_num_kv_splits": self.triton_attention_num_kv_splits,
+                "triton_attention_reduce_in_fp32": self.triton_attention_reduce_in_fp32}
+
+    def cuda_graph_config(self):
+        from kvyard.cuda_graph_runner import CudaGraphConfig
+
+        return CudaGraphConfig(max_bs=self.cuda_graph_max_bs,
+                               batch_sizes=tuple(self.cuda_graph_bs) if self.cuda_graph_bs else None,
+                               disable=self.disable_cuda_graph, disable_padding=self.disable_cuda_graph_padding)
 
     # -- argparse -------------------------------------------------------------------------
     @classmethod
@@ -145,6 +167,8 @@ class ServerArgs:
                 group.add_argument(flag, action="store_true", **kwargs)
                 continue
             kwargs["type"] = _arg_type(f.type)
+            if "nargs" in f.metadata:
+                kwargs["nargs"] = f.metadata["nargs"]
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             elif "registry" in f.metadata:
