@@ -47,6 +47,13 @@ class AttentionBackend(ABC):
     def __init__(self, config: AttentionConfig):
         self.config = config
 
+    @classmethod
+    def is_available(cls, device: str) -> bool:
+        """Whether this backend can run on ``device`` in this environment (its library is
+        installed, the device exists). "auto" skips backends that cannot; selecting one by name
+        still reaches the constructor, which explains what is missing."""
+        return True
+
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
         """Per-step precomputation shared by all layers (index tensors, kernel plans)."""
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from kvyard.plugins import registry
+from kvyard.plugins import PluginError, registry
 
 logger = logging.getLogger(__name__)
 
@@ -18,12 +18,26 @@ def resolve_attention_backend(requested: str, device: str) -> str:
         reg.entry(requested)  # unknown name -> PluginError listing the valid ones
         return requested
     for name in _ATTENTION_PREFERENCE.get(device, ("torch_native",)):
-        if name in reg:
+        if name in reg and _can_run(reg, name, device):
             logger.info("attention backend: %s (auto: first installed of %s on %s)",
                         name, ", ".join(_ATTENTION_PREFERENCE[device]), device)
             return name
     raise ValueError(f"attention_backend: no attention plugin installed for {device}; "
                      f"installed: {', '.join(reg.names()) or '(none)'}")
+
+
+def _can_run(reg, name: str, device: str) -> bool:
+    """An installed backend "auto" may pick: it loads, and its is_available(device) agrees."""
+    try:
+        factory = reg.get(name)
+    except PluginError as exc:
+        logger.warning("attention backend %s skipped by auto: %s", name, exc)
+        return False
+    check = getattr(factory, "is_available", None)
+    if check is not None and not check(device):
+        logger.info("attention backend %s skipped by auto: not available on %s here", name, device)
+        return False
+    return True
 
 
 def resolve_attention_backends(requested: str, prefill: str | None, decode: str | None,

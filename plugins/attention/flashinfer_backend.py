@@ -23,6 +23,7 @@ CUDA device the constructor fails with one line (UNAVAILABLE).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -109,6 +110,12 @@ class GraphBuffers:
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     supports_cuda_graph = True
+
+    @classmethod
+    def is_available(cls, device: str) -> bool:
+        """For "auto": a CUDA device and an installed flashinfer (found, not imported)."""
+        return (torch.device(device).type == "cuda" and torch.cuda.is_available()
+                and importlib.util.find_spec("flashinfer") is not None)
 
     def __init__(self, config: AttentionConfig):
         super().__init__(config)

@@ -299,3 +299,26 @@ def test_registered_through_the_entry_point():
     entry = PluginManager().registry("attention_backends").entry("flashinfer")
     assert entry.factory == "kvyard_plugins.attention.flashinfer_backend:FlashInferBackend"
     assert entry.distribution == "kvyard"
+
+
+def test_auto_skips_flashinfer_where_it_cannot_run(monkeypatch):
+    """On CUDA "auto" prefers flashinfer, but only where the library is installed."""
+    import kvyard_plugins.attention.torch_native as native_plugin
+    import kvyard_plugins.attention.triton as triton_plugin
+    from kvyard.backend_select import resolve_attention_backend
+    from kvyard.plugins import reset_plugin_manager
+
+    pm = PluginManager(autoload=False)
+    for plugin in (flashinfer_plugin, triton_plugin, native_plugin):
+        pm.add_plugin(plugin)
+    reset_plugin_manager(pm)
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setitem(sys.modules, "flashinfer", None)            # not installed
+        assert resolve_attention_backend("auto", "cuda") == "triton"
+        assert resolve_attention_backend("flashinfer", "cuda") == "flashinfer"   # by name: its error
+        monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer)  # installed
+        assert resolve_attention_backend("auto", "cuda") == "flashinfer"
+        assert resolve_attention_backend("auto", "cpu") == "torch_native"
+    finally:
+        reset_plugin_manager(None)
