@@ -56,6 +56,9 @@ class RunnerConfig:
     max_running_requests: Optional[int] = None
     num_threads: Optional[int] = None
     random_seed: Optional[int] = None
+    cuda_graph: Optional[object] = None               # kvyard.cuda_graph_runner.CudaGraphConfig
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
 
 
 def physical_cores() -> int:
@@ -82,6 +85,36 @@ class ModelRunner:
         self.attn_backend, self.attn_backend_name = build_attention_backend(
             self._attention_config(), prefill_name, decode_name)
         self.sampler = Sampler()
+        self.decode_graphs = self._init_decode_graphs()
+
+    def _init_decode_graphs(self):
+        """CUDA graphs on CUDA (unless disabled or the backend cannot), torch.compile buckets
+        with --enable-torch-compile; both pad decode batches to a bucket with the dummy row."""
+        from kvyard.compiled_decode import CompiledDecodeRunner
+        from kvyard.cuda_graph_runner import CudaGraphConfig, CudaGraphRunner
+
+        cfg = self.config
+        if not getattr(self.model, "is_generation", True):
+            return None
+        if cfg.enable_torch_compile:
+            runner = CompiledDecodeRunner(cfg.torch_compile_max_bs, self._logits_step, self.attn_backend,
+                                          self.kv_pool, self.req_to_token.table, self.max_running_requests,
+                                          self.device)
+        elif self.device == "cuda" and not (cfg.cuda_graph or CudaGraphConfig()).disable:
+            if not self.attn_backend.supports_cuda_graph:
+                logger.info("CUDA graphs off: attention backend %s does not support them", self.attn_backend_name)
+                return None
+            runner = CudaGraphRunner(cfg.cuda_graph or CudaGraphConfig(), self._logits_step, self.attn_backend,
+                                     self.kv_pool, self.req_to_token.table, self.max_running_requests, self.device)
+        else:
+            return None
+        runner.capture()
+        return runner
+
+    def _logits_step(self, fb: ForwardBatch) -> torch.Tensor:
+        """The decode step a graph captures: model + logits of every row, [B, vocab]."""
+        hidden = self.model(fb.input_ids, fb.positions, fb)
+        return self.model.compute_logits(hidden[fb.logits_indices])
 
     # -- model ------------------------------------------------------------------------------
     def _load_model(self) -> None:
@@ -131,6 +164,8 @@ class ModelRunner:
             for name, value in old.items():
                 setattr(self, name, value)
             raise
+        if self.decode_graphs is not None:
+            self.decode_graphs = self._init_decode_graphs()  # graphs captured the old weights
         logger.info("weights updated from %s", model_path)
 
     def _check_same_shape(self, old: ModelConfig, old_dtype: torch.dtype) -> None:
@@ -203,6 +238,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch) -> StepResult:
         fb = self.prepare(batch)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(fb):
+            return self._sample(batch, self.decode_graphs.replay(fb))
         self.attn_backend.init_forward_metadata(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         if not getattr(self.model, "is_generation", True):
