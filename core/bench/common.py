@@ -50,28 +50,46 @@ def print_rows(title: str, rows: list[dict]) -> None:
     console.print(table)
 
 
-def hf_model_for(model_path: str, dtype):
-    """transformers' model for the same weights (a .gguf is dequantized by transformers)."""
+def sync_device() -> None:
+    """Wait for queued CUDA work, so a host clock read after it covers the device time too."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def hf_model_for(model_path: str, dtype, device: str = "cpu", load_format: str = "auto"):
+    """transformers' model for the same model on ``device`` (a .gguf is dequantized by
+    transformers). With load_format dummy (config.json only) it is built from the config with
+    transformers' own random init: the same shapes, so the same speed."""
     import os
 
-    from transformers import AutoModelForCausalLM
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_path.endswith(".gguf"):
         folder, name = os.path.split(model_path)
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    elif load_format == "dummy":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return model.to(device).eval()
 
 
 def hf_generate_tokens_per_s(model, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
     """(output tokens/s, seconds) of transformers' batched greedy generate on equal-length prompts."""
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
         model.generate(ids[:1, :8], attention_mask=mask[:1, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)
+        sync_device()
         start = time.perf_counter()
         model.generate(ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
                        do_sample=False, pad_token_id=0)
+        sync_device()
         elapsed = time.perf_counter() - start
     return len(prompts) * output_len / elapsed, elapsed

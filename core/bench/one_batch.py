@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from kvyard.bench.common import append_result, console, print_rows, random_prompts
+from kvyard.bench.common import append_result, console, print_rows, random_prompts, sync_device
 from kvyard.cli.common import engine_parser, run_reporting_errors, server_args_from
 
 
@@ -67,12 +67,15 @@ def _run_batch(scheduler, bs: int, input_len: int, output_len: int, seed: int) -
     params.normalize(None)
     for i, ids in enumerate(random_prompts(bs, input_len, vocab, seed)):
         scheduler.add_request(TokenizedGenerateReq(f"bench-{bs}-{i}", ids, params))
+    sync_device()
     start = time.perf_counter()
     scheduler.step()  # the whole batch prefills in one step (chunking is off)
+    sync_device()
     prefill_s = time.perf_counter() - start
     steps = []
     while scheduler.has_work():
         start = time.perf_counter()
         scheduler.step()
+        sync_device()
         steps.append(time.perf_counter() - start)
     return prefill_s, steps
