@@ -1,7 +1,7 @@
 """Micro-benchmark of the GGUF fused dequantize-matmul against a dense fp32 F.linear.
 
 For each weight type, SmolLM2-135M shape (in_features x out_features) and batch M it prints the
-median time, GFLOP/s (2*M*N*K / t) and GB/s of weight bytes streamed (quantized bytes / t), for
+best time of many runs (robust on a shared, contended machine), GFLOP/s (2*M*N*K / t) and GB/s of weight bytes streamed (quantized bytes / t), for
 the path the method picks ("auto") and, with --all-paths, for both kernels.
 
     python benchmarks/gguf_matmul.py
@@ -10,7 +10,6 @@ the path the method picks ("auto") and, with --all-paths, for both kernels.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import gguf
@@ -23,7 +22,7 @@ from kvyard_plugins.quantization import gguf_kernels
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]   # (K, N)
 
 
-def median_seconds(fn, min_time: float = 0.3, max_runs: int = 200) -> float:
+def best_seconds(fn, min_time: float = 0.3, max_runs: int = 200) -> float:
     fn()
     times: list[float] = []
     start = time.perf_counter()
@@ -31,7 +30,7 @@ def median_seconds(fn, min_time: float = 0.3, max_runs: int = 200) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def random_weight(qtype: gguf.GGMLQuantizationType, n: int, k: int) -> torch.Tensor:
@@ -76,19 +75,19 @@ def main() -> None:
             if k % block:
                 print(f"{name} {k}x{n}: skipped (in_features not a multiple of {block})")
                 continue
-            w = random_weight(qtype, n, k)
-            dense = gguf_kernels.dequantize(w, qtype, k, dtype)
+            w, layout = gguf_kernels.prepare(random_weight(qtype, n, k), qtype, k)
+            dense = gguf_kernels.dequantize(w, layout, k, dtype)
             for m in args.ms:
                 x = torch.randn(m, k, dtype=dtype)
                 print(f"{name} {k}x{n} M={m} ({w.numel() / 1e6:.2f} MB quantized)")
-                report("auto", median_seconds(lambda: gguf_kernels.matmul(x, w, qtype, k)),
+                report("auto", best_seconds(lambda: gguf_kernels.matmul(x, w, layout, k)),
                        m, n, k, w.numel())
                 if args.all_paths:
                     for path in ("int", "dense"):
-                        t = median_seconds(lambda: gguf_kernels.matmul(x, w, qtype, k, path=path))
+                        t = best_seconds(lambda: gguf_kernels.matmul(x, w, layout, k, path=path))
                         report(path, t, m, n, k, w.numel())
                 if not args.no_dense:
-                    report("F.linear", median_seconds(lambda: F.linear(x, dense)), m, n, k,
+                    report("F.linear", best_seconds(lambda: F.linear(x, dense)), m, n, k,
                            dense.numel() * dense.element_size())
 
 

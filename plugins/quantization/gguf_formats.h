@@ -72,12 +72,25 @@ inline __m256i fifth_bits(uint32_t mask16) {
 }
 #endif
 
+// out[i] = mult * float(v[i]) for 8 bytes v (unsigned, or signed with SIGNED).
+template <bool SIGNED = false>
+inline void scaled_bytes8(const uint8_t* v, float mult, float* __restrict__ out) {
+#ifdef KVYARD_AVX2
+  const __m128i b = _mm_loadl_epi64((const __m128i*)v);
+  const __m256i i = SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_set1_ps(mult), _mm256_cvtepi32_ps(i)));
+#else
+  for (int k = 0; k < 8; ++k) out[k] = mult * float(SIGNED ? int(int8_t(v[k])) : int(v[k]));
+#endif
+}
+
 // ---- legacy formats: 32-element blocks, one fp16 scale (and min) -----------------------------
 
 struct Q4_0 {  // d, qs[16]: element l is the low nibble of qs[l], l+16 the high one; w = d*(q-8)
   static constexpr int ID = 2, QK = 32, BYTES = 18, SUB = 32;
   static constexpr bool HAS_MIN = false;
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     const uint8_t* b = row + blk * BYTES;
     scale[0] = half_at(b);
     min[0] = 0.f;
@@ -101,7 +114,8 @@ struct Q4_0 {  // d, qs[16]: element l is the low nibble of qs[l], l+16 the high
 struct Q4_1 {  // d, m, qs[16]; w = d*q + m
   static constexpr int ID = 3, QK = 32, BYTES = 20, SUB = 32;
   static constexpr bool HAS_MIN = true;
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     const uint8_t* b = row + blk * BYTES;
     scale[0] = half_at(b);
     min[0] = half_at(b + 2);
@@ -128,7 +142,8 @@ struct Q5Legacy {
   static constexpr int ID = ID_, QK = 32, BYTES = BYTES_, SUB = 32;
   static constexpr bool HAS_MIN = MIN;
   static constexpr int OFFSET = MIN ? 0 : 16;   // Q5_0: w = d*(q-16); Q5_1: w = d*q + m
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     const uint8_t* b = row + blk * BYTES;
     scale[0] = half_at(b);
     min[0] = MIN ? half_at(b + 2) : 0.f;
@@ -158,7 +173,8 @@ struct Q5Legacy {
 struct Q8_0 {  // d, qs[32] int8; w = d*q
   static constexpr int ID = 8, QK = 32, BYTES = 34, SUB = 32;
   static constexpr bool HAS_MIN = false;
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     const uint8_t* b = row + blk * BYTES;
     scale[0] = half_at(b);
     min[0] = 0.f;
@@ -181,12 +197,18 @@ struct Q8_0 {  // d, qs[32] int8; w = d*q
 struct Q2_K {  // scales[16] (lo nibble scale, hi nibble min), qs[64], d, dmin; sub-blocks of 16
   static constexpr int ID = 10, QK = 256, BYTES = 84, SUB = 16;
   static constexpr bool HAS_MIN = true;
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     const uint8_t* b = row + blk * BYTES;
     const float d = half_at(b + 80), dmin = half_at(b + 82);
+    uint8_t sc[16], mn[16];
     for (int j = 0; j < 16; ++j) {
-      scale[j] = d * float(b[j] & 15);
-      min[j] = -(dmin * float(b[j] >> 4));
+      sc[j] = b[j] & 15;
+      mn[j] = b[j] >> 4;
+    }
+    for (int h = 0; h < 16; h += 8) {
+      scaled_bytes8(sc + h, d, scale + h);
+      scaled_bytes8(mn + h, -dmin, min + h);
     }
   }
   // Element 128h + 32s + l is bits [2s, 2s+2) of qs[32h + l].
@@ -208,16 +230,20 @@ struct Q2_K {  // scales[16] (lo nibble scale, hi nibble min), qs[64], d, dmin; 
 struct Q3_K {  // hmask[32], qs[64], scales[12] (16 x 6 bit, offset 32), d; sub-blocks of 16
   static constexpr int ID = 11, QK = 256, BYTES = 110, SUB = 16;
   static constexpr bool HAS_MIN = false;
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     const uint8_t* b = row + blk * BYTES;
     const uint8_t* sc = b + 96;
     const float d = half_at(b + 108);
+    uint8_t v[16];
     for (int i = 0; i < 16; ++i) {
       const int low = i < 8 ? (sc[i] & 15) : (sc[i - 8] >> 4);
       const int high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-      scale[i] = d * float((low | (high << 4)) - 32);
-      min[i] = 0.f;
+      v[i] = uint8_t((low | (high << 4)) - 32);   // as int8: -32..31
     }
+    scaled_bytes8<true>(v, d, scale);
+    scaled_bytes8<true>(v + 8, d, scale + 8);
+    std::memset(min, 0, 16 * sizeof(float));
   }
   // Element 32c + l (c = 4h + s): low bits [2s, 2s+2) of qs[32h + l]; bit c of hmask[l] set
   // means no -4 offset, i.e. q = (low | hbit << 2) - 4.
@@ -241,25 +267,29 @@ struct Q3_K {  // hmask[32], qs[64], scales[12] (16 x 6 bit, offset 32), d; sub-
 #endif
 };
 
-// The 12-byte packing of eight 6-bit scales and eight 6-bit mins shared by Q4_K and Q5_K.
-inline void k_scales(const uint8_t* b, float* scale, float* min) {
+// The 12-byte packing of eight 6-bit scales and eight 6-bit mins shared by Q4_K and Q5_K:
+// bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of scales 4-7, bytes 4-7 the same
+// for the mins, bytes 8-11 the low 4 bits of scales 4-7 (low nibble) and mins 4-7 (high nibble).
+// Unpacked four at a time in 32-bit words.
+inline void k_scales(const uint8_t* b, float* __restrict__ scale, float* __restrict__ min) {
   const float d = half_at(b), dmin = half_at(b + 2);
-  const uint8_t* p = b + 4;
-  for (int k = 0; k < 4; ++k) {
-    const int sc_lo = p[k] & 63, mn_lo = p[4 + k] & 63;
-    const int sc_hi = (p[8 + k] & 15) | ((p[k] >> 6) << 4);
-    const int mn_hi = (p[8 + k] >> 4) | ((p[4 + k] >> 6) << 4);
-    scale[k] = d * float(sc_lo);
-    scale[4 + k] = d * float(sc_hi);
-    min[k] = -(dmin * float(mn_lo));
-    min[4 + k] = -(dmin * float(mn_hi));
-  }
+  const uint32_t p0 = u32_at(b + 4), p1 = u32_at(b + 8), p2 = u32_at(b + 12);
+  const uint32_t words[4] = {
+      p0 & 0x3F3F3F3Fu,                                                   // scales 0-3
+      (p2 & 0x0F0F0F0Fu) | (((p0 >> 6) & 0x03030303u) << 4),               // scales 4-7
+      p1 & 0x3F3F3F3Fu,                                                   // mins 0-3
+      ((p2 >> 4) & 0x0F0F0F0Fu) | (((p1 >> 6) & 0x03030303u) << 4)};      // mins 4-7
+  uint8_t v[16];
+  std::memcpy(v, words, 16);
+  scaled_bytes8(v, d, scale);
+  scaled_bytes8(v + 8, -dmin, min);   // -(dmin * m): negating dmin first rounds identically
 }
 
 struct Q4_K {  // d, dmin, scales[12], qs[128]; sub-blocks of 32
   static constexpr int ID = 12, QK = 256, BYTES = 144, SUB = 32;
   static constexpr bool HAS_MIN = true;
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     k_scales(row + blk * BYTES, scale, min);
   }
   // Sub-block c: the low (c even) or high (c odd) nibbles of qs[32 (c/2) ...+32].
@@ -283,7 +313,8 @@ struct Q4_K {  // d, dmin, scales[12], qs[128]; sub-blocks of 32
 struct Q5_K {  // d, dmin, scales[12], qh[32], qs[128]; the fifth bit of sub-block c is bit c of qh
   static constexpr int ID = 13, QK = 256, BYTES = 176, SUB = 32;
   static constexpr bool HAS_MIN = true;
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     k_scales(row + blk * BYTES, scale, min);
   }
   static void values(const uint8_t* row, int64_t blk, int64_t, int16_t* __restrict__ q) {
@@ -309,13 +340,13 @@ struct Q5_K {  // d, dmin, scales[12], qh[32], qs[128]; the fifth bit of sub-blo
 struct Q6_K {  // ql[128], qh[64], scales[16] int8, d; sub-blocks of 16; w = d*sc*(q-32)
   static constexpr int ID = 14, QK = 256, BYTES = 210, SUB = 16;
   static constexpr bool HAS_MIN = false;
-  static void scales(const uint8_t* row, int64_t blk, int64_t, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t, float* __restrict__ scale,
+                     float* __restrict__ min) {
     const uint8_t* b = row + blk * BYTES;
     const float d = half_at(b + 208);
-    for (int j = 0; j < 16; ++j) {
-      scale[j] = d * float(int8_t(b[192 + j]));
-      min[j] = 0.f;
-    }
+    scaled_bytes8<true>(b + 192, d, scale);
+    scaled_bytes8<true>(b + 200, d, scale + 8);
+    std::memset(min, 0, 16 * sizeof(float));
   }
   // Element 32c + l (c = 4h + t): nibble t/2 of ql[64h + 32(t%2) + l] and bits [2t, 2t+2) of
   // qh[32h + l] as bits 4-5.
@@ -375,7 +406,8 @@ struct Planar {
     for (int f = 0; f < FIELDS; ++f) std::memcpy(b + 2 * f, field(row, nb, f) + blk * 2, 2);
     std::memcpy(b + HEADER, qs(row, blk), QSB);
   }
-  static void scales(const uint8_t* row, int64_t blk, int64_t nb, float* scale, float* min) {
+  static void scales(const uint8_t* row, int64_t blk, int64_t nb, float* __restrict__ scale,
+                     float* __restrict__ min) {
     uint8_t b[BYTES];
     native_block(row, blk, nb, b);
     Base::scales(b, 0, 1, scale, min);

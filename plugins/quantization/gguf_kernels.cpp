@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "gguf_formats.h"
@@ -104,15 +105,39 @@ void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
   }
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    __m256 acc0[MT], acc1[MT];
+    __m256 acc0[MT], acc1[MT], vmin[MT];
     float macc[MT];
     for (int m = 0; m < MT; ++m) {
-      acc0[m] = acc1[m] = _mm256_setzero_ps();
+      acc0[m] = acc1[m] = vmin[m] = _mm256_setzero_ps();
       macc[m] = 0.f;
     }
     auto block = [&](int64_t blk, __m256 (&even)[MT], __m256 (&odd)[MT]) {
-      float scale[PER], min[PER];
+      alignas(32) float scale[PER], min[PER];
+      alignas(32) float f[MT][PER];   // scale_w * d_x per sub-block
       F::scales(row, blk, blocks, scale, min);
+      if constexpr (PER == 1) {
+        for (int m = 0; m < MT; ++m) {
+          f[m][0] = scale[0] * dx[m][blk];
+          if constexpr (F::HAS_MIN) macc[m] += min[0] * xs[m][blk];
+        }
+      } else {  // a 256-element super-block: 8 activation scales, 8 or 16 weight scales
+        for (int m = 0; m < MT; ++m) {
+          const __m256 d8 = _mm256_loadu_ps(dx[m] + blk * CH);
+          if constexpr (F::SUB == 32) {
+            _mm256_store_ps(f[m], _mm256_mul_ps(_mm256_load_ps(scale), d8));
+          } else {  // sub-blocks of 16: activation scale j/2 for weight scale j
+            const __m256 lo = _mm256_permutevar8x32_ps(d8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+            const __m256 hi = _mm256_permutevar8x32_ps(d8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+            _mm256_store_ps(f[m], _mm256_mul_ps(_mm256_load_ps(scale), lo));
+            _mm256_store_ps(f[m] + 8, _mm256_mul_ps(_mm256_load_ps(scale + 8), hi));
+          }
+          if constexpr (F::HAS_MIN)
+            for (int s = 0; s < PER; s += 8)
+              vmin[m] = _mm256_fmadd_ps(_mm256_load_ps(min + s),
+                                        _mm256_loadu_ps(xs[m] + blk * PER + s), vmin[m]);
+        }
+      }
+#pragma GCC unroll 8
       for (int c = 0; c < CH; ++c) {
         __m256i w0, w1;
         F::unpack(row, blk, blocks, c, w0, w1);
@@ -121,22 +146,18 @@ void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
           const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(xq[m] + e)));
           const __m256i p1 =
               _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xq[m] + e + 16)));
-          const float d = dx[m][e / 32];
           if constexpr (F::SUB == 32) {
             __m256& acc = (c % 2 == 0) ? even[m] : odd[m];
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
-                                  _mm256_set1_ps(scale[c] * d), acc);
+                                  _mm256_broadcast_ss(&f[m][c]), acc);
           } else {
-            even[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(scale[2 * c] * d),
+            even[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(&f[m][2 * c]),
                                       even[m]);
-            odd[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1),
-                                     _mm256_set1_ps(scale[2 * c + 1] * d), odd[m]);
+            odd[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(&f[m][2 * c + 1]),
+                                     odd[m]);
           }
         }
       }
-      if constexpr (F::HAS_MIN)
-        for (int m = 0; m < MT; ++m)
-          for (int s = 0; s < PER; ++s) macc[m] += min[s] * xs[m][blk * PER + s];
     };
     int64_t blk = 0;
     for (; blk + 1 < blocks; blk += 2) {
@@ -145,7 +166,8 @@ void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
     }
     if (blk < blocks) block(blk, acc0, acc1);
     for (int m = 0; m < MT; ++m)
-      out[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + macc[m];
+      out[(m0 + m) * N + n] =
+          hsum(_mm256_add_ps(_mm256_add_ps(acc0[m], acc1[m]), vmin[m])) + macc[m];
   }
 }
 
@@ -279,7 +301,8 @@ void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
 // ---- dequantization ---------------------------------------------------------------------------
 
 template <class F, class T>
-void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K, T* out) {
+void dequant_rows_portable(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
+                           T* out) {
   constexpr int PER = F::QK / F::SUB;
   int16_t q[F::QK];
   float scale[PER], min[PER];
@@ -295,6 +318,63 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, i
       }
     }
   }
+}
+
+#ifdef KVYARD_AVX2
+// 16 int16 lanes -> q * scale (+ min) as 16 floats at o; mul then add, as gguf.quants rounds.
+template <bool HAS_MIN>
+inline void store_dequant16(__m256i q, float scale, float min, float* o) {
+  const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
+  __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q))), s);
+  __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(q, 1))), s);
+  if constexpr (HAS_MIN) {
+    lo = _mm256_add_ps(lo, m);
+    hi = _mm256_add_ps(hi, m);
+  }
+  _mm256_storeu_ps(o, lo);
+  _mm256_storeu_ps(o + 8, hi);
+}
+
+template <class F>
+void dequant_rows_avx2(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
+                       float* out) {
+  constexpr int PER = F::QK / F::SUB, CH = F::QK / 32;
+  const int64_t nb = K / F::QK;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      float* o = out + (n - n0) * K + blk * F::QK;
+      __m256i w0, w1;
+      if constexpr (is_planar<F>) {   // one 32-block: w = d * (u - OFFSET) (+ m)
+        unpack_planar<F>(row, blk, nb, w0, w1);
+        const __m256i off = _mm256_set1_epi16(F::OFFSET);
+        const float d = half_at(F::field(row, nb, 0) + blk * 2);
+        const float m = F::MIN_FIELD >= 0 ? half_at(F::field(row, nb, F::MIN_FIELD) + blk * 2) : 0.f;
+        store_dequant16<F::HAS_MIN>(_mm256_sub_epi16(w0, off), d, m, o);
+        store_dequant16<F::HAS_MIN>(_mm256_sub_epi16(w1, off), d, m, o + 16);
+      } else {
+        alignas(32) float scale[PER], min[PER];
+        F::scales(row, blk, nb, scale, min);
+#pragma GCC unroll 8
+        for (int c = 0; c < CH; ++c) {
+          F::unpack(row, blk, nb, c, w0, w1);
+          const int s0 = F::SUB == 32 ? c : 2 * c, s1 = F::SUB == 32 ? c : 2 * c + 1;
+          store_dequant16<F::HAS_MIN>(w0, scale[s0], min[s0], o + c * 32);
+          store_dequant16<F::HAS_MIN>(w1, scale[s1], min[s1], o + c * 32 + 16);
+        }
+      }
+    }
+  }
+}
+#endif
+
+// Rows [n0, n1) dequantized into out [n1 - n0, K].
+template <class F, class T>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K, T* out) {
+#ifdef KVYARD_AVX2
+  if constexpr (std::is_same_v<T, float>) return dequant_rows_avx2<F>(w, row_bytes, n0, n1, K, out);
+#endif
+  dequant_rows_portable<F, T>(w, row_bytes, n0, n1, K, out);
 }
 
 template <class F>
