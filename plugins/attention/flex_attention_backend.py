@@ -42,8 +42,17 @@ class FlexMetadata:
 
 def doc_causal_mask_mod(q_doc: torch.Tensor, q_pos: torch.Tensor, kv_doc: torch.Tensor,
                         kv_pos: torch.Tensor) -> Callable:
+    """The mask from per-row (request, position) vectors: O(T + L) memory (compiled kernels)."""
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_doc[q_idx] == kv_doc[kv_idx]) & (kv_pos[kv_idx] <= q_pos[q_idx])
+    return mask_mod
+
+
+def dense_mask_mod(allowed: torch.Tensor) -> Callable:
+    """The mask as one lookup in allowed [T, L]: 3x cheaper than the vector form in the eager
+    (CPU) path, which evaluates the mask over the whole [T, L] grid in every layer."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed[q_idx, kv_idx]
     return mask_mod
 
 
@@ -75,7 +84,8 @@ class FlexAttentionBackend(AttentionBackend):
 
     def __init__(self, config: AttentionConfig):
         super().__init__(config)
-        if str(config.device).startswith("cuda"):
+        self.compiled = str(config.device).startswith("cuda")
+        if self.compiled:
             self._attend = torch.compile(flex_attention, dynamic=True)
         else:
             # the eager path is the deliberate choice on the CPU: silence torch's hint to compile
@@ -100,7 +110,10 @@ class FlexAttentionBackend(AttentionBackend):
         # query j of request b sits at position (seq_len_b - new_b) + j
         q_pos = (lens - q_counts).repeat_interleave(q_counts) + torch.arange(q_doc.numel(), device=dev) - q_starts
         allowed = (q_doc[:, None] == kv_doc[None, :]) & (kv_pos[None, :] <= q_pos[:, None])
-        mask_mod = doc_causal_mask_mod(q_doc, q_pos, kv_doc, kv_pos)
+        if self.compiled:
+            mask_mod = doc_causal_mask_mod(q_doc, q_pos, kv_doc, kv_pos)
+        else:
+            mask_mod = dense_mask_mod(allowed)
         fb.attn_metadata = FlexMetadata(kv_slots, block_mask_from_dense(allowed, mask_mod))
 
     # -- attention ---------------------------------------------------------------------------

@@ -37,14 +37,17 @@ def new_request(kv, cached, new, heads, dim, dtype):
     return seq, torch.randn(new, heads, dim).to(dtype), k_all, v_all
 
 
-@pytest.mark.parametrize("page_size,group,head_dim,dtype", [
-    (1, 1, 64, torch.float32), (16, 3, 128, torch.float32), (16, 8, 64, torch.bfloat16)])
-def test_extend_and_decode_match_dense(page_size, group, head_dim, dtype):
+@pytest.mark.parametrize("page_size,group,head_dim,dtype,mask_form", [
+    (1, 1, 64, torch.float32, "dense"), (16, 3, 128, torch.float32, "dense"),
+    (16, 8, 64, torch.bfloat16, "dense"), (16, 3, 64, torch.float32, "vectors")])
+def test_extend_and_decode_match_dense(page_size, group, head_dim, dtype, mask_form):
     torch.manual_seed(page_size + group + head_dim)
     heads = KV_HEADS * group
     kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=head_dim, num_pages=1024 // page_size,
                  page_size=page_size, dtype=dtype, seed=page_size)
     backend = make_backend(kv, heads, head_dim)
+    if mask_form == "vectors":    # the CUDA path's mask_mod, run eagerly here
+        backend.compiled = True
     layer = Attention(layer_id=0, num_heads=heads, num_kv_heads=KV_HEADS, head_dim=head_dim)
     harness = Harness(model=None, backend=backend, kv=kv)
     # mixed batch; the last request spans two query tiles and several key tiles
