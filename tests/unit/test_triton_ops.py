@@ -145,3 +145,59 @@ def test_kv_write_scatters_rows_into_slots(pool_dtype, act_dtype):
         exact = dict(rtol=0, atol=0) if pool_dtype == act_dtype else TOL[pool_dtype]  # a cast rounds
         torch.testing.assert_close(b, a, **exact)
     assert pools[1].k_buffer(0).abs().sum() == 0           # other layers untouched
+
+
+# -- every fused op inside a model ----------------------------------------------------------------
+def test_tiny_llama_with_every_fused_op_matches_the_torch_path(monkeypatch):
+    import transformers
+    from forward_harness import Harness, PagedKV
+    from kvyard.model_base import ModelBuildContext
+    from kvyard.plugins import PluginManager
+    import kvyard_plugins.attention.torch_native as torch_native_plugin
+    import kvyard_plugins.models.llama as llama_plugin
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
+                                   max_position_embeddings=128, initializer_range=0.1,
+                                   rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    pm = PluginManager(autoload=False)
+    pm.add_plugin(llama_plugin)
+    pm.add_plugin(torch_native_plugin)
+    model = pm.registry("model_architectures").get("LlamaForCausalLM")(cfg, ModelBuildContext(torch.float32, "cpu"))
+    model.load_weights(hf.state_dict().items())
+
+    def generate():
+        kv = PagedKV(2, 2, 16, num_pages=64, page_size=1)
+        backend = pm.registry("attention_backends").get("torch_native")(kv.backend_config(4, 16))
+        return Harness(model, backend, kv).generate([[5, 9, 2, 7], list(range(3, 14))], steps=3)
+
+    with force_triton(()):
+        expected = generate()
+    calls = count_fused_calls(monkeypatch)
+    with force_triton(kernels.OPS):
+        got = generate()
+    # per step: 2 layers x (2 norms, rotary, kv write, silu) + the final norm
+    assert calls == {"rmsnorm": 3 * 5, "apply_rotary": 3 * 2, "write_kv": 3 * 2, "silu_and_mul": 3 * 2}
+    assert got.tokens == expected.tokens
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def count_fused_calls(monkeypatch) -> dict:
+    """Counts the calls of each fused-kernel entry point (the layers import them per call)."""
+    from kvyard.triton_ops import activation, kv_write, rmsnorm, rotary
+
+    calls = {}
+    for module, name in ((rmsnorm, "rmsnorm"), (rotary, "apply_rotary"), (kv_write, "write_kv"),
+                         (activation, "silu_and_mul")):
+        original = getattr(module, name)
+        calls[name] = 0
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls
