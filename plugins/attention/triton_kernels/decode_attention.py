@@ -133,7 +133,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if batch == 0:
         return
     group = heads // kv_heads
-    block_d = triton.next_power_of_2(dim)
+    block_d = max(16, triton.next_power_of_2(dim))   # tl.dot needs K >= 16 on a GPU
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
         scaling * math.log2(math.e),

@@ -103,7 +103,7 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     batch = q_lens.shape[0]
     if batch == 0 or max_q_len <= 0:
         return
-    block_d = triton.next_power_of_2(dim)
+    block_d = max(16, triton.next_power_of_2(dim))   # tl.dot needs K >= 16 on a GPU
     block_m = 64
     block_n = 64 if block_d <= 64 else 32
     grid = (batch, heads, triton.cdiv(max_q_len, block_m))
