@@ -96,6 +96,8 @@ def test_dequantize_is_bit_exact_in_file_and_kernel_layouts(qtype):
     data, layout = gguf_kernels.prepare(w.data, qtype, cols)
     assert data.shape == w.data.shape
     assert torch.equal(gguf_kernels.dequantize(data, layout, cols), ref)
+    # bf16 written directly (the bf16-gemm tiles): round-to-nearest-even, as torch converts
+    assert torch.equal(gguf_kernels.dequantize(data, layout, cols, torch.bfloat16), ref.bfloat16())
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
