@@ -14,7 +14,7 @@ from starlette.requests import Request
 from kvyard.errors import RequestError
 from kvyard.server.context import ServerContext
 from kvyard.server.openai_format import (chat_logprobs, finish_reason_of, matched_stop, message_of_tool_call,
-                                         new_id, now, tool_call_dict, usage_of)
+                                         new_call_id, new_id, now, tool_call_dict, usage_of)
 from kvyard.server.openai_params import (chat_max_tokens, check_top_logprobs, native_request,
                                          reject_structured_output)
 from kvyard.server.protocol import ChatCompletionRequest, ChatMessage
@@ -182,7 +182,7 @@ class _ChoiceStreamParser:
 
     def _call_delta(self, call) -> dict:
         if call.name is not None:
-            self.call_ids.setdefault(call.tool_index, new_id("call"))
+            self.call_ids.setdefault(call.tool_index, new_call_id())
         return tool_call_dict(call, self.call_ids.get(call.tool_index), index=call.tool_index)
 
 

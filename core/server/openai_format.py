@@ -17,6 +17,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"  # OpenAI's shape of tool call ids
+
+
 def now() -> int:
     return int(time.time())
 
@@ -80,7 +84,7 @@ def tool_call_dict(call, call_id: Optional[str] = None, index: Optional[int] = N
     if index is not None:
         out["index"] = index
     if call.name is not None:
-        out.update(id=call_id or new_id("call"), type="function")
+        out.update(id=call_id or new_call_id(), type="function")
     return out
 
 

@@ -96,3 +96,44 @@ def test_api_key_and_error_bodies(app_ctx):
     assert r.status_code == 400 and "skip-tokenizer-init" in r.json()["error"]["message"]
     r = client.post("/v1/completions", headers=key, json={"prompt": "hi", "max_tokens": "many"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+# -- chat output parsing (tool calls, reasoning) on fixed texts ---------------------------------
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOL_TEXT = ('<think>The user wants weather.</think>Checking. <tool_call>\n'
+             '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+
+
+def _plan():
+    from kvyard.server.openai_chat import ChatPlan
+    return ChatPlan(id="chatcmpl-x", created=0, n=1, logprobs=False, tools=TOOLS, tool_call_parser="qwen25",
+                    reasoning_parser="deepseek-r1", stream_reasoning=True)
+
+
+def test_chat_choice_splits_reasoning_and_tool_calls():
+    from kvyard.server.openai_chat import _choice
+
+    out = {"text": TOOL_TEXT, "output_ids": [], "meta_info": {"finish_reason": {"type": "stop", "matched": 2}}}
+    choice = _choice(_plan(), 0, out)
+    message = choice["message"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert message["reasoning_content"] == "The user wants weather."
+    assert message["content"].strip() == "Checking."
+    call = message["tool_calls"][0]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"} and call["id"].startswith("call_")
+
+
+def test_chat_stream_deltas_add_up_to_the_non_stream_message():
+    from kvyard.server.openai_chat import _ChoiceStreamParser
+
+    parser = _ChoiceStreamParser(_plan())
+    pieces = [TOOL_TEXT[i:i + 7] for i in range(0, len(TOOL_TEXT), 7)]
+    deltas = [parser.delta(p, final=(i == len(pieces) - 1)) for i, p in enumerate(pieces)]
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    content = "".join(d.get("content", "") for d in deltas)
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert reasoning == "The user wants weather." and content.strip() == "Checking."
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["index"] == 0 and "id" in calls[0]
+    args = "".join(c["function"]["arguments"] for c in calls)
+    assert json.loads(args) == {"city": "Paris"} and parser.saw_calls
