@@ -17,6 +17,7 @@ the fused Triton write on CUDA (kvyard.kernels).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -60,7 +61,17 @@ class TritonAttnBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graph = True
 
+    @classmethod
+    def is_available(cls, device: str) -> bool:
+        """CUDA, or the CPU under the Triton interpreter (TRITON_INTERPRET=1: slow, for tests)."""
+        if torch.device(device).type == "cuda":
+            return torch.cuda.is_available()
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
     def __init__(self, config: AttentionConfig):
+        if not self.is_available(config.device):
+            raise ValueError(f"attention backend 'triton' cannot run on {config.device!r}: it needs a CUDA "
+                             "device, or TRITON_INTERPRET=1 for the (slow) CPU interpreter")
         super().__init__(config)
         self.num_kv_splits, self.reduce_in_fp32 = read_options(config.options)
         self.mid_dtype = torch.float32 if self.reduce_in_fp32 else config.dtype

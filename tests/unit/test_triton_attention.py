@@ -182,6 +182,13 @@ def test_options_are_checked():
     assert backend.mid_dtype == torch.float32 and backend.num_kv_splits == 8
 
 
+def test_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=64, num_pages=4)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        make_backend(kv, KV_HEADS, 64)
+
+
 def test_cuda_graph_hooks_use_preallocated_views():
     kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=64, num_pages=64)
     backend = make_backend(kv, KV_HEADS, 64)
