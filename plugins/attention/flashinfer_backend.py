@@ -17,7 +17,7 @@ buffers) before the graph replays. Padded rows (req_to_token row 0, seq_len 1) r
 Options (AttentionConfig.options):
   flashinfer_prefill_backend     fa2 (default) | fa3 | auto   the library's extend kernels
   flashinfer_decode_tensor_cores None (default: when H / Hkv >= 4) | True | False
-  flashinfer_workspace_mb        float workspace of the split-KV kernels (default 128)
+  flashinfer_workspace_mb        float workspace of the split-KV kernels (default 384)
 flashinfer is imported by the constructor, never at module import; without the library or a
 CUDA device the constructor fails with one line (UNAVAILABLE).
 """
@@ -61,7 +61,7 @@ def load_flashinfer(device: str) -> ModuleType:
 class FlashInferOptions:
     prefill_backend: str = "fa2"
     decode_tensor_cores: Optional[bool] = None
-    workspace_mb: int = 128
+    workspace_mb: int = 384
 
     @classmethod
     def from_options(cls, options: dict) -> "FlashInferOptions":
