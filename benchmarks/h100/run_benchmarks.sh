@@ -5,7 +5,8 @@
 #
 # PART (run in the order given; each prints one status line, its numbers go to results.jsonl):
 #   fi-tests    tests/gpu/test_flashinfer.py (the flashinfer plugin with the real library)
-#   gpu-tests   tests/gpu/run_all.sh (the GPU-code issue's suite), when it exists
+#   gpu-tests   tests/gpu/run_all.sh (the GPU-code issue's suite: every plugin, graphs on/off; it
+#               includes the flashinfer file too unless SUITES="kernels engine core-cuda")
 #   decode      batch-1 decode, 128 in / 256 out, Llama-3.1-8B and SmolLM2-135M shapes, every backend
 #   prefill     batch 64 x 1024-token prefill, Llama-3.1-8B shape, every backend
 #   compare     the same workloads through `kvyard bench offline --compare-hf` (transformers in the
@@ -121,7 +122,10 @@ part_fi_tests() {
 }
 
 part_gpu_tests() {
-    if [ -f tests/gpu/run_all.sh ]; then step gpu-tests 480 bash tests/gpu/run_all.sh; tail -n 30 "$LOGS/gpu-tests.log"
+    # its per-suite logs and JUnit files go into logs.tar.gz ($OUT returns 8 files at most)
+    if [ -f tests/gpu/run_all.sh ]; then
+        step gpu-tests 560 env OUT="$LOGS/gpu" bash tests/gpu/run_all.sh
+        tail -n 40 "$LOGS/gpu-tests.log"
     else echo "gpu-tests: SKIPPED (tests/gpu/run_all.sh does not exist)" | tee -a "$OUT/steps.txt"; fi
 }
 
