@@ -70,9 +70,10 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 GRID = [(1, 1, 64), (16, 3, 64), (16, 4, 128), (1, 4, 128), (16, 1, 128)]  # (page, group, head_dim)
+GRID_IDS = [f"flashinfer-page{p}-group{g}-dim{d}" for p, g, d in GRID]   # tests/gpu/summarize.py groups by plugin
 
 
-@pytest.mark.parametrize("page_size,group,dim", GRID)
+@pytest.mark.parametrize("page_size,group,dim", GRID, ids=GRID_IDS)
 def test_extend_on_cached_prefixes_matches_torch_native(page_size, group, dim):
     torch.manual_seed(page_size + group + dim)
     heads = KV_HEADS * group
@@ -89,7 +90,7 @@ def test_extend_on_cached_prefixes_matches_torch_native(page_size, group, dim):
     assert max_err(got, want) < TOL
 
 
-@pytest.mark.parametrize("page_size,group,dim", GRID)
+@pytest.mark.parametrize("page_size,group,dim", GRID, ids=GRID_IDS)
 def test_decode_matches_torch_native(page_size, group, dim):
     torch.manual_seed(3 * page_size + group + dim)
     heads = KV_HEADS * group
@@ -104,7 +105,7 @@ def test_decode_matches_torch_native(page_size, group, dim):
     assert max_err(attend(flash, fb, layer, q, k, v), attend(native, fb, layer, q, k, v)) < TOL
 
 
-@pytest.mark.parametrize("page_size,group", [(1, 3), (16, 4)])
+@pytest.mark.parametrize("page_size,group", [(1, 3), (16, 4)], ids=["flashinfer-page1", "flashinfer-page16"])
 def test_decode_graph_replays_a_new_batch(page_size, group):
     """Capture one layer's decode for a padded bucket of 8, replay it on other requests."""
     torch.manual_seed(11 + page_size)
@@ -190,9 +191,9 @@ def near_argmax_violations(hf_model, prompt: list[int], output: list[int]) -> li
 
 
 ENGINE_CASES = {
-    "graphs": dict(),
-    "eager-chunked": dict(disable_cuda_graph=True, chunked_prefill_size=16),
-    "page16": dict(page_size=16),
+    "flashinfer-graphs": dict(),
+    "flashinfer-no-graphs-chunked": dict(disable_cuda_graph=True, chunked_prefill_size=16),
+    "flashinfer-page16": dict(page_size=16),
 }
 
 
