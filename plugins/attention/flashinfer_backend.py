@@ -52,8 +52,9 @@ def load_flashinfer(device: str) -> ModuleType:
         raise ValueError(f"{UNAVAILABLE}; torch sees no CUDA device")
     try:
         import flashinfer
-    except ImportError as exc:
-        raise ValueError(f"{UNAVAILABLE}; importing it failed: {exc}") from exc
+    except Exception as exc:  # ImportError, or a broken install failing inside its import
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise ValueError(f"{UNAVAILABLE}; importing it failed: {type(exc).__name__}: {first_line}") from exc
     return flashinfer
 
 
