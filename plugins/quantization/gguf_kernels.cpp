@@ -14,6 +14,7 @@
 // The block formats live in gguf_formats.h. Dequantization reproduces gguf.quants.dequantize
 // bit for bit (built with -ffp-contract=off, so q*scale+min rounds twice as numpy does).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -455,7 +456,11 @@ at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int
     check_weight<F>(w, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const int64_t chunks = (N + CHUNK - 1) / CHUNK;
+    // The pool's threads do not inherit the caller's inference mode; the tensor ops below
+    // (an in-place copy into `out`, an inference tensor under torch.inference_mode) need it.
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      at::ThreadLocalStateGuard state_guard(caller_state);
       at::Tensor tile = at::empty({CHUNK, K}, xg.options());
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * CHUNK, rows = std::min(CHUNK, N - n0);

@@ -38,14 +38,17 @@ DENSE_MIN_M = 16     # M at which "dense" (dequantize + gemm) overtakes "int"
 PATHS = ("auto", "int", "dense")
 
 _state: dict[str, object] = {}
+_ops = None   # torch.ops.kvyard_gguf once loaded (looked up once: it sits on every forward)
 
 
 def load() -> None:
     """Builds/loads the library and registers the fake kernels; raises KernelBuildError."""
+    global _ops
     if "loaded" in _state:
         return
     gguf_build.load()
     _register_fakes()
+    _ops = torch.ops.kvyard_gguf
     _state["loaded"] = True
     _state["native_bf16"] = bool(torch.ops.kvyard_gguf.native_bf16())
 
@@ -90,13 +93,16 @@ def matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, in_features: int,
            bias: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:
     """y = x @ dequantize(data).T (+ bias): x [M, K] float32/bfloat16 -> [M, N] in x's dtype.
     ``qtype`` is a layout id: a ggml type id, or one returned by prepare()."""
-    if path not in PATHS:
-        raise ValueError(f"path={path!r}; valid: {', '.join(PATHS)}")
-    load()
-    if path == "int" or (path == "auto" and x.shape[0] < DENSE_MIN_M):
-        return torch.ops.kvyard_gguf.mm_int(x, data, int(qtype), in_features, bias)
-    bf16_gemm = x.dtype == torch.bfloat16 and bool(_state["native_bf16"])
-    return torch.ops.kvyard_gguf.mm_dense(x, data, int(qtype), in_features, bias, bf16_gemm)
+    if _ops is None:
+        load()
+    if path == "auto":
+        path = "int" if x.shape[0] < DENSE_MIN_M else "dense"
+    if path == "int":
+        return _ops.mm_int(x, data, qtype, in_features, bias)
+    if path == "dense":
+        bf16_gemm = x.dtype == torch.bfloat16 and bool(_state["native_bf16"])
+        return _ops.mm_dense(x, data, qtype, in_features, bias, bf16_gemm)
+    raise ValueError(f"path={path!r}; valid: {', '.join(PATHS)}")
 
 
 def dequantize(data: torch.Tensor, qtype: int, in_features: int,

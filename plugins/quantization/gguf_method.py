@@ -111,22 +111,27 @@ class GGUFLinearMethod(LinearMethod):
 
     # -- forward --------------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features] in x's dtype."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, layer.in_features)
+        """x [..., in_features] -> [..., out_features] in x's dtype. Kept lean: it runs for
+        every projection of every step."""
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, layer.in_features)
         if x2.dtype not in COMPUTE_DTYPES:
             x2 = x2.float()
-        single = len(layer.gguf_segments) == 1
-        outs = [self._segment(layer, seg, x2, layer.bias if single else None)
-                for seg in layer.gguf_segments]
-        y = outs[0] if single else torch.cat(outs, dim=-1)
-        if not single and layer.bias is not None:
-            y = y + layer.bias.to(y.dtype)
-        return y.reshape(*lead, layer.out_features).to(x.dtype)
+        segments = layer.gguf_segments
+        if len(segments) == 1:
+            y = self._segment(layer, segments[0], x2, layer.bias)
+        else:
+            y = torch.cat([self._segment(layer, seg, x2, None) for seg in segments], dim=-1)
+            if layer.bias is not None:
+                y = y + layer.bias.to(y.dtype)
+        if not flat:
+            y = y.reshape(*x.shape[:-1], layer.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def _segment(self, layer, seg: Segment, x2: torch.Tensor,
+    @staticmethod
+    def _segment(layer, seg: Segment, x2: torch.Tensor,
                  bias: Optional[torch.Tensor]) -> torch.Tensor:
-        weight = getattr(layer, seg.buffer)
+        weight = layer._buffers[seg.buffer]     # direct: nn.Module.__getattr__ is slow
         if seg.kernel_qtype is None:
             return F.linear(x2, weight.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
         return gguf_kernels.matmul(x2, weight, seg.kernel_qtype, layer.in_features, bias)

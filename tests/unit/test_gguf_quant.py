@@ -135,6 +135,21 @@ def test_both_paths_agree_for_every_activation_tile(qtype):
     assert relative_error(y, xb.double() @ reference(w).T) < 1e-2
 
 
+def test_runs_under_inference_mode():
+    """The dense path's worker threads must see the caller's inference mode (a model runs under
+    torch.inference_mode; its output tensors may not be written in place outside it)."""
+    w = quantized(Q.Q4_K, 300, 256)
+    layer = make_layer(256, 300, bias=True)
+    layer.load_shard(0, w)
+    layer.process_after_loading()
+    with torch.inference_mode():
+        for m in (1, 32):
+            x = torch.randn(m, 256)
+            ref = x.double() @ reference(w).T
+            path = "int" if m < gguf_kernels.DENSE_MIN_M else "dense"
+            assert relative_error(layer(x), ref) < TOLERANCE[(path, torch.float32)]
+
+
 def test_float16_activations_come_back_as_float16():
     w = quantized(Q.Q4_0, 16, 64)
     layer = make_layer(64, 16)
