@@ -29,7 +29,9 @@ class ServerContext:
 
     @property
     def model_name(self) -> str:
-        return self.args.served_model_name or self.args.model_path
+        """--served-model-name, else the model path the server started with (a later
+        /update_weights_from_disk does not rename the model)."""
+        return self.args.served_model_name or self.engine.args.model_path
 
     @property
     def is_generation(self) -> bool:
