@@ -150,6 +150,17 @@ def test_runs_under_inference_mode():
             assert relative_error(layer(x), ref) < TOLERANCE[(path, torch.float32)]
 
 
+def test_torch_compile_traces_the_kernels_without_graph_breaks():
+    w = quantized(Q.Q4_1, 32, 64)
+    layer = make_layer(64, 32, bias=True)
+    layer.load_shard(0, w)
+    layer.process_after_loading()
+    compiled = torch.compile(lambda x: torch.relu(layer(x)), fullgraph=True)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.allclose(compiled(x), torch.relu(layer(x)), atol=1e-5)
+
+
 def test_float16_activations_come_back_as_float16():
     w = quantized(Q.Q4_0, 16, 64)
     layer = make_layer(64, 16)
