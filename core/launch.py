@@ -90,9 +90,13 @@ def start_engine_process(args: ServerArgs) -> EngineProcess:
 
 
 def make_tokenizer_manager(ep: EngineProcess, on_finish=None):
+    from kvyard.grammar_manager import make_grammar_checker
     from kvyard.tokenizer_manager import TokenizerManager
 
     name = ep.args.served_model_name or ep.args.model_path
+    grammar_checker = make_grammar_checker(ep.args.grammar_backend, ep.info["vocab_size"],
+                                           ep.args.constrained_json_whitespace_pattern, ep.tokenizer is not None)
     return TokenizerManager(ep.tokenizer, ep.info, ep.send_addr, ep.recv_addr, ep.is_alive,
                             random_seed=ep.args.random_seed, allow_auto_truncate=ep.args.allow_auto_truncate,
-                            model_name=name, on_finish=on_finish, log_requests=ep.args.log_requests)
+                            model_name=name, on_finish=on_finish, log_requests=ep.args.log_requests,
+                            grammar_checker=grammar_checker)

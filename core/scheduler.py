@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from kvyard.forward_batch import ForwardMode
+from kvyard.grammar import GrammarError, grammar_spec
 from kvyard.io_struct import ReqUpdate, TokenizedGenerateReq
 from kvyard.mem_cache.chunk_cache import ChunkCache
 from kvyard.mem_cache.integrity import check_kv_integrity
@@ -27,6 +28,8 @@ from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
+
+GRAMMAR_WAIT_S = 0.01  # idle wait for a compiling grammar when nothing else can run
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,9 @@ class SchedulerConfig:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, runner, eos_token_ids: list[int],
-                 tokenizer_factory: Callable[[], object] | None = None):
+                 tokenizer_factory: Callable[[], object] | None = None, grammar=None):
         self.config = config
+        self.grammar = grammar  # kvyard.grammar_manager.GrammarManager, None when grammars are off
         self.runner = runner
         self.allocator = runner.allocator
         self.req_to_token = runner.req_to_token
@@ -79,6 +83,8 @@ class Scheduler:
         if problem:
             req.finished_reason = FinishReason("abort", message=problem)
             return self._update(req)
+        if self.grammar is not None:
+            self.grammar.start(req)  # compiles off the critical path; the request waits meanwhile
         self.waiting.append(req)
         return None
 
@@ -90,6 +96,8 @@ class Scheduler:
             return f"input_ids: the prompt has {n} tokens; the context length is {self.config.context_length}"
         if n + 1 > self.runner.max_total_tokens:
             return f"input_ids: the prompt has {n} tokens; the KV pool holds {self.runner.max_total_tokens}"
+        if self.grammar is None and grammar_spec(req.sampling_params) is not None:
+            return f"{grammar_spec(req.sampling_params)[0]}: structured output is disabled (--grammar-backend none)"
         return None
 
     def abort(self, rid: str) -> list[ReqUpdate]:
@@ -123,7 +131,11 @@ class Scheduler:
     def step(self) -> list[ReqUpdate]:
         batch = self._schedule_extend() or self._schedule_decode()
         if batch is None:
-            return []
+            if self.grammar is not None and self.waiting:
+                self.grammar.wait_for_compile(GRAMMAR_WAIT_S)
+            return self._drain_pending()
+        if self.grammar is not None:
+            self.grammar.apply_masks(batch)
         result = self.runner.forward(batch)
         updates = self._process(batch, result)
         if self.config.debug_kv_integrity:
@@ -150,6 +162,8 @@ class Scheduler:
                 break
             if batch.reqs and batch.reqs[0].embed != req.embed:
                 break  # embedding and generation requests do not share a batch
+            if not self._grammar_ready(req):
+                continue
             need = self._extend_need(req)
             if need > free_budget and (batch.reqs or self.running):
                 break  # admitting it would only force retractions of the running requests
@@ -162,6 +176,19 @@ class Scheduler:
             budget -= used
             free_budget -= need
         return batch.finish(self) if batch.reqs else None
+
+    def _grammar_ready(self, req: Req) -> bool:
+        """False while the request's grammar compiles (it keeps its place in the queue); a
+        grammar that failed to compile aborts the request."""
+        if req.grammar is None:
+            return True
+        try:
+            return self.grammar.activate(req)
+        except GrammarError as exc:
+            self.waiting.remove(req)
+            req.finished_reason = FinishReason("abort", message=str(exc))
+            self._pending_updates.append(self._update(req))
+            return False
 
     def _peek_match(self, req: Req):
         m = self.cache.match_prefix(self._match_key(req))
@@ -292,6 +319,8 @@ class Scheduler:
                 if result.top_logprobs is not None:
                     req.output_top_logprobs.append(result.top_logprobs[k])
             req.finished_reason = self.stop_checker.check(req, self.config.context_length)
+            if req.grammar is not None:
+                req.finished_reason = self.grammar.after_token(req, token, req.finished_reason)
         for i, req in enumerate(batch.reqs):
             if i not in sampled:  # a chunk of a longer prefill: keep going next step
                 self.cache.cache_unfinished_req(req)

@@ -26,6 +26,7 @@ IDLE_POLL_MS = 50
 
 def build_scheduler(args, tokenizer_factory=None):
     """ModelRunner + Scheduler from ServerArgs (also used in-process by tests and benchmarks)."""
+    from kvyard.grammar_manager import load_once, make_grammar_manager
     from kvyard.model_runner import ModelRunner, RunnerConfig
     from kvyard.scheduler import Scheduler, SchedulerConfig
 
@@ -39,7 +40,10 @@ def build_scheduler(args, tokenizer_factory=None):
         disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval,
         random_seed=args.random_seed, debug_kv_integrity=args.debug_kv_integrity,
         max_queued_requests=args.max_queued_requests)
-    return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory)
+    tokenizer_factory = load_once(tokenizer_factory)  # shared by the stop checker and the grammars
+    grammar = make_grammar_manager(args.grammar_backend, mc.vocab_size, mc.eos_token_ids, tokenizer_factory,
+                                   args.constrained_json_whitespace_pattern)
+    return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory, grammar=grammar)
 
 
 def runner_config(args):

@@ -87,6 +87,8 @@ class ServerArgs:
     # -- parsers and grammar ------------------------------------------------------------
     tool_call_parser: Optional[str] = _f(None, "tool-call parser", "parsers", registry="tool_call_parsers")
     reasoning_parser: Optional[str] = _f(None, "reasoning parser", "parsers", registry="reasoning_parsers")
+    grammar_backend: str = _f("xgrammar", "structured-output (grammar) backend; none disables json_schema/regex/ebnf", "parsers", registry="grammar_backends", allow=("none",))
+    constrained_json_whitespace_pattern: Optional[str] = _f(None, "regex of the whitespace allowed between JSON tokens (outlines backend)", "parsers")
 
     # -- logging ------------------------------------------------------------------------
     log_level: str = _f("info", "log level", "logging", choices=("debug", "info", "warning", "error"))

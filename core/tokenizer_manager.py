@@ -55,8 +55,10 @@ class TokenizerManager:
     def __init__(self, tokenizer, scheduler_info: dict, send_addr: str, recv_addr: str,
                  is_alive: Callable[[], bool], *, random_seed: Optional[int] = None,
                  allow_auto_truncate: bool = False, model_name: str = "default",
-                 on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False):
+                 on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False,
+                 grammar_checker=None):
         self.tokenizer = tokenizer
+        self.grammar_checker = grammar_checker  # kvyard.grammar_manager.GrammarChecker
         self.info = scheduler_info
         self.context_length = scheduler_info["context_length"]
         self.vocab_size = scheduler_info["vocab_size"]
@@ -219,6 +221,8 @@ class TokenizerManager:
             params.normalize(self.tokenizer)
         except ValueError as exc:
             raise RequestError(str(exc), param=_field_of(str(exc))) from None
+        if self.grammar_checker is not None:
+            self.grammar_checker.check(params)  # a bad grammar is a 400 here, never a scheduler error
         return params
 
     def _fit_context(self, ids: list[int], params: SamplingParams) -> list[int]:

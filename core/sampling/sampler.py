@@ -131,7 +131,10 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
 
 def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] float32 Exp(1) draws, strictly positive and finite."""
-    return -torch.log(uniform_noise(seeds, positions, vocab_size))
+    # The largest uniform draw, 1 - 2**-25, rounds to 1.0 in float32 and log(1.0) = 0; a zero
+    # draw would turn a filtered token's 0 / 0 into NaN, which argmax picks. 2**-25 is the
+    # draw's true value, and every other draw is larger, so the clamp changes nothing else.
+    return (-torch.log(uniform_noise(seeds, positions, vocab_size))).clamp_min(2.0 ** -25)
 
 
 # -- logprob helpers (also used for prompt logprobs) -------------------------------------------

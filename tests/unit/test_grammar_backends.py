@@ -15,33 +15,17 @@ from kvyard.grammar import (GrammarConfig, GrammarError, allocate_bitmask, bitma
 from kvyard.grammar_manager import GrammarChecker, backends_supporting, load_backend
 from kvyard.plugins import registry
 from kvyard.sampling.params import SamplingParams
-from kvyard_plugins.grammar.token_bytes import _byte_level_decoder, token_to_bytes, vocab_style
+from kvyard_plugins.grammar.token_bytes import token_to_bytes, vocab_style
+from tiny_tokenizer import build_tokenizer, byte_level
 
 BOS, EOS = 0, 1
-PIECES = list('{}":,[]0123456789abc') + [" ", '{"', '":', "ab", "12", " 1", "a1", "é"]
 EXTRA_IDS = 6  # the model's vocabulary is wider than the tokenizer's (padding rows)
 BACKENDS = ["xgrammar", "outlines"]
 
 
-def _byte_level(text: str) -> str:
-    spell = {b: c for c, b in _byte_level_decoder().items()}
-    return "".join(spell[b] for b in text.encode())
-
-
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<s>", "</s>"] + [_byte_level(p) for p in PIECES])}
-    # "é" is two bytes: add its halves as tokens so partial UTF-8 pieces exist in the vocabulary
-    first, second = "é".encode()
-    spell = {b: c for c, b in _byte_level_decoder().items()}
-    vocab[spell[first]], vocab[spell[second]] = len(vocab), len(vocab) + 1
-    model = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    model.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>")
+    return build_tokenizer(("<s>", "</s>"), eos="</s>", bos="<s>")
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +234,7 @@ def test_bitmask_round_trip():
 
 
 def test_token_bytes_spellings():
-    assert token_to_bytes(_byte_level("é a"), "byte_level") == "é a".encode()
+    assert token_to_bytes(byte_level("é a"), "byte_level") == "é a".encode()
     assert token_to_bytes("\u2581ab", "sentencepiece") == b" ab"
     assert token_to_bytes("<0xC3>", "sentencepiece") == b"\xc3"
     assert token_to_bytes("ab", "raw") == b"ab"
@@ -261,3 +245,23 @@ def test_config_rejects_bad_values():
         GrammarConfig(vocab_size=0)
     with pytest.raises(ValueError, match="compile_threads"):
         GrammarConfig(vocab_size=8, compile_threads=0)
+
+
+def test_xgrammar_batched_fill_equals_one_by_one(tiny_tokenizer, pieces, monkeypatch):
+    from kvyard_plugins.grammar import xgrammar_backend
+
+    monkeypatch.setattr(xgrammar_backend, "BATCH_FILL_MIN_ROWS", 1)
+    monkeypatch.setattr(xgrammar_backend, "BATCH_FILL_MIN_CPUS", 1)
+    config = GrammarConfig(vocab_size=len(tiny_tokenizer) + EXTRA_IDS, eos_token_ids=(EOS,),
+                           tokenizer_factory=lambda: tiny_tokenizer)
+    backend = load_backend("xgrammar", config)
+    compiled = backend.compile("regex", "(ab|ba|a12)c?")
+    by_bytes = {b: i for i, b in pieces.items()}
+    matchers = [compiled.new_matcher() for _ in range(3)]
+    assert matchers[1].accept_token(by_bytes[b"a"])
+    assert matchers[2].accept_token(by_bytes[b"ab"])
+    batched, single = allocate_bitmask(5, config.vocab_size), allocate_bitmask(5, config.vocab_size)
+    backend.fill_bitmasks(matchers, batched, [4, 0, 2])
+    for matcher, row in zip(matchers, [4, 0, 2]):
+        matcher.fill_bitmask(single, row)
+    assert torch.equal(batched, single) and (batched[1] == -1).all() and (batched[3] == -1).all()
