@@ -439,17 +439,23 @@ at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64
   return finish(out, bias, x.scalar_type());
 }
 
-// Dequantizes chunks of CHUNK rows (fp32: 128 x 576 x 4 B = 288 KiB, about L2-sized; fewer, larger
-// gemms measured faster than 64-row ones) and multiplies each with one single-threaded gemm
-// inside the parallel region.
+// Dequantizes chunks of rows and multiplies each with one single-threaded gemm inside the
+// parallel region. Chunks are as large as a 4 MiB fp32 tile allows (bigger gemms run closer to
+// the BLAS peak) but at least one per thread, and at least 64 rows.
+int64_t dense_chunk_rows(int64_t N, int64_t K) {
+  const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t by_size = (int64_t(1) << 20) / K;
+  return std::max<int64_t>(64, std::min(per_thread, by_size));
+}
+
 at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
                     const std::optional<at::Tensor>& bias, bool bf16_gemm) {
-  constexpr int64_t CHUNK = 128;
   const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
               "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
   const at::Tensor xg = x.to(gemm_dtype).contiguous();
   const int64_t M = xg.size(0), N = w.size(0);
+  const int64_t CHUNK = dense_chunk_rows(N, K);
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   dispatch(qtype, [&](auto fmt) {
     using F = decltype(fmt);

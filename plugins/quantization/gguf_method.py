@@ -55,7 +55,8 @@ class GGUFLinearMethod(LinearMethod):
 
     # -- loading --------------------------------------------------------------------------------
     def create_weights(self, layer) -> None:
-        layer.gguf_parts = [None] * len(layer.output_sizes)   # (file qtype, tensor) per shard
+        layer.gguf_parts = [None] * len(layer.output_sizes)   # (kind, tensor) per shard; kind:
+        # the file type name, or "dense" for float weights
         layer.gguf_segments = ()
 
     def load_shard(self, layer, shard: int, weight: Any) -> None:
