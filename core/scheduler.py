@@ -136,7 +136,11 @@ class Scheduler:
             return self._drain_pending()
         if self.grammar is not None:
             self.grammar.apply_masks(batch)
-        result = self.runner.forward(batch)
+        try:
+            result = self.runner.forward(batch)
+        except Exception as exc:  # fail this batch's requests, keep serving the rest
+            logger.exception("a %s step failed", batch.mode.name.lower())
+            return self._fail_batch(batch, f"internal error: {type(exc).__name__}: {exc}")
         updates = self._process(batch, result)
         if self.config.debug_kv_integrity:
             self.check_integrity()
@@ -336,6 +340,19 @@ class Scheduler:
             update = self._maybe_update(req)
             if update:
                 updates.append(update)
+        return updates
+
+    def _fail_batch(self, batch: ScheduleBatch, message: str) -> list[ReqUpdate]:
+        """Aborts every request of a step that raised. Their slots for this step were allocated,
+        so they are counted as owned before the release; nothing is inserted into the cache (the
+        step's KV was never computed)."""
+        updates = self._drain_pending()
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            req.kv_len += n
+            self._release(req, insert=False)
+            req.finished_reason = FinishReason("abort", message=message)
+            updates.append(self._update(req))
+        self._decode_rids = ()
         return updates
 
     def _drain_pending(self) -> list[ReqUpdate]:

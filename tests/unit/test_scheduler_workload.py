@@ -68,3 +68,37 @@ def test_random_workload_with_aborts_and_retractions(tiny_models, hf_greedy, pag
 def _collect_outputs(scheduler, prompts, finished):
     # The final update of a non-streaming request carries all its tokens.
     return {rid: list(u.new_token_ids) for rid, (_, u) in finished.items()}
+
+
+def test_a_failing_step_aborts_its_requests_and_frees_their_slots(tiny_models):
+    path, _ = tiny_models["llama"]
+    args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=256,
+                      chunked_prefill_size=-1, log_level="warning")
+    scheduler = build_scheduler(args)
+    real_forward = scheduler.runner.forward
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] in (1, 3):  # the first prefill and a later decode step raise
+            raise RuntimeError("boom")
+        return real_forward(batch)
+
+    scheduler.runner.forward = flaky
+    scheduler.add_request(TokenizedGenerateReq("a", [5, 6, 7], make_params(4)))
+    failed = scheduler.step()
+    assert [(u.rid, u.finished_reason["type"]) for u in failed] == [("a", "abort")]
+    assert "boom" in failed[0].finished_reason["message"]
+    scheduler.check_integrity()
+    scheduler.add_request(TokenizedGenerateReq("b", [5, 6, 7], make_params(4)))
+    scheduler.step()                        # prefill ok
+    failed = scheduler.step()               # decode raises
+    assert [u.rid for u in failed] == ["b"] and not scheduler.has_work()
+    scheduler.check_integrity()
+    scheduler.add_request(TokenizedGenerateReq("c", [5, 6, 7], make_params(4)))
+    done = []
+    while scheduler.has_work():
+        done += scheduler.step()
+    assert done[-1].finished_reason["type"] == "length" and done[-1].completion_tokens == 4
+    scheduler.cache.reset()
+    assert scheduler.allocator.available() == scheduler.runner.max_total_tokens
