@@ -59,7 +59,8 @@ def runner_config(args):
         json_model_override_args=args.json_model_override_args, is_embedding=args.is_embedding,
         page_size=args.page_size, max_total_tokens=args.max_total_tokens,
         mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
-        num_threads=args.num_threads, random_seed=args.random_seed)
+        num_threads=args.num_threads, random_seed=args.random_seed, cuda_graph=args.cuda_graph_config(),
+        enable_torch_compile=args.enable_torch_compile, torch_compile_max_bs=args.torch_compile_max_bs)
 
 
 def run_scheduler_process(args, in_addr: str, out_addr: str, registry_snapshot: dict,
