@@ -15,6 +15,7 @@ def packages() -> list[str]:
 setup(
     packages=packages(),
     package_dir=SOURCES,
-    package_data={"kvyard": ["py.typed"]},
+    # the GGUF kernels are compiled from source at first use
+    package_data={"kvyard_plugins.quantization": ["*.cpp", "*.h"]},
     include_package_data=True,
 )
