@@ -1,14 +1,15 @@
 // Fused dequantize-matmul for GGUF (ggml) block formats on the CPU.
 //
-// The weight stays in its file layout: uint8 [N, bytes_per_row], one row per output feature,
-// each row a run of ggml blocks. Two ways to multiply, chosen by the caller per call:
+// The weight keeps the file's bytes: uint8 [N, bytes_per_row], one row per output feature, each
+// row a run of ggml blocks (the legacy 32-element formats regrouped per row into planes by
+// `repack`, same size; gguf_formats.h). Two ways to multiply, chosen by the caller per call:
 //   mm_int    M small (decode): the activations are quantized to int16 per 32-block
 //             (relative error ~1.5e-5 of the block's max, far below bf16's); each 32-element
 //             chunk of a weight row is unpacked to int16 lanes in registers and multiplied into
 //             up to 4 activation rows by pmaddwd. Per sub-block (SUB elements sharing a scale)
 //             y += scale_w * scale_x * sum(q_w * q_x) + min_w * sum(x).
-//   mm_dense  M large (prefill, big batches): rows are dequantized in L2-sized chunks to fp32
-//             (or bf16 where the CPU multiplies bf16 natively) and handed to the BLAS gemm.
+//   mm_dense  M large (prefill, big batches): rows are dequantized in chunks to fp32 (or bf16
+//             where the CPU multiplies bf16 natively) and handed to the BLAS gemm.
 // Both run on ATen's intra-op thread pool, split over output rows.
 //
 // The block formats live in gguf_formats.h. Dequantization reproduces gguf.quants.dequantize
