@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -99,8 +100,13 @@ def build(native: bool = True) -> Path:
     """The path of the compiled library, compiling it if this machine has no cached build."""
     compiler = _compiler()
     flags = BASE_FLAGS + (NATIVE_FLAGS if native else [])
-    directory = cache_root() / "gguf_kernels" / _build_key(compiler, flags)
-    directory.mkdir(parents=True, exist_ok=True)
+    key = _build_key(compiler, flags)
+    directory = cache_root() / "gguf_kernels" / key
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:   # read-only home (some CI sandboxes): a per-user temp folder instead
+        directory = Path(tempfile.gettempdir()) / f"kvyard-{os.getuid()}" / "gguf_kernels" / key
+        directory.mkdir(parents=True, exist_ok=True)
     target = directory / LIBRARY_NAME
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
