@@ -20,6 +20,7 @@ survives a retraction unchanged (the request keeps its output and is prefilled a
 """
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Sequence
@@ -137,10 +138,26 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, W] int32 -> [B, V] bool, True = allowed. Runs wherever ``bitmask`` lives."""
-    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1                  # [B, W, 32]
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    """[B, W] int32 -> [B, V] bool, True = allowed. Runs wherever ``bitmask`` lives.
+
+    One table lookup per byte (byte k of word w holds tokens 32w + 8k .. 32w + 8k + 7 on a
+    little-endian machine): ~4x cheaper on the CPU than shifting every word 32 times."""
+    table = _byte_bits(bitmask.device)
+    per_byte = bitmask.contiguous().view(torch.uint8).view(-1)
+    return table.index_select(0, per_byte.int()).view(bitmask.shape[0], -1)[:, :vocab_size]
+
+
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: the bits of each byte value, least significant first (cached per device)."""
+    if device not in _BYTE_BITS:
+        if sys.byteorder != "little":
+            raise RuntimeError("packed grammar bitmasks assume a little-endian machine")
+        values = torch.arange(256, dtype=torch.int32)
+        _BYTE_BITS[device] = ((values.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
+    return _BYTE_BITS[device]
 
 
 def bool_to_bitmask(mask: torch.Tensor) -> torch.Tensor:
