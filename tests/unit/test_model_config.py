@@ -1,5 +1,6 @@
 """ModelConfig, the default model, --load-format resolution and --dtype resolution."""
 import json
+import os
 import logging
 from pathlib import Path
 
