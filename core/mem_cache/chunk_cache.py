@@ -14,12 +14,7 @@ from kvyard.mem_cache.prefix_cache import MatchResult, PrefixCache, detach_req, 
 
 class ChunkCache(PrefixCache):
     def __init__(self, allocator, req_to_token, page_size: int = 1):
-        if page_size != allocator.page_size:
-            raise ValueError(f"page_size {page_size} differs from the allocator's page_size "
-                             f"{allocator.page_size}")
-        self.allocator = allocator
-        self.req_to_token = req_to_token
-        self.page_size = page_size
+        super().__init__(allocator, req_to_token, page_size)
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         self._query_tokens = 0
 

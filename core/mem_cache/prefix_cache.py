@@ -35,6 +35,14 @@ class MatchResult:
 
 
 class PrefixCache(ABC):
+    def __init__(self, allocator, req_to_token, page_size: int = 1):
+        if page_size != allocator.page_size:
+            raise ValueError(f"page_size {page_size} differs from the allocator's page_size "
+                             f"{allocator.page_size}")
+        self.allocator = allocator
+        self.req_to_token = req_to_token
+        self.page_size = page_size
+
     @abstractmethod
     def match_prefix(self, key: list[int]) -> MatchResult:
         """Longest cached prefix of ``key`` (page-aligned). Does not lock it."""
