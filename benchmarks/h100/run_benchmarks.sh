@@ -24,6 +24,7 @@
 # Environment: BACKENDS (default "flashinfer triton torch_native"), COMPARE_BACKEND (flashinfer),
 # OFFLINE_PROMPTS (300: the 1000 do not fit a 10-minute call next to engine start-up;
 # 300 prompts keep ~250 requests decoding at once, the steady state the figure is about),
+# OFFLINE_LIMIT_S (240: the time limit of each offline-8b run),
 # BUDGET_S (540: parts that would start later are skipped, so the call ends with its table
 # instead of being killed at 600 s).
 # Output under $OUT: results.jsonl (one JSON line per measurement), summary.txt (the tables),
@@ -160,7 +161,7 @@ part_offline() {
     local b
     for b in flashinfer triton; do
         [[ " $BACKENDS " == *" $b "* ]] || continue
-        bench offline-8b "$b" 240 offline --model-path $L8 "${COMMON[@]}" --context-length 2048 \
+        bench offline-8b "$b" "${OFFLINE_LIMIT_S:-240}" offline --model-path $L8 "${COMMON[@]}" --context-length 2048 \
             --cuda-graph-max-bs 256 --num-prompts "$OFFLINE_PROMPTS" --input-len 1024 --output-len 512
     done
     TAG_COMPARE=hf bench offline-8b-128x256-vs-hf "$COMPARE_BACKEND" 200 offline --model-path $L8 "${COMMON[@]}" \
