@@ -24,6 +24,7 @@
 # Environment: BACKENDS (default "flashinfer triton torch_native"), COMPARE_BACKEND (flashinfer),
 # OFFLINE_PROMPTS (300: the 1000 do not fit a 10-minute call next to engine start-up;
 # 300 prompts keep ~250 requests decoding at once, the steady state the figure is about),
+# PROFILE_BS / PROFILE_INPUT_LEN (1 / 128: the profiled decode batch),
 # OFFLINE_LIMIT_S (240: the time limit of each offline-8b run),
 # BUDGET_S (540: parts that would start later are skipped, so the call ends with its table
 # instead of being killed at 600 s).
@@ -39,6 +40,8 @@ RESULTS=$OUT/results.jsonl
 BACKENDS=${BACKENDS:-"flashinfer triton torch_native"}
 COMPARE_BACKEND=${COMPARE_BACKEND:-flashinfer}
 OFFLINE_PROMPTS=${OFFLINE_PROMPTS:-300}
+PROFILE_BS=${PROFILE_BS:-1}
+PROFILE_INPUT_LEN=${PROFILE_INPUT_LEN:-128}
 BUDGET_S=${BUDGET_S:-540}
 L8=benchmarks/configs/llama-3.1-8b
 SMOL=benchmarks/configs/smollm2-135m
@@ -172,9 +175,10 @@ part_profile() {
     local b
     for b in $BACKENDS; do
         [ "$b" = torch_native ] && continue
-        step "profile-decode-8b-$b" 120 python3 benchmarks/h100/profile_decode.py --model-path $L8 \
-            "${COMMON[@]}" --context-length 4096 --attention-backend "$b" --batch-size 1 --input-len 128
-        sed -n '/decode profile/,$p' "$LOGS/profile-decode-8b-$b.log"
+        step "profile-decode-8b-$b-bs$PROFILE_BS" 150 python3 benchmarks/h100/profile_decode.py --model-path $L8 \
+            "${COMMON[@]}" --context-length 4096 --attention-backend "$b" --batch-size "$PROFILE_BS" \
+            --input-len "$PROFILE_INPUT_LEN"
+        sed -n '/decode profile/,$p' "$LOGS/profile-decode-8b-$b-bs$PROFILE_BS.log"
     done
 }
 
