@@ -3,6 +3,10 @@
 With --reasoning-parser the thinking text goes to ``reasoning_content``; with
 --tool-call-parser and ``tools`` the calls go to ``tool_calls`` (finish_reason "tool_calls").
 Both run per choice, on the whole text (non-stream) or chunk by chunk (stream).
+
+tool_choice "required" or a named function forces a call: the output is constrained to
+kvyard.tool_constraints' JSON shape and read back with its own reader, not the model's parser
+(no reasoning part either: the grammar allows only the calls).
 """
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ from kvyard.errors import RequestError
 from kvyard.server.context import ServerContext
 from kvyard.server.openai_format import (chat_logprobs, finish_reason_of, matched_stop, message_of_tool_call,
                                          new_call_id, new_id, now, tool_call_dict, usage_of)
-from kvyard.server.openai_params import (chat_max_tokens, check_top_logprobs, native_request,
-                                         reject_structured_output)
+from kvyard.server.openai_params import (chat_max_tokens, check_top_logprobs, native_request, output_constraint,
+                                         prepare_constrained)
 from kvyard.server.protocol import ChatCompletionRequest, ChatMessage
-from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
-from kvyard.server.streaming import EventStream, sse, with_errors_and_done
+from kvyard.server.running import check_not_aborted, openai_response, stream_chunks
+from kvyard.server.streaming import sse
 
 # chat_template_kwargs may not override what the server itself passes
 _RESERVED_TEMPLATE_KWARGS = {"tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
@@ -32,8 +36,9 @@ class ChatPlan:
     created: int
     n: int
     logprobs: bool
-    tools: Optional[list[dict]]            # OpenAI tool dicts when a tool-call parser will read them
-    tool_call_parser: Optional[str]
+    tools: Optional[list[dict]]            # OpenAI tool dicts (template, parsers)
+    tool_call_parser: Optional[str]        # the model's own format, read when tool_choice is auto
+    forced_tools: bool                     # tool_choice required/named: the output is the constrained calls
     reasoning_parser: Optional[str]
     stream_reasoning: bool
 
@@ -41,34 +46,42 @@ class ChatPlan:
 async def chat_completion(ctx: ServerContext, req: ChatCompletionRequest, request: Optional[Request] = None):
     """A response dict, or an EventStream when req.stream."""
     reqs, plan = prepare_chat(ctx, req)
-    if req.stream:
-        return EventStream(with_errors_and_done(_stream(ctx, req, reqs, plan)))
-    outs = await run_to_completion(ctx.tm, reqs, request)
-    return {"id": plan.id, "object": "chat.completion", "created": plan.created, "model": ctx.model_name,
-            "choices": [_choice(plan, i, out) for i, out in enumerate(outs)],
-            "usage": usage_of(outs, plan.n, ctx.args.enable_cache_report)}
+    events = (lambda: _stream(ctx, req, reqs, plan)) if req.stream else None
+    return await openai_response(ctx, reqs, plan, request, "chat.completion", _choice, events)
 
 
 # -- request -------------------------------------------------------------------------------
 def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest):
     ctx.require_tokenizer("messages")
-    reject_structured_output(req)
-    if req.tool_choice not in (None, "auto", "none"):
-        raise RequestError("tool_choice: forcing a tool call needs structured output, which is not supported "
-                           "yet; use 'auto' or 'none'", param="tool_choice")
+    forced = _forced_tool_call(req)
+    constraint = output_constraint(req, forced)
     if req.top_logprobs is not None and not req.logprobs:
         raise RequestError("top_logprobs: requires logprobs=true", param="top_logprobs")
     top = check_top_logprobs(req.top_logprobs, "top_logprobs") if req.logprobs else None
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
     ids = _template_ids(ctx, req, tools)
-    obj = native_request(req, {"input_ids": ids}, chat_max_tokens(req, ctx.tm.context_length), top)
+    obj = native_request(req, {"input_ids": ids}, chat_max_tokens(req, ctx.tm.context_length), top,
+                         constraint=constraint)
     obj.setdefault("rid", new_id("chatcmpl"))
-    reqs = ctx.tm.prepare(obj)
-    parser = ctx.args.tool_call_parser if tools else None
-    reasoning = ctx.args.reasoning_parser if req.separate_reasoning else None
+    reqs = prepare_constrained(ctx.tm, obj, constraint)
+    parser = ctx.args.tool_call_parser if tools and not forced else None
+    reasoning = ctx.args.reasoning_parser if req.separate_reasoning and not forced else None
     plan = ChatPlan(id=obj["rid"], created=now(), n=req.n, logprobs=req.logprobs, tools=tools,
-                    tool_call_parser=parser, reasoning_parser=reasoning, stream_reasoning=req.stream_reasoning)
+                    tool_call_parser=parser, forced_tools=forced is not None, reasoning_parser=reasoning,
+                    stream_reasoning=req.stream_reasoning)
     return reqs, plan
+
+
+def _forced_tool_call(req: ChatCompletionRequest) -> Optional[tuple[str, str]]:
+    """tool_call_constraint's (kind, spec) when tool_choice forces a call, else None."""
+    from kvyard.tool_constraints import tool_call_constraint
+
+    try:
+        return tool_call_constraint(req.tools, req.tool_choice, parallel=req.parallel_tool_calls is not False)
+    except ValueError as exc:
+        message = str(exc)
+        message = message if message.startswith("tool_choice") else f"tool_choice: {message}"
+        raise RequestError(message, param="tool_choice") from None
 
 
 def _template_ids(ctx: ServerContext, req: ChatCompletionRequest, tools: Optional[list[dict]]) -> list[int]:
@@ -128,6 +141,8 @@ def _choice(plan: ChatPlan, index: int, out: dict) -> dict:
     if plan.tool_call_parser:
         from kvyard.parsers import FunctionCallParser
         text, calls = FunctionCallParser(plan.tools, plan.tool_call_parser).parse_non_stream(text)
+    elif plan.forced_tools:
+        text, calls = _forced_calls(plan, text)
     message: dict = {"role": "assistant", "content": text if text or not calls else None}
     if reasoning is not None:
         message["reasoning_content"] = reasoning or None
@@ -141,17 +156,30 @@ def _choice(plan: ChatPlan, index: int, out: dict) -> dict:
             "matched_stop": matched_stop(meta)}
 
 
+def _forced_calls(plan: ChatPlan, text: str) -> tuple[str, list]:
+    """("", calls) of a constrained output; (text, []) when it is not whole (e.g. cut by max_tokens)."""
+    from kvyard.tool_constraints import parse_constrained_tool_calls
+
+    try:
+        return "", parse_constrained_tool_calls(text, plan.tools)
+    except ValueError:
+        return text, []
+
+
 class _ChoiceStreamParser:
     """Reasoning, then tool calls, over one choice's text deltas (one instance per choice)."""
 
     def __init__(self, plan: ChatPlan):
-        self.reasoning = self.tools = None
+        self.reasoning = self.tools = self.forced = None
         if plan.reasoning_parser:
             from kvyard.parsers import ReasoningParserFacade
             self.reasoning = ReasoningParserFacade(plan.reasoning_parser, stream_reasoning=plan.stream_reasoning)
         if plan.tool_call_parser:
             from kvyard.parsers import FunctionCallParser
             self.tools = FunctionCallParser(plan.tools, plan.tool_call_parser)
+        elif plan.forced_tools:
+            from kvyard.tool_constraints import ConstrainedToolCallStream
+            self.forced = ConstrainedToolCallStream()
         self.call_ids: dict[int, str] = {}
 
     @property
@@ -171,6 +199,8 @@ class _ChoiceStreamParser:
             if final:
                 t, more = self.tools.finish_stream()
                 normal, calls = normal + t, calls + more
+        elif self.forced:
+            normal, calls = "", self.forced.feed(normal)
         out: dict = {}
         if reasoning:
             out["reasoning_content"] = reasoning

@@ -13,10 +13,10 @@ from kvyard.errors import RequestError
 from kvyard.server.context import ServerContext
 from kvyard.server.openai_format import (completion_logprobs, finish_reason_of, matched_stop, new_id, now,
                                          usage_of)
-from kvyard.server.openai_params import check_top_logprobs, native_request, reject_structured_output
+from kvyard.server.openai_params import check_top_logprobs, native_request, output_constraint, prepare_constrained
 from kvyard.server.protocol import CompletionRequest, EmbeddingRequest
-from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
-from kvyard.server.streaming import EventStream, sse, with_errors_and_done
+from kvyard.server.running import check_not_aborted, openai_response, run_to_completion, stream_chunks
+from kvyard.server.streaming import sse
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -42,16 +42,12 @@ def prompt_field(ctx: ServerContext, prompt, name: str) -> dict:
 
 async def completion(ctx: ServerContext, req: CompletionRequest, request: Optional[Request] = None):
     reqs, plan = prepare_completion(ctx, req)
-    if req.stream:
-        return EventStream(with_errors_and_done(_stream(ctx, req, reqs, plan)))
-    outs = await run_to_completion(ctx.tm, reqs, request)
-    return {"id": plan.id, "object": "text_completion", "created": plan.created, "model": ctx.model_name,
-            "choices": [_choice(plan, i, out) for i, out in enumerate(outs)],
-            "usage": usage_of(outs, plan.n, ctx.args.enable_cache_report)}
+    events = (lambda: _stream(ctx, req, reqs, plan)) if req.stream else None
+    return await openai_response(ctx, reqs, plan, request, "text_completion", _choice, events)
 
 
 def prepare_completion(ctx: ServerContext, req: CompletionRequest):
-    reject_structured_output(req)
+    constraint = output_constraint(req)
     if req.suffix:
         raise RequestError("suffix: insertion (suffix) is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -62,9 +58,9 @@ def prepare_completion(ctx: ServerContext, req: CompletionRequest):
     top = check_top_logprobs(req.logprobs, "logprobs") if req.logprobs is not None else None
     start = 0 if req.echo and top is not None else -1
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    obj = native_request(req, prompt, max_tokens, top, logprob_start_len=start)
+    obj = native_request(req, prompt, max_tokens, top, logprob_start_len=start, constraint=constraint)
     obj.setdefault("rid", new_id("cmpl"))
-    reqs = ctx.tm.prepare(obj)
+    reqs = prepare_constrained(ctx.tm, obj, constraint)
     echo = [_prompt_text(ctx, reqs[i].input_ids) for i in range(0, len(reqs), req.n)] if req.echo else None
     return reqs, CompletionPlan(obj["rid"], now(), req.n, echo, top)
 

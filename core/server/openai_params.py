@@ -1,14 +1,21 @@
 """OpenAI request fields -> the native request dict the TokenizerManager prepares.
 
 Only types are checked here (pydantic did that); value ranges are SamplingParams.verify's job.
-What the server cannot honour yet is refused with a 400 naming the field, never ignored.
+What the server cannot honour is refused with a 400 naming the field, never ignored.
+
+Structured output: response_format, the extra_body fields regex / ebnf / json_schema and a forced
+tool_choice each become one grammar field of SamplingParams (an ``OutputConstraint``); a request
+may carry one of them. The grammar checker's 400 for a bad spec is renamed to the request field
+the spec came from (e.g. response_format.json_schema.schema).
 """
 from __future__ import annotations
 
-from typing import Optional
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from kvyard.errors import RequestError
-from kvyard.server.protocol import STRUCTURED_OUTPUT_FIELDS, ChatCompletionRequest, SamplingExtras
+from kvyard.server.protocol import STRUCTURED_OUTPUT_FIELDS, ChatCompletionRequest, ResponseFormat, SamplingExtras
 
 MAX_TOP_LOGPROBS = 20
 # OpenAI name -> SamplingParams name, for fields copied as they are
@@ -30,14 +37,67 @@ def sampling_params_of(req: SamplingExtras, max_new_tokens: int) -> dict:
     return params
 
 
-def reject_structured_output(req: SamplingExtras) -> None:
+JSON_OBJECT_SCHEMA = '{"type": "object"}'   # response_format json_object: any JSON object
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    kind: str     # the SamplingParams grammar field: json_schema | regex | ebnf | structural_tag
+    spec: str     # its value (JSON text for json_schema and structural_tag)
+    param: str    # the request field it came from, named in errors
+
+    @property
+    def field(self) -> str:
+        """The top-level request field (what two constraints at once are named by)."""
+        return self.param.split(".")[0]
+
+
+def output_constraint(req: SamplingExtras, tool_call: Optional[tuple[str, str]] = None) -> Optional[OutputConstraint]:
+    """The request's one grammar, or None. ``tool_call`` is tool_call_constraint's (kind, spec)
+    for a forced tool_choice. Two or more constraints are a 400 naming them all."""
+    found = [c for c in (response_format_constraint(req.response_format),) if c is not None]
     for name in STRUCTURED_OUTPUT_FIELDS:
-        if getattr(req, name) is not None:
-            raise RequestError(f"{name}: structured output is not supported yet", param=name)
-    fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt.type != "text":
-        raise RequestError(f"response_format: structured output ({fmt.type}) is not supported yet",
-                           param="response_format")
+        value = getattr(req, name)
+        if value is not None:
+            found.append(OutputConstraint(name, value if isinstance(value, str) else json.dumps(value), name))
+    if tool_call is not None:
+        found.append(OutputConstraint(*tool_call, param="tool_choice"))
+    if len(found) > 1:
+        names = ", ".join(c.field for c in found)
+        raise RequestError(f"{found[-1].field}: only one output constraint may be given per request "
+                           f"(response_format, regex, ebnf, json_schema or a forced tool_choice), got {names}",
+                           param=found[-1].field)
+    return found[0] if found else None
+
+
+def response_format_constraint(fmt: Optional[ResponseFormat]) -> Optional[OutputConstraint]:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return OutputConstraint("json_schema", JSON_OBJECT_SCHEMA, "response_format")
+    if fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise RequestError("response_format.json_schema: required when type is json_schema",
+                               param="response_format.json_schema")
+        schema = fmt.json_schema.schema_
+        if schema is None:
+            raise RequestError("response_format.json_schema.schema: required (the JSON schema of the output)",
+                               param="response_format.json_schema.schema")
+        return OutputConstraint("json_schema", json.dumps(schema), "response_format.json_schema.schema")
+    # structural_tag: xgrammar's format, {"type": "structural_tag", "format": {...}}
+    return OutputConstraint("structural_tag", json.dumps(fmt.model_dump(exclude_none=True, by_alias=True)),
+                            "response_format")
+
+
+def prepare_constrained(tm: Any, obj: dict, constraint: Optional[OutputConstraint]) -> list:
+    """tm.prepare(obj); a grammar error is reported against the request field the grammar came from."""
+    try:
+        return tm.prepare(obj)
+    except RequestError as exc:
+        if constraint is None or exc.param != constraint.kind or constraint.param == constraint.kind:
+            raise
+        message = exc.message.removeprefix(f"{constraint.kind}: ")
+        raise RequestError(f"{constraint.param}: {message}", param=constraint.param, status=exc.status) from None
 
 
 def check_top_logprobs(value: Optional[int], name: str) -> int:
@@ -61,10 +121,13 @@ def chat_max_tokens(req: ChatCompletionRequest, context_length: int) -> int:
 
 
 def native_request(req: SamplingExtras, prompt: dict, max_new_tokens: int, top_logprobs: Optional[int],
-                   logprob_start_len: int = -1) -> dict:
+                   logprob_start_len: int = -1, constraint: Optional[OutputConstraint] = None) -> dict:
     """The dict TokenizerManager.prepare takes. ``prompt`` is {"input_ids": ...} or {"text": ...};
     ``top_logprobs`` None = no logprobs."""
-    obj = {**prompt, "sampling_params": sampling_params_of(req, max_new_tokens), "stream": req.stream}
+    params = sampling_params_of(req, max_new_tokens)
+    if constraint is not None:
+        params[constraint.kind] = constraint.spec
+    obj = {**prompt, "sampling_params": params, "stream": req.stream}
     if top_logprobs is not None:
         obj.update(return_logprob=True, top_logprobs_num=top_logprobs, logprob_start_len=logprob_start_len)
     if req.rid is not None:

@@ -10,9 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-IGNORED_OPENAI_FIELDS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls",
-                         "prompt_cache_key", "safety_identifier")
-# SGLang's grammar extras: accepted by type, rejected by the server until the grammar issue lands.
+IGNORED_OPENAI_FIELDS = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
+# SGLang's grammar extras (extra_body), each a SamplingParams field of the same name
 STRUCTURED_OUTPUT_FIELDS = ("regex", "ebnf", "json_schema")
 
 Stop = Union[str, list[str], None]
@@ -24,6 +23,22 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: {"name", "description", "schema", "strict"}."""
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    # extra="allow": a structural_tag format carries its own fields ("format")
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class SamplingExtras(_Strict):
@@ -40,6 +55,7 @@ class SamplingExtras(_Strict):
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
     max_tokens: Optional[int] = None
+    response_format: Optional[ResponseFormat] = None   # OpenAI's for chat; SGLang takes it for completions too
     # SGLang extras (extra_body)
     top_k: Optional[int] = None
     min_p: Optional[float] = None
@@ -60,7 +76,6 @@ class SamplingExtras(_Strict):
     store: Optional[bool] = None
     metadata: Optional[dict[str, Any]] = None
     service_tier: Optional[str] = None
-    parallel_tool_calls: Optional[bool] = None
     prompt_cache_key: Optional[str] = None
     safety_identifier: Optional[str] = None
 
@@ -104,11 +119,6 @@ class NamedToolChoice(_Strict):
     function: ToolChoiceFunction
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
-
-
 class ChatCompletionRequest(SamplingExtras):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
@@ -116,7 +126,7 @@ class ChatCompletionRequest(SamplingExtras):
     top_logprobs: Optional[int] = None
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    response_format: Optional[ResponseFormat] = None
+    parallel_tool_calls: Optional[bool] = None   # False: a forced tool choice makes exactly one call
     # SGLang extras
     continue_final_message: bool = False
     separate_reasoning: bool = True

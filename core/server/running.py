@@ -3,18 +3,21 @@
 Two shapes: ``run_to_completion`` (all outputs at once) and ``stream_chunks`` (one merged
 stream of incremental chunks over several requests, e.g. n > 1). Both abort every request that
 has not finished when the caller goes away: a cancelled handler, a closed stream, or a client
-that disconnects while a non-streaming request runs.
+that disconnects while a non-streaming request runs. ``openai_response`` picks one of them for
+the OpenAI chat and completions endpoints.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from starlette.requests import Request
 
 from kvyard.errors import RequestError
 from kvyard.io_struct import TokenizedGenerateReq
+from kvyard.server.openai_format import usage_of
+from kvyard.server.streaming import EventStream, with_errors_and_done
 
 DISCONNECT_POLL_S = 0.5
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody reads it
@@ -87,6 +90,19 @@ async def run_to_completion(tm, reqs: list[TokenizedGenerateReq], request: Optio
     for out in outs:
         check_not_aborted(out, allow_user_abort)
     return outs
+
+
+async def openai_response(ctx: Any, reqs: list[TokenizedGenerateReq], plan: Any, request: Optional[Request],
+                          object_name: str, choice: Callable[[Any, int, dict], dict],
+                          events: Optional[Callable[[], AsyncIterator[str]]] = None):
+    """An EventStream of ``events()`` when the request streams, else the whole response object
+    with ``choice(plan, index, out)`` per output. ``plan`` has id, created and n."""
+    if events is not None:
+        return EventStream(with_errors_and_done(events()))
+    outs = await run_to_completion(ctx.tm, reqs, request)
+    return {"id": plan.id, "object": object_name, "created": plan.created, "model": ctx.model_name,
+            "choices": [choice(plan, i, out) for i, out in enumerate(outs)],
+            "usage": usage_of(outs, plan.n, ctx.args.enable_cache_report)}
 
 
 async def stream_chunks(tm, reqs: list[TokenizedGenerateReq]) -> AsyncIterator[Chunk]:

@@ -90,14 +90,6 @@ def test_extra_body_sampling_fields(client):
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("extra, field", [({"regex": "a+"}, "regex"), ({"ebnf": "root ::= 'a'"}, "ebnf"),
-                                          ({"response_format": {"type": "json_object"}}, "response_format")])
-def test_structured_output_is_refused_by_name(client, extra, field):
-    with pytest.raises(BadRequestError) as exc:
-        client.chat.completions.create(model=SERVED_NAME, messages=CHAT, max_tokens=4, extra_body=extra)
-    assert exc.value.body["param"] == field and "not supported yet" in exc.value.body["message"]
-
-
 def test_bad_fields_are_named(client):
     cases = [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
              ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"extra_body": {"frobnicate": 1}}, "frobnicate")]
