@@ -1,19 +1,24 @@
 """Where a decode step's time goes, on the in-process scheduler (as `kvyard bench one-batch`).
 
-    python3 benchmarks/h100/profile_decode.py --model-path benchmarks/configs/llama-3.1-8b \
+    python benchmarks/profile_decode.py --batch-size 32 --input-len 128            # CPU, SmolLM2 GGUF
+    python3 benchmarks/profile_decode.py --model-path benchmarks/configs/llama-3.1-8b \
         --load-format dummy --dtype bfloat16 --attention-backend flashinfer --batch-size 1
 
-After a prefill and WARMUP decode steps it profiles STEPS decode steps with torch.profiler and
-prints, per step:
+After the prefill (chunked as the flags say) and WARMUP decode steps it profiles STEPS decode
+steps with torch.profiler and prints, per step:
   wall       host clock around scheduler.step(), synchronized (what one-batch reports)
-  kernels    summed duration of the GPU kernels (and memcpy/memset) the step ran
-  gpu span   first kernel start to last kernel end: kernels plus the gaps between them
-  idle       wall - gpu span: the GPU waiting for the host (scheduling, sampling, planning)
-plus the kernels that take most of the time. gaps = gpu span - kernels is launch overhead
-inside the step (small when the step replays a CUDA graph).
+  kernels    summed duration of the device kernels (and memcpy/memset) the step ran (CUDA only)
+  gpu span   first kernel start to last kernel end over all steps, per step: kernels plus the
+             gaps between them — inside a step (launches) and between steps (host work)
+  idle       wall - gpu span
+then the kernels (CUDA) or operators (CPU, self time) that take most of the time. With
+--cprofile a second pass of STEPS steps runs under cProfile and prints the Python functions
+with the most own time: the host side of a step (scheduler, runner prep, sampling, outputs).
 """
 from __future__ import annotations
 
+import cProfile
+import pstats
 import sys
 import time
 from dataclasses import replace
@@ -29,38 +34,71 @@ WARMUP, STEPS = 20, 50
 
 
 def main(argv: list[str]) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--cprofile", action="store_true", help="also profile the host side with cProfile")
+    ns = parser.parse_args(argv)
+    scheduler = _scheduler_with_batch(ns)
+    on_cuda = torch.cuda.is_available() and scheduler.runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        wall_ms = _timed_steps(scheduler)
+    report(prof, wall_ms, scheduler.runner.attn_backend_name, max(ns.batch_size), on_cuda)
+    if ns.cprofile:
+        host = cProfile.Profile()
+        host.enable()
+        wall_ms = _timed_steps(scheduler)
+        host.disable()
+        print(f"\nhost profile (cProfile, {STEPS} steps, {wall_ms:.3f} ms/step with cProfile on):")
+        pstats.Stats(host).sort_stats("tottime").print_stats(25)
+    return 0
+
+
+def _scheduler_with_batch(ns):
+    """A scheduler whose running batch is ns.batch_size requests past prefill and WARMUP steps."""
     from kvyard.io_struct import TokenizedGenerateReq
     from kvyard.launch import resolve_args
     from kvyard.sampling.params import SamplingParams
     from kvyard.scheduler_process import build_scheduler
 
     bs = max(ns.batch_size)
+    steps = WARMUP + 2 * STEPS + 4
     args = resolve_args(server_args_from(ns))
-    args = replace(args, chunked_prefill_size=-1, skip_tokenizer_init=True, disable_radix_cache=True,
+    args = replace(args, skip_tokenizer_init=True, disable_radix_cache=True,
                    max_running_requests=max(args.max_running_requests or 0, bs),
-                   max_total_tokens=args.max_total_tokens or bs * (ns.input_len + WARMUP + STEPS + 8) + 1024,
-                   max_prefill_tokens=max(args.max_prefill_tokens, bs * ns.input_len))
+                   max_total_tokens=args.max_total_tokens or bs * (ns.input_len + steps + 8) + 1024)
     scheduler = build_scheduler(args)
-    params = SamplingParams.from_dict({"max_new_tokens": WARMUP + STEPS + 4, "temperature": 0, "ignore_eos": True})
+    params = SamplingParams.from_dict({"max_new_tokens": steps, "temperature": 0, "ignore_eos": True})
     params.verify(scheduler.vocab_size)
     params.normalize(None)
-    for i, ids in enumerate(random_prompts(bs, ns.input_len, scheduler.vocab_size, ns.seed)):
-        scheduler.add_request(TokenizedGenerateReq(f"profile-{i}", ids, params))
-    for _ in range(1 + WARMUP):
+    reqs = [TokenizedGenerateReq(f"profile-{i}", ids, params)
+            for i, ids in enumerate(random_prompts(bs, ns.input_len, scheduler.vocab_size, ns.seed))]
+    for req in reqs:
+        scheduler.add_request(req)
+    while len(scheduler.running) < bs or any(not r.output_ids for r in scheduler.running):
+        scheduler.step()
+    for _ in range(WARMUP):
+        scheduler.step()
+    return scheduler
+
+
+def _timed_steps(scheduler) -> float:
+    sync_device()
+    start = time.perf_counter()
+    for _ in range(STEPS):
         scheduler.step()
     sync_device()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(STEPS):
-            scheduler.step()
-        sync_device()
-        wall_ms = 1000 * (time.perf_counter() - start) / STEPS
-    report(prof, wall_ms, scheduler.runner.attn_backend_name, bs)
-    return 0
+    return 1000 * (time.perf_counter() - start) / STEPS
 
 
-def report(prof, wall_ms: float, attention: str, bs: int) -> None:
+def report(prof, wall_ms: float, attention: str, bs: int, on_cuda: bool) -> None:
+    print(f"\ndecode profile: attention {attention}, batch {bs}, {STEPS} steps")
+    if not on_cuda:
+        print(f"  wall {wall_ms:.3f} ms/step")
+        print("  top operators by self CPU time (ms/step):")
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:20]
+        for e in rows:
+            print(f"    {e.self_cpu_time_total / 1000 / STEPS:8.3f}  {e.count // STEPS:5d}x  {e.key[:100]}")
+        return
     device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels_ms = sum(e.device_time for e in device_events) / 1000 / STEPS
     if device_events:
@@ -68,7 +106,6 @@ def report(prof, wall_ms: float, attention: str, bs: int) -> None:
     else:
         span_us = 0
     span_ms = span_us / 1000 / STEPS
-    print(f"\ndecode profile: attention {attention}, batch {bs}, {STEPS} steps")
     print(f"  wall {wall_ms:.3f} ms/step | kernels {kernels_ms:.3f} | gpu span {span_ms:.3f} "
           f"(gaps {span_ms - kernels_ms:.3f}) | idle {wall_ms - span_ms:.3f}")
     totals: dict[str, float] = {}

@@ -175,7 +175,7 @@ part_profile() {
     local b
     for b in $BACKENDS; do
         [ "$b" = torch_native ] && continue
-        step "profile-decode-8b-$b-bs$PROFILE_BS" 150 python3 benchmarks/h100/profile_decode.py --model-path $L8 \
+        step "profile-decode-8b-$b-bs$PROFILE_BS" 150 python3 benchmarks/profile_decode.py --model-path $L8 \
             "${COMMON[@]}" --context-length 4096 --attention-backend "$b" --batch-size "$PROFILE_BS" \
             --input-len "$PROFILE_INPUT_LEN"
         sed -n '/decode profile/,$p' "$LOGS/profile-decode-8b-$b-bs$PROFILE_BS.log"

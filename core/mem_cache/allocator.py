@@ -80,6 +80,32 @@ class SlotAllocator:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def alloc_decode(self, prev_lens: list[int], last_locs: list[int] | None) -> torch.Tensor | None:
+        """int64 [B]: one slot per sequence, for position prev_lens[i] (a decode step), taken in
+        one go instead of B alloc_for_req calls. last_locs[i] is the slot of position
+        prev_lens[i]-1 (only read when page_size > 1 and that page has room). None, with
+        nothing allocated, if there are not enough free pages."""
+        if self.page_size == 1:
+            if len(prev_lens) > self._num_free_pages:
+                return None
+            return self._take_pages(len(prev_lens)).clone()
+        fresh = [p % self.page_size == 0 for p in prev_lens]
+        num_new = sum(fresh)
+        if num_new > self._num_free_pages:
+            return None
+        new_pages = iter(self._take_pages(num_new).tolist())
+        slots = []
+        for is_fresh, prev_len, last_loc in zip(fresh, prev_lens, last_locs or [0] * len(prev_lens)):
+            if is_fresh:
+                slots.append(next(new_pages) * self.page_size)
+                continue
+            if last_loc % self.page_size != (prev_len - 1) % self.page_size:
+                raise ValueError(f"last_loc {last_loc} has offset {last_loc % self.page_size} in its "
+                                 f"page but position {prev_len - 1} needs offset "
+                                 f"{(prev_len - 1) % self.page_size}")
+            slots.append(last_loc + 1)
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
     def free(self, slots: torch.Tensor) -> None:
         """Frees the pages that contain these slots. Freeing a page that is already free, or the
         dummy page, raises AssertionError (both are bookkeeping bugs)."""

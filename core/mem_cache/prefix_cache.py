@@ -93,8 +93,9 @@ class PrefixCache(ABC):
 
 # ---- helpers both caches use for request bookkeeping ------------------------------------------
 def req_kv_slots(req_to_token, req) -> torch.Tensor:
-    """int64 [kv_len] slots of the request's tokens that have KV."""
-    return req_to_token.table[req.req_pool_idx, : req.kv_len].to(torch.int64)
+    """int64 [kv_len] slots of the request's tokens that have KV, on the host (where the
+    allocator and the prefix cache keep slots)."""
+    return req_to_token.table[req.req_pool_idx, : req.kv_len].to("cpu", torch.int64)
 
 
 def detach_req(req_to_token, req) -> None:

@@ -49,6 +49,23 @@ class ReqToTokenPool:
                              f"({self.max_context_len})")
         self.table[row, start:end] = slots.to(device=self.device, dtype=torch.int32)
 
+    def write_tokens(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
+        """table[rows[i], positions[i]] = slots[i] for every i, in one indexed write (a decode
+        step's new slots)."""
+        if not rows:
+            return
+        if min(rows) < 1 or max(rows) > self.max_reqs:
+            raise ValueError(f"rows must be in 1..{self.max_reqs} (row 0 is the dummy row), got {rows}")
+        if min(positions) < 0 or max(positions) >= self.max_context_len:
+            raise ValueError(f"positions must be in 0..{self.max_context_len - 1}, got {positions}")
+        index = torch.tensor([rows, positions], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.table[index[0], index[1]] = slots.to(device=self.device, dtype=torch.int32)
+
+    def read_tokens(self, rows: list[int], positions: list[int]) -> list[int]:
+        """[table[rows[i], positions[i]] for every i] on the host, in one gather."""
+        index = torch.tensor([rows, positions], dtype=torch.int64).to(self.device, non_blocking=True)
+        return self.table[index[0], index[1]].tolist()
+
     def clear(self) -> None:
         self.table.zero_()
         self._free_rows = list(range(self.max_reqs, 0, -1))

@@ -148,3 +148,41 @@ def test_req_to_token_rejects_bad_writes():
         pool.write(0, 0, torch.tensor([1]))
     with pytest.raises(ValueError, match="max_context_len"):
         pool.write(1, 3, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_alloc_decode_matches_one_alloc_per_sequence(page_size):
+    """A batched decode allocation gives each sequence the slot alloc_for_req would: same page
+    offset rule, same pages used, no slot handed out twice."""
+    alloc = SlotAllocator(num_slots=64 * page_size, page_size=page_size)
+    lengths = [1, page_size, page_size + 1, 2 * page_size - 1, 3]
+    seqs = [alloc.alloc_for_req(0, -1, n) for n in lengths]
+    before = alloc.available()
+    new = alloc.alloc_decode([s.numel() for s in seqs], [int(s[-1]) for s in seqs])
+    assert new is not None and new.shape == (len(seqs),)
+    expected_pages = sum(alloc.pages_needed(s.numel(), 1) for s in seqs)
+    assert before - alloc.available() == expected_pages * page_size
+    for seq, slot in zip(seqs, new.tolist()):
+        assert slot % page_size == seq.numel() % page_size
+        if seq.numel() % page_size:
+            assert slot == int(seq[-1]) + 1
+    everything = torch.cat([*seqs, new])
+    assert everything.unique().numel() == everything.numel()
+
+
+def test_alloc_decode_fails_without_side_effects():
+    alloc = SlotAllocator(num_slots=4, page_size=1)
+    assert alloc.alloc_decode([5, 5, 5, 5], None) is None
+    assert alloc.available() == 3
+    assert alloc.alloc_decode([5, 5, 5], None) is not None and alloc.available() == 0
+
+
+def test_req_to_token_write_and_read_tokens():
+    pool = ReqToTokenPool(max_reqs=3, max_context_len=8)
+    pool.write_tokens([1, 3], [0, 7], torch.tensor([11, 13]))
+    assert pool.read_tokens([1, 3, 2], [0, 7, 0]) == [11, 13, 0]
+    assert pool.table[0].abs().sum() == 0
+    with pytest.raises(ValueError, match="rows"):
+        pool.write_tokens([0], [0], torch.tensor([1]))
+    with pytest.raises(ValueError, match="positions"):
+        pool.write_tokens([1], [8], torch.tensor([1]))
