@@ -157,7 +157,8 @@ def _choice(plan: ChatPlan, index: int, out: dict) -> dict:
 
 
 def _forced_calls(plan: ChatPlan, text: str) -> tuple[str, list]:
-    """("", calls) of a constrained output; (text, []) when it is not whole (e.g. cut by max_tokens)."""
+    """("", calls) of a constrained output; (text, []) when it is not whole (cut by max_tokens).
+    An array cut only before the end token is whole: its calls come back, finish_reason "length"."""
     from kvyard.tool_constraints import parse_constrained_tool_calls
 
     try:
