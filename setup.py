@@ -16,6 +16,7 @@ setup(
     packages=packages(),
     package_dir=SOURCES,
     # the GGUF kernels are compiled from source at first use
-    package_data={"kvyard_plugins.quantization": ["*.cpp", "*.h"]},
+    package_data={"kvyard_plugins.quantization": ["*.cpp", "*.h"],
+                  "kvyard_plugins.attention.cpu_kernels": ["*.cpp"]},
     include_package_data=True,
 )

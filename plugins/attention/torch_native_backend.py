@@ -7,9 +7,10 @@ lengths (no device->host sync) and shared by every layer.
 
 extend: per request, SDPA of its new tokens over prefix + new keys. Query j of a request with
         P cached tokens sits at position P + j and sees keys 0 .. P + j.
-decode: all rows at once: K/V gathered head-major into [Hkv, B, L, D] (L = longest sequence),
-        q viewed as [Hkv, B, group, D] for GQA, scores masked past each row's length, softmax in
-        float32.
+decode: on the CPU the C++ kernel of cpu_kernels/ reads K/V straight from the pool (one call
+        per layer, no gather copy). Elsewhere, or where it cannot build: all rows at once, K/V
+        gathered head-major into [Hkv, B, L, D] (L = longest sequence), q viewed as
+        [Hkv, B, group, D] for GQA, scores masked past each row's length, softmax in float32.
 Gathered K/V land in staging buffers allocated once per step and reused by every layer.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kvyard.attention import AttentionBackend
+from kvyard_plugins.attention import cpu_kernels
 
 if TYPE_CHECKING:
     from kvyard.forward_batch import ForwardBatch
@@ -78,6 +80,13 @@ def _gather_head_major(buffer: torch.Tensor, slots: torch.Tensor, out: torch.Ten
     return out
 
 
+def _use_cpu_kernel(fb: "ForwardBatch") -> bool:
+    """Decode on the CPU reads the pool with the C++ kernel where it builds (float32 / bfloat16)."""
+    pool = fb.kv_pool.k_buffer(0)
+    return (pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16)
+            and fb.req_to_token.dtype == torch.int32 and cpu_kernels.available())
+
+
 class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
     supports_cuda_graph = False
@@ -90,7 +99,9 @@ class TorchNativeBackend(AttentionBackend):
             fb.attn_metadata = self._extend_metadata(fb)
 
     @staticmethod
-    def _decode_metadata(fb: "ForwardBatch") -> DecodeMetadata:
+    def _decode_metadata(fb: "ForwardBatch") -> Optional[DecodeMetadata]:
+        if _use_cpu_kernel(fb):
+            return None   # the kernel reads req_to_token itself
         max_len = max(max(fb.seq_lens_cpu), 1)
         rows = fb.req_to_token.index_select(0, fb.req_pool_indices)[:, :max_len].long()
         # a padded row (seq_len 0) still sees its column 0 (the dummy slot) so softmax stays finite
@@ -144,7 +155,12 @@ class TorchNativeBackend(AttentionBackend):
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
         """q [B, H, D] -> [B, H * D]."""
-        meta: DecodeMetadata = fb.attn_metadata
+        meta: Optional[DecodeMetadata] = fb.attn_metadata
+        if meta is None:
+            out = cpu_kernels.paged_decode(
+                q.contiguous(), fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id),
+                fb.req_to_token, fb.req_pool_indices, fb.seq_lens, layer.scaling)
+            return out.view(q.shape[0], -1)
         b, heads, dim = q.shape
         kv_heads, length = layer.num_kv_heads, meta.max_len
         k = _gather_head_major(fb.kv_pool.k_buffer(layer.layer_id), meta.slots, meta.k_stage)

@@ -74,10 +74,22 @@ def test_extend_mixed_prefixes_matches_dense(group, page_size, device):
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["cpu_kernel", "torch_path"])
+def decode_path(request, monkeypatch):
+    """Decode runs both ways on the CPU: the C++ kernel (where it builds) and the gather path."""
+    from kvyard_plugins.attention import cpu_kernels
+    if request.param == "cpu_kernel":
+        if not cpu_kernels.available():
+            pytest.skip("the CPU attention kernels do not build here")
+    else:
+        monkeypatch.setitem(cpu_kernels._state, "ok", False)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_decode_mixed_lengths_matches_dense(group, page_size, device):
+def test_decode_mixed_lengths_matches_dense(group, page_size, device, decode_path):
     torch.manual_seed(group * 100 + page_size)
     heads = KV_HEADS * group
     kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_pages=128,
@@ -104,7 +116,7 @@ def test_decode_mixed_lengths_matches_dense(group, page_size, device):
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_padded_row_on_the_dummy_slot_stays_finite():
+def test_decode_padded_row_on_the_dummy_slot_stays_finite(decode_path):
     """A graph-padding row points at row 0 / slot 0 with seq_len 0; it must not produce NaN."""
     torch.manual_seed(0)
     kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_pages=16)

@@ -1,0 +1,53 @@
+"""kvyard's C++ CPU attention kernels (paged_decode.cpp), built at first use by kvyard.cpp_build.
+
+``paged_decode(q, k_pool, v_pool, table, rows, lens, scale)``: decode attention read straight
+from the paged pool (shapes in the source). ``available()`` says whether the library builds and
+loads here; the first failure is logged once and callers keep their torch path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from kvyard.cpp_build import CppLibrary, load_library
+
+logger = logging.getLogger(__name__)
+
+LIBRARY = CppLibrary(name="attention_kernels",
+                     sources=(Path(__file__).with_name("paged_decode.cpp"),))
+
+_state: dict[str, object] = {}
+
+
+def available() -> bool:
+    """Whether the kernels can run here (KVYARD_CPU_ATTENTION_KERNELS=0 turns them off)."""
+    if "ok" not in _state:
+        _state["ok"] = _load()
+    return bool(_state["ok"])
+
+
+def _load() -> bool:
+    if os.environ.get("KVYARD_CPU_ATTENTION_KERNELS", "1") in ("0", "false"):
+        return False
+    try:
+        load_library(LIBRARY)
+    except Exception as exc:  # no compiler or an incompatible toolchain: the torch path stays
+        logger.warning("CPU attention kernels unavailable, using the torch path: %s", exc)
+        return False
+    _register_fake()
+    return True
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("kvyard_attn::paged_decode")
+    def _paged_decode(q, k_pool, v_pool, table, rows, lens, scale):
+        return torch.empty_like(q)
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                 rows: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D]; see paged_decode.cpp."""
+    return torch.ops.kvyard_attn.paged_decode(q, k_pool, v_pool, table, rows, lens, scale)

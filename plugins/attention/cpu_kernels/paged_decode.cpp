@@ -1,0 +1,193 @@
+// Paged decode attention on the CPU: one query token per sequence against its cached K/V, read
+// straight from the pool through req_to_token (no gather copy), softmax in float32.
+//
+//   q        [B, H, D]          float32 or bfloat16
+//   k_pool   [S, Hkv, D]        the layer's pool (same dtype as q, or float32)
+//   v_pool   [S, Hkv, D]
+//   table    int32 [R, L]       req_to_token; row 0 is all zeros (dummy slot 0)
+//   rows     int64 [B]          table row of each sequence
+//   lens     int64 [B]          tokens of each sequence with K/V (0 for a padded row: it reads
+//                               slot 0 once so its output stays finite)
+//   -> out   [B, H, D]          q's dtype
+//
+// Work is split over (sequence, kv head) pairs; each pair handles its group of H / Hkv query
+// heads so a K/V row is loaded once per group. Per pair: scores = q.k * scale for every cached
+// token, max-subtracted exp, then out = (sum_t p_t v_t) / sum_t p_t. Accumulation in float32.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace kvyard_attn {
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KVYARD_AVX2 1
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for x <= 0 (max-subtracted scores), Cephes' polynomial: within 2 ulp of expf.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t d) {
+  int64_t i = 0;
+  float sum = 0;
+#ifdef KVYARD_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= d; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), acc1);
+  }
+  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc0);
+  sum = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < d; ++i) sum += q[i] * static_cast<float>(k[i]);
+  return sum;
+}
+
+// y += a * x
+template <typename T>
+inline void axpy(float a, const T* x, float* y, int64_t d) {
+  int64_t i = 0;
+#ifdef KVYARD_AVX2
+  const __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < d; ++i) y[i] += a * static_cast<float>(x[i]);
+}
+
+// s[t] = exp(s[t] - max(s)); returns the sum
+inline float softmax_numerator(float* s, int64_t n) {
+  const float m = *std::max_element(s, s + n);
+  int64_t t = 0;
+  float sum = 0;
+#ifdef KVYARD_AVX2
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum(acc);
+#endif
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - m);
+    sum += s[t];
+  }
+  return sum;
+}
+
+template <typename Q, typename KV>
+void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+            const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, double scale,
+            at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_pool.size(1);
+  const int64_t G = H / Hkv, slot_stride = Hkv * D, table_stride = table.stride(0);
+  const Q* qp = q.data_ptr<Q>();
+  const KV* kp = k_pool.data_ptr<KV>();
+  const KV* vp = v_pool.data_ptr<KV>();
+  const int32_t* tp = table.data_ptr<int32_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  Q* op = out.data_ptr<Q>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> qf(G * D), acc(G * D), scores;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / Hkv, h = p % Hkv;
+      const int64_t len = std::max<int64_t>(lp[b], 1);
+      const int32_t* slots = tp + rp[b] * table_stride;
+      const Q* qb = qp + (b * H + h * G) * D;
+      for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qb[i]);
+      scores.resize(G * len);
+      for (int64_t t = 0; t < len; ++t) {
+        const KV* k = kp + static_cast<int64_t>(slots[t]) * slot_stride + h * D;
+        for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qf.data() + g * D, k, D) * fscale;
+      }
+      std::vector<float> denom(G);
+      for (int64_t g = 0; g < G; ++g) denom[g] = softmax_numerator(scores.data() + g * len, len);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < len; ++t) {
+        const KV* v = vp + static_cast<int64_t>(slots[t]) * slot_stride + h * D;
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t], v, acc.data() + g * D, D);
+      }
+      Q* ob = op + (b * H + h * G) * D;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i) ob[g * D + i] = static_cast<Q>(acc[g * D + i] / denom[g]);
+    }
+  });
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                        const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens,
+                        double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes(),
+              "paged_decode: q [B, H, D] and pools [S, Hkv, D] expected");
+  TORCH_CHECK(q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0,
+              "paged_decode: head_dim must match and H must be a multiple of Hkv");
+  TORCH_CHECK(table.scalar_type() == at::kInt && rows.scalar_type() == at::kLong &&
+                  lens.scalar_type() == at::kLong,
+              "paged_decode: table int32, rows and lens int64 expected");
+  TORCH_CHECK(rows.numel() == q.size(0) && lens.numel() == q.size(0),
+              "paged_decode: rows and lens need one entry per sequence");
+  TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  table.stride(1) == 1 && rows.is_contiguous() && lens.is_contiguous(),
+              "paged_decode: contiguous inputs expected");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto qt = q.scalar_type(), kt = k_pool.scalar_type();
+  if (qt == at::kFloat && kt == at::kFloat) {
+    decode<float, float>(q, k_pool, v_pool, table, rows, lens, scale, out);
+  } else if (qt == at::kBFloat16 && kt == at::kBFloat16) {
+    decode<c10::BFloat16, c10::BFloat16>(q, k_pool, v_pool, table, rows, lens, scale, out);
+  } else if (qt == at::kBFloat16 && kt == at::kFloat) {
+    decode<c10::BFloat16, float>(q, k_pool, v_pool, table, rows, lens, scale, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode: unsupported dtypes q ", qt, " pool ", kt);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace kvyard_attn
+
+TORCH_LIBRARY(kvyard_attn, m) {
+  m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor rows, "
+        "Tensor lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvyard_attn, CPU, m) { m.impl("paged_decode", &kvyard_attn::paged_decode); }
