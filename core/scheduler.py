@@ -448,9 +448,11 @@ class _ExtendBuilder:
         self.prefix_lens.append(begin)
         self.extend_lens.append(n)
         if req.return_logprob and req.logprob_start_len >= 0:
-            # row j predicts token j + 1; prompt logprobs cover prompt tokens after logprob_start_len
+            # row j predicts token j + 1; prompt logprobs cover prompt tokens after logprob_start_len,
+            # each once (the re-prefill of a retracted request skips those it already has)
             prompt_len = len(req.origin_input_ids)
-            for pos in range(max(begin, req.logprob_start_len), min(begin + n, prompt_len - 1)):
+            first = max(begin, req.logprob_start_len + len(req.input_token_logprobs))
+            for pos in range(first, min(begin + n, prompt_len - 1)):
                 self.input_logprob_rows.append((i, start + pos - begin, ids[pos + 1]))
         if begin + n == len(ids):
             self.sample_rows.append(start + n - 1)
