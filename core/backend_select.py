@@ -1,4 +1,5 @@
-"""The one place where "auto" plugin choices are resolved, each logged with its reason."""
+"""The one place where "auto" choices are resolved (plugins and automatic defaults), each logged
+with its reason."""
 from __future__ import annotations
 
 import logging
@@ -65,3 +66,24 @@ def resolve_quantization(requested: str | None, load_format: str) -> str | None:
         logger.info("quantization: gguf (auto: the model is a GGUF file; weights stay quantized)")
         return "gguf"
     return None
+
+
+# Overlap scheduling by device when --disable-overlap-schedule is not given: on CUDA the host
+# work of a step hides behind the GPU's; on the CPU the worker thread and the scheduler share
+# the same cores.
+_OVERLAP_DEFAULT = {"cuda": (True, "the host prepares the next batch while the GPU computes"),
+                    "cpu": (False, "the scheduler and the compute share the CPU's cores")}
+
+
+def resolve_overlap_schedule(disable: bool | None, device: str, is_generation: bool = True) -> bool:
+    """Whether the scheduler overlaps scheduling with compute. disable: --disable-overlap-schedule
+    (None when not given: the device's default)."""
+    if not is_generation:
+        logger.info("overlap schedule: off (embedding model: no sampled token to overlap on)")
+        return False
+    if disable is not None:
+        logger.info("overlap schedule: %s (--disable-overlap-schedule=%s)", "off" if disable else "on", disable)
+        return not disable
+    on, why = _OVERLAP_DEFAULT.get(device, (False, f"no measured default for {device}"))
+    logger.info("overlap schedule: %s (auto on %s: %s)", "on" if on else "off", device, why)
+    return on

@@ -251,6 +251,17 @@ class ModelRunner:
             self._input_logprobs(batch, logits[num_sample:], result)
         return result
 
+    # -- overlap scheduling hook (core/overlap_worker.py runs it on its worker thread) ----------
+    @torch.inference_mode()
+    def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits [len(fb.logits_indices), V] of a generation batch already ``prepare``d, left
+        on the device (decode batches replay the decode graphs, as in ``forward``). Overlap
+        prepares batch N+1 while N computes, so ``prepare`` must not reuse per-step buffers."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(fb):
+            return self.decode_graphs.replay(fb)
+        self.attn_backend.init_forward_metadata(fb)
+        return self._logits_step(fb)
+
     def _sample(self, batch: ScheduleBatch, logits: torch.Tensor) -> StepResult:
         if logits.shape[0] == 0:
             return StepResult(next_ids=[])

@@ -1,6 +1,6 @@
 """ScheduleBatch: the requests the scheduler chose for one step, with their KV slots allocated.
 
-Built by the Scheduler (``build_extend`` / ``build_decode``), consumed by the ModelRunner,
+Built by the Scheduler (``_schedule_extend`` / ``_schedule_decode``), consumed by the ModelRunner,
 which turns it into a ForwardBatch. Everything here is host-side lists except the slot
 tensors. Shapes: T new tokens in total, B requests.
 """
@@ -42,6 +42,36 @@ class ScheduleBatch:
     def req_pool_indices(self) -> list[int]:
         return [r.req_pool_idx for r in self.reqs]
 
+    def select(self, keep: list[int]) -> tuple["ScheduleBatch", list[int], list[int]]:
+        """The batch of requests ``keep`` (indices into reqs, ascending), with its token rows,
+        sample rows and prompt-logprob rows renumbered; also which sample entries and which
+        input_logprob_rows entries of this batch it kept (to select a StepResult alike).
+        sampling_info stays this batch's (its rows are the unselected sample rows)."""
+        starts = [0]
+        for n in self.extend_lens:
+            starts.append(starts[-1] + n)
+        new_index = {old: new for new, old in enumerate(keep)}
+        new_start = {}
+        tokens: list[int] = []
+        for old in keep:
+            new_start[old] = len(tokens)
+            tokens += range(starts[old], starts[old + 1])
+        shift = {old: new_start[old] - starts[old] for old in keep}
+        samples = [k for k, i in enumerate(self.sample_req_idx) if i in new_index]
+        inputs = [k for k, (i, _, _) in enumerate(self.input_logprob_rows) if i in new_index]
+        index = torch.tensor(tokens, dtype=torch.int64, device=self.out_cache_loc.device)
+        batch = ScheduleBatch(
+            mode=self.mode, reqs=[self.reqs[i] for i in keep],
+            input_ids=[self.input_ids[t] for t in tokens], positions=[self.positions[t] for t in tokens],
+            out_cache_loc=self.out_cache_loc[index], prefix_lens=[self.prefix_lens[i] for i in keep],
+            extend_lens=[self.extend_lens[i] for i in keep],
+            sample_rows=[self.sample_rows[k] + shift[self.sample_req_idx[k]] for k in samples],
+            sample_req_idx=[new_index[self.sample_req_idx[k]] for k in samples],
+            input_logprob_rows=[(new_index[i], row + shift[i], target)
+                                for i, row, target in (self.input_logprob_rows[k] for k in inputs)],
+            sampling_info=self.sampling_info)
+        return batch, samples, inputs
+
 
 @dataclass
 class StepResult:
@@ -51,3 +81,13 @@ class StepResult:
     input_logprobs: Optional[list[float]] = None        # one per input_logprob_rows entry
     input_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
     embeddings: Optional[torch.Tensor] = None           # [B, hidden] for embedding batches
+
+    def select(self, samples: list[int], inputs: list[int]) -> "StepResult":
+        """The entries of sample rows ``samples`` and prompt-logprob rows ``inputs`` (generation
+        steps; see ScheduleBatch.select)."""
+        def pick(values, ks):
+            return None if values is None else [values[k] for k in ks]
+        return StepResult(next_ids=pick(self.next_ids, samples), logprobs=pick(self.logprobs, samples),
+                          top_logprobs=pick(self.top_logprobs, samples),
+                          input_logprobs=pick(self.input_logprobs, inputs),
+                          input_top_logprobs=pick(self.input_top_logprobs, inputs))

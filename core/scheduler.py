@@ -45,6 +45,7 @@ class SchedulerConfig:
     random_seed: Optional[int] = None
     debug_kv_integrity: bool = False
     max_queued_requests: Optional[int] = None
+    enable_overlap: bool = False           # OverlapScheduler (core/overlap_scheduler.py) when True
 
 
 class Scheduler:
@@ -127,6 +128,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked_req)
 
+    def finish_inflight(self) -> list[ReqUpdate]:
+        """Results of steps launched but not yet processed (none here: ``step`` runs each batch to
+        its end; OverlapScheduler overrides it). Call before touching the runner from outside."""
+        return []
+
+    def close(self) -> None:
+        """Stops helper threads (none here)."""
+
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[ReqUpdate]:
         batch = self._schedule_extend() or self._schedule_decode()
@@ -134,6 +143,7 @@ class Scheduler:
             if self.grammar is not None and self.waiting:
                 self.grammar.wait_for_compile(GRAMMAR_WAIT_S)
             return self._drain_pending()
+        self._advance_kv(batch)
         if self.grammar is not None:
             self.grammar.apply_masks(batch)
         try:
@@ -148,6 +158,12 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         check_kv_integrity(self.allocator, self.cache, self._active(), self.req_to_token)
+
+    @staticmethod
+    def _advance_kv(batch: ScheduleBatch) -> None:
+        """The batch's slots now count as its requests' KV (computed by the forward that follows)."""
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            req.kv_len += n
 
     # -- extend (prefill) -------------------------------------------------------------------
     def _schedule_extend(self) -> Optional[ScheduleBatch]:
@@ -263,14 +279,32 @@ class Scheduler:
         if not self.running:
             return None
         reqs = list(self.running)
-        slots = [self._alloc(r, 1) for r in reqs]
+        slots = self._alloc_decode(reqs)
         batch = ScheduleBatch(
-            mode=ForwardMode.DECODE, reqs=reqs, input_ids=[r.output_ids[-1] for r in reqs],
-            positions=[r.kv_len for r in reqs], out_cache_loc=torch.cat(slots),
+            mode=ForwardMode.DECODE, reqs=reqs, input_ids=[self._input_token(r) for r in reqs],
+            positions=[r.kv_len for r in reqs], out_cache_loc=slots,
             prefix_lens=[r.kv_len for r in reqs], extend_lens=[1] * len(reqs),
             sample_rows=list(range(len(reqs))), sample_req_idx=list(range(len(reqs))))
         batch.sampling_info = self._decode_sampling_info(reqs)
         return batch
+
+    def _alloc_decode(self, reqs: list[Req]) -> torch.Tensor:
+        """int64 [B] one new slot per running request, in one allocation and one table write
+        (per-request calls cost a few tensor ops each: at batch 128 that was most of a step).
+        _reserve_decode_slots made room first."""
+        rows = [r.req_pool_idx for r in reqs]
+        positions = [r.kv_len for r in reqs]
+        last_locs = None
+        if self.page_size > 1:
+            last_locs = self.req_to_token.read_tokens(rows, [p - 1 for p in positions])
+        slots = self.allocator.alloc_decode(positions, last_locs)
+        assert slots is not None, "decode slots were reserved before allocation"
+        self.req_to_token.write_tokens(rows, positions, slots)
+        return slots
+
+    def _input_token(self, req: Req) -> int:
+        """The token a decode step feeds for ``req``: its last output token."""
+        return req.output_ids[-1]
 
     def _reserve_decode_slots(self) -> bool:
         need = sum(self.allocator.pages_needed(r.kv_len, 1) for r in self.running) * self.page_size
@@ -302,13 +336,10 @@ class Scheduler:
     # -- results ----------------------------------------------------------------------------
     def _process(self, batch: ScheduleBatch, result: StepResult) -> list[ReqUpdate]:
         updates = self._drain_pending()
-        for req, n in zip(batch.reqs, batch.extend_lens):
-            req.kv_len += n
         if result.embeddings is not None:
             return updates + self._finish_embeddings(batch, result)
         self._collect_input_logprobs(batch, result)
-        if batch.mode.is_decode() and batch.sampling_info is not None:
-            batch.sampling_info.update_after_step(torch.tensor(result.next_ids, device=self.runner.device))
+        self._record_sampled(batch, result.next_ids)
         sampled = set()
         for k, (i, token) in enumerate(zip(batch.sample_req_idx, result.next_ids)):
             req = batch.reqs[i]
@@ -336,19 +367,27 @@ class Scheduler:
             if req.finished():
                 self._release(req, insert=True)
             elif batch.mode.is_extend():
-                self.running.append(req)
+                self._start_running(req)
             update = self._maybe_update(req)
             if update:
                 updates.append(update)
         return updates
 
+    def _record_sampled(self, batch: ScheduleBatch, next_ids: list[int]) -> None:
+        """Penalty state of the running decode batch follows the tokens it just sampled."""
+        if batch.mode.is_decode() and batch.sampling_info is not None:
+            batch.sampling_info.update_after_step(torch.tensor(next_ids, device=self.runner.device))
+
+    def _start_running(self, req: Req) -> None:
+        """A request whose prefill completed joins the decode batch."""
+        self.running.append(req)
+
     def _fail_batch(self, batch: ScheduleBatch, message: str) -> list[ReqUpdate]:
-        """Aborts every request of a step that raised. Their slots for this step were allocated,
-        so they are counted as owned before the release; nothing is inserted into the cache (the
-        step's KV was never computed)."""
+        """Aborts every request of a step that raised. Their slots for this step were allocated
+        (and counted in kv_len by ``_advance_kv``), so they are owned until this release; nothing
+        is inserted into the cache (the step's KV was never computed)."""
         updates = self._drain_pending()
-        for req, n in zip(batch.reqs, batch.extend_lens):
-            req.kv_len += n
+        for req in batch.reqs:
             self._release(req, insert=False)
             req.finished_reason = FinishReason("abort", message=message)
             updates.append(self._update(req))

@@ -26,12 +26,16 @@ IDLE_POLL_MS = 50
 
 def build_scheduler(args, tokenizer_factory=None):
     """ModelRunner + Scheduler from ServerArgs (also used in-process by tests and benchmarks)."""
+    from kvyard.backend_select import resolve_overlap_schedule
     from kvyard.grammar_manager import load_once, make_grammar_manager
-    from kvyard.model_runner import ModelRunner, RunnerConfig
+    from kvyard.model_runner import ModelRunner
+    from kvyard.overlap_scheduler import OverlapScheduler
     from kvyard.scheduler import Scheduler, SchedulerConfig
 
     runner = ModelRunner(runner_config(args))
     mc = runner.model_config
+    overlap = resolve_overlap_schedule(args.disable_overlap_schedule, runner.device,
+                                       is_generation=getattr(runner.model, "is_generation", True))
     chunk = args.chunked_prefill_size if args.chunked_prefill_size is not None else 8192
     config = SchedulerConfig(
         max_running_requests=runner.max_running_requests, context_length=mc.context_length,
@@ -39,11 +43,12 @@ def build_scheduler(args, tokenizer_factory=None):
         schedule_policy=args.schedule_policy, schedule_conservativeness=args.schedule_conservativeness,
         disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval,
         random_seed=args.random_seed, debug_kv_integrity=args.debug_kv_integrity,
-        max_queued_requests=args.max_queued_requests)
+        max_queued_requests=args.max_queued_requests, enable_overlap=overlap)
     tokenizer_factory = load_once(tokenizer_factory)  # shared by the stop checker and the grammars
     grammar = make_grammar_manager(args.grammar_backend, mc.vocab_size, mc.eos_token_ids, tokenizer_factory,
                                    args.constrained_json_whitespace_pattern)
-    return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory, grammar=grammar)
+    scheduler_cls = OverlapScheduler if config.enable_overlap else Scheduler
+    return scheduler_cls(config, runner, mc.eos_token_ids, tokenizer_factory, grammar=grammar)
 
 
 def runner_config(args):
@@ -91,7 +96,7 @@ def scheduler_info(scheduler) -> dict[str, Any]:
             "context_length": mc.context_length, "vocab_size": mc.vocab_size,
             "attention_backend": runner.attn_backend_name, "dtype": str(runner.dtype).replace("torch.", ""),
             "quantization": runner.quantization, "device": runner.device, "pid": os.getpid(),
-            "page_size": runner.config.page_size,
+            "page_size": runner.config.page_size, "overlap_schedule": scheduler.config.enable_overlap,
             "is_embedding": not getattr(runner.model, "is_generation", True)}
 
 
@@ -164,6 +169,9 @@ class SchedulerLoop:
                 s.check_integrity()
                 return ControlReply(msg.id, True)
             if msg.op == "update_weights":
+                finished = s.finish_inflight()   # the worker must be idle while the model changes
+                if finished:
+                    self.outbox.send_pyobj(BatchTokenOut(finished))
                 s.runner.update_weights(msg.args["model_path"], msg.args.get("load_format"))
                 s.cache.reset() if not s.has_work() else None
                 return ControlReply(msg.id, True, message="weights updated")

@@ -83,6 +83,7 @@ class ServerArgs:
     cuda_graph_bs: Optional[list[int]] = _f(None, "decode batch sizes to capture, e.g. 1 2 4 8 (overrides --cuda-graph-max-bs)", "runtime", nargs="+")
     disable_cuda_graph: bool = _f(False, "run decode eagerly (no CUDA-graph capture)", "runtime")
     disable_cuda_graph_padding: bool = _f(False, "replay a graph only for a batch of exactly a captured size (no padding)", "runtime")
+    disable_overlap_schedule: Optional[bool] = _f(None, "schedule each batch after the previous one's results instead of while it computes (default: overlap on CUDA, not on the CPU; unset = that default)", "runtime")
 
     # -- parsers and grammar ------------------------------------------------------------
     tool_call_parser: Optional[str] = _f(None, "tool-call parser", "parsers", registry="tool_call_parsers")
@@ -165,7 +166,7 @@ class ServerArgs:
                 continue
             flag = "--" + f.name.replace("_", "-")
             kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
-            if f.type in ("bool", bool):
+            if f.type in ("bool", bool, "Optional[bool]"):   # Optional: unset leaves an automatic default
                 group.add_argument(flag, action="store_true", **kwargs)
                 continue
             kwargs["type"] = _arg_type(f.type)

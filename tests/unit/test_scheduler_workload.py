@@ -1,6 +1,7 @@
 """A randomized workload through the in-process Scheduler: shared prefixes, chunked prefill,
 aborts, and a KV pool small enough to force eviction and retraction. The KV integrity check runs
-after every step; finished greedy requests must still equal transformers; no slot leaks."""
+after every step; finished greedy requests must still equal transformers; no slot leaks. Each
+workload runs with overlap scheduling off and on: the outputs must be token-identical."""
 from __future__ import annotations
 
 import random
@@ -8,24 +9,35 @@ import random
 import pytest
 
 from kvyard.io_struct import TokenizedGenerateReq
+from kvyard.overlap_scheduler import OverlapScheduler
 from kvyard.sampling.params import SamplingParams
 from kvyard.scheduler_process import build_scheduler
 from kvyard.server_args import ServerArgs
 
 
-def make_params(max_new: int) -> SamplingParams:
-    p = SamplingParams.from_dict({"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True})
+def make_params(max_new: int, **extra) -> SamplingParams:
+    p = SamplingParams.from_dict({"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True, **extra})
     p.verify(256)
     return p.normalize(None)
 
 
-@pytest.mark.parametrize("page_size, radix", [(1, True), (4, True), (1, False)])
-def test_random_workload_with_aborts_and_retractions(tiny_models, hf_greedy, page_size, radix):
-    path, hf_model = tiny_models["llama"]
+def sampled_params(rng: random.Random, max_new: int) -> SamplingParams:
+    """Seeded sampling; some requests with penalties (overlap sync points) or logprobs."""
+    extra = rng.choice([{}, {}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.3},
+                        {"min_new_tokens": max_new // 2}])
+    return make_params(max_new, temperature=0.8, top_p=0.95, top_k=rng.choice([-1, 20]), **extra)
+
+
+def run_workload(path: str, page_size: int, radix: bool, overlap: bool, sampling: bool = False):
+    """200 requests arriving at random over a pool that forces eviction and retraction, with
+    random aborts; the KV integrity check runs after every step. Returns (scheduler, prompts,
+    {rid: final update} of requests that finished, aborted rids)."""
     args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=320,
                       page_size=page_size, chunked_prefill_size=24, disable_radix_cache=not radix,
-                      max_running_requests=12, debug_kv_integrity=True, log_level="warning")
+                      max_running_requests=12, debug_kv_integrity=True, log_level="warning",
+                      disable_overlap_schedule=not overlap)
     scheduler = build_scheduler(args)
+    assert isinstance(scheduler, OverlapScheduler) == overlap
     rng = random.Random(page_size * 10 + radix)
     stems = [[rng.randrange(1, 256) for _ in range(rng.randrange(8, 40))] for _ in range(6)]
     prompts, finished, aborted = {}, {}, set()
@@ -35,7 +47,11 @@ def test_random_workload_with_aborts_and_retractions(tiny_models, hf_greedy, pag
             ids = rng.choice(stems) + [rng.randrange(1, 256) for _ in range(rng.randrange(1, 30))]
             rid = f"r{next_id}"
             prompts[rid] = ids
-            scheduler.add_request(TokenizedGenerateReq(rid, ids, make_params(rng.randrange(1, 24))))
+            max_new = rng.randrange(1, 24)
+            params = sampled_params(rng, max_new) if sampling else make_params(max_new)
+            scheduler.add_request(TokenizedGenerateReq(  # every 5th with logprobs, every 10th prompt ones too
+                rid, ids, params, sampling_seed=next_id, return_logprob=next_id % 5 == 0, top_logprobs_num=2,
+                logprob_start_len=0 if next_id % 10 == 0 else -1))
             next_id += 1
         updates = scheduler.step()
         if rng.random() < 0.05 and next_id:
@@ -47,7 +63,7 @@ def test_random_workload_with_aborts_and_retractions(tiny_models, hf_greedy, pag
                 if u.finished_reason["type"] == "abort":
                     aborted.add(u.rid)
                 else:
-                    finished[u.rid] = (u.completion_tokens, u)
+                    finished[u.rid] = u   # a non-streaming request's final update has all its tokens
         if next_id >= 200 and not scheduler.has_work():
             break
     assert not scheduler.has_work()
@@ -56,24 +72,49 @@ def test_random_workload_with_aborts_and_retractions(tiny_models, hf_greedy, pag
     scheduler.check_integrity()
     scheduler.cache.reset()
     assert scheduler.allocator.available() == scheduler.runner.max_total_tokens  # nothing leaked
+    scheduler.close()
+    return scheduler, prompts, finished, aborted
+
+
+def assert_same_outputs(plain: dict, overlapped: dict) -> None:
+    """Requests that finished in both runs (an abort may catch a request at another point of its
+    life with overlap) have the same tokens and logprobs."""
+    both = sorted(set(plain) & set(overlapped))
+    assert len(both) >= 150, f"only {len(both)} requests finished in both runs"
+    for rid in both:
+        a, b = plain[rid], overlapped[rid]
+        assert a.new_token_ids == b.new_token_ids, rid
+        assert a.finished_reason == b.finished_reason, rid
+        for field in ("output_token_logprobs", "input_token_logprobs"):
+            pairs_a, pairs_b = getattr(a, field) or [], getattr(b, field) or []
+            assert [t for _, t in pairs_a] == [t for _, t in pairs_b], (rid, field)
+            assert [lp or 0.0 for lp, _ in pairs_a] == pytest.approx([lp or 0.0 for lp, _ in pairs_b], abs=1e-4)
+
+
+@pytest.mark.parametrize("page_size, radix", [(1, True), (4, True), (1, False)])
+def test_random_workload_with_aborts_and_retractions(tiny_models, hf_greedy, page_size, radix):
+    path, hf_model = tiny_models["llama"]
+    _, prompts, plain, _ = run_workload(path, page_size, radix, overlap=False)
+    _, _, overlapped, _ = run_workload(path, page_size, radix, overlap=True)
+    assert_same_outputs(plain, overlapped)
     # Greedy outputs of finished requests (retracted or not) equal transformers.
-    outputs = {}
-    for rid, req_ids in _collect_outputs(scheduler, prompts, finished).items():
-        outputs[rid] = req_ids
-    for rid in rng.sample(sorted(outputs), 20):
-        n = len(outputs[rid])
-        assert outputs[rid] == hf_greedy(hf_model, prompts[rid], n), rid
+    rng = random.Random(page_size)
+    for rid in rng.sample(sorted(plain), 20):
+        ids = list(plain[rid].new_token_ids)
+        assert ids == hf_greedy(hf_model, prompts[rid], len(ids)), rid
 
 
-def _collect_outputs(scheduler, prompts, finished):
-    # The final update of a non-streaming request carries all its tokens.
-    return {rid: list(u.new_token_ids) for rid, (_, u) in finished.items()}
+def test_seeded_sampling_workload_is_the_same_with_and_without_overlap(tiny_models):
+    path, _ = tiny_models["llama"]
+    _, _, plain, _ = run_workload(path, 1, True, overlap=False, sampling=True)
+    _, _, overlapped, _ = run_workload(path, 1, True, overlap=True, sampling=True)
+    assert_same_outputs(plain, overlapped)
 
 
 def test_a_failing_step_aborts_its_requests_and_frees_their_slots(tiny_models):
     path, _ = tiny_models["llama"]
     args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=256,
-                      chunked_prefill_size=-1, log_level="warning")
+                      chunked_prefill_size=-1, log_level="warning", disable_overlap_schedule=True)
     scheduler = build_scheduler(args)
     real_forward = scheduler.runner.forward
     calls = {"n": 0}
