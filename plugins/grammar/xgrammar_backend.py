@@ -34,6 +34,19 @@ BATCH_FILL_MIN_CPUS = 8
 # instead of finishing the object. outlines' default, "[ ]?", is stricter still.
 JSON_MAX_WHITESPACE = 6
 _JSON_OPTIONS = dict(any_whitespace=True, max_whitespace_cnt=JSON_MAX_WHITESPACE)
+# xgrammar (<= 0.2.8) writes a string with minLength/maxLength as a repeat of [^"\\\r\n]: raw
+# control characters (tab, \x01...) pass, which makes invalid JSON (RFC 8259 wants them escaped).
+# Its unbounded strings exclude \0-\x1f; the bounded ones are given the same class here.
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+
+
+def json_schema_grammar(spec: str):
+    """xgrammar's grammar of a JSON schema, with control characters kept out of every string."""
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_json_schema(spec, **_JSON_OPTIONS))
+    return xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 def compiler_message(exc: BaseException) -> str:
@@ -92,7 +105,7 @@ class XGrammarBackend(GrammarBackend):
     def validate(self, kind: str, spec: str) -> None:
         import xgrammar as xgr
 
-        builders = {"json_schema": lambda: xgr.Grammar.from_json_schema(spec, **_JSON_OPTIONS),
+        builders = {"json_schema": lambda: json_schema_grammar(spec),
                     "regex": lambda: xgr.Grammar.from_regex(spec),
                     "ebnf": lambda: xgr.Grammar.from_ebnf(spec),
                     "structural_tag": lambda: xgr.Grammar.from_structural_tag(spec)}
@@ -101,7 +114,7 @@ class XGrammarBackend(GrammarBackend):
 
     def compile(self, kind: str, spec: str) -> XGrammarCompiled:
         compiler = self._get_compiler()
-        compilers = {"json_schema": lambda s: compiler.compile_json_schema(s, **_JSON_OPTIONS),
+        compilers = {"json_schema": lambda s: compiler.compile_grammar(json_schema_grammar(s)),
                      "regex": compiler.compile_regex,
                      "ebnf": compiler.compile_grammar, "structural_tag": compiler.compile_structural_tag}
         with _compiler_errors(kind):

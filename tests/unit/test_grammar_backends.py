@@ -265,3 +265,16 @@ def test_xgrammar_batched_fill_equals_one_by_one(tiny_tokenizer, pieces, monkeyp
     for matcher, row in zip(matchers, [4, 0, 2]):
         matcher.fill_bitmask(single, row)
     assert torch.equal(batched, single) and (batched[1] == -1).all() and (batched[3] == -1).all()
+
+
+def test_xgrammar_bounded_strings_keep_control_characters_out():
+    """A string with maxLength must not take a raw tab (invalid JSON), as unbounded ones don't."""
+    pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+    from kvyard_plugins.grammar.xgrammar_backend import json_schema_grammar
+
+    schema = json.dumps({"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+                         "required": ["city"]})
+    grammar = json_schema_grammar(schema)
+    assert accepts(grammar, '{"city": "Paris"}')
+    assert not accepts(grammar, '{"city": "a\tb"}')
