@@ -3,7 +3,11 @@ with its reason."""
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
+from typing import Mapping, Sequence
 
+from kvyard.attention import AttentionConfig
+from kvyard.attention_timing import AttentionTiming
 from kvyard.plugins import PluginError, registry
 
 logger = logging.getLogger(__name__)
@@ -13,18 +17,76 @@ _ATTENTION_PREFERENCE = {"cuda": ("flashinfer", "triton", "torch_native"),
                          "cpu": ("torch_native", "flex_attention")}
 
 
-def resolve_attention_backend(requested: str, device: str) -> str:
+# On the CPU "auto" times the installed candidates on the model's head shapes; a later one in
+# the preference order wins only when it is this much faster than the earlier one (noise).
+MEASURED_MARGIN = 0.9
+
+
+def resolve_attention_backend(requested: str, device: str, attention: AttentionConfig | None = None) -> str:
+    """A backend name. "auto": on CUDA the first installed of the preference order; on the CPU,
+    given ``attention`` (the model's head shapes), torch_native or flex_attention by a quick
+    timing (attention_timing.py, cached per shape), else the first installed."""
     reg = registry("attention_backends")
     if requested != "auto":
         reg.entry(requested)  # unknown name -> PluginError listing the valid ones
         return requested
-    for name in _ATTENTION_PREFERENCE.get(device, ("torch_native",)):
+    preference = _ATTENTION_PREFERENCE.get(device, ("torch_native",))
+    if device == "cpu" and attention is not None:
+        candidates = tuple(n for n in preference if n in reg and _can_run(reg, n, device))
+        if len(candidates) > 1:
+            name, why = pick_by_timing(candidates, _timings(candidates, attention))
+            logger.info("attention backend: %s (auto on cpu, timed on the model's head shapes: %s)", name, why)
+            return name
+    for name in preference:
         if name in reg and _can_run(reg, name, device):
             logger.info("attention backend: %s (auto: first installed of %s on %s)",
-                        name, ", ".join(_ATTENTION_PREFERENCE[device]), device)
+                        name, ", ".join(preference), device)
             return name
     raise ValueError(f"attention_backend: no attention plugin installed for {device}; "
                      f"installed: {', '.join(reg.names()) or '(none)'}")
+
+
+def pick_by_timing(candidates: Sequence[str], timings: Mapping[str, AttentionTiming | BaseException]
+                   ) -> tuple[str, str]:
+    """(backend, why) from each candidate's timing or the exception its timing raised.
+    candidates: in preference order. A failed candidate is never picked; when all failed, the
+    first is (its own error then shows where it is used)."""
+    ran = {n: timings[n] for n in candidates if isinstance(timings[n], AttentionTiming)}
+    why = "; ".join(f"{n} {t.describe()}" if n in ran else f"{n} failed ({type(t).__name__}: {t})"
+                    for n, t in ((n, timings[n]) for n in candidates))
+    if not ran:
+        return candidates[0], why + f"; none ran, {candidates[0]} as the first installed"
+    chosen = next(iter(ran))                      # the most preferred that ran
+    fastest = min(ran, key=lambda n: ran[n].total_s)
+    if ran[fastest].total_s < MEASURED_MARGIN * ran[chosen].total_s:
+        chosen = fastest
+    return chosen, why
+
+
+def _timings(candidates: tuple[str, ...], attention: AttentionConfig) -> dict:
+    """Per candidate its AttentionTiming or the exception its timing raised."""
+    return _timings_per_shape(candidates, attention.num_heads, attention.num_kv_heads, attention.head_dim,
+                              attention.dtype, attention.page_size)
+
+
+@lru_cache(maxsize=16)
+def _timings_per_shape(candidates: tuple[str, ...], heads: int, kv_heads: int, head_dim: int,
+                       dtype, page_size: int) -> dict:
+    from kvyard.attention_timing import time_backend
+
+    config = AttentionConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                             device="cpu", page_size=page_size, max_context_len=1, max_batch_size=1)
+    reg = registry("attention_backends")
+    out: dict = {}
+    give_up_s = float("inf")          # once one ran: what a later candidate must beat
+    for name in candidates:
+        try:
+            out[name] = time_backend(reg.get(name), config, give_up_s=give_up_s)
+        except Exception as exc:      # a candidate that cannot run these shapes is not chosen
+            out[name] = exc
+            continue
+        give_up_s = min(give_up_s, MEASURED_MARGIN * out[name].total_s)
+    return out
 
 
 def _can_run(reg, name: str, device: str) -> bool:
@@ -42,10 +104,10 @@ def _can_run(reg, name: str, device: str) -> bool:
 
 
 def resolve_attention_backends(requested: str, prefill: str | None, decode: str | None,
-                               device: str) -> tuple[str, str]:
+                               device: str, attention: AttentionConfig | None = None) -> tuple[str, str]:
     """(extend backend, decode backend). --prefill-attention-backend / --decode-attention-backend
     override --attention-backend for their mode; two different names make a hybrid."""
-    base = None if prefill and decode else resolve_attention_backend(requested, device)
+    base = None if prefill and decode else resolve_attention_backend(requested, device, attention)
     prefill_name = resolve_attention_backend(prefill, device) if prefill else base
     decode_name = resolve_attention_backend(decode, device) if decode else base
     if prefill_name != decode_name:

@@ -81,7 +81,7 @@ class ModelRunner:
         self._init_memory()
         prefill_name, decode_name = resolve_attention_backends(
             config.attention_backend, config.prefill_attention_backend, config.decode_attention_backend,
-            self.device)
+            self.device, attention=self._attention_config())
         self.attn_backend, self.attn_backend_name = build_attention_backend(
             self._attention_config(), prefill_name, decode_name)
         self.sampler = Sampler()
