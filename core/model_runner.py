@@ -186,7 +186,9 @@ class ModelRunner:
         num_slots = (tokens // page + 1) * page  # + the dummy page
         self.max_total_tokens = num_slots - page
         self.kv_pool = KVPool(num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
-        self.allocator = SlotAllocator(num_slots, page, self.device)
+        # page bookkeeping stays on the host: its small ops would each be a launch (and the
+        # frees a sync) on a GPU; slots reach the device once per step, in prepare()
+        self.allocator = SlotAllocator(num_slots, page, "cpu")
         max_reqs = cfg.max_running_requests or max(1, min(512, self.max_total_tokens // 64))
         self.max_running_requests = max_reqs
         self.req_to_token = ReqToTokenPool(max_reqs, mc.context_length + page, self.device)
