@@ -8,9 +8,10 @@ paged pool whose pages are scattered as in a running server:
   decode  8 requests, one new token each over 192 cached ones
 After one untimed warm-up of each (kernel builds, lazy imports), the best of up to 3 runs
 counts (one when a run is slow); a candidate whose extend step alone already loses is not
-timed on decode. The timed steps take milliseconds for small models with torch_native and
-~0.1-0.2 s with FlexAttention, whose eager CPU path is much slower; its first call in a process
-also pays torch's one-time setup (about a second here).
+timed on decode. On SmolLM2's shapes (2 cores) the timed steps took ~2 ms with torch_native and
+~22 ms with FlexAttention (extend only: it lost there); FlexAttention's first call in a process
+adds torch's one-time setup, ~1 s in a scheduler process (which has imported torch._dynamo
+already), so "auto" added 0.3-1.7 s to a 12 s start-up.
 """
 from __future__ import annotations
 

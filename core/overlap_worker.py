@@ -13,7 +13,8 @@ non-blocking copies, and ``wait`` synchronizes on the event recorded after them 
 — the host never waits for the device except for the results it is about to process. The
 decode graphs (CUDA graphs / torch.compile buckets) are replayed on that stream as usual.
 On the CPU the worker is a plain thread: torch releases the GIL inside ops, so the scheduler's
-Python work runs while the worker computes.
+Python work runs while the worker computes (correct, but measured slower on 2 cores, so off by
+default there: backend_select.resolve_overlap_schedule).
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ class OverlapWorker:
         self.future = future
         self.device = torch.device(runner.device)
         self.is_cuda = self.device.type == "cuda"
+        if self.is_cuda and self.device.index is None:     # the thread's current device is its own
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self._queue: "queue.SimpleQueue[Optional[LaunchedStep]]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="kvyard-overlap-worker", daemon=True)

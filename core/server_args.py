@@ -83,7 +83,7 @@ class ServerArgs:
     cuda_graph_bs: Optional[list[int]] = _f(None, "decode batch sizes to capture, e.g. 1 2 4 8 (overrides --cuda-graph-max-bs)", "runtime", nargs="+")
     disable_cuda_graph: bool = _f(False, "run decode eagerly (no CUDA-graph capture)", "runtime")
     disable_cuda_graph_padding: bool = _f(False, "replay a graph only for a batch of exactly a captured size (no padding)", "runtime")
-    disable_overlap_schedule: Optional[bool] = _f(None, "schedule each batch after the previous one's results instead of while it computes (default: overlap on CUDA, not on the CPU; unset = that default)", "runtime")
+    disable_overlap_schedule: Optional[bool] = _f(None, "schedule each batch after the previous one's results instead of while it computes; unset: overlap on CUDA, not on the CPU (measured slower there; `disable_overlap_schedule: false` in --config or the Engine forces it on)", "runtime")
 
     # -- parsers and grammar ------------------------------------------------------------
     tool_call_parser: Optional[str] = _f(None, "tool-call parser", "parsers", registry="tool_call_parsers")

@@ -32,13 +32,17 @@ def test_embedding_models_never_overlap(caplog):
     assert "embedding model" in caplog.text
 
 
-def test_disable_overlap_schedule_flag_is_unset_unless_given():
+def test_disable_overlap_schedule_flag_is_unset_unless_given(tmp_path):
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     assert "--disable-overlap-schedule" in parser.format_help()
     given = ServerArgs.from_cli_namespace(parser.parse_args(["--disable-overlap-schedule"]))
     assert given.disable_overlap_schedule is True
     assert ServerArgs.from_cli_namespace(parser.parse_args([])).disable_overlap_schedule is None
+    config = tmp_path / "overlap.yaml"
+    config.write_text("disable_overlap_schedule: false\n")          # forces overlap on (the CPU too)
+    forced = ServerArgs.from_cli_namespace(parser.parse_args(["--config", str(config)]))
+    assert forced.disable_overlap_schedule is False
 
 
 # -- attention "auto" on the CPU by timing ----------------------------------------------------
