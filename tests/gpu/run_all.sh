@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU correctness test on CUDA, with each attention plugin, with and without CUDA graphs,
-# in one command; prints a short table (tests/gpu/summarize.py) and exits non-zero on a failure.
+# Every GPU correctness test on CUDA, with each attention plugin, with and without CUDA graphs
+# and overlap scheduling, in one command; prints a short table (tests/gpu/summarize.py) and
+# exits non-zero on a failure.
 #
 #   bash tests/gpu/run_all.sh            from anywhere; needs a CUDA device and kvyard importable
 #                                        (installed editable here when it is not)
@@ -9,16 +10,21 @@
 #   kernels     tests/gpu/test_gpu_kernels.py   triton / flex_attention / torch_native vs dense
 #               attention, triton decode through real CUDA graphs, the fused layer kernels
 #   engine      tests/gpu/test_gpu_engine.py    Engine greedy == transformers per plugin, graphs
-#               on / off / no padding, fused kernels on / off, a prefill/decode hybrid
+#               on / off / no padding, fused kernels on / off, a prefill/decode hybrid; overlap
+#               scheduling on (the CUDA default)
+#   engine-no-overlap  the same with --disable-overlap-schedule (KVYARD_TEST_DISABLE_OVERLAP=1)
+#   overlap     tests/gpu/test_gpu_overlap.py   overlap on == off on a workload with aborts
+#               (triton graphs, torch_native), the worker stream and events, the future map
 #   flashinfer  tests/gpu/test_flashinfer.py    (skipped where flashinfer is not installed)
 #   core-cuda   the CPU suite's CUDA-parametrized cases (torch_native, llama vs transformers)
-# Environment: SUITES (default "kernels engine flashinfer core-cuda"), SUITE_TIMEOUT_S (900).
+# Environment: SUITES (default "kernels engine engine-no-overlap overlap flashinfer core-cuda"),
+# SUITE_TIMEOUT_S (900).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 OUT_DIR=${OUT:-/tmp/kvyard_gpu}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"kernels engine flashinfer core-cuda"}
+SUITES=${SUITES:-"kernels engine engine-no-overlap overlap flashinfer core-cuda"}
 SUITE_TIMEOUT_S=${SUITE_TIMEOUT_S:-900}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET KVYARD_TRITON_OPS
@@ -44,7 +50,9 @@ suite() {   # suite NAME PYTEST_ARGS...
 for s in $SUITES; do
     case $s in
         kernels)    suite kernels tests/gpu/test_gpu_kernels.py ;;
-        engine)     suite engine tests/gpu/test_gpu_engine.py ;;
+        engine)     KVYARD_TEST_DISABLE_OVERLAP=0 suite engine tests/gpu/test_gpu_engine.py ;;
+        engine-no-overlap) KVYARD_TEST_DISABLE_OVERLAP=1 suite engine-no-overlap tests/gpu/test_gpu_engine.py ;;
+        overlap)    suite overlap tests/gpu/test_gpu_overlap.py ;;
         flashinfer) suite flashinfer tests/gpu/test_flashinfer.py ;;
         core-cuda)  suite core-cuda tests/unit/test_torch_native_attention.py tests/unit/test_llama_vs_hf.py -k cuda ;;
         *) echo "run_all.sh: unknown suite $s"; exit 2 ;;

@@ -1,5 +1,6 @@
 """Engine-level greedy equality on a CUDA device (skipped elsewhere), per attention plugin, with
-and without CUDA graphs, and with the fused Triton layer kernels on and off.
+and without CUDA graphs, and with the fused Triton layer kernels on and off; overlap scheduling
+on, or off with KVYARD_TEST_DISABLE_OVERLAP=1 (run_all.sh runs both).
 
 Tiny random Llama-family checkpoints (tests/conftest.py) in float32 through kvyard.Engine on
 cuda: chunked prefill (16), a shared prefix and a second pass on radix-cache hits, page sizes 1
@@ -23,6 +24,8 @@ from kvyard import Engine  # noqa: E402
 
 NEW_TOKENS = 16
 PARAMS = {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}
+# tests/gpu/run_all.sh runs this file twice: overlap scheduling on (the CUDA default) and off
+DISABLE_OVERLAP = os.environ.get("KVYARD_TEST_DISABLE_OVERLAP", "0") == "1"
 
 # (id, Engine kwargs, extra environment): every plugin, graphs on/off, fused kernels on/off
 CASES = [
@@ -60,7 +63,9 @@ def test_greedy_equals_transformers(tiny_models, hf_greedy, monkeypatch, arch, c
     page_size = 16 if arch == "llama3-rope" else 1
     with Engine(model_path=path, device="cuda", dtype="float32", chunked_prefill_size=16,
                 skip_tokenizer_init=True, page_size=page_size, max_total_tokens=4096,
-                debug_kv_integrity=True, log_level="warning", **kwargs) as engine:
+                debug_kv_integrity=True, log_level="warning", disable_overlap_schedule=DISABLE_OVERLAP,
+                **kwargs) as engine:
+        assert engine.get_server_info()["overlap_schedule"] is not DISABLE_OVERLAP
         outs = engine.generate(input_ids=prompts, sampling_params=PARAMS)
         assert [o["output_ids"] for o in outs] == expected
         again = engine.generate(input_ids=prompts[::-1], sampling_params=PARAMS)   # radix hits
