@@ -70,6 +70,9 @@ def _run_batch(scheduler, bs: int, input_len: int, output_len: int, seed: int) -
     sync_device()
     start = time.perf_counter()
     scheduler.step()  # the whole batch prefills in one step (chunking is off)
+    finish_inflight = getattr(scheduler, "finish_inflight", None)
+    if finish_inflight is not None:  # overlap scheduling only launched it: wait for its tokens
+        finish_inflight()
     sync_device()
     prefill_s = time.perf_counter() - start
     steps = []
