@@ -43,7 +43,10 @@ def run(ns) -> int:
             prompts = {"prompt": dataset_prompts(ns.dataset_path, ns.num_prompts)}
         else:
             prompts = {"input_ids": random_prompts(ns.num_prompts, ns.input_len, info["vocab_size"], ns.seed)}
-        engine.generate(input_ids=[[101] * 8], sampling_params={"max_new_tokens": 2})  # warm-up
+        # warm-up at batch 1 and at a full batch: a torch.compile'd decode step compiles for the
+        # first size and once more, shape-generic, for the second
+        for n in (1, min(ns.num_prompts, 32)):
+            engine.generate(input_ids=[[101 + i] * 8 for i in range(n)], sampling_params={"max_new_tokens": 4})
         engine.flush_cache()
         with console.status(f"running {ns.num_prompts} prompts…"):
             start = time.perf_counter()
