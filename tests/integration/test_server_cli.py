@@ -107,6 +107,7 @@ TOOL_TEXT = ('<think>The user wants weather.</think>Checking. <tool_call>\n'
 def _plan():
     from kvyard.server.openai_chat import ChatPlan
     return ChatPlan(id="chatcmpl-x", created=0, n=1, logprobs=False, tools=TOOLS, tool_call_parser="qwen25",
+                    forced_tools=False,
                     reasoning_parser="deepseek-r1", stream_reasoning=True)
 
 
