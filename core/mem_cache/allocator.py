@@ -68,10 +68,7 @@ class SlotAllocator:
         tail = min(n, self._tail_room(prev_len))
         parts = []
         if tail > 0:
-            if last_loc % self.page_size != (prev_len - 1) % self.page_size:
-                raise ValueError(f"last_loc {last_loc} has offset {last_loc % self.page_size} in its "
-                                 f"page but position {prev_len - 1} needs offset "
-                                 f"{(prev_len - 1) % self.page_size}")
+            self._check_last_loc(prev_len, last_loc)
             parts.append(torch.arange(last_loc + 1, last_loc + 1 + tail, dtype=torch.int64,
                                       device=self.device))
         if num_new > 0:
@@ -99,10 +96,7 @@ class SlotAllocator:
             if is_fresh:
                 slots.append(next(new_pages) * self.page_size)
                 continue
-            if last_loc % self.page_size != (prev_len - 1) % self.page_size:
-                raise ValueError(f"last_loc {last_loc} has offset {last_loc % self.page_size} in its "
-                                 f"page but position {prev_len - 1} needs offset "
-                                 f"{(prev_len - 1) % self.page_size}")
+            self._check_last_loc(prev_len, last_loc)
             slots.append(last_loc + 1)
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
 
@@ -125,6 +119,13 @@ class SlotAllocator:
         self._num_free_pages += int(pages.numel())
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _check_last_loc(self, prev_len: int, last_loc: int) -> None:
+        """The slot of position prev_len-1 must sit at that position's offset in its page."""
+        if last_loc % self.page_size != (prev_len - 1) % self.page_size:
+            raise ValueError(f"last_loc {last_loc} has offset {last_loc % self.page_size} in its "
+                             f"page but position {prev_len - 1} needs offset "
+                             f"{(prev_len - 1) % self.page_size}")
+
     def _tail_room(self, prev_len: int) -> int:
         """Unused slots left in the page of position prev_len-1."""
         offset = prev_len % self.page_size
