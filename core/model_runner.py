@@ -27,6 +27,7 @@ from kvyard.plugins import registry
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
 from kvyard.schedule_batch import ScheduleBatch, StepResult
+from kvyard.step_sampling import sample_outputs, sampling_spec, to_step_result
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +80,11 @@ class ModelRunner:
             torch.manual_seed(config.random_seed)
         self._load_model()
         self._init_memory()
+        attention = self._attention_config()
         prefill_name, decode_name = resolve_attention_backends(
             config.attention_backend, config.prefill_attention_backend, config.decode_attention_backend,
-            self.device, attention=self._attention_config())
-        self.attn_backend, self.attn_backend_name = build_attention_backend(
-            self._attention_config(), prefill_name, decode_name)
+            self.device, attention=attention)
+        self.attn_backend, self.attn_backend_name = build_attention_backend(attention, prefill_name, decode_name)
         self.sampler = Sampler()
         self.decode_graphs = self._init_decode_graphs()
 
@@ -240,18 +241,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch) -> StepResult:
         fb = self.prepare(batch)
-        if self.decode_graphs is not None and self.decode_graphs.can_run(fb):
-            return self._sample(batch, self.decode_graphs.replay(fb))
-        self.attn_backend.init_forward_metadata(fb)
-        hidden = self.model(fb.input_ids, fb.positions, fb)
         if not getattr(self.model, "is_generation", True):
+            self.attn_backend.init_forward_metadata(fb)
+            hidden = self.model(fb.input_ids, fb.positions, fb)
             return StepResult(next_ids=[], embeddings=self.model.pool(hidden, fb).float().cpu())
-        logits = self.model.compute_logits(hidden[fb.logits_indices])
-        num_sample = len(batch.sample_rows)
-        result = self._sample(batch, logits[:num_sample])
-        if batch.input_logprob_rows:
-            self._input_logprobs(batch, logits[num_sample:], result)
-        return result
+        logits = self.forward_logits(fb)
+        positions = [batch.reqs[i].seq_len for i in batch.sample_req_idx]
+        spec = sampling_spec(batch, positions, logits.device)
+        return to_step_result(sample_outputs(self.sampler, spec, logits), spec.top_logprobs_nums)
 
     # -- overlap scheduling hook (core/overlap_worker.py runs it on its worker thread) ----------
     @torch.inference_mode()
@@ -263,30 +260,3 @@ class ModelRunner:
             return self.decode_graphs.replay(fb)
         self.attn_backend.init_forward_metadata(fb)
         return self._logits_step(fb)
-
-    def _sample(self, batch: ScheduleBatch, logits: torch.Tensor) -> StepResult:
-        if logits.shape[0] == 0:
-            return StepResult(next_ids=[])
-        reqs = [batch.reqs[i] for i in batch.sample_req_idx]
-        want_logprob = any(r.return_logprob for r in reqs)
-        top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
-        positions = torch.tensor([r.seq_len for r in reqs], dtype=torch.int64, device=logits.device)
-        out = self.sampler(logits, batch.sampling_info, positions, want_logprob, top_nums)
-        result = StepResult(next_ids=out.next_ids.tolist())  # the one host sync of the step
-        if want_logprob:
-            result.logprobs = out.logprobs.tolist()
-            if out.top_logprobs is not None:
-                values, ids = (t.tolist() for t in out.top_logprobs)
-                result.top_logprobs = [list(zip(v[:k], i[:k])) for v, i, k in zip(values, ids, top_nums)]
-        return result
-
-    def _input_logprobs(self, batch: ScheduleBatch, logits: torch.Tensor, result: StepResult) -> None:
-        from kvyard.sampling.sampler import logprobs_of, top_logprobs
-
-        targets = torch.tensor([t for _, _, t in batch.input_logprob_rows], dtype=torch.int64,
-                               device=logits.device)
-        result.input_logprobs = logprobs_of(logits, targets).tolist()
-        k = max(batch.reqs[i].top_logprobs_num for i, _, _ in batch.input_logprob_rows)
-        if k > 0:
-            values, ids = (t.tolist() for t in top_logprobs(logits, k))
-            result.input_top_logprobs = [list(zip(v, i)) for v, i in zip(values, ids)]

@@ -52,6 +52,7 @@ from kvyard.overlap_worker import LaunchedStep, OverlapWorker
 from kvyard.req import Req
 from kvyard.schedule_batch import ScheduleBatch
 from kvyard.scheduler import GRAMMAR_WAIT_S, Scheduler
+from kvyard.step_sampling import sampling_spec
 
 logger = logging.getLogger(__name__)
 
@@ -167,18 +168,10 @@ class OverlapScheduler(Scheduler):
         pending = prev.futures if prev is not None else {}
         sampled = [batch.reqs[i] for i in batch.sample_req_idx]
         positions = [r.seq_len + (id(r) in pending) for r in sampled]
-        step = LaunchedStep(
-            batch=batch, fb=self.runner.prepare(batch),
-            sample_positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            want_logprob=any(r.return_logprob for r in sampled),
-            top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in sampled],
+        return LaunchedStep(
+            batch=batch, fb=self.runner.prepare(batch), sampling=sampling_spec(batch, positions, dev),
             future_start=self.future.allocate(len(sampled)),
             has_futures=batch.mode.is_decode() and any(t < 0 for t in batch.input_ids))
-        if batch.input_logprob_rows:
-            step.input_targets = torch.tensor([t for _, _, t in batch.input_logprob_rows],
-                                              dtype=torch.int64, device=dev)
-            step.input_top_k = max(batch.reqs[i].top_logprobs_num for i, _, _ in batch.input_logprob_rows)
-        return step
 
     # -- results ----------------------------------------------------------------------------
     def _complete(self, inflight: _InFlight) -> list[ReqUpdate]:

@@ -28,8 +28,8 @@ import torch
 
 from kvyard.forward_batch import ForwardBatch
 from kvyard.future_tokens import FutureTokenMap
-from kvyard.sampling.sampler import logprobs_of, top_logprobs
 from kvyard.schedule_batch import ScheduleBatch, StepResult
+from kvyard.step_sampling import SamplingSpec, sample_outputs, to_step_result
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +39,15 @@ class LaunchedStep:
     """One batch handed to the worker. Everything the worker reads is fixed at launch."""
     batch: ScheduleBatch                 # held until processed: its tensors must outlive the step
     fb: ForwardBatch                     # input_ids may hold future placeholders (< 0)
-    sample_positions: torch.Tensor       # [S] int64 sequence length at each sample row (seeds)
-    want_logprob: bool
-    top_logprobs_nums: list[int]         # [S]
+    sampling: SamplingSpec
     future_start: int                    # FutureTokenMap range of the S sampled ids
     has_futures: bool = False            # some input id is a placeholder
-    input_targets: Optional[torch.Tensor] = None  # [P] prompt-logprob targets, None without
-    input_top_k: int = 0
     ready: Any = None                    # torch.cuda.Event recorded after preparing (CUDA)
     # filled by the worker
     done: threading.Event = field(default_factory=threading.Event)
     outputs: Optional[dict[str, torch.Tensor]] = None   # host tensors (pinned on CUDA)
     copy_done: Any = None                # torch.cuda.Event after the host copies (CUDA)
     error: Optional[BaseException] = None
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.top_logprobs_nums)
 
 
 class OverlapWorker:
@@ -86,7 +78,7 @@ class OverlapWorker:
             raise step.error
         if step.copy_done is not None:
             step.copy_done.synchronize()
-        return to_step_result(step.outputs, step.top_logprobs_nums)
+        return to_step_result(step.outputs, step.sampling.top_logprobs_nums)
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -118,48 +110,10 @@ class OverlapWorker:
         if step.has_futures:
             self.future.resolve_(step.fb.input_ids)
         logits = self.runner.forward_logits(step.fb)
-        outputs = sample_outputs(self.runner.sampler, step, logits)
+        outputs = sample_outputs(self.runner.sampler, step.sampling, logits)
         self.future.store(step.future_start, outputs["next_ids"])
         if self.is_cuda:
             outputs = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
             step.copy_done = torch.cuda.Event()
             step.copy_done.record(self.stream)
         step.outputs = outputs
-
-
-def sample_outputs(sampler, step: LaunchedStep, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Device tensors of one step: next_ids [S] (+ logprobs [S], top values/ids [S, K], prompt
-    logprobs [P] and their top values/ids [P, K'] where asked). Rows of ``logits``: the S sample
-    rows, then the P prompt-logprob rows (ModelRunner.prepare's logits_indices order)."""
-    s = step.num_samples
-    out: dict[str, torch.Tensor] = {}
-    if s:
-        sampled = sampler(logits[:s], step.batch.sampling_info, step.sample_positions,
-                          step.want_logprob, step.top_logprobs_nums)
-        out["next_ids"] = sampled.next_ids
-        if sampled.logprobs is not None:
-            out["logprobs"] = sampled.logprobs
-        if sampled.top_logprobs is not None:
-            out["top_values"], out["top_ids"] = sampled.top_logprobs
-    else:
-        out["next_ids"] = torch.empty(0, dtype=torch.int64, device=logits.device)
-    if step.input_targets is not None:
-        prompt_rows = logits[s:]
-        out["input_logprobs"] = logprobs_of(prompt_rows, step.input_targets)
-        if step.input_top_k > 0:
-            out["input_top_values"], out["input_top_ids"] = top_logprobs(prompt_rows, step.input_top_k)
-    return out
-
-
-def to_step_result(outputs: dict[str, torch.Tensor], top_nums: list[int]) -> StepResult:
-    """Host tensors of ``sample_outputs`` -> the StepResult ``Scheduler._process`` takes."""
-    lists = {name: t.tolist() for name, t in outputs.items()}
-    result = StepResult(next_ids=lists["next_ids"], logprobs=lists.get("logprobs"),
-                        input_logprobs=lists.get("input_logprobs"))
-    if "top_values" in lists:
-        result.top_logprobs = [list(zip(v[:k], i[:k]))
-                               for v, i, k in zip(lists["top_values"], lists["top_ids"], top_nums)]
-    if "input_top_values" in lists:
-        result.input_top_logprobs = [list(zip(v, i)) for v, i in
-                                     zip(lists["input_top_values"], lists["input_top_ids"])]
-    return result
