@@ -17,6 +17,7 @@ setup(
     package_dir=SOURCES,
     # the GGUF kernels are compiled from source at first use
     package_data={"kvyard_plugins.quantization": ["*.cpp", "*.h"],
-                  "kvyard_plugins.attention.cpu_kernels": ["*.cpp"]},
+                  "kvyard_plugins.attention.cpu_kernels": ["*.cpp"],
+                  "kvyard.cpu_ops": ["*.cpp"]},
     include_package_data=True,
 )

@@ -1,4 +1,5 @@
-"""The one place that decides, per fused op, between a Triton kernel and the plain torch code.
+"""The one place that decides, per fused op, between a Triton kernel, a C++ CPU kernel and the
+plain torch code.
 
 Ops (each has a torch path in its layer and a Triton kernel in kvyard.triton_ops):
   rmsnorm        RMSNorm with the fused residual add           (layers/norm.py)
@@ -6,15 +7,19 @@ Ops (each has a torch path in its layer and a Triton kernel in kvyard.triton_ops
   rotary         rotary embedding from the cos/sin rows         (layers/rotary.py)
   kv_write       k/v of the new tokens into the paged KV pool   (mem_cache/kv_pool.py)
 
-Rule: a CUDA tensor takes the Triton kernel when triton imports; a CPU tensor always takes the
-torch path (the layers' CPU numerics never change), unless a test forces the Triton interpreter
-with ``force_triton`` while TRITON_INTERPRET=1 is set.
+Rule: a CUDA tensor takes the Triton kernel when triton imports (on the CPU only when a test forces
+the Triton interpreter with ``force_triton`` while TRITON_INTERPRET=1 is set). A CPU tensor of at
+most CPU_KERNEL_MAX_ROWS rows (decode, small batches) takes the C++ kernel of kvyard.cpu_ops when it
+builds: there one call replaces a chain of ATen calls whose dispatch costs more than their
+arithmetic (measured on SmolLM2 batch-1 decode: 61 RMSNorms at ~90 us each as 8 ATen calls). Larger
+CPU inputs (prefill) keep the torch path, where the dispatch cost is amortized.
 
 Environment:
   KVYARD_TRITON_OPS   comma-separated ops (or "all" / "none"): overrides the rule for every device.
                       "none" turns the fused kernels off on CUDA; a list on the CPU needs
                       TRITON_INTERPRET=1. Read once at import; it reaches spawned scheduler
                       processes because they inherit the environment.
+  KVYARD_CPU_OPS      "none" (or "0") turns the C++ CPU kernels off, leaving the torch path.
 """
 from __future__ import annotations
 
@@ -66,14 +71,47 @@ def use_triton(op: str, device: Union[torch.device, str, torch.Tensor]) -> bool:
     """Whether ``op`` runs as a Triton kernel for tensors on ``device`` (a tensor is accepted)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
-    if isinstance(device, torch.Tensor):
-        device = device.device
-    device_type = torch.device(device).type
+    device_type = _device_type(device)
     if _override is not None:
         if op not in _override or not triton_available():
             return False
         return device_type == "cuda" or interpreting()
     return device_type == "cuda" and triton_available()
+
+
+# Above this many rows a CPU call keeps the torch path (see the rule above).
+CPU_KERNEL_MAX_ROWS = 128
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_cpu_kernels_off = os.environ.get("KVYARD_CPU_OPS", "").strip().lower() in ("none", "0", "false")
+
+
+def use_cpu_kernel(op: str, x: torch.Tensor) -> bool:
+    """Whether ``op`` on the CPU tensor ``x`` ([rows, ...]) runs as kvyard.cpu_ops' C++ kernel."""
+    if _cpu_kernels_off or x.device.type != "cpu" or x.dtype not in _CPU_KERNEL_DTYPES:
+        return False
+    if x.dim() == 0 or x.shape[0] > CPU_KERNEL_MAX_ROWS or use_triton(op, "cpu"):
+        return False
+    from kvyard import cpu_ops
+    return cpu_ops.available()
+
+
+def _device_type(device: Union[torch.device, str, torch.Tensor]) -> str:
+    if isinstance(device, torch.Tensor):
+        return device.device.type
+    if isinstance(device, torch.device):
+        return device.type
+    return torch.device(device).type
+
+
+@contextlib.contextmanager
+def cpu_kernels_disabled() -> Iterator[None]:
+    """Tests: the torch path for CPU tensors inside the block (as KVYARD_CPU_OPS=none)."""
+    global _cpu_kernels_off
+    saved, _cpu_kernels_off = _cpu_kernels_off, True
+    try:
+        yield
+    finally:
+        _cpu_kernels_off = saved
 
 
 @contextlib.contextmanager

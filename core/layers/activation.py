@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvyard.kernels import use_triton
+from kvyard.kernels import use_cpu_kernel, use_triton
 
 
 class SiluAndMul(nn.Module):
@@ -15,6 +15,9 @@ class SiluAndMul(nn.Module):
         if use_triton("silu_and_mul", x):
             from kvyard.triton_ops.activation import silu_and_mul
             return silu_and_mul(x)
+        if use_cpu_kernel("silu_and_mul", x):
+            from kvyard import cpu_ops
+            return cpu_ops.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]).mul_(x[..., d:])
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kvyard.kernels import use_triton
+from kvyard.kernels import use_cpu_kernel, use_triton
 
 
 class RMSNorm(nn.Module):
@@ -27,6 +27,9 @@ class RMSNorm(nn.Module):
         if use_triton("rmsnorm", x):
             from kvyard.triton_ops.rmsnorm import rmsnorm
             return rmsnorm(x, self.weight, self.eps, residual)
+        if use_cpu_kernel("rmsnorm", x):
+            from kvyard import cpu_ops
+            return cpu_ops.rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._normalize(x)
         summed = x + residual

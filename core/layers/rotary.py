@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kvyard.kernels import use_triton
+from kvyard.kernels import use_cpu_kernel, use_triton
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,9 @@ class RotaryEmbedding(nn.Module):
         if use_triton("rotary", x):
             from kvyard.triton_ops.rotary import apply_rotary
             return apply_rotary(x, cos, sin)
+        if use_cpu_kernel("rotary", x):
+            from kvyard import cpu_ops
+            return cpu_ops.apply_rotary(x, cos, sin)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return torch.addcmul(x * cos, rotated, sin)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvyard.kernels import use_triton
+from kvyard.kernels import use_cpu_kernel, use_triton
 
 
 class KVPool:
@@ -26,6 +26,10 @@ class KVPool:
         if use_triton("kv_write", k):
             from kvyard.triton_ops.kv_write import write_kv
             write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)
+            return
+        if k.dtype == self.dtype and loc.dtype == torch.int64 and use_cpu_kernel("kv_write", k):
+            from kvyard import cpu_ops
+            cpu_ops.write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)
             return
         self.k_buffers[layer_id][loc] = k.to(self.dtype)
         self.v_buffers[layer_id][loc] = v.to(self.dtype)

@@ -1,0 +1,95 @@
+"""The C++ CPU versions of the fused layer ops (fused_ops.cpp), built at first use by kvyard.cpp_build.
+
+Each wrapper takes what the matching Triton op in kvyard.triton_ops takes and returns the same;
+kvyard.kernels decides when they run. ``available()`` says whether the library builds and loads
+here; the first failure is logged once and the layers keep their torch code.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kvyard.cpp_build import CppLibrary, load_library
+
+logger = logging.getLogger(__name__)
+
+LIBRARY = CppLibrary(name="cpu_fused_ops", sources=(Path(__file__).with_name("fused_ops.cpp"),),
+                     extra_flags=("-ffp-contract=off",))
+
+_state: dict[str, bool] = {}
+
+
+def available() -> bool:
+    if "ok" not in _state:
+        _state["ok"] = _load()
+    return _state["ok"]
+
+
+def _load() -> bool:
+    try:
+        load_library(LIBRARY)
+    except Exception as exc:  # no compiler or an incompatible toolchain: the torch path stays
+        logger.warning("CPU fused ops unavailable, using the torch path: %s", exc)
+        return False
+    _register_fake()
+    return True
+
+
+def _register_fake() -> None:
+    """Shapes for torch.compile's tracing (the ops are opaque to inductor)."""
+    @torch.library.register_fake("kvyard_cpu_ops::rmsnorm")
+    def _rmsnorm(x, weight, eps, residual):
+        return torch.empty_like(x), (torch.empty_like(x) if residual is not None else x.new_empty(0))
+
+    @torch.library.register_fake("kvyard_cpu_ops::rotary")
+    def _rotary(x, cos, sin):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("kvyard_cpu_ops::silu_and_mul")
+    def _silu_and_mul(x):
+        return x.new_empty((x.shape[0], x.shape[1] // 2))
+
+    @torch.library.register_fake("kvyard_cpu_ops::kv_write")
+    def _kv_write(k_buf, v_buf, loc, k, v):
+        return None
+
+
+def _ops():
+    if not available():
+        raise RuntimeError("kvyard's CPU fused ops could not be built here (see the log)")
+    return torch.ops.kvyard_cpu_ops
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> [rows, N] with contiguous rows (a view when the layout allows)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+    """x [..., N] -> normed; with ``residual`` -> (normed, x + residual)."""
+    normed, summed = _ops().rmsnorm(
+        _rows(x), weight, eps, None if residual is None else _rows(residual))
+    if residual is None:
+        return normed.view(x.shape)
+    return normed.view(x.shape), summed.view(x.shape)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D], cos/sin [T, 1, D] -> x * cos + rotate_half(x) * sin, a new [T, H, D]."""
+    return _ops().rotary(x, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
+    out = _ops().silu_and_mul(_rows(x))
+    return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """k/v [T, Hkv, D] or [T, Hkv * D] into the pools' rows ``loc`` [T] (int64)."""
+    _ops().kv_write(k_buf, v_buf, loc, _rows(k.flatten(1)), _rows(v.flatten(1)))
