@@ -11,8 +11,11 @@
 //   -> out   [B, H, D]          q's dtype
 //
 // Work is split over (sequence, kv head) pairs; each pair handles its group of H / Hkv query
-// heads so a K/V row is loaded once per group. Per pair: scores = q.k * scale for every cached
-// token, max-subtracted exp, then out = (sum_t p_t v_t) / sum_t p_t. Accumulation in float32.
+// heads, whose K/V rows stay in cache between heads. Per query head: scores = q.k * scale for
+// every cached token, max-subtracted exp, then out = (sum_t p_t v_t) / sum_t p_t, accumulation in
+// float32. For head_dim 64 and 128 (AVX2) the scores take eight tokens per horizontal reduction and
+// the value sum keeps its D accumulators in registers: 2.5x the per-token loop (batch 32 x 192
+// tokens, SmolLM2 heads, one thread: 0.69 vs 1.75 ms per layer).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -112,6 +115,64 @@ inline float softmax_numerator(float* s, int64_t n) {
   return sum;
 }
 
+#ifdef KVYARD_AVX2
+// Eight sums at once: [sum(a0), ..., sum(a7)] as one vector.
+inline __m256 hsum8(const __m256 (&a)[8]) {
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// scores[t] = q . k_t * scale for t < len, eight tokens per pass so one horizontal reduction
+// serves eight dot products (the per-token reduction was the kernel's bottleneck). NC = D / 8.
+template <int NC, typename KV>
+void scores_blocked(const float* q, const KV* kp, const int32_t* slots, int64_t len, int64_t slot_stride,
+                    float scale, float* scores) {
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) {
+      const KV* k = kp + static_cast<int64_t>(slots[t + j]) * slot_stride;
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k));
+#pragma GCC unroll 16
+      for (int c = 1; c < NC; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), load8(k + 8 * c), a);
+      acc[j] = a;
+    }
+    _mm256_storeu_ps(scores + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+  }
+  for (; t < len; ++t)
+    scores[t] = dot(q, kp + static_cast<int64_t>(slots[t]) * slot_stride, NC * 8) * scale;
+}
+
+// out[0:D] = sum_t p[t] v_t, the D accumulators held in registers across all tokens.
+template <int NC, typename KV>
+void weighted_values(const float* p, const KV* vp, const int32_t* slots, int64_t len, int64_t slot_stride,
+                     float* out) {
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const KV* v = vp + static_cast<int64_t>(slots[t]) * slot_stride;
+    const __m256 w = _mm256_set1_ps(p[t]);
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) acc[c] = _mm256_fmadd_ps(w, load8(v + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+// One (sequence, kv head) pair for head_dim = 8 * NC: G query heads against len cached tokens.
+template <int NC, typename KV>
+void pair_blocked(const float* qf, const KV* kp, const KV* vp, const int32_t* slots, int64_t len,
+                  int64_t G, int64_t slot_stride, float scale, float* scores, float* acc, float* denom) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * len;
+    scores_blocked<NC>(qf + g * NC * 8, kp, slots, len, slot_stride, scale, s);
+    denom[g] = softmax_numerator(s, len);
+    weighted_values<NC>(s, vp, slots, len, slot_stride, acc + g * NC * 8);
+  }
+}
+#endif
+
 template <typename Q, typename KV>
 void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
             const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, double scale,
@@ -127,7 +188,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
   Q* op = out.data_ptr<Q>();
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> qf(G * D), acc(G * D), scores;
+    std::vector<float> qf(G * D), acc(G * D), denom(G), scores;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Hkv, h = p % Hkv;
       const int64_t len = std::max<int64_t>(lp[b], 1);
@@ -135,16 +196,27 @@ void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
       const Q* qb = qp + (b * H + h * G) * D;
       for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qb[i]);
       scores.resize(G * len);
-      for (int64_t t = 0; t < len; ++t) {
-        const KV* k = kp + static_cast<int64_t>(slots[t]) * slot_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qf.data() + g * D, k, D) * fscale;
-      }
-      std::vector<float> denom(G);
-      for (int64_t g = 0; g < G; ++g) denom[g] = softmax_numerator(scores.data() + g * len, len);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < len; ++t) {
-        const KV* v = vp + static_cast<int64_t>(slots[t]) * slot_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t], v, acc.data() + g * D, D);
+      const KV* kh = kp + h * D;
+      const KV* vh = vp + h * D;
+#ifdef KVYARD_AVX2
+      if (D == 64 || D == 128) {
+        if (D == 64)
+          pair_blocked<8>(qf.data(), kh, vh, slots, len, G, slot_stride, fscale, scores.data(), acc.data(), denom.data());
+        else
+          pair_blocked<16>(qf.data(), kh, vh, slots, len, G, slot_stride, fscale, scores.data(), acc.data(), denom.data());
+      } else
+#endif
+      {
+        for (int64_t t = 0; t < len; ++t) {
+          const KV* k = kh + static_cast<int64_t>(slots[t]) * slot_stride;
+          for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qf.data() + g * D, k, D) * fscale;
+        }
+        for (int64_t g = 0; g < G; ++g) denom[g] = softmax_numerator(scores.data() + g * len, len);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t t = 0; t < len; ++t) {
+          const KV* v = vh + static_cast<int64_t>(slots[t]) * slot_stride;
+          for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t], v, acc.data() + g * D, D);
+        }
       }
       Q* ob = op + (b * H + h * G) * D;
       for (int64_t g = 0; g < G; ++g)
