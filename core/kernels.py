@@ -67,16 +67,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# use_triton and use_cpu_kernel run for every layer op of every step: they read tensor flags
+# (is_cuda, is_cpu) rather than building torch.device objects, and import nothing.
 def use_triton(op: str, device: Union[torch.device, str, torch.Tensor]) -> bool:
     """Whether ``op`` runs as a Triton kernel for tensors on ``device`` (a tensor is accepted)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
-    device_type = _device_type(device)
+    on_cuda = device.is_cuda if isinstance(device, torch.Tensor) else _device_type(device) == "cuda"
     if _override is not None:
         if op not in _override or not triton_available():
             return False
-        return device_type == "cuda" or interpreting()
-    return device_type == "cuda" and triton_available()
+        return on_cuda or interpreting()
+    return on_cuda and triton_available()
 
 
 # Above this many rows a CPU call keeps the torch path (see the rule above).
@@ -87,20 +89,23 @@ _cpu_kernels_off = os.environ.get("KVYARD_CPU_OPS", "").strip().lower() in ("non
 
 def use_cpu_kernel(op: str, x: torch.Tensor) -> bool:
     """Whether ``op`` on the CPU tensor ``x`` ([rows, ...]) runs as kvyard.cpu_ops' C++ kernel."""
-    if _cpu_kernels_off or x.device.type != "cpu" or x.dtype not in _CPU_KERNEL_DTYPES:
+    if _cpu_kernels_off or not x.is_cpu or x.dtype not in _CPU_KERNEL_DTYPES:
         return False
-    if x.dim() == 0 or x.shape[0] > CPU_KERNEL_MAX_ROWS or use_triton(op, "cpu"):
+    if x.dim() == 0 or x.shape[0] > CPU_KERNEL_MAX_ROWS:
         return False
+    if _override is not None and use_triton(op, x):   # a test routes this op to the interpreter
+        return False
+    return _cpu_ops_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_ops_available() -> bool:
     from kvyard import cpu_ops
     return cpu_ops.available()
 
 
-def _device_type(device: Union[torch.device, str, torch.Tensor]) -> str:
-    if isinstance(device, torch.Tensor):
-        return device.device.type
-    if isinstance(device, torch.device):
-        return device.type
-    return torch.device(device).type
+def _device_type(device: Union[torch.device, str]) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
 @contextlib.contextmanager

@@ -19,13 +19,13 @@ logger = logging.getLogger(__name__)
 LIBRARY = CppLibrary(name="cpu_fused_ops", sources=(Path(__file__).with_name("fused_ops.cpp"),),
                      extra_flags=("-ffp-contract=off",))
 
-_state: dict[str, bool] = {}
+_state: dict[str, object] = {}   # "ok": the library loaded; "ops": its op namespace
 
 
 def available() -> bool:
     if "ok" not in _state:
         _state["ok"] = _load()
-    return _state["ok"]
+    return bool(_state["ok"])
 
 
 def _load() -> bool:
@@ -58,15 +58,19 @@ def _register_fake() -> None:
 
 
 def _ops():
-    if not available():
-        raise RuntimeError("kvyard's CPU fused ops could not be built here (see the log)")
-    return torch.ops.kvyard_cpu_ops
+    ops = _state.get("ops")
+    if ops is None:
+        if not available():
+            raise RuntimeError("kvyard's CPU fused ops could not be built here (see the log)")
+        ops = _state["ops"] = torch.ops.kvyard_cpu_ops
+    return ops
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[..., N] -> [rows, N] with contiguous rows (a view when the layout allows)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):

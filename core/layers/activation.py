@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvyard import cpu_ops
 from kvyard.kernels import use_cpu_kernel, use_triton
 
 
@@ -16,7 +17,6 @@ class SiluAndMul(nn.Module):
             from kvyard.triton_ops.activation import silu_and_mul
             return silu_and_mul(x)
         if use_cpu_kernel("silu_and_mul", x):
-            from kvyard import cpu_ops
             return cpu_ops.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]).mul_(x[..., d:])

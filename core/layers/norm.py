@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kvyard import cpu_ops
 from kvyard.kernels import use_cpu_kernel, use_triton
 
 
@@ -28,7 +29,6 @@ class RMSNorm(nn.Module):
             from kvyard.triton_ops.rmsnorm import rmsnorm
             return rmsnorm(x, self.weight, self.eps, residual)
         if use_cpu_kernel("rmsnorm", x):
-            from kvyard import cpu_ops
             return cpu_ops.rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._normalize(x)

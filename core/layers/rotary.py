@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from kvyard import cpu_ops
 from kvyard.kernels import use_cpu_kernel, use_triton
 
 
@@ -164,7 +165,6 @@ class RotaryEmbedding(nn.Module):
             from kvyard.triton_ops.rotary import apply_rotary
             return apply_rotary(x, cos, sin)
         if use_cpu_kernel("rotary", x):
-            from kvyard import cpu_ops
             return cpu_ops.apply_rotary(x, cos, sin)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)

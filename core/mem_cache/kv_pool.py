@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kvyard import cpu_ops
 from kvyard.kernels import use_cpu_kernel, use_triton
 
 
@@ -28,7 +29,6 @@ class KVPool:
             write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)
             return
         if k.dtype == self.dtype and loc.dtype == torch.int64 and use_cpu_kernel("kv_write", k):
-            from kvyard import cpu_ops
             cpu_ops.write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)
             return
         self.k_buffers[layer_id][loc] = k.to(self.dtype)

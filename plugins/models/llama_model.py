@@ -102,13 +102,11 @@ class LlamaAttention(nn.Module):
         d = self.dims
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                  # [T, q | k | v]
-        qk_width = d.q_size + d.kv_size
-        # q and k are adjacent columns: rotate them as one [T, H + Hkv, D] view
-        qk = RotaryEmbedding.apply(qkv[:, :qk_width].view(t, d.num_heads + d.num_kv_heads, d.head_dim),
-                                   cos_sin)
-        q = qk[:, :d.num_heads].flatten(1)
-        k = qk[:, d.num_heads:].flatten(1)
-        v = qkv[:, qk_width:]
+        # q and k are adjacent columns: rotate them as one [T, H + Hkv, D] view. Split views, not
+        # slices: a decode step runs this per layer, and each tensor op costs dispatch time.
+        qk, v = qkv.split_with_sizes((d.q_size + d.kv_size, d.kv_size), dim=1)
+        qk = RotaryEmbedding.apply(qk.view(t, d.num_heads + d.num_kv_heads, d.head_dim), cos_sin)
+        q, k = qk.view(t, -1).split_with_sizes((d.q_size, d.kv_size), dim=1)
         return self.o_proj(self.attn(q, k, v, fb))
 
 
