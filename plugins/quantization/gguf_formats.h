@@ -465,6 +465,37 @@ inline void unpack_planar(const uint8_t* row, int64_t blk, int64_t nb, __m256i& 
     }
   }
 }
+
+// Lane j of 128-bit half h equals 16 where bit 2j + odd of the u16 (qh2 >> 16h) is set.
+inline __m256i fifth_bits_paired(uint32_t qh2, bool odd) {
+  const __m256i t = _mm256_set_m128i(_mm_set1_epi16(short(qh2 >> 16)), _mm_set1_epi16(short(qh2)));
+  const __m256i even = _mm256_setr_epi16(1, 4, 16, 64, 256, 1024, 4096, 16384,
+                                         1, 4, 16, 64, 256, 1024, 4096, 16384);
+  const __m256i bit = odd ? _mm256_add_epi16(even, even) : even;
+  return _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(t, bit), bit), _mm256_set1_epi16(16));
+}
+
+// A pair of blocks of a nibble format (blk + 1 < nb) from one 32-byte load of their qs, as
+// int16 lanes before OFFSET. 128-bit half h is block blk + h; its 16-bit lane j holds bytes 2j
+// and 2j + 1, whose nibbles are elements 2j, 2j + 16, 2j + 1 and 2j + 17:
+//   v[0]: elements 2j   v[1]: 2j + 16   v[2]: 2j + 1   v[3]: 2j + 17     (j = 0..7)
+// The activations of a pair are stored in this order (gguf_kernels.cpp, QuantizedActs).
+template <class P>
+inline void unpack_pair(const uint8_t* row, int64_t blk, int64_t nb, __m256i (&v)[4]) {
+  const __m256i q = load32(P::qs(row, blk)), low4 = _mm256_set1_epi16(15);
+  v[0] = _mm256_and_si256(q, low4);
+  v[1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+  v[2] = _mm256_and_si256(_mm256_srli_epi16(q, 8), low4);
+  v[3] = _mm256_srli_epi16(q, 12);
+  if constexpr (P::QH_FIELD >= 0) {   // the u16 qh halves of the two blocks are adjacent
+    const uint32_t lo = u32_at(P::field(row, nb, P::QH_FIELD) + blk * 2);
+    const uint32_t hi = u32_at(P::field(row, nb, P::QH_FIELD + 1) + blk * 2);
+    v[0] = _mm256_or_si256(v[0], fifth_bits_paired(lo, false));
+    v[1] = _mm256_or_si256(v[1], fifth_bits_paired(hi, false));
+    v[2] = _mm256_or_si256(v[2], fifth_bits_paired(lo, true));
+    v[3] = _mm256_or_si256(v[3], fifth_bits_paired(hi, true));
+  }
+}
 #endif
 
 // Calls fn(Format{}) for the format whose ggml id is qtype.

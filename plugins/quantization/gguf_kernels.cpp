@@ -8,6 +8,12 @@
 //             chunk of a weight row is unpacked to int16 lanes in registers and multiplied into
 //             up to 4 activation rows by pmaddwd. Per sub-block (SUB elements sharing a scale)
 //             y += scale_w * scale_x * sum(q_w * q_x) + min_w * sum(x).
+//             The legacy formats (planar) go by groups of 8 or 6 blocks: the exact int32 block
+//             sums of a group are gathered into one vector, so the float work is one fma per
+//             group (int_rows_planar); Q4/Q5 read two blocks per 32-byte load, the activations
+//             stored in that load's lane order. (int8 activations with u8 x s8 pmaddubsw would
+//             be faster but measured too coarse: kept-quantized greedy decoding of SmolLM2 then
+//             matched the dequantized model on 4 of 8 prompts, against 8 of 8 with int16.)
 //   mm_dense  M large (prefill, big batches): rows are dequantized in chunks to fp32 (or bf16
 //             where the CPU multiplies bf16 natively) and handed to the BLAS gemm.
 // Both run on ATen's intra-op thread pool, split over output rows.
@@ -36,50 +42,6 @@ namespace {
 
 // ---- activations ------------------------------------------------------------------------------
 
-// One activation row quantized per 32-block: x ~ q * d; sums of x per 16 and per 32 elements
-// carry the min terms exactly.
-struct QuantizedActs {
-  int64_t M, K;
-  std::vector<int16_t> q;        // [M, K]
-  std::vector<float> d;          // [M, K/32]
-  std::vector<float> sum16;      // [M, K/16]
-  std::vector<float> sum32;      // [M, K/32]
-};
-
-void quantize_row(const float* x, int64_t K, int16_t* q, float* d, float* s16, float* s32) {
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const float* xb = x + b * 32;
-    float amax = 0.f, lo = 0.f, hi = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    for (int i = 0; i < 16; ++i) lo += xb[i];
-    for (int i = 16; i < 32; ++i) hi += xb[i];
-    const float db = amax / 32767.f;
-    const float inv = db > 0.f ? 1.f / db : 0.f;
-    for (int i = 0; i < 32; ++i) q[b * 32 + i] = int16_t(std::nearbyint(xb[i] * inv));
-    d[b] = db;
-    s16[2 * b] = lo;
-    s16[2 * b + 1] = hi;
-    s32[b] = lo + hi;
-  }
-}
-
-QuantizedActs quantize_acts(const at::Tensor& x32) {
-  QuantizedActs a;
-  a.M = x32.size(0);
-  a.K = x32.size(1);
-  a.q.resize(a.M * a.K);
-  a.d.resize(a.M * a.K / 32);
-  a.sum16.resize(a.M * a.K / 16);
-  a.sum32.resize(a.M * a.K / 32);
-  const float* x = x32.data_ptr<float>();
-  for (int64_t m = 0; m < a.M; ++m)
-    quantize_row(x + m * a.K, a.K, a.q.data() + m * a.K, a.d.data() + m * a.K / 32,
-                 a.sum16.data() + m * a.K / 16, a.sum32.data() + m * a.K / 32);
-  return a;
-}
-
-// ---- the int16 kernel ------------------------------------------------------------------------
-
 #ifdef KVYARD_AVX2
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -88,6 +50,124 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Activation rows quantized to int16 per 32-block: x ~ q * d, d = max|x_blk| / 32767 (relative
+// error ~1.5e-5 of the block's max); sums of x per 16 and per 32 elements carry the min terms
+// exactly. d and the sums are zero-padded to whole groups of 8 blocks (nbp per row), which the
+// planar kernel loads 8 at a time.
+// paired (the nibble formats, AVX2): blocks 2p and 2p+1 are stored in the lane order of
+// unpack_pair (gguf_formats.h): 4 runs of 16, [2p: 8 | 2p+1: 8] each, holding elements
+// 2j, 2j+16, 2j+1, 2j+17 (j = 0..7); an odd last block stays in element order.
+struct QuantizedActs {
+  int64_t M, K, nb, nbp;
+  std::vector<int16_t> q;        // [M, K]
+  std::vector<float> d;          // [M, nbp]
+  std::vector<float> sum16;      // [M, 2 * nbp]
+  std::vector<float> sum32;      // [M, nbp]
+};
+
+// One 32-block in element order; returns d. lo, hi: the sums of elements 0..15 and 16..31.
+// The AVX2 and portable versions round q alike (x * (1/d) to nearest even).
+inline float quantize_block(const float* x, int16_t* q, float& lo, float& hi) {
+#ifdef KVYARD_AVX2
+  __m256 v[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+  }
+  const float d = hmax(amax) / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+  for (int h = 0; h < 2; ++h) {   // packs works per 128-bit lane: [0-3 8-11 | 4-7 12-15] -> order
+    const __m256i q16 = _mm256_packs_epi32(
+        _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * h], _mm256_set1_ps(inv))),
+        _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * h + 1], _mm256_set1_ps(inv))));
+    _mm256_storeu_si256((__m256i*)(q + 16 * h), _mm256_permute4x64_epi64(q16, 0xD8));
+  }
+  lo = hsum(_mm256_add_ps(v[0], v[1]));
+  hi = hsum(_mm256_add_ps(v[2], v[3]));
+  return d;
+#else
+  float amax = 0.f;
+  lo = hi = 0.f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  for (int i = 0; i < 16; ++i) lo += x[i];
+  for (int i = 16; i < 32; ++i) hi += x[i];
+  const float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+  for (int i = 0; i < 32; ++i) q[i] = int16_t(std::nearbyint(x[i] * inv));
+  return d;
+#endif
+}
+
+#ifdef KVYARD_AVX2
+// Two blocks in element order (a, b) -> the pair's 64 values in unpack_pair's lane order:
+//   [a 0,2..14 | b 0,2..14] [a 16,18..30 | b ...] [a 1,3..15 | b ...] [a 17,19..31 | b ...]
+inline void pair_lanes(const int16_t* a, const int16_t* b, int16_t* out) {
+  // per 128-bit lane: 8 values -> [4 even | 4 odd]; then qwords -> [8 even | 8 odd]
+  const __m256i even_odd = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  auto split = [&](const int16_t* p) {   // 16 values -> [8 even | 8 odd]
+    return _mm256_permute4x64_epi64(
+        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)p), even_odd), 0xD8);
+  };
+  for (int h = 0; h < 2; ++h) {   // elements 16h .. 16h + 15
+    const __m256i sa = split(a + 16 * h), sb = split(b + 16 * h);
+    _mm256_storeu_si256((__m256i*)(out + 16 * h), _mm256_permute2x128_si256(sa, sb, 0x20));
+    _mm256_storeu_si256((__m256i*)(out + 32 + 16 * h), _mm256_permute2x128_si256(sa, sb, 0x31));
+  }
+}
+#endif
+
+// Whether the int kernel reads format F's activations paired: the AVX2 one, for the nibble
+// formats in the planar layout.
+template <class F>
+constexpr bool paired_acts = [] {
+#ifdef KVYARD_AVX2
+  if constexpr (is_planar<F>) return !F::SIGNED_BYTES;
+#endif
+  return false;
+}();
+
+QuantizedActs quantize_acts(const at::Tensor& x32, bool paired) {
+  QuantizedActs a;
+  a.M = x32.size(0);
+  a.K = x32.size(1);
+  a.nb = a.K / 32;
+  a.nbp = (a.nb + 7) / 8 * 8;
+  a.q.resize(a.M * a.K);
+  a.d.assign(a.M * a.nbp, 0.f);
+  a.sum16.assign(a.M * 2 * a.nbp, 0.f);
+  a.sum32.assign(a.M * a.nbp, 0.f);
+  const int64_t paired_blocks = paired ? a.nb / 2 * 2 : 0;
+  const float* x = x32.data_ptr<float>();
+  for (int64_t m = 0; m < a.M; ++m) {
+    int16_t* q = a.q.data() + m * a.K;
+    alignas(32) int16_t pair[64];   // a pair's two blocks in element order
+    for (int64_t blk = 0; blk < a.nb; ++blk) {
+      const bool in_pair = blk < paired_blocks;
+      float lo, hi;
+      int16_t* dst = in_pair ? pair + blk % 2 * 32 : q + blk * 32;
+      const float d = quantize_block(x + m * a.K + blk * 32, dst, lo, hi);
+      a.d[m * a.nbp + blk] = d;
+      a.sum16[m * 2 * a.nbp + 2 * blk] = lo;
+      a.sum16[m * 2 * a.nbp + 2 * blk + 1] = hi;
+      a.sum32[m * a.nbp + blk] = lo + hi;
+#ifdef KVYARD_AVX2
+      if (in_pair && blk % 2 == 1) pair_lanes(pair, pair + 32, q + (blk - 1) * 32);
+#endif
+    }
+  }
+  return a;
+}
+
+// ---- the int16 kernel ------------------------------------------------------------------------
+
+#ifdef KVYARD_AVX2
 // out[m, n] for weight rows [n0, n1) and the MT activation rows from m0: each 32-element chunk
 // is unpacked once into registers and multiplied into all MT rows. Two accumulator sets
 // (even/odd chunks) keep the fma chains short.
@@ -102,8 +182,8 @@ void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
   const float* xs[MT];
   for (int m = 0; m < MT; ++m) {
     xq[m] = a.q.data() + (m0 + m) * K;
-    dx[m] = a.d.data() + (m0 + m) * (K / 32);
-    xs[m] = xsum.data() + (m0 + m) * (K / F::SUB);
+    dx[m] = a.d.data() + (m0 + m) * a.nbp;
+    xs[m] = xsum.data() + (m0 + m) * a.nbp * (32 / F::SUB);
   }
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
@@ -173,78 +253,188 @@ void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
   }
 }
 
-// The planar legacy formats (gguf_formats.h). Per row, a first pass turns 8 fp16 scales at a
-// time into f[blk] = d_blk * dx_blk (one vcvtph2ps + one vmulps) and accumulates the min/offset
-// term sum_blk (m_blk - OFFSET * d_blk) * sum(x_blk); the block loop is then only unpack,
-// pmaddwd and one fma per activation row. f: scratch of MT * nb floats.
+// ---- the planar legacy formats: groups of blocks ----------------------------------------------
+//
+// Per weight row, one pass over groups of G blocks: G = 8, or 6 where nb is a multiple of 6 but
+// not of 8 (K = 576: 3 groups of 6). A group costs, per activation row, one fma for
+// sum_blk f_blk * dot_blk (f = d_w * d_x of the group in one vector, dot_blk the block's exact
+// int32 dot product) and one for the min/offset term sum_blk (m - OFFSET * d_w) * sum(x_blk).
+// The int32 partial sums reach one lane per block through shuffles and adds (pair_sums,
+// quad_sums) instead of a cvt + fma per block. Any other nb ends with a tail of nb % 8 blocks:
+// one fma per step (a pair or a block), scales from the 8 blocks ending at nb.
+
+// G fp16 values of a plane for blocks [g, g + G) -> floats. For G = 6, lanes 6 and 7 hold the
+// next blocks' values while g + 8 <= nb, else 0 (never read past the plane's end); the dots of
+// those lanes are 0 and group_scales masks them out of the min/offset term.
+template <int G>
+inline __m256 halves(const uint8_t* plane, int64_t g, int64_t nb) {
+  const uint8_t* p = plane + g * 2;
+  if (G == 8 || g + 8 <= nb) return _mm256_cvtph_ps(load16(p));
+  return _mm256_cvtph_ps(_mm_insert_epi32(_mm_loadl_epi64((const __m128i*)p), int(u32_at(p + 8)), 2));
+}
+
+// The tail's 8 fp16 values: blocks [nb - 8, nb), or [0, nb) and zeros where nb < 8 (K < 256).
+inline __m256 tail_halves(const uint8_t* plane, int64_t nb) {
+  if (nb >= 8) return _mm256_cvtph_ps(load16(plane + (nb - 8) * 2));
+  alignas(16) uint8_t part[16] = {};
+  std::memcpy(part, plane, nb * 2);
+  return _mm256_cvtph_ps(load16(part));
+}
+
+// Sums of int32 partials within each 128-bit lane:
+//   pair_sums(a, b)   per lane [a b a b]   (a, b: 4 partials each)
+//   quad_sums(ab, cd) per lane [a b c d]   (from two pair_sums)
+inline __m256i pair_sums(__m256i a, __m256i b) {
+  return _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+}
+inline __m256i quad_sums(__m256i ab, __m256i cd) {
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+}
+
+// The dot products of one step with the MT activation rows, as int32 partial sums:
+//   PAIR (a nibble pair, blocks blk and blk + 1): [4 partials of blk | 4 of blk + 1]
+//   one block (Q8_0; an odd last nibble block): 8 partials
+// |partial| <= 4 * 2 * 31 * 32767 (nibble pair) or 2 * 2 * 128 * 32767 (Q8_0): int32 is exact.
+template <class P, int MT, bool PAIR>
+inline void step_dots(const uint8_t* row, int64_t blk, int64_t nb, const int16_t* const (&xq)[MT],
+                      __m256i (&out)[MT]) {
+  auto x_at = [&](int m, int k) {   // the k-th 16 activations of the step
+    return _mm256_loadu_si256((const __m256i*)(xq[m] + blk * 32 + k * 16));
+  };
+  if constexpr (PAIR) {
+    __m256i v[4];
+    unpack_pair<P>(row, blk, nb, v);
+    for (int m = 0; m < MT; ++m)
+      out[m] = _mm256_add_epi32(
+          _mm256_add_epi32(_mm256_madd_epi16(v[0], x_at(m, 0)), _mm256_madd_epi16(v[1], x_at(m, 1))),
+          _mm256_add_epi32(_mm256_madd_epi16(v[2], x_at(m, 2)), _mm256_madd_epi16(v[3], x_at(m, 3))));
+  } else {
+    __m256i w0, w1;
+    unpack_planar<P>(row, blk, nb, w0, w1);
+    for (int m = 0; m < MT; ++m)
+      out[m] = _mm256_add_epi32(_mm256_madd_epi16(w0, x_at(m, 0)), _mm256_madd_epi16(w1, x_at(m, 1)));
+  }
+}
+
+// One int32 lane per block of the group [g, g + G) (0 in lanes past G): the nibble formats
+// (G / 2 pairs) in the order [g g+2 g+4 g+6 | g+1 g+3 g+5 g+7], Q8_0 in block order.
+template <class P, int MT, int G>
+inline void group_dots(const uint8_t* row, int64_t g, int64_t nb, const int16_t* const (&xq)[MT],
+                       __m256i (&dots)[MT]) {
+  const __m256i zero = _mm256_setzero_si256();
+  if constexpr (P::SIGNED_BYTES) {   // [0 1 2 3 | 0 1 2 3] + [4 5 6 7 | 4 5 6 7]: add the halves
+    __m256i v[G][MT], lo[MT], hi[MT];
+#pragma GCC unroll 8
+    for (int b = 0; b < G; ++b) step_dots<P, MT, false>(row, g + b, nb, xq, v[b]);
+    for (int m = 0; m < MT; ++m) {
+      lo[m] = quad_sums(pair_sums(v[0][m], v[1][m]), pair_sums(v[2][m], v[3][m]));
+      __m256i v67 = zero;
+      if constexpr (G == 8) v67 = pair_sums(v[6][m], v[7][m]);
+      hi[m] = quad_sums(pair_sums(v[4][m], v[5][m]), v67);
+      dots[m] = _mm256_add_epi32(_mm256_permute2x128_si256(lo[m], hi[m], 0x20),
+                                 _mm256_permute2x128_si256(lo[m], hi[m], 0x31));
+    }
+  } else {
+    __m256i v01[MT], v23[MT], a[MT], b[MT];
+    step_dots<P, MT, true>(row, g, nb, xq, a);
+    step_dots<P, MT, true>(row, g + 2, nb, xq, b);
+    for (int m = 0; m < MT; ++m) v01[m] = pair_sums(a[m], b[m]);
+    step_dots<P, MT, true>(row, g + 4, nb, xq, a);
+    if constexpr (G == 8) step_dots<P, MT, true>(row, g + 6, nb, xq, b);
+    for (int m = 0; m < MT; ++m) {
+      v23[m] = pair_sums(a[m], G == 8 ? b[m] : zero);
+      dots[m] = quad_sums(v01[m], v23[m]);
+    }
+  }
+}
+
+// f[m] = d_w * d_x for the 8 lanes from block g, and shifted[m] += the min/offset term
+// (m - OFFSET * d_w) * sum(x) of those lanes (MASK: of the lanes in `keep`).
+template <class P, int MT, bool MASK>
+[[gnu::always_inline]] inline void group_scales(__m256 d8, __m256 m8, __m256 keep, int64_t g,
+                                                const float* const (&dx)[MT],
+                                                const float* const (&xs)[MT], __m256 (&f)[MT],
+                                                __m256 (&shifted)[MT]) {
+  for (int m = 0; m < MT; ++m) f[m] = _mm256_mul_ps(d8, _mm256_loadu_ps(dx[m] + g));
+  if constexpr (P::MIN_FIELD >= 0 || P::OFFSET != 0) {
+    __m256 shift = P::MIN_FIELD >= 0 ? m8 : _mm256_setzero_ps();
+    if constexpr (P::OFFSET != 0)
+      shift = _mm256_fnmadd_ps(_mm256_set1_ps(float(P::OFFSET)), d8, shift);
+    if constexpr (MASK) shift = _mm256_and_ps(shift, keep);
+    for (int m = 0; m < MT; ++m)
+      shifted[m] = _mm256_fmadd_ps(shift, _mm256_loadu_ps(xs[m] + g), shifted[m]);
+  }
+}
+
+// The tail: blocks [nb / 8 * 8, nb), one fma per step; the scales are the 8 lanes from `base`.
 template <class P, int MT>
-void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                     const QuantizedActs& a, int64_t m0, float* out, int64_t N, float* f) {
-  const int64_t K = a.K, nb = K / 32, full = nb / 8 * 8;
-  constexpr bool SHIFTED = P::MIN_FIELD >= 0 || P::OFFSET != 0;
+[[gnu::noinline]] void tail_dots(const uint8_t* row, int64_t nb, const int16_t* const (&xq)[MT],
+               const float* const (&dx)[MT], const float* const (&xs)[MT], __m256 (&acc)[MT],
+               __m256 (&shifted)[MT]) {
+  const int64_t full = nb / 8 * 8, base = std::max<int64_t>(0, nb - 8);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 keep = _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(int(full - base) - 1)));   // lanes >= full - base
+  __m256 f[MT];
+  const __m256 m8 = P::MIN_FIELD >= 0 ? tail_halves(P::field(row, nb, std::max(P::MIN_FIELD, 0)), nb)
+                                      : _mm256_setzero_ps();
+  const __m256 d8 = tail_halves(P::field(row, nb, 0), nb);
+  group_scales<P, MT, true>(d8, m8, keep, base, dx, xs, f, shifted);
+  constexpr int STEP = P::SIGNED_BYTES ? 1 : 2;
+  for (int64_t blk = full; blk < nb; blk += STEP) {
+    const bool pair = STEP == 2 && blk + 1 < nb;
+    __m256i dots[MT];
+    if (pair) step_dots<P, MT, true>(row, blk, nb, xq, dots);
+    else step_dots<P, MT, false>(row, blk, nb, xq, dots);
+    // the lanes of f: [blk x4 | blk+1 x4] for a pair, [blk x8] for one block
+    const __m256i pick = _mm256_add_epi32(_mm256_set1_epi32(int(blk - base)),
+                                          pair ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                               : _mm256_setzero_si256());
+    for (int m = 0; m < MT; ++m)
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m]), _mm256_permutevar8x32_ps(f[m], pick),
+                               acc[m]);
+  }
+}
+
+// out[m, n] for weight rows [n0, n1) and the MT activation rows from m0 (the nibble formats'
+// activations paired), in groups of G blocks and, for G = 8, a tail.
+// (noinline: each instantiation gets its own register allocation; inlined into int_rows_all, the
+// accumulators spill to the stack.)
+template <class P, int MT, int G>
+[[gnu::noinline]] void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                     const QuantizedActs& a, int64_t m0, float* out, int64_t N) {
+  const int64_t nb = a.nb, full = G == 8 ? nb / 8 * 8 : nb;
   const int16_t* xq[MT];
   const float* dx[MT];
   const float* xs[MT];
   for (int m = 0; m < MT; ++m) {
-    xq[m] = a.q.data() + (m0 + m) * K;
-    dx[m] = a.d.data() + (m0 + m) * nb;
-    xs[m] = a.sum32.data() + (m0 + m) * nb;
+    xq[m] = a.q.data() + (m0 + m) * a.K;
+    dx[m] = a.d.data() + (m0 + m) * a.nbp;
+    xs[m] = a.sum32.data() + (m0 + m) * a.nbp;
   }
+  const __m256 first6 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
+  const __m256i pair_order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     const uint8_t* d_plane = P::field(row, nb, 0);
-    const uint8_t* m_plane = P::field(row, nb, P::MIN_FIELD >= 0 ? P::MIN_FIELD : 0);
-    __m256 shifted[MT];
-    float shifted_tail[MT];
-    for (int m = 0; m < MT; ++m) {
-      shifted[m] = _mm256_setzero_ps();
-      shifted_tail[m] = 0.f;
-    }
-    for (int64_t g = 0; g < full; g += 8) {
-      const __m256 d8 = _mm256_cvtph_ps(load16(d_plane + g * 2));
-      __m256 shift = _mm256_setzero_ps();
-      if constexpr (P::MIN_FIELD >= 0) shift = _mm256_cvtph_ps(load16(m_plane + g * 2));
-      if constexpr (P::OFFSET != 0)
-        shift = _mm256_fnmadd_ps(_mm256_set1_ps(float(P::OFFSET)), d8, shift);
+    const uint8_t* m_plane = P::field(row, nb, std::max(P::MIN_FIELD, 0));
+    __m256 acc[MT], shifted[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = shifted[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < full; g += G) {
+      __m256 f[MT];
+      group_scales<P, MT, G == 6>(halves<G>(d_plane, g, nb),
+                                  P::MIN_FIELD >= 0 ? halves<G>(m_plane, g, nb) : _mm256_setzero_ps(),
+                                  first6, g, dx, xs, f, shifted);
+      __m256i dots[MT];
+      group_dots<P, MT, G>(row, g, nb, xq, dots);
       for (int m = 0; m < MT; ++m) {
-        _mm256_storeu_ps(f + m * nb + g, _mm256_mul_ps(d8, _mm256_loadu_ps(dx[m] + g)));
-        if constexpr (SHIFTED)
-          shifted[m] = _mm256_fmadd_ps(shift, _mm256_loadu_ps(xs[m] + g), shifted[m]);
+        const __m256 fo = P::SIGNED_BYTES ? f[m] : _mm256_permutevar8x32_ps(f[m], pair_order);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m]), fo, acc[m]);
       }
     }
-    for (int64_t blk = full; blk < nb; ++blk) {
-      const float d = half_at(d_plane + blk * 2);
-      float shift = 0.f;
-      if constexpr (P::MIN_FIELD >= 0) shift = half_at(m_plane + blk * 2);
-      if constexpr (P::OFFSET != 0) shift -= float(P::OFFSET) * d;
-      for (int m = 0; m < MT; ++m) {
-        f[m * nb + blk] = d * dx[m][blk];
-        shifted_tail[m] += shift * xs[m][blk];
-      }
-    }
-    __m256 acc0[MT], acc1[MT];
-    for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
-    auto step = [&](int64_t blk, __m256 (&acc)[MT]) {
-      __m256i w0, w1;
-      unpack_planar<P>(row, blk, nb, w0, w1);
-      for (int m = 0; m < MT; ++m) {
-        const int16_t* x = xq[m] + blk * 32;
-        const __m256i p = _mm256_add_epi32(
-            _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)x)),
-            _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(x + 16))));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + m * nb + blk),
-                                 acc[m]);
-      }
-    };
-    int64_t blk = 0;
-    for (; blk + 1 < nb; blk += 2) {
-      step(blk, acc0);
-      step(blk + 1, acc1);
-    }
-    if (blk < nb) step(blk, acc0);
+    if (full < nb) tail_dots<P, MT>(row, nb, xq, dx, xs, acc, shifted);
     for (int m = 0; m < MT; ++m)
-      out[(m0 + m) * N + n] =
-          hsum(_mm256_add_ps(_mm256_add_ps(acc0[m], acc1[m]), shifted[m])) + shifted_tail[m];
+      out[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc[m], shifted[m]));
   }
 }
 
@@ -252,12 +442,15 @@ void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1
 template <class F>
 void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
                   const QuantizedActs& a, float* out, int64_t N) {
-  std::vector<float> scratch(is_planar<F> ? 4 * a.K / 32 : 0);
   for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
     const int64_t mt = std::min<int64_t>(4, a.M - m0);
     auto run = [&]<int MT>() {
-      if constexpr (is_planar<F>)
-        int_rows_planar<F, MT>(w, row_bytes, n0, n1, a, m0, out, N, scratch.data());
+      if constexpr (is_planar<F>) {   // groups of 6 where they divide a row and 8 do not
+        if (a.nb % 8 != 0 && a.nb % 6 == 0)
+          int_rows_planar<F, MT, 6>(w, row_bytes, n0, n1, a, m0, out, N);
+        else
+          int_rows_planar<F, MT, 8>(w, row_bytes, n0, n1, a, m0, out, N);
+      }
       else
         int_rows<F, MT>(w, row_bytes, n0, n1, a, m0, out, N);
     };
@@ -285,8 +478,8 @@ void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
     }
     for (int64_t m = 0; m < a.M; ++m) {
       const int16_t* x = a.q.data() + m * K;
-      const float* dx = a.d.data() + m * (K / 32);
-      const float* xs = xsum.data() + m * subs;
+      const float* dx = a.d.data() + m * a.nbp;
+      const float* xs = xsum.data() + m * a.nbp * (32 / F::SUB);
       float y = 0.f;
       for (int64_t s = 0; s < subs; ++s) {
         int32_t p = 0;
@@ -428,7 +621,7 @@ at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64
   dispatch(qtype, [&](auto fmt) {
     using F = decltype(fmt);
     check_weight<F>(w, K);
-    const QuantizedActs acts = quantize_acts(x32);
+    const QuantizedActs acts = quantize_acts(x32, paired_acts<F>);
     const uint8_t* wp = w.data_ptr<uint8_t>();
     float* op = out.data_ptr<float>();
     // Groups of 16 weight rows stay in L1 while every activation tile passes over them.

@@ -31,7 +31,7 @@ K_QUANT_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_
 
 # Legacy formats the int kernel multiplies faster after a planar repack (same bytes per row,
 # regrouped into qs / scale planes; gguf_formats.h). Their kernel layout id is PLANAR_BASE + id.
-PLANAR = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1})
+PLANAR = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0})
 PLANAR_BASE = 256
 
 DENSE_MIN_M = 16     # M at which "dense" (dequantize + gemm) overtakes "int"

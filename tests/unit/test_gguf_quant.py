@@ -135,6 +135,39 @@ def test_both_paths_agree_for_every_activation_tile(qtype):
     assert relative_error(y, xb.double() @ reference(w).T) < 1e-2
 
 
+@pytest.mark.parametrize("qtype", sorted(gguf_kernels.PLANAR, key=int), ids=lambda q: q.name)
+@pytest.mark.parametrize("cols", [192, 256, 288, 544, 576, 1536])
+def test_int_kernel_row_shapes(qtype, cols):
+    """The planar formats' int kernel goes by groups of 8 blocks (cols 256, 1536), of 6 (192,
+    576) or by 8 and a tail (288: 9 blocks, 544: 17; an odd count ends on a single block)."""
+    w = quantized(qtype, 24, cols)
+    data, layout = gguf_kernels.prepare(w.data, qtype, cols)
+    x = torch.randn(5, cols)
+    ref = x.double() @ reference(w).T
+    assert relative_error(gguf_kernels.matmul(x, data, layout, cols, path="int"), ref) < 2e-4
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
+def test_int_kernel_is_independent_of_threads_and_batch(qtype):
+    """Each output element is computed by one thread in a fixed order: the same bits for any
+    thread count, and for a row alone (a tile of 1) or within a batch (tiles of 4 and 3)."""
+    cols = 576 if gguf.GGML_QUANT_SIZES[qtype][0] == 32 else 512
+    w = quantized(qtype, 600, cols)
+    data, layout = gguf_kernels.prepare(w.data, qtype, cols)
+    x = torch.randn(7, cols)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(gguf_kernels.matmul(x, data, layout, cols, path="int"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], y) for y in outs[1:])
+    rows = [gguf_kernels.matmul(x[i:i + 1], data, layout, cols, path="int") for i in range(7)]
+    assert torch.equal(torch.cat(rows), outs[0])
+
+
 def test_runs_under_inference_mode():
     """The dense path's worker threads must see the caller's inference mode (a model runs under
     torch.inference_mode; its output tensors may not be written in place outside it)."""
