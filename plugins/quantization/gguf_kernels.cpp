@@ -438,12 +438,14 @@ template <class P, int MT, int G>
   }
 }
 
-// The row range [n0, n1) for every activation row, in tiles of up to 4 rows.
+// The row range [n0, n1) for every activation row, in tiles of up to 4 rows; the planar kernel
+// takes tiles of 2 or 3 (with 4 its accumulators spill: M = 4 as 2 + 2 measured ~7% faster).
 template <class F>
 void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
                   const QuantizedActs& a, float* out, int64_t N) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    const int64_t mt = std::min<int64_t>(4, a.M - m0);
+  for (int64_t m0 = 0, mt; m0 < a.M; m0 += mt) {
+    const int64_t left = a.M - m0;
+    mt = !is_planar<F> ? std::min<int64_t>(4, left) : left == 3 ? 3 : std::min<int64_t>(2, left);
     auto run = [&]<int MT>() {
       if constexpr (is_planar<F>) {   // groups of 6 where they divide a row and 8 do not
         if (a.nb % 8 != 0 && a.nb % 6 == 0)

@@ -150,7 +150,7 @@ def test_int_kernel_row_shapes(qtype, cols):
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
 def test_int_kernel_is_independent_of_threads_and_batch(qtype):
     """Each output element is computed by one thread in a fixed order: the same bits for any
-    thread count, and for a row alone (a tile of 1) or within a batch (tiles of 4 and 3)."""
+    thread count, and for a row alone or within a batch (activation tiles of 1 to 4 rows)."""
     cols = 576 if gguf.GGML_QUANT_SIZES[qtype][0] == 32 else 512
     w = quantized(qtype, 600, cols)
     data, layout = gguf_kernels.prepare(w.data, qtype, cols)
