@@ -89,6 +89,18 @@ def load_library(lib: CppLibrary, native: bool = True) -> Path:
     return path
 
 
+def load_optional(lib: CppLibrary, what: str) -> bool:
+    """Loads ``lib`` for an optional fast path. False, with one warning naming ``what``, where it
+    cannot be built or loaded here (no compiler, an incompatible toolchain): the caller keeps its
+    torch code."""
+    try:
+        load_library(lib)
+    except Exception as exc:
+        logger.warning("%s unavailable, using the torch path: %s", what, exc)
+        return False
+    return True
+
+
 def _compiler() -> str:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):

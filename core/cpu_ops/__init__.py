@@ -6,15 +6,12 @@ here; the first failure is logged once and the layers keep their torch code.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from kvyard.cpp_build import CppLibrary, load_library
-
-logger = logging.getLogger(__name__)
+from kvyard.cpp_build import CppLibrary, load_optional
 
 LIBRARY = CppLibrary(name="cpu_fused_ops", sources=(Path(__file__).with_name("fused_ops.cpp"),),
                      extra_flags=("-ffp-contract=off",))
@@ -29,10 +26,7 @@ def available() -> bool:
 
 
 def _load() -> bool:
-    try:
-        load_library(LIBRARY)
-    except Exception as exc:  # no compiler or an incompatible toolchain: the torch path stays
-        logger.warning("CPU fused ops unavailable, using the torch path: %s", exc)
+    if not load_optional(LIBRARY, "CPU fused ops"):
         return False
     _register_fake()
     return True

@@ -6,15 +6,12 @@ loads here; the first failure is logged once and callers keep their torch path.
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import torch
 
-from kvyard.cpp_build import CppLibrary, load_library
-
-logger = logging.getLogger(__name__)
+from kvyard.cpp_build import CppLibrary, load_optional
 
 LIBRARY = CppLibrary(name="attention_kernels",
                      sources=(Path(__file__).with_name("paged_decode.cpp"),))
@@ -32,10 +29,7 @@ def available() -> bool:
 def _load() -> bool:
     if os.environ.get("KVYARD_CPU_ATTENTION_KERNELS", "1") in ("0", "false"):
         return False
-    try:
-        load_library(LIBRARY)
-    except Exception as exc:  # no compiler or an incompatible toolchain: the torch path stays
-        logger.warning("CPU attention kernels unavailable, using the torch path: %s", exc)
+    if not load_optional(LIBRARY, "CPU attention kernels"):
         return False
     _register_fake()
     return True
