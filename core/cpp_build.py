@@ -22,6 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -89,16 +90,33 @@ def load_library(lib: CppLibrary, native: bool = True) -> Path:
     return path
 
 
-def load_optional(lib: CppLibrary, what: str) -> bool:
-    """Loads ``lib`` for an optional fast path. False, with one warning naming ``what``, where it
-    cannot be built or loaded here (no compiler, an incompatible toolchain): the caller keeps its
-    torch code."""
-    try:
-        load_library(lib)
-    except Exception as exc:
-        logger.warning("%s unavailable, using the torch path: %s", what, exc)
-        return False
-    return True
+class OptionalLibrary:
+    """A C++ library behind an optional fast path: built and loaded at the first ``available()``,
+    which then registers its ops' fake (shape) functions for torch.compile. Where it cannot be
+    built or loaded (no compiler, an incompatible toolchain) or ``disable_env`` is "0"/"false",
+    ``available()`` is False (with one warning for a failure) and the caller keeps its torch code."""
+
+    def __init__(self, lib: CppLibrary, what: str, register_fakes: Callable[[], None],
+                 disable_env: Optional[str] = None):
+        self.lib, self.what, self.disable_env = lib, what, disable_env
+        self._register_fakes = register_fakes
+        self._ok: Optional[bool] = None
+
+    def available(self) -> bool:
+        if self._ok is None:
+            self._ok = self._load()
+        return self._ok
+
+    def _load(self) -> bool:
+        if self.disable_env and os.environ.get(self.disable_env, "1") in ("0", "false"):
+            return False
+        try:
+            load_library(self.lib)
+        except Exception as exc:
+            logger.warning("%s unavailable, using the torch path: %s", self.what, exc)
+            return False
+        self._register_fakes()
+        return True
 
 
 def _compiler() -> str:

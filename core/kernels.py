@@ -30,6 +30,8 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
+from kvyard import cpu_ops
+
 OPS = ("rmsnorm", "silu_and_mul", "rotary", "kv_write")
 
 
@@ -95,12 +97,6 @@ def use_cpu_kernel(op: str, x: torch.Tensor) -> bool:
         return False
     if _override is not None and use_triton(op, x):   # a test routes this op to the interpreter
         return False
-    return _cpu_ops_available()
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_ops_available() -> bool:
-    from kvyard import cpu_ops
     return cpu_ops.available()
 
 

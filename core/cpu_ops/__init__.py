@@ -11,25 +11,14 @@ from typing import Optional
 
 import torch
 
-from kvyard.cpp_build import CppLibrary, load_optional
+from kvyard.cpp_build import CppLibrary, OptionalLibrary
 
 LIBRARY = CppLibrary(name="cpu_fused_ops", sources=(Path(__file__).with_name("fused_ops.cpp"),),
                      extra_flags=("-ffp-contract=off",))
 
-_state: dict[str, object] = {}   # "ok": the library loaded; "ops": its op namespace
-
 
 def available() -> bool:
-    if "ok" not in _state:
-        _state["ok"] = _load()
-    return bool(_state["ok"])
-
-
-def _load() -> bool:
-    if not load_optional(LIBRARY, "CPU fused ops"):
-        return False
-    _register_fake()
-    return True
+    return _LIBRARY.available()
 
 
 def _register_fake() -> None:
@@ -51,13 +40,13 @@ def _register_fake() -> None:
         return None
 
 
+_LIBRARY = OptionalLibrary(LIBRARY, "CPU fused ops", _register_fake)
+
+
 def _ops():
-    ops = _state.get("ops")
-    if ops is None:
-        if not available():
-            raise RuntimeError("kvyard's CPU fused ops could not be built here (see the log)")
-        ops = _state["ops"] = torch.ops.kvyard_cpu_ops
-    return ops
+    if not available():
+        raise RuntimeError("kvyard's CPU fused ops could not be built here (see the log)")
+    return torch.ops.kvyard_cpu_ops
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -6,39 +6,29 @@ loads here; the first failure is logged once and callers keep their torch path.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from kvyard.cpp_build import CppLibrary, load_optional
+from kvyard.cpp_build import CppLibrary, OptionalLibrary
 
 LIBRARY = CppLibrary(name="attention_kernels",
                      sources=(Path(__file__).with_name("paged_decode.cpp"),))
 
-_state: dict[str, object] = {}
-
 
 def available() -> bool:
     """Whether the kernels can run here (KVYARD_CPU_ATTENTION_KERNELS=0 turns them off)."""
-    if "ok" not in _state:
-        _state["ok"] = _load()
-    return bool(_state["ok"])
-
-
-def _load() -> bool:
-    if os.environ.get("KVYARD_CPU_ATTENTION_KERNELS", "1") in ("0", "false"):
-        return False
-    if not load_optional(LIBRARY, "CPU attention kernels"):
-        return False
-    _register_fake()
-    return True
+    return _LIBRARY.available()
 
 
 def _register_fake() -> None:
     @torch.library.register_fake("kvyard_attn::paged_decode")
     def _paged_decode(q, k_pool, v_pool, table, rows, lens, scale):
         return torch.empty_like(q)
+
+
+_LIBRARY = OptionalLibrary(LIBRARY, "CPU attention kernels", _register_fake,
+                           disable_env="KVYARD_CPU_ATTENTION_KERNELS")
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
