@@ -14,8 +14,8 @@
 // heads, whose K/V rows stay in cache between heads. Per query head: scores = q.k * scale for
 // every cached token, max-subtracted exp, then out = (sum_t p_t v_t) / sum_t p_t, accumulation in
 // float32. For head_dim 64 and 128 (AVX2) the scores take eight tokens per horizontal reduction and
-// the value sum keeps its D accumulators in registers: 2.5x the per-token loop (batch 32 x 192
-// tokens, SmolLM2 heads, one thread: 0.69 vs 1.75 ms per layer).
+// the value sum keeps its D accumulators in registers: 3.5-5x the per-token loop (batch 32 x 192
+// tokens, SmolLM2 heads, one thread: ~0.77 vs 2.8-3.9 ms per layer; benchmarks/cpu/paged_decode.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
