@@ -31,6 +31,7 @@ from kvyard.bench.one_batch import build_parser
 from kvyard.cli.common import server_args_from
 
 WARMUP, STEPS = 20, 50
+HOST_WAIT_US = 20  # a gap between two kernels longer than this is the device waiting for the host
 
 
 def main(argv: list[str]) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cprofile", action="store_true", help="also profile the host side with cProfile")
     ns = parser.parse_args(argv)
     scheduler = _scheduler_with_batch(ns)
-    on_cuda = torch.cuda.is_available() and scheduler.runner.device.type == "cuda"
+    on_cuda = torch.cuda.is_available() and torch.device(scheduler.runner.device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         wall_ms = _timed_steps(scheduler)
@@ -50,6 +51,9 @@ def main(argv: list[str]) -> int:
         host.disable()
         print(f"\nhost profile (cProfile, {STEPS} steps, {wall_ms:.3f} ms/step with cProfile on):")
         pstats.Stats(host).sort_stats("tottime").print_stats(25)
+    close = getattr(scheduler, "close", None)      # the overlap worker thread, if any
+    if close is not None:
+        close()
     return 0
 
 
@@ -108,12 +112,30 @@ def report(prof, wall_ms: float, attention: str, bs: int, on_cuda: bool) -> None
     span_ms = span_us / 1000 / STEPS
     print(f"  wall {wall_ms:.3f} ms/step | kernels {kernels_ms:.3f} | gpu span {span_ms:.3f} "
           f"(gaps {span_ms - kernels_ms:.3f}) | idle {wall_ms - span_ms:.3f}")
+    _report_gaps(device_events)
     totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for e in device_events:
         totals[e.name] = totals.get(e.name, 0.0) + e.device_time
-    print("  top kernels (ms/step):")
-    for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"    {us / 1000 / STEPS:8.3f}  {name[:110]}")
+        counts[e.name] = counts.get(e.name, 0) + 1
+    print("  top kernels (ms/step, launches/step):")
+    for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:16]:
+        print(f"    {us / 1000 / STEPS:8.3f} {counts[name] / STEPS:5.0f}x  {name[:100]}")
+
+
+def _report_gaps(device_events) -> None:
+    """Splits the idle GPU time between kernels: short gaps are launch gaps (inside a CUDA graph
+    or back-to-back launches), long ones are the device waiting for the host."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in device_events)
+    short_us = long_us = 0.0
+    for (_, prev_end), (start, _) in zip(spans, spans[1:]):
+        gap = max(0.0, start - prev_end)
+        if gap < HOST_WAIT_US:
+            short_us += gap
+        else:
+            long_us += gap
+    print(f"  {len(spans) / STEPS:.0f} kernels/step | launch gaps (< {HOST_WAIT_US} us each) "
+          f"{short_us / 1000 / STEPS:.3f} ms/step | host waits {long_us / 1000 / STEPS:.3f} ms/step")
 
 
 if __name__ == "__main__":

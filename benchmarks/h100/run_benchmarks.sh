@@ -24,7 +24,8 @@
 # Environment: BACKENDS (default "flashinfer triton torch_native"), COMPARE_BACKEND (flashinfer),
 # OFFLINE_PROMPTS (300: the issue's 1000 do not fit a 10-minute call next to engine start-up;
 # 300 prompts keep ~250 requests decoding at once, the steady state the figure is about),
-# PROFILE_BS / PROFILE_INPUT_LEN (1 / 128: the profiled decode batch),
+# PROFILE_BS / PROFILE_INPUT_LEN (1 / 128: the profiled decode batch), PROFILE_MODEL (a config
+# folder, default the Llama-3.1-8B one),
 # OFFLINE_LIMIT_S (240: the time limit of each offline-8b run),
 # BUDGET_S (540: parts that would start later are skipped, so the call ends with its table
 # instead of being killed at 600 s).
@@ -42,6 +43,7 @@ COMPARE_BACKEND=${COMPARE_BACKEND:-flashinfer}
 OFFLINE_PROMPTS=${OFFLINE_PROMPTS:-300}
 PROFILE_BS=${PROFILE_BS:-1}
 PROFILE_INPUT_LEN=${PROFILE_INPUT_LEN:-128}
+PROFILE_MODEL=${PROFILE_MODEL:-benchmarks/configs/llama-3.1-8b}
 BUDGET_S=${BUDGET_S:-540}
 L8=benchmarks/configs/llama-3.1-8b
 SMOL=benchmarks/configs/smollm2-135m
@@ -175,10 +177,10 @@ part_profile() {
     local b
     for b in $BACKENDS; do
         [ "$b" = torch_native ] && continue
-        step "profile-decode-8b-$b-bs$PROFILE_BS" 150 python3 benchmarks/profile_decode.py --model-path $L8 \
+        step "profile-decode-$(basename "$PROFILE_MODEL")-$b-bs$PROFILE_BS" 150 python3 benchmarks/profile_decode.py --model-path "$PROFILE_MODEL" \
             "${COMMON[@]}" --context-length 4096 --attention-backend "$b" --batch-size "$PROFILE_BS" \
             --input-len "$PROFILE_INPUT_LEN"
-        sed -n '/decode profile/,$p' "$LOGS/profile-decode-8b-$b-bs$PROFILE_BS.log"
+        sed -n '/decode profile/,$p' "$LOGS/profile-decode-$(basename "$PROFILE_MODEL")-$b-bs$PROFILE_BS.log"
     done
 }
 

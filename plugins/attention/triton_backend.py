@@ -10,7 +10,13 @@ decode  split-KV flash-decoding + reduce (triton_kernels/decode_attention.py). T
         allocated inside a captured step, and replay has nothing to refill (the graph runner
         refills seq_lens / req_pool_indices in place).
 
-Options (AttentionConfig.options): triton_attention_num_kv_splits (S, default 8),
+Splits: a decode batch of B requests takes S = min(max splits, ceil(2 * SMs / (B * Hkv)))
+key ranges per request, at least 1: split-KV exists to fill the GPU when B * Hkv programs are too
+few; at large B the programs already fill it, and S = 1 writes the output directly and skips the
+reduce launch. S depends on B alone, so each captured graph has its own fixed S. Under the CPU
+interpreter (no SM count) S is always the maximum.
+
+Options (AttentionConfig.options): triton_attention_num_kv_splits (the most splits S, default 8),
 triton_attention_reduce_in_fp32 (keep the split partial outputs in float32 instead of the
 activation dtype; default False). Writing the new tokens' k/v is the pool's set_kv, which takes
 the fused Triton write on CUDA (kvyard.kernels).
@@ -43,8 +49,8 @@ class TritonExtendMetadata:
 
 @dataclass
 class TritonDecodeMetadata:
-    mid_o: torch.Tensor         # [>= B, H, S, D] split partial outputs
-    mid_lse: torch.Tensor       # [>= B, H, S] float32 split log2-sum-exp
+    mid_o: torch.Tensor         # [B, H, S, D] split partial outputs (a view of the workspace)
+    mid_lse: torch.Tensor       # [B, H, S] float32 split log2-sum-exp
 
 
 def read_options(options: dict) -> tuple[int, bool]:
@@ -75,18 +81,32 @@ class TritonAttnBackend(AttentionBackend):
         super().__init__(config)
         self.num_kv_splits, self.reduce_in_fp32 = read_options(config.options)
         self.mid_dtype = torch.float32 if self.reduce_in_fp32 else config.dtype
+        self.sm_count = (torch.cuda.get_device_properties(config.device).multi_processor_count
+                         if torch.device(config.device).type == "cuda" else None)
         self._graph_workspace: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     # -- per-step metadata -------------------------------------------------------------------
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
         if fb.mode.is_decode():
-            fb.attn_metadata = TritonDecodeMetadata(*self._workspace(fb.batch_size, fb.req_to_token.device))
+            mid_o, mid_lse = self._workspace(fb.batch_size, fb.req_to_token.device)
+            fb.attn_metadata = self._decode_metadata(mid_o, mid_lse, fb.batch_size)
         elif fb.mode.is_extend():
             dev = fb.req_to_token.device
             fb.attn_metadata = TritonExtendMetadata(
                 q_lens=torch.tensor(fb.extend_seq_lens_cpu, dtype=torch.int64, device=dev),
                 prefix_lens=torch.tensor(fb.extend_prefix_lens_cpu, dtype=torch.int64, device=dev),
                 max_q_len=max(fb.extend_seq_lens_cpu, default=0))
+
+    def num_splits(self, batch: int) -> int:
+        """S for a decode batch of `batch` requests (module docstring)."""
+        if self.sm_count is None or batch < 1:
+            return self.num_kv_splits
+        programs = batch * self.config.num_kv_heads
+        return max(1, min(self.num_kv_splits, -(-2 * self.sm_count // programs)))
+
+    def _decode_metadata(self, mid_o: torch.Tensor, mid_lse: torch.Tensor, batch: int) -> TritonDecodeMetadata:
+        splits = self.num_splits(batch)
+        return TritonDecodeMetadata(mid_o[:batch, :, :splits], mid_lse[:batch, :, :splits])
 
     def _workspace(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -123,7 +143,7 @@ class TritonAttnBackend(AttentionBackend):
         mid_o, mid_lse = self._graph_workspace
         if fb.batch_size > mid_o.shape[0]:
             raise ValueError(f"batch_size {fb.batch_size} exceeds the graph workspace ({mid_o.shape[0]})")
-        fb.attn_metadata = TritonDecodeMetadata(mid_o[:fb.batch_size], mid_lse[:fb.batch_size])
+        fb.attn_metadata = self._decode_metadata(mid_o, mid_lse, fb.batch_size)
 
     def init_forward_metadata_replay(self, fb: "ForwardBatch") -> None:
         # The captured kernels read seq_lens / req_pool_indices from the runner's buffers, which

@@ -217,3 +217,19 @@ def test_extend_grid(page_size, group, head_dim, dtype):
 @pytest.mark.parametrize("page_size,group,head_dim,dtype", GRID)
 def test_decode_grid(page_size, group, head_dim, dtype):
     run_decode(page_size, group, head_dim, dtype)
+
+
+def test_split_count_shrinks_as_the_batch_fills_the_gpu():
+    """S = min(max, ceil(2 * SMs / (B * Hkv))), at least 1; the interpreter keeps the maximum."""
+    kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=64, num_pages=64)
+    backend = make_backend(kv, KV_HEADS, 64, triton_attention_num_kv_splits=8)
+    assert backend.sm_count is None and backend.num_splits(1000) == 8
+    backend.sm_count = 132
+    counts = [backend.num_splits(b) for b in (1, 2, 8, 16, 64, 256, 1024)]
+    assert counts[0] == min(8, -(-264 // KV_HEADS)) and counts[-1] == 1
+    assert counts == sorted(counts, reverse=True)
+    backend.init_cuda_graph_state(256)
+    seqs = [new_request(kv, 0, 4, 1, KV_HEADS, 64, torch.float32)[0] for _ in range(2)]
+    fb = Harness(model=None, backend=backend, kv=kv).decode_batch(seqs)
+    backend.init_forward_metadata_capture(fb)
+    assert fb.attn_metadata.mid_o.shape[:3] == (2, KV_HEADS, backend.num_splits(2))

@@ -8,6 +8,9 @@ It writes the split's normalized partial output mid_o[b, h, s] and its log2-sum-
 mid_lse[b, h, s] (-inf for an empty split, whose mid_o row is zeros).
 Stage 2, grid (B, H): out[b, h] = sum_s 2^(lse_s - max) * mid_o_s / sum_s 2^(lse_s - max).
 
+With S = 1 the one split's normalized output is the answer: stage 1 writes it straight into
+out and stage 2 is not launched.
+
 Only device tensors describe the batch (seq_lens, req_pool_indices): the grid depends on B and
 S alone, so a CUDA graph captured at batch size B replays for any lengths. A row with
 seq_len 0 (graph padding) gives zeros, never NaN.
@@ -134,14 +137,17 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         return
     group = heads // kv_heads
     block_d = max(16, triton.next_power_of_2(dim))   # tl.dot needs K >= 16 on a GPU
+    split_out = out.unsqueeze(2) if num_splits == 1 else mid_o      # [B, H, S, D]
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, split_out, mid_lse,
         scaling * math.log2(math.e),
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        req_to_token.stride(0), split_out.stride(0), split_out.stride(1), split_out.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=64, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), num_warps=4, num_stages=2)
+    if num_splits == 1:
+        return
     _decode_reduce_kernel[(batch, heads)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
