@@ -77,7 +77,7 @@ class ServerArgs:
     torch_compile_max_bs: int = _f(32, "largest batch size compiled", "runtime")
     prefill_attention_backend: Optional[str] = _f(None, "attention plugin for extend (prefill) steps (default: --attention-backend)", "runtime", registry="attention_backends")
     decode_attention_backend: Optional[str] = _f(None, "attention plugin for decode steps (default: --attention-backend)", "runtime", registry="attention_backends")
-    triton_attention_num_kv_splits: int = _f(8, "key splits of the triton decode kernel (flash-decoding)", "runtime")
+    triton_attention_num_kv_splits: int = _f(8, "most key splits per request of the triton decode kernel (flash-decoding); fewer at large batch sizes", "runtime")
     triton_attention_reduce_in_fp32: bool = _f(False, "keep the triton decode kernel's per-split partial outputs in float32", "runtime")
     cuda_graph_max_bs: Optional[int] = _f(None, "largest decode batch captured as a CUDA graph (default: 160, capped by --max-running-requests)", "runtime")
     cuda_graph_bs: Optional[list[int]] = _f(None, "decode batch sizes to capture, e.g. 1 2 4 8 (overrides --cuda-graph-max-bs)", "runtime", nargs="+")
