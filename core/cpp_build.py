@@ -29,6 +29,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 BASE_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++20")
+# Headers every library may include (their folder is on every include path, their text in every
+# build key): small SIMD helpers shared by core and plugin kernels.
+COMMON_HEADERS = (Path(__file__).with_name("csrc") / "kvyard_simd.h",)
 NATIVE_FLAGS = ("-march=native",)
 
 
@@ -149,7 +152,7 @@ def _torch_flags() -> list[str]:
 def _build_key(lib: CppLibrary, compiler: str, flags: list[str]) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
-    for part in (*(p.read_text() for p in (*lib.sources, *lib.headers)), " ".join(flags),
+    for part in (*(p.read_text() for p in (*lib.sources, *lib.headers, *COMMON_HEADERS)), " ".join(flags),
                  torch.__version__, version, _cpu_identity(), sys.platform):
         digest.update(part.encode())
         digest.update(b"\0")
@@ -158,7 +161,7 @@ def _build_key(lib: CppLibrary, compiler: str, flags: list[str]) -> str:
 
 def _compile(lib: CppLibrary, compiler: str, flags: list[str], target: Path) -> None:
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    includes = sorted({f"-I{p.parent}" for p in (*lib.sources, *lib.headers)})
+    includes = sorted({f"-I{p.parent}" for p in (*lib.sources, *lib.headers, *COMMON_HEADERS)})
     cmd = [compiler, *flags, *includes, *map(str, lib.sources), "-o", str(tmp), *_torch_flags()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

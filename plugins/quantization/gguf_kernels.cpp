@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "gguf_formats.h"
+#include "kvyard_simd.h"
 
 namespace kvyard_gguf {
 namespace {
@@ -43,19 +44,8 @@ namespace {
 // ---- activations ------------------------------------------------------------------------------
 
 #ifdef KVYARD_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using kvyard_simd::hmax;
+using kvyard_simd::hsum;
 #endif
 
 // Activation rows quantized to int16 per 32-block: x ~ q * d, d = max|x_blk| / 32767 (relative

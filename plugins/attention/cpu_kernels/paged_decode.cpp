@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kvyard_simd.h"
+
 namespace kvyard_attn {
 namespace {
 
@@ -40,12 +42,7 @@ inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using kvyard_simd::hsum;
 
 // exp(x) for x <= 0 (max-subtracted scores), Cephes' polynomial: within 2 ulp of expf.
 inline __m256 exp8(__m256 x) {
