@@ -18,7 +18,7 @@ setup(
     # the GGUF kernels are compiled from source at first use
     package_data={"kvyard_plugins.quantization": ["*.cpp", "*.h"],
                   "kvyard_plugins.attention.cpu_kernels": ["*.cpp"],
-                  "kvyard.cpu_ops": ["*.cpp"],
-                  "kvyard": ["csrc/*.h"]},
+                  "kvyard.kernels.cpu_ops": ["*.cpp"],
+                  "kvyard.kernels": ["csrc/*.h"]},
     include_package_data=True,
 )

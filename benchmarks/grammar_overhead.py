@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from kvyard.io_struct import TokenizedGenerateReq
-from kvyard.launch import resolve_args, tokenizer_factory
+from kvyard.scheduler.io_struct import TokenizedGenerateReq
+from kvyard.frontend.launch import resolve_args, tokenizer_factory
 from kvyard.sampling.params import SamplingParams
-from kvyard.scheduler_process import build_scheduler
+from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs
 
 SCHEMA = {"type": "array", "minItems": 200, "items": {"type": "object", "properties": {

@@ -59,10 +59,10 @@ def main(argv: list[str]) -> int:
 
 def _scheduler_with_batch(ns):
     """A scheduler whose running batch is ns.batch_size requests past prefill and WARMUP steps."""
-    from kvyard.io_struct import TokenizedGenerateReq
-    from kvyard.launch import resolve_args
+    from kvyard.scheduler.io_struct import TokenizedGenerateReq
+    from kvyard.frontend.launch import resolve_args
     from kvyard.sampling.params import SamplingParams
-    from kvyard.scheduler_process import build_scheduler
+    from kvyard.scheduler.process import build_scheduler
 
     bs = max(ns.batch_size)
     steps = WARMUP + 2 * STEPS + 4

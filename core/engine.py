@@ -13,7 +13,7 @@ import queue
 import threading
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
-from kvyard.launch import make_tokenizer_manager, start_engine_process
+from kvyard.frontend.launch import make_tokenizer_manager, start_engine_process
 from kvyard.server_args import ServerArgs
 
 Prompt = Union[str, list[str], None]

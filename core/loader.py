@@ -13,6 +13,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+# Path helpers a load-format plugin may use (the plugin API; they live in kvyard.model.source).
+from kvyard.model.source import default_model_path, gguf_file_of, pt_files, safetensors_files  # noqa: F401
+
 
 @dataclass(frozen=True)
 class LoadConfig:

@@ -147,7 +147,7 @@ class ServerArgs:
                 "triton_attention_reduce_in_fp32": self.triton_attention_reduce_in_fp32}
 
     def cuda_graph_config(self):
-        from kvyard.cuda_graph_runner import CudaGraphConfig
+        from kvyard.executor.cuda_graph_runner import CudaGraphConfig
 
         return CudaGraphConfig(max_bs=self.cuda_graph_max_bs,
                                batch_sizes=tuple(self.cuda_graph_bs) if self.cuda_graph_bs else None,

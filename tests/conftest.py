@@ -16,7 +16,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    from kvyard.model_source import default_model_path
+    from kvyard.model.source import default_model_path
     return default_model_path()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kvyard.cpp_build import CppLibrary, load_library
+from kvyard.kernels.cpp_build import CppLibrary, load_library
 from kvyard_plugins.attention import cpu_kernels
 
 SOURCE = "plugins/attention/cpu_kernels/paged_decode.cpp"

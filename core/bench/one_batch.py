@@ -30,8 +30,8 @@ def main(argv: list[str]) -> int:
 def run(ns) -> int:
     from dataclasses import replace
 
-    from kvyard.launch import resolve_args
-    from kvyard.scheduler_process import build_scheduler
+    from kvyard.frontend.launch import resolve_args
+    from kvyard.scheduler.process import build_scheduler
 
     args = resolve_args(server_args_from(ns))
     biggest = max(ns.batch_size) * (ns.input_len + ns.output_len)
@@ -63,7 +63,7 @@ def _run_batch(scheduler, bs: int, input_len: int, output_len: int, seed: int) -
     """(prefill seconds, decode seconds). The decode phase is timed as a whole, steps back to
     back as the server runs them (with overlap scheduling the host prepares step N+1 while N
     computes), so decode seconds / (output_len - 1) is the per-token time a client sees."""
-    from kvyard.io_struct import TokenizedGenerateReq
+    from kvyard.scheduler.io_struct import TokenizedGenerateReq
     from kvyard.sampling.params import SamplingParams
 
     vocab = scheduler.vocab_size

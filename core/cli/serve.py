@@ -31,7 +31,7 @@ def run_serve(argv: list[str]) -> int:
 def serve(args: ServerArgs) -> int:
     import uvicorn
 
-    from kvyard.launch import make_tokenizer_manager, start_engine_process
+    from kvyard.frontend.launch import make_tokenizer_manager, start_engine_process
     from kvyard.server.app import create_app, warmup_names
     from kvyard.server.context import ServerContext
     from kvyard.server.metrics import ServerMetrics

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvyard import cpu_ops
+from kvyard.kernels import cpu_ops
 from kvyard.kernels import use_cpu_kernel, use_triton
 
 
@@ -14,7 +14,7 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton("silu_and_mul", x):
-            from kvyard.triton_ops.activation import silu_and_mul
+            from kvyard.kernels.triton_ops.activation import silu_and_mul
             return silu_and_mul(x)
         if use_cpu_kernel("silu_and_mul", x):
             return cpu_ops.silu_and_mul(x)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kvyard import cpu_ops
+from kvyard.kernels import cpu_ops
 from kvyard.kernels import use_cpu_kernel, use_triton
 
 
@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """x [..., hidden] -> normed; with ``residual`` -> (normed, x + residual)."""
         if use_triton("rmsnorm", x):
-            from kvyard.triton_ops.rmsnorm import rmsnorm
+            from kvyard.kernels.triton_ops.rmsnorm import rmsnorm
             return rmsnorm(x, self.weight, self.eps, residual)
         if use_cpu_kernel("rmsnorm", x):
             return cpu_ops.rmsnorm(x, self.weight, self.eps, residual)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kvyard import cpu_ops
+from kvyard.kernels import cpu_ops
 from kvyard.kernels import use_cpu_kernel, use_triton
 
 
@@ -162,7 +162,7 @@ class RotaryEmbedding(nn.Module):
         """
         cos, sin = cos_sin
         if use_triton("rotary", x):
-            from kvyard.triton_ops.rotary import apply_rotary
+            from kvyard.kernels.triton_ops.rotary import apply_rotary
             return apply_rotary(x, cos, sin)
         if use_cpu_kernel("rotary", x):
             return cpu_ops.apply_rotary(x, cos, sin)

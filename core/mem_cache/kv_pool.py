@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvyard import cpu_ops
+from kvyard.kernels import cpu_ops
 from kvyard.kernels import use_cpu_kernel, use_triton
 
 
@@ -25,7 +25,7 @@ class KVPool:
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """loc [T] slots; k/v [T, Hkv, D]."""
         if use_triton("kv_write", k):
-            from kvyard.triton_ops.kv_write import write_kv
+            from kvyard.kernels.triton_ops.kv_write import write_kv
             write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)
             return
         if k.dtype == self.dtype and loc.dtype == torch.int64 and use_cpu_kernel("kv_write", k):

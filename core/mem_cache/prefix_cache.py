@@ -3,7 +3,7 @@
 Two implementations: RadixCache (radix_cache.py, the default) and ChunkCache (chunk_cache.py,
 --disable-radix-cache, caches nothing).
 
-Lifecycle of one request (``req`` is kvyard.req.Req; see its KV invariants):
+Lifecycle of one request (``req`` is kvyard.scheduler.req.Req; see its KV invariants):
   1. ``m = cache.match_prefix(key)``; the scheduler locks ``cache.inc_lock_ref(m.last_node)``,
      allocates a req_to_token row, writes ``m.indices`` into it and sets
      ``req.prefix_indices = m.indices``, ``req.last_node = m.last_node``,

@@ -16,8 +16,8 @@ from kvyard.server_args import ServerArgs
 @dataclass
 class ServerContext:
     args: ServerArgs
-    engine: Any                       # kvyard.launch.EngineProcess
-    tm: Any                           # kvyard.tokenizer_manager.TokenizerManager
+    engine: Any                       # kvyard.frontend.launch.EngineProcess
+    tm: Any                           # kvyard.frontend.tokenizer_manager.TokenizerManager
     metrics: Optional[Any] = None     # kvyard.server.metrics.ServerMetrics
     files: Optional[Any] = None       # kvyard.server.files_batches.FileStore
     batches: Optional[Any] = None     # kvyard.server.files_batches.BatchRunner

@@ -5,7 +5,7 @@ With --reasoning-parser the thinking text goes to ``reasoning_content``; with
 Both run per choice, on the whole text (non-stream) or chunk by chunk (stream).
 
 tool_choice "required" or a named function forces a call: the output is constrained to
-kvyard.tool_constraints' JSON shape and read back with its own reader, not the model's parser
+kvyard.grammar.tool_constraints' JSON shape and read back with its own reader, not the model's parser
 (no reasoning part either: the grammar allows only the calls).
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest):
 
 def _forced_tool_call(req: ChatCompletionRequest) -> Optional[tuple[str, str]]:
     """tool_call_constraint's (kind, spec) when tool_choice forces a call, else None."""
-    from kvyard.tool_constraints import tool_call_constraint
+    from kvyard.grammar.tool_constraints import tool_call_constraint
 
     try:
         return tool_call_constraint(req.tools, req.tool_choice, parallel=req.parallel_tool_calls is not False)
@@ -159,7 +159,7 @@ def _choice(plan: ChatPlan, index: int, out: dict) -> dict:
 def _forced_calls(plan: ChatPlan, text: str) -> tuple[str, list]:
     """("", calls) of a constrained output; (text, []) when it is not whole (cut by max_tokens).
     An array cut only before the end token is whole: its calls come back, finish_reason "length"."""
-    from kvyard.tool_constraints import parse_constrained_tool_calls
+    from kvyard.grammar.tool_constraints import parse_constrained_tool_calls
 
     try:
         return "", parse_constrained_tool_calls(text, plan.tools)
@@ -179,7 +179,7 @@ class _ChoiceStreamParser:
             from kvyard.parsers import FunctionCallParser
             self.tools = FunctionCallParser(plan.tools, plan.tool_call_parser)
         elif plan.forced_tools:
-            from kvyard.tool_constraints import ConstrainedToolCallStream
+            from kvyard.grammar.tool_constraints import ConstrainedToolCallStream
             self.forced = ConstrainedToolCallStream()
         self.call_ids: dict[int, str] = {}
 

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from starlette.requests import Request
 
 from kvyard.errors import RequestError
-from kvyard.io_struct import TokenizedGenerateReq
+from kvyard.scheduler.io_struct import TokenizedGenerateReq
 from kvyard.server.openai_format import usage_of
 from kvyard.server.streaming import EventStream, with_errors_and_done
 

@@ -15,8 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kvyard.loader import TokenizerSource
-from kvyard.model_source import default_model_path
+from kvyard.loader import TokenizerSource, default_model_path
 from kvyard_plugins.loaders.hf_folder import HFFolderLoader
 
 SEED = 0

@@ -22,8 +22,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from kvyard.loader import QuantizedTensor, TokenizerSource, WeightLoader
-from kvyard.model_source import gguf_file_of
+from kvyard.loader import QuantizedTensor, TokenizerSource, WeightLoader, gguf_file_of
 
 logger = logging.getLogger(__name__)
 

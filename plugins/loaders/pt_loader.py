@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kvyard.model_source import pt_files
+from kvyard.loader import pt_files
 from kvyard_plugins.loaders.hf_folder import HFFolderLoader, is_model_weight
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from kvyard.model_source import safetensors_files
+from kvyard.loader import safetensors_files
 from kvyard_plugins.loaders.hf_folder import HFFolderLoader, is_model_weight
 
 

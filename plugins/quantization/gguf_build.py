@@ -1,5 +1,5 @@
 """Builds and loads the GGUF CPU kernels (gguf_kernels.cpp) at first use, through the core's
-C++ builder (kvyard.cpp_build: cached per machine under ``<cache>/gguf_kernels/<key>/``).
+C++ builder (kvyard.kernels.cpp_build: cached per machine under ``<cache>/gguf_kernels/<key>/``).
 
 KVYARD_GGUF_PORTABLE=1 builds without -march=native: the portable C++ kernels instead of the
 AVX2 ones (for tests, and for CPUs without AVX2/FMA/F16C, where the native build picks them too).
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from kvyard.cpp_build import CppLibrary, KernelBuildError, build as _build, cache_root, load_library
+from kvyard.kernels.cpp_build import CppLibrary, KernelBuildError, build as _build, cache_root, load_library
 
 __all__ = ["KernelBuildError", "build", "cache_root", "load"]
 

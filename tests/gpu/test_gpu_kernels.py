@@ -6,7 +6,7 @@ runs under the Triton interpreter, compiled for the GPU.
     mixed prefixes (0, 1, across a page boundary) in one batch;
   * the triton decode step through a real torch.cuda.CUDAGraph (CudaGraphRunner) replayed on
     batches padded to the bucket, vs the eager step;
-  * the fused layer kernels (kvyard.triton_ops) vs the torch paths.
+  * the fused layer kernels (kvyard.kernels.triton_ops) vs the torch paths.
 Tolerances (max abs, outputs O(1)): float32 2e-5 (IEEE float32 dots), bfloat16 2e-2.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from forward_harness import Harness, PagedKV, Seq  # noqa: E402
 from kvyard import kernels  # noqa: E402
-from kvyard.cuda_graph_runner import CudaGraphConfig, CudaGraphCapture, CudaGraphRunner  # noqa: E402
+from kvyard.executor.cuda_graph_runner import CudaGraphConfig, CudaGraphCapture, CudaGraphRunner  # noqa: E402
 from kvyard.layers.activation import SiluAndMul  # noqa: E402
 from kvyard.layers.attention import Attention  # noqa: E402
 from kvyard.layers.norm import RMSNorm  # noqa: E402

@@ -16,11 +16,11 @@ if not torch.cuda.is_available():
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
 
-from kvyard.future_tokens import FutureTokenMap  # noqa: E402
-from kvyard.io_struct import TokenizedGenerateReq  # noqa: E402
-from kvyard.overlap_scheduler import OverlapScheduler  # noqa: E402
+from kvyard.scheduler.future_tokens import FutureTokenMap  # noqa: E402
+from kvyard.scheduler.io_struct import TokenizedGenerateReq  # noqa: E402
+from kvyard.scheduler.overlap import OverlapScheduler  # noqa: E402
 from kvyard.sampling.params import SamplingParams  # noqa: E402
-from kvyard.scheduler_process import build_scheduler  # noqa: E402
+from kvyard.scheduler.process import build_scheduler  # noqa: E402
 from kvyard.server_args import ServerArgs  # noqa: E402
 
 BACKENDS = ["triton", "torch_native"]   # triton decodes through CUDA graphs, torch_native eagerly

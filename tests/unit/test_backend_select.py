@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
-from kvyard import backend_select
+from kvyard.executor import backend_select
 from kvyard.attention import AttentionConfig
-from kvyard.attention_timing import AttentionTiming
-from kvyard.backend_select import (pick_by_timing, resolve_attention_backend, resolve_attention_backends,
+from kvyard.attention.timing import AttentionTiming
+from kvyard.executor.backend_select import (pick_by_timing, resolve_attention_backend, resolve_attention_backends,
                                    resolve_overlap_schedule)
 from kvyard.server_args import ServerArgs
 
@@ -20,14 +20,14 @@ from kvyard.server_args import ServerArgs
     (None, "cuda", True), (None, "cpu", False), (True, "cuda", False), (False, "cpu", True),
     (None, "mps", False)])
 def test_overlap_default_per_device_and_the_flag_overrides_it(caplog, disable, device, expected):
-    with caplog.at_level(logging.INFO, logger="kvyard.backend_select"):
+    with caplog.at_level(logging.INFO, logger="kvyard.executor.backend_select"):
         assert resolve_overlap_schedule(disable, device) is expected
     assert f"overlap schedule: {'on' if expected else 'off'}" in caplog.text
     assert ("auto on" in caplog.text) == (disable is None)
 
 
 def test_embedding_models_never_overlap(caplog):
-    with caplog.at_level(logging.INFO, logger="kvyard.backend_select"):
+    with caplog.at_level(logging.INFO, logger="kvyard.executor.backend_select"):
         assert resolve_overlap_schedule(False, "cuda", is_generation=False) is False
     assert "embedding model" in caplog.text
 
@@ -77,7 +77,7 @@ def test_a_failing_candidate_is_never_picked():
 
 
 def test_auto_on_cpu_times_once_per_shape_and_logs_why(monkeypatch, caplog):
-    import kvyard.attention_timing as timing
+    import kvyard.attention.timing as timing
 
     calls = []
 
@@ -89,7 +89,7 @@ def test_auto_on_cpu_times_once_per_shape_and_logs_why(monkeypatch, caplog):
 
     monkeypatch.setattr(timing, "time_backend", fake_time_backend)
     backend_select._timings_per_shape.cache_clear()
-    with caplog.at_level(logging.INFO, logger="kvyard.backend_select"):
+    with caplog.at_level(logging.INFO, logger="kvyard.executor.backend_select"):
         assert resolve_attention_backend("auto", "cpu", shapes()) == "torch_native"
         assert resolve_attention_backend("auto", "cpu", shapes()) == "torch_native"    # cached
         assert resolve_attention_backends("auto", None, None, "cpu", shapes(heads=8)) == ("torch_native",) * 2
@@ -102,7 +102,7 @@ def test_auto_on_cpu_times_once_per_shape_and_logs_why(monkeypatch, caplog):
 
 
 def test_time_backend_runs_both_cpu_backends_on_small_shapes():
-    from kvyard.attention_timing import time_backend
+    from kvyard.attention.timing import time_backend
     from kvyard.plugins import registry
 
     for name in CPU:

@@ -7,7 +7,7 @@ from kvyard.mem_cache.allocator import SlotAllocator
 from kvyard.mem_cache.chunk_cache import ChunkCache
 from kvyard.mem_cache.integrity import check_kv_integrity
 from kvyard.mem_cache.req_to_token import ReqToTokenPool
-from kvyard.req import Req
+from kvyard.scheduler.req import Req
 
 
 def _setup(page_size):

@@ -1,4 +1,4 @@
-"""The C++ CPU layer kernels (kvyard.cpu_ops) against the layers' torch paths, and the rule in
+"""The C++ CPU layer kernels (kvyard.kernels.cpu_ops) against the layers' torch paths, and the rule in
 kvyard.kernels that picks them (CPU, float32/bfloat16, at most CPU_KERNEL_MAX_ROWS rows).
 
 Exactness: RMSNorm (its squares summed by ATen's own sum kernel) and the KV write are bitwise the
@@ -10,7 +10,8 @@ last place (ONE_ULP).
 import pytest
 import torch
 
-from kvyard import cpu_ops, kernels
+from kvyard import kernels
+from kvyard.kernels import cpu_ops
 from kvyard.kernels import cpu_kernels_disabled, use_cpu_kernel
 from kvyard.layers.activation import SiluAndMul
 from kvyard.layers.norm import RMSNorm

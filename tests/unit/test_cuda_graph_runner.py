@@ -10,7 +10,7 @@ import torch
 
 from forward_harness import Harness, PagedKV, Seq
 from kvyard.attention import AttentionBackend
-from kvyard.cuda_graph_runner import (CudaGraphConfig, CudaGraphRunner, DecodeInputBuffers,
+from kvyard.executor.cuda_graph_runner import (CudaGraphConfig, CudaGraphRunner, DecodeInputBuffers,
                                       EagerReplayCapture, default_buckets, padded_size)
 from kvyard.forward_batch import ForwardMode
 from kvyard.server_args import ServerArgs

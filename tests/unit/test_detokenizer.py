@@ -1,7 +1,7 @@
 """Incremental detokenization: stop strings never leak, held-back text is released at the end."""
 from __future__ import annotations
 
-from kvyard.detokenizer import DecodeState, next_delta, visible_text
+from kvyard.frontend.detokenizer import DecodeState, next_delta, visible_text
 
 
 class CharTokenizer:

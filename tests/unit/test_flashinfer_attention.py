@@ -305,7 +305,7 @@ def test_auto_skips_flashinfer_where_it_cannot_run(monkeypatch):
     """On CUDA "auto" prefers flashinfer, but only where the library is installed."""
     import kvyard_plugins.attention.torch_native as native_plugin
     import kvyard_plugins.attention.triton as triton_plugin
-    from kvyard.backend_select import resolve_attention_backend
+    from kvyard.executor.backend_select import resolve_attention_backend
     from kvyard.plugins import reset_plugin_manager
 
     pm = PluginManager(autoload=False)

@@ -12,7 +12,7 @@ import torch
 from kvyard.errors import RequestError
 from kvyard.grammar import (GrammarConfig, GrammarError, allocate_bitmask, bitmask_to_bool,
                             bool_to_bitmask, grammar_spec)
-from kvyard.grammar_manager import GrammarChecker, backends_supporting, load_backend
+from kvyard.grammar.manager import GrammarChecker, backends_supporting, load_backend
 from kvyard.plugins import registry
 from kvyard.sampling.params import SamplingParams
 from kvyard_plugins.grammar.token_bytes import token_to_bytes, vocab_style

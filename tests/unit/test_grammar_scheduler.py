@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from kvyard.io_struct import TokenizedGenerateReq
+from kvyard.scheduler.io_struct import TokenizedGenerateReq
 from kvyard.sampling.params import SamplingParams
-from kvyard.scheduler_process import build_scheduler
+from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs
 from tiny_tokenizer import build_tokenizer
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from forward_harness import Harness, PagedKV, Seq
-from kvyard.backend_select import resolve_attention_backends
-from kvyard.hybrid_attention import HybridAttentionBackend, build_attention_backend
+from kvyard.executor.backend_select import resolve_attention_backends
+from kvyard.attention.hybrid import HybridAttentionBackend, build_attention_backend
 from kvyard.layers.attention import Attention
 from kvyard.plugins import PluginError
 from kvyard.server_args import ServerArgs
@@ -15,7 +15,7 @@ from kvyard.server_args import ServerArgs
 def test_resolution_per_mode(caplog):
     assert resolve_attention_backends("torch_native", None, None, "cpu") == ("torch_native", "torch_native")
     assert resolve_attention_backends("auto", None, None, "cpu") == ("torch_native", "torch_native")
-    with caplog.at_level(logging.INFO, logger="kvyard.backend_select"):
+    with caplog.at_level(logging.INFO, logger="kvyard.executor.backend_select"):
         assert resolve_attention_backends("auto", "flex_attention", None, "cpu") == ("flex_attention", "torch_native")
     assert "hybrid" in caplog.text
     assert resolve_attention_backends("no_such", "torch_native", "flex_attention", "cpu") == \

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvyard.loader import LoadConfig, QuantizedTensor
-from kvyard.model_source import default_model_path
+from kvyard.model.source import default_model_path
 from kvyard.plugins import registry
 from kvyard_plugins.loaders.dummy_loader import INIT_STD, DummyLoader
 from kvyard_plugins.loaders.gguf_loader import GGUFLoader, _unpermute_index, hf_name_of

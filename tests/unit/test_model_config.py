@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvyard import model_config as model_config_module
+from kvyard.model import config as model_config_module
 from kvyard.loader import LoadConfig
-from kvyard.model_config import ModelConfig, resolve_dtype
-from kvyard.model_source import default_model_path, resolve_load_format
+from kvyard.model.config import ModelConfig, resolve_dtype
+from kvyard.model.source import default_model_path, resolve_load_format
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -57,7 +57,7 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
 
 
 def test_auto_picks_the_format_from_the_files_and_logs_why(llama_folder, pt_folder, caplog):
-    with caplog.at_level(logging.INFO, logger="kvyard.model_source"):
+    with caplog.at_level(logging.INFO, logger="kvyard.model.source"):
         assert resolve_load_format(str(llama_folder), "auto") == "safetensors"
     assert "load format: safetensors (auto: found 1 safetensors file" in caplog.text
     assert resolve_load_format(str(pt_folder), "auto") == "pt"
@@ -115,7 +115,7 @@ def test_bad_override_json_names_the_flag(llama_folder, text, match):
 
 def test_context_length_flag(llama_folder, caplog):
     assert build(llama_folder, context_length=32).context_length == 32
-    with caplog.at_level(logging.WARNING, logger="kvyard.model_config"):
+    with caplog.at_level(logging.WARNING, logger="kvyard.model.config"):
         assert build(llama_folder, context_length=512).context_length == 512
     assert "longer than the model's 128" in caplog.text
     with pytest.raises(ValueError, match="context_length: must be positive"):
@@ -181,7 +181,7 @@ def test_unknown_dtype_names_the_flag():
 @pytest.mark.parametrize("native,dtype", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_on_cpu_follows_native_bf16_support(monkeypatch, caplog, native, dtype):
     monkeypatch.setattr(model_config_module, "cpu_has_native_bf16", lambda: native)
-    with caplog.at_level(logging.INFO, logger="kvyard.model_config"):
+    with caplog.at_level(logging.INFO, logger="kvyard.model.config"):
         assert resolve_dtype("auto", "cpu", torch.float16) == dtype
     assert "auto on cpu" in caplog.text
 

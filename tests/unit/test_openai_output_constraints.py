@@ -15,14 +15,14 @@ from types import SimpleNamespace
 import pytest
 
 from kvyard.errors import RequestError
-from kvyard.grammar_manager import GrammarChecker
+from kvyard.grammar.manager import GrammarChecker
 from kvyard.server.context import ServerContext
 from kvyard.server.openai_chat import _ChoiceStreamParser, _choice, prepare_chat
 from kvyard.server.openai_completions import prepare_completion
 from kvyard.server.openai_params import JSON_OBJECT_SCHEMA, response_format_constraint
 from kvyard.server.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
-from kvyard.tokenizer_manager import TokenizerManager
-from kvyard.tool_constraints import ConstrainedToolCallStream, parse_constrained_tool_calls
+from kvyard.frontend.tokenizer_manager import TokenizerManager
+from kvyard.grammar.tool_constraints import ConstrainedToolCallStream, parse_constrained_tool_calls
 from tiny_tokenizer import build_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from kvyard.future_tokens import FutureTokenMap
+from kvyard.scheduler.future_tokens import FutureTokenMap
 
 
 def test_placeholders_resolve_to_the_stored_tokens_and_real_ids_stay():

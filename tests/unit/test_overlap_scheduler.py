@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from kvyard.forward_batch import ForwardMode
-from kvyard.io_struct import TokenizedGenerateReq
-from kvyard.overlap_scheduler import OverlapScheduler
-from kvyard.req import Req
+from kvyard.scheduler.io_struct import TokenizedGenerateReq
+from kvyard.scheduler.overlap import OverlapScheduler
+from kvyard.scheduler.req import Req
 from kvyard.sampling.params import SamplingParams
-from kvyard.schedule_batch import ScheduleBatch, StepResult
-from kvyard.scheduler_process import build_scheduler
+from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
+from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs
 from tiny_tokenizer import build_tokenizer
 

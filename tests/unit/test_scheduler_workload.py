@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from kvyard.io_struct import TokenizedGenerateReq
-from kvyard.overlap_scheduler import OverlapScheduler
+from kvyard.scheduler.io_struct import TokenizedGenerateReq
+from kvyard.scheduler.overlap import OverlapScheduler
 from kvyard.sampling.params import SamplingParams
-from kvyard.scheduler_process import build_scheduler
+from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs
 
 

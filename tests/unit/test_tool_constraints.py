@@ -5,7 +5,7 @@ import jsonschema
 import pytest
 
 from kvyard.parsers import ToolCallItem
-from kvyard.tool_constraints import parse_constrained_tool_calls, tool_call_constraint
+from kvyard.grammar.tool_constraints import parse_constrained_tool_calls, tool_call_constraint
 
 TOOLS = [
     {"type": "function", "function": {

@@ -1,4 +1,4 @@
-"""The fused Triton layer kernels (kvyard.triton_ops) equal the layers' torch paths, run in the
+"""The fused Triton layer kernels (kvyard.kernels.triton_ops) equal the layers' torch paths, run in the
 Triton CPU interpreter; and kvyard.kernels picks between them in one place.
 
 Tolerances: float32 1e-5 (only the order of a row's summation differs); bfloat16 one unit in the
@@ -188,7 +188,7 @@ def test_tiny_llama_with_every_fused_op_matches_the_torch_path(monkeypatch):
 
 def count_fused_calls(monkeypatch) -> dict:
     """Counts the calls of each fused-kernel entry point (the layers import them per call)."""
-    from kvyard.triton_ops import activation, kv_write, rmsnorm, rotary
+    from kvyard.kernels.triton_ops import activation, kv_write, rmsnorm, rotary
 
     calls = {}
     for module, name in ((rmsnorm, "rmsnorm"), (rotary, "apply_rotary"), (kv_write, "write_kv"),

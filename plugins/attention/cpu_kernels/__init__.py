@@ -1,4 +1,4 @@
-"""kvyard's C++ CPU attention kernels (paged_decode.cpp), built at first use by kvyard.cpp_build.
+"""kvyard's C++ CPU attention kernels (paged_decode.cpp), built at first use by kvyard.kernels.cpp_build.
 
 ``paged_decode(q, k_pool, v_pool, table, rows, lens, scale)``: decode attention read straight
 from the paged pool (shapes in the source). ``available()`` says whether the library builds and
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from kvyard.cpp_build import CppLibrary, OptionalLibrary
+from kvyard.kernels.cpp_build import CppLibrary, OptionalLibrary
 
 LIBRARY = CppLibrary(name="attention_kernels",
                      sources=(Path(__file__).with_name("paged_decode.cpp"),))

@@ -7,7 +7,7 @@ from functools import lru_cache
 from typing import Mapping, Sequence
 
 from kvyard.attention import AttentionConfig
-from kvyard.attention_timing import AttentionTiming
+from kvyard.attention.timing import AttentionTiming
 from kvyard.plugins import PluginError, registry
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _timings(candidates: tuple[str, ...], attention: AttentionConfig) -> dict:
 @lru_cache(maxsize=16)
 def _timings_per_shape(candidates: tuple[str, ...], heads: int, kv_heads: int, head_dim: int,
                        dtype, page_size: int) -> dict:
-    from kvyard.attention_timing import time_backend
+    from kvyard.attention.timing import time_backend
 
     config = AttentionConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                              device="cpu", page_size=page_size, max_context_len=1, max_batch_size=1)

@@ -1,7 +1,7 @@
 """ModelConfig: what the engine needs to know about a model, read once from its checkpoint.
 
 ``ModelConfig.from_path`` resolves the model path (default model, hub cache), the load format
-(``--load-format auto`` is decided in kvyard.model_source), asks that format's loader for the HF
+(``--load-format auto`` is decided in kvyard.model.source), asks that format's loader for the HF
 config, applies ``--json-model-override-args`` and derives the shapes, context length and EOS
 ids. ``resolve_dtype`` turns ``--dtype`` into a torch dtype, logging why for "auto".
 """
@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from kvyard.loader import LoadConfig, TokenizerSource
-from kvyard.model_source import default_model_path, local_model_path, resolve_load_format
+from kvyard.model.source import default_model_path, local_model_path, resolve_load_format
 from kvyard.plugins import registry
 
 logger = logging.getLogger(__name__)

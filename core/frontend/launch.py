@@ -37,7 +37,7 @@ class EngineProcess:
 
 def resolve_args(args: ServerArgs) -> ServerArgs:
     """Fills in what depends on the machine: the default model path."""
-    from kvyard.model_source import default_model_path
+    from kvyard.model.source import default_model_path
 
     if args.model_path is None:
         args = replace(args, model_path=default_model_path())
@@ -58,13 +58,13 @@ def _is_diffusion(path: str) -> bool:
 
 
 def tokenizer_factory(args: ServerArgs):
-    from kvyard.tokenizer import load_tokenizer
+    from kvyard.model.tokenizer import load_tokenizer
     return functools.partial(load_tokenizer, args.model_path, args.tokenizer_path, args.tokenizer_mode,
                              args.load_format, args.revision, args.trust_remote_code, args.chat_template)
 
 
 def start_engine_process(args: ServerArgs) -> EngineProcess:
-    from kvyard.scheduler_process import run_scheduler_process
+    from kvyard.scheduler.process import run_scheduler_process
 
     args = resolve_args(args)
     ipc_dir = tempfile.mkdtemp(prefix="kvyard-")
@@ -90,8 +90,8 @@ def start_engine_process(args: ServerArgs) -> EngineProcess:
 
 
 def make_tokenizer_manager(ep: EngineProcess, on_finish=None):
-    from kvyard.grammar_manager import make_grammar_checker
-    from kvyard.tokenizer_manager import TokenizerManager
+    from kvyard.grammar.manager import make_grammar_checker
+    from kvyard.frontend.tokenizer_manager import TokenizerManager
 
     name = ep.args.served_model_name or ep.args.model_path
     grammar_checker = make_grammar_checker(ep.args.grammar_backend, ep.info["vocab_size"],

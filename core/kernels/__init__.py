@@ -1,7 +1,7 @@
 """The one place that decides, per fused op, between a Triton kernel, a C++ CPU kernel and the
 plain torch code.
 
-Ops (each has a torch path in its layer and a Triton kernel in kvyard.triton_ops):
+Ops (each has a torch path in its layer and a Triton kernel in kvyard.kernels.triton_ops):
   rmsnorm        RMSNorm with the fused residual add           (layers/norm.py)
   silu_and_mul   silu(gate) * up                               (layers/activation.py)
   rotary         rotary embedding from the cos/sin rows         (layers/rotary.py)
@@ -9,7 +9,7 @@ Ops (each has a torch path in its layer and a Triton kernel in kvyard.triton_ops
 
 Rule: a CUDA tensor takes the Triton kernel when triton imports (on the CPU only when a test forces
 the Triton interpreter with ``force_triton`` while TRITON_INTERPRET=1 is set). A CPU tensor of at
-most CPU_KERNEL_MAX_ROWS rows (decode, small batches) takes the C++ kernel of kvyard.cpu_ops when it
+most CPU_KERNEL_MAX_ROWS rows (decode, small batches) takes the C++ kernel of kvyard.kernels.cpu_ops when it
 builds: there one call replaces a chain of ATen calls whose dispatch costs more than their
 arithmetic (measured on SmolLM2 batch-1 decode: 61 RMSNorms at ~90 us each as 8 ATen calls). Larger
 CPU inputs (prefill) keep the torch path, where the dispatch cost is amortized.
@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
-from kvyard import cpu_ops
+from kvyard.kernels import cpu_ops
 
 OPS = ("rmsnorm", "silu_and_mul", "rotary", "kv_write")
 
@@ -90,7 +90,7 @@ _cpu_kernels_off = os.environ.get("KVYARD_CPU_OPS", "").strip().lower() in ("non
 
 
 def use_cpu_kernel(op: str, x: torch.Tensor) -> bool:
-    """Whether ``op`` on the CPU tensor ``x`` ([rows, ...]) runs as kvyard.cpu_ops' C++ kernel."""
+    """Whether ``op`` on the CPU tensor ``x`` ([rows, ...]) runs as kvyard.kernels.cpu_ops' C++ kernel."""
     if _cpu_kernels_off or not x.is_cpu or x.dtype not in _CPU_KERNEL_DTYPES:
         return False
     if x.dim() == 0 or x.shape[0] > CPU_KERNEL_MAX_ROWS:

@@ -15,7 +15,7 @@ def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None, tokeni
     from transformers import AutoTokenizer
 
     from kvyard.loader import LoadConfig
-    from kvyard.model_source import resolve_load_format
+    from kvyard.model.source import resolve_load_format
     from kvyard.plugins import registry
 
     if tokenizer_path:

@@ -5,7 +5,7 @@ import random
 from collections import defaultdict
 from typing import Callable
 
-from kvyard.req import Req
+from kvyard.scheduler.req import Req
 
 LPM_MAX_QUEUE = 128  # beyond this, prefix matching every waiting request costs more than it saves
 

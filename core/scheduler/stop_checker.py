@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from kvyard.req import FinishReason, Req
+from kvyard.scheduler.req import FinishReason, Req
 
 
 class StopChecker:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from kvyard.cuda_graph_runner import PAD_SEQ_LEN, CudaGraphConfig, CudaGraphRunner, GraphCapture
+from kvyard.executor.cuda_graph_runner import PAD_SEQ_LEN, CudaGraphConfig, CudaGraphRunner, GraphCapture
 from kvyard.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from typing import Any, Optional
 
 import zmq
 
-from kvyard.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, SchedulerError,
+from kvyard.scheduler.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, SchedulerError,
                               TokenizedGenerateReq)
 from kvyard.model_registry import ModelRegistry
-from kvyard.req import FinishReason
+from kvyard.scheduler.req import FinishReason
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +26,11 @@ IDLE_POLL_MS = 50
 
 def build_scheduler(args, tokenizer_factory=None):
     """ModelRunner + Scheduler from ServerArgs (also used in-process by tests and benchmarks)."""
-    from kvyard.backend_select import resolve_overlap_schedule
-    from kvyard.grammar_manager import load_once, make_grammar_manager
-    from kvyard.model_runner import ModelRunner
-    from kvyard.overlap_scheduler import OverlapScheduler
-    from kvyard.scheduler import Scheduler, SchedulerConfig
+    from kvyard.executor.backend_select import resolve_overlap_schedule
+    from kvyard.grammar.manager import load_once, make_grammar_manager
+    from kvyard.executor.model_runner import ModelRunner
+    from kvyard.scheduler.overlap import OverlapScheduler
+    from kvyard.scheduler.scheduler import Scheduler, SchedulerConfig
 
     runner = ModelRunner(runner_config(args))
     mc = runner.model_config
@@ -52,7 +52,7 @@ def build_scheduler(args, tokenizer_factory=None):
 
 
 def runner_config(args):
-    from kvyard.model_runner import RunnerConfig
+    from kvyard.executor.model_runner import RunnerConfig
 
     return RunnerConfig(
         model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,

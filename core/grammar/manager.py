@@ -23,7 +23,7 @@ from kvyard.errors import RequestError
 from kvyard.grammar import (CompiledGrammar, GrammarBackend, GrammarConfig, GrammarError, GrammarMatcher,
                             allocate_bitmask, bitmask_to_bool, grammar_spec)
 from kvyard.plugins import PluginError, registry
-from kvyard.req import FinishReason
+from kvyard.scheduler.req import FinishReason
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""The C++ CPU versions of the fused layer ops (fused_ops.cpp), built at first use by kvyard.cpp_build.
+"""The C++ CPU versions of the fused layer ops (fused_ops.cpp), built at first use by kvyard.kernels.cpp_build.
 
-Each wrapper takes what the matching Triton op in kvyard.triton_ops takes and returns the same;
+Each wrapper takes what the matching Triton op in kvyard.kernels.triton_ops takes and returns the same;
 kvyard.kernels decides when they run. ``available()`` says whether the library builds and loads
 here; the first failure is logged once and the layers keep their torch code.
 """
@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from kvyard.cpp_build import CppLibrary, OptionalLibrary
+from kvyard.kernels.cpp_build import CppLibrary, OptionalLibrary
 
 LIBRARY = CppLibrary(name="cpu_fused_ops", sources=(Path(__file__).with_name("fused_ops.cpp"),),
                      extra_flags=("-ffp-contract=off",))

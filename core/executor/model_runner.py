@@ -13,21 +13,21 @@ from typing import Optional
 import torch
 
 from kvyard.attention import AttentionConfig
-from kvyard.backend_select import resolve_attention_backends, resolve_quantization
-from kvyard.hybrid_attention import build_attention_backend
+from kvyard.executor.backend_select import resolve_attention_backends, resolve_quantization
+from kvyard.attention.hybrid import build_attention_backend
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
 from kvyard.mem_cache.kv_pool import KVPool
 from kvyard.mem_cache.req_to_token import ReqToTokenPool
 from kvyard.model_base import ModelBuildContext
-from kvyard.model_config import ModelConfig, resolve_dtype
+from kvyard.model.config import ModelConfig, resolve_dtype
 from kvyard.model_registry import ModelRegistry
 from kvyard.plugins import registry
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
-from kvyard.schedule_batch import ScheduleBatch, StepResult
-from kvyard.step_sampling import sample_outputs, sampling_spec, to_step_result
+from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
+from kvyard.executor.step_sampling import sample_outputs, sampling_spec, to_step_result
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class RunnerConfig:
     max_running_requests: Optional[int] = None
     num_threads: Optional[int] = None
     random_seed: Optional[int] = None
-    cuda_graph: Optional[object] = None               # kvyard.cuda_graph_runner.CudaGraphConfig
+    cuda_graph: Optional[object] = None               # kvyard.executor.cuda_graph_runner.CudaGraphConfig
     enable_torch_compile: bool = False
     torch_compile_max_bs: int = 32
 
@@ -91,8 +91,8 @@ class ModelRunner:
     def _init_decode_graphs(self):
         """CUDA graphs on CUDA (unless disabled or the backend cannot), torch.compile buckets
         with --enable-torch-compile; both pad decode batches to a bucket with the dummy row."""
-        from kvyard.compiled_decode import CompiledDecodeRunner
-        from kvyard.cuda_graph_runner import CudaGraphConfig, CudaGraphRunner
+        from kvyard.executor.compiled_decode import CompiledDecodeRunner
+        from kvyard.executor.cuda_graph_runner import CudaGraphConfig, CudaGraphRunner
 
         cfg = self.config
         if not getattr(self.model, "is_generation", True):

@@ -27,9 +27,9 @@ from typing import Any, Optional
 import torch
 
 from kvyard.forward_batch import ForwardBatch
-from kvyard.future_tokens import FutureTokenMap
-from kvyard.schedule_batch import ScheduleBatch, StepResult
-from kvyard.step_sampling import SamplingSpec, sample_outputs, to_step_result
+from kvyard.scheduler.future_tokens import FutureTokenMap
+from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
+from kvyard.executor.step_sampling import SamplingSpec, sample_outputs, to_step_result
 
 logger = logging.getLogger(__name__)
 

@@ -46,13 +46,13 @@ from typing import Optional
 
 import torch
 
-from kvyard.future_tokens import FutureTokenMap
-from kvyard.io_struct import ReqUpdate
-from kvyard.overlap_worker import LaunchedStep, OverlapWorker
-from kvyard.req import Req
-from kvyard.schedule_batch import ScheduleBatch
-from kvyard.scheduler import GRAMMAR_WAIT_S, Scheduler
-from kvyard.step_sampling import sampling_spec
+from kvyard.scheduler.future_tokens import FutureTokenMap
+from kvyard.scheduler.io_struct import ReqUpdate
+from kvyard.executor.overlap_worker import LaunchedStep, OverlapWorker
+from kvyard.scheduler.req import Req
+from kvyard.scheduler.schedule_batch import ScheduleBatch
+from kvyard.scheduler.scheduler import GRAMMAR_WAIT_S, Scheduler
+from kvyard.executor.step_sampling import sampling_spec
 
 logger = logging.getLogger(__name__)
 

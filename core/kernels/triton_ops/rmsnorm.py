@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard.triton_ops.common import block_for, rows_2d, warps_for
+from kvyard.kernels.triton_ops.common import block_for, rows_2d, warps_for
 
 
 @triton.jit

@@ -19,9 +19,9 @@ from typing import Any, AsyncIterator, Callable, Optional
 import zmq
 import zmq.asyncio
 
-from kvyard.detokenizer import DecodeState, next_delta, visible_text
+from kvyard.frontend.detokenizer import DecodeState, next_delta, visible_text
 from kvyard.errors import EngineDeadError, RequestError
-from kvyard.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, ReqUpdate,
+from kvyard.scheduler.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, ReqUpdate,
                               SchedulerError, TokenizedGenerateReq)
 from kvyard.sampling.params import SamplingParams
 
@@ -58,7 +58,7 @@ class TokenizerManager:
                  on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False,
                  grammar_checker=None):
         self.tokenizer = tokenizer
-        self.grammar_checker = grammar_checker  # kvyard.grammar_manager.GrammarChecker
+        self.grammar_checker = grammar_checker  # kvyard.grammar.manager.GrammarChecker
         self.info = scheduler_info
         self.context_length = scheduler_info["context_length"]
         self.vocab_size = scheduler_info["vocab_size"]

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from kvyard.sampling.sampler import logprobs_of, top_logprobs
-from kvyard.schedule_batch import ScheduleBatch, StepResult
+from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from kvyard.forward_batch import ForwardMode
-from kvyard.req import Req
+from kvyard.scheduler.req import Req
 
 
 @dataclass

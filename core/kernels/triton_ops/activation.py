@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard.triton_ops.common import rows_2d
+from kvyard.kernels.triton_ops.common import rows_2d
 
 BLOCK = 1024
 

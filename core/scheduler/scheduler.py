@@ -17,15 +17,15 @@ import torch
 
 from kvyard.forward_batch import ForwardMode
 from kvyard.grammar import GrammarError, grammar_spec
-from kvyard.io_struct import ReqUpdate, TokenizedGenerateReq
+from kvyard.scheduler.io_struct import ReqUpdate, TokenizedGenerateReq
 from kvyard.mem_cache.chunk_cache import ChunkCache
 from kvyard.mem_cache.integrity import check_kv_integrity
 from kvyard.mem_cache.radix_cache import RadixCache
-from kvyard.req import FinishReason, Req
-from kvyard.schedule_batch import ScheduleBatch, StepResult
-from kvyard.schedule_policy import order_waiting
+from kvyard.scheduler.req import FinishReason, Req
+from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
+from kvyard.scheduler.schedule_policy import order_waiting
 from kvyard.sampling.batch_info import SamplingBatchInfo
-from kvyard.stop_checker import StopChecker
+from kvyard.scheduler.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, runner, eos_token_ids: list[int],
                  tokenizer_factory: Callable[[], object] | None = None, grammar=None):
         self.config = config
-        self.grammar = grammar  # kvyard.grammar_manager.GrammarManager, None when grammars are off
+        self.grammar = grammar  # kvyard.grammar.manager.GrammarManager, None when grammars are off
         self.runner = runner
         self.allocator = runner.allocator
         self.req_to_token = runner.req_to_token
