@@ -1,8 +1,8 @@
 """The tensors one forward pass needs.
 
 Ownership of the three batch objects:
-  Req            (core/req.py)        per-request state on the CPU; owned by the Scheduler.
-  ScheduleBatch  (core/schedule_batch.py) the requests the scheduler chose for one step and the
+  Req            (core/scheduler/req.py) per-request state on the CPU; owned by the Scheduler.
+  ScheduleBatch  (core/scheduler/schedule_batch.py) the requests the scheduler chose for one step and the
                  KV slots it allocated for them; built and owned by the Scheduler.
   ForwardBatch   (here) the device tensors derived from a ScheduleBatch; built by the
                  ModelRunner and passed explicitly to model.forward and attn_backend.forward.

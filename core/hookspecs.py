@@ -21,7 +21,7 @@ Register = Callable[[str, Factory], None]
 
 @hookspec
 def register_attention_backends(register: Register) -> None:
-    """Register AttentionBackend subclasses (core/attention.py) by name."""
+    """Register AttentionBackend subclasses (core/attention/) by name."""
 
 
 @hookspec
@@ -51,4 +51,9 @@ def register_reasoning_parsers(register: Register) -> None:
 
 @hookspec
 def register_grammar_backends(register: Register) -> None:
-    """Register GrammarBackend subclasses (core/grammar.py) by name."""
+    """Register GrammarBackend subclasses (core/grammar/) by name."""
+
+
+@hookspec
+def register_speculative_algorithms(register: Register) -> None:
+    """Register SpeculativeAlgorithm subclasses (core/speculative.py) by name (NGRAM, STANDALONE, ...)."""

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from kvyard.plugins import registry
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "priority")
+DEFAULT_CHUNKED_PREFILL_SIZE = 8192   # --chunked-prefill-size unset
 
 
 def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
@@ -56,7 +57,7 @@ class ServerArgs:
     max_total_tokens: Optional[int] = _f(None, "KV pool size in tokens (CPU default: 32768, capped by memory)", "scheduling")
     max_running_requests: Optional[int] = _f(None, "maximum concurrently running requests", "scheduling")
     max_queued_requests: Optional[int] = _f(None, "reject new requests beyond this queue length", "scheduling")
-    chunked_prefill_size: Optional[int] = _f(None, "maximum prefill tokens per step per request chunk (-1 disables)", "scheduling")
+    chunked_prefill_size: Optional[int] = _f(None, f"maximum prefill tokens per step per request chunk (default {DEFAULT_CHUNKED_PREFILL_SIZE}; -1 disables)", "scheduling")
     max_prefill_tokens: int = _f(16384, "maximum new tokens in one prefill batch", "scheduling")
     schedule_policy: str = _f("fcfs", "order of the waiting queue", "scheduling", choices=SCHEDULE_POLICIES)
     schedule_conservativeness: float = _f(1.0, "how much KV to reserve for running requests' future tokens", "scheduling")
@@ -84,6 +85,24 @@ class ServerArgs:
     disable_cuda_graph: bool = _f(False, "run decode eagerly (no CUDA-graph capture)", "runtime")
     disable_cuda_graph_padding: bool = _f(False, "replay a graph only for a batch of exactly a captured size (no padding)", "runtime")
     disable_overlap_schedule: Optional[bool] = _f(None, "schedule each batch after the previous one's results instead of while it computes; unset: overlap on CUDA, not on the CPU (measured slower there; `disable_overlap_schedule: false` in --config or the Engine forces it on)", "runtime")
+
+    # -- speculative decoding (core/speculative.py) ------------------------------------
+    speculative_algorithm: Optional[str] = _f(None, "draft tokens with this algorithm and verify them in one forward (exact: output equals plain decoding)", "speculative", registry="speculative_algorithms")
+    speculative_draft_model_path: Optional[str] = _f(None, "draft model (STANDALONE): a smaller model with the target's tokenizer", "speculative")
+    speculative_draft_model_revision: Optional[str] = _f(None, "revision of the draft model", "speculative")
+    speculative_num_steps: Optional[int] = _f(None, "draft depth (default: 3; NGRAM: num_draft_tokens - 1)", "speculative")
+    speculative_eagle_topk: Optional[int] = _f(None, "candidates per draft step (only 1, a chain, is supported)", "speculative")
+    speculative_num_draft_tokens: Optional[int] = _f(None, "tokens verified per request and step, its last token included (default: num_steps + 1)", "speculative")
+    speculative_accept_threshold_single: float = _f(1.0, "acceptance threshold per token (only 1.0: exact verification)", "speculative")
+    speculative_accept_threshold_acc: float = _f(1.0, "accumulated acceptance threshold (only 1.0: exact verification)", "speculative")
+    speculative_token_map: Optional[str] = _f(None, "EAGLE-3 draft vocabulary map (needs an EAGLE algorithm plugin)", "speculative")
+    speculative_ngram_min_match_window_size: int = _f(1, "NGRAM: shortest context suffix matched", "speculative")
+    speculative_ngram_max_match_window_size: int = _f(12, "NGRAM: longest context suffix matched", "speculative")
+    speculative_ngram_min_bfs_breadth: int = _f(1, "NGRAM: tree breadth (kvyard drafts a chain: only 1 takes effect)", "speculative")
+    speculative_ngram_max_bfs_breadth: int = _f(10, "NGRAM: tree breadth bound (kvyard drafts a chain)", "speculative")
+    speculative_ngram_match_type: str = _f("BFS", "NGRAM: how candidates are gathered (a chain either way)", "speculative", choices=("BFS", "PROB"))
+    speculative_ngram_branch_length: int = _f(18, "NGRAM: longest continuation kept per n-gram", "speculative")
+    speculative_ngram_capacity: int = _f(10_000_000, "NGRAM: n-grams kept in the cache shared across requests", "speculative")
 
     # -- parsers and grammar ------------------------------------------------------------
     tool_call_parser: Optional[str] = _f(None, "tool-call parser", "parsers", registry="tool_call_parsers")
@@ -126,6 +145,7 @@ class ServerArgs:
                     raise ValueError(f"{f.name}: {reg.unknown_message(value)}")
         if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
             raise ValueError(f"cuda_graph_bs must list batch sizes >= 1, got {self.cuda_graph_bs}")
+        self.speculative_config()   # checks the speculative flags
         if self.json_model_override_args:
             try:
                 json.loads(self.json_model_override_args)
@@ -153,11 +173,47 @@ class ServerArgs:
                                batch_sizes=tuple(self.cuda_graph_bs) if self.cuda_graph_bs else None,
                                disable=self.disable_cuda_graph, disable_padding=self.disable_cuda_graph_padding)
 
+    def speculative_config(self):
+        """The SpeculativeConfig (None when speculative decoding is off); ValueError naming the
+        flag for combinations that cannot work."""
+        from kvyard.speculative import config_from_args
+
+        return config_from_args(self)
+
+    def runner_config(self):
+        from kvyard.executor.model_runner import RunnerConfig
+
+        return RunnerConfig(
+            model_path=self.model_path, load_format=self.load_format, dtype=self.dtype,
+            device=self.resolved_device(), quantization=self.quantization,
+            attention_backend=self.attention_backend, revision=self.revision,
+            prefill_attention_backend=self.prefill_attention_backend,
+            decode_attention_backend=self.decode_attention_backend, attention_options=self.attention_options(),
+            trust_remote_code=self.trust_remote_code, context_length=self.context_length,
+            json_model_override_args=self.json_model_override_args, is_embedding=self.is_embedding,
+            page_size=self.page_size, max_total_tokens=self.max_total_tokens,
+            mem_fraction_static=self.mem_fraction_static, max_running_requests=self.max_running_requests,
+            num_threads=self.num_threads, random_seed=self.random_seed, cuda_graph=self.cuda_graph_config(),
+            enable_torch_compile=self.enable_torch_compile, torch_compile_max_bs=self.torch_compile_max_bs)
+
+    def scheduler_config(self, max_running_requests: int, context_length: int, enable_overlap: bool):
+        """The scheduler's config; the arguments are what the loaded model and pool resolved."""
+        from kvyard.scheduler.scheduler import SchedulerConfig
+
+        chunk = self.chunked_prefill_size if self.chunked_prefill_size is not None else DEFAULT_CHUNKED_PREFILL_SIZE
+        return SchedulerConfig(
+            max_running_requests=max_running_requests, context_length=context_length,
+            chunked_prefill_size=chunk, max_prefill_tokens=self.max_prefill_tokens,
+            schedule_policy=self.schedule_policy, schedule_conservativeness=self.schedule_conservativeness,
+            disable_radix_cache=self.disable_radix_cache, stream_interval=self.stream_interval,
+            random_seed=self.random_seed, debug_kv_integrity=self.debug_kv_integrity,
+            max_queued_requests=self.max_queued_requests, enable_overlap=enable_overlap)
+
     # -- argparse -------------------------------------------------------------------------
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, groups: Optional[set[str]] = None) -> None:
         titles = {"model": "model and tokenizer", "http": "HTTP server", "scheduling": "memory and scheduling",
-                  "runtime": "runtime and kernels", "parsers": "parsers and grammar", "logging": "logging"}
+                  "runtime": "runtime and kernels", "parsers": "parsers and grammar", "speculative": "speculative decoding", "logging": "logging"}
         arg_groups = {g: parser.add_argument_group(t) for g, t in titles.items()
                       if groups is None or g in groups}
         for f in dataclasses.fields(cls):

@@ -239,18 +239,21 @@ class ModelRunner:
         return fb
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduleBatch) -> StepResult:
+    def forward(self, batch: ScheduleBatch, positions: Optional[list[int]] = None) -> StepResult:
+        """One step of ``batch`` run to its host results; positions [S]: each sampled request's
+        sequence length (default: their seq_len now)."""
         fb = self.prepare(batch)
         if not getattr(self.model, "is_generation", True):
             self.attn_backend.init_forward_metadata(fb)
             hidden = self.model(fb.input_ids, fb.positions, fb)
             return StepResult(next_ids=[], embeddings=self.model.pool(hidden, fb).float().cpu())
         logits = self.forward_logits(fb)
-        positions = [batch.reqs[i].seq_len for i in batch.sample_req_idx]
+        if positions is None:
+            positions = [batch.reqs[i].seq_len for i in batch.sample_req_idx]
         spec = sampling_spec(batch, positions, logits.device)
         return to_step_result(sample_outputs(self.sampler, spec, logits), spec.top_logprobs_nums)
 
-    # -- overlap scheduling hook (core/overlap_worker.py runs it on its worker thread) ----------
+    # -- overlap scheduling hook (core/executor/overlap_worker.py runs it on its thread) -------
     @torch.inference_mode()
     def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
         """Logits [len(fb.logits_indices), V] of a generation batch already ``prepare``d, left

@@ -1,7 +1,8 @@
 """OverlapWorker: runs the forward + sampling of launched batches on its own thread, in order.
 
-The scheduler thread prepares a batch completely (ScheduleBatch -> ForwardBatch, sampling
-tensors, the sample positions) and ``submit``s it as a LaunchedStep; the worker resolves its
+The pair of SyncExecutor (core/executor/sync_executor.py): the same launch / wait / close calls.
+The scheduler thread ``launch``es a batch: it is prepared completely there (ScheduleBatch ->
+ForwardBatch, sampling tensors, the sample positions) and queued as a LaunchedStep; the worker resolves its
 future token ids, runs ``ModelRunner.forward_logits`` and samples, stores the sampled ids into
 the FutureTokenMap and copies the outputs to the host. ``wait`` hands the host copies back as a
 StepResult. The worker reads only what the LaunchedStep snapshots (never a Req), so the
@@ -29,7 +30,7 @@ import torch
 from kvyard.forward_batch import ForwardBatch
 from kvyard.scheduler.future_tokens import FutureTokenMap
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
-from kvyard.executor.step_sampling import SamplingSpec, sample_outputs, to_step_result
+from kvyard.executor.step_sampling import SamplingSpec, sample_outputs, sampling_spec, to_step_result
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,17 @@ class OverlapWorker:
         self._thread.start()
 
     # -- scheduler thread ---------------------------------------------------------------------
+    def launch(self, batch: ScheduleBatch, positions: list[int]) -> LaunchedStep:
+        """Prepares ``batch`` now (its requests change while it computes) and queues it.
+        positions [S]: each sampled request's sequence length, counting a token still in flight."""
+        step = LaunchedStep(
+            batch=batch, fb=self.runner.prepare(batch),
+            sampling=sampling_spec(batch, positions, self.runner.device),
+            future_start=self.future.allocate(len(batch.sample_req_idx)),
+            has_futures=batch.mode.is_decode() and any(t < 0 for t in batch.input_ids))
+        self.submit(step)
+        return step
+
     def submit(self, step: LaunchedStep) -> None:
         """Queues a prepared batch; on CUDA after recording that its inputs are written."""
         if self.is_cuda:

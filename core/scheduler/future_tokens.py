@@ -1,6 +1,6 @@
 """FutureTokenMap: token ids a batch will sample, usable as inputs before they exist.
 
-With overlap scheduling (core/overlap_scheduler.py) the scheduler builds decode batch N+1 while
+With overlap scheduling (core/scheduler/inflight.py) the scheduler builds decode batch N+1 while
 batch N still computes, so the last token of a request that N samples is not known on the host.
 Batch N gets ``allocate(S)`` — a contiguous range of S buffer indices, one per sample row — and
 N+1 feeds the placeholder ``-(start + k)`` for the request of N's sample row k. The worker that

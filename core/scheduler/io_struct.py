@@ -52,6 +52,8 @@ class ReqUpdate:
     input_token_logprobs: list = field(default_factory=list)
     input_top_logprobs: list = field(default_factory=list)
     embedding: Optional[list[float]] = None
+    spec_verify_ct: int = 0              # speculative verify steps so far (0: no speculation)
+    spec_accepted_tokens: int = 0        # draft tokens accepted so far
 
 
 @dataclass

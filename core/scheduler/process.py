@@ -27,45 +27,43 @@ IDLE_POLL_MS = 50
 def build_scheduler(args, tokenizer_factory=None):
     """ModelRunner + Scheduler from ServerArgs (also used in-process by tests and benchmarks)."""
     from kvyard.executor.backend_select import resolve_overlap_schedule
-    from kvyard.grammar.manager import load_once, make_grammar_manager
     from kvyard.executor.model_runner import ModelRunner
-    from kvyard.scheduler.overlap import OverlapScheduler
-    from kvyard.scheduler.scheduler import Scheduler, SchedulerConfig
+    from kvyard.grammar.manager import load_once, make_grammar_manager
+    from kvyard.scheduler.scheduler import Scheduler
+    from kvyard.scheduler.speculation import make_speculation
 
-    runner = ModelRunner(runner_config(args))
+    runner = ModelRunner(args.runner_config())
     mc = runner.model_config
     overlap = resolve_overlap_schedule(args.disable_overlap_schedule, runner.device,
                                        is_generation=getattr(runner.model, "is_generation", True))
-    chunk = args.chunked_prefill_size if args.chunked_prefill_size is not None else 8192
-    config = SchedulerConfig(
-        max_running_requests=runner.max_running_requests, context_length=mc.context_length,
-        chunked_prefill_size=chunk, max_prefill_tokens=args.max_prefill_tokens,
-        schedule_policy=args.schedule_policy, schedule_conservativeness=args.schedule_conservativeness,
-        disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval,
-        random_seed=args.random_seed, debug_kv_integrity=args.debug_kv_integrity,
-        max_queued_requests=args.max_queued_requests, enable_overlap=overlap)
+    config = args.scheduler_config(runner.max_running_requests, mc.context_length, overlap)
     tokenizer_factory = load_once(tokenizer_factory)  # shared by the stop checker and the grammars
     grammar = make_grammar_manager(args.grammar_backend, mc.vocab_size, mc.eos_token_ids, tokenizer_factory,
                                    args.constrained_json_whitespace_pattern)
-    scheduler_cls = OverlapScheduler if config.enable_overlap else Scheduler
-    return scheduler_cls(config, runner, mc.eos_token_ids, tokenizer_factory, grammar=grammar)
+    speculation = make_speculation(args.speculative_config(), draft_context(args, runner))
+    return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory, grammar=grammar, speculation=speculation)
 
 
-def runner_config(args):
-    from kvyard.executor.model_runner import RunnerConfig
+def draft_context(args, runner):
+    """What a speculative algorithm may know of the target (core/speculative.py)."""
+    from dataclasses import replace
 
-    return RunnerConfig(
-        model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
-        device=args.resolved_device(), quantization=args.quantization,
-        attention_backend=args.attention_backend, revision=args.revision,
-        prefill_attention_backend=args.prefill_attention_backend,
-        decode_attention_backend=args.decode_attention_backend, attention_options=args.attention_options(),
-        trust_remote_code=args.trust_remote_code, context_length=args.context_length,
-        json_model_override_args=args.json_model_override_args, is_embedding=args.is_embedding,
-        page_size=args.page_size, max_total_tokens=args.max_total_tokens,
-        mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
-        num_threads=args.num_threads, random_seed=args.random_seed, cuda_graph=args.cuda_graph_config(),
-        enable_torch_compile=args.enable_torch_compile, torch_compile_max_bs=args.torch_compile_max_bs)
+    from kvyard.executor.draft_model import DraftModel
+    from kvyard.executor.model_runner import ModelRunner
+    from kvyard.speculative import DraftContext
+
+    def make_draft_model(model_path: str, revision=None) -> DraftModel:
+        draft_args = replace(args, model_path=model_path, revision=revision, quantization=None, load_format="auto",
+                             json_model_override_args="", speculative_algorithm=None,
+                             speculative_draft_model_path=None, page_size=1, enable_torch_compile=False,
+                             max_total_tokens=runner.max_total_tokens, max_running_requests=runner.max_running_requests,
+                             context_length=runner.model_config.context_length)
+        return DraftModel(ModelRunner(draft_args.runner_config()))
+
+    mc = runner.model_config
+    return DraftContext(vocab_size=mc.vocab_size, eos_token_ids=tuple(mc.eos_token_ids), device=runner.device,
+                        dtype=runner.dtype, max_running_requests=runner.max_running_requests,
+                        context_length=mc.context_length, make_draft_model=make_draft_model)
 
 
 def run_scheduler_process(args, in_addr: str, out_addr: str, registry_snapshot: dict,

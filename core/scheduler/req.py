@@ -55,6 +55,8 @@ class Req:
     sent_len: int = 0                                 # output tokens already sent to the API process
     input_logprobs_sent: bool = False
     embed: bool = False
+    spec_verify_ct: int = 0                           # speculative verify steps this request took part in
+    spec_accepted_tokens: int = 0                     # draft tokens of its that the target accepted
 
     # sampling state carried across steps
     sampling_seed: int = 0                            # user seed or one drawn by the API process

@@ -30,10 +30,21 @@ class ScheduleBatch:
     sample_req_idx: list[int] = field(default_factory=list)   # [S] index into reqs
     input_logprob_rows: list[tuple[int, int, int]] = field(default_factory=list)  # (req idx, row, target token)
     sampling_info: Any = None       # kvyard.sampling.batch_info.SamplingBatchInfo for sample rows
+    # speculative verify batches (core/scheduler/speculation.py): every row of a request's chain
+    # is a sample row; sample_offsets [S] is each row's place in its chain (0 = the last token)
+    sample_offsets: list[int] = field(default_factory=list)
+    draft_tokens: Optional[list[list[int]]] = None   # [B] each request's drafts; None: not a verify batch
 
     @property
     def batch_size(self) -> int:
         return len(self.reqs)
+
+    @property
+    def is_verify(self) -> bool:
+        return self.draft_tokens is not None
+
+    def sample_offset(self, k: int) -> int:
+        return self.sample_offsets[k] if self.sample_offsets else 0
 
     @property
     def seq_lens(self) -> list[int]:
@@ -69,7 +80,9 @@ class ScheduleBatch:
             sample_req_idx=[new_index[self.sample_req_idx[k]] for k in samples],
             input_logprob_rows=[(new_index[i], row + shift[i], target)
                                 for i, row, target in (self.input_logprob_rows[k] for k in inputs)],
-            sampling_info=self.sampling_info)
+            sampling_info=self.sampling_info,
+            sample_offsets=[self.sample_offsets[k] for k in samples] if self.sample_offsets else [],
+            draft_tokens=None if self.draft_tokens is None else [self.draft_tokens[i] for i in keep])
         return batch, samples, inputs
 
 

@@ -1,9 +1,14 @@
 """Scheduler: continuous batching over the paged KV pool with a prefix cache.
 
-Each ``step()``: admit waiting requests into one prefill (extend) batch if any can run, else
-decode every running request by one token; run it on the ModelRunner; turn the sampled ids into
-ReqUpdates. The scheduler owns every Req and every KV slot decision; the runner only computes.
-It knows nothing about sockets (scheduler_process.py wires it to ZMQ), so tests drive it directly.
+Each ``step()``: complete the batch in flight if it is a sync point, schedule the next batch —
+admit waiting requests into one prefill (extend) batch if any can run, else decode every running
+request by one token — launch it on the executor, then complete the batch launched before it
+(turn its sampled ids into ReqUpdates: core/scheduler/output_processor.py). The executor is a
+SyncExecutor (launch runs the step; it is completed in the same ``step()``) or, with overlap
+scheduling, an OverlapWorker (the step runs on a worker thread while the next one is scheduled);
+the bookkeeping of the batch in flight and its invariants are in core/scheduler/inflight.py.
+The scheduler owns every Req and every KV slot decision; the runner only computes. It knows
+nothing about sockets (core/scheduler/process.py wires it to ZMQ), so tests drive it directly.
 """
 from __future__ import annotations
 
@@ -17,14 +22,18 @@ import torch
 
 from kvyard.forward_batch import ForwardMode
 from kvyard.grammar import GrammarError, grammar_spec
-from kvyard.scheduler.io_struct import ReqUpdate, TokenizedGenerateReq
 from kvyard.mem_cache.chunk_cache import ChunkCache
 from kvyard.mem_cache.integrity import check_kv_integrity
 from kvyard.mem_cache.radix_cache import RadixCache
+from kvyard.sampling.batch_info import SamplingBatchInfo
+from kvyard.scheduler.extend_builder import ExtendBatchBuilder
+from kvyard.scheduler.future_tokens import FutureTokenMap
+from kvyard.scheduler.inflight import InFlight, needs_host_state
+from kvyard.scheduler.io_struct import ReqUpdate, TokenizedGenerateReq
+from kvyard.scheduler.output_processor import OutputProcessorMixin
 from kvyard.scheduler.req import FinishReason, Req
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
 from kvyard.scheduler.schedule_policy import order_waiting
-from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.scheduler.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -45,14 +54,15 @@ class SchedulerConfig:
     random_seed: Optional[int] = None
     debug_kv_integrity: bool = False
     max_queued_requests: Optional[int] = None
-    enable_overlap: bool = False           # OverlapScheduler (core/overlap_scheduler.py) when True
+    enable_overlap: bool = False           # an OverlapWorker executor instead of the SyncExecutor
 
 
-class Scheduler:
+class Scheduler(OutputProcessorMixin):
     def __init__(self, config: SchedulerConfig, runner, eos_token_ids: list[int],
-                 tokenizer_factory: Callable[[], object] | None = None, grammar=None):
+                 tokenizer_factory: Callable[[], object] | None = None, grammar=None, speculation=None):
         self.config = config
         self.grammar = grammar  # kvyard.grammar.manager.GrammarManager, None when grammars are off
+        self.speculation = speculation  # kvyard.scheduler.speculation.Speculation, None when off
         self.runner = runner
         self.allocator = runner.allocator
         self.req_to_token = runner.req_to_token
@@ -70,6 +80,15 @@ class Scheduler:
         self._decode_rids: tuple = ()
         self._pending_updates: list[ReqUpdate] = []  # finishes decided outside _process (aborts on retraction)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "retractions": 0}
+        self.executor = self._make_executor()
+        self._inflight: Optional[InFlight] = None
+
+    def _make_executor(self):
+        if not self.config.enable_overlap:
+            from kvyard.executor.sync_executor import SyncExecutor
+            return SyncExecutor(self.runner)
+        from kvyard.executor.overlap_worker import OverlapWorker
+        return OverlapWorker(self.runner, FutureTokenMap(self.runner.max_running_requests, self.runner.device))
 
     # -- requests in ------------------------------------------------------------------------
     def add_request(self, msg: TokenizedGenerateReq) -> Optional[ReqUpdate]:
@@ -115,43 +134,72 @@ class Scheduler:
         return updates
 
     def _active(self) -> list[Req]:
-        return self.running + ([self.chunked_req] if self.chunked_req else [])
+        """Requests owning KV: running, the prefill chunk, and those only the batch in flight
+        holds (a prefill chunk, max_new_tokens=0)."""
+        active = self.running + ([self.chunked_req] if self.chunked_req else [])
+        if self._inflight is not None:
+            known = {id(r) for r in active}
+            active += [r for r in self._inflight.batch.reqs if r.req_pool_idx is not None and id(r) not in known]
+        return active
 
     def _release(self, req: Req, insert: bool) -> None:
+        inflight = self._inflight
+        pending = inflight.kv_tokens.pop(id(req), 0) if inflight is not None else 0
+        if pending and req.req_pool_idx is not None:
+            self._give_back_kv(req, pending)
         if req is self.chunked_req:
             self.chunked_req = None
         if req in self.running:
             self.running.remove(req)
         if req.req_pool_idx is not None:
             self.cache.release_req(req, insert=insert)
+        if self.speculation is not None:
+            self.speculation.release(req.rid)
+
+    def _give_back_kv(self, req: Req, n: int) -> None:
+        """Drops the last n KV tokens (not computed yet) of a request: frees the pages only they
+        use (the page of the last kept token stays with the request) and shortens kv_len."""
+        keep = req.kv_len - n
+        first_free = -(-keep // self.page_size) * self.page_size
+        if first_free < req.kv_len:
+            row = self.req_to_token.table[req.req_pool_idx]
+            self.allocator.free(row[first_free:req.kv_len].to(torch.int64))
+        req.kv_len = keep
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked_req)
+        return bool(self.waiting or self.running or self.chunked_req) or self._inflight is not None
 
     def finish_inflight(self) -> list[ReqUpdate]:
-        """Results of steps launched but not yet processed (none here: ``step`` runs each batch to
-        its end; OverlapScheduler overrides it). Call before touching the runner from outside."""
-        return []
+        """Completes the batch in flight, if any. Call before touching the runner from outside."""
+        prev, self._inflight = self._inflight, None
+        updates = self._complete(prev) if prev is not None else []
+        return updates + self._drain_pending()
 
     def close(self) -> None:
-        """Stops helper threads (none here)."""
+        """Stops the executor's thread (overlap) and the speculative algorithm."""
+        self.executor.close()
+        if self.speculation is not None:
+            self.speculation.close()
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[ReqUpdate]:
+        updates: list[ReqUpdate] = []
+        prev = self._inflight
+        if prev is not None and prev.is_sync_point():
+            updates += self.finish_inflight()
+            prev = None
         batch = self._schedule_extend() or self._schedule_decode()
-        if batch is None:
-            if self.grammar is not None and self.waiting:
-                self.grammar.wait_for_compile(GRAMMAR_WAIT_S)
-            return self._drain_pending()
-        self._advance_kv(batch)
-        if self.grammar is not None:
-            self.grammar.apply_masks(batch)
-        try:
-            result = self.runner.forward(batch)
-        except Exception as exc:  # fail this batch's requests, keep serving the rest
-            logger.exception("a %s step failed", batch.mode.name.lower())
-            return self._fail_batch(batch, f"internal error: {type(exc).__name__}: {exc}")
-        updates = self._process(batch, result)
+        if batch is not None:
+            updates += self._launch(batch)   # the batch in flight from now on (None if it failed)
+        else:
+            self._inflight = None
+        if prev is not None:
+            updates += self._complete(prev)
+        elif batch is None and self.grammar is not None and self.waiting:
+            self.grammar.wait_for_compile(GRAMMAR_WAIT_S)
+        if not self.config.enable_overlap:
+            updates += self.finish_inflight()    # launch-then-complete at once
+        updates += self._drain_pending()
         if self.config.debug_kv_integrity:
             self.check_integrity()
         return updates
@@ -159,11 +207,62 @@ class Scheduler:
     def check_integrity(self) -> None:
         check_kv_integrity(self.allocator, self.cache, self._active(), self.req_to_token)
 
-    @staticmethod
-    def _advance_kv(batch: ScheduleBatch) -> None:
-        """The batch's slots now count as its requests' KV (computed by the forward that follows)."""
+    # -- launch and complete ------------------------------------------------------------------
+    def _launch(self, batch: ScheduleBatch) -> list[ReqUpdate]:
+        """Hands the batch to the executor and makes it the batch in flight. Its slots count as
+        its requests' KV from now on; a batch that cannot even be prepared fails its requests."""
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.kv_len += n
+        prev = self._inflight
+        pending = prev.futures if prev is not None else {}
+        sampled = [batch.reqs[i] for i in batch.sample_req_idx]
+        positions = [r.seq_len + (id(r) in pending) + batch.sample_offset(k) for k, r in enumerate(sampled)]
+        try:
+            if self.grammar is not None:
+                self.grammar.apply_masks(batch)
+            step = self.executor.launch(batch, positions)
+        except Exception as exc:
+            logger.exception("preparing a %s step failed", batch.mode.name.lower())
+            updates = self._fail_batch(batch, f"internal error: {type(exc).__name__}: {exc}")
+            self._inflight = None   # after the release above gave back the KV it had in flight
+            return updates
+        futures = {} if step.future_start is None or batch.is_verify else {
+            id(r): FutureTokenMap.placeholder(step.future_start, k) for k, r in enumerate(sampled)}
+        # with speculation every step is a sync point: the next drafts need this step's tokens
+        self._inflight = InFlight(
+            step, batch, rows=[r.req_pool_idx for r in batch.reqs],
+            kv_tokens={id(r): n for r, n in zip(batch.reqs, batch.extend_lens)}, futures=futures,
+            sync_point=self.speculation is not None or any(needs_host_state(r) for r in batch.reqs))
+        if batch.mode.is_extend() and not batch.is_verify:
+            self.running += [r for r in sampled if r.sampling_params.max_new_tokens > 0 and not r.embed]
+        return []
+
+    def _complete(self, inflight: InFlight) -> list[ReqUpdate]:
+        """Waits for a launched batch and processes its results for the requests it still owns."""
+        try:
+            result = self.executor.wait(inflight.step)
+        except Exception as exc:  # fail this batch's requests, keep serving the rest
+            logger.error("a %s step failed", inflight.batch.mode.name.lower(), exc_info=exc)
+            inflight.kv_tokens.clear()
+            batch, _, _ = inflight.batch.select(inflight.owned())
+            return self._fail_batch(batch, f"internal error: {type(exc).__name__}: {exc}")
+        inflight.kv_tokens.clear()          # computed: a release from now on keeps it
+        if inflight.sync_point:             # the next batch is scheduled after this update
+            self._record_sampled(inflight.batch, result.next_ids)
+        batch, keep = inflight.batch, inflight.owned()
+        if len(keep) < len(batch.reqs) and result.embeddings is None:
+            batch, samples, inputs = batch.select(keep)
+            result = result.select(samples, inputs)
+        if batch.is_verify:
+            return self._process_verify(batch, result)
+        return self._process(batch, result)
+
+    def _record_sampled(self, batch: ScheduleBatch, next_ids: list[int]) -> None:
+        """Penalty state of the decode batch follows the tokens it just sampled (sync points only:
+        other batches have no penalty state, and the batch launched meanwhile may share this one's
+        SamplingBatchInfo)."""
+        if batch.mode.is_decode() and batch.sampling_info is not None:
+            batch.sampling_info.update_after_step(torch.tensor(next_ids, device=self.runner.device))
 
     # -- extend (prefill) -------------------------------------------------------------------
     def _schedule_extend(self) -> Optional[ScheduleBatch]:
@@ -171,7 +270,7 @@ class Scheduler:
             return None
         chunk = self.config.chunked_prefill_size
         budget = self.config.max_prefill_tokens if chunk <= 0 else min(chunk, self.config.max_prefill_tokens)
-        batch = _ExtendBuilder()
+        batch = ExtendBatchBuilder()
         if self.chunked_req is not None:
             req = self.chunked_req
             self.chunked_req = None
@@ -195,7 +294,7 @@ class Scheduler:
                 break
             budget -= used
             free_budget -= need
-        return batch.finish(self) if batch.reqs else None
+        return batch.finish(self.vocab_size, self.runner.device, self.eos_token_ids) if batch.reqs else None
 
     def _grammar_ready(self, req: Req) -> bool:
         """False while the request's grammar compiles (it keeps its place in the queue); a
@@ -249,7 +348,7 @@ class Scheduler:
             self.req_to_token.write(row, 0, match.indices)
         return True
 
-    def _add_extend(self, batch: "_ExtendBuilder", req: Req, budget: int, chunk: int) -> int:
+    def _add_extend(self, batch: ExtendBatchBuilder, req: Req, budget: int, chunk: int) -> int:
         remaining = len(req.all_ids) - req.kv_len
         # encoders need the whole prompt in one step
         n = remaining if chunk <= 0 or req.embed else min(remaining, max(budget, 1))
@@ -279,6 +378,10 @@ class Scheduler:
         if not self.running:
             return None
         reqs = list(self.running)
+        if self.speculation is not None:
+            verify = self._schedule_verify(reqs)
+            if verify is not None:
+                return verify
         slots = self._alloc_decode(reqs)
         batch = ScheduleBatch(
             mode=ForwardMode.DECODE, reqs=reqs, input_ids=[self._input_token(r) for r in reqs],
@@ -287,6 +390,22 @@ class Scheduler:
             sample_rows=list(range(len(reqs))), sample_req_idx=list(range(len(reqs))))
         batch.sampling_info = self._decode_sampling_info(reqs)
         return batch
+
+    def _schedule_verify(self, reqs: list[Req]) -> Optional[ScheduleBatch]:
+        """A speculative verify batch of the running requests, or None (no drafts, or no room
+        for them: the plain decode batch then runs)."""
+        drafts = self.speculation.propose(reqs)
+        if not any(drafts):
+            return None
+        need = sum(self.allocator.pages_needed(r.kv_len, 1 + len(d)) for r, d in zip(reqs, drafts)) * self.page_size
+        if self.allocator.available() < need:
+            self.cache.evict(need - self.allocator.available())
+        if self.allocator.available() < need:
+            return None
+        slots = [self._alloc(r, 1 + len(d)) for r, d in zip(reqs, drafts)]
+        self._decode_rids = ()   # the cached decode sampling info misses the tokens verify steps add
+        return self.speculation.verify_batch(reqs, drafts, slots, self.vocab_size, self.runner.device,
+                                             self.eos_token_ids)
 
     def _alloc_decode(self, reqs: list[Req]) -> torch.Tensor:
         """int64 [B] one new slot per running request, in one allocation and one table write
@@ -303,7 +422,11 @@ class Scheduler:
         return slots
 
     def _input_token(self, req: Req) -> int:
-        """The token a decode step feeds for ``req``: its last output token."""
+        """The token a decode step feeds for ``req``: its last output token, or the placeholder
+        of the one the batch in flight samples for it."""
+        prev = self._inflight
+        if prev is not None and id(req) in prev.futures:
+            return prev.futures[id(req)]
         return req.output_ids[-1]
 
     def _reserve_decode_slots(self) -> bool:
@@ -333,54 +456,12 @@ class Scheduler:
             self._decode_rids = rids
         return self._decode_info
 
-    # -- results ----------------------------------------------------------------------------
-    def _process(self, batch: ScheduleBatch, result: StepResult) -> list[ReqUpdate]:
-        updates = self._drain_pending()
-        if result.embeddings is not None:
-            return updates + self._finish_embeddings(batch, result)
-        self._collect_input_logprobs(batch, result)
-        self._record_sampled(batch, result.next_ids)
-        sampled = set()
-        for k, (i, token) in enumerate(zip(batch.sample_req_idx, result.next_ids)):
-            req = batch.reqs[i]
-            sampled.add(i)
-            if req.sampling_params.max_new_tokens == 0:
-                req.finished_reason = FinishReason("length")
-                continue
-            req.output_ids.append(token)
-            self.stats["generation_tokens"] += 1
-            if req.return_logprob and result.logprobs is not None:
-                req.output_token_logprobs.append((result.logprobs[k], token))
-                if result.top_logprobs is not None:
-                    req.output_top_logprobs.append(result.top_logprobs[k])
-            req.finished_reason = self.stop_checker.check(req, self.config.context_length)
-            if req.grammar is not None:
-                req.finished_reason = self.grammar.after_token(req, token, req.finished_reason)
-        for i, req in enumerate(batch.reqs):
-            if i not in sampled:  # a chunk of a longer prefill: keep going next step
-                self.cache.cache_unfinished_req(req)
-                self.chunked_req = req
-                continue
-            if batch.mode.is_extend():
-                self.stats["prompt_tokens"] += len(req.origin_input_ids) if req.retractions == 0 else 0
-                self.stats["cached_tokens"] += req.cached_tokens if req.retractions == 0 else 0
-            if req.finished():
-                self._release(req, insert=True)
-            elif batch.mode.is_extend():
-                self._start_running(req)
-            update = self._maybe_update(req)
-            if update:
-                updates.append(update)
-        return updates
-
-    def _record_sampled(self, batch: ScheduleBatch, next_ids: list[int]) -> None:
-        """Penalty state of the running decode batch follows the tokens it just sampled."""
-        if batch.mode.is_decode() and batch.sampling_info is not None:
-            batch.sampling_info.update_after_step(torch.tensor(next_ids, device=self.runner.device))
-
+    # -- results (OutputProcessorMixin processes them) ---------------------------------------
     def _start_running(self, req: Req) -> None:
-        """A request whose prefill completed joins the decode batch."""
-        self.running.append(req)
+        """A request whose prefill completed joins the decode batch (at its launch, unless
+        retracted since)."""
+        if not any(r is req for r in self.running):
+            self.running.append(req)
 
     def _fail_batch(self, batch: ScheduleBatch, message: str) -> list[ReqUpdate]:
         """Aborts every request of a step that raised. Their slots for this step were allocated
@@ -398,47 +479,6 @@ class Scheduler:
         out, self._pending_updates = list(self._pending_updates), []
         return out
 
-    def _collect_input_logprobs(self, batch: ScheduleBatch, result: StepResult) -> None:
-        if not batch.input_logprob_rows or result.input_logprobs is None:
-            return
-        for k, (i, _, target) in enumerate(batch.input_logprob_rows):
-            req = batch.reqs[i]
-            req.input_token_logprobs.append((result.input_logprobs[k], target))
-            if result.input_top_logprobs is not None:
-                req.input_top_logprobs.append(result.input_top_logprobs[k][:req.top_logprobs_num])
-
-    def _finish_embeddings(self, batch: ScheduleBatch, result: StepResult) -> list[ReqUpdate]:
-        updates = []
-        for req, vec in zip(batch.reqs, result.embeddings):
-            req.finished_reason = FinishReason("length")
-            self._release(req, insert=False)
-            update = self._update(req)
-            update.embedding = vec.tolist()
-            updates.append(update)
-        return updates
-
-    def _maybe_update(self, req: Req) -> Optional[ReqUpdate]:
-        unsent = len(req.output_ids) - req.sent_len
-        if req.finished() or (req.stream and (req.sent_len == 0 or unsent >= self.config.stream_interval)):
-            return self._update(req)
-        return None
-
-    def _update(self, req: Req) -> ReqUpdate:
-        start = req.sent_len
-        update = ReqUpdate(
-            rid=req.rid, new_token_ids=req.output_ids[start:],
-            finished_reason=req.finished_reason.to_dict() if req.finished_reason else None,
-            prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens,
-            output_token_logprobs=req.output_token_logprobs[start:],
-            output_top_logprobs=req.output_top_logprobs[start:])
-        if req.return_logprob and not req.input_logprobs_sent and (req.finished() or start == 0 and req.output_ids):
-            update.input_token_logprobs = _with_first_none(req)
-            update.input_top_logprobs = req.input_top_logprobs
-            req.input_logprobs_sent = True
-        req.sent_len = len(req.output_ids)
-        return update
-
     # -- control ----------------------------------------------------------------------------
     def load_info(self) -> dict:
         total = self.runner.max_total_tokens
@@ -446,7 +486,8 @@ class Scheduler:
         prompt = self.stats["prompt_tokens"]
         return {"num_running_reqs": len(self.running) + (1 if self.chunked_req else 0),
                 "num_queue_reqs": len(self.waiting), "token_usage": used / total if total else 0.0,
-                "cache_hit_rate": self.stats["cached_tokens"] / prompt if prompt else 0.0, **self.stats}
+                "cache_hit_rate": self.stats["cached_tokens"] / prompt if prompt else 0.0, **self.stats,
+                **(self.speculation.stats.as_dict() if self.speculation is not None else {})}
 
     def flush_cache(self) -> bool:
         if self.has_work():
@@ -454,58 +495,3 @@ class Scheduler:
         self.cache.reset()
         return True
 
-
-def _with_first_none(req: Req) -> list:
-    """Prompt logprobs as SGLang returns them: the first prompt token has no logprob."""
-    out = list(req.input_token_logprobs)
-    if req.logprob_start_len == 0 and req.origin_input_ids:
-        out.insert(0, (None, req.origin_input_ids[0]))
-    return out
-
-
-class _ExtendBuilder:
-    """Accumulates the flat inputs of one extend batch."""
-
-    def __init__(self):
-        self.reqs: list[Req] = []
-        self.input_ids: list[int] = []
-        self.positions: list[int] = []
-        self.slots: list[torch.Tensor] = []
-        self.prefix_lens: list[int] = []
-        self.extend_lens: list[int] = []
-        self.sample_rows: list[int] = []
-        self.sample_req_idx: list[int] = []
-        self.input_logprob_rows: list[tuple[int, int, int]] = []
-
-    def add(self, req: Req, slots: torch.Tensor, n: int) -> None:
-        i, start, ids = len(self.reqs), len(self.input_ids), req.all_ids
-        begin = req.kv_len
-        self.reqs.append(req)
-        self.input_ids += ids[begin:begin + n]
-        self.positions += range(begin, begin + n)
-        self.slots.append(slots)
-        self.prefix_lens.append(begin)
-        self.extend_lens.append(n)
-        if req.return_logprob and req.logprob_start_len >= 0:
-            # row j predicts token j + 1; prompt logprobs cover prompt tokens after logprob_start_len,
-            # each once (the re-prefill of a retracted request skips those it already has)
-            prompt_len = len(req.origin_input_ids)
-            first = max(begin, req.logprob_start_len + len(req.input_token_logprobs))
-            for pos in range(first, min(begin + n, prompt_len - 1)):
-                self.input_logprob_rows.append((i, start + pos - begin, ids[pos + 1]))
-        if begin + n == len(ids):
-            self.sample_rows.append(start + n - 1)
-            self.sample_req_idx.append(i)
-
-    def finish(self, scheduler: Scheduler) -> ScheduleBatch:
-        batch = ScheduleBatch(
-            mode=ForwardMode.EXTEND, reqs=self.reqs, input_ids=self.input_ids, positions=self.positions,
-            out_cache_loc=torch.cat(self.slots), prefix_lens=self.prefix_lens, extend_lens=self.extend_lens,
-            sample_rows=self.sample_rows, sample_req_idx=self.sample_req_idx,
-            input_logprob_rows=self.input_logprob_rows)
-        sample_reqs = [self.reqs[i] for i in self.sample_req_idx]
-        if sample_reqs and not self.reqs[0].embed:
-            batch.sampling_info = SamplingBatchInfo.from_reqs(
-                sample_reqs, scheduler.vocab_size, scheduler.runner.device,
-                eos_token_ids=scheduler.eos_token_ids)
-        return batch

@@ -137,12 +137,6 @@ class GGUFLinearMethod(LinearMethod):
             return F.linear(x2, weight.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
         return gguf_kernels.matmul(x2, weight, seg.kernel_qtype, layer.in_features, bias)
 
-    @staticmethod
-    def weight_bytes(layer) -> int:
-        """Bytes held by the layer's weight segments (the bias not counted)."""
-        return sum(getattr(layer, s.buffer).numel() * getattr(layer, s.buffer).element_size()
-                   for s in layer.gguf_segments)
-
 
 class GGUFQuantization(QuantizationMethod):
     """--quantization gguf: GGUF weights kept quantized, multiplied on the CPU."""

@@ -18,7 +18,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from kvyard.scheduler.future_tokens import FutureTokenMap  # noqa: E402
 from kvyard.scheduler.io_struct import TokenizedGenerateReq  # noqa: E402
-from kvyard.scheduler.overlap import OverlapScheduler  # noqa: E402
 from kvyard.sampling.params import SamplingParams  # noqa: E402
 from kvyard.scheduler.process import build_scheduler  # noqa: E402
 from kvyard.server_args import ServerArgs  # noqa: E402
@@ -39,7 +38,7 @@ def make(path: str, overlap: bool, backend: str):
                       max_running_requests=12, debug_kv_integrity=True, log_level="warning",
                       disable_overlap_schedule=not overlap)
     scheduler = build_scheduler(args)
-    assert isinstance(scheduler, OverlapScheduler) == overlap
+    assert scheduler.config.enable_overlap == overlap
     return scheduler
 
 
@@ -75,8 +74,8 @@ def test_workload_with_aborts_is_the_same_with_and_without_overlap(tiny_models, 
     plain = workload(make(path, False, backend), sampled=sampled)
     scheduler = make(path, True, backend)
     launched = []
-    submit = scheduler.worker.submit
-    scheduler.worker.submit = lambda step: (launched.append(step), submit(step))[1]
+    submit = scheduler.executor.submit
+    scheduler.executor.submit = lambda step: (launched.append(step), submit(step))[1]
     overlapped = workload(scheduler, sampled=sampled)
     scheduler.close()
     both = set(plain) & set(overlapped)
@@ -104,7 +103,7 @@ def test_decode_replays_cuda_graphs_on_the_worker_stream(tiny_models):
         scheduler.add_request(TokenizedGenerateReq(f"r{i}", [5 + i, 6, 7, 8], params(8, False)))
     while scheduler.has_work():
         scheduler.step()
-    assert streams and all(s == scheduler.worker.stream for s in streams)
+    assert streams and all(s == scheduler.executor.stream for s in streams)
     scheduler.close()
 
 

@@ -1,4 +1,4 @@
-"""core/backend_select.py: automatic choices, each logged with its reason."""
+"""core/executor/backend_select.py: automatic choices, each logged with its reason."""
 from __future__ import annotations
 
 import argparse

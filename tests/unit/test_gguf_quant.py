@@ -249,7 +249,6 @@ def test_layer_memory_is_the_quantized_size():
         layer.load_shard(shard, part)
     layer.process_after_loading()
     file_bytes = sum(p.data.numel() for p in parts)
-    assert GGUFLinearMethod.weight_bytes(layer) == file_bytes
     held = sum(b.numel() * b.element_size() for b in layer.buffers())
     held += sum(p.numel() * p.element_size() for p in layer.parameters())
     assert held == file_bytes                        # no float copy anywhere

@@ -1,4 +1,4 @@
-"""OverlapScheduler on the CPU: the pipeline (N+1 launched before N is processed), the extra
+"""Overlap scheduling (the Scheduler with an OverlapWorker executor) on the CPU: the pipeline (N+1 launched before N is processed), the extra
 token of a finished request, failing steps, aborts in flight, grammar sync points, and the
 ScheduleBatch / StepResult row selection it uses. Randomized workloads with aborts, on and off:
 test_scheduler_workload.py."""
@@ -11,7 +11,6 @@ import torch
 
 from kvyard.forward_batch import ForwardMode
 from kvyard.scheduler.io_struct import TokenizedGenerateReq
-from kvyard.scheduler.overlap import OverlapScheduler
 from kvyard.scheduler.req import Req
 from kvyard.sampling.params import SamplingParams
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
@@ -36,7 +35,7 @@ def make(tiny_models, overlap: bool = True, tokenizer=None, **overrides):
                     log_level="warning", disable_overlap_schedule=not overlap)
     scheduler = build_scheduler(ServerArgs(**{**settings, **overrides}),
                                 tokenizer_factory=(lambda: tokenizer) if tokenizer else None)
-    assert isinstance(scheduler, OverlapScheduler) == overlap
+    assert scheduler.config.enable_overlap == overlap
     return scheduler
 
 
@@ -61,12 +60,12 @@ def assert_nothing_leaked(scheduler) -> None:
 
 def record_launches(scheduler) -> list:
     launched = []
-    submit = scheduler.worker.submit
+    submit = scheduler.executor.submit
 
     def spy(step):
         launched.append((step.batch.mode, step.has_futures, list(step.batch.input_ids)))
         submit(step)
-    scheduler.worker.submit = spy
+    scheduler.executor.submit = spy
     return launched
 
 

@@ -9,7 +9,6 @@ import random
 import pytest
 
 from kvyard.scheduler.io_struct import TokenizedGenerateReq
-from kvyard.scheduler.overlap import OverlapScheduler
 from kvyard.sampling.params import SamplingParams
 from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs
@@ -28,16 +27,16 @@ def sampled_params(rng: random.Random, max_new: int) -> SamplingParams:
     return make_params(max_new, temperature=0.8, top_p=0.95, top_k=rng.choice([-1, 20]), **extra)
 
 
-def run_workload(path: str, page_size: int, radix: bool, overlap: bool, sampling: bool = False):
+def run_workload(path: str, page_size: int, radix: bool, overlap: bool, sampling: bool = False, **extra):
     """200 requests arriving at random over a pool that forces eviction and retraction, with
     random aborts; the KV integrity check runs after every step. Returns (scheduler, prompts,
-    {rid: final update} of requests that finished, aborted rids)."""
+    {rid: final update} of requests that finished, aborted rids). ``extra``: more ServerArgs."""
     args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=320,
                       page_size=page_size, chunked_prefill_size=24, disable_radix_cache=not radix,
                       max_running_requests=12, debug_kv_integrity=True, log_level="warning",
-                      disable_overlap_schedule=not overlap)
+                      disable_overlap_schedule=not overlap, **extra)
     scheduler = build_scheduler(args)
-    assert isinstance(scheduler, OverlapScheduler) == overlap
+    assert scheduler.config.enable_overlap == overlap
     rng = random.Random(page_size * 10 + radix)
     stems = [[rng.randrange(1, 256) for _ in range(rng.randrange(8, 40))] for _ in range(6)]
     prompts, finished, aborted = {}, {}, set()
@@ -119,11 +118,11 @@ def test_a_failing_step_aborts_its_requests_and_frees_their_slots(tiny_models):
     real_forward = scheduler.runner.forward
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, positions=None):
         calls["n"] += 1
         if calls["n"] in (1, 3):  # the first prefill and a later decode step raise
             raise RuntimeError("boom")
-        return real_forward(batch)
+        return real_forward(batch, positions)
 
     scheduler.runner.forward = flaky
     scheduler.add_request(TokenizedGenerateReq("a", [5, 6, 7], make_params(4)))

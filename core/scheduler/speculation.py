@@ -1,0 +1,125 @@
+"""Speculative decoding inside the scheduler: drafts -> one verify batch -> accepted tokens.
+
+A verify batch is an extend over each request's KV: row 0 feeds the request's last token, rows
+1..k its k drafts (a chain; causal attention over prefix + chain is exactly what an extend
+computes, so every attention plugin serves it). Every row is a sample row with the request's own
+sampling settings at position ``seq_len + j``: the target's token there is what a plain decode
+step would sample after the first j drafts (core/speculative.py states why this is exact).
+
+Acceptance of request with drafts d_1..d_k and target tokens t_0..t_k: m = the number of leading
+j with d_{j+1} == t_j; the request gains t_0..t_m (fewer if a stop condition ends it earlier).
+Its KV then holds the last token and the gained tokens but the newest (kv_len = L + gained), and
+the slots of the other rows are given back before anything else happens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from kvyard.forward_batch import ForwardMode
+from kvyard.sampling.batch_info import SamplingBatchInfo
+from kvyard.scheduler.inflight import needs_host_state
+from kvyard.scheduler.req import Req
+from kvyard.scheduler.schedule_batch import ScheduleBatch
+from kvyard.speculative import DraftInput, SpeculativeAlgorithm, SpeculativeConfig
+
+
+@dataclass
+class SpecStats:
+    verify_steps: int = 0          # verify forwards run
+    drafted: int = 0               # draft tokens proposed
+    accepted: int = 0              # draft tokens accepted
+
+    def as_dict(self) -> dict:
+        rate = self.accepted / self.drafted if self.drafted else 0.0
+        mean_len = (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+        return {"spec_verify_steps": self.verify_steps, "spec_draft_tokens": self.drafted,
+                "spec_accepted_tokens": self.accepted, "spec_accept_rate": rate,
+                "spec_accept_length": mean_len}
+
+
+class Speculation:
+    def __init__(self, algorithm: SpeculativeAlgorithm, config: SpeculativeConfig, context_length: int):
+        self.algorithm = algorithm
+        self.config = config
+        self.context_length = context_length
+        self.stats = SpecStats()
+
+    # -- proposing ------------------------------------------------------------------------------
+    def draft_room(self, req: Req) -> int:
+        """How many drafts ``req`` may take now: 0 for requests decoded plainly."""
+        if needs_host_state(req) or req.embed:
+            return 0
+        p = req.sampling_params
+        left = p.max_new_tokens - len(req.output_ids) - 1        # the bonus token needs room too
+        room = self.context_length - req.seq_len - 1
+        return max(0, min(self.config.max_draft_len, left, room))
+
+    def propose(self, reqs: Sequence[Req]) -> list[list[int]]:
+        rooms = [self.draft_room(r) for r in reqs]
+        asked = [(i, r) for i, r in enumerate(reqs) if rooms[i] > 0]
+        drafts: list[list[int]] = [[] for _ in reqs]
+        if not asked:
+            return drafts
+        inputs = [DraftInput(rid=r.rid, token_ids=r.all_ids, max_draft_len=rooms[i], seed=r.sampling_seed,
+                             temperature=r.sampling_params.temperature, top_k=r.sampling_params.top_k,
+                             top_p=r.sampling_params.top_p, min_p=r.sampling_params.min_p,
+                             sampling_params=r.sampling_params)
+                  for i, r in asked]
+        for (i, _), chain in zip(asked, self.algorithm.propose(inputs)):
+            drafts[i] = [int(t) for t in chain[:rooms[i]]]
+        return drafts
+
+    # -- the verify batch -----------------------------------------------------------------------
+    @staticmethod
+    def verify_batch(reqs: list[Req], drafts: list[list[int]], slots: list[torch.Tensor],
+                     vocab_size: int, device, eos_token_ids: list[int]) -> ScheduleBatch:
+        """reqs [B] with their drafts and their allocated slots [1 + len(drafts[i])] each."""
+        input_ids, positions, rows, row_req, offsets = [], [], [], [], []
+        for i, (req, chain) in enumerate(zip(reqs, drafts)):
+            start = len(input_ids)
+            input_ids += [req.output_ids[-1], *chain]
+            positions += range(req.kv_len, req.kv_len + 1 + len(chain))
+            rows += range(start, start + 1 + len(chain))
+            row_req += [i] * (1 + len(chain))
+            offsets += range(1 + len(chain))
+        batch = ScheduleBatch(
+            mode=ForwardMode.EXTEND, reqs=reqs, input_ids=input_ids, positions=positions,
+            out_cache_loc=torch.cat(slots), prefix_lens=[r.kv_len for r in reqs],
+            extend_lens=[1 + len(d) for d in drafts], sample_rows=rows, sample_req_idx=row_req,
+            sample_offsets=offsets, draft_tokens=drafts)
+        batch.sampling_info = SamplingBatchInfo.from_reqs([reqs[i] for i in row_req], vocab_size, device,
+                                                          eos_token_ids=eos_token_ids)
+        return batch
+
+    # -- accepting --------------------------------------------------------------------------------
+    @staticmethod
+    def accepted_prefix(chain: Sequence[int], targets: Sequence[int]) -> int:
+        """m: how many leading drafts equal the target's own tokens (targets has len(chain) + 1)."""
+        m = 0
+        while m < len(chain) and chain[m] == targets[m]:
+            m += 1
+        return m
+
+    def record(self, rid: str, chain: Sequence[int], accepted: int, gained: Sequence[int]) -> None:
+        self.stats.drafted += len(chain)
+        self.stats.accepted += accepted
+        self.algorithm.accepted(rid, gained)
+
+    def release(self, rid: str) -> None:
+        self.algorithm.release(rid)
+
+    def close(self) -> None:
+        self.algorithm.close()
+
+
+def make_speculation(config: Optional[SpeculativeConfig], context) -> Optional[Speculation]:
+    """The Speculation for ``config`` (None: speculative decoding off); context: a DraftContext."""
+    if config is None:
+        return None
+    from kvyard.plugins import registry
+
+    algorithm = registry("speculative_algorithms").get(config.algorithm)(config, context)
+    return Speculation(algorithm, config, context.context_length)

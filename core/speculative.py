@@ -1,0 +1,161 @@
+"""Speculative decoding: the `speculative_algorithms` plugin kind and its contract.
+
+An algorithm proposes draft tokens for the running requests of a decode step; the core verifies
+them all in one target forward and keeps what the target itself would have produced
+(core/scheduler/speculation.py). Lifecycle of one algorithm instance, in the scheduler process:
+
+    algo = Algorithm(config, context)      # once, after the target model is loaded
+    drafts = algo.propose(requests)        # each decode step: one chain per request (maybe empty)
+    algo.accepted(rid, tokens)             # after verification: the tokens the request gained
+    algo.release(rid)                      # the request finished, was aborted or retracted
+    algo.close()
+
+Invariants the core keeps, whatever the algorithm proposes:
+  - verification is exact: at every position of a chain the target samples its own token with
+    the sampler, seed and position a plain decode step would use (the sampler's draw depends only
+    on (logits, seed, position): core/sampling/sampler.py). A draft token is accepted while it
+    equals that token; the first mismatch is replaced by the target's token (the bonus token when
+    all match). Output is the non-speculative output token for token, greedy or sampled, so its
+    distribution is the target's. A bad proposal only costs speed.
+  - the KV slots of rejected tokens are freed in the same step; the prefix cache only ever
+    receives KV of accepted tokens.
+  - a chain is cut to what the request may still generate (max_new_tokens, context length) and
+    to ``num_draft_tokens - 1`` tokens; requests with a grammar, penalties or min_new_tokens are
+    decoded without drafts (their sampling state depends on every previous token on the host).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    algorithm: str
+    num_steps: int = 3                        # draft depth
+    eagle_topk: int = 1                       # candidates per step (1: a chain)
+    num_draft_tokens: int = 4                 # tokens verified per request, the request's own last token included
+    draft_model_path: Optional[str] = None
+    draft_model_revision: Optional[str] = None
+    accept_threshold_single: float = 1.0
+    accept_threshold_acc: float = 1.0
+    token_map: Optional[str] = None
+    ngram_min_match_window_size: int = 1
+    ngram_max_match_window_size: int = 12
+    ngram_min_bfs_breadth: int = 1
+    ngram_max_bfs_breadth: int = 10
+    ngram_match_type: str = "BFS"
+    ngram_branch_length: int = 18
+    ngram_capacity: int = 10_000_000
+
+    @property
+    def max_draft_len(self) -> int:
+        return self.num_draft_tokens - 1
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """What an algorithm may know of the target: never the runner itself."""
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    device: str
+    dtype: Any                                 # torch.dtype of the target
+    max_running_requests: int
+    context_length: int
+    # make_draft_model(model_path, revision) -> a DraftModel (core/executor/draft_model.py): another
+    # model with its own weights and KV pool; ``propose(inputs, depth)`` drafts chains for
+    # DraftInputs, ``release(rid)`` frees a request's draft KV, ``close()`` frees everything
+    make_draft_model: Optional[Callable[..., Any]] = None
+
+
+@dataclass(frozen=True)
+class DraftInput:
+    """One running request as a drafter sees it."""
+    rid: str
+    token_ids: Sequence[int]                  # prompt + output so far (the last one has no KV yet)
+    max_draft_len: int                        # at most this many drafts for this request now
+    seed: int                                 # the request's sampling seed
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    sampling_params: Any = None               # the request's normalized SamplingParams (for drafting models)
+
+
+DRAFT_MODEL_ALGORITHMS = ("STANDALONE", "EAGLE", "EAGLE3")
+
+
+def config_from_args(args) -> Optional[SpeculativeConfig]:
+    """SpeculativeConfig from ServerArgs' ``speculative_*`` fields; None when no algorithm is set.
+    Raises ValueError naming the flag for what cannot work."""
+    algo = args.speculative_algorithm
+    if algo is None:
+        if args.speculative_draft_model_path:
+            raise ValueError("speculative_draft_model_path needs --speculative-algorithm (e.g. STANDALONE)")
+        return None
+    if args.is_embedding:
+        raise ValueError("speculative_algorithm: speculative decoding is for generation models, not --is-embedding")
+    topk = args.speculative_eagle_topk or 1
+    if topk != 1:
+        raise ValueError(f"speculative_eagle_topk {topk}: tree drafts are not supported yet (only 1, a chain)")
+    for name in ("speculative_accept_threshold_single", "speculative_accept_threshold_acc"):
+        if getattr(args, name) != 1.0:
+            raise ValueError(f"{name}: only 1.0 is supported (verification is exact)")
+    if args.speculative_ngram_min_bfs_breadth != 1:
+        raise ValueError("speculative_ngram_min_bfs_breadth: tree drafts are not supported yet (NGRAM drafts a chain)")
+    if args.speculative_token_map and algo not in ("EAGLE", "EAGLE3"):
+        raise ValueError(f"speculative_token_map is for EAGLE-3 draft heads, not {algo}")
+    if algo in DRAFT_MODEL_ALGORITHMS and not args.speculative_draft_model_path:
+        raise ValueError(f"speculative_draft_model_path is required with --speculative-algorithm {algo}")
+    if algo not in DRAFT_MODEL_ALGORITHMS and args.speculative_draft_model_path:
+        raise ValueError(f"speculative_draft_model_path: {algo} uses no draft model")
+    steps, tokens = args.speculative_num_steps, args.speculative_num_draft_tokens
+    if steps is None:
+        steps = tokens - 1 if tokens is not None else 3
+    if tokens is None:
+        tokens = steps + 1
+    if steps < 1:
+        raise ValueError(f"speculative_num_steps must be >= 1, got {steps}")
+    if tokens != steps + 1:
+        raise ValueError(f"speculative_num_draft_tokens ({tokens}) must be speculative_num_steps + 1 "
+                         f"({steps + 1}) for chain drafts")
+    lo, hi = args.speculative_ngram_min_match_window_size, args.speculative_ngram_max_match_window_size
+    if not 1 <= lo <= hi:
+        raise ValueError(f"speculative_ngram_min_match_window_size ({lo}) must be >= 1 and <= "
+                         f"speculative_ngram_max_match_window_size ({hi})")
+    for name in ("speculative_ngram_branch_length", "speculative_ngram_capacity"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    return SpeculativeConfig(
+        algorithm=algo, num_steps=steps, eagle_topk=topk, num_draft_tokens=tokens,
+        draft_model_path=args.speculative_draft_model_path,
+        draft_model_revision=args.speculative_draft_model_revision,
+        token_map=args.speculative_token_map,
+        ngram_min_match_window_size=lo, ngram_max_match_window_size=hi,
+        ngram_min_bfs_breadth=args.speculative_ngram_min_bfs_breadth,
+        ngram_max_bfs_breadth=args.speculative_ngram_max_bfs_breadth,
+        ngram_match_type=args.speculative_ngram_match_type,
+        ngram_branch_length=args.speculative_ngram_branch_length,
+        ngram_capacity=args.speculative_ngram_capacity)
+
+
+class SpeculativeAlgorithm(ABC):
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: SpeculativeConfig, context: DraftContext):
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    def propose(self, requests: Sequence[DraftInput]) -> list[list[int]]:
+        """One chain of draft token ids per request (``len <= request.max_draft_len``; may be empty)."""
+
+    def accepted(self, rid: str, tokens: Sequence[int]) -> None:
+        """The tokens ``rid`` gained this step (accepted drafts and the target's own token)."""
+
+    def release(self, rid: str) -> None:
+        """``rid`` left the running batch (finished, aborted, retracted)."""
+
+    def close(self) -> None:
+        """Frees what the algorithm holds."""

@@ -1,0 +1,1 @@
+"""Built-in speculative decoding algorithms (entry-point module: algorithms.py)."""

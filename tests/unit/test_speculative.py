@@ -1,0 +1,141 @@
+"""Speculative decoding (NGRAM, STANDALONE): output equals plain decoding token for token, greedy
+and seeded sampling, through the randomized scheduler workload (chunked prefill, radix hits,
+aborts, retraction, overlap on and off, KV integrity after every step); the drafters' own rules;
+the flags' parse-time errors; the sampled next-token distribution against transformers."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from kvyard.scheduler.io_struct import TokenizedGenerateReq
+from kvyard.scheduler.process import build_scheduler
+from kvyard.server_args import ServerArgs
+from kvyard_plugins.speculative.ngram import NgramCache, match_in_context
+from test_scheduler_workload import assert_same_outputs, make_params, run_workload
+
+
+# -- the drafters' rules ---------------------------------------------------------------------------
+def test_ngram_match_takes_the_longest_suffix_and_its_most_recent_occurrence():
+    tokens = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    # suffix [2, 3] occurs at 1 and 6; the most recent earlier occurrence (6) continues 7 8
+    assert match_in_context(tokens, range(1, 4), limit=2) == [7, 8]
+    # a longer window wins over a more recent shorter one
+    assert match_in_context([4, 5, 6, 1, 9, 5, 6, 2, 4, 5, 6], range(1, 4), limit=3) == [1, 9, 5]
+    assert match_in_context([1, 2, 3], range(1, 3), limit=4) == []
+
+
+def test_ngram_cache_is_bounded_and_answers_from_other_requests():
+    cache = NgramCache(capacity=50, windows=range(1, 3), branch_length=3)
+    cache.add([10, 11, 12, 13, 14])
+    assert cache.lookup([99, 11, 12]) == (13, 14)
+    cache.add(list(range(100, 200)))
+    assert len(cache._map) <= 50
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4), "tree drafts are not supported"),
+    (dict(speculative_algorithm="STANDALONE"), "speculative_draft_model_path is required"),
+    (dict(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=5), r"num_steps \+ 1"),
+    (dict(speculative_algorithm="NGRAM", speculative_accept_threshold_single=0.5), "only 1.0"),
+    (dict(speculative_algorithm="EAGLE3"), "unknown speculative algorithm 'EAGLE3'"),
+    (dict(speculative_draft_model_path="/x"), "needs --speculative-algorithm"),
+])
+def test_invalid_combinations_are_one_line_errors(flags, message):
+    with pytest.raises(ValueError, match=message):
+        ServerArgs(**flags)
+
+
+# -- exactness through the scheduler ---------------------------------------------------------------
+NGRAM = dict(speculative_algorithm="NGRAM", speculative_num_steps=4, speculative_ngram_max_match_window_size=4)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_ngram_greedy_workload_equals_plain_decoding(tiny_models, hf_greedy, overlap):
+    path, hf_model = tiny_models["llama"]
+    _, prompts, plain, _ = run_workload(path, 1, True, overlap=False)
+    sched, _, spec, _ = run_workload(path, 1, True, overlap=overlap, **NGRAM)
+    assert_same_outputs(plain, spec)
+    stats = sched.speculation.stats
+    assert stats.verify_steps > 0 and stats.accepted > 0, "the workload was meant to accept drafts"
+    for rid in random.Random(3).sample(sorted(spec), 10):
+        ids = list(spec[rid].new_token_ids)
+        assert ids == hf_greedy(hf_model, prompts[rid], len(ids)), rid
+
+
+def test_ngram_seeded_sampling_workload_equals_plain_decoding(tiny_models):
+    path, _ = tiny_models["llama"]
+    _, _, plain, _ = run_workload(path, 4, True, overlap=False, sampling=True)
+    sched, _, spec, _ = run_workload(path, 4, True, overlap=False, sampling=True, **NGRAM)
+    assert_same_outputs(plain, spec)
+    assert sched.speculation.stats.verify_steps > 0
+
+
+def test_standalone_self_draft_accepts_everything_and_a_different_draft_stays_exact(tiny_models):
+    path, _ = tiny_models["llama"]
+    _, _, plain, _ = run_workload(path, 1, True, overlap=False, sampling=True)
+    own = dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=path, speculative_num_steps=3)
+    sched, _, spec, _ = run_workload(path, 1, True, overlap=False, sampling=True, **own)
+    assert_same_outputs(plain, spec)
+    stats = sched.speculation.stats
+    assert stats.drafted > 0 and stats.accepted == stats.drafted   # same model, same draws: all accepted
+    other = dict(own, speculative_draft_model_path=tiny_models["qwen2"][0])
+    sched, _, spec, _ = run_workload(path, 1, False, overlap=True, sampling=True, **other)
+    assert_same_outputs(plain, spec)
+    assert sched.speculation.stats.accepted < sched.speculation.stats.drafted
+
+
+def test_meta_counts_verify_steps(tiny_models):
+    path, _ = tiny_models["llama"]
+    args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=512,
+                      log_level="warning", disable_overlap_schedule=True, speculative_algorithm="STANDALONE",
+                      speculative_draft_model_path=path, speculative_num_steps=3)
+    sched = build_scheduler(args)
+    sched.add_request(TokenizedGenerateReq("a", [5, 6, 7, 8], make_params(13)))
+    final = None
+    while sched.has_work():
+        for u in sched.step():
+            final = u if u.finished_reason else final
+    assert len(final.new_token_ids) == 13
+    # 1 token from the prefill, 12 in verify steps of 4 (3 drafts + the bonus): 3 steps
+    assert final.spec_verify_ct == 3 and final.spec_accepted_tokens == 9
+    assert sched.load_info()["spec_accept_length"] == pytest.approx(4.0)
+    sched.close()
+
+
+# -- the sampled distribution ----------------------------------------------------------------------
+def test_sampled_next_token_distribution_matches_transformers(tiny_models):
+    """2,000 seeded samples of the tokens after a fixed prompt with a draft model that is often
+    wrong: the second token, given the most frequent first token, follows transformers' softmax
+    (chi-square over the tokens with expected count >= 5, the rest pooled)."""
+    path, hf_model = tiny_models["llama"]
+    args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=8192,
+                      max_running_requests=64, log_level="warning", disable_overlap_schedule=True,
+                      speculative_algorithm="STANDALONE", speculative_draft_model_path=tiny_models["qwen2"][0],
+                      speculative_num_steps=2)
+    sched = build_scheduler(args)
+    prompt = [3, 17, 42, 8]
+    for i in range(2000):
+        params = make_params(3, temperature=1.5)
+        sched.add_request(TokenizedGenerateReq(f"s{i}", prompt, params, sampling_seed=1000 + i))
+    outs = []
+    while sched.has_work():
+        outs += [u.new_token_ids for u in sched.step() if u.finished_reason]
+    assert sched.speculation.stats.accepted > 0 and sched.speculation.stats.accepted < sched.speculation.stats.drafted
+    sched.close()
+    first = max(set(o[0] for o in outs), key=lambda t: sum(o[0] == t for o in outs))
+    seconds = [o[1] for o in outs if o[0] == first]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + [first]])).logits[0, -1].double()
+    probs = torch.softmax(logits / 1.5, dim=-1)
+    n = len(seconds)
+    counts = torch.bincount(torch.tensor(seconds), minlength=probs.numel()).double()
+    big = probs * n >= 5
+    observed = torch.cat([counts[big], counts[~big].sum().view(1)])
+    expected = torch.cat([probs[big] * n, (probs[~big] * n).sum().view(1)])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    dof = int(big.sum())
+    from scipy.stats import chi2 as chi2_dist
+    assert n >= 100 and chi2_dist.sf(chi2, dof) > 1e-3, (chi2, dof, n)
