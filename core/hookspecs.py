@@ -52,3 +52,8 @@ def register_reasoning_parsers(register: Register) -> None:
 @hookspec
 def register_grammar_backends(register: Register) -> None:
     """Register GrammarBackend subclasses (core/grammar.py) by name."""
+
+
+@hookspec
+def register_diffusion_pipelines(register: Register) -> None:
+    """Register DiffusionPipelineBackend subclasses (core/diffusion/pipeline.py) by name."""

@@ -24,6 +24,12 @@ def build_parser():
 
 
 def run_serve(argv: list[str]) -> int:
+    from kvyard.cli.diffusion import model_type_of, run_diffusion_serve
+
+    kind: list[str] = []
+    rc = run_reporting_errors(lambda: kind.append(model_type_of(argv)) or 0)
+    if rc or kind[0] == "diffusion":
+        return rc or run_diffusion_serve(argv)
     ns = build_parser().parse_args(argv)
     return run_reporting_errors(lambda: serve(server_args_from(ns)))
 
