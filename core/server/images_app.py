@@ -1,0 +1,125 @@
+"""`kvyard serve` on a diffusers pipeline folder: the FastAPI app around a DiffusionEngine and
+its ImageQueue (routes in images_api.py).
+
+The same conventions as the LLM server: API-key middleware (auth.py), OpenAI error bodies
+(errors.py), 503 until warmup passed (app.ReadinessMiddleware), one ready line, Prometheus
+metrics with --enable-metrics (metrics.ImageMetrics).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from fastapi import FastAPI
+
+logger = logging.getLogger("kvyard.serve")
+
+
+@dataclass
+class ImageServerContext:
+    args: Any                          # kvyard.diffusion.args.DiffusionArgs
+    engine: Any                        # kvyard.diffusion.engine.DiffusionEngine
+    queue: Any                         # kvyard.diffusion.queue.ImageQueue
+    metrics: Optional[Any] = None      # kvyard.server.metrics.ImageMetrics
+    ready: bool = False
+    failed: Optional[str] = None
+    started: int = field(default_factory=lambda: int(time.time()))
+    request_shutdown: Callable[[], None] = field(default=lambda: None)
+    listening: Callable[[], bool] = field(default=lambda: True)
+
+    @property
+    def model_name(self) -> str:
+        return self.args.served_model_name or self.args.model_path
+
+
+def create_images_app(ctx: ImageServerContext) -> FastAPI:
+    from kvyard import __version__
+    from kvyard.server import images_api
+    from kvyard.server.app import ReadinessMiddleware
+    from kvyard.server.auth import ApiKeyMiddleware
+    from kvyard.server.errors import install_error_handlers
+
+    app = FastAPI(title="kvyard (diffusion)", version=__version__, lifespan=_lifespan(ctx))
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(images_api.router)
+    if ctx.args.enable_metrics:
+        app.add_api_route("/metrics", images_api.metrics, methods=["GET"])
+    app.add_middleware(ReadinessMiddleware, ctx=ctx)
+    if ctx.args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=ctx.args.api_key)
+    return app
+
+
+def _lifespan(ctx: ImageServerContext):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        warm = asyncio.ensure_future(warm_up(ctx))
+        try:
+            yield
+        finally:
+            warm.cancel()
+    return lifespan
+
+
+async def warm_up(ctx: ImageServerContext) -> None:
+    """One single-step image at the smallest allowed size, through the queue."""
+    from kvyard.server.app import ready_url
+
+    try:
+        if not ctx.args.skip_server_warmup:
+            info = ctx.engine.info
+            fields = {"prompt": "warmup", "num_inference_steps": 1, "seed": 0}
+            if info.needs_image:
+                from PIL import Image
+                fields["image"] = Image.new("RGB", (info.default_width, info.default_height))
+            await asyncio.wrap_future(ctx.queue.submit(ctx.engine.make_job(fields)))
+        while not ctx.listening():
+            await asyncio.sleep(0.05)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        ctx.failed = f"warmup failed: {type(exc).__name__}: {exc}"
+        logger.error("%s; shutting down", ctx.failed)
+        ctx.request_shutdown()
+        return
+    ctx.ready = True
+    print(f"kvyard server ready at {ready_url(ctx.args.host, ctx.args.port)}", flush=True)
+
+
+def serve_diffusion(args) -> int:
+    import uvicorn
+
+    from kvyard.cli.common import err
+    from kvyard.cli.serve import _quiet_stop_signals, check_port_free
+    from kvyard.diffusion.engine import DiffusionEngine
+    from kvyard.diffusion.queue import ImageQueue
+    from kvyard.server.metrics import ImageMetrics
+
+    logging.basicConfig(level=args.log_level.upper(), format="[kvyard] %(levelname)s %(message)s")
+    check_port_free(args.host, args.port)
+    logger.info("loading the pipeline…")
+    engine = DiffusionEngine(args)
+    metrics = ImageMetrics(args.served_model_name or args.model_path) if args.enable_metrics else None
+    queue = ImageQueue(engine.run, args.max_batch_size, args.max_queued_requests,
+                       on_batch=metrics.on_batch if metrics else None)
+    ctx = ImageServerContext(args=args, engine=engine, queue=queue, metrics=metrics)
+    http_level = args.log_level
+    config = uvicorn.Config(create_images_app(ctx), host=args.host, port=args.port, log_level=http_level,
+                            access_log=http_level in ("info", "debug"), timeout_keep_alive=5, lifespan="on")
+    server = uvicorn.Server(config)
+    ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
+    ctx.listening = lambda: server.started
+    _quiet_stop_signals()
+    try:
+        server.run()
+    finally:
+        queue.close()
+    if ctx.failed:
+        err.print(f"[red]error:[/] {ctx.failed}", highlight=False)
+        return 1
+    return 0 if server.started else 1
