@@ -77,7 +77,7 @@ def _sd_components(path: str) -> dict:
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                 cross_attention_dim=TEXT_DIM, attention_head_dim=2)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     torch.manual_seed(0)
     vae = _vae()
     torch.manual_seed(0)
@@ -120,3 +120,29 @@ def build_sd3(path: str) -> str:
                              text_encoder=enc1, tokenizer=tok, text_encoder_2=enc2, tokenizer_2=tok,
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
     return path
+
+
+def reference_pipeline(path: str):
+    """The pipeline loaded by diffusers directly (absent optional components passed as None)."""
+    from diffusers import DiffusionPipeline
+
+    with open(os.path.join(path, "model_index.json")) as fh:
+        index = json.load(fh)
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(path, **absent)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_images(path: str, seed: int, n: int = 1, **kwargs) -> list:
+    """Image i drawn with Generator().manual_seed(seed + i), each its own diffusers call."""
+    pipe = reference_pipeline(path)
+    return [pipe(generator=torch.Generator().manual_seed(seed + i), **kwargs).images[0] for i in range(n)]
+
+
+def red_image(size: int = 32):
+    """A deterministic input image for image-to-image tests (a gradient, not a flat colour)."""
+    from PIL import Image
+    img = Image.new("RGB", (size, size))
+    img.putdata([(200, 8 * (i % size) % 256, 4 * (i // size) % 256) for i in range(size * size)])
+    return img

@@ -6,6 +6,7 @@ maps a field to the name the caller knows it by (the CLI says image_path where H
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Optional
 
@@ -57,6 +58,10 @@ def make_job(fields: dict, info: PipelineInfo, max_n: int, names: Optional[dict]
     strength = _float(fields, "strength", 0.0, 1.0, bad)
     if strength is not None and strength == 0:
         raise bad("strength", "must be > 0")
+    effective = strength if strength is not None else info.default_strength
+    if effective is not None and int(steps * effective) < 1:
+        raise bad("num_inference_steps", f"{steps} step(s) at strength {effective} leave no denoising step; "
+                                         f"give at least {math.ceil(1 / effective)}")
     frames = _int(fields, "num_frames", None, 1, 10_000, bad) if fields.get("num_frames") is not None else None
     negative = fields.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):

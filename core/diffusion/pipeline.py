@@ -61,6 +61,7 @@ class PipelineInfo:
     is_video: bool = False
     needs_image: bool = False                # image-to-image / image-to-video
     default_steps: int = 50
+    default_strength: Optional[float] = None  # image-to-image: the call's default strength
 
     @property
     def task(self) -> str:

@@ -74,6 +74,8 @@ async def warm_up(ctx: ImageServerContext) -> None:
         if not ctx.args.skip_server_warmup:
             info = ctx.engine.info
             fields = {"prompt": "warmup", "num_inference_steps": 1, "seed": 0}
+            if "strength" in info.accepts:
+                fields["strength"] = 1.0
             if info.needs_image:
                 from PIL import Image
                 fields["image"] = Image.new("RGB", (info.default_width, info.default_height))

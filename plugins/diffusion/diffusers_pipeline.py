@@ -203,10 +203,12 @@ def _describe(pipe, backend: str) -> PipelineInfo:
         patch = max(patch, 2)  # Flux-style pipelines pack 2x2 latent patches
     sample = getattr(pipe, "default_sample_size", None) or getattr(denoiser.config, "sample_size", 64)
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    steps = params.get("num_inference_steps")
+    steps, strength = params.get("num_inference_steps"), params.get("strength")
     return PipelineInfo(
         pipeline_class=type(pipe).__name__, backend=backend, accepts=frozenset(params) - {"self"},
         size_multiple=vae_factor * patch, default_height=int(sample) * vae_factor,
         default_width=int(sample) * vae_factor, is_video="num_frames" in params,
         needs_image="image" in params,
-        default_steps=int(steps.default) if steps is not None and isinstance(steps.default, int) else 50)
+        default_steps=int(steps.default) if steps is not None and isinstance(steps.default, int) else 50,
+        default_strength=float(strength.default) if strength is not None and isinstance(strength.default, float)
+        else None)
