@@ -5,7 +5,9 @@ worker thread (torch releases the GIL inside its kernels), so the loop never wai
 
 Batching: the worker takes the oldest waiting job, then every other waiting job with the same
 ``batch_key()`` (same size, steps, guidance, ...) in arrival order while the images fit in
-``max_batch_size``, and runs them in one pipeline call. Jobs it skipped keep their place.
+``max_batch_size``, and runs them in one pipeline call. Jobs it skipped keep their place. When the oldest job's batch is not full, the worker first waits
+up to ``batch_wait_s`` for more compatible jobs (clients that answer a finished batch with new
+requests arrive a moment apart; without the wait the first of them would run alone).
 Invariants: every submitted job's future completes exactly once (result or exception); a failing
 pipeline call fails only its own batch's futures and the worker keeps serving; after ``close()``
 submissions are refused.
@@ -40,8 +42,10 @@ BatchHook = Callable[[list[ImageJob], float], None]
 
 class ImageQueue:
     def __init__(self, run: Callable[[list[ImageJob], Optional[StepCallback]], list], max_batch_size: int,
-                 max_queued: Optional[int] = None, on_batch: Optional[BatchHook] = None):
+                 max_queued: Optional[int] = None, on_batch: Optional[BatchHook] = None,
+                 batch_wait_s: float = 0.0):
         self._run = run
+        self.batch_wait_s = batch_wait_s
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.on_batch = on_batch
@@ -81,6 +85,10 @@ class ImageQueue:
             entry.future.set_exception(RequestError("the server shut down", status=503))
 
     # -- the worker thread ---------------------------------------------------------------------
+    def _compatible_images(self) -> int:
+        key = self._waiting[0].job.batch_key()
+        return sum(e.job.n for e in self._waiting if e.job.batch_key() == key)
+
     def _take_batch(self) -> list[_Entry]:
         """Called with the lock held and at least one job waiting."""
         first = self._waiting.popleft()
@@ -99,6 +107,12 @@ class ImageQueue:
                     self._cond.wait()
                 if self._closed:
                     return
+                deadline = time.monotonic() + self.batch_wait_s
+                while self._compatible_images() < self.max_batch_size and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 batch = self._take_batch()
             self._run_batch(batch)
 

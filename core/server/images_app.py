@@ -108,7 +108,7 @@ def serve_diffusion(args) -> int:
     engine = DiffusionEngine(args)
     metrics = ImageMetrics(args.served_model_name or args.model_path) if args.enable_metrics else None
     queue = ImageQueue(engine.run, args.max_batch_size, args.max_queued_requests,
-                       on_batch=metrics.on_batch if metrics else None)
+                       on_batch=metrics.on_batch if metrics else None, batch_wait_s=args.batch_wait_ms / 1000)
     ctx = ImageServerContext(args=args, engine=engine, queue=queue, metrics=metrics)
     http_level = args.log_level
     config = uvicorn.Config(create_images_app(ctx), host=args.host, port=args.port, log_level=http_level,

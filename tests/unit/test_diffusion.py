@@ -259,3 +259,16 @@ def test_component_path_override(pipes, tmp_path):
     ref = pipe(prompt="p", generator=torch.Generator().manual_seed(2), num_inference_steps=2, height=32,
                width=32).images[0]
     assert np.array_equal(load(tmp_path / "v.png"), pixels(ref))
+
+
+def test_queue_waits_briefly_to_fill_a_batch():
+    calls = []
+
+    def run(jobs, on_step):
+        calls.append(len(jobs))
+        return [[j.seed] for j in jobs]
+    q = ImageQueue(run, max_batch_size=2, batch_wait_s=5.0)
+    first = q.submit(_job(32, seed=1))
+    second = q.submit(_job(32, seed=2))     # arrives within the wait: the batch is full, it runs at once
+    assert (first.result(4), second.result(4)) == ([1], [2]) and calls == [2]
+    q.close()
