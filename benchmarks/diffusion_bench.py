@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enable-torch-compile", action="store_true")
     p.add_argument("--rows", default="diffusers,engine,serve", help="which groups to run")
     p.add_argument("--out", default=None, help="append the JSON rows to this file")
+    p.add_argument("--build-only", default=None, metavar="DIR", help="save the --shape pipeline in DIR and exit")
     a = p.parse_args(argv)
+    if a.build_only:
+        print(build(a.shape, a.build_only))
+        return 0
     a.precision = a.precision or ("fp32" if a.device == "cpu" else "fp16")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.precision]
     groups = set(a.rows.split(","))
