@@ -35,8 +35,6 @@ def run_serve(argv: list[str]) -> int:
 
 
 def serve(args: ServerArgs) -> int:
-    import uvicorn
-
     from kvyard.launch import make_tokenizer_manager, start_engine_process
     from kvyard.server.app import create_app, warmup_names
     from kvyard.server.context import ServerContext
@@ -53,16 +51,29 @@ def serve(args: ServerArgs) -> int:
         metrics = ServerMetrics(args.served_model_name or args.model_path) if args.enable_metrics else None
         tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None)
         ctx = ServerContext(args=args, engine=engine, tm=tm, metrics=metrics)
-        config = uvicorn.Config(create_app(ctx), host=args.host, port=args.port, log_level=http_level,
-                                access_log=http_level in ("info", "debug", "trace"), timeout_keep_alive=5,
-                                lifespan="on")
-        server = uvicorn.Server(config)
-        ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
-        ctx.listening = lambda: server.started
-        _quiet_stop_signals()
+        app = create_app(ctx)
+    except BaseException:
+        engine.stop()
+        raise
+    return run_app(app, ctx, args.host, args.port, http_level, cleanup=engine.stop)
+
+
+def run_app(app, ctx, host: str, port: int, http_level: str, cleanup) -> int:
+    """Runs the app under uvicorn until a stop signal; ``cleanup()`` runs after it in any case.
+    ctx gets request_shutdown/listening; 0 after a clean stop, 1 when start-up failed."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=http_level,
+                            access_log=http_level in ("info", "debug", "trace"), timeout_keep_alive=5,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
+    ctx.listening = lambda: server.started
+    _quiet_stop_signals()
+    try:
         server.run()
     finally:
-        engine.stop()
+        cleanup()
     if ctx.failed:
         err.print(f"[red]error:[/] {ctx.failed}", highlight=False)
         return 1

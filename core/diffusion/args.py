@@ -16,12 +16,9 @@ from typing import Any, Optional
 
 from kvyard.diffusion.detect import pipeline_components, read_model_index
 from kvyard.diffusion.pipeline import PRECISIONS, PipelineConfig
+from kvyard.server_args import _f
 
 logger = logging.getLogger(__name__)
-
-
-def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, "group": group, **meta})
 
 
 @dataclass
@@ -29,7 +26,7 @@ class DiffusionArgs:
     # -- model and pipeline -----------------------------------------------------------------
     model_path: Optional[str] = _f(None, "diffusers pipeline folder (model_index.json)", "model")
     model_type: str = _f("auto", "auto: detected from the folder", "model", choices=("auto", "llm", "diffusion"))
-    backend: str = _f("auto", "pipeline plugin (auto: a native plugin that claims the pipeline class, else diffusers)", "model", registry="diffusion_pipelines")
+    backend: str = _f("auto", "pipeline plugin (auto: a native plugin that claims the pipeline class, else diffusers)", "model", registry="diffusion_pipelines", allow=("auto",))
     device: str = _f("auto", "auto: cuda if available, else cpu", "model", choices=("auto", "cuda", "cpu"))
     served_model_name: Optional[str] = _f(None, "model name reported by the API", "model")
     dit_precision: str = _f("auto", "denoiser and text encoders (auto: fp32 on the CPU, bf16 on CUDA)", "pipeline", choices=PRECISIONS)
@@ -108,7 +105,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(DiffusionArgs)}
 def build_parser(prog: str, command: str, model_path: Optional[str]) -> argparse.ArgumentParser:
     """command: "generate" or "serve"; model_path adds the --<component>-path flags."""
     from kvyard.cli.common import OneLineParser
-    from kvyard.server_args import _registry_choice
+    from kvyard.server_args import add_field_argument
 
     parser = OneLineParser(prog=prog, description=f"{command} with a diffusion pipeline",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -117,20 +114,8 @@ def build_parser(prog: str, command: str, model_path: Optional[str]) -> argparse
     groups = {g: parser.add_argument_group(g) for g in ("model", "pipeline", "both", "job", "http")}
     for f in dataclasses.fields(DiffusionArgs):
         group = groups.get(f.metadata.get("group"))
-        if group is None:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
-        if f.type in ("bool", bool):
-            action = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
-            group.add_argument(flag, action=action, **kwargs)
-            continue
-        kwargs["type"] = float if "float" in str(f.type) else int if "int" in str(f.type) else str
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        elif "registry" in f.metadata:
-            kwargs["type"] = _registry_choice(f.metadata["registry"], ("auto",))
-        group.add_argument(flag, **kwargs)
+        if group is not None:
+            add_field_argument(group, f)
     comps = parser.add_argument_group("component overrides (from model_index.json)")
     for name in component_names(model_path):
         comps.add_argument(f"--{name.replace('_', '-')}-path", dest=f"{name}_path", default=argparse.SUPPRESS,
@@ -171,15 +156,8 @@ def load_config(path: Optional[str]) -> dict:
     """The --config YAML file as argument names -> values (dashes become underscores)."""
     if not path:
         return {}
-    import os
-
-    import yaml
-    if not os.path.exists(path):
-        raise ValueError(f"config: file {path!r} does not exist")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config: {path!r} must hold a mapping of argument names to values")
+    from kvyard.server_args import read_yaml_mapping
+    data = read_yaml_mapping(path)
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 

@@ -25,7 +25,9 @@ def load_backend(args: DiffusionArgs) -> DiffusionPipelineBackend:
     from kvyard.plugins import registry
 
     resolve_model_type(args.model_path, "diffusion" if args.model_type == "auto" else args.model_type)
-    pipeline_class = read_model_index(args.model_path).get("_class_name", "DiffusionPipeline")
+    pipeline_class = read_model_index(args.model_path).get("_class_name")
+    if not isinstance(pipeline_class, str):
+        raise ValueError(f"model_path: {args.model_path}/model_index.json names no pipeline class (_class_name)")
     if args.num_threads:
         import torch
         torch.set_num_threads(args.num_threads)

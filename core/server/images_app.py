@@ -67,37 +67,25 @@ def _lifespan(ctx: ImageServerContext):
 
 
 async def warm_up(ctx: ImageServerContext) -> None:
-    """One single-step image at the smallest allowed size, through the queue."""
-    from kvyard.server.app import ready_url
+    """One single-step image at the default size, through the queue."""
+    from kvyard.server.app import run_warmup
 
-    try:
-        if not ctx.args.skip_server_warmup:
-            info = ctx.engine.info
-            fields = {"prompt": "warmup", "num_inference_steps": 1, "seed": 0}
-            if "strength" in info.accepts:
-                fields["strength"] = 1.0
-            if info.needs_image:
-                from PIL import Image
-                fields["image"] = Image.new("RGB", (info.default_width, info.default_height))
-            await asyncio.wrap_future(ctx.queue.submit(ctx.engine.make_job(fields)))
-        while not ctx.listening():
-            await asyncio.sleep(0.05)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        ctx.failed = f"warmup failed: {type(exc).__name__}: {exc}"
-        logger.error("%s; shutting down", ctx.failed)
-        ctx.request_shutdown()
-        return
-    ctx.ready = True
-    print(f"kvyard server ready at {ready_url(ctx.args.host, ctx.args.port)}", flush=True)
+    async def warm() -> None:
+        if ctx.args.skip_server_warmup:
+            return
+        info = ctx.engine.info
+        fields = {"prompt": "warmup", "num_inference_steps": 1, "seed": 0}
+        if "strength" in info.accepts:
+            fields["strength"] = 1.0
+        if info.needs_image:
+            from PIL import Image
+            fields["image"] = Image.new("RGB", (info.default_width, info.default_height))
+        await asyncio.wrap_future(ctx.queue.submit(ctx.engine.make_job(fields)))
+    await run_warmup(ctx, warm)
 
 
 def serve_diffusion(args) -> int:
-    import uvicorn
-
-    from kvyard.cli.common import err
-    from kvyard.cli.serve import _quiet_stop_signals, check_port_free
+    from kvyard.cli.serve import check_port_free, run_app
     from kvyard.diffusion.engine import DiffusionEngine
     from kvyard.diffusion.queue import ImageQueue
     from kvyard.server.metrics import ImageMetrics
@@ -110,18 +98,4 @@ def serve_diffusion(args) -> int:
     queue = ImageQueue(engine.run, args.max_batch_size, args.max_queued_requests,
                        on_batch=metrics.on_batch if metrics else None, batch_wait_s=args.batch_wait_ms / 1000)
     ctx = ImageServerContext(args=args, engine=engine, queue=queue, metrics=metrics)
-    http_level = args.log_level
-    config = uvicorn.Config(create_images_app(ctx), host=args.host, port=args.port, log_level=http_level,
-                            access_log=http_level in ("info", "debug"), timeout_keep_alive=5, lifespan="on")
-    server = uvicorn.Server(config)
-    ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
-    ctx.listening = lambda: server.started
-    _quiet_stop_signals()
-    try:
-        server.run()
-    finally:
-        queue.close()
-    if ctx.failed:
-        err.print(f"[red]error:[/] {ctx.failed}", highlight=False)
-        return 1
-    return 0 if server.started else 1
+    return run_app(create_images_app(ctx), ctx, args.host, args.port, args.log_level, cleanup=queue.close)

@@ -63,8 +63,9 @@ class DiffusersPipeline(DiffusionPipelineBackend):
             kwargs[name] = _load_component(name, components, folder)
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(config.model_path, **kwargs)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(f"model_path: cannot load the diffusers pipeline in {config.model_path}: {exc}") from None
+        except Exception as exc:  # diffusers raises many kinds for a broken folder; one line names it
+            raise ValueError(f"model_path: cannot load the diffusers pipeline in {config.model_path}: "
+                             f"{type(exc).__name__}: {exc}") from None
         pipe.set_progress_bar_config(disable=True)
         _set_precisions(pipe, dit_dtype, vae_dtype)
         _place(pipe, config)
