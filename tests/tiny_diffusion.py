@@ -146,3 +146,24 @@ def red_image(size: int = 32):
     img = Image.new("RGB", (size, size))
     img.putdata([(200, 8 * (i % size) % 256, 4 * (i // size) % 256) for i in range(size * size)])
     return img
+
+
+def build_video(path: str) -> str:
+    """A text-to-video pipeline (TextToVideoSDPipeline: a 3D UNet over frames, the SD VAE)."""
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=TEXT_DIM,
+                                attention_head_dim=4, norm_num_groups=2)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    torch.manual_seed(0)
+    vae = _vae()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_clip_config())
+    TextToVideoSDPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                          tokenizer=_clip_tokenizer(path + ".tok")).save_pretrained(path)
+    return path

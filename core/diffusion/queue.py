@@ -5,9 +5,11 @@ worker thread (torch releases the GIL inside its kernels), so the loop never wai
 
 Batching: the worker takes the oldest waiting job, then every other waiting job with the same
 ``batch_key()`` (same size, steps, guidance, ...) in arrival order while the images fit in
-``max_batch_size``, and runs them in one pipeline call. Jobs it skipped keep their place. When the oldest job's batch is not full, the worker first waits
-up to ``batch_wait_s`` for more compatible jobs (clients that answer a finished batch with new
-requests arrive a moment apart; without the wait the first of them would run alone).
+``max_batch_size``, and runs them in one pipeline call. Jobs it skipped keep their place. When the oldest job's batch is not full and the previous call held
+more than one request (requests come concurrently), the worker first waits up to
+``batch_wait_s`` for more compatible jobs: clients that answer a finished batch with new requests
+arrive a moment apart, and without the wait the first of them would run alone. One client at a
+time never waits.
 Invariants: every submitted job's future completes exactly once (result or exception); a failing
 pipeline call fails only its own batch's futures and the worker keeps serving; after ``close()``
 submissions are refused.
@@ -53,6 +55,7 @@ class ImageQueue:
         self._cond = threading.Condition()
         self._closed = False
         self.batches_run = 0
+        self._last_batch_jobs = 0
         self._thread = threading.Thread(target=self._loop, name="kvyard-diffusion", daemon=True)
         self._thread.start()
 
@@ -107,7 +110,7 @@ class ImageQueue:
                     self._cond.wait()
                 if self._closed:
                     return
-                deadline = time.monotonic() + self.batch_wait_s
+                deadline = time.monotonic() + (self.batch_wait_s if self._last_batch_jobs > 1 else 0.0)
                 while self._compatible_images() < self.max_batch_size and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -126,6 +129,7 @@ class ImageQueue:
                         logger.exception("progress callback failed")
 
         jobs = [e.job for e in batch]
+        self._last_batch_jobs = len(jobs)
         start = time.perf_counter()
         try:
             outputs = self._run(jobs, on_step)

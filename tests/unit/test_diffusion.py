@@ -268,7 +268,26 @@ def test_queue_waits_briefly_to_fill_a_batch():
         calls.append(len(jobs))
         return [[j.seed] for j in jobs]
     q = ImageQueue(run, max_batch_size=2, batch_wait_s=5.0)
+    assert q.submit(_job(32, seed=0)).result(4) == [0]   # one client at a time: no wait
+    q._last_batch_jobs = 2                              # as after a batch of concurrent requests
     first = q.submit(_job(32, seed=1))
     second = q.submit(_job(32, seed=2))     # arrives within the wait: the batch is full, it runs at once
-    assert (first.result(4), second.result(4)) == ([1], [2]) and calls == [2]
+    assert (first.result(4), second.result(4)) == ([1], [2]) and calls == [1, 2]
     q.close()
+
+
+def test_generate_video_frames_and_mp4(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    import imageio_ffmpeg
+    from tiny_diffusion import build_video, reference_pipeline
+    path = build_video(str(tmp_path / "video"))
+    argv = ["--model-path", path, "--prompt", "a cat", "--num-frames", "3", *COMMON, "--seed", "4", "--fps", "3",
+            "--return-frames", "--output-path", str(tmp_path / "out"), "--output-file-name", "cat.mp4"]
+    assert run_generate(argv) == 0
+    import torch
+    ref = reference_pipeline(path)(prompt="a cat", num_frames=3, height=32, width=32, num_inference_steps=2,
+                                   generator=torch.Generator().manual_seed(4), output_type="pil").frames[0]
+    for i, frame in enumerate(ref):
+        assert np.array_equal(load(tmp_path / "out" / f"cat_frame_{i:04d}.png"), pixels(frame))
+    assert imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "out" / "cat.mp4")) == (3, 1.0)
+    assert run_generate(argv[:-2] + ["--output-file-name", "cat.png"]) == 1
