@@ -57,3 +57,8 @@ def register_grammar_backends(register: Register) -> None:
 @hookspec
 def register_speculative_algorithms(register: Register) -> None:
     """Register SpeculativeAlgorithm subclasses (core/speculative.py) by name (NGRAM, STANDALONE, ...)."""
+
+
+@hookspec
+def register_diffusion_pipelines(register: Register) -> None:
+    """Register DiffusionPipelineBackend subclasses (core/diffusion/pipeline.py) by name."""

@@ -32,6 +32,7 @@ KINDS = (
     "reasoning_parsers",
     "grammar_backends",
     "speculative_algorithms",
+    "diffusion_pipelines",
 )
 
 

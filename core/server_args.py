@@ -218,21 +218,8 @@ class ServerArgs:
                       if groups is None or g in groups}
         for f in dataclasses.fields(cls):
             group = arg_groups.get(f.metadata["group"])
-            if group is None:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
-            if f.type in ("bool", bool, "Optional[bool]"):   # Optional: unset leaves an automatic default
-                group.add_argument(flag, action="store_true", **kwargs)
-                continue
-            kwargs["type"] = _arg_type(f.type)
-            if "nargs" in f.metadata:
-                kwargs["nargs"] = f.metadata["nargs"]
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-            elif "registry" in f.metadata:
-                kwargs["type"] = _registry_choice(f.metadata["registry"], f.metadata.get("allow", ()))
-            group.add_argument(flag, **kwargs)
+            if group is not None:
+                add_field_argument(group, f)
 
     @classmethod
     def from_cli_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
@@ -240,6 +227,25 @@ class ServerArgs:
         if values.get("config"):
             values = {**load_yaml_config(values["config"]), **values}
         return cls(**values)
+
+
+def add_field_argument(group, f: dataclasses.Field) -> None:
+    """One --flag for a dataclass field declared with _f (help, group, choices/registry/nargs;
+    negatable bools get --no-flag too). Unset flags stay out of the namespace (SUPPRESS)."""
+    flag = "--" + f.name.replace("_", "-")
+    kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
+    if f.type in ("bool", bool, "Optional[bool]"):   # Optional: unset leaves an automatic default
+        action = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
+        group.add_argument(flag, action=action, **kwargs)
+        return
+    kwargs["type"] = _arg_type(f.type)
+    if "nargs" in f.metadata:
+        kwargs["nargs"] = f.metadata["nargs"]
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+    elif "registry" in f.metadata:
+        kwargs["type"] = _registry_choice(f.metadata["registry"], f.metadata.get("allow", ()))
+    group.add_argument(flag, **kwargs)
 
 
 def _arg_type(annotation: str):
@@ -260,7 +266,8 @@ def _registry_choice(kind: str, allow: tuple[str, ...]):
     return check
 
 
-def load_yaml_config(path: str) -> dict:
+def read_yaml_mapping(path: str) -> dict:
+    """A --config YAML file as a mapping; one-line ValueError naming config otherwise."""
     import yaml
 
     if not os.path.exists(path):
@@ -269,6 +276,11 @@ def load_yaml_config(path: str) -> dict:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of argument names to values")
+    return data
+
+
+def load_yaml_config(path: str) -> dict:
+    data = read_yaml_mapping(path)
     names = {f.name for f in dataclasses.fields(ServerArgs)}
     out = {}
     for key, value in data.items():

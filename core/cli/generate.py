@@ -47,6 +47,12 @@ def read_prompts(ns) -> list[str]:
 
 
 def run_generate(argv: list[str]) -> int:
+    from kvyard.cli.diffusion import model_type_of, run_diffusion_generate
+
+    kind: list[str] = []
+    rc = run_reporting_errors(lambda: kind.append(model_type_of(argv)) or 0)
+    if rc or kind[0] == "diffusion":
+        return rc or run_diffusion_generate(argv)
     ns = build_parser().parse_args(argv)
     return run_reporting_errors(lambda: _generate(ns))
 

@@ -24,6 +24,12 @@ def build_parser():
 
 
 def run_serve(argv: list[str]) -> int:
+    from kvyard.cli.diffusion import model_type_of, run_diffusion_serve
+
+    kind: list[str] = []
+    rc = run_reporting_errors(lambda: kind.append(model_type_of(argv)) or 0)
+    if rc or kind[0] == "diffusion":
+        return rc or run_diffusion_serve(argv)
     ns = build_parser().parse_args(argv)
     return run_reporting_errors(lambda: serve(server_args_from(ns)))
 
@@ -47,16 +53,29 @@ def serve(args: ServerArgs) -> int:
         metrics = ServerMetrics(args.served_model_name or args.model_path) if args.enable_metrics else None
         tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None)
         ctx = ServerContext(args=args, engine=engine, tm=tm, metrics=metrics)
-        config = uvicorn.Config(create_app(ctx), host=args.host, port=args.port, log_level=http_level,
-                                access_log=http_level in ("info", "debug", "trace"), timeout_keep_alive=5,
-                                lifespan="on")
-        server = uvicorn.Server(config)
-        ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
-        ctx.listening = lambda: server.started
-        _quiet_stop_signals()
+        app = create_app(ctx)
+    except BaseException:
+        engine.stop()
+        raise
+    return run_app(app, ctx, args.host, args.port, http_level, cleanup=engine.stop)
+
+
+def run_app(app, ctx, host: str, port: int, http_level: str, cleanup) -> int:
+    """Runs the app under uvicorn until a stop signal; ``cleanup()`` runs after it in any case.
+    ctx gets request_shutdown/listening; 0 after a clean stop, 1 when start-up failed."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=http_level,
+                            access_log=http_level in ("info", "debug", "trace"), timeout_keep_alive=5,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
+    ctx.listening = lambda: server.started
+    _quiet_stop_signals()
+    try:
         server.run()
     finally:
-        engine.stop()
+        cleanup()
     if ctx.failed:
         err.print(f"[red]error:[/] {ctx.failed}", highlight=False)
         return 1

@@ -153,3 +153,32 @@ def resolve_overlap_schedule(disable: bool | None, device: str, is_generation: b
     on, why = _OVERLAP_DEFAULT.get(device, (False, f"no measured default for {device}"))
     logger.info("overlap schedule: %s (auto on %s: %s)", "on" if on else "off", device, why)
     return on
+
+
+# The generic plugin "auto" falls back to when no native pipeline plugin claims the class.
+GENERIC_DIFFUSION_BACKEND = "diffusers"
+
+
+def resolve_diffusion_backend(requested: str, pipeline_class: str) -> str:
+    """A diffusion_pipelines plugin name. "auto": the first native plugin (any but diffusers)
+    whose ``claims(pipeline_class)`` is true, else diffusers."""
+    reg = registry("diffusion_pipelines")
+    if requested != "auto":
+        reg.entry(requested)
+        return requested
+    for name in reg.names():
+        if name == GENERIC_DIFFUSION_BACKEND:
+            continue
+        try:
+            claims = reg.get(name).claims(pipeline_class)
+        except PluginError as exc:
+            logger.warning("diffusion pipeline %s skipped by auto: %s", name, exc)
+            continue
+        if claims:
+            logger.info("diffusion backend: %s (auto: a native plugin that claims %s)", name, pipeline_class)
+            return name
+    if GENERIC_DIFFUSION_BACKEND not in reg:
+        raise ValueError(f"backend: no diffusion pipeline plugin runs {pipeline_class}; "
+                         f"valid: {', '.join(reg.names()) or '(none installed)'}")
+    logger.info("diffusion backend: diffusers (auto: no native plugin claims %s)", pipeline_class)
+    return GENERIC_DIFFUSION_BACKEND

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+from kvyard.diffusion.detect import resolve_model_type
 from kvyard.model_registry import ModelRegistry
 from kvyard.server_args import ServerArgs
 
@@ -43,18 +44,10 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         args = replace(args, model_path=default_model_path())
     elif not os.path.exists(args.model_path) and not args.revision:
         raise ValueError(f"model_path: {args.model_path} does not exist")
-    if args.model_type == "diffusion" or (args.model_type == "auto" and _is_diffusion(args.model_path)):
-        raise ValueError("model_type: diffusion models are not supported yet")
+    if resolve_model_type(args.model_path, args.model_type) == "diffusion":
+        raise ValueError(f"model_type: {args.model_path} is a diffusion pipeline; kvyard.Engine runs LLMs "
+                         "(use kvyard.diffusion.DiffusionEngine, `kvyard generate` or `kvyard serve`)")
     return args
-
-
-def _is_diffusion(path: str) -> bool:
-    import json
-    index = os.path.join(path, "model_index.json") if os.path.isdir(path) else ""
-    if not index or not os.path.exists(index):
-        return False
-    with open(index) as fh:
-        return "_diffusers_version" in json.load(fh)
 
 
 def tokenizer_factory(args: ServerArgs):

@@ -116,11 +116,20 @@ def warmup_names(spec: str | None) -> list[str]:
 
 
 async def warm_up(ctx: ServerContext) -> None:
-    try:
+    async def warm() -> None:
         if not ctx.args.skip_server_warmup:
             default = "generate" if ctx.is_generation else "encode"
             for name in warmup_names(ctx.args.warmups) or [default]:
                 await WARMUPS[name](ctx)
+    await run_warmup(ctx, warm)
+
+
+async def run_warmup(ctx, warm: Callable[[], Awaitable[None]]) -> None:
+    """Runs ``warm``, waits for the socket, then marks ctx ready and prints the one ready line;
+    a failure is stored in ctx.failed and shuts the server down. ctx: any server context with
+    args.host/port, ready, failed, listening() and request_shutdown()."""
+    try:
+        await warm()
         while not ctx.listening():
             await asyncio.sleep(0.05)
     except asyncio.CancelledError:

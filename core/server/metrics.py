@@ -65,3 +65,39 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+STEP_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ImageMetrics:
+    """The diffusion server's metrics: requests, images, seconds per denoising step (per
+    pipeline call), request latency and queue length. Fed from the queue's worker thread and the
+    handlers (prometheus_client is thread-safe)."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels, r = ["model_name"], self.registry
+        self.requests = Counter("kvyard:num_requests", "image requests that finished", labels, registry=r)
+        self.images = Counter("kvyard:images_generated", "images (or videos) generated", labels, registry=r)
+        self.batches = Counter("kvyard:pipeline_calls", "pipeline calls (batches)", labels, registry=r)
+        self.step_time = Histogram("kvyard:seconds_per_step", "seconds per denoising step of a pipeline call",
+                                   labels, buckets=STEP_TIME_BUCKETS, registry=r)
+        self.e2e = Histogram("kvyard:e2e_request_latency_seconds", "end-to-end request latency", labels,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Gauge("kvyard:num_queue_reqs", "requests waiting for the pipeline", labels, registry=r)
+
+    def on_batch(self, jobs, seconds: float) -> None:
+        name = self.model_name
+        self.batches.labels(name).inc()
+        self.images.labels(name).inc(sum(j.n for j in jobs))
+        self.step_time.labels(name).observe(seconds / max(1, jobs[0].num_inference_steps))
+
+    def on_request(self, seconds: float) -> None:
+        self.requests.labels(self.model_name).inc()
+        self.e2e.labels(self.model_name).observe(seconds)
+
+    def render(self, queue_length: int) -> bytes:
+        self.queue.labels(self.model_name).set(queue_length)
+        return generate_latest(self.registry)

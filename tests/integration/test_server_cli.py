@@ -36,10 +36,12 @@ def test_busy_port_fails_before_loading_the_model():
     assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr
 
 
-def test_diffusion_model_is_a_clear_error(tmp_path):
+def test_broken_diffusion_folder_is_a_clear_error(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_diffusers_version": "0.30.0"}))
     r = _serve("--model-path", str(tmp_path), "--port", str(free_port()))
-    assert r.returncode == 1 and "diffusion models are not supported yet" in r.stderr
+    assert r.returncode == 1 and "names no pipeline class (_class_name)" in " ".join(r.stderr.split())
+    r = _serve("--model-path", str(tmp_path), "--model-type", "llm", "--port", str(free_port()))
+    assert r.returncode == 1 and "model_type: llm was forced" in " ".join(r.stderr.split())
 
 
 def test_bad_flag_values_are_one_line():
