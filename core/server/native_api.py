@@ -144,7 +144,18 @@ async def get_model_info(request: Request):
     ctx = ctx_of(request)
     # the tokenizer is the one loaded at start, whatever weights were loaded since
     return {"model_path": ctx.args.model_path, "tokenizer_path": ctx.args.tokenizer_path or ctx.engine.args.model_path,
-            "is_generation": ctx.is_generation}
+            "is_generation": ctx.is_generation, **chat_template_info(ctx.tm.tokenizer)}
+
+
+def chat_template_info(tokenizer) -> dict:
+    """The Jinja chat template the server applies and the special tokens it refers to, so a
+    client (kvyard.lang) renders role markers exactly as /v1/chat/completions does."""
+    def token(name: str):
+        value = getattr(tokenizer, name, None)
+        return value if isinstance(value, str) else None
+    template = getattr(tokenizer, "chat_template", None)
+    return {"chat_template": template if isinstance(template, str) else None,
+            "bos_token": token("bos_token"), "eos_token": token("eos_token")}
 
 
 @router.get("/get_server_info")
