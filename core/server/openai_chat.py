@@ -240,4 +240,4 @@ async def _stream(ctx: ServerContext, req: ChatCompletionRequest, reqs, plan: Ch
                           matched_stop=matched_stop(meta))
         yield sse({**base, "choices": [choice]})
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({**base, "choices": [], "usage": usage_of(finals, plan.n, ctx.args.enable_cache_report)})
+        yield sse({**base, "choices": [], "usage": usage_of(finals, plan.n)})
