@@ -127,6 +127,11 @@ class ReasoningParser(ABC):
         """The stream ended: (reasoning_delta, normal_delta) that were held back."""
         return "", ""
 
+    def thinking_markers(self) -> tuple[str | None, str] | None:
+        """(start, end) marker texts a thinking budget watches and forces: start None when the
+        output starts inside the thinking. None: this format cannot be closed by force."""
+        return None
+
 
 def _lookup(kind: str, name: str) -> type:
     reg = registry(kind)
@@ -178,3 +183,6 @@ class ReasoningParserFacade:
 
     def finish_stream(self) -> tuple[str, str]:
         return self.parser.finish_stream()
+
+    def thinking_markers(self) -> tuple[str | None, str] | None:
+        return self.parser.thinking_markers()
