@@ -9,7 +9,10 @@ in a format the server knows, so a budget has nothing to bound and adds nothing.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
+
+logger = logging.getLogger(__name__)
 
 # effort -> thinking tokens at most ("none": the section is closed at once)
 EFFORT_BUDGETS = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768,
@@ -37,5 +40,9 @@ def thinking_fields(ctx, budget: Optional[int]) -> dict:
         return {}
     start, end = markers
     encode = lambda text: ctx.tm.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    end_ids = encode(end)
+    if not end_ids:  # the tokenizer cannot spell the marker: the section cannot be closed by force
+        logger.warning("thinking budget ignored: the tokenizer encodes %r to no tokens", end)
+        return {}
     return {"thinking_budget": budget, "thinking_start_ids": encode(start) if start else [],
-            "thinking_end_ids": encode(end)}
+            "thinking_end_ids": end_ids}
