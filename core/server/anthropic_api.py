@@ -23,7 +23,7 @@ from kvyard.server.anthropic_input import (chat_messages, chat_tool_choice, chat
                                            thinking_budget)
 from kvyard.server.anthropic_protocol import CountTokensRequest, MessagesRequest
 from kvyard.server.context import ServerContext, ctx_of
-from kvyard.server.errors import anthropic_error_body
+from kvyard.server.errors import anthropic_error_body, renamed
 from kvyard.server.openai_chat import ChoiceStreamParser, chat_choice, prepare_chat, template_ids
 from kvyard.server.openai_format import finish_reason_of, matched_stop, new_id
 from kvyard.server.output_blocks import REASONING, TEXT, Block, BlockAssembler, BlockEvent, blocks_of
@@ -87,11 +87,7 @@ def _prepare(ctx: ServerContext, req: MessagesRequest):
     try:
         return prepare_chat(ctx, chat, thinking_budget=budget)
     except RequestError as exc:
-        for chat_name, name in _FIELD_NAMES.items():
-            if exc.param and exc.param.startswith(chat_name):
-                param = name + exc.param[len(chat_name):]
-                raise RequestError(exc.message.replace(exc.param, param, 1), param=param, status=exc.status) from None
-        raise
+        raise renamed(exc, _FIELD_NAMES) from None
 
 
 # -- response ------------------------------------------------------------------------------

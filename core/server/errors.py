@@ -48,6 +48,15 @@ def error_response(status: int, message: str, param: Optional[str] = None, path:
     return JSONResponse(error_body_for(path, status, message, param), status_code=status)
 
 
+def renamed(exc: RequestError, names: dict[str, str]) -> RequestError:
+    """``exc`` about a field another API calls differently (chat field prefix -> that API's)."""
+    for old, new in names.items():
+        if exc.param and exc.param.startswith(old):
+            param = new + exc.param[len(old):]
+            return RequestError(exc.message.replace(exc.param, param, 1), param=param, status=exc.status)
+    return exc
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
     """(one-line message, field) for the first problem pydantic found."""
     first = exc.errors()[0]

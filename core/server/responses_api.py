@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 
 from kvyard.errors import RequestError
 from kvyard.server.context import ServerContext, ctx_of
+from kvyard.server.errors import renamed
 from kvyard.server.openai_chat import ChoiceStreamParser, chat_choice, prepare_chat
 from kvyard.server.openai_format import finish_reason_of, new_id, now
 from kvyard.server.output_blocks import REASONING, TEXT, Block, BlockAssembler, BlockEvent, blocks_of
@@ -102,17 +103,9 @@ def _prepare(ctx: ServerContext, req: ResponsesRequest):
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=req.stream)
         reqs, chat_plan = prepare_chat(ctx, chat, thinking_budget=budget)
     except RequestError as exc:
-        raise _renamed(exc) from None
+        raise renamed(exc, _FIELD_NAMES) from None
     plan = ResponsePlan(req, new_id("resp").replace("-", "_"), now(), history, messages)
     return plan, reqs, chat_plan
-
-
-def _renamed(exc: RequestError) -> RequestError:
-    for chat_name, name in _FIELD_NAMES.items():
-        if exc.param and exc.param.startswith(chat_name):
-            param = name + exc.param[len(chat_name):]
-            return RequestError(exc.message.replace(exc.param, param, 1), param=param, status=exc.status)
-    return exc
 
 
 # -- response ------------------------------------------------------------------------------
@@ -159,7 +152,8 @@ def _usage(ctx: ServerContext, out: dict, blocks: list[Block]) -> dict:
     reasoning = "".join(b.text for b in blocks if b.kind == REASONING)
     reasoning_tokens = len(ctx.tm.tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
     prompt, completion = meta["prompt_tokens"], meta["completion_tokens"]
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": meta["cached_tokens"]},
+    cached = {"cached_tokens": meta["cached_tokens"], "cache_write_tokens": 0}  # writing to the cache is free
+    return {"input_tokens": prompt, "input_tokens_details": cached,
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": prompt + completion}
 
