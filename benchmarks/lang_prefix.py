@@ -120,7 +120,7 @@ def main() -> None:
 
     runtime = None
     if args.url is None:
-        from kvyard.model_source import default_model_path
+        from kvyard.model.source import default_model_path
         runtime = sgl.Runtime(model_path=args.model_path or default_model_path(), dtype="float32",
                               max_total_tokens=args.max_total_tokens, api_key=args.api_key)
         backend, url = runtime, runtime.base_url

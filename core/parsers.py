@@ -9,12 +9,14 @@ Lifecycle: one parser instance per request. The non-stream methods are pure; the
 methods keep state across chunks, so a streamed response needs its own instance.
 
 Streaming invariant (both kinds): for well-formed output, the concatenation of everything a
-parser emits over all chunks, followed by ``finish_stream()``, equals the non-stream result.
+parser emits over all chunks, followed by ``finish_stream()``, equals the non-stream result,
+wherever the chunks are cut: a tool call streams as its name item, then argument deltas whose
+concatenation is exactly (character for character) the non-stream arguments text, with the same
+``tool_index``. tests/unit/test_parser_chunk_boundaries.py checks every built-in at every cut.
 Text that might be the start of a marker is held back until the next chunk decides it.
 """
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
@@ -68,11 +70,6 @@ def tool_function(tool: ToolSpec) -> dict:
 def tool_names(tools: Sequence[ToolSpec] | None) -> list[str]:
     """Function names of an OpenAI tools list, in order."""
     return [tool_function(t)["name"] for t in tools or ()]
-
-
-def canonical_arguments(arguments_json: str) -> str:
-    """Arguments JSON re-serialized the one way non-stream results use (unicode kept as is)."""
-    return json.dumps(json.loads(arguments_json), ensure_ascii=False)
 
 
 class ToolCallParser(ABC):
@@ -130,6 +127,11 @@ class ReasoningParser(ABC):
         """The stream ended: (reasoning_delta, normal_delta) that were held back."""
         return "", ""
 
+    def thinking_markers(self) -> tuple[str | None, str] | None:
+        """(start, end) marker texts a thinking budget watches and forces: start None when the
+        output starts inside the thinking. None: this format cannot be closed by force."""
+        return None
+
 
 def _lookup(kind: str, name: str) -> type:
     reg = registry(kind)
@@ -181,3 +183,6 @@ class ReasoningParserFacade:
 
     def finish_stream(self) -> tuple[str, str]:
         return self.parser.finish_stream()
+
+    def thinking_markers(self) -> tuple[str | None, str] | None:
+        return self.parser.thinking_markers()

@@ -67,7 +67,7 @@ class ServerArgs:
     random_seed: Optional[int] = _f(None, "seed of the server's random state", "scheduling")
     watchdog_timeout: float = _f(300.0, "abort if one scheduler step takes longer than this (s)", "scheduling")
     allow_auto_truncate: bool = _f(False, "truncate over-long prompts instead of rejecting them", "scheduling")
-    enable_cache_report: bool = _f(False, "report cached prompt tokens in usage", "scheduling")
+    enable_cache_report: bool = _f(False, "accepted for SGLang compatibility: cached prompt tokens are always reported in usage", "scheduling")
     debug_kv_integrity: bool = _f(False, "check the KV integrity after every step (slow; tests)", "scheduling")
 
     # -- runtime and kernels ------------------------------------------------------------

@@ -60,6 +60,7 @@ def parse_constrained_tool_calls(text: str, tools: Sequence[ToolSpec] | None) ->
     if not isinstance(calls, list) or not calls:
         raise ValueError("constrained tool-call output must be a non-empty JSON array")
     names = set(tool_names(tools))
+    raw = _raw_arguments(text)
     items = []
     for index, call in enumerate(calls):
         if not isinstance(call, dict) or call.get("name") not in names:
@@ -67,8 +68,18 @@ def parse_constrained_tool_calls(text: str, tools: Sequence[ToolSpec] | None) ->
         arguments = call.get("parameters", call.get("arguments", {}))
         if not isinstance(arguments, dict):
             raise ValueError(f"constrained tool call {index}: parameters must be an object")
-        items.append(ToolCallItem(index, call["name"], json.dumps(arguments, ensure_ascii=False)))
+        text_of = raw.get(index) or json.dumps(arguments, ensure_ascii=False)
+        items.append(ToolCallItem(index, call["name"], text_of))
     return items
+
+
+def _raw_arguments(text: str) -> dict[int, str]:
+    """Each call's arguments text exactly as the model wrote it (what the stream sends), so a
+    streamed call's deltas concatenate to the non-stream arguments character for character."""
+    raw: dict[int, str] = {}
+    for item in ConstrainedToolCallStream().feed(text):
+        raw[item.tool_index] = raw.get(item.tool_index, "") + item.parameters
+    return raw
 
 
 _ARGUMENT_KEYS = ("parameters", "arguments")   # what parse_constrained_tool_calls reads

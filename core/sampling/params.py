@@ -44,6 +44,11 @@ class SamplingParams:
     ebnf: Optional[str] = None
     structural_tag: Union[str, dict, None] = None
     custom_params: Optional[dict] = None
+    # thinking budget (kvyard.scheduler.thinking_budget): at most this many thinking tokens, then
+    # the end marker is forced; the markers' token ids ([] start: the output starts inside)
+    thinking_budget: Optional[int] = None
+    thinking_start_ids: Optional[list[int]] = None
+    thinking_end_ids: Optional[list[int]] = None
     # derived by normalize(): longest stop string in tokens, for the incremental detokenizer
     stop_str_max_len: int = 0
 
@@ -86,6 +91,7 @@ class SamplingParams:
         self._verify_penalties()
         self._verify_stop(vocab_size)
         self._verify_logit_bias(vocab_size)
+        self._verify_thinking(vocab_size)
         grammars = [name for name in _GRAMMAR_FIELDS if getattr(self, name) is not None]
         if len(grammars) > 1:
             raise ValueError(f"{grammars[-1]}: only one of {'/'.join(_GRAMMAR_FIELDS)} may be set "
@@ -140,6 +146,18 @@ class SamplingParams:
                 raise ValueError(f"logit_bias key {key!r} is not a token id (vocab size {vocab_size})")
             if not _is_number(value):
                 raise ValueError(f"logit_bias value for token {key!r} must be a number, got {value!r}")
+
+    def _verify_thinking(self, vocab_size: int) -> None:
+        if self.thinking_budget is None:
+            return
+        if self.thinking_budget < 0:
+            raise ValueError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
+        if not self.thinking_end_ids:
+            raise ValueError("thinking_end_ids: required with thinking_budget (the end marker's token ids)")
+        for name in ("thinking_start_ids", "thinking_end_ids"):
+            for token_id in getattr(self, name) or ():
+                if not _is_int(token_id) or not 0 <= token_id < vocab_size:
+                    raise ValueError(f"{name} entry {token_id!r} is not a token id (vocab size {vocab_size})")
 
     # -- canonical form ---------------------------------------------------------------------
     def normalize(self, tokenizer: Any = None) -> "SamplingParams":
@@ -208,8 +226,9 @@ _FIELD_TYPES = {
     "repetition_penalty": ("number",), "min_new_tokens": ("int",), "seed": ("int",),
     "logit_bias": ("dict",), "no_stop_trim": ("bool",), "json_schema": ("str", "dict"),
     "regex": ("str",), "ebnf": ("str",), "structural_tag": ("str", "dict"),
-    "custom_params": ("dict",),
+    "custom_params": ("dict",), "thinking_budget": ("int",), "thinking_start_ids": ("list",),
+    "thinking_end_ids": ("list",),
 }
 _NULLABLE = {"stop", "stop_token_ids", "seed", "logit_bias", "json_schema", "regex", "ebnf",
-             "structural_tag", "custom_params"}
+             "structural_tag", "custom_params", "thinking_budget", "thinking_start_ids", "thinking_end_ids"}
 _DERIVED = {"stop_str_max_len"}

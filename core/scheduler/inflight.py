@@ -29,6 +29,7 @@ Sync points: batch N is completed before N+1 is scheduled when
     SGLang instead lets the worker wait for the mask);
   - N has a request with penalties or min_new_tokens: their host-side state (rebuilt when the
     batch's requests change) must include N's tokens;
+  - N has a request with a thinking budget: its token may be overwritten on the host;
   - N is an extend batch with an unfinished chunk: the next chunk starts from the prefix that
     N's results cache (cache_unfinished_req).
 """
@@ -65,4 +66,5 @@ def needs_host_state(req: Req) -> bool:
     """Whether sampling the request's next token needs the host to have processed its last."""
     p = req.sampling_params
     return (req.grammar is not None or p.frequency_penalty != 0 or p.presence_penalty != 0
-            or p.repetition_penalty != 1.0 or p.min_new_tokens > 0)
+            or p.repetition_penalty != 1.0 or p.min_new_tokens > 0
+            or p.thinking_budget is not None)  # it may overwrite the sampled token

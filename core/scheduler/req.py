@@ -61,6 +61,7 @@ class Req:
     # sampling state carried across steps
     sampling_seed: int = 0                            # user seed or one drawn by the API process
     grammar: Any = None
+    thinking: Any = None                              # kvyard.scheduler.thinking_budget.ThinkingState
 
     # logprobs accumulated for the output
     input_token_logprobs: list = field(default_factory=list)

@@ -1,9 +1,11 @@
-"""Decides after each sampled token whether a request is finished, and why."""
+"""Decides after each sampled token whether a request is finished, and why (after the thinking
+budget, kvyard.scheduler.thinking_budget, had its say about that token)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 from kvyard.scheduler.req import FinishReason, Req
+from kvyard.scheduler.thinking_budget import enforce_thinking_budget
 
 
 class StopChecker:
@@ -13,6 +15,7 @@ class StopChecker:
         self._tokenizer = None  # loaded on the first request with stop strings
 
     def check(self, req: Req, context_length: int) -> Optional[FinishReason]:
+        enforce_thinking_budget(req)  # may replace the last token with a forced end-of-thinking one
         sp, out = req.sampling_params, req.output_ids
         last = out[-1]
         if len(out) >= sp.max_new_tokens:

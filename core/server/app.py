@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from kvyard.server.auth import ApiKeyMiddleware
 from kvyard.server.context import ServerContext
-from kvyard.server.errors import error_body, install_error_handlers
+from kvyard.server.errors import error_body_for, install_error_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +25,14 @@ ALWAYS_OPEN = frozenset({"/health", "/metrics"})
 
 def create_app(ctx: ServerContext) -> FastAPI:
     from kvyard import __version__
-    from kvyard.server import files_batches, native_api, openai_api
+    from kvyard.server import anthropic_api, files_batches, native_api, openai_api, responses_api
 
     app = FastAPI(title="kvyard", version=__version__, lifespan=_lifespan(ctx))
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
+    app.include_router(anthropic_api.router)
     app.include_router(files_batches.router)
     app.include_router(native_api.router)
     if ctx.args.enable_metrics:
@@ -73,7 +75,7 @@ class ReadinessMiddleware:
             await self.app(scope, receive, send)
             return
         import json
-        body = json.dumps(error_body(503, "the server is starting up (warming up); retry shortly")).encode()
+        body = json.dumps(error_body_for(scope["path"], 503, "the server is starting up (warming up); retry shortly")).encode()
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

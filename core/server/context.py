@@ -21,6 +21,7 @@ class ServerContext:
     metrics: Optional[Any] = None     # kvyard.server.metrics.ServerMetrics
     files: Optional[Any] = None       # kvyard.server.files_batches.FileStore
     batches: Optional[Any] = None     # kvyard.server.files_batches.BatchRunner
+    responses: Optional[Any] = None   # kvyard.server.responses_store.ResponseStore (made on first use)
     ready: bool = False               # warmup passed; /health answers 200
     started: int = field(default_factory=lambda: int(time.time()))
     failed: Optional[str] = None      # why start-up (warmup) failed, if it did

@@ -47,11 +47,14 @@ async def chat_completion(ctx: ServerContext, req: ChatCompletionRequest, reques
     """A response dict, or an EventStream when req.stream."""
     reqs, plan = prepare_chat(ctx, req)
     events = (lambda: _stream(ctx, req, reqs, plan)) if req.stream else None
-    return await openai_response(ctx, reqs, plan, request, "chat.completion", _choice, events)
+    return await openai_response(ctx, reqs, plan, request, "chat.completion", chat_choice, events)
 
 
 # -- request -------------------------------------------------------------------------------
-def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest):
+def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest, thinking_budget: Optional[int] = None):
+    """(requests, plan). ``thinking_budget`` (the other APIs' own field) overrides reasoning_effort."""
+    from kvyard.server.reasoning_budget import effort_budget, thinking_fields
+
     ctx.require_tokenizer("messages")
     forced = _forced_tool_call(req)
     constraint = output_constraint(req, forced)
@@ -59,10 +62,14 @@ def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest):
         raise RequestError("top_logprobs: requires logprobs=true", param="top_logprobs")
     top = check_top_logprobs(req.top_logprobs, "top_logprobs") if req.logprobs else None
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
-    ids = _template_ids(ctx, req, tools)
+    ids = template_ids(ctx, req, tools)
     obj = native_request(req, {"input_ids": ids}, chat_max_tokens(req, ctx.tm.context_length), top,
                          constraint=constraint)
     obj.setdefault("rid", new_id("chatcmpl"))
+    if thinking_budget is None:
+        thinking_budget = effort_budget(req.reasoning_effort, "reasoning_effort")
+    if constraint is None and req.separate_reasoning:  # a grammar would constrain the thinking too
+        obj["sampling_params"].update(thinking_fields(ctx, thinking_budget))
     reqs = prepare_constrained(ctx.tm, obj, constraint)
     parser = ctx.args.tool_call_parser if tools and not forced else None
     reasoning = ctx.args.reasoning_parser if req.separate_reasoning and not forced else None
@@ -84,7 +91,7 @@ def _forced_tool_call(req: ChatCompletionRequest) -> Optional[tuple[str, str]]:
         raise RequestError(message, param="tool_choice") from None
 
 
-def _template_ids(ctx: ServerContext, req: ChatCompletionRequest, tools: Optional[list[dict]]) -> list[int]:
+def template_ids(ctx: ServerContext, req: ChatCompletionRequest, tools: Optional[list[dict]]) -> list[int]:
     messages = [_message_dict(m, i) for i, m in enumerate(req.messages)]
     kwargs = dict(req.chat_template_kwargs or {})
     bad = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
@@ -132,7 +139,7 @@ def _content_text(m: ChatMessage, index: int) -> str:
 
 
 # -- response ------------------------------------------------------------------------------
-def _choice(plan: ChatPlan, index: int, out: dict) -> dict:
+def chat_choice(plan: ChatPlan, index: int, out: dict) -> dict:
     meta = out["meta_info"]
     text, reasoning, calls = out["text"], None, []
     if plan.reasoning_parser:
@@ -167,7 +174,7 @@ def _forced_calls(plan: ChatPlan, text: str) -> tuple[str, list]:
         return text, []
 
 
-class _ChoiceStreamParser:
+class ChoiceStreamParser:
     """Reasoning, then tool calls, over one choice's text deltas (one instance per choice)."""
 
     def __init__(self, plan: ChatPlan):
@@ -219,7 +226,7 @@ class _ChoiceStreamParser:
 
 async def _stream(ctx: ServerContext, req: ChatCompletionRequest, reqs, plan: ChatPlan) -> AsyncIterator[str]:
     base = {"id": plan.id, "object": "chat.completion.chunk", "created": plan.created, "model": ctx.model_name}
-    parsers = [_ChoiceStreamParser(plan) for _ in reqs]
+    parsers = [ChoiceStreamParser(plan) for _ in reqs]
     finals: list[Optional[dict]] = [None] * len(reqs)
     for i in range(len(reqs)):
         yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -240,4 +247,4 @@ async def _stream(ctx: ServerContext, req: ChatCompletionRequest, reqs, plan: Ch
                           matched_stop=matched_stop(meta))
         yield sse({**base, "choices": [choice]})
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({**base, "choices": [], "usage": usage_of(finals, plan.n, ctx.args.enable_cache_report)})
+        yield sse({**base, "choices": [], "usage": usage_of(finals, plan.n)})

@@ -108,7 +108,7 @@ async def _stream(ctx: ServerContext, req: CompletionRequest, reqs, plan: Comple
             choice.update(finish_reason=finish_reason_of(c.out["meta_info"]), matched_stop=matched_stop(c.out["meta_info"]))
         yield sse({**base, "choices": [choice]})
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({**base, "choices": [], "usage": usage_of(finals, plan.n, ctx.args.enable_cache_report)})
+        yield sse({**base, "choices": [], "usage": usage_of(finals, plan.n)})
 
 
 # -- embeddings ----------------------------------------------------------------------------

@@ -35,14 +35,14 @@ def matched_stop(meta: dict) -> Any:
     return reason.get("matched") if reason.get("type") == "stop" else None
 
 
-def usage_of(outs: list[dict], samples_per_prompt: int, cache_report: bool) -> dict:
-    """Prompt tokens count once per prompt (not once per sample), as OpenAI counts them."""
+def usage_of(outs: list[dict], samples_per_prompt: int) -> dict:
+    """Prompt tokens count once per prompt (not once per sample), as OpenAI counts them;
+    ``prompt_tokens_details.cached_tokens`` (always there) is the prefix cache's hits."""
     firsts = outs[::samples_per_prompt]
     prompt = sum(o["meta_info"]["prompt_tokens"] for o in firsts)
     completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    if cache_report:
-        usage["prompt_tokens_details"] = {"cached_tokens": sum(o["meta_info"]["cached_tokens"] for o in firsts)}
+    usage["prompt_tokens_details"] = {"cached_tokens": sum(o["meta_info"]["cached_tokens"] for o in firsts)}
     return usage
 
 

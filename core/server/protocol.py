@@ -127,6 +127,7 @@ class ChatCompletionRequest(SamplingExtras):
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = None   # False: a forced tool choice makes exactly one call
+    reasoning_effort: Optional[str] = None       # -> a thinking budget (server/reasoning_budget.py)
     # SGLang extras
     continue_final_message: bool = False
     separate_reasoning: bool = True

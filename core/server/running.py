@@ -102,7 +102,7 @@ async def openai_response(ctx: Any, reqs: list[TokenizedGenerateReq], plan: Any,
     outs = await run_to_completion(ctx.tm, reqs, request)
     return {"id": plan.id, "object": object_name, "created": plan.created, "model": ctx.model_name,
             "choices": [choice(plan, i, out) for i, out in enumerate(outs)],
-            "usage": usage_of(outs, plan.n, ctx.args.enable_cache_report)}
+            "usage": usage_of(outs, plan.n)}
 
 
 async def stream_chunks(tm, reqs: list[TokenizedGenerateReq]) -> AsyncIterator[Chunk]:

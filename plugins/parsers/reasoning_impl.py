@@ -12,6 +12,11 @@ next text that is not whitespace.
     qwen3        ``<think>...</think>`` only where ``<think>`` appears; force_reasoning=True
                  behaves as deepseek-r1 (Qwen3 "thinking" checkpoints whose template opens it).
     kimi         ``◁think▷...◁/think▷``, only where the start marker appears.
+
+Thinking budget (reasoning effort): every parser here closes the section by forcing its end
+marker (``</think>``, ``◁/think▷``). deepseek-r1 (and qwen3 with force_reasoning) count from the
+first output token; qwen3 and kimi count from their start marker, and a model that never opens
+the section is never cut.
 """
 from __future__ import annotations
 
@@ -42,6 +47,10 @@ class MarkerReasoningParser(ReasoningParser):
         self._state = _State.OPENING if inside else _State.BEFORE
         self._buffer = ""          # text not yet classified
         self._held_reasoning = ""  # reasoning kept until its end when stream_reasoning is False
+
+    def thinking_markers(self) -> tuple[str | None, str]:
+        inside = self.starts_inside if self.force_reasoning is None else self.force_reasoning
+        return (None if inside else self.start_marker), self.end_marker
 
     def parse_non_stream(self, text: str) -> tuple[str, str]:
         fresh = type(self)(self.stream_reasoning, self.force_reasoning)

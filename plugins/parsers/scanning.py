@@ -13,7 +13,8 @@ what is new against what it already sent:
     arguments text (which is a slice of the output that only ever extends).
 Everything before ``Scan.consumed`` is settled and scanning may restart there, so the window
 drops it and rescans stay short. Because both paths run the same scan, a well-formed output
-streams to exactly its non-stream result; a call that turns out malformed after its name was
+streams to exactly its non-stream result (the arguments are the output's own JSON text, byte for
+byte, in both); a call that turns out malformed after its name was
 streamed cannot be taken back (its text is then also sent as normal text).
 """
 from __future__ import annotations
@@ -23,8 +24,7 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from kvyard.parsers import (StreamingParseResult, ToolCallItem, ToolCallParser, ToolSpec,
-                            canonical_arguments, tool_names)
+from kvyard.parsers import StreamingParseResult, ToolCallItem, ToolCallParser, ToolSpec, tool_names
 from kvyard_plugins.parsers.text_scan import Memo, find_first, held_suffix
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,7 @@ class RegionToolCallParser(ToolCallParser):
     def detect_and_parse(self, text: str, tools: Sequence[ToolSpec]) -> StreamingParseResult:
         scan = self.scan(text, ToolSet(tools), final=True, at_start=True, memo={})
         normal = "".join(text[s:e] for s, e in scan.normal)
-        calls = [ToolCallItem(i, c.name, canonical_arguments(c.arguments))
-                 for i, c in enumerate(scan.calls)]
+        calls = [ToolCallItem(i, c.name, c.arguments) for i, c in enumerate(scan.calls)]
         return StreamingParseResult(normal, calls)
 
     def parse_streaming_increment(self, new_text: str, tools: Sequence[ToolSpec]) -> StreamingParseResult:

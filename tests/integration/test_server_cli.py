@@ -128,9 +128,9 @@ def test_chat_choice_splits_reasoning_and_tool_calls():
 
 
 def test_chat_stream_deltas_add_up_to_the_non_stream_message():
-    from kvyard.server.openai_chat import _ChoiceStreamParser
+    from kvyard.server.openai_chat import ChoiceStreamParser
 
-    parser = _ChoiceStreamParser(_plan())
+    parser = ChoiceStreamParser(_plan())
     pieces = [TOOL_TEXT[i:i + 7] for i in range(0, len(TOOL_TEXT), 7)]
     deltas = [parser.delta(p, final=(i == len(pieces) - 1)) for i, p in enumerate(pieces)]
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)

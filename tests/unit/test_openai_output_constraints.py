@@ -17,7 +17,7 @@ import pytest
 from kvyard.errors import RequestError
 from kvyard.grammar.manager import GrammarChecker
 from kvyard.server.context import ServerContext
-from kvyard.server.openai_chat import _ChoiceStreamParser, _choice, prepare_chat
+from kvyard.server.openai_chat import ChoiceStreamParser, chat_choice, prepare_chat
 from kvyard.server.openai_completions import prepare_completion
 from kvyard.server.openai_params import JSON_OBJECT_SCHEMA, response_format_constraint
 from kvyard.server.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
@@ -190,8 +190,8 @@ CALLS = '[{"name": "get_weather", "parameters": {"city": "Paris \\"15e\\""}}, {"
 
 def test_forced_choice_has_openai_tool_calls_per_choice(ctx):
     _, plan = chat(ctx, tools=TOOLS, tool_choice="required", n=2)
-    first = _choice(plan, 0, output(CALLS))
-    second = _choice(plan, 1, output('[{"name": "ping", "parameters": {}}]'))
+    first = chat_choice(plan, 0, output(CALLS))
+    second = chat_choice(plan, 1, output('[{"name": "ping", "parameters": {}}]'))
     assert first["finish_reason"] == "tool_calls" and first["message"]["content"] is None
     calls = first["message"]["tool_calls"]
     assert [c["function"]["name"] for c in calls] == ["get_weather", "ping"]
@@ -204,7 +204,7 @@ def test_forced_choice_has_openai_tool_calls_per_choice(ctx):
 
 def test_forced_choice_cut_short_keeps_the_text(ctx):
     _, plan = chat(ctx, tools=TOOLS, tool_choice="required")
-    cut = _choice(plan, 0, output(CALLS[:30], finish="length"))
+    cut = chat_choice(plan, 0, output(CALLS[:30], finish="length"))
     assert cut["finish_reason"] == "length" and cut["message"]["content"] == CALLS[:30]
     assert "tool_calls" not in cut["message"]
 
@@ -221,7 +221,7 @@ def split_randomly(text: str, seed: int) -> list[str]:
 @pytest.mark.parametrize("seed", range(5))
 def test_forced_stream_deltas_are_openai_shaped_and_reassemble(ctx, seed):
     _, plan = chat(ctx, tools=TOOLS, tool_choice="required", stream=True)
-    parser = _ChoiceStreamParser(plan)
+    parser = ChoiceStreamParser(plan)
     pieces = split_randomly(CALLS, seed)
     deltas = [parser.delta(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces)]
     assert all("content" not in d for d in deltas)
