@@ -56,7 +56,9 @@ def runner_config(args):
 
     return RunnerConfig(
         model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
-        device=args.resolved_device(), quantization=args.quantization,
+        device=args.resolved_device(), quantization=args.quantization_name(),
+        quantization_options=args.quantization_options(), kv_cache_dtype=args.kv_cache_dtype,
+        quantization_param_path=args.quantization_param_path,
         attention_backend=args.attention_backend, revision=args.revision,
         prefill_attention_backend=args.prefill_attention_backend,
         decode_attention_backend=args.decode_attention_backend, attention_options=args.attention_options(),
