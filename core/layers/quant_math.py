@@ -67,11 +67,12 @@ def dequantize_block(q: torch.Tensor, row_scales: torch.Tensor, block_k: int) ->
 
 
 # -- int8 ------------------------------------------------------------------------------------
-def int8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8: x [R, C] -> (q [R, C] int8 in [-127, 127], scale [R, 1] float32)."""
+def int8_per_row(x: torch.Tensor, qmax: float = INT8_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: x [R, C] -> (q [R, C] int8, scale [R, 1] float32), scale = amax / qmax
+    (127: q in [-127, 127]; compressed-tensors uses 127.5 and clamps to [-128, 127])."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY)
-    scale = amax / INT8_MAX
-    q = torch.round(x.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    scale = amax / qmax
+    q = torch.round(x.float() / scale).clamp(-128, 127).to(torch.int8)
     return q, scale
 
 

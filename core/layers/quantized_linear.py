@@ -173,6 +173,10 @@ class Fp8LinearMethod(ShardedLinearMethod):
             y = (xq.float() @ w.float().t()) * sx * sw
         return _unflat(layer, x, y)
 
+    def dequantize(self, layer) -> torch.Tensor:
+        """Dense [N, K] float32: what the stored weight and scales stand for."""
+        return self._dense_weight(layer.weight, layer.weight_scale, self.scheme)
+
     @staticmethod
     def _dense_weight(w: torch.Tensor, sw: torch.Tensor, s: Fp8Scheme) -> torch.Tensor:
         if s.weight == "block":
@@ -185,8 +189,12 @@ class Int8LinearMethod(ShardedLinearMethod):
     """w8a8 int8. ``checkpoint``: weight int8 + weight_scale ([rows] or [rows, 1]) per shard;
     otherwise float weights quantized per channel at load. ``static``: input_scale per shard."""
 
-    def __init__(self, dtype: torch.dtype, device, checkpoint: bool, static: bool = False):
+    def __init__(self, dtype: torch.dtype, device, checkpoint: bool, static: bool = False,
+                 act_qmax: float = qm.INT8_MAX):
+        # act_qmax: the per-token scale is amax / act_qmax: 127 (SGLang, vLLM) or 127.5
+        # (compressed-tensors' symmetric rule, values clamped to [-128, 127])
         self.dtype, self.device, self.checkpoint, self.static = dtype, torch.device(device), checkpoint, static
+        self.act_qmax = act_qmax
         self.checkpoint_names = ("weight", "weight_scale") + (("input_scale",) if static else ()) \
             if checkpoint else ("weight",)
         self.optional_checkpoint_names = ("input_zero_point",) if static else ()
@@ -223,9 +231,12 @@ class Int8LinearMethod(ShardedLinearMethod):
         if self.static:
             xq, sx = qm.int8_static(x2, layer.input_scale), layer.input_scale
         else:
-            xq, sx = qm.int8_per_row(x2)
+            xq, sx = qm.int8_per_row(x2, self.act_qmax)
         acc = qm.int_mm(xq, layer.weight.t())                       # [M, N] int32
         return _unflat(layer, x, acc.float() * sx * layer.weight_scale)
+
+    def dequantize(self, layer) -> torch.Tensor:
+        return layer.weight.float() * layer.weight_scale.view(-1, 1)
 
 
 # -- int4 ------------------------------------------------------------------------------------

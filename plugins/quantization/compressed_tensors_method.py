@@ -85,7 +85,7 @@ def _scheme_method(scheme: Mapping[str, Any], fmt: str, dtype, device) -> Linear
     if kind == "int" and bits == 8 and a is not None and a.get("num_bits") == 8 and a.get("type", "int") == "int":
         if not w.get("symmetric", True):
             raise ValueError("quantization_config.weights.symmetric: asymmetric int8 weights are not supported")
-        return Int8LinearMethod(dtype, device, checkpoint=True, static=not a.get("dynamic"))
+        return Int8LinearMethod(dtype, device, checkpoint=True, static=not a.get("dynamic"), act_qmax=127.5)
     if kind == "int" and bits == 4 and a is None:
         if fmt != "pack-quantized":
             raise ValueError(f"quantization_config.format: int4 weights need pack-quantized, got {fmt!r}")
