@@ -6,15 +6,24 @@ need no second model path. ``None`` (no --quantization) means UnquantizedLinearM
 
 Lifecycle of one linear layer:
   create_weights(layer)          once, at model construction (registers parameters/buffers)
-  load_shard(layer, shard, w)    for each checkpoint tensor; shard indexes layer.output_sizes
+  load_tensor(layer, shard, name, t)
+                                 for each checkpoint tensor ``<proj>.<name>`` (name one of the
+                                 method's ``checkpoint_names``, e.g. weight, weight_scale, qweight);
+                                 shard indexes layer.output_sizes. ``weight`` goes to load_shard.
   process_after_loading(layer)   once, after every shard is in (repacking, transposes)
   apply(layer, x) -> y           every forward; x [..., in_features] -> y [..., out_features]
+
+How a method is chosen (kvyard.executor.backend_select.resolve_quantization): a checkpoint whose
+config.json has ``quantization_config`` declares its method by ``quant_method``; the method
+registered under that name claims it and receives the dict as ``QuantizationConfig.checkpoint``.
+A float checkpoint is quantized online when --quantization names a method whose ``online`` is
+true. A --quantization that contradicts the checkpoint's declaration is an error.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +37,33 @@ class QuantizationConfig:
     name: str
     dtype: torch.dtype     # activation dtype
     device: str
+    # config.json's quantization_config when the checkpoint declares this method; None online
+    checkpoint: Optional[Mapping[str, Any]] = field(default=None, compare=False, hash=False)
+    options: Optional[Mapping[str, Any]] = field(default=None, compare=False, hash=False)  # e.g. torchao recipe
+
+
+# Linear layers no method quantizes unless its checkpoint says otherwise: the output head
+# (quantizing it costs accuracy for little memory in small models, and no format above ships it)
+NEVER_ONLINE = ("lm_head",)
 
 
 class LinearMethod(ABC):
+    # checkpoint tensors per projection: every one of checkpoint_names must arrive, the
+    # optional ones may (activation scales of a dynamic scheme, g_idx, ...)
+    checkpoint_names: tuple[str, ...] = ("weight",)
+    optional_checkpoint_names: tuple[str, ...] = ()
+
     @abstractmethod
     def create_weights(self, layer: "Linear") -> None: ...
 
     @abstractmethod
     def load_shard(self, layer: "Linear", shard: int, weight: Any) -> None: ...
+
+    def load_tensor(self, layer: "Linear", shard: int, name: str, tensor: Any) -> None:
+        """A checkpoint tensor other than the weight; methods with more names override this."""
+        if name != "weight":
+            raise ValueError(f"{layer.prefix}: unexpected checkpoint tensor {name!r}")
+        self.load_shard(layer, shard, tensor)
 
     def process_after_loading(self, layer: "Linear") -> None:
         pass
@@ -82,10 +110,39 @@ class QuantizationMethod(ABC):
     """A plugin kind: picks the LinearMethod for each linear layer of a model."""
 
     name: str = "base"
+    online: bool = False   # can quantize a float checkpoint at load (--quantization NAME)
 
     def __init__(self, config: QuantizationConfig):
         self.config = config
 
+    @classmethod
+    def check_checkpoint(cls, quant_config: Mapping[str, Any]) -> None:
+        """Raises ValueError naming the field when this method cannot serve the declared
+        quantization_config (e.g. an unsupported bit width). Called before the model is built."""
+
     @abstractmethod
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method for the linear layer named ``prefix`` (e.g. "model.layers.0.mlp.down_proj")."""
+
+    def unquantized(self) -> LinearMethod:
+        return UnquantizedLinearMethod(self.config.dtype, self.config.device)
+
+
+def skipped(prefix: str, ignore: Any) -> bool:
+    """Whether a checkpoint's ignore list (``ignore`` / ``modules_to_not_convert``; names,
+    name suffixes or ``re:`` patterns as llm-compressor writes them) covers layer ``prefix``.
+    A fused layer (qkv_proj, gate_up_proj) is covered when any of its parts is."""
+    import re
+
+    names = {prefix}
+    for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))):
+        if prefix.endswith(fused):
+            names |= {prefix[: -len(fused)] + p for p in parts}
+    for entry in ignore or ():
+        for name in names:
+            if entry.startswith("re:"):
+                if re.match(entry[3:], name):
+                    return True
+            elif name == entry or name.endswith("." + entry) or entry in name.split("."):
+                return True
+    return False

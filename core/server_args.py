@@ -17,6 +17,8 @@ from kvyard.plugins import registry
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "priority")
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192   # --chunked-prefill-size unset
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16", "float32")
+TORCHAO_CONFIG = r"int8wo|int8dq|int4wo-(32|64|128|256)|fp8wo|fp8dq-per_tensor|fp8dq-per_row"
 
 
 def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
@@ -37,6 +39,9 @@ class ServerArgs:
     is_embedding: bool = _f(False, "serve the model as an embedding model", "model")
     dtype: str = _f("auto", "weights and activations dtype", "model", choices=("auto", "float32", "float16", "bfloat16", "half", "float"))
     quantization: Optional[str] = _f(None, "keep weights quantized with this method (gguf: automatic for .gguf models)", "model", registry="quantization_methods", allow=("none",))
+    torchao_config: Optional[str] = _f(None, "quantize online with torchao: int8wo, int8dq, int4wo-<group>, fp8wo, fp8dq-per_tensor, fp8dq-per_row (implies --quantization torchao)", "model")
+    kv_cache_dtype: str = _f("auto", "KV cache storage dtype (auto: the model dtype); fp8 stores k/v divided by per-layer scales", "model", choices=KV_CACHE_DTYPES)
+    quantization_param_path: Optional[str] = _f(None, "JSON of per-layer fp8 KV-cache scales ({\"kv_cache\": {\"scaling_factor\": {\"0\": {\"0\": s, ...}}}} or {\"k_scale\": {layer: s}, \"v_scale\": {...}}); default: the checkpoint's, else 1.0", "model")
     json_model_override_args: str = _f("", "JSON merged into the model config", "model")
     served_model_name: Optional[str] = _f(None, "model name reported by the API", "model")
     chat_template: Optional[str] = _f(None, "a .jinja file, a JSON template file, or a built-in name", "model")
@@ -146,11 +151,34 @@ class ServerArgs:
         if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
             raise ValueError(f"cuda_graph_bs must list batch sizes >= 1, got {self.cuda_graph_bs}")
         self.speculative_config()   # checks the speculative flags
+        self._check_quantization_flags()
         if self.json_model_override_args:
             try:
                 json.loads(self.json_model_override_args)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"json_model_override_args is not valid JSON: {exc}") from None
+
+    def _check_quantization_flags(self) -> None:
+        import re
+
+        if self.torchao_config is not None:
+            if not re.fullmatch(TORCHAO_CONFIG, self.torchao_config):
+                raise ValueError(f"torchao_config: {self.torchao_config!r} is not one of int8wo, int8dq, "
+                                 "int4wo-<32|64|128|256>, fp8wo, fp8dq-per_tensor, fp8dq-per_row")
+            if self.quantization not in (None, "torchao"):
+                raise ValueError(f"torchao_config: it quantizes with torchao; --quantization "
+                                 f"{self.quantization} conflicts with it")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.quantization_param_path is not None and not os.path.isfile(self.quantization_param_path):
+            raise ValueError(f"quantization_param_path: no such file {self.quantization_param_path}")
+
+    def quantization_name(self) -> Optional[str]:
+        """--quantization, or torchao when only --torchao-config is given."""
+        return "torchao" if self.torchao_config and self.quantization is None else self.quantization
+
+    def quantization_options(self) -> Optional[dict]:
+        return {"torchao_config": self.torchao_config} if self.torchao_config else None
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -185,7 +213,9 @@ class ServerArgs:
 
         return RunnerConfig(
             model_path=self.model_path, load_format=self.load_format, dtype=self.dtype,
-            device=self.resolved_device(), quantization=self.quantization,
+            device=self.resolved_device(), quantization=self.quantization_name(),
+            quantization_options=self.quantization_options(), kv_cache_dtype=self.kv_cache_dtype,
+            quantization_param_path=self.quantization_param_path,
             attention_backend=self.attention_backend, revision=self.revision,
             prefill_attention_backend=self.prefill_attention_backend,
             decode_attention_backend=self.decode_attention_backend, attention_options=self.attention_options(),

@@ -116,15 +116,48 @@ def resolve_attention_backends(requested: str, prefill: str | None, decode: str 
     return prefill_name, decode_name
 
 
-def resolve_quantization(requested: str | None, load_format: str) -> str | None:
-    """GGUF files keep their weights quantized unless --quantization none or --dtype float32 asks
-    for the exact dequantized path (the caller passes requested='none' then)."""
+def checkpoint_quantization(hf_config) -> dict | None:
+    """config.json's quantization_config as a plain dict (None for a float checkpoint)."""
+    qc = getattr(hf_config, "quantization_config", None) if hf_config is not None else None
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
+    return qc
+
+
+def resolve_quantization(requested: str | None, load_format: str, hf_config=None) -> str | None:
+    """The quantization method for a model, chosen in one place:
+
+    - a checkpoint that declares ``quantization_config.quant_method`` is served by the method
+      registered under that name; a --quantization naming another method (or none) is an error
+      that names the declaration;
+    - GGUF files keep their weights quantized unless --quantization none or --dtype float32
+      asks for the exact dequantized path (the caller passes requested='none' then);
+    - otherwise --quantization NAME quantizes the float weights online (the method must say
+      it can: ``online``)."""
+    methods = registry("quantization_methods")
+    declared = checkpoint_quantization(hf_config)
+    if declared is not None:
+        quant_method = str(declared.get("quant_method", "")).lower()
+        if requested not in (None, quant_method):
+            raise ValueError(f"quantization: the checkpoint declares quantization_config.quant_method="
+                             f"{quant_method!r}; --quantization {requested} conflicts with it")
+        if quant_method not in methods:
+            raise ValueError(f"quantization_config.quant_method: {quant_method!r} has no registered "
+                             f"quantization method (installed: {', '.join(methods.names())})")
+        methods.get(quant_method).check_checkpoint(declared)
+        logger.info("quantization: %s (declared by the checkpoint's quantization_config)", quant_method)
+        return quant_method
     if requested == "none":
         return None
     if requested:
-        registry("quantization_methods").entry(requested)
+        cls = methods.get(requested)
+        if requested != "gguf" and not getattr(cls, "online", False):
+            raise ValueError(f"quantization: {requested} serves checkpoints that declare it; "
+                             f"this checkpoint is not quantized and {requested} cannot quantize online")
         return requested
-    if load_format == "gguf" and "gguf" in registry("quantization_methods"):
+    if load_format == "gguf" and "gguf" in methods:
         logger.info("quantization: gguf (auto: the model is a GGUF file; weights stay quantized)")
         return "gguf"
     return None

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from kvyard.attention import AttentionConfig
-from kvyard.executor.backend_select import resolve_attention_backends, resolve_quantization
+from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
 from kvyard.attention.hybrid import build_attention_backend
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.loader import LoadConfig
@@ -42,6 +42,9 @@ class RunnerConfig:
     dtype: str = "auto"
     device: str = "cpu"
     quantization: Optional[str] = None
+    quantization_options: Optional[dict] = None       # QuantizationConfig.options (e.g. torchao recipe)
+    kv_cache_dtype: str = "auto"                      # auto | fp8_e4m3 | fp8_e5m2 | bfloat16 | float32
+    quantization_param_path: Optional[str] = None     # JSON of per-layer KV scales
     attention_backend: str = "auto"
     prefill_attention_backend: Optional[str] = None   # extend steps (default: attention_backend)
     decode_attention_backend: Optional[str] = None    # decode steps (default: attention_backend)
@@ -121,8 +124,6 @@ class ModelRunner:
     def _load_model(self) -> None:
         cfg = self.config
         quant_name = cfg.quantization
-        if quant_name is None and cfg.dtype == "float32":
-            quant_name = "none"  # explicit float32: the exact dequantized path
         load_config = LoadConfig(load_format=cfg.load_format, revision=cfg.revision,
                                  device=self.device, trust_remote_code=cfg.trust_remote_code,
                                  json_model_override_args=cfg.json_model_override_args)
@@ -130,15 +131,20 @@ class ModelRunner:
             cfg.model_path, load_config, context_length=cfg.context_length,
             json_model_override_args=cfg.json_model_override_args, is_embedding=cfg.is_embedding)
         mc = self.model_config
+        if quant_name is None and cfg.dtype == "float32" and mc.load_format == "gguf":
+            quant_name = "none"  # explicit float32: the exact dequantized path
         self.dtype = resolve_dtype(cfg.dtype, self.device, mc.config_dtype)
-        quant_name = resolve_quantization(quant_name, mc.load_format)
+        quant_name = resolve_quantization(quant_name, mc.load_format, mc.hf_config)
         quant = None
         if quant_name:
-            quant = registry("quantization_methods").get(quant_name)(
-                QuantizationConfig(quant_name, self.dtype, self.device))
+            quant = registry("quantization_methods").get(quant_name)(QuantizationConfig(
+                quant_name, self.dtype, self.device, checkpoint=checkpoint_quantization(mc.hf_config),
+                options=cfg.quantization_options))
         self.quantization = quant_name
+        # quantized weights and their scales reach the method as stored (no cast to the dtype)
         load_config = LoadConfig(**{**load_config.__dict__, "load_format": mc.load_format, "dtype": self.dtype,
-                                    "keep_quantized": quant_name == "gguf"})
+                                    "keep_quantized": quant_name == "gguf" if mc.load_format == "gguf"
+                                    else quant_name is not None})
         loader = registry("load_formats").get(mc.load_format)(load_config)
         model_cls = ModelRegistry.resolve(mc.architectures)
         with torch.device(self.device):

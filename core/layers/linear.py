@@ -30,6 +30,26 @@ class Linear(nn.Module):
     def load_shard(self, shard: int, weight: Any) -> None:
         self.method.load_shard(self, shard, weight)
 
+    def load_tensor(self, shard: int, name: str, tensor: Any) -> None:
+        """Checkpoint tensor ``<part>.<name>`` (weight, weight_scale, qweight, ...) of shard."""
+        self.method.load_tensor(self, shard, name, tensor)
+
+    def checkpoint_targets(self, parts: Sequence[str]) -> tuple[dict, dict]:
+        """(required, optional) maps from checkpoint names to loaders. ``parts`` are the
+        checkpoint prefixes of the shards in order (e.g. "...q_proj", "...k_proj", "...v_proj");
+        the bias is required when the layer has one."""
+        from functools import partial
+
+        required, optional = {}, {}
+        for shard, part in enumerate(parts):
+            for name in self.method.checkpoint_names:
+                required[f"{part}.{name}"] = partial(self.load_tensor, shard, name)
+            for name in self.method.optional_checkpoint_names:
+                optional[f"{part}.{name}"] = partial(self.load_tensor, shard, name)
+            if self.bias is not None:
+                required[f"{part}.bias"] = partial(self.load_bias_shard, shard)
+        return required, optional
+
     def load_bias_shard(self, shard: int, bias: Any) -> None:
         """bias [output_sizes[shard]]: a tensor or anything with ``dequantize()``."""
         if self.bias is None:

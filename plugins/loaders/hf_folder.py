@@ -26,8 +26,12 @@ class HFFolderLoader(WeightLoader):
 
     def cast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Floating-point tensors go to LoadConfig.dtype; integer ones (packed quantized
-        weights, scales' indices) keep their dtype."""
-        return tensor.to(self.config.dtype) if tensor.is_floating_point() else tensor
+        weights, scales' indices) keep their dtype. With LoadConfig.keep_quantized (a
+        quantization method serves the model) every tensor stays as stored: fp8 weights and
+        float32 scales reach the method unrounded, and the model's copies cast the rest."""
+        if self.config.keep_quantized or not tensor.is_floating_point():
+            return tensor
+        return tensor.to(self.config.dtype)
 
 
 def is_model_weight(name: str) -> bool:

@@ -215,11 +215,13 @@ class LlamaForCausalLM(nn.Module):
     # -- weights -----------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Consumes (HF name, tensor or QuantizedTensor) pairs. Unknown names (rotary inv_freq,
-        ...) are skipped; a weight the model needs and never received is an error naming it."""
-        targets = self._checkpoint_targets()
+        ...) are skipped; a weight the model needs and never received is an error naming it.
+        Which tensors a projection needs (weight, or qweight/scales/..., weight_scale, ...) is
+        its quantization method's ``checkpoint_names``."""
+        targets, optional = self._checkpoint_targets()
         loaded: set[str] = set()
         for name, tensor in weights:
-            load = targets.get(name)
+            load = targets.get(name) or optional.get(name)
             if load is None:
                 logger.debug("skipping checkpoint entry %s", name)
                 continue
@@ -235,16 +237,19 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.process_after_loading()
 
-    def _checkpoint_targets(self) -> dict[str, Callable[[Any], None]]:
-        """HF checkpoint name -> the call that loads it."""
+    def _checkpoint_targets(self) -> tuple[dict[str, Callable[[Any], None]], dict[str, Callable[[Any], None]]]:
+        """(required, optional): HF checkpoint name -> the call that loads it."""
         targets: dict[str, Callable[[Any], None]] = {
             "model.embed_tokens.weight": self._load_embedding,
             "model.norm.weight": partial(copy_checked, self.model.norm.weight, name="model.norm.weight"),
-            "lm_head.weight": partial(self.lm_head.load_shard, 0),
         }
+        head, optional = self.lm_head.checkpoint_targets(["lm_head"])
+        targets.update(head)
         for i, layer in enumerate(self.model.layers):
-            targets.update(_layer_targets(f"model.layers.{i}", layer))
-        return targets
+            required, opt = _layer_targets(f"model.layers.{i}", layer)
+            targets.update(required)
+            optional.update(opt)
+        return targets, optional
 
     def _load_embedding(self, weight: Any) -> None:
         self.model.embed_tokens.load(weight, "model.embed_tokens.weight")
@@ -253,26 +258,25 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.load_shard(0, weight)
 
 
-def _layer_targets(prefix: str, layer: LlamaDecoderLayer) -> dict[str, Callable[[Any], None]]:
+def _layer_targets(prefix: str, layer: LlamaDecoderLayer):
+    """(required, optional) checkpoint name -> loader maps of one decoder layer."""
     attn, mlp = layer.self_attn, layer.mlp
-    fused = {
-        "self_attn": (attn.qkv_proj, ("q_proj", "k_proj", "v_proj")),
-        "mlp": (mlp.gate_up_proj, ("gate_proj", "up_proj")),
-    }
+    linears = (
+        (attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        (mlp.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
+        (attn.o_proj, ("self_attn.o_proj",)),
+        (mlp.down_proj, ("mlp.down_proj",)),
+    )
     targets: dict[str, Callable[[Any], None]] = {}
-    for block, (linear, parts) in fused.items():
-        for shard, part in enumerate(parts):
-            targets[f"{prefix}.{block}.{part}.weight"] = partial(linear.load_shard, shard)
-            if linear.bias is not None:
-                targets[f"{prefix}.{block}.{part}.bias"] = partial(linear.load_bias_shard, shard)
-    for name, linear in (("self_attn.o_proj", attn.o_proj), ("mlp.down_proj", mlp.down_proj)):
-        targets[f"{prefix}.{name}.weight"] = partial(linear.load_shard, 0)
-        if linear.bias is not None:
-            targets[f"{prefix}.{name}.bias"] = partial(linear.load_bias_shard, 0)
+    optional: dict[str, Callable[[Any], None]] = {}
+    for linear, parts in linears:
+        required, opt = linear.checkpoint_targets([f"{prefix}.{part}" for part in parts])
+        targets.update(required)
+        optional.update(opt)
     for name in ("input_layernorm", "post_attention_layernorm"):
         param = getattr(layer, name).weight
         targets[f"{prefix}.{name}.weight"] = partial(copy_checked, param, name=f"{prefix}.{name}.weight")
-    return targets
+    return targets, optional
 
 
 class MistralForCausalLM(LlamaForCausalLM):
