@@ -12,9 +12,10 @@ from typing import Optional
 
 import torch
 
-from kvyard.attention import AttentionConfig
+from kvyard.attention import AttentionConfig, layer_features
 from kvyard.backend_select import resolve_attention_backends, resolve_quantization
 from kvyard.hybrid_attention import build_attention_backend
+from kvyard.layers.attention import Attention
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
@@ -214,7 +215,8 @@ class ModelRunner:
         return AttentionConfig(num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
                                dtype=self.dtype, device=self.device, page_size=self.config.page_size,
                                max_context_len=mc.context_length, max_batch_size=self.max_running_requests,
-                               options=dict(self.config.attention_options or {}))
+                               options=dict(self.config.attention_options or {}),
+                               features=layer_features(m for m in self.model.modules() if isinstance(m, Attention)))
 
     # -- one step ---------------------------------------------------------------------------
     def prepare(self, batch: ScheduleBatch) -> ForwardBatch:
