@@ -25,6 +25,7 @@ from kvyard.model_base import ModelBuildContext
 from kvyard.model_config import ModelConfig, resolve_dtype
 from kvyard.model_registry import ModelRegistry
 from kvyard.plugins import registry
+from kvyard.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
 from kvyard.schedule_batch import ScheduleBatch, StepResult
@@ -145,9 +146,24 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant))
         self.model.load_weights(loader.weights(mc.model_path, mc.hf_config))
+        self.model = self._with_pooling(self.model, mc.model_path)
         self.model.eval()
         logger.info("loaded %s (%s, %s, dtype %s, quantization %s) on %s", mc.model_path,
                     mc.architectures[0], mc.load_format, self.dtype, quant_name, self.device)
+
+    def _with_pooling(self, model: torch.nn.Module, model_path: str) -> torch.nn.Module:
+        """--is-embedding wraps a generation model in an EmbeddingAdapter; an embedding model's
+        ``pooling`` follows the folder's sentence-transformers files when it has them."""
+        declared = pooling_config_from_folder(model_path)
+        if self.config.is_embedding and getattr(model, "is_generation", True):
+            pooling = declared or PoolingConfig(method="last", normalize=True)
+            logger.info("serving %s as an embedding model: %s pooling%s (%s)", type(model).__name__,
+                        pooling.method, ", normalized" if pooling.normalize else "",
+                        "sentence-transformers files" if declared else "default for decoders")
+            return EmbeddingAdapter(model, pooling)
+        if declared is not None and hasattr(model, "pooling"):
+            model.pooling = declared
+        return model
 
     def update_weights(self, model_path: str, load_format: Optional[str] = None) -> None:
         """Loads the checkpoint at model_path into a fresh model object and swaps it in.

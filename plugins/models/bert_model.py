@@ -1,4 +1,5 @@
-"""BERT encoder as an embedding model (sentence-transformers style: mean pooling + L2 norm).
+"""BERT encoder as an embedding model (sentence-transformers style: mean pooling + L2 norm by
+default; the model folder's sentence-transformers files override ``pooling``, kvyard.pooling).
 
 Encoders attend bidirectionally over the whole prompt and need no KV cache, so attention is
 computed here per request with SDPA instead of through the paged attention backend; the
@@ -16,6 +17,7 @@ from torch import nn
 from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.linear import Linear
 from kvyard.model_base import ModelBuildContext
+from kvyard.pooling import PoolingConfig, pool
 
 
 class BertLayer(nn.Module):
@@ -50,6 +52,7 @@ class BertEmbeddingModel(nn.Module):
 
     def __init__(self, cfg: Any, ctx: ModelBuildContext):
         super().__init__()
+        self.pooling = PoolingConfig(method="mean", normalize=True)
         h = cfg.hidden_size
         self.word = nn.Embedding(cfg.vocab_size, h, dtype=ctx.dtype)
         self.position = nn.Embedding(cfg.max_position_embeddings, h, dtype=ctx.dtype)
@@ -65,9 +68,8 @@ class BertEmbeddingModel(nn.Module):
         return x
 
     def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """Mean over each request's tokens, L2-normalized: [B, hidden]."""
-        means = torch.stack([chunk.mean(0) for chunk in hidden.split(fb.extend_seq_lens_cpu)])
-        return F.normalize(means.float(), dim=-1)
+        """[B, hidden] per ``self.pooling`` (mean + L2 norm unless the folder says otherwise)."""
+        return pool(hidden, fb, self.pooling)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("BERT embedding models do not generate text")

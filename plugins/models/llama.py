@@ -12,6 +12,8 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama_model", "MistralForCausalLM": "llama_model",
     "Qwen2ForCausalLM": "llama_model", "Qwen3ForCausalLM": "qwen3_model",
     "Phi3ForCausalLM": "phi3_model",
+    # reward / classification heads on the same decoders (served as embedding models)
+    "LlamaForSequenceClassification": "llama_model", "Qwen2ForSequenceClassification": "llama_model",
 }
 
 

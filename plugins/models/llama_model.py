@@ -181,6 +181,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         self.dims = read_dims(hf_config, *self.biases(hf_config))
         self.model = LlamaModel(hf_config, self.dims, ctx, self.attention_cls)
+        self._init_head(hf_config, ctx)
+
+    def _init_head(self, hf_config: Any, ctx: ModelBuildContext) -> None:
         self.lm_head = Linear(self.dims.hidden_size, self.dims.vocab_size, bias=False,
                               method=ctx.linear_method("lm_head"), prefix="lm_head",
                               dtype=ctx.dtype, device=ctx.device)
@@ -218,11 +221,14 @@ class LlamaForCausalLM(nn.Module):
         targets: dict[str, Callable[[Any], None]] = {
             "model.embed_tokens.weight": self._load_embedding,
             "model.norm.weight": partial(copy_checked, self.model.norm.weight, name="model.norm.weight"),
-            "lm_head.weight": partial(self.lm_head.load_shard, 0),
+            **self._head_targets(),
         }
         for i, layer in enumerate(self.model.layers):
             targets.update(self._layer_targets(f"model.layers.{i}", layer))
         return targets
+
+    def _head_targets(self) -> dict[str, Callable[[Any], None]]:
+        return {"lm_head.weight": partial(self.lm_head.load_shard, 0)}
 
     def _layer_targets(self, prefix: str, layer: LlamaDecoderLayer) -> dict[str, Callable[[Any], None]]:
         """One layer's checkpoint names -> loaders; variants add or rename entries."""
@@ -267,3 +273,44 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
         return True, False, False
+
+
+class LlamaForSequenceClassification(LlamaForCausalLM):
+    """Reward / classification models: the decoder, then ``score`` [num_labels, hidden] on each
+    prompt's last token (HF's pooling when there is no padding). Served as an embedding model:
+    ``pool`` returns the raw scores [B, num_labels] (no activation), as HF's logits."""
+
+    is_generation = False
+
+    def _init_head(self, hf_config: Any, ctx: ModelBuildContext) -> None:
+        labels = int(getattr(hf_config, "num_labels", 0) or 0)
+        if labels <= 0:
+            raise ValueError(f"num_labels must be positive, got {labels}")
+        self.score = Linear(self.dims.hidden_size, labels, bias=False, method=ctx.linear_method("score"),
+                            prefix="score", dtype=ctx.dtype, device=ctx.device)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("sequence-classification models do not generate text")
+
+    def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """hidden [T, hidden] of whole prompts -> scores [B, num_labels] float32."""
+        last = torch.stack([chunk[-1] for chunk in hidden.split(fb.extend_seq_lens_cpu)])
+        return self.score(last).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        load_named(weights, self._checkpoint_targets())
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_after_loading()
+
+    def _head_targets(self) -> dict[str, Callable[[Any], None]]:
+        return {"score.weight": partial(self.score.load_shard, 0)}
+
+    def _load_embedding(self, weight: Any) -> None:
+        self.model.embed_tokens.load(weight, "model.embed_tokens.weight")
+
+
+class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
+    @classmethod
+    def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
+        return Qwen2ForCausalLM.biases(cfg)
