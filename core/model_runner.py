@@ -254,6 +254,10 @@ class ModelRunner:
             extend_prefix_lens_cpu=batch.prefix_lens, extend_seq_lens_cpu=extend_lens,
             extend_start_loc=torch.tensor(starts, **long), logits_indices=torch.tensor(rows, **long),
             req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
+        if any(r.token_type_ids for r in batch.reqs):   # encoder pairs: [T] segment of each new token
+            types = [t for r, p, n in zip(batch.reqs, batch.prefix_lens, extend_lens)
+                     for t in (r.token_type_ids[p:p + n] if r.token_type_ids else [0] * n)]
+            fb.extras["token_type_ids"] = torch.tensor(types, **long)
         return fb
 
     @torch.inference_mode()

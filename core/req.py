@@ -55,6 +55,7 @@ class Req:
     sent_len: int = 0                                 # output tokens already sent to the API process
     input_logprobs_sent: bool = False
     embed: bool = False
+    token_type_ids: Optional[list[int]] = None        # segment of each prompt token (encoder pairs)
 
     # sampling state carried across steps
     sampling_seed: int = 0                            # user seed or one drawn by the API process

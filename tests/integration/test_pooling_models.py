@@ -39,7 +39,7 @@ def write_sentence_transformers_files(path, mode: str, normalize: bool) -> None:
 
 def save(tmp_path, name: str, arch: str, config_name: str, **extra):
     torch.manual_seed(0)
-    hf = getattr(transformers, arch)(getattr(transformers, config_name)(**COMMON, **extra)).eval()
+    hf = getattr(transformers, arch)(getattr(transformers, config_name)(**{**COMMON, **extra})).eval()
     path = tmp_path / name
     hf.save_pretrained(path)
     return path, hf
@@ -88,3 +88,18 @@ def test_sequence_classification_scores_equal_transformers(tmp_path, arch, label
     with torch.inference_mode():
         want = torch.cat([hf(torch.tensor([ids])).logits for ids in INPUTS])
     assert_same(encode(path), want)
+
+
+def test_xlm_roberta_cross_encoder_scores_equal_transformers(tmp_path):
+    """Positions start at padding_idx + 1 (XLM-RoBERTa's); the <s> token through the
+    classification head."""
+    path, hf = save(tmp_path, "xlmr", "XLMRobertaForSequenceClassification", "XLMRobertaConfig",
+                    num_labels=1, type_vocab_size=1, layer_norm_eps=1e-5, **{"pad_token_id": 1})
+    # <s> ids </s>, with no padding id (1) inside: HF numbers positions of non-pad tokens only
+    inputs = [[0] + [max(3, t) for t in ids] + [2] for ids in INPUTS]
+    with torch.inference_mode():
+        want = torch.cat([hf(torch.tensor([ids])).logits for ids in inputs])
+    with Engine(model_path=str(path), dtype="float32", skip_tokenizer_init=True, max_total_tokens=2048,
+                log_level="warning") as engine:
+        got = torch.tensor([o["embedding"] for o in engine.encode(input_ids=inputs)])
+    assert_same(got, want)
