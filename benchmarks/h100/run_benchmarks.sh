@@ -18,6 +18,7 @@
 #               windows, soft-caps) against transformers, triton with CUDA graphs, flex, torch_native
 #   models      Qwen3-8B and Gemma-2-9B shapes on triton: batch-1 decode (128 in / 256 out) and
 #               64 x 1024 prefill, and 1 x 128/256 and 128 x 256/256 through --compare-hf
+#               (MODELS: the benchmarks/configs folders, default "qwen3-8b gemma-2-9b")
 #   all         every part above (more than one 10-minute call holds)
 #
 # Setup (always, ~30 s): flashinfer's wheels and precompiled kernels from .whl_fi/ (carry it;
@@ -174,7 +175,7 @@ part_model_tests() {
 
 part_models() {
     local cfg name
-    for name in qwen3-8b gemma-2-9b; do
+    for name in ${MODELS:-qwen3-8b gemma-2-9b}; do
         cfg=benchmarks/configs/$name
         bench "decode-$name" triton 150 one-batch --model-path "$cfg" "${COMMON[@]}" --context-length 4096 \
             --batch-size 1 --input-len 128 --output-len 256
