@@ -52,11 +52,27 @@ def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int) -> list[
     return out
 
 
+def save_tiny_tokenizer(path) -> None:
+    """The in-memory byte-level BPE of tests/unit/tiny_tokenizer.py, saved beside a tiny model
+    (its vocabulary is smaller than the models': ids past it decode to nothing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "tiny_tokenizer", os.path.join(os.path.dirname(__file__), "unit", "tiny_tokenizer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build_tokenizer(("<s>", "</s>"), eos="</s>", bos="<s>").save_pretrained(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Tiny random HF checkpoints (safetensors) of each Llama-family architecture we serve."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    """Tiny random HF checkpoints (safetensors) of each dense decoder architecture we serve; the
+    Qwen3 / Phi-3 / Gemma ones have sliding windows of 16 (shorter than the test prompts) and a
+    tokenizer saved beside them."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                              LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
@@ -67,6 +83,18 @@ def tiny_models(tmp_path_factory):
             "original_max_position_embeddings": 64}, tie_word_embeddings=True)),
         "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None)),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32, use_sliding_window=True,
+                                                      sliding_window=16, max_window_layers=1)),
+        "phi3": (Phi3Config, Phi3ForCausalLM, dict(sliding_window=16, pad_token_id=None, bos_token_id=1,
+                                                   eos_token_id=2, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0 + i / 16 for i in range(8)],
+            "long_factor": [2.0] * 8, "original_max_position_embeddings": 256})),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(
+            head_dim=16, query_pre_attn_scalar=16, sliding_window=16, attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0)),
+        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+            head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"])),
     }
     root = tmp_path_factory.mktemp("tiny")
     out = {}
@@ -75,5 +103,7 @@ def tiny_models(tmp_path_factory):
         model = model_cls(cfg_cls(**common, **extra)).eval()
         path = root / name
         model.save_pretrained(path)
+        if name in ("qwen3", "phi3", "gemma2", "gemma3"):
+            save_tiny_tokenizer(path)
         out[name] = (str(path), model)
     return out

@@ -14,6 +14,11 @@
 #   offline     Llama-3.1-8B offline throughput, OFFLINE_PROMPTS x 1024 in / 512 out, flashinfer and
 #               triton; and 128 x 256/256 with --compare-hf (the transformers reference point)
 #   profile     where a batch-1 Llama-3.1-8B decode step's time goes (kernels, gaps, host)
+#   model-tests tests/gpu/test_gpu_engine.py on the Qwen3, Phi-3 and Gemma 2/3 tiny models (sliding
+#               windows, soft-caps) against transformers, triton with CUDA graphs, flex, torch_native
+#   models      Qwen3-8B and Gemma-2-9B shapes on triton: batch-1 decode (128 in / 256 out) and
+#               64 x 1024 prefill, and 1 x 128/256 and 128 x 256/256 through --compare-hf
+#               (MODELS: the benchmarks/configs folders, default "qwen3-8b gemma-2-9b")
 #   all         every part above (more than one 10-minute call holds)
 #
 # Setup (always, ~30 s): flashinfer's wheels and precompiled kernels from .whl_fi/ (carry it;
@@ -88,8 +93,8 @@ bench() {
 }
 
 setup() {
-    local wheels=(.whl_fi/*.whl)
-    [ -d .whl ] && wheels+=(.whl/*.whl)
+    local wheels=()
+    shopt -s nullglob; wheels=(.whl_fi/*.whl .whl/*.whl); shopt -u nullglob
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "${wheels[@]}" > "$LOGS/setup.log" 2>&1 || { echo "setup: wheel install FAILED"; tail "$LOGS/setup.log"; }
     export PYTHONPATH=/tmp/site
@@ -162,6 +167,27 @@ part_compare() {
         --context-length 2048 --num-prompts 64 --input-len 1024 --output-len 1 --compare-hf
 }
 
+part_model_tests() {
+    step model-tests 420 python3 -m pytest tests/gpu/test_gpu_engine.py -q -rfEs -p no:cacheprovider \
+        -k "qwen3 or phi3 or gemma"
+    tail -n 5 "$LOGS/model-tests.log"
+}
+
+part_models() {
+    local cfg name
+    for name in ${MODELS:-qwen3-8b gemma-2-9b}; do
+        cfg=benchmarks/configs/$name
+        bench "decode-$name" triton 150 one-batch --model-path "$cfg" "${COMMON[@]}" --context-length 4096 \
+            --batch-size 1 --input-len 128 --output-len 256
+        bench "prefill-$name" triton 150 one-batch --model-path "$cfg" "${COMMON[@]}" --context-length 2048 \
+            --batch-size 64 --input-len 1024 --output-len 1
+        TAG_COMPARE=hf bench "decode-$name-vs-hf" triton 150 offline --model-path "$cfg" "${COMMON[@]}" \
+            --context-length 4096 --num-prompts 1 --input-len 128 --output-len 256 --compare-hf
+        TAG_COMPARE=hf bench "offline-$name-128x256-vs-hf" triton 200 offline --model-path "$cfg" "${COMMON[@]}" \
+            --context-length 2048 --num-prompts 128 --input-len 256 --output-len 256 --compare-hf
+    done
+}
+
 part_offline() {
     local b
     for b in flashinfer triton; do
@@ -189,7 +215,8 @@ for part in "$@"; do
     case $part in
         fi-tests) part_fi_tests ;; gpu-tests) part_gpu_tests ;; decode) part_decode ;;
         prefill) part_prefill ;; compare) part_compare ;; offline) part_offline ;; profile) part_profile ;;
+        model-tests) part_model_tests ;; models) part_models ;;
         all) part_fi_tests; part_gpu_tests; part_decode; part_prefill; part_compare; part_offline; part_profile ;;
-        *) echo "unknown part $part (fi-tests gpu-tests decode prefill compare offline profile all)"; exit 2 ;;
+        *) echo "unknown part $part (fi-tests gpu-tests decode prefill compare offline profile model-tests models all)"; exit 2 ;;
     esac
 done

@@ -9,6 +9,12 @@ Shapes: q [T, H, D], k/v [T, Hkv, D]; the result is [T, H * D] in q's dtype.
 Invariants: the backend never allocates or frees KV slots; slot 0 of the pool (and row 0 of
 req_to_token) is a dummy that padded rows point at, so kernels never branch on padding.
 
+Layer features: a layer may ask for more than plain causal attention (``Attention``'s
+``sliding_window``: query at position p sees keys p - W < j <= p; ``logit_cap``: scores become
+cap * tanh(score / cap) before the mask and softmax). ``AttentionConfig.features`` names what the
+served model's layers need; a backend lists what it serves in ``supported_features`` and the base
+constructor refuses the rest by name, so an unsupported model fails at start-up, not mid-run.
+
 CUDA-graph hooks: a backend that supports graphs keeps its metadata in buffers preallocated by
 ``init_cuda_graph_state`` and refills them in place in ``init_forward_metadata_replay``.
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
@@ -38,14 +44,43 @@ class AttentionConfig:
     # backend-specific settings from ServerArgs, keyed by flag name without dashes
     # (e.g. "triton_attention_num_kv_splits"); a backend reads the keys it knows
     options: dict = field(default_factory=dict)
+    # what the model's attention layers need beyond causal attention (LAYER_FEATURES)
+    features: frozenset = frozenset()
+
+
+# name -> what it means, for error messages
+LAYER_FEATURES = {"sliding_window": "sliding-window attention",
+                  "logit_cap": "attention logit soft-capping"}
+
+
+def layer_features(layers: Iterable["Attention"]) -> frozenset:
+    """The LAYER_FEATURES that any of ``layers`` needs."""
+    needed = set()
+    for layer in layers:
+        if getattr(layer, "sliding_window", None):
+            needed.add("sliding_window")
+        if getattr(layer, "logit_cap", None):
+            needed.add("logit_cap")
+    return frozenset(needed)
 
 
 class AttentionBackend(ABC):
     name: str = "base"
     supports_cuda_graph: bool = False
+    supported_features: frozenset = frozenset()   # of LAYER_FEATURES
 
     def __init__(self, config: AttentionConfig):
+        missing = self.missing_features(config.features)
+        if missing:
+            raise ValueError(f"attention backend {self.name!r} does not support "
+                             f"{' or '.join(LAYER_FEATURES[f] for f in missing)}, which this model "
+                             f"needs; choose another --attention-backend")
         self.config = config
+
+    @classmethod
+    def missing_features(cls, needed: Iterable[str]) -> list[str]:
+        """The needed layer features this backend cannot serve, sorted."""
+        return sorted(set(needed) - set(cls.supported_features))
 
     @classmethod
     def is_available(cls, device: str) -> bool:

@@ -25,7 +25,8 @@ class HybridAttentionBackend(AttentionBackend):
     name = "hybrid"
 
     def __init__(self, config: AttentionConfig, prefill: AttentionBackend, decode: AttentionBackend):
-        super().__init__(config)
+        # no base-class feature check: both parts were built from ``config`` and checked it
+        self.config = config
         self.prefill = prefill
         self.decode = decode
         self.supports_cuda_graph = decode.supports_cuda_graph

@@ -32,13 +32,13 @@ def resolve_attention_backend(requested: str, device: str, attention: AttentionC
         return requested
     preference = _ATTENTION_PREFERENCE.get(device, ("torch_native",))
     if device == "cpu" and attention is not None:
-        candidates = tuple(n for n in preference if n in reg and _can_run(reg, n, device))
+        candidates = tuple(n for n in preference if n in reg and _can_run(reg, n, device, attention))
         if len(candidates) > 1:
             name, why = pick_by_timing(candidates, _timings(candidates, attention))
             logger.info("attention backend: %s (auto on cpu, timed on the model's head shapes: %s)", name, why)
             return name
     for name in preference:
-        if name in reg and _can_run(reg, name, device):
+        if name in reg and _can_run(reg, name, device, attention):
             logger.info("attention backend: %s (auto: first installed of %s on %s)",
                         name, ", ".join(preference), device)
             return name
@@ -89,8 +89,9 @@ def _timings_per_shape(candidates: tuple[str, ...], heads: int, kv_heads: int, h
     return out
 
 
-def _can_run(reg, name: str, device: str) -> bool:
-    """An installed backend "auto" may pick: it loads, and its is_available(device) agrees."""
+def _can_run(reg, name: str, device: str, attention: AttentionConfig | None = None) -> bool:
+    """An installed backend "auto" may pick: it loads, its is_available(device) agrees and it
+    serves the layer features the model needs (``attention.features``)."""
     try:
         factory = reg.get(name)
     except PluginError as exc:
@@ -100,6 +101,11 @@ def _can_run(reg, name: str, device: str) -> bool:
     if check is not None and not check(device):
         logger.info("attention backend %s skipped by auto: not available on %s here", name, device)
         return False
+    missing = getattr(factory, "missing_features", None)
+    if attention is not None and missing is not None and missing(attention.features):
+        logger.info("attention backend %s skipped by auto: the model needs %s", name,
+                    ", ".join(missing(attention.features)))
+        return False
     return True
 
 
@@ -108,8 +114,8 @@ def resolve_attention_backends(requested: str, prefill: str | None, decode: str 
     """(extend backend, decode backend). --prefill-attention-backend / --decode-attention-backend
     override --attention-backend for their mode; two different names make a hybrid."""
     base = None if prefill and decode else resolve_attention_backend(requested, device, attention)
-    prefill_name = resolve_attention_backend(prefill, device) if prefill else base
-    decode_name = resolve_attention_backend(decode, device) if decode else base
+    prefill_name = resolve_attention_backend(prefill, device, attention) if prefill else base
+    decode_name = resolve_attention_backend(decode, device, attention) if decode else base
     if prefill_name != decode_name:
         logger.info("attention backend: hybrid, extend steps on %s, decode steps on %s",
                     prefill_name, decode_name)

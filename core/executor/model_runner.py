@@ -12,9 +12,10 @@ from typing import Optional
 
 import torch
 
-from kvyard.attention import AttentionConfig
-from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
+from kvyard.attention import AttentionConfig, layer_features
 from kvyard.attention.hybrid import build_attention_backend
+from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
+from kvyard.layers.attention import Attention
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
@@ -24,6 +25,7 @@ from kvyard.model_base import ModelBuildContext
 from kvyard.model.config import ModelConfig, resolve_dtype
 from kvyard.model_registry import ModelRegistry
 from kvyard.plugins import registry
+from kvyard.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
@@ -150,9 +152,24 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant))
         self.model.load_weights(loader.weights(mc.model_path, mc.hf_config))
+        self.model = self._with_pooling(self.model, mc.model_path)
         self.model.eval()
         logger.info("loaded %s (%s, %s, dtype %s, quantization %s) on %s", mc.model_path,
                     mc.architectures[0], mc.load_format, self.dtype, quant_name, self.device)
+
+    def _with_pooling(self, model: torch.nn.Module, model_path: str) -> torch.nn.Module:
+        """--is-embedding wraps a generation model in an EmbeddingAdapter; an embedding model's
+        ``pooling`` follows the folder's sentence-transformers files when it has them."""
+        declared = pooling_config_from_folder(model_path)
+        if self.config.is_embedding and getattr(model, "is_generation", True):
+            pooling = declared or PoolingConfig(method="last", normalize=True)
+            logger.info("serving %s as an embedding model: %s pooling%s (%s)", type(model).__name__,
+                        pooling.method, ", normalized" if pooling.normalize else "",
+                        "sentence-transformers files" if declared else "default for decoders")
+            return EmbeddingAdapter(model, pooling)
+        if declared is not None and hasattr(model, "pooling"):
+            model.pooling = declared
+        return model
 
     def update_weights(self, model_path: str, load_format: Optional[str] = None) -> None:
         """Loads the checkpoint at model_path into a fresh model object and swaps it in.
@@ -220,7 +237,8 @@ class ModelRunner:
         return AttentionConfig(num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
                                dtype=self.dtype, device=self.device, page_size=self.config.page_size,
                                max_context_len=mc.context_length, max_batch_size=self.max_running_requests,
-                               options=dict(self.config.attention_options or {}))
+                               options=dict(self.config.attention_options or {}),
+                               features=layer_features(m for m in self.model.modules() if isinstance(m, Attention)))
 
     # -- one step ---------------------------------------------------------------------------
     def prepare(self, batch: ScheduleBatch) -> ForwardBatch:
@@ -242,6 +260,10 @@ class ModelRunner:
             extend_prefix_lens_cpu=batch.prefix_lens, extend_seq_lens_cpu=extend_lens,
             extend_start_loc=torch.tensor(starts, **long), logits_indices=torch.tensor(rows, **long),
             req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
+        if any(r.token_type_ids for r in batch.reqs):   # encoder pairs: [T] segment of each new token
+            types = [t for r, p, n in zip(batch.reqs, batch.prefix_lens, extend_lens)
+                     for t in (r.token_type_ids[p:p + n] if r.token_type_ids else [0] * n)]
+            fb.extras["token_type_ids"] = torch.tensor(types, **long)
         return fb
 
     @torch.inference_mode()

@@ -41,7 +41,7 @@ class LaunchedStep:
     batch: ScheduleBatch                 # held until processed: its tensors must outlive the step
     fb: ForwardBatch                     # input_ids may hold future placeholders (< 0)
     sampling: SamplingSpec
-    future_start: int                    # FutureTokenMap range of the S sampled ids
+    future_start: Optional[int]          # FutureTokenMap range of the S sampled ids (None: not stored)
     has_futures: bool = False            # some input id is a placeholder
     ready: Any = None                    # torch.cuda.Event recorded after preparing (CUDA)
     # filled by the worker
@@ -71,7 +71,8 @@ class OverlapWorker:
         step = LaunchedStep(
             batch=batch, fb=self.runner.prepare(batch),
             sampling=sampling_spec(batch, positions, self.runner.device),
-            future_start=self.future.allocate(len(batch.sample_req_idx)),
+            # a verify batch's tokens are never read as futures (it is a sync point)
+            future_start=None if batch.is_verify else self.future.allocate(len(batch.sample_req_idx)),
             has_futures=batch.mode.is_decode() and any(t < 0 for t in batch.input_ids))
         self.submit(step)
         return step
@@ -123,7 +124,8 @@ class OverlapWorker:
             self.future.resolve_(step.fb.input_ids)
         logits = self.runner.forward_logits(step.fb)
         outputs = sample_outputs(self.runner.sampler, step.sampling, logits)
-        self.future.store(step.future_start, outputs["next_ids"])
+        if step.future_start is not None:
+            self.future.store(step.future_start, outputs["next_ids"])
         if self.is_cuda:
             outputs = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
             step.copy_done = torch.cuda.Event()

@@ -181,10 +181,26 @@ class TokenizerManager:
         if not self.info.get("is_embedding"):
             raise RequestError("the served model is not an embedding model (start it with an "
                                "embedding model or --is-embedding)", param="model")
+        if _is_text_pairs(obj.get("text")):
+            return self.prepare_pairs(obj["text"], obj.get("rid"))
         reqs = self.prepare({k: v for k, v in obj.items() if k in ("text", "input_ids", "rid", "prompt")}
                             | {"sampling_params": {"max_new_tokens": 0}}, embed=True)
         for r in reqs:
             r.embed = True
+        return reqs
+
+    def prepare_pairs(self, pairs: list, rid: Any = None) -> list[TokenizedGenerateReq]:
+        """Cross-encoder inputs: each [a, b] tokenized as one pair sequence, as the model's
+        tokenizer pairs them (special tokens, and token_type_ids where it returns them)."""
+        if self.tokenizer is None:
+            raise RequestError("text: text pairs need the tokenizer, which this server skipped "
+                               "(--skip-tokenizer-init)", param="text")
+        encodings = [self.tokenizer(a, b, add_special_tokens=True) for a, b in pairs]
+        reqs = self.prepare_embedding({"input_ids": [list(e["input_ids"]) for e in encodings],
+                                       **({"rid": rid} if rid is not None else {})})
+        for req, enc in zip(reqs, encodings):
+            types = enc.get("token_type_ids")
+            req.token_type_ids = list(types)[:len(req.input_ids)] if types is not None else None
         return reqs
 
     def _prompts(self, obj: dict) -> list[list[int]]:
@@ -355,3 +371,13 @@ def _field_of(message: str) -> Optional[str]:
     """The field a SamplingParams error names (its first word)."""
     first = message.split(" ", 1)[0].strip(":'\"")
     return first if first.isidentifier() else None
+
+
+def _is_text_pairs(text: Any) -> bool:
+    """A non-empty list of [str, str] (cross-encoder input); a malformed pair is a RequestError."""
+    if not isinstance(text, list) or not text or not all(isinstance(t, (list, tuple)) for t in text):
+        return False
+    for pair in text:
+        if len(pair) != 2 or not all(isinstance(x, str) and x for x in pair):
+            raise RequestError("text: a pair must be two non-empty strings [query, document]", param="text")
+    return True

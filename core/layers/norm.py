@@ -1,4 +1,4 @@
-"""RMSNorm with an optional fused residual add.
+"""RMSNorm with an optional fused residual add; GemmaRMSNorm, Gemma's variant.
 
 Decoder layers carry the residual stream through their norms:
     normed, residual = norm(x, residual)   # residual <- x + residual; normed <- rms(residual)
@@ -43,6 +43,33 @@ class RMSNorm(nn.Module):
         inv_rms = xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         normed = (xf * inv_rms).to(x.dtype)
         return normed.mul_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + weight), all in float32, cast back at
+    the end (Llama casts before the weight; the stored weight is the offset from 1). With
+    ``residual``: (normed, x + residual), as RMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is None:
+            return self._normalize(x)
+        summed = x + residual
+        return self._normalize(summed), summed
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

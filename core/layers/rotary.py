@@ -1,9 +1,14 @@
 """Rotary position embedding (neox / rotate-half layout) with a precomputed cos/sin cache.
 
-Supported ``rope_type``: "default", "linear", "llama3", "yarn", "dynamic". The frequencies follow
+Supported ``rope_type``: "default", "linear", "llama3", "yarn", "dynamic", "longrope". The frequencies follow
 the transformers definitions, so float32 results match HF. "dynamic" (NTK) only rescales once a
 sequence outgrows max_position_embeddings; the cache stops there, so within it this is the
-default rope, exactly as HF computes it (the engine's context length must not exceed it). The cache covers positions
+default rope, exactly as HF computes it (the engine's context length must not exceed it).
+"longrope" (Phi-3) rotates positions below original_max_position_embeddings with the short
+factors and later ones with the long factors; HF switches every position of a sequence to the
+long factors once it outgrows that length, so the two agree for sequences up to it. Models whose
+layer types use different rope settings (Gemma 3: local vs global base) pass ``layer_type`` to
+``rope_config_from_hf`` and keep one RotaryEmbedding per type. The cache covers positions
 [0, max_position); the model looks its rows up once per forward (``lookup``) and every layer
 reuses them (``apply``), so no layer does position work of its own.
 """
@@ -38,14 +43,19 @@ class RopeConfig:
             raise ValueError(f"max_position must be positive, got {self.max_position}")
 
 
-def rope_config_from_hf(hf_config: Any, head_dim: int) -> RopeConfig:
-    """Reads ``rope_parameters`` (transformers >= 5) or ``rope_theta``/``rope_scaling`` (older)."""
+def rope_config_from_hf(hf_config: Any, head_dim: int, layer_type: str | None = None) -> RopeConfig:
+    """Reads ``rope_parameters`` (transformers >= 5) or ``rope_theta``/``rope_scaling`` (older).
+    Per-layer-type parameters ({"sliding_attention": {...}, "full_attention": {...}}) need the
+    ``layer_type`` whose settings to read."""
     params = getattr(hf_config, "rope_parameters", None)
     if not params:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    if all(isinstance(v, dict) for v in params.values()):
-        raise ValueError("rope_parameters: per-layer-type rope settings are not supported by this model")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        if layer_type not in params:
+            raise ValueError(f"rope_parameters: per-layer-type rope settings ({', '.join(params)}) "
+                             f"need a layer type this model knows, got {layer_type!r}")
+        params = params[layer_type]
     params = dict(params)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
@@ -53,6 +63,10 @@ def rope_config_from_hf(hf_config: Any, head_dim: int) -> RopeConfig:
     if float(params.pop("partial_rotary_factor", 1.0) or 1.0) != 1.0:
         raise ValueError("rope_parameters.partial_rotary_factor != 1 is not supported")
     max_position = int(getattr(hf_config, "max_position_embeddings", 2048))
+    if rope_type == "longrope":
+        params.setdefault("original_max_position_embeddings",
+                          getattr(hf_config, "original_max_position_embeddings", None) or max_position)
+        params.setdefault("max_position_embeddings", max_position)
     if rope_type in ("linear", "yarn") and params.get("factor"):
         # the cache must reach the extended context even when the config states the original one
         original = int(params.get("original_max_position_embeddings") or max_position)
@@ -130,8 +144,30 @@ def _yarn(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
     return interpolated * (1 - keep) + extrapolated * keep, float(attention_factor)
 
 
+def _longrope(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
+    """[max_position, head_dim / 2] per-position frequencies: short factors below the original
+    context, long ones from it on (see the module docstring); the cos/sin scale as HF's."""
+    s = cfg.scaling
+    original = int(_required(cfg, "original_max_position_embeddings"))
+    factor = s.get("factor") or float(s.get("max_position_embeddings", cfg.max_position)) / original
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    half = cfg.head_dim // 2
+    factors = []
+    for key in ("short_factor", "long_factor"):
+        values = s.get(key)
+        if values is None or len(values) != half:
+            raise ValueError(f"rope_parameters.{key} must list head_dim / 2 = {half} factors")
+        factors.append(torch.tensor(values, dtype=torch.float32))
+    wavelength = cfg.theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
+    short, long = (1.0 / (f * wavelength) for f in factors)   # HF's order of operations
+    positions = torch.arange(cfg.max_position)[:, None]
+    return torch.where(positions < original, short[None, :], long[None, :]), float(attention_factor)
+
+
 _INV_FREQ: dict[str, Callable[[RopeConfig], tuple[torch.Tensor, float]]] = {
-    "default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn,
+    "default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn, "longrope": _longrope,
     "dynamic": _default,   # see the module docstring: identical below max_position_embeddings
 }
 
@@ -144,7 +180,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         inv_freq, scale = _INV_FREQ[cfg.rope_type](cfg)
-        angles = torch.arange(cfg.max_position, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        # inv_freq is [head_dim / 2], or [max_position, head_dim / 2] when it varies by position
+        angles = torch.arange(cfg.max_position, dtype=torch.int64).float()[:, None] * inv_freq
         cache = torch.cat([angles.cos() * scale, angles.sin() * scale], dim=-1)
         self.register_buffer("cos_sin_cache", cache.to(dtype=dtype, device=device), persistent=False)
 

@@ -1,9 +1,15 @@
 """Checkpoint-tensor helpers shared by the model layers."""
 from __future__ import annotations
 
-from typing import Any
+import logging
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[Any], None]
 
 
 def as_dense(weight: Any, name: str) -> torch.Tensor:
@@ -24,3 +30,28 @@ def copy_checked(param: torch.Tensor, weight: Any, name: str) -> None:
         raise ValueError(f"{name}: checkpoint shape {tuple(dense.shape)} does not match "
                          f"the model's {tuple(param.shape)}")
     param.data.copy_(dense)
+
+
+def param_target(param: torch.Tensor, name: str) -> Loader:
+    """The loader of a plain parameter (norm weights, ...) for ``load_named``."""
+    return partial(copy_checked, param, name=name)
+
+
+def load_named(weights: Iterable[tuple[str, Any]], targets: Mapping[str, Loader],
+               optional: Iterable[str] = ()) -> set[str]:
+    """Feeds each (checkpoint name, tensor) pair to its loader in ``targets``. Unknown names
+    (rotary inv_freq, ...) are skipped; a target never received, unless in ``optional``, is an
+    error naming it. Returns the names loaded."""
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        load = targets.get(name)
+        if load is None:
+            logger.debug("skipping checkpoint entry %s", name)
+            continue
+        load(tensor)
+        loaded.add(name)
+    missing = sorted(set(targets) - loaded - set(optional))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ValueError(f"checkpoint is missing weights: {shown}")
+    return loaded

@@ -22,6 +22,7 @@ class TokenizedGenerateReq:
     priority: int = 0
     sampling_seed: int = 0        # the user's seed, or one drawn by the API process
     embed: bool = False           # embedding request: run the prompt, return the pooled vector
+    token_type_ids: Optional[list[int]] = None   # per prompt token (cross-encoder pairs), or None
 
 
 @dataclass

@@ -57,6 +57,7 @@ class Req:
     embed: bool = False
     spec_verify_ct: int = 0                           # speculative verify steps this request took part in
     spec_accepted_tokens: int = 0                     # draft tokens of its that the target accepted
+    token_type_ids: Optional[list[int]] = None        # segment of each prompt token (encoder pairs)
 
     # sampling state carried across steps
     sampling_seed: int = 0                            # user seed or one drawn by the API process

@@ -95,7 +95,8 @@ class Scheduler(OutputProcessorMixin):
         req = Req(rid=msg.rid, origin_input_ids=list(msg.input_ids), sampling_params=msg.sampling_params,
                   return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
                   logprob_start_len=msg.logprob_start_len, stream=msg.stream, priority=msg.priority,
-                  arrival=time.monotonic(), sampling_seed=msg.sampling_seed, embed=msg.embed)
+                  arrival=time.monotonic(), sampling_seed=msg.sampling_seed, embed=msg.embed,
+                  token_type_ids=msg.token_type_ids)
         problem = self._reject_reason(req)
         if problem is None and self.config.max_queued_requests is not None \
                 and len(self.waiting) >= self.config.max_queued_requests:

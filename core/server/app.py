@@ -25,7 +25,7 @@ ALWAYS_OPEN = frozenset({"/health", "/metrics"})
 
 def create_app(ctx: ServerContext) -> FastAPI:
     from kvyard import __version__
-    from kvyard.server import anthropic_api, files_batches, native_api, openai_api, responses_api
+    from kvyard.server import anthropic_api, files_batches, native_api, openai_api, rerank, responses_api
 
     app = FastAPI(title="kvyard", version=__version__, lifespan=_lifespan(ctx))
     app.state.ctx = ctx
@@ -35,6 +35,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app.include_router(anthropic_api.router)
     app.include_router(files_batches.router)
     app.include_router(native_api.router)
+    app.include_router(rerank.router)
     if ctx.args.enable_metrics:
         app.add_api_route("/metrics", native_api.metrics, methods=["GET"])
     app.add_middleware(ReadinessMiddleware, ctx=ctx)

@@ -84,7 +84,8 @@ async def encode_route(request: Request):
 
 @router.post("/classify")
 async def classify(request: Request):
-    """Reward and classification models serve their scores as the embedding vector."""
+    """Reward and classification models serve their scores (raw logits) as the embedding vector;
+    cross-encoders take text pairs: {"text": [[query, document], ...]}."""
     return await _embed(request)
 
 

@@ -151,6 +151,14 @@ class EmbeddingRequest(_Strict):
     user: Optional[str] = None
 
 
+class RerankRequest(_Strict):
+    query: str
+    documents: list[str]
+    model: Optional[str] = None
+    top_n: Optional[int] = None
+    return_documents: bool = True
+
+
 class BatchCreateRequest(_Strict):
     input_file_id: str
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]

@@ -15,11 +15,16 @@ On CUDA flex_attention is compiled (dynamic shapes), which uses the tile sparsit
 runs eagerly (torch's unfused implementation, the inductor CPU template does not build with
 dynamic shapes here): correct and exact in float32, fine for tests and small batches.
 A query row with no key (graph padding, seq_len 0) gives zeros.
+
+Layer features: a sliding-window layer (window W) adds ``key position > query position - W`` to
+the mask; its BlockMask is built on first use per distinct W in the step and shared by every
+layer with that window. A logit cap c is a score_mod, c * tanh(score / c), applied to the scaled
+score before the mask (FlexAttention's order, and Gemma's).
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -38,6 +43,26 @@ BLOCK = 128   # FlexAttention's tile (query and key side)
 class FlexMetadata:
     kv_slots: torch.Tensor     # [L] int64 packed key sequence of the step
     block_mask: BlockMask      # over [T queries, L keys]
+    q_doc: torch.Tensor        # [T] request of each query row, and its position
+    q_pos: torch.Tensor
+    kv_doc: torch.Tensor       # [L] request of each packed key, and its position
+    kv_pos: torch.Tensor
+    windowed: dict = field(default_factory=dict)   # sliding window W -> its BlockMask
+
+
+def doc_window_mask_mod(q_doc: torch.Tensor, q_pos: torch.Tensor, kv_doc: torch.Tensor,
+                        kv_pos: torch.Tensor, window: int) -> Callable:
+    """The causal mask of doc_causal_mask_mod narrowed to the last ``window`` positions."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((q_doc[q_idx] == kv_doc[kv_idx]) & (kv_pos[kv_idx] <= q_pos[q_idx])
+                & (kv_pos[kv_idx] > q_pos[q_idx] - window))
+    return mask_mod
+
+
+def soft_cap_score_mod(cap: float) -> Callable:
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+    return score_mod
 
 
 def doc_causal_mask_mod(q_doc: torch.Tensor, q_pos: torch.Tensor, kv_doc: torch.Tensor,
@@ -81,10 +106,12 @@ def _tile_lists(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class FlexAttentionBackend(AttentionBackend):
     name = "flex_attention"
     supports_cuda_graph = False
+    supported_features = frozenset({"sliding_window", "logit_cap"})
 
     def __init__(self, config: AttentionConfig):
         super().__init__(config)
         self.compiled = str(config.device).startswith("cuda")
+        self._score_mods: dict = {}
         if self.compiled:
             self._attend = torch.compile(flex_attention, dynamic=True)
         else:
@@ -114,7 +141,31 @@ class FlexAttentionBackend(AttentionBackend):
             mask_mod = doc_causal_mask_mod(q_doc, q_pos, kv_doc, kv_pos)
         else:
             mask_mod = dense_mask_mod(allowed)
-        fb.attn_metadata = FlexMetadata(kv_slots, block_mask_from_dense(allowed, mask_mod))
+        fb.attn_metadata = FlexMetadata(kv_slots, block_mask_from_dense(allowed, mask_mod),
+                                        q_doc, q_pos, kv_doc, kv_pos)
+
+    def _score_mod(self, cap) -> Callable | None:
+        """One score_mod object per cap value, so compiled flex_attention is not re-traced per layer."""
+        if not cap:
+            return None
+        if cap not in self._score_mods:
+            self._score_mods[cap] = soft_cap_score_mod(cap)
+        return self._score_mods[cap]
+
+    def _block_mask(self, meta: FlexMetadata, window) -> BlockMask:
+        """The step's causal BlockMask, or the one narrowed to a sliding window (cached per W)."""
+        if not window:
+            return meta.block_mask
+        if window not in meta.windowed:
+            allowed = ((meta.q_doc[:, None] == meta.kv_doc[None, :])
+                       & (meta.kv_pos[None, :] <= meta.q_pos[:, None])
+                       & (meta.kv_pos[None, :] > meta.q_pos[:, None] - window))
+            if self.compiled:
+                mask_mod = doc_window_mask_mod(meta.q_doc, meta.q_pos, meta.kv_doc, meta.kv_pos, window)
+            else:
+                mask_mod = dense_mask_mod(allowed)
+            meta.windowed[window] = block_mask_from_dense(allowed, mask_mod)
+        return meta.windowed[window]
 
     # -- attention ---------------------------------------------------------------------------
     def _attention(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
@@ -124,7 +175,8 @@ class FlexAttentionBackend(AttentionBackend):
         k = fb.kv_pool.k_buffer(layer.layer_id).index_select(0, meta.kv_slots).to(q.dtype)
         v = fb.kv_pool.v_buffer(layer.layer_id).index_select(0, meta.kv_slots).to(q.dtype)
         out = self._attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                           block_mask=meta.block_mask, scale=layer.scaling,
+                           block_mask=self._block_mask(meta, layer.sliding_window), scale=layer.scaling,
+                           score_mod=self._score_mod(layer.logit_cap),
                            enable_gqa=heads != k.shape[1])
         return out[0].transpose(0, 1).reshape(t, heads * dim)
 

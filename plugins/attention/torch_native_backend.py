@@ -12,6 +12,11 @@ decode: on the CPU the C++ kernel of cpu_kernels/ reads K/V straight from the po
         gathered head-major into [Hkv, B, L, D] (L = longest sequence), q viewed as
         [Hkv, B, group, D] for GQA, scores masked past each row's length, softmax in float32.
 Gathered K/V land in staging buffers allocated once per step and reused by every layer.
+
+Layer features (kvyard.attention): a layer with ``sliding_window`` W or ``logit_cap`` c runs the
+explicit path: scores = q.k * scale in float32, c * tanh(scores / c) when capped, then masked
+(causal, and keys j <= p - W hidden from the query at position p) and softmaxed. When the model
+has such layers, decode always takes the gather path (the C++ kernel knows neither feature).
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ class DecodeMetadata:
     max_len: int                   # L
     padding: torch.Tensor          # [1, B, 1, L] bool, True past a row's length; broadcasts over
                                    # the head-major scores [Hkv, B, group, L]
+    seq_lens: torch.Tensor         # [B] int64 (sliding windows hide keys j < seq_len - W)
     k_stage: torch.Tensor          # [Hkv, B * L, D] head-major gather target reused by every layer
     v_stage: torch.Tensor
 
@@ -87,9 +93,34 @@ def _use_cpu_kernel(fb: "ForwardBatch") -> bool:
             and fb.req_to_token.dtype == torch.int32 and cpu_kernels.available())
 
 
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
+                        layer: "Attention") -> torch.Tensor:
+    """One request's new tokens with the layer's features: q [N, H, D] at positions
+    prefix .. prefix + N - 1 over k/v [L, Hkv, D] at positions 0 .. L - 1 -> [N, H, D]."""
+    n, heads, dim = q.shape
+    length, kv_heads = k.shape[0], k.shape[1]
+    qh = q.view(n, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)     # [Hkv, G, N, D]
+    scores = torch.matmul(qh, k.permute(1, 2, 0)[:, None]).float()           # [Hkv, G, N, L]
+    scores = _capped(scores.mul_(layer.scaling), layer.logit_cap)
+    q_pos = torch.arange(prefix, prefix + n, device=q.device)[:, None]
+    k_pos = torch.arange(length, device=q.device)[None, :]
+    hidden = k_pos > q_pos
+    if layer.sliding_window:
+        hidden |= k_pos <= q_pos - layer.sliding_window
+    probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v.permute(1, 0, 2)[:, None])                    # [Hkv, G, N, D]
+    return out.permute(2, 0, 1, 3).reshape(n, heads, dim)
+
+
+def _capped(scores: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """c * tanh(scores / c) in place when the layer caps its logits."""
+    return scores.div_(cap).tanh_().mul_(cap) if cap else scores
+
+
 class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
     supports_cuda_graph = False
+    supported_features = frozenset({"sliding_window", "logit_cap"})
 
     # -- per-step metadata -------------------------------------------------------------------
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
@@ -98,9 +129,8 @@ class TorchNativeBackend(AttentionBackend):
         elif fb.mode.is_extend():
             fb.attn_metadata = self._extend_metadata(fb)
 
-    @staticmethod
-    def _decode_metadata(fb: "ForwardBatch") -> Optional[DecodeMetadata]:
-        if _use_cpu_kernel(fb):
+    def _decode_metadata(self, fb: "ForwardBatch") -> Optional[DecodeMetadata]:
+        if _use_cpu_kernel(fb) and not self.config.features:
             return None   # the kernel reads req_to_token itself
         max_len = max(max(fb.seq_lens_cpu), 1)
         rows = fb.req_to_token.index_select(0, fb.req_pool_indices)[:, :max_len].long()
@@ -111,7 +141,7 @@ class TorchNativeBackend(AttentionBackend):
         pool = fb.kv_pool.k_buffer(0)
         k_stage, v_stage = _staging(fb, pool.shape[1], slots.numel(), pool.shape[2])
         return DecodeMetadata(slots=slots.view(-1), max_len=max_len, padding=~valid[None, :, None, :],
-                              k_stage=k_stage, v_stage=v_stage)
+                              seq_lens=fb.seq_lens, k_stage=k_stage, v_stage=v_stage)
 
     @staticmethod
     def _extend_metadata(fb: "ForwardBatch") -> ExtendMetadata:
@@ -144,6 +174,10 @@ class TorchNativeBackend(AttentionBackend):
             stage = slice(span.kv_start, span.kv_start + span.kv_slots.shape[0])
             k = _gather_rows(k_buf, span.kv_slots, meta.k_stage[stage]).to(q.dtype)   # [L, Hkv, D]
             v = _gather_rows(v_buf, span.kv_slots, meta.v_stage[stage]).to(q.dtype)
+            if layer.sliding_window or layer.logit_cap:
+                prefix = span.kv_slots.shape[0] - span.q_len
+                out[rows] = _explicit_attention(q[rows], k, v, prefix, layer)
+                continue
             # SDPA layout [1, heads, tokens, D]: 4-D inputs take the fused CPU kernel
             # (2-3x faster than 3-D ones, which fall back to the unfused math path)
             o = F.scaled_dot_product_attention(
@@ -169,7 +203,13 @@ class TorchNativeBackend(AttentionBackend):
         v = v.view(kv_heads, b, length, dim).to(q.dtype)
         qh = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)         # [Hkv, B, G, D]
         scores = torch.matmul(qh, k.transpose(-1, -2)).float()                  # [Hkv, B, G, L]
-        scores.mul_(layer.scaling).masked_fill_(meta.padding, float("-inf"))
+        scores = _capped(scores.mul_(layer.scaling), layer.logit_cap)
+        hidden = meta.padding
+        if layer.sliding_window:   # the query sits at seq_len - 1: keys j <= seq_len - 1 - W go
+            keys = torch.arange(length, device=q.device)[None, :]
+            outside = keys < (meta.seq_lens - layer.sliding_window)[:, None]     # [B, L]
+            hidden = hidden | outside[None, :, None, :]
+        scores.masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, v)                                             # [Hkv, B, G, D]
         return out.transpose(0, 1).reshape(b, heads * dim)

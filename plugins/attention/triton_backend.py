@@ -18,7 +18,8 @@ interpreter (no SM count) S is always the maximum.
 
 Options (AttentionConfig.options): triton_attention_num_kv_splits (the most splits S, default 8),
 triton_attention_reduce_in_fp32 (keep the split partial outputs in float32 instead of the
-activation dtype; default False). Writing the new tokens' k/v is the pool's set_kv, which takes
+activation dtype; default False). Sliding-window and soft-capped layers pass their window and
+cap to both kernels (see their docstrings). Writing the new tokens' k/v is the pool's set_kv, which takes
 the fused Triton write on CUDA (kvyard.kernels).
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ def read_options(options: dict) -> tuple[int, bool]:
 class TritonAttnBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graph = True
+    supported_features = frozenset({"sliding_window", "logit_cap"})
 
     @classmethod
     def is_available(cls, device: str) -> bool:
@@ -120,7 +122,8 @@ class TritonAttnBackend(AttentionBackend):
         out = q.new_empty(t, heads, dim)
         extend_attention(q, fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id), out,
                          fb.req_to_token, fb.req_pool_indices, fb.extend_start_loc, meta.q_lens,
-                         meta.prefix_lens, meta.max_q_len, layer.scaling)
+                         meta.prefix_lens, meta.max_q_len, layer.scaling, layer.sliding_window or 0,
+                         layer.logit_cap or 0.0)
         return out.view(t, heads * dim)
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
@@ -130,7 +133,7 @@ class TritonAttnBackend(AttentionBackend):
         out = q.new_empty(b, heads, dim)
         decode_attention(q, fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id), out,
                          fb.req_to_token, fb.req_pool_indices, fb.seq_lens, meta.mid_o, meta.mid_lse,
-                         layer.scaling)
+                         layer.scaling, layer.sliding_window or 0, layer.logit_cap or 0.0)
         return out.view(b, heads * dim)
 
     # -- CUDA-graph hooks (decode) -------------------------------------------------------------

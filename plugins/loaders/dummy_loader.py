@@ -1,8 +1,9 @@
 """The dummy load format: random weights from config.json alone, for benchmarks.
 
-The loader never sees the model's parameters, so it generates the standard HF names of the
-Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) from the config: projections ~ N(0, 0.02)
-from a fixed seed (same config -> same weights), norms = 1, biases = 0.
+The loader never sees the model's parameters, so it takes the checkpoint names and shapes from
+transformers' class of the config's architecture, built on the meta device (any architecture
+transformers has): projections ~ N(0, 0.02) from a fixed seed (same config -> same weights),
+norms = 1, biases = 0.
 
 Tokenizer: the folder's own when it has tokenizer files; otherwise the bundled default model's
 (the SmolLM2 GGUF), so config-only folders such as benchmarks/configs/* still serve text. That
@@ -20,7 +21,6 @@ from kvyard_plugins.loaders.hf_folder import HFFolderLoader
 
 SEED = 0
 INIT_STD = 0.02
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
@@ -42,7 +42,7 @@ class DummyLoader(HFFolderLoader):
 
     def weights(self, model_path: str, hf_config: Any) -> Iterator[tuple[str, Any]]:
         generator = torch.Generator(device=self.config.device).manual_seed(SEED)
-        for name, shape in llama_family_shapes(hf_config):
+        for name, shape in checkpoint_shapes(hf_config):
             yield name, self._tensor(name, shape, generator)
 
     def _tensor(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -54,54 +54,21 @@ class DummyLoader(HFFolderLoader):
         return torch.randn(shape, generator=generator, **like).mul_(INIT_STD)
 
 
-def llama_family_shapes(cfg: Any) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(HF parameter name, shape) of every parameter of a Llama-family causal LM."""
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"load_format: dummy supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                         f"the config has {model_type!r}")
-    hidden, vocab = cfg.hidden_size, cfg.vocab_size
-    yield "model.embed_tokens.weight", (vocab, hidden)
-    for layer in range(cfg.num_hidden_layers):
-        yield from _layer_shapes(cfg, f"model.layers.{layer}")
-    yield "model.norm.weight", (hidden,)
-    if not getattr(cfg, "tie_word_embeddings", False):
-        yield "lm_head.weight", (vocab, hidden)
+def checkpoint_shapes(cfg: Any) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF parameter name, shape) of every parameter of the config's architecture, read from
+    transformers' own class built on the meta device (no memory, no Llama-specific naming);
+    tied parameters appear once, under their first name (the embedding)."""
+    import transformers
 
-
-def _layer_shapes(cfg: Any, prefix: str) -> Iterator[tuple[str, tuple[int, ...]]]:
-    hidden, inter = cfg.hidden_size, cfg.intermediate_size
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    qkv_bias, o_bias, mlp_bias = _bias_flags(cfg)
-    attn = f"{prefix}.self_attn"
-    for proj, rows in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
-                       ("v_proj", kv_heads * head_dim)):
-        yield f"{attn}.{proj}.weight", (rows, hidden)
-        if qkv_bias:
-            yield f"{attn}.{proj}.bias", (rows,)
-    yield f"{attn}.o_proj.weight", (hidden, heads * head_dim)
-    if o_bias:
-        yield f"{attn}.o_proj.bias", (hidden,)
-    if cfg.model_type == "qwen3":
-        yield f"{attn}.q_norm.weight", (head_dim,)
-        yield f"{attn}.k_norm.weight", (head_dim,)
-    for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
-                        ("down_proj", (hidden, inter))):
-        yield f"{prefix}.mlp.{proj}.weight", shape
-        if mlp_bias:
-            yield f"{prefix}.mlp.{proj}.bias", (shape[0],)
-    yield f"{prefix}.input_layernorm.weight", (hidden,)
-    yield f"{prefix}.post_attention_layernorm.weight", (hidden,)
-
-
-def _bias_flags(cfg: Any) -> tuple[bool, bool, bool]:
-    """(q/k/v bias, o_proj bias, mlp bias) as each HF architecture defines them."""
-    if cfg.model_type == "qwen2":
-        return True, False, False
-    if cfg.model_type == "mistral":
-        return False, False, False
-    attention_bias = bool(getattr(cfg, "attention_bias", False))
-    mlp_bias = cfg.model_type == "llama" and bool(getattr(cfg, "mlp_bias", False))
-    return attention_bias, attention_bias, mlp_bias
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    if arch is None:   # a bare config: the causal LM of its model_type
+        build = transformers.AutoModelForCausalLM.from_config
+    else:
+        build = getattr(transformers, arch, None)
+        if build is None:
+            raise ValueError(f"load_format: dummy needs an architecture transformers knows; "
+                             f"the config names {arch!r}")
+    with torch.device("meta"):
+        model = build(cfg)
+    for name, param in model.named_parameters():
+        yield name, tuple(param.shape)

@@ -1,13 +1,25 @@
-"""BERT encoder as an embedding model (sentence-transformers style: mean pooling + L2 norm).
+"""BERT / XLM-RoBERTa encoders: embedding models and cross-encoder classifiers.
 
 Encoders attend bidirectionally over the whole prompt and need no KV cache, so attention is
 computed here per request with SDPA instead of through the paged attention backend; the
-scheduler gives embedding requests their whole prompt in one step (no chunking).
+scheduler gives embedding requests their whole prompt in one step (no chunking, no prefix).
 Shapes: T tokens of B requests, hidden H, heads h x d.
+
+    x = LayerNorm(word(ids) + position(pos + offset) + token_type(types))
+        offset: 0 for BERT; padding_idx + 1 for XLM-RoBERTa (its positions start there)
+        types:  fb.extras["token_type_ids"] [T] for text pairs (cross-encoders), else 0
+    per layer: x = LN(x + attn(x)); x = LN(x + out(gelu(inter(x))))
+
+Heads (what ``pool`` returns, [B, ...] float32):
+  BertEmbeddingModel / XLMRobertaModel        ``self.pooling`` (mean + L2 norm unless the
+                                              folder's sentence-transformers files say otherwise)
+  BertForSequenceClassification               classifier(tanh(pooler(x[CLS])))  [B, num_labels]
+  XLMRobertaForSequenceClassification         out_proj(tanh(dense(x[<s>])))     [B, num_labels]
+Scores are the raw logits, as transformers returns them.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +27,26 @@ from torch import nn
 
 from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.linear import Linear
+from kvyard.layers.weights import load_named, param_target
 from kvyard.model_base import ModelBuildContext
+from kvyard.pooling import PoolingConfig, pool
+
+Loaders = dict[str, Callable[[Any], None]]
+
+
+def _linear(ctx: ModelBuildContext, prefix: str, in_features: int, out: int | list[int]) -> Linear:
+    return Linear(in_features, out, bias=True, method=ctx.linear_method(prefix), prefix=prefix,
+                  dtype=ctx.dtype, device=ctx.device)
+
+
+def _linear_targets(name: str, linear: Linear, shard: int = 0) -> Loaders:
+    return {f"{name}.weight": lambda w: linear.load_shard(shard, w),
+            f"{name}.bias": lambda b: linear.load_bias_shard(shard, b)}
+
+
+def _layer_norm_targets(name: str, norm: nn.LayerNorm) -> Loaders:
+    return {f"{name}.weight": param_target(norm.weight, f"{name}.weight"),
+            f"{name}.bias": param_target(norm.bias, f"{name}.bias")}
 
 
 class BertLayer(nn.Module):
@@ -23,13 +54,11 @@ class BertLayer(nn.Module):
         super().__init__()
         h, inter = cfg.hidden_size, cfg.intermediate_size
         self.num_heads = cfg.num_attention_heads
-        lin = lambda i, o, name: Linear(i, o, bias=True, method=ctx.linear_method(f"{prefix}.{name}"),
-                                        prefix=f"{prefix}.{name}", dtype=ctx.dtype, device=ctx.device)
-        self.qkv = lin(h, [h, h, h], "attention.self.qkv")
-        self.attn_out = lin(h, h, "attention.output.dense")
+        self.qkv = _linear(ctx, f"{prefix}.attention.self.qkv", h, [h, h, h])
+        self.attn_out = _linear(ctx, f"{prefix}.attention.output.dense", h, h)
         self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps, dtype=ctx.dtype)
-        self.inter = lin(h, inter, "intermediate.dense")
-        self.out = lin(inter, h, "output.dense")
+        self.inter = _linear(ctx, f"{prefix}.intermediate.dense", h, inter)
+        self.out = _linear(ctx, f"{prefix}.output.dense", inter, h)
         self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps, dtype=ctx.dtype)
 
     def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
@@ -44,13 +73,27 @@ class BertLayer(nn.Module):
         x = self.attn_norm(x + self.attn_out(attn))
         return self.out_norm(x + self.out(F.gelu(self.inter(x))))
 
+    def targets(self, p: str) -> Loaders:
+        out: Loaders = {}
+        for shard, name in enumerate(("query", "key", "value")):
+            out.update(_linear_targets(f"{p}.attention.self.{name}", self.qkv, shard))
+        out.update(_linear_targets(f"{p}.attention.output.dense", self.attn_out))
+        out.update(_linear_targets(f"{p}.intermediate.dense", self.inter))
+        out.update(_linear_targets(f"{p}.output.dense", self.out))
+        out.update(_layer_norm_targets(f"{p}.attention.output.LayerNorm", self.attn_norm))
+        out.update(_layer_norm_targets(f"{p}.output.LayerNorm", self.out_norm))
+        return out
 
-class BertEmbeddingModel(nn.Module):
-    is_generation = False
 
-    def __init__(self, cfg: Any, ctx: ModelBuildContext):
+class BertEncoder(nn.Module):
+    """Embeddings + layers; checkpoint names relative to the encoder (no "bert." prefix)."""
+
+    def __init__(self, cfg: Any, ctx: ModelBuildContext, position_offset: int = 0):
         super().__init__()
         h = cfg.hidden_size
+        if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+            raise ValueError(f"position_embedding_type {cfg.position_embedding_type!r} is not supported")
+        self.position_offset = position_offset
         self.word = nn.Embedding(cfg.vocab_size, h, dtype=ctx.dtype)
         self.position = nn.Embedding(cfg.max_position_embeddings, h, dtype=ctx.dtype)
         self.token_type = nn.Embedding(cfg.type_vocab_size, h, dtype=ctx.dtype)
@@ -58,60 +101,113 @@ class BertEmbeddingModel(nn.Module):
         self.layers = nn.ModuleList(BertLayer(cfg, ctx, f"encoder.layer.{i}") for i in range(cfg.num_hidden_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        x = self.word(input_ids) + self.position(positions) + self.token_type.weight[0]
+        types = fb.extras.get("token_type_ids")
+        type_rows = self.token_type(types) if types is not None else self.token_type.weight[0]
+        x = self.word(input_ids) + self.position(positions + self.position_offset) + type_rows
         x = self.emb_norm(x)
         for layer in self.layers:
             x = layer(x, fb)
         return x
 
-    def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """Mean over each request's tokens, L2-normalized: [B, hidden]."""
-        means = torch.stack([chunk.mean(0) for chunk in hidden.split(fb.extend_seq_lens_cpu)])
-        return F.normalize(means.float(), dim=-1)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("BERT embedding models do not generate text")
-
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        params = {
-            "embeddings.word_embeddings.weight": self.word.weight,
-            "embeddings.position_embeddings.weight": self.position.weight,
-            "embeddings.token_type_embeddings.weight": self.token_type.weight,
-            "embeddings.LayerNorm.weight": self.emb_norm.weight, "embeddings.LayerNorm.bias": self.emb_norm.bias,
+    def targets(self) -> Loaders:
+        out: Loaders = {
+            "embeddings.word_embeddings.weight": param_target(self.word.weight, "embeddings.word_embeddings.weight"),
+            "embeddings.position_embeddings.weight": param_target(self.position.weight,
+                                                                  "embeddings.position_embeddings.weight"),
+            "embeddings.token_type_embeddings.weight": param_target(self.token_type.weight,
+                                                                    "embeddings.token_type_embeddings.weight"),
+            **_layer_norm_targets("embeddings.LayerNorm", self.emb_norm),
         }
         for i, layer in enumerate(self.layers):
-            p = f"encoder.layer.{i}."
-            params.update({p + "attention.output.LayerNorm.weight": layer.attn_norm.weight,
-                           p + "attention.output.LayerNorm.bias": layer.attn_norm.bias,
-                           p + "output.LayerNorm.weight": layer.out_norm.weight,
-                           p + "output.LayerNorm.bias": layer.out_norm.bias})
-        linears = {}
-        for i, layer in enumerate(self.layers):
-            p = f"encoder.layer.{i}."
-            for j, name in enumerate(("query", "key", "value")):
-                linears[f"{p}attention.self.{name}"] = (layer.qkv, j)
-            linears[p + "attention.output.dense"] = (layer.attn_out, 0)
-            linears[p + "intermediate.dense"] = (layer.inter, 0)
-            linears[p + "output.dense"] = (layer.out, 0)
-        seen = set()
-        for name, tensor in weights:
-            name = name.removeprefix("bert.")
-            base, _, kind = name.rpartition(".")
-            if name in params:
-                params[name].data.copy_(_dense(tensor))
-                seen.add(name)
-            elif base in linears and kind in ("weight", "bias"):
-                layer, shard = linears[base]
-                (layer.load_shard if kind == "weight" else layer.load_bias_shard)(shard, _dense(tensor))
-                seen.add(name)
-        missing = [n for n in params if n not in seen] + \
-                  [f"{b}.{k}" for b in linears for k in ("weight", "bias") if f"{b}.{k}" not in seen]
-        if missing:
-            raise ValueError(f"checkpoint is missing {missing[0]} (and {len(missing) - 1} more)")
+            out.update(layer.targets(f"encoder.layer.{i}"))
+        return out
+
+
+class BertEmbeddingModel(nn.Module):
+    """Model plugin contract: see kvyard.model_base."""
+
+    is_generation = False
+    encoder_prefix = "bert."          # stripped from checkpoint names (task-head checkpoints)
+
+    def __init__(self, cfg: Any, ctx: ModelBuildContext):
+        super().__init__()
+        self.pooling = PoolingConfig(method="mean", normalize=True)
+        self.encoder = BertEncoder(cfg, ctx, self.position_offset(cfg))
+
+    @classmethod
+    def position_offset(cls, cfg: Any) -> int:
+        return 0
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        return self.encoder(input_ids, positions, fb)
+
+    def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """[B, hidden] per ``self.pooling``."""
+        return pool(hidden, fb, self.pooling)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("encoder models do not generate text")
+
+    def head_targets(self) -> Loaders:
+        """Checkpoint names (full, with their prefix) of the task head; none for embeddings."""
+        return {}
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        targets = {**{self.encoder_prefix + n: f for n, f in self.encoder.targets().items()},
+                   **self.head_targets()}
+        # checkpoints saved from the bare model carry no prefix: give them the prefix
+        load_named(((n if n in targets else self.encoder_prefix + n, t) for n, t in weights), targets)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.process_after_loading()
 
 
-def _dense(t: Any) -> torch.Tensor:
-    return t if isinstance(t, torch.Tensor) else t.dequantize()
+class BertForSequenceClassification(BertEmbeddingModel):
+    """Cross-encoders / classifiers: the [CLS] token through the pooler (dense + tanh), then
+    the classifier; ``pool`` returns the raw logits [B, num_labels]."""
+
+    def __init__(self, cfg: Any, ctx: ModelBuildContext):
+        super().__init__(cfg, ctx)
+        labels = int(getattr(cfg, "num_labels", 0) or 0)
+        if labels <= 0:
+            raise ValueError(f"num_labels must be positive, got {labels}")
+        self.pooler = _linear(ctx, "bert.pooler.dense", cfg.hidden_size, cfg.hidden_size)
+        self.classifier = _linear(ctx, "classifier", cfg.hidden_size, labels)
+
+    def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        first = torch.stack([chunk[0] for chunk in hidden.split(fb.extend_seq_lens_cpu)])
+        return self.classifier(torch.tanh(self.pooler(first))).float()
+
+    def head_targets(self) -> Loaders:
+        return {**_linear_targets("bert.pooler.dense", self.pooler), **_linear_targets("classifier", self.classifier)}
+
+
+class XLMRobertaModel(BertEmbeddingModel):
+    """XLM-RoBERTa (BGE-M3 and friends): BERT's layers; positions start at padding_idx + 1."""
+
+    encoder_prefix = "roberta."
+
+    @classmethod
+    def position_offset(cls, cfg: Any) -> int:
+        return int(cfg.pad_token_id) + 1
+
+
+class XLMRobertaForSequenceClassification(XLMRobertaModel):
+    """Cross-encoders (bge-reranker style): the <s> token through dense + tanh + out_proj;
+    ``pool`` returns the raw logits [B, num_labels]."""
+
+    def __init__(self, cfg: Any, ctx: ModelBuildContext):
+        super().__init__(cfg, ctx)
+        labels = int(getattr(cfg, "num_labels", 0) or 0)
+        if labels <= 0:
+            raise ValueError(f"num_labels must be positive, got {labels}")
+        self.dense = _linear(ctx, "classifier.dense", cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = _linear(ctx, "classifier.out_proj", cfg.hidden_size, labels)
+
+    def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        first = torch.stack([chunk[0] for chunk in hidden.split(fb.extend_seq_lens_cpu)])
+        return self.out_proj(torch.tanh(self.dense(first))).float()
+
+    def head_targets(self) -> Loaders:
+        return {**_linear_targets("classifier.dense", self.dense),
+                **_linear_targets("classifier.out_proj", self.out_proj)}

@@ -1,7 +1,10 @@
-"""The Llama-family decoder: Llama 2/3 (and SmolLM, which ships as LlamaForCausalLM), Mistral, Qwen2.
+"""The Llama-family decoder: Llama 2/3 (and SmolLM, which ships as LlamaForCausalLM), Mistral, Qwen2;
+Qwen3 (qwen3_model.py) and Phi-3 (phi3_model.py) are variants of it.
 
-They share one graph and differ only in which projections carry a bias and in sliding-window
-attention. Per step the model does (T new tokens, H/Hkv heads, D head_dim):
+They share one graph and differ in which projections carry a bias, in sliding-window attention
+(per layer, from the config: kvyard.layers.attention.sliding_windows_from_hf), and in what the
+variants override (the attention module, checkpoint names). Per step the model does (T new
+tokens, H/Hkv heads, D head_dim):
 
     h = embed(input_ids)                                  [T, hidden]
     cos_sin = rotary.lookup(positions)                    once, shared by every layer
@@ -11,14 +14,9 @@ attention. Per step the model does (T new tokens, H/Hkv heads, D head_dim):
                 x, residual = post_norm(o_proj(attn), residual)
                 h = down_proj(silu(gate) * up)
     hidden = norm(h, residual)                            [T, hidden]
-
-Sliding window (Mistral, Qwen2 with use_sliding_window): attention here is always full. That is
-exact while every sequence is shorter than the window; longer ones differ from HF (a warning says
-so at construction when the window is below max_position_embeddings).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Optional
@@ -28,16 +26,14 @@ from torch import nn
 
 from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.activation import SiluAndMul
-from kvyard.layers.attention import Attention
+from kvyard.layers.attention import Attention, sliding_windows_from_hf
 from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear
 from kvyard.layers.logits import LogitsHead
 from kvyard.layers.norm import RMSNorm
 from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
-from kvyard.layers.weights import copy_checked
+from kvyard.layers.weights import copy_checked, load_named
 from kvyard.model_base import ModelBuildContext
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,8 @@ def read_dims(cfg: Any, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> LlamaDi
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, dims: LlamaDims, layer_id: int, ctx: ModelBuildContext, prefix: str):
+    def __init__(self, dims: LlamaDims, layer_id: int, ctx: ModelBuildContext, prefix: str,
+                 sliding_window: Optional[int] = None):
         super().__init__()
         self.dims = dims
         self.qkv_proj = Linear(dims.hidden_size, [dims.q_size, dims.kv_size, dims.kv_size],
@@ -95,7 +92,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(dims.q_size, dims.hidden_size, bias=dims.o_bias,
                              method=ctx.linear_method(f"{prefix}.o_proj"), prefix=f"{prefix}.o_proj",
                              dtype=ctx.dtype, device=ctx.device)
-        self.attn = Attention(layer_id, dims.num_heads, dims.num_kv_heads, dims.head_dim)
+        self.attn = Attention(layer_id, dims.num_heads, dims.num_kv_heads, dims.head_dim,
+                              sliding_window=sliding_window)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 fb: ForwardBatch) -> torch.Tensor:
@@ -127,11 +125,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, dims: LlamaDims, layer_id: int, ctx: ModelBuildContext):
+    def __init__(self, dims: LlamaDims, layer_id: int, ctx: ModelBuildContext,
+                 attention_cls: type = LlamaAttention, sliding_window: Optional[int] = None):
         super().__init__()
         prefix = f"model.layers.{layer_id}"
         self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
-        self.self_attn = LlamaAttention(dims, layer_id, ctx, f"{prefix}.self_attn")
+        self.self_attn = attention_cls(dims, layer_id, ctx, f"{prefix}.self_attn", sliding_window)
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
         self.mlp = LlamaMLP(dims, ctx, f"{prefix}.mlp")
 
@@ -150,12 +149,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, hf_config: Any, dims: LlamaDims, ctx: ModelBuildContext):
+    def __init__(self, hf_config: Any, dims: LlamaDims, ctx: ModelBuildContext,
+                 attention_cls: type = LlamaAttention):
         super().__init__()
         self.embed_tokens = VocabEmbedding(dims.vocab_size, dims.hidden_size, ctx.dtype, ctx.device,
                                            prefix="model.embed_tokens")
         self.rotary = RotaryEmbedding(rope_config_from_hf(hf_config, dims.head_dim), ctx.dtype, ctx.device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(dims, i, ctx) for i in range(dims.num_layers))
+        windows = sliding_windows_from_hf(hf_config, dims.num_layers)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(dims, i, ctx, attention_cls, windows[i])
+                                    for i in range(dims.num_layers))
         self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
@@ -172,13 +174,16 @@ class LlamaForCausalLM(nn.Module):
     """Model plugin contract: see kvyard.model_base."""
 
     is_generation = True
+    attention_cls: type = LlamaAttention   # a variant's attention module (same constructor)
 
     def __init__(self, hf_config: Any, ctx: ModelBuildContext):
         super().__init__()
         self.config = hf_config
         self.dims = read_dims(hf_config, *self.biases(hf_config))
-        self._warn_sliding_window(hf_config)
-        self.model = LlamaModel(hf_config, self.dims, ctx)
+        self.model = LlamaModel(hf_config, self.dims, ctx, self.attention_cls)
+        self._init_head(hf_config, ctx)
+
+    def _init_head(self, hf_config: Any, ctx: ModelBuildContext) -> None:
         self.lm_head = Linear(self.dims.hidden_size, self.dims.vocab_size, bias=False,
                               method=ctx.linear_method("lm_head"), prefix="lm_head",
                               dtype=ctx.dtype, device=ctx.device)
@@ -190,18 +195,6 @@ class LlamaForCausalLM(nn.Module):
         """(q/k/v bias, o_proj bias, mlp bias)."""
         attention_bias = bool(getattr(cfg, "attention_bias", False))
         return attention_bias, attention_bias, bool(getattr(cfg, "mlp_bias", False))
-
-    @classmethod
-    def sliding_window(cls, cfg: Any) -> Optional[int]:
-        return None
-
-    def _warn_sliding_window(self, cfg: Any) -> None:
-        window = self.sliding_window(cfg)
-        limit = getattr(cfg, "max_position_embeddings", None)
-        if window is not None and (limit is None or window < limit):
-            logger.warning("%s: sliding_window=%d is not applied; attention is full, which matches "
-                           "the reference only for sequences up to %d tokens",
-                           type(self).__name__, window, window)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
@@ -219,20 +212,9 @@ class LlamaForCausalLM(nn.Module):
         Which tensors a projection needs (weight, or qweight/scales/..., weight_scale, ...) is
         its quantization method's ``checkpoint_names``."""
         targets, optional = self._checkpoint_targets()
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            load = targets.get(name) or optional.get(name)
-            if load is None:
-                logger.debug("skipping checkpoint entry %s", name)
-                continue
-            load(tensor)
-            loaded.add(name)
-        if self.dims.tie_word_embeddings and "model.embed_tokens.weight" in loaded:
-            loaded.add("lm_head.weight")  # filled from the embedding
-        missing = sorted(set(targets) - loaded)
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-            raise ValueError(f"checkpoint is missing weights: {shown}")
+        # with tied embeddings the lm_head is filled from the embedding when the checkpoint lacks it
+        tied = ("lm_head.weight",) if self.dims.tie_word_embeddings else ()
+        load_named(weights, {**optional, **targets}, optional=[*optional, *tied])
         for module in self.modules():
             if isinstance(module, Linear):
                 module.process_after_loading()
@@ -243,13 +225,21 @@ class LlamaForCausalLM(nn.Module):
             "model.embed_tokens.weight": self._load_embedding,
             "model.norm.weight": partial(copy_checked, self.model.norm.weight, name="model.norm.weight"),
         }
-        head, optional = self.lm_head.checkpoint_targets(["lm_head"])
+        head, optional = self._head_targets()
         targets.update(head)
         for i, layer in enumerate(self.model.layers):
-            required, opt = _layer_targets(f"model.layers.{i}", layer)
+            required, opt = self._layer_targets(f"model.layers.{i}", layer)
             targets.update(required)
             optional.update(opt)
         return targets, optional
+
+    def _head_targets(self) -> tuple[dict[str, Callable[[Any], None]], dict[str, Callable[[Any], None]]]:
+        """(required, optional) checkpoint names of the LM head -> loaders."""
+        return self.lm_head.checkpoint_targets(["lm_head"])
+
+    def _layer_targets(self, prefix: str, layer: LlamaDecoderLayer):
+        """(required, optional) checkpoint names of one layer -> loaders; variants add or rename entries."""
+        return _layer_targets(prefix, layer)
 
     def _load_embedding(self, weight: Any) -> None:
         self.model.embed_tokens.load(weight, "model.embed_tokens.weight")
@@ -284,16 +274,50 @@ class MistralForCausalLM(LlamaForCausalLM):
     def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
         return False, False, False
 
-    @classmethod
-    def sliding_window(cls, cfg: Any) -> Optional[int]:
-        return getattr(cfg, "sliding_window", None)
-
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
         return True, False, False
 
+
+class LlamaForSequenceClassification(LlamaForCausalLM):
+    """Reward / classification models: the decoder, then ``score`` [num_labels, hidden] on each
+    prompt's last token (HF's pooling when there is no padding). Served as an embedding model:
+    ``pool`` returns the raw scores [B, num_labels] (no activation), as HF's logits."""
+
+    is_generation = False
+
+    def _init_head(self, hf_config: Any, ctx: ModelBuildContext) -> None:
+        labels = int(getattr(hf_config, "num_labels", 0) or 0)
+        if labels <= 0:
+            raise ValueError(f"num_labels must be positive, got {labels}")
+        self.score = Linear(self.dims.hidden_size, labels, bias=False, method=ctx.linear_method("score"),
+                            prefix="score", dtype=ctx.dtype, device=ctx.device)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("sequence-classification models do not generate text")
+
+    def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """hidden [T, hidden] of whole prompts -> scores [B, num_labels] float32."""
+        last = torch.stack([chunk[-1] for chunk in hidden.split(fb.extend_seq_lens_cpu)])
+        return self.score(last).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        targets, optional = self._checkpoint_targets()
+        load_named(weights, {**optional, **targets}, optional=list(optional))
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_after_loading()
+
+    def _head_targets(self):
+        return self.score.checkpoint_targets(["score"])
+
+    def _load_embedding(self, weight: Any) -> None:
+        self.model.embed_tokens.load(weight, "model.embed_tokens.weight")
+
+
+class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
     @classmethod
-    def sliding_window(cls, cfg: Any) -> Optional[int]:
-        return getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", False) else None
+    def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
+        return Qwen2ForCausalLM.biases(cfg)

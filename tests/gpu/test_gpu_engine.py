@@ -48,9 +48,13 @@ def prompts_for(seed: int) -> list[list[int]]:
 
 
 # every case on llama (page size 1); page size 16 + llama3 rope, and qwen2 (biases, one more
-# GQA shape), on the main paths only: each Engine start costs ~10 s
+# GQA shape), on the main paths only: each Engine start costs ~10 s. Qwen3, Phi-3, Gemma 2/3
+# (sliding windows of 16 under prompts of up to 65 tokens; Gemma 2 soft-caps) on triton with
+# graphs, Gemma 2 also on flex_attention and torch_native.
 MATRIX = [("llama", *case) for case in CASES] + [
-    ("llama3-rope", *CASES[1]), ("llama3-rope", *CASES[5]), ("qwen2", *CASES[1])]
+    ("llama3-rope", *CASES[1]), ("llama3-rope", *CASES[5]), ("qwen2", *CASES[1])] + [
+    (arch, *CASES[1]) for arch in ("qwen3", "phi3", "gemma2", "gemma3")] + [
+    ("gemma2", *CASES[0]), ("gemma2", *CASES[5])]
 
 
 @pytest.mark.parametrize("arch,case_id,kwargs,env", MATRIX, ids=[f"{m[0]}-{m[1]}" for m in MATRIX])

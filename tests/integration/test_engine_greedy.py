@@ -77,18 +77,31 @@ def test_shared_prefixes_hit_the_cache(smollm2_path, hf_smollm2, hf_greedy):
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2"])
 def test_tiny_models_equal_transformers(tiny_models, hf_greedy, arch):
+    check_tiny_model(tiny_models, hf_greedy, arch)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma2", "gemma3"])
+def test_tiny_models_with_tokenizer_equal_transformers(tiny_models, hf_greedy, arch):
+    """Loaded with their tokenizer; windows of 16 under prompts of up to 60 tokens."""
+    check_tiny_model(tiny_models, hf_greedy, arch, skip_tokenizer_init=False)
+
+
+def check_tiny_model(tiny_models, hf_greedy, arch: str, skip_tokenizer_init: bool = True):
+    """Five prompts sharing 20 tokens, 16 greedy tokens each, as one batch with chunked prefill
+    (chunks of 16), then again in reverse order on radix-cache hits: all equal to transformers."""
     path, hf_model = tiny_models[arch]
     rng = random.Random(1)
     base = [rng.randrange(1, 256) for _ in range(20)]
     prompts = [base + [rng.randrange(1, 256) for _ in range(n)] for n in (3, 17, 40, 1, 25)]
     expected = [hf_greedy(hf_model, ids, 16) for ids in prompts]
     params = {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
-    with Engine(model_path=path, dtype="float32", chunked_prefill_size=16, skip_tokenizer_init=True,
+    with Engine(model_path=path, dtype="float32", chunked_prefill_size=16, skip_tokenizer_init=skip_tokenizer_init,
                 max_total_tokens=2048, debug_kv_integrity=True, log_level="warning") as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=params)
         assert [o["output_ids"] for o in outs] == expected
         outs = engine.generate(input_ids=prompts[::-1], sampling_params=params)  # cache hits
         assert [o["output_ids"] for o in outs] == expected[::-1]
+        assert all(o["meta_info"]["cached_tokens"] > 0 for o in outs)
 
 
 def test_smollm2_kept_quantized_agrees_with_dequantized(smollm2_path, reference):

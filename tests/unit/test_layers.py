@@ -72,6 +72,29 @@ def test_rotary_matches_hf(case):
     torch.testing.assert_close(rotary.apply(k, cos_sin), k_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+def test_longrope_matches_hf_below_and_beyond_the_original_context():
+    """Short factors below original_max_position_embeddings (HF on a sequence that fits it), long
+    factors from there on (HF on a longer sequence), and HF's attention factor on cos/sin."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    head_dim, original = 16, 64
+    config = Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+                        original_max_position_embeddings=original, rope_scaling={
+                            "rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+                            "long_factor": [3.0 + i for i in range(8)]})
+    rotary = RotaryEmbedding(rope_config_from_hf(config, head_dim))
+    reference = Phi3RotaryEmbedding(config)
+    x = torch.randn(1, 4, head_dim)
+    for positions in (torch.arange(0, original), torch.arange(original, 256)):
+        full = torch.arange(0, int(positions[-1]) + 1)      # HF picks the factors by sequence length
+        cos, sin = reference(x, full[None])
+        cos, sin = cos[0, positions], sin[0, positions]
+        ours_cos, ours_sin = rotary.lookup(positions)
+        torch.testing.assert_close(ours_cos[:, 0], cos, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours_sin[:, 0], sin, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_config_reads_legacy_attributes_and_extends_the_cache():
     legacy = SimpleNamespace(rope_theta=500000.0, max_position_embeddings=128,
                              rope_scaling={"type": "linear", "factor": 2.0})
@@ -81,8 +104,8 @@ def test_rope_config_reads_legacy_attributes_and_extends_the_cache():
 
 
 def test_rope_rejects_unsupported_type_and_missing_keys():
-    with pytest.raises(ValueError, match="rope_type 'longrope' is not supported"):
-        RopeConfig(head_dim=16, max_position=8, rope_type="longrope")
+    with pytest.raises(ValueError, match="rope_type 'mrope' is not supported"):
+        RopeConfig(head_dim=16, max_position=8, rope_type="mrope")
     with pytest.raises(ValueError, match="low_freq_factor"):
         RotaryEmbedding(RopeConfig(head_dim=16, max_position=8, rope_type="llama3",
                                    scaling={"factor": 8.0, "high_freq_factor": 4.0,

@@ -6,16 +6,14 @@ prefill, chunked prefill (chunks of 16) and prefix reuse (a prompt extends on to
 cached slots), on page sizes 1 and 4. Then the real SmolLM2-135M-Instruct (GGUF) checkpoint.
 """
 import importlib.util
-import logging
 from functools import lru_cache
 
 import pytest
 import torch
 import transformers
 
-from forward_harness import Harness, PagedKV
+from hf_reference import assert_matches_reference as _assert_matches, build_harness, hf_reference, plugin_manager
 from kvyard.model_base import ModelBuildContext
-from kvyard.plugins import PluginManager
 import kvyard_plugins.attention.torch_native as torch_native_plugin
 import kvyard_plugins.models.llama as llama_plugin
 
@@ -39,6 +37,10 @@ CONFIGS = {
     "mistral-headdim32": ("MistralForCausalLM", dict(num_hidden_layers=3, head_dim=32, sliding_window=None)),
     "qwen2-tied": ("Qwen2ForCausalLM", dict(num_hidden_layers=2, num_key_value_heads=1,
                                             tie_word_embeddings=True)),
+    # windows shorter than the prompts (37 tokens): attention must drop the early keys
+    "mistral-window8": ("MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=8)),
+    "qwen2-window8": ("Qwen2ForCausalLM", dict(num_hidden_layers=2, use_sliding_window=True,
+                                               sliding_window=8, max_window_layers=1)),
 }
 
 # p1 shares its first 20 tokens with p0 (prefix reuse); lengths straddle the 16-token chunks
@@ -49,11 +51,8 @@ P2 = torch.randint(3, 256, (5,), generator=_g).tolist()
 PROMPTS = [P0, P1, P2]
 
 
-def plugins() -> PluginManager:
-    pm = PluginManager(autoload=False)
-    pm.add_plugin(llama_plugin)
-    pm.add_plugin(torch_native_plugin)
-    return pm
+def plugins():
+    return plugin_manager(llama_plugin, torch_native_plugin)
 
 
 @lru_cache(maxsize=None)
@@ -64,35 +63,15 @@ def reference(name: str):
     torch.manual_seed(0)
     # larger init than the default 0.02 so the top logits are well apart (stable argmax)
     hf = getattr(transformers, arch)(config_cls(**{**COMMON, "initializer_range": 0.1, **extra})).eval()
-    outputs = []
-    with torch.inference_mode():
-        for prompt in PROMPTS:
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS,
-                              do_sample=False, output_logits=True, return_dict_in_generate=True)
-            tokens = out.sequences[0, len(prompt):].tolist()
-            assert len(tokens) == STEPS
-            outputs.append((tokens, torch.cat(out.logits)))
-    return hf, outputs
+    return hf, hf_reference(hf, PROMPTS, STEPS)
 
 
-def build(hf, page_size: int = 1, device: str = "cpu") -> Harness:
-    cfg = hf.config
-    pm = plugins()
-    model_cls = pm.registry("model_architectures").get(type(hf).__name__)
-    model = model_cls(cfg, ModelBuildContext(dtype=torch.float32, device=device))
-    model.load_weights(hf.state_dict().items())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = PagedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, num_pages=256 // page_size,
-                 page_size=page_size, seed=page_size, device=device)
-    backend = pm.registry("attention_backends").get("torch_native")(kv.backend_config(cfg.num_attention_heads, head_dim))
-    return Harness(model, backend, kv)
+def build(hf, page_size: int = 1, device: str = "cpu"):
+    return build_harness(hf, plugins(), "torch_native", page_size, device)
 
 
 def assert_matches_reference(generation, expected):
-    for i, (tokens, logits) in enumerate(expected):
-        assert generation.tokens[i] == tokens, f"prompt {i}"
-        ours = torch.stack([step[i] for step in generation.logits]).cpu()
-        torch.testing.assert_close(ours, logits, rtol=0, atol=ATOL)
+    _assert_matches(generation, expected, ATOL)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -111,7 +90,7 @@ def test_batched_greedy_equals_hf_generate(name, device):
     assert_matches_reference(build(hf, device=device).generate(PROMPTS, STEPS), expected)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2-tied"])
+@pytest.mark.parametrize("name", ["llama", "qwen2-tied", "mistral-window8"])
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_chunked_prefill(name, page_size):
     hf, expected = reference(name)
@@ -119,7 +98,7 @@ def test_chunked_prefill(name, page_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["llama-tied-llama3rope", "mistral-headdim32"])
+@pytest.mark.parametrize("name", ["llama-tied-llama3rope", "mistral-headdim32", "qwen2-window8"])
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_prefix_reuse(name, page_size, device):
     hf, expected = reference(name)
@@ -158,12 +137,12 @@ def test_tied_lm_head_is_loaded_from_the_embedding():
     assert model.model.layers[0].self_attn.o_proj.bias is None
 
 
-def test_mistral_sliding_window_below_context_warns(caplog):
-    config = transformers.MistralConfig(**{**COMMON, "num_hidden_layers": 1, "sliding_window": 32})
-    model_cls = plugins().registry("model_architectures").get("MistralForCausalLM")
-    with caplog.at_level(logging.WARNING):
-        model_cls(config, ModelBuildContext(torch.float32, "cpu"))
-    assert "sliding_window=32 is not applied" in caplog.text
+def test_sliding_windows_reach_the_attention_layers():
+    """Mistral windows every layer; Qwen2 only the layers from max_window_layers on."""
+    hf, _ = reference("mistral-window8")
+    assert [layer.self_attn.attn.sliding_window for layer in build(hf).model.model.layers] == [8, 8]
+    hf, _ = reference("qwen2-window8")
+    assert [layer.self_attn.attn.sliding_window for layer in build(hf).model.model.layers] == [None, 8]
 
 
 def test_bad_head_counts_are_a_clear_error():

@@ -18,10 +18,15 @@ TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_laye
 
 
 def tiny_model(kind: str, **extra):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    config_name, model_name = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+                               "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+                               "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+                               "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}[kind]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     torch.manual_seed(0)
     return model_cls(config_cls(**{**TINY, "tie_word_embeddings": False, **extra})).eval()
 
@@ -121,7 +126,8 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kind,extra", [
     ("llama", {}), ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
-    ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True})])
+    ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}), ("qwen3", {}), ("phi3", {"pad_token_id": None}),
+    ("gemma2", {"head_dim": 8}), ("gemma3_text", {"head_dim": 8})])
 def test_dummy_weights_fit_the_hf_model(tmp_path, kind, extra):
     model = tiny_model(kind, **extra)
     model.config.save_pretrained(tmp_path)
@@ -144,12 +150,13 @@ def test_dummy_weights_are_seeded_small_and_norms_are_one(tmp_path):
     assert embed.dtype == torch.bfloat16 and abs(embed.float().std().item() - INIT_STD) < 0.005
 
 
-def test_dummy_rejects_non_llama_family(tmp_path):
+def test_dummy_needs_an_architecture_transformers_knows(tmp_path):
     from transformers import BertConfig
 
-    BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               architectures=["NoSuchForCausalLM"]).save_pretrained(tmp_path)
     loader = DummyLoader(LoadConfig())
-    with pytest.raises(ValueError, match="load_format: dummy supports"):
+    with pytest.raises(ValueError, match="load_format: dummy needs an architecture transformers knows"):
         list(loader.weights(str(tmp_path), loader.hf_config(str(tmp_path))))
 
 

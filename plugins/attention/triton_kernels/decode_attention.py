@@ -15,6 +15,9 @@ Only device tensors describe the batch (seq_lens, req_pool_indices): the grid de
 S alone, so a CUDA graph captured at batch size B replays for any lengths. A row with
 seq_len 0 (graph padding) gives zeros, never NaN.
 
+Layer features: ``window`` W > 0 hides keys j < seq_len - W (the query sits at seq_len - 1);
+``logit_cap`` c > 0 turns the scaled score s into c * tanh(s / c) (SOFT_CAP).
+
 Shapes: q [B, H, D] (last dim contiguous), out [B, H, D]; mid_o [B, H, S, D] in float32 or the
 activation dtype (--triton-attention-reduce-in-fp32), mid_lse [B, H, S] float32.
 """
@@ -26,17 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard_plugins.attention.triton_kernels.precision import fp32_dot
+from kvyard_plugins.attention.triton_kernels.precision import fp32_dot, scaled_scores
 
 
 @triton.jit
 def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LENS, MID_O, MID_LSE,
-                         scale_log2,
+                         scale_log2, window, logit_cap,
                          stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh,
                          stride_req, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         FP32_DOT: tl.constexpr):
+                         FP32_DOT: tl.constexpr, SOFT_CAP: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,7 +73,10 @@ def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LE
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(n_ok[None, :], qk * scale_log2, float("-inf"))
+        allowed = n_ok
+        if window > 0:
+            allowed = allowed & (offs_n >= seq_len - window)
+        qk = tl.where(allowed[None, :], scaled_scores(qk, scale_log2, logit_cap, SOFT_CAP), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_safe[:, None])
@@ -122,7 +128,8 @@ def decode_workspace(batch: int, heads: int, num_splits: int, head_dim: int, mid
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                     mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float) -> None:
+                     mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, window: int = 0,
+                     logit_cap: float = 0.0) -> None:
     """Writes out [B, H, D]; mid_o/mid_lse are the workspace (decode_workspace, >= B rows)."""
     batch, heads, dim = q.shape
     kv_heads = k_buf.shape[1]
@@ -140,12 +147,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     split_out = out.unsqueeze(2) if num_splits == 1 else mid_o      # [B, H, S, D]
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, split_out, mid_lse,
-        scaling * math.log2(math.e),
+        scaling * math.log2(math.e), int(window or 0), float(logit_cap or 0.0),
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), split_out.stride(0), split_out.stride(1), split_out.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=64, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), num_warps=4, num_stages=2)
+        BLOCK_N=64, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap),
+        num_warps=4, num_stages=2)
     if num_splits == 1:
         return
     _decode_reduce_kernel[(batch, heads)](

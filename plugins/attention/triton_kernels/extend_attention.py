@@ -9,6 +9,9 @@ Grid (B, H, ceil(max N_b / BLOCK_M)): one program per (request, query head, bloc
 tokens); blocks past a short request's N_b return at once. GQA: query head h reads kv head
 h // GROUP. Online softmax in float32 with exp2 (the scale is pre-multiplied by log2(e)).
 
+Layer features: ``window`` W > 0 also hides keys j <= position - W (sliding window; 0 = none);
+``logit_cap`` c > 0 turns the scaled score s into c * tanh(s / c) before the mask (SOFT_CAP).
+
 Shapes: q [T, H, D] (rows may be strided, last dim contiguous), out [T, H, D];
 k_buf/v_buf [num_slots, Hkv, D]; req_to_token [R, C] int32; per-request vectors [B] int64.
 """
@@ -20,16 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard_plugins.attention.triton_kernels.precision import fp32_dot
+from kvyard_plugins.attention.triton_kernels.precision import fp32_dot, scaled_scores
 
 
 @triton.jit
 def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, Q_LENS, PREFIX_LENS,
-                   scale_log2,
+                   scale_log2, window, logit_cap,
                    stride_qt, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh,
                    stride_ot, stride_oh, stride_req,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+                   SOFT_CAP: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -69,7 +73,9 @@ def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, 
         else:
             qk = tl.dot(q, tl.trans(k))
         allowed = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        qk = tl.where(allowed, qk * scale_log2, float("-inf"))
+        if window > 0:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - window)
+        qk = tl.where(allowed, scaled_scores(qk, scale_log2, logit_cap, SOFT_CAP), float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no key yet
@@ -92,7 +98,7 @@ def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, 
 def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      q_start: torch.Tensor, q_lens: torch.Tensor, prefix_lens: torch.Tensor,
-                     max_q_len: int, scaling: float) -> None:
+                     max_q_len: int, scaling: float, window: int = 0, logit_cap: float = 0.0) -> None:
     """Writes out [T, H, D]. ``max_q_len`` (a host int) sizes the grid, so no device sync."""
     _, heads, dim = q.shape
     kv_heads = k_buf.shape[1]
@@ -109,8 +115,8 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     grid = (batch, heads, triton.cdiv(max_q_len, block_m))
     _extend_kernel[grid](
         q, k_buf, v_buf, out, req_to_token, req_pool_indices, q_start, q_lens, prefix_lens,
-        scaling * math.log2(math.e),
+        scaling * math.log2(math.e), int(window or 0), float(logit_cap or 0.0),
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
         GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP32_DOT=fp32_dot(q.dtype), num_warps=4 if block_d <= 64 else 8, num_stages=2)
+        FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap), num_warps=4 if block_d <= 64 else 8, num_stages=2)

@@ -1,4 +1,5 @@
-"""How the attention kernels multiply: ``fp32_dot(dtype)`` is the FP32_DOT kernel switch.
+"""How the attention kernels multiply and score: ``fp32_dot(dtype)`` is the FP32_DOT kernel
+switch; ``scaled_scores`` turns raw q.k into the exp2-domain scores, soft-capped or not.
 
 True   q/k/v are cast to float32 and tl.dot runs as true IEEE float32 (not tf32). Taken for float32
        models, so they keep float32 accuracy on a GPU, and always under the CPU interpreter,
@@ -10,7 +11,23 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
 
 
 def fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def scaled_scores(qk, scale_log2, logit_cap, SOFT_CAP: tl.constexpr):
+    """Raw q.k -> s * log2(e) with s = scale * q.k, or with SOFT_CAP s = c * tanh(scale * q.k / c).
+    tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp overflows to inf -> 1, underflows -> -1)
+    and needs no libdevice, so it also runs under the CPU interpreter."""
+    if SOFT_CAP:
+        x = qk * (scale_log2 * LN2) / logit_cap
+        return (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * (logit_cap * LOG2E)
+    return qk * scale_log2
