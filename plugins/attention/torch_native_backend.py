@@ -12,6 +12,10 @@ decode: on the CPU the C++ kernel of cpu_kernels/ reads K/V straight from the po
         gathered head-major into [Hkv, B, L, D] (L = longest sequence), q viewed as
         [Hkv, B, group, D] for GQA, scores masked past each row's length, softmax in float32.
 Gathered K/V land in staging buffers allocated once per step and reused by every layer.
+
+KV layouts: "mha" and "mla". Under "mla" the pool's V buffer is its K buffer (one latent head),
+so attention runs over the full latent + rope row and each head keeps the leading
+layer.v_head_dim columns of its output (the weighted latent).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from kvyard.attention import AttentionBackend
+from kvyard.attention import AttentionBackend, value_columns
 from kvyard_plugins.attention import cpu_kernels
 
 if TYPE_CHECKING:
@@ -90,6 +94,7 @@ def _use_cpu_kernel(fb: "ForwardBatch") -> bool:
 class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
     supports_cuda_graph = False
+    kv_layouts = ("mha", "mla")
 
     # -- per-step metadata -------------------------------------------------------------------
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
@@ -134,7 +139,7 @@ class TorchNativeBackend(AttentionBackend):
 
     # -- attention ---------------------------------------------------------------------------
     def forward_extend(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
-        """q [T, H, D] -> [T, H * D]."""
+        """q [T, H, D] -> [T, H * Dv]."""
         meta: ExtendMetadata = fb.attn_metadata
         k_buf, v_buf = fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id)
         t, heads, dim = q.shape
@@ -151,16 +156,16 @@ class TorchNativeBackend(AttentionBackend):
                 attn_mask=span.mask, is_causal=span.is_causal, scale=layer.scaling,
                 enable_gqa=heads != k.shape[1])
             out[rows] = o[0].transpose(0, 1)
-        return out.view(t, heads * dim)
+        return value_columns(out, layer)
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
-        """q [B, H, D] -> [B, H * D]."""
+        """q [B, H, D] -> [B, H * Dv]."""
         meta: Optional[DecodeMetadata] = fb.attn_metadata
         if meta is None:
             out = cpu_kernels.paged_decode(
                 q.contiguous(), fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id),
                 fb.req_to_token, fb.req_pool_indices, fb.seq_lens, layer.scaling)
-            return out.view(q.shape[0], -1)
+            return value_columns(out, layer)
         b, heads, dim = q.shape
         kv_heads, length = layer.num_kv_heads, meta.max_len
         k = _gather_head_major(fb.kv_pool.k_buffer(layer.layer_id), meta.slots, meta.k_stage)
@@ -172,4 +177,5 @@ class TorchNativeBackend(AttentionBackend):
         scores.mul_(layer.scaling).masked_fill_(meta.padding, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, v)                                             # [Hkv, B, G, D]
-        return out.transpose(0, 1).reshape(b, heads * dim)
+        return value_columns(out.transpose(0, 1).reshape(b, heads, dim), layer)
+
