@@ -29,6 +29,7 @@ for transformers' in-memory stacked gate_up_proj [E, 2I, H] / down_proj [E, H, I
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -250,8 +251,12 @@ class SparseMoeBlock(nn.Module):
     forward(x [T, H]) -> [T, H]."""
 
     def __init__(self, routing: RoutingConfig, router: Router, experts: FusedMoE,
-                 shared_expert: Optional[nn.Module] = None, shared_gate: Optional[Linear] = None):
+                 shared_expert: Optional[nn.Module] = None, shared_gate: Optional[Linear] = None,
+                 shared_name: str = "shared_expert"):
+        """``shared_name``: the shared expert's checkpoint name ("shared_expert" in Qwen2-MoE,
+        "shared_experts" in DeepSeek)."""
         super().__init__()
+        self.shared_name = shared_name
         self.routing = routing
         self.gate = router
         self.experts = experts
@@ -266,4 +271,23 @@ class SparseMoeBlock(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
+        return out
+
+    def targets(self, prefix: str, expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+                ) -> dict[str, Any]:
+        """HF checkpoint name -> loader, for a block saved under ``prefix``: ``gate.weight``
+        (+ ``gate.e_score_correction_bias``), ``experts.<e>.<part>.weight`` with the (gate, up,
+        down) part names given, ``shared_expert(s).*`` and ``shared_expert_gate.weight``."""
+        out: dict[str, Any] = {f"{prefix}.gate.weight": partial(copy_checked, self.gate.weight,
+                                                               name=f"{prefix}.gate.weight")}
+        if self.gate.e_score_correction_bias is not None:
+            name = f"{prefix}.gate.e_score_correction_bias"
+            out[name] = partial(copy_checked, self.gate.e_score_correction_bias, name=name)
+        for e in range(self.experts.num_experts):
+            for role, part in zip(("gate", "up", "down"), expert_parts):
+                out[f"{prefix}.experts.{e}.{part}.weight"] = partial(self.experts.load_expert, e, role)
+        if self.shared_expert is not None:
+            out.update(self.shared_expert.targets(f"{prefix}.{self.shared_name}"))
+        if self.shared_expert_gate is not None:
+            out[f"{prefix}.shared_expert_gate.weight"] = partial(self.shared_expert_gate.load_shard, 0)
         return out

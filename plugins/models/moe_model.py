@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from kvyard.forward_batch import ForwardBatch
-from kvyard.layers.activation import SiluAndMul
 from kvyard.layers.attention import Attention
 from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear
 from kvyard.layers.logits import LogitsHead
+from kvyard.layers.mlp import GatedMLP
 from kvyard.layers.moe import FusedMoE, Router, RoutingConfig, SparseMoeBlock
 from kvyard.layers.norm import RMSNorm
 from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
@@ -95,27 +95,6 @@ class MoeAttention(nn.Module):
         q = RotaryEmbedding.apply(q, cos_sin)
         k = RotaryEmbedding.apply(k, cos_sin)
         return self.o_proj(self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), fb))
-
-
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)): the dense MLP and Qwen2-MoE's shared expert."""
-
-    def __init__(self, hidden: int, inter: int, ctx: ModelBuildContext, prefix: str):
-        super().__init__()
-        lin = dict(dtype=ctx.dtype, device=ctx.device)
-        self.gate_up_proj = Linear(hidden, [inter, inter], method=ctx.linear_method(f"{prefix}.gate_up_proj"),
-                                   prefix=f"{prefix}.gate_up_proj", **lin)
-        self.down_proj = Linear(inter, hidden, method=ctx.linear_method(f"{prefix}.down_proj"),
-                                prefix=f"{prefix}.down_proj", **lin)
-        self.act = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
-
-    def targets(self, prefix: str) -> Targets:
-        return {f"{prefix}.gate_proj.weight": partial(self.gate_up_proj.load_shard, 0),
-                f"{prefix}.up_proj.weight": partial(self.gate_up_proj.load_shard, 1),
-                f"{prefix}.down_proj.weight": partial(self.down_proj.load_shard, 0)}
 
 
 def build_sparse_block(cfg: Any, spec: MoeSpec, ctx: ModelBuildContext, prefix: str) -> SparseMoeBlock:
@@ -246,20 +225,8 @@ class MoeForCausalLM(nn.Module):
         if isinstance(layer.mlp, GatedMLP):
             targets.update(layer.mlp.targets(mlp_prefix))
         else:
-            targets.update(sparse_block_targets(layer.mlp, mlp_prefix, self.moe_spec.expert_parts))
+            targets.update(layer.mlp.targets(mlp_prefix, self.moe_spec.expert_parts))
         return targets
-
-
-def sparse_block_targets(block: SparseMoeBlock, prefix: str, parts: tuple[str, str, str]) -> Targets:
-    targets: Targets = {f"{prefix}.gate.weight": partial(copy_checked, block.gate.weight,
-                                                         name=f"{prefix}.gate.weight")}
-    for e in range(block.experts.num_experts):
-        for role, part in zip(("gate", "up", "down"), parts):
-            targets[f"{prefix}.experts.{e}.{part}.weight"] = partial(block.experts.load_expert, e, role)
-    if block.shared_expert is not None:
-        targets.update(block.shared_expert.targets(f"{prefix}.shared_expert"))
-        targets[f"{prefix}.shared_expert_gate.weight"] = partial(block.shared_expert_gate.load_shard, 0)
-    return targets
 
 
 def _warn_sliding_window(arch: str, cfg: Any) -> None:
