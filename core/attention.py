@@ -117,5 +117,5 @@ def value_columns(out: torch.Tensor, layer: "Attention") -> torch.Tensor:
     where attention ran over the whole latent + rope row because V is read out of it."""
     t, heads, dim = out.shape
     if layer.v_head_dim == dim:
-        return out.view(t, heads * dim)
+        return out.reshape(t, heads * dim)
     return out[..., :layer.v_head_dim].reshape(t, heads * layer.v_head_dim)

@@ -4,7 +4,8 @@ Each spec is (HF architecture, config overrides). ``save_tiny`` builds it with a
 save_pretrained()s it as safetensors; ``load_kvyard`` loads that folder the way the engine does
 (the safetensors load-format plugin, then the model plugin's load_weights).
 
-The DeepSeek-V3 spec gives its routers a random e_score_correction_bias (HF initialises it to
+DeepSeek-V2 runs YaRN rope with mscale_all_dim (the softmax scale changes too), as
+DeepSeek-V2-Lite does. The DeepSeek-V3 spec gives its routers a random e_score_correction_bias (HF initialises it to
 zeros, which would leave the bias path untested).
 """
 from __future__ import annotations
@@ -35,7 +36,10 @@ SPECS: dict[str, tuple[str, dict]] = {
                                               norm_topk_prob=True, head_dim=32)),
     "olmoe": ("OlmoeForCausalLM", dict(num_experts=6, num_experts_per_tok=2, clip_qkv=2.0)),
     "deepseek-v2": ("DeepseekV2ForCausalLM", dict(_MLA, q_lora_rank=None, topk_method="group_limited_greedy",
-                                                  routed_scaling_factor=1.5)),
+                                                  routed_scaling_factor=1.5, rope_scaling={
+                                                      "type": "yarn", "factor": 4.0, "mscale": 0.707,
+                                                      "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+                                                      "original_max_position_embeddings": 128})),
     "deepseek-v3": ("DeepseekV3ForCausalLM", dict(_MLA, q_lora_rank=48, routed_scaling_factor=2.5,
                                                   norm_topk_prob=True)),
 }

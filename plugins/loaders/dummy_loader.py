@@ -1,7 +1,8 @@
 """The dummy load format: random weights from config.json alone, for benchmarks.
 
 The loader never sees the model's parameters, so it generates the standard HF names of the
-Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) from the config: projections ~ N(0, 0.02)
+Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) and of the MoE families (dummy_moe_shapes.py:
+Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3) from the config: projections ~ N(0, 0.02)
 from a fixed seed (same config -> same weights), norms = 1, biases = 0.
 
 Tokenizer: the folder's own when it has tokenizer files; otherwise the bundled default model's
@@ -17,6 +18,7 @@ import torch
 
 from kvyard.loader import TokenizerSource
 from kvyard.model_source import default_model_path
+from kvyard_plugins.loaders.dummy_moe_shapes import MOE_MODEL_TYPES, moe_family_shapes
 from kvyard_plugins.loaders.hf_folder import HFFolderLoader
 
 SEED = 0
@@ -43,7 +45,8 @@ class DummyLoader(HFFolderLoader):
 
     def weights(self, model_path: str, hf_config: Any) -> Iterator[tuple[str, Any]]:
         generator = torch.Generator(device=self.config.device).manual_seed(SEED)
-        for name, shape in llama_family_shapes(hf_config):
+        moe = getattr(hf_config, "model_type", None) in MOE_MODEL_TYPES
+        for name, shape in (moe_family_shapes if moe else llama_family_shapes)(hf_config):
             yield name, self._tensor(name, shape, generator)
 
     def _tensor(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -59,7 +62,8 @@ def llama_family_shapes(cfg: Any) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(HF parameter name, shape) of every parameter of a Llama-family causal LM."""
     model_type = getattr(cfg, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"load_format: dummy supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+        raise ValueError(f"load_format: dummy supports model types "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES + MOE_MODEL_TYPES)}; "
                          f"the config has {model_type!r}")
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
     yield "model.embed_tokens.weight", (vocab, hidden)

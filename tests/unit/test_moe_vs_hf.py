@@ -124,3 +124,15 @@ def test_missing_expert_weight_is_named(root):
     del weights["model.layers.1.mlp.experts.3.up_proj.weight"]
     with pytest.raises(ValueError, match="model.layers.1.mlp.experts.3.up_proj.weight"):
         model.load_weights(weights.items())
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_dummy_loader_names_the_checkpoint_tensors(name, root):
+    """The dummy load format (benchmarks) generates exactly the checkpoint's names and shapes."""
+    from safetensors import safe_open
+    from kvyard_plugins.loaders.dummy_moe_shapes import moe_family_shapes
+
+    path, hf, _ = reference(name, root)
+    with safe_open(f"{path}/model.safetensors", "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert dict(moe_family_shapes(hf.config)) == saved
