@@ -37,7 +37,8 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M
     flat = ids.reshape(-1).to(torch.int64)
     n = flat.numel()
     dev = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)                   # [E]
+    # scatter_add, not bincount: CUDA bincount reads the max id back to the host (no graphs)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
