@@ -10,6 +10,7 @@ zeros, which would leave the bias path untested).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -86,3 +87,15 @@ def load_kvyard(path: str, hf_config: Any, pm: PluginManager, quantization=None)
         hf_config, ModelBuildContext(torch.float32, "cpu", quantization))
     model.load_weights(loader.weights(path, hf_config))
     return model.eval()
+
+
+def with_eos(path: str) -> str:
+    """The tiny configs have no eos id (HF generate must not stop early); the engine needs one,
+    and requests with ignore_eos keep it from stopping."""
+    config = os.path.join(path, "config.json")
+    with open(config) as f:
+        data = json.load(f)
+    data["eos_token_id"] = 0
+    with open(config, "w") as f:
+        json.dump(data, f)
+    return path

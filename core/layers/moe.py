@@ -20,7 +20,8 @@ expert) and w2 [E, H, I]. They run through the Triton grouped GEMM (kvyard.trito
 tokens sorted by expert, block-aligned) where kvyard.kernels picks it ("fused_moe"), else the
 torch path (one matmul pair per expert that received tokens). A quantized model builds each
 expert's gate_up / down as a ``Linear`` whose LinearMethod comes from the quantization method
-(kept-quantized weights, e.g. GGUF blocks) and runs the per-expert loop through them.
+(kept-quantized weights, e.g. GGUF blocks) and runs the per-expert loop through them; the model
+calls process_after_loading on those Linear layers like on every other.
 
 Checkpoint names: load_expert(e, part, w) with part in "gate", "up", "down" (per-expert HF names,
 as Mixtral's w1/w3/w2 and Qwen/OLMoE/DeepSeek's gate_proj/up_proj/down_proj), or load_stacked
@@ -204,12 +205,6 @@ class FusedMoE(nn.Module):
                 self.load_expert(e, "up", weight[e, i:])
             else:
                 self.load_expert(e, "down", weight[e])
-
-    def process_after_loading(self) -> None:
-        if self.quantized:
-            for expert in self.experts:
-                expert.gate_up_proj.process_after_loading()
-                expert.down_proj.process_after_loading()
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

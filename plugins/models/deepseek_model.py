@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -40,14 +40,13 @@ from torch import nn
 from kvyard.forward_batch import ForwardBatch
 from kvyard.kv_layout import KVLayout
 from kvyard.layers.attention import Attention
-from kvyard.layers.embedding import VocabEmbedding
+from kvyard.layers.decoder import DecoderLM, PreNormDecoderLayer
 from kvyard.layers.linear import Linear
-from kvyard.layers.logits import LogitsHead
 from kvyard.layers.mlp import GatedMLP
 from kvyard.layers.moe import FusedMoE, Router, RoutingConfig, SparseMoeBlock
 from kvyard.layers.norm import RMSNorm
-from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
-from kvyard.layers.weights import as_dense, copy_checked, load_named
+from kvyard.layers.rotary import RotaryEmbedding
+from kvyard.layers.weights import as_dense, copy_checked
 from kvyard.model_base import ModelBuildContext
 
 Targets = dict[str, Callable[[Any], None]]
@@ -168,7 +167,7 @@ def build_moe(cfg: Any, ctx: ModelBuildContext, prefix: str, v3: bool) -> Sparse
     return SparseMoeBlock(routing, router, experts, shared, shared_name="shared_experts")
 
 
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: Any, layer_id: int, ctx: ModelBuildContext, v3: bool, interleaved: bool):
         super().__init__()
         prefix = f"model.layers.{layer_id}"
@@ -178,81 +177,28 @@ class DeepseekDecoderLayer(nn.Module):
         self.mlp = (build_moe(cfg, ctx, f"{prefix}.mlp", v3) if layer_id >= (cfg.first_k_dense_replace or 0)
                     else GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx, f"{prefix}.mlp"))
 
-    def forward(self, h, residual, cos_sin, fb):
-        if residual is None:
-            residual = h
-            x = self.input_layernorm(h)
-        else:
-            x, residual = self.input_layernorm(h, residual)
-        x = self.self_attn(x, cos_sin, fb)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
-    def targets(self, prefix: str) -> Targets:
-        out = self.self_attn.targets(f"{prefix}.self_attn")
-        out.update(self.mlp.targets(f"{prefix}.mlp"))
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            out[f"{prefix}.{name}.weight"] = partial(copy_checked, getattr(self, name).weight,
-                                                     name=f"{prefix}.{name}.weight")
-        return out
-
-
-class DeepseekV2ForCausalLM(nn.Module):
+class DeepseekV2ForCausalLM(DecoderLM):
     """Model plugin contract: see kvyard.model_base (declares the "mla" KV layout)."""
 
-    is_generation = True
     V3 = False
 
     def __init__(self, hf_config: Any, ctx: ModelBuildContext):
-        super().__init__()
-        cfg = self.config = hf_config
+        cfg = hf_config
+        super().__init__(cfg, ctx, cfg.qk_rope_head_dim)
         interleaved = bool(getattr(cfg, "rope_interleave", True)) if self.V3 else True
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.dtype, ctx.device,
-                                           prefix="model.embed_tokens")
-        self.rotary = RotaryEmbedding(rope_config_from_hf(cfg, cfg.qk_rope_head_dim), ctx.dtype, ctx.device)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(cfg, i, ctx, self.V3, interleaved)
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype, ctx.device)
-        self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, method=ctx.linear_method("lm_head"),
-                              prefix="lm_head", dtype=ctx.dtype, device=ctx.device)
-        self.logits_head = LogitsHead(self.lm_head)
+        self.layers.extend(DeepseekDecoderLayer(cfg, i, ctx, self.V3, interleaved)
+                           for i in range(cfg.num_hidden_layers))
 
     def kv_layout(self) -> KVLayout:
         cfg = self.config
         return KVLayout.mla(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""
-        h = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.lookup(positions)
-        residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos_sin, fb)
-        hidden, _ = self.norm(h, residual)
-        return hidden
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logits_head(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        targets: Targets = {
-            "model.embed_tokens.weight": self._load_embedding,
-            "model.norm.weight": partial(copy_checked, self.norm.weight, name="model.norm.weight"),
-            "lm_head.weight": partial(self.lm_head.load_shard, 0),
-        }
-        for i, layer in enumerate(self.layers):
-            targets.update(layer.targets(f"model.layers.{i}"))
-        tied = {"lm_head.weight"} if self.tie else set()
-        load_named(targets, weights, lambda loaded: tied if "model.embed_tokens.weight" in loaded else set())
-        for module in self.modules():
-            if isinstance(module, (Linear, FusedMoE, MLAttention)):
-                module.process_after_loading()
-
-    def _load_embedding(self, weight: Any) -> None:
-        self.embed_tokens.load(weight, "model.embed_tokens.weight")
-        if self.tie:
-            self.lm_head.load_shard(0, weight)
+    def layer_targets(self, prefix: str, layer: DeepseekDecoderLayer) -> Targets:
+        targets = layer.self_attn.targets(f"{prefix}.self_attn")
+        targets.update(layer.mlp.targets(f"{prefix}.mlp"))
+        targets.update(layer.norm_targets(prefix))
+        return targets
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

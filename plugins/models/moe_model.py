@@ -23,21 +23,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.attention import Attention
-from kvyard.layers.embedding import VocabEmbedding
+from kvyard.layers.decoder import DecoderLM, PreNormDecoderLayer
 from kvyard.layers.linear import Linear
-from kvyard.layers.logits import LogitsHead
 from kvyard.layers.mlp import GatedMLP
 from kvyard.layers.moe import FusedMoE, Router, RoutingConfig, SparseMoeBlock
 from kvyard.layers.norm import RMSNorm
-from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
-from kvyard.layers.weights import copy_checked, load_named
+from kvyard.layers.rotary import RotaryEmbedding
+from kvyard.layers.weights import copy_checked
 from kvyard.model_base import ModelBuildContext
 
 logger = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ def is_sparse_layer(cfg: Any, layer_id: int) -> bool:
     return (layer_id + 1) % step == 0
 
 
-class MoeDecoderLayer(nn.Module):
+class MoeDecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: Any, spec: MoeSpec, layer_id: int, ctx: ModelBuildContext):
         super().__init__()
         prefix = f"model.layers.{layer_id}"
@@ -131,81 +130,22 @@ class MoeDecoderLayer(nn.Module):
         self.mlp = (build_sparse_block(cfg, spec, ctx, mlp_prefix) if is_sparse_layer(cfg, layer_id)
                     else GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx, mlp_prefix))
 
-    def forward(self, h, residual, cos_sin, fb):
-        if residual is None:
-            residual = h
-            x = self.input_layernorm(h)
-        else:
-            x, residual = self.input_layernorm(h, residual)
-        x = self.self_attn(x, cos_sin, fb)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
-
-class MoeForCausalLM(nn.Module):
+class MoeForCausalLM(DecoderLM):
     """Model plugin contract: see kvyard.model_base. Subclasses give ``spec(cfg)``."""
-
-    is_generation = True
 
     @classmethod
     def spec(cls, cfg: Any) -> MoeSpec:
         raise NotImplementedError
 
     def __init__(self, hf_config: Any, ctx: ModelBuildContext):
-        super().__init__()
-        cfg = self.config = hf_config
+        cfg = hf_config
+        super().__init__(cfg, ctx, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.moe_spec = self.spec(cfg)
         _warn_sliding_window(type(self).__name__, cfg)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.dtype, ctx.device,
-                                           prefix="model.embed_tokens")
-        self.rotary = RotaryEmbedding(rope_config_from_hf(cfg, head_dim), ctx.dtype, ctx.device)
-        self.layers = nn.ModuleList(MoeDecoderLayer(cfg, self.moe_spec, i, ctx)
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype, ctx.device)
-        self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, method=ctx.linear_method("lm_head"),
-                              prefix="lm_head", dtype=ctx.dtype, device=ctx.device)
-        self.logits_head = LogitsHead(self.lm_head)
+        self.layers.extend(MoeDecoderLayer(cfg, self.moe_spec, i, ctx) for i in range(cfg.num_hidden_layers))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""
-        h = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.lookup(positions)
-        residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos_sin, fb)
-        hidden, _ = self.norm(h, residual)
-        return hidden
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logits_head(hidden)
-
-    # -- weights -----------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        tied = {"lm_head.weight"} if self.tie else set()
-        load_named(self._targets(), weights,
-                   lambda loaded: tied if "model.embed_tokens.weight" in loaded else set())
-        for module in self.modules():
-            if isinstance(module, (Linear, FusedMoE)):
-                module.process_after_loading()
-
-    def _load_embedding(self, weight: Any) -> None:
-        self.embed_tokens.load(weight, "model.embed_tokens.weight")
-        if self.tie:
-            self.lm_head.load_shard(0, weight)
-
-    def _targets(self) -> Targets:
-        targets: Targets = {
-            "model.embed_tokens.weight": self._load_embedding,
-            "model.norm.weight": partial(copy_checked, self.norm.weight, name="model.norm.weight"),
-            "lm_head.weight": partial(self.lm_head.load_shard, 0),
-        }
-        for i, layer in enumerate(self.layers):
-            targets.update(self._layer_targets(f"model.layers.{i}", layer))
-        return targets
-
-    def _layer_targets(self, prefix: str, layer: MoeDecoderLayer) -> Targets:
+    def layer_targets(self, prefix: str, layer: MoeDecoderLayer) -> Targets:
         attn = layer.self_attn
         targets: Targets = {}
         for shard, part in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -215,12 +155,10 @@ class MoeForCausalLM(nn.Module):
         targets[f"{prefix}.self_attn.o_proj.weight"] = partial(attn.o_proj.load_shard, 0)
         if attn.o_proj.bias is not None:
             targets[f"{prefix}.self_attn.o_proj.bias"] = partial(attn.o_proj.load_bias_shard, 0)
-        params = [("input_layernorm", layer.input_layernorm.weight),
-                  ("post_attention_layernorm", layer.post_attention_layernorm.weight)]
+        targets.update(layer.norm_targets(prefix))
         if self.moe_spec.qk_norm is not None:
-            params += [("self_attn.q_norm", attn.q_norm.weight), ("self_attn.k_norm", attn.k_norm.weight)]
-        for name, param in params:
-            targets[f"{prefix}.{name}.weight"] = partial(copy_checked, param, name=f"{prefix}.{name}.weight")
+            for name, param in (("self_attn.q_norm", attn.q_norm.weight), ("self_attn.k_norm", attn.k_norm.weight)):
+                targets[f"{prefix}.{name}.weight"] = partial(copy_checked, param, name=f"{prefix}.{name}.weight")
         mlp_prefix = f"{prefix}.{self.moe_spec.mlp_name}"
         if isinstance(layer.mlp, GatedMLP):
             targets.update(layer.mlp.targets(mlp_prefix))

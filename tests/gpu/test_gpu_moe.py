@@ -18,18 +18,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from kvyard import Engine  # noqa: E402
 from kvyard.layers.moe import RoutingConfig, fused_experts_torch, select_experts  # noqa: E402
 from kvyard.triton_ops.fused_moe import fused_experts  # noqa: E402
-from moe_models import SPECS, save_tiny  # noqa: E402
+from moe_models import SPECS, save_tiny, with_eos  # noqa: E402
 
 PARAMS = {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
-
-
-def with_eos(path: str) -> str:
-    import json
-    config = os.path.join(path, "config.json")
-    data = json.load(open(config))
-    data["eos_token_id"] = 0
-    json.dump(data, open(config, "w"))
-    return path
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "no-graphs"])

@@ -3,14 +3,12 @@ chunked prefill): greedy output equals transformers token for token in float32, 
 and again on prefix-cache hits."""
 from __future__ import annotations
 
-import json
-import os
 import random
 
 import pytest
 
 from kvyard import Engine
-from moe_models import save_tiny
+from moe_models import save_tiny, with_eos
 
 PARAMS = {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
 
@@ -18,16 +16,6 @@ PARAMS = {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("moe-engine"))
-
-
-def with_eos(path: str) -> str:
-    """The tiny configs have no eos id (HF generate must not stop); the engine needs one, and
-    ignore_eos keeps it from stopping."""
-    config = os.path.join(path, "config.json")
-    data = json.load(open(config))
-    data["eos_token_id"] = 0
-    json.dump(data, open(config, "w"))
-    return path
 
 
 def run_and_compare(path: str, hf, hf_greedy, **engine_args) -> None:
