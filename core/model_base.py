@@ -6,6 +6,10 @@ It must provide:
   compute_logits(hidden [N, hidden]) -> logits [N, vocab] in float32
   load_weights(weights: Iterable[(hf_name, tensor)]) -> None
 and may set ``is_generation = False`` (embedding models) and provide ``pool(hidden, fb)``.
+A model whose KV cache is not K and V per KV head of its config's sizes provides
+  kv_layout() -> kvyard.kv_layout.KVLayout
+(e.g. DeepSeek's multi-head latent attention); the pool is allocated from it and attention
+backends that do not serve it refuse to start.
 """
 from __future__ import annotations
 

@@ -5,7 +5,12 @@ Lifecycle per step:
   2. Every attention layer calls ``forward(q, k, v, layer, fb)``: the backend writes the new
      tokens' k/v into the paged pool at ``fb.out_cache_loc`` and attends over
      ``req_to_token[req_pool_indices[i], :seq_lens[i]]``.
-Shapes: q [T, H, D], k/v [T, Hkv, D]; the result is [T, H * D] in q's dtype.
+Shapes: q [T, H, D], k/v [T, Hkv, D]; the result is [T, H * Dv] in q's dtype (Dv =
+layer.v_head_dim; D for every "mha" model).
+KV layout (kvyard.kv_layout): the model declares what the pool stores; ``kv_layouts`` lists the
+kinds a backend serves and the base constructor refuses any other by name. Under "mla" v is None
+(V lives in the K row), the pool's v_buffer is its k buffer, and the result keeps the leading
+layer.v_head_dim columns of each head's output.
 Invariants: the backend never allocates or frees KV slots; slot 0 of the pool (and row 0 of
 req_to_token) is a dummy that padded rows point at, so kernels never branch on padding.
 
@@ -22,9 +27,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
+
+from kvyard.kv_layout import KVLayout
 
 if TYPE_CHECKING:
     from kvyard.forward_batch import ForwardBatch
@@ -46,6 +53,12 @@ class AttentionConfig:
     options: dict = field(default_factory=dict)
     # what the model's attention layers need beyond causal attention (LAYER_FEATURES)
     features: frozenset = frozenset()
+    # what the pool stores per token (None: "mha" from num_kv_heads / head_dim)
+    kv_layout: Optional[KVLayout] = None
+
+    @property
+    def kv_layout_kind(self) -> str:
+        return self.kv_layout.kind if self.kv_layout is not None else "mha"
 
 
 # name -> what it means, for error messages
@@ -68,8 +81,10 @@ class AttentionBackend(ABC):
     name: str = "base"
     supports_cuda_graph: bool = False
     supported_features: frozenset = frozenset()   # of LAYER_FEATURES
+    kv_layouts: tuple[str, ...] = ("mha",)   # KV layout kinds served (kvyard.kv_layout)
 
     def __init__(self, config: AttentionConfig):
+        check_serves_layout(type(self), config)
         missing = self.missing_features(config.features)
         if missing:
             raise ValueError(f"attention backend {self.name!r} does not support "
@@ -117,3 +132,25 @@ class AttentionBackend(ABC):
 
     def init_forward_metadata_replay(self, fb: "ForwardBatch") -> None:
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
+
+
+def check_serves_layout(backend_cls: type, config: AttentionConfig) -> None:
+    """A one-line error naming the backend and the layout when ``backend_cls`` cannot serve the
+    model's KV layout."""
+    kind = config.kv_layout_kind
+    served = getattr(backend_cls, "kv_layouts", ("mha",))
+    if kind not in served:
+        raise ValueError(f"attention_backend: {getattr(backend_cls, 'name', backend_cls.__name__)!r} "
+                         f"does not serve the {kind!r} KV layout this model declares "
+                         f"({config.kv_layout.describe() if config.kv_layout else kind}); it serves: "
+                         f"{', '.join(served)}")
+
+
+def value_columns(out: torch.Tensor, layer: "Attention") -> torch.Tensor:
+    """A backend's per-head output [T, H, D] -> the layer's result [T, H * Dv]: every column
+    under "mha" (Dv = D), the leading layer.v_head_dim ones (the weighted latent) under "mla",
+    where attention ran over the whole latent + rope row because V is read out of it."""
+    t, heads, dim = out.shape
+    if layer.v_head_dim == dim:
+        return out.reshape(t, heads * dim)
+    return out[..., :layer.v_head_dim].reshape(t, heads * layer.v_head_dim)

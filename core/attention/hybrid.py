@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvyard.attention import AttentionBackend, AttentionConfig
+from kvyard.kv_layout import KINDS
 from kvyard.plugins import registry
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 class HybridAttentionBackend(AttentionBackend):
     name = "hybrid"
+    kv_layouts = KINDS   # each part checks the layout itself when it is built
 
     def __init__(self, config: AttentionConfig, prefill: AttentionBackend, decode: AttentionBackend):
         # no base-class feature check: both parts were built from ``config`` and checked it

@@ -31,6 +31,10 @@ def resolve_attention_backend(requested: str, device: str, attention: AttentionC
         reg.entry(requested)  # unknown name -> PluginError listing the valid ones
         return requested
     preference = _ATTENTION_PREFERENCE.get(device, ("torch_native",))
+    if attention is not None and attention.kv_layout_kind != "mha":
+        kind = attention.kv_layout_kind
+        preference = tuple(n for n in preference if n in reg and _serves(reg, n, kind))
+        logger.info("attention backend candidates for the %s KV layout: %s", kind, ", ".join(preference) or "none")
     if device == "cpu" and attention is not None:
         candidates = tuple(n for n in preference if n in reg and _can_run(reg, n, device, attention))
         if len(candidates) > 1:
@@ -87,6 +91,14 @@ def _timings_per_shape(candidates: tuple[str, ...], heads: int, kv_heads: int, h
             continue
         give_up_s = min(give_up_s, MEASURED_MARGIN * out[name].total_s)
     return out
+
+
+def _serves(reg, name: str, kind: str) -> bool:
+    """Whether backend ``name`` declares the KV layout ``kind`` (AttentionBackend.kv_layouts)."""
+    try:
+        return kind in getattr(reg.get(name), "kv_layouts", ("mha",))
+    except PluginError:
+        return False
 
 
 def _can_run(reg, name: str, device: str, attention: AttentionConfig | None = None) -> bool:

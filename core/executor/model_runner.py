@@ -17,6 +17,7 @@ from kvyard.attention.hybrid import build_attention_backend
 from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
 from kvyard.layers.attention import Attention
 from kvyard.forward_batch import ForwardBatch, ForwardMode
+from kvyard.kv_layout import KVLayout
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
 from kvyard.mem_cache.kv_pool import KVPool
@@ -202,22 +203,31 @@ class ModelRunner:
             raise ValueError(f"model_path: dtype {self.dtype} differs from the served model's {old_dtype}")
 
     # -- memory -----------------------------------------------------------------------------
+    def _kv_layout(self) -> KVLayout:
+        """The model's declared KV layout (kvyard.kv_layout), else K/V per head from its config."""
+        declare = getattr(self.model, "kv_layout", None)
+        if declare is not None:
+            return declare()
+        mc = self.model_config
+        return KVLayout.mha(mc.num_layers, mc.num_kv_heads, mc.head_dim)
+
     def _init_memory(self) -> None:
-        cfg, mc = self.config, self.model_config
-        per_slot = KVPool.bytes_per_slot(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        cfg = self.config
+        self.kv_layout = layout = self._kv_layout()
+        per_slot = layout.bytes_per_token(self.dtype)
         tokens = cfg.max_total_tokens or self._default_pool_tokens(per_slot)
         page = cfg.page_size
         num_slots = (tokens // page + 1) * page  # + the dummy page
         self.max_total_tokens = num_slots - page
-        self.kv_pool = KVPool(num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        self.kv_pool = KVPool.for_layout(num_slots, layout, self.dtype, self.device)
         # page bookkeeping stays on the host: its small ops would each be a launch (and the
         # frees a sync) on a GPU; slots reach the device once per step, in prepare()
         self.allocator = SlotAllocator(num_slots, page, "cpu")
         max_reqs = cfg.max_running_requests or max(1, min(512, self.max_total_tokens // 64))
         self.max_running_requests = max_reqs
-        self.req_to_token = ReqToTokenPool(max_reqs, mc.context_length + page, self.device)
-        logger.info("KV pool: %d tokens (%.1f MiB), page size %d, %d request rows",
-                    self.max_total_tokens, num_slots * per_slot / 2**20, page, max_reqs)
+        self.req_to_token = ReqToTokenPool(max_reqs, self.model_config.context_length + page, self.device)
+        logger.info("KV pool: %d tokens (%.1f MiB, %s), page size %d, %d request rows",
+                    self.max_total_tokens, num_slots * per_slot / 2**20, layout.describe(), page, max_reqs)
 
     def _default_pool_tokens(self, per_slot: int) -> int:
         if self.device == "cuda":
@@ -233,11 +243,11 @@ class ModelRunner:
         return max(1024, min(CPU_DEFAULT_MAX_TOTAL_TOKENS, int(budget // per_slot)))
 
     def _attention_config(self) -> AttentionConfig:
-        mc = self.model_config
-        return AttentionConfig(num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+        mc, layout = self.model_config, self.kv_layout
+        return AttentionConfig(num_heads=mc.num_heads, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
                                dtype=self.dtype, device=self.device, page_size=self.config.page_size,
                                max_context_len=mc.context_length, max_batch_size=self.max_running_requests,
-                               options=dict(self.config.attention_options or {}),
+                               options=dict(self.config.attention_options or {}), kv_layout=layout,
                                features=layer_features(m for m in self.model.modules() if isinstance(m, Attention)))
 
     # -- one step ---------------------------------------------------------------------------

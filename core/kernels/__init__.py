@@ -6,6 +6,7 @@ Ops (each has a torch path in its layer and a Triton kernel in kvyard.kernels.tr
   silu_and_mul   silu(gate) * up                               (layers/activation.py)
   rotary         rotary embedding from the cos/sin rows         (layers/rotary.py)
   kv_write       k/v of the new tokens into the paged KV pool   (mem_cache/kv_pool.py)
+  fused_moe      routed experts as grouped GEMMs by expert      (layers/moe.py; no C++ CPU kernel)
 
 Rule: a CUDA tensor takes the Triton kernel when triton imports (on the CPU only when a test forces
 the Triton interpreter with ``force_triton`` while TRITON_INTERPRET=1 is set). A CPU tensor of at
@@ -32,7 +33,7 @@ import torch
 
 from kvyard.kernels import cpu_ops
 
-OPS = ("rmsnorm", "silu_and_mul", "rotary", "kv_write")
+OPS = ("rmsnorm", "silu_and_mul", "rotary", "kv_write", "fused_moe")
 
 
 def _parse_ops(text: Optional[str]) -> Optional[frozenset[str]]:

@@ -17,6 +17,9 @@ Layer features (kvyard.attention): a layer with ``sliding_window`` W or ``logit_
 explicit path: scores = q.k * scale in float32, c * tanh(scores / c) when capped, then masked
 (causal, and keys j <= p - W hidden from the query at position p) and softmaxed. When the model
 has such layers, decode always takes the gather path (the C++ kernel knows neither feature).
+KV layouts: "mha" and "mla". Under "mla" the pool's V buffer is its K buffer (one latent head),
+so attention runs over the full latent + rope row and each head keeps the leading
+layer.v_head_dim columns of its output (the weighted latent).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from kvyard.attention import AttentionBackend
+from kvyard.attention import AttentionBackend, value_columns
 from kvyard_plugins.attention import cpu_kernels
 
 if TYPE_CHECKING:
@@ -121,6 +124,7 @@ class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
     supports_cuda_graph = False
     supported_features = frozenset({"sliding_window", "logit_cap"})
+    kv_layouts = ("mha", "mla")
 
     # -- per-step metadata -------------------------------------------------------------------
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
@@ -164,7 +168,7 @@ class TorchNativeBackend(AttentionBackend):
 
     # -- attention ---------------------------------------------------------------------------
     def forward_extend(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
-        """q [T, H, D] -> [T, H * D]."""
+        """q [T, H, D] -> [T, H * Dv]."""
         meta: ExtendMetadata = fb.attn_metadata
         k_buf, v_buf = fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id)
         t, heads, dim = q.shape
@@ -185,16 +189,16 @@ class TorchNativeBackend(AttentionBackend):
                 attn_mask=span.mask, is_causal=span.is_causal, scale=layer.scaling,
                 enable_gqa=heads != k.shape[1])
             out[rows] = o[0].transpose(0, 1)
-        return out.view(t, heads * dim)
+        return value_columns(out, layer)
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
-        """q [B, H, D] -> [B, H * D]."""
+        """q [B, H, D] -> [B, H * Dv]."""
         meta: Optional[DecodeMetadata] = fb.attn_metadata
         if meta is None:
             out = cpu_kernels.paged_decode(
                 q.contiguous(), fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id),
                 fb.req_to_token, fb.req_pool_indices, fb.seq_lens, layer.scaling)
-            return out.view(q.shape[0], -1)
+            return value_columns(out, layer)
         b, heads, dim = q.shape
         kv_heads, length = layer.num_kv_heads, meta.max_len
         k = _gather_head_major(fb.kv_pool.k_buffer(layer.layer_id), meta.slots, meta.k_stage)
@@ -212,4 +216,5 @@ class TorchNativeBackend(AttentionBackend):
         scores.masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, v)                                             # [Hkv, B, G, D]
-        return out.transpose(0, 1).reshape(b, heads * dim)
+        return value_columns(out.transpose(0, 1).reshape(b, heads, dim), layer)
+

@@ -19,7 +19,8 @@ interpreter (no SM count) S is always the maximum.
 Options (AttentionConfig.options): triton_attention_num_kv_splits (the most splits S, default 8),
 triton_attention_reduce_in_fp32 (keep the split partial outputs in float32 instead of the
 activation dtype; default False). Sliding-window and soft-capped layers pass their window and
-cap to both kernels (see their docstrings). Writing the new tokens' k/v is the pool's set_kv, which takes
+cap to both kernels (see their docstrings). KV layouts: "mha" and "mla" (the V buffer is the K
+buffer; each head keeps the leading layer.v_head_dim output columns). Writing the new tokens' k/v is the pool's set_kv, which takes
 the fused Triton write on CUDA (kvyard.kernels).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from kvyard.attention import AttentionBackend, AttentionConfig
+from kvyard.attention import AttentionBackend, value_columns, AttentionConfig
 from kvyard_plugins.attention.triton_kernels.decode_attention import decode_attention, decode_workspace
 from kvyard_plugins.attention.triton_kernels.extend_attention import extend_attention
 
@@ -68,6 +69,7 @@ class TritonAttnBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graph = True
     supported_features = frozenset({"sliding_window", "logit_cap"})
+    kv_layouts = ("mha", "mla")
 
     @classmethod
     def is_available(cls, device: str) -> bool:
@@ -124,7 +126,7 @@ class TritonAttnBackend(AttentionBackend):
                          fb.req_to_token, fb.req_pool_indices, fb.extend_start_loc, meta.q_lens,
                          meta.prefix_lens, meta.max_q_len, layer.scaling, layer.sliding_window or 0,
                          layer.logit_cap or 0.0)
-        return out.view(t, heads * dim)
+        return value_columns(out, layer)
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
         """q [B, H, D] -> [B, H * D]."""
@@ -134,7 +136,7 @@ class TritonAttnBackend(AttentionBackend):
         decode_attention(q, fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id), out,
                          fb.req_to_token, fb.req_pool_indices, fb.seq_lens, meta.mid_o, meta.mid_lse,
                          layer.scaling, layer.sliding_window or 0, layer.logit_cap or 0.0)
-        return out.view(b, heads * dim)
+        return value_columns(out, layer)
 
     # -- CUDA-graph hooks (decode) -------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int) -> None:
@@ -153,3 +155,4 @@ class TritonAttnBackend(AttentionBackend):
         # it has refilled in place; the workspace views are the captured ones.
         if not isinstance(fb.attn_metadata, TritonDecodeMetadata):
             self.init_forward_metadata_capture(fb)
+

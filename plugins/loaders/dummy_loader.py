@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from kvyard.loader import TokenizerSource, default_model_path
+from kvyard_plugins.loaders.dummy_moe_shapes import MOE_MODEL_TYPES, moe_family_shapes
 from kvyard_plugins.loaders.hf_folder import HFFolderLoader
 
 SEED = 0
@@ -42,7 +43,8 @@ class DummyLoader(HFFolderLoader):
 
     def weights(self, model_path: str, hf_config: Any) -> Iterator[tuple[str, Any]]:
         generator = torch.Generator(device=self.config.device).manual_seed(SEED)
-        for name, shape in checkpoint_shapes(hf_config):
+        moe = getattr(hf_config, "model_type", None) in MOE_MODEL_TYPES   # names as their checkpoints store them
+        for name, shape in (moe_family_shapes if moe else checkpoint_shapes)(hf_config):
             yield name, self._tensor(name, shape, generator)
 
     def _tensor(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -19,15 +19,18 @@ import torch
 
 from kvyard.attention import AttentionBackend, AttentionConfig
 from kvyard.forward_batch import ForwardBatch, ForwardMode
+from kvyard.kv_layout import KVLayout
 from kvyard.mem_cache.kv_pool import KVPool
 
 
 class PagedKV:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int = 512,
                  page_size: int = 1, max_reqs: int = 16, max_context: int = 512,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
+                 layout: Optional[KVLayout] = None):
+        """``layout``: the model's declared KV layout (default: K/V per head of these sizes)."""
         self.page_size = page_size
-        self.pool = KVPool(num_pages * page_size, num_layers, num_kv_heads, head_dim, dtype, device)
+        self.pool = KVPool(num_pages * page_size, num_layers, num_kv_heads, head_dim, dtype, device, layout)
         self.req_to_token = torch.zeros(max_reqs + 1, max_context, dtype=torch.int32, device=device)
         self.free_pages = list(range(1, num_pages))          # page 0 is the dummy page
         random.Random(seed).shuffle(self.free_pages)
@@ -61,7 +64,7 @@ class PagedKV:
         return AttentionConfig(num_heads=num_heads, num_kv_heads=pool.k_buffers[0].shape[1],
                                head_dim=head_dim, dtype=pool.dtype, device=str(pool.k_buffers[0].device),
                                page_size=self.page_size, max_context_len=self.req_to_token.shape[1],
-                               max_batch_size=max_batch_size)
+                               max_batch_size=max_batch_size, kv_layout=pool.layout)
 
 
 @dataclass
