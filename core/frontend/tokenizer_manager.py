@@ -313,6 +313,8 @@ class TokenizerManager:
             state.logprobs[key] += getattr(update, key)
         state.meta = {"prompt_tokens": update.prompt_tokens, "completion_tokens": update.completion_tokens,
                       "cached_tokens": update.cached_tokens}
+        if update.spec_verify_ct:   # speculative decoding ran for this request
+            state.meta.update(spec_verify_ct=update.spec_verify_ct, spec_accepted_tokens=update.spec_accepted_tokens)
         state.embedding = update.embedding
         if update.finished_reason is not None:
             state.finish_reason = update.finished_reason

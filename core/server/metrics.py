@@ -18,6 +18,8 @@ GAUGES = {
     "num_queue_reqs": ("kvyard:num_queue_reqs", "requests waiting in the scheduler queue"),
     "token_usage": ("kvyard:token_usage", "fraction of KV slots held by requests"),
     "cache_hit_rate": ("kvyard:cache_hit_rate", "prompt tokens served from the prefix cache / all prompt tokens"),
+    "spec_accept_rate": ("kvyard:spec_accept_rate", "speculative decoding: accepted / proposed draft tokens"),
+    "spec_accept_length": ("kvyard:spec_accept_length", "speculative decoding: mean tokens gained per verify step"),
 }
 
 
