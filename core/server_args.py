@@ -95,6 +95,7 @@ class ServerArgs:
     speculative_algorithm: Optional[str] = _f(None, "draft tokens with this algorithm and verify them in one forward (exact: output equals plain decoding)", "speculative", registry="speculative_algorithms")
     speculative_draft_model_path: Optional[str] = _f(None, "draft model (STANDALONE): a smaller model with the target's tokenizer", "speculative")
     speculative_draft_model_revision: Optional[str] = _f(None, "revision of the draft model", "speculative")
+    speculative_draft_load_format: Optional[str] = _f(None, "weights format of the draft model (default: dummy when the target's is, else auto)", "speculative", registry="load_formats", allow=("auto",))
     speculative_num_steps: Optional[int] = _f(None, "draft depth (default: 3; NGRAM: num_draft_tokens - 1)", "speculative")
     speculative_eagle_topk: Optional[int] = _f(None, "candidates per draft step (only 1, a chain, is supported)", "speculative")
     speculative_num_draft_tokens: Optional[int] = _f(None, "tokens verified per request and step, its last token included (default: num_steps + 1)", "speculative")

@@ -53,7 +53,8 @@ def draft_context(args, runner):
     from kvyard.speculative import DraftContext
 
     def make_draft_model(model_path: str, revision=None) -> DraftModel:
-        draft_args = replace(args, model_path=model_path, revision=revision, quantization=None, load_format="auto",
+        load_format = args.speculative_draft_load_format or ("dummy" if args.load_format == "dummy" else "auto")
+        draft_args = replace(args, model_path=model_path, revision=revision, quantization=None, load_format=load_format,
                              json_model_override_args="", speculative_algorithm=None,
                              speculative_draft_model_path=None, page_size=1, enable_torch_compile=False,
                              max_total_tokens=runner.max_total_tokens, max_running_requests=runner.max_running_requests,
