@@ -80,6 +80,10 @@ class DiffusionArgs:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.backend != "auto":
+            from kvyard.plugins import registry
+            if self.backend not in registry("diffusion_pipelines"):
+                raise ValueError(f"backend: {registry('diffusion_pipelines').unknown_message(self.backend)}")
         if not isinstance(self.diffusers_kwargs, dict):
             raise ValueError("diffusers_kwargs: must be a mapping of pipeline call arguments")
 
