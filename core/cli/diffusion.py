@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Optional
 
 from kvyard.cli.common import err, run_reporting_errors
 

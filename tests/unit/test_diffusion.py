@@ -293,3 +293,16 @@ def test_generate_video_frames_and_mp4(tmp_path):
         assert np.array_equal(load(tmp_path / "out" / f"cat_frame_{i:04d}.png"), pixels(frame))
     assert imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "out" / "cat.mp4")) == (3, 1.0)
     assert run_generate(argv[:-2] + ["--output-file-name", "cat.png"]) == 1
+
+
+def test_mixed_precisions_and_vae_options_run(pipes):
+    """bf16 denoiser and text encoder with an fp32 VAE (inputs cast at the boundaries), VAE tiling
+    and slicing: the pipeline runs and makes images of the asked size, close to float32's."""
+    from kvyard.diffusion import DiffusionEngine
+    engine = DiffusionEngine(model_path=pipes["sd"], dit_precision="bf16", vae_precision="fp32",
+                             vae_tiling=True, vae_slicing=True)
+    assert engine.backend.pipe.unet.dtype.is_floating_point and str(engine.backend.pipe.vae.dtype) == "torch.float32"
+    images = engine.generate(prompt="p", seed=1, n=2, num_inference_steps=2, height=32, width=32)
+    ref = reference_images(pipes["sd"], seed=1, prompt="p", num_inference_steps=2, height=32, width=32)
+    assert [im.size for im in images] == [(32, 32), (32, 32)]
+    assert np.abs(pixels(images[0]).astype(int) - pixels(ref[0])).mean() < 8
