@@ -63,7 +63,22 @@ def test_engine_refuses_diffusers_folder(pipes):
 
 def test_cli_forced_llm_is_one_line_error(pipes, capsys):
     assert run_generate(["--model-path", pipes["sd"], "--model-type", "llm", "--prompt", "x"]) == 1
-    assert "model_type: llm was forced" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model_type: llm was forced" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_job_flags(pipes, capsys):
+    from kvyard.cli.serve import run_serve
+    assert run_serve(["--model-path", pipes["sd"], "--prompt", "x"]) == 1
+    assert "prompt: applies to `kvyard generate`; a server takes it per request" in capsys.readouterr().err
+
+
+def test_missing_diffusers_names_the_extra(monkeypatch):
+    import sys
+    from kvyard_plugins.diffusion.diffusers_pipeline import import_diffusers
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ValueError, match=r'pip install "kvyard\[diffusion\]"'):
+        import_diffusers()
 
 
 # -- plugin kind and auto ------------------------------------------------------------------------
