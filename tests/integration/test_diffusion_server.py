@@ -140,3 +140,16 @@ def test_generations_on_sd3_match_diffusers(tmp_path):
             assert np.abs(decode(r.json()["data"][0]).astype(int) - np.asarray(ref[0]).astype(int)).max() <= 1
     finally:
         assert server.stop() == 0
+
+
+def test_openai_client_images_generate(sd_server):
+    openai = pytest.importorskip("openai")
+    server, path = sd_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    result = client.images.generate(model=path, prompt="a red bicycle", size="32x32", n=1, response_format="b64_json",
+                                    extra_body={"seed": 21, "num_inference_steps": 2})
+    ref = reference_images(path, seed=21, prompt="a red bicycle", height=32, width=32, num_inference_steps=2)
+    assert np.array_equal(decode({"b64_json": result.data[0].b64_json}), np.asarray(ref[0]))
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(prompt="p", size="31x32", extra_body={"num_inference_steps": 1})
+    assert exc.value.body["param"] == "width"
