@@ -321,3 +321,11 @@ def test_mixed_precisions_and_vae_options_run(pipes):
     ref = reference_images(pipes["sd"], seed=1, prompt="p", num_inference_steps=2, height=32, width=32)
     assert [im.size for im in images] == [(32, 32), (32, 32)]
     assert np.abs(pixels(images[0]).astype(int) - pixels(ref[0])).mean() < 8
+
+
+def test_missing_ffmpeg_names_the_extra(monkeypatch, tmp_path):
+    import sys
+    from kvyard.diffusion.outputs import save_mp4
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    with pytest.raises(ValueError, match=r'pip install "kvyard\[video\]"'):
+        save_mp4([red_image()], str(tmp_path / "v.mp4"), fps=1)
