@@ -6,7 +6,8 @@
 # /tmp/site, kvyard as an editable install. Then a random SD-1.5-shaped pipeline (UNet, VAE, CLIP
 # text encoder; ~1.07 B parameters) at 512x512, 20 steps, fp16: diffusers in a loop and batched,
 # the DiffusionEngine at batch 1, `kvyard serve` at batch 1 and with 8 requests in flight; then
-# diffusers and serve again with --enable-torch-compile. Rows go to $OUT/diffusion.jsonl, the
+# diffusers and serve again with --enable-torch-compile. Before them tests/gpu/test_gpu_diffusion.py
+# (pixels equal diffusers' on cuda, mixed precisions, the CPU offloads) -> $OUT/gpu_tests.txt. Rows go to $OUT/diffusion.jsonl, the
 # tables to $OUT/diffusion.txt. Environment: IMAGES (16), BATCH (8), STEPS (20), SIZE (512),
 # BUDGET_S (560: the compiled part is skipped when less than 200 s are left).
 set -u
@@ -23,6 +24,9 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OU
     || { echo "setup: kvyard install FAILED"; tail "$OUT/setup.log"; exit 1; }
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())" \
     | tee "$OUT/env.txt"
+# correctness on CUDA first (~1 min): pixels equal diffusers', fp16 + fp32 VAE, the CPU offloads
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_diffusion.py 2>&1 | tail -n 15 \
+    | tee "$OUT/gpu_tests.txt"
 python3 benchmarks/diffusion_bench.py --shape sd15 --build-only /tmp/pipes || exit 1
 BENCH=(python3 benchmarks/diffusion_bench.py --model-path /tmp/pipes/sd15 --device cuda --precision fp16
        --size "$SIZE" --steps "$STEPS" --images "$IMAGES" --batch "$BATCH" --out "$OUT/diffusion.jsonl")

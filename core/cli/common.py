@@ -7,6 +7,7 @@ import sys
 from typing import Callable, Optional
 
 from rich.console import Console
+from rich.markup import escape
 
 from kvyard.server_args import ServerArgs
 
@@ -63,7 +64,8 @@ def run_reporting_errors(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        # escaped: messages name things like "kvyard[diffusion]"; soft_wrap: one line, any width
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         return 1
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Optional
 
 from kvyard.cli.common import err, run_reporting_errors
 
@@ -71,12 +70,17 @@ def _generate(args) -> int:
         engine = DiffusionEngine(args)
     fields = job_fields(args)
     job = engine.make_job(fields, names={"image": "image_path", "n": "num_outputs_per_prompt",
-                                         "extra": "diffusers_kwargs"})
+                                         "extra": "diffusers_kwargs"}, max_n=args.num_outputs_per_prompt)
     check_output_args(args, engine.info.is_video)
+    parts = engine.split(job)
+    outputs: list = []
     with Progress(TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
-        task = progress.add_task("denoising", total=job.num_inference_steps)
-        outputs = engine.run([job], lambda i, total: progress.update(task, completed=i, total=total))[0]
+        task = progress.add_task("denoising", total=job.num_inference_steps * len(parts))
+        for k, part in enumerate(parts):
+            def on_step(i: int, total: int, _k=k) -> None:
+                progress.update(task, completed=_k * total + i, total=total * len(parts))
+            outputs += engine.run([part], on_step)[0]
     for path in write_outputs(args, job, outputs, engine.info.is_video):
         print(path)
     return 0

@@ -65,7 +65,7 @@ class DiffusionArgs:
     api_key: Optional[str] = _f(None, "require 'Authorization: Bearer KEY' on every endpoint but /health", "http")
     enable_metrics: bool = _f(False, "serve Prometheus metrics at /metrics", "http")
     max_batch_size: int = _f(8, "most images in one pipeline call (and per request: n)", "http")
-    batch_wait_ms: float = _f(5.0, "how long a not-full batch waits for more compatible requests", "http")
+    batch_wait_ms: float = _f(20.0, "how long a not-full batch waits for more compatible requests", "http")
     max_queued_requests: Optional[int] = _f(None, "reject new requests beyond this queue length (429)", "http")
     skip_server_warmup: bool = _f(False, "do not run a warmup image before reporting ready", "http")
 
@@ -80,6 +80,10 @@ class DiffusionArgs:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.backend != "auto":
+            from kvyard.plugins import registry
+            if self.backend not in registry("diffusion_pipelines"):
+                raise ValueError(f"backend: {registry('diffusion_pipelines').unknown_message(self.backend)}")
         if not isinstance(self.diffusers_kwargs, dict):
             raise ValueError("diffusers_kwargs: must be a mapping of pipeline call arguments")
 

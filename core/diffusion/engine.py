@@ -10,6 +10,7 @@ in kvyard.executor.backend_select), the plugin gets a PipelineConfig only.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Optional
 
 from kvyard.diffusion.args import DiffusionArgs
@@ -49,12 +50,23 @@ class DiffusionEngine:
     def info(self) -> PipelineInfo:
         return self.backend.info
 
-    def make_job(self, fields: dict, names: Optional[dict] = None) -> ImageJob:
-        return make_job(fields, self.info, self.args.max_batch_size, names)
+    def make_job(self, fields: dict, names: Optional[dict] = None, max_n: Optional[int] = None) -> ImageJob:
+        """fields without "extra" get the configured diffusers_kwargs; max_n: the most images
+        (default --max-batch-size)."""
+        if fields.get("extra") is None and self.args.diffusers_kwargs:
+            fields = {**fields, "extra": self.args.diffusers_kwargs}
+        return make_job(fields, self.info, max_n or self.args.max_batch_size, names)
 
     def run(self, jobs: list[ImageJob], on_step: Optional[StepCallback] = None) -> list[list[Any]]:
         return self.backend.run(jobs, on_step)
 
+    def split(self, job: ImageJob) -> list[ImageJob]:
+        """A job of more images than --max-batch-size as several calls' jobs; image i keeps
+        seed + i, so the images are the same as in one call."""
+        size = self.args.max_batch_size
+        return [replace(job, n=min(size, job.n - start), seed=job.seed + start) for start in range(0, job.n, size)]
+
     def generate(self, on_step: Optional[StepCallback] = None, **fields: Any) -> list[Any]:
         """One job's outputs (PIL images, or frame lists for video pipelines)."""
-        return self.run([self.make_job(fields)], on_step)[0]
+        job = self.make_job(fields, max_n=max(1, fields.get("n") or 1))
+        return [out for part in self.split(job) for out in self.run([part], on_step)[0]]

@@ -176,12 +176,21 @@ def _place(pipe, config: PipelineConfig) -> None:
     if not offloaded:
         pipe.to(config.device)
         return
-    prefixes = tuple(p for flag in offloaded for p in OFFLOAD_GROUPS[flag])
-    keep = [n for n in _modules(pipe) if not n.startswith(prefixes)]
-    pipe._exclude_from_cpu_offload = keep   # these go to the device and stay there
-    pipe.enable_model_cpu_offload(device=config.device)
-    logger.info("cpu offload: %s kept on the CPU between uses; %s stay on %s",
-                ", ".join(n for n in _modules(pipe) if n not in keep), ", ".join(keep) or "nothing", config.device)
+    _offload(pipe, tuple(p for flag in offloaded for p in OFFLOAD_GROUPS[flag]), config.device)
+
+
+def _offload(pipe, prefixes: tuple[str, ...], device: str) -> None:
+    """diffusers' model offload restricted to the components named by ``prefixes``: the offload
+    chain keeps only them (each moves to the device for its forward and back after the call);
+    every other module is excluded and moved to the device for good."""
+    modules = _modules(pipe)
+    chosen = [n for n in modules if n.startswith(prefixes)]
+    seq = [n for n in pipe.model_cpu_offload_seq.split("->") if n in chosen]
+    pipe.model_cpu_offload_seq = "->".join(seq + [n for n in chosen if n not in seq])
+    pipe._exclude_from_cpu_offload = [n for n in modules if n not in chosen]
+    pipe.enable_model_cpu_offload(device=device)
+    logger.info("cpu offload: %s kept on the CPU between uses; %s stay on %s", ", ".join(chosen),
+                ", ".join(pipe._exclude_from_cpu_offload) or "nothing", device)
 
 
 def _vae_options(pipe, config: PipelineConfig) -> None:

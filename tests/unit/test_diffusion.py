@@ -63,7 +63,22 @@ def test_engine_refuses_diffusers_folder(pipes):
 
 def test_cli_forced_llm_is_one_line_error(pipes, capsys):
     assert run_generate(["--model-path", pipes["sd"], "--model-type", "llm", "--prompt", "x"]) == 1
-    assert "model_type: llm was forced" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model_type: llm was forced" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_job_flags(pipes, capsys):
+    from kvyard.cli.serve import run_serve
+    assert run_serve(["--model-path", pipes["sd"], "--prompt", "x"]) == 1
+    assert "prompt: applies to `kvyard generate`; a server takes it per request" in capsys.readouterr().err
+
+
+def test_missing_diffusers_names_the_extra(monkeypatch):
+    import sys
+    from kvyard_plugins.diffusion.diffusers_pipeline import import_diffusers
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ValueError, match=r'pip install "kvyard\[diffusion\]"'):
+        import_diffusers()
 
 
 # -- plugin kind and auto ------------------------------------------------------------------------
@@ -198,6 +213,8 @@ def test_generate_matches_diffusers(pipes, kind, tmp_path):
     argv = ["--model-path", pipes[kind], "--prompt", "A red bicycle", "--negative-prompt", "blurry",
             "--guidance-scale", "5", "--seed", "7", *COMMON, "--save-output", "--output-path", str(out),
             "--output-file-name", "bike.png", "--num-outputs-per-prompt", "2"]
+    if kind == "sd3":
+        argv += ["--max-batch-size", "1"]   # two calls of one image each: the same images
     assert run_generate(argv) == 0
     ref = reference_images(pipes[kind], seed=7, n=2, prompt="A red bicycle", negative_prompt="blurry",
                            guidance_scale=5.0, num_inference_steps=2, height=32, width=32)
@@ -291,3 +308,24 @@ def test_generate_video_frames_and_mp4(tmp_path):
         assert np.array_equal(load(tmp_path / "out" / f"cat_frame_{i:04d}.png"), pixels(frame))
     assert imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "out" / "cat.mp4")) == (3, 1.0)
     assert run_generate(argv[:-2] + ["--output-file-name", "cat.png"]) == 1
+
+
+def test_mixed_precisions_and_vae_options_run(pipes):
+    """bf16 denoiser and text encoder with an fp32 VAE (inputs cast at the boundaries), VAE tiling
+    and slicing: the pipeline runs and makes images of the asked size, close to float32's."""
+    from kvyard.diffusion import DiffusionEngine
+    engine = DiffusionEngine(model_path=pipes["sd"], dit_precision="bf16", vae_precision="fp32",
+                             vae_tiling=True, vae_slicing=True)
+    assert engine.backend.pipe.unet.dtype.is_floating_point and str(engine.backend.pipe.vae.dtype) == "torch.float32"
+    images = engine.generate(prompt="p", seed=1, n=2, num_inference_steps=2, height=32, width=32)
+    ref = reference_images(pipes["sd"], seed=1, prompt="p", num_inference_steps=2, height=32, width=32)
+    assert [im.size for im in images] == [(32, 32), (32, 32)]
+    assert np.abs(pixels(images[0]).astype(int) - pixels(ref[0])).mean() < 8
+
+
+def test_missing_ffmpeg_names_the_extra(monkeypatch, tmp_path):
+    import sys
+    from kvyard.diffusion.outputs import save_mp4
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    with pytest.raises(ValueError, match=r'pip install "kvyard\[video\]"'):
+        save_mp4([red_image()], str(tmp_path / "v.mp4"), fps=1)
