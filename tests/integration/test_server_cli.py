@@ -114,10 +114,10 @@ def _plan():
 
 
 def test_chat_choice_splits_reasoning_and_tool_calls():
-    from kvyard.server.openai_chat import _choice
+    from kvyard.server.openai_chat import chat_choice
 
     out = {"text": TOOL_TEXT, "output_ids": [], "meta_info": {"finish_reason": {"type": "stop", "matched": 2}}}
-    choice = _choice(_plan(), 0, out)
+    choice = chat_choice(_plan(), 0, out)
     message = choice["message"]
     assert choice["finish_reason"] == "tool_calls"
     assert message["reasoning_content"] == "The user wants weather."
