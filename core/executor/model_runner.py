@@ -161,14 +161,17 @@ class ModelRunner:
     def _with_pooling(self, model: torch.nn.Module, model_path: str) -> torch.nn.Module:
         """--is-embedding wraps a generation model in an EmbeddingAdapter; an embedding model's
         ``pooling`` follows the folder's sentence-transformers files when it has them."""
+        wrap = self.config.is_embedding and getattr(model, "is_generation", True)
+        if not wrap and not hasattr(model, "pooling"):
+            return model   # generation and classification models: their folder's pooling files do not apply
         declared = pooling_config_from_folder(model_path)
-        if self.config.is_embedding and getattr(model, "is_generation", True):
+        if wrap:
             pooling = declared or PoolingConfig(method="last", normalize=True)
             logger.info("serving %s as an embedding model: %s pooling%s (%s)", type(model).__name__,
                         pooling.method, ", normalized" if pooling.normalize else "",
                         "sentence-transformers files" if declared else "default for decoders")
             return EmbeddingAdapter(model, pooling)
-        if declared is not None and hasattr(model, "pooling"):
+        if declared is not None:
             model.pooling = declared
         return model
 
