@@ -26,7 +26,7 @@ from kvyard.model_base import ModelBuildContext
 from kvyard.model.config import ModelConfig, resolve_dtype
 from kvyard.model_registry import ModelRegistry
 from kvyard.plugins import registry
-from kvyard.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
+from kvyard.model.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult

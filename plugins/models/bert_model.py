@@ -29,7 +29,7 @@ from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.linear import Linear, process_linears_after_loading
 from kvyard.layers.weights import load_named, param_target
 from kvyard.model_base import ModelBuildContext
-from kvyard.pooling import PoolingConfig, pool
+from kvyard.model.pooling import PoolingConfig, pool
 
 Loaders = dict[str, Callable[[Any], None]]
 
