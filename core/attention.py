@@ -43,6 +43,7 @@ class AttentionConfig:
 class AttentionBackend(ABC):
     name: str = "base"
     supports_cuda_graph: bool = False
+    supports_fp8_kv: bool = False   # reads an fp8 KV pool (multiplying back its per-layer scales)
 
     def __init__(self, config: AttentionConfig):
         self.config = config

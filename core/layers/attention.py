@@ -16,6 +16,13 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scaling = head_dim ** -0.5 if scaling is None else scaling
+        # fp8 KV-cache scales the checkpoint ships (None: not given); the pool takes them
+        self.k_scale: float | None = None
+        self.v_scale: float | None = None
+
+    def load_kv_scale(self, which: str, tensor: torch.Tensor) -> None:
+        """Checkpoint ``...self_attn.k_scale`` / ``v_scale`` (a scalar): which is "k" or "v"."""
+        setattr(self, f"{which}_scale", float(tensor.float().reshape(-1).max()))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 fb: ForwardBatch) -> torch.Tensor:

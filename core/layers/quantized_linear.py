@@ -295,3 +295,17 @@ _force_triton_int4 = False   # tests: run the Triton kernel on CPU tensors under
 def force_triton_int4(on: bool) -> None:
     global _force_triton_int4
     _force_triton_int4 = on
+
+
+class OnlineInt4LinearMethod(Int4LinearMethod):
+    """Float weights quantized at load by round-to-nearest (no calibration): symmetric,
+    ``group_size`` inputs per scale. For trying int4 speed on float checkpoints (and dummy
+    weights in benchmarks); calibrated checkpoints (GPTQ, AWQ) are more accurate."""
+    checkpoint_names = ("weight",)
+
+    def to_canonical(self, layer, shard: int, rows: int, parts: dict[str, torch.Tensor]) -> Int4Shard:
+        w = parts["weight"]
+        self.check_shape(layer, shard, "weight", w, (rows, layer.in_features))
+        q, scale, zero = qm.quantize_int4(w.float(), self.group_size, symmetric=True)
+        g_idx = torch.arange(layer.in_features, dtype=torch.int32, device=w.device) // self.group_size
+        return Int4Shard(qm.pack_int4_rows(q.t().contiguous()), scale.t(), zero.t(), g_idx)

@@ -87,8 +87,16 @@ def _use_cpu_kernel(fb: "ForwardBatch") -> bool:
             and fb.req_to_token.dtype == torch.int32 and cpu_kernels.available())
 
 
+def _kv_scales(fb, layer) -> tuple[float, float]:
+    """An fp8 pool stores k / k_scale, v / v_scale: k_scale folds into the softmax scale,
+    v_scale into the output."""
+    pool = fb.kv_pool
+    return pool.k_scales[layer.layer_id], pool.v_scales[layer.layer_id]
+
+
 class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
+    supports_fp8_kv = True
     supports_cuda_graph = False
 
     # -- per-step metadata -------------------------------------------------------------------
@@ -137,6 +145,7 @@ class TorchNativeBackend(AttentionBackend):
         """q [T, H, D] -> [T, H * D]."""
         meta: ExtendMetadata = fb.attn_metadata
         k_buf, v_buf = fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id)
+        k_scale, v_scale = _kv_scales(fb, layer)
         t, heads, dim = q.shape
         out = q.new_empty(t, heads, dim)
         for span in meta.spans:
@@ -148,9 +157,11 @@ class TorchNativeBackend(AttentionBackend):
             # (2-3x faster than 3-D ones, which fall back to the unfused math path)
             o = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                attn_mask=span.mask, is_causal=span.is_causal, scale=layer.scaling,
+                attn_mask=span.mask, is_causal=span.is_causal, scale=layer.scaling * k_scale,
                 enable_gqa=heads != k.shape[1])
             out[rows] = o[0].transpose(0, 1)
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return out.view(t, heads * dim)
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
@@ -169,7 +180,10 @@ class TorchNativeBackend(AttentionBackend):
         v = v.view(kv_heads, b, length, dim).to(q.dtype)
         qh = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)         # [Hkv, B, G, D]
         scores = torch.matmul(qh, k.transpose(-1, -2)).float()                  # [Hkv, B, G, L]
-        scores.mul_(layer.scaling).masked_fill_(meta.padding, float("-inf"))
+        k_scale, v_scale = _kv_scales(fb, layer)
+        scores.mul_(layer.scaling * k_scale).masked_fill_(meta.padding, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, v)                                             # [Hkv, B, G, D]
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return out.transpose(0, 1).reshape(b, heads * dim)
