@@ -32,8 +32,8 @@ def test_pool_stores_scaled_fp8(name, dtype):
     loc = torch.tensor([1, 4, 6])
     pool.set_kv(0, loc, k, v)
     rel = 2.0 ** -(3 if dtype == torch.float8_e4m3fn else 2)   # one unit in the last place, relative
-    torch.testing.assert_close(pool.k_buffer(0)[loc].float() * 2.0, k, rtol=rel, atol=1e-6)
-    torch.testing.assert_close(pool.v_buffer(0)[loc].float() * 0.25, v, rtol=rel, atol=1e-6)
+    torch.testing.assert_close(pool.k_buffer(0)[loc].float() * 2.0, k, rtol=rel, atol=2e-3)
+    torch.testing.assert_close(pool.v_buffer(0)[loc].float() * 0.25, v, rtol=rel, atol=2e-3)
 
 
 def _model():
