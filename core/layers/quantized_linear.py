@@ -22,6 +22,7 @@ Every apply maps x [..., K] -> y [..., N] in x's dtype, the bias added in that d
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -100,7 +101,12 @@ class Fp8Scheme:
 
 def use_scaled_mm(x: torch.Tensor) -> bool:
     """torch._scaled_mm runs fp8 x fp8 on CUDA devices of compute capability 8.9 and above."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return x.is_cuda and _capability(x.device.index or 0) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 class Fp8LinearMethod(ShardedLinearMethod):
