@@ -96,16 +96,18 @@ def test_scales_are_multiplied_back(tiny):
 
 
 # SmolLM2 (the default GGUF in float32), greedy 8 prompts x 32 tokens: tokens equal to the
-# float32 cache, measured here (docs/quantization.md)
+# float32 cache, measured on torch_native here: e4m3 175/256 (2/8 prompts fully equal), e5m2
+# 113/256 (1/8); a bfloat16 cache is the baseline (docs/quantization.md). The bounds leave room
+# for thread-count rounding differences.
 SMOL_KV_PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):",
                    "The three primary colors are", "Once upon a time,", "To make a cup of tea,",
                    "List three fruits:", "Photosynthesis is the process"]
-SMOL_EXPECTED = {"fp8_e4m3": 0, "fp8_e5m2": 0}
+SMOL_EXPECTED = {"fp8_e4m3": 160, "fp8_e5m2": 100, "bfloat16": 0}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["torch_native", "triton"])
-@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2", "bfloat16"])
 def test_smollm2_fp8_cache_agreement(attention, kv):
     from transformers import AutoTokenizer
 
