@@ -80,10 +80,11 @@ def _gather_head_major(buffer: torch.Tensor, slots: torch.Tensor, out: torch.Ten
     return out
 
 
-def _use_cpu_kernel(fb: "ForwardBatch") -> bool:
-    """Decode on the CPU reads the pool with the C++ kernel where it builds (float32 / bfloat16)."""
+def _use_cpu_kernel(fb: "ForwardBatch", dtype: torch.dtype) -> bool:
+    """Decode on the CPU reads the pool with the C++ kernel where it builds (float32 / bfloat16
+    pools holding the activation dtype; a --kv-cache-dtype that differs takes the torch path)."""
     pool = fb.kv_pool.k_buffer(0)
-    return (pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16)
+    return (pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16) and pool.dtype == dtype
             and fb.req_to_token.dtype == torch.int32 and cpu_kernels.available())
 
 
@@ -106,9 +107,8 @@ class TorchNativeBackend(AttentionBackend):
         elif fb.mode.is_extend():
             fb.attn_metadata = self._extend_metadata(fb)
 
-    @staticmethod
-    def _decode_metadata(fb: "ForwardBatch") -> Optional[DecodeMetadata]:
-        if _use_cpu_kernel(fb):
+    def _decode_metadata(self, fb: "ForwardBatch") -> Optional[DecodeMetadata]:
+        if _use_cpu_kernel(fb, self.config.dtype):
             return None   # the kernel reads req_to_token itself
         max_len = max(max(fb.seq_lens_cpu), 1)
         rows = fb.req_to_token.index_select(0, fb.req_pool_indices)[:, :max_len].long()
