@@ -102,7 +102,7 @@ def test_scales_are_multiplied_back(tiny):
 SMOL_KV_PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):",
                    "The three primary colors are", "Once upon a time,", "To make a cup of tea,",
                    "List three fruits:", "Photosynthesis is the process"]
-SMOL_EXPECTED = {"fp8_e4m3": 160, "fp8_e5m2": 100, "bfloat16": 0}
+SMOL_EXPECTED = {"fp8_e4m3": 160, "fp8_e5m2": 100, "bfloat16": 250}   # bfloat16 measured 256
 
 
 @pytest.mark.slow
