@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kvyard.layers import quant_math as qm
-from kvyard.quantization import LinearMethod
+from kvyard.quantization import LinearMethod, _dense
 
 
 def _flat(layer, x: torch.Tensor) -> torch.Tensor:
@@ -40,14 +40,6 @@ def _flat(layer, x: torch.Tensor) -> torch.Tensor:
 def _unflat(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     y = y if layer.bias is None else y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
-
-
-def _dense(tensor: Any) -> torch.Tensor:
-    if isinstance(tensor, torch.Tensor):
-        return tensor
-    if hasattr(tensor, "dequantize"):
-        return tensor.dequantize()
-    raise TypeError(f"cannot load a checkpoint entry of type {type(tensor).__name__}")
 
 
 class ShardedLinearMethod(LinearMethod):
