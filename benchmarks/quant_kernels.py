@@ -6,6 +6,8 @@ For each (M, K, N) it times, with CUDA events (median of `--iters` after warm-up
                  (what Fp8LinearMethod runs on the GPU), and the GEMM alone
   fp8-dequant    dequantize the fp8 weight to bf16, then F.linear (the non-Hopper path)
   int8           per-token int8 quantization + torch._int_mm + both scales (Int8LinearMethod)
+  fp8-block      128x128 block-scaled fp8 (per-token-group x): the Triton block-scaled GEMM
+                 (kvyard.triton_ops.fp8_block_gemm), quantization of x included
   int4-triton    the Triton dequant-GEMM (kvyard.triton_ops.int4_gemm), group 128
   int4-dequant   dequantize the int4 weight to bf16, then F.linear
 and prints one JSON line per (shape, path): {"m", "k", "n", "path", "us", "tflops", "vs_bf16"}.
@@ -40,6 +42,7 @@ def timed(fn, iters: int) -> float:
 
 
 def paths(x: torch.Tensor, w: torch.Tensor):
+    from kvyard.triton_ops.fp8_block_gemm import fp8_block_gemm
     from kvyard.triton_ops.int4_gemm import int4_gemm
 
     wq8, sw8 = qm.fp8_per_row(w)
@@ -51,6 +54,11 @@ def paths(x: torch.Tensor, w: torch.Tensor):
     s4, z4 = s4.t().contiguous().to(x.dtype), z4.t().contiguous().to(torch.uint8)
     g_idx = torch.arange(w.shape[1], dtype=torch.int32, device=w.device) // 128
     xq8, sx8 = qm.fp8_per_row(x)
+    wqb, swb = qm.fp8_per_token_group(w, 128)   # per-row block scales (the layer's storage form)
+
+    def fp8_block():
+        xq, sx = qm.fp8_per_token_group(x, 128)
+        return fp8_block_gemm(xq, sx, wqb, swb, 128, x.dtype)
 
     def fp8():
         xq, sx = qm.fp8_per_row(x)
@@ -65,6 +73,7 @@ def paths(x: torch.Tensor, w: torch.Tensor):
         "fp8-scaled_mm": fp8,
         "fp8-gemm-only": lambda: torch._scaled_mm(xq8, wq8.t(), scale_a=sx8, scale_b=sw8, out_dtype=x.dtype),
         "fp8-dequant": lambda: F.linear(x, (wq8.to(x.dtype) * sw8.t().to(x.dtype))),
+        "fp8-block": fp8_block,
         "int8": int8,
         "int4-triton": lambda: int4_gemm(x, qweight, s4, z4, g_idx),
         "int4-dequant": lambda: F.linear(x, qm.dequantize_int4(qweight, s4, z4, g_idx, x.dtype)),

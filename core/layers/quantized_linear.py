@@ -11,8 +11,9 @@ tensors of every shard (q/k/v, gate/up) in ``load_tensor``, turns them into one 
                      Activations: dynamic per-token (per token-group of 128 for block
                      weights), static per-tensor (the largest of the shards' input scales), or
                      none (weight-only: dequantize and multiply in the layer dtype).
-                     CUDA: torch._scaled_mm with row-wise scales; elsewhere the same arithmetic
-                     in float32 (the fp8 values are exact in float32).
+                     CUDA: torch._scaled_mm with row-wise scales (block scales: the Triton
+                     block-scaled GEMM); elsewhere the same arithmetic in float32 (the fp8
+                     values are exact in float32).
   Int8LinearMethod   weight [N, K] int8, scales [N]; activations int8 per token (dynamic) or per
                      tensor (static); int32 accumulation (torch._int_mm), then both scales.
   Int4LinearMethod   the canonical int4 layout of kvyard.layers.quant_math; CUDA: the Triton
@@ -155,7 +156,11 @@ class Fp8LinearMethod(ShardedLinearMethod):
             return _unflat(layer, x, F.linear(x2, dense))
         if s.weight == "block":
             xq, sx = qm.fp8_per_token_group(x2, s.block[1])
-            y = qm.dequantize_block(xq, sx, s.block[1]) @ qm.dequantize_block(w, sw, s.block[1]).t()
+            if x2.is_cuda or _force_triton:
+                from kvyard.triton_ops.fp8_block_gemm import fp8_block_gemm
+                y = fp8_block_gemm(xq, sx, w, sw, s.block[1], torch.float32)
+            else:
+                y = qm.dequantize_block(xq, sx, s.block[1]) @ qm.dequantize_block(w, sw, s.block[1]).t()
             return _unflat(layer, x, y)
         if s.activation == "static":
             sx = layer.input_scale
@@ -279,7 +284,7 @@ class Int4LinearMethod(ShardedLinearMethod):
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(layer, x)
-        if x2.is_cuda or _force_triton_int4:
+        if x2.is_cuda or _force_triton:
             from kvyard.triton_ops.int4_gemm import int4_gemm
             y = int4_gemm(x2, layer.qweight, layer.scales, layer.zeros, layer.g_idx)
         else:
@@ -287,12 +292,12 @@ class Int4LinearMethod(ShardedLinearMethod):
         return _unflat(layer, x, y)
 
 
-_force_triton_int4 = False   # tests: run the Triton kernel on CPU tensors under TRITON_INTERPRET=1
+_force_triton = False   # tests: the Triton GEMMs on CPU tensors under TRITON_INTERPRET=1
 
 
-def force_triton_int4(on: bool) -> None:
-    global _force_triton_int4
-    _force_triton_int4 = on
+def force_triton(on: bool) -> None:
+    global _force_triton
+    _force_triton = on
 
 
 class OnlineInt4LinearMethod(Int4LinearMethod):
