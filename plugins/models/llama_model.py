@@ -261,6 +261,10 @@ def _layer_targets(prefix: str, layer: LlamaDecoderLayer):
         required, opt = linear.checkpoint_targets([f"{prefix}.{part}" for part in parts])
         targets.update(required)
         optional.update(opt)
+    for which in ("k", "v"):   # fp8 KV-cache scales: llm-compressor's name, and the older one on k/v_proj
+        load = partial(attn.attn.load_kv_scale, which)
+        optional[f"{prefix}.self_attn.{which}_scale"] = load
+        optional[f"{prefix}.self_attn.{which}_proj.{which}_scale"] = load
     for name in ("input_layernorm", "post_attention_layernorm"):
         param = getattr(layer, name).weight
         targets[f"{prefix}.{name}.weight"] = partial(copy_checked, param, name=f"{prefix}.{name}.weight")
