@@ -52,3 +52,8 @@ def register_reasoning_parsers(register: Register) -> None:
 @hookspec
 def register_grammar_backends(register: Register) -> None:
     """Register GrammarBackend subclasses (core/grammar.py) by name."""
+
+
+@hookspec
+def register_logit_processors(register: Register) -> None:
+    """Register LogitProcessor subclasses (core/logit_processor.py) by name."""

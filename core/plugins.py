@@ -31,6 +31,7 @@ KINDS = (
     "tool_call_parsers",
     "reasoning_parsers",
     "grammar_backends",
+    "logit_processors",
 )
 
 

@@ -144,6 +144,9 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant))
         self.model.load_weights(loader.weights(mc.model_path, mc.hf_config))
+        if cfg.is_embedding and getattr(self.model, "is_generation", True):
+            from kvyard.executor.pooling import LastTokenPooling
+            self.model = LastTokenPooling(self.model)   # a causal LM as an embedding model
         self.model.eval()
         logger.info("loaded %s (%s, %s, dtype %s, quantization %s) on %s", mc.model_path,
                     mc.architectures[0], mc.load_format, self.dtype, quant_name, self.device)

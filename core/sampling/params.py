@@ -44,6 +44,7 @@ class SamplingParams:
     ebnf: Optional[str] = None
     structural_tag: Union[str, dict, None] = None
     custom_params: Optional[dict] = None
+    custom_logit_processor: Optional[str] = None   # a registered logit processor's name (kvyard.logit_processor)
     # derived by normalize(): longest stop string in tokens, for the incremental detokenizer
     stop_str_max_len: int = 0
 
@@ -208,8 +209,8 @@ _FIELD_TYPES = {
     "repetition_penalty": ("number",), "min_new_tokens": ("int",), "seed": ("int",),
     "logit_bias": ("dict",), "no_stop_trim": ("bool",), "json_schema": ("str", "dict"),
     "regex": ("str",), "ebnf": ("str",), "structural_tag": ("str", "dict"),
-    "custom_params": ("dict",),
+    "custom_params": ("dict",), "custom_logit_processor": ("str",),
 }
 _NULLABLE = {"stop", "stop_token_ids", "seed", "logit_bias", "json_schema", "regex", "ebnf",
-             "structural_tag", "custom_params"}
+             "structural_tag", "custom_params", "custom_logit_processor"}
 _DERIVED = {"stop_str_max_len"}
