@@ -129,7 +129,7 @@ def test_metrics_sglang_names_and_dashboard_series(server):
     queried = set()
     for panel in json.loads(DASHBOARD.read_text())["panels"]:
         for target in panel["targets"]:
-            queried |= set(re.findall(r"(?:kvyard|sglang):[a-z_]+", target["expr"]))
+            queried |= set(re.findall(r"(?:kvyard|sglang):[a-z0-9_]+", target["expr"]))
     assert len(queried) >= 10
     assert queried <= names, sorted(queried - names)
     assert {q.replace("kvyard:", "sglang:") for q in queried} <= names
@@ -160,3 +160,15 @@ def test_bench_serving_sharegpt_with_profile(server, tmp_path):
     row = json.loads(out_file.read_text().splitlines()[-1])
     assert row["dataset_name"] == "sharegpt" and row["completed"] == 2 and row["total_output_tokens"] == 8
     assert set(profile_dir.glob("*.trace.json")) - before
+
+
+def test_bench_accuracy_on_a_local_jsonl(server, tmp_path):
+    url, _ = server
+    out_file = tmp_path / "acc.jsonl"
+    r = subprocess.run([sys.executable, "-m", "kvyard.cli", "bench", "accuracy", "--base-url", url,
+                        "--data-path", str(ROOT / "examples/accuracy/general_knowledge_mmlu_style.jsonl"),
+                        "--style", "mmlu", "--num-shots", "3", "--num-questions", "4",
+                        "--output-file", str(out_file)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = json.loads(out_file.read_text().splitlines()[-1])
+    assert row["num_questions"] == 4 and 0.0 <= row["accuracy"] <= 1.0 and row["invalid"] < 1.0

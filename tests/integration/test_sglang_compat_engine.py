@@ -3,17 +3,26 @@ tokenizer path of its function-calling example, --incremental-streaming-output, 
 --is-embedding on a causal LM (last-token pooling, checked against transformers)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from kvyard import Engine
 
 
+CHATML_JSON = {"name": "chatml-json", "system": "<|im_start|>system", "user": "<|im_start|>user",
+               "assistant": "<|im_start|>assistant", "sep_style": "CHATML", "sep": "<|im_end|>",
+               "stop_str": ["<|im_end|>"]}
+
+
 @pytest.fixture(scope="module")
-def engine(smollm2_path):
+def engine(smollm2_path, tmp_path_factory):
+    template = tmp_path_factory.mktemp("template") / "chatml.json"   # SGLang's conversation format
+    template.write_text(json.dumps(CHATML_JSON))
     with Engine(model_path=smollm2_path, dtype="float32", max_total_tokens=4096, tp_size=1, dp_size=1,
                 incremental_streaming_output=True, enable_custom_logit_processor=True,
-                log_level="warning") as e:
+                chat_template=str(template), log_level="warning") as e:
         yield e
 
 
@@ -22,8 +31,10 @@ def test_sglang_engine_arguments(smollm2_path):
         Engine(model_path=smollm2_path, tp_size=2)
 
 
-def test_tokenizer_manager_tokenizer(engine):
+def test_tokenizer_manager_tokenizer_with_a_conversation_json_template(engine):
     tok = engine.tokenizer_manager.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, add_generation_prompt=True)
     out = engine.generate(input_ids=list(ids), sampling_params={"max_new_tokens": 3, "temperature": 0})
     assert out["meta_info"]["completion_tokens"] == 3
