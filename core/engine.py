@@ -52,6 +52,8 @@ class Engine:
         obj = {k: v for k, v in kw.items() if v is not None}
         if prompt is not None:
             obj["text"] = prompt
+        if hasattr(input_ids, "keys") and "input_ids" in input_ids:
+            input_ids = input_ids["input_ids"]   # transformers' apply_chat_template(tokenize=True) result
         if input_ids is not None:
             obj["input_ids"] = input_ids
         obj["sampling_params"] = sampling_params or {}

@@ -49,6 +49,8 @@ def add_sglang_flags(parser: argparse.ArgumentParser, own: Iterable[str]) -> Non
     """Registers SGLang's flags that ServerArgs lacks (``own``: its field names), and SGLang's
     aliases of flags the parser has."""
     own = set(own)
+    parser.epilog = (parser.epilog or "") + ("Every other launch flag of SGLang parses and is refused by name "
+                                             "(see docs/sglang-compat.md).")
     group = parser.add_argument_group("SGLang flags kvyard does not support (accepted by name, then refused)")
     for name in ALL:
         if name.replace("-", "_") in own:

@@ -36,7 +36,7 @@ def test_tokenizer_manager_tokenizer_with_a_conversation_json_template(engine):
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, add_generation_prompt=True)
-    out = engine.generate(input_ids=list(ids), sampling_params={"max_new_tokens": 3, "temperature": 0})
+    out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 3, "temperature": 0})
     assert out["meta_info"]["completion_tokens"] == 3
 
 

@@ -27,11 +27,13 @@ def argv_for(name: str) -> list[str]:
     return ["--" + name, "7"]
 
 
-@pytest.mark.parametrize("name", [n for n in flags.ALL if n.replace("-", "_") not in OWN])
-def test_unsupported_sglang_flag_is_refused_by_name(name):
-    ns = parser().parse_args(argv_for(name))
-    with pytest.raises(ValueError, match=f"--{name} is not supported by kvyard"):
-        ServerArgs.from_cli_namespace(ns)
+def test_every_unsupported_sglang_flag_is_refused_by_name():
+    p, unsupported = parser(), [n for n in flags.ALL if n.replace("-", "_") not in OWN]
+    assert len(unsupported) > 400
+    for name in unsupported:
+        ns = p.parse_args(argv_for(name))
+        with pytest.raises(ValueError, match=f"--{name} is not supported by kvyard"):
+            ServerArgs.from_cli_namespace(ns)
 
 
 def test_every_flag_and_alias_parses():
