@@ -84,6 +84,7 @@ def test_standalone_self_draft_accepts_everything_and_a_different_draft_stays_ex
     stats = sched.speculation.stats
     assert stats.drafted > 0 and stats.accepted == stats.drafted   # same model, same draws: all accepted
     other = dict(own, speculative_draft_model_path=tiny_models["qwen2"][0])
+    _, _, plain, _ = run_workload(path, 1, False, overlap=False, sampling=True)   # the workload depends on radix
     sched, _, spec, _ = run_workload(path, 1, False, overlap=True, sampling=True, **other)
     assert_same_outputs(plain, spec)
     assert sched.speculation.stats.accepted < sched.speculation.stats.drafted
@@ -126,7 +127,7 @@ def peaked_model(tiny_models, tmp_path_factory):
 @pytest.mark.parametrize("settings", [
     pytest.param(dict(temperature=1.0, top_k=6), id="top_k"),
     pytest.param(dict(temperature=1.0), id="temperature", marks=pytest.mark.slow),
-    pytest.param(dict(temperature=0.8, top_p=0.7), id="top_p", marks=pytest.mark.slow),
+    pytest.param(dict(temperature=2.0, top_p=0.9), id="top_p", marks=pytest.mark.slow),
 ])
 def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny_models, settings):
     """1,500 seeded samples of two tokens after a fixed prompt, drafted by a different model (often
@@ -169,5 +170,8 @@ def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny
     chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
     dof = int(keep.sum()) - 1
     from scipy.stats import chi2 as chi2_dist
-    assert n >= 200 and dof >= 1, (n, dof)
+    assert n >= 200, n
+    if dof == 0:   # the filters keep one token: every sample must be it
+        assert (counts > 0).sum() == 1 and probs[int(counts.argmax())] == 1.0
+        return
     assert chi2_dist.sf(chi2, dof) > 1e-3, (chi2, dof, n)
