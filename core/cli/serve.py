@@ -32,7 +32,10 @@ def serve(args: ServerArgs) -> int:
     import uvicorn
 
     from kvyard.frontend.launch import make_tokenizer_manager, start_engine_process
+    from kvyard.frontend.limits import RequestLimits
+    from kvyard.server.admin import warn_if_exposed
     from kvyard.server.app import create_app, warmup_names
+    from kvyard.server.limits import header_timeout_protocol
     from kvyard.server.context import ServerContext
     from kvyard.server.metrics import ServerMetrics
 
@@ -40,16 +43,18 @@ def serve(args: ServerArgs) -> int:
     http_level = _http_log_level(args)
     warmup_names(args.warmups)
     check_port_free(args.host, args.port)
+    warn_if_exposed(args)
     logger.info("loading the model…")
     engine = start_engine_process(args)
     try:
         args = engine.args  # with the defaults resolved (model path)
         metrics = ServerMetrics(args.served_model_name or args.model_path) if args.enable_metrics else None
-        tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None)
+        tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None,
+                                    limits=RequestLimits.from_args(args))
         ctx = ServerContext(args=args, engine=engine, tm=tm, metrics=metrics)
         config = uvicorn.Config(create_app(ctx), host=args.host, port=args.port, log_level=http_level,
                                 access_log=http_level in ("info", "debug", "trace"), timeout_keep_alive=5,
-                                lifespan="on")
+                                lifespan="on", http=header_timeout_protocol(args.http_header_timeout))
         server = uvicorn.Server(config)
         ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
         ctx.listening = lambda: server.started

@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from kvyard.frontend.detokenizer import DecodeState, next_delta, visible_text
+from kvyard.frontend.limits import RequestLimits, check_request_size
 from kvyard.errors import EngineDeadError, RequestError
 from kvyard.scheduler.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, ReqUpdate,
                               SchedulerError, TokenizedGenerateReq)
@@ -56,8 +57,9 @@ class TokenizerManager:
                  is_alive: Callable[[], bool], *, random_seed: Optional[int] = None,
                  allow_auto_truncate: bool = False, model_name: str = "default",
                  on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False,
-                 grammar_checker=None):
+                 grammar_checker=None, limits: Optional[RequestLimits] = None):
         self.tokenizer = tokenizer
+        self.limits = limits  # the server's per-request caps (None: none, the offline Engine)
         self.grammar_checker = grammar_checker  # kvyard.grammar.manager.GrammarChecker
         self.info = scheduler_info
         self.context_length = scheduler_info["context_length"]
@@ -150,6 +152,7 @@ class TokenizerManager:
         unknown = set(obj) - REQUEST_FIELDS
         if unknown:
             raise RequestError(f"unknown request field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
+        check_request_size(obj, self.limits)  # before tokenizing: counts only
         prompts = self._prompts(obj)
         params_list = obj.get("sampling_params") or {}
         if isinstance(params_list, dict):
@@ -161,6 +164,9 @@ class TokenizerManager:
             rids = [uuid.uuid4().hex for _ in prompts]
         elif isinstance(rids, str):
             rids = [rids] if len(prompts) == 1 else [f"{rids}-{i}" for i in range(len(prompts))]
+        if not isinstance(rids, list) or len(rids) != len(prompts) or not all(isinstance(r, str) for r in rids):
+            raise RequestError(f"rid: give one string, or a list of {len(prompts)} strings (one per prompt)",
+                               param="rid")
         out = []
         for ids, p, rid in zip(prompts, params_list, rids):
             params = self._sampling_params(p, len(ids))
@@ -234,9 +240,28 @@ class TokenizerManager:
                     param="input_ids", status=413)
             ids = ids[:self.context_length - 1]
         room = self.context_length - len(ids)
-        if params.max_new_tokens is None or params.max_new_tokens > room:
+        as_much_as_fits = params.max_new_tokens is None or params.max_new_tokens >= room
+        if as_much_as_fits:
             params.max_new_tokens = room
+        self._check_kv_pool(ids, params, as_much_as_fits)
         return ids
+
+    def _check_kv_pool(self, ids: list[int], params: SamplingParams, as_much_as_fits: bool) -> None:
+        """A sequence that can never fit the KV pool is refused now, not after it ran out of room.
+        A max_new_tokens that only asked for "as much as fits" is capped to the pool instead."""
+        pool = self.info.get("max_total_num_tokens")
+        if pool is None:
+            return
+        if len(ids) + 1 > pool:
+            raise RequestError(f"input_ids: the prompt has {len(ids)} tokens; the KV pool holds {pool} "
+                               "(--max-total-tokens)", param="input_ids")
+        if len(ids) + params.max_new_tokens > pool:
+            if as_much_as_fits:
+                params.max_new_tokens = pool - len(ids)
+                return
+            raise RequestError(f"max_new_tokens: the prompt ({len(ids)} tokens) plus max_new_tokens "
+                               f"({params.max_new_tokens}) exceeds the KV pool of {pool} tokens "
+                               "(--max-total-tokens)", param="max_new_tokens")
 
     # -- running ----------------------------------------------------------------------------
     def submit(self, req: TokenizedGenerateReq, return_text_in_logprobs: bool = False) -> ReqState:

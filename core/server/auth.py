@@ -1,4 +1,6 @@
 """--api-key: every endpoint but /health needs ``Authorization: Bearer KEY``.
+--admin-api-key: the admin endpoints (admin.ADMIN_PATHS) need that key instead, and it opens
+every other endpoint too; without it the admin endpoints take --api-key like the rest.
 
 A pure ASGI middleware (not BaseHTTPMiddleware), so streaming responses and client-disconnect
 detection pass through it untouched. The key is compared in constant time.
@@ -6,9 +8,9 @@ detection pass through it untouched. The key is compared in constant time.
 from __future__ import annotations
 
 import hmac
-import json
+from typing import Optional
 
-from kvyard.server.errors import error_body
+from kvyard.server.limits import send_error
 
 OPEN_PATHS = frozenset({"/health"})
 
@@ -27,17 +29,25 @@ def key_matches(given: str, expected: str) -> bool:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: Optional[str], admin_api_key: Optional[str] = None):
         self.app = app
         self.api_key = api_key
+        self.admin_api_key = admin_api_key
+
+    def _allowed(self, path: str, token: str) -> bool:
+        from kvyard.server.admin import ADMIN_PATHS
+
+        if path in OPEN_PATHS:
+            return True
+        if self.admin_api_key and key_matches(token, self.admin_api_key):
+            return True
+        if path in ADMIN_PATHS and self.admin_api_key:
+            return False
+        return self.api_key is None or key_matches(token, self.api_key)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS \
-                or key_matches(bearer_token(scope.get("headers", [])), self.api_key):
+        if scope["type"] != "http" or self._allowed(scope["path"], bearer_token(scope.get("headers", []))):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(error_body(401, "invalid or missing API key: send 'Authorization: Bearer KEY'")).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"www-authenticate", b"Bearer"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                         headers=[(b"www-authenticate", b"Bearer")])

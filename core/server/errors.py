@@ -3,6 +3,7 @@ handlers that turn every failure (bad field, unknown route, dead engine, bug) in
 from __future__ import annotations
 
 import logging
+import re
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -13,10 +14,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvyard.errors import EngineDeadError, RequestError
 
 logger = logging.getLogger(__name__)
+_MODEL_NAME = re.compile(r"^[A-Z][A-Za-z]+$")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 500: "internal_server_error",
-               503: "service_unavailable_error"}
+               501: "not_implemented_error", 503: "service_unavailable_error"}
 
 
 def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
@@ -24,8 +26,9 @@ def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
                       "param": param, "code": status}}
 
 
-def error_response(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(status: int, message: str, param: Optional[str] = None,
+                   headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
@@ -33,7 +36,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     # pydantic adds the union member's type name to loc ("prompt.list[int].0"); drop those parts
-    loc = [p for p in loc if "[" not in p and p not in ("str", "int", "list", "function-after")]
+    loc = [p for p in loc if "[" not in p and p not in ("str", "int", "list", "function-after")
+           and not _MODEL_NAME.match(p)]  # and the model's name, for a union of models
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":
@@ -54,7 +58,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         message = "not found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, message)
+        return error_response(exc.status_code, message, headers=exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError):
