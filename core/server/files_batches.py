@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from kvyard.errors import EngineDeadError, RequestError
 from kvyard.server.context import ctx_of
 from kvyard.server.errors import error_body
-from kvyard.server.file_store import FileStore, _write_atomic, parse_multipart
+from kvyard.server.file_store import FILE_PURPOSES, FileStore, _write_atomic, parse_multipart
 from kvyard.server.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 logger = logging.getLogger(__name__)
@@ -286,7 +286,13 @@ def _errors(code: str, message: str) -> dict:
 router = APIRouter()
 
 
-@router.post("/v1/files")
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"},
+                   "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}}}}}}}
+
+
+@router.post("/v1/files", openapi_extra=_UPLOAD_BODY)
 async def upload_file(request: Request):
     fields, files = parse_multipart(request.headers.get("content-type", ""), await request.body())
     if "file" not in files:

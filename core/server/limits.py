@@ -44,7 +44,12 @@ class RequestBodyGuard:
         if not disconnected and _is_json(headers) and body.strip():
             problem = strict_json_problem(body)
             if problem:
-                await send_error(send, 400, f"the request body is not valid JSON: {problem}")
+                field = non_finite_field(body)
+                if field is not None:
+                    await send_error(send, 400, f"{field}: must be a finite number (NaN and Infinity are not JSON)",
+                                     param=field)
+                else:
+                    await send_error(send, 400, f"the request body is not valid JSON: {problem}")
                 return
         await self.app(scope, _replay(body, disconnected, receive), send)
 
@@ -103,6 +108,26 @@ def strict_json_problem(raw: bytes) -> Optional[str]:
         from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
         return str(exc)
+    return None
+
+
+class _NonFinite(float):
+    """Python's json reading NaN / Infinity / -Infinity, marked so the field can be found."""
+
+
+def non_finite_field(raw: bytes) -> Optional[str]:
+    """The dotted path of the first NaN or Infinity in a body that is JSON but for them, else None."""
+    try:
+        value = json.loads(raw, parse_constant=lambda text: _NonFinite(text.replace("Infinity", "inf")))
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, _NonFinite):
+            return path or None
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend(reversed([(f"{path}.{k}" if path else str(k), v) for k, v in children]))
     return None
 
 

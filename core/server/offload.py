@@ -53,10 +53,15 @@ class _Job:
                     self.thread_id = None
         except BaseException as exc:  # PreprocessTimeout or fn's own error: hand it over
             result, error = None, exc
-        self.loop.call_soon_threadsafe(self._settle, result, error)
+        if self.stopped:  # nobody waits for an interrupted job (its loop may be gone too)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._settle, result, error)
+        except RuntimeError:  # the loop closed meanwhile (shutdown)
+            pass
 
     def _settle(self, result: Any, error: Optional[BaseException]) -> None:
-        if self.future.done() or self.stopped:  # nobody waits for an interrupted job
+        if self.future.done() or self.stopped:
             return
         if error is not None:
             self.future.set_exception(error)
