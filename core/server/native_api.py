@@ -14,7 +14,7 @@ from kvyard.errors import EngineDeadError, RequestError
 from kvyard.server.context import ServerContext, ctx_of
 from kvyard.server.admin import check_weight_update, weight_update_failed
 from kvyard.server.errors import error_response
-from kvyard.server.offload import preprocess
+from kvyard.server.offload import json_response, preprocess
 from kvyard.server.openai_completions import encode
 from kvyard.server.protocol import (AbortRequest, AdminResult, EncodeRequest, FunctionCallRequest, GenerateRequest,
                                     SeparateReasoningRequest, UpdateWeightsRequest)
@@ -41,7 +41,7 @@ async def generate(body: GenerateRequest, request: Request):
         return EventStream(with_errors_and_done(_stream(ctx, reqs, batch, text_in_logprobs)))
     outs = await run_to_completion(ctx.tm, reqs, request, allow_user_abort=True)
     outs = [_strip_token_text(o) for o in outs] if not text_in_logprobs else outs
-    return outs if batch else outs[0]
+    return await json_response(ctx, outs if batch else outs[0])
 
 
 async def _stream(ctx: ServerContext, reqs, batch: bool, text_in_logprobs: bool) -> AsyncIterator[str]:

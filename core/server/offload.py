@@ -105,3 +105,15 @@ async def preprocess(ctx: Any, fn: Callable[[], Any], param: Optional[str] = Non
     """``fn`` (templating, tokenizing, checking one request) off the loop under --preprocess-timeout."""
     return await run_off_loop(fn, ctx.args.preprocess_timeout, "preparing the request (templating and tokenizing)",
                               param)
+
+
+async def json_response(ctx: Any, content: Any):
+    """A JSON response encoded on a worker thread: a large output (logprobs of every token, many
+    samples) is serialized while the loop keeps serving, and skips FastAPI's per-item encoder."""
+    import json
+
+    from starlette.responses import Response
+
+    body = await run_off_loop(lambda: json.dumps(content, ensure_ascii=False).encode(), ctx.args.preprocess_timeout,
+                              "encoding the response")
+    return Response(body, media_type="application/json")

@@ -27,6 +27,17 @@ def _error(description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
 
 
+def _document_400(responses: dict) -> None:
+    """A bad field is always the OpenAI error body; a route's own 400 body (AdminResult) is one
+    more possibility, not a replacement."""
+    bad = _error("a bad field (param names it) or a body that is not strict JSON")
+    own = responses.get("400", {}).get("content", {}).get("application/json", {}).get("schema")
+    if own is None:
+        responses["400"] = bad
+    elif own != _ERROR_REF:
+        responses["400"]["content"]["application/json"]["schema"] = {"anyOf": [own, _ERROR_REF]}
+
+
 def install_openapi(app: FastAPI, api_key: bool) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -50,7 +61,7 @@ def _corrected(schema: dict, api_key: bool) -> dict:
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            responses.setdefault("400", _error("a bad field (param names it) or a body that is not strict JSON"))
+            _document_400(responses)
             responses["default"] = _error("any other error: 401 API key, 404, 405, 413 body too large, "
                                           "501 feature not installed, 503 starting up or engine gone")
             if path in STREAMING_PATHS and "200" in responses:

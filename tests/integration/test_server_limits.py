@@ -17,6 +17,7 @@ from conftest import ADMIN_KEY, API_KEY, LIMITS
 KEY = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 JSON = {**KEY, "Content-Type": "application/json"}
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
 # 10^8 loop iterations in the sandbox: seconds of pure-Python rendering if nothing stops it
 HEAVY_TEMPLATE = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}x"
@@ -174,8 +175,8 @@ def test_openapi_describes_what_the_server_does(url):
     ops = [(p, m, o) for p, item in spec["paths"].items() for m, o in item.items()]
     assert not [(p, m) for p, m, o in ops if "422" in o["responses"]]
     for path, method, op in ops:
-        ref = op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
-        assert ref.endswith(("/ErrorResponse", "/AdminResult")), (path, ref)
+        schema = op["responses"]["400"]["content"]["application/json"]["schema"]
+        assert _ERROR_REF in [schema, *schema.get("anyOf", [])], (path, schema)
     native = {p: item for p, item in spec["paths"].items()}
     for path in ("/generate", "/encode", "/abort_request", "/update_weights_from_disk", "/function_call",
                  "/separate_reasoning", "/v1/files"):
@@ -203,7 +204,7 @@ def _probe_while(url: str, job: threading.Thread) -> list[float]:
 
 @pytest.mark.parametrize("name", ["huge n", "huge body", "heavy template", "huge top logprobs"])
 def test_one_request_does_not_stall_the_others(url, name):
-    prompt = "The history of the city is long. " * 20
+    prompt = "The history of the city is long. " * 5
     heavy = {
         "huge n": ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "n": 1_000_000_000}),
         "huge body": ("/generate", {"text": "word " * ((LIMITS["max_request_body_mb"] << 20) // 6)}),
