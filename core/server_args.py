@@ -19,6 +19,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "priority")
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192   # --chunked-prefill-size unset
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16", "float32")
 TORCHAO_CONFIG = r"int8wo|int8dq|int4wo-(32|64|128|256)|fp8wo|fp8dq-per_tensor|fp8dq-per_row"
+CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536   # the CPU KV pool when --max-total-tokens is unset (capped by memory)
 
 
 def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
@@ -57,10 +58,21 @@ class ServerArgs:
     skip_server_warmup: bool = _f(False, "do not run a warmup request before reporting ready", "http")
     warmups: Optional[str] = _f(None, "comma-separated warmup names to run at start", "http")
     config: Optional[str] = _f(None, "YAML file whose keys are these arguments; flags override it", "http")
+    admin_api_key: Optional[str] = _f(None, "require 'Authorization: Bearer KEY' with this key on the admin endpoints (/update_weights_from_disk, /flush_cache, /abort_request); default: --api-key", "http")
+    weight_update_dirs: Optional[list[str]] = _f(None, "folders /update_weights_from_disk may load from (default: the model's folder and its parent)", "http", nargs="+")
+
+    # -- request limits (docs/api.md, "Limits") -------------------------------------------
+    max_n: int = _f(64, "largest n (samples per prompt) one request may ask for", "limits")
+    max_sequences_per_request: int = _f(256, "largest number of sequences (prompts x n) one request may ask for", "limits")
+    max_top_logprobs_num: int = _f(20, "largest top_logprobs_num / top_logprobs / logprobs a request may ask for", "limits")
+    max_request_body_mb: float = _f(32.0, "largest HTTP request body in MiB (413 above it)", "limits")
+    http_header_timeout: float = _f(10.0, "seconds a client has to send a request's headers before the connection is closed", "limits")
+    preprocess_timeout: float = _f(30.0, "seconds one request may spend in chat templating and tokenization (400 after it)", "limits")
+    trust_request_chat_template: bool = _f(False, "allow requests to supply their own chat template (chat_template_kwargs.chat_template); off: refused with 400", "limits")
 
     # -- memory and scheduling ----------------------------------------------------------
     mem_fraction_static: Optional[float] = _f(None, "fraction of device memory for weights + KV pool (CUDA)", "scheduling")
-    max_total_tokens: Optional[int] = _f(None, "KV pool size in tokens (CPU default: 32768, capped by memory)", "scheduling")
+    max_total_tokens: Optional[int] = _f(None, f"KV pool size in tokens (CPU default: {CPU_DEFAULT_MAX_TOTAL_TOKENS}, capped by memory)", "scheduling")
     max_running_requests: Optional[int] = _f(None, "maximum concurrently running requests", "scheduling")
     max_queued_requests: Optional[int] = _f(None, "reject new requests beyond this queue length", "scheduling")
     chunked_prefill_size: Optional[int] = _f(None, f"maximum prefill tokens per step per request chunk (default {DEFAULT_CHUNKED_PREFILL_SIZE}; -1 disables)", "scheduling")
@@ -132,7 +144,8 @@ class ServerArgs:
         """One-line ValueError naming the field for values argparse cannot catch."""
         positive = ("context_length", "max_total_tokens", "max_running_requests", "page_size",
                     "stream_interval", "max_prefill_tokens", "num_threads", "torch_compile_max_bs",
-                    "max_queued_requests", "triton_attention_num_kv_splits", "cuda_graph_max_bs")
+                    "max_queued_requests", "triton_attention_num_kv_splits", "cuda_graph_max_bs",
+                    "max_n", "max_sequences_per_request")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -141,6 +154,11 @@ class ServerArgs:
             raise ValueError("chunked_prefill_size must be positive or -1, got 0")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        for name in ("max_request_body_mb", "http_header_timeout", "preprocess_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_top_logprobs_num < 0:
+            raise ValueError(f"max_top_logprobs_num must be >= 0, got {self.max_top_logprobs_num}")
         if self.schedule_conservativeness <= 0:
             raise ValueError("schedule_conservativeness must be > 0")
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -247,7 +265,8 @@ class ServerArgs:
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, groups: Optional[set[str]] = None) -> None:
         titles = {"model": "model and tokenizer", "http": "HTTP server", "scheduling": "memory and scheduling",
-                  "runtime": "runtime and kernels", "parsers": "parsers and grammar", "speculative": "speculative decoding", "logging": "logging"}
+                  "runtime": "runtime and kernels", "parsers": "parsers and grammar", "speculative": "speculative decoding",
+                  "limits": "request limits", "logging": "logging"}
         arg_groups = {g: parser.add_argument_group(t) for g, t in titles.items()
                       if groups is None or g in groups}
         for f in dataclasses.fields(cls):

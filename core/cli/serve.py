@@ -35,10 +35,11 @@ def run_serve(argv: list[str]) -> int:
 
 
 def serve(args: ServerArgs) -> int:
-    import uvicorn
-
     from kvyard.frontend.launch import make_tokenizer_manager, start_engine_process
+    from kvyard.frontend.limits import RequestLimits
+    from kvyard.server.admin import warn_if_exposed
     from kvyard.server.app import create_app, warmup_names
+    from kvyard.server.limits import header_timeout_protocol
     from kvyard.server.context import ServerContext
     from kvyard.server.metrics import ServerMetrics
 
@@ -46,29 +47,33 @@ def serve(args: ServerArgs) -> int:
     http_level = _http_log_level(args)
     warmup_names(args.warmups)
     check_port_free(args.host, args.port)
+    warn_if_exposed(args)
     logger.info("loading the model…")
     engine = start_engine_process(args)
     try:
         args = engine.args  # with the defaults resolved (model path)
         metrics = ServerMetrics(args.served_model_name or args.model_path, args.enable_sglang_metrics) \
             if args.enable_metrics else None
-        tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None)
+        tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None,
+                                    limits=RequestLimits.from_args(args))
         ctx = ServerContext(args=args, engine=engine, tm=tm, metrics=metrics)
         app = create_app(ctx)
     except BaseException:
         engine.stop()
         raise
-    return run_app(app, ctx, args.host, args.port, http_level, cleanup=engine.stop)
+    return run_app(app, ctx, args.host, args.port, http_level, cleanup=engine.stop,
+                   http=header_timeout_protocol(args.http_header_timeout))
 
 
-def run_app(app, ctx, host: str, port: int, http_level: str, cleanup) -> int:
+def run_app(app, ctx, host: str, port: int, http_level: str, cleanup, http="auto") -> int:
     """Runs the app under uvicorn until a stop signal; ``cleanup()`` runs after it in any case.
-    ctx gets request_shutdown/listening; 0 after a clean stop, 1 when start-up failed."""
+    ctx gets request_shutdown/listening; 0 after a clean stop, 1 when start-up failed. ``http``:
+    uvicorn's HTTP protocol (the LLM server's adds a header-read deadline)."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level=http_level,
                             access_log=http_level in ("info", "debug", "trace"), timeout_keep_alive=5,
-                            lifespan="on")
+                            lifespan="on", http=http)
     server = uvicorn.Server(config)
     ctx.request_shutdown = lambda: setattr(server, "should_exit", True)
     ctx.listening = lambda: server.started

@@ -30,12 +30,12 @@ from kvyard.plugins import registry
 from kvyard.model.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
+from kvyard.server_args import CPU_DEFAULT_MAX_TOTAL_TOKENS  # one number: --help shows it
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
 from kvyard.executor.step_sampling import sample_outputs, sampling_spec, to_step_result
 
 logger = logging.getLogger(__name__)
 
-CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 CPU_KV_MEMORY_FRACTION = 0.4  # of available RAM, at most
 
 

@@ -5,12 +5,13 @@ import functools
 import logging
 import multiprocessing as mp
 import os
-import tempfile
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from kvyard.diffusion.detect import resolve_model_type
 from kvyard.model_registry import ModelRegistry
+from kvyard.scheduler.parent_watch import ParentLink, make_ipc_dir, remove_ipc_dir
 from kvyard.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class EngineProcess:
     send_addr: str
     recv_addr: str
     tokenizer: Any
+    ipc_dir: Optional[str] = None
 
     def is_alive(self) -> bool:
         return self.process.is_alive()
@@ -34,6 +36,8 @@ class EngineProcess:
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout)
+        if self.ipc_dir:
+            remove_ipc_dir(self.ipc_dir)
 
 
 def resolve_args(args: ServerArgs) -> ServerArgs:
@@ -57,16 +61,26 @@ def tokenizer_factory(args: ServerArgs):
 
 
 def start_engine_process(args: ServerArgs) -> EngineProcess:
+    """The scheduler process, started and ready; its IPC folder goes with it (parent_watch)."""
+    args = resolve_args(args)
+    ipc_dir = make_ipc_dir()
+    try:
+        return _start(args, ipc_dir)
+    except BaseException:
+        remove_ipc_dir(ipc_dir)
+        raise
+
+
+def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
     from kvyard.scheduler.process import run_scheduler_process
 
-    args = resolve_args(args)
-    ipc_dir = tempfile.mkdtemp(prefix="kvyard-")
     send_addr, recv_addr = f"ipc://{ipc_dir}/to_scheduler", f"ipc://{ipc_dir}/from_scheduler"
     ctx = mp.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)
     factory = None if args.skip_tokenizer_init else tokenizer_factory(args)
+    link = ParentLink(os.getpid(), ipc_dir, death_signal=threading.current_thread() is threading.main_thread())
     proc = ctx.Process(target=run_scheduler_process, name="kvyard-scheduler", daemon=True,
-                       args=(args, send_addr, recv_addr, ModelRegistry.snapshot(), writer, factory))
+                       args=(args, send_addr, recv_addr, ModelRegistry.snapshot(), writer, factory, link))
     proc.start()
     writer.close()
     tokenizer = factory() if factory else None  # loads while the scheduler loads the model
@@ -79,10 +93,11 @@ def start_engine_process(args: ServerArgs) -> EngineProcess:
         proc.join(5)
         logger.debug(ready.get("traceback", ""))
         raise ValueError(ready["error"])
-    return EngineProcess(args, proc, ready["info"], send_addr, recv_addr, tokenizer)
+    return EngineProcess(args, proc, ready["info"], send_addr, recv_addr, tokenizer, ipc_dir)
 
 
-def make_tokenizer_manager(ep: EngineProcess, on_finish=None):
+def make_tokenizer_manager(ep: EngineProcess, on_finish=None, limits=None):
+    """``limits``: the server's RequestLimits (the offline Engine passes none)."""
     from kvyard.grammar.manager import make_grammar_checker
     from kvyard.frontend.tokenizer_manager import TokenizerManager
 
@@ -94,4 +109,4 @@ def make_tokenizer_manager(ep: EngineProcess, on_finish=None):
                             model_name=name, on_finish=on_finish, log_requests=ep.args.log_requests,
                             grammar_checker=grammar_checker,
                             incremental_streaming=ep.args.incremental_streaming_output,
-                            enable_custom_logit_processor=ep.args.enable_custom_logit_processor)
+                            enable_custom_logit_processor=ep.args.enable_custom_logit_processor, limits=limits)

@@ -23,6 +23,7 @@ from kvyard.frontend.detokenizer import DecodeState, Detokenizer
 from kvyard.frontend import outputs
 from kvyard.compat.request_fields import (EMBEDDING_FIELDS, GENERATE_FIELDS, check_fields, check_logit_processor,
                                           drop_ignored)
+from kvyard.frontend.limits import RequestLimits, check_request_size
 from kvyard.errors import EngineDeadError, RequestError
 from kvyard.scheduler.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, ReqUpdate,
                               SchedulerError, TokenizedGenerateReq)
@@ -70,10 +71,11 @@ class TokenizerManager:
                  allow_auto_truncate: bool = False, model_name: str = "default",
                  on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False,
                  grammar_checker=None, incremental_streaming: bool = False,
-                 enable_custom_logit_processor: bool = False):
+                 enable_custom_logit_processor: bool = False, limits: Optional[RequestLimits] = None):
         self.tokenizer = tokenizer
         self.incremental_streaming = incremental_streaming  # native streams: deltas, not cumulative
         self.enable_custom_logit_processor = enable_custom_logit_processor
+        self.limits = limits  # the server's per-request caps (None: none, the offline Engine)
         self.grammar_checker = grammar_checker  # kvyard.grammar.manager.GrammarChecker
         self.info = scheduler_info
         self.context_length = scheduler_info["context_length"]
@@ -166,6 +168,7 @@ class TokenizerManager:
         if not embed:
             check_fields(obj, REQUEST_FIELDS, GENERATE_FIELDS)  # SGLang's other fields: ignored when off, else refused
             obj = drop_ignored(obj, REQUEST_FIELDS)
+        check_request_size(obj, self.limits)  # before tokenizing: counts only
         prompts = self._prompts(obj)
         params_list = obj.get("sampling_params") or {}
         if isinstance(params_list, dict):
@@ -177,6 +180,9 @@ class TokenizerManager:
             rids = [uuid.uuid4().hex for _ in prompts]
         elif isinstance(rids, str):
             rids = [rids] if len(prompts) == 1 else [f"{rids}-{i}" for i in range(len(prompts))]
+        if not isinstance(rids, list) or len(rids) != len(prompts) or not all(isinstance(r, str) for r in rids):
+            raise RequestError(f"rid: give one string, or a list of {len(prompts)} strings (one per prompt)",
+                               param="rid")
         out = []
         processor = obj.get("custom_logit_processor")
         for ids, p, rid in zip(prompts, params_list, rids):
@@ -272,9 +278,28 @@ class TokenizerManager:
                     param="input_ids", status=413)
             ids = ids[:self.context_length - 1]
         room = self.context_length - len(ids)
-        if params.max_new_tokens is None or params.max_new_tokens > room:
+        as_much_as_fits = params.max_new_tokens is None or params.max_new_tokens >= room
+        if as_much_as_fits:
             params.max_new_tokens = room
+        self._check_kv_pool(ids, params, as_much_as_fits)
         return ids
+
+    def _check_kv_pool(self, ids: list[int], params: SamplingParams, as_much_as_fits: bool) -> None:
+        """A sequence that can never fit the KV pool is refused now, not after it ran out of room.
+        A max_new_tokens that only asked for "as much as fits" is capped to the pool instead."""
+        pool = self.info.get("max_total_num_tokens")
+        if pool is None:
+            return
+        if len(ids) + 1 > pool:
+            raise RequestError(f"input_ids: the prompt has {len(ids)} tokens; the KV pool holds {pool} "
+                               "(--max-total-tokens)", param="input_ids")
+        if len(ids) + params.max_new_tokens > pool:
+            if as_much_as_fits:
+                params.max_new_tokens = pool - len(ids)
+                return
+            raise RequestError(f"max_new_tokens: the prompt ({len(ids)} tokens) plus max_new_tokens "
+                               f"({params.max_new_tokens}) exceeds the KV pool of {pool} tokens "
+                               "(--max-total-tokens)", param="max_new_tokens")
 
     # -- running ----------------------------------------------------------------------------
     def submit(self, req: TokenizedGenerateReq, return_text_in_logprobs: bool = False) -> ReqState:

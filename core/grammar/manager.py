@@ -80,6 +80,10 @@ class _LRU:
 
 # -- API process -----------------------------------------------------------------------------
 class GrammarChecker:
+    """Checks run on the API process's preprocessing threads: the cache is guarded by a lock.
+    ``load_error`` is set (and logged at start-up by ``probe``) when the backend cannot load; a
+    grammar request is then a 501 that says how to install it."""
+
     def __init__(self, backend_name: Optional[str], vocab_size: int, whitespace_pattern: Optional[str] = None,
                  disabled_reason: str = "structured output is disabled (--grammar-backend none)",
                  cache_size: int = 1024):
@@ -88,6 +92,25 @@ class GrammarChecker:
         self._config = GrammarConfig(vocab_size=vocab_size, whitespace_pattern=whitespace_pattern)
         self._backend: Optional[GrammarBackend] = None
         self._checked = _LRU(cache_size)   # (kind, spec) -> error message or None
+        self._lock = threading.Lock()
+        self.load_error: Optional[str] = None
+
+    def probe(self) -> Optional[str]:
+        """Loads the backend now; the one-line problem (also logged) when it cannot load."""
+        if self.backend_name is None:
+            return None
+        try:
+            backend = self._get_backend()
+            kind = next((k for k in SMOKE_SPECS if k in backend.supports), None)
+            if kind is not None:   # backends import their library lazily: make them do it now
+                _validation_error(backend, kind, SMOKE_SPECS[kind])
+        except (PluginError, ImportError) as exc:
+            self._backend = None
+            self.load_error = f"the {self.backend_name} grammar backend cannot load ({_root_cause(exc)})"
+            hint = install_hint(exc)
+            self.load_error += f"; install it: {hint}" if hint else ""
+            logger.error("%s; structured-output requests will be refused (501)", self.load_error)
+        return self.load_error
 
     def check(self, params: Any) -> None:
         """RequestError (status 400, param = the grammar field) unless the grammar can compile."""
@@ -97,13 +120,19 @@ class GrammarChecker:
         kind, spec = found
         if self.backend_name is None:
             raise RequestError(f"{kind}: {self.disabled_reason}", param=kind)
-        backend = self._get_backend()
+        if self.load_error is None and self._backend is None:
+            self.probe()
+        if self.load_error is not None:
+            raise RequestError(f"{kind}: {self.load_error}", param=kind, status=501)
+        backend = self._backend
         if kind not in backend.supports:
             raise RequestError(unsupported_message(self.backend_name, kind), param=kind)
-        error = self._checked.get((kind, spec), default=False)
+        with self._lock:
+            error = self._checked.get((kind, spec), default=False)
         if error is False:
             error = _validation_error(backend, kind, spec)
-            self._checked.put((kind, spec), error)
+            with self._lock:
+                self._checked.put((kind, spec), error)
         if error is not None:
             raise RequestError(error, param=kind)
 
@@ -111,6 +140,22 @@ class GrammarChecker:
         if self._backend is None:
             self._backend = load_backend(self.backend_name, self._config)
         return self._backend
+
+
+# the smallest spec of each kind, compiled once at start-up to prove the backend works
+SMOKE_SPECS = {"json_schema": '{"type": "object"}', "regex": "a", "ebnf": 'root ::= "a"'}
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    return exc.__cause__ if isinstance(exc, PluginError) and exc.__cause__ is not None else exc
+
+
+def install_hint(exc: BaseException) -> Optional[str]:
+    """"pip install X" for a plugin that failed on a missing module X, else None."""
+    cause = _root_cause(exc)
+    if isinstance(cause, ModuleNotFoundError) and cause.name:
+        return f"pip install {cause.name.split('.')[0]}"
+    return None
 
 
 def unsupported_message(backend_name: str, kind: str) -> str:
@@ -262,7 +307,9 @@ def make_grammar_checker(backend_name: Optional[str], vocab_size: int, whitespac
     if not has_tokenizer:
         return GrammarChecker(None, vocab_size, disabled_reason="structured output needs the tokenizer "
                                                                 "(the server runs with --skip-tokenizer-init)")
-    return GrammarChecker(backend_name, vocab_size, whitespace_pattern)
+    checker = GrammarChecker(backend_name, vocab_size, whitespace_pattern)
+    checker.probe()  # a backend that cannot load is reported at start-up, not at the first request
+    return checker
 
 
 def load_once(factory: Optional[Callable[[], Any]]) -> Optional[Callable[[], Any]]:

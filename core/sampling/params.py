@@ -8,6 +8,7 @@ are int, and greedy decoding is spelled ``top_k == 1`` (temperature 1.0), as in 
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
@@ -17,6 +18,9 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 _GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 _PENALTY_RANGE = (-2.0, 2.0)
 _REPETITION_PENALTY_MAX = 2.0
+# Beyond these the output is noise (uniform sampling) or NaN: refused, as OpenAI refuses them.
+MAX_TEMPERATURE = 100.0
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class SamplingParams:
     def verify(self, vocab_size: int) -> None:
         """Range checks; one-line ValueError naming the field. Call before normalize()."""
         self.check_types()
+        self._verify_finite()
         self._verify_sampling()
         self._verify_lengths()
         self._verify_penalties()
@@ -98,9 +103,16 @@ class SamplingParams:
             raise ValueError(f"{grammars[-1]}: only one of {'/'.join(_GRAMMAR_FIELDS)} may be set "
                              f"(got {', '.join(grammars)})")
 
+    def _verify_finite(self) -> None:
+        """NaN and infinities compare False with every bound, so they are refused first."""
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if "number" in kinds and _is_number(value) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+
     def _verify_sampling(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
@@ -147,6 +159,9 @@ class SamplingParams:
                 raise ValueError(f"logit_bias key {key!r} is not a token id (vocab size {vocab_size})")
             if not _is_number(value):
                 raise ValueError(f"logit_bias value for token {key!r} must be a number, got {value!r}")
+            low, high = LOGIT_BIAS_RANGE
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"logit_bias value for token {key!r} must be in [{low:g}, {high:g}], got {value}")
 
     def _verify_thinking(self, vocab_size: int) -> None:
         if self.thinking_budget is None:

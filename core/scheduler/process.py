@@ -69,8 +69,11 @@ def draft_context(args, runner):
 
 
 def run_scheduler_process(args, in_addr: str, out_addr: str, registry_snapshot: dict,
-                          ready_conn, tokenizer_factory=None) -> None:
+                          ready_conn, tokenizer_factory=None, parent_link=None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="[kvyard scheduler] %(levelname)s %(message)s")
+    if parent_link is not None:
+        from kvyard.scheduler.parent_watch import watch_parent
+        watch_parent(parent_link)  # exit (and clean up) when the API process dies
     ModelRegistry.restore(registry_snapshot)
     try:
         scheduler = build_scheduler(args, tokenizer_factory)

@@ -16,8 +16,9 @@ from fastapi import FastAPI
 
 from kvyard.server.auth import ApiKeyMiddleware
 from kvyard.server.context import ServerContext
-from kvyard.server.errors import error_body_for, install_error_handlers
+from kvyard.server.errors import install_error_handlers
 from kvyard.server.json_body import JsonBodyMiddleware
+from kvyard.server.limits import send_error
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,13 @@ def create_app(ctx: ServerContext) -> FastAPI:
     from kvyard import __version__
     from kvyard.server import anthropic_api, files_batches, native_api, openai_api, rerank, responses_api
 
+    from kvyard.server.limits import MIB, RequestBodyGuard
+    from kvyard.server.openapi import install_openapi
+
     app = FastAPI(title="kvyard", version=__version__, lifespan=_lifespan(ctx))
     app.state.ctx = ctx
     install_error_handlers(app)
+    install_openapi(app, api_key=bool(ctx.args.api_key or ctx.args.admin_api_key))
     app.include_router(openai_api.router)
     app.include_router(responses_api.router)
     app.include_router(anthropic_api.router)
@@ -42,9 +47,11 @@ def create_app(ctx: ServerContext) -> FastAPI:
         app.add_api_route("/metrics", native_api.metrics, methods=["GET"])
         app.add_middleware(FuncLatencyMiddleware, metrics=ctx.metrics)
     app.add_middleware(JsonBodyMiddleware)
+    # the last added is the outermost: key, then readiness, then the body's size and JSON
+    app.add_middleware(RequestBodyGuard, max_bytes=int(ctx.args.max_request_body_mb * MIB))
     app.add_middleware(ReadinessMiddleware, ctx=ctx)
-    if ctx.args.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=ctx.args.api_key)  # outermost: checked first
+    if ctx.args.api_key or ctx.args.admin_api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=ctx.args.api_key, admin_api_key=ctx.args.admin_api_key)
     return app
 
 
@@ -79,11 +86,7 @@ class ReadinessMiddleware:
         if scope["type"] != "http" or self.ctx.ready or scope["path"] in ALWAYS_OPEN:
             await self.app(scope, receive, send)
             return
-        import json
-        body = json.dumps(error_body_for(scope["path"], 503, "the server is starting up (warming up); retry shortly")).encode()
-        await send({"type": "http.response.start", "status": 503,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 503, "the server is starting up (warming up); retry shortly", path=scope["path"])
 
 
 # -- warmup --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ engine, bug) into one: OpenAI's {"error": {"message", "type", "param", "code"}},
 from __future__ import annotations
 
 import logging
+import re
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -15,10 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvyard.errors import EngineDeadError, RequestError
 
 logger = logging.getLogger(__name__)
+_MODEL_NAME = re.compile(r"^[A-Z][A-Za-z]+$")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 500: "internal_server_error",
-               503: "service_unavailable_error"}
+               501: "not_implemented_error", 503: "service_unavailable_error"}
 
 
 def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
@@ -44,8 +46,9 @@ def error_body_for(path: str, status: int, message: str, param: Optional[str] = 
     return error_body(status, message, param)
 
 
-def error_response(status: int, message: str, param: Optional[str] = None, path: str = "") -> JSONResponse:
-    return JSONResponse(error_body_for(path, status, message, param), status_code=status)
+def error_response(status: int, message: str, param: Optional[str] = None, path: str = "",
+                   headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(error_body_for(path, status, message, param), status_code=status, headers=headers)
 
 
 def renamed(exc: RequestError, names: dict[str, str]) -> RequestError:
@@ -62,7 +65,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     # pydantic adds the union member's type name to loc ("prompt.list[int].0"); drop those parts
-    loc = [p for p in loc if "[" not in p and p not in ("str", "int", "list", "function-after")]
+    loc = [p for p in loc if "[" not in p and p not in ("str", "int", "list", "function-after")
+           and not _MODEL_NAME.match(p)]  # and the model's name, for a union of models
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":
@@ -83,7 +87,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = "not found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, message, path=request.url.path)
+        return error_response(exc.status_code, message, path=request.url.path, headers=exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(EngineDeadError)
     async def _dead(request: Request, exc: EngineDeadError):

@@ -88,5 +88,8 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dic
         if filename is not None:
             files[name] = (filename, data)
         elif name is not None:
-            fields[name] = data.decode("utf-8")
+            try:
+                fields[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError(f"{name}: must be UTF-8 text", param=name) from None
     return fields, files

@@ -3,8 +3,14 @@
 A batch reads its input JSONL file ({"custom_id", "method", "url", "body"} per line), runs every
 line in the background through the same handlers as the HTTP endpoints (so through the same
 TokenizerManager and scheduler as live traffic), and writes an output file (2xx responses) and
-an error file (the rest). Batch objects are JSON files under ``<root>/batches``; a batch that was
-running when the server stopped is marked failed at the next start.
+an error file (the rest). Batch objects are JSON files under ``<root>/batches``.
+
+Nothing finished is lost: each line's result is appended to the batch's journal
+(``<batch_id>.results.jsonl``, one ``{"line", "result"}`` per finished line, flushed at once)
+the moment it completes. A batch still running when the server stops stays ``in_progress`` and
+resumes at the next start with the lines its journal lacks. A cancelled batch, as in OpenAI's
+API, gets output/error files with what finished and request_counts of completed and failed
+lines. Invariant: completed + failed == lines in the journal.
 
 Status: validating -> in_progress -> finalizing -> completed, or failed, or cancelling -> cancelled.
 """
@@ -26,7 +32,7 @@ from pydantic import ValidationError
 from kvyard.errors import EngineDeadError, RequestError
 from kvyard.server.context import ctx_of
 from kvyard.server.errors import error_body
-from kvyard.server.file_store import FileStore, _write_atomic, parse_multipart
+from kvyard.server.file_store import FILE_PURPOSES, FileStore, _write_atomic, parse_multipart
 from kvyard.server.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 logger = logging.getLogger(__name__)
@@ -70,11 +76,38 @@ class BatchRunner:
         return sorted((self.get(i) for i in ids), key=lambda b: b["created_at"], reverse=True)
 
     def recover(self) -> None:
-        """Batches left active by a previous server process can never finish: mark them failed."""
+        """Batches a previous server process left active: resume them (the lines their journal
+        lacks), or finish a cancel that was under way with what had finished."""
         for batch in self.list():
-            if batch["status"] in ACTIVE and batch["id"] not in self._tasks:
-                self._update(batch["id"], status="failed", failed_at=int(time.time()),
-                             errors=_errors("server_restarted", "the server stopped while the batch ran"))
+            if batch["status"] not in ACTIVE or batch["id"] in self._tasks:
+                continue
+            if batch["status"] == "cancelling":
+                self._finish(batch["id"], status="cancelled")
+            else:
+                logger.info("resuming batch %s", batch["id"])
+                self._start(batch["id"])
+
+    # -- journal of finished lines ---------------------------------------------------------
+    def _journal(self, batch_id: str) -> str:
+        return os.path.join(self.dir, batch_id + ".results.jsonl")
+
+    def _append_result(self, batch_id: str, index: int, result: dict) -> None:
+        with open(self._journal(batch_id), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"line": index, "result": result}, ensure_ascii=False) + "\n")
+            fh.flush()
+
+    def _finished_lines(self, batch_id: str) -> dict[int, dict]:
+        """line index -> result, from the journal (a torn last line from a crash is skipped)."""
+        done: dict[int, dict] = {}
+        if os.path.exists(self._journal(batch_id)):
+            with open(self._journal(batch_id), encoding="utf-8") as fh:
+                for raw in fh:
+                    try:
+                        entry = json.loads(raw)
+                    except json.JSONDecodeError:
+                        continue
+                    done[entry["line"]] = entry["result"]
+        return done
 
     # -- lifecycle -------------------------------------------------------------------------
     def create(self, req: BatchCreateRequest) -> dict:
@@ -88,20 +121,20 @@ class BatchRunner:
                  "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
                  "metadata": req.metadata}
         self._save(batch)
-        task = asyncio.ensure_future(self._run(batch["id"]))
-        task.add_done_callback(lambda _: self._settle(batch["id"]))
-        self._tasks[batch["id"]] = task
+        self._start(batch["id"])
         return batch
 
+    def _start(self, batch_id: str) -> None:
+        task = asyncio.ensure_future(self._run(batch_id))
+        task.add_done_callback(lambda _: self._settle(batch_id))
+        self._tasks[batch_id] = task
+
     def _settle(self, batch_id: str) -> None:
-        """A task cancelled before it ever ran never reached _run's handlers: settle it here."""
+        """A task cancelled before it ever ran never reached _run's handlers: settle it here.
+        A server that stops leaves the batch active, to resume at the next start."""
         self._tasks.pop(batch_id, None)
-        if self.get(batch_id)["status"] in ACTIVE:
-            if self._closing:
-                self._update(batch_id, status="failed", failed_at=int(time.time()),
-                             errors=_errors("server_stopped", "the server stopped while the batch ran"))
-            else:
-                self._finish(batch_id, [], status="cancelled")
+        if self.get(batch_id)["status"] in ACTIVE and not self._closing:
+            self._finish(batch_id, status="cancelled")
 
     def cancel(self, batch_id: str) -> dict:
         batch = self.get(batch_id)
@@ -121,25 +154,22 @@ class BatchRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, batch_id: str) -> None:
-        lines: list = []
-        results: list[Optional[dict]] = []
         try:
             lines = self._parse_input(batch_id)
             if lines is None:
                 return
-            results = [None] * len(lines)
-            self._update(batch_id, status="in_progress", in_progress_at=int(time.time()),
-                         request_counts={"total": len(lines), "completed": 0, "failed": 0})
+            done = self._finished_lines(batch_id)
+            batch = self.get(batch_id)
+            self._update(batch_id, status="in_progress", in_progress_at=batch["in_progress_at"] or int(time.time()),
+                         request_counts=_counts(len(lines), done.values()))
             gate = asyncio.Semaphore(MAX_CONCURRENT_LINES)
-            await asyncio.gather(*(self._run_line(batch_id, i, line, results, gate) for i, line in enumerate(lines)))
+            await asyncio.gather(*(self._run_line(batch_id, i, line, gate)
+                                   for i, line in enumerate(lines) if i not in done))
             self._update(batch_id, status="finalizing", finalizing_at=int(time.time()))
-            self._finish(batch_id, results, status="completed")
+            self._finish(batch_id, status="completed")
         except asyncio.CancelledError:
-            if self._closing:  # the server stops: not the user's cancel
-                self._update(batch_id, status="failed", failed_at=int(time.time()),
-                             errors=_errors("server_stopped", "the server stopped while the batch ran"))
-            else:
-                self._finish(batch_id, results, status="cancelled")
+            if not self._closing:  # the user's cancel; a stopping server leaves it to resume
+                self._finish(batch_id, status="cancelled")
         except Exception as exc:  # a bug: fail the batch, keep the server
             logger.exception("batch %s failed", batch_id)
             self._update(batch_id, status="failed", failed_at=int(time.time()),
@@ -173,12 +203,13 @@ class BatchRunner:
             return None
         return lines
 
-    async def _run_line(self, batch_id: str, index: int, line: dict, results: list, gate: asyncio.Semaphore) -> None:
+    async def _run_line(self, batch_id: str, index: int, line: dict, gate: asyncio.Semaphore) -> None:
         async with gate:
             status, body = await self._call(line["url"], line["body"])
         request_id = f"batch_req_{uuid.uuid4().hex}"
-        results[index] = {"id": request_id, "custom_id": line["custom_id"],
-                          "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
+        result = {"id": request_id, "custom_id": line["custom_id"],
+                  "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
+        self._append_result(batch_id, index, result)   # on disk before it is counted
         counts = dict(self.get(batch_id)["request_counts"])
         counts["completed" if status == 200 else "failed"] += 1
         self._update(batch_id, request_counts=counts)
@@ -206,15 +237,21 @@ class BatchRunner:
         except EngineDeadError as exc:
             return 503, error_body(503, f"the engine is not running: {exc}")
 
-    def _finish(self, batch_id: str, results: list, status: str) -> None:
-        ok = [r for r in results if r is not None and r["response"]["status_code"] == 200]
-        bad = [r for r in results if r is not None and r["response"]["status_code"] != 200]
+    def _finish(self, batch_id: str, status: str) -> None:
+        """Output and error files from the journal (in input order), then the final status."""
+        done = self._finished_lines(batch_id)
+        results = [done[i] for i in sorted(done)]
+        ok = [r for r in results if r["response"]["status_code"] == 200]
+        bad = [r for r in results if r["response"]["status_code"] != 200]
         batch = self.get(batch_id)
         out_id = self._write_results(batch_id, "output", ok)
         err_id = self._write_results(batch_id, "errors", bad)
         stamp = "completed_at" if status == "completed" else "cancelled_at"
+        counts = _counts(batch["request_counts"]["total"], results)
         self._save({**batch, "status": status, stamp: int(time.time()), "output_file_id": out_id,
-                    "error_file_id": err_id})
+                    "error_file_id": err_id, "request_counts": counts})
+        if os.path.exists(self._journal(batch_id)):
+            os.remove(self._journal(batch_id))
 
     def _write_results(self, batch_id: str, kind: str, rows: list[dict]) -> Optional[str]:
         if not rows:
@@ -237,6 +274,12 @@ def _line_problem(line: Any, endpoint: str) -> Optional[str]:
     return None
 
 
+def _counts(total: int, results) -> dict:
+    results = list(results)
+    completed = sum(r["response"]["status_code"] == 200 for r in results)
+    return {"total": total, "completed": completed, "failed": len(results) - completed}
+
+
 def _errors(code: str, message: str) -> dict:
     return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
 
@@ -245,7 +288,13 @@ def _errors(code: str, message: str) -> dict:
 router = APIRouter()
 
 
-@router.post("/v1/files")
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"},
+                   "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}}}}}}}
+
+
+@router.post("/v1/files", openapi_extra=_UPLOAD_BODY)
 async def upload_file(request: Request):
     fields, files = parse_multipart(request.headers.get("content-type", ""), await request.body())
     if "file" not in files:

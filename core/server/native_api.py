@@ -12,9 +12,13 @@ from fastapi.responses import JSONResponse, Response
 
 from kvyard.errors import EngineDeadError, RequestError
 from kvyard.server.context import ServerContext, ctx_of
+from kvyard.server.admin import check_weight_update, weight_update_failed
 from kvyard.server.errors import error_response
+from kvyard.server.offload import json_response, preprocess
 from kvyard.server.openai_completions import encode
 from kvyard.frontend.outputs import native_item, single_or_list, strip_token_text
+from kvyard.server.protocol import (AbortRequest, AdminResult, EncodeRequest, FunctionCallRequest, GenerateRequest,
+                                    SeparateReasoningRequest, UpdateWeightsRequest)
 from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
 from kvyard.server.streaming import EventStream, sse, with_errors_and_done
 
@@ -22,31 +26,21 @@ router = APIRouter()
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
 UPDATE_WEIGHTS_TIMEOUT_S = 1800.0
-SECRET_ARGS = ("api_key",)
-
-
-async def json_object(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise RequestError("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    return body
+SECRET_ARGS = ("api_key", "admin_api_key")
 
 
 # -- generation ----------------------------------------------------------------------------
 @router.api_route("/generate", methods=["POST", "PUT"])
-async def generate(request: Request):
+async def generate(body: GenerateRequest, request: Request):
     ctx = ctx_of(request)
-    obj = await json_object(request)
+    obj = body.model_dump(exclude_none=True)
     text_in_logprobs = bool(obj.pop("return_text_in_logprobs", False))
-    reqs = ctx.tm.prepare(obj)
+    reqs = await preprocess(ctx, lambda: ctx.tm.prepare(obj), "text")
     if obj.get("stream"):
         return EventStream(with_errors_and_done(_stream(ctx, reqs, text_in_logprobs)))
     outs = await run_to_completion(ctx.tm, reqs, request, allow_user_abort=True)
     outs = [strip_token_text(o) for o in outs] if not text_in_logprobs else outs
-    return single_or_list(outs, reqs.batch)
+    return await json_response(ctx, single_or_list(outs, reqs.batch))
 
 
 async def _stream(ctx: ServerContext, reqs, text_in_logprobs: bool) -> AsyncIterator[str]:
@@ -59,39 +53,36 @@ async def _stream(ctx: ServerContext, reqs, text_in_logprobs: bool) -> AsyncIter
 
 
 @router.post("/encode")
-async def encode_route(request: Request):
-    return await _embed(request)
+async def encode_route(body: EncodeRequest, request: Request):
+    return await _embed(body, request)
 
 
 @router.post("/classify")
-async def classify(request: Request):
+async def classify(body: EncodeRequest, request: Request):
     """Reward and classification models serve their scores (raw logits) as the embedding vector;
     cross-encoders take text pairs: {"text": [[query, document], ...]}."""
-    return await _embed(request)
+    return await _embed(body, request)
 
 
-async def _embed(request: Request):
+async def _embed(body: EncodeRequest, request: Request):
     ctx = ctx_of(request)
-    obj = await json_object(request)
-    reqs = ctx.tm.prepare_embedding(obj)   # SGLang's EmbeddingReqInput fields: see kvyard.compat.request_fields
+    obj = body.model_dump(exclude_none=True)
+    # SGLang's EmbeddingReqInput fields: see kvyard.compat.request_fields
+    reqs = await preprocess(ctx, lambda: ctx.tm.prepare_embedding(obj), "text")
     outs = await run_to_completion(ctx.tm, reqs, request)
     return single_or_list(outs, reqs.batch)
 
 
 @router.post("/abort_request")
-async def abort_request(request: Request):
-    obj = await json_object(request)
-    rid = obj.get("rid", "")
-    if not isinstance(rid, str):
-        raise RequestError("rid: must be a string", param="rid")
-    if not rid and not obj.get("abort_all"):
+async def abort_request(body: AbortRequest, request: Request):
+    if not body.rid and not body.abort_all:
         raise RequestError("rid: give a request id, or abort_all: true", param="rid")
-    ctx_of(request).tm.abort("" if obj.get("abort_all") else rid)
+    ctx_of(request).tm.abort("" if body.abort_all else body.rid)
     return {"success": True}
 
 
 # -- health and info -----------------------------------------------------------------------
-@router.get("/health")
+@router.get("/health", response_class=Response, responses={200: {"description": "ready (no body)", "content": {}}})
 async def health(request: Request):
     ctx = ctx_of(request)
     if ctx.tm.dead:
@@ -101,7 +92,8 @@ async def health(request: Request):
     return Response(status_code=200)
 
 
-@router.get("/health_generate")
+@router.get("/health_generate", response_class=Response,
+            responses={200: {"description": "a one-token generation passed (no body)", "content": {}}})
 async def health_generate(request: Request):
     """Health with a one-token generation through the whole engine."""
     ctx = ctx_of(request)
@@ -166,30 +158,42 @@ async def kv_integrity(request: Request):
 
 
 # -- control -------------------------------------------------------------------------------
-@router.api_route("/flush_cache", methods=["POST", "GET"])
+@router.api_route("/flush_cache", methods=["POST", "GET"], response_model=AdminResult,
+                  responses={400: {"model": AdminResult, "description": "requests are running; not flushed"}})
 async def flush_cache(request: Request):
     reply = await ctx_of(request).tm.control("flush_cache")
     message = "cache flushed" if reply.ok else reply.message
     return JSONResponse({"success": reply.ok, "message": message}, status_code=200 if reply.ok else 400)
 
 
-@router.post("/update_weights_from_disk")
-async def update_weights_from_disk(request: Request):
-    """Loads new weights of the same architecture; on failure the old weights keep serving."""
-    obj = await json_object(request)
-    path = obj.get("model_path")
-    if not isinstance(path, str) or not path:
-        raise RequestError("model_path: required (a model folder or .gguf file)", param="model_path")
-    load_format = obj.get("load_format")
-    reply = await ctx_of(request).tm.control("update_weights", timeout=UPDATE_WEIGHTS_TIMEOUT_S,
-                                             model_path=path, load_format=load_format)
+@router.post("/update_weights_from_disk", response_model=AdminResult,
+             responses={400: {"model": AdminResult, "description": "not a model the server may load"}})
+async def update_weights_from_disk(body: UpdateWeightsRequest, request: Request):
+    """Loads new weights of the same architecture; on failure the old weights keep serving.
+    The path must lie in --weight-update-dirs and the format be one a client may choose."""
     ctx = ctx_of(request)
-    if reply.ok:
-        ctx.args = replace(ctx.args, model_path=path, load_format=load_format or "auto")
-    return JSONResponse({"success": reply.ok, "message": reply.message}, status_code=200 if reply.ok else 400)
+    path = check_weight_update(ctx.args, ctx.engine.args.model_path, body.model_path, body.load_format)
+    if path is None:
+        return weight_update_failed(body.model_path, "outside --weight-update-dirs, missing, or not a model")
+    reply = await ctx.tm.control("update_weights", timeout=UPDATE_WEIGHTS_TIMEOUT_S,
+                                 model_path=path, load_format=body.load_format)
+    if not reply.ok:
+        return weight_update_failed(body.model_path, reply.message)
+    ctx.args = replace(ctx.args, model_path=path, load_format=body.load_format or "auto")
+    return JSONResponse({"success": True, "message": reply.message})
 
 
 # -- profiling -----------------------------------------------------------------------------
+async def json_object(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
 PROFILE_FIELDS = {"output_dir": str, "num_steps": int, "activities": list, "record_shapes": bool, "with_stack": bool}
 
 
@@ -223,18 +227,13 @@ async def stop_profile(request: Request):
 
 # -- parsers -------------------------------------------------------------------------------
 @router.post("/function_call")
-async def function_call(request: Request):
+async def function_call(body: FunctionCallRequest, request: Request):
     """Parses tool calls out of a text: {"text", "tools", "tool_call_parser"}."""
     from kvyard.parsers import FunctionCallParser
 
     ctx = ctx_of(request)
-    obj = await json_object(request)
-    text, tools = obj.get("text"), obj.get("tools")
-    name = obj.get("tool_call_parser") or ctx.args.tool_call_parser
-    if not isinstance(text, str):
-        raise RequestError("text: must be a string", param="text")
-    if not isinstance(tools, list):
-        raise RequestError("tools: must be a list of OpenAI tools", param="tools")
+    text, tools = body.text, [t.model_dump(exclude_none=True) for t in body.tools]
+    name = body.tool_call_parser or ctx.args.tool_call_parser
     if not name:
         raise RequestError("tool_call_parser: give one (or start the server with --tool-call-parser)",
                            param="tool_call_parser")
@@ -247,16 +246,13 @@ async def function_call(request: Request):
 
 
 @router.post("/separate_reasoning")
-async def separate_reasoning(request: Request):
+async def separate_reasoning(body: SeparateReasoningRequest, request: Request):
     """Splits a text into reasoning and answer: {"text", "reasoning_parser"}."""
     from kvyard.parsers import ReasoningParserFacade
 
     ctx = ctx_of(request)
-    obj = await json_object(request)
-    text = obj.get("text")
-    name = obj.get("reasoning_parser") or ctx.args.reasoning_parser
-    if not isinstance(text, str):
-        raise RequestError("text: must be a string", param="text")
+    text = body.text
+    name = body.reasoning_parser or ctx.args.reasoning_parser
     if not name:
         raise RequestError("reasoning_parser: give one (or start the server with --reasoning-parser)",
                            param="reasoning_parser")

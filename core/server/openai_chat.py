@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from kvyard.errors import RequestError
 from kvyard.server.context import ServerContext
+from kvyard.server.offload import preprocess
 from kvyard.server.openai_format import (chat_logprobs, finish_reason_of, matched_stop, message_of_tool_call,
                                          new_call_id, new_id, now, tool_call_dict, usage_of)
 from kvyard.server.openai_params import (chat_max_tokens, check_top_logprobs, native_request, output_constraint,
@@ -25,9 +26,12 @@ from kvyard.server.protocol import ChatCompletionRequest, ChatMessage
 from kvyard.server.running import check_not_aborted, openai_response, stream_chunks
 from kvyard.server.streaming import sse
 
-# chat_template_kwargs may not override what the server itself passes
+# chat_template_kwargs may not override what the server itself passes, nor tokenizer options
 _RESERVED_TEMPLATE_KWARGS = {"tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
-                             "tools", "conversation", "messages"}
+                             "tools", "conversation", "messages", "padding", "truncation", "max_length",
+                             "return_tensors", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+# a template from the request runs code the operator never saw: only with --trust-request-chat-template
+REQUEST_TEMPLATE_KWARG = "chat_template"
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class ChatPlan:
 
 async def chat_completion(ctx: ServerContext, req: ChatCompletionRequest, request: Optional[Request] = None):
     """A response dict, or an EventStream when req.stream."""
-    reqs, plan = prepare_chat(ctx, req)
+    reqs, plan = await preprocess(ctx, lambda: prepare_chat(ctx, req), "messages")
     events = (lambda: _stream(ctx, req, reqs, plan)) if req.stream else None
     return await openai_response(ctx, reqs, plan, request, "chat.completion", chat_choice, events)
 
@@ -97,6 +101,10 @@ def template_ids(ctx: ServerContext, req: ChatCompletionRequest, tools: Optional
     bad = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
     if bad:
         raise RequestError(f"chat_template_kwargs: {sorted(bad)[0]!r} is set by the server", param="chat_template_kwargs")
+    if REQUEST_TEMPLATE_KWARG in kwargs and not ctx.args.trust_request_chat_template:
+        raise RequestError("chat_template_kwargs.chat_template: the server does not accept chat templates from "
+                           "requests (start it with --trust-request-chat-template to allow them)",
+                           param="chat_template_kwargs.chat_template")
     if tools:
         kwargs["tools"] = tools
     if req.continue_final_message:

@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from kvyard.errors import RequestError
 from kvyard.server.context import ServerContext
+from kvyard.server.offload import preprocess
 from kvyard.server.openai_format import (completion_logprobs, finish_reason_of, matched_stop, new_id, now,
                                          usage_of)
 from kvyard.server.openai_params import check_top_logprobs, native_request, output_constraint, prepare_constrained
@@ -41,7 +42,7 @@ def prompt_field(ctx: ServerContext, prompt, name: str) -> dict:
 
 
 async def completion(ctx: ServerContext, req: CompletionRequest, request: Optional[Request] = None):
-    reqs, plan = prepare_completion(ctx, req)
+    reqs, plan = await preprocess(ctx, lambda: prepare_completion(ctx, req), "prompt")
     events = (lambda: _stream(ctx, req, reqs, plan)) if req.stream else None
     return await openai_response(ctx, reqs, plan, request, "text_completion", _choice, events)
 
@@ -128,7 +129,7 @@ async def embeddings(ctx: ServerContext, req: EmbeddingRequest, request: Optiona
 
 async def encode(ctx: ServerContext, prompt: dict, request: Optional[Request] = None) -> list[dict]:
     """Embedding outputs ({"embedding", "meta_info"}) of one or many prompts, in order."""
-    reqs = ctx.tm.prepare_embedding(prompt)
+    reqs = await preprocess(ctx, lambda: ctx.tm.prepare_embedding(prompt), "input")
     return await run_to_completion(ctx.tm, reqs, request)
 
 

@@ -6,37 +6,40 @@ Unknown fields are a 400 naming the field, except OpenAI fields that do not chan
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, create_model
 
 IGNORED_OPENAI_FIELDS = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
 # SGLang's grammar extras (extra_body), each a SamplingParams field of the same name
 STRUCTURED_OUTPUT_FIELDS = ("regex", "ebnf", "json_schema")
 
 Stop = Union[str, list[str], None]
+Bool = Annotated[bool, Strict()]   # true/false only: "yes", 1 or "true" are refused, not coerced
+# every model refuses NaN and infinities (JSON has neither; 1e400 parses as inf)
+_FINITE = dict(allow_inf_nan=False)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **_FINITE)
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class JsonSchemaFormat(BaseModel):
     """response_format.json_schema: {"name", "description", "schema", "strict"}."""
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, **_FINITE)
     name: Optional[str] = None
     description: Optional[str] = None
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
-    strict: Optional[bool] = None
+    strict: Optional[Bool] = None
 
 
 class ResponseFormat(BaseModel):
     # extra="allow": a structural_tag format carries its own fields ("format")
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **_FINITE)
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: Optional[JsonSchemaFormat] = None
 
@@ -45,7 +48,7 @@ class SamplingExtras(_Strict):
     """Fields both endpoints share: OpenAI's sampling fields plus SGLang's extra_body extras."""
     model: Optional[str] = None
     n: int = 1
-    stream: bool = False
+    stream: Bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Stop = None
     seed: Optional[int] = None
@@ -61,11 +64,11 @@ class SamplingExtras(_Strict):
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
     min_tokens: Optional[int] = None
-    skip_special_tokens: Optional[bool] = None
-    spaces_between_special_tokens: Optional[bool] = None
+    skip_special_tokens: Optional[Bool] = None
+    spaces_between_special_tokens: Optional[Bool] = None
     stop_token_ids: Optional[list[int]] = None
-    ignore_eos: Optional[bool] = None
-    no_stop_trim: Optional[bool] = None
+    ignore_eos: Optional[Bool] = None
+    no_stop_trim: Optional[Bool] = None
     regex: Optional[str] = None
     ebnf: Optional[str] = None
     json_schema: Union[str, dict, None] = None
@@ -73,7 +76,7 @@ class SamplingExtras(_Strict):
     priority: Optional[int] = None
     # accepted and ignored (see module docstring)
     user: Optional[str] = None
-    store: Optional[bool] = None
+    store: Optional[Bool] = None
     metadata: Optional[dict[str, Any]] = None
     service_tier: Optional[str] = None
     prompt_cache_key: Optional[str] = None
@@ -81,14 +84,14 @@ class SamplingExtras(_Strict):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **_FINITE)
     type: str
     text: Optional[str] = None
 
 
 class ChatMessage(BaseModel):
     # extra="allow": clients echo back fields of earlier responses (refusal, annotations, ...)
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **_FINITE)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
@@ -98,11 +101,11 @@ class ChatMessage(BaseModel):
 
 
 class ToolFunction(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **_FINITE)
     name: str
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = None
+    strict: Optional[Bool] = None
 
 
 class Tool(_Strict):
@@ -122,22 +125,22 @@ class NamedToolChoice(_Strict):
 class ChatCompletionRequest(SamplingExtras):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
-    logprobs: bool = False
+    logprobs: Bool = False
     top_logprobs: Optional[int] = None
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    parallel_tool_calls: Optional[bool] = None   # False: a forced tool choice makes exactly one call
+    parallel_tool_calls: Optional[Bool] = None   # False: a forced tool choice makes exactly one call
     reasoning_effort: Optional[str] = None       # -> a thinking budget (server/reasoning_budget.py)
     # SGLang extras
-    continue_final_message: bool = False
-    separate_reasoning: bool = True
-    stream_reasoning: bool = True
+    continue_final_message: Bool = False
+    separate_reasoning: Bool = True
+    stream_reasoning: Bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(SamplingExtras):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False
+    echo: Bool = False
     logprobs: Optional[int] = None
     best_of: Optional[int] = None
     suffix: Optional[str] = None
@@ -164,3 +167,87 @@ class BatchCreateRequest(_Strict):
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     completion_window: str = "24h"
     metadata: Optional[dict[str, Any]] = None
+
+
+# -- native (SGLang-style) routes ------------------------------------------------------------
+def _sampling_params_model() -> type[BaseModel]:
+    """The JSON shape of SamplingParams, field for field (so a field added there is accepted
+    here too): every field optional, types strict (no "5" for 5, no "yes" for true)."""
+    from kvyard.sampling.params import _DERIVED, SamplingParams
+
+    hints = get_type_hints(SamplingParams)
+    fields = {name: (Optional[hint], None) for name, hint in hints.items() if name not in _DERIVED}
+    config = ConfigDict(extra="forbid", strict=True, **_FINITE)
+    return create_model("SamplingParamsBody", __config__=config, **fields)
+
+
+SamplingParamsBody = _sampling_params_model()
+
+
+class _Native(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, **_FINITE)
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate. Unknown fields pass through to the TokenizerManager, which names them."""
+    model_config = ConfigDict(extra="allow", strict=True, **_FINITE)
+    text: Union[str, list[str], None] = None
+    prompt: Union[str, list[str], None] = None           # an alias of text
+    input_ids: Union[list[int], list[list[int]], None] = None
+    sampling_params: Union[SamplingParamsBody, list[SamplingParamsBody], None] = None
+    rid: Union[str, list[str], None] = None               # a list: one per prompt
+    return_logprob: Optional[Bool] = None
+    top_logprobs_num: Optional[int] = Field(default=None, ge=0)
+    logprob_start_len: Optional[int] = None
+    return_text_in_logprobs: Optional[Bool] = None
+    stream: Optional[Bool] = None
+    priority: Optional[int] = None
+
+
+class EncodeRequest(BaseModel):
+    """POST /encode and /classify (text pairs for cross-encoders). Other fields pass through to
+    the TokenizerManager, which accepts SGLang's EmbeddingReqInput fields and names the rest."""
+    model_config = ConfigDict(extra="allow", strict=True, **_FINITE)
+    text: Union[str, list[str], list[list[str]], None] = None
+    input_ids: Union[list[int], list[list[int]], None] = None
+    rid: Union[str, list[str], None] = None
+
+
+class AbortRequest(_Native):
+    rid: str = ""
+    abort_all: Bool = False
+
+
+class UpdateWeightsRequest(_Native):
+    model_path: str = Field(min_length=1)
+    load_format: Optional[str] = None
+
+
+class FunctionCallRequest(_Native):
+    text: str
+    tools: list[Tool]
+    tool_call_parser: Optional[str] = None
+
+
+class SeparateReasoningRequest(_Native):
+    text: str
+    reasoning_parser: Optional[str] = None
+
+
+# -- responses -------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error: {"error": {"message", "type", "param", "code"}}."""
+    error: ErrorDetail
+
+
+class AdminResult(BaseModel):
+    """/update_weights_from_disk and /flush_cache answer this, on success (200) and failure (400)."""
+    success: bool
+    message: str

@@ -58,9 +58,10 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(args: list[str], timeout: float = START_TIMEOUT_S) -> ServerProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "kvyard.cli", "serve", *args], stdout=subprocess.PIPE,
+def start_server(args: list[str], timeout: float = START_TIMEOUT_S, python: str = sys.executable,
+                 env: dict | None = None) -> ServerProcess:
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([python, "-m", "kvyard.cli", "serve", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     server = ServerProcess(proc)
     threading.Thread(target=server._read, daemon=True).start()
@@ -98,3 +99,22 @@ def client(base_url):
     """The official openai SDK pointed at the server."""
     from openai import OpenAI
     return OpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+ADMIN_KEY = "admin-key-456"
+# the limits server: small limits so each one is cheap to reach, a KV pool (200 tokens) smaller
+# than the context (256), request templates trusted, an admin key beside the API key
+LIMITS = {"max_n": 4, "max_sequences_per_request": 8, "max_request_body_mb": 1, "http_header_timeout": 1,
+          "preprocess_timeout": 3, "max_total_tokens": 200, "context_length": 256}
+
+
+@pytest.fixture(scope="session")
+def limits_server(smollm2_path, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("kvyard_limits_files")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items()]
+    server = start_server([
+        "--model-path", smollm2_path, "--dtype", "float32", *flags, "--port", str(free_port()),
+        "--api-key", API_KEY, "--admin-api-key", ADMIN_KEY, "--trust-request-chat-template",
+        "--file-storage-path", str(storage), "--num-threads", "1", "--log-level", "warning"])
+    yield server
+    assert server.stop() == 0, server.output()

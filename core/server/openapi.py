@@ -1,0 +1,71 @@
+"""/openapi.json as the server really answers, so a schema-driven client (or a fuzzer) can trust it.
+
+FastAPI derives the request bodies and the success responses from the routes' pydantic models
+(core/server/protocol.py); this module corrects what FastAPI assumes but the server does not do:
+
+- a bad request is a 400 with the OpenAI error body (errors.py), never FastAPI's 422;
+- every other error (401 key, 404, 405, 413 body too large, 501 missing backend, 503 starting up)
+  has the same body: documented once per operation as the ``default`` response;
+- the streaming routes answer ``text/event-stream`` when the request asks to stream;
+- with --api-key, every operation but /health declares the bearer scheme.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from kvyard.server.protocol import ErrorResponse
+
+STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate"})
+OPEN_PATHS = frozenset({"/health"})
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
+
+
+def _document_400(responses: dict) -> None:
+    """A bad field is always the OpenAI error body; a route's own 400 body (AdminResult) is one
+    more possibility, not a replacement."""
+    bad = _error("a bad field (param names it) or a body that is not strict JSON")
+    own = responses.get("400", {}).get("content", {}).get("application/json", {}).get("schema")
+    if own is None:
+        responses["400"] = bad
+    elif own != _ERROR_REF:
+        responses["400"]["content"]["application/json"]["schema"] = {"anyOf": [own, _ERROR_REF]}
+
+
+def install_openapi(app: FastAPI, api_key: bool) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = _corrected(schema, api_key)
+        return app.openapi_schema
+    app.openapi = openapi
+
+
+def _corrected(schema: dict, api_key: bool) -> dict:
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas["ErrorResponse"] = error_schema
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    if api_key:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            _document_400(responses)
+            responses["default"] = _error("any other error: 401 API key, 404, 405, 413 body too large, "
+                                          "501 feature not installed, 503 starting up or engine gone")
+            if path in STREAMING_PATHS and "200" in responses:
+                responses["200"].setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+            if api_key and path not in OPEN_PATHS:
+                operation["security"] = [{"bearer": []}]
+    return schema
