@@ -30,6 +30,7 @@ HOP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "
                          "te", "upgrade", "proxy-authorization",
                          "accept-encoding"})  # bodies pass through undecoded
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+WORKER_HEADER = "x-kvyard-worker"  # on every proxied response: the worker that served it
 
 
 class NoWorker(Exception):
@@ -59,6 +60,7 @@ class Router:
             if resp.status_code == 503:
                 raise NoWorker(f"{worker.url} answered 503")
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+            out_headers[WORKER_HEADER] = worker.url
             if not resp.headers.get("content-type", "").startswith("text/event-stream"):
                 content = await resp.aread()
                 return Response(content, resp.status_code, out_headers)
