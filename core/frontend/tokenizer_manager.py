@@ -56,8 +56,9 @@ class TokenizerManager:
                  is_alive: Callable[[], bool], *, random_seed: Optional[int] = None,
                  allow_auto_truncate: bool = False, model_name: str = "default",
                  on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False,
-                 grammar_checker=None):
+                 grammar_checker=None, sockets: Optional[Callable[[Any], tuple[Any, Any]]] = None):
         self.tokenizer = tokenizer
+        self._sockets = sockets  # ctx -> (sender, receiver) in place of one PUSH/PULL pair (data parallel)
         self.grammar_checker = grammar_checker  # kvyard.grammar.manager.GrammarChecker
         self.info = scheduler_info
         self.context_length = scheduler_info["context_length"]
@@ -81,10 +82,13 @@ class TokenizerManager:
         if self._started:
             return
         self._ctx = zmq.asyncio.Context()
-        self._send = self._ctx.socket(zmq.PUSH)
-        self._send.bind(self._send_addr)
-        self._recv = self._ctx.socket(zmq.PULL)
-        self._recv.bind(self._recv_addr)
+        if self._sockets is not None:
+            self._send, self._recv = self._sockets(self._ctx)
+        else:
+            self._send = self._ctx.socket(zmq.PUSH)
+            self._send.bind(self._send_addr)
+            self._recv = self._ctx.socket(zmq.PULL)
+            self._recv.bind(self._recv_addr)
         self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._watchdog())]
         self._started = True
 

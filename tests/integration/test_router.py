@@ -1,7 +1,9 @@
 """`kvyard router` in front of two real `kvyard serve` workers (SmolLM2, loopback): answers equal
 to a direct request, cache-aware routing keeps prefix families on one worker, a killed worker
 loses no request that had not started, workers added and removed at runtime, 503 when none is left.
-The tests share two workers and run in file order (the last ones kill them)."""
+The second worker runs `--dp-size 2` (two scheduler replicas, cache-aware dispatch), so the same
+pair also checks that data parallelism serves the greedy output of one replica.
+The tests share the two workers and run in file order (the last one kills them)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -45,8 +47,9 @@ class Router:
 @pytest.fixture(scope="module")
 def workers(smollm2_path):
     with cf.ThreadPoolExecutor(2) as ex:
-        servers = list(ex.map(lambda _: start_server(["--model-path", smollm2_path, "--port", str(free_port()),
-                                                      *WORKER_ARGS]), range(2)))
+        servers = list(ex.map(lambda extra: start_server(["--model-path", smollm2_path, "--port", str(free_port()),
+                                                          *WORKER_ARGS, *extra]),
+                              [[], ["--dp-size", "2", "--load-balance-method", "cache_aware"]]))
     yield servers
     for s in servers:
         if s.proc.poll() is None:
@@ -79,6 +82,17 @@ def test_openai_sdk_through_router_equals_direct(workers):
         assert direct and routed == direct == streamed
     finally:
         router.stop()
+
+
+def test_dp2_worker_serves_the_greedy_output_of_dp1(workers):
+    prompts = ["The capital of France is", "1, 2, 3,", "Hello, my name is", "The capital of France is a"]
+
+    def complete(url):
+        with cf.ThreadPoolExecutor(4) as ex:  # concurrent: the replicas share the load
+            return list(ex.map(lambda p: httpx.post(url + "/v1/completions", timeout=300, json={
+                "model": "m", "prompt": p, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"], prompts))
+
+    assert complete(workers[1].url) == complete(workers[0].url)
 
 
 def _cached_share(router_url: str, tag: str) -> tuple[float, dict]:
