@@ -136,13 +136,14 @@ def create_router_app(cfg: RouterConfig, on_ready=lambda: None) -> FastAPI:
     app = FastAPI(title="kvyard router", lifespan=lifespan)
     app.state.router = router
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if cfg.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not secrets.compare_digest(given.encode(), cfg.api_key.encode()):
-                return JSONResponse(error_body(401, "invalid or missing API key (Authorization: Bearer KEY)"), 401)
-        return await call_next(request)
+    if cfg.api_key:  # a middleware costs every request: only when there is a key to check
+        @app.middleware("http")
+        async def check_key(request: Request, call_next):
+            if request.url.path not in OPEN_PATHS:
+                given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if not secrets.compare_digest(given.encode(), cfg.api_key.encode()):
+                    return JSONResponse(error_body(401, "invalid or missing API key (Authorization: Bearer KEY)"), 401)
+            return await call_next(request)
 
     @app.get("/health")
     async def health():
