@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 
@@ -80,6 +81,10 @@ class Router:
         except httpx.HTTPError as exc:
             self.pool.mark_failed(worker, f"stream broke: {type(exc).__name__}")
             self.metrics.failures.labels(worker.url).inc()
+            # the client already has part of the answer: no retry; end with an error event, not silently
+            body = error_body(503, f"the worker {worker.url} failed mid-stream ({type(exc).__name__}); "
+                                   "the output is incomplete")
+            yield f"\n\ndata: {json.dumps(body)}\n\n".encode()
         finally:
             worker.load -= 1
             await resp.aclose()

@@ -40,6 +40,13 @@ def fake_worker(name: str) -> FastAPI:
             return StreamingResponse(events(), media_type="text/event-stream")
         return {"worker": name, "prompt": body["prompt"], "auth": request.headers.get("authorization")}
 
+    @app.post("/generate")
+    async def broken_stream():  # one chunk, then the worker "dies" (connection cut mid-body)
+        async def events():
+            yield "data: {\"text\": \"par\"}\n\n"
+            raise RuntimeError("worker crashed")
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     @app.get("/v1/models")
     async def models():
         return {"data": [{"id": "fake"}]}
@@ -107,6 +114,18 @@ def test_retries_past_dead_worker_and_reports_it(workers):
         r.stop()
 
 
+def test_stream_broken_mid_way_ends_with_an_error_event(workers):
+    r = start_router([workers[0].url])
+    try:
+        with httpx.stream("POST", r.url + "/generate", json={"text": "x", "stream": True}) as resp:
+            events = [json.loads(ln[6:]) for ln in resp.iter_lines() if ln.startswith("data: ")]
+        assert events[0] == {"text": "par"} and "failed mid-stream" in events[-1]["error"]["message"]
+        metrics = httpx.get(r.url + "/metrics").text  # marked unhealthy until its next health check
+        assert f'kvyard_router:worker_failures_total{{worker="{workers[0].url}"}} 1.0' in metrics
+    finally:
+        r.stop()
+
+
 def test_no_healthy_worker_is_503_with_clear_body():
     r = start_router([f"http://127.0.0.1:{free_port()}"])
     try:
@@ -149,3 +168,20 @@ def test_unhealthy_worker_comes_back_after_health_check(workers):
         assert pool.workers[workers[0].url].healthy
     finally:
         r.stop()
+
+
+@pytest.mark.parametrize("argv, field", [(["--worker-urls", "localhost:1"], "worker url"),
+                                         (["--cache-threshold", "1.5"], "cache_threshold"),
+                                         (["--port", "0"], "port")])
+def test_cli_rejects_bad_values_on_one_line(argv, field, capsys):
+    from kvyard.cli.router import run_router
+    assert run_router(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert field in err and "\n" not in err
+
+
+def test_cli_unknown_policy_lists_choices(capsys):
+    from kvyard.cli.router import run_router
+    with pytest.raises(SystemExit) as exc:
+        run_router(["--policy", "fastest"])
+    assert exc.value.code == 2 and "cache_aware" in capsys.readouterr().err
