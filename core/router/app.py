@@ -31,6 +31,8 @@ HOP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "
                          "te", "upgrade", "proxy-authorization",
                          "accept-encoding"})  # bodies pass through undecoded
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+ROUTE_LABELS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/messages",
+                          "/generate", "/encode", "/v1/models", "/get_model_info", "/get_server_info"})
 WORKER_HEADER = "x-kvyard-worker"  # on every proxied response: the worker that served it
 
 
@@ -100,7 +102,7 @@ class Router:
                 break
             worker, decision = self.policy.select(workers, text)
             self.metrics.decisions.labels(self.policy.name, decision).inc()
-            self.metrics.requests.labels(worker.url, path).inc()
+            self.metrics.requests.labels(worker.url, path if path in ROUTE_LABELS else "other").inc()
             if attempt:
                 self.metrics.retries.inc()
             worker.load += 1

@@ -161,6 +161,9 @@ def test_killed_worker_loses_no_request_then_503(workers):
         assert all(r.json()["usage"]["completion_tokens"] == 12 for r in results)
         listed = {w["url"]: w["healthy"] for w in httpx.get(router.url + "/list_workers").json()["workers"]}
         assert listed == {workers[0].url: True, workers[1].url: False}
+        retried = [ln for ln in httpx.get(router.url + "/metrics").text.splitlines()
+                   if ln.startswith("kvyard_router:retries_total")]
+        assert float(retried[0].split()[-1]) >= 1, "no request was in flight on the killed worker"
         kill_hard(workers[0])
         r = httpx.post(router.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 503 and "no healthy worker" in r.json()["error"]["message"]
