@@ -27,6 +27,7 @@ from kvyard.router.policies import make_policy
 from kvyard.scheduler.io_struct import AbortReq, BatchTokenOut, TokenizedGenerateReq
 
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
+EVICT_EVERY = 1024  # requests between two evictions of the cache-aware tree
 
 
 @dataclass(eq=False)
@@ -51,11 +52,15 @@ class DataParallelController:
         for addr in recv_addrs:
             self._recv.bind(addr)
         self.owner: dict[str, _Replica] = {}
+        self._sent = 0
 
     # -- the PUSH side ----------------------------------------------------------------------
     def send_pyobj(self, obj: Any, flags: int = 0) -> None:
         if isinstance(obj, TokenizedGenerateReq):
             replica, _ = self.policy.select(self.replicas, "".join(map(chr, obj.input_ids)))
+            self._sent += 1
+            if self._sent % EVICT_EVERY == 0 and hasattr(self.policy, "evict"):
+                self.policy.evict()  # keeps the cache-aware tree within max_tree_size tokens per replica
             self.owner[obj.rid] = replica
             replica.load += 1
             replica.socket.send_pyobj(obj, flags)

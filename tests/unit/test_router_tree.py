@@ -72,3 +72,13 @@ def test_simple_policies():
     assert make_policy("shortest_queue").select(ws, "")[0].url == "b"
     with pytest.raises(ValueError, match="policy"):
         make_policy("nope")
+
+
+def test_tree_matches_long_texts_exactly():
+    t = ApproxRadixTree()
+    base = "".join(chr(0x4E00 + (i * 7919) % 5000) for i in range(20000))
+    t.insert(base, "a")
+    for cut in (0, 1, 777, 19999):
+        probe = base[:cut] + "\x00" + base[cut + 1:]
+        assert t.prefix_match(probe) == ((cut, "a") if cut else (0, None))
+    assert t.prefix_match(base + "tail") == (20000, "a")
