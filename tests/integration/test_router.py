@@ -15,7 +15,6 @@ import threading
 import time
 
 import httpx
-import psutil
 import pytest
 
 from conftest import free_port, start_server
@@ -58,11 +57,27 @@ def workers(smollm2_path):
 
 def kill_hard(server) -> None:
     """SIGKILL the API process and its scheduler child (a crash, no graceful drain)."""
-    children = psutil.Process(server.proc.pid).children(recursive=True)
+    children = children_of(server.proc.pid)
     server.proc.kill()
     server.proc.wait(10)
-    for c in children:
-        c.kill()
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children from /proc (the scheduler processes of a `kvyard serve`)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
 
 
 def chat(client_or_url, content, **kw):
