@@ -138,6 +138,7 @@ def test_cache_aware_keeps_prefix_families_on_one_worker(workers):
         metrics = httpx.get(ca.url + "/metrics").text
     finally:
         rr.stop(), ca.stop()
+    print(f"cached_tokens share: cache_aware {ca_share:.3f}, round_robin {rr_share:.3f}")
     assert all(len(ws) == 1 for ws in ca_served.values()), ca_served
     assert all(len(ws) == 2 for ws in rr_served.values()), rr_served
     assert ca_share > rr_share, (ca_share, rr_share)
