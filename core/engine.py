@@ -13,7 +13,9 @@ import queue
 import threading
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
+from kvyard.compat.flags import engine_kwargs
 from kvyard.frontend.launch import make_tokenizer_manager, start_engine_process
+from kvyard.frontend.outputs import native_item, single_or_list, stream_chunks, strip_token_text
 from kvyard.server_args import ServerArgs
 
 Prompt = Union[str, list[str], None]
@@ -21,7 +23,7 @@ Prompt = Union[str, list[str], None]
 
 class Engine:
     def __init__(self, server_args: Optional[ServerArgs] = None, **kwargs: Any):
-        args = server_args or ServerArgs(**kwargs)
+        args = server_args or ServerArgs(**engine_kwargs(kwargs, ServerArgs.__dataclass_fields__))
         import logging
         logging.basicConfig(level=args.log_level.upper(), format="[kvyard] %(levelname)s %(message)s")
         self.process = start_engine_process(args)
@@ -34,6 +36,11 @@ class Engine:
         self._call(self._start())
         self._closed = False
 
+    @property
+    def tokenizer_manager(self):
+        """SGLang's path to the tokenizer (``engine.tokenizer_manager.tokenizer``)."""
+        return self.tm
+
     async def _start(self) -> None:
         self.tm.start()
 
@@ -45,6 +52,8 @@ class Engine:
         obj = {k: v for k, v in kw.items() if v is not None}
         if prompt is not None:
             obj["text"] = prompt
+        if hasattr(input_ids, "keys") and "input_ids" in input_ids:
+            input_ids = input_ids["input_ids"]   # transformers' apply_chat_template(tokenize=True) result
         if input_ids is not None:
             obj["input_ids"] = input_ids
         obj["sampling_params"] = sampling_params or {}
@@ -53,12 +62,14 @@ class Engine:
     def generate(self, prompt: Prompt = None, sampling_params: Optional[dict | list] = None,
                  input_ids: Optional[list] = None, return_logprob: bool = False, top_logprobs_num: int = 0,
                  logprob_start_len: int = -1, return_text_in_logprobs: bool = False, stream: bool = False,
-                 rid: Optional[str | list] = None, priority: Optional[int] = None):
+                 rid: Optional[str | list] = None, priority: Optional[int] = None, **extra: Any):
         """One prompt → one dict; a list of prompts (or n > 1) → a list; stream=True → an
-        iterator of incremental chunks {"text": new text, "output_ids": new ids, "meta_info"}."""
+        iterator of chunks {"text", "output_ids", "meta_info"} (plus "index" for a batch):
+        cumulative, as SGLang streams, or only the new part with incremental_streaming_output.
+        ``extra``: SGLang's other GenerateReqInput fields (ignored when off, else refused)."""
         obj = self._request(prompt, sampling_params, input_ids, return_logprob=return_logprob,
                             top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
-                            stream=stream, rid=rid, priority=priority)
+                            stream=stream, rid=rid, priority=priority, **extra)
         if stream:
             return self._sync_stream(obj, return_text_in_logprobs)
         return self._call(self._generate(obj, return_text_in_logprobs))
@@ -67,11 +78,11 @@ class Engine:
                              input_ids: Optional[list] = None, return_logprob: bool = False,
                              top_logprobs_num: int = 0, logprob_start_len: int = -1,
                              return_text_in_logprobs: bool = False, stream: bool = False,
-                             rid: Optional[str | list] = None, priority: Optional[int] = None):
+                             rid: Optional[str | list] = None, priority: Optional[int] = None, **extra: Any):
         """Awaitable twin of generate; with stream=True returns an async iterator of chunks."""
         obj = self._request(prompt, sampling_params, input_ids, return_logprob=return_logprob,
                             top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
-                            stream=stream, rid=rid, priority=priority)
+                            stream=stream, rid=rid, priority=priority, **extra)
         if stream:
             return self._async_stream(obj, return_text_in_logprobs)
         fut = asyncio.run_coroutine_threadsafe(self._generate(obj, return_text_in_logprobs), self._loop)
@@ -81,20 +92,14 @@ class Engine:
         reqs = self.tm.prepare(obj)
         states = [self.tm.submit(r, text_in_logprobs) for r in reqs]
         outs = await asyncio.gather(*(self.tm.final_output(s) for s in states))
-        single = len(outs) == 1 and not isinstance(obj.get("text"), list) and not _is_batch_ids(obj.get("input_ids"))
-        return outs[0] if single else list(outs)
+        return single_or_list(outs, reqs.batch)
 
     async def _chunks(self, obj: dict, text_in_logprobs: bool) -> AsyncIterator[dict]:
+        """The same chunks as /generate's stream (kvyard.frontend.outputs)."""
         reqs = self.tm.prepare(obj)
-        if len(reqs) != 1:
-            raise ValueError("stream: streaming takes one prompt with n=1")
-        state = self.tm.submit(reqs[0], text_in_logprobs)
-        sent_ids = 0
-        async for out in self.tm.stream_outputs(state):
-            delta = self.tm.delta_of(state)
-            ids = out["output_ids"][sent_ids:]
-            sent_ids = len(out["output_ids"])
-            yield {"text": delta, "output_ids": ids, "meta_info": out["meta_info"]}
+        async for c in stream_chunks(self.tm, reqs):
+            item = native_item(c, self.tm.incremental_streaming, reqs.batch)
+            yield item if text_in_logprobs else strip_token_text(item)
 
     def _sync_stream(self, obj: dict, text_in_logprobs: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
@@ -141,17 +146,17 @@ class Engine:
         finally:
             task.cancel()
 
-    def encode(self, prompt: Prompt = None, input_ids: Optional[list] = None):
-        """Embeddings of an embedding model: one prompt → {"embedding", "meta_info"}; a list → a list."""
-        obj = self._request(prompt, None, input_ids)
+    def encode(self, prompt: Prompt = None, input_ids: Optional[list] = None, **extra: Any):
+        """Embeddings of an embedding model: one prompt → {"embedding", "meta_info"}; a list → a list.
+        ``extra``: SGLang's other EmbeddingReqInput fields (ignored when off, else refused)."""
+        obj = self._request(prompt, None, input_ids, **extra)
         return self._call(self._encode(obj))
 
     async def _encode(self, obj: dict):
         reqs = self.tm.prepare_embedding(obj)
         states = [self.tm.submit(r) for r in reqs]
         outs = await asyncio.gather(*(self.tm.final_output(s) for s in states))
-        single = len(outs) == 1 and not isinstance(obj.get("text"), list) and not _is_batch_ids(obj.get("input_ids"))
-        return outs[0] if single else list(outs)
+        return single_or_list(outs, reqs.batch)
 
     # -- control ----------------------------------------------------------------------------
     def flush_cache(self) -> bool:
@@ -160,6 +165,21 @@ class Engine:
     def get_server_info(self) -> dict:
         reply = self._call(self.tm.control("get_info"))
         return {**self.server_args.to_dict(), **reply.result}
+
+    def start_profile(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None, **kw: Any) -> str:
+        """torch.profiler on the scheduler's steps (see /start_profile); returns the output directory."""
+        args = {k: v for k, v in {"output_dir": output_dir, "num_steps": num_steps, **kw}.items() if v is not None}
+        reply = self._call(self.tm.control("start_profile", **args))
+        if not reply.ok:
+            raise ValueError(reply.message)
+        return reply.result["output_dir"]
+
+    def stop_profile(self) -> str:
+        """Stops the profile and writes the trace; returns its path."""
+        reply = self._call(self.tm.control("stop_profile"))
+        if not reply.ok:
+            raise ValueError(reply.message)
+        return reply.result["trace"]
 
     def check_kv_integrity(self) -> None:
         """Raises AssertionError unless every KV slot is free, cached or owned — exactly one."""
@@ -193,6 +213,3 @@ class Engine:
         except Exception:
             pass
 
-
-def _is_batch_ids(ids) -> bool:
-    return bool(ids) and isinstance(ids[0], list)

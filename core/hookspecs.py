@@ -62,3 +62,8 @@ def register_speculative_algorithms(register: Register) -> None:
 @hookspec
 def register_diffusion_pipelines(register: Register) -> None:
     """Register DiffusionPipelineBackend subclasses (core/diffusion/pipeline.py) by name."""
+
+
+@hookspec
+def register_logit_processors(register: Register) -> None:
+    """Register LogitProcessor subclasses (core/logit_processor.py) by name."""

@@ -33,6 +33,7 @@ KINDS = (
     "grammar_backends",
     "speculative_algorithms",
     "diffusion_pipelines",
+    "logit_processors",
 )
 
 

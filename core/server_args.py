@@ -53,6 +53,7 @@ class ServerArgs:
     api_key: Optional[str] = _f(None, "require 'Authorization: Bearer KEY' on every endpoint but /health", "http")
     file_storage_path: str = _f("kvyard_storage", "folder of the /v1/files store", "http")
     enable_metrics: bool = _f(False, "serve Prometheus metrics at /metrics", "http")
+    enable_sglang_metrics: bool = _f(False, "with --enable-metrics, serve every kvyard:* series under sglang:* too (SGLang's dashboards and queries)", "http")
     skip_server_warmup: bool = _f(False, "do not run a warmup request before reporting ready", "http")
     warmups: Optional[str] = _f(None, "comma-separated warmup names to run at start", "http")
     config: Optional[str] = _f(None, "YAML file whose keys are these arguments; flags override it", "http")
@@ -71,6 +72,7 @@ class ServerArgs:
     page_size: int = _f(1, "tokens per KV page", "scheduling")
     disable_radix_cache: bool = _f(False, "no prefix caching", "scheduling")
     stream_interval: int = _f(1, "stream every N tokens", "scheduling")
+    incremental_streaming_output: bool = _f(False, "native streams (/generate, Engine) send only the new text and ids per event instead of the whole output so far", "scheduling")
     random_seed: Optional[int] = _f(None, "seed of the server's random state", "scheduling")
     watchdog_timeout: float = _f(300.0, "abort if one scheduler step takes longer than this (s)", "scheduling")
     allow_auto_truncate: bool = _f(False, "truncate over-long prompts instead of rejecting them", "scheduling")
@@ -116,6 +118,7 @@ class ServerArgs:
     tool_call_parser: Optional[str] = _f(None, "tool-call parser", "parsers", registry="tool_call_parsers")
     reasoning_parser: Optional[str] = _f(None, "reasoning parser", "parsers", registry="reasoning_parsers")
     grammar_backend: str = _f("xgrammar", "structured-output (grammar) backend; none disables json_schema/regex/ebnf", "parsers", registry="grammar_backends", allow=("none",))
+    enable_custom_logit_processor: bool = _f(False, "let requests select a registered logit-processor plugin by name (custom_logit_processor); pickled processors are always refused", "parsers")
     constrained_json_whitespace_pattern: Optional[str] = _f(None, "regex of the whitespace allowed between JSON tokens (outlines backend)", "parsers")
 
     # -- logging ------------------------------------------------------------------------
@@ -253,9 +256,17 @@ class ServerArgs:
             group = arg_groups.get(f.metadata["group"])
             if group is not None:
                 add_field_argument(group, f)
+        from kvyard.compat.flags import add_sglang_flags
+        add_sglang_flags(parser, {f.name for f in dataclasses.fields(cls)})
 
     @classmethod
     def from_cli_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
+        """ServerArgs from a parsed command line; ValueError naming any SGLang flag kvyard refuses."""
+        from kvyard.compat.flags import refusal_message, refused_flags
+
+        refused = refused_flags(ns)
+        if refused:
+            raise ValueError(refusal_message(refused))
         values = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(cls)}}
         if values.get("config"):
             values = {**load_yaml_config(values["config"]), **values}

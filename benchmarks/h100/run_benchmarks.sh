@@ -95,8 +95,10 @@ bench() {
 setup() {
     local wheels=()
     shopt -s nullglob; wheels=(.whl_fi/*.whl .whl/*.whl); shopt -u nullglob
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        "${wheels[@]}" > "$LOGS/setup.log" 2>&1 || { echo "setup: wheel install FAILED"; tail "$LOGS/setup.log"; }
+    if (( ${#wheels[@]} )); then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            "${wheels[@]}" > "$LOGS/setup.log" 2>&1 || { echo "setup: wheel install FAILED"; tail "$LOGS/setup.log"; }
+    else echo "setup: no wheels in .whl_fi/ or .whl/ (carry them)"; fi
     export PYTHONPATH=/tmp/site
     # flashinfer loads data/aot/<module>/<module>.so without compiling when it exists
     [ -d .whl_fi/aot ] && cp -r .whl_fi/aot /tmp/site/flashinfer/data/

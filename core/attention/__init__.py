@@ -80,6 +80,7 @@ def layer_features(layers: Iterable["Attention"]) -> frozenset:
 class AttentionBackend(ABC):
     name: str = "base"
     supports_cuda_graph: bool = False
+    supports_fp8_kv: bool = False   # reads an fp8 KV pool (multiplying back its per-layer scales)
     supported_features: frozenset = frozenset()   # of LAYER_FEATURES
     kv_layouts: tuple[str, ...] = ("mha",)   # KV layout kinds served (kvyard.kv_layout)
 

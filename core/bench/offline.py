@@ -21,6 +21,8 @@ def build_parser():
     g.add_argument("--dataset-path", default=None, help="JSONL with a 'prompt' field per line")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compare-hf", action="store_true", help="also time transformers generate")
+    g.add_argument("--profile", action="store_true",
+                   help="torch-profiler trace of the timed run's scheduler steps ($KVYARD_TORCH_PROFILER_DIR, default /tmp)")
     g.add_argument("--output-file", default=None, help="append one JSON line with the results")
     return p
 
@@ -49,9 +51,13 @@ def run(ns) -> int:
             engine.generate(input_ids=[[101 + i] * 8 for i in range(n)], sampling_params={"max_new_tokens": 4})
         engine.flush_cache()
         with console.status(f"running {ns.num_prompts} prompts…"):
+            if ns.profile:
+                engine.start_profile()
             start = time.perf_counter()
             outs = engine.generate(sampling_params=params, **prompts)
             elapsed = time.perf_counter() - start
+            if ns.profile:
+                console.print(f"profile trace: {engine.stop_profile()}", highlight=False)
         out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
         in_tokens = sum(o["meta_info"]["prompt_tokens"] for o in outs)
     row = {"engine": "kvyard", "dtype": info["dtype"], "quantization": str(info["quantization"]),

@@ -2,9 +2,12 @@
 
 Modelled on SGLang's bench_serving. Works against `kvyard serve` (--backend kvyard: native
 /generate) or any OpenAI-compatible server (--backend openai: /v1/completions). Prompts are
-random token ids (lengths drawn from [ratio*len, len]), sent as ids so no tokenizer is needed;
-arrivals are Poisson at --request-rate (inf: all at once), at most --max-concurrency in flight.
-Reports request throughput, input/output tokens/s, and TTFT, TPOT, ITL and end-to-end latency
+random token ids (lengths drawn from [ratio*len, len]), sent as ids so no tokenizer is needed,
+or (--dataset-name sharegpt) the first human turn of each conversation of a ShareGPT-format
+JSON file given by --dataset-path, with the reply's token count (or --sharegpt-output-len) as
+the output length; arrivals are Poisson at --request-rate (inf: all at once), at most --max-concurrency in flight.
+--profile brackets the run with /start_profile and /stop_profile (a torch-profiler trace of the
+server's scheduler, written to its $KVYARD_TORCH_PROFILER_DIR). Reports request throughput, input/output tokens/s, and TTFT, TPOT, ITL and end-to-end latency
 (mean, median, p99) in a table; --output-file appends one JSON line.
 """
 from __future__ import annotations
@@ -31,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default="http://127.0.0.1:30000")
     p.add_argument("--model", default=None, help="model name for --backend openai (default: the server's first)")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
-    p.add_argument("--dataset-name", choices=("random",), default="random")
+    p.add_argument("--dataset-name", choices=("random", "sharegpt"), default="random")
+    p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file (--dataset-name sharegpt); never downloaded")
+    p.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="output length of every ShareGPT request (default: the reply's token count)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder for ShareGPT lengths (default: the server's, from /get_model_info)")
+    p.add_argument("--profile", action="store_true", help="profile the server's scheduler during the run")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--random-output-len", type=int, default=64)
@@ -55,8 +64,10 @@ def main(argv: list[str]) -> int:
 # -- workload ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchRequest:
-    prompt_ids: list[int]
+    prompt_ids: Optional[list[int]]
     output_len: int
+    prompt_text: Optional[str] = None   # ShareGPT: sent as text
+    prompt_len: int = 0
 
 
 def random_requests(ns, vocab_size: int) -> list[BenchRequest]:
@@ -79,7 +90,39 @@ async def arrivals(n: int, rate: float, seed: int):
             await asyncio.sleep(rng.expovariate(rate))
 
 
+SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
+
+
+def sharegpt_requests(ns, tokenizer) -> list[BenchRequest]:
+    """First human turn and the reply's length of each usable conversation, shuffled by --seed;
+    conversations too short or too long to make a fair request are skipped."""
+    with open(ns.dataset_path) as fh:
+        data = json.load(fh)
+    if not isinstance(data, list):
+        raise ValueError(f"dataset_path: {ns.dataset_path} must hold a JSON list of conversations")
+    pairs = [(c["conversations"][0]["value"], c["conversations"][1]["value"]) for c in data
+             if isinstance(c, dict) and len(c.get("conversations") or []) >= 2]
+    random.Random(ns.seed).shuffle(pairs)
+    out = []
+    for prompt, reply in pairs:
+        n_in = len(tokenizer.encode(prompt))
+        n_out = ns.sharegpt_output_len or len(tokenizer.encode(reply))
+        if n_in < SHAREGPT_MIN_LEN or n_out < SHAREGPT_MIN_LEN or n_in > SHAREGPT_MAX_PROMPT \
+                or n_in + n_out > SHAREGPT_MAX_TOTAL:
+            continue
+        out.append(BenchRequest(None, n_out, prompt, n_in))
+        if len(out) == ns.num_prompts:
+            break
+    if not out:
+        raise ValueError(f"dataset_path: no usable conversation in {ns.dataset_path}")
+    return out
+
+
 def check_args(ns) -> None:
+    if ns.dataset_name == "sharegpt" and not ns.dataset_path:
+        raise ValueError("dataset_path: --dataset-name sharegpt needs a ShareGPT JSON file (it is never downloaded)")
+    if ns.sharegpt_output_len is not None and ns.sharegpt_output_len < 1:
+        raise ValueError(f"sharegpt_output_len must be >= 1, got {ns.sharegpt_output_len}")
     for name in ("num_prompts", "random_input_len", "random_output_len"):
         if getattr(ns, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(ns, name)}")
@@ -105,17 +148,19 @@ class RequestResult:
 
 def request_body(ns, req: BenchRequest, model: Optional[str]) -> tuple[str, dict]:
     ignore_eos = not ns.disable_ignore_eos
+    prompt = req.prompt_text if req.prompt_text is not None else req.prompt_ids
     if ns.backend == "kvyard":
-        return "/generate", {"input_ids": req.prompt_ids, "stream": True, "sampling_params": {
-            "max_new_tokens": req.output_len, "temperature": 0, "ignore_eos": ignore_eos}}
-    return "/v1/completions", {"model": model, "prompt": req.prompt_ids, "max_tokens": req.output_len,
+        return "/generate", {"text" if req.prompt_text is not None else "input_ids": prompt, "stream": True,
+                             "sampling_params": {"max_new_tokens": req.output_len, "temperature": 0,
+                                                 "ignore_eos": ignore_eos}}
+    return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": req.output_len,
                                "temperature": 0, "stream": True, "ignore_eos": ignore_eos,
                                "stream_options": {"include_usage": True}}
 
 
 async def send(client, ns, req: BenchRequest, model: Optional[str]) -> RequestResult:
     path, body = request_body(ns, req, model)
-    result = RequestResult(prompt_tokens=len(req.prompt_ids))
+    result = RequestResult(prompt_tokens=req.prompt_len or len(req.prompt_ids or []))
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", path, json=body) as resp:
@@ -177,7 +222,8 @@ async def run(ns) -> int:
     async with httpx.AsyncClient(base_url=ns.base_url.rstrip("/"), headers=headers, timeout=None,
                                  limits=limits) as client:
         model, vocab = await _server_facts(client, ns)
-        reqs = random_requests(ns, vocab)
+        reqs = sharegpt_requests(ns, await _tokenizer(client, ns)) if ns.dataset_name == "sharegpt" \
+            else random_requests(ns, vocab)
         gate = asyncio.Semaphore(ns.max_concurrency or len(reqs))
 
         async def one(req: BenchRequest) -> RequestResult:
@@ -185,19 +231,43 @@ async def run(ns) -> int:
                 return await send(client, ns, req, model)
 
         with console.status(f"{len(reqs)} requests to {ns.base_url}…"):
+            if ns.profile:
+                await _profile_call(client, "/start_profile")
             start = time.perf_counter()
             tasks = [asyncio.ensure_future(one(reqs[i]))
                      async for i in arrivals(len(reqs), ns.request_rate, ns.seed)]
             results = await asyncio.gather(*tasks)
             duration = time.perf_counter() - start
+            if ns.profile:
+                await _profile_call(client, "/stop_profile")
     summary = summarize(results, duration)
     _print(ns, summary)
     append_result(ns.output_file, {"bench": "serving", "backend": ns.backend, "base_url": ns.base_url,
-                                   "model": model, "num_prompts": ns.num_prompts,
+                                   "model": model, "num_prompts": ns.num_prompts, "dataset_name": ns.dataset_name,
                                    "random_input_len": ns.random_input_len, "random_output_len": ns.random_output_len,
                                    "random_range_ratio": ns.random_range_ratio, "request_rate": ns.request_rate,
                                    "max_concurrency": ns.max_concurrency, **summary})
     return 0 if summary["completed"] else 1
+
+
+async def _profile_call(client, path: str) -> None:
+    r = await client.post(path)
+    if r.status_code != 200:
+        raise ValueError(f"profile: {path} answered HTTP {r.status_code}: {r.text[:200]}")
+    console.print(r.text.strip(), highlight=False)
+
+
+async def _tokenizer(client, ns):
+    """The tokenizer that counts ShareGPT lengths: --tokenizer, else the server's own folder."""
+    from kvyard.model.tokenizer import load_tokenizer
+
+    path = ns.tokenizer
+    if path is None:
+        r = await client.get("/get_model_info")
+        if r.status_code != 200:
+            raise ValueError("tokenizer: the server has no /get_model_info; pass --tokenizer")
+        path = r.json()["tokenizer_path"]
+    return load_tokenizer(path)
 
 
 async def _server_facts(client, ns) -> tuple[Optional[str], int]:

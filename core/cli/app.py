@@ -57,7 +57,7 @@ def router(ctx: typer.Context) -> None:
     sys.exit(run_router(ctx.args))
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: offline, one-batch, serving.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: offline, one-batch, serving, accuracy.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -79,6 +79,13 @@ def bench_one_batch(ctx: typer.Context) -> None:
 def bench_serving(ctx: typer.Context) -> None:
     """Load an HTTP server with concurrent requests (run with --help for every flag)."""
     from kvyard.bench.serving import main as run
+    sys.exit(run(ctx.args))
+
+
+@bench_app.command("accuracy", context_settings=PASSTHROUGH, add_help_option=False)
+def bench_accuracy(ctx: typer.Context) -> None:
+    """Few-shot GSM8K/MMLU-style accuracy of a server on a local JSONL file (run with --help)."""
+    from kvyard.bench.accuracy import main as run
     sys.exit(run(ctx.args))
 
 

@@ -21,7 +21,12 @@ SAMPLING_FLAGS = {
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag on one line and exits 2."""
+    """argparse that reports a bad flag on one line and exits 2. No prefix abbreviation:
+    ``--model`` is SGLang's alias of ``--model-path``, never "ambiguous"."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

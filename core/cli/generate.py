@@ -73,8 +73,11 @@ def _generate(ns) -> int:
         if ns.stream:
             for p, i in zip(prompts, ids):
                 stream = engine.generate(None if i else p, params, input_ids=i, stream=True)
+                shown = 0   # chunks are cumulative unless --incremental-streaming-output
                 for chunk in stream:
-                    sys.stdout.write(chunk["text"])
+                    new = chunk["text"] if engine.tm.incremental_streaming else chunk["text"][shown:]
+                    shown += len(new)
+                    sys.stdout.write(new)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
             return 0

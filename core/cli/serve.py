@@ -50,7 +50,8 @@ def serve(args: ServerArgs) -> int:
     engine = start_engine_process(args)
     try:
         args = engine.args  # with the defaults resolved (model path)
-        metrics = ServerMetrics(args.served_model_name or args.model_path) if args.enable_metrics else None
+        metrics = ServerMetrics(args.served_model_name or args.model_path, args.enable_sglang_metrics) \
+            if args.enable_metrics else None
         tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None)
         ctx = ServerContext(args=args, engine=engine, tm=tm, metrics=metrics)
         app = create_app(ctx)

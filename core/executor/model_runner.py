@@ -21,12 +21,13 @@ from kvyard.kv_layout import KVLayout
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
 from kvyard.mem_cache.kv_pool import KVPool
+from kvyard.mem_cache.kv_quant import check_backends, is_fp8, kv_scales, resolve_kv_dtype
 from kvyard.mem_cache.req_to_token import ReqToTokenPool
 from kvyard.model_base import ModelBuildContext
 from kvyard.model.config import ModelConfig, resolve_dtype
 from kvyard.model_registry import ModelRegistry
 from kvyard.plugins import registry
-from kvyard.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
+from kvyard.model.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
@@ -87,9 +88,14 @@ class ModelRunner:
         self._load_model()
         self._init_memory()
         attention = self._attention_config()
+        requested = config.attention_backend
+        if is_fp8(self.kv_dtype) and requested == "auto":
+            requested = "triton" if self.device == "cuda" else "torch_native"
+            logger.info("attention backend: %s (auto: it reads the fp8 KV cache)", requested)
         prefill_name, decode_name = resolve_attention_backends(
-            config.attention_backend, config.prefill_attention_backend, config.decode_attention_backend,
+            requested, config.prefill_attention_backend, config.decode_attention_backend,
             self.device, attention=attention)
+        check_backends(self.kv_dtype, {n: registry("attention_backends").get(n) for n in {prefill_name, decode_name}})
         self.attn_backend, self.attn_backend_name = build_attention_backend(attention, prefill_name, decode_name)
         self.sampler = Sampler()
         self.decode_graphs = self._init_decode_graphs()
@@ -161,14 +167,17 @@ class ModelRunner:
     def _with_pooling(self, model: torch.nn.Module, model_path: str) -> torch.nn.Module:
         """--is-embedding wraps a generation model in an EmbeddingAdapter; an embedding model's
         ``pooling`` follows the folder's sentence-transformers files when it has them."""
+        wrap = self.config.is_embedding and getattr(model, "is_generation", True)
+        if not wrap and not hasattr(model, "pooling"):
+            return model   # generation and classification models: their folder's pooling files do not apply
         declared = pooling_config_from_folder(model_path)
-        if self.config.is_embedding and getattr(model, "is_generation", True):
+        if wrap:
             pooling = declared or PoolingConfig(method="last", normalize=True)
             logger.info("serving %s as an embedding model: %s pooling%s (%s)", type(model).__name__,
                         pooling.method, ", normalized" if pooling.normalize else "",
                         "sentence-transformers files" if declared else "default for decoders")
             return EmbeddingAdapter(model, pooling)
-        if declared is not None and hasattr(model, "pooling"):
+        if declared is not None:
             model.pooling = declared
         return model
 
@@ -212,14 +221,16 @@ class ModelRunner:
         return KVLayout.mha(mc.num_layers, mc.num_kv_heads, mc.head_dim)
 
     def _init_memory(self) -> None:
-        cfg = self.config
+        cfg, mc = self.config, self.model_config
+        self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         self.kv_layout = layout = self._kv_layout()
-        per_slot = layout.bytes_per_token(self.dtype)
+        per_slot = layout.bytes_per_token(self.kv_dtype)
         tokens = cfg.max_total_tokens or self._default_pool_tokens(per_slot)
         page = cfg.page_size
         num_slots = (tokens // page + 1) * page  # + the dummy page
         self.max_total_tokens = num_slots - page
-        self.kv_pool = KVPool.for_layout(num_slots, layout, self.dtype, self.device)
+        scales = kv_scales(self.kv_dtype, self.model, mc.num_layers, cfg.quantization_param_path)
+        self.kv_pool = KVPool.for_layout(num_slots, layout, self.kv_dtype, self.device, scales)
         # page bookkeeping stays on the host: its small ops would each be a launch (and the
         # frees a sync) on a GPU; slots reach the device once per step, in prepare()
         self.allocator = SlotAllocator(num_slots, page, "cpu")

@@ -117,4 +117,6 @@ def make_tokenizer_manager(ep: EngineProcess, on_finish=None):
     return TokenizerManager(ep.tokenizer, ep.info, ep.send_addrs[0], ep.recv_addrs[0], ep.is_alive, sockets=sockets,
                             random_seed=ep.args.random_seed, allow_auto_truncate=ep.args.allow_auto_truncate,
                             model_name=name, on_finish=on_finish, log_requests=ep.args.log_requests,
-                            grammar_checker=grammar_checker)
+                            grammar_checker=grammar_checker,
+                            incremental_streaming=ep.args.incremental_streaming_output,
+                            enable_custom_logit_processor=ep.args.enable_custom_logit_processor)

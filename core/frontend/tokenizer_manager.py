@@ -19,7 +19,10 @@ from typing import Any, AsyncIterator, Callable, Optional
 import zmq
 import zmq.asyncio
 
-from kvyard.frontend.detokenizer import DecodeState, next_delta, visible_text
+from kvyard.frontend.detokenizer import DecodeState, Detokenizer
+from kvyard.frontend import outputs
+from kvyard.compat.request_fields import (EMBEDDING_FIELDS, GENERATE_FIELDS, check_fields, check_logit_processor,
+                                          drop_ignored)
 from kvyard.errors import EngineDeadError, RequestError
 from kvyard.scheduler.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, ReqUpdate,
                               SchedulerError, TokenizedGenerateReq)
@@ -28,7 +31,17 @@ from kvyard.sampling.params import SamplingParams
 logger = logging.getLogger(__name__)
 
 REQUEST_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "top_logprobs_num",
-                  "logprob_start_len", "return_text_in_logprobs", "stream", "priority", "prompt"}
+                  "logprob_start_len", "return_text_in_logprobs", "stream", "priority", "prompt",
+                  "custom_logit_processor"}
+
+
+class PreparedReqs(list):
+    """The TokenizedGenerateReqs of one request (prompt-major, then sample), and whether the
+    caller gets a list back (``batch``): decided here, once, from the request's shape."""
+
+    def __init__(self, reqs, batch: bool):
+        super().__init__(reqs)
+        self.batch = batch
 
 
 @dataclass
@@ -39,7 +52,7 @@ class ReqState:
     stream: bool
     return_logprob: bool
     return_text_in_logprobs: bool
-    decode: DecodeState
+    detok: Optional[Detokenizer]   # None without a tokenizer (--skip-tokenizer-init)
     created: float = field(default_factory=time.monotonic)
     first_token: Optional[float] = None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -56,8 +69,12 @@ class TokenizerManager:
                  is_alive: Callable[[], bool], *, random_seed: Optional[int] = None,
                  allow_auto_truncate: bool = False, model_name: str = "default",
                  on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False,
-                 grammar_checker=None, sockets: Optional[Callable[[Any], tuple[Any, Any]]] = None):
+                 grammar_checker=None, incremental_streaming: bool = False,
+                 enable_custom_logit_processor: bool = False,
+                 sockets: Optional[Callable[[Any], tuple[Any, Any]]] = None):
         self.tokenizer = tokenizer
+        self.incremental_streaming = incremental_streaming  # native streams: deltas, not cumulative
+        self.enable_custom_logit_processor = enable_custom_logit_processor
         self._sockets = sockets  # ctx -> (sender, receiver) in place of one PUSH/PULL pair (data parallel)
         self.grammar_checker = grammar_checker  # kvyard.grammar.manager.GrammarChecker
         self.info = scheduler_info
@@ -144,16 +161,16 @@ class TokenizerManager:
                                                  return_dict=False, **kwargs)
         return list(out["input_ids"] if isinstance(out, dict) else out)
 
-    def prepare(self, obj: dict, embed: bool = False) -> list[TokenizedGenerateReq]:
+    def prepare(self, obj: dict, embed: bool = False) -> PreparedReqs:
         """Validates and tokenizes one request dict (single or batch, n expanded).
 
         Raises RequestError naming the field. Order of the result: prompt-major, then sample."""
         if self.info.get("is_embedding") and not embed:
             raise RequestError("the served model is an embedding model: it does not generate text; "
                                "use encode or /v1/embeddings", param="model")
-        unknown = set(obj) - REQUEST_FIELDS
-        if unknown:
-            raise RequestError(f"unknown request field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
+        if not embed:
+            check_fields(obj, REQUEST_FIELDS, GENERATE_FIELDS)  # SGLang's other fields: ignored when off, else refused
+            obj = drop_ignored(obj, REQUEST_FIELDS)
         prompts = self._prompts(obj)
         params_list = obj.get("sampling_params") or {}
         if isinstance(params_list, dict):
@@ -166,8 +183,9 @@ class TokenizerManager:
         elif isinstance(rids, str):
             rids = [rids] if len(prompts) == 1 else [f"{rids}-{i}" for i in range(len(prompts))]
         out = []
+        processor = obj.get("custom_logit_processor")
         for ids, p, rid in zip(prompts, params_list, rids):
-            params = self._sampling_params(p, len(ids))
+            params = self._sampling_params(p, len(ids), processor)
             ids = self._fit_context(ids, params)
             for i in range(params.n):
                 seed = (params.seed + i) if params.seed is not None else self._rng.getrandbits(62)
@@ -178,17 +196,18 @@ class TokenizerManager:
                     logprob_start_len=int(obj.get("logprob_start_len", -1)),
                     stream=bool(obj.get("stream", False)), priority=int(obj.get("priority") or 0),
                     sampling_seed=seed))
-        return out
+        return PreparedReqs(out, batch=len(out) > 1 or _is_batch(obj))
 
-    def prepare_embedding(self, obj: dict) -> list[TokenizedGenerateReq]:
+    def prepare_embedding(self, obj: dict) -> PreparedReqs:
         """Like prepare, for embedding requests (text or input_ids, single or batch)."""
         if not self.info.get("is_embedding"):
             raise RequestError("the served model is not an embedding model (start it with an "
                                "embedding model or --is-embedding)", param="model")
+        acted = {"text", "input_ids", "rid", "prompt"}
+        check_fields({k: v for k, v in obj.items() if k != "sampling_params"}, acted, EMBEDDING_FIELDS)
         if _is_text_pairs(obj.get("text")):
             return self.prepare_pairs(obj["text"], obj.get("rid"))
-        reqs = self.prepare({k: v for k, v in obj.items() if k in ("text", "input_ids", "rid", "prompt")}
-                            | {"sampling_params": {"max_new_tokens": 0}}, embed=True)
+        reqs = self.prepare(drop_ignored(obj, acted) | {"sampling_params": {"max_new_tokens": 0}}, embed=True)
         for r in reqs:
             r.embed = True
         return reqs
@@ -226,7 +245,7 @@ class TokenizerManager:
             raise RequestError("text: the prompt is empty", param="text")
         return [self.tokenize(t) for t in batch]
 
-    def _sampling_params(self, raw: Any, prompt_len: int) -> SamplingParams:
+    def _sampling_params(self, raw: Any, prompt_len: int, processor: Any = None) -> SamplingParams:
         if isinstance(raw, SamplingParams):
             params = raw
         elif isinstance(raw, dict):
@@ -243,6 +262,10 @@ class TokenizerManager:
             raise RequestError(str(exc), param=_field_of(str(exc))) from None
         if self.grammar_checker is not None:
             self.grammar_checker.check(params)  # a bad grammar is a 400 here, never a scheduler error
+        if processor is not None:
+            params.custom_logit_processor = processor
+        if params.custom_logit_processor is not None:
+            check_logit_processor(params.custom_logit_processor, self.enable_custom_logit_processor)
         return params
 
     def _fit_context(self, ids: list[int], params: SamplingParams) -> list[int]:
@@ -265,10 +288,12 @@ class TokenizerManager:
         if req.rid in self._states:
             raise RequestError(f"rid: a request with id {req.rid!r} is already running", param="rid")
         p = req.sampling_params
+        detok = Detokenizer(self.tokenizer, DecodeState(p.skip_special_tokens, p.spaces_between_special_tokens,
+                                                        tuple(p.stop or ()), p.no_stop_trim)) \
+            if self.tokenizer is not None and not req.embed else None
         state = ReqState(rid=req.rid, prompt_ids=req.input_ids, params=p, stream=req.stream,
                          return_logprob=req.return_logprob, return_text_in_logprobs=return_text_in_logprobs,
-                         decode=DecodeState(p.skip_special_tokens, p.spaces_between_special_tokens,
-                                            tuple(p.stop or ()), p.no_stop_trim))
+                         detok=detok)
         self._states[req.rid] = state
         self._send.send_pyobj(req)
         return state
@@ -322,6 +347,9 @@ class TokenizerManager:
         state.embedding = update.embedding
         if update.finished_reason is not None:
             state.finish_reason = update.finished_reason
+        if state.detok is not None:
+            state.detok.update(state.output_ids, state.finish_reason)  # the one decode of this update
+        if state.finish_reason is not None:
             state.meta["e2e_latency"] = now - state.created
             self._states.pop(update.rid, None)
             if self.on_finish:
@@ -333,22 +361,9 @@ class TokenizerManager:
         state.queue.put_nowait(update)
 
     def output_of(self, state: ReqState) -> dict:
-        text = visible_text(self.tokenizer, state.output_ids, state.decode, state.finish_reason) \
-            if self.tokenizer is not None else ""
-        meta = {"id": state.rid, **state.meta, "finish_reason": state.finish_reason}
-        if state.first_token is not None:
-            meta["ttft"] = state.first_token - state.created
-        if state.return_logprob:
-            meta.update(self._logprob_meta(state))
-        out = {"text": text, "output_ids": list(state.output_ids), "meta_info": meta}
-        if state.embedding is not None:
-            out = {"embedding": state.embedding, "meta_info": meta}
-        return out
+        return outputs.output_of(self, state)
 
-    def delta_of(self, state: ReqState) -> str:
-        return next_delta(self.tokenizer, state.output_ids, state.decode, state.finish_reason)
-
-    def _logprob_meta(self, state: ReqState) -> dict:
+    def logprob_meta(self, state: ReqState) -> dict:
         def fmt(pairs):
             return [(lp, tid, self._token_text(tid, state)) for lp, tid in pairs]
         lp = state.logprobs
@@ -371,6 +386,12 @@ class TokenizerManager:
 
     def num_running(self) -> int:
         return len(self._states)
+
+
+def _is_batch(obj: dict) -> bool:
+    """A list of prompts (texts or id lists) is a batch, even of one."""
+    text, ids = obj.get("text", obj.get("prompt")), obj.get("input_ids")
+    return isinstance(text, list) or (isinstance(ids, list) and bool(ids) and isinstance(ids[0], list))
 
 
 def _field_of(message: str) -> Optional[str]:

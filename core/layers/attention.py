@@ -32,6 +32,14 @@ class Attention(nn.Module):
         self.logit_cap = logit_cap or None
         self.v_head_dim = v_head_dim or head_dim
 
+        # fp8 KV-cache scales the checkpoint ships (None: not given); the pool takes them
+        self.k_scale: float | None = None
+        self.v_scale: float | None = None
+
+    def load_kv_scale(self, which: str, tensor: torch.Tensor) -> None:
+        """Checkpoint ``...self_attn.k_scale`` / ``v_scale`` (a scalar): which is "k" or "v"."""
+        setattr(self, f"{which}_scale", float(tensor.float().reshape(-1).max()))
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
                 fb: ForwardBatch) -> torch.Tensor:
         """q [T, H*D], k [T, Hkv*D], v [T, Hkv*Dv] (None where the KV layout keeps V in the K

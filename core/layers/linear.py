@@ -72,3 +72,10 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.output_sizes}, method={type(self.method).__name__}"
+
+
+def process_linears_after_loading(model: nn.Module) -> None:
+    """Every Linear of ``model`` finishes loading (repacking, scales): call once all weights are in."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.process_after_loading()

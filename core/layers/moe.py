@@ -121,7 +121,12 @@ def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, we
 
 def _per_expert(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
                 expert_fn) -> torch.Tensor:
-    """sum_j weights[t, j] * expert_fn(ids[t, j], x[t]) with one expert_fn call per used expert."""
+    """sum_j weights[t, j] * expert_fn(ids[t, j], x[t]) with one expert_fn call per used expert.
+    Grouping reads the per-expert counts back to the host, which a CUDA graph cannot capture:
+    while capturing, every expert runs on every token instead, weighted by its (often zero)
+    routing weight (decode batches are small, and the result is the same)."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _every_expert(x, weights, ids, num_experts, expert_fn)
     top_k = ids.shape[1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)                     # choices grouped by expert
@@ -137,6 +142,14 @@ def _per_expert(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_e
         tokens = choice // top_k
         y = expert_fn(e, x[tokens]) * flat_weights[choice, None].to(x.dtype)
         out.index_add_(0, tokens, y)
+    return out
+
+
+def _every_expert(x, weights, ids, num_experts: int, expert_fn) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for e in range(num_experts):
+        weight = (weights * (ids == e)).sum(dim=-1, keepdim=True).to(x.dtype)     # [T, 1]
+        out += expert_fn(e, x) * weight
     return out
 
 

@@ -16,19 +16,22 @@ from kvyard.kernels import use_cpu_kernel, use_triton
 
 
 class RMSNorm(nn.Module):
+    fused_kernels = True      # the triton / C++ rmsnorm kernels compute this exact variant
+    initial_weight = 1.0
+
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu"):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device),
+        self.weight = nn.Parameter(torch.full((hidden_size,), self.initial_weight, dtype=dtype, device=device),
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """x [..., hidden] -> normed; with ``residual`` -> (normed, x + residual)."""
-        if use_triton("rmsnorm", x):
+        if self.fused_kernels and use_triton("rmsnorm", x):
             from kvyard.kernels.triton_ops.rmsnorm import rmsnorm
             return rmsnorm(x, self.weight, self.eps, residual)
-        if use_cpu_kernel("rmsnorm", x):
+        if self.fused_kernels and use_cpu_kernel("rmsnorm", x):
             return cpu_ops.rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._normalize(x)
@@ -48,28 +51,16 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + weight), all in float32, cast back at
     the end (Llama casts before the weight; the stored weight is the offset from 1). With
-    ``residual``: (normed, x + residual), as RMSNorm."""
+    ``residual``: (normed, x + residual), as RMSNorm. Torch code only (the fused kernels
+    compute RMSNorm's order of operations)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device),
-                                   requires_grad=False)
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if residual is None:
-            return self._normalize(x)
-        summed = x + residual
-        return self._normalize(summed), summed
+    fused_kernels = False
+    initial_weight = 0.0
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = xf * xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -11,8 +11,9 @@ tensors of every shard (q/k/v, gate/up) in ``load_tensor``, turns them into one 
                      Activations: dynamic per-token (per token-group of 128 for block
                      weights), static per-tensor (the largest of the shards' input scales), or
                      none (weight-only: dequantize and multiply in the layer dtype).
-                     CUDA: torch._scaled_mm with row-wise scales; elsewhere the same arithmetic
-                     in float32 (the fp8 values are exact in float32).
+                     CUDA: torch._scaled_mm with row-wise scales (block scales: the Triton
+                     block-scaled GEMM); elsewhere the same arithmetic in float32 (the fp8
+                     values are exact in float32).
   Int8LinearMethod   weight [N, K] int8, scales [N]; activations int8 per token (dynamic) or per
                      tensor (static); int32 accumulation (torch._int_mm), then both scales.
   Int4LinearMethod   the canonical int4 layout of kvyard.layers.quant_math; CUDA: the Triton
@@ -22,6 +23,7 @@ Every apply maps x [..., K] -> y [..., N] in x's dtype, the bias added in that d
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kvyard.layers import quant_math as qm
-from kvyard.quantization import LinearMethod
+from kvyard.quantization import LinearMethod, _dense
 
 
 def _flat(layer, x: torch.Tensor) -> torch.Tensor:
@@ -39,14 +41,6 @@ def _flat(layer, x: torch.Tensor) -> torch.Tensor:
 def _unflat(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     y = y if layer.bias is None else y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
-
-
-def _dense(tensor: Any) -> torch.Tensor:
-    if isinstance(tensor, torch.Tensor):
-        return tensor
-    if hasattr(tensor, "dequantize"):
-        return tensor.dequantize()
-    raise TypeError(f"cannot load a checkpoint entry of type {type(tensor).__name__}")
 
 
 class ShardedLinearMethod(LinearMethod):
@@ -100,7 +94,12 @@ class Fp8Scheme:
 
 def use_scaled_mm(x: torch.Tensor) -> bool:
     """torch._scaled_mm runs fp8 x fp8 on CUDA devices of compute capability 8.9 and above."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return x.is_cuda and _capability(x.device.index or 0) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 class Fp8LinearMethod(ShardedLinearMethod):
@@ -157,7 +156,11 @@ class Fp8LinearMethod(ShardedLinearMethod):
             return _unflat(layer, x, F.linear(x2, dense))
         if s.weight == "block":
             xq, sx = qm.fp8_per_token_group(x2, s.block[1])
-            y = qm.dequantize_block(xq, sx, s.block[1]) @ qm.dequantize_block(w, sw, s.block[1]).t()
+            if x2.is_cuda or _force_triton:
+                from kvyard.kernels.triton_ops.fp8_block_gemm import fp8_block_gemm
+                y = fp8_block_gemm(xq, sx, w, sw, s.block[1], torch.float32)
+            else:
+                y = qm.dequantize_block(xq, sx, s.block[1]) @ qm.dequantize_block(w, sw, s.block[1]).t()
             return _unflat(layer, x, y)
         if s.activation == "static":
             sx = layer.input_scale
@@ -281,7 +284,7 @@ class Int4LinearMethod(ShardedLinearMethod):
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(layer, x)
-        if x2.is_cuda or _force_triton_int4:
+        if x2.is_cuda or _force_triton:
             from kvyard.kernels.triton_ops.int4_gemm import int4_gemm
             y = int4_gemm(x2, layer.qweight, layer.scales, layer.zeros, layer.g_idx)
         else:
@@ -289,9 +292,23 @@ class Int4LinearMethod(ShardedLinearMethod):
         return _unflat(layer, x, y)
 
 
-_force_triton_int4 = False   # tests: run the Triton kernel on CPU tensors under TRITON_INTERPRET=1
+_force_triton = False   # tests: the Triton GEMMs on CPU tensors under TRITON_INTERPRET=1
 
 
-def force_triton_int4(on: bool) -> None:
-    global _force_triton_int4
-    _force_triton_int4 = on
+def force_triton(on: bool) -> None:
+    global _force_triton
+    _force_triton = on
+
+
+class OnlineInt4LinearMethod(Int4LinearMethod):
+    """Float weights quantized at load by round-to-nearest (no calibration): symmetric,
+    ``group_size`` inputs per scale. For trying int4 speed on float checkpoints (and dummy
+    weights in benchmarks); calibrated checkpoints (GPTQ, AWQ) are more accurate."""
+    checkpoint_names = ("weight",)
+
+    def to_canonical(self, layer, shard: int, rows: int, parts: dict[str, torch.Tensor]) -> Int4Shard:
+        w = parts["weight"]
+        self.check_shape(layer, shard, "weight", w, (rows, layer.in_features))
+        q, scale, zero = qm.quantize_int4(w.float(), self.group_size, symmetric=True)
+        g_idx = torch.arange(layer.in_features, dtype=torch.int32, device=w.device) // self.group_size
+        return Int4Shard(qm.pack_int4_rows(q.t().contiguous()), scale.t(), zero.t(), g_idx)

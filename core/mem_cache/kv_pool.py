@@ -6,6 +6,10 @@ rope] and v_buffers[layer] is the same tensor (V is its leading latent columns),
 stored once. Slots 0 .. page_size-1 (the first page) are the dummy page: padded rows write there
 and nothing reads it back, so it is never handed out by the allocator. Slot allocation lives in
 mem_cache/allocator.py.
+
+An fp8 pool (dtype float8_e4m3fn / float8_e5m2) stores k / k_scale and v / v_scale per layer,
+saturated to the fp8 range; readers multiply back (attention plugins fold k_scale into the
+softmax scale and v_scale into the output). Other pools have scales 1.0 and store k, v as given.
 """
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ from kvyard.kernels import use_cpu_kernel, use_triton
 from kvyard.kv_layout import KVLayout
 
 
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 class KVPool:
     def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: str | torch.device, layout: KVLayout | None = None):
+                 dtype: torch.dtype, device: str | torch.device, layout: KVLayout | None = None,
+                 scales: tuple[list[float], list[float]] | None = None):
         layout = layout or KVLayout.mha(num_layers, num_kv_heads, head_dim)
         if (layout.num_layers, layout.num_kv_heads, layout.head_dim) != (num_layers, num_kv_heads, head_dim):
             raise ValueError(f"kv_layout ({layout.describe()}) disagrees with the pool's shape "
@@ -27,6 +35,9 @@ class KVPool:
         self.num_slots = num_slots
         self.num_layers = num_layers
         self.dtype = dtype
+        self.is_fp8 = dtype in FP8_KV_DTYPES
+        # per-layer (k, v) scales, python floats so kernels take them without a device sync
+        self.k_scales, self.v_scales = scales or ([1.0] * num_layers, [1.0] * num_layers)
         shape = (num_slots, num_kv_heads, head_dim)
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         if layout.separate_v:
@@ -36,13 +47,21 @@ class KVPool:
             self.v_buffers = self.k_buffers   # V is read out of the K row (kv_layout.py)
 
     @classmethod
-    def for_layout(cls, num_slots: int, layout: KVLayout, dtype: torch.dtype,
-                   device: str | torch.device) -> "KVPool":
-        return cls(num_slots, layout.num_layers, layout.num_kv_heads, layout.head_dim, dtype, device, layout)
+    def for_layout(cls, num_slots: int, layout: KVLayout, dtype: torch.dtype, device: str | torch.device,
+                   scales: tuple[list[float], list[float]] | None = None) -> "KVPool":
+        return cls(num_slots, layout.num_layers, layout.num_kv_heads, layout.head_dim, dtype, device, layout,
+                   scales)
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         """loc [T] slots; k [T, Hkv, D], v [T, Hkv, Dv], or None where the layout keeps V inside
         the K row (mla)."""
+        if self.is_fp8:
+            if v is None or not self.layout.separate_v:
+                raise ValueError(f"an fp8 KV cache is not supported with the {self.layout.kind} KV layout")
+            fmax = torch.finfo(self.dtype).max
+            self.k_buffers[layer_id][loc] = (k.float() / self.k_scales[layer_id]).clamp(-fmax, fmax).to(self.dtype)
+            self.v_buffers[layer_id][loc] = (v.float() / self.v_scales[layer_id]).clamp(-fmax, fmax).to(self.dtype)
+            return
         if v is None:
             if self.layout.separate_v:
                 raise ValueError(f"set_kv: the {self.layout.kind} KV layout needs v")

@@ -34,7 +34,8 @@ def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None, tokeni
 
 
 def read_chat_template(spec: str) -> str:
-    """A .jinja file, a JSON file with a "chat_template" key, or an inline Jinja template."""
+    """A .jinja file, a JSON file with a "chat_template" key or in SGLang's conversation format,
+    or an inline Jinja template."""
     if os.path.exists(spec):
         with open(spec) as fh:
             text = fh.read()
@@ -42,7 +43,11 @@ def read_chat_template(spec: str) -> str:
             data = json.loads(text)
             if isinstance(data, dict) and "chat_template" in data:
                 return data["chat_template"]
-            raise ValueError(f"chat_template: {spec} has no 'chat_template' key")
+            from kvyard.model.conversation_template import is_conversation_json, jinja_from_conversation
+            if is_conversation_json(data):
+                return jinja_from_conversation(data)
+            raise ValueError(f"chat_template: {spec} has neither a 'chat_template' key nor SGLang's "
+                             "conversation format (user, assistant, sep_style, ...)")
         return text
     if "{%" in spec or "{{" in spec:
         return spec

@@ -38,6 +38,7 @@ class SamplingBatchInfo:
     need_top_k: bool = False
     need_top_p: bool = False
     need_min_p: bool = False
+    need_custom: bool = False          # some row selected a custom logit processor
     is_all_greedy: bool = True
 
     @classmethod
@@ -110,6 +111,7 @@ class SamplingBatchInfo:
         self.need_top_k = any(_top_k_or_vocab(p, self.vocab_size) < self.vocab_size for p in sampled)
         self.need_top_p = any(p.top_p < 1.0 for p in sampled)
         self.need_min_p = any(p.min_p > 0.0 for p in sampled)
+        self.need_custom = any(p.custom_logit_processor for p in self.params)
 
 
 _ROW_TENSORS = ("temperatures", "top_ps", "top_ks", "min_ps", "seeds", "greedy", "logit_bias",

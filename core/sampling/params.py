@@ -49,6 +49,7 @@ class SamplingParams:
     thinking_budget: Optional[int] = None
     thinking_start_ids: Optional[list[int]] = None
     thinking_end_ids: Optional[list[int]] = None
+    custom_logit_processor: Optional[str] = None   # a registered logit processor's name (kvyard.logit_processor)
     # derived by normalize(): longest stop string in tokens, for the incremental detokenizer
     stop_str_max_len: int = 0
 
@@ -227,8 +228,9 @@ _FIELD_TYPES = {
     "logit_bias": ("dict",), "no_stop_trim": ("bool",), "json_schema": ("str", "dict"),
     "regex": ("str",), "ebnf": ("str",), "structural_tag": ("str", "dict"),
     "custom_params": ("dict",), "thinking_budget": ("int",), "thinking_start_ids": ("list",),
-    "thinking_end_ids": ("list",),
+    "thinking_end_ids": ("list",), "custom_logit_processor": ("str",),
 }
 _NULLABLE = {"stop", "stop_token_ids", "seed", "logit_bias", "json_schema", "regex", "ebnf",
-             "structural_tag", "custom_params", "thinking_budget", "thinking_start_ids", "thinking_end_ids"}
+             "structural_tag", "custom_params", "thinking_budget", "thinking_start_ids", "thinking_end_ids",
+             "custom_logit_processor"}
 _DERIVED = {"stop_str_max_len"}

@@ -1,7 +1,7 @@
 """The batched sampler: logits [B, V] -> next token ids [B], all on the device, no host sync.
 
 Order of operations for each row:
-  1. logit_bias (additive), penalties (repetition, then frequency/presence, then min_new_tokens
+  1. custom logit processors (requests that selected one), logit_bias (additive), penalties (repetition, then frequency/presence, then min_new_tokens
      blocking), grammar vocab_mask (-inf where disallowed);
   2. greedy rows (top_k == 1) take the argmax of those processed logits;
   3. other rows: softmax(logits / temperature) -> top-k -> top-p (over the top-k renormalized
@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from kvyard.sampling.batch_info import SamplingBatchInfo
+from kvyard.sampling.custom_logits import apply_logit_processors
 
 
 @dataclass
@@ -55,7 +56,10 @@ class Sampler:
 
 
 def process_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    """logits [B, V] float32 -> biased, penalized, masked logits (a new tensor when changed)."""
+    """logits [B, V] float32 -> custom-processed, biased, penalized, masked logits (a new
+    tensor when changed)."""
+    if info.need_custom:
+        logits = apply_logit_processors(logits, info.params)
     if info.logit_bias is not None:
         logits = logits + info.logit_bias
     logits = info.penalties.apply(logits)

@@ -17,6 +17,7 @@ import zmq
 from kvyard.scheduler.io_struct import (AbortReq, BatchTokenOut, ControlReply, ControlReq, SchedulerError,
                               TokenizedGenerateReq)
 from kvyard.model_registry import ModelRegistry
+from kvyard.scheduler.profiler import StepProfiler
 from kvyard.scheduler.req import FinishReason
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class SchedulerLoop:
         self.was_busy = False
         self.watchdog_timeout = watchdog_timeout
         self.step_started: Optional[float] = None
+        self.profiler = StepProfiler()
 
     def run(self) -> None:
         threading.Thread(target=self._watchdog, name="kvyard-watchdog", daemon=True).start()
@@ -125,6 +127,8 @@ class SchedulerLoop:
                 logger.error("scheduler step failed:\n%s", traceback.format_exc())
                 updates += self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
             self.step_started = None
+            if busy and self.profiler.active:
+                self.profiler.after_step()
             if updates:
                 self.outbox.send_pyobj(BatchTokenOut(updates))
 
@@ -164,6 +168,10 @@ class SchedulerLoop:
                 return ControlReply(msg.id, ok, message="" if ok else "requests are running; not flushed")
             if msg.op == "get_info":
                 return ControlReply(msg.id, True, {**scheduler_info(s), **s.load_info()})
+            if msg.op == "start_profile":
+                return ControlReply(msg.id, True, {"output_dir": self.profiler.start(**msg.args)})
+            if msg.op == "stop_profile":
+                return ControlReply(msg.id, True, {"trace": self.profiler.stop()})
             if msg.op == "check_integrity":
                 s.check_integrity()
                 return ControlReply(msg.id, True)

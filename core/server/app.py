@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from kvyard.server.auth import ApiKeyMiddleware
 from kvyard.server.context import ServerContext
 from kvyard.server.errors import error_body_for, install_error_handlers
+from kvyard.server.json_body import JsonBodyMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app.include_router(native_api.router)
     app.include_router(rerank.router)
     if ctx.args.enable_metrics:
+        from kvyard.server.metrics import FuncLatencyMiddleware
         app.add_api_route("/metrics", native_api.metrics, methods=["GET"])
+        app.add_middleware(FuncLatencyMiddleware, metrics=ctx.metrics)
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(ReadinessMiddleware, ctx=ctx)
     if ctx.args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=ctx.args.api_key)  # outermost: checked first

@@ -158,6 +158,8 @@ class BatchRunner:
             except json.JSONDecodeError as exc:
                 problems.append(("invalid_json_line", f"line {number}: not JSON ({exc.msg})", number))
                 continue
+            if isinstance(line, dict) and isinstance(line.get("url"), str) and not line["url"].startswith("/v1/"):
+                line["url"] = "/v1" + line["url"]   # SGLang's docs write "/chat/completions"
             problem = _line_problem(line, batch["endpoint"])
             if problem:
                 problems.append(("invalid_request", f"line {number}: {problem}", number))

@@ -1,11 +1,18 @@
-"""Prometheus metrics (--enable-metrics), named ``kvyard:*`` and labelled with the model name.
+"""Prometheus metrics (--enable-metrics), named ``kvyard:*`` and labelled with the model name;
+with --enable-sglang-metrics every series is served under ``sglang:*`` as well, so SGLang's
+dashboards and PromQL work unchanged.
 
 Counters and histograms are fed by the TokenizerManager's on_finish hook (one call per finished
-request, on the event loop). Gauges describe the scheduler and are refreshed from its get_info
-control op when /metrics is scraped.
+request, on the event loop) and, for ``func_latency_seconds``, by the HTTP middleware (one
+observation per handled request, labelled with the route's handler name). Gauges describe the
+scheduler and are refreshed from its get_info control op when /metrics is scraped;
+``gen_throughput`` is the generated tokens per second since the previous scrape (counted when
+requests finish).
 """
 from __future__ import annotations
 
+import re
+import time
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,7 +31,7 @@ GAUGES = {
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, sglang_names: bool = False):
         self.registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -41,6 +48,13 @@ class ServerMetrics:
         self.e2e = Histogram("kvyard:e2e_request_latency_seconds", "end-to-end request latency", labels,
                              buckets=LATENCY_BUCKETS, registry=r)
         self.gauges = {key: Gauge(name, doc, labels, registry=r) for key, (name, doc) in GAUGES.items()}
+        self.num_used_tokens = Gauge("kvyard:num_used_tokens", "KV slots held by requests (tokens)", labels, registry=r)
+        self.gen_throughput = Gauge("kvyard:gen_throughput", "generated tokens per second since the previous scrape",
+                                    labels, registry=r)
+        self.func_latency = Histogram("kvyard:func_latency_seconds", "latency of the HTTP handlers, by handler name",
+                                      ["name"], buckets=LATENCY_BUCKETS, registry=r)
+        self.sglang_names = sglang_names
+        self._last_scrape = (time.monotonic(), 0.0)   # (when, generation tokens counted then)
 
     def on_finish(self, state) -> None:
         """TokenizerManager hook: one finished (or aborted) request."""
@@ -60,13 +74,56 @@ class ServerMetrics:
             if e2e is not None and completion > 1:
                 self.tpot.labels(name).observe((e2e - ttft) / (completion - 1))
 
+    def observe_func(self, name: str, seconds: float) -> None:
+        self.func_latency.labels(name).observe(seconds)
+
     def set_scheduler_load(self, info: dict) -> None:
+        name = self.model_name
         for key, gauge in self.gauges.items():
             if key in info:
-                gauge.labels(self.model_name).set(float(info[key]))
+                gauge.labels(name).set(float(info[key]))
+        if "token_usage" in info and info.get("max_total_num_tokens"):
+            self.num_used_tokens.labels(name).set(round(info["token_usage"] * info["max_total_num_tokens"]))
+        now, generated = time.monotonic(), self.generation_tokens.labels(name)._value.get()
+        then, before = self._last_scrape
+        if now > then:
+            self.gen_throughput.labels(name).set((generated - before) / (now - then))
+        self._last_scrape = (now, generated)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        if self.sglang_names:
+            text += with_prefix(text, b"sglang:")
+        return text
+
+
+_NAME = re.compile(rb"^(# (?:HELP|TYPE) )?kvyard:", re.M)
+
+
+def with_prefix(text: bytes, prefix: bytes) -> bytes:
+    """The same exposition with every ``kvyard:`` metric name under ``prefix`` instead."""
+    return _NAME.sub(lambda m: (m.group(1) or b"") + prefix, text)
+
+
+class FuncLatencyMiddleware:
+    """Observes ``func_latency_seconds`` for every HTTP request, labelled with the name of the
+    handler that served it (Starlette records it in the scope while routing); a request no
+    route matched is not observed."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            endpoint = scope.get("endpoint")
+            if endpoint is not None:
+                self.metrics.observe_func(getattr(endpoint, "__name__", str(endpoint)), time.perf_counter() - start)
 
 
 STEP_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import platform
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -14,6 +14,7 @@ from kvyard.errors import EngineDeadError, RequestError
 from kvyard.server.context import ServerContext, ctx_of
 from kvyard.server.errors import error_response
 from kvyard.server.openai_completions import encode
+from kvyard.frontend.outputs import native_item, single_or_list, strip_token_text
 from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
 from kvyard.server.streaming import EventStream, sse, with_errors_and_done
 
@@ -41,40 +42,20 @@ async def generate(request: Request):
     obj = await json_object(request)
     text_in_logprobs = bool(obj.pop("return_text_in_logprobs", False))
     reqs = ctx.tm.prepare(obj)
-    batch = len(reqs) > 1 or isinstance(obj.get("text", obj.get("prompt")), list) \
-        or _is_batch_ids(obj.get("input_ids"))
     if obj.get("stream"):
-        return EventStream(with_errors_and_done(_stream(ctx, reqs, batch, text_in_logprobs)))
+        return EventStream(with_errors_and_done(_stream(ctx, reqs, text_in_logprobs)))
     outs = await run_to_completion(ctx.tm, reqs, request, allow_user_abort=True)
-    outs = [_strip_token_text(o) for o in outs] if not text_in_logprobs else outs
-    return outs if batch else outs[0]
+    outs = [strip_token_text(o) for o in outs] if not text_in_logprobs else outs
+    return single_or_list(outs, reqs.batch)
 
 
-async def _stream(ctx: ServerContext, reqs, batch: bool, text_in_logprobs: bool) -> AsyncIterator[str]:
-    """SGLang's stream shape: every event holds the cumulative output so far."""
+async def _stream(ctx: ServerContext, reqs, text_in_logprobs: bool) -> AsyncIterator[str]:
+    """SGLang's stream shape: cumulative output per event (deltas with --incremental-streaming-output)."""
     async for c in stream_chunks(ctx.tm, reqs):
         if c.finished:
             check_not_aborted(c.out, allow_user_abort=True)
-        out = c.out if text_in_logprobs else _strip_token_text(c.out)
-        yield sse({**out, "index": c.index} if batch else out)
-
-
-def _strip_token_text(out: dict) -> dict:
-    """Token texts in logprobs only when asked (return_text_in_logprobs), as in SGLang."""
-    meta = out["meta_info"]
-    if "output_token_logprobs" not in meta:
-        return out
-    strip = lambda triples: [(lp, tid, None) for lp, tid, _ in triples]  # noqa: E731
-    new = dict(meta)
-    for key in ("output_token_logprobs", "input_token_logprobs"):
-        new[key] = strip(meta[key])
-    for key in ("output_top_logprobs", "input_top_logprobs"):
-        new[key] = [strip(t) if t else t for t in meta[key]]
-    return {**out, "meta_info": new}
-
-
-def _is_batch_ids(ids: Any) -> bool:
-    return isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+        item = native_item(c, ctx.tm.incremental_streaming, reqs.batch)
+        yield sse(item if text_in_logprobs else strip_token_text(item))
 
 
 @router.post("/encode")
@@ -92,13 +73,9 @@ async def classify(request: Request):
 async def _embed(request: Request):
     ctx = ctx_of(request)
     obj = await json_object(request)
-    unknown = set(obj) - {"text", "input_ids", "rid"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise RequestError(f"unknown request field {name!r}", param=name)
-    outs = await encode(ctx, obj, request)
-    batch = isinstance(obj.get("text"), list) or _is_batch_ids(obj.get("input_ids"))
-    return outs if batch else outs[0]
+    reqs = ctx.tm.prepare_embedding(obj)   # SGLang's EmbeddingReqInput fields: see kvyard.compat.request_fields
+    outs = await run_to_completion(ctx.tm, reqs, request)
+    return single_or_list(outs, reqs.batch)
 
 
 @router.post("/abort_request")
@@ -168,11 +145,12 @@ async def get_server_info(request: Request):
 
 
 def versions() -> dict:
-    import torch
-    import transformers
+    """Installed versions, read from package metadata (importing torch here would load it into
+    the API process)."""
+    from importlib.metadata import version
 
     from kvyard import __version__
-    return {"kvyard": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"kvyard": __version__, "torch": version("torch"), "transformers": version("transformers"),
             "python": platform.python_version()}
 
 
@@ -209,6 +187,38 @@ async def update_weights_from_disk(request: Request):
     if reply.ok:
         ctx.args = replace(ctx.args, model_path=path, load_format=load_format or "auto")
     return JSONResponse({"success": reply.ok, "message": reply.message}, status_code=200 if reply.ok else 400)
+
+
+# -- profiling -----------------------------------------------------------------------------
+PROFILE_FIELDS = {"output_dir": str, "num_steps": int, "activities": list, "record_shapes": bool, "with_stack": bool}
+
+
+@router.api_route("/start_profile", methods=["POST", "GET"])
+async def start_profile(request: Request):
+    """torch.profiler on the scheduler's steps; the trace goes to output_dir, else
+    $KVYARD_TORCH_PROFILER_DIR (or $SGLANG_TORCH_PROFILER_DIR), else /tmp."""
+    obj = await json_object(request) if await request.body() else {}
+    args = {}
+    for name, value in obj.items():
+        if name not in PROFILE_FIELDS:
+            raise RequestError(f"{name}: not supported by kvyard's profiler (fields: {', '.join(PROFILE_FIELDS)})",
+                               param=name)
+        if value is not None and not isinstance(value, PROFILE_FIELDS[name]):
+            raise RequestError(f"{name}: must be of type {PROFILE_FIELDS[name].__name__}", param=name)
+        if value is not None:
+            args[name] = value
+    reply = await ctx_of(request).tm.control("start_profile", **args)
+    if not reply.ok:
+        raise RequestError(reply.message.split(": ", 1)[-1])
+    return Response(f"Start profiling. Traces go to {reply.result['output_dir']}\n", media_type="text/plain")
+
+
+@router.api_route("/stop_profile", methods=["POST", "GET"])
+async def stop_profile(request: Request):
+    reply = await ctx_of(request).tm.control("stop_profile")
+    if not reply.ok:
+        raise RequestError(reply.message.split(": ", 1)[-1])
+    return Response(f"Stop profiling. Trace written to {reply.result['trace']}\n", media_type="text/plain")
 
 
 # -- parsers -------------------------------------------------------------------------------

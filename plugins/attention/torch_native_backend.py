@@ -89,22 +89,23 @@ def _gather_head_major(buffer: torch.Tensor, slots: torch.Tensor, out: torch.Ten
     return out
 
 
-def _use_cpu_kernel(fb: "ForwardBatch") -> bool:
-    """Decode on the CPU reads the pool with the C++ kernel where it builds (float32 / bfloat16)."""
+def _use_cpu_kernel(fb: "ForwardBatch", dtype: torch.dtype) -> bool:
+    """Decode on the CPU reads the pool with the C++ kernel where it builds (float32 / bfloat16
+    pools holding the activation dtype; a --kv-cache-dtype that differs takes the torch path)."""
     pool = fb.kv_pool.k_buffer(0)
-    return (pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16)
+    return (pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16) and pool.dtype == dtype
             and fb.req_to_token.dtype == torch.int32 and cpu_kernels.available())
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
-                        layer: "Attention") -> torch.Tensor:
+                        layer: "Attention", k_scale: float = 1.0) -> torch.Tensor:
     """One request's new tokens with the layer's features: q [N, H, D] at positions
     prefix .. prefix + N - 1 over k/v [L, Hkv, D] at positions 0 .. L - 1 -> [N, H, D]."""
     n, heads, dim = q.shape
     length, kv_heads = k.shape[0], k.shape[1]
     qh = q.view(n, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)     # [Hkv, G, N, D]
     scores = torch.matmul(qh, k.permute(1, 2, 0)[:, None]).float()           # [Hkv, G, N, L]
-    scores = _capped(scores.mul_(layer.scaling), layer.logit_cap)
+    scores = _capped(scores.mul_(layer.scaling * k_scale), layer.logit_cap)
     q_pos = torch.arange(prefix, prefix + n, device=q.device)[:, None]
     k_pos = torch.arange(length, device=q.device)[None, :]
     hidden = k_pos > q_pos
@@ -120,8 +121,16 @@ def _capped(scores: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     return scores.div_(cap).tanh_().mul_(cap) if cap else scores
 
 
+def _kv_scales(fb, layer) -> tuple[float, float]:
+    """An fp8 pool stores k / k_scale, v / v_scale: k_scale folds into the softmax scale,
+    v_scale into the output."""
+    pool = fb.kv_pool
+    return pool.k_scales[layer.layer_id], pool.v_scales[layer.layer_id]
+
+
 class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
+    supports_fp8_kv = True
     supports_cuda_graph = False
     supported_features = frozenset({"sliding_window", "logit_cap"})
     kv_layouts = ("mha", "mla")
@@ -134,7 +143,7 @@ class TorchNativeBackend(AttentionBackend):
             fb.attn_metadata = self._extend_metadata(fb)
 
     def _decode_metadata(self, fb: "ForwardBatch") -> Optional[DecodeMetadata]:
-        if _use_cpu_kernel(fb) and not self.config.features:
+        if _use_cpu_kernel(fb, self.config.dtype) and not self.config.features:
             return None   # the kernel reads req_to_token itself
         max_len = max(max(fb.seq_lens_cpu), 1)
         rows = fb.req_to_token.index_select(0, fb.req_pool_indices)[:, :max_len].long()
@@ -171,6 +180,7 @@ class TorchNativeBackend(AttentionBackend):
         """q [T, H, D] -> [T, H * Dv]."""
         meta: ExtendMetadata = fb.attn_metadata
         k_buf, v_buf = fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id)
+        k_scale, v_scale = _kv_scales(fb, layer)
         t, heads, dim = q.shape
         out = q.new_empty(t, heads, dim)
         for span in meta.spans:
@@ -180,15 +190,17 @@ class TorchNativeBackend(AttentionBackend):
             v = _gather_rows(v_buf, span.kv_slots, meta.v_stage[stage]).to(q.dtype)
             if layer.sliding_window or layer.logit_cap:
                 prefix = span.kv_slots.shape[0] - span.q_len
-                out[rows] = _explicit_attention(q[rows], k, v, prefix, layer)
+                out[rows] = _explicit_attention(q[rows], k, v, prefix, layer, k_scale)
                 continue
             # SDPA layout [1, heads, tokens, D]: 4-D inputs take the fused CPU kernel
             # (2-3x faster than 3-D ones, which fall back to the unfused math path)
             o = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                attn_mask=span.mask, is_causal=span.is_causal, scale=layer.scaling,
+                attn_mask=span.mask, is_causal=span.is_causal, scale=layer.scaling * k_scale,
                 enable_gqa=heads != k.shape[1])
             out[rows] = o[0].transpose(0, 1)
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return value_columns(out, layer)
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
@@ -207,7 +219,8 @@ class TorchNativeBackend(AttentionBackend):
         v = v.view(kv_heads, b, length, dim).to(q.dtype)
         qh = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)         # [Hkv, B, G, D]
         scores = torch.matmul(qh, k.transpose(-1, -2)).float()                  # [Hkv, B, G, L]
-        scores = _capped(scores.mul_(layer.scaling), layer.logit_cap)
+        k_scale, v_scale = _kv_scales(fb, layer)
+        scores = _capped(scores.mul_(layer.scaling * k_scale), layer.logit_cap)
         hidden = meta.padding
         if layer.sliding_window:   # the query sits at seq_len - 1: keys j <= seq_len - 1 - W go
             keys = torch.arange(length, device=q.device)[None, :]
@@ -216,5 +229,7 @@ class TorchNativeBackend(AttentionBackend):
         scores.masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, v)                                             # [Hkv, B, G, D]
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return value_columns(out.transpose(0, 1).reshape(b, heads, dim), layer)
 

@@ -67,6 +67,7 @@ def read_options(options: dict) -> tuple[int, bool]:
 
 class TritonAttnBackend(AttentionBackend):
     name = "triton"
+    supports_fp8_kv = True
     supports_cuda_graph = True
     supported_features = frozenset({"sliding_window", "logit_cap"})
     kv_layouts = ("mha", "mla")
@@ -122,10 +123,14 @@ class TritonAttnBackend(AttentionBackend):
         meta: TritonExtendMetadata = fb.attn_metadata
         t, heads, dim = q.shape
         out = q.new_empty(t, heads, dim)
-        extend_attention(q, fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id), out,
+        pool = fb.kv_pool   # an fp8 pool stores k / k_scale, v / v_scale (kv_pool.py)
+        k_scale, v_scale = pool.k_scales[layer.layer_id], pool.v_scales[layer.layer_id]
+        extend_attention(q, pool.k_buffer(layer.layer_id), pool.v_buffer(layer.layer_id), out,
                          fb.req_to_token, fb.req_pool_indices, fb.extend_start_loc, meta.q_lens,
-                         meta.prefix_lens, meta.max_q_len, layer.scaling, layer.sliding_window or 0,
+                         meta.prefix_lens, meta.max_q_len, layer.scaling * k_scale, layer.sliding_window or 0,
                          layer.logit_cap or 0.0)
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return value_columns(out, layer)
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
@@ -133,9 +138,13 @@ class TritonAttnBackend(AttentionBackend):
         meta: TritonDecodeMetadata = fb.attn_metadata
         b, heads, dim = q.shape
         out = q.new_empty(b, heads, dim)
-        decode_attention(q, fb.kv_pool.k_buffer(layer.layer_id), fb.kv_pool.v_buffer(layer.layer_id), out,
+        pool = fb.kv_pool
+        k_scale, v_scale = pool.k_scales[layer.layer_id], pool.v_scales[layer.layer_id]
+        decode_attention(q, pool.k_buffer(layer.layer_id), pool.v_buffer(layer.layer_id), out,
                          fb.req_to_token, fb.req_pool_indices, fb.seq_lens, meta.mid_o, meta.mid_lse,
-                         layer.scaling, layer.sliding_window or 0, layer.logit_cap or 0.0)
+                         layer.scaling * k_scale, layer.sliding_window or 0, layer.logit_cap or 0.0)
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return value_columns(out, layer)
 
     # -- CUDA-graph hooks (decode) -------------------------------------------------------------

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvyard.forward_batch import ForwardBatch
-from kvyard.layers.linear import Linear
+from kvyard.layers.linear import Linear, process_linears_after_loading
 from kvyard.layers.weights import load_named, param_target
 from kvyard.model_base import ModelBuildContext
-from kvyard.pooling import PoolingConfig, pool
+from kvyard.model.pooling import PoolingConfig, pool
 
 Loaders = dict[str, Callable[[Any], None]]
 
@@ -157,9 +157,19 @@ class BertEmbeddingModel(nn.Module):
                    **self.head_targets()}
         # checkpoints saved from the bare model carry no prefix: give them the prefix
         load_named(((n if n in targets else self.encoder_prefix + n, t) for n, t in weights), targets)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.process_after_loading()
+        process_linears_after_loading(self)
+
+
+def _num_labels(cfg: Any) -> int:
+    labels = int(getattr(cfg, "num_labels", 0) or 0)
+    if labels <= 0:
+        raise ValueError(f"num_labels must be positive, got {labels}")
+    return labels
+
+
+def _first_tokens(hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    """hidden [T, H] of whole prompts -> each prompt's first token ([CLS] / <s>) [B, H]."""
+    return torch.stack([chunk[0] for chunk in hidden.split(fb.extend_seq_lens_cpu)])
 
 
 class BertForSequenceClassification(BertEmbeddingModel):
@@ -168,15 +178,11 @@ class BertForSequenceClassification(BertEmbeddingModel):
 
     def __init__(self, cfg: Any, ctx: ModelBuildContext):
         super().__init__(cfg, ctx)
-        labels = int(getattr(cfg, "num_labels", 0) or 0)
-        if labels <= 0:
-            raise ValueError(f"num_labels must be positive, got {labels}")
         self.pooler = _linear(ctx, "bert.pooler.dense", cfg.hidden_size, cfg.hidden_size)
-        self.classifier = _linear(ctx, "classifier", cfg.hidden_size, labels)
+        self.classifier = _linear(ctx, "classifier", cfg.hidden_size, _num_labels(cfg))
 
     def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        first = torch.stack([chunk[0] for chunk in hidden.split(fb.extend_seq_lens_cpu)])
-        return self.classifier(torch.tanh(self.pooler(first))).float()
+        return self.classifier(torch.tanh(self.pooler(_first_tokens(hidden, fb)))).float()
 
     def head_targets(self) -> Loaders:
         return {**_linear_targets("bert.pooler.dense", self.pooler), **_linear_targets("classifier", self.classifier)}
@@ -198,15 +204,11 @@ class XLMRobertaForSequenceClassification(XLMRobertaModel):
 
     def __init__(self, cfg: Any, ctx: ModelBuildContext):
         super().__init__(cfg, ctx)
-        labels = int(getattr(cfg, "num_labels", 0) or 0)
-        if labels <= 0:
-            raise ValueError(f"num_labels must be positive, got {labels}")
         self.dense = _linear(ctx, "classifier.dense", cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = _linear(ctx, "classifier.out_proj", cfg.hidden_size, labels)
+        self.out_proj = _linear(ctx, "classifier.out_proj", cfg.hidden_size, _num_labels(cfg))
 
     def pool(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        first = torch.stack([chunk[0] for chunk in hidden.split(fb.extend_seq_lens_cpu)])
-        return self.out_proj(torch.tanh(self.dense(first))).float()
+        return self.out_proj(torch.tanh(self.dense(_first_tokens(hidden, fb)))).float()
 
     def head_targets(self) -> Loaders:
         return {**_linear_targets("classifier.dense", self.dense),

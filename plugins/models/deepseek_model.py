@@ -94,12 +94,14 @@ class MLAttention(nn.Module):
         self.o_proj = linear("o_proj", self.heads * self.v_dim, cfg.hidden_size, bias)
         self.attn = Attention(layer_id, self.heads, 1, self.lora + self.rope, scaling=softmax_scale(cfg),
                               v_head_dim=self.lora)
-        self.w_uk = self.w_uv = None
+        # the absorbed halves of kv_b, filled after loading; buffers, so .to(device) moves them
+        self.register_buffer("w_uk", torch.empty(self.heads, self.nope, self.lora, **lin), persistent=False)
+        self.register_buffer("w_uv", torch.empty(self.heads, self.v_dim, self.lora, **lin), persistent=False)
 
     def process_after_loading(self) -> None:
         w = self.kv_b_weight.view(self.heads, self.nope + self.v_dim, self.lora)
-        self.w_uk = w[:, :self.nope].contiguous()             # [H, N, L]
-        self.w_uv = w[:, self.nope:].contiguous()             # [H, Dv, L]
+        self.w_uk.copy_(w[:, :self.nope])                      # [H, N, L]
+        self.w_uv.copy_(w[:, self.nope:])                      # [H, Dv, L]
 
     def _rope(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
         """x [T, heads, R] -> rotated (de-interleaved first where the checkpoint interleaves)."""

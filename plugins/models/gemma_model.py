@@ -30,7 +30,7 @@ from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.activation import GeluAndMul
 from kvyard.layers.attention import Attention, sliding_windows_from_hf
 from kvyard.layers.embedding import VocabEmbedding
-from kvyard.layers.linear import Linear
+from kvyard.layers.linear import Linear, process_linears_after_loading
 from kvyard.layers.logits import LogitsHead
 from kvyard.layers.norm import GemmaRMSNorm
 from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
@@ -156,9 +156,7 @@ class Gemma2ForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         optional = ("lm_head.weight",) if self.tie_word_embeddings else ()
         load_named(weights, self._checkpoint_targets(), optional)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.process_after_loading()
+        process_linears_after_loading(self)
 
     def _checkpoint_targets(self) -> dict[str, Callable[[Any], None]]:
         targets: dict[str, Callable[[Any], None]] = {

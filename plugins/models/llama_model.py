@@ -28,7 +28,7 @@ from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.activation import SiluAndMul
 from kvyard.layers.attention import Attention, sliding_windows_from_hf
 from kvyard.layers.embedding import VocabEmbedding
-from kvyard.layers.linear import Linear
+from kvyard.layers.linear import Linear, process_linears_after_loading
 from kvyard.layers.logits import LogitsHead
 from kvyard.layers.norm import RMSNorm
 from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
@@ -215,9 +215,7 @@ class LlamaForCausalLM(nn.Module):
         # with tied embeddings the lm_head is filled from the embedding when the checkpoint lacks it
         tied = ("lm_head.weight",) if self.dims.tie_word_embeddings else ()
         load_named(weights, {**optional, **targets}, optional=[*optional, *tied])
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.process_after_loading()
+        process_linears_after_loading(self)
 
     def _checkpoint_targets(self) -> tuple[dict[str, Callable[[Any], None]], dict[str, Callable[[Any], None]]]:
         """(required, optional): HF checkpoint name -> the call that loads it."""
@@ -263,6 +261,10 @@ def _layer_targets(prefix: str, layer: LlamaDecoderLayer):
         required, opt = linear.checkpoint_targets([f"{prefix}.{part}" for part in parts])
         targets.update(required)
         optional.update(opt)
+    for which in ("k", "v"):   # fp8 KV-cache scales: llm-compressor's name, and the older one on k/v_proj
+        load = partial(attn.attn.load_kv_scale, which)
+        optional[f"{prefix}.self_attn.{which}_scale"] = load
+        optional[f"{prefix}.self_attn.{which}_proj.{which}_scale"] = load
     for name in ("input_layernorm", "post_attention_layernorm"):
         param = getattr(layer, name).weight
         targets[f"{prefix}.{name}.weight"] = partial(copy_checked, param, name=f"{prefix}.{name}.weight")
@@ -306,9 +308,7 @@ class LlamaForSequenceClassification(LlamaForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         targets, optional = self._checkpoint_targets()
         load_named(weights, {**optional, **targets}, optional=list(optional))
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.process_after_loading()
+        process_linears_after_loading(self)
 
     def _head_targets(self):
         return self.score.checkpoint_targets(["score"])

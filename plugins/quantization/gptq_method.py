@@ -17,8 +17,10 @@ from typing import Any, Mapping
 import torch
 
 from kvyard.layers import quant_math as qm
-from kvyard.layers.quantized_linear import Int4LinearMethod, Int4Shard
+from kvyard.layers.quantized_linear import Int4LinearMethod, Int4Shard, OnlineInt4LinearMethod
 from kvyard.quantization import NEVER_ONLINE, LinearMethod, QuantizationMethod, skipped
+
+ONLINE_GROUP = 128
 
 
 class GPTQLinearMethod(Int4LinearMethod):
@@ -53,7 +55,10 @@ class GPTQLinearMethod(Int4LinearMethod):
 
 
 class GPTQQuantization(QuantizationMethod):
+    """Checkpoints declaring quant_method "gptq"; on a float checkpoint ``--quantization gptq``
+    quantizes online by round-to-nearest (int4, group 128, symmetric; no calibration)."""
     name = "gptq"
+    online = True
 
     @classmethod
     def check_checkpoint(cls, qc: Mapping[str, Any]) -> None:
@@ -76,5 +81,7 @@ class GPTQQuantization(QuantizationMethod):
     def linear_method(self, prefix: str) -> LinearMethod:
         if prefix in NEVER_ONLINE or skipped(prefix, self.ignore):
             return self.unquantized()
+        if self.config.checkpoint is None:
+            return OnlineInt4LinearMethod(self.config.dtype, self.config.device, ONLINE_GROUP)
         return GPTQLinearMethod(self.config.dtype, self.config.device, self.group_size, self.v1_zeros)
 

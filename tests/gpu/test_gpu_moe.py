@@ -23,10 +23,17 @@ from moe_models import SPECS, save_tiny, with_eos  # noqa: E402
 PARAMS = {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
 
 
-@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "no-graphs"])
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_greedy_equals_transformers_on_cuda(tmp_path, hf_greedy, name, graphs):
+MATRIX = [(name, graphs, {}) for name in sorted(SPECS) for graphs in (True, False)] + [
+    ("qwen2-moe", True, {"KVYARD_TRITON_OPS": "none"}),      # the torch experts path under graphs
+    ("deepseek-v2", True, {"KVYARD_TRITON_OPS": "none"})]
+
+
+@pytest.mark.parametrize("name,graphs,env", MATRIX,
+                         ids=[f"{n}-{'graphs' if g else 'no-graphs'}{'-torch-ops' if e else ''}" for n, g, e in MATRIX])
+def test_greedy_equals_transformers_on_cuda(tmp_path, hf_greedy, monkeypatch, name, graphs, env):
     import random
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)        # the scheduler process inherits it
     path, hf = save_tiny(name, str(tmp_path))
     rng = random.Random(3)
     base = [rng.randrange(1, 256) for _ in range(20)]

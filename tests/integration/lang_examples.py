@@ -36,7 +36,7 @@ def tip_suggestion(s):
     forks = s.fork(2)
     for i, f in enumerate(forks):
         f += f"Now, expand tip {i+1} into a paragraph:\n"
-        f += gen(f"detailed_tip", max_tokens=16, stop="\n\n")
+        f += gen("detailed_tip", max_tokens=16, stop="\n\n")
     s += "Tip 1:" + forks[0]["detailed_tip"] + "\n"
     s += "Tip 2:" + forks[1]["detailed_tip"] + "\n"
     s += "In summary" + gen("summary", max_tokens=12)

@@ -80,7 +80,10 @@ def test_tiny_models_equal_transformers(tiny_models, hf_greedy, arch):
     check_tiny_model(tiny_models, hf_greedy, arch)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma2", "gemma3"])
+# one Engine start each: Gemma 2 (windows and soft-caps) in the default run, the rest slow (the
+# unit tests cover every architecture on the harness)
+@pytest.mark.parametrize("arch", ["gemma2"] + [pytest.param(a, marks=pytest.mark.slow)
+                                               for a in ("qwen3", "phi3", "gemma3")])
 def test_tiny_models_with_tokenizer_equal_transformers(tiny_models, hf_greedy, arch):
     """Loaded with their tokenizer; windows of 16 under prompts of up to 60 tokens."""
     check_tiny_model(tiny_models, hf_greedy, arch, skip_tokenizer_init=False)

@@ -75,7 +75,8 @@ def test_choices_control_flow(backend):
     assert f"I need to use a {state['tool']}. " in state.text()
 
 
-@pytest.mark.parametrize("method", CHOICES_METHODS, ids=lambda m: m.name)
+@pytest.mark.parametrize("method", [CHOICES_METHODS[0]] + [pytest.param(m, marks=pytest.mark.slow)
+                                                             for m in CHOICES_METHODS[1:]], ids=lambda m: m.name)
 def test_choices_methods_agree_with_transformers(backend, hf_smollm2, method):
     """Each method on 5 questions, against the same computation on transformers' logprobs."""
     model, tok = hf_smollm2

@@ -64,7 +64,8 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["qwen3-last-normalized", "qwen2-mean", "qwen2-default"])
+@pytest.mark.parametrize("case", ["qwen3-last-normalized"] + [pytest.param(c, marks=pytest.mark.slow)
+                                                                for c in ("qwen2-mean", "qwen2-default")])
 def test_decoder_embeddings_equal_transformers(tmp_path, case):
     arch, mode, normalize = {
         "qwen3-last-normalized": ("Qwen3", "lasttoken", True),
@@ -82,7 +83,7 @@ def test_decoder_embeddings_equal_transformers(tmp_path, case):
     assert_same(encode(path, is_embedding=True), torch.stack(want))
 
 
-@pytest.mark.parametrize("arch,labels", [("Llama", 3), ("Qwen2", 1)])
+@pytest.mark.parametrize("arch,labels", [("Llama", 3), pytest.param("Qwen2", 1, marks=pytest.mark.slow)])
 def test_sequence_classification_scores_equal_transformers(tmp_path, arch, labels):
     path, hf = save(tmp_path, arch, f"{arch}ForSequenceClassification", f"{arch}Config", num_labels=labels)
     with torch.inference_mode():

@@ -74,7 +74,8 @@ def test_health_and_info(base_url, get):
     assert requests.get(base_url + "/health").status_code == 200  # no key needed
     assert get("/health_generate").status_code == 200
     info = get("/get_model_info").json()
-    assert set(info) == {"model_path", "tokenizer_path", "is_generation"} and info["is_generation"] is True
+    assert set(info) == {"model_path", "tokenizer_path", "is_generation", "chat_template", "bos_token",
+                         "eos_token"} and info["is_generation"] is True
     server = get("/get_server_info").json()
     assert server["max_total_num_tokens"] == 8192 and server["served_model_name"] == SERVED_NAME
     assert server["api_key"] == "***" and server["versions"]["kvyard"] == server["version"]

@@ -55,6 +55,18 @@ def build_harness(hf, pm: PluginManager, backend: str = "torch_native", page_siz
     return Harness(model, pm.registry("attention_backends").get(backend)(config), kv)
 
 
+def assert_prefill_logits_close(harness: Harness, hf, prompts, atol: float,
+                                max_rel: float | None = None) -> None:
+    """One batched prefill with logits at every position, against HF's forward per prompt."""
+    ours = harness.prefill_logits(prompts)
+    with torch.inference_mode():
+        for prompt, got in zip(prompts, ours):
+            want = hf(torch.tensor([list(prompt)])).logits[0]
+            if max_rel is not None:
+                assert max_relative_error(got, want) <= max_rel
+            torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
 def max_relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max())
 

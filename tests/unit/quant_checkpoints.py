@@ -164,30 +164,27 @@ def _ct_config(weights: dict, inputs: dict | None, fmt: str) -> dict:
                                           "format": fmt}}}
 
 
-def ct_fp8_checkpoint(hf, path):
-    """FP8_DYNAMIC: fp8 weight, per-channel weight_scale [N, 1], dynamic per-token activations."""
+def _ct_per_channel(hf, path, quantize, kind: str, weight_strategy: str, fmt: str):
+    """A per-channel 8-bit weight (``quantize`` -> q, scale [N, 1]) with dynamic per-token
+    activations of the same kind."""
     state, ref = _float_state(hf), {}
     for name in _linears(state):
-        q, scale = qm.fp8_per_row(state.pop(name + ".weight"))
+        q, scale = quantize(state.pop(name + ".weight"))
         state[name + ".weight"], state[name + ".weight_scale"] = q, scale
         ref[name] = q.float() * scale
-    qc = _ct_config({"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
-                    {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True},
-                    "float-quantized")
+    qc = _ct_config({"num_bits": 8, "type": kind, "strategy": weight_strategy, "symmetric": True, "dynamic": False},
+                    {"num_bits": 8, "type": kind, "strategy": "token", "symmetric": True, "dynamic": True}, fmt)
     return _write(hf, path, state, qc), ref
+
+
+def ct_fp8_checkpoint(hf, path):
+    """FP8_DYNAMIC: fp8 weight, per-channel weight_scale [N, 1], dynamic per-token activations."""
+    return _ct_per_channel(hf, path, qm.fp8_per_row, "float", "channel", "float-quantized")
 
 
 def ct_int8_checkpoint(hf, path):
     """W8A8 int8: int8 weight, weight_scale [N, 1], dynamic per-token int8 activations."""
-    state, ref = _float_state(hf), {}
-    for name in _linears(state):
-        q, scale = qm.int8_per_row(state.pop(name + ".weight"))
-        state[name + ".weight"], state[name + ".weight_scale"] = q, scale
-        ref[name] = q.float() * scale
-    qc = _ct_config({"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False},
-                    {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True, "dynamic": True},
-                    "int-quantized")
-    return _write(hf, path, state, qc), ref
+    return _ct_per_channel(hf, path, qm.int8_per_row, "int", "channel", "int-quantized")
 
 
 def ct_w4a16_checkpoint(hf, path, group: int = 32, symmetric: bool = True):

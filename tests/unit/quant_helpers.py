@@ -3,6 +3,8 @@ real load path (ModelRunner: config.json -> method -> loader -> model) and greed
 with the forward harness."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from forward_harness import Harness, PagedKV
@@ -32,7 +34,9 @@ def runner(path: str, quantization: str | None = None, dtype: str = "float32", *
 def harness(model, cfg, attention: str = "torch_native", kv_dtype: torch.dtype = torch.float32) -> Harness:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = PagedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, num_pages=512, dtype=kv_dtype)
-    backend = registry("attention_backends").get(attention)(kv.backend_config(cfg.num_attention_heads, head_dim))
+    # the activation dtype stays float32 whatever the pool stores (as ModelRunner builds it)
+    config = replace(kv.backend_config(cfg.num_attention_heads, head_dim), dtype=torch.float32)
+    backend = registry("attention_backends").get(attention)(config)
     return Harness(model, backend, kv)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from hf_reference import (assert_matches_reference, build_harness, hf_reference, max_relative_error,
+from hf_reference import (assert_matches_reference, assert_prefill_logits_close, build_harness, hf_reference,
                           plugin_manager)
 from kvyard.attention import AttentionConfig
 import kvyard_plugins.attention.flex_attention as flex_plugin
@@ -82,12 +82,7 @@ def build(name: str, backend: str = "torch_native", page_size: int = 1):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_prefill_logits_every_position(name):
     hf, _ = reference(name)
-    ours = build(name).prefill_logits(PROMPTS)
-    with torch.inference_mode():
-        for prompt, got in zip(PROMPTS, ours):
-            want = hf(torch.tensor([prompt])).logits[0]
-            assert max_relative_error(got, want) <= MAX_REL_ERROR
-            torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    assert_prefill_logits_close(build(name), hf, PROMPTS, ATOL, MAX_REL_ERROR)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -12,7 +12,8 @@ import pytest
 import torch
 import transformers
 
-from hf_reference import assert_matches_reference as _assert_matches, build_harness, hf_reference, plugin_manager
+from hf_reference import (assert_matches_reference as _assert_matches, assert_prefill_logits_close, build_harness,
+                          hf_reference, plugin_manager)
 from kvyard.model_base import ModelBuildContext
 import kvyard_plugins.attention.torch_native as torch_native_plugin
 import kvyard_plugins.models.llama as llama_plugin
@@ -77,10 +78,7 @@ def assert_matches_reference(generation, expected):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_prefill_logits_every_position(name):
     hf, _ = reference(name)
-    ours = build(hf).prefill_logits(PROMPTS)
-    with torch.inference_mode():
-        for prompt, got in zip(PROMPTS, ours):
-            torch.testing.assert_close(got, hf(torch.tensor([prompt])).logits[0], rtol=0, atol=ATOL)
+    assert_prefill_logits_close(build(hf), hf, PROMPTS, ATOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)

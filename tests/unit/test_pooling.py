@@ -1,4 +1,4 @@
-"""kvyard.pooling: the sentence-transformers files of a model folder -> PoolingConfig, and the
+"""kvyard.model.pooling: the sentence-transformers files of a model folder -> PoolingConfig, and the
 pooling itself over a batch of whole prompts."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvyard.pooling import PoolingConfig, pool, pooling_config_from_folder
+from kvyard.model.pooling import PoolingConfig, pool, pooling_config_from_folder
 
 
 def write(folder, modules, pooling=None):

@@ -1,5 +1,5 @@
-"""The Triton int4 dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm) equals the dequantize-then-matmul
-path, in the Triton CPU interpreter, at batch 1 (the GEMV-shaped launch) and batch 37 (tiled),
+"""The Triton int4 dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm) and block-scaled fp8 GEMM
+(kvyard.kernels.triton_ops.fp8_block_gemm) equal the dequantize-then-matmul path, in the Triton CPU interpreter, at batch 1 (the GEMV-shaped launch) and batch 37 (tiled),
 for group sizes 32/64/128, symmetric and asymmetric zeros and a permuted (act-order) g_idx.
 Tolerance: float32 1e-4 (the kernel sums in BLOCK_K chunks), bfloat16 one unit in the last place."""
 import os
@@ -56,9 +56,49 @@ def test_int4_layer_takes_the_kernel_when_forced():
     layer.process_after_loading()
     x = torch.randn(3, 128)
     expected = layer(x)
-    ql.force_triton_int4(True)
+    ql.force_triton(True)
     try:
         got = layer(x)
     finally:
-        ql.force_triton_int4(False)
+        ql.force_triton(False)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,block", [(1, 32), (37, 64), (5, 128)])
+def test_fp8_block_gemm_equals_dequantized_matmul(m, block):
+    """The block-scaled fp8 GEMM (kvyard.kernels.triton_ops.fp8_block_gemm) against dequantize-then-matmul
+    in float32, K not a multiple of the block (masked tail)."""
+    from kvyard.kernels.triton_ops.fp8_block_gemm import fp8_block_gemm
+
+    torch.manual_seed(m + block)
+    k, n = 200, 72
+    xq, sx = qm.fp8_per_token_group(torch.randn(m, k), block)
+    wq, sw_row = qm.fp8_per_token_group(torch.randn(n, k) * 0.05, block)   # per-row block scales
+    expected = qm.dequantize_block(xq, sx, block) @ qm.dequantize_block(wq, sw_row, block).t()
+    got = fp8_block_gemm(xq, sx, wq, sw_row, block, torch.float32)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_block_fp8_layer_takes_the_kernel_when_forced():
+    from kvyard.layers.linear import Linear
+    from kvyard.layers import quantized_linear as ql
+
+    torch.manual_seed(3)
+    k = 96
+    method = ql.Fp8LinearMethod(torch.float32, "cpu", ql.Fp8Scheme("block", "dynamic", (32, 32), scale_name="weight_scale_inv"))
+    layer = Linear(k, [64, 32], method=method)
+    for shard, rows in enumerate((64, 32)):
+        w = torch.randn(rows, k) * 0.05
+        q, scale = qm.fp8_per_token_group(w, 32)                        # per-row scales [rows, 3]
+        block_scale = scale.view(rows // 32, 32, -1).amax(1)             # one per 32 x 32 block
+        layer.load_tensor(shard, "weight", qm.fp8_quantize(w, block_scale.repeat_interleave(32, 0).repeat_interleave(32, 1)))
+        layer.load_tensor(shard, "weight_scale_inv", block_scale)
+    layer.process_after_loading()
+    x = torch.randn(5, k)
+    expected = layer(x)
+    ql.force_triton(True)
+    try:
+        got = layer(x)
+    finally:
+        ql.force_triton(False)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -17,10 +17,8 @@ import json
 import os
 from typing import Iterator, Optional, Sequence
 
-import httpx
-
 from kvyard.lang.backend.base import Backend, PromptView
-from kvyard.lang.backend.runtime_endpoint import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, error_message
+from kvyard.lang.backend.http import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, make_client, request_json, stream_events
 from kvyard.lang.chat_template import PLAIN, ChatTemplate, get_chat_template
 from kvyard.lang.choices import ChoicesDecision, ChoicesMethod
 from kvyard.lang.errors import BackendError, NotSupportedError
@@ -45,42 +43,16 @@ class OpenAI(Backend):
         self.is_chat_model = is_chat_model
         self.template = get_chat_template(chat_template) if chat_template is not None else PLAIN
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.client = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {key}"} if key else {},
-                                   timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-                                   limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self.client = make_client(self.base_url, key, connect_timeout, read_timeout)
 
     def get_chat_template(self) -> ChatTemplate:
         return self.template
 
-    # -- HTTP ------------------------------------------------------------------------------
     def _post(self, path: str, body: dict) -> dict:
-        try:
-            reply = self.client.post(path, json=body)
-        except httpx.TimeoutException as exc:
-            raise BackendError(f"{self.base_url}{path}: no reply in time ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
-            raise BackendError(f"cannot reach the server at {self.base_url}: {exc}") from None
-        if reply.status_code >= 400:
-            raise BackendError(f"{self.base_url}{path}: HTTP {reply.status_code}: {error_message(reply.text)}")
-        return reply.json()
+        return request_json(self.client, self.base_url, "POST", path, json=body)
 
     def _stream(self, path: str, body: dict) -> Iterator[dict]:
-        try:
-            with self.client.stream("POST", path, json=body) as reply:
-                if reply.status_code >= 400:
-                    reply.read()
-                    raise BackendError(f"{self.base_url}{path}: HTTP {reply.status_code}: "
-                                       f"{error_message(reply.text)}")
-                for line in reply.iter_lines():
-                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                        event = json.loads(line[5:])
-                        if "error" in event:
-                            raise BackendError(f"{self.base_url}{path}: {error_message(json.dumps(event))}")
-                        yield event
-        except httpx.TimeoutException as exc:
-            raise BackendError(f"{self.base_url}{path}: no reply in time ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
-            raise BackendError(f"cannot reach the server at {self.base_url}: {exc}") from None
+        return stream_events(self.client, self.base_url, path, body)
 
     # -- generation --------------------------------------------------------------------------
     def _body(self, prompt: PromptView, params: SamplingParams) -> tuple[str, dict]:

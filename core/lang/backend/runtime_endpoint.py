@@ -6,16 +6,12 @@ an error event in a stream.
 """
 from __future__ import annotations
 
-import json
 from typing import Iterator, Optional
 
-import httpx
-
+from kvyard.lang.backend.http import (CONNECT_TIMEOUT_S, READ_TIMEOUT_S, make_client, request_json,
+                                      stream_events)
 from kvyard.lang.backend.native import NativeBackend
 from kvyard.lang.errors import BackendError
-
-CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 600.0
 
 
 class HttpTransport:
@@ -25,21 +21,10 @@ class HttpTransport:
             raise BackendError(f"base_url: must be an http(s) URL, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.name = f"RuntimeEndpoint({self.base_url})"
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers,
-                                   timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-                                   limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self.client = make_client(self.base_url, api_key, connect_timeout, read_timeout)
 
     def _call(self, method: str, path: str, **kw):
-        try:
-            reply = self.client.request(method, path, **kw)
-        except httpx.TimeoutException as exc:
-            raise BackendError(f"{self.base_url}{path}: no reply in time ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
-            raise BackendError(f"cannot reach the server at {self.base_url}: {exc}") from None
-        if reply.status_code >= 400:
-            raise BackendError(f"{self.base_url}{path}: HTTP {reply.status_code}: {error_message(reply.text)}")
-        return reply.json()
+        return request_json(self.client, self.base_url, method, path, **kw)
 
     def model_info(self) -> dict:
         return self._call("GET", "/get_model_info")
@@ -49,48 +34,17 @@ class HttpTransport:
 
     def generate_stream(self, obj: dict) -> Iterator[tuple[str, Optional[dict]]]:
         """Deltas from the cumulative events of /generate's stream, then ("", meta)."""
-        sent = ""
-        meta = None
-        try:
-            with self.client.stream("POST", "/generate", json=obj) as reply:
-                if reply.status_code >= 400:
-                    reply.read()
-                    raise BackendError(f"{self.base_url}/generate: HTTP {reply.status_code}: "
-                                       f"{error_message(reply.text)}")
-                for line in reply.iter_lines():
-                    if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                        continue
-                    event = json.loads(line[5:])
-                    if "error" in event:
-                        raise BackendError(f"{self.base_url}/generate: {error_message(json.dumps(event))}")
-                    text = event.get("text", "")
-                    if text[:len(sent)] == sent and len(text) > len(sent):
-                        yield text[len(sent):], None
-                        sent = text
-                    meta = event.get("meta_info", meta)
-        except httpx.TimeoutException as exc:
-            raise BackendError(f"{self.base_url}/generate: no reply in time ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
-            raise BackendError(f"cannot reach the server at {self.base_url}: {exc}") from None
+        sent, meta = "", None
+        for event in stream_events(self.client, self.base_url, "/generate", obj):
+            text = event.get("text", "")
+            if text.startswith(sent) and len(text) > len(sent):
+                yield text[len(sent):], None
+                sent = text
+            meta = event.get("meta_info", meta)
         yield "", meta or {}
 
     def close(self) -> None:
         self.client.close()
-
-
-def error_message(body: str) -> str:
-    """The message of an OpenAI/kvyard error body, else the body itself (cut short)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body[:300]
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-    return body[:300]
 
 
 class RuntimeEndpoint(NativeBackend):

@@ -1,0 +1,107 @@
+"""GPU micro-benchmark of the quantized linear paths at Llama-3.1-8B projection shapes.
+
+For each (M, K, N) it times, with CUDA events (median of `--iters` after warm-up):
+  bf16           F.linear (cuBLAS), the reference
+  fp8-scaled_mm  per-token fp8 quantization of x + torch._scaled_mm with row-wise scales
+                 (what Fp8LinearMethod runs on the GPU), and the GEMM alone
+  fp8-dequant    dequantize the fp8 weight to bf16, then F.linear (the non-Hopper path)
+  int8           per-token int8 quantization + torch._int_mm + both scales (Int8LinearMethod)
+  fp8-block      128x128 block-scaled fp8 (per-token-group x): the Triton block-scaled GEMM
+                 (kvyard.kernels.triton_ops.fp8_block_gemm), quantization of x included
+  int4-triton    the Triton dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm), group 128
+  int4-dequant   dequantize the int4 weight to bf16, then F.linear
+and prints one JSON line per (shape, path): {"m", "k", "n", "path", "us", "tflops", "vs_bf16"}.
+
+    python benchmarks/quant_kernels.py [--m 1 16 64 1024] [--iters 50]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from kvyard.layers import quant_math as qm
+
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]   # (K, N): qkv, o, gate_up, down
+
+
+def timed(fn, iters: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def paths(x: torch.Tensor, w: torch.Tensor):
+    from kvyard.kernels.triton_ops.fp8_block_gemm import fp8_block_gemm
+    from kvyard.kernels.triton_ops.int4_gemm import int4_gemm
+
+    wq8, sw8 = qm.fp8_per_row(w)
+    sw8 = sw8.view(1, -1)
+    wi8, swi8 = qm.int8_per_row(w)
+    wi8_t, swi8 = wi8.t(), swi8.view(1, -1)
+    q4, s4, z4 = qm.quantize_int4(w, 128, symmetric=True)
+    qweight = qm.pack_int4_rows(q4.t().contiguous())
+    s4, z4 = s4.t().contiguous().to(x.dtype), z4.t().contiguous().to(torch.uint8)
+    g_idx = torch.arange(w.shape[1], dtype=torch.int32, device=w.device) // 128
+    xq8, sx8 = qm.fp8_per_row(x)
+    wqb, swb = qm.fp8_per_token_group(w, 128)   # per-row block scales (the layer's storage form)
+
+    def fp8_block():
+        xq, sx = qm.fp8_per_token_group(x, 128)
+        return fp8_block_gemm(xq, sx, wqb, swb, 128, x.dtype)
+
+    def fp8():
+        xq, sx = qm.fp8_per_row(x)
+        return torch._scaled_mm(xq, wq8.t(), scale_a=sx, scale_b=sw8, out_dtype=x.dtype)
+
+    def int8():
+        xq, sx = qm.int8_per_row(x)
+        return (qm.int_mm(xq, wi8_t).float() * sx * swi8).to(x.dtype)
+
+    return {
+        "bf16": lambda: F.linear(x, w),
+        "fp8-scaled_mm": fp8,
+        "fp8-gemm-only": lambda: torch._scaled_mm(xq8, wq8.t(), scale_a=sx8, scale_b=sw8, out_dtype=x.dtype),
+        "fp8-dequant": lambda: F.linear(x, (wq8.to(x.dtype) * sw8.t().to(x.dtype))),
+        "fp8-block": fp8_block,
+        "int8": int8,
+        "int4-triton": lambda: int4_gemm(x, qweight, s4, z4, g_idx),
+        "int4-dequant": lambda: F.linear(x, qm.dequantize_int4(qweight, s4, z4, g_idx, x.dtype)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 1024])
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for k, n in SHAPES:
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = None
+            for name, fn in paths(x, w).items():
+                try:
+                    us = timed(fn, args.iters)
+                except Exception as exc:   # a path the device cannot run: say so, go on
+                    print(json.dumps({"m": m, "k": k, "n": n, "path": name, "error": str(exc).splitlines()[0][:200]}))
+                    continue
+                base = us if name == "bf16" else base
+                print(json.dumps({"m": m, "k": k, "n": n, "path": name, "us": round(us, 2),
+                                  "tflops": round(2 * m * k * n / us / 1e6, 2),
+                                  "vs_bf16": round(base / us, 3) if base else None}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
