@@ -72,6 +72,8 @@ class ServerArgs:
 
     # -- memory and scheduling ----------------------------------------------------------
     mem_fraction_static: Optional[float] = _f(None, "fraction of device memory for weights + KV pool (CUDA)", "scheduling")
+    dp_size: int = _f(1, "data-parallel replicas: scheduler processes (each a full copy of the model) behind this API process", "scheduling")
+    load_balance_method: str = _f("round_robin", "how a request picks its --dp-size replica", "scheduling", choices=("round_robin", "shortest_queue", "cache_aware"))
     max_total_tokens: Optional[int] = _f(None, f"KV pool size in tokens (CPU default: {CPU_DEFAULT_MAX_TOTAL_TOKENS}, capped by memory)", "scheduling")
     max_running_requests: Optional[int] = _f(None, "maximum concurrently running requests", "scheduling")
     max_queued_requests: Optional[int] = _f(None, "reject new requests beyond this queue length", "scheduling")
@@ -142,7 +144,7 @@ class ServerArgs:
     # -------------------------------------------------------------------------------------
     def check(self) -> None:
         """One-line ValueError naming the field for values argparse cannot catch."""
-        positive = ("context_length", "max_total_tokens", "max_running_requests", "page_size",
+        positive = ("dp_size", "context_length", "max_total_tokens", "max_running_requests", "page_size",
                     "stream_interval", "max_prefill_tokens", "num_threads", "torch_compile_max_bs",
                     "max_queued_requests", "triton_attention_num_kv_splits", "cuda_graph_max_bs",
                     "max_n", "max_sequences_per_request")

@@ -34,6 +34,9 @@ def run(ns) -> int:
     from kvyard.scheduler.process import build_scheduler
 
     args = resolve_args(server_args_from(ns))
+    if args.dp_size != 1:
+        raise ValueError("dp_size: not supported by bench one-batch (one scheduler runs in this process); "
+                         "use bench offline or bench serving")
     biggest = max(ns.batch_size) * (ns.input_len + ns.output_len)
     args = replace(args, chunked_prefill_size=-1, max_prefill_tokens=max(args.max_prefill_tokens, biggest),
                    skip_tokenizer_init=True,

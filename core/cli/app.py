@@ -50,6 +50,13 @@ def serve(ctx: typer.Context) -> None:
     sys.exit(run_serve(ctx.args))
 
 
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+def router(ctx: typer.Context) -> None:
+    """Route requests across `kvyard serve` workers: cache-aware, round-robin, ... (--help for flags)."""
+    from kvyard.cli.router import run_router
+    sys.exit(run_router(ctx.args))
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: offline, one-batch, serving, accuracy.")
 app.add_typer(bench_app, name="bench")
 

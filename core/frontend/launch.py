@@ -19,23 +19,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EngineProcess:
+    """The scheduler process(es): one, or ``--dp-size`` replicas (addresses in replica order)."""
     args: ServerArgs
-    process: Any
+    processes: list
     info: dict
-    send_addr: str
-    recv_addr: str
+    send_addrs: list[str]
+    recv_addrs: list[str]
     tokenizer: Any
     ipc_dir: Optional[str] = None
 
     def is_alive(self) -> bool:
-        return self.process.is_alive()
+        return all(p.is_alive() for p in self.processes)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.process.is_alive():
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout)
+        for p in self.processes:
+            if p.is_alive():
+                p.join(timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout)
         if self.ipc_dir:
             remove_ipc_dir(self.ipc_dir)
 
@@ -74,16 +76,32 @@ def start_engine_process(args: ServerArgs) -> EngineProcess:
 def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
     from kvyard.scheduler.process import run_scheduler_process
 
-    send_addr, recv_addr = f"ipc://{ipc_dir}/to_scheduler", f"ipc://{ipc_dir}/from_scheduler"
     ctx = mp.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
     factory = None if args.skip_tokenizer_init else tokenizer_factory(args)
     link = ParentLink(os.getpid(), ipc_dir, death_signal=threading.current_thread() is threading.main_thread())
-    proc = ctx.Process(target=run_scheduler_process, name="kvyard-scheduler", daemon=True,
-                       args=(args, send_addr, recv_addr, ModelRegistry.snapshot(), writer, factory, link))
-    proc.start()
-    writer.close()
+    send_addrs, recv_addrs, procs, readers = [], [], [], []
+    for i in range(args.dp_size):  # replicas load their models in parallel
+        send_addrs.append(f"ipc://{ipc_dir}/to_scheduler{i}")
+        recv_addrs.append(f"ipc://{ipc_dir}/from_scheduler{i}")
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=run_scheduler_process, name=f"kvyard-scheduler-dp{i}", daemon=True,
+                           args=(args, send_addrs[i], recv_addrs[i], ModelRegistry.snapshot(), writer, factory, link))
+        proc.start()
+        writer.close()
+        procs.append(proc)
+        readers.append(reader)
     tokenizer = factory() if factory else None  # loads while the scheduler loads the model
+    infos = []
+    try:
+        for proc, reader in zip(procs, readers):
+            infos.append(_wait_ready(proc, reader))
+    except BaseException:
+        EngineProcess(args, procs, {}, send_addrs, recv_addrs, None).stop(1)
+        raise
+    return EngineProcess(args, procs, infos[0], send_addrs, recv_addrs, tokenizer, ipc_dir)
+
+
+def _wait_ready(proc, reader) -> dict:
     try:
         ready = reader.recv()
     except EOFError:
@@ -93,7 +111,7 @@ def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
         proc.join(5)
         logger.debug(ready.get("traceback", ""))
         raise ValueError(ready["error"])
-    return EngineProcess(args, proc, ready["info"], send_addr, recv_addr, tokenizer, ipc_dir)
+    return ready["info"]
 
 
 def make_tokenizer_manager(ep: EngineProcess, on_finish=None, limits=None):
@@ -104,7 +122,14 @@ def make_tokenizer_manager(ep: EngineProcess, on_finish=None, limits=None):
     name = ep.args.served_model_name or ep.args.model_path
     grammar_checker = make_grammar_checker(ep.args.grammar_backend, ep.info["vocab_size"],
                                            ep.args.constrained_json_whitespace_pattern, ep.tokenizer is not None)
-    return TokenizerManager(ep.tokenizer, ep.info, ep.send_addr, ep.recv_addr, ep.is_alive,
+    sockets = None
+    if len(ep.send_addrs) > 1:
+        from kvyard.frontend.dp_controller import DataParallelController
+
+        def sockets(zmq_ctx):
+            controller = DataParallelController(zmq_ctx, ep.send_addrs, ep.recv_addrs, ep.args.load_balance_method)
+            return controller, controller
+    return TokenizerManager(ep.tokenizer, ep.info, ep.send_addrs[0], ep.recv_addrs[0], ep.is_alive, sockets=sockets,
                             random_seed=ep.args.random_seed, allow_auto_truncate=ep.args.allow_auto_truncate,
                             model_name=name, on_finish=on_finish, log_requests=ep.args.log_requests,
                             grammar_checker=grammar_checker,

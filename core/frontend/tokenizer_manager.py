@@ -71,11 +71,13 @@ class TokenizerManager:
                  allow_auto_truncate: bool = False, model_name: str = "default",
                  on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False,
                  grammar_checker=None, incremental_streaming: bool = False,
-                 enable_custom_logit_processor: bool = False, limits: Optional[RequestLimits] = None):
+                 enable_custom_logit_processor: bool = False, limits: Optional[RequestLimits] = None,
+                 sockets: Optional[Callable[[Any], tuple[Any, Any]]] = None):
         self.tokenizer = tokenizer
         self.incremental_streaming = incremental_streaming  # native streams: deltas, not cumulative
         self.enable_custom_logit_processor = enable_custom_logit_processor
         self.limits = limits  # the server's per-request caps (None: none, the offline Engine)
+        self._sockets = sockets  # ctx -> (sender, receiver) in place of one PUSH/PULL pair (data parallel)
         self.grammar_checker = grammar_checker  # kvyard.grammar.manager.GrammarChecker
         self.info = scheduler_info
         self.context_length = scheduler_info["context_length"]
@@ -99,10 +101,13 @@ class TokenizerManager:
         if self._started:
             return
         self._ctx = zmq.asyncio.Context()
-        self._send = self._ctx.socket(zmq.PUSH)
-        self._send.bind(self._send_addr)
-        self._recv = self._ctx.socket(zmq.PULL)
-        self._recv.bind(self._recv_addr)
+        if self._sockets is not None:
+            self._send, self._recv = self._sockets(self._ctx)
+        else:
+            self._send = self._ctx.socket(zmq.PUSH)
+            self._send.bind(self._send_addr)
+            self._recv = self._ctx.socket(zmq.PULL)
+            self._recv.bind(self._recv_addr)
         self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._watchdog())]
         self._started = True
 
