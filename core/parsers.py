@@ -12,7 +12,7 @@ Streaming invariant (both kinds): for well-formed output, the concatenation of e
 parser emits over all chunks, followed by ``finish_stream()``, equals the non-stream result,
 wherever the chunks are cut: a tool call streams as its name item, then argument deltas whose
 concatenation is exactly (character for character) the non-stream arguments text, with the same
-``tool_index``. tests/unit/test_parser_chunk_boundaries.py checks every built-in at every cut.
+``tool_index``. tests/unit/parsers/test_parser_chunk_boundaries.py checks every built-in at every cut.
 Text that might be the start of a marker is held back until the next chunk decides it.
 """
 from __future__ import annotations

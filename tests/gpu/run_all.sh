@@ -54,7 +54,7 @@ for s in $SUITES; do
         engine-no-overlap) KVYARD_TEST_DISABLE_OVERLAP=1 suite engine-no-overlap tests/gpu/test_gpu_engine.py ;;
         overlap)    suite overlap tests/gpu/test_gpu_overlap.py ;;
         flashinfer) suite flashinfer tests/gpu/test_flashinfer.py ;;
-        core-cuda)  suite core-cuda tests/unit/test_torch_native_attention.py tests/unit/test_llama_vs_hf.py -k cuda ;;
+        core-cuda)  suite core-cuda tests/unit/attention/test_torch_native_attention.py tests/unit/models/test_llama_vs_hf.py -k cuda ;;
         *) echo "run_all.sh: unknown suite $s"; exit 2 ;;
     esac
 done

@@ -19,7 +19,7 @@ from kvyard.errors import RequestError
 from kvyard.frontend.limits import RequestLimits, check_request_size
 from kvyard.sampling.params import SamplingParams
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # -- n and sequences ---------------------------------------------------------------------------

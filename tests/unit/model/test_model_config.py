@@ -12,7 +12,7 @@ from kvyard.loader import LoadConfig
 from kvyard.model.config import ModelConfig, resolve_dtype
 from kvyard.model.source import default_model_path, resolve_load_format
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
