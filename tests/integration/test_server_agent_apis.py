@@ -18,6 +18,7 @@ RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "C
                     "parameters": WEATHER_SCHEMA}]
 ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Current weather in a city", "input_schema": WEATHER_SCHEMA}]
 GREEDY = {"temperature": 0}
+ANY_ONE = {"type": "any", "disable_parallel_tool_use": True}  # exactly one call
 PROMPT = "What is the capital of France? Answer in one short sentence."
 
 
@@ -68,10 +69,11 @@ def test_responses_forced_function_call_streams_its_arguments(client):
                 deltas.append(event.delta)
         final = stream.get_final_response()
     assert "".join(deltas) == calls[0].arguments == final.output[-1].arguments
-    required = client.responses.create(**{**kwargs, "tool_choice": "required"})
+    required = client.responses.create(**{**kwargs, "tool_choice": "required", "parallel_tool_calls": False})
     _matches_weather_schema(json.loads([o for o in required.output if o.type == "function_call"][0].arguments))
 
 
+@pytest.mark.slow
 def test_responses_json_schema_text_format(client):
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}
@@ -81,9 +83,11 @@ def test_responses_json_schema_text_format(client):
     assert set(person) == {"name", "age"} and isinstance(person["age"], int) and isinstance(person["name"], str)
 
 
+@pytest.mark.slow
 def test_responses_previous_response_id_and_function_call_output(client):
     first = client.responses.create(model=SERVED_NAME, input="What's the weather like in Paris?",
-                                    tools=RESPONSES_TOOLS, tool_choice="required", max_output_tokens=60, **GREEDY)
+                                    tools=RESPONSES_TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                    max_output_tokens=60, **GREEDY)
     call = [o for o in first.output if o.type == "function_call"][0]
     assert client.responses.retrieve(first.id).output[-1].call_id == call.call_id
     second = client.responses.create(model=SERVED_NAME, previous_response_id=first.id, tools=RESPONSES_TOOLS,
@@ -120,6 +124,7 @@ def test_responses_bad_input_names_the_field(client):
 
 
 # -- Anthropic Messages API --------------------------------------------------------------------
+@pytest.mark.slow
 def test_messages_plain_and_stream_agree(claude):
     kwargs = dict(model=SERVED_NAME, max_tokens=60, messages=[{"role": "user", "content": PROMPT}],
                   system="You are a concise assistant.", extra_body=GREEDY)
@@ -136,6 +141,7 @@ def test_messages_plain_and_stream_agree(claude):
     assert final.usage.cache_read_input_tokens > 0
 
 
+@pytest.mark.slow
 def test_messages_stop_sequence(claude):
     m = claude.messages.create(model=SERVED_NAME, max_tokens=60, stop_sequences=["Paris"],
                                messages=[{"role": "user", "content": PROMPT}], extra_body=GREEDY)
@@ -145,13 +151,13 @@ def test_messages_stop_sequence(claude):
 
 def test_messages_tool_use_any_then_tool_result(claude):
     question = {"role": "user", "content": "What's the weather like in Paris?"}
-    m = claude.messages.create(model=SERVED_NAME, max_tokens=60, tools=ANTHROPIC_TOOLS, tool_choice={"type": "any"},
+    m = claude.messages.create(model=SERVED_NAME, max_tokens=60, tools=ANTHROPIC_TOOLS, tool_choice=ANY_ONE,
                                messages=[question], extra_body=GREEDY)
     assert m.stop_reason == "tool_use"
     uses = [b for b in m.content if b.type == "tool_use"]
     assert uses and uses[0].name == "get_weather" and uses[0].id.startswith("toolu_")
     _matches_weather_schema(uses[0].input)
-    with claude.messages.stream(model=SERVED_NAME, max_tokens=60, tools=ANTHROPIC_TOOLS, tool_choice={"type": "any"},
+    with claude.messages.stream(model=SERVED_NAME, max_tokens=60, tools=ANTHROPIC_TOOLS, tool_choice=ANY_ONE,
                                 messages=[question], extra_body=GREEDY) as stream:
         partial = "".join(e.delta.partial_json for e in stream
                           if e.type == "content_block_delta" and e.delta.type == "input_json_delta")
@@ -166,13 +172,17 @@ def test_messages_tool_use_any_then_tool_result(claude):
     assert reply.usage.cache_read_input_tokens > 0  # the first turn's prompt is a cached prefix
 
 
+@pytest.mark.slow
 def test_messages_count_tokens_matches_the_prompt(claude):
     messages = [{"role": "user", "content": PROMPT}]
     counted = claude.messages.count_tokens(model=SERVED_NAME, messages=messages).input_tokens
     m = claude.messages.create(model=SERVED_NAME, max_tokens=2, messages=messages, extra_body=GREEDY)
     assert counted == m.usage.input_tokens + m.usage.cache_read_input_tokens > 0
-    with_tools = claude.messages.count_tokens(model=SERVED_NAME, messages=messages, tools=ANTHROPIC_TOOLS)
-    assert with_tools.input_tokens > counted
+    with_tools = claude.messages.count_tokens(model=SERVED_NAME, messages=messages, tools=ANTHROPIC_TOOLS,
+                                              system="Be brief.").input_tokens
+    m = claude.messages.create(model=SERVED_NAME, max_tokens=2, messages=messages, tools=ANTHROPIC_TOOLS,
+                               system="Be brief.", extra_body=GREEDY)
+    assert with_tools == m.usage.input_tokens + m.usage.cache_read_input_tokens
 
 
 def test_messages_errors_are_anthropic_shaped(base_url, claude):
