@@ -70,8 +70,8 @@ def main() -> None:
     import os
     folder, name = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name) if name.endswith(".gguf") else AutoTokenizer.from_pretrained(path)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True,
+                                            return_dict=False)) for p in PROMPTS]
     configs = {"plain": {}, "NGRAM k=4": dict(speculative_algorithm="NGRAM", speculative_num_steps=4)}
     for k in ns.standalone_steps:
         configs[f"STANDALONE self k={k}"] = dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=path,

@@ -31,7 +31,10 @@ def plugins() -> None:
     table = Table("kind", "name", "distribution", "version")
     for e in pm.all_entries():
         table.add_row(e.kind[:-1], e.name, e.distribution, e.version)
-    Console().print(table)
+    out = Console()
+    if not out.is_terminal:   # piped (scripts, tests): never cut a name to the default 80 columns
+        out = Console(width=200)
+    out.print(table)
     for msg in pm.broken:
         console.print(f"[yellow]warning:[/] {msg}")
 

@@ -18,7 +18,15 @@ from fastapi.openapi.utils import get_openapi
 
 from kvyard.server.protocol import ErrorResponse
 
-STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate"})
+STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/v1/responses",
+                             "/v1/messages"})
+TEXT_PATHS = frozenset({"/start_profile", "/stop_profile"})   # answer text/plain
+ANTHROPIC_PREFIX = "/v1/messages"                              # errors in Anthropic's shape (errors.py)
+_ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"],
+                    "properties": {"type": {"const": "error"},
+                                   "error": {"type": "object", "required": ["type", "message"],
+                                             "properties": {"type": {"type": "string"},
+                                                            "message": {"type": "string"}}}}}
 OPEN_PATHS = frozenset({"/health"})
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
@@ -66,6 +74,18 @@ def _corrected(schema: dict, api_key: bool) -> dict:
                                           "501 feature not installed, 503 starting up or engine gone")
             if path in STREAMING_PATHS and "200" in responses:
                 responses["200"].setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+            if path in TEXT_PATHS and "200" in responses:
+                responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            if path.startswith(ANTHROPIC_PREFIX):
+                _anthropic_errors(responses)
             if api_key and path not in OPEN_PATHS:
                 operation["security"] = [{"bearer": []}]
     return schema
+
+
+def _anthropic_errors(responses: dict) -> None:
+    """/v1/messages answers errors in Anthropic's body shape, not OpenAI's."""
+    for code, response in responses.items():
+        content = response.get("content", {}).get("application/json")
+        if content is not None and content.get("schema") == _ERROR_REF and code != "200":
+            content["schema"] = _ANTHROPIC_ERROR

@@ -20,7 +20,8 @@ JSON = {**KEY, "Content-Type": "application/json"}
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
 # 10^8 loop iterations in the sandbox: seconds of pure-Python rendering if nothing stops it
-HEAVY_TEMPLATE = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}x"
+HEAVY_TEMPLATE = ("{% for i in range(1000) %}{% for j in range(1000) %}{% for k in range(1000) %}{{ '' }}"
+                  "{% endfor %}{% endfor %}{% endfor %}x")   # ~10^9 steps, about a minute unless stopped
 
 
 @pytest.fixture(scope="module")
