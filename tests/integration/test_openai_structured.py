@@ -205,6 +205,6 @@ def test_function_call_endpoint(base_url, auth):
         [("get_weather", {"city": "Paris", "unit": "celsius"})]
     for bad, param in [({"tools": TOOLS, "tool_call_parser": "qwen25"}, "text"),
                        ({"text": text, "tool_call_parser": "qwen25"}, "tools"),
-                       ({"text": text, "tools": [{"type": "function"}], "tool_call_parser": "qwen25"}, "tools")]:
+                       ({"text": text, "tools": [{"type": "function"}], "tool_call_parser": "qwen25"}, "tools.0.function")]:
         r = requests.post(base_url + "/function_call", headers=auth, json=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
