@@ -32,14 +32,14 @@ class RequestBodyGuard:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        headers = scope.get("headers", [])
+        headers, path = scope.get("headers", []), scope["path"]   # path: whose error body shape
         declared = _header(headers, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_error(send, 413, self._too_large())
+            await send_error(send, 413, self._too_large(), path=path)
             return
         body, disconnected = await self._read(receive)
         if body is None:
-            await send_error(send, 413, self._too_large())
+            await send_error(send, 413, self._too_large(), path=path)
             return
         if not disconnected and _is_json(headers) and body.strip():
             problem = strict_json_problem(body)
@@ -47,9 +47,9 @@ class RequestBodyGuard:
                 field = non_finite_field(body)
                 if field is not None:
                     await send_error(send, 400, f"{field}: must be a finite number (NaN and Infinity are not JSON)",
-                                     param=field)
+                                     param=field, path=path)
                 else:
-                    await send_error(send, 400, f"the request body is not valid JSON: {problem}")
+                    await send_error(send, 400, f"the request body is not valid JSON: {problem}", path=path)
                 return
         await self.app(scope, _replay(body, disconnected, receive), send)
 
