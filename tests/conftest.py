@@ -6,11 +6,18 @@ transformers once per session.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests/unit mirrors core's packages (one folder per concern); the helper modules its folders share
+# (forward_harness, tiny_tokenizer, hf_reference, quant_*, lang_fake_backend, fake_flashinfer)
+# stay in tests/unit, importable from every folder
+_UNIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unit")
+if _UNIT not in sys.path:
+    sys.path.insert(0, _UNIT)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
