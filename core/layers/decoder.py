@@ -32,6 +32,20 @@ from kvyard.layers.weights import copy_checked, load_named
 Targets = dict[str, Callable[[Any], None]]
 
 
+def run_decoder_stack(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                      fb: ForwardBatch) -> torch.Tensor:
+    """The pre-norm decoder body every such model shares: ``model.embed_tokens``, ``rotary``,
+    ``layers`` (each (h, residual, cos_sin, fb) -> (h, residual)) and the final ``norm``.
+    input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""
+    h = model.embed_tokens(input_ids)
+    cos_sin = model.rotary.lookup(positions)
+    residual = None
+    for layer in model.layers:
+        h, residual = layer(h, residual, cos_sin, fb)
+    hidden, _ = model.norm(h, residual)
+    return hidden
+
+
 class PreNormDecoderLayer(nn.Module):
     input_layernorm: RMSNorm
     post_attention_layernorm: RMSNorm
@@ -75,13 +89,7 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""
-        h = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.lookup(positions)
-        residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos_sin, fb)
-        hidden, _ = self.norm(h, residual)
-        return hidden
+        return run_decoder_stack(self, input_ids, positions, fb)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""

@@ -27,6 +27,7 @@ from torch import nn
 from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.activation import SiluAndMul
 from kvyard.layers.attention import Attention, sliding_windows_from_hf
+from kvyard.layers.decoder import run_decoder_stack
 from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear, process_linears_after_loading
 from kvyard.layers.logits import LogitsHead
@@ -161,13 +162,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.lookup(positions)
-        residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos_sin, fb)
-        hidden, _ = self.norm(h, residual)
-        return hidden
+        return run_decoder_stack(self, input_ids, positions, fb)
 
 
 class LlamaForCausalLM(nn.Module):
