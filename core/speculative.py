@@ -76,11 +76,7 @@ class DraftInput:
     token_ids: Sequence[int]                  # prompt + output so far (the last one has no KV yet)
     max_draft_len: int                        # at most this many drafts for this request now
     seed: int                                 # the request's sampling seed
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    sampling_params: Any = None               # the request's normalized SamplingParams (for drafting models)
+    sampling_params: Any = None               # its normalized SamplingParams (temperature, top_k, ...)
 
 
 DRAFT_MODEL_ALGORITHMS = ("STANDALONE", "EAGLE", "EAGLE3")

@@ -64,8 +64,6 @@ class Speculation:
         if not asked:
             return drafts
         inputs = [DraftInput(rid=r.rid, token_ids=r.all_ids, max_draft_len=rooms[i], seed=r.sampling_seed,
-                             temperature=r.sampling_params.temperature, top_k=r.sampling_params.top_k,
-                             top_p=r.sampling_params.top_p, min_p=r.sampling_params.min_p,
                              sampling_params=r.sampling_params)
                   for i, r in asked]
         for (i, _), chain in zip(asked, self.algorithm.propose(inputs)):
