@@ -59,7 +59,10 @@ def doc_window_mask_mod(q_doc: torch.Tensor, q_pos: torch.Tensor, kv_doc: torch.
     return mask_mod
 
 
-def soft_cap_score_mod(cap: float) -> Callable:
+def soft_cap_score_mod(cap: torch.Tensor) -> Callable:
+    """``cap`` is a 0-dim float32 tensor on the scores' device: compiled flex_attention takes a
+    captured device tensor as a kernel input, while a captured Python float is lifted to a host
+    scalar that inductor cannot lower."""
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
     return score_mod
@@ -144,12 +147,12 @@ class FlexAttentionBackend(AttentionBackend):
         fb.attn_metadata = FlexMetadata(kv_slots, block_mask_from_dense(allowed, mask_mod),
                                         q_doc, q_pos, kv_doc, kv_pos)
 
-    def _score_mod(self, cap) -> Callable | None:
+    def _score_mod(self, cap, device: torch.device) -> Callable | None:
         """One score_mod object per cap value, so compiled flex_attention is not re-traced per layer."""
         if not cap:
             return None
         if cap not in self._score_mods:
-            self._score_mods[cap] = soft_cap_score_mod(cap)
+            self._score_mods[cap] = soft_cap_score_mod(torch.tensor(float(cap), device=device))
         return self._score_mods[cap]
 
     def _block_mask(self, meta: FlexMetadata, window) -> BlockMask:
@@ -176,7 +179,7 @@ class FlexAttentionBackend(AttentionBackend):
         v = fb.kv_pool.v_buffer(layer.layer_id).index_select(0, meta.kv_slots).to(q.dtype)
         out = self._attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                            block_mask=self._block_mask(meta, layer.sliding_window), scale=layer.scaling,
-                           score_mod=self._score_mod(layer.logit_cap),
+                           score_mod=self._score_mod(layer.logit_cap, q.device),
                            enable_gqa=heads != k.shape[1])
         return out[0].transpose(0, 1).reshape(t, heads * dim)
 

@@ -145,6 +145,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     group = heads // kv_heads
     block_d = max(16, triton.next_power_of_2(dim))   # tl.dot needs K >= 16 on a GPU
     split_out = out.unsqueeze(2) if num_splits == 1 else mid_o      # [B, H, S, D]
+    # Narrower key tiles for wide heads (MLA's 576 -> 1024 padded): K and V tiles fit shared memory.
+    block_n, stages = (64, 2) if block_d <= 256 else (16, 1)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, split_out, mid_lse,
         scaling * math.log2(math.e), int(window or 0), float(logit_cap or 0.0),
@@ -152,8 +154,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         req_to_token.stride(0), split_out.stride(0), split_out.stride(1), split_out.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=64, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap),
-        num_warps=4, num_stages=2)
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap),
+        num_warps=4, num_stages=stages)
     if num_splits == 1:
         return
     _decode_reduce_kernel[(batch, heads)](

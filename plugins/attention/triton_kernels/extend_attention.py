@@ -110,8 +110,8 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if batch == 0 or max_q_len <= 0:
         return
     block_d = max(16, triton.next_power_of_2(dim))   # tl.dot needs K >= 16 on a GPU
-    block_m = 64
-    block_n = 64 if block_d <= 64 else 32
+    # Tiles shrink for wide heads (MLA's 576 -> 1024 padded) so Q, K and V tiles fit shared memory.
+    block_m, block_n, stages = (64, 64 if block_d <= 64 else 32, 2) if block_d <= 256 else (16, 16, 1)
     grid = (batch, heads, triton.cdiv(max_q_len, block_m))
     _extend_kernel[grid](
         q, k_buf, v_buf, out, req_to_token, req_pool_indices, q_start, q_lens, prefix_lens,
@@ -119,4 +119,4 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
         GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap), num_warps=4 if block_d <= 64 else 8, num_stages=2)
+        FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap), num_warps=4 if block_d <= 64 else 8, num_stages=stages)

@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-LN2 = 0.6931471805599453
-LOG2E = 1.4426950408889634
 
 
 def fp32_dot(dtype: torch.dtype) -> bool:
@@ -26,8 +24,9 @@ def fp32_dot(dtype: torch.dtype) -> bool:
 def scaled_scores(qk, scale_log2, logit_cap, SOFT_CAP: tl.constexpr):
     """Raw q.k -> s * log2(e) with s = scale * q.k, or with SOFT_CAP s = c * tanh(scale * q.k / c).
     tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp overflows to inf -> 1, underflows -> -1)
-    and needs no libdevice, so it also runs under the CPU interpreter."""
+    and needs no libdevice, so it also runs under the CPU interpreter. The constants ln 2 and
+    log2 e are literals: a compiled kernel may read no plain Python global."""
     if SOFT_CAP:
-        x = qk * (scale_log2 * LN2) / logit_cap
-        return (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * (logit_cap * LOG2E)
+        x = qk * (scale_log2 * 0.6931471805599453) / logit_cap
+        return (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * (logit_cap * 1.4426950408889634)
     return qk * scale_log2

@@ -126,6 +126,12 @@ def test_decode_matches_dense(page_size, group, head_dim, dtype):
     run_decode(page_size, group, head_dim, dtype)
 
 
+def test_wide_heads_take_the_small_tiles():
+    """MLA's 576-wide heads (padded to 1024) run on the narrow-tile path that fits shared memory."""
+    run_extend(1, 1, 576, torch.float32, shapes=[(0, 5), (3, 20)])
+    run_decode(1, 1, 576, torch.float32, splits=2, lengths=[7, 33])
+
+
 def test_decode_split_counts_and_fp32_reduce_agree():
     for splits, fp32 in ((1, False), (7, True), (16, False)):
         run_decode(16, 3, 64, torch.bfloat16, splits=splits, reduce_in_fp32=fp32, lengths=[5, 40, 129])
