@@ -9,7 +9,8 @@ attention and MLP blocks (the MoE and DeepSeek plugins).
 
 ``PreNormDecoderLayer`` subclasses build input_layernorm, self_attn, post_attention_layernorm
 and mlp. ``DecoderLM`` subclasses build ``layers`` and return the checkpoint-name loaders of
-each layer from ``layer_targets``; the embedding, final norm and (tied) lm_head are here.
+each layer from ``layer_targets``; the embedding, final norm and (tied) lm_head are here
+(vocabulary-parallel under ``ctx.tp``).
 After loading, every sub-module with ``process_after_loading`` (linear layers, absorbed
 attention weights) gets it called once.
 """
@@ -26,6 +27,7 @@ from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear
 from kvyard.layers.logits import LogitsHead
 from kvyard.layers.norm import RMSNorm
+from kvyard.layers.parallel import ColumnParallel
 from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
 from kvyard.layers.weights import copy_checked, load_named
 
@@ -78,14 +80,15 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.dtype, ctx.device,
-                                           prefix="model.embed_tokens")
+                                           prefix="model.embed_tokens", tp=ctx.tp)
         self.rotary = RotaryEmbedding(rope_config_from_hf(cfg, rotary_dim), ctx.dtype, ctx.device)
         self.layers = nn.ModuleList()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype, ctx.device)
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, method=ctx.linear_method("lm_head"),
-                              prefix="lm_head", dtype=ctx.dtype, device=ctx.device)
-        self.logits_head = LogitsHead(self.lm_head)
+                              prefix="lm_head", dtype=ctx.dtype, device=ctx.device,
+                              parallel=ColumnParallel(ctx.tp, (ctx.tp.split_padded(cfg.vocab_size),)))
+        self.logits_head = LogitsHead(self.lm_head, vocab_size=cfg.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""
