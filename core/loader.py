@@ -26,6 +26,8 @@ class LoadConfig:
     trust_remote_code: bool = False
     json_model_override_args: str = ""    # JSON merged into the HF config
     keep_quantized: bool = False          # GGUF: hand out quantized blocks instead of floats
+    lazy_slices: bool = False             # tensor parallelism: hand out LazyTensors where the format
+                                          # can read a slice alone (each rank reads only its slices)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,11 @@
 
 prepare (ScheduleBatch -> ForwardBatch) / forward (model + logits) / sample. The only host
 sync per step is the copy of the sampled ids (and logprobs when asked).
+
+Under tensor parallelism (``tp``) the runner of each rank builds the model for its rank
+(kvyard.model_base), reads only its slices of a safetensors checkpoint, and sizes the KV pool and
+the attention backend for its local heads; the logits it samples from are gathered, so every
+rank samples the same ids.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import torch
 
 from kvyard.attention import AttentionConfig, layer_features
 from kvyard.attention.hybrid import build_attention_backend
+from kvyard.distributed import SINGLE, TensorParallel
+from kvyard.distributed.collectives import broadcast_object
 from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
 from kvyard.layers.attention import Attention
 from kvyard.forward_batch import ForwardBatch, ForwardMode
@@ -78,8 +85,9 @@ def physical_cores() -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: RunnerConfig):
+    def __init__(self, config: RunnerConfig, tp: TensorParallel = SINGLE):
         self.config = config
+        self.tp = tp
         self.device = config.device
         if self.device == "cpu":
             torch.set_num_threads(config.num_threads or physical_cores())
@@ -95,6 +103,8 @@ class ModelRunner:
         prefill_name, decode_name = resolve_attention_backends(
             requested, config.prefill_attention_backend, config.decode_attention_backend,
             self.device, attention=attention)
+        # one choice for the group: "auto" times backends, and the ranks' timings may differ
+        prefill_name, decode_name = broadcast_object((prefill_name, decode_name), self.tp)
         check_backends(self.kv_dtype, {n: registry("attention_backends").get(n) for n in {prefill_name, decode_name}})
         self.attn_backend, self.attn_backend_name = build_attention_backend(attention, prefill_name, decode_name)
         self.sampler = Sampler()
@@ -153,11 +163,14 @@ class ModelRunner:
         # quantized weights and their scales reach the method as stored (no cast to the dtype)
         load_config = LoadConfig(**{**load_config.__dict__, "load_format": mc.load_format, "dtype": self.dtype,
                                     "keep_quantized": quant_name == "gguf" if mc.load_format == "gguf"
-                                    else quant_name is not None})
+                                    else quant_name is not None, "lazy_slices": self.tp.enabled})
         loader = registry("load_formats").get(mc.load_format)(load_config)
         model_cls = ModelRegistry.resolve(mc.architectures)
+        if self.tp.enabled and not getattr(model_cls, "supports_tensor_parallel", False):
+            raise ValueError(f"tp_size: {mc.architectures[0]} does not support tensor parallelism yet "
+                             f"(tp_size {self.tp.size})")
         with torch.device(self.device):
-            self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant))
+            self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant, self.tp))
         self.model.load_weights(loader.weights(mc.model_path, mc.hf_config))
         self.model = self._with_pooling(self.model, mc.model_path)
         self.model.eval()
@@ -213,12 +226,13 @@ class ModelRunner:
 
     # -- memory -----------------------------------------------------------------------------
     def _kv_layout(self) -> KVLayout:
-        """The model's declared KV layout (kvyard.kv_layout), else K/V per head from its config."""
+        """The model's declared KV layout (kvyard.kv_layout), else K/V per head from its config
+        (this rank's KV heads under tensor parallelism)."""
         declare = getattr(self.model, "kv_layout", None)
         if declare is not None:
             return declare()
         mc = self.model_config
-        return KVLayout.mha(mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        return KVLayout.mha(mc.num_layers, self.tp.split_kv_heads(mc.num_kv_heads).size, mc.head_dim)
 
     def _init_memory(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -255,7 +269,8 @@ class ModelRunner:
 
     def _attention_config(self) -> AttentionConfig:
         mc, layout = self.model_config, self.kv_layout
-        return AttentionConfig(num_heads=mc.num_heads, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+        heads = self.tp.split(mc.num_heads, "num_attention_heads").size   # this rank's query heads
+        return AttentionConfig(num_heads=heads, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
                                dtype=self.dtype, device=self.device, page_size=self.config.page_size,
                                max_context_len=mc.context_length, max_batch_size=self.max_running_requests,
                                options=dict(self.config.attention_options or {}), kv_layout=layout,
