@@ -152,6 +152,9 @@ def _wait_ready(proc, reader) -> dict:
 
 def make_tokenizer_manager(ep: EngineProcess, on_finish=None, limits=None):
     """``limits``: the server's RequestLimits (the offline Engine passes none)."""
+    if ep.args.node_rank > 0:
+        raise ValueError("node_rank: only node 0 takes requests; start the other nodes with "
+                         "`kvyard serve --node-rank N`")
     from kvyard.grammar.manager import make_grammar_checker
     from kvyard.frontend.tokenizer_manager import TokenizerManager
 
