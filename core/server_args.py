@@ -93,7 +93,8 @@ class ServerArgs:
 
     # -- parallelism and multi-node (docs/distributed.md) --------------------------------
     tp_size: int = _f(1, "tensor-parallel ranks: one scheduler process per rank, the model's heads, MLP and vocabulary split across them (gloo on the CPU, nccl on CUDA)", "distributed")
-    nnodes: int = _f(1, "machines the tensor-parallel ranks span (tp_size / nnodes ranks each); node 0 serves HTTP", "distributed")
+    pp_size: int = _f(1, "pipeline stages: the decoder layers split into N contiguous stages, one process each, hidden states sent stage to stage (with --tp-size 1)", "distributed")
+    nnodes: int = _f(1, "machines the ranks (tp_size x pp_size) span, world / nnodes each; node 0 serves HTTP", "distributed")
     node_rank: int = _f(0, "this machine's index among --nnodes (0 serves HTTP; the others only run their ranks)", "distributed")
     dist_init_addr: Optional[str] = _f(None, "HOST:PORT where rank 0 (node 0) listens for the other ranks to join (needed with --nnodes > 1; default: a free local port)", "distributed")
     dist_timeout: float = _f(600.0, "seconds the ranks wait for each other: joining the group, and any one collective", "distributed")
@@ -151,7 +152,7 @@ class ServerArgs:
     # -------------------------------------------------------------------------------------
     def check(self) -> None:
         """One-line ValueError naming the field for values argparse cannot catch."""
-        positive = ("dp_size", "tp_size", "nnodes", "context_length", "max_total_tokens", "max_running_requests", "page_size",
+        positive = ("dp_size", "tp_size", "pp_size", "nnodes", "context_length", "max_total_tokens", "max_running_requests", "page_size",
                     "stream_interval", "max_prefill_tokens", "num_threads", "torch_compile_max_bs",
                     "max_queued_requests", "triton_attention_num_kv_splits", "cuda_graph_max_bs",
                     "max_n", "max_sequences_per_request")
@@ -191,8 +192,9 @@ class ServerArgs:
                 raise ValueError(f"json_model_override_args is not valid JSON: {exc}") from None
 
     def _check_parallel_flags(self) -> None:
-        if self.tp_size % self.nnodes:
-            raise ValueError(f"tp_size ({self.tp_size}) must be a multiple of nnodes ({self.nnodes})")
+        world = self.tp_size * self.pp_size
+        if world % self.nnodes:
+            raise ValueError(f"tp_size x pp_size ({world}) must be a multiple of nnodes ({self.nnodes})")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and not self.dist_init_addr:
@@ -202,18 +204,21 @@ class ServerArgs:
             parse_addr(self.dist_init_addr)
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
-        if self.tp_size == 1:
+        if world == 1:
             return
+        if self.tp_size > 1 and self.pp_size > 1:
+            raise ValueError("pp_size: not supported yet together with --tp-size > 1")
+        flag = "--tp-size" if self.tp_size > 1 else "--pp-size"
         for name, on in (("dp_size", self.dp_size > 1), ("enable_torch_compile", self.enable_torch_compile),
                          ("speculative_algorithm", self.speculative_algorithm is not None)):
             if on:
-                raise ValueError(f"{name}: not supported yet together with --tp-size > 1")
+                raise ValueError(f"{name}: not supported yet together with {flag} > 1")
 
     def parallel_config(self):
-        """The kvyard.distributed.ParallelConfig of the tensor-parallel flags."""
+        """The kvyard.distributed.ParallelConfig of the parallelism flags."""
         from kvyard.distributed import ParallelConfig
 
-        return ParallelConfig(tp_size=self.tp_size, nnodes=self.nnodes, node_rank=self.node_rank,
+        return ParallelConfig(tp_size=self.tp_size, pp_size=self.pp_size, nnodes=self.nnodes, node_rank=self.node_rank,
                               dist_init_addr=self.dist_init_addr, dist_timeout=self.dist_timeout,
                               device=self.resolved_device())
 

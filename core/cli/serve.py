@@ -80,10 +80,11 @@ def serve_node(args: ServerArgs) -> int:
 
     logger.info("node %d of %d: starting ranks, joining %s", args.node_rank, args.nnodes, args.dist_init_addr)
     engine = start_engine_process(args)
-    ranks = args.tp_size // args.nnodes
+    world = args.tp_size * args.pp_size
+    ranks = world // args.nnodes
     first = args.node_rank * ranks
-    print(f"kvyard node {args.node_rank} ready: tensor-parallel ranks {first}..{first + ranks - 1} of "
-          f"{args.tp_size} joined {args.dist_init_addr}; node 0 serves HTTP", flush=True)
+    print(f"kvyard node {args.node_rank} ready: ranks {first}..{first + ranks - 1} of {world} joined "
+          f"{args.dist_init_addr}; node 0 serves HTTP", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

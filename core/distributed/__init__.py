@@ -1,8 +1,9 @@
-"""Tensor parallelism on torch.distributed: who this rank is, and its process groups.
+"""Tensor and pipeline parallelism on torch.distributed: who this rank is, and its groups.
 
-One scheduler process per rank (SGLang's shape). ``world = tp_size`` ranks, spread over
-``nnodes`` machines (``tp_size / nnodes`` ranks each; rank = node_rank * ranks_per_node +
-local_rank). Rank 0 lives on node 0 beside the API process, receives every request and
+One scheduler process per rank (SGLang's shape). ``world = tp_size * pp_size`` ranks, spread
+over ``nnodes`` machines (``world / nnodes`` ranks each; rank = node_rank * ranks_per_node +
+local_rank). Pipeline parallelism (``PipelineStage``) runs with tp_size 1 today: rank r is
+stage r and holds layers ``stage.layers(num_layers)``. Rank 0 lives on node 0 beside the API process, receives every request and
 broadcasts it (core/distributed/lockstep.py); every rank runs the same schedule; only rank 0
 sends results.
 
@@ -79,9 +80,42 @@ SINGLE = TensorParallel()
 
 
 @dataclass(frozen=True)
+class PipelineStage:
+    """This rank's place in the pipeline: stage ``rank`` of ``size``. The first stage embeds,
+    the last one normalises and computes the logits; hidden states pass stage to stage."""
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def layers(self, num_layers: int) -> range:
+        """The decoder layers of this stage: contiguous, as even as can be (the first stages
+        take one more when the split is uneven); every stage gets at least one."""
+        if num_layers < self.size:
+            raise ValueError(f"pp_size {self.size} exceeds num_hidden_layers ({num_layers})")
+        base, extra = divmod(num_layers, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (1 if self.rank < extra else 0))
+
+
+ONE_STAGE = PipelineStage()
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
-    """The launch flags of tensor parallelism and multi-node (ServerArgs builds it)."""
+    """The launch flags of tensor/pipeline parallelism and multi-node (ServerArgs builds it)."""
     tp_size: int = 1
+    pp_size: int = 1
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: Optional[str] = None   # HOST:PORT of rank 0's rendezvous (default: a free local port)
@@ -89,8 +123,12 @@ class ParallelConfig:
     device: str = "cpu"
 
     @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
     def ranks_per_node(self) -> int:
-        return self.tp_size // self.nnodes
+        return self.world_size // self.nnodes
 
     def global_rank(self, local_rank: int) -> int:
         return self.node_rank * self.ranks_per_node + local_rank

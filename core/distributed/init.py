@@ -1,8 +1,9 @@
-"""Joining the tensor-parallel group: one call per rank process, before the model is built.
+"""Joining the group: one call per rank process, before the model is built.
 
-``init_tensor_parallel(config, local_rank)`` rendezvouses at ``--dist-init-addr`` (rank 0 listens
+``init_parallel(config, local_rank)`` rendezvouses at ``--dist-init-addr`` (rank 0 listens
 there, the others connect) within ``--dist-timeout`` seconds, and returns this rank's
-TensorParallel. Failing to reach the address, or a peer that never arrives, is one
+``RankGroups``: the whole world (the lockstep broadcasts), its TensorParallel and its
+PipelineStage. Failing to reach the address, or a peer that never arrives, is one
 ``DistributedInitError`` naming the flag, the address and the timeout, not a hang.
 GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (the network interface the ranks talk over) are read by
 gloo and NCCL themselves; the rank processes inherit the environment.
@@ -11,15 +12,26 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
 
-from kvyard.distributed import ParallelConfig, TensorParallel
+from kvyard.distributed import ONE_STAGE, SINGLE, ParallelConfig, PipelineStage, TensorParallel
 
 logger = logging.getLogger(__name__)
 
 
 class DistributedInitError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class RankGroups:
+    world: TensorParallel = SINGLE    # every rank (rank 0 broadcasts the scheduler's messages over it)
+    tp: TensorParallel = SINGLE       # this stage's tensor-parallel ranks
+    pp: PipelineStage = ONE_STAGE     # this rank's pipeline stage
+
+
+ONE_RANK = RankGroups()
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -38,7 +50,7 @@ def free_local_addr() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def init_tensor_parallel(config: ParallelConfig, local_rank: int) -> TensorParallel:
+def init_parallel(config: ParallelConfig, local_rank: int) -> RankGroups:
     import torch
     import torch.distributed as dist
 
@@ -49,18 +61,21 @@ def init_tensor_parallel(config: ParallelConfig, local_rank: int) -> TensorParal
     timeout = timedelta(seconds=config.dist_timeout)
     try:
         dist.init_process_group(config.backend, init_method=f"tcp://{host}:{port}", rank=rank,
-                                world_size=config.tp_size, timeout=timeout)
+                                world_size=config.world_size, timeout=timeout)
         # the first collective: every rank has joined (a missing peer fails here, within the timeout)
         cpu_group = dist.new_group(backend="gloo", timeout=timeout) if config.backend != "gloo" else None
         dist.barrier(group=cpu_group)
     except Exception as exc:   # torch raises DistNetworkError, DistStoreError, RuntimeError ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistributedInitError(
-            f"dist_init_addr: rank {rank} of {config.tp_size} could not join the group at {host}:{port} "
+            f"dist_init_addr: rank {rank} of {config.world_size} could not join the group at {host}:{port} "
             f"within --dist-timeout {config.dist_timeout:g} s ({type(exc).__name__}: {first})") from None
-    logger.info("tensor parallel: rank %d of %d (node %d, %s, rendezvous %s:%d)", rank, config.tp_size,
-                config.node_rank, config.backend, host, port)
-    return TensorParallel(rank=rank, size=config.tp_size, group=None, cpu_group=cpu_group)
+    logger.info("rank %d of %d (tp %d, pp %d, node %d, %s, rendezvous %s:%d)", rank, config.world_size,
+                config.tp_size, config.pp_size, config.node_rank, config.backend, host, port)
+    world = TensorParallel(rank=rank, size=config.world_size, group=None, cpu_group=cpu_group)
+    if config.pp_size == 1:
+        return RankGroups(world, world, ONE_STAGE)
+    return RankGroups(world, SINGLE, PipelineStage(rank, config.pp_size))   # tp_size 1 (checked by ServerArgs)
 
 
 def destroy_tensor_parallel() -> None:

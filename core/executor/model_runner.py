@@ -6,7 +6,8 @@ sync per step is the copy of the sampled ids (and logprobs when asked).
 Under tensor parallelism (``tp``) the runner of each rank builds the model for its rank
 (kvyard.model_base), reads only its slices of a safetensors checkpoint, and sizes the KV pool and
 the attention backend for its local heads; the logits it samples from are gathered, so every
-rank samples the same ids.
+rank samples the same ids. Under pipeline parallelism (``pp``) it builds its stage's layers
+and KV, and a step passes hidden states stage to stage (kvyard.distributed.pipeline).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from kvyard.attention import AttentionConfig, layer_features
 from kvyard.attention.hybrid import build_attention_backend
-from kvyard.distributed import SINGLE, TensorParallel
+from kvyard.distributed import ONE_STAGE, SINGLE, PipelineStage, TensorParallel
 from kvyard.distributed.collectives import broadcast_object
 from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
 from kvyard.layers.attention import Attention
@@ -85,9 +86,11 @@ def physical_cores() -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: RunnerConfig, tp: TensorParallel = SINGLE):
+    def __init__(self, config: RunnerConfig, tp: TensorParallel = SINGLE, pp: PipelineStage = ONE_STAGE,
+                 world: TensorParallel | None = None):
+        """tp: this rank's tensor-parallel group; pp: its pipeline stage; world: every rank."""
         self.config = config
-        self.tp = tp
+        self.tp, self.pp, self.world = tp, pp, world or tp
         self.device = config.device
         if self.device == "cpu":
             torch.set_num_threads(config.num_threads or physical_cores())
@@ -104,7 +107,7 @@ class ModelRunner:
             requested, config.prefill_attention_backend, config.decode_attention_backend,
             self.device, attention=attention)
         # one choice for the group: "auto" times backends, and the ranks' timings may differ
-        prefill_name, decode_name = broadcast_object((prefill_name, decode_name), self.tp)
+        prefill_name, decode_name = broadcast_object((prefill_name, decode_name), self.world)
         check_backends(self.kv_dtype, {n: registry("attention_backends").get(n) for n in {prefill_name, decode_name}})
         self.attn_backend, self.attn_backend_name = build_attention_backend(attention, prefill_name, decode_name)
         self.sampler = Sampler()
@@ -118,6 +121,9 @@ class ModelRunner:
 
         cfg = self.config
         if not getattr(self.model, "is_generation", True):
+            return None
+        if self.pp.enabled:
+            logger.info("decode graphs off: a pipeline stage's step waits on its neighbours")
             return None
         if cfg.enable_torch_compile:
             runner = CompiledDecodeRunner(cfg.torch_compile_max_bs, self._logits_step, self.attn_backend,
@@ -136,6 +142,11 @@ class ModelRunner:
 
     def _logits_step(self, fb: ForwardBatch) -> torch.Tensor:
         """The decode step a graph captures: model + logits of every row, [B, vocab]."""
+        if self.pp.enabled:
+            from kvyard.distributed.pipeline import pipeline_logits
+
+            mc = self.model_config
+            return pipeline_logits(self.model, fb, self.pp, mc.hf_config.hidden_size, mc.vocab_size, self.dtype)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         return self.model.compute_logits(hidden[fb.logits_indices])
 
@@ -169,8 +180,11 @@ class ModelRunner:
         if self.tp.enabled and not getattr(model_cls, "supports_tensor_parallel", False):
             raise ValueError(f"tp_size: {mc.architectures[0]} does not support tensor parallelism yet "
                              f"(tp_size {self.tp.size})")
+        if self.pp.enabled and not (getattr(model_cls, "supports_pipeline_parallel", False) and not cfg.is_embedding):
+            raise ValueError(f"pp_size: {mc.architectures[0]}{' as an embedding model' if cfg.is_embedding else ''} "
+                             f"does not support pipeline parallelism yet (pp_size {self.pp.size})")
         with torch.device(self.device):
-            self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant, self.tp))
+            self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant, self.tp, self.pp))
         self.model.load_weights(loader.weights(mc.model_path, mc.hf_config))
         self.model = self._with_pooling(self.model, mc.model_path)
         self.model.eval()
@@ -227,12 +241,13 @@ class ModelRunner:
     # -- memory -----------------------------------------------------------------------------
     def _kv_layout(self) -> KVLayout:
         """The model's declared KV layout (kvyard.kv_layout), else K/V per head from its config
-        (this rank's KV heads under tensor parallelism)."""
+        (this rank's KV heads under tensor parallelism, its stage's layers under pipeline parallelism)."""
         declare = getattr(self.model, "kv_layout", None)
         if declare is not None:
             return declare()
         mc = self.model_config
-        return KVLayout.mha(mc.num_layers, self.tp.split_kv_heads(mc.num_kv_heads).size, mc.head_dim)
+        layers = len(self.pp.layers(mc.num_layers))   # this stage's
+        return KVLayout.mha(layers, self.tp.split_kv_heads(mc.num_kv_heads).size, mc.head_dim)
 
     def _init_memory(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -243,7 +258,7 @@ class ModelRunner:
         page = cfg.page_size
         num_slots = (tokens // page + 1) * page  # + the dummy page
         self.max_total_tokens = num_slots - page
-        scales = kv_scales(self.kv_dtype, self.model, mc.num_layers, cfg.quantization_param_path)
+        scales = kv_scales(self.kv_dtype, self.model, layout.num_layers, cfg.quantization_param_path)
         self.kv_pool = KVPool.for_layout(num_slots, layout, self.kv_dtype, self.device, scales)
         # page bookkeeping stays on the host: its small ops would each be a launch (and the
         # frees a sync) on a GPU; slots reach the device once per step, in prepare()

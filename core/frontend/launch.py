@@ -1,7 +1,7 @@
 """Starts the scheduler process and builds the API-side TokenizerManager (Engine and server share it).
 
-Process layout: one scheduler process, or ``--dp-size`` replicas, or ``--tp-size`` ranks (this
-node's share of them with ``--nnodes``; rank 0 is the one the API process talks to). All load in
+Process layout: one scheduler process, or ``--dp-size`` replicas, or ``--tp-size x --pp-size``
+ranks (this node's share of them with ``--nnodes``; rank 0 is the one the API process talks to). All load in
 parallel; start-up waits for every process to report ready and fails at the first error.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
         recv_addrs.append(f"ipc://{ipc_dir}/from_scheduler{i}")
         for local_rank in range(parallel.ranks_per_node if parallel else 1):
             reader, writer = ctx.Pipe(duplex=False)
-            name = f"kvyard-scheduler-tp{parallel.global_rank(local_rank)}" if parallel else f"kvyard-scheduler-dp{i}"
+            name = f"kvyard-scheduler-rank{parallel.global_rank(local_rank)}" if parallel else f"kvyard-scheduler-dp{i}"
             proc = ctx.Process(target=run_scheduler_process, name=name, daemon=True,
                                args=(args, send_addrs[i], recv_addrs[i], ModelRegistry.snapshot(), writer, factory,
                                      link, parallel, local_rank))
@@ -110,9 +110,9 @@ def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
 
 
 def _parallel_config(args: ServerArgs):
-    """The ParallelConfig of a tensor-parallel launch (a free local rendezvous port on one
-    node), None without tensor parallelism."""
-    if args.tp_size == 1:
+    """The ParallelConfig of a tensor- or pipeline-parallel launch (a free local rendezvous port
+    on one node), None for one rank."""
+    if args.tp_size * args.pp_size == 1:
         return None
     from kvyard.distributed.init import free_local_addr
 

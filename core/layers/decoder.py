@@ -34,16 +34,30 @@ from kvyard.layers.weights import copy_checked, load_named
 Targets = dict[str, Callable[[Any], None]]
 
 
+class PipelineLayer(nn.Module):
+    """The place of a decoder layer another pipeline stage holds (no weights, never run)."""
+
+
 def run_decoder_stack(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                      fb: ForwardBatch) -> torch.Tensor:
+                      fb: ForwardBatch):
     """The pre-norm decoder body every such model shares: ``model.embed_tokens``, ``rotary``,
     ``layers`` (each (h, residual, cos_sin, fb) -> (h, residual)) and the final ``norm``.
-    input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""
-    h = model.embed_tokens(input_ids)
+    input_ids [T], positions [T] -> hidden [T, hidden] after the final norm.
+
+    Pipeline parallelism (``model.pp_stage``, kvyard.distributed.PipelineStage): a stage after the
+    first starts from ``fb.extras["pp_input"]`` = (h, residual) [T, hidden] each, runs only its
+    layers, and every stage but the last returns (h, residual) for the next one."""
+    stage = getattr(model, "pp_stage", None)
+    if stage is None or stage.is_first:
+        h, residual = model.embed_tokens(input_ids), None
+    else:
+        h, residual = fb.extras["pp_input"]
     cos_sin = model.rotary.lookup(positions)
-    residual = None
     for layer in model.layers:
-        h, residual = layer(h, residual, cos_sin, fb)
+        if not isinstance(layer, PipelineLayer):
+            h, residual = layer(h, residual, cos_sin, fb)
+    if stage is not None and not stage.is_last:
+        return h, residual
     hidden, _ = model.norm(h, residual)
     return hidden
 

@@ -29,27 +29,27 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 50
 
 
-def build_scheduler(args, tokenizer_factory=None, tp=None):
+def build_scheduler(args, tokenizer_factory=None, groups=None):
     """ModelRunner + Scheduler from ServerArgs (also used in-process by tests and benchmarks);
-    ``tp``: this rank's kvyard.distributed.TensorParallel (None: one rank)."""
+    ``groups``: this rank's kvyard.distributed.init.RankGroups (None: one rank)."""
     from kvyard.executor.backend_select import resolve_overlap_schedule
     from kvyard.executor.model_runner import ModelRunner
     from kvyard.grammar.manager import load_once, make_grammar_manager
     from kvyard.scheduler.scheduler import Scheduler
     from kvyard.scheduler.speculation import make_speculation
 
-    from kvyard.distributed import SINGLE
+    from kvyard.distributed.init import ONE_RANK
 
-    tp = tp or SINGLE
-    runner = ModelRunner(args.runner_config(), tp)
+    groups = groups or ONE_RANK
+    runner = ModelRunner(args.runner_config(), groups.tp, groups.pp, groups.world)
     mc = runner.model_config
-    overlap = resolve_overlap_schedule(args.disable_overlap_schedule, runner.device,
+    overlap = resolve_overlap_schedule(args.disable_overlap_schedule or groups.pp.enabled, runner.device,
                                        is_generation=getattr(runner.model, "is_generation", True))
     config = args.scheduler_config(runner.max_running_requests, mc.context_length, overlap)
     tokenizer_factory = load_once(tokenizer_factory)  # shared by the stop checker and the grammars
     grammar = make_grammar_manager(args.grammar_backend, mc.vocab_size, mc.eos_token_ids, tokenizer_factory,
                                    args.constrained_json_whitespace_pattern)
-    if grammar is not None and tp.enabled:
+    if grammar is not None and groups.world.enabled:
         grammar.lockstep = True   # ranks must agree on when a request's grammar is ready
     speculation = make_speculation(args.speculative_config(), draft_context(args, runner))
     return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory, grammar=grammar, speculation=speculation)
@@ -81,43 +81,43 @@ def draft_context(args, runner):
 def run_scheduler_process(args, in_addr: str, out_addr: str, registry_snapshot: dict,
                           ready_conn, tokenizer_factory=None, parent_link=None,
                           parallel=None, local_rank: int = 0) -> None:
-    """``parallel``: a kvyard.distributed.ParallelConfig with tp_size > 1 (None: one rank);
+    """``parallel``: a kvyard.distributed.ParallelConfig of more than one rank (None: one rank);
     ``local_rank``: this process's rank on its node. Ranks > 0 ignore the ZMQ addresses."""
     rank = parallel.global_rank(local_rank) if parallel else 0
-    name = f"kvyard scheduler tp{rank}" if parallel else "kvyard scheduler"
+    name = f"kvyard scheduler rank{rank}" if parallel else "kvyard scheduler"
     logging.basicConfig(level=args.log_level.upper(), format=f"[{name}] %(levelname)s %(message)s")
     if parent_link is not None:
         from kvyard.scheduler.parent_watch import watch_parent
         watch_parent(parent_link)  # exit (and clean up) when the API process dies
     ModelRegistry.restore(registry_snapshot)
     try:
-        tp, args = _join_group(args, parallel, local_rank)
-        scheduler = build_scheduler(args, tokenizer_factory, tp)
+        groups, args = _join_group(args, parallel, local_rank)
+        scheduler = build_scheduler(args, tokenizer_factory, groups)
     except Exception as exc:
         ready_conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}",
                          "traceback": traceback.format_exc()})
         return
-    ready_conn.send({"ok": True, "info": {**scheduler_info(scheduler), "tp_size": tp.size}})
+    ready_conn.send({"ok": True, "info": {**scheduler_info(scheduler), "tp_size": args.tp_size,
+                                          "pp_size": args.pp_size}})
     ready_conn.close()
-    inbox, outbox = _sockets(in_addr, out_addr, tp)
-    SchedulerLoop(scheduler, inbox, outbox, args.watchdog_timeout, tp).run()
+    inbox, outbox = _sockets(in_addr, out_addr, groups.world)
+    SchedulerLoop(scheduler, inbox, outbox, args.watchdog_timeout, groups.world).run()
 
 
 def _join_group(args, parallel, local_rank: int):
-    """(this rank's TensorParallel, args): every rank gets rank 0's random seed when none was
+    """(this rank's RankGroups, args): every rank gets rank 0's random seed when none was
     given, so the ranks' schedulers and samplers draw the same numbers."""
     from dataclasses import replace
 
-    from kvyard.distributed import SINGLE
     from kvyard.distributed.collectives import broadcast_object
-    from kvyard.distributed.init import init_tensor_parallel
+    from kvyard.distributed.init import ONE_RANK, init_parallel
 
     if parallel is None:
-        return SINGLE, args
-    tp = init_tensor_parallel(parallel, local_rank)
+        return ONE_RANK, args
+    groups = init_parallel(parallel, local_rank)
     seed = broadcast_object(args.random_seed if args.random_seed is not None
-                            else int.from_bytes(os.urandom(4), "little") >> 1, tp)
-    return tp, replace(args, random_seed=seed)
+                            else int.from_bytes(os.urandom(4), "little") >> 1, groups.world)
+    return groups, replace(args, random_seed=seed)
 
 
 def _sockets(in_addr: str, out_addr: str, tp):

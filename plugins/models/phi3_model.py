@@ -27,6 +27,8 @@ def load_fused(linear: Linear, name: str, weight: Any) -> None:
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
+    supports_pipeline_parallel = False   # its checkpoint targets assume every layer is built
+
     @classmethod
     def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
         return False, False, False

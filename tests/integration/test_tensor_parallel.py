@@ -33,7 +33,7 @@ DENSE = {
 
 def save_dense(name: str, root) -> tuple[str, torch.nn.Module]:
     arch, extra = DENSE[name]
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**COMMON, **extra)
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**COMMON, **extra})
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config).eval()
     path = str(root / name)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvyard.distributed import ParallelConfig, Shard, TensorParallel
-from kvyard.distributed.init import DistributedInitError, free_local_addr, init_tensor_parallel, parse_addr
+from kvyard.distributed import ParallelConfig, PipelineStage, Shard, TensorParallel
+from kvyard.distributed.init import DistributedInitError, free_local_addr, init_parallel, parse_addr
 from kvyard.distributed.shard import take
 from kvyard.layers.linear import Linear
 from kvyard.layers.parallel import ColumnParallel, RowParallel
@@ -125,7 +125,7 @@ def test_unreachable_dist_init_addr_fails_within_the_timeout():
     started = time.monotonic()
     with pytest.raises(DistributedInitError, match=rf"dist_init_addr: rank 1 of 2 could not join the group at "
                                                    rf"{addr} within --dist-timeout 3 s"):
-        init_tensor_parallel(config, local_rank=0)
+        init_parallel(config, local_rank=0)
     assert time.monotonic() - started < 30
 
 
@@ -135,3 +135,11 @@ def test_parse_addr():
     for bad in ("host", "host:", ":1", "host:70000"):
         with pytest.raises(ValueError, match="dist_init_addr must be HOST:PORT"):
             parse_addr(bad)
+
+
+def test_pipeline_stages_split_the_layers_contiguously():
+    stages = [PipelineStage(rank=r, size=3) for r in range(3)]
+    assert [s.layers(8) for s in stages] == [range(0, 3), range(3, 6), range(6, 8)]
+    assert [(s.is_first, s.is_last) for s in stages] == [(True, False), (False, False), (False, True)]
+    with pytest.raises(ValueError, match=r"pp_size 3 exceeds num_hidden_layers \(2\)"):
+        stages[0].layers(2)
