@@ -16,8 +16,9 @@ is the whole, so a single-device model runs the same code. Invariants of a split
   - KV heads: when there are fewer KV heads than ranks, each KV head is replicated on
     ``size / num_kv_heads`` ranks (which must divide), so every rank holds exactly one.
 
-Process groups: ``group`` carries tensors (nccl on CUDA, gloo on the CPU); ``cpu_group`` (gloo)
-carries pickled scheduler messages. On the CPU they are one group.
+Process groups: ``group`` carries the model's tensors (nccl on CUDA, gloo on the CPU); ``cpu_group``
+(gloo, always a group of its own) carries the pickled scheduler messages, so the main thread's
+broadcasts never interleave with collectives the overlap worker thread issues.
 """
 from __future__ import annotations
 

@@ -62,9 +62,11 @@ def init_parallel(config: ParallelConfig, local_rank: int) -> RankGroups:
     try:
         dist.init_process_group(config.backend, init_method=f"tcp://{host}:{port}", rank=rank,
                                 world_size=config.world_size, timeout=timeout)
-        # the first collective: every rank has joined (a missing peer fails here, within the timeout)
-        cpu_group = dist.new_group(backend="gloo", timeout=timeout) if config.backend != "gloo" else None
-        dist.barrier(group=cpu_group)
+        # the scheduler messages get a gloo group of their own: with overlap scheduling the model's
+        # collectives run on the worker thread while the main thread broadcasts, and two threads
+        # must never interleave collectives on one group (the ranks would pair them differently)
+        cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+        dist.barrier(group=cpu_group)   # every rank has joined (a missing peer fails here, within the timeout)
     except Exception as exc:   # torch raises DistNetworkError, DistStoreError, RuntimeError ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistributedInitError(

@@ -43,7 +43,8 @@ def build_scheduler(args, tokenizer_factory=None, groups=None):
     groups = groups or ONE_RANK
     runner = ModelRunner(args.runner_config(), groups.tp, groups.pp, groups.world)
     mc = runner.model_config
-    overlap = resolve_overlap_schedule(args.disable_overlap_schedule or groups.pp.enabled, runner.device,
+    disable = True if groups.pp.enabled else args.disable_overlap_schedule   # a stage waits on its neighbours
+    overlap = resolve_overlap_schedule(disable, runner.device,
                                        is_generation=getattr(runner.model, "is_generation", True))
     config = args.scheduler_config(runner.max_running_requests, mc.context_length, overlap)
     tokenizer_factory = load_once(tokenizer_factory)  # shared by the stop checker and the grammars

@@ -25,6 +25,7 @@ def test_pp2_equals_pp1_and_transformers(tmp_path, hf_greedy, monkeypatch):
         assert logprobs(b) == pytest.approx(logprobs(a), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_model_without_pipeline_support_is_refused_by_name(tmp_path):
     from moe_models import save_tiny, with_eos
 

@@ -3,11 +3,13 @@ greedy tokens as one rank and as transformers (float32), with close logprobs, th
 prefill, prefix-cache hits, retraction and abort; the KV integrity check holds on every rank.
 
 The default run keeps one case (a tiny Llama whose single KV head is replicated on both ranks
-and whose vocabulary, 251, pads to 252); the other architectures, SmolLM2 and the pool-pressure
+and whose vocabulary, 251, pads to 252, registered through ModelRegistry under a name of its own); the other architectures, SmolLM2 and the pool-pressure
 cases are slow.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import pytest
@@ -63,10 +65,27 @@ def logprobs(out: dict) -> list[float]:
     return [lp for lp, *_ in out["meta_info"]["output_token_logprobs"]]
 
 
-def test_tp2_equals_tp1_and_transformers(tmp_path, hf_greedy):
+def registered_architecture(path: str, monkeypatch) -> None:
+    """The checkpoint names an architecture only ModelRegistry knows: every rank must resolve it,
+    so the registration has to reach each rank's process."""
+    from kvyard import ModelRegistry
+
+    monkeypatch.setitem(ModelRegistry._extra, "TpTestLlamaForCausalLM", "kvyard_plugins.models.llama_model:LlamaForCausalLM")
+    config = os.path.join(path, "config.json")
+    with open(config) as f:
+        data = json.load(f)
+    data["architectures"] = ["TpTestLlamaForCausalLM"]
+    with open(config, "w") as f:
+        json.dump(data, f)
+
+
+def test_tp2_equals_tp1_and_transformers(tmp_path, hf_greedy, monkeypatch):
     path, hf = save_dense("llama-kv1-vocab251", tmp_path)
+    registered_architecture(path, monkeypatch)
     ids = prompts()
-    one, two = run(path, 1, ids), run(path, 2, ids)
+    # overlap scheduling on (CUDA's default): the model's collectives run on the worker thread
+    # while the main thread broadcasts the scheduler messages
+    one, two = run(path, 1, ids), run(path, 2, ids, disable_overlap_schedule=False)
     assert [o["output_ids"] for o in two] == [o["output_ids"] for o in one]
     assert [o["output_ids"] for o in two] == [hf_greedy(hf, p, NEW) for p in ids]
     for a, b in zip(one, two):
