@@ -121,19 +121,19 @@ def _join_group(args, parallel, local_rank: int):
     return groups, replace(args, random_seed=seed)
 
 
-def _sockets(in_addr: str, out_addr: str, tp):
+def _sockets(in_addr: str, out_addr: str, world):
     """(inbox, outbox) of this rank (core/distributed/lockstep.py)."""
     from kvyard.distributed.lockstep import FollowerInbox, LeaderInbox, NullOutbox, ZmqInbox
 
-    if tp.rank > 0:
-        return FollowerInbox(tp), NullOutbox()
+    if world.rank > 0:
+        return FollowerInbox(world), NullOutbox()
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(in_addr)
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(out_addr)
     inbox = ZmqInbox(pull)
-    return (LeaderInbox(inbox, tp) if tp.enabled else inbox), outbox
+    return (LeaderInbox(inbox, world) if world.enabled else inbox), outbox
 
 
 def scheduler_info(scheduler) -> dict[str, Any]:
