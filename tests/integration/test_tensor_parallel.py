@@ -132,7 +132,8 @@ def test_tp2_retraction_and_abort_lose_nothing(tmp_path, hf_greedy):
     ids = [[rng.randrange(1, 250) for _ in range(24)] for _ in range(8)]
     params = {**GREEDY, "max_new_tokens": 40}
     # admit eagerly (schedule_conservativeness 0.05): decode runs out of slots and retracts
-    with Engine(model_path=path, tp_size=2, max_total_tokens=320, schedule_conservativeness=0.05, **ENGINE) as engine:
+    with Engine(model_path=path, tp_size=2, max_total_tokens=256, max_running_requests=8,
+                schedule_conservativeness=0.05, **ENGINE) as engine:
         stream = engine.generate(input_ids=[5] * 30, sampling_params={**params, "max_new_tokens": 200}, stream=True)
         next(stream)
         stream.close()                        # aborted mid-decode
