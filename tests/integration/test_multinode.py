@@ -20,7 +20,7 @@ from kvyard.distributed.init import free_local_addr
 NEW = 12
 
 
-def kvyard_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def kvyard_serve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "kvyard.cli", "serve", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
