@@ -26,6 +26,8 @@ class LoadConfig:
     trust_remote_code: bool = False
     json_model_override_args: str = ""    # JSON merged into the HF config
     keep_quantized: bool = False          # GGUF: hand out quantized blocks instead of floats
+    lazy_slices: bool = False             # tensor parallelism: hand out LazyTensors where the format
+                                          # can read a slice alone (each rank reads only its slices)
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,23 @@ class QuantizedTensor:
         raw = self.data.cpu().numpy()
         values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.qtype))
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(dtype)
+
+
+@dataclass
+class LazyTensor:
+    """A checkpoint tensor not read yet (safetensors under tensor parallelism): ``narrow`` reads
+    only a slice from the file, ``dequantize`` the whole tensor. ``cast`` is applied to what is
+    read (the loader's dtype rule)."""
+    source: Any                    # safetensors' PySafeSlice
+    shape: tuple[int, ...]
+    cast: Any = None
+
+    def narrow(self, dim: int, start: int, size: int) -> torch.Tensor:
+        index = tuple(slice(None) for _ in range(dim)) + (slice(start, start + size),)
+        return self._cast(self.source[index])
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return self._cast(self.source[...])
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.cast(tensor) if self.cast is not None else tensor

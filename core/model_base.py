@@ -10,6 +10,23 @@ A model whose KV cache is not K and V per KV head of its config's sizes provides
   kv_layout() -> kvyard.kv_layout.KVLayout
 (e.g. DeepSeek's multi-head latent attention); the pool is allocated from it and attention
 backends that do not serve it refuse to start.
+
+Tensor parallelism: a model class that sets ``supports_tensor_parallel = True`` builds its
+layers for ``ctx.tp`` (kvyard.distributed.TensorParallel): attention heads split
+(``ctx.tp.split`` / ``split_kv_heads``) with column-parallel q/k/v and a row-parallel o_proj,
+column-parallel gate/up and row-parallel down projections (kvyard.layers.parallel), a
+vocabulary-parallel embedding and lm_head (``VocabEmbedding(tp=...)``, ``LogitsHead`` gathers),
+MoE experts split along their intermediate dim (``FusedMoE``); ``load_weights`` receives full
+checkpoint entries and the layers keep their slices. The KV pool holds this rank's KV heads
+(``ctx.tp.split_kv_heads`` of the config's). Under --tp-size > 1 a model class without
+the flag is refused at start-up by name.
+
+Pipeline parallelism: a model class that sets ``supports_pipeline_parallel = True`` builds only
+the layers of ``ctx.pp.layers(num_layers)`` (``PipelineLayer`` placeholders elsewhere; its
+attention layers number their KV from 0 within the stage), the embedding on the first stage and
+the final norm and lm_head on the last, loads only what it built, and runs its stack through
+``kvyard.layers.decoder.run_decoder_stack``, which takes a stage's input from
+``fb.extras["pp_input"]`` and returns (h, residual) on every stage but the last.
 """
 from __future__ import annotations
 
@@ -18,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from kvyard.distributed import ONE_STAGE, SINGLE, PipelineStage, TensorParallel
 from kvyard.quantization import LinearMethod, QuantizationMethod, UnquantizedLinearMethod
 
 
@@ -26,6 +44,8 @@ class ModelBuildContext:
     dtype: torch.dtype
     device: str
     quantization: Optional[QuantizationMethod] = None
+    tp: TensorParallel = SINGLE
+    pp: PipelineStage = ONE_STAGE
 
     def linear_method(self, prefix: str) -> LinearMethod:
         if self.quantization is None:

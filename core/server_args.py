@@ -91,6 +91,14 @@ class ServerArgs:
     enable_cache_report: bool = _f(False, "accepted for SGLang compatibility: cached prompt tokens are always reported in usage", "scheduling")
     debug_kv_integrity: bool = _f(False, "check the KV integrity after every step (slow; tests)", "scheduling")
 
+    # -- parallelism and multi-node (docs/distributed.md) --------------------------------
+    tp_size: int = _f(1, "tensor-parallel ranks: one scheduler process per rank, the model's heads, MLP and vocabulary split across them (gloo on the CPU, nccl on CUDA)", "distributed")
+    pp_size: int = _f(1, "pipeline stages: the decoder layers split into N contiguous stages, one process each, hidden states sent stage to stage (with --tp-size 1)", "distributed")
+    nnodes: int = _f(1, "machines the ranks (tp_size x pp_size) span, world / nnodes each; node 0 serves HTTP", "distributed")
+    node_rank: int = _f(0, "this machine's index among --nnodes (0 serves HTTP; the others only run their ranks)", "distributed")
+    dist_init_addr: Optional[str] = _f(None, "HOST:PORT where rank 0 (node 0) listens for the other ranks to join (needed with --nnodes > 1; default: a free local port)", "distributed")
+    dist_timeout: float = _f(600.0, "seconds the ranks wait for each other: joining the group, and any one collective", "distributed")
+
     # -- runtime and kernels ------------------------------------------------------------
     device: str = _f("auto", "auto: cuda if available, else cpu", "runtime", choices=("auto", "cuda", "cpu"))
     attention_backend: str = _f("auto", "attention plugin", "runtime", registry="attention_backends", allow=("auto",))
@@ -144,7 +152,7 @@ class ServerArgs:
     # -------------------------------------------------------------------------------------
     def check(self) -> None:
         """One-line ValueError naming the field for values argparse cannot catch."""
-        positive = ("dp_size", "context_length", "max_total_tokens", "max_running_requests", "page_size",
+        positive = ("dp_size", "tp_size", "pp_size", "nnodes", "context_length", "max_total_tokens", "max_running_requests", "page_size",
                     "stream_interval", "max_prefill_tokens", "num_threads", "torch_compile_max_bs",
                     "max_queued_requests", "triton_attention_num_kv_splits", "cuda_graph_max_bs",
                     "max_n", "max_sequences_per_request")
@@ -175,12 +183,44 @@ class ServerArgs:
         if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
             raise ValueError(f"cuda_graph_bs must list batch sizes >= 1, got {self.cuda_graph_bs}")
         self.speculative_config()   # checks the speculative flags
+        self._check_parallel_flags()
         self._check_quantization_flags()
         if self.json_model_override_args:
             try:
                 json.loads(self.json_model_override_args)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"json_model_override_args is not valid JSON: {exc}") from None
+
+    def _check_parallel_flags(self) -> None:
+        world = self.tp_size * self.pp_size
+        if world % self.nnodes:
+            raise ValueError(f"tp_size x pp_size ({world}) must be a multiple of nnodes ({self.nnodes})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("dist_init_addr: --nnodes > 1 needs the HOST:PORT of node 0")
+        if self.dist_init_addr:
+            from kvyard.distributed.init import parse_addr
+            parse_addr(self.dist_init_addr)
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
+        if world == 1:
+            return
+        if self.tp_size > 1 and self.pp_size > 1:
+            raise ValueError("pp_size: not supported yet together with --tp-size > 1")
+        flag = "--tp-size" if self.tp_size > 1 else "--pp-size"
+        for name, on in (("dp_size", self.dp_size > 1), ("enable_torch_compile", self.enable_torch_compile),
+                         ("speculative_algorithm", self.speculative_algorithm is not None)):
+            if on:
+                raise ValueError(f"{name}: not supported yet together with {flag} > 1")
+
+    def parallel_config(self):
+        """The kvyard.distributed.ParallelConfig of the parallelism flags."""
+        from kvyard.distributed import ParallelConfig
+
+        return ParallelConfig(tp_size=self.tp_size, pp_size=self.pp_size, nnodes=self.nnodes, node_rank=self.node_rank,
+                              dist_init_addr=self.dist_init_addr, dist_timeout=self.dist_timeout,
+                              device=self.resolved_device())
 
     def _check_quantization_flags(self) -> None:
         import re
@@ -267,7 +307,7 @@ class ServerArgs:
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, groups: Optional[set[str]] = None) -> None:
         titles = {"model": "model and tokenizer", "http": "HTTP server", "scheduling": "memory and scheduling",
-                  "runtime": "runtime and kernels", "parsers": "parsers and grammar", "speculative": "speculative decoding",
+                  "runtime": "runtime and kernels", "distributed": "parallelism and multi-node", "parsers": "parsers and grammar", "speculative": "speculative decoding",
                   "limits": "request limits", "logging": "logging"}
         arg_groups = {g: parser.add_argument_group(t) for g, t in titles.items()
                       if groups is None or g in groups}

@@ -34,9 +34,10 @@ def run(ns) -> int:
     from kvyard.scheduler.process import build_scheduler
 
     args = resolve_args(server_args_from(ns))
-    if args.dp_size != 1:
-        raise ValueError("dp_size: not supported by bench one-batch (one scheduler runs in this process); "
-                         "use bench offline or bench serving")
+    for name in ("dp_size", "tp_size", "pp_size"):
+        if getattr(args, name) != 1:
+            raise ValueError(f"{name}: not supported by bench one-batch (one scheduler runs in this process); "
+                             "use bench offline, bench serving or benchmarks/cpu/tp_step_time.py")
     biggest = max(ns.batch_size) * (ns.input_len + ns.output_len)
     args = replace(args, chunked_prefill_size=-1, max_prefill_tokens=max(args.max_prefill_tokens, biggest),
                    skip_tokenizer_init=True,

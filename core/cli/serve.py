@@ -2,6 +2,10 @@
 
     kvyard serve --model-path PATH [--host 127.0.0.1] [--port 30000] [--config server.yaml] ...
 
+With --nnodes > 1, node 0 (``--node-rank 0``) serves HTTP and runs its share of the
+tensor-parallel ranks; every other node runs only its ranks (``serve_node``) and exits when
+they do (node 0 shut down, or a rank failed).
+
 Every flag of ServerArgs applies (grouped by topic in --help); a --config YAML file gives
 defaults that flags override. Exit code 0 after a clean shutdown (Ctrl-C / SIGTERM), 1 when
 start-up fails (bad flag value, model, busy port, failed warmup).
@@ -44,6 +48,8 @@ def serve(args: ServerArgs) -> int:
     from kvyard.server.metrics import ServerMetrics
 
     logging.basicConfig(level=args.log_level.upper(), format="[kvyard] %(levelname)s %(message)s")
+    if args.node_rank > 0:
+        return serve_node(args)
     http_level = _http_log_level(args)
     warmup_names(args.warmups)
     check_port_free(args.host, args.port)
@@ -63,6 +69,32 @@ def serve(args: ServerArgs) -> int:
         raise
     return run_app(app, ctx, args.host, args.port, http_level, cleanup=engine.stop,
                    http=header_timeout_protocol(args.http_header_timeout))
+
+
+def serve_node(args: ServerArgs) -> int:
+    """A node other than 0: starts its ranks, reports them ready, waits until they exit
+    (0 when every rank ended cleanly) or until SIGINT/SIGTERM stops them."""
+    import threading
+
+    from kvyard.frontend.launch import start_engine_process
+
+    logger.info("node %d of %d: starting ranks, joining %s", args.node_rank, args.nnodes, args.dist_init_addr)
+    engine = start_engine_process(args)
+    world = args.tp_size * args.pp_size
+    ranks = world // args.nnodes
+    first = args.node_rank * ranks
+    print(f"kvyard node {args.node_rank} ready: ranks {first}..{first + ranks - 1} of {world} joined "
+          f"{args.dist_init_addr}; node 0 serves HTTP", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while engine.is_alive() and not stop.wait(0.5):
+            pass
+    finally:
+        engine.stop()
+    codes = [p.exitcode for p in engine.processes]
+    return 0 if stop.is_set() or all(c == 0 for c in codes) else 1
 
 
 def run_app(app, ctx, host: str, port: int, http_level: str, cleanup, http="auto") -> int:

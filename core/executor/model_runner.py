@@ -2,6 +2,12 @@
 
 prepare (ScheduleBatch -> ForwardBatch) / forward (model + logits) / sample. The only host
 sync per step is the copy of the sampled ids (and logprobs when asked).
+
+Under tensor parallelism (``tp``) the runner of each rank builds the model for its rank
+(kvyard.model_base), reads only its slices of a safetensors checkpoint, and sizes the KV pool and
+the attention backend for its local heads; the logits it samples from are gathered, so every
+rank samples the same ids. Under pipeline parallelism (``pp``) it builds its stage's layers
+and KV, and a step passes hidden states stage to stage (kvyard.distributed.pipeline).
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import torch
 
 from kvyard.attention import AttentionConfig, layer_features
 from kvyard.attention.hybrid import build_attention_backend
+from kvyard.distributed import ONE_STAGE, SINGLE, PipelineStage, TensorParallel
+from kvyard.distributed.collectives import broadcast_object
 from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
 from kvyard.layers.attention import Attention
 from kvyard.forward_batch import ForwardBatch, ForwardMode
@@ -78,8 +86,11 @@ def physical_cores() -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: RunnerConfig):
+    def __init__(self, config: RunnerConfig, tp: TensorParallel = SINGLE, pp: PipelineStage = ONE_STAGE,
+                 world: TensorParallel | None = None):
+        """tp: this rank's tensor-parallel group; pp: its pipeline stage; world: every rank."""
         self.config = config
+        self.tp, self.pp, self.world = tp, pp, world or tp
         self.device = config.device
         if self.device == "cpu":
             torch.set_num_threads(config.num_threads or physical_cores())
@@ -95,6 +106,8 @@ class ModelRunner:
         prefill_name, decode_name = resolve_attention_backends(
             requested, config.prefill_attention_backend, config.decode_attention_backend,
             self.device, attention=attention)
+        # one choice for the group: "auto" times backends, and the ranks' timings may differ
+        prefill_name, decode_name = broadcast_object((prefill_name, decode_name), self.world)
         check_backends(self.kv_dtype, {n: registry("attention_backends").get(n) for n in {prefill_name, decode_name}})
         self.attn_backend, self.attn_backend_name = build_attention_backend(attention, prefill_name, decode_name)
         self.sampler = Sampler()
@@ -108,6 +121,9 @@ class ModelRunner:
 
         cfg = self.config
         if not getattr(self.model, "is_generation", True):
+            return None
+        if self.pp.enabled:
+            logger.info("decode graphs off: a pipeline stage's step waits on its neighbours")
             return None
         if cfg.enable_torch_compile:
             runner = CompiledDecodeRunner(cfg.torch_compile_max_bs, self._logits_step, self.attn_backend,
@@ -126,6 +142,11 @@ class ModelRunner:
 
     def _logits_step(self, fb: ForwardBatch) -> torch.Tensor:
         """The decode step a graph captures: model + logits of every row, [B, vocab]."""
+        if self.pp.enabled:
+            from kvyard.distributed.pipeline import pipeline_logits
+
+            mc = self.model_config
+            return pipeline_logits(self.model, fb, self.pp, mc.hf_config.hidden_size, mc.vocab_size, self.dtype)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         return self.model.compute_logits(hidden[fb.logits_indices])
 
@@ -153,11 +174,17 @@ class ModelRunner:
         # quantized weights and their scales reach the method as stored (no cast to the dtype)
         load_config = LoadConfig(**{**load_config.__dict__, "load_format": mc.load_format, "dtype": self.dtype,
                                     "keep_quantized": quant_name == "gguf" if mc.load_format == "gguf"
-                                    else quant_name is not None})
+                                    else quant_name is not None, "lazy_slices": self.tp.enabled})
         loader = registry("load_formats").get(mc.load_format)(load_config)
         model_cls = ModelRegistry.resolve(mc.architectures)
+        if self.tp.enabled and not getattr(model_cls, "supports_tensor_parallel", False):
+            raise ValueError(f"tp_size: {mc.architectures[0]} does not support tensor parallelism yet "
+                             f"(tp_size {self.tp.size})")
+        if self.pp.enabled and not (getattr(model_cls, "supports_pipeline_parallel", False) and not cfg.is_embedding):
+            raise ValueError(f"pp_size: {mc.architectures[0]}{' as an embedding model' if cfg.is_embedding else ''} "
+                             f"does not support pipeline parallelism yet (pp_size {self.pp.size})")
         with torch.device(self.device):
-            self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant))
+            self.model = model_cls(mc.hf_config, ModelBuildContext(self.dtype, self.device, quant, self.tp, self.pp))
         self.model.load_weights(loader.weights(mc.model_path, mc.hf_config))
         self.model = self._with_pooling(self.model, mc.model_path)
         self.model.eval()
@@ -213,12 +240,14 @@ class ModelRunner:
 
     # -- memory -----------------------------------------------------------------------------
     def _kv_layout(self) -> KVLayout:
-        """The model's declared KV layout (kvyard.kv_layout), else K/V per head from its config."""
+        """The model's declared KV layout (kvyard.kv_layout), else K/V per head from its config
+        (this rank's KV heads under tensor parallelism, its stage's layers under pipeline parallelism)."""
         declare = getattr(self.model, "kv_layout", None)
         if declare is not None:
             return declare()
         mc = self.model_config
-        return KVLayout.mha(mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        layers = len(self.pp.layers(mc.num_layers))   # this stage's
+        return KVLayout.mha(layers, self.tp.split_kv_heads(mc.num_kv_heads).size, mc.head_dim)
 
     def _init_memory(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -229,7 +258,7 @@ class ModelRunner:
         page = cfg.page_size
         num_slots = (tokens // page + 1) * page  # + the dummy page
         self.max_total_tokens = num_slots - page
-        scales = kv_scales(self.kv_dtype, self.model, mc.num_layers, cfg.quantization_param_path)
+        scales = kv_scales(self.kv_dtype, self.model, layout.num_layers, cfg.quantization_param_path)
         self.kv_pool = KVPool.for_layout(num_slots, layout, self.kv_dtype, self.device, scales)
         # page bookkeeping stays on the host: its small ops would each be a launch (and the
         # frees a sync) on a GPU; slots reach the device once per step, in prepare()
@@ -255,7 +284,8 @@ class ModelRunner:
 
     def _attention_config(self) -> AttentionConfig:
         mc, layout = self.model_config, self.kv_layout
-        return AttentionConfig(num_heads=mc.num_heads, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+        heads = self.tp.split(mc.num_heads, "num_attention_heads").size   # this rank's query heads
+        return AttentionConfig(num_heads=heads, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
                                dtype=self.dtype, device=self.device, page_size=self.config.page_size,
                                max_context_len=mc.context_length, max_batch_size=self.max_running_requests,
                                options=dict(self.config.attention_options or {}), kv_layout=layout,

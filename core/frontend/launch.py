@@ -1,4 +1,9 @@
-"""Starts the scheduler process and builds the API-side TokenizerManager (Engine and server share it)."""
+"""Starts the scheduler process and builds the API-side TokenizerManager (Engine and server share it).
+
+Process layout: one scheduler process, or ``--dp-size`` replicas, or ``--tp-size x --pp-size``
+ranks (this node's share of them with ``--nnodes``; rank 0 is the one the API process talks to). All load in
+parallel; start-up waits for every process to report ready and fails at the first error.
+"""
 from __future__ import annotations
 
 import functools
@@ -19,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EngineProcess:
-    """The scheduler process(es): one, or ``--dp-size`` replicas (addresses in replica order)."""
+    """The scheduler process(es): one, ``--dp-size`` replicas (addresses in replica order), or
+    this node's ``--tp-size`` ranks (one address pair: rank 0's)."""
     args: ServerArgs
     processes: list
     info: dict
@@ -79,26 +85,56 @@ def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
     ctx = mp.get_context("spawn")
     factory = None if args.skip_tokenizer_init else tokenizer_factory(args)
     link = ParentLink(os.getpid(), ipc_dir, death_signal=threading.current_thread() is threading.main_thread())
+    parallel = _parallel_config(args)
     send_addrs, recv_addrs, procs, readers = [], [], [], []
-    for i in range(args.dp_size):  # replicas load their models in parallel
+    for i in range(args.dp_size):  # replicas (or ranks) load their models in parallel
         send_addrs.append(f"ipc://{ipc_dir}/to_scheduler{i}")
         recv_addrs.append(f"ipc://{ipc_dir}/from_scheduler{i}")
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=run_scheduler_process, name=f"kvyard-scheduler-dp{i}", daemon=True,
-                           args=(args, send_addrs[i], recv_addrs[i], ModelRegistry.snapshot(), writer, factory, link))
-        proc.start()
-        writer.close()
-        procs.append(proc)
-        readers.append(reader)
-    tokenizer = factory() if factory else None  # loads while the scheduler loads the model
-    infos = []
+        for local_rank in range(parallel.ranks_per_node if parallel else 1):
+            reader, writer = ctx.Pipe(duplex=False)
+            name = f"kvyard-scheduler-rank{parallel.global_rank(local_rank)}" if parallel else f"kvyard-scheduler-dp{i}"
+            proc = ctx.Process(target=run_scheduler_process, name=name, daemon=True,
+                               args=(args, send_addrs[i], recv_addrs[i], ModelRegistry.snapshot(), writer, factory,
+                                     link, parallel, local_rank))
+            proc.start()
+            writer.close()
+            procs.append(proc)
+            readers.append(reader)
+    tokenizer = factory() if factory and args.node_rank == 0 else None  # loads while the schedulers load
     try:
-        for proc, reader in zip(procs, readers):
-            infos.append(_wait_ready(proc, reader))
+        infos = _wait_all_ready(procs, readers)
     except BaseException:
         EngineProcess(args, procs, {}, send_addrs, recv_addrs, None).stop(1)
         raise
     return EngineProcess(args, procs, infos[0], send_addrs, recv_addrs, tokenizer, ipc_dir)
+
+
+def _parallel_config(args: ServerArgs):
+    """The ParallelConfig of a tensor- or pipeline-parallel launch (a free local rendezvous port
+    on one node), None for one rank."""
+    if args.tp_size * args.pp_size == 1:
+        return None
+    from kvyard.distributed.init import free_local_addr
+
+    parallel = args.parallel_config()
+    if parallel.dist_init_addr is None:
+        parallel = replace(parallel, dist_init_addr=free_local_addr())
+    return parallel
+
+
+def _wait_all_ready(procs: list, readers: list) -> list[dict]:
+    """Each process's info, in order; the first failure (any rank) raises at once, so a rank
+    that fails does not leave the launch waiting on the others' collectives."""
+    from multiprocessing.connection import wait
+
+    infos: dict[int, dict] = {}
+    pending = dict(enumerate(readers))
+    while pending:
+        for reader in wait(list(pending.values())):
+            i = next(k for k, r in pending.items() if r is reader)
+            del pending[i]
+            infos[i] = _wait_ready(procs[i], reader)
+    return [infos[i] for i in range(len(procs))]
 
 
 def _wait_ready(proc, reader) -> dict:
@@ -116,6 +152,9 @@ def _wait_ready(proc, reader) -> dict:
 
 def make_tokenizer_manager(ep: EngineProcess, on_finish=None, limits=None):
     """``limits``: the server's RequestLimits (the offline Engine passes none)."""
+    if ep.args.node_rank > 0:
+        raise ValueError("node_rank: only node 0 takes requests; start the other nodes with "
+                         "`kvyard serve --node-rank N`")
     from kvyard.grammar.manager import make_grammar_checker
     from kvyard.frontend.tokenizer_manager import TokenizerManager
 

@@ -197,6 +197,9 @@ class GrammarManager:
         self._pool = cf.ThreadPoolExecutor(max_workers=config.compile_threads,
                                            thread_name_prefix="kvyard-grammar")
         self._pending: set[cf.Future] = set()
+        # tensor parallelism: every rank must see a grammar ready at the same step, so activate
+        # waits for the compile instead of letting the request keep its place
+        self.lockstep = False
 
     # -- compiling ----------------------------------------------------------------------------
     def start(self, req: Any) -> None:
@@ -234,7 +237,9 @@ class GrammarManager:
         if g is None or g.matcher is not None:
             return True
         if not g.compiled.done():
-            return False
+            if not self.lockstep:
+                return False
+            cf.wait([g.compiled])
         error = g.compiled.exception()
         if error is not None:
             message = str(error) if isinstance(error, GrammarError) else f"{type(error).__name__}: {error}"

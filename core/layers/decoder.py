@@ -9,7 +9,8 @@ attention and MLP blocks (the MoE and DeepSeek plugins).
 
 ``PreNormDecoderLayer`` subclasses build input_layernorm, self_attn, post_attention_layernorm
 and mlp. ``DecoderLM`` subclasses build ``layers`` and return the checkpoint-name loaders of
-each layer from ``layer_targets``; the embedding, final norm and (tied) lm_head are here.
+each layer from ``layer_targets``; the embedding, final norm and (tied) lm_head are here
+(vocabulary-parallel under ``ctx.tp``).
 After loading, every sub-module with ``process_after_loading`` (linear layers, absorbed
 attention weights) gets it called once.
 """
@@ -26,22 +27,37 @@ from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear
 from kvyard.layers.logits import LogitsHead
 from kvyard.layers.norm import RMSNorm
+from kvyard.layers.parallel import ColumnParallel
 from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
 from kvyard.layers.weights import copy_checked, load_named
 
 Targets = dict[str, Callable[[Any], None]]
 
 
+class PipelineLayer(nn.Module):
+    """The place of a decoder layer another pipeline stage holds (no weights, never run)."""
+
+
 def run_decoder_stack(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                      fb: ForwardBatch) -> torch.Tensor:
+                      fb: ForwardBatch):
     """The pre-norm decoder body every such model shares: ``model.embed_tokens``, ``rotary``,
     ``layers`` (each (h, residual, cos_sin, fb) -> (h, residual)) and the final ``norm``.
-    input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""
-    h = model.embed_tokens(input_ids)
+    input_ids [T], positions [T] -> hidden [T, hidden] after the final norm.
+
+    Pipeline parallelism (``model.pp_stage``, kvyard.distributed.PipelineStage): a stage after the
+    first starts from ``fb.extras["pp_input"]`` = (h, residual) [T, hidden] each, runs only its
+    layers, and every stage but the last returns (h, residual) for the next one."""
+    stage = getattr(model, "pp_stage", None)
+    if stage is None or stage.is_first:
+        h, residual = model.embed_tokens(input_ids), None
+    else:
+        h, residual = fb.extras["pp_input"]
     cos_sin = model.rotary.lookup(positions)
-    residual = None
     for layer in model.layers:
-        h, residual = layer(h, residual, cos_sin, fb)
+        if not isinstance(layer, PipelineLayer):
+            h, residual = layer(h, residual, cos_sin, fb)
+    if stage is not None and not stage.is_last:
+        return h, residual
     hidden, _ = model.norm(h, residual)
     return hidden
 
@@ -78,14 +94,15 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.dtype, ctx.device,
-                                           prefix="model.embed_tokens")
+                                           prefix="model.embed_tokens", tp=ctx.tp)
         self.rotary = RotaryEmbedding(rope_config_from_hf(cfg, rotary_dim), ctx.dtype, ctx.device)
         self.layers = nn.ModuleList()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype, ctx.device)
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, method=ctx.linear_method("lm_head"),
-                              prefix="lm_head", dtype=ctx.dtype, device=ctx.device)
-        self.logits_head = LogitsHead(self.lm_head)
+                              prefix="lm_head", dtype=ctx.dtype, device=ctx.device,
+                              parallel=ColumnParallel(ctx.tp, (ctx.tp.split_padded(cfg.vocab_size),)))
+        self.logits_head = LogitsHead(self.lm_head, vocab_size=cfg.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, hidden] after the final norm."""

@@ -1,7 +1,10 @@
 """LogitsHead: hidden states of the rows that need logits -> float32 logits.
 
 The projection is a ``Linear`` (prefix "lm_head"), so a quantization method may keep it packed;
-with tied word embeddings the model loads the embedding tensor into it too.
+with tied word embeddings the model loads the embedding tensor into it too. Under tensor
+parallelism the lm_head is column-parallel over the (padded) vocabulary: each rank's logits
+[N, V'] are all-gathered into [N, padded vocab] before the padding is cut, so every rank samples
+from the same full logits.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kvyard.distributed.collectives import all_gather_last
 from kvyard.layers.linear import Linear
 
 
@@ -19,18 +23,21 @@ class LogitsHead(nn.Module):
         """``vocab_size`` < lm_head.out_features drops padded vocabulary rows; ``scale``
         multiplies the logits and ``soft_cap`` applies cap * tanh(logits / cap) (Gemma-style)."""
         super().__init__()
-        if vocab_size is not None and not 0 < vocab_size <= lm_head.out_features:
-            raise ValueError(f"vocab_size must be in (0, {lm_head.out_features}], got {vocab_size}")
+        full = sum(lm_head.full_output_sizes)
+        if vocab_size is not None and not 0 < vocab_size <= full:
+            raise ValueError(f"vocab_size must be in (0, {full}], got {vocab_size}")
         if soft_cap is not None and soft_cap <= 0:
             raise ValueError(f"soft_cap must be positive, got {soft_cap}")
         self.lm_head = lm_head
-        self.vocab_size = vocab_size or lm_head.out_features
+        self.vocab_size = vocab_size or full
         self.scale = scale
         self.soft_cap = soft_cap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
         logits = self.lm_head(hidden)
+        if self.lm_head.out_shards is not None:
+            logits = all_gather_last(logits, self.lm_head.tp)
         if self.vocab_size != logits.shape[-1]:
             logits = logits[..., :self.vocab_size]
         logits = logits.float()

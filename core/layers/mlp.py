@@ -13,17 +13,19 @@ from torch import nn
 
 from kvyard.layers.activation import SiluAndMul
 from kvyard.layers.linear import Linear
+from kvyard.layers.parallel import ColumnParallel, RowParallel
 
 
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, inter: int, ctx: Any, prefix: str):
-        """ctx: a kvyard.model_base.ModelBuildContext (dtype, device, quantization)."""
+        """ctx: a kvyard.model_base.ModelBuildContext (dtype, device, quantization, tp: gate/up
+        column-parallel, down row-parallel)."""
         super().__init__()
         lin = dict(dtype=ctx.dtype, device=ctx.device)
         self.gate_up_proj = Linear(hidden, [inter, inter], method=ctx.linear_method(f"{prefix}.gate_up_proj"),
-                                   prefix=f"{prefix}.gate_up_proj", **lin)
+                                   prefix=f"{prefix}.gate_up_proj", parallel=ColumnParallel(ctx.tp), **lin)
         self.down_proj = Linear(inter, hidden, method=ctx.linear_method(f"{prefix}.down_proj"),
-                                prefix=f"{prefix}.down_proj", **lin)
+                                prefix=f"{prefix}.down_proj", parallel=RowParallel(ctx.tp), **lin)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

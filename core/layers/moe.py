@@ -23,6 +23,10 @@ expert's gate_up / down as a ``Linear`` whose LinearMethod comes from the quanti
 (kept-quantized weights, e.g. GGUF blocks) and runs the per-expert loop through them; the model
 calls process_after_loading on those Linear layers like on every other.
 
+Tensor parallelism (ctx.tp): every rank holds every expert, split along the intermediate dim
+(w13 rows [gate_r | up_r], w2 columns I_r = I / tp); each rank's sum over experts is partial and
+one all-reduce per layer completes it (the router stays whole on every rank).
+
 Checkpoint names: load_expert(e, part, w) with part in "gate", "up", "down" (per-expert HF names,
 as Mixtral's w1/w3/w2 and Qwen/OLMoE/DeepSeek's gate_proj/up_proj/down_proj), or load_stacked
 for transformers' in-memory stacked gate_up_proj [E, 2I, H] / down_proj [E, H, I].
@@ -37,9 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvyard.distributed.collectives import all_reduce
+from kvyard.distributed.shard import take
 from kvyard.kernels import use_triton
 from kvyard.layers.activation import SiluAndMul
 from kvyard.layers.linear import Linear
+from kvyard.layers.parallel import ColumnParallel, RowParallel
 from kvyard.layers.weights import copy_checked
 
 SCORINGS = ("softmax", "sigmoid")
@@ -159,13 +166,16 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class FusedMoE(nn.Module):
-    """The routed experts of one layer. forward(x [T, H], weights [T, k], ids [T, k]) -> [T, H]."""
+    """The routed experts of one layer. forward(x [T, H], weights [T, k], ids [T, k]) -> [T, H].
+    ``intermediate_size`` is this rank's I_r (the checkpoint's I under one rank)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, ctx: Any, prefix: str):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
+        self.tp = ctx.tp
+        self.inter_shard = ctx.tp.split(intermediate_size, "moe_intermediate_size")
+        self.intermediate_size = self.inter_shard.size
         self.prefix = prefix
         self.quantized = ctx.quantization is not None
         if self.quantized:
@@ -173,18 +183,20 @@ class FusedMoE(nn.Module):
             self.act = SiluAndMul()
         else:
             empty = dict(dtype=ctx.dtype, device=ctx.device)
-            self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **empty),
-                                    requires_grad=False)
-            self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **empty),
+            i = self.intermediate_size
+            self.w13 = nn.Parameter(torch.empty(num_experts, 2 * i, hidden_size, **empty), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, i, **empty),
                                    requires_grad=False)
 
     def _quantized_expert(self, e: int, ctx: Any) -> nn.Module:
-        h, i, p = self.hidden_size, self.intermediate_size, f"{self.prefix}.{e}"
-        expert = nn.Module()
+        h, i, p = self.hidden_size, self.inter_shard.full, f"{self.prefix}.{e}"
+        expert = nn.Module()   # split like the dense experts; the layer sums once (forward)
         expert.gate_up_proj = Linear(h, [i, i], method=ctx.linear_method(f"{p}.gate_up_proj"),
-                                     prefix=f"{p}.gate_up_proj", dtype=ctx.dtype, device=ctx.device)
+                                     prefix=f"{p}.gate_up_proj", dtype=ctx.dtype, device=ctx.device,
+                                     parallel=ColumnParallel(ctx.tp))
         expert.down_proj = Linear(i, h, method=ctx.linear_method(f"{p}.down_proj"),
-                                  prefix=f"{p}.down_proj", dtype=ctx.dtype, device=ctx.device)
+                                  prefix=f"{p}.down_proj", dtype=ctx.dtype, device=ctx.device,
+                                  parallel=RowParallel(ctx.tp, reduce=False))
         return expert
 
     # -- weights ---------------------------------------------------------------------------------
@@ -202,16 +214,16 @@ class FusedMoE(nn.Module):
             return
         i = self.intermediate_size
         if part == "down":
-            copy_checked(self.w2.data[e], weight, name)
+            copy_checked(self.w2.data[e], take(weight, 1, self.inter_shard, name), name)
         elif part in ("gate", "up"):
             rows = slice(0, i) if part == "gate" else slice(i, 2 * i)
-            copy_checked(self.w13.data[e, rows], weight, name)
+            copy_checked(self.w13.data[e, rows], take(weight, 0, self.inter_shard, name), name)
         else:
             raise ValueError(f"{name}: part must be gate, up or down")
 
     def load_stacked(self, part: str, weight: torch.Tensor) -> None:
-        """transformers' stacked experts: "gate_up" [E, 2I, H] or "down" [E, H, I]."""
-        i = self.intermediate_size
+        """transformers' stacked experts: "gate_up" [E, 2I, H] or "down" [E, H, I] (full I)."""
+        i = self.inter_shard.full
         for e in range(self.num_experts):
             if part == "gate_up":
                 self.load_expert(e, "gate", weight[e, :i])
@@ -221,6 +233,10 @@ class FusedMoE(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self._partial(x, weights, ids), self.tp)
+
+    def _partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the experts' sum (the whole sum on one rank)."""
         if self.quantized:
             return _per_expert(x, weights, ids, self.num_experts, self._quantized_forward)
         if use_triton("fused_moe", x):

@@ -2,6 +2,10 @@
 
 Loop: drain incoming messages (never blocking while there is work), run one scheduler step,
 push the updates. A step that raises fails the requests it touched, not the process.
+
+Under tensor parallelism there is one such process per rank: each joins the group first
+(core/distributed/init.py), rank 0 reads ZMQ and broadcasts what it read, the others follow
+(core/distributed/lockstep.py); only rank 0 pushes updates and control replies.
 """
 from __future__ import annotations
 
@@ -25,22 +29,29 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 50
 
 
-def build_scheduler(args, tokenizer_factory=None):
-    """ModelRunner + Scheduler from ServerArgs (also used in-process by tests and benchmarks)."""
+def build_scheduler(args, tokenizer_factory=None, groups=None):
+    """ModelRunner + Scheduler from ServerArgs (also used in-process by tests and benchmarks);
+    ``groups``: this rank's kvyard.distributed.init.RankGroups (None: one rank)."""
     from kvyard.executor.backend_select import resolve_overlap_schedule
     from kvyard.executor.model_runner import ModelRunner
     from kvyard.grammar.manager import load_once, make_grammar_manager
     from kvyard.scheduler.scheduler import Scheduler
     from kvyard.scheduler.speculation import make_speculation
 
-    runner = ModelRunner(args.runner_config())
+    from kvyard.distributed.init import ONE_RANK
+
+    groups = groups or ONE_RANK
+    runner = ModelRunner(args.runner_config(), groups.tp, groups.pp, groups.world)
     mc = runner.model_config
-    overlap = resolve_overlap_schedule(args.disable_overlap_schedule, runner.device,
+    disable = True if groups.pp.enabled else args.disable_overlap_schedule   # a stage waits on its neighbours
+    overlap = resolve_overlap_schedule(disable, runner.device,
                                        is_generation=getattr(runner.model, "is_generation", True))
     config = args.scheduler_config(runner.max_running_requests, mc.context_length, overlap)
     tokenizer_factory = load_once(tokenizer_factory)  # shared by the stop checker and the grammars
     grammar = make_grammar_manager(args.grammar_backend, mc.vocab_size, mc.eos_token_ids, tokenizer_factory,
                                    args.constrained_json_whitespace_pattern)
+    if grammar is not None and groups.world.enabled:
+        grammar.lockstep = True   # ranks must agree on when a request's grammar is ready
     speculation = make_speculation(args.speculative_config(), draft_context(args, runner))
     return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory, grammar=grammar, speculation=speculation)
 
@@ -69,26 +80,60 @@ def draft_context(args, runner):
 
 
 def run_scheduler_process(args, in_addr: str, out_addr: str, registry_snapshot: dict,
-                          ready_conn, tokenizer_factory=None, parent_link=None) -> None:
-    logging.basicConfig(level=args.log_level.upper(), format="[kvyard scheduler] %(levelname)s %(message)s")
+                          ready_conn, tokenizer_factory=None, parent_link=None,
+                          parallel=None, local_rank: int = 0) -> None:
+    """``parallel``: a kvyard.distributed.ParallelConfig of more than one rank (None: one rank);
+    ``local_rank``: this process's rank on its node. Ranks > 0 ignore the ZMQ addresses."""
+    rank = parallel.global_rank(local_rank) if parallel else 0
+    name = f"kvyard scheduler rank{rank}" if parallel else "kvyard scheduler"
+    logging.basicConfig(level=args.log_level.upper(), format=f"[{name}] %(levelname)s %(message)s")
     if parent_link is not None:
         from kvyard.scheduler.parent_watch import watch_parent
         watch_parent(parent_link)  # exit (and clean up) when the API process dies
     ModelRegistry.restore(registry_snapshot)
     try:
-        scheduler = build_scheduler(args, tokenizer_factory)
+        groups, args = _join_group(args, parallel, local_rank)
+        scheduler = build_scheduler(args, tokenizer_factory, groups)
     except Exception as exc:
         ready_conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}",
                          "traceback": traceback.format_exc()})
         return
-    ready_conn.send({"ok": True, "info": scheduler_info(scheduler)})
+    ready_conn.send({"ok": True, "info": {**scheduler_info(scheduler), "tp_size": args.tp_size,
+                                          "pp_size": args.pp_size}})
     ready_conn.close()
+    inbox, outbox = _sockets(in_addr, out_addr, groups.world)
+    SchedulerLoop(scheduler, inbox, outbox, args.watchdog_timeout, groups.world).run()
+
+
+def _join_group(args, parallel, local_rank: int):
+    """(this rank's RankGroups, args): every rank gets rank 0's random seed when none was
+    given, so the ranks' schedulers and samplers draw the same numbers."""
+    from dataclasses import replace
+
+    from kvyard.distributed.collectives import broadcast_object
+    from kvyard.distributed.init import ONE_RANK, init_parallel
+
+    if parallel is None:
+        return ONE_RANK, args
+    groups = init_parallel(parallel, local_rank)
+    seed = broadcast_object(args.random_seed if args.random_seed is not None
+                            else int.from_bytes(os.urandom(4), "little") >> 1, groups.world)
+    return groups, replace(args, random_seed=seed)
+
+
+def _sockets(in_addr: str, out_addr: str, world):
+    """(inbox, outbox) of this rank (core/distributed/lockstep.py)."""
+    from kvyard.distributed.lockstep import FollowerInbox, LeaderInbox, NullOutbox, ZmqInbox
+
+    if world.rank > 0:
+        return FollowerInbox(world), NullOutbox()
     ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.connect(in_addr)
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(in_addr)
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(out_addr)
-    SchedulerLoop(scheduler, inbox, outbox, args.watchdog_timeout).run()
+    inbox = ZmqInbox(pull)
+    return (LeaderInbox(inbox, world) if world.enabled else inbox), outbox
 
 
 def scheduler_info(scheduler) -> dict[str, Any]:
@@ -104,7 +149,12 @@ def scheduler_info(scheduler) -> dict[str, Any]:
 
 
 class SchedulerLoop:
-    def __init__(self, scheduler, inbox, outbox, watchdog_timeout: float = 300.0):
+    def __init__(self, scheduler, inbox, outbox, watchdog_timeout: float = 300.0, tp=None):
+        """inbox: ``wait(ms)`` / ``drain() -> list`` (kvyard.distributed.lockstep); outbox:
+        ``send_pyobj``."""
+        from kvyard.distributed import SINGLE
+
+        self.tp = tp or SINGLE
         self.scheduler = scheduler
         self.inbox = inbox
         self.outbox = outbox
@@ -120,7 +170,7 @@ class SchedulerLoop:
             if not busy:
                 if self.was_busy:
                     self._idle_check()
-                self.inbox.poll(IDLE_POLL_MS)
+                self.inbox.wait(IDLE_POLL_MS)
             self.was_busy = busy
             updates = self._drain()
             self.step_started = time.monotonic()
@@ -147,11 +197,7 @@ class SchedulerLoop:
 
     def _drain(self) -> list:
         updates = []
-        while True:
-            try:
-                msg = self.inbox.recv_pyobj(zmq.NOBLOCK)
-            except zmq.Again:
-                return updates
+        for msg in self.inbox.drain():
             if isinstance(msg, TokenizedGenerateReq):
                 rejected = self.scheduler.add_request(msg)
                 if rejected:
@@ -162,6 +208,7 @@ class SchedulerLoop:
                 self.outbox.send_pyobj(self._control(msg))
             elif msg == "shutdown":
                 raise SystemExit(0)
+        return updates
 
     def _control(self, msg: ControlReq) -> ControlReply:
         s = self.scheduler
@@ -176,7 +223,7 @@ class SchedulerLoop:
             if msg.op == "stop_profile":
                 return ControlReply(msg.id, True, {"trace": self.profiler.stop()})
             if msg.op == "check_integrity":
-                s.check_integrity()
+                self._check_integrity_everywhere()
                 return ControlReply(msg.id, True)
             if msg.op == "update_weights":
                 finished = s.finish_inflight()   # the worker must be idle while the model changes
@@ -188,6 +235,19 @@ class SchedulerLoop:
             return ControlReply(msg.id, False, message=f"unknown control op {msg.op!r}")
         except Exception as exc:
             return ControlReply(msg.id, False, message=f"{type(exc).__name__}: {exc}")
+
+    def _check_integrity_everywhere(self) -> None:
+        """The KV integrity check on every rank; AssertionError naming the ranks that fail."""
+        from kvyard.distributed.collectives import gather_objects
+
+        try:
+            self.scheduler.check_integrity()
+            problem = None
+        except AssertionError as exc:
+            problem = f"rank {self.tp.rank}: {exc}" if self.tp.enabled else str(exc)
+        problems = [p for p in gather_objects(problem, self.tp) if p]
+        if problems:
+            raise AssertionError("; ".join(problems))
 
     def _fail_all(self, message: str) -> list:
         updates = self.scheduler.abort("")

@@ -1,9 +1,13 @@
-"""The safetensors load format: an HF folder of *.safetensors shards, read lazily."""
+"""The safetensors load format: an HF folder of *.safetensors shards, read lazily.
+
+With LoadConfig.lazy_slices (tensor parallelism) each entry is a kvyard.loader.LazyTensor: the
+layer that consumes it reads only its rank's slice from the memory-mapped file.
+"""
 from __future__ import annotations
 
 from typing import Any, Iterator
 
-from kvyard.loader import safetensors_files
+from kvyard.loader import LazyTensor, safetensors_files
 from kvyard_plugins.loaders.hf_folder import HFFolderLoader, is_model_weight
 
 
@@ -21,5 +25,10 @@ class SafetensorsLoader(HFFolderLoader):
             # safe_open memory-maps the file; each get_tensor reads one tensor.
             with safe_open(str(path), framework="pt", device="cpu") as shard:
                 for name in shard.keys():
-                    if is_model_weight(name):
+                    if not is_model_weight(name):
+                        continue
+                    if self.config.lazy_slices:
+                        part = shard.get_slice(name)
+                        yield name, LazyTensor(part, tuple(part.get_shape()), self.cast)
+                    else:
                         yield name, self.cast(shard.get_tensor(name))

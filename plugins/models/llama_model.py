@@ -14,6 +14,12 @@ tokens, H/Hkv heads, D head_dim):
                 x, residual = post_norm(o_proj(attn), residual)
                 h = down_proj(silu(gate) * up)
     hidden = norm(h, residual)                            [T, hidden]
+
+Tensor parallelism (``ctx.tp``, kvyard.model_base): each rank holds H / tp query heads and its
+KV heads (split, or one replicated), so ``qkv`` above is [T, (H_r + 2 Hkv_r) D]; o_proj and
+down_proj are row-parallel (all-reduced), the embedding and lm_head vocabulary-parallel.
+Pipeline parallelism (``ctx.pp``): a stage builds and loads only its layers (the embedding on
+the first stage, the final norm and lm_head on the last; kvyard.model_base).
 """
 from __future__ import annotations
 
@@ -27,11 +33,12 @@ from torch import nn
 from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.activation import SiluAndMul
 from kvyard.layers.attention import Attention, sliding_windows_from_hf
-from kvyard.layers.decoder import run_decoder_stack
+from kvyard.layers.decoder import PipelineLayer, run_decoder_stack
 from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear, process_linears_after_loading
 from kvyard.layers.logits import LogitsHead
 from kvyard.layers.norm import RMSNorm
+from kvyard.layers.parallel import ColumnParallel, RowParallel
 from kvyard.layers.rotary import RotaryEmbedding, rope_config_from_hf
 from kvyard.layers.weights import copy_checked, load_named
 from kvyard.model_base import ModelBuildContext
@@ -87,25 +94,32 @@ class LlamaAttention(nn.Module):
                  sliding_window: Optional[int] = None):
         super().__init__()
         self.dims = dims
+        heads = ctx.tp.split(dims.num_heads, "num_attention_heads")
+        kv_heads = ctx.tp.split_kv_heads(dims.num_kv_heads)
+        # this rank's heads: the sizes forward uses
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.size, kv_heads.size, dims.head_dim
+        self.q_size, self.kv_size = heads.size * dims.head_dim, kv_heads.size * dims.head_dim
+        d = dims.head_dim
         self.qkv_proj = Linear(dims.hidden_size, [dims.q_size, dims.kv_size, dims.kv_size],
                                bias=dims.qkv_bias, method=ctx.linear_method(f"{prefix}.qkv_proj"),
-                               prefix=f"{prefix}.qkv_proj", dtype=ctx.dtype, device=ctx.device)
+                               prefix=f"{prefix}.qkv_proj", dtype=ctx.dtype, device=ctx.device,
+                               parallel=ColumnParallel(ctx.tp, (heads * d, kv_heads * d, kv_heads * d)))
         self.o_proj = Linear(dims.q_size, dims.hidden_size, bias=dims.o_bias,
                              method=ctx.linear_method(f"{prefix}.o_proj"), prefix=f"{prefix}.o_proj",
-                             dtype=ctx.dtype, device=ctx.device)
-        self.attn = Attention(layer_id, dims.num_heads, dims.num_kv_heads, dims.head_dim,
+                             dtype=ctx.dtype, device=ctx.device, parallel=RowParallel(ctx.tp))
+        kv_index = layer_id - ctx.pp.layers(dims.num_layers).start   # the stage's KV pool counts from 0
+        self.attn = Attention(kv_index, self.num_heads, self.num_kv_heads, dims.head_dim,
                               sliding_window=sliding_window)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 fb: ForwardBatch) -> torch.Tensor:
-        d = self.dims
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                  # [T, q | k | v]
         # q and k are adjacent columns: rotate them as one [T, H + Hkv, D] view. Split views, not
         # slices: a decode step runs this per layer, and each tensor op costs dispatch time.
-        qk, v = qkv.split_with_sizes((d.q_size + d.kv_size, d.kv_size), dim=1)
-        qk = RotaryEmbedding.apply(qk.view(t, d.num_heads + d.num_kv_heads, d.head_dim), cos_sin)
-        q, k = qk.view(t, -1).split_with_sizes((d.q_size, d.kv_size), dim=1)
+        qk, v = qkv.split_with_sizes((self.q_size + self.kv_size, self.kv_size), dim=1)
+        qk = RotaryEmbedding.apply(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos_sin)
+        q, k = qk.view(t, -1).split_with_sizes((self.q_size, self.kv_size), dim=1)
         return self.o_proj(self.attn(q, k, v, fb))
 
 
@@ -115,10 +129,12 @@ class LlamaMLP(nn.Module):
         inter = dims.intermediate_size
         self.gate_up_proj = Linear(dims.hidden_size, [inter, inter], bias=dims.mlp_bias,
                                    method=ctx.linear_method(f"{prefix}.gate_up_proj"),
-                                   prefix=f"{prefix}.gate_up_proj", dtype=ctx.dtype, device=ctx.device)
+                                   prefix=f"{prefix}.gate_up_proj", dtype=ctx.dtype, device=ctx.device,
+                                   parallel=ColumnParallel(ctx.tp))
         self.down_proj = Linear(inter, dims.hidden_size, bias=dims.mlp_bias,
                                 method=ctx.linear_method(f"{prefix}.down_proj"),
-                                prefix=f"{prefix}.down_proj", dtype=ctx.dtype, device=ctx.device)
+                                prefix=f"{prefix}.down_proj", dtype=ctx.dtype, device=ctx.device,
+                                parallel=RowParallel(ctx.tp))
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,13 +169,15 @@ class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, dims: LlamaDims, ctx: ModelBuildContext,
                  attention_cls: type = LlamaAttention):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(dims.vocab_size, dims.hidden_size, ctx.dtype, ctx.device,
-                                           prefix="model.embed_tokens")
+        self.pp_stage = ctx.pp
+        self.embed_tokens = (VocabEmbedding(dims.vocab_size, dims.hidden_size, ctx.dtype, ctx.device,
+                                            prefix="model.embed_tokens", tp=ctx.tp) if ctx.pp.is_first else None)
         self.rotary = RotaryEmbedding(rope_config_from_hf(hf_config, dims.head_dim), ctx.dtype, ctx.device)
         windows = sliding_windows_from_hf(hf_config, dims.num_layers)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(dims, i, ctx, attention_cls, windows[i])
-                                    for i in range(dims.num_layers))
-        self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
+        mine = ctx.pp.layers(dims.num_layers)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(dims, i, ctx, attention_cls, windows[i]) if i in mine
+                                    else PipelineLayer() for i in range(dims.num_layers))
+        self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device) if ctx.pp.is_last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         return run_decoder_stack(self, input_ids, positions, fb)
@@ -169,20 +187,26 @@ class LlamaForCausalLM(nn.Module):
     """Model plugin contract: see kvyard.model_base."""
 
     is_generation = True
+    supports_tensor_parallel = True
+    supports_pipeline_parallel = True
     attention_cls: type = LlamaAttention   # a variant's attention module (same constructor)
 
     def __init__(self, hf_config: Any, ctx: ModelBuildContext):
         super().__init__()
         self.config = hf_config
         self.dims = read_dims(hf_config, *self.biases(hf_config))
+        self.tp, self.pp = ctx.tp, ctx.pp
         self.model = LlamaModel(hf_config, self.dims, ctx, self.attention_cls)
-        self._init_head(hf_config, ctx)
+        if ctx.pp.is_last:
+            self._init_head(hf_config, ctx)
 
     def _init_head(self, hf_config: Any, ctx: ModelBuildContext) -> None:
-        self.lm_head = Linear(self.dims.hidden_size, self.dims.vocab_size, bias=False,
+        vocab = self.dims.vocab_size
+        self.lm_head = Linear(self.dims.hidden_size, vocab, bias=False,
                               method=ctx.linear_method("lm_head"), prefix="lm_head",
-                              dtype=ctx.dtype, device=ctx.device)
-        self.logits_head = LogitsHead(self.lm_head)
+                              dtype=ctx.dtype, device=ctx.device,
+                              parallel=ColumnParallel(ctx.tp, (ctx.tp.split_padded(vocab),)))
+        self.logits_head = LogitsHead(self.lm_head, vocab_size=vocab)
 
     # -- architecture differences ------------------------------------------------------------
     @classmethod
@@ -214,13 +238,17 @@ class LlamaForCausalLM(nn.Module):
 
     def _checkpoint_targets(self) -> tuple[dict[str, Callable[[Any], None]], dict[str, Callable[[Any], None]]]:
         """(required, optional): HF checkpoint name -> the call that loads it."""
-        targets: dict[str, Callable[[Any], None]] = {
-            "model.embed_tokens.weight": self._load_embedding,
-            "model.norm.weight": partial(copy_checked, self.model.norm.weight, name="model.norm.weight"),
-        }
-        head, optional = self._head_targets()
-        targets.update(head)
+        targets: dict[str, Callable[[Any], None]] = {}
+        optional: dict[str, Callable[[Any], None]] = {}
+        if self.pp.is_first or (self.pp.is_last and self.dims.tie_word_embeddings):
+            targets["model.embed_tokens.weight"] = self._load_embedding
+        if self.pp.is_last:
+            targets["model.norm.weight"] = partial(copy_checked, self.model.norm.weight, name="model.norm.weight")
+            head, optional = self._head_targets()
+            targets.update(head)
         for i, layer in enumerate(self.model.layers):
+            if isinstance(layer, PipelineLayer):
+                continue   # another stage's
             required, opt = self._layer_targets(f"model.layers.{i}", layer)
             targets.update(required)
             optional.update(opt)
@@ -235,8 +263,9 @@ class LlamaForCausalLM(nn.Module):
         return _layer_targets(prefix, layer)
 
     def _load_embedding(self, weight: Any) -> None:
-        self.model.embed_tokens.load(weight, "model.embed_tokens.weight")
-        if self.dims.tie_word_embeddings:
+        if self.model.embed_tokens is not None:
+            self.model.embed_tokens.load(weight, "model.embed_tokens.weight")
+        if self.dims.tie_word_embeddings and self.pp.is_last:
             # the lm_head gets the checkpoint entry itself, so a quantization method can keep it packed
             self.lm_head.load_shard(0, weight)
 
@@ -284,6 +313,7 @@ class LlamaForSequenceClassification(LlamaForCausalLM):
     ``pool`` returns the raw scores [B, num_labels] (no activation), as HF's logits."""
 
     is_generation = False
+    supports_pipeline_parallel = False
 
     def _init_head(self, hf_config: Any, ctx: ModelBuildContext) -> None:
         labels = int(getattr(hf_config, "num_labels", 0) or 0)

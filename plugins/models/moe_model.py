@@ -35,6 +35,7 @@ from kvyard.layers.linear import Linear
 from kvyard.layers.mlp import GatedMLP
 from kvyard.layers.moe import FusedMoE, Router, RoutingConfig, SparseMoeBlock
 from kvyard.layers.norm import RMSNorm
+from kvyard.layers.parallel import ColumnParallel, RowParallel
 from kvyard.layers.rotary import RotaryEmbedding
 from kvyard.layers.weights import copy_checked
 from kvyard.model_base import ModelBuildContext
@@ -63,21 +64,24 @@ class MoeAttention(nn.Module):
         super().__init__()
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        self.heads, self.kv_heads = heads, kv_heads
-        self.q_size, self.kv_size = heads * self.head_dim, kv_heads * self.head_dim
+        d = self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        local_q, local_kv = ctx.tp.split(heads, "num_attention_heads"), ctx.tp.split_kv_heads(kv_heads)
+        self.heads, self.kv_heads = local_q.size, local_kv.size           # this rank's heads
+        self.q_size, self.kv_size = self.heads * d, self.kv_heads * d
         self.spec = spec
         lin = dict(dtype=ctx.dtype, device=ctx.device)
-        self.qkv_proj = Linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=spec.qkv_bias,
-                               method=ctx.linear_method(f"{prefix}.qkv_proj"), prefix=f"{prefix}.qkv_proj", **lin)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=spec.o_bias,
-                             method=ctx.linear_method(f"{prefix}.o_proj"), prefix=f"{prefix}.o_proj", **lin)
+        self.qkv_proj = Linear(cfg.hidden_size, [heads * d, kv_heads * d, kv_heads * d], bias=spec.qkv_bias,
+                               method=ctx.linear_method(f"{prefix}.qkv_proj"), prefix=f"{prefix}.qkv_proj",
+                               parallel=ColumnParallel(ctx.tp, (local_q * d, local_kv * d, local_kv * d)), **lin)
+        self.o_proj = Linear(heads * d, cfg.hidden_size, bias=spec.o_bias,
+                             method=ctx.linear_method(f"{prefix}.o_proj"), prefix=f"{prefix}.o_proj",
+                             parallel=RowParallel(ctx.tp), **lin)
         if spec.qk_norm is not None:
             q_width, k_width = ((self.head_dim, self.head_dim) if spec.qk_norm == "head"
                                 else (self.q_size, self.kv_size))
             self.q_norm = RMSNorm(q_width, cfg.rms_norm_eps, ctx.dtype, ctx.device)
             self.k_norm = RMSNorm(k_width, cfg.rms_norm_eps, ctx.dtype, ctx.device)
-        self.attn = Attention(layer_id, heads, kv_heads, self.head_dim)
+        self.attn = Attention(layer_id, self.heads, self.kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos_sin, fb: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
@@ -133,6 +137,8 @@ class MoeDecoderLayer(PreNormDecoderLayer):
 
 class MoeForCausalLM(DecoderLM):
     """Model plugin contract: see kvyard.model_base. Subclasses give ``spec(cfg)``."""
+
+    supports_tensor_parallel = True
 
     @classmethod
     def spec(cls, cfg: Any) -> MoeSpec:
@@ -205,6 +211,9 @@ class Qwen3MoeForCausalLM(MoeForCausalLM):
 
 
 class OlmoeForCausalLM(MoeForCausalLM):
+    # its q/k RMSNorm spans every head of the projection: split heads would need a reduction
+    supports_tensor_parallel = False
+
     @classmethod
     def spec(cls, cfg: Any) -> MoeSpec:
         bias = bool(getattr(cfg, "attention_bias", False))

@@ -18,14 +18,17 @@ from kvyard_plugins.models.llama_model import LlamaForCausalLM
 def load_fused(linear: Linear, name: str, weight: Any) -> None:
     """A checkpoint tensor holding all of ``linear``'s shards stacked by rows [sum(out), in]."""
     dense = as_dense(weight, name)
-    if dense.shape[0] != linear.out_features:
+    full = linear.full_output_sizes   # the layer keeps its tensor-parallel slice of each shard
+    if dense.shape[0] != sum(full):
         raise ValueError(f"{name}: checkpoint rows {dense.shape[0]} do not match the model's "
-                         f"{linear.out_features}")
-    for shard, rows in enumerate(dense.split(linear.output_sizes, dim=0)):
+                         f"{sum(full)}")
+    for shard, rows in enumerate(dense.split(full, dim=0)):
         linear.load_shard(shard, rows)
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
+    supports_pipeline_parallel = False   # its checkpoint targets assume every layer is built
+
     @classmethod
     def biases(cls, cfg: Any) -> tuple[bool, bool, bool]:
         return False, False, False

@@ -31,11 +31,10 @@ class Qwen3Attention(LlamaAttention):
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 fb: ForwardBatch) -> torch.Tensor:
-        d = self.dims
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split_with_sizes((d.q_size, d.kv_size, d.kv_size), dim=1)
-        q = RotaryEmbedding.apply(self.q_norm(q.reshape(t, d.num_heads, d.head_dim)), cos_sin)
-        k = RotaryEmbedding.apply(self.k_norm(k.reshape(t, d.num_kv_heads, d.head_dim)), cos_sin)
+        q, k, v = self.qkv_proj(x).split_with_sizes((self.q_size, self.kv_size, self.kv_size), dim=1)
+        q = RotaryEmbedding.apply(self.q_norm(q.reshape(t, self.num_heads, self.head_dim)), cos_sin)
+        k = RotaryEmbedding.apply(self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)), cos_sin)
         return self.o_proj(self.attn(q.reshape(t, -1), k.reshape(t, -1), v, fb))
 
 

@@ -27,8 +27,8 @@ def engine(smollm2_path, tmp_path_factory):
 
 
 def test_sglang_engine_arguments(smollm2_path):
-    with pytest.raises(ValueError, match="tp_size is not supported by kvyard"):
-        Engine(model_path=smollm2_path, tp_size=2)
+    with pytest.raises(ValueError, match="ep_size is not supported by kvyard"):
+        Engine(model_path=smollm2_path, ep_size=2)
 
 
 def test_tokenizer_manager_tokenizer_with_a_conversation_json_template(engine):
