@@ -191,17 +191,35 @@ def test_openapi_describes_what_the_server_does(url):
 
 
 # -- one request must not stall the others ------------------------------------------------------
-def _probe_while(url: str, job: threading.Thread) -> list[float]:
-    """/health and a one-token generation, each within 1 s, over and over while ``job`` runs."""
-    seconds = []
-    small = {"text": "Hi", "sampling_params": {"max_new_tokens": 1}}
-    assert requests.post(url + "/generate", json=small, headers=KEY, timeout=60).status_code == 200  # warm
-    while True:
-        for call in (lambda: requests.get(url + "/health", timeout=1),
-                     lambda: requests.post(url + "/generate", json=small, headers=KEY, timeout=1)):
+SMALL = {"input_ids": [9690], "sampling_params": {"max_new_tokens": 1}}   # nothing to tokenize
+PROBES = {"health": lambda url, timeout: requests.get(url + "/health", timeout=timeout),
+          "small generation": lambda url, timeout: requests.post(url + "/generate", json=SMALL, headers=KEY,
+                                                                 timeout=timeout)}
+STALL_BUDGET_S = 1.0      # what the server promises a probe while a heavy request is in flight
+LOAD_ALLOWANCE = 3.0      # on a loaded machine: this many times the probe's own idle latency
+
+
+def _budgets(url: str) -> dict[str, float]:
+    """Each probe's budget: 1 s, or 3x its slowest idle answer when the machine itself is that slow
+    (a shared CI core), measured right before the heavy request. A stall (the event loop blocked by
+    one request for seconds, or never answering) exceeds either."""
+    idle = {name: 0.0 for name in PROBES}
+    for _ in range(3):
+        for name, call in PROBES.items():
             started = time.monotonic()
-            assert call().status_code == 200
-            seconds.append(time.monotonic() - started)
+            assert call(url, 60).status_code == 200
+            idle[name] = max(idle[name], time.monotonic() - started)
+    return {name: max(STALL_BUDGET_S, LOAD_ALLOWANCE * seconds) for name, seconds in idle.items()}
+
+
+def _probe_while(url: str, job: threading.Thread, budgets: dict[str, float]) -> list[tuple[str, float]]:
+    """/health and a one-token generation, each within its budget, over and over while ``job`` runs."""
+    seconds = []
+    while True:
+        for name, call in PROBES.items():
+            started = time.monotonic()
+            assert call(url, budgets[name]).status_code == 200, name   # a stall times out: the test fails
+            seconds.append((name, time.monotonic() - started))
         if not job.is_alive():
             return seconds
 
@@ -217,11 +235,13 @@ def test_one_request_does_not_stall_the_others(url, name):
                                             "top_logprobs_num": 20, "return_text_in_logprobs": True,
                                             "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}),
     }[name]
+    budgets = _budgets(url)
     answers = []
-    requests.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}}, headers=KEY)
     job = threading.Thread(target=lambda: answers.append(post(url, *heavy)))
     job.start()
-    seconds = _probe_while(url, job)
-    job.join()
-    assert answers[0].status_code in (200, 400, 413), answers[0].text
-    assert seconds and max(seconds) < 1.0, seconds
+    try:
+        seconds = _probe_while(url, job, budgets)
+    finally:
+        job.join()
+    assert answers and answers[0].status_code in (200, 400, 413), answers and answers[0].text
+    assert seconds and all(s < budgets[probe] for probe, s in seconds), (budgets, seconds)
