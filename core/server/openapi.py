@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from kvyard.server.protocol import ErrorResponse
 
 STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/v1/responses",
-                             "/v1/messages"})
+                             "/v1/messages", "/generate_image"})
 TEXT_PATHS = frozenset({"/start_profile", "/stop_profile", "/metrics"})   # answer text/plain
 ANTHROPIC_PREFIX = "/v1/messages"                              # errors in Anthropic's shape (errors.py)
 _ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"],

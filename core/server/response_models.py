@@ -365,3 +365,25 @@ class FunctionCallResult(_Out):
 class SeparateReasoningResult(_Out):
     reasoning_text: Optional[str]
     text: Optional[str]
+
+
+# -- the diffusion server (images_api.py) ------------------------------------------------------
+class ImageData(_Out):
+    """One image (or video): base64 of the file, or a URL under /v1/images/files/."""
+    b64_json: Optional[str] = None
+    url: Optional[str] = None
+
+
+class ImagesResponse(_Out):
+    created: int
+    data: list[ImageData]
+    output_format: str
+
+
+class DiffusionModelInfo(_Out):
+    model_path: str
+    is_generation: bool
+    model_type: Literal["diffusion"]
+    pipeline_class: str
+    task: str
+    default_size: str
