@@ -181,6 +181,11 @@ def test_openapi_describes_what_the_server_does(url):
             assert schema["properties"]["type"] == {"const": "error"}, (path, schema)
             continue
         assert _ERROR_REF in [schema, *schema.get("anyOf", [])], (path, schema)
+    for path, method, op in ops:   # every success body is described: a model, text, bytes or nothing
+        content = op["responses"]["200"].get("content", {})
+        json_schema = content.get("application/json", {}).get("schema", {})
+        assert "$ref" in json_schema or (not content.get("application/json") and (
+            not content or {"text/plain", "application/octet-stream"} & set(content))), (method, path, content)
     native = {p: item for p, item in spec["paths"].items()}
     for path in ("/generate", "/encode", "/abort_request", "/update_weights_from_disk", "/function_call",
                  "/separate_reasoning", "/v1/files"):
