@@ -31,13 +31,14 @@ from kvyard.server.protocol import ChatCompletionRequest
 from kvyard.server.reasoning_budget import effort_budget
 from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
 from kvyard.server.streaming import EventStream
+from kvyard.server.response_models import MessageResponse, TokenCount, ok
 
 router = APIRouter()
 _FIELD_NAMES = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences",
                 "response_format.json_schema.schema": "output_config.format.schema", "response_format": "output_config.format"}
 
 
-@router.post("/v1/messages")
+@router.post("/v1/messages", responses=ok(MessageResponse))
 async def create_message(req: MessagesRequest, request: Request):
     ctx = ctx_of(request)
     reqs, plan = _prepare(ctx, req)
@@ -52,7 +53,7 @@ async def create_message(req: MessagesRequest, request: Request):
             "stop_reason": stop_reason, "stop_sequence": stop_sequence}
 
 
-@router.post("/v1/messages/count_tokens")
+@router.post("/v1/messages/count_tokens", responses=ok(TokenCount))
 async def count_tokens(req: CountTokensRequest, request: Request):
     ctx = ctx_of(request)
     ctx.require_tokenizer("messages")

@@ -60,6 +60,8 @@ class _Conversation(_Strict):
 
 
 class MessagesRequest(_Conversation):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}]})
     max_tokens: int
     stop_sequences: Optional[list[str]] = None
     temperature: Optional[float] = None
@@ -80,4 +82,5 @@ class MessagesRequest(_Conversation):
 
 
 class CountTokensRequest(_Conversation):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"messages": [{"role": "user", "content": "Hi"}]}]})
     pass

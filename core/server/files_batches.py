@@ -34,6 +34,7 @@ from kvyard.server.context import ctx_of
 from kvyard.server.errors import error_body
 from kvyard.server.file_store import FILE_PURPOSES, FileStore, _write_atomic, parse_multipart
 from kvyard.server.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from kvyard.server.response_models import Batch, BatchList, Deleted, FileList, FileObject, ok
 
 logger = logging.getLogger(__name__)
 
@@ -292,9 +293,11 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"},
                    "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}}}}}}}
+_CONTENT = {200: {"description": "the file's bytes", "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
 
 
-@router.post("/v1/files", openapi_extra=_UPLOAD_BODY)
+@router.post("/v1/files", openapi_extra=_UPLOAD_BODY, responses=ok(FileObject))
 async def upload_file(request: Request):
     fields, files = parse_multipart(request.headers.get("content-type", ""), await request.body())
     if "file" not in files:
@@ -303,43 +306,43 @@ async def upload_file(request: Request):
     return ctx_of(request).files.create(filename, fields.get("purpose", ""), data)
 
 
-@router.get("/v1/files")
+@router.get("/v1/files", responses=ok(FileList))
 async def list_files(request: Request, purpose: Optional[str] = None):
     return {"object": "list", "data": ctx_of(request).files.list(purpose)}
 
 
-@router.get("/v1/files/{file_id}")
+@router.get("/v1/files/{file_id}", responses=ok(FileObject))
 async def retrieve_file(file_id: str, request: Request):
     return ctx_of(request).files.get(file_id)
 
 
-@router.get("/v1/files/{file_id}/content")
+@router.get("/v1/files/{file_id}/content", response_class=Response, responses=_CONTENT)
 async def file_content(file_id: str, request: Request):
     return Response(ctx_of(request).files.content(file_id), media_type="application/octet-stream")
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete("/v1/files/{file_id}", responses=ok(Deleted))
 async def delete_file(file_id: str, request: Request):
     return ctx_of(request).files.delete(file_id)
 
 
-@router.post("/v1/batches")
+@router.post("/v1/batches", responses=ok(Batch))
 async def create_batch(req: BatchCreateRequest, request: Request):
     return ctx_of(request).batches.create(req)
 
 
-@router.get("/v1/batches")
+@router.get("/v1/batches", responses=ok(BatchList))
 async def list_batches(request: Request, limit: int = 20):
     batches = ctx_of(request).batches.list()[:max(1, limit)]
     return {"object": "list", "data": batches, "first_id": batches[0]["id"] if batches else None,
             "last_id": batches[-1]["id"] if batches else None, "has_more": False}
 
 
-@router.get("/v1/batches/{batch_id}")
+@router.get("/v1/batches/{batch_id}", responses=ok(Batch))
 async def retrieve_batch(batch_id: str, request: Request):
     return ctx_of(request).batches.get(batch_id)
 
 
-@router.post("/v1/batches/{batch_id}/cancel")
+@router.post("/v1/batches/{batch_id}/cancel", responses=ok(Batch))
 async def cancel_batch(batch_id: str, request: Request):
     return ctx_of(request).batches.cancel(batch_id)

@@ -8,6 +8,7 @@ ImageQueue and awaits its future; it never runs the pipeline itself.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import time
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kvyard.errors import RequestError
 from kvyard.server.errors import error_response
+from kvyard.server.response_models import DiffusionModelInfo, ImagesResponse, ModelList, ok
 from kvyard.server.streaming import EventStream, sse, with_errors_and_done
 
 router = APIRouter()
@@ -29,7 +31,8 @@ FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 
 class ImageRequest(BaseModel):
     """POST /v1/images/generations (OpenAI fields, then kvyard's extras) and /generate_image."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [
+        {"prompt": "a red square", "size": "32x32", "num_inference_steps": 2}]})
     prompt: str
     model: Optional[str] = None
     n: Optional[int] = None
@@ -117,7 +120,7 @@ async def _run(ctx, request: Request, fields: dict, response_format: str, output
     return body
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", responses=ok(ImagesResponse))
 async def images_generations(body: ImageRequest, request: Request):
     ctx = ctx_of(request)
     if body.stream:
@@ -129,9 +132,17 @@ async def images_generations(body: ImageRequest, request: Request):
 EDIT_FIELDS = {"prompt": str, "model": str, "n": int, "size": str, "response_format": str, "output_format": str,
                "user": str, "seed": int, "negative_prompt": str, "num_inference_steps": int,
                "guidance_scale": float, "strength": float}
+_EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image", "prompt"],
+    "properties": {"image": {"type": "string", "format": "binary"},
+                   **{name: {"type": {str: "string", int: "integer", float: "number"}[typ]}
+                      for name, typ in EDIT_FIELDS.items()}}}}}}}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_FILE = {200: {"description": "the image or video file", "content": {
+    "image/png": _BINARY, "image/jpeg": _BINARY, "image/webp": _BINARY, "video/mp4": _BINARY}}}
 
 
-@router.post("/v1/images/edits")
+@router.post("/v1/images/edits", openapi_extra=_EDIT_BODY, responses=ok(ImagesResponse))
 async def images_edits(request: Request):
     """multipart/form-data: image (file) + prompt, and the fields of EDIT_FIELDS."""
     ctx = ctx_of(request)
@@ -167,9 +178,12 @@ def _convert(key: str, value: Any, typ: type) -> Any:
     if not isinstance(value, str):
         raise RequestError(f"{key}: expected a form field, got a file", param=key)
     try:
-        return typ(value)
+        converted = typ(value)
     except ValueError:
         raise RequestError(f"{key}: expected {typ.__name__}, got {value!r}", param=key) from None
+    if typ is float and not math.isfinite(converted):
+        raise RequestError(f"{key}: must be a finite number, got {value!r}", param=key)
+    return converted
 
 
 async def _read_image(upload: Any):
@@ -184,7 +198,7 @@ async def _read_image(upload: Any):
         raise RequestError("image: the file is not a readable image (PNG, JPEG or WebP)", param="image") from None
 
 
-@router.post("/generate_image")
+@router.post("/generate_image", responses=ok(ImagesResponse))
 async def generate_image(body: ImageRequest, request: Request):
     """Native: the same fields; with stream=true, server-sent events {"step", "total_steps"} per
     denoising step, then the response body, then [DONE]."""
@@ -219,7 +233,7 @@ async def _progress_events(ctx, request: Request, job, body: ImageRequest):
         ctx.metrics.on_request(time.perf_counter() - start)
 
 
-@router.get("/v1/images/files/{name}", name="image_file")
+@router.get("/v1/images/files/{name}", name="image_file", response_class=FileResponse, responses=_FILE)
 async def image_file(name: str, request: Request):
     ctx = ctx_of(request)
     path = os.path.join(ctx.args.output_path, name)
@@ -228,7 +242,7 @@ async def image_file(name: str, request: Request):
     return FileResponse(path)
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response, responses={200: {"description": "ready (no body)", "content": {}}})
 async def health(request: Request):
     ctx = ctx_of(request)
     if not ctx.ready:
@@ -238,7 +252,7 @@ async def health(request: Request):
     return Response(status_code=200)
 
 
-@router.get("/get_model_info")
+@router.get("/get_model_info", responses=ok(DiffusionModelInfo))
 async def get_model_info(request: Request):
     ctx = ctx_of(request)
     info = ctx.engine.info
@@ -247,7 +261,7 @@ async def get_model_info(request: Request):
             "default_size": f"{info.default_width}x{info.default_height}", "size_multiple": info.size_multiple}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=ok(ModelList))
 async def list_models(request: Request):
     ctx = ctx_of(request)
     return {"object": "list", "data": [{"id": ctx.model_name, "object": "model", "created": ctx.started,

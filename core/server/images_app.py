@@ -42,10 +42,12 @@ def create_images_app(ctx: ImageServerContext) -> FastAPI:
     from kvyard.server.app import ReadinessMiddleware
     from kvyard.server.auth import ApiKeyMiddleware
     from kvyard.server.errors import install_error_handlers
+    from kvyard.server.openapi import install_openapi
 
     app = FastAPI(title="kvyard (diffusion)", version=__version__, lifespan=_lifespan(ctx))
     app.state.ctx = ctx
     install_error_handlers(app)
+    install_openapi(app, api_key=bool(ctx.args.api_key))
     app.include_router(images_api.router)
     if ctx.args.enable_metrics:
         app.add_api_route("/metrics", images_api.metrics, methods=["GET"])

@@ -21,6 +21,8 @@ from kvyard.server.protocol import (AbortRequest, AdminResult, EncodeRequest, Fu
                                     SeparateReasoningRequest, UpdateWeightsRequest)
 from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
 from kvyard.server.streaming import EventStream, sse, with_errors_and_done
+from kvyard.server.response_models import (EncodeResponse, FunctionCallResult, GenerateResponse, KVIntegrity, ModelInfo,
+                                            SeparateReasoningResult, ServerInfo, Success, ok)
 
 router = APIRouter()
 
@@ -30,7 +32,7 @@ SECRET_ARGS = ("api_key", "admin_api_key")
 
 
 # -- generation ----------------------------------------------------------------------------
-@router.api_route("/generate", methods=["POST", "PUT"])
+@router.api_route("/generate", methods=["POST", "PUT"], responses=ok(GenerateResponse))
 async def generate(body: GenerateRequest, request: Request):
     ctx = ctx_of(request)
     obj = body.model_dump(exclude_none=True)
@@ -52,12 +54,12 @@ async def _stream(ctx: ServerContext, reqs, text_in_logprobs: bool) -> AsyncIter
         yield sse(item if text_in_logprobs else strip_token_text(item))
 
 
-@router.post("/encode")
+@router.post("/encode", responses=ok(EncodeResponse))
 async def encode_route(body: EncodeRequest, request: Request):
     return await _embed(body, request)
 
 
-@router.post("/classify")
+@router.post("/classify", responses=ok(EncodeResponse))
 async def classify(body: EncodeRequest, request: Request):
     """Reward and classification models serve their scores (raw logits) as the embedding vector;
     cross-encoders take text pairs: {"text": [[query, document], ...]}."""
@@ -73,7 +75,7 @@ async def _embed(body: EncodeRequest, request: Request):
     return single_or_list(outs, reqs.batch)
 
 
-@router.post("/abort_request")
+@router.post("/abort_request", responses=ok(Success))
 async def abort_request(body: AbortRequest, request: Request):
     if not body.rid and not body.abort_all:
         raise RequestError("rid: give a request id, or abort_all: true", param="rid")
@@ -109,7 +111,7 @@ async def health_generate(request: Request):
     return Response(status_code=200)
 
 
-@router.get("/get_model_info")
+@router.get("/get_model_info", responses=ok(ModelInfo))
 async def get_model_info(request: Request):
     ctx = ctx_of(request)
     # the tokenizer is the one loaded at start, whatever weights were loaded since
@@ -128,7 +130,7 @@ def chat_template_info(tokenizer) -> dict:
             "bos_token": token("bos_token"), "eos_token": token("eos_token")}
 
 
-@router.get("/get_server_info")
+@router.get("/get_server_info", responses=ok(ServerInfo))
 async def get_server_info(request: Request):
     ctx = ctx_of(request)
     reply = await ctx.tm.control("get_info")
@@ -146,7 +148,7 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-@router.get("/debug/kv_integrity")
+@router.get("/debug/kv_integrity", responses=ok(KVIntegrity))
 async def kv_integrity(request: Request):
     """Every KV slot is free, cached or owned by a running request — exactly one (tests use it)."""
     ctx = ctx_of(request)
@@ -226,7 +228,7 @@ async def stop_profile(request: Request):
 
 
 # -- parsers -------------------------------------------------------------------------------
-@router.post("/function_call")
+@router.post("/function_call", responses=ok(FunctionCallResult))
 async def function_call(body: FunctionCallRequest, request: Request):
     """Parses tool calls out of a text: {"text", "tools", "tool_call_parser"}."""
     from kvyard.parsers import FunctionCallParser
@@ -245,7 +247,7 @@ async def function_call(body: FunctionCallRequest, request: Request):
             "calls": [{"tool_index": c.tool_index, "name": c.name, "parameters": c.parameters} for c in calls]}
 
 
-@router.post("/separate_reasoning")
+@router.post("/separate_reasoning", responses=ok(SeparateReasoningResult))
 async def separate_reasoning(body: SeparateReasoningRequest, request: Request):
     """Splits a text into reasoning and answer: {"text", "reasoning_parser"}."""
     from kvyard.parsers import ReasoningParserFacade

@@ -10,6 +10,7 @@ from kvyard.server.context import ctx_of
 from kvyard.server.openai_chat import chat_completion
 from kvyard.server.openai_completions import completion, embeddings
 from kvyard.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from kvyard.server.response_models import ChatCompletion, Completion, EmbeddingList, ModelCard, ModelList, ok
 
 router = APIRouter()
 
@@ -19,12 +20,12 @@ def _model_card(ctx) -> dict:
             "root": ctx.args.model_path, "max_model_len": ctx.tm.context_length}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=ok(ModelList))
 async def list_models(request: Request):
     return {"object": "list", "data": [_model_card(ctx_of(request))]}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=ok(ModelCard))
 async def retrieve_model(model_id: str, request: Request):
     ctx = ctx_of(request)
     if model_id != ctx.model_name:
@@ -33,16 +34,16 @@ async def retrieve_model(model_id: str, request: Request):
     return _model_card(ctx)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=ok(ChatCompletion))
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     return await chat_completion(ctx_of(request), req, request)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=ok(Completion))
 async def completions(req: CompletionRequest, request: Request):
     return await completion(ctx_of(request), req, request)
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", responses=ok(EmbeddingList))
 async def create_embeddings(req: EmbeddingRequest, request: Request):
     return await embeddings(ctx_of(request), req, request)

@@ -123,6 +123,8 @@ class NamedToolChoice(_Strict):
 
 
 class ChatCompletionRequest(SamplingExtras):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}]})
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
     logprobs: Bool = False
@@ -139,6 +141,8 @@ class ChatCompletionRequest(SamplingExtras):
 
 
 class CompletionRequest(SamplingExtras):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "The capital of France is", "max_tokens": 4, "logprobs": 2}]})
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: Bool = False
     logprobs: Optional[int] = None
@@ -147,6 +151,7 @@ class CompletionRequest(SamplingExtras):
 
 
 class EmbeddingRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"input": ["The cat sits on the mat."]}]})
     input: Union[str, list[str], list[int], list[list[int]]]
     model: Optional[str] = None
     encoding_format: Literal["float", "base64"] = "float"
@@ -155,6 +160,8 @@ class EmbeddingRequest(_Strict):
 
 
 class RerankRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"query": "what is a panda?", "documents": ["hi", "The giant panda is a bear."]}]})
     query: str
     documents: list[str]
     model: Optional[str] = None
@@ -163,6 +170,8 @@ class RerankRequest(_Strict):
 
 
 class BatchCreateRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"input_file_id": "file-0123456789abcdef0123456789abcdef", "endpoint": "/v1/chat/completions"}]})
     input_file_id: str
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     completion_window: str = "24h"
@@ -190,7 +199,9 @@ class _Native(BaseModel):
 
 class GenerateRequest(BaseModel):
     """POST /generate. Unknown fields pass through to the TokenizerManager, which names them."""
-    model_config = ConfigDict(extra="allow", strict=True, **_FINITE)
+    model_config = ConfigDict(extra="allow", strict=True, **_FINITE, json_schema_extra={"examples": [
+        {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4}, "return_logprob": True,
+         "top_logprobs_num": 2, "return_text_in_logprobs": True}]})
     text: Union[str, list[str], None] = None
     prompt: Union[str, list[str], None] = None           # an alias of text
     input_ids: Union[list[int], list[list[int]], None] = None
@@ -207,29 +218,38 @@ class GenerateRequest(BaseModel):
 class EncodeRequest(BaseModel):
     """POST /encode and /classify (text pairs for cross-encoders). Other fields pass through to
     the TokenizerManager, which accepts SGLang's EmbeddingReqInput fields and names the rest."""
-    model_config = ConfigDict(extra="allow", strict=True, **_FINITE)
+    model_config = ConfigDict(extra="allow", strict=True, **_FINITE,
+                              json_schema_extra={"examples": [{"text": "Paris is in France."}]})
     text: Union[str, list[str], list[list[str]], None] = None
     input_ids: Union[list[int], list[list[int]], None] = None
     rid: Union[str, list[str], None] = None
 
 
 class AbortRequest(_Native):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"rid": "my-request-id"}]})
     rid: str = ""
     abort_all: Bool = False
 
 
 class UpdateWeightsRequest(_Native):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model_path": "/path/to/new/checkpoint"}]})
     model_path: str = Field(min_length=1)
     load_format: Optional[str] = None
 
 
 class FunctionCallRequest(_Native):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"text": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+         "tool_call_parser": "qwen25"}]})
     text: str
     tools: list[Tool]
     tool_call_parser: Optional[str] = None
 
 
 class SeparateReasoningRequest(_Native):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"text": "<think>2+2 is 4</think>The answer is 4.", "reasoning_parser": "deepseek-r1"}]})
     text: str
     reasoning_parser: Optional[str] = None
 

@@ -19,11 +19,12 @@ from kvyard.errors import RequestError
 from kvyard.server.context import ServerContext, ctx_of
 from kvyard.server.openai_completions import encode
 from kvyard.server.protocol import RerankRequest
+from kvyard.server.response_models import RerankResponse, ok
 
 router = APIRouter()
 
 
-@router.post("/v1/rerank")
+@router.post("/v1/rerank", responses=ok(RerankResponse))
 async def rerank_route(req: RerankRequest, request: Request):
     return await rerank(ctx_of(request), req, request)
 

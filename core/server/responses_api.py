@@ -33,6 +33,7 @@ from kvyard.server.responses_protocol import ResponsesRequest
 from kvyard.server.responses_store import ResponseStore, StoredResponse
 from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
 from kvyard.server.streaming import EventStream
+from kvyard.server.response_models import Deleted, ResponseObject, ok
 
 router = APIRouter()
 # chat field -> the Responses field it came from, for errors raised by the chat pipeline
@@ -55,7 +56,7 @@ def _store(ctx: ServerContext) -> ResponseStore:
     return ctx.responses
 
 
-@router.post("/v1/responses")
+@router.post("/v1/responses", responses=ok(ResponseObject))
 async def create_response(req: ResponsesRequest, request: Request):
     ctx = ctx_of(request)
     plan, reqs, chat_plan = _prepare(ctx, req)
@@ -67,12 +68,12 @@ async def create_response(req: ResponsesRequest, request: Request):
     return _finish(ctx, plan, blocks, message["finish_reason"], outs[0])
 
 
-@router.get("/v1/responses/{response_id}")
+@router.get("/v1/responses/{response_id}", responses=ok(ResponseObject))
 async def retrieve_response(response_id: str, request: Request):
     return _stored(ctx_of(request), response_id).response
 
 
-@router.delete("/v1/responses/{response_id}")
+@router.delete("/v1/responses/{response_id}", responses=ok(Deleted))
 async def delete_response(response_id: str, request: Request):
     ctx = ctx_of(request)
     _stored(ctx, response_id)

@@ -53,6 +53,7 @@ class ReasoningConfig(BaseModel):
 
 
 class ResponsesRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"input": "Hi", "max_output_tokens": 4}]})
     model: Optional[str] = None
     input: Union[str, list[dict[str, Any]]]
     instructions: Optional[str] = None

@@ -118,3 +118,15 @@ def limits_server(smollm2_path, tmp_path_factory):
         "--file-storage-path", str(storage), "--num-threads", "1", "--log-level", "warning"])
     yield server
     assert server.stop() == 0, server.output()
+
+
+def assert_documented(spec: dict, method: str, path: str, response) -> None:
+    """``response`` (a requests.Response of ``method`` on the route ``path``, as /openapi.json
+    spells it) has a documented status and a JSON body valid for that status's schema."""
+    import jsonschema
+
+    responses = spec["paths"][path][method.lower()]["responses"]
+    documented = responses.get(str(response.status_code)) or responses["default"]
+    schema = documented["content"]["application/json"]["schema"]
+    # the schema's $refs point into the spec's components: validate with them beside it
+    jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(response.json())

@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 
 from tiny_diffusion import build_sd, build_sd3, build_sd_img2img, red_image, reference_images  # noqa: E402
 
-from conftest import free_port, start_server  # noqa: E402
+from conftest import assert_documented, free_port, start_server  # noqa: E402
 
 KEY = "diffusion-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -155,3 +155,20 @@ def test_openai_client_images_generate(sd_server):
     with pytest.raises(openai.BadRequestError) as exc:
         client.images.generate(prompt="p", size="31x32", extra_body={"num_inference_steps": 1})
     assert exc.value.body["param"] == "width"
+
+
+def test_answers_are_the_documented_shapes(sd_server):
+    """/openapi.json of the diffusion server documents each answer, errors included."""
+    server, _ = sd_server
+    spec = requests.get(server.url + "/openapi.json", headers=AUTH, timeout=30).json()
+    small = '"prompt": "p", "size": "32x32", "num_inference_steps": 1'
+    calls = [("post", "/v1/images/generations", "{%s}" % small, 200),
+             ("post", "/v1/images/generations", '{"prompt": "p", "guidance_scale": 1e400}', 400),  # not finite
+             ("post", "/generate_image", '{%s, "response_format": "url"}' % small, 200),
+             ("get", "/get_model_info", None, 200), ("get", "/v1/models", None, 200)]
+    for method, path, body, status in calls:
+        r = requests.request(method, server.url + path, data=body, timeout=120,
+                             headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == status, r.text
+        assert_documented(spec, method, path, r)
+    assert "security" in spec["paths"]["/v1/models"]["get"] and "security" not in spec["paths"]["/health"]["get"]

@@ -9,7 +9,7 @@ import pytest
 import requests
 from openai import BadRequestError, OpenAI
 
-from conftest import free_port, start_server
+from conftest import assert_documented, free_port, start_server
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,15 @@ def test_generation_on_an_embedding_model_is_400(embed_server):
     client = OpenAI(base_url=embed_server.url + "/v1", api_key="none", max_retries=0)
     with pytest.raises(BadRequestError, match="embedding model"):
         client.completions.create(model="minilm", prompt="hello", max_tokens=2)
+
+
+def test_embedding_answers_are_the_documented_shapes(embed_server):
+    url = embed_server.url
+    spec = requests.get(url + "/openapi.json", timeout=30).json()
+    for path, body in (("/v1/embeddings", {"input": ["a cat", "a dog"]}),
+                       ("/v1/embeddings", {"input": "a cat", "encoding_format": "base64"}),
+                       ("/encode", {"text": "a cat"}), ("/encode", {"text": ["a cat", "a dog"]}),
+                       ("/v1/completions", {"prompt": "a cat"})):          # a 400: not a generation model
+        r = requests.post(url + path, json=body, timeout=120)
+        assert r.status_code == (400 if path == "/v1/completions" else 200), r.text
+        assert_documented(spec, "post", path, r)

@@ -108,6 +108,8 @@ def test_slow_headers_are_cut_off(url):
 def test_non_finite_and_absurd_floats_are_400_naming_the_field(url, path, body, field):
     err = error_of(raw_post(url, path, body.encode()))
     assert err["param"] is not None and err["param"].endswith(field), err
+    if "1e30" not in body:   # NaN, an infinity or 1e400: refused as not finite, not as out of some range
+        assert "finite" in err["message"], err
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ def test_weight_paths_are_confined_and_errors_say_nothing_about_them(url, tmp_pa
     ({"text": "a", "rid": 5}, "rid"), ({"text": "a", "rid": [[1]]}, "rid"), ({"text": ["a"], "rid": []}, "rid"),
     ({"text": "a", "top_logprobs_num": "5"}, "top_logprobs_num"),
     ({"text": "a", "logprob_start_len": "x"}, "logprob_start_len"), ({"text": "a", "priority": "x"}, "priority"),
-    ({"text": "a", "stream": "yes"}, "stream"), ({"text": "a", "sampling_params": {"ignore_eos": 1}}, None),
+    ({"text": "a", "stream": "yes"}, "stream"), ({"text": "a", "return_logprob": "yes"}, "return_logprob"),
+    ({"text": "a", "return_text_in_logprobs": "no"}, "return_text_in_logprobs"),
 ])
 def test_native_fields_are_type_checked(url, body, field):
     err = error_of(post(url, "/generate", body))
@@ -154,8 +157,8 @@ def test_strict_booleans_on_the_openai_routes(url):
 
 @pytest.mark.parametrize("data", [b'{"text": "\\ud800"}', b"[" * 100_000 + b"]" * 100_000, b'{"text": "\xff"}'])
 def test_bodies_python_json_would_choke_on_are_400(url, data):
-    error_of(raw_post(url, "/generate", data))
-    error_of(raw_post(url, "/v1/completions", data))
+    for path in ("/generate", "/v1/completions"):   # refused before any handler parses the body
+        assert error_of(raw_post(url, path, data))["message"].startswith("the request body is not valid JSON")
 
 
 def test_file_upload_with_a_non_utf8_purpose_is_400(url):
@@ -181,6 +184,11 @@ def test_openapi_describes_what_the_server_does(url):
             assert schema["properties"]["type"] == {"const": "error"}, (path, schema)
             continue
         assert _ERROR_REF in [schema, *schema.get("anyOf", [])], (path, schema)
+    for path, method, op in ops:   # every success body is described: a model, text, bytes or nothing
+        content = op["responses"]["200"].get("content", {})
+        json_schema = content.get("application/json", {}).get("schema", {})
+        assert "$ref" in json_schema or (not content.get("application/json") and (
+            not content or {"text/plain", "application/octet-stream"} & set(content))), (method, path, content)
     native = {p: item for p, item in spec["paths"].items()}
     for path in ("/generate", "/encode", "/abort_request", "/update_weights_from_disk", "/function_call",
                  "/separate_reasoning", "/v1/files"):
@@ -191,17 +199,35 @@ def test_openapi_describes_what_the_server_does(url):
 
 
 # -- one request must not stall the others ------------------------------------------------------
-def _probe_while(url: str, job: threading.Thread) -> list[float]:
-    """/health and a one-token generation, each within 1 s, over and over while ``job`` runs."""
-    seconds = []
-    small = {"text": "Hi", "sampling_params": {"max_new_tokens": 1}}
-    assert requests.post(url + "/generate", json=small, headers=KEY, timeout=60).status_code == 200  # warm
-    while True:
-        for call in (lambda: requests.get(url + "/health", timeout=1),
-                     lambda: requests.post(url + "/generate", json=small, headers=KEY, timeout=1)):
+SMALL = {"input_ids": [9690], "sampling_params": {"max_new_tokens": 1}}   # nothing to tokenize
+PROBES = {"health": lambda url, timeout: requests.get(url + "/health", timeout=timeout),
+          "small generation": lambda url, timeout: requests.post(url + "/generate", json=SMALL, headers=KEY,
+                                                                 timeout=timeout)}
+STALL_BUDGET_S = 1.0      # what the server promises a probe while a heavy request is in flight
+LOAD_ALLOWANCE = 3.0      # on a loaded machine: this many times the probe's own idle latency
+
+
+def _budgets(url: str) -> dict[str, float]:
+    """Each probe's budget: 1 s, or 3x its slowest idle answer when the machine itself is that slow
+    (a shared CI core), measured right before the heavy request. A stall (the event loop blocked by
+    one request for seconds, or never answering) exceeds either."""
+    idle = {name: 0.0 for name in PROBES}
+    for _ in range(3):
+        for name, call in PROBES.items():
             started = time.monotonic()
-            assert call().status_code == 200
-            seconds.append(time.monotonic() - started)
+            assert call(url, 60).status_code == 200
+            idle[name] = max(idle[name], time.monotonic() - started)
+    return {name: max(STALL_BUDGET_S, LOAD_ALLOWANCE * seconds) for name, seconds in idle.items()}
+
+
+def _probe_while(url: str, job: threading.Thread, budgets: dict[str, float]) -> list[tuple[str, float]]:
+    """/health and a one-token generation, each within its budget, over and over while ``job`` runs."""
+    seconds = []
+    while True:
+        for name, call in PROBES.items():
+            started = time.monotonic()
+            assert call(url, budgets[name]).status_code == 200, name   # a stall times out: the test fails
+            seconds.append((name, time.monotonic() - started))
         if not job.is_alive():
             return seconds
 
@@ -217,11 +243,13 @@ def test_one_request_does_not_stall_the_others(url, name):
                                             "top_logprobs_num": 20, "return_text_in_logprobs": True,
                                             "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}),
     }[name]
+    budgets = _budgets(url)
     answers = []
-    requests.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}}, headers=KEY)
     job = threading.Thread(target=lambda: answers.append(post(url, *heavy)))
     job.start()
-    seconds = _probe_while(url, job)
-    job.join()
-    assert answers[0].status_code in (200, 400, 413), answers[0].text
-    assert seconds and max(seconds) < 1.0, seconds
+    try:
+        seconds = _probe_while(url, job, budgets)
+    finally:
+        job.join()
+    assert answers and answers[0].status_code in (200, 400, 413), answers and answers[0].text
+    assert seconds and all(s < budgets[probe] for probe, s in seconds), (budgets, seconds)

@@ -17,7 +17,7 @@ import requests
 import torch
 import torch.nn.functional as F
 
-from conftest import free_port, start_server
+from conftest import assert_documented, free_port, start_server
 
 QUERY = "what is a panda?"
 DOCUMENTS = ["hi", "The giant panda is a bear species endemic to China.", "Paris is in France.",
@@ -92,3 +92,14 @@ def test_bad_rerank_requests_are_400(server, body, field):
     resp = requests.post(server + "/v1/rerank", json=body, timeout=60)
     assert resp.status_code == 400
     assert field in resp.text
+
+
+def test_rerank_and_classify_answers_are_the_documented_shapes(server):
+    spec = requests.get(server + "/openapi.json", timeout=30).json()
+    for path, body in (("/v1/rerank", {"query": QUERY, "documents": DOCUMENTS[:3]}),
+                       ("/v1/rerank", {"query": QUERY, "documents": DOCUMENTS[:3], "return_documents": False}),
+                       ("/classify", {"text": [QUERY, DOCUMENTS[1]]}),
+                       ("/v1/rerank", {"query": "", "documents": ["x"]})):       # a 400
+        r = requests.post(server + path, json=body, timeout=120)
+        assert r.status_code == (400 if not body.get("query", "x") else 200), r.text
+        assert_documented(spec, "post", path, r)

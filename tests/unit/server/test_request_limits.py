@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import math
 import os
 import re
 import subprocess
@@ -84,7 +85,10 @@ def test_a_runaway_preprocessing_job_is_interrupted_at_its_budget():
     ("presence_penalty", float("-inf")), ("repetition_penalty", float("inf")),
 ])
 def test_non_finite_and_absurd_sampling_values_name_the_field(field, value):
-    with pytest.raises(ValueError, match=f"^{field} must be"):
+    """A non-finite value is refused as such (not as out of range: NaN is in no range, and an
+    infinity must not reach a range check that lets it through, as temperature's once did)."""
+    problem = "a finite number" if not math.isfinite(value) else "in"
+    with pytest.raises(ValueError, match=f"^{field} must be {problem}"):
         SamplingParams.from_dict({field: value}).verify(100)
 
 
@@ -204,8 +208,18 @@ def test_ci_installs_with_the_readme_command():
 
 
 def test_docs_list_every_limit_flag():
+    """Every flag of the "request limits" group, and the other flags that bound what one request
+    or client may cost, has a row in docs/api.md's Limits section."""
+    from dataclasses import fields
+
+    from kvyard.server_args import ServerArgs
+
     api = (ROOT / "docs" / "api.md").read_text()
-    for flag in ("--max-n", "--max-sequences-per-request", "--max-top-logprobs-num", "--max-request-body-mb",
-                 "--http-header-timeout", "--preprocess-timeout", "--trust-request-chat-template",
-                 "--admin-api-key", "--weight-update-dirs", "--api-key"):
-        assert flag in api, flag
+    limits = api[api.index("## Limits"):]
+    limits = limits[:limits.index("\n## ", 1)]
+    flags = ["--" + f.name.replace("_", "-") for f in fields(ServerArgs) if f.metadata.get("group") == "limits"]
+    assert len(flags) >= 7, flags
+    others = ("--max-total-tokens", "--context-length", "--max-queued-requests", "--max-running-requests",
+              "--watchdog-timeout", "--weight-update-dirs", "--admin-api-key", "--api-key")
+    for flag in (*flags, *others):
+        assert f"`{flag}" in limits, flag
