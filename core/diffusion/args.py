@@ -68,6 +68,7 @@ class DiffusionArgs:
     batch_wait_ms: float = _f(20.0, "how long a not-full batch waits for more compatible requests", "http")
     max_queued_requests: Optional[int] = _f(None, "reject new requests beyond this queue length (429)", "http")
     skip_server_warmup: bool = _f(False, "do not run a warmup image before reporting ready", "http")
+    max_request_body_mb: float = _f(32.0, "largest HTTP request body in MiB (413 above it)", "http")
 
     # -- config-file only ---------------------------------------------------------------------
     component_paths: dict = field(default_factory=dict, metadata={"group": "hidden"})
@@ -78,6 +79,8 @@ class DiffusionArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.max_request_body_mb > 0:
+            raise ValueError(f"max_request_body_mb must be > 0, got {self.max_request_body_mb}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if self.backend != "auto":

@@ -42,6 +42,7 @@ def create_images_app(ctx: ImageServerContext) -> FastAPI:
     from kvyard.server.app import ReadinessMiddleware
     from kvyard.server.auth import ApiKeyMiddleware
     from kvyard.server.errors import install_error_handlers
+    from kvyard.server.limits import MIB, RequestBodyGuard
     from kvyard.server.openapi import install_openapi
 
     app = FastAPI(title="kvyard (diffusion)", version=__version__, lifespan=_lifespan(ctx))
@@ -51,6 +52,8 @@ def create_images_app(ctx: ImageServerContext) -> FastAPI:
     app.include_router(images_api.router)
     if ctx.args.enable_metrics:
         app.add_api_route("/metrics", images_api.metrics, methods=["GET"])
+    # the last added is the outermost: key, then readiness, then the body's size and JSON
+    app.add_middleware(RequestBodyGuard, max_bytes=int(ctx.args.max_request_body_mb * MIB))
     app.add_middleware(ReadinessMiddleware, ctx=ctx)
     if ctx.args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=ctx.args.api_key)

@@ -27,7 +27,8 @@ def sd_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusion")
     path = build_sd(str(root / "sd"))
     server = start_server(["--model-path", path, "--port", str(free_port()), "--api-key", KEY, "--enable-metrics",
-                           "--output-path", str(root / "outputs"), "--max-batch-size", "8", "--log-level", "warning"])
+                           "--output-path", str(root / "outputs"), "--max-batch-size", "8", "--log-level", "warning",
+                           "--max-request-body-mb", "1"])
     yield server, path
     assert server.stop() == 0
 
@@ -74,6 +75,8 @@ def test_concurrent_requests_of_two_sizes_and_bad_fields(sd_server):
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["param"] == field and err["type"] == "invalid_request_error", err
+    r = post(server.url, {"prompt": "x" * (2 << 20), "size": "32x32"})     # over --max-request-body-mb 1
+    assert r.status_code == 413 and "max-request-body-mb" in r.json()["error"]["message"], r.text
     assert post(server.url, {"prompt": "still here", "size": "32x32", "num_inference_steps": 1}).status_code == 200
     metrics = requests.get(server.url + "/metrics", headers=AUTH, timeout=10).text
     calls = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kvyard:pipeline_calls_total")]
