@@ -134,4 +134,5 @@ def make_tokenizer_manager(ep: EngineProcess, on_finish=None, limits=None):
                             model_name=name, on_finish=on_finish, log_requests=ep.args.log_requests,
                             grammar_checker=grammar_checker,
                             incremental_streaming=ep.args.incremental_streaming_output,
-                            enable_custom_logit_processor=ep.args.enable_custom_logit_processor, limits=limits)
+                            enable_custom_logit_processor=ep.args.enable_custom_logit_processor, limits=limits,
+                            enable_return_hidden_states=ep.args.enable_return_hidden_states)

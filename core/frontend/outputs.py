@@ -28,6 +28,7 @@ class Chunk:
     ids: list[int]             # new output token ids
     token_logprobs: list       # new (logprob, token_id, token_text) triples
     top_logprobs: list         # new per-token lists of (logprob, token_id, token_text)
+    hidden_states: list        # new entries of meta_info["hidden_states"] (empty unless asked)
     out: dict                  # the cumulative output {"text", "output_ids", "meta_info"}
     finished: bool
 
@@ -40,6 +41,8 @@ def output_of(tm, state) -> dict:
         meta["ttft"] = state.first_token - state.created
     if state.return_logprob:
         meta.update(tm.logprob_meta(state))
+    if state.return_hidden_states:
+        meta["hidden_states"] = list(state.hidden_states)
     if state.embedding is not None:
         return {"embedding": state.embedding, "meta_info": meta}
     out = {"text": text, "output_ids": list(state.output_ids), "meta_info": meta}
@@ -52,7 +55,7 @@ class ChunkCursor:
     """How much of one request's output was handed out already."""
 
     def __init__(self, index: int):
-        self.index, self.ids, self.logprobs = index, 0, 0
+        self.index, self.ids, self.logprobs, self.hidden = index, 0, 0, 0
 
     def next(self, state, out: dict) -> Chunk:
         """Taken right when the update is consumed, so the text delta matches the ids delta."""
@@ -63,7 +66,9 @@ class ChunkCursor:
         token_lps, top_lps = meta.get(LOGPROB_KEYS[0], []), meta.get(LOGPROB_KEYS[1], [])
         new_lps, new_top = token_lps[self.logprobs:], top_lps[self.logprobs:]
         self.logprobs = len(token_lps)
-        return Chunk(self.index, text, ids, new_lps, new_top, out,
+        hidden = meta.get("hidden_states", [])
+        new_hidden, self.hidden = hidden[self.hidden:], len(hidden)
+        return Chunk(self.index, text, ids, new_lps, new_top, new_hidden, out,
                      finished=meta.get("finish_reason") is not None)
 
 
@@ -117,12 +122,15 @@ async def stream_chunks(tm, reqs: list) -> AsyncIterator[Chunk]:
 
 def native_item(c: Chunk, incremental: bool, batch: bool) -> dict:
     """One event of a native stream (/generate, Engine.generate(stream=True)): the cumulative
-    output (SGLang's default) or, incremental, only what is new (text, ids, logprobs)."""
+    output (SGLang's default) or, incremental, only what is new (text, ids, logprobs, hidden
+    states)."""
     out = c.out
     if incremental:
         meta = dict(out["meta_info"])
         if LOGPROB_KEYS[0] in meta:
             meta[LOGPROB_KEYS[0]], meta[LOGPROB_KEYS[1]] = c.token_logprobs, c.top_logprobs
+        if "hidden_states" in meta:
+            meta["hidden_states"] = c.hidden_states
         out = {"text": c.text, "output_ids": c.ids, "meta_info": meta}
     return {**out, "index": c.index} if batch else out
 

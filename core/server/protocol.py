@@ -202,6 +202,7 @@ class GenerateRequest(BaseModel):
     return_text_in_logprobs: Optional[Bool] = None
     stream: Optional[Bool] = None
     priority: Optional[int] = None
+    return_hidden_states: Optional[Bool] = None    # needs --enable-return-hidden-states
 
 
 class EncodeRequest(BaseModel):

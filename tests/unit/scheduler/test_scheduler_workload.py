@@ -27,7 +27,8 @@ def sampled_params(rng: random.Random, max_new: int) -> SamplingParams:
     return make_params(max_new, temperature=0.8, top_p=0.95, top_k=rng.choice([-1, 20]), **extra)
 
 
-def run_workload(path: str, page_size: int, radix: bool, overlap: bool, sampling: bool = False, **extra):
+def run_workload(path: str, page_size: int, radix: bool, overlap: bool, sampling: bool = False,
+                 expect_retractions: bool = True, **extra):
     """200 requests arriving at random over a pool that forces eviction and retraction, with
     random aborts; the KV integrity check runs after every step. Returns (scheduler, prompts,
     {rid: final update} of requests that finished, aborted rids). ``extra``: more ServerArgs."""
@@ -67,7 +68,7 @@ def run_workload(path: str, page_size: int, radix: bool, overlap: bool, sampling
             break
     assert not scheduler.has_work()
     assert len(finished) + len(aborted) == 200
-    assert scheduler.stats["retractions"] > 0, "the pool was meant to force retractions"
+    assert scheduler.stats["retractions"] > 0 or not expect_retractions, "the pool was meant to force retractions"
     scheduler.check_integrity()
     scheduler.cache.reset()
     assert scheduler.allocator.available() == scheduler.runner.max_total_tokens  # nothing leaked
