@@ -33,12 +33,17 @@ def build_scheduler(args, tokenizer_factory=None):
     from kvyard.scheduler.scheduler import Scheduler
     from kvyard.scheduler.speculation import make_speculation
 
+    if args.base_gpu_id and args.resolved_device() == "cuda":
+        import torch
+        torch.cuda.set_device(args.base_gpu_id)   # "cuda" tensors of this process go there
     runner = ModelRunner(args.runner_config())
     mc = runner.model_config
     overlap = resolve_overlap_schedule(args.disable_overlap_schedule, runner.device,
                                        is_generation=getattr(runner.model, "is_generation", True))
     config = args.scheduler_config(runner.max_running_requests, mc.context_length, overlap)
     tokenizer_factory = load_once(tokenizer_factory)  # shared by the stop checker and the grammars
+    if args.delete_ckpt_after_loading and tokenizer_factory is not None:
+        tokenizer_factory()   # now: the API process deletes the checkpoint once every process is ready
     grammar = make_grammar_manager(args.grammar_backend, mc.vocab_size, mc.eos_token_ids, tokenizer_factory,
                                    args.constrained_json_whitespace_pattern)
     speculation = make_speculation(args.speculative_config(), draft_context(args, runner))
