@@ -22,8 +22,8 @@ DEST_PREFIX = "sglang_refused__"
 # SGLang flags whose given value is what kvyard does anyway: accepted with that value only
 NEUTRAL = {
     "tp-size": ("1",), "dp-size": ("1",), "pp-size": ("1",), "ep-size": ("1",), "nnodes": ("1",),
-    "node-rank": ("0",), "base-gpu-id": ("0",), "gpu-id-step": ("1",), "cpu-offload-gb": ("0",),
-    "kv-cache-dtype": ("auto",), "sampling-backend": ("pytorch",), "tokenizer-backend": ("huggingface",),
+    "node-rank": ("0",), "cpu-offload-gb": ("0",),
+    "kv-cache-dtype": ("auto",), "tokenizer-backend": ("huggingface",),
     "model-impl": ("auto",), "tokenizer-worker-num": ("1",), "detokenizer-worker-num": ("1",),
 }
 
