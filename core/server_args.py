@@ -58,6 +58,11 @@ class ServerArgs:
     file_storage_path: str = _f("kvyard_storage", "folder of the /v1/files store", "http")
     enable_metrics: bool = _f(False, "serve Prometheus metrics at /metrics", "http")
     enable_sglang_metrics: bool = _f(False, "with --enable-metrics, serve every kvyard:* series under sglang:* too (SGLang's dashboards and queries)", "http")
+    bucket_time_to_first_token: Optional[list[float]] = _f(None, "bucket bounds (s) of the time-to-first-token histogram", "http", nargs="+")
+    bucket_inter_token_latency: Optional[list[float]] = _f(None, "bucket bounds (s) of the time-per-output-token histogram", "http", nargs="+")
+    bucket_e2e_request_latency: Optional[list[float]] = _f(None, "bucket bounds (s) of the end-to-end latency histogram", "http", nargs="+")
+    preferred_sampling_params: Optional[str] = _f(None, "JSON object of sampling parameters reported by /get_model_info (for clients; requests' own defaults do not change)", "http")
+    weight_version: str = _f("default", "version name of the loaded weights, reported by /get_model_info and /get_weight_version", "http")
     skip_server_warmup: bool = _f(False, "do not run a warmup request before reporting ready", "http")
     warmups: Optional[str] = _f(None, "comma-separated warmup names to run at start", "http")
     config: Optional[str] = _f(None, "YAML file whose keys are these arguments; flags override it", "http")
@@ -85,6 +90,8 @@ class ServerArgs:
     schedule_policy: str = _f("fcfs", "order of the waiting queue", "scheduling", choices=SCHEDULE_POLICIES)
     schedule_conservativeness: float = _f(1.0, "how much KV to reserve for running requests' future tokens", "scheduling")
     page_size: int = _f(1, "tokens per KV page", "scheduling")
+    enable_priority_scheduling: bool = _f(False, "admit waiting requests by their priority field first (higher values first), the --schedule-policy order within a value; running requests are never preempted", "scheduling")
+    schedule_low_priority_values_first: bool = _f(False, "with --enable-priority-scheduling: lower priority values first", "scheduling")
     enable_mixed_chunk: bool = _f(False, "running requests decode inside prefill batches: a prefill chunk and the decodes share one forward", "scheduling")
     prefill_max_requests: Optional[int] = _f(None, "most requests one prefill batch admits (default: no cap)", "scheduling")
     prefill_only_one_req: bool = _f(False, "admit one request per prefill batch (--prefill-max-requests 1)", "scheduling", optional_value=True)
@@ -169,6 +176,8 @@ class ServerArgs:
         for name in ("base_gpu_id", "decode_log_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule_low_priority_values_first and not self.enable_priority_scheduling:
+            raise ValueError("schedule_low_priority_values_first: needs --enable-priority-scheduling")
         if self.sampling_backend == "flashinfer":
             raise ValueError("sampling_backend: flashinfer is not supported yet by kvyard; pytorch (the default) "
                              "samples on every device")
@@ -196,6 +205,17 @@ class ServerArgs:
             raise ValueError(f"cuda_graph_bs must list batch sizes >= 1, got {self.cuda_graph_bs}")
         self.speculative_config()   # checks the speculative flags
         self._check_quantization_flags()
+        for name in ("bucket_time_to_first_token", "bucket_inter_token_latency", "bucket_e2e_request_latency"):
+            value = getattr(self, name)
+            if value is not None and (not value or min(value) <= 0):
+                raise ValueError(f"{name} must list bucket bounds > 0, got {value}")
+        if self.preferred_sampling_params is not None:
+            try:
+                valid = isinstance(json.loads(self.preferred_sampling_params), dict)
+            except json.JSONDecodeError:
+                valid = False
+            if not valid:
+                raise ValueError("preferred_sampling_params must be a JSON object")
         if self.json_model_override_args:
             try:
                 json.loads(self.json_model_override_args)
@@ -284,7 +304,8 @@ class ServerArgs:
             max_queued_requests=self.max_queued_requests, enable_overlap=enable_overlap,
             enable_mixed_chunk=self.enable_mixed_chunk,
             prefill_max_requests=1 if self.prefill_only_one_req else self.prefill_max_requests,
-            decode_log_interval=self.decode_log_interval, show_time_cost=self.show_time_cost)
+            decode_log_interval=self.decode_log_interval, show_time_cost=self.show_time_cost,
+            priority_sign=(-1 if self.schedule_low_priority_values_first else 1) if self.enable_priority_scheduling else 0)
 
     # -- argparse -------------------------------------------------------------------------
     @classmethod

@@ -58,6 +58,7 @@ class SchedulerConfig:
     enable_overlap: bool = False           # an OverlapWorker executor instead of the SyncExecutor
     enable_mixed_chunk: bool = False       # running requests decode inside extend batches
     prefill_max_requests: Optional[int] = None   # most requests one extend batch prefills (None: no cap)
+    priority_sign: int = 0                 # priority scheduling: +1 higher values first, -1 lower, 0 off
     decode_log_interval: int = 0           # a "Decode batch" log line every N decode batches (0: none)
     show_time_cost: bool = False           # stage timings with each log line (core/scheduler/step_log.py)
 
@@ -291,7 +292,8 @@ class Scheduler(OutputProcessorMixin):
             self.chunked_req = None
             budget -= self._add_extend(batch, req, budget, chunk)
         free_budget = self._admission_budget()
-        for req in order_waiting(self.config.schedule_policy, self.waiting, self._peek_match, self.rng):
+        for req in order_waiting(self.config.schedule_policy, self.waiting, self._peek_match, self.rng,
+                                 self.config.priority_sign):
             if budget <= 0 or len(self.running) + len(batch.reqs) >= self.runner.max_running_requests:
                 break
             if self.config.prefill_max_requests is not None and len(batch.reqs) >= self.config.prefill_max_requests:

@@ -222,6 +222,7 @@ class AbortRequest(_Native):
 class UpdateWeightsRequest(_Native):
     model_path: str = Field(min_length=1)
     load_format: Optional[str] = None
+    weight_version: Optional[str] = None    # the new --weight-version once loaded
 
 
 class FunctionCallRequest(_Native):

@@ -3,7 +3,8 @@ the flags (hidden_states_server.py's --enable-return-hidden-states, and --enable
 --prefill-only-one-req, --decode-log-interval, --show-time-cost, --download-dir), the client
 code of the docs (requests.post to /generate), then what each flag promises: hidden states equal
 to transformers' final-norm output, greedy outputs equal to transformers with mixed batches, the
-batch log lines at the cadence asked, the model found in the download dir."""
+batch log lines at the cadence asked, the model found in the download dir; --weight-version,
+--preferred-sampling-params (/get_model_info) and --bucket-time-to-first-token (/metrics)."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,9 @@ def server(smollm2_path, tmp_path_factory):
         "--download-dir", str(downloads), "--model-path", "smollm2", "--dtype", "float32",
         "--max-total-tokens", "4096", "--port", str(free_port()), "--num-threads", "2",
         "--enable-return-hidden-states", "--enable-mixed-chunk", "--prefill-only-one-req",
-        "--decode-log-interval", "2", "--show-time-cost", "--disable-radix-cache", "--log-level", "info"])
+        "--decode-log-interval", "2", "--show-time-cost", "--disable-radix-cache", "--log-level", "info",
+        "--enable-metrics", "--bucket-time-to-first-token", "0.5", "2", "30", "--weight-version", "v1",
+        "--preferred-sampling-params", '{"temperature": 0.6}'])
     yield server
     assert server.stop() == 0, server.output()
 
@@ -89,3 +92,14 @@ def test_unknown_model_in_download_dir_is_one_line(tmp_path):
                         "--model-path", "org/missing"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert f"{tmp_path}/org/missing" in r.stderr and "never downloads" in r.stderr
+
+
+def test_model_info_and_metric_buckets(server):
+    info = requests.get(f"{server.url}/get_model_info", timeout=60).json()
+    assert info["preferred_sampling_params"] == {"temperature": 0.6} and info["weight_version"] == "v1"
+    assert requests.get(f"{server.url}/get_weight_version", timeout=60).json() == {"weight_version": "v1"}
+    requests.post(f"{server.url}/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}}, timeout=300)
+    metrics = requests.get(f"{server.url}/metrics", timeout=60).text
+    bounds = [line.split('le="')[1].split('"')[0] for line in metrics.splitlines()
+              if line.startswith("kvyard:time_to_first_token_seconds_bucket")]
+    assert bounds == ["0.5", "2.0", "30.0", "+Inf"]
