@@ -14,7 +14,7 @@ state to what the caller sees.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 LOGPROB_KEYS = ("output_token_logprobs", "output_top_logprobs")
@@ -28,9 +28,9 @@ class Chunk:
     ids: list[int]             # new output token ids
     token_logprobs: list       # new (logprob, token_id, token_text) triples
     top_logprobs: list         # new per-token lists of (logprob, token_id, token_text)
-    hidden_states: list        # new entries of meta_info["hidden_states"] (empty unless asked)
     out: dict                  # the cumulative output {"text", "output_ids", "meta_info"}
     finished: bool
+    hidden_states: list = field(default_factory=list)   # new meta_info["hidden_states"] entries
 
 
 def output_of(tm, state) -> dict:
@@ -68,8 +68,8 @@ class ChunkCursor:
         self.logprobs = len(token_lps)
         hidden = meta.get("hidden_states", [])
         new_hidden, self.hidden = hidden[self.hidden:], len(hidden)
-        return Chunk(self.index, text, ids, new_lps, new_top, new_hidden, out,
-                     finished=meta.get("finish_reason") is not None)
+        return Chunk(self.index, text, ids, new_lps, new_top, out,
+                     finished=meta.get("finish_reason") is not None, hidden_states=new_hidden)
 
 
 def submit_all(tm, reqs: list) -> list:
