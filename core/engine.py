@@ -23,6 +23,10 @@ Prompt = Union[str, list[str], None]
 
 class Engine:
     def __init__(self, server_args: Optional[ServerArgs] = None, **kwargs: Any):
+        # older SGLang's Engine(return_hidden_states=True): every request returns them
+        self._request_defaults = {"return_hidden_states": True} if kwargs.pop("return_hidden_states", False) else {}
+        if self._request_defaults:
+            kwargs["enable_return_hidden_states"] = True
         args = server_args or ServerArgs(**engine_kwargs(kwargs, ServerArgs.__dataclass_fields__))
         import logging
         logging.basicConfig(level=args.log_level.upper(), format="[kvyard] %(levelname)s %(message)s")
@@ -69,7 +73,7 @@ class Engine:
         ``extra``: SGLang's other GenerateReqInput fields (ignored when off, else refused)."""
         obj = self._request(prompt, sampling_params, input_ids, return_logprob=return_logprob,
                             top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
-                            stream=stream, rid=rid, priority=priority, **extra)
+                            stream=stream, rid=rid, priority=priority, **{**self._request_defaults, **extra})
         if stream:
             return self._sync_stream(obj, return_text_in_logprobs)
         return self._call(self._generate(obj, return_text_in_logprobs))
@@ -82,7 +86,7 @@ class Engine:
         """Awaitable twin of generate; with stream=True returns an async iterator of chunks."""
         obj = self._request(prompt, sampling_params, input_ids, return_logprob=return_logprob,
                             top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
-                            stream=stream, rid=rid, priority=priority, **extra)
+                            stream=stream, rid=rid, priority=priority, **{**self._request_defaults, **extra})
         if stream:
             return self._async_stream(obj, return_text_in_logprobs)
         fut = asyncio.run_coroutine_threadsafe(self._generate(obj, return_text_in_logprobs), self._loop)

@@ -56,6 +56,8 @@ class ForwardBatch:
     attn_metadata: Any = None
     # graph/compile padding: the real batch size when batch_size counts padded rows
     real_batch_size: Optional[int] = None
+    # [K] int64 rows whose final hidden state the step returns (return_hidden_states), or None
+    hidden_indices: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
 
     @property

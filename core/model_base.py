@@ -4,6 +4,10 @@ A model class is registered by HF architecture name and built as ``cls(hf_config
 It must provide:
   forward(input_ids [T], positions [T], fb: ForwardBatch) -> hidden states [T, hidden]
   compute_logits(hidden [N, hidden]) -> logits [N, vocab] in float32
+``forward``'s rows are the final hidden states: after the last norm, exactly what the LM head
+reads (the last entry of transformers' ``output_hidden_states``); everything after them (LM head,
+soft-capping, scaling) belongs in ``compute_logits``. The runner returns these rows as they are
+for ``return_hidden_states`` and pools them for embeddings, so no model needs code of its own.
   load_weights(weights: Iterable[(hf_name, tensor)]) -> None
 and may set ``is_generation = False`` (embedding models) and provide ``pool(hidden, fb)``.
 A model whose KV cache is not K and V per KV head of its config's sizes provides

@@ -47,6 +47,9 @@ class ServerArgs:
     served_model_name: Optional[str] = _f(None, "model name reported by the API", "model")
     chat_template: Optional[str] = _f(None, "a .jinja file, a JSON template file, or a built-in name", "model")
     model_type: str = _f("auto", "auto: detected from the folder", "model", choices=("auto", "llm", "diffusion"))
+    download_dir: Optional[str] = _f(None, "where a --model-path that is not a local path is looked up: a folder DIR/<model id>, or a Hugging Face cache at DIR (never downloaded)", "model")
+    delete_ckpt_after_loading: bool = _f(False, "delete the model's checkpoint (its folder or .gguf file) once the weights are loaded", "model")
+    enable_return_hidden_states: bool = _f(False, "let requests ask for the final hidden state of every token (return_hidden_states: meta_info[\"hidden_states\"])", "model")
 
     # -- HTTP ---------------------------------------------------------------------------
     host: str = _f("127.0.0.1", "HTTP host", "http")
@@ -55,6 +58,11 @@ class ServerArgs:
     file_storage_path: str = _f("kvyard_storage", "folder of the /v1/files store", "http")
     enable_metrics: bool = _f(False, "serve Prometheus metrics at /metrics", "http")
     enable_sglang_metrics: bool = _f(False, "with --enable-metrics, serve every kvyard:* series under sglang:* too (SGLang's dashboards and queries)", "http")
+    bucket_time_to_first_token: Optional[list[float]] = _f(None, "bucket bounds (s) of the time-to-first-token histogram", "http", nargs="+")
+    bucket_inter_token_latency: Optional[list[float]] = _f(None, "bucket bounds (s) of the time-per-output-token histogram", "http", nargs="+")
+    bucket_e2e_request_latency: Optional[list[float]] = _f(None, "bucket bounds (s) of the end-to-end latency histogram", "http", nargs="+")
+    preferred_sampling_params: Optional[str] = _f(None, "JSON object of sampling parameters reported by /get_model_info (for clients; requests' own defaults do not change)", "http")
+    weight_version: str = _f("default", "version name of the loaded weights, reported by /get_model_info and /get_weight_version", "http")
     skip_server_warmup: bool = _f(False, "do not run a warmup request before reporting ready", "http")
     warmups: Optional[str] = _f(None, "comma-separated warmup names to run at start", "http")
     config: Optional[str] = _f(None, "YAML file whose keys are these arguments; flags override it", "http")
@@ -82,6 +90,11 @@ class ServerArgs:
     schedule_policy: str = _f("fcfs", "order of the waiting queue", "scheduling", choices=SCHEDULE_POLICIES)
     schedule_conservativeness: float = _f(1.0, "how much KV to reserve for running requests' future tokens", "scheduling")
     page_size: int = _f(1, "tokens per KV page", "scheduling")
+    enable_priority_scheduling: bool = _f(False, "admit waiting requests by their priority field first (higher values first), the --schedule-policy order within a value; running requests are never preempted", "scheduling")
+    schedule_low_priority_values_first: bool = _f(False, "with --enable-priority-scheduling: lower priority values first", "scheduling")
+    enable_mixed_chunk: bool = _f(False, "running requests decode inside prefill batches: a prefill chunk and the decodes share one forward", "scheduling")
+    prefill_max_requests: Optional[int] = _f(None, "most requests one prefill batch admits (default: no cap)", "scheduling")
+    prefill_only_one_req: bool = _f(False, "admit one request per prefill batch (--prefill-max-requests 1)", "scheduling", optional_value=True)
     disable_radix_cache: bool = _f(False, "no prefix caching", "scheduling")
     stream_interval: int = _f(1, "stream every N tokens", "scheduling")
     incremental_streaming_output: bool = _f(False, "native streams (/generate, Engine) send only the new text and ids per event instead of the whole output so far", "scheduling")
@@ -101,6 +114,9 @@ class ServerArgs:
 
     # -- runtime and kernels ------------------------------------------------------------
     device: str = _f("auto", "auto: cuda if available, else cpu", "runtime", choices=("auto", "cuda", "cpu"))
+    base_gpu_id: int = _f(0, "the CUDA device the (first) scheduler process uses", "runtime")
+    gpu_id_step: int = _f(1, "CUDA device index step between --dp-size replicas (replica i: base_gpu_id + i * step)", "runtime")
+    sampling_backend: str = _f("pytorch", "sampling kernels: pytorch (flashinfer is not supported yet)", "runtime", choices=("pytorch", "flashinfer"))
     attention_backend: str = _f("auto", "attention plugin", "runtime", registry="attention_backends", allow=("auto",))
     num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores)", "runtime")
     enable_torch_compile: bool = _f(False, "compile the decode step (inductor) for batch-size buckets", "runtime")
@@ -145,6 +161,8 @@ class ServerArgs:
     log_level: str = _f("info", "log level", "logging", choices=("debug", "info", "warning", "error"))
     log_level_http: Optional[str] = _f(None, "HTTP access log level (default: log_level)", "logging")
     log_requests: bool = _f(False, "log every request and its output", "logging")
+    decode_log_interval: int = _f(40, "log a 'Decode batch' line every N decode batches (0: never)", "logging")
+    show_time_cost: bool = _f(False, "follow each batch log line with the mean time of the scheduler step's stages", "logging")
 
     def __post_init__(self) -> None:
         self.check()
@@ -160,6 +178,17 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("prefill_max_requests", "gpu_id_step"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("base_gpu_id", "decode_log_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule_low_priority_values_first and not self.enable_priority_scheduling:
+            raise ValueError("schedule_low_priority_values_first: needs --enable-priority-scheduling")
+        if self.sampling_backend == "flashinfer":
+            raise ValueError("sampling_backend: flashinfer is not supported yet by kvyard; pytorch (the default) "
+                             "samples on every device")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
             raise ValueError("chunked_prefill_size must be positive or -1, got 0")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -185,6 +214,17 @@ class ServerArgs:
         self.speculative_config()   # checks the speculative flags
         self._check_parallel_flags()
         self._check_quantization_flags()
+        for name in ("bucket_time_to_first_token", "bucket_inter_token_latency", "bucket_e2e_request_latency"):
+            value = getattr(self, name)
+            if value is not None and (not value or min(value) <= 0):
+                raise ValueError(f"{name} must list bucket bounds > 0, got {value}")
+        if self.preferred_sampling_params is not None:
+            try:
+                valid = isinstance(json.loads(self.preferred_sampling_params), dict)
+            except json.JSONDecodeError:
+                valid = False
+            if not valid:
+                raise ValueError("preferred_sampling_params must be a JSON object")
         if self.json_model_override_args:
             try:
                 json.loads(self.json_model_override_args)
@@ -301,7 +341,11 @@ class ServerArgs:
             schedule_policy=self.schedule_policy, schedule_conservativeness=self.schedule_conservativeness,
             disable_radix_cache=self.disable_radix_cache, stream_interval=self.stream_interval,
             random_seed=self.random_seed, debug_kv_integrity=self.debug_kv_integrity,
-            max_queued_requests=self.max_queued_requests, enable_overlap=enable_overlap)
+            max_queued_requests=self.max_queued_requests, enable_overlap=enable_overlap,
+            enable_mixed_chunk=self.enable_mixed_chunk,
+            prefill_max_requests=1 if self.prefill_only_one_req else self.prefill_max_requests,
+            decode_log_interval=self.decode_log_interval, show_time_cost=self.show_time_cost,
+            priority_sign=(-1 if self.schedule_low_priority_values_first else 1) if self.enable_priority_scheduling else 0)
 
     # -- argparse -------------------------------------------------------------------------
     @classmethod
@@ -337,6 +381,9 @@ def add_field_argument(group, f: dataclasses.Field) -> None:
     negatable bools get --no-flag too). Unset flags stay out of the namespace (SUPPRESS)."""
     flag = "--" + f.name.replace("_", "-")
     kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
+    if f.metadata.get("optional_value"):   # --flag, or --flag true|false
+        group.add_argument(flag, nargs="?", const=True, type=_str2bool, **kwargs)
+        return
     if f.type in ("bool", bool, "Optional[bool]"):   # Optional: unset leaves an automatic default
         action = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
         group.add_argument(flag, action=action, **kwargs)
@@ -349,6 +396,14 @@ def add_field_argument(group, f: dataclasses.Field) -> None:
     elif "registry" in f.metadata:
         kwargs["type"] = _registry_choice(f.metadata["registry"], f.metadata.get("allow", ()))
     group.add_argument(flag, **kwargs)
+
+
+def _str2bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def _arg_type(annotation: str):

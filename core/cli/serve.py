@@ -58,8 +58,10 @@ def serve(args: ServerArgs) -> int:
     engine = start_engine_process(args)
     try:
         args = engine.args  # with the defaults resolved (model path)
-        metrics = ServerMetrics(args.served_model_name or args.model_path, args.enable_sglang_metrics) \
-            if args.enable_metrics else None
+        metrics = ServerMetrics(args.served_model_name or args.model_path, args.enable_sglang_metrics,
+                                ttft_buckets=args.bucket_time_to_first_token,
+                                tpot_buckets=args.bucket_inter_token_latency,
+                                e2e_buckets=args.bucket_e2e_request_latency) if args.enable_metrics else None
         tm = make_tokenizer_manager(engine, on_finish=metrics.on_finish if metrics else None,
                                     limits=RequestLimits.from_args(args))
         ctx = ServerContext(args=args, engine=engine, tm=tm, metrics=metrics)

@@ -21,8 +21,8 @@ DEST_PREFIX = "sglang_refused__"
 
 # SGLang flags whose given value is what kvyard does anyway: accepted with that value only
 NEUTRAL = {
-    "dp-size": ("1",), "ep-size": ("1",), "base-gpu-id": ("0",), "gpu-id-step": ("1",), "cpu-offload-gb": ("0",),
-    "kv-cache-dtype": ("auto",), "sampling-backend": ("pytorch",), "tokenizer-backend": ("huggingface",),
+    "dp-size": ("1",), "ep-size": ("1",), "cpu-offload-gb": ("0",),
+    "kv-cache-dtype": ("auto",), "tokenizer-backend": ("huggingface",),
     "model-impl": ("auto",), "tokenizer-worker-num": ("1",), "detokenizer-worker-num": ("1",),
 }
 

@@ -103,7 +103,7 @@ VALUE = """
     prefill-decode-interval-min-bs unified-cache-external-linker-config sampling-backend
     reasoning-parser tool-call-parser kv-canary-real-data config monokernel-backend
     torchao-config ds-channel-config-path ds-heavy-channel-num ds-heavy-token-num
-    ds-heavy-channel-type ds-sparse-decode-threshold
+    ds-heavy-channel-type ds-sparse-decode-threshold custom-sigquit-handler
 """.split()
 
 # --name V [V ...]
@@ -174,7 +174,7 @@ SWITCH = """
     disable-cuda-graph enable-dp-attention enable-flashinfer-allreduce-fusion
     enable-double-sparsity disable-mla enable-nan-detection enable-ep-moe enable-deepep-moe
     enable-flashinfer-mla disable-jump-forward enable-overlap-schedule disable-disk-cache
-    enable-llama4-multimodal
+    enable-llama4-multimodal collect-tokens-histogram
 """.split()
 
 # --name / --no-name

@@ -14,6 +14,7 @@ import logging
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 from kvyard.distributed import ONE_STAGE, SINGLE, ParallelConfig, PipelineStage, TensorParallel
 
@@ -50,14 +51,14 @@ def free_local_addr() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def init_parallel(config: ParallelConfig, local_rank: int) -> RankGroups:
+def init_parallel(config: ParallelConfig, local_rank: int, gpu_id: Optional[int] = None) -> RankGroups:
     import torch
     import torch.distributed as dist
 
     rank = config.global_rank(local_rank)
     host, port = parse_addr(config.dist_init_addr)
     if config.device == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank if gpu_id is None else gpu_id)   # --base-gpu-id + r * --gpu-id-step
     timeout = timedelta(seconds=config.dist_timeout)
     try:
         dist.init_process_group(config.backend, init_method=f"tcp://{host}:{port}", rank=rank,

@@ -311,6 +311,8 @@ class ModelRunner:
             extend_prefix_lens_cpu=batch.prefix_lens, extend_seq_lens_cpu=extend_lens,
             extend_start_loc=torch.tensor(starts, **long), logits_indices=torch.tensor(rows, **long),
             req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
+        if batch.hidden_rows:
+            fb.hidden_indices = torch.tensor([row for _, row in batch.hidden_rows], **long)
         if any(r.token_type_ids for r in batch.reqs):   # encoder pairs: [T] segment of each new token
             types = [t for r, p, n in zip(batch.reqs, batch.prefix_lens, extend_lens)
                      for t in (r.token_type_ids[p:p + n] if r.token_type_ids else [0] * n)]
@@ -326,13 +328,25 @@ class ModelRunner:
             self.attn_backend.init_forward_metadata(fb)
             hidden = self.model(fb.input_ids, fb.positions, fb)
             return StepResult(next_ids=[], embeddings=self.model.pool(hidden, fb).float().cpu())
-        logits = self.forward_logits(fb)
+        logits, hidden = self.forward_outputs(fb)
         if positions is None:
             positions = [batch.reqs[i].seq_len for i in batch.sample_req_idx]
         spec = sampling_spec(batch, positions, logits.device)
-        return to_step_result(sample_outputs(self.sampler, spec, logits), spec.top_logprobs_nums)
+        return to_step_result(sample_outputs(self.sampler, spec, logits, hidden), spec.top_logprobs_nums)
 
-    # -- overlap scheduling hook (core/executor/overlap_worker.py runs it on its thread) -------
+    # -- overlap scheduling hooks (core/executor/overlap_worker.py runs them on its thread) ----
+    @torch.inference_mode()
+    def forward_outputs(self, fb: ForwardBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``forward_logits``, plus the float32 final hidden states [K, hidden] of the rows
+        ``fb.hidden_indices`` names (None without): the model's forward rows as they are (the
+        contract of kvyard.model_base), so every model serves return_hidden_states. Such a step
+        runs eagerly (the decode graphs return logits only)."""
+        if fb.hidden_indices is None:
+            return self.forward_logits(fb), None
+        self.attn_backend.init_forward_metadata(fb)
+        hidden = self.model(fb.input_ids, fb.positions, fb)
+        return self.model.compute_logits(hidden[fb.logits_indices]), hidden[fb.hidden_indices].float()
+
     @torch.inference_mode()
     def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
         """Logits [len(fb.logits_indices), V] of a generation batch already ``prepare``d, left

@@ -3,7 +3,7 @@
 The pair of SyncExecutor (core/executor/sync_executor.py): the same launch / wait / close calls.
 The scheduler thread ``launch``es a batch: it is prepared completely there (ScheduleBatch ->
 ForwardBatch, sampling tensors, the sample positions) and queued as a LaunchedStep; the worker resolves its
-future token ids, runs ``ModelRunner.forward_logits`` and samples, stores the sampled ids into
+future token ids, runs ``ModelRunner.forward_outputs`` and samples, stores the sampled ids into
 the FutureTokenMap and copies the outputs to the host. ``wait`` hands the host copies back as a
 StepResult. The worker reads only what the LaunchedStep snapshots (never a Req), so the
 scheduler may change requests while the batch computes.
@@ -73,7 +73,7 @@ class OverlapWorker:
             sampling=sampling_spec(batch, positions, self.runner.device),
             # a verify batch's tokens are never read as futures (it is a sync point)
             future_start=None if batch.is_verify else self.future.allocate(len(batch.sample_req_idx)),
-            has_futures=batch.mode.is_decode() and any(t < 0 for t in batch.input_ids))
+            has_futures=(batch.mode.is_decode() or batch.mixed_decodes > 0) and any(t < 0 for t in batch.input_ids))
         self.submit(step)
         return step
 
@@ -122,8 +122,8 @@ class OverlapWorker:
             self.stream.wait_event(step.ready)
         if step.has_futures:
             self.future.resolve_(step.fb.input_ids)
-        logits = self.runner.forward_logits(step.fb)
-        outputs = sample_outputs(self.runner.sampler, step.sampling, logits)
+        logits, hidden = self.runner.forward_outputs(step.fb)
+        outputs = sample_outputs(self.runner.sampler, step.sampling, logits, hidden)
         if step.future_start is not None:
             self.future.store(step.future_start, outputs["next_ids"])
         if self.is_cuda:

@@ -45,9 +45,11 @@ def sampling_spec(batch: ScheduleBatch, positions: list[int], device) -> Samplin
     return spec
 
 
-def sample_outputs(sampler, spec: SamplingSpec, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+def sample_outputs(sampler, spec: SamplingSpec, logits: torch.Tensor,
+                   hidden: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Device tensors of one step: next_ids [S] (+ logprobs [S], top values/ids [S, K], prompt
-    logprobs [P] and their top values/ids [P, K'] where asked)."""
+    logprobs [P] and their top values/ids [P, K'] where asked; the hidden states [K, H] of the
+    step's hidden rows when it has them)."""
     s = spec.num_samples
     out: dict[str, torch.Tensor] = {}
     if s:
@@ -65,6 +67,8 @@ def sample_outputs(sampler, spec: SamplingSpec, logits: torch.Tensor) -> dict[st
         out["input_logprobs"] = logprobs_of(prompt_rows, spec.input_targets)
         if spec.input_top_k > 0:
             out["input_top_values"], out["input_top_ids"] = top_logprobs(prompt_rows, spec.input_top_k)
+    if hidden is not None:
+        out["hidden_states"] = hidden
     return out
 
 
@@ -73,7 +77,7 @@ def to_step_result(outputs: dict[str, torch.Tensor], top_nums: list[int]) -> Ste
     ``tolist`` is the step's host sync)."""
     lists = {name: t.tolist() for name, t in outputs.items()}
     result = StepResult(next_ids=lists["next_ids"], logprobs=lists.get("logprobs"),
-                        input_logprobs=lists.get("input_logprobs"))
+                        input_logprobs=lists.get("input_logprobs"), hidden_states=lists.get("hidden_states"))
     if "top_values" in lists:
         result.top_logprobs = [list(zip(v[:k], i[:k]))
                                for v, i, k in zip(lists["top_values"], lists["top_ids"], top_nums)]

@@ -49,17 +49,70 @@ class EngineProcess:
 
 
 def resolve_args(args: ServerArgs) -> ServerArgs:
-    """Fills in what depends on the machine: the default model path."""
-    from kvyard.model.source import default_model_path
+    """Fills in what depends on the machine: the default model path, paths looked up in
+    --download-dir, the CUDA devices of --base-gpu-id."""
+    from kvyard.model.source import default_model_path, local_model_path
 
     if args.model_path is None:
         args = replace(args, model_path=default_model_path())
+    elif args.download_dir is not None:
+        args = replace(args, model_path=local_model_path(args.model_path, args.revision, args.download_dir),
+                       tokenizer_path=args.tokenizer_path and local_model_path(
+                           args.tokenizer_path, None, args.download_dir, field="tokenizer_path"))
     elif not os.path.exists(args.model_path) and not args.revision:
         raise ValueError(f"model_path: {args.model_path} does not exist")
+    check_gpu_ids(args)
+    if args.delete_ckpt_after_loading:
+        checkpoint_to_delete(args.model_path)   # refused before anything loads
     if resolve_model_type(args.model_path, args.model_type) == "diffusion":
         raise ValueError(f"model_type: {args.model_path} is a diffusion pipeline; kvyard.Engine runs LLMs "
                          "(use kvyard.diffusion.DiffusionEngine, `kvyard generate` or `kvyard serve`)")
     return args
+
+
+def replica_gpu_id(args: ServerArgs, replica: int) -> int:
+    """The CUDA device of data-parallel replica ``replica`` (SGLang's base_gpu_id + i * gpu_id_step)."""
+    return args.base_gpu_id + replica * args.gpu_id_step
+
+
+def check_gpu_ids(args: ServerArgs) -> None:
+    """--base-gpu-id / --gpu-id-step must name CUDA devices this machine has (any value is
+    fine while they keep their defaults)."""
+    if args.base_gpu_id == 0 and args.gpu_id_step == 1:
+        return
+    if args.resolved_device() != "cuda":
+        raise ValueError(f"base_gpu_id: {args.base_gpu_id} (gpu_id_step {args.gpu_id_step}) names a CUDA "
+                         "device, but the device is cpu")
+    import torch
+
+    last, count = replica_gpu_id(args, args.dp_size - 1), torch.cuda.device_count()
+    if last >= count:
+        raise ValueError(f"base_gpu_id: replicas would use CUDA device {last}; this machine has {count}")
+
+
+def checkpoint_to_delete(model_path: str) -> str:
+    """The checkpoint --delete-ckpt-after-loading removes: a local model folder or file, never the
+    built-in default model (its package would break)."""
+    from kvyard.model.source import default_model_path
+
+    if not os.path.exists(model_path):
+        raise ValueError(f"delete_ckpt_after_loading: {model_path} is not a local folder or file")
+    try:
+        default = default_model_path()
+    except ValueError:
+        default = None
+    if default is not None and os.path.realpath(model_path) == os.path.realpath(default):
+        raise ValueError("delete_ckpt_after_loading: refusing to delete the built-in default model")
+    return model_path
+
+
+def delete_checkpoint(model_path: str) -> None:
+    """--delete-ckpt-after-loading, once every process has loaded the weights and the tokenizer."""
+    import shutil
+
+    path = checkpoint_to_delete(model_path)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    logger.info("deleted the checkpoint %s (--delete-ckpt-after-loading)", path)
 
 
 def tokenizer_factory(args: ServerArgs):
@@ -73,10 +126,13 @@ def start_engine_process(args: ServerArgs) -> EngineProcess:
     args = resolve_args(args)
     ipc_dir = make_ipc_dir()
     try:
-        return _start(args, ipc_dir)
+        engine = _start(args, ipc_dir)
     except BaseException:
         remove_ipc_dir(ipc_dir)
         raise
+    if args.delete_ckpt_after_loading:
+        delete_checkpoint(args.model_path)
+    return engine
 
 
 def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
@@ -94,7 +150,7 @@ def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
             reader, writer = ctx.Pipe(duplex=False)
             name = f"kvyard-scheduler-rank{parallel.global_rank(local_rank)}" if parallel else f"kvyard-scheduler-dp{i}"
             proc = ctx.Process(target=run_scheduler_process, name=name, daemon=True,
-                               args=(args, send_addrs[i], recv_addrs[i], ModelRegistry.snapshot(), writer, factory,
+                               args=(replace(args, base_gpu_id=replica_gpu_id(args, i)), send_addrs[i], recv_addrs[i], ModelRegistry.snapshot(), writer, factory,
                                      link, parallel, local_rank))
             proc.start()
             writer.close()
@@ -173,4 +229,5 @@ def make_tokenizer_manager(ep: EngineProcess, on_finish=None, limits=None):
                             model_name=name, on_finish=on_finish, log_requests=ep.args.log_requests,
                             grammar_checker=grammar_checker,
                             incremental_streaming=ep.args.incremental_streaming_output,
-                            enable_custom_logit_processor=ep.args.enable_custom_logit_processor, limits=limits)
+                            enable_custom_logit_processor=ep.args.enable_custom_logit_processor, limits=limits,
+                            enable_return_hidden_states=ep.args.enable_return_hidden_states)

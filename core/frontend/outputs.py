@@ -14,7 +14,7 @@ state to what the caller sees.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 LOGPROB_KEYS = ("output_token_logprobs", "output_top_logprobs")
@@ -30,6 +30,7 @@ class Chunk:
     top_logprobs: list         # new per-token lists of (logprob, token_id, token_text)
     out: dict                  # the cumulative output {"text", "output_ids", "meta_info"}
     finished: bool
+    hidden_states: list = field(default_factory=list)   # new meta_info["hidden_states"] entries
 
 
 def output_of(tm, state) -> dict:
@@ -40,6 +41,8 @@ def output_of(tm, state) -> dict:
         meta["ttft"] = state.first_token - state.created
     if state.return_logprob:
         meta.update(tm.logprob_meta(state))
+    if state.return_hidden_states:
+        meta["hidden_states"] = list(state.hidden_states)
     if state.embedding is not None:
         return {"embedding": state.embedding, "meta_info": meta}
     out = {"text": text, "output_ids": list(state.output_ids), "meta_info": meta}
@@ -52,7 +55,7 @@ class ChunkCursor:
     """How much of one request's output was handed out already."""
 
     def __init__(self, index: int):
-        self.index, self.ids, self.logprobs = index, 0, 0
+        self.index, self.ids, self.logprobs, self.hidden = index, 0, 0, 0
 
     def next(self, state, out: dict) -> Chunk:
         """Taken right when the update is consumed, so the text delta matches the ids delta."""
@@ -63,8 +66,10 @@ class ChunkCursor:
         token_lps, top_lps = meta.get(LOGPROB_KEYS[0], []), meta.get(LOGPROB_KEYS[1], [])
         new_lps, new_top = token_lps[self.logprobs:], top_lps[self.logprobs:]
         self.logprobs = len(token_lps)
+        hidden = meta.get("hidden_states", [])
+        new_hidden, self.hidden = hidden[self.hidden:], len(hidden)
         return Chunk(self.index, text, ids, new_lps, new_top, out,
-                     finished=meta.get("finish_reason") is not None)
+                     finished=meta.get("finish_reason") is not None, hidden_states=new_hidden)
 
 
 def submit_all(tm, reqs: list) -> list:
@@ -117,12 +122,15 @@ async def stream_chunks(tm, reqs: list) -> AsyncIterator[Chunk]:
 
 def native_item(c: Chunk, incremental: bool, batch: bool) -> dict:
     """One event of a native stream (/generate, Engine.generate(stream=True)): the cumulative
-    output (SGLang's default) or, incremental, only what is new (text, ids, logprobs)."""
+    output (SGLang's default) or, incremental, only what is new (text, ids, logprobs, hidden
+    states)."""
     out = c.out
     if incremental:
         meta = dict(out["meta_info"])
         if LOGPROB_KEYS[0] in meta:
             meta[LOGPROB_KEYS[0]], meta[LOGPROB_KEYS[1]] = c.token_logprobs, c.top_logprobs
+        if "hidden_states" in meta:
+            meta["hidden_states"] = c.hidden_states
         out = {"text": c.text, "output_ids": c.ids, "meta_info": meta}
     return {**out, "index": c.index} if batch else out
 

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 REQUEST_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "top_logprobs_num",
                   "logprob_start_len", "return_text_in_logprobs", "stream", "priority", "prompt",
-                  "custom_logit_processor"}
+                  "custom_logit_processor", "return_hidden_states"}
 
 
 class PreparedReqs(list):
@@ -63,6 +63,8 @@ class ReqState:
     logprobs: dict = field(default_factory=lambda: {"output_token_logprobs": [], "output_top_logprobs": [],
                                                     "input_token_logprobs": [], "input_top_logprobs": []})
     embedding: Optional[list[float]] = None
+    return_hidden_states: bool = False
+    hidden_states: list = field(default_factory=list)   # SGLang's meta_info["hidden_states"] so far
 
 
 class TokenizerManager:
@@ -72,10 +74,12 @@ class TokenizerManager:
                  on_finish: Optional[Callable[[ReqState], None]] = None, log_requests: bool = False,
                  grammar_checker=None, incremental_streaming: bool = False,
                  enable_custom_logit_processor: bool = False, limits: Optional[RequestLimits] = None,
+                 enable_return_hidden_states: bool = False,
                  sockets: Optional[Callable[[Any], tuple[Any, Any]]] = None):
         self.tokenizer = tokenizer
         self.incremental_streaming = incremental_streaming  # native streams: deltas, not cumulative
         self.enable_custom_logit_processor = enable_custom_logit_processor
+        self.enable_return_hidden_states = enable_return_hidden_states
         self.limits = limits  # the server's per-request caps (None: none, the offline Engine)
         self._sockets = sockets  # ctx -> (sender, receiver) in place of one PUSH/PULL pair (data parallel)
         self.grammar_checker = grammar_checker  # kvyard.grammar.manager.GrammarChecker
@@ -190,6 +194,7 @@ class TokenizerManager:
                                param="rid")
         out = []
         processor = obj.get("custom_logit_processor")
+        hidden = self._wants_hidden_states(obj)
         for ids, p, rid in zip(prompts, params_list, rids):
             params = self._sampling_params(p, len(ids), processor)
             ids = self._fit_context(ids, params)
@@ -201,8 +206,17 @@ class TokenizerManager:
                     top_logprobs_num=int(obj.get("top_logprobs_num") or 0),
                     logprob_start_len=int(obj.get("logprob_start_len", -1)),
                     stream=bool(obj.get("stream", False)), priority=int(obj.get("priority") or 0),
-                    sampling_seed=seed))
+                    sampling_seed=seed, return_hidden_states=hidden))
         return PreparedReqs(out, batch=len(out) > 1 or _is_batch(obj))
+
+    def _wants_hidden_states(self, obj: dict) -> bool:
+        value = obj.get("return_hidden_states", False)
+        if not isinstance(value, bool):
+            raise RequestError("return_hidden_states: must be true or false", param="return_hidden_states")
+        if value and not self.enable_return_hidden_states:
+            raise RequestError("return_hidden_states: the server does not return hidden states; start it "
+                               "with --enable-return-hidden-states", param="return_hidden_states")
+        return value
 
     def prepare_embedding(self, obj: dict) -> PreparedReqs:
         """Like prepare, for embedding requests (text or input_ids, single or batch)."""
@@ -318,7 +332,7 @@ class TokenizerManager:
             if self.tokenizer is not None and not req.embed else None
         state = ReqState(rid=req.rid, prompt_ids=req.input_ids, params=p, stream=req.stream,
                          return_logprob=req.return_logprob, return_text_in_logprobs=return_text_in_logprobs,
-                         detok=detok)
+                         detok=detok, return_hidden_states=req.return_hidden_states)
         self._states[req.rid] = state
         self._send.send_pyobj(req)
         return state
@@ -370,6 +384,7 @@ class TokenizerManager:
         if update.spec_verify_ct:   # speculative decoding ran for this request
             state.meta.update(spec_verify_ct=update.spec_verify_ct, spec_accepted_tokens=update.spec_accepted_tokens)
         state.embedding = update.embedding
+        state.hidden_states += update.hidden_states
         if update.finished_reason is not None:
             state.finish_reason = update.finished_reason
         if state.detok is not None:

@@ -38,19 +38,30 @@ def default_model_path() -> str:
     raise ValueError(_NOT_INSTALLED)
 
 
-def local_model_path(model_path: str, revision: Optional[str] = None) -> str:
-    """A local file or folder for ``model_path``: the path itself, else a hub id already in the
-    Hugging Face cache (looked up offline, at ``revision``)."""
+def local_model_path(model_path: str, revision: Optional[str] = None, download_dir: Optional[str] = None,
+                     field: str = "model_path") -> str:
+    """A local file or folder for ``model_path``: the path itself; else, with ``download_dir``
+    (--download-dir), the folder ``download_dir/<model_path>`` or a hub id in the Hugging Face
+    cache at ``download_dir``; else a hub id in the default Hugging Face cache (at ``revision``).
+    Nothing is ever downloaded."""
     if os.path.exists(model_path):
         return model_path
+    if download_dir is not None:
+        if not os.path.isdir(download_dir):
+            raise ValueError(f"download_dir: {download_dir} is not a folder")
+        inside = os.path.join(download_dir, model_path)
+        if not os.path.isabs(model_path) and os.path.exists(inside):
+            return inside
     if model_path.count("/") == 1 and not model_path.startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
-            return snapshot_download(model_path, revision=revision, local_files_only=True)
+            return snapshot_download(model_path, revision=revision, cache_dir=download_dir, local_files_only=True)
         except Exception:  # not cached (or not a hub id): report the path as missing
             pass
-    raise ValueError(f"model_path: {model_path} does not exist (neither a local path nor a "
-                     f"model in the Hugging Face cache)")
+    where = f"{download_dir}/{model_path}, nor in the Hugging Face cache at {download_dir}" if download_dir \
+        else "nor a model in the Hugging Face cache"
+    raise ValueError(f"{field}: {model_path} does not exist (neither a local path, {where}; kvyard never "
+                     "downloads models)")
 
 
 def gguf_file_of(model_path: str) -> Optional[Path]:

@@ -3,6 +3,8 @@
 The scheduler adds requests one by one (each with the slots it allocated for its next ``n``
 tokens); ``finish`` turns them into a ScheduleBatch. Shapes: T new tokens, B requests, S sample
 rows (the last token of each request whose prompt this batch completes), P prompt-logprob rows.
+With --enable-mixed-chunk the running requests' decode tokens join last (``add_decodes``): one
+row each on top of their KV, sampled like a decode step.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ class ExtendBatchBuilder:
         self.sample_rows: list[int] = []
         self.sample_req_idx: list[int] = []
         self.input_logprob_rows: list[tuple[int, int, int]] = []
+        self.hidden_rows: list[tuple[int, int]] = []
+        self.mixed_decodes = 0
 
     def add(self, req: Req, slots: torch.Tensor, n: int) -> None:
         """Tokens [kv_len, kv_len + n) of ``req`` into ``slots`` [n]."""
@@ -43,16 +47,36 @@ class ExtendBatchBuilder:
             first = max(begin, req.logprob_start_len + len(req.input_token_logprobs))
             for pos in range(first, min(begin + n, prompt_len - 1)):
                 self.input_logprob_rows.append((i, start + pos - begin, ids[pos + 1]))
+        if req.return_hidden_states:   # each position once, also across a retraction's re-prefill
+            self.hidden_rows += [(i, start + pos - begin) for pos in range(max(begin, req.hidden_len), begin + n)]
         if begin + n == len(ids):
             self.sample_rows.append(start + n - 1)
             self.sample_req_idx.append(i)
+
+    def add_decodes(self, reqs: list[Req], slots: torch.Tensor, tokens: list[int]) -> None:
+        """Running requests decoding one token each in this batch: ``tokens`` [D] (a last
+        output id or its future placeholder) into ``slots`` [D]; call after every ``add``."""
+        for req, token, slot in zip(reqs, tokens, slots.split(1)):
+            i, row = len(self.reqs), len(self.input_ids)
+            self.reqs.append(req)
+            self.input_ids.append(token)
+            self.positions.append(req.kv_len)
+            self.slots.append(slot)
+            self.prefix_lens.append(req.kv_len)
+            self.extend_lens.append(1)
+            if req.return_hidden_states:
+                self.hidden_rows.append((i, row))
+            self.sample_rows.append(row)
+            self.sample_req_idx.append(i)
+        self.mixed_decodes += len(reqs)
 
     def finish(self, vocab_size: int, device, eos_token_ids: list[int]) -> ScheduleBatch:
         batch = ScheduleBatch(
             mode=ForwardMode.EXTEND, reqs=self.reqs, input_ids=self.input_ids, positions=self.positions,
             out_cache_loc=torch.cat(self.slots), prefix_lens=self.prefix_lens, extend_lens=self.extend_lens,
             sample_rows=self.sample_rows, sample_req_idx=self.sample_req_idx,
-            input_logprob_rows=self.input_logprob_rows)
+            input_logprob_rows=self.input_logprob_rows, hidden_rows=self.hidden_rows,
+            mixed_decodes=self.mixed_decodes)
         sample_reqs = [self.reqs[i] for i in self.sample_req_idx]
         if sample_reqs and not self.reqs[0].embed:
             batch.sampling_info = SamplingBatchInfo.from_reqs(sample_reqs, vocab_size, device,

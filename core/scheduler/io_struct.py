@@ -23,6 +23,7 @@ class TokenizedGenerateReq:
     sampling_seed: int = 0        # the user's seed, or one drawn by the API process
     embed: bool = False           # embedding request: run the prompt, return the pooled vector
     token_type_ids: Optional[list[int]] = None   # per prompt token (cross-encoder pairs), or None
+    return_hidden_states: bool = False   # send the final hidden state of every token fed (Req.hidden_states)
 
 
 @dataclass
@@ -55,6 +56,9 @@ class ReqUpdate:
     embedding: Optional[list[float]] = None
     spec_verify_ct: int = 0              # speculative verify steps so far (0: no speculation)
     spec_accepted_tokens: int = 0        # draft tokens accepted so far
+    # new entries of SGLang's meta_info["hidden_states"] (Req.hidden_states): the prompt's rows
+    # as one entry [prompt_len][H], then one [H] per output token fed back
+    hidden_states: list = field(default_factory=list)
 
 
 @dataclass

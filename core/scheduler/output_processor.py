@@ -27,6 +27,8 @@ class OutputProcessorMixin:
         if result.embeddings is not None:
             return updates + self._finish_embeddings(batch, result)
         self._collect_input_logprobs(batch, result)
+        for (i, _), row in zip(batch.hidden_rows, result.hidden_states or ()):
+            batch.reqs[i].add_hidden_state(row)
         sampled = set()
         for k, (i, token) in enumerate(zip(batch.sample_req_idx, result.next_ids)):
             req = batch.reqs[i]
@@ -40,12 +42,13 @@ class OutputProcessorMixin:
                 self.cache.cache_unfinished_req(req)
                 self.chunked_req = req
                 continue
-            if batch.mode.is_extend():
+            prefilled = batch.mode.is_extend() and not batch.is_mixed_decode(i)
+            if prefilled:
                 self.stats["prompt_tokens"] += len(req.origin_input_ids) if req.retractions == 0 else 0
                 self.stats["cached_tokens"] += req.cached_tokens if req.retractions == 0 else 0
             if req.finished():
                 self._release(req, insert=True)
-            elif batch.mode.is_extend():
+            elif prefilled:
                 self._start_running(req)
             update = self._maybe_update(req)
             if update:
@@ -129,7 +132,9 @@ class OutputProcessorMixin:
             cached_tokens=req.cached_tokens,
             output_token_logprobs=req.output_token_logprobs[start:],
             output_top_logprobs=req.output_top_logprobs[start:],
-            spec_verify_ct=req.spec_verify_ct, spec_accepted_tokens=req.spec_accepted_tokens)
+            spec_verify_ct=req.spec_verify_ct, spec_accepted_tokens=req.spec_accepted_tokens,
+            hidden_states=req.hidden_states[req.hidden_sent:])
+        req.hidden_sent = len(req.hidden_states)
         if req.return_logprob and not req.input_logprobs_sent and (req.finished() or start == 0 and req.output_ids):
             update.input_token_logprobs = _with_first_none(req)
             update.input_top_logprobs = req.input_top_logprobs

@@ -41,6 +41,9 @@ def build_scheduler(args, tokenizer_factory=None, groups=None):
     from kvyard.distributed.init import ONE_RANK
 
     groups = groups or ONE_RANK
+    if args.base_gpu_id and args.resolved_device() == "cuda" and not groups.world.enabled:
+        import torch
+        torch.cuda.set_device(args.base_gpu_id)   # "cuda" tensors of this process go there
     runner = ModelRunner(args.runner_config(), groups.tp, groups.pp, groups.world)
     mc = runner.model_config
     disable = True if groups.pp.enabled else args.disable_overlap_schedule   # a stage waits on its neighbours
@@ -48,6 +51,8 @@ def build_scheduler(args, tokenizer_factory=None, groups=None):
                                        is_generation=getattr(runner.model, "is_generation", True))
     config = args.scheduler_config(runner.max_running_requests, mc.context_length, overlap)
     tokenizer_factory = load_once(tokenizer_factory)  # shared by the stop checker and the grammars
+    if args.delete_ckpt_after_loading and tokenizer_factory is not None:
+        tokenizer_factory()   # now: the API process deletes the checkpoint once every process is ready
     grammar = make_grammar_manager(args.grammar_backend, mc.vocab_size, mc.eos_token_ids, tokenizer_factory,
                                    args.constrained_json_whitespace_pattern)
     if grammar is not None and groups.world.enabled:
@@ -115,7 +120,7 @@ def _join_group(args, parallel, local_rank: int):
 
     if parallel is None:
         return ONE_RANK, args
-    groups = init_parallel(parallel, local_rank)
+    groups = init_parallel(parallel, local_rank, args.base_gpu_id + local_rank * args.gpu_id_step)
     seed = broadcast_object(args.random_seed if args.random_seed is not None
                             else int.from_bytes(os.urandom(4), "little") >> 1, groups.world)
     return groups, replace(args, random_seed=seed)

@@ -6,6 +6,12 @@ KV bookkeeping invariants (between steps):
   - slots ``[:len(prefix_indices)]`` belong to the prefix cache (locked through ``last_node``);
     the rest up to ``kv_len`` are owned by this request alone.
   - a finished or aborted request has ``req_pool_idx is None`` and owns no slot.
+
+Hidden states (``return_hidden_states``): the final hidden state (the LM head's input) of every
+token fed to the model, collected in position order: ``hidden_len`` positions so far, each once
+(a re-prefill after retraction skips those it has). ``hidden_states`` is SGLang's shape: the
+prompt's rows as one entry [prompt_len][H] (added when the prompt is complete), then one [H]
+per output token fed back (the last output token is never fed, so completion_tokens entries).
 """
 from __future__ import annotations
 
@@ -58,6 +64,11 @@ class Req:
     spec_verify_ct: int = 0                           # speculative verify steps this request took part in
     spec_accepted_tokens: int = 0                     # draft tokens of its that the target accepted
     token_type_ids: Optional[list[int]] = None        # segment of each prompt token (encoder pairs)
+    return_hidden_states: bool = False
+    hidden_len: int = 0                               # positions whose hidden state was collected
+    hidden_prompt: list = field(default_factory=list)   # prompt rows collected so far
+    hidden_states: list = field(default_factory=list)   # entries (see module docstring)
+    hidden_sent: int = 0                              # entries already sent to the API process
 
     # sampling state carried across steps
     sampling_seed: int = 0                            # user seed or one drawn by the API process
@@ -80,3 +91,14 @@ class Req:
 
     def finished(self) -> bool:
         return self.finished_reason is not None
+
+    def add_hidden_state(self, row: list[float]) -> None:
+        """The hidden state [H] of position ``hidden_len`` (see the module docstring)."""
+        prompt_len = len(self.origin_input_ids)
+        if self.hidden_len < prompt_len:
+            self.hidden_prompt.append(row)
+            if len(self.hidden_prompt) == prompt_len:
+                self.hidden_states.append(self.hidden_prompt)
+        else:
+            self.hidden_states.append(row)
+        self.hidden_len += 1

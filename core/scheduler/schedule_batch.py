@@ -34,6 +34,12 @@ class ScheduleBatch:
     # is a sample row; sample_offsets [S] is each row's place in its chain (0 = the last token)
     sample_offsets: list[int] = field(default_factory=list)
     draft_tokens: Optional[list[list[int]]] = None   # [B] each request's drafts; None: not a verify batch
+    # rows whose final hidden state goes back (return_hidden_states): (request index, row), in
+    # each request's position order
+    hidden_rows: list[tuple[int, int]] = field(default_factory=list)
+    # --enable-mixed-chunk: the last ``mixed_decodes`` requests of an extend batch are running
+    # requests decoding one token each (extend_len 1 on their KV), riding with the prefill
+    mixed_decodes: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -42,6 +48,10 @@ class ScheduleBatch:
     @property
     def is_verify(self) -> bool:
         return self.draft_tokens is not None
+
+    def is_mixed_decode(self, i: int) -> bool:
+        """Whether request ``i`` decodes in this (mixed) extend batch rather than prefills."""
+        return i >= len(self.reqs) - self.mixed_decodes
 
     def sample_offset(self, k: int) -> int:
         return self.sample_offsets[k] if self.sample_offsets else 0
@@ -53,10 +63,11 @@ class ScheduleBatch:
     def req_pool_indices(self) -> list[int]:
         return [r.req_pool_idx for r in self.reqs]
 
-    def select(self, keep: list[int]) -> tuple["ScheduleBatch", list[int], list[int]]:
+    def select(self, keep: list[int]) -> tuple["ScheduleBatch", list[int], list[int], list[int]]:
         """The batch of requests ``keep`` (indices into reqs, ascending), with its token rows,
-        sample rows and prompt-logprob rows renumbered; also which sample entries and which
-        input_logprob_rows entries of this batch it kept (to select a StepResult alike).
+        sample rows, prompt-logprob rows and hidden rows renumbered; also which sample entries,
+        input_logprob_rows entries and hidden_rows entries of this batch it kept (to select a
+        StepResult alike).
         sampling_info stays this batch's (its rows are the unselected sample rows)."""
         starts = [0]
         for n in self.extend_lens:
@@ -70,6 +81,7 @@ class ScheduleBatch:
         shift = {old: new_start[old] - starts[old] for old in keep}
         samples = [k for k, i in enumerate(self.sample_req_idx) if i in new_index]
         inputs = [k for k, (i, _, _) in enumerate(self.input_logprob_rows) if i in new_index]
+        hiddens = [k for k, (i, _) in enumerate(self.hidden_rows) if i in new_index]
         index = torch.tensor(tokens, dtype=torch.int64, device=self.out_cache_loc.device)
         batch = ScheduleBatch(
             mode=self.mode, reqs=[self.reqs[i] for i in keep],
@@ -82,8 +94,10 @@ class ScheduleBatch:
                                 for i, row, target in (self.input_logprob_rows[k] for k in inputs)],
             sampling_info=self.sampling_info,
             sample_offsets=[self.sample_offsets[k] for k in samples] if self.sample_offsets else [],
-            draft_tokens=None if self.draft_tokens is None else [self.draft_tokens[i] for i in keep])
-        return batch, samples, inputs
+            draft_tokens=None if self.draft_tokens is None else [self.draft_tokens[i] for i in keep],
+            hidden_rows=[(new_index[i], row + shift[i]) for i, row in (self.hidden_rows[k] for k in hiddens)],
+            mixed_decodes=sum(self.is_mixed_decode(i) for i in keep))
+        return batch, samples, inputs, hiddens
 
 
 @dataclass
@@ -94,13 +108,15 @@ class StepResult:
     input_logprobs: Optional[list[float]] = None        # one per input_logprob_rows entry
     input_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
     embeddings: Optional[torch.Tensor] = None           # [B, hidden] for embedding batches
+    hidden_states: Optional[list[list[float]]] = None   # [K][H] one per hidden_rows entry
 
-    def select(self, samples: list[int], inputs: list[int]) -> "StepResult":
-        """The entries of sample rows ``samples`` and prompt-logprob rows ``inputs`` (generation
-        steps; see ScheduleBatch.select)."""
+    def select(self, samples: list[int], inputs: list[int], hiddens: list[int] = ()) -> "StepResult":
+        """The entries of sample rows ``samples``, prompt-logprob rows ``inputs`` and hidden rows
+        ``hiddens`` (generation steps; see ScheduleBatch.select)."""
         def pick(values, ks):
             return None if values is None else [values[k] for k in ks]
         return StepResult(next_ids=pick(self.next_ids, samples), logprobs=pick(self.logprobs, samples),
                           top_logprobs=pick(self.top_logprobs, samples),
                           input_logprobs=pick(self.input_logprobs, inputs),
-                          input_top_logprobs=pick(self.input_top_logprobs, inputs))
+                          input_top_logprobs=pick(self.input_top_logprobs, inputs),
+                          hidden_states=pick(self.hidden_states, hiddens))

@@ -1,4 +1,6 @@
-"""Orders the waiting queue. Retracted requests always go first (they already hold progress)."""
+"""Orders the waiting queue. Retracted requests always go first (they already hold progress).
+With priority scheduling (``priority_sign`` +1: higher ``priority`` values first, -1: lower
+first) the policy's order is kept within each priority value."""
 from __future__ import annotations
 
 import random
@@ -11,7 +13,7 @@ LPM_MAX_QUEUE = 128  # beyond this, prefix matching every waiting request costs 
 
 
 def order_waiting(policy: str, waiting: list[Req], match_len: Callable[[Req], tuple[int, object]],
-                  rng: random.Random) -> list[Req]:
+                  rng: random.Random, priority_sign: int = 0) -> list[Req]:
     retracted = [r for r in waiting if r.retractions]
     fresh = [r for r in waiting if not r.retractions]
     if policy == "fcfs" or (policy in ("lpm", "dfs-weight") and len(fresh) > LPM_MAX_QUEUE):
@@ -27,6 +29,8 @@ def order_waiting(policy: str, waiting: list[Req], match_len: Callable[[Req], tu
         fresh.sort(key=lambda r: (-r.priority, r.arrival))
     else:
         raise ValueError(f"schedule_policy: unknown policy {policy!r}")
+    if priority_sign:
+        fresh.sort(key=lambda r: -priority_sign * r.priority)   # stable: the policy's order within a value
     return sorted(retracted, key=lambda r: r.arrival) + fresh
 
 

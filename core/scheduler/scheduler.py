@@ -34,6 +34,7 @@ from kvyard.scheduler.output_processor import OutputProcessorMixin
 from kvyard.scheduler.req import FinishReason, Req
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
 from kvyard.scheduler.schedule_policy import order_waiting
+from kvyard.scheduler.step_log import StepLog
 from kvyard.scheduler.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class SchedulerConfig:
     debug_kv_integrity: bool = False
     max_queued_requests: Optional[int] = None
     enable_overlap: bool = False           # an OverlapWorker executor instead of the SyncExecutor
+    enable_mixed_chunk: bool = False       # running requests decode inside extend batches
+    prefill_max_requests: Optional[int] = None   # most requests one extend batch prefills (None: no cap)
+    priority_sign: int = 0                 # priority scheduling: +1 higher values first, -1 lower, 0 off
+    decode_log_interval: int = 0           # a "Decode batch" log line every N decode batches (0: none)
+    show_time_cost: bool = False           # stage timings with each log line (core/scheduler/step_log.py)
 
 
 class Scheduler(OutputProcessorMixin):
@@ -82,6 +88,7 @@ class Scheduler(OutputProcessorMixin):
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "retractions": 0}
         self.executor = self._make_executor()
         self._inflight: Optional[InFlight] = None
+        self.step_log = StepLog(config.decode_log_interval, config.show_time_cost)
 
     def _make_executor(self):
         if not self.config.enable_overlap:
@@ -96,7 +103,7 @@ class Scheduler(OutputProcessorMixin):
                   return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
                   logprob_start_len=msg.logprob_start_len, stream=msg.stream, priority=msg.priority,
                   arrival=time.monotonic(), sampling_seed=msg.sampling_seed, embed=msg.embed,
-                  token_type_ids=msg.token_type_ids)
+                  token_type_ids=msg.token_type_ids, return_hidden_states=msg.return_hidden_states)
         problem = self._reject_reason(req)
         if problem is None and self.config.max_queued_requests is not None \
                 and len(self.waiting) >= self.config.max_queued_requests:
@@ -117,6 +124,8 @@ class Scheduler(OutputProcessorMixin):
             return f"input_ids: the prompt has {n} tokens; the context length is {self.config.context_length}"
         if n + 1 > self.runner.max_total_tokens:
             return f"input_ids: the prompt has {n} tokens; the KV pool holds {self.runner.max_total_tokens}"
+        if req.return_hidden_states and self.speculation is not None:
+            return "return_hidden_states: not supported with speculative decoding"
         if self.grammar is None and grammar_spec(req.sampling_params) is not None:
             return f"{grammar_spec(req.sampling_params)[0]}: structured output is disabled (--grammar-backend none)"
         return None
@@ -185,22 +194,27 @@ class Scheduler(OutputProcessorMixin):
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[ReqUpdate]:
         updates: list[ReqUpdate] = []
-        prev = self._inflight
+        prev, stage = self._inflight, self.step_log.stage
         if prev is not None and prev.is_sync_point():
-            updates += self.finish_inflight()
+            with stage("complete"):
+                updates += self.finish_inflight()
             prev = None
-        batch = self._schedule_extend() or self._schedule_decode()
-        if batch is not None:
-            updates += self._launch(batch)   # the batch in flight from now on (None if it failed)
-        else:
-            self._inflight = None
-        if prev is not None:
-            updates += self._complete(prev)
-        elif batch is None and self.grammar is not None and self.waiting:
-            self.grammar.wait_for_compile(GRAMMAR_WAIT_S)
-        if not self.config.enable_overlap:
-            updates += self.finish_inflight()    # launch-then-complete at once
+        with stage("schedule"):
+            batch = self._schedule_extend() or self._schedule_decode()
+        with stage("launch"):
+            if batch is not None:
+                updates += self._launch(batch)   # the batch in flight from now on (None if it failed)
+            else:
+                self._inflight = None
+        with stage("complete"):
+            if prev is not None:
+                updates += self._complete(prev)
+            elif batch is None and self.grammar is not None and self.waiting:
+                self.grammar.wait_for_compile(GRAMMAR_WAIT_S)
+            if not self.config.enable_overlap:
+                updates += self.finish_inflight()    # launch-then-complete at once
         updates += self._drain_pending()
+        self.step_log.after_step(batch, self.load_info)
         if self.config.debug_kv_integrity:
             self.check_integrity()
         return updates
@@ -234,8 +248,9 @@ class Scheduler(OutputProcessorMixin):
             step, batch, rows=[r.req_pool_idx for r in batch.reqs],
             kv_tokens={id(r): n for r, n in zip(batch.reqs, batch.extend_lens)}, futures=futures,
             sync_point=self.speculation is not None or any(needs_host_state(r) for r in batch.reqs))
-        if batch.mode.is_extend() and not batch.is_verify:
-            self.running += [r for r in sampled if r.sampling_params.max_new_tokens > 0 and not r.embed]
+        if batch.mode.is_extend() and not batch.is_verify:   # mixed decodes are running already
+            self.running += [r for i, r in zip(batch.sample_req_idx, sampled)
+                             if r.sampling_params.max_new_tokens > 0 and not r.embed and not batch.is_mixed_decode(i)]
         return []
 
     def _complete(self, inflight: InFlight) -> list[ReqUpdate]:
@@ -245,15 +260,15 @@ class Scheduler(OutputProcessorMixin):
         except Exception as exc:  # fail this batch's requests, keep serving the rest
             logger.error("a %s step failed", inflight.batch.mode.name.lower(), exc_info=exc)
             inflight.kv_tokens.clear()
-            batch, _, _ = inflight.batch.select(inflight.owned())
+            batch, _, _, _ = inflight.batch.select(inflight.owned())
             return self._fail_batch(batch, f"internal error: {type(exc).__name__}: {exc}")
         inflight.kv_tokens.clear()          # computed: a release from now on keeps it
         if inflight.sync_point:             # the next batch is scheduled after this update
             self._record_sampled(inflight.batch, result.next_ids)
         batch, keep = inflight.batch, inflight.owned()
         if len(keep) < len(batch.reqs) and result.embeddings is None:
-            batch, samples, inputs = batch.select(keep)
-            result = result.select(samples, inputs)
+            batch, samples, inputs, hiddens = batch.select(keep)
+            result = result.select(samples, inputs, hiddens)
         if batch.is_verify:
             return self._process_verify(batch, result)
         return self._process(batch, result)
@@ -277,8 +292,11 @@ class Scheduler(OutputProcessorMixin):
             self.chunked_req = None
             budget -= self._add_extend(batch, req, budget, chunk)
         free_budget = self._admission_budget()
-        for req in order_waiting(self.config.schedule_policy, self.waiting, self._peek_match, self.rng):
+        for req in order_waiting(self.config.schedule_policy, self.waiting, self._peek_match, self.rng,
+                                 self.config.priority_sign):
             if budget <= 0 or len(self.running) + len(batch.reqs) >= self.runner.max_running_requests:
+                break
+            if self.config.prefill_max_requests is not None and len(batch.reqs) >= self.config.prefill_max_requests:
                 break
             if batch.reqs and batch.reqs[0].embed != req.embed:
                 break  # embedding and generation requests do not share a batch
@@ -295,7 +313,22 @@ class Scheduler(OutputProcessorMixin):
                 break
             budget -= used
             free_budget -= need
-        return batch.finish(self.vocab_size, self.runner.device, self.eos_token_ids) if batch.reqs else None
+        if not batch.reqs:
+            return None
+        if self.config.enable_mixed_chunk:
+            self._mix_running(batch)
+        return batch.finish(self.vocab_size, self.runner.device, self.eos_token_ids)
+
+    def _mix_running(self, batch: ExtendBatchBuilder) -> None:
+        """--enable-mixed-chunk: every running request decodes its next token in this extend
+        batch (one forward instead of a prefill step that stalls them), when their slots fit
+        without retracting anyone; otherwise the next decode batch takes them as usual."""
+        if not self.running or batch.reqs[0].embed or self.speculation is not None \
+                or not self._reserve_decode_slots():
+            return
+        reqs = list(self.running)
+        batch.add_decodes(reqs, self._alloc_decode(reqs), [self._input_token(r) for r in reqs])
+        self._decode_rids = ()   # the cached decode sampling info misses the tokens this batch samples
 
     def _grammar_ready(self, req: Req) -> bool:
         """False while the request's grammar compiles (it keeps its place in the queue); a
@@ -319,6 +352,8 @@ class Scheduler(OutputProcessorMixin):
         limit = len(ids) - 1  # keep at least one token to compute logits from
         if req.return_logprob and req.logprob_start_len >= 0:
             limit = min(limit, req.logprob_start_len)
+        if req.return_hidden_states:   # positions past hidden_len must be computed to be returned
+            limit = min(limit, req.hidden_len)
         if req.embed:
             limit = 0
         return ids[:max(0, limit)]
@@ -388,7 +423,8 @@ class Scheduler(OutputProcessorMixin):
             mode=ForwardMode.DECODE, reqs=reqs, input_ids=[self._input_token(r) for r in reqs],
             positions=[r.kv_len for r in reqs], out_cache_loc=slots,
             prefix_lens=[r.kv_len for r in reqs], extend_lens=[1] * len(reqs),
-            sample_rows=list(range(len(reqs))), sample_req_idx=list(range(len(reqs))))
+            sample_rows=list(range(len(reqs))), sample_req_idx=list(range(len(reqs))),
+            hidden_rows=[(i, i) for i, r in enumerate(reqs) if r.return_hidden_states])
         batch.sampling_info = self._decode_sampling_info(reqs)
         return batch
 
@@ -487,6 +523,7 @@ class Scheduler(OutputProcessorMixin):
         prompt = self.stats["prompt_tokens"]
         return {"num_running_reqs": len(self.running) + (1 if self.chunked_req else 0),
                 "num_queue_reqs": len(self.waiting), "token_usage": used / total if total else 0.0,
+                "num_used_tokens": used,
                 "cache_hit_rate": self.stats["cached_tokens"] / prompt if prompt else 0.0, **self.stats,
                 **(self.speculation.stats.as_dict() if self.speculation is not None else {})}
 

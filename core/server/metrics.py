@@ -31,7 +31,10 @@ GAUGES = {
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, sglang_names: bool = False):
+    def __init__(self, model_name: str, sglang_names: bool = False, ttft_buckets=None, tpot_buckets=None,
+                 e2e_buckets=None):
+        """``*_buckets``: histogram bucket bounds (SGLang's --bucket-time-to-first-token,
+        --bucket-inter-token-latency, --bucket-e2e-request-latency); None: the defaults above."""
         self.registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -42,11 +45,11 @@ class ServerMetrics:
                                      labels, registry=r)
         self.requests = Counter("kvyard:num_requests", "requests that finished (client disconnects excluded)", labels, registry=r)
         self.ttft = Histogram("kvyard:time_to_first_token_seconds", "time to first token", labels,
-                              buckets=LATENCY_BUCKETS, registry=r)
+                              buckets=sorted(ttft_buckets or LATENCY_BUCKETS), registry=r)
         self.tpot = Histogram("kvyard:time_per_output_token_seconds", "time per output token after the first",
-                              labels, buckets=TOKEN_TIME_BUCKETS, registry=r)
+                              labels, buckets=sorted(tpot_buckets or TOKEN_TIME_BUCKETS), registry=r)
         self.e2e = Histogram("kvyard:e2e_request_latency_seconds", "end-to-end request latency", labels,
-                             buckets=LATENCY_BUCKETS, registry=r)
+                             buckets=sorted(e2e_buckets or LATENCY_BUCKETS), registry=r)
         self.gauges = {key: Gauge(name, doc, labels, registry=r) for key, (name, doc) in GAUGES.items()}
         self.num_used_tokens = Gauge("kvyard:num_used_tokens", "KV slots held by requests (tokens)", labels, registry=r)
         self.gen_throughput = Gauge("kvyard:gen_throughput", "generated tokens per second since the previous scrape",

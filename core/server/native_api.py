@@ -3,6 +3,7 @@ control, abort, /encode and /classify, parsers, and a KV integrity probe for tes
 from __future__ import annotations
 
 import asyncio
+import json
 import platform
 from dataclasses import replace
 from typing import AsyncIterator
@@ -115,8 +116,16 @@ async def health_generate(request: Request):
 async def get_model_info(request: Request):
     ctx = ctx_of(request)
     # the tokenizer is the one loaded at start, whatever weights were loaded since
-    return {"model_path": ctx.args.model_path, "tokenizer_path": ctx.args.tokenizer_path or ctx.engine.args.model_path,
-            "is_generation": ctx.is_generation, **chat_template_info(ctx.tm.tokenizer)}
+    args = ctx.args
+    preferred = json.loads(args.preferred_sampling_params) if args.preferred_sampling_params else None
+    return {"model_path": args.model_path, "tokenizer_path": args.tokenizer_path or ctx.engine.args.model_path,
+            "is_generation": ctx.is_generation, "preferred_sampling_params": preferred,
+            "weight_version": args.weight_version, **chat_template_info(ctx.tm.tokenizer)}
+
+
+@router.get("/get_weight_version")
+async def get_weight_version(request: Request):
+    return {"weight_version": ctx_of(request).args.weight_version}
 
 
 def chat_template_info(tokenizer) -> dict:
@@ -181,7 +190,8 @@ async def update_weights_from_disk(body: UpdateWeightsRequest, request: Request)
                                  model_path=path, load_format=body.load_format)
     if not reply.ok:
         return weight_update_failed(body.model_path, reply.message)
-    ctx.args = replace(ctx.args, model_path=path, load_format=body.load_format or "auto")
+    ctx.args = replace(ctx.args, model_path=path, load_format=body.load_format or "auto",
+                       weight_version=body.weight_version or ctx.args.weight_version)
     return JSONResponse({"success": True, "message": reply.message})
 
 

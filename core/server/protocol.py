@@ -213,6 +213,7 @@ class GenerateRequest(BaseModel):
     return_text_in_logprobs: Optional[Bool] = None
     stream: Optional[Bool] = None
     priority: Optional[int] = None
+    return_hidden_states: Optional[Bool] = None    # needs --enable-return-hidden-states
 
 
 class EncodeRequest(BaseModel):
@@ -235,6 +236,7 @@ class UpdateWeightsRequest(_Native):
     model_config = ConfigDict(json_schema_extra={"examples": [{"model_path": "/path/to/new/checkpoint"}]})
     model_path: str = Field(min_length=1)
     load_format: Optional[str] = None
+    weight_version: Optional[str] = None    # the new --weight-version once loaded
 
 
 class FunctionCallRequest(_Native):

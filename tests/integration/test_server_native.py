@@ -76,7 +76,8 @@ def test_health_and_info(base_url, get):
     assert get("/health_generate").status_code == 200
     info = get("/get_model_info").json()
     assert set(info) == {"model_path", "tokenizer_path", "is_generation", "chat_template", "bos_token",
-                         "eos_token"} and info["is_generation"] is True
+                         "eos_token", "preferred_sampling_params", "weight_version"} and info["is_generation"] is True
+    assert info["preferred_sampling_params"] is None and info["weight_version"] == "default"
     server = get("/get_server_info").json()
     assert server["max_total_num_tokens"] == 8192 and server["served_model_name"] == SERVED_NAME
     assert server["api_key"] == "***" and server["versions"]["kvyard"] == server["version"]

@@ -53,7 +53,7 @@ def test_generate_takes_sglang_keyword_fields(engine):
     out = engine.generate("Hi", {"max_new_tokens": 2, "custom_params": {"token_id": 42}},
                           custom_logit_processor="force_token", lora_path=None, return_hidden_states=False)
     assert out["output_ids"] == [42, 42]
-    with pytest.raises(Exception, match="return_hidden_states: not supported by kvyard"):
+    with pytest.raises(Exception, match="return_hidden_states: .* start it with --enable-return-hidden-states"):
         engine.generate("Hi", {"max_new_tokens": 2}, return_hidden_states=True)
 
 

@@ -48,7 +48,7 @@ def test_neutral_values_are_accepted():
     ns = parser().parse_args(["--tp", "1", "--dp-size", "1", "--kv-cache-dtype", "auto",
                               "--sampling-backend", "pytorch", "--model", "/some/model"])
     assert ServerArgs.from_cli_namespace(ns).model_path == "/some/model"
-    with pytest.raises(ValueError, match="--sampling-backend is not supported"):
+    with pytest.raises(ValueError, match="sampling_backend: flashinfer is not supported yet"):
         ServerArgs.from_cli_namespace(parser().parse_args(["--sampling-backend", "flashinfer"]))
 
 
@@ -71,3 +71,24 @@ def test_engine_keyword_arguments():
     assert flags.engine_kwargs({"ep_size": 1, "log_level": "info"}, OWN) == {"log_level": "info"}
     with pytest.raises(ValueError, match="enable_lora is not supported by kvyard"):
         flags.engine_kwargs({"enable_lora": True}, OWN)
+
+
+HONOURED = ("enable-return-hidden-states", "enable-mixed-chunk", "decode-log-interval", "show-time-cost",
+            "download-dir", "base-gpu-id", "gpu-id-step", "sampling-backend", "prefill-only-one-req",
+            "prefill-max-requests", "delete-ckpt-after-loading")
+
+
+def test_flags_kvyard_honours_parse_as_sglang_writes_them():
+    assert all(name.replace("-", "_") in OWN for name in HONOURED)
+    ns = parser().parse_args(["--enable-mixed-chunk", "--decode-log-interval", "10", "--show-time-cost",
+                              "--prefill-only-one-req", "--enable-return-hidden-states"])
+    args = ServerArgs.from_cli_namespace(ns)
+    config = args.scheduler_config(8, 2048, False)
+    assert config.enable_mixed_chunk and config.decode_log_interval == 10 and config.show_time_cost
+    assert config.prefill_max_requests == 1 and args.enable_return_hidden_states
+    off = ServerArgs.from_cli_namespace(parser().parse_args(["--prefill-only-one-req", "false"]))
+    assert off.scheduler_config(8, 2048, False).prefill_max_requests is None
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--prefill-only-one-req", "maybe"])
+    with pytest.raises(ValueError, match="--cpu-offload-gb is not supported by kvyard"):
+        ServerArgs.from_cli_namespace(parser().parse_args(["--cpu-offload-gb", "4"]))

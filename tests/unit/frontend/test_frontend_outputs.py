@@ -20,6 +20,7 @@ class FakeTM:
 
 def state(ids, detok=None, finish=None):
     return SimpleNamespace(rid="r", meta={"completion_tokens": len(ids)}, finish_reason=finish, first_token=None,
+                           return_hidden_states=False,
                            created=0.0, return_logprob=False, embedding=None, output_ids=list(ids), detok=detok)
 
 

@@ -213,17 +213,21 @@ def test_schedule_batch_select_renumbers_rows():
         mode=ForwardMode.EXTEND, reqs=reqs, input_ids=[10, 11, 20, 30, 31, 32],
         positions=[0, 1, 0, 0, 1, 2], out_cache_loc=torch.tensor([5, 6, 7, 8, 9, 10]),
         prefix_lens=[0, 0, 0], extend_lens=[2, 1, 3], sample_rows=[1, 2, 5], sample_req_idx=[0, 1, 2],
-        input_logprob_rows=[(0, 0, 11), (2, 3, 31), (2, 4, 32)], sampling_info="info")
-    kept, samples, inputs = batch.select([0, 2])
+        input_logprob_rows=[(0, 0, 11), (2, 3, 31), (2, 4, 32)], sampling_info="info",
+        hidden_rows=[(1, 2), (2, 3), (2, 4), (2, 5)], mixed_decodes=1)
+    kept, samples, inputs, hiddens = batch.select([0, 2])
     assert kept.reqs == [reqs[0], reqs[2]] and kept.extend_lens == [2, 3]
     assert kept.input_ids == [10, 11, 30, 31, 32] and kept.positions == [0, 1, 0, 1, 2]
     assert kept.out_cache_loc.tolist() == [5, 6, 8, 9, 10]
     assert kept.sample_rows == [1, 4] and kept.sample_req_idx == [0, 1] and samples == [0, 2]
     assert kept.input_logprob_rows == [(0, 0, 11), (1, 2, 31), (1, 3, 32)] and inputs == [0, 1, 2]
     assert kept.sampling_info == "info"
+    assert kept.hidden_rows == [(1, 2), (1, 3), (1, 4)] and hiddens == [1, 2, 3]
+    assert kept.mixed_decodes == 1 and kept.is_mixed_decode(1) and not kept.is_mixed_decode(0)
     result = StepResult(next_ids=[1, 2, 3], logprobs=[-1.0, -2.0, -3.0], top_logprobs=None,
-                        input_logprobs=[-0.1, -0.2, -0.3])
-    picked = result.select(samples, inputs)
+                        input_logprobs=[-0.1, -0.2, -0.3], hidden_states=[[0.0], [1.0], [2.0], [3.0]])
+    picked = result.select(samples, inputs, hiddens)
+    assert picked.hidden_states == [[1.0], [2.0], [3.0]]
     assert picked.next_ids == [1, 3] and picked.logprobs == [-1.0, -3.0] and picked.top_logprobs is None
     assert picked.input_logprobs == [-0.1, -0.2, -0.3]
 
@@ -234,6 +238,6 @@ def test_schedule_batch_select_of_fewer_requests(keep):
     batch = ScheduleBatch(mode=ForwardMode.DECODE, reqs=reqs, input_ids=[4, 5], positions=[3, 9],
                           out_cache_loc=torch.tensor([7, 8]), prefix_lens=[3, 9], extend_lens=[1, 1],
                           sample_rows=[0, 1], sample_req_idx=[0, 1])
-    kept, samples, _ = batch.select(keep)
+    kept, samples, _, _ = batch.select(keep)
     assert kept.input_ids == [batch.input_ids[i] for i in keep] and samples == keep
     assert kept.sample_rows == list(range(len(keep)))
