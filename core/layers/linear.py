@@ -2,6 +2,8 @@
 
 ``output_sizes`` lists the fused outputs in order, so a checkpoint's q_proj/k_proj/v_proj load
 as shards 0/1/2 of one qkv layer. Storage and matmul belong to the LinearMethod (quantization.py).
+``lora_hook`` (None unless LoRA serving attached one: kvyard.lora) runs after that matmul,
+whatever the method computed: ``y = hook(x, y)``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class Linear(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
         self.method.create_weights(self)
+        self.lora_hook = None   # kvyard.lora.hook.LoRAHook when LoRA serving targets this layer
 
     def load_shard(self, shard: int, weight: Any) -> None:
         self.method.load_shard(self, shard, weight)
@@ -65,7 +68,8 @@ class Linear(nn.Module):
         self.method.process_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        return y if self.lora_hook is None else self.lora_hook(x, y)
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(y.split(self.output_sizes, dim=-1))

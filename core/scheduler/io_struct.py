@@ -23,6 +23,7 @@ class TokenizedGenerateReq:
     sampling_seed: int = 0        # the user's seed, or one drawn by the API process
     embed: bool = False           # embedding request: run the prompt, return the pooled vector
     token_type_ids: Optional[list[int]] = None   # per prompt token (cross-encoder pairs), or None
+    lora_name: Optional[str] = None               # LoRA adapter (kvyard.lora); None: the base model
 
 
 @dataclass
@@ -33,7 +34,7 @@ class AbortReq:
 @dataclass
 class ControlReq:
     id: int
-    op: str                       # flush_cache | get_info | update_weights | check_integrity
+    op: str                       # flush_cache | get_info | update_weights | check_integrity | load_lora | unload_lora
     args: dict = field(default_factory=dict)
 
 

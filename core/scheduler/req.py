@@ -58,6 +58,11 @@ class Req:
     spec_verify_ct: int = 0                           # speculative verify steps this request took part in
     spec_accepted_tokens: int = 0                     # draft tokens of its that the target accepted
     token_type_ids: Optional[list[int]] = None        # segment of each prompt token (encoder pairs)
+    # LoRA serving (kvyard.lora): the adapter, its pinned slot while admitted (-1: base model),
+    # and the prefix-cache namespace of its KV (the adapter's load id; None: the base model)
+    lora_name: Optional[str] = None
+    lora_slot: Optional[int] = None
+    cache_namespace: Optional[int] = None
 
     # sampling state carried across steps
     sampling_seed: int = 0                            # user seed or one drawn by the API process
