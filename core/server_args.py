@@ -222,6 +222,8 @@ class ServerArgs:
             raise ValueError(str(exc)) from None
         if self.enable_lora and self.enable_torch_compile:
             raise ValueError("enable_torch_compile: not supported with --enable-lora yet")
+        if self.enable_lora and self.dp_size > 1:
+            raise ValueError("enable_lora: not supported with --dp-size > 1 yet")
         if self.enable_lora and self.is_embedding:
             raise ValueError("enable_lora: not supported for embedding models yet")
 

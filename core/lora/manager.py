@@ -17,7 +17,7 @@ from torch import nn
 
 from kvyard.lora.adapter import LoRAAdapter, load_adapter
 from kvyard.lora.batch import LoRABatchInfo, build_batch_info
-from kvyard.lora.config import LoRAConfig, LoRAError
+from kvyard.lora.config import TARGET_MODULES, LoRAConfig, LoRAError
 from kvyard.lora.hook import LoRAHook, LoRARuntime
 from kvyard.lora.pool import LoRASlotPool
 from kvyard.lora.targets import find_targets, targets_by_peft_name
@@ -59,7 +59,9 @@ class LoRAManager:
         targets = find_targets(model, self.config.target_modules)
         if set(targets) != set(self.pool.a):
             raise LoRAError("enable_lora: the model's LoRA layers differ from the slot pool's")
-        self.targets, self.by_peft = targets, targets_by_peft_name(targets)
+        self.targets = targets
+        # every LoRA-capable layer by PEFT name: an adapter of a module outside the slots is named as such
+        self.by_peft = targets_by_peft_name(find_targets(model, TARGET_MODULES))
         for key, t in targets.items():
             t.layer.lora_hook = LoRAHook(self.runtime, self.pool.a[key], self.pool.b[key], t.layer.output_sizes)
 

@@ -202,6 +202,7 @@ class GenerateRequest(BaseModel):
     return_text_in_logprobs: Optional[Bool] = None
     stream: Optional[Bool] = None
     priority: Optional[int] = None
+    lora_path: Union[str, list[Optional[str]], None] = None   # LoRA adapter name(s): one, or one per prompt
 
 
 class EncodeRequest(BaseModel):

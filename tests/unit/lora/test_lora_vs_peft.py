@@ -67,3 +67,25 @@ def test_mixed_batch_matches_peft(lora_setup):
     base_tokens = got["r-None"][0]
     assert got["r-qv"][0] != base_tokens
     scheduler.close()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_with_adapter_matches_peft(hf_smollm2, smollm2_path, tmp_path):
+    """The default model (GGUF, dequantized float32) with a random adapter, next to a base request."""
+    from lora_fixtures import save_adapter
+
+    hf, tokenizer = hf_smollm2
+    save_adapter(hf, str(tmp_path / "smol"), rank=8, alpha=16, modules=["q_proj", "v_proj", "down_proj"],
+                 scale=0.5)
+    scheduler = build_scheduler(ServerArgs(
+        model_path=smollm2_path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=512,
+        log_level="warning", lora_paths=[f"smol={tmp_path / 'smol'}"]))
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    got = run(scheduler, [("lora", prompt, "smol"), ("base", prompt, None)], steps=4)
+    tokens, logprobs = peft_greedy(peft_model(hf, str(tmp_path / "smol")), prompt, 4)
+    assert got["lora"][0] == tokens
+    assert got["lora"][1] == pytest.approx(logprobs, abs=1e-3)
+    base_tokens, base_logprobs = peft_greedy(hf, prompt, 4)
+    assert got["base"][0] == base_tokens
+    assert got["lora"][1] != pytest.approx(base_logprobs, abs=1e-2)   # the adapter matters
+    scheduler.close()
