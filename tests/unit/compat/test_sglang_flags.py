@@ -60,14 +60,14 @@ def test_no_prefix_abbreviation():
 
 
 def test_refusal_exits_non_zero_with_one_line():
-    r = subprocess.run([sys.executable, "-m", "kvyard.cli", "serve", "--tp", "2", "--enable-lora"],
+    r = subprocess.run([sys.executable, "-m", "kvyard.cli", "serve", "--tp", "2", "--enable-two-batch-overlap"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "--tp-size, --enable-lora are not supported by kvyard" in r.stderr
+    assert "--tp-size, --enable-two-batch-overlap are not supported by kvyard" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_engine_keyword_arguments():
     assert flags.engine_kwargs({"tp_size": 1, "log_level": "info"}, OWN) == {"log_level": "info"}
-    with pytest.raises(ValueError, match="enable_lora is not supported by kvyard"):
-        flags.engine_kwargs({"enable_lora": True}, OWN)
+    with pytest.raises(ValueError, match="enable_two_batch_overlap is not supported by kvyard"):
+        flags.engine_kwargs({"enable_two_batch_overlap": True}, OWN)
