@@ -40,9 +40,10 @@ class SlotSpy:
         scheduler.executor.launch = spy
 
 
-def test_one_slot_serves_three_adapters_in_turn(setup):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_one_slot_serves_three_adapters_in_turn(setup, overlap):
     base, _, adapters = setup
-    scheduler = scheduler_for(setup, max_loras_per_batch=1, max_lora_rank=8)
+    scheduler = scheduler_for(setup, max_loras_per_batch=1, max_lora_rank=8, disable_overlap_schedule=not overlap)
     spy = SlotSpy(scheduler)
     prompt = [5, 17, 33, 2, 9]
     reqs = [(f"r{i}-{name}", prompt, name) for i, name in enumerate(["qv", "all", "mlp", "qv", None])]
