@@ -150,6 +150,7 @@ def offline(ns) -> list[dict]:
             results.setdefault("base", []).append(run_offline(configs["base"], ns, 0, seed=r))
             for k in ns.adapters:
                 results.setdefault(f"lora, {k} adapters", []).append(run_offline(configs["lora on"], ns, k, seed=r))
+            print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results.items()), flush=True)
         return summarize(results, "tok/s", "base")
 
 

@@ -13,14 +13,7 @@
 #   bash benchmarks/h100/lora_device.sh            from the repository root, on the device
 set -u
 cd "$(dirname "$0")/../.." || exit 1
-OUT=${OUT:-/tmp/kvyard_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/setup.txt" 2>&1
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/setup.txt" 2>&1 \
-    || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >> "$OUT/setup.txt" 2>&1
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+source benchmarks/h100/device_setup.sh
 PARTS=${PARTS:-"kernels decode"}
 for part in $PARTS; do
   case $part in

@@ -24,15 +24,20 @@ BLOCK_M = 16
 
 
 @triton.jit
+def _segment(indptr_ptr, slots_ptr):
+    """(slot, first token, length) of this program's segment (grid axis 1)."""
+    seg = tl.program_id(1)
+    start = tl.load(indptr_ptr + seg)
+    return tl.load(slots_ptr + seg), start, tl.load(indptr_ptr + seg + 1) - start
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, indptr_ptr, slots_ptr, N, K,
                    stride_xm, stride_as, stride_an, stride_om,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    seg = tl.program_id(1)
-    slot = tl.load(slots_ptr + seg)
+    slot, start, length = _segment(indptr_ptr, slots_ptr)
     if slot < 0:
         return
-    start = tl.load(indptr_ptr + seg)
-    length = tl.load(indptr_ptr + seg + 1) - start
     n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // n_blocks
     pid_n = tl.program_id(0) % n_blocks
@@ -61,13 +66,10 @@ def _expand_kernel(xa_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, R,
                    stride_xam, stride_bs, stride_bo, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    N_BLOCKS: tl.constexpr):
-    seg = tl.program_id(1)
     shard = tl.program_id(2)
-    slot = tl.load(slots_ptr + seg)
+    slot, start, length = _segment(indptr_ptr, slots_ptr)
     if slot < 0:
         return
-    start = tl.load(indptr_ptr + seg)
-    length = tl.load(indptr_ptr + seg + 1) - start
     pid_m = tl.program_id(0) // N_BLOCKS
     pid_n = tl.program_id(0) % N_BLOCKS
     col0 = tl.load(starts_ptr + shard)
