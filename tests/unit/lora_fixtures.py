@@ -1,11 +1,14 @@
-"""Tiny random base models and random PEFT adapters saved into tmp folders, and PEFT's greedy
-reference (float32, CPU) — shared by the LoRA tests."""
+"""Tiny random base models and random PEFT adapters saved into tmp folders, PEFT's greedy
+reference (float32, CPU), and a driver of the in-process scheduler — shared by the LoRA tests."""
 from __future__ import annotations
 
 import copy
 import os
 
 import torch
+
+from kvyard.sampling.params import SamplingParams
+from kvyard.scheduler.io_struct import TokenizedGenerateReq
 
 ADAPTER_SPECS = {   # name: (rank, alpha, target modules, rslora)
     "qv": (4, 8, ["q_proj", "v_proj"], False),
@@ -69,3 +72,27 @@ def make_adapters(base, root: str, specs: dict = ADAPTER_SPECS) -> dict[str, str
         paths[name] = os.path.join(root, name)
         save_adapter(base, paths[name], rank, alpha, modules, rslora, seed=10 + i)
     return paths
+
+
+def greedy_params(max_new: int) -> SamplingParams:
+    p = SamplingParams.from_dict({"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True})
+    p.verify(256)
+    return p.normalize(None)
+
+
+def run(scheduler, reqs: list[tuple[str, list[int], str | None]], steps: int = 6) -> dict:
+    """Adds every (rid, prompt, adapter) at once, steps until done; {rid: (tokens, logprobs)}."""
+    for rid, prompt, lora in reqs:
+        rejected = scheduler.add_request(TokenizedGenerateReq(rid, prompt, greedy_params(steps), return_logprob=True,
+                                                              lora_name=lora))
+        assert rejected is None, rejected.finished_reason
+    out = {rid: ([], []) for rid, _, _ in reqs}
+    for _ in range(500):
+        for u in scheduler.step():
+            assert u.finished_reason is None or u.finished_reason["type"] != "abort", u.finished_reason
+            out[u.rid][0].extend(u.new_token_ids)
+            out[u.rid][1].extend(lp for lp, _ in u.output_token_logprobs)
+        if not scheduler.has_work():
+            break
+    scheduler.check_integrity()
+    return out

@@ -10,8 +10,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lora_fixtures import make_adapters, peft_greedy, peft_model, tiny_base
-from test_lora_vs_peft import greedy_params
+from lora_fixtures import greedy_params, make_adapters, peft_greedy, peft_model, tiny_base
 from kvyard.executor.cuda_graph_runner import CudaGraphConfig, CudaGraphRunner, EagerReplayCapture
 from kvyard.scheduler.io_struct import TokenizedGenerateReq
 from kvyard.scheduler.process import build_scheduler

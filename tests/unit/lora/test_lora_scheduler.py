@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_fixtures import make_adapters, peft_greedy, peft_model, tiny_base
-from test_lora_vs_peft import greedy_params, run
+from lora_fixtures import greedy_params, make_adapters, peft_greedy, peft_model, run, tiny_base
 from kvyard.scheduler.io_struct import TokenizedGenerateReq
 from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs

@@ -6,37 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from lora_fixtures import make_adapters, peft_greedy, peft_model, tiny_base
-from kvyard.sampling.params import SamplingParams
-from kvyard.scheduler.io_struct import TokenizedGenerateReq
+from lora_fixtures import make_adapters, peft_greedy, peft_model, run, tiny_base
 from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs
 
 STEPS = 6
-
-
-def greedy_params(max_new: int) -> SamplingParams:
-    p = SamplingParams.from_dict({"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True})
-    p.verify(256)
-    return p.normalize(None)
-
-
-def run(scheduler, reqs: list[tuple[str, list[int], str | None]], steps: int = STEPS) -> dict:
-    """Adds every (rid, prompt, adapter) at once, steps until done; {rid: (tokens, logprobs)}."""
-    for rid, prompt, lora in reqs:
-        rejected = scheduler.add_request(TokenizedGenerateReq(rid, prompt, greedy_params(steps), return_logprob=True,
-                                                              lora_name=lora))
-        assert rejected is None, rejected.finished_reason
-    out = {rid: ([], []) for rid, _, _ in reqs}
-    for _ in range(500):
-        for u in scheduler.step():
-            assert u.finished_reason is None or u.finished_reason["type"] != "abort", u.finished_reason
-            out[u.rid][0].extend(u.new_token_ids)
-            out[u.rid][1].extend(lp for lp, _ in u.output_token_logprobs)
-        if not scheduler.has_work():
-            break
-    scheduler.check_integrity()
-    return out
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
