@@ -70,7 +70,8 @@ class Engine:
         """One prompt → one dict; a list of prompts (or n > 1) → a list; stream=True → an
         iterator of chunks {"text", "output_ids", "meta_info"} (plus "index" for a batch):
         cumulative, as SGLang streams, or only the new part with incremental_streaming_output.
-        ``extra``: SGLang's other GenerateReqInput fields (ignored when off, else refused)."""
+        ``extra``: SGLang's other GenerateReqInput fields (ignored when off, else refused), e.g.
+        ``lora_path="name"`` or one adapter name (or None) per prompt with enable_lora."""
         obj = self._request(prompt, sampling_params, input_ids, return_logprob=return_logprob,
                             top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
                             stream=stream, rid=rid, priority=priority, **{**self._request_defaults, **extra})
@@ -184,6 +185,18 @@ class Engine:
         if not reply.ok:
             raise ValueError(reply.message)
         return reply.result["trace"]
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> dict:
+        """Loads a PEFT adapter folder as ``lora_name`` (needs enable_lora); returns the loaded
+        adapters {name: path}. RequestError (a ValueError) with a one-line reason otherwise."""
+        adapters = self._call(self.tm.load_lora_adapter(lora_name, lora_path))
+        return {name: a["path"] for name, a in adapters.items()}
+
+    def unload_lora_adapter(self, lora_name: str) -> dict:
+        """Unloads an adapter once the requests already using it have finished (new ones are
+        refused at once); returns the loaded adapters {name: path}."""
+        adapters = self._call(self.tm.unload_lora_adapter(lora_name))
+        return {name: a["path"] for name, a in adapters.items()}
 
     def check_kv_integrity(self) -> None:
         """Raises AssertionError unless every KV slot is free, cached or owned — exactly one."""

@@ -54,6 +54,8 @@ class ForwardBatch:
     attn_backend: "AttentionBackend"
     # free-form per-step data an attention backend computes in init_forward_metadata
     attn_metadata: Any = None
+    # LoRA serving: each request's adapter slot (kvyard.lora.batch.LoRABatchInfo); None without LoRA
+    lora: Any = None
     # graph/compile padding: the real batch size when batch_size counts padded rows
     real_batch_size: Optional[int] = None
     # [K] int64 rows whose final hidden state the step returns (return_hidden_states), or None

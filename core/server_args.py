@@ -150,6 +150,14 @@ class ServerArgs:
     speculative_ngram_branch_length: int = _f(18, "NGRAM: longest continuation kept per n-gram", "speculative")
     speculative_ngram_capacity: int = _f(10_000_000, "NGRAM: n-grams kept in the cache shared across requests", "speculative")
 
+    # -- LoRA serving (core/lora/) ------------------------------------------------------
+    enable_lora: bool = _f(False, "serve LoRA adapters (set automatically by --lora-paths)", "lora")
+    lora_paths: Optional[list[str]] = _f(None, "adapters to load at start: PATH, NAME=PATH or JSON {\"lora_name\": ..., \"lora_path\": ...}; PEFT folders", "lora", nargs="+")
+    max_loras_per_batch: int = _f(8, "adapter slots on the device: the most distinct adapters one batch uses", "lora")
+    max_lora_rank: Optional[int] = _f(None, "largest adapter rank the slots hold (default: the largest of --lora-paths, else 64)", "lora")
+    lora_target_modules: Optional[list[str]] = _f(None, "modules the slots serve: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, qkv_proj, gate_up_proj or all (default: those of --lora-paths, else all)", "lora", nargs="+")
+    lora_backend: str = _f("auto", "LoRA matmul kernels: triton (CUDA), torch; auto: triton on CUDA, torch on the CPU", "lora", choices=("auto", "triton", "torch"))
+
     # -- parsers and grammar ------------------------------------------------------------
     tool_call_parser: Optional[str] = _f(None, "tool-call parser", "parsers", registry="tool_call_parsers")
     reasoning_parser: Optional[str] = _f(None, "reasoning parser", "parsers", registry="reasoning_parsers")
@@ -165,6 +173,8 @@ class ServerArgs:
     show_time_cost: bool = _f(False, "follow each batch log line with the mean time of the scheduler step's stages", "logging")
 
     def __post_init__(self) -> None:
+        if self.lora_paths:
+            self.enable_lora = True   # as SGLang: adapters to load imply LoRA serving
         self.check()
 
     # -------------------------------------------------------------------------------------
@@ -213,6 +223,7 @@ class ServerArgs:
             raise ValueError(f"cuda_graph_bs must list batch sizes >= 1, got {self.cuda_graph_bs}")
         self.speculative_config()   # checks the speculative flags
         self._check_parallel_flags()
+        self._check_lora_flags()
         self._check_quantization_flags()
         for name in ("bucket_time_to_first_token", "bucket_inter_token_latency", "bucket_e2e_request_latency"):
             value = getattr(self, name)
@@ -277,6 +288,46 @@ class ServerArgs:
         if self.quantization_param_path is not None and not os.path.isfile(self.quantization_param_path):
             raise ValueError(f"quantization_param_path: no such file {self.quantization_param_path}")
 
+    def _check_lora_flags(self) -> None:
+        from kvyard.lora.config import LoRAError, normalize_target_modules, parse_lora_paths
+
+        if self.max_loras_per_batch < 1:
+            raise ValueError(f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        try:
+            parse_lora_paths(self.lora_paths)
+            normalize_target_modules(self.lora_target_modules)
+        except LoRAError as exc:
+            raise ValueError(str(exc)) from None
+        if self.enable_lora and self.enable_torch_compile:
+            raise ValueError("enable_torch_compile: not supported with --enable-lora yet")
+        if self.enable_lora and self.dp_size > 1:
+            raise ValueError("enable_lora: not supported with --dp-size > 1 yet")
+        if self.enable_lora and self.is_embedding:
+            raise ValueError("enable_lora: not supported for embedding models yet")
+
+    def lora_config(self):
+        """The LoRAConfig (None when LoRA serving is off). Unset rank and target modules follow
+        the adapters given at start (their adapter_config.json), as SGLang does."""
+        if not self.enable_lora:
+            return None
+        from kvyard.lora.config import (TARGET_MODULES, LoRAConfig, normalize_target_modules, parse_lora_paths,
+                                        peek_adapter)
+
+        adapters = parse_lora_paths(self.lora_paths)
+        peeked = [peek_adapter(name, path) for name, path in adapters.items()]
+        rank = self.max_lora_rank or max((r for r, _ in peeked), default=64)
+        modules = normalize_target_modules(self.lora_target_modules)
+        if modules is None:   # an adapter config of "all-linear" or unknown names: every module
+            named = [m for _, mods in peeked for m in mods]
+            modules = normalize_target_modules(named) if named else TARGET_MODULES
+        backend = self.lora_backend
+        if backend == "auto":
+            backend = "triton" if self.resolved_device() == "cuda" else "torch"
+        return LoRAConfig(max_loras_per_batch=self.max_loras_per_batch, max_lora_rank=rank,
+                          target_modules=modules, backend=backend, adapters=tuple(adapters.items()))
+
     def quantization_name(self) -> Optional[str]:
         """--quantization, or torchao when only --torchao-config is given."""
         return "torchao" if self.torchao_config and self.quantization is None else self.quantization
@@ -328,7 +379,8 @@ class ServerArgs:
             page_size=self.page_size, max_total_tokens=self.max_total_tokens,
             mem_fraction_static=self.mem_fraction_static, max_running_requests=self.max_running_requests,
             num_threads=self.num_threads, random_seed=self.random_seed, cuda_graph=self.cuda_graph_config(),
-            enable_torch_compile=self.enable_torch_compile, torch_compile_max_bs=self.torch_compile_max_bs)
+            enable_torch_compile=self.enable_torch_compile, torch_compile_max_bs=self.torch_compile_max_bs,
+            lora=self.lora_config())
 
     def scheduler_config(self, max_running_requests: int, context_length: int, enable_overlap: bool):
         """The scheduler's config; the arguments are what the loaded model and pool resolved."""
@@ -352,6 +404,7 @@ class ServerArgs:
     def add_cli_args(cls, parser: argparse.ArgumentParser, groups: Optional[set[str]] = None) -> None:
         titles = {"model": "model and tokenizer", "http": "HTTP server", "scheduling": "memory and scheduling",
                   "runtime": "runtime and kernels", "distributed": "parallelism and multi-node", "parsers": "parsers and grammar", "speculative": "speculative decoding",
+                  "lora": "LoRA serving",
                   "limits": "request limits", "logging": "logging"}
         arg_groups = {g: parser.add_argument_group(t) for g, t in titles.items()
                       if groups is None or g in groups}

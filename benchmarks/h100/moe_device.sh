@@ -9,14 +9,7 @@
 # Output under $OUT: kernel.jsonl, kernel.txt, gpu_tests.txt, decode_*.jsonl / .txt.
 set -u
 cd "$(dirname "$0")/../.." || exit 1
-OUT=${OUT:-/tmp/kvyard_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/setup.txt" 2>&1
-export PYTHONPATH=/tmp/site:$PWD/tests
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/setup.txt" 2>&1 \
-    || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >> "$OUT/setup.txt" 2>&1
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+source benchmarks/h100/device_setup.sh
 PARTS=${PARTS:-"kernel tests decode"}
 for part in $PARTS; do
   case $part in

@@ -14,7 +14,7 @@ from kvyard.cli.common import (add_sampling_flags, engine_parser, err, run_repor
 
 def build_parser():
     parser = engine_parser("kvyard generate", "Generate text with a model.",
-                           groups={"model", "scheduling", "runtime", "logging"})
+                           groups={"model", "scheduling", "runtime", "lora", "logging"})
     g = parser.add_argument_group("prompt")
     g.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
     g.add_argument("--prompt-file", default=None, help="one prompt per line, or JSONL with a 'prompt' field")
@@ -25,6 +25,8 @@ def build_parser():
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--json", dest="as_json", action="store_true", help="print the full output objects as JSON")
+    g.add_argument("--lora", default=None, metavar="NAME",
+                   help="generate with this LoRA adapter (a name of --lora-paths)")
     add_sampling_flags(parser)
     return parser
 
@@ -59,10 +61,14 @@ def run_generate(argv: list[str]) -> int:
 
 def _generate(ns) -> int:
     from kvyard.engine import Engine
+    from kvyard.lora.config import parse_lora_paths
 
     prompts = read_prompts(ns)
     params = sampling_params_from(ns)
     args = server_args_from(ns)
+    if ns.lora is not None and ns.lora not in parse_lora_paths(args.lora_paths):
+        raise ValueError(f"lora: {ns.lora!r} is not one of --lora-paths "
+                         f"({', '.join(parse_lora_paths(args.lora_paths)) or 'none given'})")
     with err.status("loading the model…"):
         engine = Engine(server_args=args)
     with engine:
@@ -72,7 +78,7 @@ def _generate(ns) -> int:
         ids = [_chat_ids(engine, p, ns.system) if use_chat else None for p in prompts]
         if ns.stream:
             for p, i in zip(prompts, ids):
-                stream = engine.generate(None if i else p, params, input_ids=i, stream=True)
+                stream = engine.generate(None if i else p, params, input_ids=i, stream=True, lora_path=ns.lora)
                 shown = 0   # chunks are cumulative unless --incremental-streaming-output
                 for chunk in stream:
                     new = chunk["text"] if engine.tm.incremental_streaming else chunk["text"][shown:]
@@ -81,7 +87,8 @@ def _generate(ns) -> int:
                     sys.stdout.flush()
                 sys.stdout.write("\n")
             return 0
-        outs = engine.generate(None if use_chat else prompts, params, input_ids=ids if use_chat else None)
+        outs = engine.generate(None if use_chat else prompts, params, input_ids=ids if use_chat else None,
+                               lora_path=ns.lora)
         outs = outs if isinstance(outs, list) else [outs]
         for out in outs:
             print(json.dumps(out) if ns.as_json else out["text"])

@@ -12,7 +12,8 @@ dropped. --disable-cuda-graph-padding replays only batches of exactly a bucket's
 run eagerly).
 
 Buffers: input_ids, positions, out_cache_loc, req_pool_indices, seq_lens (and the arange rows
-extend_start_loc / logits_indices) are allocated once for the largest bucket; every graph is
+extend_start_loc / logits_indices; with LoRA serving, each row's adapter slot and the segment
+offsets 0..B of ForwardBatch.lora) are allocated once for the largest bucket; every graph is
 captured on views of them, and a replay refills them in place, so the captured kernels read the
 new batch from the same addresses. The attention backend does the same with its own metadata
 (init_cuda_graph_state / init_forward_metadata_capture / init_forward_metadata_replay).
@@ -157,7 +158,7 @@ class EagerReplayCapture(GraphCapture):
 class DecodeInputBuffers:
     """The decode step's inputs for up to ``max_bs`` rows, allocated once, refilled in place."""
 
-    def __init__(self, max_bs: int, device):
+    def __init__(self, max_bs: int, device, with_lora: bool = False):
         long = dict(dtype=torch.int64, device=device)
         self.max_bs = max_bs
         self.input_ids = torch.zeros(max_bs, **long)
@@ -166,6 +167,9 @@ class DecodeInputBuffers:
         self.req_pool_indices = torch.full((max_bs,), DUMMY_ROW, **long)
         self.seq_lens = torch.full((max_bs,), PAD_SEQ_LEN, **long)
         self.row_index = torch.arange(max_bs, **long)    # extend_start_loc and logits_indices
+        # LoRA: slot of each row (-1: base model, also for padding) and one segment per row
+        self.lora_slots = torch.full((max_bs,), -1, dtype=torch.int32, device=device) if with_lora else None
+        self.lora_indptr = torch.arange(max_bs + 1, dtype=torch.int32, device=device) if with_lora else None
 
     def fill(self, fb: ForwardBatch, padded_bs: int) -> None:
         """Rows [0, B) from ``fb``; rows [B, padded_bs) the dummy request."""
@@ -179,11 +183,17 @@ class DecodeInputBuffers:
         for buf, src, pad in pairs:
             buf[:b].copy_(src[:b])
             buf[b:padded_bs].fill_(pad)
+        if self.lora_slots is not None:
+            if fb.lora is not None:
+                self.lora_slots[:b].copy_(fb.lora.seg_slots[:b])
+            else:
+                self.lora_slots[:b].fill_(-1)
+            self.lora_slots[b:padded_bs].fill_(-1)
 
     def batch(self, bs: int, kv_pool: "KVPool", req_to_token: torch.Tensor,
               attn_backend: "AttentionBackend") -> ForwardBatch:
         """A decode ForwardBatch of ``bs`` rows whose tensors are views of these buffers."""
-        return ForwardBatch(
+        fb = ForwardBatch(
             mode=ForwardMode.DECODE, batch_size=bs, input_ids=self.input_ids[:bs],
             positions=self.positions[:bs], out_cache_loc=self.out_cache_loc[:bs],
             req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
@@ -191,13 +201,18 @@ class DecodeInputBuffers:
             extend_seq_lens_cpu=[1] * bs, extend_start_loc=self.row_index[:bs],
             logits_indices=self.row_index[:bs], req_to_token=req_to_token, kv_pool=kv_pool,
             attn_backend=attn_backend)
+        if self.lora_slots is not None:
+            from kvyard.lora.batch import LoRABatchInfo
+            fb.lora = LoRABatchInfo(seg_indptr=self.lora_indptr[:bs + 1], seg_slots=self.lora_slots[:bs],
+                                    max_seg_len=1)
+        return fb
 
 
 # -- the runner --------------------------------------------------------------------------------
 class CudaGraphRunner:
     def __init__(self, config: CudaGraphConfig, step_fn: StepFn, attn_backend: "AttentionBackend",
                  kv_pool: "KVPool", req_to_token: torch.Tensor, max_running_requests: int, device,
-                 capture_factory: Optional[Callable[[], GraphCapture]] = None):
+                 capture_factory: Optional[Callable[[], GraphCapture]] = None, with_lora: bool = False):
         self.config = config
         self.step_fn = step_fn
         self.attn_backend = attn_backend
@@ -205,7 +220,7 @@ class CudaGraphRunner:
         self.req_to_token = req_to_token
         self.sizes = config.capture_sizes(max_running_requests)
         self.max_bs = max(self.sizes, default=0)
-        self.buffers = DecodeInputBuffers(self.max_bs, device) if self.sizes else None
+        self.buffers = DecodeInputBuffers(self.max_bs, device, with_lora) if self.sizes else None
         self._capture_factory = capture_factory or self._default_factory(device)
         self.graphs: dict[int, GraphCapture] = {}
         self.graph_batches: dict[int, ForwardBatch] = {}

@@ -75,6 +75,7 @@ class RunnerConfig:
     cuda_graph: Optional[object] = None               # kvyard.executor.cuda_graph_runner.CudaGraphConfig
     enable_torch_compile: bool = False
     torch_compile_max_bs: int = 32
+    lora: Optional[object] = None                     # kvyard.lora.LoRAConfig; None: LoRA serving off
 
 
 def physical_cores() -> int:
@@ -97,6 +98,7 @@ class ModelRunner:
         if config.random_seed is not None:
             torch.manual_seed(config.random_seed)
         self._load_model()
+        self.lora = self._init_lora()
         self._init_memory()
         attention = self._attention_config()
         requested = config.attention_backend
@@ -133,15 +135,31 @@ class ModelRunner:
             if not self.attn_backend.supports_cuda_graph:
                 logger.info("CUDA graphs off: attention backend %s does not support them", self.attn_backend_name)
                 return None
+            if self.lora is not None and self.lora.config.backend != "triton":
+                logger.info("CUDA graphs off: --lora-backend %s cannot be captured", self.lora.config.backend)
+                return None
             runner = CudaGraphRunner(cfg.cuda_graph or CudaGraphConfig(), self._logits_step, self.attn_backend,
-                                     self.kv_pool, self.req_to_token.table, self.max_running_requests, self.device)
+                                     self.kv_pool, self.req_to_token.table, self.max_running_requests, self.device,
+                                     with_lora=self.lora is not None)
         else:
             return None
         runner.capture()
         return runner
 
+    def _init_lora(self):
+        """The LoRAManager (kvyard.lora) hooked into the model's linear layers, or None."""
+        if self.config.lora is None:
+            return None
+        from kvyard.lora.manager import LoRAManager
+
+        if self.config.enable_torch_compile:
+            raise ValueError("enable_torch_compile: not supported with --enable-lora yet")
+        return LoRAManager(self.config.lora, self.model, self.dtype, self.device)
+
     def _logits_step(self, fb: ForwardBatch) -> torch.Tensor:
         """The decode step a graph captures: model + logits of every row, [B, vocab]."""
+        if self.lora is not None:
+            self.lora.bind(fb.lora)   # the hooks read this step's slots (graph inputs when captured)
         if self.pp.enabled:
             from kvyard.distributed.pipeline import pipeline_logits
 
@@ -221,6 +239,8 @@ class ModelRunner:
         try:
             self._load_model()
             self._check_same_shape(old["model_config"], old["dtype"])
+            if self.lora is not None:
+                self.lora.attach(self.model)   # the new model object's linears get the hooks
         except BaseException:
             for name, value in old.items():
                 setattr(self, name, value)
@@ -313,6 +333,8 @@ class ModelRunner:
             req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
         if batch.hidden_rows:
             fb.hidden_indices = torch.tensor([row for _, row in batch.hidden_rows], **long)
+        if self.lora is not None:   # [B] each request's adapter slot (-1: the base model)
+            fb.lora = self.lora.batch_info([r.lora_slot for r in batch.reqs], extend_lens)
         if any(r.token_type_ids for r in batch.reqs):   # encoder pairs: [T] segment of each new token
             types = [t for r, p, n in zip(batch.reqs, batch.prefix_lens, extend_lens)
                      for t in (r.token_type_ids[p:p + n] if r.token_type_ids else [0] * n)]
@@ -326,6 +348,8 @@ class ModelRunner:
         fb = self.prepare(batch)
         if not getattr(self.model, "is_generation", True):
             self.attn_backend.init_forward_metadata(fb)
+            if self.lora is not None:
+                self.lora.bind(fb.lora)
             hidden = self.model(fb.input_ids, fb.positions, fb)
             return StepResult(next_ids=[], embeddings=self.model.pool(hidden, fb).float().cpu())
         logits, hidden = self.forward_outputs(fb)
@@ -344,6 +368,8 @@ class ModelRunner:
         if fb.hidden_indices is None:
             return self.forward_logits(fb), None
         self.attn_backend.init_forward_metadata(fb)
+        if self.lora is not None:
+            self.lora.bind(fb.lora)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         return self.model.compute_logits(hidden[fb.logits_indices]), hidden[fb.hidden_indices].float()
 

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 REQUEST_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "top_logprobs_num",
                   "logprob_start_len", "return_text_in_logprobs", "stream", "priority", "prompt",
-                  "custom_logit_processor", "return_hidden_states"}
+                  "custom_logit_processor", "return_hidden_states", "lora_path"}
+LORA_UNLOAD_POLL_S = 0.05   # how often an unload re-asks the scheduler while the adapter's requests finish
 
 
 class PreparedReqs(list):
@@ -65,6 +66,7 @@ class ReqState:
     embedding: Optional[list[float]] = None
     return_hidden_states: bool = False
     hidden_states: list = field(default_factory=list)   # SGLang's meta_info["hidden_states"] so far
+    lora_name: Optional[str] = None      # the LoRA adapter serving it (None: the base model)
 
 
 class TokenizerManager:
@@ -96,6 +98,10 @@ class TokenizerManager:
         self._controls: dict[int, asyncio.Future] = {}
         self._control_ids = itertools.count(1)
         self._rng = random.Random(random_seed)
+        # LoRA serving (kvyard.lora): the loaded adapters {name: description}; None when off
+        adapters = scheduler_info.get("lora_adapters")
+        self.lora_adapters: Optional[dict[str, dict]] = None if adapters is None else {a["name"]: a for a in adapters}
+        self._lora_unloading: set[str] = set()
         self._started = False
         self.dead: Optional[str] = None
 
@@ -195,7 +201,8 @@ class TokenizerManager:
         out = []
         processor = obj.get("custom_logit_processor")
         hidden = self._wants_hidden_states(obj)
-        for ids, p, rid in zip(prompts, params_list, rids):
+        loras = self._lora_names(obj.get("lora_path"), len(prompts))
+        for ids, p, rid, lora in zip(prompts, params_list, rids, loras):
             params = self._sampling_params(p, len(ids), processor)
             ids = self._fit_context(ids, params)
             for i in range(params.n):
@@ -206,7 +213,7 @@ class TokenizerManager:
                     top_logprobs_num=int(obj.get("top_logprobs_num") or 0),
                     logprob_start_len=int(obj.get("logprob_start_len", -1)),
                     stream=bool(obj.get("stream", False)), priority=int(obj.get("priority") or 0),
-                    sampling_seed=seed, return_hidden_states=hidden))
+                    sampling_seed=seed, return_hidden_states=hidden, lora_name=lora))
         return PreparedReqs(out, batch=len(out) > 1 or _is_batch(obj))
 
     def _wants_hidden_states(self, obj: dict) -> bool:
@@ -217,6 +224,61 @@ class TokenizerManager:
             raise RequestError("return_hidden_states: the server does not return hidden states; start it "
                                "with --enable-return-hidden-states", param="return_hidden_states")
         return value
+
+    def _lora_names(self, value: Any, n: int) -> list[Optional[str]]:
+        """``lora_path``: one adapter name (or null) for every prompt, or a list of one per prompt."""
+        names = value if isinstance(value, list) else [value] * n
+        if len(names) != n or not all(v is None or isinstance(v, str) for v in names):
+            raise RequestError(f"lora_path: give one adapter name, or a list of {n} names or nulls (one per prompt)",
+                               param="lora_path")
+        for name in names:
+            if name is not None:
+                self.check_lora(name, "lora_path")
+        return names
+
+    def check_lora(self, name: str, param: str) -> None:
+        """RequestError unless adapter ``name`` is loaded and not being unloaded (404 when unknown)."""
+        if self.lora_adapters is None:
+            raise RequestError(f"{param}: LoRA serving is off (start the server with --enable-lora)", param=param)
+        if name not in self.lora_adapters or name in self._lora_unloading:
+            known = ", ".join(n for n in self.lora_adapters if n not in self._lora_unloading) or "none"
+            raise RequestError(f"{param}: unknown LoRA adapter {name!r} (loaded: {known})", param=param, status=404)
+
+    async def load_lora_adapter(self, name: str, path: str) -> dict:
+        """Loads a PEFT adapter folder under ``name``; RequestError with the scheduler's one-line reason."""
+        if self.lora_adapters is None:
+            raise RequestError("lora_name: LoRA serving is off (start the server with --enable-lora)", param="lora_name")
+        if not isinstance(name, str) or not name or ":" in name:
+            raise RequestError(f"lora_name: {name!r} must be a non-empty string without ':'", param="lora_name")
+        if not isinstance(path, str) or not path:
+            raise RequestError("lora_path: the adapter folder is required", param="lora_path")
+        reply = await self.control("load_lora", name=name, path=path)
+        if not reply.ok:
+            raise RequestError(reply.message, param="lora_path" if "lora_name" not in reply.message else "lora_name")
+        self._set_adapters(reply.result["adapters"])
+        return self.lora_adapters
+
+    async def unload_lora_adapter(self, name: str, timeout: float = 600.0) -> dict:
+        """Unloads adapter ``name``. New requests for it are refused at once; the unload waits
+        for the requests that already use it to finish (at most ``timeout`` seconds)."""
+        self.check_lora(name, "lora_name")
+        self._lora_unloading.add(name)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                reply = await self.control("unload_lora", name=name)
+                if reply.ok:
+                    break
+                if "is used by" not in reply.message or time.monotonic() > deadline:
+                    raise RequestError(reply.message, param="lora_name")
+                await asyncio.sleep(LORA_UNLOAD_POLL_S)
+        finally:
+            self._lora_unloading.discard(name)
+        self._set_adapters(reply.result["adapters"])
+        return self.lora_adapters
+
+    def _set_adapters(self, adapters: list[dict]) -> None:
+        self.lora_adapters = {a["name"]: a for a in adapters}
 
     def prepare_embedding(self, obj: dict) -> PreparedReqs:
         """Like prepare, for embedding requests (text or input_ids, single or batch)."""
@@ -332,7 +394,8 @@ class TokenizerManager:
             if self.tokenizer is not None and not req.embed else None
         state = ReqState(rid=req.rid, prompt_ids=req.input_ids, params=p, stream=req.stream,
                          return_logprob=req.return_logprob, return_text_in_logprobs=return_text_in_logprobs,
-                         detok=detok, return_hidden_states=req.return_hidden_states)
+                         detok=detok, return_hidden_states=req.return_hidden_states,
+                         lora_name=req.lora_name)
         self._states[req.rid] = state
         self._send.send_pyobj(req)
         return state

@@ -7,6 +7,8 @@ Tensor parallelism (``parallel``: kvyard.layers.parallel): the constructor takes
 the layer keeps this rank's (``output_sizes``, ``in_features``; the full ones stay in
 ``full_output_sizes`` / ``full_in_features``), every checkpoint entry is sliced before the
 LinearMethod sees it, and a row-parallel layer all-reduces its output.
+``lora_hook`` (None unless LoRA serving attached one: kvyard.lora) runs after that matmul,
+whatever the method computed: ``y = hook(x, y)``.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class Linear(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
         self.method.create_weights(self)
+        self.lora_hook = None   # kvyard.lora.hook.LoRAHook when LoRA serving targets this layer
 
     def load_shard(self, shard: int, weight: Any) -> None:
         """weight [full rows of shard, full in_features]: this rank's slice goes to the method."""
@@ -117,7 +120,7 @@ class Linear(nn.Module):
         y = self.method.apply(self, x)
         if self.reduce_tp is not None:
             y = all_reduce(y, self.reduce_tp)
-        return y
+        return y if self.lora_hook is None else self.lora_hook(x, y)
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(y.split(self.output_sizes, dim=-1))

@@ -18,7 +18,7 @@ class ChunkCache(PrefixCache):
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         self._query_tokens = 0
 
-    def match_prefix(self, key: list[int]) -> MatchResult:
+    def match_prefix(self, key: list[int], namespace=None) -> MatchResult:
         self._query_tokens += len(key)
         return MatchResult(indices=self._empty, last_node=None)
 

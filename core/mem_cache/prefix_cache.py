@@ -44,8 +44,9 @@ class PrefixCache(ABC):
         self.page_size = page_size
 
     @abstractmethod
-    def match_prefix(self, key: list[int]) -> MatchResult:
-        """Longest cached prefix of ``key`` (page-aligned). Does not lock it."""
+    def match_prefix(self, key: list[int], namespace=None) -> MatchResult:
+        """Longest cached prefix of ``key`` (page-aligned) within ``namespace`` (None: the base
+        model; LoRA serving keys each adapter apart: ``req.cache_namespace``). Does not lock it."""
 
     @abstractmethod
     def cache_finished_req(self, req) -> None:

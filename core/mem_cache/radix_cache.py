@@ -1,7 +1,8 @@
 """RadixCache: a radix tree over token ids whose nodes own the KV slots of their tokens.
 
 Tree invariants:
-  - the root has an empty key; every other node has a non-empty key whose length is a multiple
+  - one tree per namespace (``None``: the base model; LoRA serving passes each request's
+    adapter load id), so two namespaces never share a node. Each tree's root has an empty key; every other node has a non-empty key whose length is a multiple
     of page_size, and ``value`` (int64 slots) of the same length; ``value[i]`` holds the KV of
     token ``key[i]`` given all tokens on the path above it.
   - children are keyed by their first token (page_size 1) or by the tuple of their first page's
@@ -47,7 +48,8 @@ class RadixCache(PrefixCache):
         self._next_id = 0
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         self.root = self._new_node([], self._empty, None)
-        self.root.lock_ref = 1   # the root is never a candidate for eviction
+        self.root.lock_ref = 1   # a root is never a candidate for eviction
+        self._roots: dict = {None: self.root}   # namespace -> root (parent None)
         self._evictable = 0
         self._protected = 0
         self._reset_counters()
@@ -83,10 +85,17 @@ class RadixCache(PrefixCache):
         upper.children[self._child_key(node.key)] = node
         return upper
 
-    def _walk(self, key: list[int]):
-        """Follow key down the tree, splitting the last node where the match ends inside it.
-        Returns (deepest matched node, matched length, slot tensors along the path)."""
-        node, matched, values = self.root, 0, []
+    def _root(self, namespace) -> RadixNode:
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = self._new_node([], self._empty, None)
+            root.lock_ref = 1
+        return root
+
+    def _walk(self, key: list[int], namespace=None):
+        """Follow key down the namespace's tree, splitting the last node where the match ends
+        inside it. Returns (deepest matched node, matched length, slot tensors along the path)."""
+        node, matched, values = self._root(namespace), 0, []
         now = self._tick()
         while matched < len(key):
             rest = key[matched:]
@@ -102,19 +111,19 @@ class RadixCache(PrefixCache):
         return node, matched, values
 
     # ---- match / insert -----------------------------------------------------------------------
-    def match_prefix(self, key: list[int]) -> MatchResult:
+    def match_prefix(self, key: list[int], namespace=None) -> MatchResult:
         self._query_tokens += len(key)
-        result = self._match(key)
+        result = self._match(key, namespace)
         self._hit_tokens += int(result.indices.numel())
         return result
 
-    def _match(self, key: list[int]) -> MatchResult:
+    def _match(self, key: list[int], namespace=None) -> MatchResult:
         key = key[: len(key) - len(key) % self.page_size]
-        node, _, values = self._walk(key)
+        node, _, values = self._walk(key, namespace)
         indices = torch.cat(values) if values else self._empty
         return MatchResult(indices=indices, last_node=node)
 
-    def insert(self, key: list[int], slots: torch.Tensor) -> int:
+    def insert(self, key: list[int], slots: torch.Tensor, namespace=None) -> int:
         """Cache slots for key; returns how many leading tokens were already cached (the
         caller's slots for those are duplicates the tree does not take)."""
         if len(key) != slots.numel():
@@ -122,7 +131,7 @@ class RadixCache(PrefixCache):
         if len(key) % self.page_size:
             raise ValueError(f"insert: key length {len(key)} is not a multiple of page_size "
                              f"{self.page_size}")
-        node, matched, _ = self._walk(key)
+        node, matched, _ = self._walk(key, namespace)
         if matched < len(key):
             leaf = self._new_node(list(key[matched:]), slots[matched:].to(torch.int64).clone(), node)
             node.children[self._child_key(leaf.key)] = leaf
@@ -131,7 +140,7 @@ class RadixCache(PrefixCache):
 
     # ---- locks ----------------------------------------------------------------------------------
     def inc_lock_ref(self, node) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             if node.lock_ref == 0:
                 self._evictable -= len(node.key)
                 self._protected += len(node.key)
@@ -139,7 +148,7 @@ class RadixCache(PrefixCache):
             node = node.parent
 
     def dec_lock_ref(self, node) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             assert node.lock_ref > 0, f"dec_lock_ref on unlocked {node!r}"
             if node.lock_ref == 1:
                 self._evictable += len(node.key)
@@ -153,7 +162,7 @@ class RadixCache(PrefixCache):
 
     # ---- eviction -------------------------------------------------------------------------------
     def _nodes(self):
-        stack = list(self.root.children.values())
+        stack = [c for root in self._roots.values() for c in root.children.values()]
         while stack:
             node = stack.pop()
             yield node
@@ -171,7 +180,7 @@ class RadixCache(PrefixCache):
             freed += len(node.key)
             parent = node.parent
             del parent.children[self._child_key(node.key)]
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
         if victims:
             self.allocator.free(torch.cat(victims))
@@ -192,6 +201,7 @@ class RadixCache(PrefixCache):
     def reset(self) -> None:
         self.evict(self._evictable)
         assert self._evictable == 0, f"reset left {self._evictable} evictable tokens"
+        self._roots = {ns: r for ns, r in self._roots.items() if ns is None or r.children}
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -212,7 +222,7 @@ class RadixCache(PrefixCache):
         slots = req_kv_slots(self.req_to_token, req)
         aligned = req.kv_len - req.kv_len % self.page_size
         n_prefix = req.prefix_indices.numel()
-        already = self.insert(req.all_ids[:aligned], slots[:aligned])
+        already = self.insert(req.all_ids[:aligned], slots[:aligned], req.cache_namespace)
         assert already >= n_prefix, (f"req {req.rid}: tree matched {already} tokens but the req "
                                      f"locks a prefix of {n_prefix}")
         # slots[:n_prefix] are the tree's own; slots[n_prefix:already] duplicate cached tokens
@@ -229,7 +239,7 @@ class RadixCache(PrefixCache):
     def cache_unfinished_req(self, req) -> None:
         _, aligned = self._insert_req_kv(req)
         n_prefix = req.prefix_indices.numel()
-        match = self._match(req.all_ids[:aligned])
+        match = self._match(req.all_ids[:aligned], req.cache_namespace)
         assert match.indices.numel() == aligned, (
             f"req {req.rid}: re-match found {match.indices.numel()} of {aligned} inserted tokens")
         # point the row at the tree's slots where the req's duplicates were just freed

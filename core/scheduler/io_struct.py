@@ -24,6 +24,7 @@ class TokenizedGenerateReq:
     embed: bool = False           # embedding request: run the prompt, return the pooled vector
     token_type_ids: Optional[list[int]] = None   # per prompt token (cross-encoder pairs), or None
     return_hidden_states: bool = False   # send the final hidden state of every token fed (Req.hidden_states)
+    lora_name: Optional[str] = None               # LoRA adapter (kvyard.lora); None: the base model
 
 
 @dataclass
@@ -34,7 +35,7 @@ class AbortReq:
 @dataclass
 class ControlReq:
     id: int
-    op: str                       # flush_cache | get_info | update_weights | check_integrity
+    op: str                       # flush_cache | get_info | update_weights | check_integrity | load_lora | unload_lora
     args: dict = field(default_factory=dict)
 
 

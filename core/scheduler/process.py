@@ -74,6 +74,7 @@ def draft_context(args, runner):
         draft_args = replace(args, model_path=model_path, revision=revision, quantization=None, load_format=load_format,
                              json_model_override_args="", speculative_algorithm=None,
                              speculative_draft_model_path=None, page_size=1, enable_torch_compile=False,
+                             enable_lora=False, lora_paths=None,
                              max_total_tokens=runner.max_total_tokens, max_running_requests=runner.max_running_requests,
                              context_length=runner.model_config.context_length)
         return DraftModel(ModelRunner(draft_args.runner_config()))
@@ -150,7 +151,8 @@ def scheduler_info(scheduler) -> dict[str, Any]:
             "attention_backend": runner.attn_backend_name, "dtype": str(runner.dtype).replace("torch.", ""),
             "quantization": runner.quantization, "device": runner.device, "pid": os.getpid(),
             "page_size": runner.config.page_size, "overlap_schedule": scheduler.config.enable_overlap,
-            "is_embedding": not getattr(runner.model, "is_generation", True)}
+            "is_embedding": not getattr(runner.model, "is_generation", True),
+            "lora_adapters": runner.lora.describe() if runner.lora is not None else None}
 
 
 class SchedulerLoop:
@@ -237,6 +239,8 @@ class SchedulerLoop:
                 s.runner.update_weights(msg.args["model_path"], msg.args.get("load_format"))
                 s.cache.reset() if not s.has_work() else None
                 return ControlReply(msg.id, True, message="weights updated")
+            if msg.op in ("load_lora", "unload_lora"):
+                return self._lora_control(msg)
             return ControlReply(msg.id, False, message=f"unknown control op {msg.op!r}")
         except Exception as exc:
             return ControlReply(msg.id, False, message=f"{type(exc).__name__}: {exc}")
@@ -253,6 +257,25 @@ class SchedulerLoop:
         problems = [p for p in gather_objects(problem, self.tp) if p]
         if problems:
             raise AssertionError("; ".join(problems))
+    def _lora_control(self, msg: ControlReq) -> ControlReply:
+        """load_lora {name, path} / unload_lora {name}; an adapter in use is not unloaded (the
+        API process waits for its requests first)."""
+        s, name = self.scheduler, msg.args["name"]
+        lora = s.runner.lora
+        if lora is None:
+            return ControlReply(msg.id, False, message="LoRA serving is off (start the server with --enable-lora)")
+        if msg.op == "load_lora":
+            from kvyard.lora.config import LoRAError
+            try:
+                lora.load(name, msg.args["path"])
+            except LoRAError as exc:
+                return ControlReply(msg.id, False, message=str(exc))
+            return ControlReply(msg.id, True, {"adapters": lora.describe()}, message=f"adapter {name!r} loaded")
+        users = s.lora_users(name)
+        if users:
+            return ControlReply(msg.id, False, message=f"lora_name: adapter {name!r} is used by {users} requests")
+        lora.unload(name)
+        return ControlReply(msg.id, True, {"adapters": lora.describe()}, message=f"adapter {name!r} unloaded")
 
     def _fail_all(self, message: str) -> list:
         updates = self.scheduler.abort("")

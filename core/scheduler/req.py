@@ -69,6 +69,11 @@ class Req:
     hidden_prompt: list = field(default_factory=list)   # prompt rows collected so far
     hidden_states: list = field(default_factory=list)   # entries (see module docstring)
     hidden_sent: int = 0                              # entries already sent to the API process
+    # LoRA serving (kvyard.lora): the adapter, its pinned slot while admitted (-1: base model),
+    # and the prefix-cache namespace of its KV (the adapter's load id; None: the base model)
+    lora_name: Optional[str] = None
+    lora_slot: Optional[int] = None
+    cache_namespace: Optional[int] = None
 
     # sampling state carried across steps
     sampling_seed: int = 0                            # user seed or one drawn by the API process

@@ -103,8 +103,9 @@ class Scheduler(OutputProcessorMixin):
                   return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
                   logprob_start_len=msg.logprob_start_len, stream=msg.stream, priority=msg.priority,
                   arrival=time.monotonic(), sampling_seed=msg.sampling_seed, embed=msg.embed,
-                  token_type_ids=msg.token_type_ids, return_hidden_states=msg.return_hidden_states)
-        problem = self._reject_reason(req)
+                  token_type_ids=msg.token_type_ids, return_hidden_states=msg.return_hidden_states,
+                  lora_name=msg.lora_name)
+        problem = self._reject_reason(req) or self._lora_reject_reason(req)
         if problem is None and self.config.max_queued_requests is not None \
                 and len(self.waiting) >= self.config.max_queued_requests:
             problem = f"the queue is full ({self.config.max_queued_requests} waiting requests); retry later"
@@ -129,6 +130,39 @@ class Scheduler(OutputProcessorMixin):
         if self.grammar is None and grammar_spec(req.sampling_params) is not None:
             return f"{grammar_spec(req.sampling_params)[0]}: structured output is disabled (--grammar-backend none)"
         return None
+
+    def _lora_reject_reason(self, req: Req) -> Optional[str]:
+        """Checks the request's adapter and sets its prefix-cache namespace."""
+        if req.lora_name is None:
+            return None
+        lora = self.runner.lora
+        if lora is None:
+            return "lora_path: LoRA serving is off (start the server with --enable-lora)"
+        if req.lora_name not in lora.adapters:
+            return f"lora_path: unknown LoRA adapter {req.lora_name!r}"
+        req.cache_namespace = lora.uid[req.lora_name]
+        return None
+
+    def _acquire_lora(self, req: Req) -> bool:
+        """Pins a slot for the request's adapter; False holds it back (every slot is pinned by
+        other adapters' requests this step)."""
+        lora = self.runner.lora
+        if lora is None:
+            return True
+        slot = lora.acquire(req.lora_name)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        return True
+
+    def _release_lora(self, req: Req) -> None:
+        if req.lora_slot is not None:
+            self.runner.lora.release(req.lora_slot)
+            req.lora_slot = None
+
+    def lora_users(self, name: str) -> int:
+        """Requests (waiting, running or in flight) that use adapter ``name``."""
+        return sum(1 for r in self.waiting + self._active() if r.lora_name == name)
 
     def abort(self, rid: str) -> list[ReqUpdate]:
         """Aborts one request ("" = all); frees its slots. Called between steps only."""
@@ -163,6 +197,7 @@ class Scheduler(OutputProcessorMixin):
             self.running.remove(req)
         if req.req_pool_idx is not None:
             self.cache.release_req(req, insert=insert)
+        self._release_lora(req)
         if self.speculation is not None:
             self.speculation.release(req.rid)
 
@@ -305,7 +340,10 @@ class Scheduler(OutputProcessorMixin):
             need = self._extend_need(req)
             if need > free_budget and (batch.reqs or self.running):
                 break  # admitting it would only force retractions of the running requests
+            if not self._acquire_lora(req):
+                continue  # its adapter gets no slot this step: it waits, later requests may run
             if not self._admit(req):
+                self._release_lora(req)
                 break
             self.waiting.remove(req)
             used = self._add_extend(batch, req, budget, chunk)
@@ -344,7 +382,7 @@ class Scheduler(OutputProcessorMixin):
             return False
 
     def _peek_match(self, req: Req):
-        m = self.cache.match_prefix(self._match_key(req))
+        m = self.cache.match_prefix(self._match_key(req), req.cache_namespace)
         return len(m.indices), m.last_node
 
     def _match_key(self, req: Req) -> list[int]:
@@ -373,7 +411,7 @@ class Scheduler(OutputProcessorMixin):
         row = self.req_to_token.alloc()
         if row is None:
             return False
-        match = self.cache.match_prefix(self._match_key(req))
+        match = self.cache.match_prefix(self._match_key(req), req.cache_namespace)
         self.cache.inc_lock_ref(match.last_node)
         req.req_pool_idx, req.last_node = row, match.last_node
         req.prefix_indices = match.indices

@@ -23,7 +23,8 @@ from kvyard.errors import RequestError
 
 logger = logging.getLogger(__name__)
 
-ADMIN_PATHS = frozenset({"/update_weights_from_disk", "/flush_cache", "/abort_request"})
+ADMIN_PATHS = frozenset({"/update_weights_from_disk", "/flush_cache", "/abort_request", "/load_lora_adapter",
+                         "/unload_lora_adapter"})
 FORBIDDEN_LOAD_FORMATS = frozenset({"dummy"})
 NOT_A_MODEL = ("model_path: not a model the server may load (a model folder or .gguf file of the served "
                "architecture inside --weight-update-dirs)")

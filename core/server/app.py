@@ -27,7 +27,7 @@ ALWAYS_OPEN = frozenset({"/health", "/metrics"})
 
 def create_app(ctx: ServerContext) -> FastAPI:
     from kvyard import __version__
-    from kvyard.server import anthropic_api, files_batches, native_api, openai_api, rerank, responses_api
+    from kvyard.server import anthropic_api, files_batches, lora_api, native_api, openai_api, rerank, responses_api
 
     from kvyard.server.limits import MIB, RequestBodyGuard
     from kvyard.server.openapi import install_openapi
@@ -41,6 +41,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app.include_router(anthropic_api.router)
     app.include_router(files_batches.router)
     app.include_router(native_api.router)
+    app.include_router(lora_api.router)
     app.include_router(rerank.router)
     if ctx.args.enable_metrics:
         from kvyard.server.metrics import FuncLatencyMiddleware

@@ -44,6 +44,8 @@ class ServerMetrics:
         self.cached_tokens = Counter("kvyard:cached_tokens", "prompt tokens served from the prefix cache",
                                      labels, registry=r)
         self.requests = Counter("kvyard:num_requests", "requests that finished (client disconnects excluded)", labels, registry=r)
+        self.lora_requests = Counter("kvyard:lora_requests", "requests that finished, by LoRA adapter",
+                                     labels + ["lora_name"], registry=r)
         self.ttft = Histogram("kvyard:time_to_first_token_seconds", "time to first token", labels,
                               buckets=sorted(ttft_buckets or LATENCY_BUCKETS), registry=r)
         self.tpot = Histogram("kvyard:time_per_output_token_seconds", "time per output token after the first",
@@ -64,6 +66,8 @@ class ServerMetrics:
         name = self.model_name
         meta = state.meta
         self.requests.labels(name).inc()
+        if getattr(state, "lora_name", None) is not None:
+            self.lora_requests.labels(name, state.lora_name).inc()
         self.prompt_tokens.labels(name).inc(meta.get("prompt_tokens", len(state.prompt_ids)))
         completion = meta.get("completion_tokens", len(state.output_ids))
         self.generation_tokens.labels(name).inc(completion)

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 
 from kvyard.errors import RequestError
 from kvyard.server.context import ctx_of
+from kvyard.server.lora_api import adapter_cards
 from kvyard.server.openai_chat import chat_completion
 from kvyard.server.openai_completions import completion, embeddings
 from kvyard.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -22,12 +23,16 @@ def _model_card(ctx) -> dict:
 
 @router.get("/v1/models", responses=ok(ModelList))
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_card(ctx_of(request))]}
+    ctx = ctx_of(request)
+    return {"object": "list", "data": [_model_card(ctx)] + adapter_cards(ctx, ctx.started)}
 
 
 @router.get("/v1/models/{model_id:path}", responses=ok(ModelCard))
 async def retrieve_model(model_id: str, request: Request):
     ctx = ctx_of(request)
+    for card in adapter_cards(ctx, ctx.started):
+        if card["id"] == model_id:
+            return card
     if model_id != ctx.model_name:
         raise RequestError(f"model: {model_id!r} is not served here (serving {ctx.model_name!r})",
                            param="model", status=404)

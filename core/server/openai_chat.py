@@ -16,6 +16,7 @@ from typing import AsyncIterator, Optional
 from starlette.requests import Request
 
 from kvyard.errors import RequestError
+from kvyard.server.lora_api import adapter_of_model
 from kvyard.server.context import ServerContext
 from kvyard.server.offload import preprocess
 from kvyard.server.openai_format import (chat_logprobs, finish_reason_of, matched_stop, message_of_tool_call,
@@ -70,6 +71,9 @@ def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest, thinking_budget
     obj = native_request(req, {"input_ids": ids}, chat_max_tokens(req, ctx.tm.context_length), top,
                          constraint=constraint)
     obj.setdefault("rid", new_id("chatcmpl"))
+    lora = adapter_of_model(ctx, req.model)
+    if lora is not None:
+        obj["lora_path"] = lora
     if thinking_budget is None:
         thinking_budget = effort_budget(req.reasoning_effort, "reasoning_effort")
     if constraint is None and req.separate_reasoning:  # a grammar would constrain the thinking too

@@ -10,6 +10,7 @@ import numpy as np
 from starlette.requests import Request
 
 from kvyard.errors import RequestError
+from kvyard.server.lora_api import adapter_of_model
 from kvyard.server.context import ServerContext
 from kvyard.server.offload import preprocess
 from kvyard.server.openai_format import (completion_logprobs, finish_reason_of, matched_stop, new_id, now,
@@ -61,6 +62,9 @@ def prepare_completion(ctx: ServerContext, req: CompletionRequest):
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     obj = native_request(req, prompt, max_tokens, top, logprob_start_len=start, constraint=constraint)
     obj.setdefault("rid", new_id("cmpl"))
+    lora = adapter_of_model(ctx, req.model)
+    if lora is not None:
+        obj["lora_path"] = lora
     reqs = prepare_constrained(ctx.tm, obj, constraint)
     echo = [_prompt_text(ctx, reqs[i].input_ids) for i in range(0, len(reqs), req.n)] if req.echo else None
     return reqs, CompletionPlan(obj["rid"], now(), req.n, echo, top)

@@ -214,6 +214,7 @@ class GenerateRequest(BaseModel):
     stream: Optional[Bool] = None
     priority: Optional[int] = None
     return_hidden_states: Optional[Bool] = None    # needs --enable-return-hidden-states
+    lora_path: Union[str, list[Optional[str]], None] = None   # LoRA adapter name(s): one, or one per prompt
 
 
 class EncodeRequest(BaseModel):

@@ -52,7 +52,7 @@ def test_generate_takes_sglang_request_objects(server):
     plain = requests.post(url + "/generate", json={"text": body["text"], "sampling_params": body["sampling_params"]})
     assert r.json()["output_ids"] == plain.json()["output_ids"]
     refused = requests.post(url + "/generate", json={**body, "lora_path": "my-adapter"})
-    assert refused.status_code == 400 and "lora_path: not supported by kvyard" in refused.text
+    assert refused.status_code == 400 and "lora_path: LoRA serving is off" in refused.text
     unknown = requests.post(url + "/generate", json={**body, "bogus": 1})
     assert unknown.status_code == 400 and "unknown request field 'bogus'" in unknown.text
 

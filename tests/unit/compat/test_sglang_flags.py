@@ -69,8 +69,8 @@ def test_refusal_exits_non_zero_with_one_line():
 
 def test_engine_keyword_arguments():
     assert flags.engine_kwargs({"ep_size": 1, "log_level": "info"}, OWN) == {"log_level": "info"}
-    with pytest.raises(ValueError, match="enable_lora is not supported by kvyard"):
-        flags.engine_kwargs({"enable_lora": True}, OWN)
+    with pytest.raises(ValueError, match="enable_two_batch_overlap is not supported by kvyard"):
+        flags.engine_kwargs({"enable_two_batch_overlap": True}, OWN)
 
 
 HONOURED = ("enable-return-hidden-states", "enable-mixed-chunk", "decode-log-interval", "show-time-cost",

@@ -1,0 +1,250 @@
+"""Multi-LoRA serving cost, on the in-process scheduler (kvyard.lora).
+
+    python benchmarks/lora_bench.py offline [--model-path M] [--num-prompts 32] [--input-len 128]
+        [--output-len 128] [--adapters 0 1 4] [--rank 16] [--rounds 3]
+    python benchmarks/lora_bench.py decode --model-path CFG --load-format dummy --dtype bfloat16
+        [--batch-sizes 1 64] [--adapters 1 8] [--rank 16] [--decode-steps 64]
+    python benchmarks/lora_bench.py kernels [--batch-sizes 1 64] [--adapters 1 8] [--rank 16]
+
+offline: N prompts of random ids, all submitted at once, greedy; the wall time of the whole run
+and output tokens/s for the base model with LoRA serving off ("base") and on, the requests
+spread round-robin over K distinct adapters (K = 0: LoRA on, every request on the base model).
+decode: B requests prefilled, then the mean time of the next decode steps, same configurations.
+Both alternate the configurations within each round (noisy shared machines) and print the
+median with the min-max spread. kernels: one qkv-shaped layer (Llama-3.1-8B: 4096 -> 4096 +
+1024 + 1024) at decode, the Triton shrink/expand pair vs the torch path (one matmul pair per
+adapter) vs a plain loop over the requests.
+
+Adapters are random rank-R PEFT folders over all seven projections, written for the served
+model's shapes into a temporary folder and loaded at runtime (no peft needed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def write_adapter(lora, path: str, rank: int, seed: int) -> None:
+    """A random PEFT folder fitting the served model (every layer the LoRAManager can target)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors, modules = {}, set()
+    for name, (target, shard) in lora.by_peft.items():
+        fan_in, fan_out = target.layer.in_features, target.layer.output_sizes[shard]
+        key = f"base_model.model.{name}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5
+        tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
+        modules.add(name.rsplit(".", 1)[-1])
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as fh:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(modules)}, fh)
+
+
+def make_scheduler(ns, lora: bool, max_adapters: int, tmp: str):
+    from kvyard.scheduler.process import build_scheduler
+    from kvyard.server_args import ServerArgs
+
+    extra = dict(enable_lora=True, max_loras_per_batch=max(1, max_adapters), max_lora_rank=ns.rank,
+                 lora_target_modules=["all"]) if lora else {}
+    args = ServerArgs(model_path=ns.model_path, load_format=ns.load_format, dtype=ns.dtype, skip_tokenizer_init=True,
+                      max_total_tokens=ns.max_total_tokens, max_running_requests=ns.max_running_requests,
+                      log_level="warning", disable_radix_cache=True, context_length=ns.context_length,
+                      num_threads=ns.num_threads, attention_backend=ns.attention_backend, **extra)
+    sched = build_scheduler(args)
+    if lora:
+        for k in range(max_adapters):
+            path = os.path.join(tmp, f"a{k}")
+            if not os.path.isdir(path):
+                write_adapter(sched.runner.lora, path, ns.rank, seed=k)
+            sched.runner.lora.load(f"a{k}", path)
+    return sched
+
+
+def params(max_new: int, vocab: int):
+    from kvyard.sampling.params import SamplingParams
+
+    p = SamplingParams.from_dict({"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True})
+    p.verify(vocab)
+    return p.normalize(None)
+
+
+def submit(sched, n: int, input_len: int, output_len: int, adapters: int, seed: int) -> None:
+    import random
+
+    from kvyard.scheduler.io_struct import TokenizedGenerateReq
+
+    rng = random.Random(seed)
+    for i in range(n):
+        ids = [rng.randrange(10, sched.vocab_size - 10) for _ in range(input_len)]
+        lora = f"a{i % adapters}" if adapters else None
+        sched.add_request(TokenizedGenerateReq(f"r{seed}-{i}", ids, params(output_len, sched.vocab_size),
+                                               lora_name=lora))
+
+
+def run_offline(sched, ns, adapters: int, seed: int) -> float:
+    """Output tokens per second of the whole batch (prefill included)."""
+    submit(sched, ns.num_prompts, ns.input_len, ns.output_len, adapters, seed)
+    start = time.perf_counter()
+    while sched.has_work():
+        sched.step()
+    _sync(sched)
+    return ns.num_prompts * ns.output_len / (time.perf_counter() - start)
+
+
+def run_decode(sched, batch: int, ns, adapters: int, seed: int) -> float:
+    """Mean milliseconds of one decode step of ``batch`` requests, after their prefill."""
+    submit(sched, batch, ns.input_len, ns.decode_steps + 8, adapters, seed)
+    while sched.waiting or sched.chunked_req is not None or len(sched.running) < batch:
+        sched.step()
+    for _ in range(3):   # warm-up steps (graph replays, allocator)
+        sched.step()
+    _sync(sched)
+    start = time.perf_counter()
+    for _ in range(ns.decode_steps):
+        sched.step()
+    _sync(sched)
+    elapsed = time.perf_counter() - start
+    while sched.has_work():
+        sched.step()
+    return elapsed / ns.decode_steps * 1e3
+
+
+def _sync(sched) -> None:
+    import torch
+
+    if sched.runner.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def summarize(results: dict[str, list[float]], unit: str, base: str) -> list[dict]:
+    rows = []
+    ref = statistics.median(results[base]) if base in results else None
+    for name, values in results.items():
+        med = statistics.median(values)
+        row = {"config": name, "median": round(med, 3), "min": round(min(values), 3), "max": round(max(values), 3),
+               "unit": unit, "runs": len(values)}
+        if ref:
+            row["vs_" + base] = round(med / ref, 3)
+        rows.append(row)
+        spread = f"{min(values):.2f}-{max(values):.2f}"
+        ratio = f"  x{med / ref:.3f} vs {base}" if ref else ""
+        print(f"  {name:<24} {med:9.2f} {unit}  (min-max {spread}, {len(values)} runs){ratio}", flush=True)
+    return rows
+
+
+def offline(ns) -> list[dict]:
+    print(f"offline: {ns.num_prompts} x {ns.input_len}/{ns.output_len}, rank {ns.rank}, {ns.rounds} rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = {"base": make_scheduler(ns, False, 0, tmp),
+                   "lora on": make_scheduler(ns, True, max(ns.adapters), tmp)}
+        results: dict[str, list[float]] = {}
+        for r in range(ns.rounds):
+            results.setdefault("base", []).append(run_offline(configs["base"], ns, 0, seed=r))
+            for k in ns.adapters:
+                results.setdefault(f"lora, {k} adapters", []).append(run_offline(configs["lora on"], ns, k, seed=r))
+            print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results.items()), flush=True)
+        return summarize(results, "tok/s", "base")
+
+
+def decode(ns) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = make_scheduler(ns, False, 0, tmp)
+        lora = make_scheduler(ns, True, max(ns.adapters), tmp)
+        for batch in ns.batch_sizes:
+            print(f"decode: batch {batch}, {ns.input_len} in, {ns.decode_steps} steps timed, rank {ns.rank}")
+            results: dict[str, list[float]] = {}
+            for r in range(ns.rounds):
+                results.setdefault("no lora", []).append(run_decode(plain, batch, ns, 0, seed=r))
+                for k in ns.adapters:
+                    results.setdefault(f"{k} adapters", []).append(run_decode(lora, batch, ns, k, seed=r))
+            rows += [{"batch": batch, **row} for row in summarize(results, "ms/step", "no lora")]
+    return rows
+
+
+def kernels(ns) -> list[dict]:
+    import torch
+
+    from kvyard.lora.batch import build_batch_info
+    from kvyard.lora.ops import lora_torch, lora_triton
+
+    dev, dtype = "cuda", torch.bfloat16
+    sizes, fan_in, rank = [4096, 1024, 1024], 4096, ns.rank
+    rows = []
+    for batch in ns.batch_sizes:
+        for k in ns.adapters:
+            a = torch.randn(k, 3 * rank, fan_in, device=dev, dtype=dtype) * 0.01
+            b = torch.randn(k, sum(sizes), rank, device=dev, dtype=dtype) * 0.01
+            x = torch.randn(batch, fan_in, device=dev, dtype=dtype)
+            y = torch.zeros(batch, sum(sizes), device=dev, dtype=dtype)
+            slots = [i % k for i in range(batch)]
+            info = build_batch_info(slots, [1] * batch, dev)
+
+            def loop():   # one request at a time: the naive reference
+                for i, s in enumerate(slots):
+                    xa = x[i:i + 1] @ a[s].t()
+                    y[i:i + 1] += torch.cat([xa[:, j * rank:(j + 1) * rank] @ b[s, sum(sizes[:j]):sum(sizes[:j + 1])].t()
+                                            for j in range(3)], dim=1)
+            want = lora_torch(x, torch.zeros_like(y), a, b, sizes, info)
+            torch.testing.assert_close(lora_triton(x, torch.zeros_like(y), a, b, sizes, info), want,
+                                       rtol=2e-2, atol=2e-2)   # the kernels agree on the device too
+            fns = {"triton": lambda: lora_triton(x, y, a, b, sizes, info),
+                   "torch (per adapter)": lambda: lora_torch(x, y, a, b, sizes, info), "torch loop (per request)": loop}
+            for name, fn in fns.items():
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(ns.kernel_iters):
+                    fn()
+                torch.cuda.synchronize()
+                us = (time.perf_counter() - start) / ns.kernel_iters * 1e6
+                rows.append({"batch": batch, "adapters": k, "impl": name, "us": round(us, 1)})
+                print(f"  qkv 4096->6144 rank {rank}, batch {batch}, {k} adapters: {name:<26} {us:8.1f} us", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("offline", "decode", "kernels"))
+    parser.add_argument("--model-path", default=None)
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--adapters", type=int, nargs="+", default=None)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--kernel-iters", type=int, default=200)
+    parser.add_argument("--max-total-tokens", type=int, default=32768)
+    parser.add_argument("--max-running-requests", type=int, default=None)
+    parser.add_argument("--context-length", type=int, default=4096)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--num-threads", type=int, default=None, help="CPU compute threads (default: physical cores)")
+    parser.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
+    ns = parser.parse_args(argv)
+    if ns.model_path is None:
+        from kvyard.model.source import default_model_path
+        ns.model_path = default_model_path()
+    ns.adapters = ns.adapters or ([0, 1, 4] if ns.mode == "offline" else [1, 8])
+    rows = {"offline": offline, "decode": decode, "kernels": kernels}[ns.mode](ns)
+    if ns.json:
+        with open(ns.json, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps({"mode": ns.mode, "model": os.path.basename(ns.model_path.rstrip("/")), **row}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

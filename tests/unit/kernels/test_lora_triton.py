@@ -1,0 +1,54 @@
+"""The LoRA shrink/expand Triton kernels under the CPU interpreter (TRITON_INTERPRET=1) against the
+torch path: fused (qkv-shaped) and plain layers, prefill segments of mixed lengths and decode
+rows, base-model segments untouched, ranks padded below the slot width."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kvyard.lora.batch import build_batch_info
+from kvyard.lora.ops import lora_torch, lora_triton
+
+
+@pytest.mark.parametrize("shard_sizes,in_features,rank,seg_lens,slots", [
+    ([32, 16, 16], 24, 8, [5, 1, 19, 3], [1, -1, 0, 1]),    # qkv-shaped, prefill with a base request
+    ([40], 20, 4, [1, 1, 1, 1, 1], [2, 0, -1, 2, 1]),       # decode rows
+    ([24, 24], 16, 16, [33], [0]),                            # gate_up-shaped, one long segment
+])
+def test_triton_matches_torch(shard_sizes, in_features, rank, seg_lens, slots):
+    gen = torch.Generator().manual_seed(sum(seg_lens))
+    num_slots, n = 3, len(shard_sizes)
+    tokens = sum(seg_lens)
+    x = torch.randn(tokens, in_features, generator=gen)
+    a = torch.randn(num_slots, n * rank, in_features, generator=gen)
+    b = torch.randn(num_slots, sum(shard_sizes), rank, generator=gen)
+    a[:, :, :][:, rank // 2:rank] = 0     # a smaller adapter rank in shard 0: zero-padded rows
+    y0 = torch.randn(tokens, sum(shard_sizes), generator=gen)
+    info = build_batch_info(slots, seg_lens, "cpu")
+    want = lora_torch(x, y0.clone(), a, b, shard_sizes, info)
+    got = lora_triton(x, y0.clone(), a, b, shard_sizes, info)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    base_rows = [t for i, s in enumerate(slots) if s < 0 for t in range(sum(seg_lens[:i]), sum(seg_lens[:i + 1]))]
+    assert torch.equal(got[base_rows], y0[base_rows])
+    assert not torch.allclose(want, y0)
+
+
+def test_graph_batch_slots_are_read_from_the_buffers():
+    """The decode graph's LoRABatchInfo (no host groups): refilling the slot buffer changes the result."""
+    from kvyard.lora.batch import LoRABatchInfo
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=gen)
+    a, b = torch.randn(2, 4, 8, generator=gen), torch.randn(2, 12, 4, generator=gen)
+    slots = torch.tensor([0, 1, -1, 0], dtype=torch.int32)
+    info = LoRABatchInfo(seg_indptr=torch.arange(5, dtype=torch.int32), seg_slots=slots, max_seg_len=1)
+    first = lora_triton(x, torch.zeros(4, 12), a, b, [12], info)
+    torch.testing.assert_close(first, lora_torch(x, torch.zeros(4, 12), a, b, [12], info))
+    slots.copy_(torch.tensor([1, 1, 0, -1], dtype=torch.int32))
+    second = lora_triton(x, torch.zeros(4, 12), a, b, [12], info)
+    torch.testing.assert_close(second, lora_torch(x, torch.zeros(4, 12), a, b, [12], info))
+    assert not torch.allclose(first, second)
