@@ -10,6 +10,10 @@ A model whose KV cache is not K and V per KV head of its config's sizes provides
   kv_layout() -> kvyard.kv_layout.KVLayout
 (e.g. DeepSeek's multi-head latent attention); the pool is allocated from it and attention
 backends that do not serve it refuse to start.
+A model that can feed speculative draft heads (EAGLE, EAGLE-3) provides
+  input_embeddings() -> the module mapping token ids [T] to [T, hidden]
+and runs its layers through ``kvyard.layers.decoder.run_decoder_stack``, which stores the hidden
+states a ForwardBatch's ``capture_layers`` asks for (core/forward_batch.py).
 """
 from __future__ import annotations
 

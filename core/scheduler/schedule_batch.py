@@ -94,6 +94,9 @@ class StepResult:
     input_logprobs: Optional[list[float]] = None        # one per input_logprob_rows entry
     input_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
     embeddings: Optional[torch.Tensor] = None           # [B, hidden] for embedding batches
+    # [T, D] the target's hidden states of every token row, on the device, when a speculative
+    # draft head asked for them (ModelRunner.enable_hidden_capture); read before ``select``
+    hidden_states: Optional[torch.Tensor] = None
 
     def select(self, samples: list[int], inputs: list[int]) -> "StepResult":
         """The entries of sample rows ``samples`` and prompt-logprob rows ``inputs`` (generation
