@@ -160,6 +160,34 @@ def test_workload_equals_plain_decoding(tiny_models, heads, algorithm, head, pag
     assert sched.speculation.stats.verify_steps > 0
 
 
+def test_token_map_restricts_eagle_drafts(tiny_models, heads, tmp_path):
+    """--speculative-token-map (FR-Spec): drafts only among the listed ids; output unchanged."""
+    path, _ = tiny_models["llama"]
+    torch.save(list(range(0, 256, 2)), tmp_path / "even.pt")
+    plain, _ = generate(path, PROMPTS[:4])
+    args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=1024,
+                      log_level="warning", disable_overlap_schedule=True, debug_kv_integrity=True,
+                      speculative_token_map=str(tmp_path / "even.pt"), **spec("EAGLE", heads["eagle-echo"]))
+    sched = build_scheduler(args)
+    drafts, propose = [], sched.speculation.propose
+
+    def record(reqs):
+        out = propose(reqs)
+        for chain in out:
+            drafts.extend(chain)
+        return out
+
+    sched.speculation.propose = record
+    for i, ids in enumerate(PROMPTS[:4]):
+        sched.add_request(TokenizedGenerateReq(f"r{i}", ids, make_params(16)))
+    outs = {}
+    while sched.has_work():
+        outs.update({u.rid: u.new_token_ids for u in sched.step() if u.finished_reason})
+    sched.close()
+    assert outs == plain
+    assert drafts and all(t % 2 == 0 for t in drafts)
+
+
 # -- flags and checkpoints ----------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (dict(speculative_algorithm="EAGLE"), "speculative_draft_model_path is required"),
