@@ -144,7 +144,7 @@ def test_qwen3_target_with_an_eagle3_head_equals_plain_decoding(tiny_models, hea
 
 
 @pytest.mark.parametrize("algorithm, head, page_size, overlap, sampling", [
-    ("EAGLE", "eagle-echo", 1, False, False),
+    pytest.param("EAGLE", "eagle-echo", 1, False, False, marks=pytest.mark.slow),
     pytest.param("EAGLE3", "eagle3-echo", 4, True, False, marks=pytest.mark.slow),
     pytest.param("EAGLE", "eagle", 1, True, True, marks=pytest.mark.slow),
     pytest.param("EAGLE3", "eagle3", 1, False, True, marks=pytest.mark.slow),
