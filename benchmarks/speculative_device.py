@@ -30,13 +30,25 @@ from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICE_ARGS = dict(dtype="bfloat16", attention_backend="triton")   # --cpu: a float32 dry run of the script
+MAX_TOTAL_TOKENS = 16384
 
 
 class ForwardTimer:
-    """Wraps ``obj.attr`` to add the wall time of each call to ``times[key(args)]``."""
+    """Wraps ``obj.attr`` to add the wall time of each call to ``times[key(args)]``; ``unwrap_all``
+    restores them (the wrappers hold their objects: without it a finished engine's memory would
+    stay allocated into the next run)."""
+
+    active: list["ForwardTimer"] = []
+
+    @classmethod
+    def unwrap_all(cls) -> None:
+        for timer in cls.active:
+            delattr(timer.obj, timer.attr)       # the instance attribute shadowing the method
+        cls.active.clear()
 
     def __init__(self, times: dict, obj, attr: str, key):
         self.obj, self.attr, self.orig = obj, attr, getattr(obj, attr)
+        self.__class__.active.append(self)
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
@@ -51,6 +63,15 @@ def _sync() -> None:
     import torch
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def batch_kind(batch, *_):
@@ -69,7 +90,7 @@ def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: b
     from kvyard.server_args import ServerArgs
 
     args = ServerArgs(model_path=config, load_format="dummy", skip_tokenizer_init=True,
-                      context_length=4096, max_total_tokens=16384, max_running_requests=8,
+                      context_length=4096, max_total_tokens=MAX_TOTAL_TOKENS, max_running_requests=8,
                       log_level="warning", disable_overlap_schedule=not overlap, **DEVICE_ARGS, **spec)
     sched = build_scheduler(args)
     times: dict[str, list[float]] = defaultdict(list)
@@ -95,6 +116,9 @@ def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: b
             rates.append(len(final.new_token_ids) / elapsed)
     stats = sched.load_info()
     sched.close()
+    ForwardTimer.unwrap_all()
+    del sched, algo
+    _free_memory()
     return {"tok_s": statistics.median(rates), "outs": outs, "stats": stats,
             "forward_ms": {k: 1000 * statistics.median(v) for k, v in times.items() if v}}
 
@@ -127,7 +151,9 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="float32 on the CPU (a dry run of this script)")
     ns = ap.parse_args()
     if ns.cpu:
+        global MAX_TOTAL_TOKENS
         DEVICE_ARGS.update(dtype="float32", attention_backend="auto", device="cpu")
+        MAX_TOTAL_TOKENS = 1024
     prompt = [(31 * i + 7) % 30000 + 100 for i in range(ns.input_len)]
     results = {"plain": run(ns.config, prompt, ns.output_len, ns.rounds),
                "plain (overlap on)": run(ns.config, prompt, ns.output_len, ns.rounds, overlap=True)}
