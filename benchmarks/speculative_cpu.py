@@ -1,18 +1,30 @@
 """Batch-1 decode with and without speculative decoding, on the in-process scheduler.
 
-    python benchmarks/speculative_cpu.py [--model-path M] [--rounds 3] [--max-new-tokens 128]
+    python benchmarks/speculative_cpu.py [--model-path M] [--rounds 3] [--max-new-tokens 128] [--llama-lookup auto|off|PATH]
 
 Workloads: copy-heavy prompts (rewrite / continue a given passage, a code edit) for NGRAM, and
 STANDALONE with the target as its own draft (acceptance 1: the machinery's upper bound) at
 num_steps 1..5. Runs alternate plain / speculative per round (noisy shared cores); prints
 tokens/s per configuration (median over rounds, with min-max), acceptance, and checks that every
 speculative output equals the plain output token for token.
+
+Beside them, in the same run and on the same prompts (chat-templated text, greedy, the same
+GGUF and thread count): llama.cpp's prompt-lookup decoding, ``llama-lookup --draft 4`` (its
+n-gram drafts from the context), when a build exists: ``auto`` looks in the llama.cpp peer's build
+folder (benchmarks/peers/llamacpp.sh; add the binary with
+``cmake --build ~/.cache/kvyard/llamacpp/build --target llama-lookup``).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
+import subprocess
+import tempfile
 import time
+
+LOOKUP_BIN = os.path.expanduser("~/.cache/kvyard/llamacpp/build/bin/llama-lookup")
 
 PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp, "
            "a notebook and a flask of tea. From the gallery he watched the ships pass the reef, wrote "
@@ -56,22 +68,52 @@ def run_once(model_path: str, prompts: list[list[int]], max_new: int, **spec) ->
     return tokens / elapsed, outs, stats
 
 
+def llama_lookup(binary: str, gguf: str, texts: list[str], max_new: int, threads: int, draft: int = 4):
+    """(tok/s over all prompts, acceptance) of llama-lookup, one prompt at a time, greedy."""
+    tokens, seconds, drafted, accepted = 0, 0.0, 0, 0
+    for text in texts:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write(text)
+        try:
+            run = subprocess.run([binary, "-m", gguf, "-f", f.name, "-n", str(max_new), "--draft", str(draft),
+                                  "-t", str(threads), "--temp", "0", "--ignore-eos", "-c", "4096", "--no-warmup"],
+                                 capture_output=True, text=True, timeout=900)
+        finally:
+            os.unlink(f.name)
+        log = run.stdout + run.stderr
+        m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+        if run.returncode != 0 or m is None:
+            raise RuntimeError(f"llama-lookup failed ({run.returncode}): {log[-400:]}")
+        tokens += int(m.group(1))
+        seconds += float(m.group(2))
+        drafted += int(re.search(r"n_drafted\s*=\s*(\d+)", log).group(1))
+        accepted += int(re.search(r"n_accept\s*=\s*(\d+)", log).group(1))
+    return tokens / seconds, accepted / drafted if drafted else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--standalone-steps", type=int, nargs="*", default=[1, 2, 3, 4, 5])
+    ap.add_argument("--llama-lookup", default="auto", help="auto | off | path of a llama-lookup binary")
     ns = ap.parse_args()
     from transformers import AutoTokenizer
 
     from kvyard.model.source import default_model_path
     path = ns.model_path or default_model_path()
-    import os
     folder, name = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name) if name.endswith(".gguf") else AutoTokenizer.from_pretrained(path)
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True,
                                             return_dict=False)) for p in PROMPTS]
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS]
+    lookup = {"auto": LOOKUP_BIN, "off": None}.get(ns.llama_lookup, ns.llama_lookup)
+    if lookup and not (os.path.exists(lookup) and path.endswith(".gguf")):
+        print(f"llama-lookup: skipped (binary {lookup}, model {path}: it needs both, the model as GGUF)")
+        lookup = None
+    lookup_rates, lookup_accept = [], 0.0
     configs = {"plain": {}, "NGRAM k=4": dict(speculative_algorithm="NGRAM", speculative_num_steps=4)}
     for k in ns.standalone_steps:
         configs[f"STANDALONE self k={k}"] = dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=path,
@@ -87,6 +129,13 @@ def main() -> None:
             else:
                 assert outs == reference, f"{name}: output differs from plain decoding"
                 accept[name] = (stats.get("spec_accept_rate", 0.0), stats.get("spec_accept_length", 0.0))
+        if lookup:
+            import torch
+            rate, lookup_accept = llama_lookup(lookup, path, texts, ns.max_new_tokens, torch.get_num_threads())
+            lookup_rates.append(rate)
+    if lookup_rates:
+        rates["llama-lookup draft=4"] = lookup_rates
+        accept["llama-lookup draft=4"] = (lookup_accept, float("nan"))
     base = statistics.median(rates["plain"])
     print(f"{'configuration':<24} {'tok/s (median)':>14} {'min-max':>15} {'vs plain':>9} {'accept':>7} {'len':>5}")
     for name, r in rates.items():

@@ -9,6 +9,11 @@ Ownership of the three batch objects:
                  Nothing reads it from module globals.
 
 Shapes: T = total new tokens in the step (= B for decode), B = number of requests.
+
+Hidden-state capture (speculative draft heads read the target's hidden states): when
+``capture_layers`` is set, the model's decoder stack (core/layers/decoder.py) stores in
+``captured`` the residual stream after each listed layer i (``h + residual``, before the next
+layer's norm: [T, hidden]) and, for ``FINAL_HIDDEN``, the final normed hidden state.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+FINAL_HIDDEN = -1   # capture_layers entry: the hidden state after the final norm (what the LM head reads)
 
 if TYPE_CHECKING:
     from kvyard.attention import AttentionBackend
@@ -61,6 +68,9 @@ class ForwardBatch:
     # [K] int64 rows whose final hidden state the step returns (return_hidden_states), or None
     hidden_indices: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
+    # hidden-state capture: layer ids (FINAL_HIDDEN for the final normed state) -> [T, hidden]
+    capture_layers: Optional[tuple[int, ...]] = None
+    captured: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -133,7 +133,7 @@ class ServerArgs:
 
     # -- speculative decoding (core/speculative.py) ------------------------------------
     speculative_algorithm: Optional[str] = _f(None, "draft tokens with this algorithm and verify them in one forward (exact: output equals plain decoding)", "speculative", registry="speculative_algorithms")
-    speculative_draft_model_path: Optional[str] = _f(None, "draft model (STANDALONE): a smaller model with the target's tokenizer", "speculative")
+    speculative_draft_model_path: Optional[str] = _f(None, "draft model (STANDALONE: a smaller model with the target's tokenizer) or draft head folder (EAGLE, EAGLE3)", "speculative")
     speculative_draft_model_revision: Optional[str] = _f(None, "revision of the draft model", "speculative")
     speculative_draft_load_format: Optional[str] = _f(None, "weights format of the draft model (default: dummy when the target's is, else auto)", "speculative", registry="load_formats", allow=("auto",))
     speculative_num_steps: Optional[int] = _f(None, "draft depth (default: 3; NGRAM: num_draft_tokens - 1)", "speculative")
@@ -141,7 +141,7 @@ class ServerArgs:
     speculative_num_draft_tokens: Optional[int] = _f(None, "tokens verified per request and step, its last token included (default: num_steps + 1)", "speculative")
     speculative_accept_threshold_single: float = _f(1.0, "acceptance threshold per token (only 1.0: exact verification)", "speculative")
     speculative_accept_threshold_acc: float = _f(1.0, "accumulated acceptance threshold (only 1.0: exact verification)", "speculative")
-    speculative_token_map: Optional[str] = _f(None, "EAGLE-3 draft vocabulary map (needs an EAGLE algorithm plugin)", "speculative")
+    speculative_token_map: Optional[str] = _f(None, "EAGLE: draft only among these token ids (a torch-saved list; EAGLE3 heads carry their own map)", "speculative")
     speculative_ngram_min_match_window_size: int = _f(1, "NGRAM: shortest context suffix matched", "speculative")
     speculative_ngram_max_match_window_size: int = _f(12, "NGRAM: longest context suffix matched", "speculative")
     speculative_ngram_min_bfs_breadth: int = _f(1, "NGRAM: tree breadth (kvyard drafts a chain: only 1 takes effect)", "speculative")

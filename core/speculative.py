@@ -6,6 +6,8 @@ them all in one target forward and keeps what the target itself would have produ
 
     algo = Algorithm(config, context)      # once, after the target model is loaded
     drafts = algo.propose(requests)        # each decode step: one chain per request (maybe empty)
+    algo.observe(steps)                    # after every target step, when the algorithm asked the
+                                           # context for the target's hidden states (draft heads)
     algo.accepted(rid, tokens)             # after verification: the tokens the request gained
     algo.release(rid)                      # the request finished, was aborted or retracted
     algo.close()
@@ -67,6 +69,15 @@ class DraftContext:
     # model with its own weights and KV pool; ``propose(inputs, depth)`` drafts chains for
     # DraftInputs, ``release(rid)`` frees a request's draft KV, ``close()`` frees everything
     make_draft_model: Optional[Callable[..., Any]] = None
+    # draft heads (EAGLE-style): the target's HF config; ``target_modules()`` -> (its token
+    # embedding module, its compute_logits) to share; ``enable_hidden_capture(layers)`` makes every
+    # target step report the hidden states of those layers (FINAL_HIDDEN = -1: the final normed
+    # state) through ``observe``; ``make_draft_head(head, max_steps)`` -> a DraftHeadRunner
+    # (core/executor/draft_head.py) running a DraftHead module with its own KV
+    target_config: Any = None
+    target_modules: Optional[Callable[[], tuple[Any, Any]]] = None
+    enable_hidden_capture: Optional[Callable[[tuple[int, ...]], None]] = None
+    make_draft_head: Optional[Callable[..., Any]] = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,32 @@ class DraftInput:
     max_draft_len: int                        # at most this many drafts for this request now
     seed: int                                 # the request's sampling seed
     sampling_params: Any = None               # its normalized SamplingParams (temperature, top_k, ...)
+    kv_row: int = -1                          # its row of the target's req_to_token table (draft heads)
+
+
+@dataclass(frozen=True)
+class HiddenStep:
+    """What one target step computed for one request, given once the token after each of its rows
+    is known (a draft head's entry at position p reads the hidden state at p and token p + 1)."""
+    rid: str
+    kv_row: int                               # the request's row of the target's req_to_token table
+    start: int                                # position of the first row
+    next_tokens: Sequence[int]                # [n] the token that follows each row's position
+    slots: Any                                # int64 [n] the target's KV slots of positions start .. start+n-1
+    hidden: Any                               # [n, D] the target's hidden states there (device)
+
+
+class DraftHead:
+    """What a draft-head module (torch nn.Module) provides to core/executor/draft_head.py:
+
+      forward(input_ids [T], positions [T], hidden [T, D_in], fb) -> (feature [T, H], out [T, H])
+          hidden: the target's captured states (first entry after a target step) or the head's
+          own features (chain steps); feature feeds the next chain step, out the LM head.
+      compute_logits(out [N, H]) -> float32 [N, V_draft]
+      kv_layout() -> kvyard.kv_layout.KVLayout of the head's own layers
+      num_heads: int                           query heads of its attention
+      draft_to_target: None or int64 [V_draft] target token id of each draft-vocabulary id
+    """
 
 
 DRAFT_MODEL_ALGORITHMS = ("STANDALONE", "EAGLE", "EAGLE3")
@@ -146,6 +183,9 @@ class SpeculativeAlgorithm(ABC):
     @abstractmethod
     def propose(self, requests: Sequence[DraftInput]) -> list[list[int]]:
         """One chain of draft token ids per request (``len <= request.max_draft_len``; may be empty)."""
+
+    def observe(self, steps: Sequence[HiddenStep]) -> None:
+        """The target's hidden states of a finished step (only after enable_hidden_capture)."""
 
     def accepted(self, rid: str, tokens: Sequence[int]) -> None:
         """The tokens ``rid`` gained this step (accepted drafts and the target's own token)."""

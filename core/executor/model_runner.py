@@ -112,8 +112,26 @@ class ModelRunner:
         prefill_name, decode_name = broadcast_object((prefill_name, decode_name), self.world)
         check_backends(self.kv_dtype, {n: registry("attention_backends").get(n) for n in {prefill_name, decode_name}})
         self.attn_backend, self.attn_backend_name = build_attention_backend(attention, prefill_name, decode_name)
+        self.attention_names = (prefill_name, decode_name)
         self.sampler = Sampler()
         self.decode_graphs = self._init_decode_graphs()
+        # hidden states a speculative draft head reads (enable_hidden_capture); None: none
+        self.capture_layers: Optional[tuple[int, ...]] = None
+
+    def enable_hidden_capture(self, layers: tuple[int, ...]) -> None:
+        """Every generation step from now on keeps the hidden states of ``layers`` (layer ids,
+        FINAL_HIDDEN for the final normed state; core/forward_batch.py) for all its token rows:
+        ``StepResult.captured_hidden`` [T, len(layers) * hidden]. Decode graphs are skipped then
+        (they keep only logits)."""
+        if not hasattr(self.model, "input_embeddings"):
+            raise ValueError(f"speculative_algorithm: the model {self.model_config.architectures[0]} does "
+                             "not expose its hidden states to a draft head (kvyard.model_base)")
+        num_layers = self.model_config.num_layers
+        bad = [i for i in layers if not (i == -1 or 0 <= i < num_layers)]
+        if bad:
+            raise ValueError(f"speculative_draft_model_path: the draft head reads target layers {bad}, "
+                             f"the target has {num_layers}")
+        self.capture_layers = tuple(layers)
 
     def _init_decode_graphs(self):
         """CUDA graphs on CUDA (unless disabled or the backend cannot), torch.compile buckets
@@ -278,6 +296,7 @@ class ModelRunner:
         page = cfg.page_size
         num_slots = (tokens // page + 1) * page  # + the dummy page
         self.max_total_tokens = num_slots - page
+        self.kv_pool_slots = num_slots
         scales = kv_scales(self.kv_dtype, self.model, layout.num_layers, cfg.quantization_param_path)
         self.kv_pool = KVPool.for_layout(num_slots, layout, self.kv_dtype, self.device, scales)
         # page bookkeeping stays on the host: its small ops would each be a launch (and the
@@ -330,7 +349,8 @@ class ModelRunner:
             seq_lens=torch.tensor(batch.seq_lens, **long), seq_lens_cpu=batch.seq_lens,
             extend_prefix_lens_cpu=batch.prefix_lens, extend_seq_lens_cpu=extend_lens,
             extend_start_loc=torch.tensor(starts, **long), logits_indices=torch.tensor(rows, **long),
-            req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
+            req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend,
+            capture_layers=self.capture_layers)
         if batch.hidden_rows:
             fb.hidden_indices = torch.tensor([row for _, row in batch.hidden_rows], **long)
         if self.lora is not None:   # [B] each request's adapter slot (-1: the base model)
@@ -356,7 +376,9 @@ class ModelRunner:
         if positions is None:
             positions = [batch.reqs[i].seq_len for i in batch.sample_req_idx]
         spec = sampling_spec(batch, positions, logits.device)
-        return to_step_result(sample_outputs(self.sampler, spec, logits, hidden), spec.top_logprobs_nums)
+        result = to_step_result(sample_outputs(self.sampler, spec, logits, hidden), spec.top_logprobs_nums)
+        result.captured_hidden = captured_hidden(fb)
+        return result
 
     # -- overlap scheduling hooks (core/executor/overlap_worker.py runs them on its thread) ----
     @torch.inference_mode()
@@ -378,7 +400,19 @@ class ModelRunner:
         """Logits [len(fb.logits_indices), V] of a generation batch already ``prepare``d, left
         on the device (decode batches replay the decode graphs, as in ``forward``). Overlap
         prepares batch N+1 while N computes, so ``prepare`` must not reuse per-step buffers."""
-        if self.decode_graphs is not None and self.decode_graphs.can_run(fb):
+        if self.decode_graphs is not None and fb.capture_layers is None and self.decode_graphs.can_run(fb):
             return self.decode_graphs.replay(fb)
         self.attn_backend.init_forward_metadata(fb)
         return self._logits_step(fb)
+
+
+def captured_hidden(fb: ForwardBatch) -> Optional[torch.Tensor]:
+    """[T, len(fb.capture_layers) * hidden] the hidden states the forward captured, in the order
+    asked (left on the device); None when the batch asked for none."""
+    if not fb.capture_layers:
+        return None
+    missing = [i for i in fb.capture_layers if i not in fb.captured]
+    if missing:
+        raise RuntimeError(f"the model did not capture hidden states of layers {missing} (kvyard.model_base)")
+    parts = [fb.captured[i] for i in fb.capture_layers]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

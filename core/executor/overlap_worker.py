@@ -31,6 +31,7 @@ from kvyard.forward_batch import ForwardBatch
 from kvyard.scheduler.future_tokens import FutureTokenMap
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
 from kvyard.executor.step_sampling import SamplingSpec, sample_outputs, sampling_spec, to_step_result
+from kvyard.executor.model_runner import captured_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ class OverlapWorker:
             raise step.error
         if step.copy_done is not None:
             step.copy_done.synchronize()
-        return to_step_result(step.outputs, step.sampling.top_logprobs_nums)
+        result = to_step_result(step.outputs, step.sampling.top_logprobs_nums)
+        result.captured_hidden = captured_hidden(step.fb)
+        return result
 
     def close(self) -> None:
         if self._thread.is_alive():

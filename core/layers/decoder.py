@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from kvyard.forward_batch import ForwardBatch
+from kvyard.forward_batch import FINAL_HIDDEN, ForwardBatch
 from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear
 from kvyard.layers.logits import LogitsHead
@@ -42,7 +42,8 @@ def run_decoder_stack(model: nn.Module, input_ids: torch.Tensor, positions: torc
                       fb: ForwardBatch):
     """The pre-norm decoder body every such model shares: ``model.embed_tokens``, ``rotary``,
     ``layers`` (each (h, residual, cos_sin, fb) -> (h, residual)) and the final ``norm``.
-    input_ids [T], positions [T] -> hidden [T, hidden] after the final norm.
+    input_ids [T], positions [T] -> hidden [T, hidden] after the final norm. Stores the hidden
+    states ``fb.capture_layers`` asks for in ``fb.captured`` (core/forward_batch.py).
 
     Pipeline parallelism (``model.pp_stage``, kvyard.distributed.PipelineStage): a stage after the
     first starts from ``fb.extras["pp_input"]`` = (h, residual) [T, hidden] each, runs only its
@@ -53,12 +54,17 @@ def run_decoder_stack(model: nn.Module, input_ids: torch.Tensor, positions: torc
     else:
         h, residual = fb.extras["pp_input"]
     cos_sin = model.rotary.lookup(positions)
-    for layer in model.layers:
+    capture = fb.capture_layers or ()
+    for i, layer in enumerate(model.layers):
         if not isinstance(layer, PipelineLayer):
             h, residual = layer(h, residual, cos_sin, fb)
+            if i in capture:   # the layer's output: a new tensor (the next norm adds in place)
+                fb.captured[i] = h + residual
     if stage is not None and not stage.is_last:
         return h, residual
     hidden, _ = model.norm(h, residual)
+    if FINAL_HIDDEN in capture:
+        fb.captured[FINAL_HIDDEN] = hidden
     return hidden
 
 
@@ -111,6 +117,10 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
         return self.logits_head(hidden)
+
+    def input_embeddings(self) -> nn.Module:
+        """The token embedding (draft heads share it: kvyard.model_base)."""
+        return self.embed_tokens
 
     def layer_targets(self, prefix: str, layer: nn.Module) -> Targets:
         raise NotImplementedError

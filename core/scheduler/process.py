@@ -65,6 +65,7 @@ def draft_context(args, runner):
     """What a speculative algorithm may know of the target (core/speculative.py)."""
     from dataclasses import replace
 
+    from kvyard.executor.draft_head import DraftHeadRunner
     from kvyard.executor.draft_model import DraftModel
     from kvyard.executor.model_runner import ModelRunner
     from kvyard.speculative import DraftContext
@@ -79,10 +80,21 @@ def draft_context(args, runner):
                              context_length=runner.model_config.context_length)
         return DraftModel(ModelRunner(draft_args.runner_config()))
 
+    def make_draft_head(head, max_steps: int) -> DraftHeadRunner:
+        return DraftHeadRunner(head, target=runner, max_steps=max_steps)
+
+    def target_modules():
+        if not hasattr(runner.model, "input_embeddings"):
+            raise ValueError(f"speculative_algorithm: the model {mc.architectures[0]} does not share its "
+                             "embedding with a draft head (kvyard.model_base)")
+        return runner.model.input_embeddings(), runner.model.compute_logits
+
     mc = runner.model_config
     return DraftContext(vocab_size=mc.vocab_size, eos_token_ids=tuple(mc.eos_token_ids), device=runner.device,
                         dtype=runner.dtype, max_running_requests=runner.max_running_requests,
-                        context_length=mc.context_length, make_draft_model=make_draft_model)
+                        context_length=mc.context_length, make_draft_model=make_draft_model,
+                        target_config=mc.hf_config, target_modules=target_modules,
+                        enable_hidden_capture=runner.enable_hidden_capture, make_draft_head=make_draft_head)
 
 
 def run_scheduler_process(args, in_addr: str, out_addr: str, registry_snapshot: dict,

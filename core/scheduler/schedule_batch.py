@@ -109,6 +109,9 @@ class StepResult:
     input_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
     embeddings: Optional[torch.Tensor] = None           # [B, hidden] for embedding batches
     hidden_states: Optional[list[list[float]]] = None   # [K][H] one per hidden_rows entry
+    # [T, D] the target's hidden states of every token row, on the device, when a speculative
+    # draft head asked for them (ModelRunner.enable_hidden_capture); read before ``select``
+    captured_hidden: Optional[torch.Tensor] = None
 
     def select(self, samples: list[int], inputs: list[int], hiddens: list[int] = ()) -> "StepResult":
         """The entries of sample rows ``samples``, prompt-logprob rows ``inputs`` and hidden rows

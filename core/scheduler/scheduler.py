@@ -301,6 +301,8 @@ class Scheduler(OutputProcessorMixin):
         if inflight.sync_point:             # the next batch is scheduled after this update
             self._record_sampled(inflight.batch, result.next_ids)
         batch, keep = inflight.batch, inflight.owned()
+        if self.speculation is not None:    # a draft head reads the target's hidden states first
+            self.speculation.observe(batch, result, keep)
         if len(keep) < len(batch.reqs) and result.embeddings is None:
             batch, samples, inputs, hiddens = batch.select(keep)
             result = result.select(samples, inputs, hiddens)

@@ -22,8 +22,8 @@ from kvyard.forward_batch import ForwardMode
 from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.scheduler.inflight import needs_host_state
 from kvyard.scheduler.req import Req
-from kvyard.scheduler.schedule_batch import ScheduleBatch
-from kvyard.speculative import DraftInput, SpeculativeAlgorithm, SpeculativeConfig
+from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
+from kvyard.speculative import DraftInput, HiddenStep, SpeculativeAlgorithm, SpeculativeConfig
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Speculation:
         if not asked:
             return drafts
         inputs = [DraftInput(rid=r.rid, token_ids=r.all_ids, max_draft_len=rooms[i], seed=r.sampling_seed,
-                             sampling_params=r.sampling_params)
+                             sampling_params=r.sampling_params, kv_row=r.req_pool_idx)
                   for i, r in asked]
         for (i, _), chain in zip(asked, self.algorithm.propose(inputs)):
             drafts[i] = [int(t) for t in chain[:rooms[i]]]
@@ -91,6 +91,39 @@ class Speculation:
         batch.sampling_info = SamplingBatchInfo.from_reqs([reqs[i] for i in row_req], vocab_size, device,
                                                           eos_token_ids=eos_token_ids)
         return batch
+
+    # -- the target's hidden states (draft heads) ----------------------------------------------
+    def observe(self, batch: ScheduleBatch, result: StepResult, owned: Sequence[int]) -> None:
+        """Hands the algorithm the hidden states of a finished target step, before its tokens join
+        the requests: for each owned request, the rows whose KV it keeps and the token after each
+        (the next prompt token, the sampled token, or in a verify batch the accepted drafts and
+        the target's own token)."""
+        hidden = result.captured_hidden
+        if hidden is None:
+            return
+        starts = [0]
+        for n in batch.extend_lens:
+            starts.append(starts[-1] + n)
+        sampled = {i: k for k, i in enumerate(batch.sample_req_idx) if batch.sample_offset(k) == 0}
+        steps = []
+        for i in owned:
+            req, start, n = batch.reqs[i], starts[i], batch.extend_lens[i]
+            if batch.is_verify:
+                targets = result.next_ids[sampled[i]:sampled[i] + n]
+                nxt = targets[:self.accepted_prefix(batch.draft_tokens[i], targets) + 1]
+            else:
+                ids = req.all_ids
+                first = batch.prefix_lens[i] + 1
+                nxt = list(ids[first:first + n])
+                if len(nxt) < n:
+                    if i not in sampled:
+                        continue
+                    nxt.append(result.next_ids[sampled[i]])
+            rows = torch.arange(start, start + len(nxt), device=hidden.device)
+            steps.append(HiddenStep(rid=req.rid, kv_row=req.req_pool_idx, start=batch.prefix_lens[i],
+                                    next_tokens=nxt, slots=batch.out_cache_loc[start:start + len(nxt)],
+                                    hidden=hidden[rows]))
+        self.algorithm.observe(steps)
 
     # -- accepting --------------------------------------------------------------------------------
     @staticmethod

@@ -224,6 +224,10 @@ class LlamaForCausalLM(nn.Module):
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
         return self.logits_head(hidden)
 
+    def input_embeddings(self) -> nn.Module:
+        """The token embedding (draft heads share it: kvyard.model_base)."""
+        return self.model.embed_tokens
+
     # -- weights -----------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Consumes (HF name, tensor or QuantizedTensor) pairs. Unknown names (rotary inv_freq,

@@ -40,7 +40,7 @@ def test_ngram_cache_is_bounded_and_answers_from_other_requests():
     (dict(speculative_algorithm="STANDALONE"), "speculative_draft_model_path is required"),
     (dict(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=5), r"num_steps \+ 1"),
     (dict(speculative_algorithm="NGRAM", speculative_accept_threshold_single=0.5), "only 1.0"),
-    (dict(speculative_algorithm="EAGLE3"), "unknown speculative algorithm 'EAGLE3'"),
+    (dict(speculative_algorithm="MEDUSA"), "unknown speculative algorithm .MEDUSA."),
     (dict(speculative_draft_model_path="/x"), "needs --speculative-algorithm"),
 ])
 def test_invalid_combinations_are_one_line_errors(flags, message):

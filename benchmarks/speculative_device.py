@@ -1,0 +1,187 @@
+"""Speculative decoding on one GPU (Llama-3.1-8B shape, dummy weights), batch 1.
+
+    python benchmarks/speculative_device.py [--config benchmarks/configs/llama-3.1-8b] \
+        [--steps 1 2 3 4] [--output-len 256] [--json OUT.jsonl]
+
+Measures, on the in-process scheduler (as benchmarks/speculative_cpu.py does):
+  1. plain decode tok/s (CUDA graphs on), overlap scheduling off and on (the better is the base);
+  2. STANDALONE with the target as its own draft (dummy weights come from a fixed seed, so the
+     draft is the target: acceptance 1, the machinery's upper bound) at each --steps: tok/s and
+     the ratio to plain, with every output checked equal to plain decoding;
+  3. the cost of one verify forward (1 + k tokens) vs one plain decode forward, and of one draft
+     forward, from the forwards the runs made (each forward ends with a host sync);
+  4. an EAGLE-3 head of the Llama-3.1-8B EAGLE-3 shape (1 layer, hidden 4096, 32 heads, 8 KV
+     heads, MLP 14336, draft vocabulary 32000; random weights, saved in the published layout):
+     the head's draft step time and the end-to-end tok/s (a random head is rarely accepted: the
+     figure is the cost side; a trained head's acceptance length multiplies it).
+Prints a table and writes one JSON line per measurement with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEVICE_ARGS = dict(dtype="bfloat16", attention_backend="triton")   # --cpu: a float32 dry run of the script
+MAX_TOTAL_TOKENS = 16384
+
+
+class ForwardTimer:
+    """Wraps ``obj.attr`` to add the wall time of each call to ``times[key(args)]``; ``unwrap_all``
+    restores them (the wrappers hold their objects: without it a finished engine's memory would
+    stay allocated into the next run)."""
+
+    active: list["ForwardTimer"] = []
+
+    @classmethod
+    def unwrap_all(cls) -> None:
+        for timer in cls.active:
+            delattr(timer.obj, timer.attr)       # the instance attribute shadowing the method
+        cls.active.clear()
+
+    def __init__(self, times: dict, obj, attr: str, key):
+        self.obj, self.attr, self.orig = obj, attr, getattr(obj, attr)
+        self.__class__.active.append(self)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = self.orig(*args, **kwargs)
+            _sync()
+            times[key(*args)].append(time.perf_counter() - start)
+            return out
+        setattr(obj, attr, timed)
+
+
+def _sync() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def batch_kind(batch, *_):
+    if batch.is_verify:
+        return f"verify {len(batch.input_ids)} tokens"
+    return "decode" if batch.mode.is_decode() else "prefill"
+
+
+def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: bool = False, **spec) -> dict:
+    """Batch 1, ``rounds`` requests one after another (the first warms up); tok/s of the rest.
+    Overlap off unless asked: speculation makes every step a sync point anyway, and the forwards
+    are timed only on the synchronous executor."""
+    from kvyard.sampling.params import SamplingParams
+    from kvyard.scheduler.io_struct import TokenizedGenerateReq
+    from kvyard.scheduler.process import build_scheduler
+    from kvyard.server_args import ServerArgs
+
+    args = ServerArgs(model_path=config, load_format="dummy", skip_tokenizer_init=True,
+                      context_length=4096, max_total_tokens=MAX_TOTAL_TOKENS, max_running_requests=8,
+                      log_level="warning", disable_overlap_schedule=not overlap, **DEVICE_ARGS, **spec)
+    sched = build_scheduler(args)
+    times: dict[str, list[float]] = defaultdict(list)
+    ForwardTimer(times, sched.runner, "forward", batch_kind)
+    algo = sched.speculation.algorithm if sched.speculation is not None else None
+    if algo is not None and hasattr(algo, "draft"):
+        ForwardTimer(times, algo.draft.runner, "forward", lambda b, *_: "draft " + batch_kind(b))
+    if algo is not None and hasattr(algo, "runner"):
+        ForwardTimer(times, algo.runner, "_run", lambda fb, *_: f"head {fb.mode.name.lower()}")
+    outs, rates = [], []
+    for r in range(rounds):
+        p = SamplingParams.from_dict({"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True})
+        p.verify(sched.vocab_size)
+        sched.add_request(TokenizedGenerateReq(f"r{r}", prompt, p.normalize(None)))
+        start = time.perf_counter()
+        final = None
+        while sched.has_work():
+            for u in sched.step():
+                final = u if u.finished_reason else final
+        elapsed = time.perf_counter() - start
+        outs.append(list(final.new_token_ids))
+        if r > 0 or rounds == 1:
+            rates.append(len(final.new_token_ids) / elapsed)
+    stats = sched.load_info()
+    sched.close()
+    ForwardTimer.unwrap_all()
+    del sched, algo
+    _free_memory()
+    return {"tok_s": statistics.median(rates), "outs": outs, "stats": stats,
+            "forward_ms": {k: 1000 * statistics.median(v) for k, v in times.items() if v}}
+
+
+def save_eagle3_head(path: str, config: str, shape: str) -> str:
+    """A random EAGLE-3 head for the target config: of the published Llama-3.1-8B EAGLE-3 shape
+    (``shape`` "8b"), or a small one."""
+    sys.path.insert(0, os.path.join(HERE, "..", "tests", "unit", "scheduler"))
+    from eagle_heads import save_eagle3_head as save
+    from transformers import AutoConfig
+
+    target = SimpleNamespace(config=AutoConfig.from_pretrained(config))
+    n = target.config.num_hidden_layers
+    if shape == "8b":
+        return save(path, target, draft_vocab=32000, layers=(1, n // 2 - 1, n - 4),
+                    shape=dict(num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336))
+    return save(path, target, draft_vocab=min(64, target.config.vocab_size), layers=(0, n // 2, n - 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.path.join(HERE, "configs", "llama-3.1-8b"))
+    ap.add_argument("--steps", type=int, nargs="*", default=[1, 2, 3, 4])
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--eagle3-steps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--head-shape", default="8b", choices=("8b", "tiny"), help="tiny: a small head (dry runs)")
+    ap.add_argument("--cpu", action="store_true", help="float32 on the CPU (a dry run of this script)")
+    ns = ap.parse_args()
+    if ns.cpu:
+        global MAX_TOTAL_TOKENS
+        DEVICE_ARGS.update(dtype="float32", attention_backend="auto", device="cpu")
+        MAX_TOTAL_TOKENS = 1024
+    prompt = [(31 * i + 7) % 30000 + 100 for i in range(ns.input_len)]
+    results = {"plain": run(ns.config, prompt, ns.output_len, ns.rounds),
+               "plain (overlap on)": run(ns.config, prompt, ns.output_len, ns.rounds, overlap=True)}
+    for k in ns.steps:
+        results[f"STANDALONE self k={k}"] = run(
+            ns.config, prompt, ns.output_len, ns.rounds, speculative_algorithm="STANDALONE",
+            speculative_draft_model_path=ns.config, speculative_num_steps=k)
+    with tempfile.TemporaryDirectory() as tmp:
+        head = save_eagle3_head(os.path.join(tmp, "eagle3"), ns.config, ns.head_shape)
+        results[f"EAGLE3 random head k={ns.eagle3_steps}"] = run(
+            ns.config, prompt, ns.output_len, ns.rounds, speculative_algorithm="EAGLE3",
+            speculative_draft_model_path=head, speculative_num_steps=ns.eagle3_steps)
+    base = max(results["plain"], results["plain (overlap on)"], key=lambda r: r["tok_s"])
+    print(f"{'configuration':<28} {'tok/s':>8} {'vs plain':>9} {'accept len':>10}  forward ms (median)")
+    lines = []
+    for name, r in results.items():
+        same = all(o == base["outs"][0] for o in r["outs"])
+        length = r["stats"].get("spec_accept_length", 1.0)
+        ms = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["forward_ms"].items()))
+        print(f"{name:<28} {r['tok_s']:>8.1f} {r['tok_s'] / base['tok_s']:>8.2f}x {length:>10.2f}  {ms}"
+              + ("" if same else "  OUTPUT DIFFERS FROM PLAIN"))
+        lines.append({"workload": "speculative_batch1", "config": name, "tok_s": r["tok_s"],
+                      "vs_plain": r["tok_s"] / base["tok_s"], "accept_length": length,
+                      "forward_ms": r["forward_ms"], "equal_to_plain": same})
+    if ns.json:
+        with open(ns.json, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""DraftHeadRunner: runs an EAGLE-style draft head (core/speculative.py ``DraftHead``) beside the target.
+
+A draft head reads the target's hidden states. Its entry at position p of a request is the pair
+(target hidden state at p, token p + 1); its output there (a feature, and logits through its LM
+head) predicts token p + 2. ``observe`` feeds the pairs of every target step as soon as the step's
+next tokens are known; ``propose`` samples the first draft from the last observed entry and runs
+``depth - 1`` batched decode steps of the head on its own features for the rest of the chain.
+
+KV: the head keeps its own KVPool (its layers only) indexed by the TARGET's slots: the head's KV of
+position p sits in the slot where the target keeps position p, found through the target's
+req_to_token row. The target's prefix cache, retraction and freeing therefore govern the head's
+KV too, and a prefix-cache hit brings the head's KV along (its last entry was built with the
+token that followed in the request that computed it: a stale guess costs acceptance, never a
+wrong token). Chain steps past the target's KV (positions >= kv_len) write scratch slots beyond
+the target's pool, ``num_slots + row * max_steps + j``, into the request's req_to_token row past
+kv_len, where the target reads nothing before its verify step writes its own slots.
+
+Invariants, per request:
+  - ``_tails[rid].position`` = q: the head's KV covers positions [0, q] of the request, and the
+    tail's feature and logits are its output at q. Drafts are proposed only when q is the
+    request's kv_len - 1 (= len(token_ids) - 2); otherwise the request is decoded plainly and
+    the next step's observe catches up.
+  - drafts are sampled with the request's own sampling settings, seed and position (the draw
+    the target's verify row makes, core/sampling/sampler.py): a head that agrees with the
+    target is accepted under sampling too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from kvyard.attention import AttentionConfig
+from kvyard.attention.hybrid import build_attention_backend
+from kvyard.forward_batch import ForwardBatch, ForwardMode
+from kvyard.mem_cache.kv_pool import KVPool
+from kvyard.sampling.batch_info import SamplingBatchInfo
+from kvyard.sampling.sampler import Sampler
+from kvyard.scheduler.req import Req
+
+
+@dataclass
+class _Tail:
+    position: int              # q: the last position whose head entry exists
+    feature: torch.Tensor      # [H] the head's feature at q (the next chain step's hidden input)
+    logits: torch.Tensor       # [V_draft] float32 the head's logits at q (token q + 2)
+
+
+class DraftHeadRunner:
+    def __init__(self, head, *, target, max_steps: int):
+        """head: a DraftHead module, built and loaded; target: the target's ModelRunner (read
+        only: its slots, req_to_token table, attention backend choice and vocabulary)."""
+        self.head = head
+        self.device = target.device
+        self.vocab_size = target.model_config.vocab_size
+        self.table = target.req_to_token.table
+        self.max_steps = max(1, max_steps)
+        self.scratch_base = target.kv_pool_slots
+        rows = self.table.shape[0]
+        layout = head.kv_layout()
+        self.pool = KVPool.for_layout(self.scratch_base + rows * self.max_steps, layout, target.dtype, self.device)
+        attention = AttentionConfig(num_heads=head.num_heads, num_kv_heads=layout.num_kv_heads,
+                                    head_dim=layout.head_dim, dtype=target.dtype, device=self.device,
+                                    page_size=1, max_context_len=target.model_config.context_length,
+                                    max_batch_size=target.max_running_requests, kv_layout=layout,
+                                    options=dict(target.config.attention_options or {}))
+        self.attn, _ = build_attention_backend(attention, *target.attention_names)
+        self.sampler = Sampler()
+        self._tails: dict[str, _Tail] = {}
+        self._reqs: dict[str, Req] = {}            # sampling views of the requests
+
+    # -- the target's steps -------------------------------------------------------------------
+    @torch.inference_mode()
+    def observe(self, steps: Sequence) -> None:
+        """steps: HiddenSteps (core/speculative.py); one batched extend of the head over them."""
+        steps = [s for s in steps if len(s.next_tokens)]
+        if not steps:
+            return
+        long = dict(dtype=torch.int64, device=self.device)
+        ids = torch.tensor([t for s in steps for t in s.next_tokens], **long)
+        positions = torch.tensor([s.start + j for s in steps for j in range(len(s.next_tokens))], **long)
+        lens = [len(s.next_tokens) for s in steps]
+        starts = [s.start for s in steps]
+        fb = self._forward_batch(ForwardMode.EXTEND, ids, positions, torch.cat([s.slots for s in steps]),
+                                 [s.kv_row for s in steps], starts, lens)
+        hidden = torch.cat([s.hidden for s in steps]).to(self.device)
+        feature, logits = self._run(fb, ids, positions, hidden)
+        for i, s in enumerate(steps):
+            self._tails[s.rid] = _Tail(s.start + lens[i] - 1, feature[i], logits[i])
+
+    # -- drafting -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, inputs: Sequence, depth: Sequence[int]) -> list[list[int]]:
+        """inputs: DraftInputs; depth [B]: chain length wanted per request (0: none)."""
+        chains: list[list[int]] = [[] for _ in inputs]
+        live = [i for i, (inp, n) in enumerate(zip(inputs, depth)) if n > 0 and self._ready(inp)]
+        if not live:
+            return chains
+        tails = [self._tails[inputs[i].rid] for i in live]
+        feature = torch.stack([t.feature for t in tails])
+        logits = torch.stack([t.logits for t in tails])
+        for step in range(max(depth[i] for i in live)):
+            picked = self._sample([inputs[i] for i in live], logits, step)
+            for i, tok in zip(live, picked):
+                chains[i].append(tok)
+            keep = [k for k, i in enumerate(live) if depth[i] > step + 1]
+            if not keep:
+                break
+            live = [live[k] for k in keep]
+            feature, logits = self._chain_step([inputs[i] for i in live], [chains[i][-1] for i in live],
+                                               feature[keep], step)
+        return chains
+
+    def release(self, rid: str) -> None:
+        self._tails.pop(rid, None)
+        self._reqs.pop(rid, None)
+
+    def close(self) -> None:
+        self._tails.clear()
+        self._reqs.clear()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _ready(self, inp) -> bool:
+        tail = self._tails.get(inp.rid)
+        return tail is not None and tail.position == len(inp.token_ids) - 2
+
+    def _chain_step(self, inputs: Sequence, tokens: list[int], feature: torch.Tensor, step: int):
+        """One head decode step: draft ``step`` (0-based) of each request at position
+        kv_len + step, its KV in the request's scratch slot ``step``."""
+        long = dict(dtype=torch.int64, device=self.device)
+        rows = [inp.kv_row for inp in inputs]
+        pos = [len(inp.token_ids) - 1 + step for inp in inputs]
+        slots = torch.tensor([self.scratch_base + r * self.max_steps + step for r in rows], **long)
+        self.table[torch.tensor(rows, **long), torch.tensor(pos, **long)] = slots.to(self.table.dtype)
+        ids = torch.tensor(tokens, **long)
+        positions = torch.tensor(pos, **long)
+        fb = self._forward_batch(ForwardMode.DECODE, ids, positions, slots, rows, pos, [1] * len(rows))
+        return self._run(fb, ids, positions, feature)
+
+    def _run(self, fb: ForwardBatch, ids, positions, hidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, H], logits [B, V_draft]) at each request's last row."""
+        self.attn.init_forward_metadata(fb)
+        feature, out = self.head(ids, positions, hidden, fb)
+        last = fb.logits_indices
+        return feature[last], self.head.compute_logits(out[last])
+
+    def _forward_batch(self, mode, ids, positions, slots, rows, prefix, lens) -> ForwardBatch:
+        long = dict(dtype=torch.int64, device=self.device)
+        seq_lens = [p + n for p, n in zip(prefix, lens)]
+        starts, acc = [], 0
+        for n in lens:
+            starts.append(acc)
+            acc += n
+        return ForwardBatch(
+            mode=mode, batch_size=len(rows), input_ids=ids, positions=positions,
+            out_cache_loc=slots.to(self.device), req_pool_indices=torch.tensor(rows, **long),
+            seq_lens=torch.tensor(seq_lens, **long), seq_lens_cpu=seq_lens, extend_prefix_lens_cpu=list(prefix),
+            extend_seq_lens_cpu=list(lens), extend_start_loc=torch.tensor(starts, **long),
+            logits_indices=torch.tensor([s + n - 1 for s, n in zip(starts, lens)], **long),
+            req_to_token=self.table, kv_pool=self.pool, attn_backend=self.attn)
+
+    def _sample(self, inputs: Sequence, logits: torch.Tensor, step: int) -> list[int]:
+        """Draft ``step`` of each request: its own sampler settings and seed at position
+        len(token_ids) + step; logits [B, V_draft] mapped onto the target's vocabulary."""
+        full = self._to_target_vocab(logits)
+        reqs = [self._req(inp) for inp in inputs]
+        info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.device)
+        positions = torch.tensor([len(inp.token_ids) + step for inp in inputs], dtype=torch.int64,
+                                 device=self.device)
+        return self.sampler(full, info, positions).next_ids.tolist()
+
+    def _to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        ids: Optional[torch.Tensor] = self.head.draft_to_target
+        if ids is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+        full[:, ids] = logits
+        return full
+
+    def _req(self, inp) -> Req:
+        req = self._reqs.get(inp.rid)
+        if req is None:
+            req = self._reqs[inp.rid] = Req(rid=inp.rid, origin_input_ids=[], sampling_params=inp.sampling_params,
+                                            sampling_seed=inp.seed, req_pool_idx=inp.kv_row)
+        return req
