@@ -13,13 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from kvyard.mem_cache.pool_size import FORMULA as POOL_FORMULA
 from kvyard.plugins import registry
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "priority")
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192   # --chunked-prefill-size unset
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16", "float32")
 TORCHAO_CONFIG = r"int8wo|int8dq|int4wo-(32|64|128|256)|fp8wo|fp8dq-per_tensor|fp8dq-per_row"
-CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536   # the CPU KV pool when --max-total-tokens is unset (capped by memory)
 
 
 def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
@@ -74,7 +74,7 @@ class ServerArgs:
     mem_fraction_static: Optional[float] = _f(None, "fraction of device memory for weights + KV pool (CUDA)", "scheduling")
     dp_size: int = _f(1, "data-parallel replicas: scheduler processes (each a full copy of the model) behind this API process", "scheduling")
     load_balance_method: str = _f("round_robin", "how a request picks its --dp-size replica", "scheduling", choices=("round_robin", "shortest_queue", "cache_aware"))
-    max_total_tokens: Optional[int] = _f(None, f"KV pool size in tokens (CPU default: {CPU_DEFAULT_MAX_TOTAL_TOKENS}, capped by memory)", "scheduling")
+    max_total_tokens: Optional[int] = _f(None, f"KV pool size in tokens ({POOL_FORMULA})", "scheduling")
     max_running_requests: Optional[int] = _f(None, "maximum concurrently running requests", "scheduling")
     max_queued_requests: Optional[int] = _f(None, "reject new requests beyond this queue length", "scheduling")
     chunked_prefill_size: Optional[int] = _f(None, f"maximum prefill tokens per step per request chunk (default {DEFAULT_CHUNKED_PREFILL_SIZE}; -1 disables)", "scheduling")

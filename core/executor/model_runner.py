@@ -21,6 +21,7 @@ from kvyard.kv_layout import KVLayout
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
 from kvyard.mem_cache.kv_pool import KVPool
+from kvyard.mem_cache.pool_size import available_memory, default_cpu_pool_tokens
 from kvyard.mem_cache.kv_quant import check_backends, is_fp8, kv_scales, resolve_kv_dtype
 from kvyard.mem_cache.req_to_token import ReqToTokenPool
 from kvyard.model_base import ModelBuildContext
@@ -30,13 +31,10 @@ from kvyard.plugins import registry
 from kvyard.model.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
-from kvyard.server_args import CPU_DEFAULT_MAX_TOTAL_TOKENS  # one number: --help shows it
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
 from kvyard.executor.step_sampling import sample_outputs, sampling_spec, to_step_result
 
 logger = logging.getLogger(__name__)
-
-CPU_KV_MEMORY_FRACTION = 0.4  # of available RAM, at most
 
 
 @dataclass(frozen=True)
@@ -246,12 +244,8 @@ class ModelRunner:
             fraction = self.config.mem_fraction_static or 0.88
             budget = free - total * (1 - fraction)
             return max(1024, int(budget // per_slot))
-        try:
-            import psutil
-            budget = psutil.virtual_memory().available * CPU_KV_MEMORY_FRACTION
-        except ImportError:
-            budget = 4 * 2**30
-        return max(1024, min(CPU_DEFAULT_MAX_TOTAL_TOKENS, int(budget // per_slot)))
+        # the formula in kvyard.mem_cache.pool_size (also in `kvyard serve --help`)
+        return default_cpu_pool_tokens(self.model_config.context_length, per_slot, available_memory())
 
     def _attention_config(self) -> AttentionConfig:
         mc, layout = self.model_config, self.kv_layout
