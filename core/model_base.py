@@ -10,6 +10,9 @@ A model whose KV cache is not K and V per KV head of its config's sizes provides
   kv_layout() -> kvyard.kv_layout.KVLayout
 (e.g. DeepSeek's multi-head latent attention); the pool is allocated from it and attention
 backends that do not serve it refuse to start.
+A model whose decode step is the plain pre-norm graph of kvyard.layers.lowering may provide
+  lowered_decoder() -> kvyard.layers.lowering.LoweredDecoder | None
+and small CPU decode batches then run through the C++ decode loop (kvyard.executor.lowered_decode).
 """
 from __future__ import annotations
 

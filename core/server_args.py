@@ -96,6 +96,9 @@ class ServerArgs:
     attention_backend: str = _f("auto", "attention plugin", "runtime", registry="attention_backends", allow=("auto",))
     num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores)", "runtime")
     enable_torch_compile: bool = _f(False, "compile the decode step (inductor) for batch-size buckets", "runtime")
+    disable_cpu_decode_loop: bool = _f(False, "CPU: run small decode batches through the Python layers instead of the C++ "
+                                       "decode loop (on by default where the model, quantization and attention backend "
+                                       "can be lowered; also KVYARD_CPU_DECODE_LOOP=0)", "runtime")
     torch_compile_max_bs: int = _f(32, "largest batch size compiled", "runtime")
     prefill_attention_backend: Optional[str] = _f(None, "attention plugin for extend (prefill) steps (default: --attention-backend)", "runtime", registry="attention_backends")
     decode_attention_backend: Optional[str] = _f(None, "attention plugin for decode steps (default: --attention-backend)", "runtime", registry="attention_backends")
@@ -248,7 +251,8 @@ class ServerArgs:
             page_size=self.page_size, max_total_tokens=self.max_total_tokens,
             mem_fraction_static=self.mem_fraction_static, max_running_requests=self.max_running_requests,
             num_threads=self.num_threads, random_seed=self.random_seed, cuda_graph=self.cuda_graph_config(),
-            enable_torch_compile=self.enable_torch_compile, torch_compile_max_bs=self.torch_compile_max_bs)
+            enable_torch_compile=self.enable_torch_compile, torch_compile_max_bs=self.torch_compile_max_bs,
+            disable_cpu_decode_loop=self.disable_cpu_decode_loop)
 
     def scheduler_config(self, max_running_requests: int, context_length: int, enable_overlap: bool):
         """The scheduler's config; the arguments are what the loaded model and pool resolved."""

@@ -65,6 +65,7 @@ class RunnerConfig:
     cuda_graph: Optional[object] = None               # kvyard.executor.cuda_graph_runner.CudaGraphConfig
     enable_torch_compile: bool = False
     torch_compile_max_bs: int = 32
+    disable_cpu_decode_loop: bool = False
 
 
 def physical_cores() -> int:
@@ -100,7 +101,8 @@ class ModelRunner:
 
     def _init_decode_graphs(self):
         """CUDA graphs on CUDA (unless disabled or the backend cannot), torch.compile buckets
-        with --enable-torch-compile; both pad decode batches to a bucket with the dummy row."""
+        with --enable-torch-compile; both pad decode batches to a bucket with the dummy row.
+        On the CPU otherwise: the C++ decode loop for small batches where the model lowers."""
         from kvyard.executor.compiled_decode import CompiledDecodeRunner
         from kvyard.executor.cuda_graph_runner import CudaGraphConfig, CudaGraphRunner
 
@@ -111,6 +113,12 @@ class ModelRunner:
             runner = CompiledDecodeRunner(cfg.torch_compile_max_bs, self._logits_step, self.attn_backend,
                                           self.kv_pool, self.req_to_token.table, self.max_running_requests,
                                           self.device)
+        elif self.device == "cpu":
+            from kvyard.executor.lowered_decode import LoweredDecodeRunner
+            if cfg.disable_cpu_decode_loop:
+                logger.info("C++ decode loop off: --disable-cpu-decode-loop")
+                return None
+            return LoweredDecodeRunner.build(self.model, self.attn_backend, self.kv_pool, self.device)
         elif self.device == "cuda" and not (cfg.cuda_graph or CudaGraphConfig()).disable:
             if not self.attn_backend.supports_cuda_graph:
                 logger.info("CUDA graphs off: attention backend %s does not support them", self.attn_backend_name)
