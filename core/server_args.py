@@ -94,7 +94,7 @@ class ServerArgs:
     # -- runtime and kernels ------------------------------------------------------------
     device: str = _f("auto", "auto: cuda if available, else cpu", "runtime", choices=("auto", "cuda", "cpu"))
     attention_backend: str = _f("auto", "attention plugin", "runtime", registry="attention_backends", allow=("auto",))
-    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores)", "runtime")
+    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores); they wait passively (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY is set, e.g. ACTIVE on an otherwise idle machine", "runtime")
     enable_torch_compile: bool = _f(False, "compile the decode step (inductor) for batch-size buckets", "runtime")
     disable_cpu_decode_loop: bool = _f(False, "CPU: run small decode batches through the Python layers instead of the C++ "
                                        "decode loop (on by default where the model, quantization and attention backend "
