@@ -31,10 +31,15 @@ attention layers number their KV from 0 within the stage), the embedding on the 
 the final norm and lm_head on the last, loads only what it built, and runs its stack through
 ``kvyard.layers.decoder.run_decoder_stack``, which takes a stage's input from
 ``fb.extras["pp_input"]`` and returns (h, residual) on every stage but the last.
+
 A model that can feed speculative draft heads (EAGLE, EAGLE-3) provides
   input_embeddings() -> the module mapping token ids [T] to [T, hidden]
 and runs its layers through ``kvyard.layers.decoder.run_decoder_stack``, which stores the hidden
 states a ForwardBatch's ``capture_layers`` asks for (core/forward_batch.py).
+
+A model whose decode step is the plain pre-norm graph of kvyard.layers.lowering may provide
+  lowered_decoder() -> kvyard.layers.lowering.LoweredDecoder | None
+and small CPU decode batches then run through the C++ decode loop (kvyard.executor.lowered_decode).
 """
 from __future__ import annotations
 

@@ -47,6 +47,17 @@ class QuantizationConfig:
 NEVER_ONLINE = ("lm_head",)
 
 
+@dataclass(frozen=True)
+class LoweredLinear:
+    """A linear layer's multiply as calls C++ makes without Python (kvyard.kernels.decode_loop):
+    each call is ("namespace::op[.overload]", args) run as ``op(x, *args)``; their outputs are
+    concatenated along the last dim, then ``bias`` is added (None: no bias, or the call adds it).
+    Valid for inputs of at most ``max_rows`` rows (None: any number)."""
+    calls: tuple[tuple[str, tuple], ...]
+    bias: Optional[torch.Tensor] = None
+    max_rows: Optional[int] = None
+
+
 class LinearMethod(ABC):
     # checkpoint tensors per projection: every one of checkpoint_names must arrive, the
     # optional ones may (activation scales of a dynamic scheme, g_idx, ...)
@@ -70,6 +81,11 @@ class LinearMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor: ...
+
+    def lower(self, layer: "Linear") -> Optional[LoweredLinear]:
+        """``apply`` as dispatcher calls (same kernels, same results), or None: not lowerable, and
+        models using the layer keep their Python decode step."""
+        return None
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -95,6 +111,9 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+    def lower(self, layer: "Linear") -> Optional[LoweredLinear]:
+        return LoweredLinear((("aten::linear", (layer.weight, layer.bias)),))
 
 
 def _dense(weight: Any) -> torch.Tensor:

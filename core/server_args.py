@@ -13,13 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from kvyard.mem_cache.pool_size import FORMULA as POOL_FORMULA
 from kvyard.plugins import registry
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "priority")
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192   # --chunked-prefill-size unset
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16", "float32")
 TORCHAO_CONFIG = r"int8wo|int8dq|int4wo-(32|64|128|256)|fp8wo|fp8dq-per_tensor|fp8dq-per_row"
-CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536   # the CPU KV pool when --max-total-tokens is unset (capped by memory)
 
 
 def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
@@ -82,7 +82,7 @@ class ServerArgs:
     mem_fraction_static: Optional[float] = _f(None, "fraction of device memory for weights + KV pool (CUDA)", "scheduling")
     dp_size: int = _f(1, "data-parallel replicas: scheduler processes (each a full copy of the model) behind this API process", "scheduling")
     load_balance_method: str = _f("round_robin", "how a request picks its --dp-size replica", "scheduling", choices=("round_robin", "shortest_queue", "cache_aware"))
-    max_total_tokens: Optional[int] = _f(None, f"KV pool size in tokens (CPU default: {CPU_DEFAULT_MAX_TOTAL_TOKENS}, capped by memory)", "scheduling")
+    max_total_tokens: Optional[int] = _f(None, f"KV pool size in tokens ({POOL_FORMULA})", "scheduling")
     max_running_requests: Optional[int] = _f(None, "maximum concurrently running requests", "scheduling")
     max_queued_requests: Optional[int] = _f(None, "reject new requests beyond this queue length", "scheduling")
     chunked_prefill_size: Optional[int] = _f(None, f"maximum prefill tokens per step per request chunk (default {DEFAULT_CHUNKED_PREFILL_SIZE}; -1 disables)", "scheduling")
@@ -118,8 +118,11 @@ class ServerArgs:
     gpu_id_step: int = _f(1, "CUDA device index step between --dp-size replicas (replica i: base_gpu_id + i * step)", "runtime")
     sampling_backend: str = _f("pytorch", "sampling kernels: pytorch (flashinfer is not supported yet)", "runtime", choices=("pytorch", "flashinfer"))
     attention_backend: str = _f("auto", "attention plugin", "runtime", registry="attention_backends", allow=("auto",))
-    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores)", "runtime")
+    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores); they wait passively (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY is set, e.g. ACTIVE on an otherwise idle machine", "runtime")
     enable_torch_compile: bool = _f(False, "compile the decode step (inductor) for batch-size buckets", "runtime")
+    disable_cpu_decode_loop: bool = _f(False, "CPU: run small decode batches through the Python layers instead of the C++ "
+                                       "decode loop (on by default where the model, quantization and attention backend "
+                                       "can be lowered; also KVYARD_CPU_DECODE_LOOP=0)", "runtime")
     torch_compile_max_bs: int = _f(32, "largest batch size compiled", "runtime")
     prefill_attention_backend: Optional[str] = _f(None, "attention plugin for extend (prefill) steps (default: --attention-backend)", "runtime", registry="attention_backends")
     decode_attention_backend: Optional[str] = _f(None, "attention plugin for decode steps (default: --attention-backend)", "runtime", registry="attention_backends")
@@ -380,7 +383,8 @@ class ServerArgs:
             mem_fraction_static=self.mem_fraction_static, max_running_requests=self.max_running_requests,
             num_threads=self.num_threads, random_seed=self.random_seed, cuda_graph=self.cuda_graph_config(),
             enable_torch_compile=self.enable_torch_compile, torch_compile_max_bs=self.torch_compile_max_bs,
-            lora=self.lora_config())
+            lora=self.lora_config(),
+            disable_cpu_decode_loop=self.disable_cpu_decode_loop)
 
     def scheduler_config(self, max_running_requests: int, context_length: int, enable_overlap: bool):
         """The scheduler's config; the arguments are what the loaded model and pool resolved."""

@@ -116,6 +116,13 @@ class AttentionBackend(ABC):
             return self.forward_decode(q, layer, fb)
         return self.forward_extend(q, layer, fb)
 
+    def lower_decode(self, layer: "Attention", kv_pool) -> Optional[tuple[str, tuple]]:
+        """``forward_decode`` of ``layer`` (after the KV write) as one dispatcher call
+        ("namespace::op", args), run as ``op(q [B, H, D] contiguous, k_buf, v_buf, req_to_token,
+        req_pool_indices, seq_lens, *args) -> [B, H, Dv]`` with the same results; None: the
+        backend cannot, and the model keeps its Python decode step (kvyard.kernels.decode_loop)."""
+        return None
+
     @abstractmethod
     def forward_extend(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
         """Causal attention of the new tokens over prefix + new tokens, per request."""

@@ -49,6 +49,9 @@ class HybridAttentionBackend(AttentionBackend):
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
         return self.decode.forward_decode(q, layer, fb)
 
+    def lower_decode(self, layer: "Attention", kv_pool):
+        return self.decode.lower_decode(layer, kv_pool)
+
     # -- CUDA-graph hooks: decode only -------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int) -> None:
         self.decode.init_cuda_graph_state(max_bs)

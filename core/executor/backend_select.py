@@ -38,8 +38,15 @@ def resolve_attention_backend(requested: str, device: str, attention: AttentionC
     if device == "cpu" and attention is not None:
         candidates = tuple(n for n in preference if n in reg and _can_run(reg, n, device, attention))
         if len(candidates) > 1:
+            key = _timing_key(candidates, attention)
+            cached = _cached_choice(key)
+            if cached is not None:
+                logger.info("attention backend: %s (auto on cpu, timed earlier on this machine on the "
+                            "model's head shapes: %s)", *cached)
+                return cached[0]
             name, why = pick_by_timing(candidates, _timings(candidates, attention))
             logger.info("attention backend: %s (auto on cpu, timed on the model's head shapes: %s)", name, why)
+            _store_choice(key, name, why)
             return name
     for name in preference:
         if name in reg and _can_run(reg, name, device, attention):
@@ -91,6 +98,55 @@ def _timings_per_shape(candidates: tuple[str, ...], heads: int, kv_heads: int, h
             continue
         give_up_s = min(give_up_s, MEASURED_MARGIN * out[name].total_s)
     return out
+
+
+# -- the CPU timing's choice, kept across starts (a timing costs seconds, flex_attention's compile most) --
+def _timing_key(candidates: Sequence[str], attention: AttentionConfig) -> str:
+    import hashlib
+
+    import torch
+
+    from kvyard.kernels.cpp_build import _cpu_identity
+
+    text = repr((tuple(candidates), attention.num_heads, attention.num_kv_heads, attention.head_dim,
+                 str(attention.dtype), attention.page_size, torch.__version__, _cpu_identity()))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _choice_file():
+    from kvyard.kernels.cpp_build import cache_root
+
+    return cache_root() / "attention_timing" / "choices.json"
+
+
+def _cached_choice(key: str) -> tuple[str, str] | None:
+    """(name, why) chosen by an earlier timing of the same shapes, candidates, torch and CPU."""
+    import json
+
+    try:
+        entry = json.loads(_choice_file().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return (entry[0], entry[1]) if isinstance(entry, list) and len(entry) == 2 else None
+
+
+def _store_choice(key: str, name: str, why: str) -> None:
+    import json
+    import os
+
+    path = _choice_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            choices = json.loads(path.read_text())
+        except (OSError, ValueError):
+            choices = {}
+        choices[key] = [name, why]
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(choices))
+        os.replace(tmp, path)
+    except OSError as exc:   # a read-only cache: time again next start
+        logger.debug("attention timing not cached: %s", exc)
 
 
 def _serves(reg, name: str, kind: str) -> bool:

@@ -29,6 +29,7 @@ from kvyard.kv_layout import KVLayout
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
 from kvyard.mem_cache.kv_pool import KVPool
+from kvyard.mem_cache.pool_size import available_memory, default_cpu_pool_tokens
 from kvyard.mem_cache.kv_quant import check_backends, is_fp8, kv_scales, resolve_kv_dtype
 from kvyard.mem_cache.req_to_token import ReqToTokenPool
 from kvyard.model_base import ModelBuildContext
@@ -38,13 +39,10 @@ from kvyard.plugins import registry
 from kvyard.model.pooling import EmbeddingAdapter, PoolingConfig, pooling_config_from_folder
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
-from kvyard.server_args import CPU_DEFAULT_MAX_TOTAL_TOKENS  # one number: --help shows it
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
 from kvyard.executor.step_sampling import sample_outputs, sampling_spec, to_step_result
 
 logger = logging.getLogger(__name__)
-
-CPU_KV_MEMORY_FRACTION = 0.4  # of available RAM, at most
 
 
 @dataclass(frozen=True)
@@ -76,6 +74,7 @@ class RunnerConfig:
     enable_torch_compile: bool = False
     torch_compile_max_bs: int = 32
     lora: Optional[object] = None                     # kvyard.lora.LoRAConfig; None: LoRA serving off
+    disable_cpu_decode_loop: bool = False
 
 
 def physical_cores() -> int:
@@ -135,7 +134,8 @@ class ModelRunner:
 
     def _init_decode_graphs(self):
         """CUDA graphs on CUDA (unless disabled or the backend cannot), torch.compile buckets
-        with --enable-torch-compile; both pad decode batches to a bucket with the dummy row."""
+        with --enable-torch-compile; both pad decode batches to a bucket with the dummy row.
+        On the CPU otherwise: the C++ decode loop for small batches where the model lowers."""
         from kvyard.executor.compiled_decode import CompiledDecodeRunner
         from kvyard.executor.cuda_graph_runner import CudaGraphConfig, CudaGraphRunner
 
@@ -149,6 +149,15 @@ class ModelRunner:
             runner = CompiledDecodeRunner(cfg.torch_compile_max_bs, self._logits_step, self.attn_backend,
                                           self.kv_pool, self.req_to_token.table, self.max_running_requests,
                                           self.device)
+        elif self.device == "cpu":
+            from kvyard.executor.lowered_decode import LoweredDecodeRunner
+            if cfg.disable_cpu_decode_loop:
+                logger.info("C++ decode loop off: --disable-cpu-decode-loop")
+                return None
+            if self.lora is not None or self.tp.enabled:   # the loop runs neither LoRA hooks nor all-reduces
+                logger.info("C++ decode loop off: %s", "LoRA serving" if self.lora is not None else "tensor parallelism")
+                return None
+            return LoweredDecodeRunner.build(self.model, self.attn_backend, self.kv_pool, self.device)
         elif self.device == "cuda" and not (cfg.cuda_graph or CudaGraphConfig()).disable:
             if not self.attn_backend.supports_cuda_graph:
                 logger.info("CUDA graphs off: attention backend %s does not support them", self.attn_backend_name)
@@ -314,12 +323,8 @@ class ModelRunner:
             fraction = self.config.mem_fraction_static or 0.88
             budget = free - total * (1 - fraction)
             return max(1024, int(budget // per_slot))
-        try:
-            import psutil
-            budget = psutil.virtual_memory().available * CPU_KV_MEMORY_FRACTION
-        except ImportError:
-            budget = 4 * 2**30
-        return max(1024, min(CPU_DEFAULT_MAX_TOTAL_TOKENS, int(budget // per_slot)))
+        # the formula in kvyard.mem_cache.pool_size (also in `kvyard serve --help`)
+        return default_cpu_pool_tokens(self.model_config.context_length, per_slot, available_memory())
 
     def _attention_config(self) -> AttentionConfig:
         mc, layout = self.model_config, self.kv_layout

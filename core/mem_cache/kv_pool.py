@@ -10,8 +10,13 @@ mem_cache/allocator.py.
 An fp8 pool (dtype float8_e4m3fn / float8_e5m2) stores k / k_scale and v / v_scale per layer,
 saturated to the fp8 range; readers multiply back (attention plugins fold k_scale into the
 softmax scale and v_scale into the output). Other pools have scales 1.0 and store k, v as given.
+
+On the CPU the buffers are zero pages the kernel maps on first write (calloc'd through numpy),
+so the pool's resident memory is the tokens stored so far, not its size; reads see zeros either way.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -21,6 +26,17 @@ from kvyard.kv_layout import KVLayout
 
 
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """torch.zeros, except that on the CPU the pages stay unmapped until written: numpy's zeros
+    is calloc, which for a large block maps fresh zero pages instead of writing them."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class KVPool:
@@ -39,10 +55,10 @@ class KVPool:
         # per-layer (k, v) scales, python floats so kernels take them without a device sync
         self.k_scales, self.v_scales = scales or ([1.0] * num_layers, [1.0] * num_layers)
         shape = (num_slots, num_kv_heads, head_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_buffers = [_zeros(shape, dtype, device) for _ in range(num_layers)]
         if layout.separate_v:
             v_shape = (num_slots, num_kv_heads, layout.v_head_dim)
-            self.v_buffers = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.v_buffers = [_zeros(v_shape, dtype, device) for _ in range(num_layers)]
         else:
             self.v_buffers = self.k_buffers   # V is read out of the K row (kv_layout.py)
 

@@ -203,6 +203,17 @@ class TorchNativeBackend(AttentionBackend):
             out.mul_(v_scale)
         return value_columns(out, layer)
 
+    def lower_decode(self, layer: "Attention", kv_pool) -> Optional[tuple[str, tuple]]:
+        """The C++ paged-decode kernel, where ``forward_decode`` would take it (same conditions,
+        for every step) and the layer needs nothing beyond causal attention over K and V."""
+        pool = kv_pool.k_buffer(layer.layer_id)
+        plain = (not self.config.features and not layer.sliding_window and not layer.logit_cap
+                 and layer.v_head_dim == layer.head_dim and kv_pool.layout.separate_v)
+        if not plain or pool.device.type != "cpu" or pool.dtype not in (torch.float32, torch.bfloat16) \
+                or pool.dtype != self.config.dtype or not cpu_kernels.available():
+            return None
+        return "kvyard_attn::paged_decode", (layer.scaling,)
+
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
         """q [B, H, D] -> [B, H * Dv]."""
         meta: Optional[DecodeMetadata] = fb.attn_metadata

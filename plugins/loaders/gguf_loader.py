@@ -13,9 +13,11 @@ rows of quantized blocks.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -69,8 +71,8 @@ class GGUFLoader(WeightLoader):
 
         path = self._file(model_path)
         stat = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        folder = Path(os.environ.get("KVYARD_CACHE_DIR", Path.home() / ".cache" / "kvyard")) / "gguf" / key
+        folder = _cache_folder(path)
+        key = folder.name
         if (folder / "config.json").exists() and (folder / "tokenizer_config.json").exists():
             return str(folder)
         tmp = folder.with_name(f"{key}.tmp{os.getpid()}")
@@ -88,12 +90,12 @@ class GGUFLoader(WeightLoader):
     def weights(self, model_path: str, hf_config: Any) -> Iterator[tuple[str, Any]]:
         import gguf
 
-        reader = gguf.GGUFReader(str(self._file(model_path)))
-        arch = _field(reader, "general.architecture")
-        heads = {"q": _field(reader, f"{arch}.attention.head_count")}
-        heads["k"] = _field(reader, f"{arch}.attention.head_count_kv") or heads["q"]
+        path = self._file(model_path)
+        index = _tensor_index(path)
+        arch = index["arch"]
+        heads = {"q": index["heads"], "k": index["kv_heads"] or index["heads"]}
         skipped = []
-        for tensor in reader.tensors:
+        for tensor in _mapped_tensors(path, index):
             hf_name = hf_name_of(tensor.name)
             if hf_name is None:
                 skipped.append(tensor.name)
@@ -163,6 +165,55 @@ def _permute_rows(value: Any, index: torch.Tensor) -> Any:
     if isinstance(value, QuantizedTensor):
         return QuantizedTensor(value.data[index], value.shape, value.qtype)
     return value[index]
+
+
+# -- the file's tensor index, kept across starts ---------------------------------------------------
+# gguf.GGUFReader parses every metadata field (the vocabulary string by string: seconds per start);
+# the weights need only three fields and where each tensor's bytes are, so that is cached once per
+# file and the tensors are then views of one read-only memory map, as the reader's are.
+@dataclass(frozen=True)
+class _MappedTensor:
+    name: str
+    tensor_type: int
+    shape: tuple[int, ...]   # ggml order (fastest dim first), as ReaderTensor.shape
+    data: np.ndarray         # what ReaderTensor.data holds: typed values, or uint8 [rows, bytes]
+
+
+def _cache_folder(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(os.environ.get("KVYARD_CACHE_DIR", Path.home() / ".cache" / "kvyard")) / "gguf" / key
+
+
+def _tensor_index(path: Path) -> dict:
+    file = _cache_folder(path).with_suffix(".tensors.json")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        pass
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    index = {"arch": arch, "heads": _field(reader, f"{arch}.attention.head_count"),
+             "kv_heads": _field(reader, f"{arch}.attention.head_count_kv"),
+             "tensors": [[t.name, int(t.tensor_type), [int(n) for n in t.shape], int(t.data_offset),
+                          int(t.n_bytes), t.data.dtype.str, list(t.data.shape)] for t in reader.tensors]}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, file)
+    except OSError as exc:   # a read-only cache: parse again next start
+        logger.debug("gguf tensor index not cached: %s", exc)
+    return index
+
+
+def _mapped_tensors(path: Path, index: dict) -> Iterator[_MappedTensor]:
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, qtype, shape, offset, nbytes, dtype, dims in index["tensors"]:
+        data = mm[offset:offset + nbytes].view(np.dtype(dtype)).reshape(dims)
+        yield _MappedTensor(name, qtype, tuple(shape), data)
 
 
 def _field(reader: Any, key: str) -> Any:

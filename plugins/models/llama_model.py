@@ -36,6 +36,7 @@ from kvyard.layers.attention import Attention, sliding_windows_from_hf
 from kvyard.layers.decoder import PipelineLayer, run_decoder_stack
 from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear, process_linears_after_loading
+from kvyard.layers.lowering import LoweredDecoder, LoweredLayer
 from kvyard.layers.logits import LogitsHead
 from kvyard.layers.norm import RMSNorm
 from kvyard.layers.parallel import ColumnParallel, RowParallel
@@ -227,6 +228,19 @@ class LlamaForCausalLM(nn.Module):
     def input_embeddings(self) -> nn.Module:
         """The token embedding (draft heads share it: kvyard.model_base)."""
         return self.model.embed_tokens
+    def lowered_decoder(self) -> Optional[LoweredDecoder]:
+        """The decode step as kvyard.layers.lowering's graph, for the plain Llama layers only:
+        a variant with its own model, layer, attention or MLP module keeps the Python step."""
+        m = self.model
+        plain = type(m) is LlamaModel and type(self).forward is LlamaForCausalLM.forward and all(
+            type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
+            and type(layer.mlp) is LlamaMLP for layer in m.layers)
+        if not plain:
+            return None
+        return LoweredDecoder(m.embed_tokens, m.rotary, tuple(
+            LoweredLayer(layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.qkv_proj,
+                         layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj, layer.self_attn.attn)
+            for layer in m.layers), m.norm)
 
     # -- weights -----------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:

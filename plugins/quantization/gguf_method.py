@@ -23,7 +23,7 @@ import gguf
 import torch
 import torch.nn.functional as F
 
-from kvyard.quantization import LinearMethod, QuantizationConfig, QuantizationMethod
+from kvyard.quantization import LinearMethod, LoweredLinear, QuantizationConfig, QuantizationMethod
 from kvyard_plugins.quantization import gguf_kernels
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,23 @@ class GGUFLinearMethod(LinearMethod):
         if not flat:
             y = y.reshape(*x.shape[:-1], layer.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def lower(self, layer) -> Optional[LoweredLinear]:
+        """``apply`` for inputs of fewer than DENSE_MIN_M rows (the int kernel's range) and the
+        layer dtype: one call per segment, the bias in the call when there is one segment."""
+        if self.dtype not in COMPUTE_DTYPES or not gguf_kernels.available():
+            return None
+        gguf_kernels.load()
+        one = len(layer.gguf_segments) == 1
+        calls = []
+        for seg in layer.gguf_segments:
+            weight, bias = layer._buffers[seg.buffer], layer.bias if one else None
+            if seg.kernel_qtype is None:
+                calls.append(("aten::linear", (weight.to(self.dtype), None if bias is None else bias.to(self.dtype))))
+            else:
+                calls.append(("kvyard_gguf::mm_int", (weight, seg.kernel_qtype, layer.in_features, bias)))
+        bias = None if one or layer.bias is None else layer.bias.to(self.dtype)
+        return LoweredLinear(tuple(calls), bias, max_rows=gguf_kernels.DENSE_MIN_M - 1)
 
     @staticmethod
     def _segment(layer, seg: Segment, x2: torch.Tensor,

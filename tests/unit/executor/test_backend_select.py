@@ -76,7 +76,7 @@ def test_a_failing_candidate_is_never_picked():
     assert name == "torch_native" and "none ran" in why
 
 
-def test_auto_on_cpu_times_once_per_shape_and_logs_why(monkeypatch, caplog):
+def test_auto_on_cpu_times_once_per_shape_and_logs_why(monkeypatch, caplog, tmp_path):
     import kvyard.attention.timing as timing
 
     calls = []
@@ -87,6 +87,7 @@ def test_auto_on_cpu_times_once_per_shape_and_logs_why(monkeypatch, caplog):
             raise RuntimeError("flex broke")
         return AttentionTiming(0.003, 0.001)
 
+    monkeypatch.setenv("KVYARD_CACHE_DIR", str(tmp_path))   # the choice is kept on disk
     monkeypatch.setattr(timing, "time_backend", fake_time_backend)
     backend_select._timings_per_shape.cache_clear()
     with caplog.at_level(logging.INFO, logger="kvyard.executor.backend_select"):
@@ -99,6 +100,10 @@ def test_auto_on_cpu_times_once_per_shape_and_logs_why(monkeypatch, caplog):
     assert resolve_attention_backend("auto", "cpu") == "torch_native"   # no shapes: no timing
     assert len(calls) == 4
     backend_select._timings_per_shape.cache_clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kvyard.executor.backend_select"):   # a later start
+        assert resolve_attention_backend("auto", "cpu", shapes()) == "torch_native"
+    assert len(calls) == 4 and "timed earlier on this machine" in caplog.text
 
 
 def test_time_backend_runs_both_cpu_backends_on_small_shapes():

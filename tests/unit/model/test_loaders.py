@@ -247,3 +247,23 @@ def test_gguf_folder_with_several_files_is_ambiguous(tmp_path):
     (tmp_path / "b.gguf").symlink_to(default)
     with pytest.raises(ValueError, match="several .gguf files"):
         GGUFLoader.can_load(str(tmp_path))
+
+
+def test_gguf_tensor_index_is_cached_and_maps_the_readers_tensors(tmp_path, monkeypatch):
+    import gguf
+    import numpy as np
+
+    from kvyard_plugins.loaders import gguf_loader
+
+    monkeypatch.setenv("KVYARD_CACHE_DIR", str(tmp_path))
+    path = Path(default_model_path())
+    reader = gguf.GGUFReader(str(path))
+    index = gguf_loader._tensor_index(path)
+    assert list(tmp_path.glob("gguf/*.tensors.json"))
+    monkeypatch.setattr(gguf, "GGUFReader", None)          # a later start reads no metadata
+    assert gguf_loader._tensor_index(path) == index
+    mapped = list(gguf_loader._mapped_tensors(path, index))
+    assert len(mapped) == len(reader.tensors)
+    for want, got in zip(reader.tensors, mapped):
+        assert (got.name, got.tensor_type) == (want.name, int(want.tensor_type))
+        assert got.data.dtype == want.data.dtype and np.array_equal(got.data, want.data), want.name

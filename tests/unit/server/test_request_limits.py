@@ -183,18 +183,6 @@ def test_stale_ipc_folders_of_dead_api_processes_are_removed(tmp_path, monkeypat
 
 
 # -- docs and flags ------------------------------------------------------------------------------
-def test_help_states_the_cpu_kv_pool_default_the_code_uses():
-    import argparse
-
-    from kvyard.executor.model_runner import CPU_DEFAULT_MAX_TOTAL_TOKENS
-    from kvyard.server_args import ServerArgs
-
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-    action = next(a for a in parser._actions if a.dest == "max_total_tokens")
-    assert f"CPU default: {CPU_DEFAULT_MAX_TOTAL_TOKENS}" in action.help
-
-
 def readme_install_line() -> str:
     lines = (ROOT / "README.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# Install"))

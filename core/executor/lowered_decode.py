@@ -1,0 +1,104 @@
+"""Decode steps of small CPU batches through the C++ decode loop (kvyard.kernels.decode_loop).
+
+A model that returns a ``LoweredDecoder`` (kvyard.layers.lowering) from ``lowered_decoder()``, whose
+linear layers' quantization method can ``lower`` them and whose decode attention backend can
+``lower_decode`` every layer, gets one plan at start-up: the norms, linear calls, attention calls
+and KV buffers of every layer, given to C++ once. A decode step of at most ``max_batch`` rows
+then runs as: embedding and rotary lookup in Python, all layers in one C++ call, logits in Python.
+It has the interface of the decode graph runners (``can_run`` / ``replay``) and the results of the
+Python step (the same kernels in the same order).
+
+Off switch: ``--disable-cpu-decode-loop`` (ServerArgs) or KVYARD_CPU_DECODE_LOOP=0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from kvyard.forward_batch import ForwardBatch
+from kvyard.kernels import CPU_KERNEL_MAX_ROWS, decode_loop
+from kvyard.layers.lowering import LoweredDecoder
+from kvyard.layers.norm import RMSNorm
+
+logger = logging.getLogger(__name__)
+
+
+class LoweredDecodeRunner:
+    def __init__(self, model: torch.nn.Module, lowered: LoweredDecoder, plan: decode_loop.DecodePlan,
+                 max_batch: int):
+        self.model, self.lowered, self.plan, self.max_batch = model, lowered, plan, max_batch
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, attn_backend, kv_pool, device: str) -> Optional["LoweredDecodeRunner"]:
+        """The runner, or None (with the reason logged) where any part cannot be lowered."""
+        reason = _unavailable(model, device)
+        lowered = None if reason else model.lowered_decoder()
+        if not reason and lowered is None:
+            reason = f"{type(model).__name__} does not declare a lowerable decode step"
+        if reason:
+            logger.info("C++ decode loop off: %s", reason)
+            return None
+        try:
+            plan, max_batch = _build_plan(lowered, attn_backend, kv_pool)
+        except _NotLowerable as exc:
+            logger.info("C++ decode loop off: %s", exc)
+            return None
+        logger.info("C++ decode loop on for decode batches of at most %d rows", max_batch)
+        return cls(model, lowered, plan, max_batch)
+
+    def capture(self) -> None:
+        """Nothing to capture: the plan was built with the runner."""
+
+    def can_run(self, fb: ForwardBatch) -> bool:
+        return fb.mode.is_decode() and 0 < fb.batch_size <= self.max_batch
+
+    def replay(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits [len(fb.logits_indices), vocab] of the decode batch ``fb``."""
+        low = self.lowered
+        h = low.embed(fb.input_ids)
+        cos, sin = low.rotary.lookup(fb.positions)
+        hidden = self.plan.step(h, cos, sin, fb.out_cache_loc, fb.req_to_token, fb.req_pool_indices, fb.seq_lens)
+        return self.model.compute_logits(hidden[fb.logits_indices])
+
+
+class _NotLowerable(Exception):
+    pass
+
+
+def _unavailable(model: torch.nn.Module, device: str) -> Optional[str]:
+    if os.environ.get("KVYARD_CPU_DECODE_LOOP", "1").strip().lower() in ("0", "false", "none"):
+        return "KVYARD_CPU_DECODE_LOOP=0"
+    if torch.device(device).type != "cpu":
+        return f"device {device}"
+    if not callable(getattr(model, "lowered_decoder", None)):
+        return f"{type(model).__name__} does not declare a lowerable decode step"
+    if not decode_loop.available():
+        return "the C++ library could not be built here"
+    return None
+
+
+def _build_plan(lowered: LoweredDecoder, attn_backend, kv_pool) -> tuple[decode_loop.DecodePlan, int]:
+    norms = [lowered.norm] + [n for layer in lowered.layers for n in (layer.input_norm, layer.post_norm)]
+    if any(type(n) is not RMSNorm for n in norms) or len({n.eps for n in norms}) != 1:
+        raise _NotLowerable("the model's norms are not one plain RMSNorm variant")
+    plan = decode_loop.DecodePlan(lowered.norm.eps, lowered.norm.weight)
+    max_batch = CPU_KERNEL_MAX_ROWS
+    for layer in lowered.layers:
+        attn = layer.attention
+        call = attn_backend.lower_decode(attn, kv_pool)
+        if call is None:
+            raise _NotLowerable(f"the attention backend cannot lower layer {attn.layer_id}")
+        index = plan.add_layer(layer.input_norm.weight, layer.post_norm.weight, kv_pool.k_buffer(attn.layer_id),
+                               kv_pool.v_buffer(attn.layer_id), attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                               call)
+        for which, linear in enumerate((layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)):
+            low = linear.method.lower(linear)
+            if low is None:
+                raise _NotLowerable(f"{linear.prefix}: its quantization method cannot lower it")
+            plan.add_linear(index, which, low.calls, low.bias)
+            if low.max_rows is not None:
+                max_batch = min(max_batch, low.max_rows)
+    return plan, max_batch

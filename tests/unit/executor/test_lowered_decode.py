@@ -1,0 +1,114 @@
+"""The C++ decode loop (kvyard.kernels.decode_loop via kvyard.executor.lowered_decode) gives the
+Python decode step's logits bit for bit, and is refused where a part cannot be lowered."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from forward_harness import Harness
+from quant_helpers import PROMPTS, TINY, harness, tiny_llama
+from kvyard.executor.lowered_decode import LoweredDecodeRunner
+from kvyard.kernels import decode_loop
+from kvyard.layers.linear import Linear
+from kvyard.loader import QuantizedTensor
+from kvyard.model_base import ModelBuildContext
+from kvyard.model_registry import ModelRegistry
+from kvyard.quantization import QuantizationConfig
+
+pytestmark = pytest.mark.skipif(not decode_loop.available(), reason="the C++ decode loop does not build here")
+
+
+class LoopHarness(Harness):
+    """Decode steps through the lowered runner; extend steps as the Python model runs them."""
+
+    def __init__(self, base: Harness, runner: LoweredDecodeRunner):
+        super().__init__(base.model, base.backend, base.kv)
+        self.runner = runner
+
+    @torch.inference_mode()
+    def run(self, fb, seqs):
+        if not self.runner.can_run(fb):
+            return super().run(fb, seqs)
+        logits = self.runner.replay(fb)
+        for seq in seqs:
+            seq.kv_len += 1
+        return logits
+
+
+def kvyard_model(hf, dtype=torch.float32):
+    model = ModelRegistry.resolve(hf.config.architectures)(hf.config, ModelBuildContext(dtype, "cpu"))
+    model.load_weights((k, v.to(dtype)) for k, v in hf.state_dict().items())
+    return model.eval()
+
+
+def both_paths(model, cfg, steps=12):
+    python = harness(model, cfg).generate(PROMPTS, steps)
+    base = harness(model, cfg)
+    runner = LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu")
+    assert runner is not None
+    return python, LoopHarness(base, runner).generate(PROMPTS, steps)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "architectures": ["Qwen2ForCausalLM"]}],
+                         ids=["llama", "qkv-bias"])
+def test_loop_logits_equal_the_python_step(overrides):
+    hf = tiny_llama(**overrides)
+    if "architectures" in overrides:
+        hf.config.architectures = overrides["architectures"]
+    else:
+        hf.config.architectures = ["LlamaForCausalLM"]
+    python, loop = both_paths(kvyard_model(hf), hf.config)
+    assert loop.tokens == python.tokens
+    for a, b in zip(loop.logits, python.logits):
+        assert torch.equal(a, b)
+
+
+def test_models_that_cannot_be_lowered_keep_the_python_step():
+    hf = tiny_llama(sliding_window=8, use_sliding_window=True)
+    hf.config.architectures = ["MistralForCausalLM"]
+    model = kvyard_model(hf)
+    base = harness(model, hf.config)
+    if not any(layer.self_attn.attn.sliding_window for layer in model.model.layers):
+        pytest.skip("this transformers config carries no sliding window")
+    assert LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu") is None
+
+
+def test_off_switch(monkeypatch):
+    hf = tiny_llama()
+    hf.config.architectures = ["LlamaForCausalLM"]
+    model = kvyard_model(hf)
+    base = harness(model, hf.config)
+    monkeypatch.setenv("KVYARD_CPU_DECODE_LOOP", "0")
+    assert LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu") is None
+
+
+@pytest.mark.parametrize("sizes, bias", [([96], True), ([64, 32, 32], False), ([64, 32, 32], True)])
+def test_gguf_lowered_calls_equal_apply(sizes, bias):
+    """Kept-quantized GGUF layers lower to the int kernel the method calls itself, with the
+    fused segments and the bias handled the same way."""
+    from kvyard_plugins.quantization.gguf_method import GGUFQuantization
+
+    method = GGUFQuantization(QuantizationConfig("gguf", torch.float32, "cpu")).linear_method("t")
+    layer = Linear(64, sizes, bias=bias, method=method, prefix="t", dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    Q = gguf.GGMLQuantizationType
+    for shard, rows in enumerate(sizes):
+        qtype = Q.Q4_1 if shard != 1 else Q.Q8_0
+        data = gguf.quants.quantize(rng.standard_normal((rows, 64), dtype=np.float32), qtype)
+        layer.load_shard(shard, QuantizedTensor(torch.from_numpy(data), (rows, 64), int(qtype)))
+        if bias:
+            layer.load_bias_shard(shard, torch.randn(rows))
+    layer.process_after_loading()
+    low = method.lower(layer)
+    x = torch.randn(3, 64)
+    parts = []
+    for op, args in low.calls:
+        namespace, name = op.split("::")
+        parts.append(getattr(getattr(torch.ops, namespace), name)(x, *args))
+    y = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    if low.bias is not None:
+        y = y + low.bias
+    assert torch.equal(y, method.apply(layer, x))
+    assert low.max_rows is not None and low.max_rows >= 1
