@@ -1,4 +1,4 @@
-# Sourced by the single-call device scripts (moe_device.sh, lora_device.sh) from the repository
+# Sourced by the single-call device scripts (moe_device.sh, lora_device.sh, speculative_device.sh) from the repository
 # root: $OUT, the environment, the wheels the device image lacks (carried .whl/ into /tmp/site),
 # kvyard itself (editable, else into /tmp/site), and env.txt with the library versions.
 OUT=${OUT:-/tmp/kvyard_out}

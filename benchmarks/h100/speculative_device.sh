@@ -8,13 +8,6 @@
 #   STEPS="2 4" OUTPUT_LEN=128 bash benchmarks/h100/speculative_device.sh   # a shorter call
 set -u
 cd "$(dirname "$0")/../.." || exit 1
-OUT=${OUT:-/tmp/kvyard_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/setup.txt" 2>&1
-export PYTHONPATH=/tmp/site:$PWD/tests
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/setup.txt" 2>&1 \
-    || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >> "$OUT/setup.txt" 2>&1
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+source benchmarks/h100/device_setup.sh
 timeout 560 python3 benchmarks/speculative_device.py --steps ${STEPS:-1 2 3 4} --output-len ${OUTPUT_LEN:-256} \
     --json "$OUT/speculative.jsonl" 2>&1 | tail -20 | tee "$OUT/speculative.txt"
