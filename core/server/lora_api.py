@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from kvyard.server.context import ServerContext, ctx_of
+from kvyard.server.response_models import LoRAAdapters
 
 router = APIRouter()
 
@@ -33,13 +34,13 @@ def _result(adapters: dict, message: str) -> dict:
             "loaded_adapters": {name: a["path"] for name, a in adapters.items()}}
 
 
-@router.post("/load_lora_adapter")
+@router.post("/load_lora_adapter", response_model=LoRAAdapters)
 async def load_lora_adapter(body: LoadLoRARequest, request: Request):
     adapters = await ctx_of(request).tm.load_lora_adapter(body.lora_name, body.lora_path)
     return _result(adapters, f"adapter {body.lora_name!r} loaded")
 
 
-@router.post("/unload_lora_adapter")
+@router.post("/unload_lora_adapter", response_model=LoRAAdapters)
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
     adapters = await ctx_of(request).tm.unload_lora_adapter(body.lora_name)
     return _result(adapters, f"adapter {body.lora_name!r} unloaded")

@@ -23,7 +23,7 @@ from kvyard.server.protocol import (AbortRequest, AdminResult, EncodeRequest, Fu
 from kvyard.server.running import check_not_aborted, run_to_completion, stream_chunks
 from kvyard.server.streaming import EventStream, sse, with_errors_and_done
 from kvyard.server.response_models import (EncodeResponse, FunctionCallResult, GenerateResponse, KVIntegrity, ModelInfo,
-                                            SeparateReasoningResult, ServerInfo, Success, ok)
+                                            SeparateReasoningResult, ServerInfo, Success, WeightVersion, ok)
 
 router = APIRouter()
 
@@ -123,7 +123,7 @@ async def get_model_info(request: Request):
             "weight_version": args.weight_version, **chat_template_info(ctx.tm.tokenizer)}
 
 
-@router.get("/get_weight_version")
+@router.get("/get_weight_version", response_model=WeightVersion)
 async def get_weight_version(request: Request):
     return {"weight_version": ctx_of(request).args.weight_version}
 

@@ -334,6 +334,17 @@ class ModelInfo(_Out):
     eos_token: Optional[str] = None
 
 
+class WeightVersion(_Out):
+    weight_version: Optional[str]
+
+
+class LoRAAdapters(_Out):
+    """/load_lora_adapter and /unload_lora_adapter: the adapters loaded afterwards (name -> path)."""
+    success: bool
+    message: str
+    loaded_adapters: dict[str, str]
+
+
 class ServerInfo(_Out):
     """Every server argument (the keys masked), the scheduler's figures and the versions."""
     model_path: str

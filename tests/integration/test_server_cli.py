@@ -69,7 +69,7 @@ def app_ctx():
     from kvyard.server_args import ServerArgs
 
     tm = SimpleNamespace(info={"is_embedding": False}, context_length=2048, tokenizer=None, dead=None,
-                         vocab_size=100)
+                         vocab_size=100, lora_adapters=None)
     ctx = ServerContext(args=ServerArgs(model_path="/models/x", served_model_name="x", api_key="k"),
                         engine=SimpleNamespace(args=None), tm=tm)
     return TestClient(create_app(ctx)), ctx  # no `with`: the lifespan (engine start) does not run
