@@ -33,7 +33,7 @@ from torch import nn
 from kvyard.forward_batch import ForwardBatch
 from kvyard.layers.activation import SiluAndMul
 from kvyard.layers.attention import Attention, sliding_windows_from_hf
-from kvyard.layers.decoder import PipelineLayer, run_decoder_stack
+from kvyard.layers.decoder import PipelineLayer, PreNormDecoderLayer, run_decoder_stack
 from kvyard.layers.embedding import VocabEmbedding
 from kvyard.layers.linear import Linear, process_linears_after_loading
 from kvyard.layers.lowering import LoweredDecoder, LoweredLayer
@@ -142,7 +142,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     def __init__(self, dims: LlamaDims, layer_id: int, ctx: ModelBuildContext,
                  attention_cls: type = LlamaAttention, sliding_window: Optional[int] = None):
         super().__init__()
@@ -151,19 +151,6 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = attention_cls(dims, layer_id, ctx, f"{prefix}.self_attn", sliding_window)
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, ctx.dtype, ctx.device)
         self.mlp = LlamaMLP(dims, ctx, f"{prefix}.mlp")
-
-    def forward(self, h: torch.Tensor, residual: Optional[torch.Tensor],
-                cos_sin: tuple[torch.Tensor, torch.Tensor], fb: ForwardBatch):
-        """h [T, hidden] is the previous layer's output not yet added to ``residual``
-        (None before the first layer). Returns the same pair for the next layer."""
-        if residual is None:
-            residual = h
-            x = self.input_layernorm(h)
-        else:
-            x, residual = self.input_layernorm(h, residual)
-        x = self.self_attn(x, cos_sin, fb)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
