@@ -12,9 +12,11 @@ models: same tensor names, ggml shapes, types and metadata keys):
              attn_{q,k}_norm, attn_norm, ffn_norm, ffn_gate_inp (router), stacked
              ffn_{gate,up,down}_exps [E, rows, cols], ffn_{gate,up,down}_shexp, ffn_gate_inp_shexp
              [1, H]; llama's q/k rows permuted for its interleaved rope
-  types      1-D tensors, *_norm and the routers stay F32; every other weight in ``qtype``
+  types      1-D tensors, *_norm and the routers stay F32; every other weight in ``qtype``, or
+             F16 where its rows are not whole blocks (Qwen2-MoE's shared down_proj here)
   tokenizer  the tiny byte-level BPE of tests/unit/tiny_tokenizer.py as a "gpt2" vocabulary,
-             padded to the model's vocab size with [PAD<i>] tokens (as the converter does)
+             padded to the model's vocab size with [PAD<i>] tokens (as the converter does), with
+             the merges that spell its two-character pieces
 """
 from __future__ import annotations
 
@@ -54,9 +56,14 @@ _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "
 _FLOAT_ONLY = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 
 
-def build_hf(name: str):
+# transformers' own GGUF loading (gguf_file=) misses head_dim for qwen3 and the experts' size for
+# qwen3moe, taking its config defaults; these shapes equal those defaults, so it reads them right.
+TRANSFORMERS_READABLE = {"qwen3": dict(head_dim=128), "qwen3-moe": dict(moe_intermediate_size=768)}
+
+
+def build_hf(name: str, **overrides):
     arch, extra = SPECS[name]
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**COMMON, **extra})
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**COMMON, **extra, **overrides})
     torch.manual_seed(0)
     return getattr(transformers, arch)(config).eval()
 
@@ -102,7 +109,11 @@ def write_gguf(model, path: str, qtype: Q = Q.F32) -> str:
     _tokenizer(writer, cfg.vocab_size)
     for name, value in gguf_tensors(model).items():
         kind = Q.F32 if value.dim() == 1 or name.endswith(_FLOAT_ONLY) else qtype
-        data = gguf.quants.quantize(value.numpy(), kind) if kind != Q.F32 else value.numpy()
+        try:
+            data = gguf.quants.quantize(value.numpy(), kind)
+        except gguf.QuantError:          # rows not a multiple of the block: F16, as the converter
+            kind = Q.F16
+            data = gguf.quants.quantize(value.numpy(), kind)
         writer.add_tensor(name, data, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -153,14 +164,16 @@ def _tokenizer(writer, vocab_size: int) -> None:
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    # the in-memory tokenizer has no merges; every multi-character piece is two characters
+    writer.add_token_merges([f"{t[0]} {t[1]}" for t in tokens[2:len(by_id)] if len(t) == 2])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
 
 
-def save_tiny_gguf(name: str, root: str, qtype: Q = Q.F32):
-    """(GGUF path, HF model) of the tiny ``name`` model written under ``root``."""
-    model = build_hf(name)
-    folder = os.path.join(root, f"{name}-{qtype.name}")
+def save_tiny_gguf(name: str, root: str, qtype: Q = Q.F32, **overrides):
+    """(GGUF path, HF model) of the tiny ``name`` model (config ``overrides``) written under ``root``."""
+    model = build_hf(name, **overrides)
+    folder = os.path.join(root, f"{name}-{qtype.name}{'-' if overrides else ''}{'-'.join(map(str, overrides.values()))}")
     os.makedirs(folder, exist_ok=True)
     return write_gguf(model, os.path.join(folder, f"{name}.{qtype.name}.gguf"), qtype), model
 

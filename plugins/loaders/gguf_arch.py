@@ -44,7 +44,7 @@ class GGUFArch:
     expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")   # (gate, up, down)
     experts_field: str = "num_experts"       # the HF config field of the expert count
     renormalize: bool = False                # llama.cpp's top-k renormalisation for the arch
-    extra: tuple[tuple[str, Any], ...] = ()  # fixed HF config fields
+    extra: tuple[tuple[str, Any], ...] = ()  # fixed HF config fields (tuples become lists)
 
     def part(self, role: str) -> str:
         return self.expert_parts[(_GATE, _UP, _DOWN).index(role)]
@@ -86,7 +86,7 @@ def hf_config_dict(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]]) ->
 
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     cfg: dict[str, Any] = dict(
-        spec.extra, architectures=[spec.hf_architecture], model_type=spec.model_type,
+        {k: list(v) if isinstance(v, tuple) else v for k, v in spec.extra}, architectures=[spec.hf_architecture], model_type=spec.model_type,
         num_hidden_layers=int(get("block_count")), hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")), num_attention_heads=heads,
         num_key_value_heads=int(get("attention.head_count_kv", heads)),
