@@ -101,13 +101,32 @@ def _interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(model, path: str, qtype: Q = Q.F32) -> str:
+def relayout_experts(tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """The stacked experts as llama.cpp's other layouts: "fused" (--fuse-gate-up-exps:
+    ffn_gate_up_exps [E, 2I, H]) or "per_expert" (old Mixtral files: ffn_gate.E [I, H], ...)."""
+    out = {}
+    for name, value in tensors.items():
+        prefix, _, rest = name.rpartition(".ffn_")
+        if layout == "fused" and rest == "up_exps.weight":
+            continue
+        if layout == "fused" and rest == "gate_exps.weight":
+            out[f"{prefix}.ffn_gate_up_exps.weight"] = torch.cat([value, tensors[f"{prefix}.ffn_up_exps.weight"]], 1)
+        elif layout == "per_expert" and rest.endswith("_exps.weight"):
+            for e, expert in enumerate(value):
+                out[f"{prefix}.ffn_{rest.split('_')[0]}.{e}.weight"] = expert
+        else:
+            out[name] = value
+    return out
+
+
+def write_gguf(model, path: str, qtype: Q = Q.F32, layout: str = "stacked") -> str:
     cfg = model.config
     arch = GGUF_ARCH[type(model).__name__]
     writer = gguf.GGUFWriter(path, arch)
     _metadata(writer, cfg, arch, qtype)
     _tokenizer(writer, cfg.vocab_size)
-    for name, value in gguf_tensors(model).items():
+    tensors = gguf_tensors(model)
+    for name, value in (tensors if layout == "stacked" else relayout_experts(tensors, layout)).items():
         kind = Q.F32 if value.dim() == 1 or name.endswith(_FLOAT_ONLY) else qtype
         try:
             data = gguf.quants.quantize(value.numpy(), kind)

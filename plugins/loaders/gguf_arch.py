@@ -126,14 +126,13 @@ def _rope_parameters(get, arch: str) -> dict:
     kind = get("rope.scaling.type", "none")
     if kind == "none":
         return params
-    factor = float(get("rope.scaling.factor"))
-    if kind == "linear":
-        return {**params, "rope_type": "linear", "factor": factor}
+    if kind not in ("linear", "yarn"):
+        raise ValueError(f"model_path: {arch}.rope.scaling.type {kind!r} is not supported yet for GGUF "
+                         f"files (supported: none, linear, yarn)")
+    params.update(rope_type=kind, factor=float(get("rope.scaling.factor")))
     if kind == "yarn":
-        return {**params, "rope_type": "yarn", "factor": factor,
-                "original_max_position_embeddings": int(get("rope.scaling.original_context_length"))}
-    raise ValueError(f"model_path: {arch}.rope.scaling.type {kind!r} is not supported yet for GGUF files "
-                     f"(supported: none, linear, yarn)")
+        params["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+    return params
 
 
 def _moe_fields(get, arch: str, spec: GGUFArch, ffn: int) -> dict:
