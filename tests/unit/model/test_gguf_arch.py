@@ -45,6 +45,10 @@ def test_config_fields_and_llama_cpp_defaults():
     assert cfg["tie_word_embeddings"] is True
     assert gguf_arch.hf_config_dict({**QWEN3_MOE, "qwen3moe.expert_weights_norm": False}, SHAPES)["norm_topk_prob"] \
         is False
+    yarn = {**QWEN3_MOE, "qwen3moe.rope.freq_base": 1e6, "qwen3moe.rope.scaling.type": "yarn",
+            "qwen3moe.rope.scaling.factor": 4.0, "qwen3moe.rope.scaling.original_context_length": 128}
+    assert gguf_arch.hf_config_dict(yarn, SHAPES)["rope_parameters"] == {
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 128}
 
 
 @pytest.mark.parametrize("key, value, message", [
