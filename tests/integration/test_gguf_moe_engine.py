@@ -4,8 +4,8 @@ greedy output equals transformers holding the file's (dequantized) weights, the 
 again on prefix-cache hits.
 
 Default run: a Q8_0 Qwen3-MoE file with its experts kept quantized (--quantization gguf), one
-prompt given as text through the tokenizer converted from the file. Slow: Mixtral and OLMoE F32
-files on the exact dequantized path (--dtype float32).
+prompt given as text through the tokenizer converted from the file. Slow: a Mixtral F32 file and
+an OLMoE Q4_0 file with --dtype float32 alone (the exact dequantized path).
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def test_qwen3_moe_q8_0_experts_kept_quantized(root, hf_greedy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
-def test_f32_files_on_the_dequantized_path(root, hf_greedy, name):
-    path, hf = save_tiny_gguf(name, root, Q.F32)
-    run_and_compare(path, hf, hf_greedy, dtype="float32")
+@pytest.mark.parametrize("name, qtype", [("mixtral", Q.F32), ("olmoe", Q.Q4_0)])
+def test_dtype_float32_dequantizes(root, hf_greedy, name, qtype):
+    """--dtype float32 without --quantization: the exact dequantized path, also for a quantized file."""
+    path, hf = save_tiny_gguf(name, root, qtype)
+    run_and_compare(path, hf if qtype == Q.F32 else dequantized_copy(hf, path), hf_greedy, dtype="float32")

@@ -45,7 +45,7 @@ from kvyard_plugins.quantization import gguf_kernels
 
 STEPS = 16
 ATOL = 1e-4
-KEPT_REL_ERR = 2e-3
+KEPT_REL_ERR = 5e-4   # measured <= 3.5e-5 (Qwen2-MoE Q4_0); experts under 16 rows take the int kernel
 _g = torch.Generator().manual_seed(2468)
 PROMPTS = [torch.randint(3, 256, (n,), generator=_g).tolist() for n in (37, 29, 5, 23)]
 # one quantized type per architecture keeps the default run short; every type the kernels take
