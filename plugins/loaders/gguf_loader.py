@@ -1,9 +1,10 @@
 """The gguf load format: one llama.cpp GGUF file (or a folder holding exactly one).
 
 Config and tokenizer: for the architectures gguf_arch maps (Qwen3, the MoE families) the config
-is built from the file's metadata there and the tokenizer converted by transformers' GGUF
-tokenizer builders; any other architecture goes through transformers' GGUF support (AutoConfig /
-AutoTokenizer with gguf_file=). The chat template is in the file either way.
+is built from the file's metadata there; any other architecture's comes from transformers' GGUF
+support (AutoConfig with gguf_file=). The tokenizer is transformers' (AutoTokenizer with
+gguf_file=), or, for an architecture it refuses (olmoe), its GGUF vocabulary builders under the
+generic fast-tokenizer class. The chat template is in the file either way.
 Weights are read from the memory-mapped file with gguf.GGUFReader, renamed to HF names, and
 either dequantized to LoadConfig.dtype or, with LoadConfig.keep_quantized, handed out as
 QuantizedTensor blocks (2-D weights of quantized types only; F32/F16/BF16 stay float).
@@ -281,6 +282,11 @@ def _config_and_tokenizer(path: Path) -> tuple[Any, Any]:
     shapes = {name: tuple(reversed(shape)) for name, _, shape, *_ in index["tensors"]}
     kwargs = gguf_arch.hf_config_dict(metadata, shapes)
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    try:                            # transformers' tokenizer class for the architecture
+        return config, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ValueError as exc:       # it refuses the architecture (olmoe): same builders, generic class
+        if "not supported" not in str(exc):
+            raise
     architecture, vocab, tokenizer_config = get_gguf_tokenizer(str(path))
     backend, extra = convert_gguf_tokenizer(architecture, vocab)
     return config, PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

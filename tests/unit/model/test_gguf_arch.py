@@ -89,3 +89,18 @@ def test_every_expert_layout_gives_the_same_weights(tmp_path, name, layout):
             assert value.shape == other[key].shape and torch.equal(value.data, other[key].data), key
         else:
             assert torch.equal(value, other[key]), key
+
+
+def test_tokenizer_of_an_architecture_transformers_refuses(tmp_path):
+    """transformers' AutoTokenizer refuses olmoe files; the loader builds the same vocabulary
+    under the generic class (it tokenizes like the Qwen3-MoE file holding the same vocabulary)."""
+    from transformers import AutoTokenizer
+
+    texts = ['{"ab": 12, "c": "é"}', " a1 12"]
+    ids = {}
+    for name in ("olmoe", "qwen3-moe"):
+        path = write_gguf(build_hf(name), str(tmp_path / f"{name}.gguf"))
+        tokenizer = AutoTokenizer.from_pretrained(GGUFLoader(LoadConfig()).tokenizer_source(path).path)
+        ids[name] = [tokenizer(t)["input_ids"] for t in texts]
+        assert tokenizer.decode(ids[name][0]) == texts[0] and tokenizer.eos_token == "</s>"
+    assert ids["olmoe"] == ids["qwen3-moe"]
