@@ -1,0 +1,193 @@
+"""CUDA graphs for extends of at most W new tokens per request (the speculative verify step).
+
+A speculative verify step is an extend of 1 + k tokens per request (the last token and its
+drafts); a draft model's catch-up extend after a verify is one or two tokens per request. Their
+shape is fixed but for the batch size, so they are captured like decode steps: per batch-size
+bucket (the decode buckets: --cuda-graph-max-bs / --cuda-graph-bs), with every request padded to
+exactly W rows.
+
+Layout of a captured batch of P requests (P = the bucket, T = P * W rows): request i owns rows
+[i * W, (i + 1) * W); its n_i <= W real tokens come first, at positions prefix_i + j. Padding
+needs no branch in any kernel:
+  - a short request's rows n_i .. W - 1: token 0 at positions prefix_i + j, written to the dummy
+    KV slot 0, and its req_to_token entries at those positions are set to slot 0 before replay
+    (entries past a request's KV are never read by anything else: the scheduler overwrites them
+    when it allocates, and a draft head's scratch entries there are rewritten at each proposal).
+    Causal attention keeps the real rows blind to them: real row j sees keys <= prefix_i + j.
+  - requests B .. P - 1: the dummy request (req_to_token row 0, all slot 0) with W tokens at
+    positions 0 .. W - 1.
+Every captured kernel therefore sees W new tokens per request (max_q_len W), prefix lengths that
+vary (attention backends keep them in static buffers, init_extend_graph_state /
+init_forward_metadata_replay), and seq_lens = prefix + W. A batch replays only when every
+request fits (1 <= n_i <= W and prefix_i + W within the req_to_token row), and it carries no
+LoRA, return_hidden_states rows or model extras; anything else runs eagerly.
+
+Outputs: the step function computes the logits of all T rows (and, with ``capture_layers``, the
+hidden states of those layers); replay gathers the rows the caller's batch asked for:
+``logits[dest[fb.logits_indices]]`` where dest[t] is the padded row of the batch's token row t,
+and the hidden states of all real rows. A tree-mask speculative verify adds its mask the same
+way: a static buffer of the padded layout filled before replay.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+from kvyard.executor.cuda_graph_runner import (DUMMY_ROW, DUMMY_SLOT, CudaGraphConfig, GraphCapture, Outputs,
+                                               default_capture_factory, padded_size)
+from kvyard.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from kvyard.attention import AttentionBackend
+    from kvyard.mem_cache.kv_pool import KVPool
+
+logger = logging.getLogger(__name__)
+
+
+class ExtendLayout:
+    """Where each token row of an extend batch goes in the padded layout (module docstring)."""
+
+    def __init__(self, fb: ForwardBatch, width: int, padded_bs: int):
+        lens, prefix = fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu
+        b = fb.batch_size
+        if not b <= padded_bs:
+            raise ValueError(f"padded batch size {padded_bs} must be >= the batch size {b}")
+        if any(not 1 <= n <= width for n in lens):
+            raise ValueError(f"every request needs 1..{width} new tokens, got {list(lens)}")
+        self.width, self.padded_bs = width, padded_bs
+        self.dest = [i * width + j for i, n in enumerate(lens) for j in range(n)]        # [T_real]
+        self.prefix = list(prefix) + [0] * (padded_bs - b)                               # [P]
+        self.positions = [p + j for p in self.prefix for j in range(width)]              # [P * W]
+        # req_to_token entries of the short requests' padded rows: (request index, position) -> slot 0
+        self.pad_entries = [(i, p + j) for i, (p, n) in enumerate(zip(prefix, lens)) for j in range(n, width)]
+
+    @property
+    def num_rows(self) -> int:
+        return self.padded_bs * self.width
+
+
+class ExtendInputBuffers:
+    """The inputs of a padded extend of up to ``max_bs`` requests of ``width`` rows, allocated
+    once and refilled in place (the captured kernels read these addresses)."""
+
+    def __init__(self, max_bs: int, width: int, device):
+        long = dict(dtype=torch.int64, device=device)
+        rows = max_bs * width
+        self.max_bs, self.width, self.device = max_bs, width, device
+        self.input_ids = torch.zeros(rows, **long)
+        self.positions = torch.arange(width, **long).repeat(max_bs)
+        self.out_cache_loc = torch.full((rows,), DUMMY_SLOT, **long)
+        self.req_pool_indices = torch.full((max_bs,), DUMMY_ROW, **long)
+        self.seq_lens = torch.full((max_bs,), width, **long)
+        self.extend_start_loc = torch.arange(max_bs, **long) * width
+        self.row_index = torch.arange(rows, **long)          # logits_indices: every row
+
+    def fill(self, fb: ForwardBatch, layout: ExtendLayout, req_to_token: torch.Tensor) -> torch.Tensor:
+        """Copies ``fb`` into the buffers in ``layout``; returns dest [T_real] on the device."""
+        b, p, rows = fb.batch_size, layout.padded_bs, layout.num_rows
+        long = dict(dtype=torch.int64, device=self.device)
+        dest = torch.tensor(layout.dest, **long)
+        self.input_ids[:rows].zero_()
+        self.input_ids.index_copy_(0, dest, fb.input_ids)
+        self.positions[:rows].copy_(torch.tensor(layout.positions, dtype=torch.int64))
+        self.positions.index_copy_(0, dest, fb.positions)
+        self.out_cache_loc[:rows].fill_(DUMMY_SLOT)
+        self.out_cache_loc.index_copy_(0, dest, fb.out_cache_loc)
+        self.req_pool_indices[:b].copy_(fb.req_pool_indices)
+        self.req_pool_indices[b:p].fill_(DUMMY_ROW)
+        self.seq_lens[:p].copy_(torch.tensor([q + self.width for q in layout.prefix], dtype=torch.int64))
+        if layout.pad_entries:
+            reqs, cols = zip(*layout.pad_entries)
+            rows = fb.req_pool_indices[torch.tensor(reqs, **long)]      # on the device: no sync
+            req_to_token[rows, torch.tensor(cols, **long)] = DUMMY_SLOT
+        return dest
+
+    def batch(self, bs: int, kv_pool: "KVPool", req_to_token: torch.Tensor,
+              attn_backend: "AttentionBackend") -> ForwardBatch:
+        """An extend ForwardBatch of ``bs`` requests x ``width`` rows on views of these buffers."""
+        w, rows = self.width, bs * self.width
+        return ForwardBatch(
+            mode=ForwardMode.EXTEND, batch_size=bs, input_ids=self.input_ids[:rows],
+            positions=self.positions[:rows], out_cache_loc=self.out_cache_loc[:rows],
+            req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
+            seq_lens_cpu=[w] * bs, extend_prefix_lens_cpu=[0] * bs, extend_seq_lens_cpu=[w] * bs,
+            extend_start_loc=self.extend_start_loc[:bs], logits_indices=self.row_index[:rows],
+            req_to_token=req_to_token, kv_pool=kv_pool, attn_backend=attn_backend)
+
+
+class ExtendGraphRunner:
+    """Captured padded extends of ``width`` rows per request, one per batch-size bucket.
+
+    step_fn(fb) -> logits [T, V] of every row of ``fb`` (its logits_indices are all rows), or the
+    tuple (logits, *hidden states of capture_layers [T, D] each) when capture_layers is set."""
+
+    def __init__(self, config: CudaGraphConfig, width: int, step_fn: Callable[[ForwardBatch], Outputs],
+                 attn_backend: "AttentionBackend", kv_pool: "KVPool", req_to_token: torch.Tensor,
+                 max_running_requests: int, device, capture_factory: Optional[Callable[[], GraphCapture]] = None,
+                 capture_layers: Optional[tuple[int, ...]] = None):
+        if width < 1:
+            raise ValueError(f"extend graph width must be >= 1, got {width}")
+        self.config, self.width, self.step_fn = config, width, step_fn
+        self.attn_backend, self.kv_pool, self.req_to_token = attn_backend, kv_pool, req_to_token
+        self.capture_layers = capture_layers
+        self.sizes = config.capture_sizes(max_running_requests)
+        self.max_bs = max(self.sizes, default=0)
+        self.buffers = ExtendInputBuffers(self.max_bs, width, device) if self.sizes else None
+        self._capture_factory = capture_factory or default_capture_factory(device)
+        self.graphs: dict[int, GraphCapture] = {}
+        self.graph_batches: dict[int, ForwardBatch] = {}
+
+    def capture(self) -> None:
+        if not self.sizes:
+            return
+        if not getattr(self.attn_backend, "supports_extend_graph", False):
+            raise ValueError(f"attention backend {self.attn_backend.name!r} does not support CUDA graphs "
+                             "of extend steps; use --disable-cuda-graph or a backend that does (triton)")
+        self.attn_backend.init_extend_graph_state(self.max_bs, self.width)
+        with torch.inference_mode():
+            for bs in reversed(self.sizes):
+                fb = self.buffers.batch(bs, self.kv_pool, self.req_to_token, self.attn_backend)
+                fb.capture_layers = self.capture_layers
+                self.attn_backend.init_forward_metadata_capture(fb)
+                graph = self._capture_factory()
+                graph.capture(lambda fb=fb: self.step_fn(fb))
+                self.graphs[bs] = graph
+                self.graph_batches[bs] = fb
+        logger.info("captured extend graphs of %d tokens per request for batch sizes %s", self.width, self.sizes)
+
+    def padded_size(self, batch_size: int) -> Optional[int]:
+        return padded_size(self.sizes, batch_size, not self.config.disable_padding)
+
+    def can_run(self, fb: ForwardBatch) -> bool:
+        if not (self.graphs and fb.mode.is_extend()) or fb.capture_layers != self.capture_layers:
+            return False
+        if fb.lora is not None or fb.hidden_indices is not None or fb.extras:
+            return False
+        size = self.padded_size(fb.batch_size)
+        if size is None or size not in self.graphs:
+            return False
+        limit = self.req_to_token.shape[1] - self.width   # the padded rows' positions stay in the row
+        return (all(1 <= n <= self.width for n in fb.extend_seq_lens_cpu)
+                and all(p <= limit for p in fb.extend_prefix_lens_cpu))
+
+    def replay(self, fb: ForwardBatch) -> Outputs:
+        """Logits of ``fb.logits_indices`` [N, V]; with capture_layers the tuple (logits, *hidden
+        states [T_real, D] of every real row), all freshly gathered (not views of the graph's)."""
+        size = self.padded_size(fb.batch_size)
+        if size is None or size not in self.graphs:
+            raise ValueError(f"no captured extend graph for a batch of {fb.batch_size} (buckets {self.sizes})")
+        layout = ExtendLayout(fb, self.width, size)
+        graph_fb = self.graph_batches[size]
+        with torch.inference_mode():
+            dest = self.buffers.fill(fb, layout, self.req_to_token)
+            graph_fb.extend_prefix_lens_cpu = layout.prefix
+            graph_fb.seq_lens_cpu = [p + self.width for p in layout.prefix]
+            graph_fb.real_batch_size = fb.batch_size
+            self.attn_backend.init_forward_metadata_replay(graph_fb)
+            out = self.graphs[size].replay()
+            if not isinstance(out, tuple):
+                return out[dest[fb.logits_indices]]
+            logits, *hidden = out
+            return (logits[dest[fb.logits_indices]], *(h[dest] for h in hidden))
