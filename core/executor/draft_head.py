@@ -15,6 +15,12 @@ wrong token). Chain steps past the target's KV (positions >= kv_len) write scrat
 the target's pool, ``num_slots + row * max_steps + j``, into the request's req_to_token row past
 kv_len, where the target reads nothing before its verify step writes its own slots.
 
+CUDA graphs: where the target's decode steps have CUDA graphs, the head's chain steps (decode
+steps of the head, one row per request) are captured too, per batch-size bucket with the
+target's buckets, padded with the dummy request as the target's are; the hidden input is a
+static buffer [max_bs, feature_size] refilled before each replay. The extend over a target
+step's pairs (``observe``) runs eagerly.
+
 Invariants, per request:
   - ``_tails[rid].position`` = q: the head's KV covers positions [0, q] of the request, and the
     tail's feature and logits are its output at q. Drafts are proposed only when q is the
@@ -33,6 +39,7 @@ import torch
 
 from kvyard.attention import AttentionConfig
 from kvyard.attention.hybrid import build_attention_backend
+from kvyard.executor.cuda_graph_runner import CudaGraphRunner
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.mem_cache.kv_pool import KVPool
 from kvyard.sampling.batch_info import SamplingBatchInfo
@@ -67,6 +74,8 @@ class DraftHeadRunner:
                                     options=dict(target.config.attention_options or {}))
         self.attn, _ = build_attention_backend(attention, *target.attention_names)
         self.sampler = Sampler()
+        self._feature_in: Optional[torch.Tensor] = None     # [max_bs, H] the graphs' hidden input
+        self.chain_graphs = self._init_chain_graphs(target)
         self._tails: dict[str, _Tail] = {}
         self._reqs: dict[str, Req] = {}            # sampling views of the requests
 
@@ -120,6 +129,25 @@ class DraftHeadRunner:
         self._tails.clear()
         self._reqs.clear()
 
+    # -- CUDA graphs of the chain steps ------------------------------------------------------------
+    def _init_chain_graphs(self, target) -> Optional[CudaGraphRunner]:
+        """Captured chain steps where the target has CUDA graphs (module docstring), else None."""
+        graphs = target.decode_graphs
+        size = getattr(self.head, "feature_size", None)
+        if type(graphs) is not CudaGraphRunner or graphs.buffers is None or not size \
+                or not self.attn.supports_cuda_graph:
+            return None
+        self._feature_in = torch.zeros(graphs.max_bs, size, dtype=target.dtype, device=self.device)
+        runner = CudaGraphRunner(graphs.config, self._graph_chain_step, self.attn, self.pool, self.table,
+                                 target.max_running_requests, self.device)
+        runner.capture()
+        return runner
+
+    def _graph_chain_step(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a chain-step graph captures: (features [B, H], logits [B, V_draft]) of every row."""
+        feature, out = self.head(fb.input_ids, fb.positions, self._feature_in[:fb.batch_size], fb)
+        return feature, self.head.compute_logits(out)
+
     # -- internals ----------------------------------------------------------------------------
     def _ready(self, inp) -> bool:
         tail = self._tails.get(inp.rid)
@@ -140,6 +168,9 @@ class DraftHeadRunner:
 
     def _run(self, fb: ForwardBatch, ids, positions, hidden) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, H], logits [B, V_draft]) at each request's last row."""
+        if self.chain_graphs is not None and self.chain_graphs.can_run(fb):
+            self._feature_in[:fb.batch_size].copy_(hidden)
+            return self.chain_graphs.replay(fb)      # views of the graph's outputs: used before the next step
         self.attn.init_forward_metadata(fb)
         feature, out = self.head(ids, positions, hidden, fb)
         last = fb.logits_indices
