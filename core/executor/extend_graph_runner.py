@@ -25,8 +25,16 @@ LoRA, return_hidden_states rows or model extras; anything else runs eagerly.
 Outputs: the step function computes the logits of all T rows (and, with ``capture_layers``, the
 hidden states of those layers); replay gathers the rows the caller's batch asked for:
 ``logits[dest[fb.logits_indices]]`` where dest[t] is the padded row of the batch's token row t,
-and the hidden states of all real rows. A tree-mask speculative verify adds its mask the same
-way: a static buffer of the padded layout filled before replay.
+and the other outputs at all real rows. A step that reads a per-row input besides the token ids
+(a draft head reads the target's hidden states) declares ``row_input`` (width, dtype): a static
+buffer [T, width] of the padded layout, handed to the step as ``fb.extras["row_input"]`` and
+refilled from replay's ``row_input`` (padded rows zero). A tree-mask speculative verify adds
+its mask the same way: a static buffer of the padded layout filled before replay.
+
+``pad_table_entries=False`` skips the req_to_token writes for a table whose every entry is a
+valid slot of the runner's pool anyway (a draft head's pool covers the target's slots and its
+own scratch slots): the padded rows then read stale but valid keys, and entries the owner still
+reads (rejected slots it is about to free) stay untouched.
 """
 from __future__ import annotations
 
@@ -72,7 +80,7 @@ class ExtendInputBuffers:
     """The inputs of a padded extend of up to ``max_bs`` requests of ``width`` rows, allocated
     once and refilled in place (the captured kernels read these addresses)."""
 
-    def __init__(self, max_bs: int, width: int, device):
+    def __init__(self, max_bs: int, width: int, device, row_input: Optional[tuple[int, torch.dtype]] = None):
         long = dict(dtype=torch.int64, device=device)
         rows = max_bs * width
         self.max_bs, self.width, self.device = max_bs, width, device
@@ -83,9 +91,14 @@ class ExtendInputBuffers:
         self.seq_lens = torch.full((max_bs,), width, **long)
         self.extend_start_loc = torch.arange(max_bs, **long) * width
         self.row_index = torch.arange(rows, **long)          # logits_indices: every row
+        self.row_input = (torch.zeros(rows, row_input[0], dtype=row_input[1], device=device)
+                          if row_input else None)            # [T, width] the step's per-row input
 
-    def fill(self, fb: ForwardBatch, layout: ExtendLayout, req_to_token: torch.Tensor) -> torch.Tensor:
-        """Copies ``fb`` into the buffers in ``layout``; returns dest [T_real] on the device."""
+    def fill(self, fb: ForwardBatch, layout: ExtendLayout, req_to_token: Optional[torch.Tensor],
+             row_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Copies ``fb`` (and its per-row input [T_real, width]) into the buffers in ``layout``,
+        and points the padded rows' req_to_token entries at the dummy slot unless req_to_token is
+        None; returns dest [T_real] on the device."""
         b, p, rows = fb.batch_size, layout.padded_bs, layout.num_rows
         long = dict(dtype=torch.int64, device=self.device)
         dest = torch.tensor(layout.dest, **long)
@@ -98,7 +111,12 @@ class ExtendInputBuffers:
         self.req_pool_indices[:b].copy_(fb.req_pool_indices)
         self.req_pool_indices[b:p].fill_(DUMMY_ROW)
         self.seq_lens[:p].copy_(torch.tensor([q + self.width for q in layout.prefix], dtype=torch.int64))
-        if layout.pad_entries:
+        if self.row_input is not None:
+            if row_input is None:
+                raise ValueError("this extend graph reads a per-row input: replay needs row_input")
+            self.row_input[:rows].zero_()
+            self.row_input.index_copy_(0, dest, row_input.to(self.row_input.dtype))
+        if req_to_token is not None and layout.pad_entries:
             reqs, cols = zip(*layout.pad_entries)
             rows = fb.req_pool_indices[torch.tensor(reqs, **long)]      # on the device: no sync
             req_to_token[rows, torch.tensor(cols, **long)] = DUMMY_SLOT
@@ -108,13 +126,16 @@ class ExtendInputBuffers:
               attn_backend: "AttentionBackend") -> ForwardBatch:
         """An extend ForwardBatch of ``bs`` requests x ``width`` rows on views of these buffers."""
         w, rows = self.width, bs * self.width
-        return ForwardBatch(
+        fb = ForwardBatch(
             mode=ForwardMode.EXTEND, batch_size=bs, input_ids=self.input_ids[:rows],
             positions=self.positions[:rows], out_cache_loc=self.out_cache_loc[:rows],
             req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
             seq_lens_cpu=[w] * bs, extend_prefix_lens_cpu=[0] * bs, extend_seq_lens_cpu=[w] * bs,
             extend_start_loc=self.extend_start_loc[:bs], logits_indices=self.row_index[:rows],
             req_to_token=req_to_token, kv_pool=kv_pool, attn_backend=attn_backend)
+        if self.row_input is not None:
+            fb.extras["row_input"] = self.row_input[:rows]
+        return fb
 
 
 class ExtendGraphRunner:
@@ -126,15 +147,16 @@ class ExtendGraphRunner:
     def __init__(self, config: CudaGraphConfig, width: int, step_fn: Callable[[ForwardBatch], Outputs],
                  attn_backend: "AttentionBackend", kv_pool: "KVPool", req_to_token: torch.Tensor,
                  max_running_requests: int, device, capture_factory: Optional[Callable[[], GraphCapture]] = None,
-                 capture_layers: Optional[tuple[int, ...]] = None):
+                 capture_layers: Optional[tuple[int, ...]] = None,
+                 row_input: Optional[tuple[int, torch.dtype]] = None, pad_table_entries: bool = True):
         if width < 1:
             raise ValueError(f"extend graph width must be >= 1, got {width}")
         self.config, self.width, self.step_fn = config, width, step_fn
         self.attn_backend, self.kv_pool, self.req_to_token = attn_backend, kv_pool, req_to_token
-        self.capture_layers = capture_layers
+        self.capture_layers, self.pad_table_entries = capture_layers, pad_table_entries
         self.sizes = config.capture_sizes(max_running_requests)
         self.max_bs = max(self.sizes, default=0)
-        self.buffers = ExtendInputBuffers(self.max_bs, width, device) if self.sizes else None
+        self.buffers = ExtendInputBuffers(self.max_bs, width, device, row_input) if self.sizes else None
         self._capture_factory = capture_factory or default_capture_factory(device)
         self.graphs: dict[int, GraphCapture] = {}
         self.graph_batches: dict[int, ForwardBatch] = {}
@@ -172,16 +194,17 @@ class ExtendGraphRunner:
         return (all(1 <= n <= self.width for n in fb.extend_seq_lens_cpu)
                 and all(p <= limit for p in fb.extend_prefix_lens_cpu))
 
-    def replay(self, fb: ForwardBatch) -> Outputs:
-        """Logits of ``fb.logits_indices`` [N, V]; with capture_layers the tuple (logits, *hidden
-        states [T_real, D] of every real row), all freshly gathered (not views of the graph's)."""
+    def replay(self, fb: ForwardBatch, row_input: Optional[torch.Tensor] = None) -> Outputs:
+        """Logits of ``fb.logits_indices`` [N, V]; with more outputs the tuple (logits, *the
+        others at every real row [T_real, ...]), all freshly gathered (not views of the graph's).
+        row_input [T_real, width]: the per-row input, when the runner declared one."""
         size = self.padded_size(fb.batch_size)
         if size is None or size not in self.graphs:
             raise ValueError(f"no captured extend graph for a batch of {fb.batch_size} (buckets {self.sizes})")
         layout = ExtendLayout(fb, self.width, size)
         graph_fb = self.graph_batches[size]
         with torch.inference_mode():
-            dest = self.buffers.fill(fb, layout, self.req_to_token)
+            dest = self.buffers.fill(fb, layout, self.req_to_token if self.pad_table_entries else None, row_input)
             graph_fb.extend_prefix_lens_cpu = layout.prefix
             graph_fb.seq_lens_cpu = [p + self.width for p in layout.prefix]
             graph_fb.real_batch_size = fb.batch_size

@@ -63,6 +63,7 @@ def generate(path: str, n: int, max_new: int = 24, **extra) -> tuple[dict, objec
         counters["draft catch-up"] = ReplayCounter(algo.draft.runner.extend_graphs)
     if hasattr(algo, "runner"):
         counters["head chain"] = ReplayCounter(algo.runner.chain_graphs)
+        counters["head extend"] = ReplayCounter(algo.runner.observe_graphs)
     for i, ids in enumerate(PROMPTS[:n]):   # staggered lengths: the batch shrinks through the buckets
         sched.add_request(TokenizedGenerateReq(f"r{i}", ids, params(max_new + 4 * i)))
     outs = {}
@@ -100,7 +101,7 @@ def test_graphs_on_equal_graphs_off_equal_no_speculation(tiny_models, heads, alg
         assert counts["draft decode"] > 0 and counts["draft catch-up"] > 0, counts
         assert on_sched.speculation.stats.accepted == on_sched.speculation.stats.drafted   # draft = target
     else:
-        assert counts["head chain"] > 0, counts
+        assert counts["head chain"] > 0 and counts["head extend"] > 0, counts
         assert on_sched.runner.decode_graphs.capture_layers == on_sched.runner.capture_layers
 
 

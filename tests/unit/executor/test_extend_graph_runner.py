@@ -110,6 +110,26 @@ def test_runner_replays_padded_and_gathers_the_asked_rows():
     assert runner.replay(fb).tolist() == toy_step(fb)[[2, 3, 5]].tolist()
 
 
+def test_a_per_row_input_follows_the_layout_and_the_table_can_stay_untouched():
+    kv = PagedKV(1, 1, 8, num_pages=64)
+    backend = RecordingBackend()
+
+    def step(fb):   # (the row input's first column, then the whole input)
+        return fb.extras["row_input"][:, 0] * 1, fb.extras["row_input"] * 1
+    runner = ExtendGraphRunner(CudaGraphConfig(max_bs=2), 3, step, backend, kv.pool, kv.req_to_token, 16, "cpu",
+                               row_input=(2, torch.float32), pad_table_entries=False)
+    runner.capture()
+    fb, seqs = extend_fb(kv, [5, 2], [3, 1], backend)
+    kv.req_to_token[seqs[1].row, 3:5] = 77                          # e.g. slots the owner frees next
+    rows = torch.arange(8.0).view(4, 2)
+    firsts, whole = runner.replay(fb, row_input=rows)
+    assert firsts.tolist() == [0.0, 2.0, 4.0, 6.0] and torch.equal(whole, rows)
+    assert runner.buffers.row_input[4:6].abs().sum() == 0           # padded rows read zeros
+    assert kv.req_to_token[seqs[1].row, 3:5].tolist() == [77, 77]
+    with pytest.raises(ValueError, match="needs row_input"):
+        runner.replay(fb)
+
+
 def test_runner_declines_what_it_cannot_replay():
     kv = PagedKV(1, 1, 8, num_pages=64, max_context=16)
     backend = RecordingBackend()

@@ -1,7 +1,8 @@
 """Speculative decoding through the graph runners on the CPU: the target's verify steps replay its
 extend graphs, a STANDALONE draft model's chain steps and catch-up extends replay its own graphs,
 and with an EAGLE head the target's decode and verify graphs also return the hidden states the
-head reads and the head's chain steps replay graphs of their own. The capture is the eager record-and-replay stand-in (kvyard.executor.cuda_graph_runner)
+head reads, and the head's chain steps and extends over the target's pairs replay graphs of
+their own. The capture is the eager record-and-replay stand-in (kvyard.executor.cuda_graph_runner)
 over the triton backend (interpreter), so the graph code paths and the padded layouts run for
 real; the output must equal plain decoding token for token. (tests/gpu runs real CUDA graphs.)"""
 import os
@@ -35,8 +36,10 @@ def with_graphs(runner, width: int):
 
 
 def replays(runner) -> tuple[int, ...]:
-    """(decode replays, extend replays) of a ModelRunner so far; (chain-step replays,) of a draft head."""
-    runners = (runner.chain_graphs,) if hasattr(runner, "chain_graphs") else (runner.decode_graphs, runner.extend_graphs)
+    """(decode replays, extend replays) of a ModelRunner so far; (chain-step, observe-extend
+    replays) of a draft head."""
+    runners = ((runner.chain_graphs, runner.observe_graphs) if hasattr(runner, "chain_graphs")
+               else (runner.decode_graphs, runner.extend_graphs))
     return tuple(sum(g.replays for g in graphs.graphs.values()) for graphs in runners)
 
 
@@ -56,6 +59,7 @@ def generate(path: str, prompts, graphs: bool, max_new: int = 10, **spec):
         else:                                         # a draft head: its chain steps
             head = algorithm.runner
             head.chain_graphs = head._init_chain_graphs(sched.runner)
+            head.observe_graphs = head._init_observe_graphs(sched.runner)
             runners.append(head)
     for i, ids in enumerate(prompts):
         sched.add_request(TokenizedGenerateReq(f"r{i}", ids, make_params(max_new)))
@@ -112,4 +116,4 @@ def test_eagle3_verify_and_decode_graphs_return_the_hidden_states(tiny_models, p
                                speculative_draft_model_path=head, speculative_num_steps=3)
     assert outs == plain[n]
     assert counts[0][1] > 0                          # verify steps replayed (with the hidden states)
-    assert counts[1][0] > 0                          # the head's chain steps replayed
+    assert counts[1][0] > 0 and counts[1][1] > 0     # the head's chain steps and extends replayed
