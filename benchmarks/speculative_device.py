@@ -96,7 +96,7 @@ def batch_kind(batch, *_):
 def graphs_of(runner) -> str:
     """Which CUDA graphs a ModelRunner has: decode buckets and extend width."""
     decode = runner.decode_graphs
-    parts = [f"decode{getattr(decode, 'sizes', '')}" if decode is not None else "no decode graphs"]
+    parts = [f"{type(decode).__name__}{getattr(decode, 'sizes', '')}" if decode is not None else "no decode graphs"]
     if runner.extend_graphs is not None:
         parts.append(f"extend x{runner.extend_graphs.width}")
     return " + ".join(parts)

@@ -101,25 +101,26 @@ class ExtendInputBuffers:
         None; returns dest [T_real] on the device."""
         b, p, rows = fb.batch_size, layout.padded_bs, layout.num_rows
         long = dict(dtype=torch.int64, device=self.device)
-        dest = torch.tensor(layout.dest, **long)
+        # the host-made parts in one transfer: dest [T_real] | positions [rows] | seq_lens [P]
+        host = torch.tensor(layout.dest + layout.positions + [q + self.width for q in layout.prefix], **long)
+        dest, positions, seq_lens = host.split([len(layout.dest), rows, p])
         self.input_ids[:rows].zero_()
         self.input_ids.index_copy_(0, dest, fb.input_ids)
-        self.positions[:rows].copy_(torch.tensor(layout.positions, dtype=torch.int64))
+        self.positions[:rows].copy_(positions)
         self.positions.index_copy_(0, dest, fb.positions)
         self.out_cache_loc[:rows].fill_(DUMMY_SLOT)
         self.out_cache_loc.index_copy_(0, dest, fb.out_cache_loc)
         self.req_pool_indices[:b].copy_(fb.req_pool_indices)
         self.req_pool_indices[b:p].fill_(DUMMY_ROW)
-        self.seq_lens[:p].copy_(torch.tensor([q + self.width for q in layout.prefix], dtype=torch.int64))
+        self.seq_lens[:p].copy_(seq_lens)
         if self.row_input is not None:
             if row_input is None:
                 raise ValueError("this extend graph reads a per-row input: replay needs row_input")
             self.row_input[:rows].zero_()
             self.row_input.index_copy_(0, dest, row_input.to(self.row_input.dtype))
         if req_to_token is not None and layout.pad_entries:
-            reqs, cols = zip(*layout.pad_entries)
-            rows = fb.req_pool_indices[torch.tensor(reqs, **long)]      # on the device: no sync
-            req_to_token[rows, torch.tensor(cols, **long)] = DUMMY_SLOT
+            reqs, cols = torch.tensor(list(zip(*layout.pad_entries)), **long)
+            req_to_token[fb.req_pool_indices[reqs], cols] = DUMMY_SLOT   # rows looked up on the device
         return dest
 
     def batch(self, bs: int, kv_pool: "KVPool", req_to_token: torch.Tensor,

@@ -113,7 +113,8 @@ class GraphBuffers:
 
     @classmethod
     def allocate(cls, max_bs: int, config: AttentionConfig, tokens_per_req: int = 0) -> "GraphBuffers":
-        max_pages = max_bs * -(-config.max_context_len // config.page_size)
+        # an extend graph's padded rows may reach tokens_per_req past the context
+        max_pages = max_bs * -(-(config.max_context_len + tokens_per_req) // config.page_size)
         int32 = dict(dtype=torch.int32, device=config.device)
         qo = torch.arange(max_bs + 1, **int32) * tokens_per_req if tokens_per_req else None
         return cls(kv_indptr=torch.zeros(max_bs + 1, **int32), kv_indices=torch.zeros(max_pages, **int32),
