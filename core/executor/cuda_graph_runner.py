@@ -233,33 +233,40 @@ class DecodeInputBuffers:
         return fb
 
 
-# -- the runner --------------------------------------------------------------------------------
-class CudaGraphRunner:
+# -- the runners -------------------------------------------------------------------------------
+class BucketedGraphRunner:
+    """What the decode and extend graph runners share: the buckets, the capture loop over them
+    (largest first, on views of ``self.buffers``), the bucket a batch replays in. A subclass sets
+    ``self.buffers`` (with a ``batch(bs, kv_pool, req_to_token, attn_backend)``) and prepares the
+    attention backend's static state in ``_init_backend``."""
+
+    kind = "decode"
+
     def __init__(self, config: CudaGraphConfig, step_fn: StepFn, attn_backend: "AttentionBackend",
                  kv_pool: "KVPool", req_to_token: torch.Tensor, max_running_requests: int, device,
-                 capture_factory: Optional[Callable[[], GraphCapture]] = None, with_lora: bool = False,
+                 capture_factory: Optional[Callable[[], GraphCapture]] = None,
                  capture_layers: Optional[tuple[int, ...]] = None):
         """capture_layers: the hidden-state layers every captured batch asks for (module docstring)."""
         self.config = config
-        self.capture_layers = capture_layers
         self.step_fn = step_fn
         self.attn_backend = attn_backend
         self.kv_pool = kv_pool
         self.req_to_token = req_to_token
+        self.capture_layers = capture_layers
         self.sizes = config.capture_sizes(max_running_requests)
         self.max_bs = max(self.sizes, default=0)
-        self.buffers = DecodeInputBuffers(self.max_bs, device, with_lora) if self.sizes else None
+        self.buffers = None
         self._capture_factory = capture_factory or default_capture_factory(device)
         self.graphs: dict[int, GraphCapture] = {}
         self.graph_batches: dict[int, ForwardBatch] = {}
 
+    def _init_backend(self) -> None:
+        raise NotImplementedError
+
     def capture(self) -> None:
         if not self.sizes:
             return
-        if not self.attn_backend.supports_cuda_graph:
-            raise ValueError(f"attention backend {self.attn_backend.name!r} does not support CUDA graphs; "
-                             "use --disable-cuda-graph or a backend that does (triton)")
-        self.attn_backend.init_cuda_graph_state(self.max_bs)
+        self._init_backend()
         with torch.inference_mode():
             for bs in reversed(self.sizes):
                 fb = self.buffers.batch(bs, self.kv_pool, self.req_to_token, self.attn_backend)
@@ -269,10 +276,26 @@ class CudaGraphRunner:
                 graph.capture(lambda fb=fb: self.step_fn(fb))
                 self.graphs[bs] = graph
                 self.graph_batches[bs] = fb
-        logger.info("captured decode graphs for batch sizes %s", self.sizes)
+        logger.info("captured %s graphs for batch sizes %s", self.kind, self.sizes)
 
     def padded_size(self, batch_size: int) -> Optional[int]:
         return padded_size(self.sizes, batch_size, not self.config.disable_padding)
+
+
+class CudaGraphRunner(BucketedGraphRunner):
+    def __init__(self, config: CudaGraphConfig, step_fn: StepFn, attn_backend: "AttentionBackend",
+                 kv_pool: "KVPool", req_to_token: torch.Tensor, max_running_requests: int, device,
+                 capture_factory: Optional[Callable[[], GraphCapture]] = None, with_lora: bool = False,
+                 capture_layers: Optional[tuple[int, ...]] = None):
+        super().__init__(config, step_fn, attn_backend, kv_pool, req_to_token, max_running_requests, device,
+                         capture_factory, capture_layers)
+        self.buffers = DecodeInputBuffers(self.max_bs, device, with_lora) if self.sizes else None
+
+    def _init_backend(self) -> None:
+        if not self.attn_backend.supports_cuda_graph:
+            raise ValueError(f"attention backend {self.attn_backend.name!r} does not support CUDA graphs; "
+                             "use --disable-cuda-graph or a backend that does (triton)")
+        self.attn_backend.init_cuda_graph_state(self.max_bs)
 
     def can_run(self, fb: ForwardBatch) -> bool:
         if not (self.graphs and fb.mode.is_decode()) or fb.capture_layers != self.capture_layers:

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from kvyard.executor.cuda_graph_runner import (DUMMY_ROW, DUMMY_SLOT, CudaGraphConfig, GraphCapture, Outputs,
-                                               default_capture_factory, padded_size)
+from kvyard.executor.cuda_graph_runner import (DUMMY_ROW, DUMMY_SLOT, BucketedGraphRunner, CudaGraphConfig,
+                                               GraphCapture, Outputs)
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -139,11 +139,13 @@ class ExtendInputBuffers:
         return fb
 
 
-class ExtendGraphRunner:
+class ExtendGraphRunner(BucketedGraphRunner):
     """Captured padded extends of ``width`` rows per request, one per batch-size bucket.
 
-    step_fn(fb) -> logits [T, V] of every row of ``fb`` (its logits_indices are all rows), or the
-    tuple (logits, *hidden states of capture_layers [T, D] each) when capture_layers is set."""
+    step_fn(fb) -> logits [T, V] of every row of ``fb`` (its logits_indices are all rows), or a
+    tuple (logits, *more outputs of every row, e.g. the hidden states of capture_layers)."""
+
+    kind = "extend"
 
     def __init__(self, config: CudaGraphConfig, width: int, step_fn: Callable[[ForwardBatch], Outputs],
                  attn_backend: "AttentionBackend", kv_pool: "KVPool", req_to_token: torch.Tensor,
@@ -152,36 +154,16 @@ class ExtendGraphRunner:
                  row_input: Optional[tuple[int, torch.dtype]] = None, pad_table_entries: bool = True):
         if width < 1:
             raise ValueError(f"extend graph width must be >= 1, got {width}")
-        self.config, self.width, self.step_fn = config, width, step_fn
-        self.attn_backend, self.kv_pool, self.req_to_token = attn_backend, kv_pool, req_to_token
-        self.capture_layers, self.pad_table_entries = capture_layers, pad_table_entries
-        self.sizes = config.capture_sizes(max_running_requests)
-        self.max_bs = max(self.sizes, default=0)
+        super().__init__(config, step_fn, attn_backend, kv_pool, req_to_token, max_running_requests, device,
+                         capture_factory, capture_layers)
+        self.width, self.pad_table_entries = width, pad_table_entries
         self.buffers = ExtendInputBuffers(self.max_bs, width, device, row_input) if self.sizes else None
-        self._capture_factory = capture_factory or default_capture_factory(device)
-        self.graphs: dict[int, GraphCapture] = {}
-        self.graph_batches: dict[int, ForwardBatch] = {}
 
-    def capture(self) -> None:
-        if not self.sizes:
-            return
+    def _init_backend(self) -> None:
         if not getattr(self.attn_backend, "supports_extend_graph", False):
             raise ValueError(f"attention backend {self.attn_backend.name!r} does not support CUDA graphs "
                              "of extend steps; use --disable-cuda-graph or a backend that does (triton)")
         self.attn_backend.init_extend_graph_state(self.max_bs, self.width)
-        with torch.inference_mode():
-            for bs in reversed(self.sizes):
-                fb = self.buffers.batch(bs, self.kv_pool, self.req_to_token, self.attn_backend)
-                fb.capture_layers = self.capture_layers
-                self.attn_backend.init_forward_metadata_capture(fb)
-                graph = self._capture_factory()
-                graph.capture(lambda fb=fb: self.step_fn(fb))
-                self.graphs[bs] = graph
-                self.graph_batches[bs] = fb
-        logger.info("captured extend graphs of %d tokens per request for batch sizes %s", self.width, self.sizes)
-
-    def padded_size(self, batch_size: int) -> Optional[int]:
-        return padded_size(self.sizes, batch_size, not self.config.disable_padding)
 
     def can_run(self, fb: ForwardBatch) -> bool:
         if not (self.graphs and fb.mode.is_extend()) or fb.capture_layers != self.capture_layers:

@@ -9,7 +9,7 @@ os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in t
 import pytest
 import torch
 
-from forward_harness import Harness, PagedKV, Seq
+from forward_harness import Harness, PagedKV, Seq, tiny_llama_on_triton
 from kvyard.attention import AttentionBackend
 from kvyard.executor.cuda_graph_runner import CudaGraphConfig, EagerReplayCapture
 from kvyard.executor.extend_graph_runner import ExtendGraphRunner, ExtendInputBuffers, ExtendLayout
@@ -187,29 +187,6 @@ def test_triton_extend_graph_metadata_equals_the_eager_metadata():
 
 
 # -- a real model through the runner -------------------------------------------------------------
-def tiny_llama():
-    pytest.importorskip("triton")
-    import transformers
-    from kvyard.model_base import ModelBuildContext
-    from kvyard.plugins import PluginManager
-    import kvyard_plugins.attention.triton as triton_plugin
-    import kvyard_plugins.models.llama as llama_plugin
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
-                                   max_position_embeddings=128, initializer_range=0.1)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    pm = PluginManager(autoload=False)
-    pm.add_plugin(llama_plugin)
-    pm.add_plugin(triton_plugin)
-    model = pm.registry("model_architectures").get("LlamaForCausalLM")(cfg, ModelBuildContext(torch.float32, "cpu"))
-    model.load_weights(hf.state_dict().items())
-    kv = PagedKV(2, 2, 16, num_pages=16, page_size=16, seed=3)
-    backend = pm.registry("attention_backends").get("triton")(kv.backend_config(4, 16))
-    return model, backend, kv
-
-
 def model_step(model):
     def step(fb):
         logits = model.compute_logits(model(fb.input_ids, fb.positions, fb)[fb.logits_indices])
@@ -219,7 +196,8 @@ def model_step(model):
 
 @pytest.mark.parametrize("capture", [None, (0, FINAL_HIDDEN)], ids=["logits", "hidden"])
 def test_tiny_llama_verify_extends_through_graphs_equal_eager(capture):
-    model, backend, kv = tiny_llama()
+    pytest.importorskip("triton")
+    model, backend, kv = tiny_llama_on_triton()
     harness = Harness(model, backend, kv)
     runner = ExtendGraphRunner(CudaGraphConfig(batch_sizes=(2, 4)), 4, model_step(model), backend, kv.pool,
                                kv.req_to_token, 4, "cpu", capture_layers=capture)
