@@ -38,6 +38,7 @@ reads (rejected slots it is about to free) stay untouched.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -52,6 +53,25 @@ if TYPE_CHECKING:
     from kvyard.mem_cache.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
+
+
+# ForwardBatch fields the padded layout accounts for; a batch that sets any other (e.g. a tree
+# attention mask) runs eagerly until its field gets a static buffer here
+_PLACED_FIELDS = frozenset({
+    "mode", "batch_size", "input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens",
+    "seq_lens_cpu", "extend_prefix_lens_cpu", "extend_seq_lens_cpu", "extend_start_loc", "logits_indices",
+    "req_to_token", "kv_pool", "attn_backend", "attn_metadata", "lora", "real_batch_size", "hidden_indices",
+    "extras", "capture_layers", "captured"})
+
+
+def _unknown_inputs(fb: ForwardBatch) -> bool:
+    """Whether ``fb`` sets a field the padded layout does not place (so it must run eagerly);
+    None, False and empty containers count as unset."""
+    def is_set(value) -> bool:
+        if isinstance(value, (list, tuple, dict, set)):
+            return len(value) > 0
+        return value is not None and value is not False
+    return any(is_set(getattr(fb, f.name)) for f in dataclasses.fields(fb) if f.name not in _PLACED_FIELDS)
 
 
 class ExtendLayout:
@@ -168,7 +188,7 @@ class ExtendGraphRunner(BucketedGraphRunner):
     def can_run(self, fb: ForwardBatch) -> bool:
         if not (self.graphs and fb.mode.is_extend()) or fb.capture_layers != self.capture_layers:
             return False
-        if fb.lora is not None or fb.hidden_indices is not None or fb.extras:
+        if fb.lora is not None or fb.hidden_indices is not None or fb.extras or _unknown_inputs(fb):
             return False
         size = self.padded_size(fb.batch_size)
         if size is None or size not in self.graphs:

@@ -110,6 +110,28 @@ def test_runner_replays_padded_and_gathers_the_asked_rows():
     assert runner.replay(fb).tolist() == toy_step(fb)[[2, 3, 5]].tolist()
 
 
+def test_a_batch_with_a_field_the_layout_does_not_place_runs_eagerly():
+    """A ForwardBatch field added later (e.g. a tree attention mask) must not be replayed without
+    it: the runner declines any field it does not know."""
+    import dataclasses
+
+    from kvyard.forward_batch import ForwardBatch
+
+    @dataclasses.dataclass
+    class WithTreeMask(ForwardBatch):
+        tree_mask: object = None
+
+    kv = PagedKV(1, 1, 8, num_pages=64)
+    runner = ExtendGraphRunner(CudaGraphConfig(max_bs=2), 3, toy_step, RecordingBackend(), kv.pool,
+                               kv.req_to_token, 16, "cpu")
+    runner.capture()
+    fb, _ = extend_fb(kv, [4], [3])
+    tree = WithTreeMask(**{f.name: getattr(fb, f.name) for f in dataclasses.fields(fb)})
+    assert runner.can_run(tree)
+    tree.tree_mask = torch.ones(3, 3, dtype=torch.bool)
+    assert not runner.can_run(tree)
+
+
 def test_a_per_row_input_follows_the_layout_and_the_table_can_stay_untouched():
     kv = PagedKV(1, 1, 8, num_pages=64)
     backend = RecordingBackend()
@@ -142,6 +164,9 @@ def test_runner_declines_what_it_cannot_replay():
     hidden = extend_fb(kv, [4], [2], backend)[0]
     hidden.capture_layers = (FINAL_HIDDEN,)
     assert not runner.can_run(hidden)                                               # captured without
+    extra = extend_fb(kv, [4], [2], backend)[0]
+    extra.extras["token_type_ids"] = torch.zeros(2, dtype=torch.int64)
+    assert not runner.can_run(extra)                                                # model extras
     decode = extend_fb(kv, [4], [1], backend)[0]
     decode.mode = ForwardMode.DECODE
     assert not runner.can_run(decode)
