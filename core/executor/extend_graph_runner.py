@@ -28,8 +28,9 @@ hidden states of those layers); replay gathers the rows the caller's batch asked
 and the other outputs at all real rows. A step that reads a per-row input besides the token ids
 (a draft head reads the target's hidden states) declares ``row_input`` (width, dtype): a static
 buffer [T, width] of the padded layout, handed to the step as ``fb.extras["row_input"]`` and
-refilled from replay's ``row_input`` (padded rows zero). A tree-mask speculative verify adds
-its mask the same way: a static buffer of the padded layout filled before replay.
+refilled from replay's ``row_input`` (padded rows zero). A batch that sets a ForwardBatch field
+the layout does not place (_PLACED_FIELDS) runs eagerly: a tree-mask verify needs its mask as
+one more static buffer of the padded layout, filled before replay, before it can replay.
 
 ``pad_table_entries=False`` skips the req_to_token writes for a table whose every entry is a
 valid slot of the runner's pool anyway (a draft head's pool covers the target's slots and its
