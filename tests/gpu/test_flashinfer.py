@@ -70,6 +70,19 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def capture_graph(step):
+    """(a CUDA graph of ``step``, its output), after one warm-up run on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 GRID = [(1, 1, 64), (16, 3, 64), (16, 4, 128), (1, 4, 128), (16, 1, 128)]  # (page, group, head_dim)
 GRID_IDS = [f"flashinfer-page{p}-group{g}-dim{d}" for p, g, d in GRID]   # tests/gpu/summarize.py groups by plugin
 
@@ -143,14 +156,7 @@ def test_decode_graph_replays_a_new_batch(page_size, group):
     def step():
         return layer(static["q"].flatten(1), static["k"].flatten(1), static["v"].flatten(1), fb)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
 
     for lengths in ([700, 5, 64, 31, 2], [1, 1, 900, 17, 300, 45, 8, 600]):
         replay_fb, b = fill(lengths)
@@ -186,14 +192,7 @@ def test_extend_graph_replays_a_padded_verify_batch(page_size, group):
     def step():
         return layer(static["q"].flatten(1), static["k"].flatten(1), static["v"].flatten(1), graph_fb)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
 
     for shapes in ([(300, 4), (5, 2)], [(17, 1), (64, 4), (900, 3), (2, 4)]):
         reqs = [add_request(kv, c, n, heads, dim) for c, n in shapes]
