@@ -19,6 +19,11 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define KVYARD_AVX2 1
+// AVX-512 with VNNI (vpdpwssd: int16 pairs multiplied and added into int32 lanes in one
+// instruction); the kernels take it where the CPU has it and the caller has not turned it off.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define KVYARD_AVX512 1
+#endif
 #endif
 
 namespace kvyard_gguf {
@@ -494,6 +499,26 @@ inline void unpack_pair(const uint8_t* row, int64_t blk, int64_t nb, __m256i (&v
     v[1] = _mm256_or_si256(v[1], fifth_bits_paired(hi, false));
     v[2] = _mm256_or_si256(v[2], fifth_bits_paired(lo, true));
     v[3] = _mm256_or_si256(v[3], fifth_bits_paired(hi, true));
+  }
+}
+#endif
+
+#ifdef KVYARD_AVX512
+// A pair of planar blocks (a = blk, b = blk + 1 < nb) in the split lane order, before OFFSET:
+//   lo: [a 0..15 | b 0..15]   hi: [a 16..31 | b 16..31]        (32 int16 lanes each)
+// The nibble formats widen their 32 qs bytes (a's 16, then b's) to int16: the low nibble of byte
+// l is element l, the high one element l + 16. Q8_0 (SIGNED_BYTES) is not read in pairs.
+template <class P>
+inline void unpack_split(const uint8_t* row, int64_t blk, int64_t nb, __m512i& lo, __m512i& hi) {
+  static_assert(!P::SIGNED_BYTES, "Q8_0 blocks are read one at a time");
+  const __m512i q = _mm512_cvtepu8_epi16(load32(P::qs(row, blk)));
+  lo = _mm512_and_si512(q, _mm512_set1_epi16(15));
+  hi = _mm512_srli_epi16(q, 4);   // bytes were zero-extended: no mask needed
+  if constexpr (P::QH_FIELD >= 0) {   // bit j of the pair's u32 (a's u16, then b's) is lane j's
+    const __m512i sixteen = _mm512_set1_epi16(16);
+    lo = _mm512_mask_add_epi16(lo, __mmask32(u32_at(P::field(row, nb, P::QH_FIELD) + blk * 2)), lo, sixteen);
+    hi = _mm512_mask_add_epi16(hi, __mmask32(u32_at(P::field(row, nb, P::QH_FIELD + 1) + blk * 2)), hi,
+                              sixteen);
   }
 }
 #endif

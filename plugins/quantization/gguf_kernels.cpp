@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -48,13 +49,48 @@ using kvyard_simd::hmax;
 using kvyard_simd::hsum;
 #endif
 
+// Which SIMD the int kernel uses: the best this build has (-march=native: the CPU's), lowered at
+// run time by set_simd_level (tests, and KVYARD_GGUF_SIMD, read by gguf_kernels.py).
+enum SimdLevel : int64_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+#if defined(KVYARD_AVX512)
+constexpr int64_t BUILT_LEVEL = AVX512;
+#elif defined(KVYARD_AVX2)
+constexpr int64_t BUILT_LEVEL = AVX2;
+#else
+constexpr int64_t BUILT_LEVEL = PORTABLE;
+#endif
+std::atomic<int64_t> simd_limit{BUILT_LEVEL};
+
+int64_t simd_level() { return std::min<int64_t>(simd_limit.load(std::memory_order_relaxed), BUILT_LEVEL); }
+
+int64_t set_simd_level(int64_t level) {
+  simd_limit.store(std::clamp<int64_t>(level, PORTABLE, BUILT_LEVEL));
+  return simd_level();
+}
+
+// The order of each row's int16 activations, which must match the kernel's weight lanes:
+//   ELEMENT  element order (portable, K-quants, Q8_0)
+//   PAIRED   AVX2, nibble formats in the planar layout: blocks 2p and 2p+1 in the lane order of
+//            unpack_pair (gguf_formats.h): 4 runs of 16, [2p: 8 | 2p+1: 8] each, holding
+//            elements 2j, 2j+16, 2j+1, 2j+17 (j = 0..7)
+//   SPLIT    AVX-512, nibble formats in the planar layout: blocks 2p and 2p+1 as
+//            [2p: 0..15 | 2p+1: 0..15] [2p: 16..31 | 2p+1: 16..31] (unpack_split)
+// An odd last block stays in element order.
+enum class ActLayout { ELEMENT, PAIRED, SPLIT };
+
+template <class F>
+ActLayout act_layout(int64_t level) {
+  if constexpr (is_planar<F>) {
+    if (!F::SIGNED_BYTES && level == AVX512) return ActLayout::SPLIT;
+    if (!F::SIGNED_BYTES && level == AVX2) return ActLayout::PAIRED;
+  }
+  return ActLayout::ELEMENT;
+}
+
 // Activation rows quantized to int16 per 32-block: x ~ q * d, d = max|x_blk| / 32767 (relative
 // error ~1.5e-5 of the block's max); sums of x per 16 and per 32 elements carry the min terms
 // exactly. d and the sums are zero-padded to whole groups of 8 blocks (nbp per row), which the
-// planar kernel loads 8 at a time.
-// paired (the nibble formats, AVX2): blocks 2p and 2p+1 are stored in the lane order of
-// unpack_pair (gguf_formats.h): 4 runs of 16, [2p: 8 | 2p+1: 8] each, holding elements
-// 2j, 2j+16, 2j+1, 2j+17 (j = 0..7); an odd last block stays in element order.
+// planar kernels load 8 at a time. q is in the layout's order.
 struct QuantizedActs {
   int64_t M, K, nb, nbp;
   std::vector<int16_t> q;        // [M, K]
@@ -94,6 +130,20 @@ inline float quantize_block(const float* x, int16_t* q, float& lo, float& hi) {
 #endif
 }
 
+// 32 activations as floats: float rows are read in place, bfloat16 ones widened into buf.
+inline const float* block_floats(const float* x, float*) { return x; }
+inline const float* block_floats(const c10::BFloat16* x, float* buf) {
+#ifdef KVYARD_AVX2
+  for (int i = 0; i < 4; ++i) {   // bf16 bits are a float's top half
+    const __m128i h = _mm_loadu_si128((const __m128i*)(x + 8 * i));
+    _mm256_storeu_ps(buf + 8 * i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+#else
+  for (int i = 0; i < 32; ++i) buf[i] = float(x[i]);
+#endif
+  return buf;
+}
+
 #ifdef KVYARD_AVX2
 // Two blocks in element order (a, b) -> the pair's 64 values in unpack_pair's lane order:
 //   [a 0,2..14 | b 0,2..14] [a 16,18..30 | b ...] [a 1,3..15 | b ...] [a 17,19..31 | b ...]
@@ -113,49 +163,59 @@ inline void pair_lanes(const int16_t* a, const int16_t* b, int16_t* out) {
 }
 #endif
 
-// Whether the int kernel reads format F's activations paired: the AVX2 one, for the nibble
-// formats in the planar layout.
-template <class F>
-constexpr bool paired_acts = [] {
+// Two blocks in element order (a, b) -> the pair's 64 values in the layout's order.
+inline void order_pair(const int16_t* a, const int16_t* b, int16_t* out, ActLayout layout) {
 #ifdef KVYARD_AVX2
-  if constexpr (is_planar<F>) return !F::SIGNED_BYTES;
+  if (layout == ActLayout::PAIRED) return pair_lanes(a, b, out);
 #endif
-  return false;
-}();
+  TORCH_CHECK(layout == ActLayout::SPLIT, "kvyard_gguf: no pair order for this layout");
+  std::memcpy(out, a, 32);
+  std::memcpy(out + 16, b, 32);
+  std::memcpy(out + 32, a + 16, 32);
+  std::memcpy(out + 48, b + 16, 32);
+}
 
-QuantizedActs quantize_acts(const at::Tensor& x32, bool paired) {
+// x [M, K] row-major (float or bfloat16).
+template <class T>
+QuantizedActs quantize_acts(const T* x, int64_t M, int64_t K, ActLayout layout) {
   QuantizedActs a;
-  a.M = x32.size(0);
-  a.K = x32.size(1);
-  a.nb = a.K / 32;
+  a.M = M;
+  a.K = K;
+  a.nb = K / 32;
   a.nbp = (a.nb + 7) / 8 * 8;
   a.q.resize(a.M * a.K);
   a.d.assign(a.M * a.nbp, 0.f);
   a.sum16.assign(a.M * 2 * a.nbp, 0.f);
   a.sum32.assign(a.M * a.nbp, 0.f);
-  const int64_t paired_blocks = paired ? a.nb / 2 * 2 : 0;
-  const float* x = x32.data_ptr<float>();
+  const int64_t paired_blocks = layout == ActLayout::ELEMENT ? 0 : a.nb / 2 * 2;
   for (int64_t m = 0; m < a.M; ++m) {
     int16_t* q = a.q.data() + m * a.K;
     alignas(32) int16_t pair[64];   // a pair's two blocks in element order
+    alignas(32) float buf[32];
     for (int64_t blk = 0; blk < a.nb; ++blk) {
       const bool in_pair = blk < paired_blocks;
       float lo, hi;
       int16_t* dst = in_pair ? pair + blk % 2 * 32 : q + blk * 32;
-      const float d = quantize_block(x + m * a.K + blk * 32, dst, lo, hi);
+      const float d = quantize_block(block_floats(x + m * a.K + blk * 32, buf), dst, lo, hi);
       a.d[m * a.nbp + blk] = d;
       a.sum16[m * 2 * a.nbp + 2 * blk] = lo;
       a.sum16[m * 2 * a.nbp + 2 * blk + 1] = hi;
       a.sum32[m * a.nbp + blk] = lo + hi;
-#ifdef KVYARD_AVX2
-      if (in_pair && blk % 2 == 1) pair_lanes(pair, pair + 32, q + (blk - 1) * 32);
-#endif
+      if (in_pair && blk % 2 == 1) order_pair(pair, pair + 32, q + (blk - 1) * 32, layout);
     }
   }
   return a;
 }
 
-// ---- the int16 kernel ------------------------------------------------------------------------
+// ---- the int16 kernels ------------------------------------------------------------------------
+
+// Where a kernel writes its float results: out(m, n) for activation row m and weight row n of a
+// tile of rows [n0, n0 + ld).
+struct OutTile {
+  float* p;
+  int64_t ld, n0;
+  float& operator()(int64_t m, int64_t n) const { return p[m * ld + n - n0]; }
+};
 
 #ifdef KVYARD_AVX2
 // out[m, n] for weight rows [n0, n1) and the MT activation rows from m0: each 32-element chunk
@@ -163,7 +223,7 @@ QuantizedActs quantize_acts(const at::Tensor& x32, bool paired) {
 // (even/odd chunks) keep the fma chains short.
 template <class F, int MT>
 void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-              const QuantizedActs& a, int64_t m0, float* out, int64_t N) {
+              const QuantizedActs& a, int64_t m0, OutTile out) {
   constexpr int PER = F::QK / F::SUB, CH = F::QK / 32;
   const int64_t K = a.K, blocks = K / F::QK;
   const std::vector<float>& xsum = F::SUB == 16 ? a.sum16 : a.sum32;
@@ -238,7 +298,7 @@ void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
     }
     if (blk < blocks) block(blk, acc0, acc1);
     for (int m = 0; m < MT; ++m)
-      out[(m0 + m) * N + n] =
+      out(m0 + m, n) =
           hsum(_mm256_add_ps(_mm256_add_ps(acc0[m], acc1[m]), vmin[m])) + macc[m];
   }
 }
@@ -392,7 +452,7 @@ template <class P, int MT>
 // accumulators spill to the stack.)
 template <class P, int MT, int G>
 [[gnu::noinline]] void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                     const QuantizedActs& a, int64_t m0, float* out, int64_t N) {
+                     const QuantizedActs& a, int64_t m0, OutTile out) {
   const int64_t nb = a.nb, full = G == 8 ? nb / 8 * 8 : nb;
   const int16_t* xq[MT];
   const float* dx[MT];
@@ -424,27 +484,27 @@ template <class P, int MT, int G>
     }
     if (full < nb) tail_dots<P, MT>(row, nb, xq, dx, xs, acc, shifted);
     for (int m = 0; m < MT; ++m)
-      out[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc[m], shifted[m]));
+      out(m0 + m, n) = hsum(_mm256_add_ps(acc[m], shifted[m]));
   }
 }
 
 // The row range [n0, n1) for every activation row, in tiles of up to 4 rows; the planar kernel
 // takes tiles of 2 or 3 (with 4 its accumulators spill: M = 4 as 2 + 2 measured ~7% faster).
 template <class F>
-void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                  const QuantizedActs& a, float* out, int64_t N) {
+void int_rows_avx2(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                   const QuantizedActs& a, OutTile out) {
   for (int64_t m0 = 0, mt; m0 < a.M; m0 += mt) {
     const int64_t left = a.M - m0;
     mt = !is_planar<F> ? std::min<int64_t>(4, left) : left == 3 ? 3 : std::min<int64_t>(2, left);
     auto run = [&]<int MT>() {
       if constexpr (is_planar<F>) {   // groups of 6 where they divide a row and 8 do not
         if (a.nb % 8 != 0 && a.nb % 6 == 0)
-          int_rows_planar<F, MT, 6>(w, row_bytes, n0, n1, a, m0, out, N);
+          int_rows_planar<F, MT, 6>(w, row_bytes, n0, n1, a, m0, out);
         else
-          int_rows_planar<F, MT, 8>(w, row_bytes, n0, n1, a, m0, out, N);
+          int_rows_planar<F, MT, 8>(w, row_bytes, n0, n1, a, m0, out);
       }
       else
-        int_rows<F, MT>(w, row_bytes, n0, n1, a, m0, out, N);
+        int_rows<F, MT>(w, row_bytes, n0, n1, a, m0, out);
     };
     if (mt == 1) run.template operator()<1>();
     else if (mt == 2) run.template operator()<2>();
@@ -452,11 +512,174 @@ void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
     else run.template operator()<4>();
   }
 }
-#else
-// Portable kernel: each weight row decoded to int16 once, then dotted with every activation row.
+#endif
+
+#ifdef KVYARD_AVX512
+// ---- AVX-512 VNNI: the planar legacy formats -------------------------------------------------
+//
+// The AVX2 planar kernel's plan (groups of G blocks, one fma per group and activation row for
+// sum_blk f_blk * dot_blk, one for the min/offset term; group_scales and halves are shared) with
+// 512-bit integer work: a pair of blocks is one widening load and two vpdpwssd per activation
+// row (the activations in the SPLIT order), Q8_0 one widening load and one vpdpwssd per block.
+// The int16 activations and so the exact int32 block dots are the AVX2 kernel's; only the float
+// sums' order differs.
+
+// The int32 partials of the pair (blk, blk + 1) with each activation row: lanes 0-7 blk's,
+// lanes 8-15 blk + 1's. |partial| <= 4 * 31 * 32767 (nibbles) or 2 * 128 * 32767 (Q8_0).
+template <class P, int MT>
+[[gnu::always_inline]] inline void pair_dots512(const uint8_t* row, int64_t blk, int64_t nb,
+                                                const int16_t* const (&xq)[MT], __m512i (&out)[MT]) {
+  const __m512i zero = _mm512_setzero_si512();
+  auto x_at = [&](int m, int k) { return _mm512_loadu_si512(xq[m] + blk * 32 + k * 32); };
+  if constexpr (P::SIGNED_BYTES) {   // [a 0-3 | b 0-3] + [a 4-7 | b 4-7] of the 128-bit lanes
+    const __m512i wa = _mm512_cvtepi8_epi16(load32(P::qs(row, blk)));
+    const __m512i wb = _mm512_cvtepi8_epi16(load32(P::qs(row, blk + 1)));
+    for (int m = 0; m < MT; ++m) {
+      const __m512i t = _mm512_dpwssd_epi32(zero, wa, x_at(m, 0));
+      const __m512i u = _mm512_dpwssd_epi32(zero, wb, x_at(m, 1));
+      out[m] = _mm512_add_epi32(_mm512_shuffle_i64x2(t, u, 0x44), _mm512_shuffle_i64x2(t, u, 0xEE));
+    }
+  } else {
+    __m512i lo, hi;
+    unpack_split<P>(row, blk, nb, lo, hi);
+    for (int m = 0; m < MT; ++m)
+      out[m] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, x_at(m, 0)), hi, x_at(m, 1));
+  }
+}
+
+// Four pairs' partials (p3 zero for groups of 6) -> one int32 per block, in the order
+// [g g+2 g+4 g+6 | g+1 g+3 g+5 g+7] (the AVX2 pairs' order: pair_order below).
+inline __m256i group_sums512(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
+  // per 128-bit lane [p0 p1 p0 p1], [p2 p3 p2 p3], then [p0 p1 p2 p3]
+  const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+  const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
+  const __m512i q = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+  // 128-bit lanes 0 and 1 hold the pairs' first blocks, 2 and 3 their second ones
+  const __m512i r = _mm512_add_epi32(_mm512_shuffle_i32x4(q, q, _MM_SHUFFLE(3, 3, 2, 0)),
+                                     _mm512_shuffle_i32x4(q, q, _MM_SHUFFLE(3, 3, 3, 1)));
+  return _mm512_castsi512_si256(r);
+}
+
+// Exact int32 dot of block blk (a lone one: an odd last nibble block, or a Q8_0 block) with the
+// activations at x (element order).
+template <class P>
+inline int32_t block_dot512(const uint8_t* row, int64_t blk, int64_t nb, const int16_t* x) {
+  if constexpr (P::SIGNED_BYTES) {
+    const __m512i w = _mm512_cvtepi8_epi16(load32(P::qs(row, blk)));
+    return _mm512_reduce_add_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x)));
+  } else {
+    const __m256i q = _mm256_cvtepu8_epi16(load16(P::qs(row, blk)));
+    __m256i lo = _mm256_and_si256(q, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(q, 4);
+    if constexpr (P::QH_FIELD >= 0) {
+      uint16_t ql, qh;
+      std::memcpy(&ql, P::field(row, nb, P::QH_FIELD) + blk * 2, 2);
+      std::memcpy(&qh, P::field(row, nb, P::QH_FIELD + 1) + blk * 2, 2);
+      lo = _mm256_mask_add_epi16(lo, __mmask16(ql), lo, _mm256_set1_epi16(16));
+      hi = _mm256_mask_add_epi16(hi, __mmask16(qh), hi, _mm256_set1_epi16(16));
+    }
+    const __m256i s = _mm256_dpwssd_epi32(
+        _mm256_dpwssd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i*)x)), hi,
+        _mm256_loadu_si256((const __m256i*)(x + 16)));
+    return _mm512_reduce_add_epi32(_mm512_zextsi256_si512(s));
+  }
+}
+
+// The blocks [from, nb) after the last whole group, one at a time (rare shapes: nb % 8 and
+// nb % 6 both nonzero): y[m] += dot * d_w * d_x + (m_w - OFFSET * d_w) * sum(x).
+template <class P, int MT>
+[[gnu::noinline]] void tail_rows512(const uint8_t* row, int64_t from, int64_t nb,
+                                    const int16_t* const (&xq)[MT], const float* const (&dx)[MT],
+                                    const float* const (&xs)[MT], float (&y)[MT]) {
+  for (int64_t blk = from; blk < nb; ++blk) {
+    const float d = half_at(P::field(row, nb, 0) + blk * 2);
+    const float mw = P::MIN_FIELD >= 0 ? half_at(P::field(row, nb, std::max(P::MIN_FIELD, 0)) + blk * 2) : 0.f;
+    const float shift = mw - float(P::OFFSET) * d;
+    const bool paired = !P::SIGNED_BYTES && blk < nb / 2 * 2;   // in a pair: SPLIT order
+    for (int m = 0; m < MT; ++m) {
+      int32_t dot;
+      if (paired) {
+        alignas(64) int16_t x[32];   // the block's activations back in element order
+        const int16_t* base = xq[m] + (blk & ~int64_t(1)) * 32 + (blk & 1) * 16;
+        std::memcpy(x, base, 32);
+        std::memcpy(x + 16, base + 32, 32);
+        dot = block_dot512<P>(row, blk, nb, x);
+      } else {
+        dot = block_dot512<P>(row, blk, nb, xq[m] + blk * 32);
+      }
+      y[m] += float(dot) * (d * dx[m][blk]) + shift * xs[m][blk];
+    }
+  }
+}
+
+// out(m, n) for weight rows [n0, n1) and the MT activation rows from m0, in groups of G blocks
+// (8, or 6 where they divide the row and 8 do not) and a tail.
+template <class P, int MT, int G>
+[[gnu::noinline]] void int_rows_planar512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                                          const QuantizedActs& a, int64_t m0, OutTile out) {
+  const int64_t nb = a.nb, full = nb / G * G;
+  const int16_t* xq[MT];
+  const float* dx[MT];
+  const float* xs[MT];
+  for (int m = 0; m < MT; ++m) {
+    xq[m] = a.q.data() + (m0 + m) * a.K;
+    dx[m] = a.d.data() + (m0 + m) * a.nbp;
+    xs[m] = a.sum32.data() + (m0 + m) * a.nbp;
+  }
+  const __m256 first6 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
+  const __m256i pair_order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    const uint8_t* d_plane = P::field(row, nb, 0);
+    const uint8_t* m_plane = P::field(row, nb, std::max(P::MIN_FIELD, 0));
+    __m256 acc[MT], shifted[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = shifted[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < full; g += G) {
+      __m256 f[MT];
+      group_scales<P, MT, G == 6>(halves<G>(d_plane, g, nb),
+                                  P::MIN_FIELD >= 0 ? halves<G>(m_plane, g, nb) : _mm256_setzero_ps(),
+                                  first6, g, dx, xs, f, shifted);
+      __m512i p[4][MT];
+      pair_dots512<P, MT>(row, g, nb, xq, p[0]);
+      pair_dots512<P, MT>(row, g + 2, nb, xq, p[1]);
+      pair_dots512<P, MT>(row, g + 4, nb, xq, p[2]);
+      if constexpr (G == 8) pair_dots512<P, MT>(row, g + 6, nb, xq, p[3]);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i dots = group_sums512(p[0][m], p[1][m], p[2][m], G == 8 ? p[3][m] : _mm512_setzero_si512());
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_permutevar8x32_ps(f[m], pair_order), acc[m]);
+      }
+    }
+    float y[MT];
+    for (int m = 0; m < MT; ++m) y[m] = hsum(_mm256_add_ps(acc[m], shifted[m]));
+    if (full < nb) tail_rows512<P, MT>(row, full, nb, xq, dx, xs, y);
+    for (int m = 0; m < MT; ++m) out(m0 + m, n) = y[m];
+  }
+}
+
+// The row range [n0, n1) for every activation row, in tiles of up to 4 rows (32 zmm registers
+// hold a tile of 4's partials).
+template <class P>
+void int_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                     const QuantizedActs& a, OutTile out) {
+  const bool six = a.nb % 8 != 0 && a.nb % 6 == 0;
+  for (int64_t m0 = 0, mt; m0 < a.M; m0 += mt) {
+    mt = std::min<int64_t>(4, a.M - m0);
+    auto run = [&]<int MT>() {
+      if (six) int_rows_planar512<P, MT, 6>(w, row_bytes, n0, n1, a, m0, out);
+      else int_rows_planar512<P, MT, 8>(w, row_bytes, n0, n1, a, m0, out);
+    };
+    if (mt == 1) run.template operator()<1>();
+    else if (mt == 2) run.template operator()<2>();
+    else if (mt == 3) run.template operator()<3>();
+    else run.template operator()<4>();
+  }
+}
+#endif
+
+// Portable kernel: each weight row decoded to int16 once, then dotted with every activation row
+// (activations in element order).
 template <class F>
-void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                  const QuantizedActs& a, float* out, int64_t N) {
+void int_rows_portable(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                       const QuantizedActs& a, OutTile out) {
   constexpr int PER = F::QK / F::SUB;
   const int64_t K = a.K, subs = K / F::SUB;
   const std::vector<float>& xsum = F::SUB == 16 ? a.sum16 : a.sum32;
@@ -479,11 +702,24 @@ void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
           p += int32_t(q[s * F::SUB + i]) * int32_t(x[s * F::SUB + i]);
         y += float(p) * scale[s] * dx[s * F::SUB / 32] + min[s] * xs[s];
       }
-      out[m * N + n] = y;
+      out(m, n) = y;
     }
   }
 }
+
+// The kernel of `level` (the activations quantized in act_layout<F>(level)).
+template <class F>
+void int_rows_at(int64_t level, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                 const QuantizedActs& a, OutTile out) {
+#ifdef KVYARD_AVX512
+  if constexpr (is_planar<F>)
+    if (level == AVX512) return int_rows_avx512<F>(w, row_bytes, n0, n1, a, out);
 #endif
+#ifdef KVYARD_AVX2
+  if (level >= AVX2) return int_rows_avx2<F>(w, row_bytes, n0, n1, a, out);
+#endif
+  int_rows_portable<F>(w, row_bytes, n0, n1, a, out);
+}
 
 // ---- dequantization ---------------------------------------------------------------------------
 
@@ -589,12 +825,6 @@ void check_weight(const at::Tensor& w, int64_t K) {
               K, " does not match ", w.size(1), " bytes per row of ", F::QK, "-element blocks");
 }
 
-at::Tensor as_float_2d(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
-              "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
-  return x.to(at::kFloat).contiguous();
-}
-
 at::Tensor finish(at::Tensor out, const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
   return out.to(dtype);
@@ -605,24 +835,54 @@ int64_t row_grain(int64_t K, int64_t M) {
   return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K * M));
 }
 
+inline void store(float* p, float v) { *p = v; }
+inline void store(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }   // nearest even, as .to()
+
+// out[m, n] = tile(m, n) + bias[n] for n in [n0, n1), in the output's dtype.
+template <class T>
+void store_rows(const OutTile& tile, int64_t M, int64_t n0, int64_t n1, const float* bias, T* out,
+                int64_t N) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) store(out + m * N + n, tile(m, n) + (bias ? bias[n] : 0.f));
+}
+
+// x [M, K] float32 or bfloat16 is read as it is and y [M, N] written in its dtype (other dtypes
+// go through float32). Weight rows are split over the threads; groups of 16 of them stay in L1
+// while every activation tile passes over them, their results in a float tile.
 at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
                   const std::optional<at::Tensor>& bias) {
-  const at::Tensor x32 = as_float_2d(x, K);
-  const int64_t M = x32.size(0), N = w.size(0);
-  at::Tensor out = at::empty({M, N}, x32.options());
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
+              "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
+  const at::ScalarType dtype = x.scalar_type();
+  const bool direct = dtype == at::kFloat || dtype == at::kBFloat16;
+  const at::Tensor xc = direct ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const int64_t M = xc.size(0), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, xc.options());
+  const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  const int64_t level = simd_level();
   dispatch(qtype, [&](auto fmt) {
     using F = decltype(fmt);
     check_weight<F>(w, K);
-    const QuantizedActs acts = quantize_acts(x32, paired_acts<F>);
+    const ActLayout layout = act_layout<F>(level);
+    const QuantizedActs acts = xc.scalar_type() == at::kBFloat16
+        ? quantize_acts(xc.data_ptr<c10::BFloat16>(), M, K, layout)
+        : quantize_acts(xc.data_ptr<float>(), M, K, layout);
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* op = out.data_ptr<float>();
-    // Groups of 16 weight rows stay in L1 while every activation tile passes over them.
     at::parallel_for(0, N, row_grain(K, M), [&](int64_t n0, int64_t n1) {
-      for (int64_t g = n0; g < n1; g += 16)
-        int_rows_all<F>(wp, w.size(1), g, std::min(g + 16, n1), acts, op, N);
+      std::vector<float> buf(M * 16);
+      for (int64_t g = n0; g < n1; g += 16) {
+        const int64_t g1 = std::min(g + 16, n1);
+        const OutTile tile{buf.data(), 16, g};
+        int_rows_at<F>(level, wp, w.size(1), g, g1, acts, tile);
+        if (xc.scalar_type() == at::kBFloat16)
+          store_rows(tile, M, g, g1, bp, out.data_ptr<c10::BFloat16>(), N);
+        else
+          store_rows(tile, M, g, g1, bp, out.data_ptr<float>(), N);
+      }
     });
   });
-  return finish(out, bias, x.scalar_type());
+  return direct ? out : out.to(dtype);
 }
 
 // Dequantizes chunks of rows and multiplies each with one single-threaded gemm inside the
@@ -734,6 +994,8 @@ TORCH_LIBRARY(kvyard_gguf, m) {
   m.def("repack(Tensor w, int qtype, int in_features) -> Tensor");
   m.def("native_bf16() -> bool", &kvyard_gguf::native_bf16);
   m.def("has_simd() -> bool", &kvyard_gguf::has_simd);
+  m.def("simd_level() -> int", &kvyard_gguf::simd_level);
+  m.def("set_simd_level(int level) -> int", &kvyard_gguf::set_simd_level);
 }
 
 TORCH_LIBRARY_IMPL(kvyard_gguf, CPU, m) {

@@ -9,6 +9,7 @@ starts winning (benchmarks/gguf_matmul.py measures it).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import gguf
@@ -41,6 +42,11 @@ _state: dict[str, object] = {}
 _ops = None   # torch.ops.kvyard_gguf once loaded (looked up once: it sits on every forward)
 
 
+# The int kernel's SIMD paths, best last; KVYARD_GGUF_SIMD=<name> caps the one used (default: the
+# best this build has; KVYARD_GGUF_PORTABLE=1 builds without any).
+SIMD_LEVELS = ("portable", "avx2", "avx512")
+
+
 def load() -> None:
     """Builds/loads the library and registers the fake kernels; raises KernelBuildError."""
     global _ops
@@ -51,6 +57,24 @@ def load() -> None:
     _ops = torch.ops.kvyard_gguf
     _state["loaded"] = True
     _state["native_bf16"] = bool(torch.ops.kvyard_gguf.native_bf16())
+    cap = os.environ.get("KVYARD_GGUF_SIMD", "").strip().lower()
+    if cap:
+        if cap not in SIMD_LEVELS:
+            raise ValueError(f"KVYARD_GGUF_SIMD={cap!r}; valid: {', '.join(SIMD_LEVELS)}")
+        set_simd_level(cap)
+
+
+def simd_level() -> str:
+    """The SIMD path the int kernel takes now: one of SIMD_LEVELS."""
+    load()
+    return SIMD_LEVELS[int(_ops.simd_level())]
+
+
+def set_simd_level(level: str) -> str:
+    """Caps the int kernel's SIMD path at ``level`` (tests: the AVX2 and portable paths on an
+    AVX-512 machine); returns the path now taken (never above what the build has)."""
+    load()
+    return SIMD_LEVELS[int(_ops.set_simd_level(SIMD_LEVELS.index(level)))]
 
 
 def available() -> bool:
