@@ -47,13 +47,13 @@ def random_weight(qtype: gguf.GGMLQuantizationType, n: int, k: int) -> torch.Ten
     return torch.from_numpy(gguf_kernels.random_blocks(qtype, n, k, rng))
 
 
-def simd_ab(levels: list[str], fn, passes: int) -> dict[str, list[float]]:
-    """Per level, the best time of each pass; levels alternate within every pass."""
+def simd_ab(levels: list[str], fns: dict, passes: int) -> dict[str, list[float]]:
+    """Per level, the best time of each pass of fns[level]; levels alternate within every pass."""
     times: dict[str, list[float]] = {level: [] for level in levels}
     for _ in range(passes):
         for level in levels:
             gguf_kernels.set_simd_level(level)
-            times[level].append(best_seconds(fn, min_time=0.05, max_runs=50))
+            times[level].append(best_seconds(fns[level], min_time=0.05, max_runs=50))
     gguf_kernels.set_simd_level(gguf_kernels.SIMD_LEVELS[-1])
     return times
 
@@ -106,9 +106,14 @@ def main() -> None:
             for m in args.ms:
                 x = torch.randn(m, k, dtype=dtype)
                 print(f"{name} {k}x{n} M={m} ({w.numel() / 1e6:.2f} MB quantized)")
-                if args.simd:
-                    report_ab(simd_ab(args.simd, lambda: gguf_kernels.matmul(x, w, layout, k, path="int"),
-                                      args.passes))
+                if args.simd:   # each level multiplies the layout prepare() gives at that level
+                    fns = {}
+                    for level in args.simd:
+                        gguf_kernels.set_simd_level(level)
+                        wl, ll = gguf_kernels.prepare(random_weight(qtype, n, k), qtype, k)
+                        fns[level] = (lambda x=x, wl=wl, ll=ll:
+                                      gguf_kernels.matmul(x, wl, ll, k, path="int"))
+                    report_ab(simd_ab(args.simd, fns, args.passes))
                     continue
                 report("auto", best_seconds(lambda: gguf_kernels.matmul(x, w, layout, k)),
                        m, n, k, w.numel())

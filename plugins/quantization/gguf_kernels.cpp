@@ -707,6 +707,108 @@ void int_rows_portable(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t 
   }
 }
 
+// ---- row-interleaved tiles (X16, gguf_formats.h) ---------------------------------------------
+
+#ifdef KVYARD_AVX512
+// out(m0 + m, n0 + r) for the 16 rows of one tile and MT activation rows (element order): per
+// block, int32 lane r sums row r's products (exact), then one fma per block and activation row
+// scales the 16 lanes at once: y += dot * (d_w * d_x) + (m_w - OFFSET * d_w) * sum(x).
+template <class X, int MT>
+[[gnu::noinline]] void x16_tile512(const uint8_t* tile, const QuantizedActs& a, int64_t m0,
+                                   const OutTile& out, int64_t n0) {
+  const int16_t* xq[MT];
+  const float* dx[MT];
+  const float* xs[MT];
+  for (int m = 0; m < MT; ++m) {
+    xq[m] = a.q.data() + (m0 + m) * a.K;
+    dx[m] = a.d.data() + (m0 + m) * a.nbp;
+    xs[m] = a.sum32.data() + (m0 + m) * a.nbp;
+  }
+  auto pair_at = [](const int16_t* x) { return _mm512_set1_epi32(int(u32_at((const uint8_t*)x))); };
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < a.nb; ++blk) {
+    const uint8_t* b = X::block_at(tile, blk);
+    __m512i s0[MT], s1[MT];   // two chains per row: lo / hi nibbles, or even / odd units
+    for (int m = 0; m < MT; ++m) s0[m] = s1[m] = _mm512_setzero_si512();
+    if constexpr (!X::SIGNED_BYTES) {
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {   // unit c: elements 2c, 2c + 1 (low nibbles), 2c + 16, 2c + 17
+        const __m512i w = _mm512_cvtepu8_epi16(load32(b + 32 * c));
+        const __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(w, 4);
+        for (int m = 0; m < MT; ++m) {
+          s0[m] = _mm512_dpwssd_epi32(s0[m], lo, pair_at(xq[m] + blk * 32 + 2 * c));
+          s1[m] = _mm512_dpwssd_epi32(s1[m], hi, pair_at(xq[m] + blk * 32 + 16 + 2 * c));
+        }
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int u = 0; u < 16; ++u) {   // unit u: elements 2u, 2u + 1
+        const __m512i w = _mm512_cvtepi8_epi16(load32(b + 32 * u));
+        for (int m = 0; m < MT; ++m) {
+          __m512i& s = u % 2 ? s1[m] : s0[m];
+          s = _mm512_dpwssd_epi32(s, w, pair_at(xq[m] + blk * 32 + 2 * u));
+        }
+      }
+    }
+    const __m512 d16 = _mm512_cvtph_ps(load32(X::field(b, 0)));
+    __m512 shift = _mm512_setzero_ps();
+    if constexpr (X::HAS_MIN) shift = _mm512_cvtph_ps(load32(X::field(b, 1)));
+    if constexpr (X::OFFSET != 0) shift = _mm512_mul_ps(_mm512_set1_ps(-float(X::OFFSET)), d16);
+    for (int m = 0; m < MT; ++m) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[m], s1[m]));
+      acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d16, _mm512_set1_ps(dx[m][blk])), acc[m]);
+      if constexpr (X::HAS_MIN || X::OFFSET != 0)
+        acc[m] = _mm512_fmadd_ps(shift, _mm512_set1_ps(xs[m][blk]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(&out(m0 + m, n0), acc[m]);
+}
+#endif
+
+// The same for any SIMD level: each row's blocks reassembled as the file has them and dotted
+// like the portable kernel (the path where the level was lowered after the weights were laid out).
+template <class X>
+void x16_tile_portable(const uint8_t* tile, const QuantizedActs& a, const OutTile& out, int64_t n0) {
+  using F = typename X::File;
+  uint8_t block[F::BYTES];
+  int16_t q[32];
+  float scale, min;
+  for (int r = 0; r < X16_ROWS; ++r) {
+    for (int64_t m = 0; m < a.M; ++m) out(m, n0 + r) = 0.f;
+    for (int64_t blk = 0; blk < a.nb; ++blk) {
+      X::native_block(tile, r, blk, block);
+      F::values(block, 0, 1, q);
+      F::scales(block, 0, 1, &scale, &min);
+      for (int64_t m = 0; m < a.M; ++m) {
+        const int16_t* x = a.q.data() + m * a.K + blk * 32;
+        int32_t p = 0;
+        for (int i = 0; i < 32; ++i) p += int32_t(q[i]) * int32_t(x[i]);
+        out(m, n0 + r) += float(p) * scale * a.d[m * a.nbp + blk] + min * a.sum32[m * a.nbp + blk];
+      }
+    }
+  }
+}
+
+// One whole tile (rows [n0, n0 + 16)) for every activation row, in row tiles of up to 4.
+template <class X>
+void x16_tile_at(int64_t level, const uint8_t* tile, const QuantizedActs& a, const OutTile& out,
+                 int64_t n0) {
+#ifdef KVYARD_AVX512
+  if (level == AVX512) {
+    for (int64_t m0 = 0, mt; m0 < a.M; m0 += mt) {
+      mt = std::min<int64_t>(4, a.M - m0);
+      if (mt == 1) x16_tile512<X, 1>(tile, a, m0, out, n0);
+      else if (mt == 2) x16_tile512<X, 2>(tile, a, m0, out, n0);
+      else if (mt == 3) x16_tile512<X, 3>(tile, a, m0, out, n0);
+      else x16_tile512<X, 4>(tile, a, m0, out, n0);
+    }
+    return;
+  }
+#endif
+  x16_tile_portable<X>(tile, a, out, n0);
+}
+
 // The kernel of `level` (the activations quantized in act_layout<F>(level)).
 template <class F>
 void int_rows_at(int64_t level, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
@@ -816,6 +918,95 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, i
 #endif
 }
 
+// ---- X16 dequantization ---------------------------------------------------------------------
+
+// Row r of tile at `tile`, dequantized into out[k * ld] (k = 0..K-1), bit for bit as gguf.quants.
+template <class X, class T>
+void dequant_x16_row(const uint8_t* tile, int r, int64_t nb, T* out, int64_t ld) {
+  using F = typename X::File;
+  uint8_t block[F::BYTES];
+  int16_t q[32];
+  float scale, min;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    X::native_block(tile, r, blk, block);
+    F::values(block, 0, 1, q);
+    F::scales(block, 0, 1, &scale, &min);
+    for (int e = 0; e < 32; ++e) {
+      const float v = float(q[e]) * scale;
+      out[(blk * 32 + e) * ld] = T(F::HAS_MIN ? v + min : v);
+    }
+  }
+}
+
+#ifdef KVYARD_AVX512
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {   // nearest even (finite weights: no NaN case)
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+}
+
+// A whole tile dequantized K-major: out[k * ld + r] for its 16 rows r. A unit load's lanes
+// (2r + j) are put in the order [j = 0: rows 0-15 | j = 1: rows 0-15], i.e. two output rows.
+template <class X, class T>
+void dequant_x16_tile512(const uint8_t* tile, int64_t nb, T* out, int64_t ld) {
+  const __m512i by_element = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+                                              30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const uint8_t* b = X::block_at(tile, blk);
+    const __m512 d16 = _mm512_cvtph_ps(load32(X::field(b, 0)));
+    const __m512 m16 = X::HAS_MIN ? _mm512_cvtph_ps(load32(X::field(b, 1))) : _mm512_setzero_ps();
+    auto emit = [&](__m512i v, int64_t e) {   // v: lanes (2r + j) = row r, element e + j
+      v = _mm512_permutexvar_epi16(by_element, v);
+      for (int j = 0; j < 2; ++j) {
+        const __m256i h = j ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(h)), d16);   // mul, then add
+        if constexpr (X::HAS_MIN) f = _mm512_add_ps(f, m16);
+        store16(out + (blk * 32 + e + j) * ld, f);
+      }
+    };
+    if constexpr (!X::SIGNED_BYTES) {
+      for (int c = 0; c < 8; ++c) {
+        const __m512i w = _mm512_cvtepu8_epi16(load32(b + 32 * c)), off = _mm512_set1_epi16(X::OFFSET);
+        emit(_mm512_sub_epi16(_mm512_and_si512(w, _mm512_set1_epi16(15)), off), 2 * c);
+        emit(_mm512_sub_epi16(_mm512_srli_epi16(w, 4), off), 16 + 2 * c);
+      }
+    } else {
+      for (int u = 0; u < 16; ++u) emit(_mm512_cvtepi8_epi16(load32(b + 32 * u)), 2 * u);
+    }
+  }
+}
+#endif
+
+// Rows [n0, n1) of an X16 weight (n0 a multiple of 16) dequantized K-major: out[k * ld + n - n0].
+// Rows of whole tiles (below N / 16 * 16) are X16, the rest planar.
+template <class X, class T>
+void dequant_x16_kmajor(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t n0, int64_t n1, int64_t K,
+                        T* out, int64_t ld) {
+  using P = typename X::Tail;
+  const int64_t nb = K / 32, full = N / X16_ROWS * X16_ROWS;
+  for (int64_t g = n0; g < n1; g += X16_ROWS) {
+    if (g + X16_ROWS <= full && g + X16_ROWS <= n1) {
+#ifdef KVYARD_AVX512
+      dequant_x16_tile512<X>(w + g * row_bytes, nb, out + (g - n0), ld);
+#else
+      for (int r = 0; r < X16_ROWS; ++r) dequant_x16_row<X>(w + g * row_bytes, r, nb, out + (g - n0) + r, ld);
+#endif
+      continue;
+    }
+    std::vector<float> row(K);
+    for (int64_t n = g; n < std::min(g + X16_ROWS, n1); ++n) {
+      if (n < full) {
+        dequant_x16_row<X>(w + (n / X16_ROWS) * X16_ROWS * row_bytes, int(n % X16_ROWS), nb, out + (n - n0), ld);
+      } else {
+        dequant_rows<P>(w, row_bytes, n, n + 1, K, row.data());
+        for (int64_t k = 0; k < K; ++k) out[k * ld + (n - n0)] = T(row[k]);
+      }
+    }
+  }
+}
+
 template <class F>
 void check_weight(const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 &&
@@ -861,27 +1052,50 @@ at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const int64_t level = simd_level();
-  dispatch(qtype, [&](auto fmt) {
-    using F = decltype(fmt);
-    check_weight<F>(w, K);
-    const ActLayout layout = act_layout<F>(level);
-    const QuantizedActs acts = xc.scalar_type() == at::kBFloat16
-        ? quantize_acts(xc.data_ptr<c10::BFloat16>(), M, K, layout)
-        : quantize_acts(xc.data_ptr<float>(), M, K, layout);
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    at::parallel_for(0, N, row_grain(K, M), [&](int64_t n0, int64_t n1) {
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  auto quantize = [&](ActLayout layout) {
+    return bf16 ? quantize_acts(xc.data_ptr<c10::BFloat16>(), M, K, layout)
+                : quantize_acts(xc.data_ptr<float>(), M, K, layout);
+  };
+  auto store_tile = [&](const OutTile& tile, int64_t g, int64_t g1) {
+    if (bf16) store_rows(tile, M, g, g1, bp, out.data_ptr<c10::BFloat16>(), N);
+    else store_rows(tile, M, g, g1, bp, out.data_ptr<float>(), N);
+  };
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1), grain16 = std::max<int64_t>(1, row_grain(K, M) / 16);
+  // Tasks take whole groups of 16 rows (an X16 tile, or 16 rows that stay in L1 while every
+  // activation tile passes over them); each group's results go through a float tile.
+  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {
+    using X = decltype(fmt);
+    using P = typename X::Tail;
+    check_weight<P>(w, K);
+    const QuantizedActs acts = quantize(ActLayout::ELEMENT);
+    at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
       std::vector<float> buf(M * 16);
-      for (int64_t g = n0; g < n1; g += 16) {
-        const int64_t g1 = std::min(g + 16, n1);
+      for (int64_t g = t0 * 16; g < std::min(t1 * 16, N); g += 16) {
+        const int64_t g1 = std::min(g + 16, N);
         const OutTile tile{buf.data(), 16, g};
-        int_rows_at<F>(level, wp, w.size(1), g, g1, acts, tile);
-        if (xc.scalar_type() == at::kBFloat16)
-          store_rows(tile, M, g, g1, bp, out.data_ptr<c10::BFloat16>(), N);
-        else
-          store_rows(tile, M, g, g1, bp, out.data_ptr<float>(), N);
+        if (g1 - g == X16_ROWS) x16_tile_at<X>(level, wp + g * row_bytes, acts, tile, g);
+        else int_rows_portable<P>(wp, row_bytes, g, g1, acts, tile);   // the planar last rows
+        store_tile(tile, g, g1);
       }
     });
   });
+  if (!x16)
+    dispatch(qtype, [&](auto fmt) {
+      using F = decltype(fmt);
+      check_weight<F>(w, K);
+      const QuantizedActs acts = quantize(act_layout<F>(level));
+      at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
+        std::vector<float> buf(M * 16);
+        for (int64_t g = t0 * 16; g < std::min(t1 * 16, N); g += 16) {
+          const int64_t g1 = std::min(g + 16, N);
+          const OutTile tile{buf.data(), 16, g};
+          int_rows_at<F>(level, wp, row_bytes, g, g1, acts, tile);
+          store_tile(tile, g, g1);
+        }
+      });
+    });
   return direct ? out : out.to(dtype);
 }
 
@@ -903,14 +1117,33 @@ at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int
   const int64_t M = xg.size(0), N = w.size(0);
   const int64_t CHUNK = dense_chunk_rows(N, K);
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  dispatch(qtype, [&](auto fmt) {
+  const at::ThreadLocalState caller_state;
+  // X16: chunks of whole tiles, dequantized K-major ([K, rows]: the tile layout's natural order)
+  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {
+    using X = decltype(fmt);
+    check_weight<typename X::Tail>(w, K);
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const int64_t chunk = (CHUNK + X16_ROWS - 1) / X16_ROWS * X16_ROWS, chunks = (N + chunk - 1) / chunk;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      at::ThreadLocalStateGuard state_guard(caller_state);
+      at::Tensor tile = at::empty({K, chunk}, xg.options());
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = c * chunk, rows = std::min(chunk, N - n0);
+        if (bf16_gemm)
+          dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>(), chunk);
+        else
+          dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<float>(), chunk);
+        out.narrow(1, n0, rows).copy_(at::mm(xg, tile.narrow(1, 0, rows)));   // [M, rows]
+      }
+    });
+  });
+  if (!x16) dispatch(qtype, [&](auto fmt) {
     using F = decltype(fmt);
     check_weight<F>(w, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const int64_t chunks = (N + CHUNK - 1) / CHUNK;
     // The pool's threads do not inherit the caller's inference mode; the tensor ops below
     // (an in-place copy into `out`, an inference tensor under torch.inference_mode) need it.
-    const at::ThreadLocalState caller_state;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       at::ThreadLocalStateGuard state_guard(caller_state);
       at::Tensor tile = at::empty({CHUNK, K}, xg.options());
@@ -933,7 +1166,22 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K, at::ScalarT
   const int64_t N = w.size(0);
   const bool bf16 = dtype == at::kBFloat16;
   at::Tensor out = at::empty({N, K}, w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-  dispatch(qtype, [&](auto fmt) {
+  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {   // row by row: a check, not a hot path
+    using X = decltype(fmt);
+    check_weight<typename X::Tail>(w, K);
+    at::Tensor o32 = bf16 ? at::empty({N, K}, w.options().dtype(at::kFloat)) : out;
+    float* op = o32.data_ptr<float>();
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const int64_t full = N / X16_ROWS * X16_ROWS;
+    for (int64_t n = 0; n < N; ++n) {
+      if (n < full)
+        dequant_x16_row<X>(wp + (n / X16_ROWS) * X16_ROWS * w.size(1), int(n % X16_ROWS), K / 32, op + n * K, 1);
+      else
+        dequant_rows<typename X::Tail>(wp, w.size(1), n, n + 1, K, op + n * K);
+    }
+    if (bf16) out.copy_(o32);
+  });
+  if (!x16) dispatch(qtype, [&](auto fmt) {
     using F = decltype(fmt);
     check_weight<F>(w, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -965,6 +1213,24 @@ at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t K) {
   return out;
 }
 
+// File layout -> X16 (whole tiles of 16 rows; the last N % 16 rows planar); see gguf_formats.h.
+at::Tensor repack_x16(const at::Tensor& w, int64_t qtype, int64_t K) {
+  at::Tensor out = at::empty_like(w);
+  const bool done = dispatch_x16(X16_BASE + qtype, [&](auto fmt) {
+    using X = decltype(fmt);
+    using P = typename X::Tail;
+    check_weight<P>(w, K);
+    const int64_t N = w.size(0), row_bytes = w.size(1), full = N / X16_ROWS * X16_ROWS;
+    const uint8_t* in = w.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    for (int64_t g = 0; g < full; g += X16_ROWS)
+      X::repack_tile(in + g * row_bytes, row_bytes, K / 32, o + g * row_bytes);
+    for (int64_t n = full; n < N; ++n) P::repack_row(in + n * row_bytes, o + n * row_bytes, K / 32);
+  });
+  TORCH_CHECK(done, "kvyard_gguf: no X16 layout for ggml type id ", qtype);
+  return out;
+}
+
 // Whether this build multiplies bf16 natively (AVX512-BF16 or AMX), i.e. whether the dense path
 // should feed the gemm bf16 instead of fp32.
 bool native_bf16() {
@@ -992,6 +1258,7 @@ TORCH_LIBRARY(kvyard_gguf, m) {
         " -> Tensor");
   m.def("dequantize(Tensor w, int qtype, int in_features, ScalarType dtype) -> Tensor");
   m.def("repack(Tensor w, int qtype, int in_features) -> Tensor");
+  m.def("repack_x16(Tensor w, int qtype, int in_features) -> Tensor");
   m.def("native_bf16() -> bool", &kvyard_gguf::native_bf16);
   m.def("has_simd() -> bool", &kvyard_gguf::has_simd);
   m.def("simd_level() -> int", &kvyard_gguf::simd_level);
@@ -1003,4 +1270,5 @@ TORCH_LIBRARY_IMPL(kvyard_gguf, CPU, m) {
   m.impl("mm_dense", &kvyard_gguf::mm_dense);
   m.impl("dequantize", &kvyard_gguf::dequantize);
   m.impl("repack", &kvyard_gguf::repack);
+  m.impl("repack_x16", &kvyard_gguf::repack_x16);
 }

@@ -34,6 +34,10 @@ K_QUANT_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_
 # regrouped into qs / scale planes; gguf_formats.h). Their kernel layout id is PLANAR_BASE + id.
 PLANAR = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0})
 PLANAR_BASE = 256
+# Formats laid out in row-interleaved tiles of 16 rows where the int kernel runs AVX-512 VNNI at
+# load (same bytes; gguf_formats.h, X16); their layout id is X16_BASE + id.
+X16 = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0})
+X16_BASE = 512
 
 DENSE_MIN_M = 16     # M at which "dense" (dequantize + gemm) overtakes "int"
 PATHS = ("auto", "int", "dense")
@@ -108,6 +112,8 @@ def prepare(data: torch.Tensor, qtype: int, in_features: int) -> tuple[torch.Ten
     """File blocks uint8 [N, bytes_per_row] -> (the kernels' layout of them, its layout id).
     Same shape and bytes; the id is what matmul/dequantize take as ``qtype``."""
     load()
+    if Q(qtype) in X16 and simd_level() == "avx512":
+        return torch.ops.kvyard_gguf.repack_x16(data, int(qtype), in_features), X16_BASE + int(qtype)
     if Q(qtype) in PLANAR:
         return torch.ops.kvyard_gguf.repack(data, int(qtype), in_features), PLANAR_BASE + int(qtype)
     return data, int(qtype)
@@ -169,6 +175,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("kvyard_gguf::repack")
     def _repack(w, qtype, in_features):
+        return torch.empty_like(w)
+
+    @torch.library.register_fake("kvyard_gguf::repack_x16")
+    def _repack_x16(w, qtype, in_features):
         return torch.empty_like(w)
 
     _state["fakes"] = True
