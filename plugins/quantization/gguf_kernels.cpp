@@ -14,9 +14,16 @@
 //             stored in that load's lane order. (int8 activations with u8 x s8 pmaddubsw would
 //             be faster but measured too coarse: kept-quantized greedy decoding of SmolLM2 then
 //             matched the dequantized model on 4 of 8 prompts, against 8 of 8 with int16.)
+//             With AVX-512 VNNI: Q4_0/Q4_1/Q8_0 weights are laid out at load in tiles of 16
+//             interleaved rows (X16, gguf_formats.h), and x16_tile512 sums each row in its own
+//             int32 lane with vpdpwssd on the same int16 activations (no reduction; ~1.9x the
+//             AVX2 kernel at M = 1); Q5_0/Q5_1 stay planar (int_rows_planar512). The SIMD level
+//             is read per call (simd_level: the build's best unless set_simd_level lowered it);
+//             x is read as it comes (float32 or bfloat16) and y written in x's dtype, no copies.
 //   mm_dense  M large (prefill, big batches): rows are dequantized in chunks to fp32 (or bf16
 //             where the CPU multiplies bf16 natively) and handed to the BLAS gemm.
-// Both run on ATen's intra-op thread pool, split over output rows.
+//             X16 weights are dequantized K-major ([K, rows]), their natural order.
+// Both run on ATen's intra-op thread pool (OpenMP), split over output rows.
 //
 // The block formats live in gguf_formats.h. Dequantization reproduces gguf.quants.dequantize
 // bit for bit (built with -ffp-contract=off, so q*scale+min rounds twice as numpy does).
@@ -175,10 +182,11 @@ inline void order_pair(const int16_t* a, const int16_t* b, int16_t* out, ActLayo
   std::memcpy(out + 48, b + 16, 32);
 }
 
-// x [M, K] row-major (float or bfloat16).
+// x [M, K] row-major (float or bfloat16) -> the calling thread's buffers (reused call after call:
+// a decode step makes ~120 calls of the same few shapes).
 template <class T>
-QuantizedActs quantize_acts(const T* x, int64_t M, int64_t K, ActLayout layout) {
-  QuantizedActs a;
+const QuantizedActs& quantize_acts(const T* x, int64_t M, int64_t K, ActLayout layout) {
+  thread_local QuantizedActs a;
   a.M = M;
   a.K = K;
   a.nb = K / 32;
@@ -1037,6 +1045,16 @@ void store_rows(const OutTile& tile, int64_t M, int64_t n0, int64_t n1, const fl
     for (int64_t n = n0; n < n1; ++n) store(out + m * N + n, tile(m, n) + (bias ? bias[n] : 0.f));
 }
 
+// A task's float results for 16 weight rows: on the stack for decode-sized M.
+struct TileBuffer {
+  alignas(64) float stack[16 * 16];
+  std::vector<float> heap;
+  float* data;
+  explicit TileBuffer(int64_t M) : data(stack) {
+    if (M > 16) data = (heap.resize(M * 16), heap.data());
+  }
+};
+
 // x [M, K] float32 or bfloat16 is read as it is and y [M, N] written in its dtype (other dtypes
 // go through float32). Weight rows are split over the threads; groups of 16 of them stay in L1
 // while every activation tile passes over them, their results in a float tile.
@@ -1053,7 +1071,7 @@ at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64
   const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const int64_t level = simd_level();
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
-  auto quantize = [&](ActLayout layout) {
+  auto quantize = [&](ActLayout layout) -> const QuantizedActs& {
     return bf16 ? quantize_acts(xc.data_ptr<c10::BFloat16>(), M, K, layout)
                 : quantize_acts(xc.data_ptr<float>(), M, K, layout);
   };
@@ -1069,12 +1087,12 @@ at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64
     using X = decltype(fmt);
     using P = typename X::Tail;
     check_weight<P>(w, K);
-    const QuantizedActs acts = quantize(ActLayout::ELEMENT);
+    const QuantizedActs& acts = quantize(ActLayout::ELEMENT);
     at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
-      std::vector<float> buf(M * 16);
+      TileBuffer buf(M);
       for (int64_t g = t0 * 16; g < std::min(t1 * 16, N); g += 16) {
         const int64_t g1 = std::min(g + 16, N);
-        const OutTile tile{buf.data(), 16, g};
+        const OutTile tile{buf.data, 16, g};
         if (g1 - g == X16_ROWS) x16_tile_at<X>(level, wp + g * row_bytes, acts, tile, g);
         else int_rows_portable<P>(wp, row_bytes, g, g1, acts, tile);   // the planar last rows
         store_tile(tile, g, g1);
@@ -1085,12 +1103,12 @@ at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64
     dispatch(qtype, [&](auto fmt) {
       using F = decltype(fmt);
       check_weight<F>(w, K);
-      const QuantizedActs acts = quantize(act_layout<F>(level));
+      const QuantizedActs& acts = quantize(act_layout<F>(level));
       at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
-        std::vector<float> buf(M * 16);
+        TileBuffer buf(M);
         for (int64_t g = t0 * 16; g < std::min(t1 * 16, N); g += 16) {
           const int64_t g1 = std::min(g + 16, N);
-          const OutTile tile{buf.data(), 16, g};
+          const OutTile tile{buf.data, 16, g};
           int_rows_at<F>(level, wp, row_bytes, g, g1, acts, tile);
           store_tile(tile, g, g1);
         }
