@@ -17,7 +17,7 @@
 //             With AVX-512 VNNI: Q4_0/Q4_1/Q8_0 weights are laid out at load in tiles of 16
 //             interleaved rows (X16, gguf_formats.h), and x16_tile512 sums each row in its own
 //             int32 lane with vpdpwssd on the same int16 activations (no reduction; ~1.9x the
-//             AVX2 kernel at M = 1); Q5_0/Q5_1 stay planar (int_rows_planar512). The SIMD level
+//             AVX2 kernel at M = 1); Q5_0/Q5_1 stay planar (int_rows_planar, WIDE: 512-bit pair dots). The SIMD level
 //             is read per call (simd_level: the build's best unless set_simd_level lowered it);
 //             x is read as it comes (float32 or bfloat16) and y written in x's dtype, no copies.
 //   mm_dense  M large (prefill, big batches): rows are dequantized in chunks to fp32 (or bf16
@@ -454,74 +454,6 @@ template <class P, int MT>
   }
 }
 
-// out[m, n] for weight rows [n0, n1) and the MT activation rows from m0 (the nibble formats'
-// activations paired), in groups of G blocks and, for G = 8, a tail.
-// (noinline: each instantiation gets its own register allocation; inlined into int_rows_all, the
-// accumulators spill to the stack.)
-template <class P, int MT, int G>
-[[gnu::noinline]] void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                     const QuantizedActs& a, int64_t m0, OutTile out) {
-  const int64_t nb = a.nb, full = G == 8 ? nb / 8 * 8 : nb;
-  const int16_t* xq[MT];
-  const float* dx[MT];
-  const float* xs[MT];
-  for (int m = 0; m < MT; ++m) {
-    xq[m] = a.q.data() + (m0 + m) * a.K;
-    dx[m] = a.d.data() + (m0 + m) * a.nbp;
-    xs[m] = a.sum32.data() + (m0 + m) * a.nbp;
-  }
-  const __m256 first6 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
-  const __m256i pair_order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    const uint8_t* d_plane = P::field(row, nb, 0);
-    const uint8_t* m_plane = P::field(row, nb, std::max(P::MIN_FIELD, 0));
-    __m256 acc[MT], shifted[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = shifted[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < full; g += G) {
-      __m256 f[MT];
-      group_scales<P, MT, G == 6>(halves<G>(d_plane, g, nb),
-                                  P::MIN_FIELD >= 0 ? halves<G>(m_plane, g, nb) : _mm256_setzero_ps(),
-                                  first6, g, dx, xs, f, shifted);
-      __m256i dots[MT];
-      group_dots<P, MT, G>(row, g, nb, xq, dots);
-      for (int m = 0; m < MT; ++m) {
-        const __m256 fo = P::SIGNED_BYTES ? f[m] : _mm256_permutevar8x32_ps(f[m], pair_order);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m]), fo, acc[m]);
-      }
-    }
-    if (full < nb) tail_dots<P, MT>(row, nb, xq, dx, xs, acc, shifted);
-    for (int m = 0; m < MT; ++m)
-      out(m0 + m, n) = hsum(_mm256_add_ps(acc[m], shifted[m]));
-  }
-}
-
-// The row range [n0, n1) for every activation row, in tiles of up to 4 rows; the planar kernel
-// takes tiles of 2 or 3 (with 4 its accumulators spill: M = 4 as 2 + 2 measured ~7% faster).
-template <class F>
-void int_rows_avx2(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                   const QuantizedActs& a, OutTile out) {
-  for (int64_t m0 = 0, mt; m0 < a.M; m0 += mt) {
-    const int64_t left = a.M - m0;
-    mt = !is_planar<F> ? std::min<int64_t>(4, left) : left == 3 ? 3 : std::min<int64_t>(2, left);
-    auto run = [&]<int MT>() {
-      if constexpr (is_planar<F>) {   // groups of 6 where they divide a row and 8 do not
-        if (a.nb % 8 != 0 && a.nb % 6 == 0)
-          int_rows_planar<F, MT, 6>(w, row_bytes, n0, n1, a, m0, out);
-        else
-          int_rows_planar<F, MT, 8>(w, row_bytes, n0, n1, a, m0, out);
-      }
-      else
-        int_rows<F, MT>(w, row_bytes, n0, n1, a, m0, out);
-    };
-    if (mt == 1) run.template operator()<1>();
-    else if (mt == 2) run.template operator()<2>();
-    else if (mt == 3) run.template operator()<3>();
-    else run.template operator()<4>();
-  }
-}
-#endif
-
 #ifdef KVYARD_AVX512
 // ---- AVX-512 VNNI: the planar legacy formats -------------------------------------------------
 //
@@ -619,12 +551,30 @@ template <class P, int MT>
   }
 }
 
-// out(m, n) for weight rows [n0, n1) and the MT activation rows from m0, in groups of G blocks
-// (8, or 6 where they divide the row and 8 do not) and a tail.
+// One int32 per block of the group [g, g + G) in the pairs' order (as group_dots for the nibble
+// formats), from 512-bit pair dots.
 template <class P, int MT, int G>
-[[gnu::noinline]] void int_rows_planar512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                                          const QuantizedActs& a, int64_t m0, OutTile out) {
-  const int64_t nb = a.nb, full = nb / G * G;
+[[gnu::always_inline]] inline void group_dots512(const uint8_t* row, int64_t g, int64_t nb,
+                                                 const int16_t* const (&xq)[MT], __m256i (&dots)[MT]) {
+  __m512i p[4][MT];
+  pair_dots512<P, MT>(row, g, nb, xq, p[0]);
+  pair_dots512<P, MT>(row, g + 2, nb, xq, p[1]);
+  pair_dots512<P, MT>(row, g + 4, nb, xq, p[2]);
+  if constexpr (G == 8) pair_dots512<P, MT>(row, g + 6, nb, xq, p[3]);
+  for (int m = 0; m < MT; ++m)
+    dots[m] = group_sums512(p[0][m], p[1][m], p[2][m], G == 8 ? p[3][m] : _mm512_setzero_si512());
+}
+#endif
+
+// out(m, n) for weight rows [n0, n1) and the MT activation rows from m0 (the nibble formats'
+// activations PAIRED, or SPLIT for WIDE), in groups of G blocks and, for G = 8, a tail. WIDE: the
+// block dots by the AVX-512 pair kernel (always in the pairs' order, Q8_0 too).
+// (noinline: each instantiation gets its own register allocation; inlined into int_rows_all, the
+// accumulators spill to the stack.)
+template <class P, int MT, int G, bool WIDE = false>
+[[gnu::noinline]] void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                     const QuantizedActs& a, int64_t m0, OutTile out) {
+  const int64_t nb = a.nb, full = nb / G * G;   // G = 6 only where it divides nb
   const int16_t* xq[MT];
   const float* dx[MT];
   const float* xs[MT];
@@ -646,34 +596,45 @@ template <class P, int MT, int G>
       group_scales<P, MT, G == 6>(halves<G>(d_plane, g, nb),
                                   P::MIN_FIELD >= 0 ? halves<G>(m_plane, g, nb) : _mm256_setzero_ps(),
                                   first6, g, dx, xs, f, shifted);
-      __m512i p[4][MT];
-      pair_dots512<P, MT>(row, g, nb, xq, p[0]);
-      pair_dots512<P, MT>(row, g + 2, nb, xq, p[1]);
-      pair_dots512<P, MT>(row, g + 4, nb, xq, p[2]);
-      if constexpr (G == 8) pair_dots512<P, MT>(row, g + 6, nb, xq, p[3]);
+      __m256i dots[MT];
+#ifdef KVYARD_AVX512
+      if constexpr (WIDE) group_dots512<P, MT, G>(row, g, nb, xq, dots);
+      else
+#endif
+        group_dots<P, MT, G>(row, g, nb, xq, dots);
       for (int m = 0; m < MT; ++m) {
-        const __m256i dots = group_sums512(p[0][m], p[1][m], p[2][m], G == 8 ? p[3][m] : _mm512_setzero_si512());
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_permutevar8x32_ps(f[m], pair_order), acc[m]);
+        const __m256 fo = P::SIGNED_BYTES && !WIDE ? f[m] : _mm256_permutevar8x32_ps(f[m], pair_order);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m]), fo, acc[m]);
       }
     }
+    if (!WIDE && full < nb) tail_dots<P, MT>(row, nb, xq, dx, xs, acc, shifted);
     float y[MT];
     for (int m = 0; m < MT; ++m) y[m] = hsum(_mm256_add_ps(acc[m], shifted[m]));
-    if (full < nb) tail_rows512<P, MT>(row, full, nb, xq, dx, xs, y);
+#ifdef KVYARD_AVX512
+    if (WIDE && full < nb) tail_rows512<P, MT>(row, full, nb, xq, dx, xs, y);
+#endif
     for (int m = 0; m < MT; ++m) out(m0 + m, n) = y[m];
   }
 }
 
-// The row range [n0, n1) for every activation row, in tiles of up to 4 rows (32 zmm registers
-// hold a tile of 4's partials).
-template <class P>
-void int_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                     const QuantizedActs& a, OutTile out) {
-  const bool six = a.nb % 8 != 0 && a.nb % 6 == 0;
+// The row range [n0, n1) for every activation row, in tiles of up to 4 rows; the AVX2 planar
+// kernel takes tiles of 2 or 3 (with 4 its accumulators spill: M = 4 as 2 + 2 measured ~7%
+// faster), the WIDE one (32 zmm registers) up to 4.
+template <class F, bool WIDE = false>
+void int_rows_simd(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                   const QuantizedActs& a, OutTile out) {
   for (int64_t m0 = 0, mt; m0 < a.M; m0 += mt) {
-    mt = std::min<int64_t>(4, a.M - m0);
+    const int64_t left = a.M - m0;
+    mt = !is_planar<F> || WIDE ? std::min<int64_t>(4, left) : left == 3 ? 3 : std::min<int64_t>(2, left);
     auto run = [&]<int MT>() {
-      if (six) int_rows_planar512<P, MT, 6>(w, row_bytes, n0, n1, a, m0, out);
-      else int_rows_planar512<P, MT, 8>(w, row_bytes, n0, n1, a, m0, out);
+      if constexpr (is_planar<F>) {   // groups of 6 where they divide a row and 8 do not
+        if (a.nb % 8 != 0 && a.nb % 6 == 0)
+          int_rows_planar<F, MT, 6, WIDE>(w, row_bytes, n0, n1, a, m0, out);
+        else
+          int_rows_planar<F, MT, 8, WIDE>(w, row_bytes, n0, n1, a, m0, out);
+      }
+      else
+        int_rows<F, MT>(w, row_bytes, n0, n1, a, m0, out);
     };
     if (mt == 1) run.template operator()<1>();
     else if (mt == 2) run.template operator()<2>();
@@ -823,10 +784,10 @@ void int_rows_at(int64_t level, const uint8_t* w, int64_t row_bytes, int64_t n0,
                  const QuantizedActs& a, OutTile out) {
 #ifdef KVYARD_AVX512
   if constexpr (is_planar<F>)
-    if (level == AVX512) return int_rows_avx512<F>(w, row_bytes, n0, n1, a, out);
+    if (level == AVX512) return int_rows_simd<F, true>(w, row_bytes, n0, n1, a, out);
 #endif
 #ifdef KVYARD_AVX2
-  if (level >= AVX2) return int_rows_avx2<F>(w, row_bytes, n0, n1, a, out);
+  if (level >= AVX2) return int_rows_simd<F>(w, row_bytes, n0, n1, a, out);
 #endif
   int_rows_portable<F>(w, row_bytes, n0, n1, a, out);
 }
