@@ -4,7 +4,13 @@
 kernels (gguf_kernels.cpp): "int" quantizes x to int16 per 32-block and dots it with the decoded
 weight rows (decode-sized M: memory-bound, no float weight copy); "dense" dequantizes L2-sized
 row chunks and calls the gemm (prefill-sized M: compute-bound). ``DENSE_MIN_M`` is where dense
-starts winning (benchmarks/gguf_matmul.py measures it).
+starts winning (benchmarks/gguf_matmul.py measures it). x is read in its dtype (float32 or
+bfloat16: no copies) and y written in it.
+
+``prepare`` lays the file's blocks out for the SIMD level in force when the weights load: on
+AVX-512 VNNI, Q4_0/Q4_1/Q8_0 in tiles of 16 interleaved rows (X16), the other legacy formats
+planar. Every kernel reads every layout, so a level lowered later (``set_simd_level``) stays
+correct, only slower for X16 weights.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ Lifecycle of one layer (see kvyard.quantization):
                   and formats the kernels lack, as floats; parts may differ in type.
   process_after_loading
                   consecutive parts of one type are concatenated into one segment (rows are
-                  independent), legacy formats are repacked to their planar layout (same bytes),
+                  independent), legacy formats are repacked to the int kernel's layout (planar,
+                  or 16-row interleaved tiles on AVX-512 VNNI; same bytes; gguf_kernels.prepare),
                   and each segment becomes a buffer ``gguf_weight_<i>`` on the layer.
   apply           one kernel call per segment; outputs are concatenated along the last dim.
 
