@@ -217,6 +217,22 @@ const QuantizedActs& quantize_acts(const T* x, int64_t M, int64_t K, ActLayout l
 
 // ---- the int16 kernels ------------------------------------------------------------------------
 
+// The MT activation rows from m0 as the kernels read them: int16 values, block scales d and
+// block sums (of 32 elements; of 16 with sum16, two per block).
+template <int MT>
+struct ActRows {
+  const int16_t* xq[MT];
+  const float* dx[MT];
+  const float* xs[MT];
+  ActRows(const QuantizedActs& a, int64_t m0, bool sum16 = false) {
+    for (int m = 0; m < MT; ++m) {
+      xq[m] = a.q.data() + (m0 + m) * a.K;
+      dx[m] = a.d.data() + (m0 + m) * a.nbp;
+      xs[m] = sum16 ? a.sum16.data() + (m0 + m) * 2 * a.nbp : a.sum32.data() + (m0 + m) * a.nbp;
+    }
+  }
+};
+
 // Where a kernel writes its float results: out(m, n) for activation row m and weight row n of a
 // tile of rows [n0, n0 + ld).
 struct OutTile {
@@ -234,15 +250,10 @@ void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
               const QuantizedActs& a, int64_t m0, OutTile out) {
   constexpr int PER = F::QK / F::SUB, CH = F::QK / 32;
   const int64_t K = a.K, blocks = K / F::QK;
-  const std::vector<float>& xsum = F::SUB == 16 ? a.sum16 : a.sum32;
-  const int16_t* xq[MT];
-  const float* dx[MT];
-  const float* xs[MT];
-  for (int m = 0; m < MT; ++m) {
-    xq[m] = a.q.data() + (m0 + m) * K;
-    dx[m] = a.d.data() + (m0 + m) * a.nbp;
-    xs[m] = xsum.data() + (m0 + m) * a.nbp * (32 / F::SUB);
-  }
+  const ActRows<MT> rows(a, m0, F::SUB == 16);
+  const auto& xq = rows.xq;
+  const auto& dx = rows.dx;
+  const auto& xs = rows.xs;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     __m256 acc0[MT], acc1[MT], vmin[MT];
@@ -575,14 +586,10 @@ template <class P, int MT, int G, bool WIDE = false>
 [[gnu::noinline]] void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
                      const QuantizedActs& a, int64_t m0, OutTile out) {
   const int64_t nb = a.nb, full = nb / G * G;   // G = 6 only where it divides nb
-  const int16_t* xq[MT];
-  const float* dx[MT];
-  const float* xs[MT];
-  for (int m = 0; m < MT; ++m) {
-    xq[m] = a.q.data() + (m0 + m) * a.K;
-    dx[m] = a.d.data() + (m0 + m) * a.nbp;
-    xs[m] = a.sum32.data() + (m0 + m) * a.nbp;
-  }
+  const ActRows<MT> rows(a, m0);
+  const auto& xq = rows.xq;
+  const auto& dx = rows.dx;
+  const auto& xs = rows.xs;
   const __m256 first6 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
   const __m256i pair_order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   for (int64_t n = n0; n < n1; ++n) {
@@ -685,14 +692,10 @@ void int_rows_portable(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t 
 template <class X, int MT>
 [[gnu::noinline]] void x16_tile512(const uint8_t* tile, const QuantizedActs& a, int64_t m0,
                                    const OutTile& out, int64_t n0) {
-  const int16_t* xq[MT];
-  const float* dx[MT];
-  const float* xs[MT];
-  for (int m = 0; m < MT; ++m) {
-    xq[m] = a.q.data() + (m0 + m) * a.K;
-    dx[m] = a.d.data() + (m0 + m) * a.nbp;
-    xs[m] = a.sum32.data() + (m0 + m) * a.nbp;
-  }
+  const ActRows<MT> rows(a, m0);
+  const auto& xq = rows.xq;
+  const auto& dx = rows.dx;
+  const auto& xs = rows.xs;
   auto pair_at = [](const int16_t* x) { return _mm512_set1_epi32(int(u32_at((const uint8_t*)x))); };
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
