@@ -1090,6 +1090,26 @@ int64_t dense_chunk_rows(int64_t N, int64_t K) {
   return std::max<int64_t>(64, std::min(per_thread, by_size));
 }
 
+// out[:, n0 : n0 + rows] = xg @ fill(tile, n0, rows) for the chunks of `chunk` weight rows, each
+// thread with one tile of tile_shape that fill dequantizes into (returning the [K, rows] operand).
+// One single-threaded gemm per chunk inside the parallel region.
+template <class Fill>
+void dense_chunks(const at::Tensor& xg, at::Tensor& out, int64_t chunk, std::vector<int64_t> tile_shape,
+                  Fill&& fill) {
+  const int64_t N = out.size(1);
+  // The pool's threads do not inherit the caller's inference mode; the tensor ops below
+  // (an in-place copy into `out`, an inference tensor under torch.inference_mode) need it.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    at::Tensor tile = at::empty(tile_shape, xg.options());
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * chunk, rows = std::min(chunk, N - n0);
+      out.narrow(1, n0, rows).copy_(at::mm(xg, fill(tile, n0, rows)));   // [M, rows]
+    }
+  });
+}
+
 at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
                     const std::optional<at::Tensor>& bias, bool bf16_gemm) {
   const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
@@ -1099,45 +1119,30 @@ at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int
   const int64_t M = xg.size(0), N = w.size(0);
   const int64_t CHUNK = dense_chunk_rows(N, K);
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const at::ThreadLocalState caller_state;
   // X16: chunks of whole tiles, dequantized K-major ([K, rows]: the tile layout's natural order)
   const bool x16 = dispatch_x16(qtype, [&](auto fmt) {
     using X = decltype(fmt);
     check_weight<typename X::Tail>(w, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    const int64_t chunk = (CHUNK + X16_ROWS - 1) / X16_ROWS * X16_ROWS, chunks = (N + chunk - 1) / chunk;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      at::Tensor tile = at::empty({K, chunk}, xg.options());
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t n0 = c * chunk, rows = std::min(chunk, N - n0);
-        if (bf16_gemm)
-          dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>(), chunk);
-        else
-          dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<float>(), chunk);
-        out.narrow(1, n0, rows).copy_(at::mm(xg, tile.narrow(1, 0, rows)));   // [M, rows]
-      }
+    const int64_t chunk = (CHUNK + X16_ROWS - 1) / X16_ROWS * X16_ROWS;
+    dense_chunks(xg, out, chunk, {K, chunk}, [&](at::Tensor& tile, int64_t n0, int64_t rows) {
+      if (bf16_gemm)
+        dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>(), chunk);
+      else
+        dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<float>(), chunk);
+      return tile.narrow(1, 0, rows);
     });
   });
   if (!x16) dispatch(qtype, [&](auto fmt) {
     using F = decltype(fmt);
     check_weight<F>(w, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    const int64_t chunks = (N + CHUNK - 1) / CHUNK;
-    // The pool's threads do not inherit the caller's inference mode; the tensor ops below
-    // (an in-place copy into `out`, an inference tensor under torch.inference_mode) need it.
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      at::Tensor tile = at::empty({CHUNK, K}, xg.options());
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t n0 = c * CHUNK, rows = std::min(CHUNK, N - n0);
-        if (bf16_gemm)
-          dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>());
-        else
-          dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<float>());
-        const at::Tensor y = at::mm(xg, tile.narrow(0, 0, rows).t());   // [M, rows]
-        out.narrow(1, n0, rows).copy_(y);
-      }
+    dense_chunks(xg, out, CHUNK, {CHUNK, K}, [&](at::Tensor& tile, int64_t n0, int64_t rows) {
+      if (bf16_gemm)
+        dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>());
+      else
+        dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<float>());
+      return tile.narrow(0, 0, rows).t();
     });
   });
   return finish(out, bias, x.scalar_type());
