@@ -6,6 +6,11 @@ the path the method picks ("auto") and, with --all-paths, for both kernels.
 
     python benchmarks/gguf_matmul.py
     python benchmarks/gguf_matmul.py --qtypes Q4_1 Q8_0 --ms 1 32 --dtype bfloat16 --all-paths
+    python benchmarks/gguf_matmul.py --qtypes Q4_1 Q8_0 --ms 1 --simd avx2 avx512 --no-dense
+
+--simd times the int kernel at each SIMD level (gguf_kernels.SIMD_LEVELS) in the same process,
+the levels alternating pass by pass (--passes), and prints each level's median and spread of the
+per-pass best times: an A/B that a shared machine's load changes less.
 """
 from __future__ import annotations
 
@@ -42,6 +47,24 @@ def random_weight(qtype: gguf.GGMLQuantizationType, n: int, k: int) -> torch.Ten
     return torch.from_numpy(gguf_kernels.random_blocks(qtype, n, k, rng))
 
 
+def simd_ab(levels: list[str], fns: dict, passes: int) -> dict[str, list[float]]:
+    """Per level, the best time of each pass of fns[level]; levels alternate within every pass."""
+    times: dict[str, list[float]] = {level: [] for level in levels}
+    for _ in range(passes):
+        for level in levels:
+            gguf_kernels.set_simd_level(level)
+            times[level].append(best_seconds(fns[level], min_time=0.05, max_runs=50))
+    gguf_kernels.set_simd_level(gguf_kernels.SIMD_LEVELS[-1])
+    return times
+
+
+def report_ab(times: dict[str, list[float]]) -> None:
+    for level, ts in times.items():
+        us = np.array(ts) * 1e6
+        print(f"  {level:<10} median {np.median(us):9.1f} us  (min {us.min():.1f}, max {us.max():.1f}, "
+              f"{len(us)} passes)")
+
+
 def report(label: str, t: float, m: int, n: int, k: int, nbytes: int) -> None:
     print(f"  {label:<10} {t * 1e6:10.1f} us {2 * m * n * k / t / 1e9:8.1f} GFLOP/s "
           f"{nbytes / t / 1e9:7.1f} GB/s")
@@ -56,6 +79,9 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense F.linear baseline")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="KxN",
                         help="in_features x out_features pairs (default: the SmolLM2 ones)")
+    parser.add_argument("--simd", nargs="+", choices=gguf_kernels.SIMD_LEVELS, default=None,
+                        help="A/B the int kernel's SIMD levels in this process (M < DENSE_MIN_M)")
+    parser.add_argument("--passes", type=int, default=9, help="passes of a --simd A/B")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 gives stable numbers on a shared machine)")
     args = parser.parse_args()
@@ -80,6 +106,15 @@ def main() -> None:
             for m in args.ms:
                 x = torch.randn(m, k, dtype=dtype)
                 print(f"{name} {k}x{n} M={m} ({w.numel() / 1e6:.2f} MB quantized)")
+                if args.simd:   # each level multiplies the layout prepare() gives at that level
+                    fns = {}
+                    for level in args.simd:
+                        gguf_kernels.set_simd_level(level)
+                        wl, ll = gguf_kernels.prepare(random_weight(qtype, n, k), qtype, k)
+                        fns[level] = (lambda x=x, wl=wl, ll=ll:
+                                      gguf_kernels.matmul(x, wl, ll, k, path="int"))
+                    report_ab(simd_ab(args.simd, fns, args.passes))
+                    continue
                 report("auto", best_seconds(lambda: gguf_kernels.matmul(x, w, layout, k)),
                        m, n, k, w.numel())
                 if args.all_paths:

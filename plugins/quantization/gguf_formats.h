@@ -19,6 +19,11 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define KVYARD_AVX2 1
+// AVX-512 with VNNI (vpdpwssd: int16 pairs multiplied and added into int32 lanes in one
+// instruction); the kernels take it where the CPU has it and the caller has not turned it off.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define KVYARD_AVX512 1
+#endif
 #endif
 
 namespace kvyard_gguf {
@@ -497,6 +502,85 @@ inline void unpack_pair(const uint8_t* row, int64_t blk, int64_t nb, __m256i (&v
   }
 }
 #endif
+
+#ifdef KVYARD_AVX512
+// A pair of planar blocks (a = blk, b = blk + 1 < nb) in the split lane order, before OFFSET:
+//   lo: [a 0..15 | b 0..15]   hi: [a 16..31 | b 16..31]        (32 int16 lanes each)
+// The nibble formats widen their 32 qs bytes (a's 16, then b's) to int16: the low nibble of byte
+// l is element l, the high one element l + 16. Q8_0 (SIGNED_BYTES) is not read in pairs.
+template <class P>
+inline void unpack_split(const uint8_t* row, int64_t blk, int64_t nb, __m512i& lo, __m512i& hi) {
+  static_assert(!P::SIGNED_BYTES, "Q8_0 blocks are read one at a time");
+  const __m512i q = _mm512_cvtepu8_epi16(load32(P::qs(row, blk)));
+  lo = _mm512_and_si512(q, _mm512_set1_epi16(15));
+  hi = _mm512_srli_epi16(q, 4);   // bytes were zero-extended: no mask needed
+  if constexpr (P::QH_FIELD >= 0) {   // bit j of the pair's u32 (a's u16, then b's) is lane j's
+    const __m512i sixteen = _mm512_set1_epi16(16);
+    lo = _mm512_mask_add_epi16(lo, __mmask32(u32_at(P::field(row, nb, P::QH_FIELD) + blk * 2)), lo, sixteen);
+    hi = _mm512_mask_add_epi16(hi, __mmask32(u32_at(P::field(row, nb, P::QH_FIELD + 1) + blk * 2)), hi,
+                              sixteen);
+  }
+}
+#endif
+
+// ---- row-interleaved tiles (AVX-512 VNNI) ------------------------------------------------------
+//
+// Q4_0, Q4_1 and Q8_0 for the AVX-512 int kernel: every 16 rows (a tile: the same bytes
+// [16t, 16t + 16) * bytes_per_row as in the file) regrouped per block so that one 32-byte load
+// holds the same 2-byte unit of all 16 rows. Block blk of a tile is 16 * BYTES bytes at
+// blk * 16 * BYTES:
+//   qs      unit u (bytes 2u, 2u + 1 of the block's qs) of row r at (16u + r) * 2
+//   fields  the header's 2-byte fields (d; m for Q4_1), each as 16 rows' values, after the qs
+// Widened to int16, a unit load gives lane pair (2r, 2r + 1) = row r: one vpdpwssd with a
+// broadcast activation pair adds two products per row into int32 lane r, so a tile's 16 row
+// sums build up in one register with no reduction. A tensor's last rows % 16 (not a whole tile)
+// stay in the planar layout (Tail). ID is X16_BASE + the file format's id.
+constexpr int X16_BASE = 512, X16_ROWS = 16;
+
+template <class Base, class TailP, int QSB>
+struct X16 {
+  using File = Base;   // the file's block format
+  using Tail = TailP;
+  static constexpr int ID = X16_BASE + Base::ID, QK = 32, BYTES = Base::BYTES, QS = QSB;
+  static constexpr int HEADER = BYTES - QSB, FIELDS = HEADER / 2, UNITS = QSB / 2;
+  static constexpr bool HAS_MIN = Base::HAS_MIN, SIGNED_BYTES = TailP::SIGNED_BYTES;
+  static constexpr int OFFSET = TailP::OFFSET;   // Q4_0: w = d * (u - 8)
+
+  static const uint8_t* block_at(const uint8_t* tile, int64_t blk) { return tile + blk * X16_ROWS * BYTES; }
+  static const uint8_t* field(const uint8_t* block, int f) { return block + X16_ROWS * QSB + f * X16_ROWS * 2; }
+
+  // 16 file rows (row r at native + r * row_bytes) -> one tile.
+  static void repack_tile(const uint8_t* native, int64_t row_bytes, int64_t nb, uint8_t* tile) {
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      uint8_t* out = tile + blk * X16_ROWS * BYTES;
+      for (int r = 0; r < X16_ROWS; ++r) {
+        const uint8_t* b = native + r * row_bytes + blk * BYTES;
+        for (int u = 0; u < UNITS; ++u) std::memcpy(out + (X16_ROWS * u + r) * 2, b + HEADER + 2 * u, 2);
+        for (int f = 0; f < FIELDS; ++f) std::memcpy(out + X16_ROWS * QSB + (f * X16_ROWS + r) * 2, b + 2 * f, 2);
+      }
+    }
+  }
+  // Row r's block blk as the file has it.
+  static void native_block(const uint8_t* tile, int r, int64_t blk, uint8_t* b) {
+    const uint8_t* in = block_at(tile, blk);
+    for (int u = 0; u < UNITS; ++u) std::memcpy(b + HEADER + 2 * u, in + (X16_ROWS * u + r) * 2, 2);
+    for (int f = 0; f < FIELDS; ++f) std::memcpy(b + 2 * f, field(in, f) + r * 2, 2);
+  }
+};
+
+template <class F>
+constexpr bool is_x16 = requires { typename F::Tail; };
+
+// Calls fn(Format{}) for the row-interleaved layout id qtype; false where qtype is none.
+template <class Fn>
+bool dispatch_x16(int64_t qtype, Fn&& fn) {
+  switch (qtype) {
+    case X16_BASE + Q4_0::ID: fn(X16<Q4_0, PQ4_0, 16>{}); return true;
+    case X16_BASE + Q4_1::ID: fn(X16<Q4_1, PQ4_1, 16>{}); return true;
+    case X16_BASE + Q8_0::ID: fn(X16<Q8_0, PQ8_0, 32>{}); return true;
+    default: return false;
+  }
+}
 
 // Calls fn(Format{}) for the format whose ggml id is qtype.
 template <class Fn>

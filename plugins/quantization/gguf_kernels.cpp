@@ -14,9 +14,16 @@
 //             stored in that load's lane order. (int8 activations with u8 x s8 pmaddubsw would
 //             be faster but measured too coarse: kept-quantized greedy decoding of SmolLM2 then
 //             matched the dequantized model on 4 of 8 prompts, against 8 of 8 with int16.)
+//             With AVX-512 VNNI: Q4_0/Q4_1/Q8_0 weights are laid out at load in tiles of 16
+//             interleaved rows (X16, gguf_formats.h), and x16_tile512 sums each row in its own
+//             int32 lane with vpdpwssd on the same int16 activations (no reduction; ~1.9x the
+//             AVX2 kernel at M = 1); Q5_0/Q5_1 stay planar (int_rows_planar, WIDE: 512-bit pair dots). The SIMD level
+//             is read per call (simd_level: the build's best unless set_simd_level lowered it);
+//             x is read as it comes (float32 or bfloat16) and y written in x's dtype, no copies.
 //   mm_dense  M large (prefill, big batches): rows are dequantized in chunks to fp32 (or bf16
 //             where the CPU multiplies bf16 natively) and handed to the BLAS gemm.
-// Both run on ATen's intra-op thread pool, split over output rows.
+//             X16 weights are dequantized K-major ([K, rows]), their natural order.
+// Both run on ATen's intra-op thread pool (OpenMP), split over output rows.
 //
 // The block formats live in gguf_formats.h. Dequantization reproduces gguf.quants.dequantize
 // bit for bit (built with -ffp-contract=off, so q*scale+min rounds twice as numpy does).
@@ -30,6 +37,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -48,13 +56,48 @@ using kvyard_simd::hmax;
 using kvyard_simd::hsum;
 #endif
 
+// Which SIMD the int kernel uses: the best this build has (-march=native: the CPU's), lowered at
+// run time by set_simd_level (tests, and KVYARD_GGUF_SIMD, read by gguf_kernels.py).
+enum SimdLevel : int64_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+#if defined(KVYARD_AVX512)
+constexpr int64_t BUILT_LEVEL = AVX512;
+#elif defined(KVYARD_AVX2)
+constexpr int64_t BUILT_LEVEL = AVX2;
+#else
+constexpr int64_t BUILT_LEVEL = PORTABLE;
+#endif
+std::atomic<int64_t> simd_limit{BUILT_LEVEL};
+
+int64_t simd_level() { return std::min<int64_t>(simd_limit.load(std::memory_order_relaxed), BUILT_LEVEL); }
+
+int64_t set_simd_level(int64_t level) {
+  simd_limit.store(std::clamp<int64_t>(level, PORTABLE, BUILT_LEVEL));
+  return simd_level();
+}
+
+// The order of each row's int16 activations, which must match the kernel's weight lanes:
+//   ELEMENT  element order (portable, K-quants, Q8_0)
+//   PAIRED   AVX2, nibble formats in the planar layout: blocks 2p and 2p+1 in the lane order of
+//            unpack_pair (gguf_formats.h): 4 runs of 16, [2p: 8 | 2p+1: 8] each, holding
+//            elements 2j, 2j+16, 2j+1, 2j+17 (j = 0..7)
+//   SPLIT    AVX-512, nibble formats in the planar layout: blocks 2p and 2p+1 as
+//            [2p: 0..15 | 2p+1: 0..15] [2p: 16..31 | 2p+1: 16..31] (unpack_split)
+// An odd last block stays in element order.
+enum class ActLayout { ELEMENT, PAIRED, SPLIT };
+
+template <class F>
+ActLayout act_layout(int64_t level) {
+  if constexpr (is_planar<F>) {
+    if (!F::SIGNED_BYTES && level == AVX512) return ActLayout::SPLIT;
+    if (!F::SIGNED_BYTES && level == AVX2) return ActLayout::PAIRED;
+  }
+  return ActLayout::ELEMENT;
+}
+
 // Activation rows quantized to int16 per 32-block: x ~ q * d, d = max|x_blk| / 32767 (relative
 // error ~1.5e-5 of the block's max); sums of x per 16 and per 32 elements carry the min terms
 // exactly. d and the sums are zero-padded to whole groups of 8 blocks (nbp per row), which the
-// planar kernel loads 8 at a time.
-// paired (the nibble formats, AVX2): blocks 2p and 2p+1 are stored in the lane order of
-// unpack_pair (gguf_formats.h): 4 runs of 16, [2p: 8 | 2p+1: 8] each, holding elements
-// 2j, 2j+16, 2j+1, 2j+17 (j = 0..7); an odd last block stays in element order.
+// planar kernels load 8 at a time. q is in the layout's order.
 struct QuantizedActs {
   int64_t M, K, nb, nbp;
   std::vector<int16_t> q;        // [M, K]
@@ -94,6 +137,20 @@ inline float quantize_block(const float* x, int16_t* q, float& lo, float& hi) {
 #endif
 }
 
+// 32 activations as floats: float rows are read in place, bfloat16 ones widened into buf.
+inline const float* block_floats(const float* x, float*) { return x; }
+inline const float* block_floats(const c10::BFloat16* x, float* buf) {
+#ifdef KVYARD_AVX2
+  for (int i = 0; i < 4; ++i) {   // bf16 bits are a float's top half
+    const __m128i h = _mm_loadu_si128((const __m128i*)(x + 8 * i));
+    _mm256_storeu_ps(buf + 8 * i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+#else
+  for (int i = 0; i < 32; ++i) buf[i] = float(x[i]);
+#endif
+  return buf;
+}
+
 #ifdef KVYARD_AVX2
 // Two blocks in element order (a, b) -> the pair's 64 values in unpack_pair's lane order:
 //   [a 0,2..14 | b 0,2..14] [a 16,18..30 | b ...] [a 1,3..15 | b ...] [a 17,19..31 | b ...]
@@ -113,49 +170,76 @@ inline void pair_lanes(const int16_t* a, const int16_t* b, int16_t* out) {
 }
 #endif
 
-// Whether the int kernel reads format F's activations paired: the AVX2 one, for the nibble
-// formats in the planar layout.
-template <class F>
-constexpr bool paired_acts = [] {
+// Two blocks in element order (a, b) -> the pair's 64 values in the layout's order.
+inline void order_pair(const int16_t* a, const int16_t* b, int16_t* out, ActLayout layout) {
 #ifdef KVYARD_AVX2
-  if constexpr (is_planar<F>) return !F::SIGNED_BYTES;
+  if (layout == ActLayout::PAIRED) return pair_lanes(a, b, out);
 #endif
-  return false;
-}();
+  TORCH_CHECK(layout == ActLayout::SPLIT, "kvyard_gguf: no pair order for this layout");
+  std::memcpy(out, a, 32);
+  std::memcpy(out + 16, b, 32);
+  std::memcpy(out + 32, a + 16, 32);
+  std::memcpy(out + 48, b + 16, 32);
+}
 
-QuantizedActs quantize_acts(const at::Tensor& x32, bool paired) {
-  QuantizedActs a;
-  a.M = x32.size(0);
-  a.K = x32.size(1);
-  a.nb = a.K / 32;
+// x [M, K] row-major (float or bfloat16) -> the calling thread's buffers (reused call after call:
+// a decode step makes ~120 calls of the same few shapes).
+template <class T>
+const QuantizedActs& quantize_acts(const T* x, int64_t M, int64_t K, ActLayout layout) {
+  thread_local QuantizedActs a;
+  a.M = M;
+  a.K = K;
+  a.nb = K / 32;
   a.nbp = (a.nb + 7) / 8 * 8;
   a.q.resize(a.M * a.K);
   a.d.assign(a.M * a.nbp, 0.f);
   a.sum16.assign(a.M * 2 * a.nbp, 0.f);
   a.sum32.assign(a.M * a.nbp, 0.f);
-  const int64_t paired_blocks = paired ? a.nb / 2 * 2 : 0;
-  const float* x = x32.data_ptr<float>();
+  const int64_t paired_blocks = layout == ActLayout::ELEMENT ? 0 : a.nb / 2 * 2;
   for (int64_t m = 0; m < a.M; ++m) {
     int16_t* q = a.q.data() + m * a.K;
     alignas(32) int16_t pair[64];   // a pair's two blocks in element order
+    alignas(32) float buf[32];
     for (int64_t blk = 0; blk < a.nb; ++blk) {
       const bool in_pair = blk < paired_blocks;
       float lo, hi;
       int16_t* dst = in_pair ? pair + blk % 2 * 32 : q + blk * 32;
-      const float d = quantize_block(x + m * a.K + blk * 32, dst, lo, hi);
+      const float d = quantize_block(block_floats(x + m * a.K + blk * 32, buf), dst, lo, hi);
       a.d[m * a.nbp + blk] = d;
       a.sum16[m * 2 * a.nbp + 2 * blk] = lo;
       a.sum16[m * 2 * a.nbp + 2 * blk + 1] = hi;
       a.sum32[m * a.nbp + blk] = lo + hi;
-#ifdef KVYARD_AVX2
-      if (in_pair && blk % 2 == 1) pair_lanes(pair, pair + 32, q + (blk - 1) * 32);
-#endif
+      if (in_pair && blk % 2 == 1) order_pair(pair, pair + 32, q + (blk - 1) * 32, layout);
     }
   }
   return a;
 }
 
-// ---- the int16 kernel ------------------------------------------------------------------------
+// ---- the int16 kernels ------------------------------------------------------------------------
+
+// The MT activation rows from m0 as the kernels read them: int16 values, block scales d and
+// block sums (of 32 elements; of 16 with sum16, two per block).
+template <int MT>
+struct ActRows {
+  const int16_t* xq[MT];
+  const float* dx[MT];
+  const float* xs[MT];
+  ActRows(const QuantizedActs& a, int64_t m0, bool sum16 = false) {
+    for (int m = 0; m < MT; ++m) {
+      xq[m] = a.q.data() + (m0 + m) * a.K;
+      dx[m] = a.d.data() + (m0 + m) * a.nbp;
+      xs[m] = sum16 ? a.sum16.data() + (m0 + m) * 2 * a.nbp : a.sum32.data() + (m0 + m) * a.nbp;
+    }
+  }
+};
+
+// Where a kernel writes its float results: out(m, n) for activation row m and weight row n of a
+// tile of rows [n0, n0 + ld).
+struct OutTile {
+  float* p;
+  int64_t ld, n0;
+  float& operator()(int64_t m, int64_t n) const { return p[m * ld + n - n0]; }
+};
 
 #ifdef KVYARD_AVX2
 // out[m, n] for weight rows [n0, n1) and the MT activation rows from m0: each 32-element chunk
@@ -163,18 +247,13 @@ QuantizedActs quantize_acts(const at::Tensor& x32, bool paired) {
 // (even/odd chunks) keep the fma chains short.
 template <class F, int MT>
 void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-              const QuantizedActs& a, int64_t m0, float* out, int64_t N) {
+              const QuantizedActs& a, int64_t m0, OutTile out) {
   constexpr int PER = F::QK / F::SUB, CH = F::QK / 32;
   const int64_t K = a.K, blocks = K / F::QK;
-  const std::vector<float>& xsum = F::SUB == 16 ? a.sum16 : a.sum32;
-  const int16_t* xq[MT];
-  const float* dx[MT];
-  const float* xs[MT];
-  for (int m = 0; m < MT; ++m) {
-    xq[m] = a.q.data() + (m0 + m) * K;
-    dx[m] = a.d.data() + (m0 + m) * a.nbp;
-    xs[m] = xsum.data() + (m0 + m) * a.nbp * (32 / F::SUB);
-  }
+  const ActRows<MT> rows(a, m0, F::SUB == 16);
+  const auto& xq = rows.xq;
+  const auto& dx = rows.dx;
+  const auto& xs = rows.xs;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     __m256 acc0[MT], acc1[MT], vmin[MT];
@@ -238,7 +317,7 @@ void int_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
     }
     if (blk < blocks) block(blk, acc0, acc1);
     for (int m = 0; m < MT; ++m)
-      out[(m0 + m) * N + n] =
+      out(m0 + m, n) =
           hsum(_mm256_add_ps(_mm256_add_ps(acc0[m], acc1[m]), vmin[m])) + macc[m];
   }
 }
@@ -386,22 +465,131 @@ template <class P, int MT>
   }
 }
 
-// out[m, n] for weight rows [n0, n1) and the MT activation rows from m0 (the nibble formats'
-// activations paired), in groups of G blocks and, for G = 8, a tail.
+#ifdef KVYARD_AVX512
+// ---- AVX-512 VNNI: the planar legacy formats -------------------------------------------------
+//
+// The AVX2 planar kernel's plan (groups of G blocks, one fma per group and activation row for
+// sum_blk f_blk * dot_blk, one for the min/offset term; group_scales and halves are shared) with
+// 512-bit integer work: a pair of blocks is one widening load and two vpdpwssd per activation
+// row (the activations in the SPLIT order), Q8_0 one widening load and one vpdpwssd per block.
+// The int16 activations and so the exact int32 block dots are the AVX2 kernel's; only the float
+// sums' order differs.
+
+// The int32 partials of the pair (blk, blk + 1) with each activation row: lanes 0-7 blk's,
+// lanes 8-15 blk + 1's. |partial| <= 4 * 31 * 32767 (nibbles) or 2 * 128 * 32767 (Q8_0).
+template <class P, int MT>
+[[gnu::always_inline]] inline void pair_dots512(const uint8_t* row, int64_t blk, int64_t nb,
+                                                const int16_t* const (&xq)[MT], __m512i (&out)[MT]) {
+  const __m512i zero = _mm512_setzero_si512();
+  auto x_at = [&](int m, int k) { return _mm512_loadu_si512(xq[m] + blk * 32 + k * 32); };
+  if constexpr (P::SIGNED_BYTES) {   // [a 0-3 | b 0-3] + [a 4-7 | b 4-7] of the 128-bit lanes
+    const __m512i wa = _mm512_cvtepi8_epi16(load32(P::qs(row, blk)));
+    const __m512i wb = _mm512_cvtepi8_epi16(load32(P::qs(row, blk + 1)));
+    for (int m = 0; m < MT; ++m) {
+      const __m512i t = _mm512_dpwssd_epi32(zero, wa, x_at(m, 0));
+      const __m512i u = _mm512_dpwssd_epi32(zero, wb, x_at(m, 1));
+      out[m] = _mm512_add_epi32(_mm512_shuffle_i64x2(t, u, 0x44), _mm512_shuffle_i64x2(t, u, 0xEE));
+    }
+  } else {
+    __m512i lo, hi;
+    unpack_split<P>(row, blk, nb, lo, hi);
+    for (int m = 0; m < MT; ++m)
+      out[m] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, x_at(m, 0)), hi, x_at(m, 1));
+  }
+}
+
+// Four pairs' partials (p3 zero for groups of 6) -> one int32 per block, in the order
+// [g g+2 g+4 g+6 | g+1 g+3 g+5 g+7] (the AVX2 pairs' order: pair_order below).
+inline __m256i group_sums512(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
+  // per 128-bit lane [p0 p1 p0 p1], [p2 p3 p2 p3], then [p0 p1 p2 p3]
+  const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+  const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
+  const __m512i q = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+  // 128-bit lanes 0 and 1 hold the pairs' first blocks, 2 and 3 their second ones
+  const __m512i r = _mm512_add_epi32(_mm512_shuffle_i32x4(q, q, _MM_SHUFFLE(3, 3, 2, 0)),
+                                     _mm512_shuffle_i32x4(q, q, _MM_SHUFFLE(3, 3, 3, 1)));
+  return _mm512_castsi512_si256(r);
+}
+
+// Exact int32 dot of block blk (a lone one: an odd last nibble block, or a Q8_0 block) with the
+// activations at x (element order).
+template <class P>
+inline int32_t block_dot512(const uint8_t* row, int64_t blk, int64_t nb, const int16_t* x) {
+  if constexpr (P::SIGNED_BYTES) {
+    const __m512i w = _mm512_cvtepi8_epi16(load32(P::qs(row, blk)));
+    return _mm512_reduce_add_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x)));
+  } else {
+    const __m256i q = _mm256_cvtepu8_epi16(load16(P::qs(row, blk)));
+    __m256i lo = _mm256_and_si256(q, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(q, 4);
+    if constexpr (P::QH_FIELD >= 0) {
+      uint16_t ql, qh;
+      std::memcpy(&ql, P::field(row, nb, P::QH_FIELD) + blk * 2, 2);
+      std::memcpy(&qh, P::field(row, nb, P::QH_FIELD + 1) + blk * 2, 2);
+      lo = _mm256_mask_add_epi16(lo, __mmask16(ql), lo, _mm256_set1_epi16(16));
+      hi = _mm256_mask_add_epi16(hi, __mmask16(qh), hi, _mm256_set1_epi16(16));
+    }
+    const __m256i s = _mm256_dpwssd_epi32(
+        _mm256_dpwssd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i*)x)), hi,
+        _mm256_loadu_si256((const __m256i*)(x + 16)));
+    return _mm512_reduce_add_epi32(_mm512_zextsi256_si512(s));
+  }
+}
+
+// The blocks [from, nb) after the last whole group, one at a time (rare shapes: nb % 8 and
+// nb % 6 both nonzero): y[m] += dot * d_w * d_x + (m_w - OFFSET * d_w) * sum(x).
+template <class P, int MT>
+[[gnu::noinline]] void tail_rows512(const uint8_t* row, int64_t from, int64_t nb,
+                                    const int16_t* const (&xq)[MT], const float* const (&dx)[MT],
+                                    const float* const (&xs)[MT], float (&y)[MT]) {
+  for (int64_t blk = from; blk < nb; ++blk) {
+    const float d = half_at(P::field(row, nb, 0) + blk * 2);
+    const float mw = P::MIN_FIELD >= 0 ? half_at(P::field(row, nb, std::max(P::MIN_FIELD, 0)) + blk * 2) : 0.f;
+    const float shift = mw - float(P::OFFSET) * d;
+    const bool paired = !P::SIGNED_BYTES && blk < nb / 2 * 2;   // in a pair: SPLIT order
+    for (int m = 0; m < MT; ++m) {
+      int32_t dot;
+      if (paired) {
+        alignas(64) int16_t x[32];   // the block's activations back in element order
+        const int16_t* base = xq[m] + (blk & ~int64_t(1)) * 32 + (blk & 1) * 16;
+        std::memcpy(x, base, 32);
+        std::memcpy(x + 16, base + 32, 32);
+        dot = block_dot512<P>(row, blk, nb, x);
+      } else {
+        dot = block_dot512<P>(row, blk, nb, xq[m] + blk * 32);
+      }
+      y[m] += float(dot) * (d * dx[m][blk]) + shift * xs[m][blk];
+    }
+  }
+}
+
+// One int32 per block of the group [g, g + G) in the pairs' order (as group_dots for the nibble
+// formats), from 512-bit pair dots.
+template <class P, int MT, int G>
+[[gnu::always_inline]] inline void group_dots512(const uint8_t* row, int64_t g, int64_t nb,
+                                                 const int16_t* const (&xq)[MT], __m256i (&dots)[MT]) {
+  __m512i p[4][MT];
+  pair_dots512<P, MT>(row, g, nb, xq, p[0]);
+  pair_dots512<P, MT>(row, g + 2, nb, xq, p[1]);
+  pair_dots512<P, MT>(row, g + 4, nb, xq, p[2]);
+  if constexpr (G == 8) pair_dots512<P, MT>(row, g + 6, nb, xq, p[3]);
+  for (int m = 0; m < MT; ++m)
+    dots[m] = group_sums512(p[0][m], p[1][m], p[2][m], G == 8 ? p[3][m] : _mm512_setzero_si512());
+}
+#endif
+
+// out(m, n) for weight rows [n0, n1) and the MT activation rows from m0 (the nibble formats'
+// activations PAIRED, or SPLIT for WIDE), in groups of G blocks and, for G = 8, a tail. WIDE: the
+// block dots by the AVX-512 pair kernel (always in the pairs' order, Q8_0 too).
 // (noinline: each instantiation gets its own register allocation; inlined into int_rows_all, the
 // accumulators spill to the stack.)
-template <class P, int MT, int G>
+template <class P, int MT, int G, bool WIDE = false>
 [[gnu::noinline]] void int_rows_planar(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                     const QuantizedActs& a, int64_t m0, float* out, int64_t N) {
-  const int64_t nb = a.nb, full = G == 8 ? nb / 8 * 8 : nb;
-  const int16_t* xq[MT];
-  const float* dx[MT];
-  const float* xs[MT];
-  for (int m = 0; m < MT; ++m) {
-    xq[m] = a.q.data() + (m0 + m) * a.K;
-    dx[m] = a.d.data() + (m0 + m) * a.nbp;
-    xs[m] = a.sum32.data() + (m0 + m) * a.nbp;
-  }
+                     const QuantizedActs& a, int64_t m0, OutTile out) {
+  const int64_t nb = a.nb, full = nb / G * G;   // G = 6 only where it divides nb
+  const ActRows<MT> rows(a, m0);
+  const auto& xq = rows.xq;
+  const auto& dx = rows.dx;
+  const auto& xs = rows.xs;
   const __m256 first6 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
   const __m256i pair_order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   for (int64_t n = n0; n < n1; ++n) {
@@ -416,35 +604,44 @@ template <class P, int MT, int G>
                                   P::MIN_FIELD >= 0 ? halves<G>(m_plane, g, nb) : _mm256_setzero_ps(),
                                   first6, g, dx, xs, f, shifted);
       __m256i dots[MT];
-      group_dots<P, MT, G>(row, g, nb, xq, dots);
+#ifdef KVYARD_AVX512
+      if constexpr (WIDE) group_dots512<P, MT, G>(row, g, nb, xq, dots);
+      else
+#endif
+        group_dots<P, MT, G>(row, g, nb, xq, dots);
       for (int m = 0; m < MT; ++m) {
-        const __m256 fo = P::SIGNED_BYTES ? f[m] : _mm256_permutevar8x32_ps(f[m], pair_order);
+        const __m256 fo = P::SIGNED_BYTES && !WIDE ? f[m] : _mm256_permutevar8x32_ps(f[m], pair_order);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m]), fo, acc[m]);
       }
     }
-    if (full < nb) tail_dots<P, MT>(row, nb, xq, dx, xs, acc, shifted);
-    for (int m = 0; m < MT; ++m)
-      out[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc[m], shifted[m]));
+    if (!WIDE && full < nb) tail_dots<P, MT>(row, nb, xq, dx, xs, acc, shifted);
+    float y[MT];
+    for (int m = 0; m < MT; ++m) y[m] = hsum(_mm256_add_ps(acc[m], shifted[m]));
+#ifdef KVYARD_AVX512
+    if (WIDE && full < nb) tail_rows512<P, MT>(row, full, nb, xq, dx, xs, y);
+#endif
+    for (int m = 0; m < MT; ++m) out(m0 + m, n) = y[m];
   }
 }
 
-// The row range [n0, n1) for every activation row, in tiles of up to 4 rows; the planar kernel
-// takes tiles of 2 or 3 (with 4 its accumulators spill: M = 4 as 2 + 2 measured ~7% faster).
-template <class F>
-void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                  const QuantizedActs& a, float* out, int64_t N) {
+// The row range [n0, n1) for every activation row, in tiles of up to 4 rows; the AVX2 planar
+// kernel takes tiles of 2 or 3 (with 4 its accumulators spill: M = 4 as 2 + 2 measured ~7%
+// faster), the WIDE one (32 zmm registers) up to 4.
+template <class F, bool WIDE = false>
+void int_rows_simd(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                   const QuantizedActs& a, OutTile out) {
   for (int64_t m0 = 0, mt; m0 < a.M; m0 += mt) {
     const int64_t left = a.M - m0;
-    mt = !is_planar<F> ? std::min<int64_t>(4, left) : left == 3 ? 3 : std::min<int64_t>(2, left);
+    mt = !is_planar<F> || WIDE ? std::min<int64_t>(4, left) : left == 3 ? 3 : std::min<int64_t>(2, left);
     auto run = [&]<int MT>() {
       if constexpr (is_planar<F>) {   // groups of 6 where they divide a row and 8 do not
         if (a.nb % 8 != 0 && a.nb % 6 == 0)
-          int_rows_planar<F, MT, 6>(w, row_bytes, n0, n1, a, m0, out, N);
+          int_rows_planar<F, MT, 6, WIDE>(w, row_bytes, n0, n1, a, m0, out);
         else
-          int_rows_planar<F, MT, 8>(w, row_bytes, n0, n1, a, m0, out, N);
+          int_rows_planar<F, MT, 8, WIDE>(w, row_bytes, n0, n1, a, m0, out);
       }
       else
-        int_rows<F, MT>(w, row_bytes, n0, n1, a, m0, out, N);
+        int_rows<F, MT>(w, row_bytes, n0, n1, a, m0, out);
     };
     if (mt == 1) run.template operator()<1>();
     else if (mt == 2) run.template operator()<2>();
@@ -452,11 +649,13 @@ void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
     else run.template operator()<4>();
   }
 }
-#else
-// Portable kernel: each weight row decoded to int16 once, then dotted with every activation row.
+#endif
+
+// Portable kernel: each weight row decoded to int16 once, then dotted with every activation row
+// (activations in element order).
 template <class F>
-void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                  const QuantizedActs& a, float* out, int64_t N) {
+void int_rows_portable(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                       const QuantizedActs& a, OutTile out) {
   constexpr int PER = F::QK / F::SUB;
   const int64_t K = a.K, subs = K / F::SUB;
   const std::vector<float>& xsum = F::SUB == 16 ? a.sum16 : a.sum32;
@@ -479,11 +678,122 @@ void int_rows_all(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
           p += int32_t(q[s * F::SUB + i]) * int32_t(x[s * F::SUB + i]);
         y += float(p) * scale[s] * dx[s * F::SUB / 32] + min[s] * xs[s];
       }
-      out[m * N + n] = y;
+      out(m, n) = y;
     }
   }
 }
+
+// ---- row-interleaved tiles (X16, gguf_formats.h) ---------------------------------------------
+
+#ifdef KVYARD_AVX512
+// out(m0 + m, n0 + r) for the 16 rows of one tile and MT activation rows (element order): per
+// block, int32 lane r sums row r's products (exact), then one fma per block and activation row
+// scales the 16 lanes at once: y += dot * (d_w * d_x) + (m_w - OFFSET * d_w) * sum(x).
+template <class X, int MT>
+[[gnu::noinline]] void x16_tile512(const uint8_t* tile, const QuantizedActs& a, int64_t m0,
+                                   const OutTile& out, int64_t n0) {
+  const ActRows<MT> rows(a, m0);
+  const auto& xq = rows.xq;
+  const auto& dx = rows.dx;
+  const auto& xs = rows.xs;
+  auto pair_at = [](const int16_t* x) { return _mm512_set1_epi32(int(u32_at((const uint8_t*)x))); };
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < a.nb; ++blk) {
+    const uint8_t* b = X::block_at(tile, blk);
+    __m512i s0[MT], s1[MT];   // two chains per row: lo / hi nibbles, or even / odd units
+    for (int m = 0; m < MT; ++m) s0[m] = s1[m] = _mm512_setzero_si512();
+    if constexpr (!X::SIGNED_BYTES) {
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {   // unit c: elements 2c, 2c + 1 (low nibbles), 2c + 16, 2c + 17
+        const __m512i w = _mm512_cvtepu8_epi16(load32(b + 32 * c));
+        const __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(w, 4);
+        for (int m = 0; m < MT; ++m) {
+          s0[m] = _mm512_dpwssd_epi32(s0[m], lo, pair_at(xq[m] + blk * 32 + 2 * c));
+          s1[m] = _mm512_dpwssd_epi32(s1[m], hi, pair_at(xq[m] + blk * 32 + 16 + 2 * c));
+        }
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int u = 0; u < 16; ++u) {   // unit u: elements 2u, 2u + 1
+        const __m512i w = _mm512_cvtepi8_epi16(load32(b + 32 * u));
+        for (int m = 0; m < MT; ++m) {
+          __m512i& s = u % 2 ? s1[m] : s0[m];
+          s = _mm512_dpwssd_epi32(s, w, pair_at(xq[m] + blk * 32 + 2 * u));
+        }
+      }
+    }
+    const __m512 d16 = _mm512_cvtph_ps(load32(X::field(b, 0)));
+    __m512 shift = _mm512_setzero_ps();
+    if constexpr (X::HAS_MIN) shift = _mm512_cvtph_ps(load32(X::field(b, 1)));
+    if constexpr (X::OFFSET != 0) shift = _mm512_mul_ps(_mm512_set1_ps(-float(X::OFFSET)), d16);
+    for (int m = 0; m < MT; ++m) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[m], s1[m]));
+      acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d16, _mm512_set1_ps(dx[m][blk])), acc[m]);
+      if constexpr (X::HAS_MIN || X::OFFSET != 0)
+        acc[m] = _mm512_fmadd_ps(shift, _mm512_set1_ps(xs[m][blk]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(&out(m0 + m, n0), acc[m]);
+}
 #endif
+
+// The same for any SIMD level: each row's blocks reassembled as the file has them and dotted
+// like the portable kernel (the path where the level was lowered after the weights were laid out).
+template <class X>
+void x16_tile_portable(const uint8_t* tile, const QuantizedActs& a, const OutTile& out, int64_t n0) {
+  using F = typename X::File;
+  uint8_t block[F::BYTES];
+  int16_t q[32];
+  float scale, min;
+  for (int r = 0; r < X16_ROWS; ++r) {
+    for (int64_t m = 0; m < a.M; ++m) out(m, n0 + r) = 0.f;
+    for (int64_t blk = 0; blk < a.nb; ++blk) {
+      X::native_block(tile, r, blk, block);
+      F::values(block, 0, 1, q);
+      F::scales(block, 0, 1, &scale, &min);
+      for (int64_t m = 0; m < a.M; ++m) {
+        const int16_t* x = a.q.data() + m * a.K + blk * 32;
+        int32_t p = 0;
+        for (int i = 0; i < 32; ++i) p += int32_t(q[i]) * int32_t(x[i]);
+        out(m, n0 + r) += float(p) * scale * a.d[m * a.nbp + blk] + min * a.sum32[m * a.nbp + blk];
+      }
+    }
+  }
+}
+
+// One whole tile (rows [n0, n0 + 16)) for every activation row, in row tiles of up to 4.
+template <class X>
+void x16_tile_at(int64_t level, const uint8_t* tile, const QuantizedActs& a, const OutTile& out,
+                 int64_t n0) {
+#ifdef KVYARD_AVX512
+  if (level == AVX512) {
+    for (int64_t m0 = 0, mt; m0 < a.M; m0 += mt) {
+      mt = std::min<int64_t>(4, a.M - m0);
+      if (mt == 1) x16_tile512<X, 1>(tile, a, m0, out, n0);
+      else if (mt == 2) x16_tile512<X, 2>(tile, a, m0, out, n0);
+      else if (mt == 3) x16_tile512<X, 3>(tile, a, m0, out, n0);
+      else x16_tile512<X, 4>(tile, a, m0, out, n0);
+    }
+    return;
+  }
+#endif
+  x16_tile_portable<X>(tile, a, out, n0);
+}
+
+// The kernel of `level` (the activations quantized in act_layout<F>(level)).
+template <class F>
+void int_rows_at(int64_t level, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                 const QuantizedActs& a, OutTile out) {
+#ifdef KVYARD_AVX512
+  if constexpr (is_planar<F>)
+    if (level == AVX512) return int_rows_simd<F, true>(w, row_bytes, n0, n1, a, out);
+#endif
+#ifdef KVYARD_AVX2
+  if (level >= AVX2) return int_rows_simd<F>(w, row_bytes, n0, n1, a, out);
+#endif
+  int_rows_portable<F>(w, row_bytes, n0, n1, a, out);
+}
 
 // ---- dequantization ---------------------------------------------------------------------------
 
@@ -580,6 +890,95 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, i
 #endif
 }
 
+// ---- X16 dequantization ---------------------------------------------------------------------
+
+// Row r of tile at `tile`, dequantized into out[k * ld] (k = 0..K-1), bit for bit as gguf.quants.
+template <class X, class T>
+void dequant_x16_row(const uint8_t* tile, int r, int64_t nb, T* out, int64_t ld) {
+  using F = typename X::File;
+  uint8_t block[F::BYTES];
+  int16_t q[32];
+  float scale, min;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    X::native_block(tile, r, blk, block);
+    F::values(block, 0, 1, q);
+    F::scales(block, 0, 1, &scale, &min);
+    for (int e = 0; e < 32; ++e) {
+      const float v = float(q[e]) * scale;
+      out[(blk * 32 + e) * ld] = T(F::HAS_MIN ? v + min : v);
+    }
+  }
+}
+
+#ifdef KVYARD_AVX512
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {   // nearest even (finite weights: no NaN case)
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+}
+
+// A whole tile dequantized K-major: out[k * ld + r] for its 16 rows r. A unit load's lanes
+// (2r + j) are put in the order [j = 0: rows 0-15 | j = 1: rows 0-15], i.e. two output rows.
+template <class X, class T>
+void dequant_x16_tile512(const uint8_t* tile, int64_t nb, T* out, int64_t ld) {
+  const __m512i by_element = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+                                              30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const uint8_t* b = X::block_at(tile, blk);
+    const __m512 d16 = _mm512_cvtph_ps(load32(X::field(b, 0)));
+    const __m512 m16 = X::HAS_MIN ? _mm512_cvtph_ps(load32(X::field(b, 1))) : _mm512_setzero_ps();
+    auto emit = [&](__m512i v, int64_t e) {   // v: lanes (2r + j) = row r, element e + j
+      v = _mm512_permutexvar_epi16(by_element, v);
+      for (int j = 0; j < 2; ++j) {
+        const __m256i h = j ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(h)), d16);   // mul, then add
+        if constexpr (X::HAS_MIN) f = _mm512_add_ps(f, m16);
+        store16(out + (blk * 32 + e + j) * ld, f);
+      }
+    };
+    if constexpr (!X::SIGNED_BYTES) {
+      for (int c = 0; c < 8; ++c) {
+        const __m512i w = _mm512_cvtepu8_epi16(load32(b + 32 * c)), off = _mm512_set1_epi16(X::OFFSET);
+        emit(_mm512_sub_epi16(_mm512_and_si512(w, _mm512_set1_epi16(15)), off), 2 * c);
+        emit(_mm512_sub_epi16(_mm512_srli_epi16(w, 4), off), 16 + 2 * c);
+      }
+    } else {
+      for (int u = 0; u < 16; ++u) emit(_mm512_cvtepi8_epi16(load32(b + 32 * u)), 2 * u);
+    }
+  }
+}
+#endif
+
+// Rows [n0, n1) of an X16 weight (n0 a multiple of 16) dequantized K-major: out[k * ld + n - n0].
+// Rows of whole tiles (below N / 16 * 16) are X16, the rest planar.
+template <class X, class T>
+void dequant_x16_kmajor(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t n0, int64_t n1, int64_t K,
+                        T* out, int64_t ld) {
+  using P = typename X::Tail;
+  const int64_t nb = K / 32, full = N / X16_ROWS * X16_ROWS;
+  for (int64_t g = n0; g < n1; g += X16_ROWS) {
+    if (g + X16_ROWS <= full && g + X16_ROWS <= n1) {
+#ifdef KVYARD_AVX512
+      dequant_x16_tile512<X>(w + g * row_bytes, nb, out + (g - n0), ld);
+#else
+      for (int r = 0; r < X16_ROWS; ++r) dequant_x16_row<X>(w + g * row_bytes, r, nb, out + (g - n0) + r, ld);
+#endif
+      continue;
+    }
+    std::vector<float> row(K);
+    for (int64_t n = g; n < std::min(g + X16_ROWS, n1); ++n) {
+      if (n < full) {
+        dequant_x16_row<X>(w + (n / X16_ROWS) * X16_ROWS * row_bytes, int(n % X16_ROWS), nb, out + (n - n0), ld);
+      } else {
+        dequant_rows<P>(w, row_bytes, n, n + 1, K, row.data());
+        for (int64_t k = 0; k < K; ++k) out[k * ld + (n - n0)] = T(row[k]);
+      }
+    }
+  }
+}
+
 template <class F>
 void check_weight(const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 &&
@@ -587,12 +986,6 @@ void check_weight(const at::Tensor& w, int64_t K) {
               "kvyard_gguf: weight must be a contiguous CPU uint8 tensor [rows, bytes_per_row]");
   TORCH_CHECK(K % F::QK == 0 && w.size(1) == K / F::QK * F::BYTES, "kvyard_gguf: in_features ",
               K, " does not match ", w.size(1), " bytes per row of ", F::QK, "-element blocks");
-}
-
-at::Tensor as_float_2d(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
-              "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
-  return x.to(at::kFloat).contiguous();
 }
 
 at::Tensor finish(at::Tensor out, const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
@@ -605,24 +998,87 @@ int64_t row_grain(int64_t K, int64_t M) {
   return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K * M));
 }
 
+inline void store(float* p, float v) { *p = v; }
+inline void store(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }   // nearest even, as .to()
+
+// out[m, n] = tile(m, n) + bias[n] for n in [n0, n1), in the output's dtype.
+template <class T>
+void store_rows(const OutTile& tile, int64_t M, int64_t n0, int64_t n1, const float* bias, T* out,
+                int64_t N) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) store(out + m * N + n, tile(m, n) + (bias ? bias[n] : 0.f));
+}
+
+// A task's float results for 16 weight rows: on the stack for decode-sized M.
+struct TileBuffer {
+  alignas(64) float stack[16 * 16];
+  std::vector<float> heap;
+  float* data;
+  explicit TileBuffer(int64_t M) : data(stack) {
+    if (M > 16) data = (heap.resize(M * 16), heap.data());
+  }
+};
+
+// x [M, K] float32 or bfloat16 is read as it is and y [M, N] written in its dtype (other dtypes
+// go through float32). Weight rows are split over the threads; groups of 16 of them stay in L1
+// while every activation tile passes over them, their results in a float tile.
 at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
                   const std::optional<at::Tensor>& bias) {
-  const at::Tensor x32 = as_float_2d(x, K);
-  const int64_t M = x32.size(0), N = w.size(0);
-  at::Tensor out = at::empty({M, N}, x32.options());
-  dispatch(qtype, [&](auto fmt) {
-    using F = decltype(fmt);
-    check_weight<F>(w, K);
-    const QuantizedActs acts = quantize_acts(x32, paired_acts<F>);
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* op = out.data_ptr<float>();
-    // Groups of 16 weight rows stay in L1 while every activation tile passes over them.
-    at::parallel_for(0, N, row_grain(K, M), [&](int64_t n0, int64_t n1) {
-      for (int64_t g = n0; g < n1; g += 16)
-        int_rows_all<F>(wp, w.size(1), g, std::min(g + 16, n1), acts, op, N);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
+              "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
+  const at::ScalarType dtype = x.scalar_type();
+  const bool direct = dtype == at::kFloat || dtype == at::kBFloat16;
+  const at::Tensor xc = direct ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const int64_t M = xc.size(0), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, xc.options());
+  const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  const int64_t level = simd_level();
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  auto quantize = [&](ActLayout layout) -> const QuantizedActs& {
+    return bf16 ? quantize_acts(xc.data_ptr<c10::BFloat16>(), M, K, layout)
+                : quantize_acts(xc.data_ptr<float>(), M, K, layout);
+  };
+  auto store_tile = [&](const OutTile& tile, int64_t g, int64_t g1) {
+    if (bf16) store_rows(tile, M, g, g1, bp, out.data_ptr<c10::BFloat16>(), N);
+    else store_rows(tile, M, g, g1, bp, out.data_ptr<float>(), N);
+  };
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1), grain16 = std::max<int64_t>(1, row_grain(K, M) / 16);
+  // Tasks take whole groups of 16 rows (an X16 tile, or 16 rows that stay in L1 while every
+  // activation tile passes over them); each group's results go through a float tile.
+  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {
+    using X = decltype(fmt);
+    using P = typename X::Tail;
+    check_weight<P>(w, K);
+    const QuantizedActs& acts = quantize(ActLayout::ELEMENT);
+    at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
+      TileBuffer buf(M);
+      for (int64_t g = t0 * 16; g < std::min(t1 * 16, N); g += 16) {
+        const int64_t g1 = std::min(g + 16, N);
+        const OutTile tile{buf.data, 16, g};
+        if (g1 - g == X16_ROWS) x16_tile_at<X>(level, wp + g * row_bytes, acts, tile, g);
+        else int_rows_portable<P>(wp, row_bytes, g, g1, acts, tile);   // the planar last rows
+        store_tile(tile, g, g1);
+      }
     });
   });
-  return finish(out, bias, x.scalar_type());
+  if (!x16)
+    dispatch(qtype, [&](auto fmt) {
+      using F = decltype(fmt);
+      check_weight<F>(w, K);
+      const QuantizedActs& acts = quantize(act_layout<F>(level));
+      at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
+        TileBuffer buf(M);
+        for (int64_t g = t0 * 16; g < std::min(t1 * 16, N); g += 16) {
+          const int64_t g1 = std::min(g + 16, N);
+          const OutTile tile{buf.data, 16, g};
+          int_rows_at<F>(level, wp, row_bytes, g, g1, acts, tile);
+          store_tile(tile, g, g1);
+        }
+      });
+    });
+  return direct ? out : out.to(dtype);
 }
 
 // Dequantizes chunks of rows and multiplies each with one single-threaded gemm inside the
@@ -634,6 +1090,26 @@ int64_t dense_chunk_rows(int64_t N, int64_t K) {
   return std::max<int64_t>(64, std::min(per_thread, by_size));
 }
 
+// out[:, n0 : n0 + rows] = xg @ fill(tile, n0, rows) for the chunks of `chunk` weight rows, each
+// thread with one tile of tile_shape that fill dequantizes into (returning the [K, rows] operand).
+// One single-threaded gemm per chunk inside the parallel region.
+template <class Fill>
+void dense_chunks(const at::Tensor& xg, at::Tensor& out, int64_t chunk, std::vector<int64_t> tile_shape,
+                  Fill&& fill) {
+  const int64_t N = out.size(1);
+  // The pool's threads do not inherit the caller's inference mode; the tensor ops below
+  // (an in-place copy into `out`, an inference tensor under torch.inference_mode) need it.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    at::Tensor tile = at::empty(tile_shape, xg.options());
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * chunk, rows = std::min(chunk, N - n0);
+      out.narrow(1, n0, rows).copy_(at::mm(xg, fill(tile, n0, rows)));   // [M, rows]
+    }
+  });
+}
+
 at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
                     const std::optional<at::Tensor>& bias, bool bf16_gemm) {
   const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
@@ -643,26 +1119,30 @@ at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int
   const int64_t M = xg.size(0), N = w.size(0);
   const int64_t CHUNK = dense_chunk_rows(N, K);
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  dispatch(qtype, [&](auto fmt) {
+  // X16: chunks of whole tiles, dequantized K-major ([K, rows]: the tile layout's natural order)
+  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {
+    using X = decltype(fmt);
+    check_weight<typename X::Tail>(w, K);
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const int64_t chunk = (CHUNK + X16_ROWS - 1) / X16_ROWS * X16_ROWS;
+    dense_chunks(xg, out, chunk, {K, chunk}, [&](at::Tensor& tile, int64_t n0, int64_t rows) {
+      if (bf16_gemm)
+        dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>(), chunk);
+      else
+        dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<float>(), chunk);
+      return tile.narrow(1, 0, rows);
+    });
+  });
+  if (!x16) dispatch(qtype, [&](auto fmt) {
     using F = decltype(fmt);
     check_weight<F>(w, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    const int64_t chunks = (N + CHUNK - 1) / CHUNK;
-    // The pool's threads do not inherit the caller's inference mode; the tensor ops below
-    // (an in-place copy into `out`, an inference tensor under torch.inference_mode) need it.
-    const at::ThreadLocalState caller_state;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      at::Tensor tile = at::empty({CHUNK, K}, xg.options());
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t n0 = c * CHUNK, rows = std::min(CHUNK, N - n0);
-        if (bf16_gemm)
-          dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>());
-        else
-          dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<float>());
-        const at::Tensor y = at::mm(xg, tile.narrow(0, 0, rows).t());   // [M, rows]
-        out.narrow(1, n0, rows).copy_(y);
-      }
+    dense_chunks(xg, out, CHUNK, {CHUNK, K}, [&](at::Tensor& tile, int64_t n0, int64_t rows) {
+      if (bf16_gemm)
+        dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>());
+      else
+        dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<float>());
+      return tile.narrow(0, 0, rows).t();
     });
   });
   return finish(out, bias, x.scalar_type());
@@ -673,7 +1153,22 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K, at::ScalarT
   const int64_t N = w.size(0);
   const bool bf16 = dtype == at::kBFloat16;
   at::Tensor out = at::empty({N, K}, w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-  dispatch(qtype, [&](auto fmt) {
+  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {   // row by row: a check, not a hot path
+    using X = decltype(fmt);
+    check_weight<typename X::Tail>(w, K);
+    at::Tensor o32 = bf16 ? at::empty({N, K}, w.options().dtype(at::kFloat)) : out;
+    float* op = o32.data_ptr<float>();
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const int64_t full = N / X16_ROWS * X16_ROWS;
+    for (int64_t n = 0; n < N; ++n) {
+      if (n < full)
+        dequant_x16_row<X>(wp + (n / X16_ROWS) * X16_ROWS * w.size(1), int(n % X16_ROWS), K / 32, op + n * K, 1);
+      else
+        dequant_rows<typename X::Tail>(wp, w.size(1), n, n + 1, K, op + n * K);
+    }
+    if (bf16) out.copy_(o32);
+  });
+  if (!x16) dispatch(qtype, [&](auto fmt) {
     using F = decltype(fmt);
     check_weight<F>(w, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -705,6 +1200,24 @@ at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t K) {
   return out;
 }
 
+// File layout -> X16 (whole tiles of 16 rows; the last N % 16 rows planar); see gguf_formats.h.
+at::Tensor repack_x16(const at::Tensor& w, int64_t qtype, int64_t K) {
+  at::Tensor out = at::empty_like(w);
+  const bool done = dispatch_x16(X16_BASE + qtype, [&](auto fmt) {
+    using X = decltype(fmt);
+    using P = typename X::Tail;
+    check_weight<P>(w, K);
+    const int64_t N = w.size(0), row_bytes = w.size(1), full = N / X16_ROWS * X16_ROWS;
+    const uint8_t* in = w.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    for (int64_t g = 0; g < full; g += X16_ROWS)
+      X::repack_tile(in + g * row_bytes, row_bytes, K / 32, o + g * row_bytes);
+    for (int64_t n = full; n < N; ++n) P::repack_row(in + n * row_bytes, o + n * row_bytes, K / 32);
+  });
+  TORCH_CHECK(done, "kvyard_gguf: no X16 layout for ggml type id ", qtype);
+  return out;
+}
+
 // Whether this build multiplies bf16 natively (AVX512-BF16 or AMX), i.e. whether the dense path
 // should feed the gemm bf16 instead of fp32.
 bool native_bf16() {
@@ -732,8 +1245,11 @@ TORCH_LIBRARY(kvyard_gguf, m) {
         " -> Tensor");
   m.def("dequantize(Tensor w, int qtype, int in_features, ScalarType dtype) -> Tensor");
   m.def("repack(Tensor w, int qtype, int in_features) -> Tensor");
+  m.def("repack_x16(Tensor w, int qtype, int in_features) -> Tensor");
   m.def("native_bf16() -> bool", &kvyard_gguf::native_bf16);
   m.def("has_simd() -> bool", &kvyard_gguf::has_simd);
+  m.def("simd_level() -> int", &kvyard_gguf::simd_level);
+  m.def("set_simd_level(int level) -> int", &kvyard_gguf::set_simd_level);
 }
 
 TORCH_LIBRARY_IMPL(kvyard_gguf, CPU, m) {
@@ -741,4 +1257,5 @@ TORCH_LIBRARY_IMPL(kvyard_gguf, CPU, m) {
   m.impl("mm_dense", &kvyard_gguf::mm_dense);
   m.impl("dequantize", &kvyard_gguf::dequantize);
   m.impl("repack", &kvyard_gguf::repack);
+  m.impl("repack_x16", &kvyard_gguf::repack_x16);
 }

@@ -4,11 +4,19 @@
 kernels (gguf_kernels.cpp): "int" quantizes x to int16 per 32-block and dots it with the decoded
 weight rows (decode-sized M: memory-bound, no float weight copy); "dense" dequantizes L2-sized
 row chunks and calls the gemm (prefill-sized M: compute-bound). ``DENSE_MIN_M`` is where dense
-starts winning (benchmarks/gguf_matmul.py measures it).
+starts winning (``DENSE_MIN_M_X16`` for the interleaved layouts; benchmarks/gguf_matmul.py
+--all-paths measures it). x is read in its dtype (float32 or
+bfloat16: no copies) and y written in it.
+
+``prepare`` lays the file's blocks out for the SIMD level in force when the weights load: on
+AVX-512 VNNI, Q4_0/Q4_1/Q8_0 in tiles of 16 interleaved rows (X16), the other legacy formats
+planar. Every kernel reads every layout, so a level lowered later (``set_simd_level``) stays
+correct, only slower for X16 weights.
 """
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import gguf
@@ -33,12 +41,22 @@ K_QUANT_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_
 # regrouped into qs / scale planes; gguf_formats.h). Their kernel layout id is PLANAR_BASE + id.
 PLANAR = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0})
 PLANAR_BASE = 256
+# Formats laid out in row-interleaved tiles of 16 rows where the int kernel runs AVX-512 VNNI at
+# load (same bytes; gguf_formats.h, X16); their layout id is X16_BASE + id.
+X16 = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0})
+X16_BASE = 512
 
 DENSE_MIN_M = 16     # M at which "dense" (dequantize + gemm) overtakes "int"
+DENSE_MIN_M_X16 = 48  # the same for the 16-row interleaved layouts (their int kernel is ~2x faster)
 PATHS = ("auto", "int", "dense")
 
 _state: dict[str, object] = {}
 _ops = None   # torch.ops.kvyard_gguf once loaded (looked up once: it sits on every forward)
+
+
+# The int kernel's SIMD paths, best last; KVYARD_GGUF_SIMD=<name> caps the one used (default: the
+# best this build has; KVYARD_GGUF_PORTABLE=1 builds without any).
+SIMD_LEVELS = ("portable", "avx2", "avx512")
 
 
 def load() -> None:
@@ -51,6 +69,24 @@ def load() -> None:
     _ops = torch.ops.kvyard_gguf
     _state["loaded"] = True
     _state["native_bf16"] = bool(torch.ops.kvyard_gguf.native_bf16())
+    cap = os.environ.get("KVYARD_GGUF_SIMD", "").strip().lower()
+    if cap:
+        if cap not in SIMD_LEVELS:
+            raise ValueError(f"KVYARD_GGUF_SIMD={cap!r}; valid: {', '.join(SIMD_LEVELS)}")
+        set_simd_level(cap)
+
+
+def simd_level() -> str:
+    """The SIMD path the int kernel takes now: one of SIMD_LEVELS."""
+    load()
+    return SIMD_LEVELS[int(_ops.simd_level())]
+
+
+def set_simd_level(level: str) -> str:
+    """Caps the int kernel's SIMD path at ``level`` (tests: the AVX2 and portable paths on an
+    AVX-512 machine); returns the path now taken (never above what the build has)."""
+    load()
+    return SIMD_LEVELS[int(_ops.set_simd_level(SIMD_LEVELS.index(level)))]
 
 
 def available() -> bool:
@@ -84,9 +120,16 @@ def prepare(data: torch.Tensor, qtype: int, in_features: int) -> tuple[torch.Ten
     """File blocks uint8 [N, bytes_per_row] -> (the kernels' layout of them, its layout id).
     Same shape and bytes; the id is what matmul/dequantize take as ``qtype``."""
     load()
+    if Q(qtype) in X16 and simd_level() == "avx512":
+        return torch.ops.kvyard_gguf.repack_x16(data, int(qtype), in_features), X16_BASE + int(qtype)
     if Q(qtype) in PLANAR:
         return torch.ops.kvyard_gguf.repack(data, int(qtype), in_features), PLANAR_BASE + int(qtype)
     return data, int(qtype)
+
+
+def dense_min_m(layout: int) -> int:
+    """M from which ``matmul`` takes the dense path for weights in ``layout`` (a layout id)."""
+    return DENSE_MIN_M_X16 if layout >= X16_BASE else DENSE_MIN_M
 
 
 def matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, in_features: int,
@@ -96,7 +139,7 @@ def matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, in_features: int,
     if _ops is None:
         load()
     if path == "auto":
-        path = "int" if x.shape[0] < DENSE_MIN_M else "dense"
+        path = "int" if x.shape[0] < (DENSE_MIN_M_X16 if qtype >= X16_BASE else DENSE_MIN_M) else "dense"
     if path == "int":
         return _ops.mm_int(x, data, qtype, in_features, bias)
     if path == "dense":
@@ -145,6 +188,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("kvyard_gguf::repack")
     def _repack(w, qtype, in_features):
+        return torch.empty_like(w)
+
+    @torch.library.register_fake("kvyard_gguf::repack_x16")
+    def _repack_x16(w, qtype, in_features):
         return torch.empty_like(w)
 
     _state["fakes"] = True

@@ -6,7 +6,8 @@ Lifecycle of one layer (see kvyard.quantization):
                   and formats the kernels lack, as floats; parts may differ in type.
   process_after_loading
                   consecutive parts of one type are concatenated into one segment (rows are
-                  independent), legacy formats are repacked to their planar layout (same bytes),
+                  independent), legacy formats are repacked to the int kernel's layout (planar,
+                  or 16-row interleaved tiles on AVX-512 VNNI; same bytes; gguf_kernels.prepare),
                   and each segment becomes a buffer ``gguf_weight_<i>`` on the layer.
   apply           one kernel call per segment; outputs are concatenated along the last dim.
 
@@ -130,8 +131,9 @@ class GGUFLinearMethod(LinearMethod):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def lower(self, layer) -> Optional[LoweredLinear]:
-        """``apply`` for inputs of fewer than DENSE_MIN_M rows (the int kernel's range) and the
-        layer dtype: one call per segment, the bias in the call when there is one segment."""
+        """``apply`` for inputs in the int kernel's range (fewer than dense_min_m rows of every
+        quantized segment) and the layer dtype: one call per segment, the bias in the call when
+        there is one segment."""
         if self.dtype not in COMPUTE_DTYPES or not gguf_kernels.available():
             return None
         gguf_kernels.load()
@@ -144,7 +146,9 @@ class GGUFLinearMethod(LinearMethod):
             else:
                 calls.append(("kvyard_gguf::mm_int", (weight, seg.kernel_qtype, layer.in_features, bias)))
         bias = None if one or layer.bias is None else layer.bias.to(self.dtype)
-        return LoweredLinear(tuple(calls), bias, max_rows=gguf_kernels.DENSE_MIN_M - 1)
+        min_m = min((gguf_kernels.dense_min_m(seg.kernel_qtype) for seg in layer.gguf_segments
+                     if seg.kernel_qtype is not None), default=gguf_kernels.DENSE_MIN_M)
+        return LoweredLinear(tuple(calls), bias, max_rows=min_m - 1)
 
     @staticmethod
     def _segment(layer, seg: Segment, x2: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Reference: x @ gguf.quants.dequantize(w).T in float64. Tolerances, as a fraction of the largest
 reference output |y|:
-  int path (M < DENSE_MIN_M; activations quantized to int16 per 32-block):  2e-4 for float32 x
+  int path (M < dense_min_m; activations quantized to int16 per 32-block):  2e-4 for float32 x
   dense path (dequantize + fp32 gemm):                                        2e-6 for float32 x
   bfloat16 x (either path; the output is rounded to bf16, 2^-8 relative):     1e-2
 """
@@ -63,6 +63,11 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
+def auto_path(layer: Linear, m: int) -> str:
+    """The kernel matmul(path="auto") takes for m rows of the layer's first segment."""
+    return "int" if m < gguf_kernels.dense_min_m(layer.gguf_segments[0].kernel_qtype) else "dense"
+
+
 def block_cols(qtype: Q) -> int:
     return 512 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 96
 
@@ -114,7 +119,7 @@ def test_linear_matches_dequantized_matmul(qtype, dtype, m):
     y = layer(x)
     assert y.dtype == dtype and y.shape == (m, rows)
     ref = x.double() @ reference(w).T + layer.bias.double()
-    path = "int" if m < gguf_kernels.DENSE_MIN_M else "dense"
+    path = auto_path(layer, m)
     assert relative_error(y, ref) < TOLERANCE[(path, dtype)]
 
 
@@ -179,7 +184,7 @@ def test_runs_under_inference_mode():
         for m in (1, 32):
             x = torch.randn(m, 256)
             ref = x.double() @ reference(w).T
-            path = "int" if m < gguf_kernels.DENSE_MIN_M else "dense"
+            path = auto_path(layer, m)
             assert relative_error(layer(x), ref) < TOLERANCE[(path, torch.float32)]
 
 
@@ -235,7 +240,7 @@ def test_fused_layer_with_mixed_types_and_a_float_shard():
     for m in (1, 3, 32):
         x = torch.randn(m, cols)
         ref = x.double() @ dense.T + layer.bias.double()
-        path = "int" if m < gguf_kernels.DENSE_MIN_M else "dense"
+        path = auto_path(layer, m)
         assert relative_error(layer(x), ref) < TOLERANCE[(path, torch.float32)]
     q, k, v, extra = layer.split(layer(torch.randn(2, cols)))
     assert (q.shape[-1], k.shape[-1], v.shape[-1], extra.shape[-1]) == (64, 32, 32, 16)
@@ -312,7 +317,7 @@ def test_real_smollm2_tensors(smollm2_reader, name, rows):
     ref_w = reference(w)
     for m in (1, 32):
         x = torch.randn(m, shape[1])
-        path = "int" if m < gguf_kernels.DENSE_MIN_M else "dense"
+        path = auto_path(layer, m)
         assert relative_error(layer(x), x.double() @ ref_w.T) < TOLERANCE[(path, torch.float32)]
 
 
