@@ -36,9 +36,16 @@ def test_ngram_cache_is_bounded_and_answers_from_other_requests():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4), "tree drafts are not supported"),
+    (dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4), "top-k tree drafts are for EAGLE and EAGLE3, not NGRAM"),
+    (dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="/x", speculative_eagle_topk=2),
+     "top-k tree drafts are for EAGLE and EAGLE3, not STANDALONE"),
+    (dict(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=8,
+          speculative_ngram_max_bfs_breadth=3), r"max_bfs_breadth \* speculative_num_steps \+ 1 \(3 \* 2 \+ 1\) = 7"),
+    (dict(speculative_algorithm="NGRAM", speculative_ngram_min_bfs_breadth=4, speculative_ngram_max_bfs_breadth=2),
+     "speculative_ngram_min_bfs_breadth"),
     (dict(speculative_algorithm="STANDALONE"), "speculative_draft_model_path is required"),
-    (dict(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=5), r"num_steps \+ 1"),
+    (dict(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=5,
+          speculative_ngram_max_bfs_breadth=1), r"num_steps \+ 1"),
     (dict(speculative_algorithm="NGRAM", speculative_accept_threshold_single=0.5), "only 1.0"),
     (dict(speculative_algorithm="MEDUSA"), "unknown speculative algorithm .MEDUSA."),
     (dict(speculative_draft_model_path="/x"), "needs --speculative-algorithm"),

@@ -71,7 +71,7 @@ def test_echo_head_drafts_the_targets_last_prediction(tiny_models, heads, algori
 
     def record(reqs):
         drafts = propose(reqs)
-        seen.extend((r.all_ids[-1], d) for r, d in zip(reqs, drafts))
+        seen.extend((r.all_ids[-1], list(d.tokens)) for r, d in zip(reqs, drafts))
         return drafts
 
     sched.speculation.propose = record
@@ -173,8 +173,8 @@ def test_token_map_restricts_eagle_drafts(tiny_models, heads, tmp_path):
 
     def record(reqs):
         out = propose(reqs)
-        for chain in out:
-            drafts.extend(chain)
+        for tree in out:
+            drafts.extend(tree.tokens)
         return out
 
     sched.speculation.propose = record
@@ -191,8 +191,9 @@ def test_token_map_restricts_eagle_drafts(tiny_models, heads, tmp_path):
 # -- flags and checkpoints ----------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (dict(speculative_algorithm="EAGLE"), "speculative_draft_model_path is required"),
-    (dict(speculative_algorithm="EAGLE3", speculative_draft_model_path="/x", speculative_eagle_topk=4),
-     "tree drafts are not supported"),
+    (dict(speculative_algorithm="EAGLE3", speculative_draft_model_path="/x", speculative_eagle_topk=2,
+          speculative_num_steps=2, speculative_num_draft_tokens=6), r"topk \* speculative_num_steps \+ 1 \(2 \* 2 \+ 1\) = 5"),
+    (dict(speculative_algorithm="EAGLE", speculative_draft_model_path="/x", speculative_eagle_topk=0), "must be >= 1"),
 ])
 def test_eagle_flag_errors(flags, message):
     with pytest.raises(ValueError, match=message):
