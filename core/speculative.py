@@ -228,7 +228,7 @@ def config_from_args(args) -> Optional[SpeculativeConfig]:
         return None
     if args.is_embedding:
         raise ValueError("speculative_algorithm: speculative decoding is for generation models, not --is-embedding")
-    topk = args.speculative_eagle_topk or 1
+    topk = 1 if args.speculative_eagle_topk is None else args.speculative_eagle_topk
     if topk < 1:
         raise ValueError(f"speculative_eagle_topk must be >= 1, got {topk}")
     if topk > 1 and algo not in ("EAGLE", "EAGLE3"):
