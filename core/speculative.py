@@ -81,8 +81,9 @@ class DraftContext:
     # draft heads (EAGLE-style): the target's HF config; ``target_modules()`` -> (its token
     # embedding module, its compute_logits) to share; ``enable_hidden_capture(layers)`` makes every
     # target step report the hidden states of those layers (FINAL_HIDDEN = -1: the final normed
-    # state) through ``observe``; ``make_draft_head(head, max_steps)`` -> a DraftHeadRunner
-    # (core/executor/draft_head.py) running a DraftHead module with its own KV
+    # state) through ``observe``; ``make_draft_head(head, max_steps, topk=1)`` -> a DraftHeadRunner
+    # (core/executor/draft_head.py) running a DraftHead module with its own KV (topk > 1: it also
+    # expands top-k draft trees, ``propose_tree``)
     target_config: Any = None
     target_modules: Optional[Callable[[], tuple[Any, Any]]] = None
     enable_hidden_capture: Optional[Callable[[tuple[int, ...]], None]] = None

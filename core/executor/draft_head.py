@@ -15,6 +15,12 @@ wrong token). Chain steps past the target's KV (positions >= kv_len) write scrat
 the target's pool, ``num_slots + row * max_steps + j``, into the request's req_to_token row past
 kv_len, where the target reads nothing before its verify step writes its own slots.
 
+Trees (topk > 1, ``propose_tree``; the expansion itself is core/executor/draft_tree.py): each
+step runs the head once per beam (topk per request). A beam attends the request's prefix and its
+own ancestors only, so each beam gets a row of a per-step table: the request's slots of
+positions 0 .. kv_len - 2, then the scratch slots of its ancestors' entries and its own
+(``num_slots + ((row * max_steps + depth - 1) * topk + beam)``); the target's table is untouched.
+
 Invariants, per request:
   - ``_tails[rid].position`` = q: the head's KV covers positions [0, q] of the request, and the
     tail's feature and logits are its output at q. Drafts are proposed only when q is the
@@ -48,7 +54,7 @@ class _Tail:
 
 
 class DraftHeadRunner:
-    def __init__(self, head, *, target, max_steps: int):
+    def __init__(self, head, *, target, max_steps: int, topk: int = 1):
         """head: a DraftHead module, built and loaded; target: the target's ModelRunner (read
         only: its slots, req_to_token table, attention backend choice and vocabulary)."""
         self.head = head
@@ -56,10 +62,12 @@ class DraftHeadRunner:
         self.vocab_size = target.model_config.vocab_size
         self.table = target.req_to_token.table
         self.max_steps = max(1, max_steps)
+        self.topk = max(1, topk)
         self.scratch_base = target.kv_pool_slots
         rows = self.table.shape[0]
         layout = head.kv_layout()
-        self.pool = KVPool.for_layout(self.scratch_base + rows * self.max_steps, layout, target.dtype, self.device)
+        self.pool = KVPool.for_layout(self.scratch_base + rows * self.max_steps * self.topk, layout, target.dtype,
+                                      self.device)
         attention = AttentionConfig(num_heads=head.num_heads, num_kv_heads=layout.num_kv_heads,
                                     head_dim=layout.head_dim, dtype=target.dtype, device=self.device,
                                     page_size=1, max_context_len=target.model_config.context_length,
@@ -112,6 +120,53 @@ class DraftHeadRunner:
                                                feature[keep], step)
         return chains
 
+    @torch.inference_mode()
+    def propose_tree(self, inputs: Sequence, depth: Sequence[int], nodes: Sequence[int]) -> list:
+        """inputs: DraftInputs; depth/nodes [B]: per request the deepest node and the most nodes
+        wanted -> a DraftTree per request (empty where the head has no entry yet)."""
+        from kvyard.executor.draft_tree import expand_tree
+        return expand_tree(self, inputs, depth, nodes)
+
+    def tree_roots(self, inputs: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, H], target-vocabulary log-probabilities [B, V]) at each request's tail."""
+        tails = [self._tails[inp.rid] for inp in inputs]
+        logits = torch.stack([t.logits for t in tails])
+        return torch.stack([t.feature for t in tails]), self.log_probs(logits)
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits [N, V_draft] -> float32 log-probabilities [N, V] over the target's vocabulary
+        (-inf off the draft vocabulary)."""
+        return torch.log_softmax(self._to_target_vocab(logits.float()), dim=-1)
+
+    def beam_step(self, inputs: Sequence, tokens: torch.Tensor, feature: torch.Tensor,
+                  paths: list[list[list[int]]], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head decode step of every beam: tokens [B * k] the beams' nodes at ``depth``,
+        feature [B * k, H] their parents' features, paths [B][k] the scratch slots of each beam's
+        ancestors' entries (depths 1 .. depth - 1). Writes each beam's entry (position
+        kv_len - 1 + depth - 1) to its scratch slot and appends that slot to its path.
+        -> (features [B * k, H], log-probabilities [B * k, V])."""
+        k, long = self.topk, dict(dtype=torch.int64, device=self.device)
+        prefix = [len(inp.token_ids) - 1 for inp in inputs]          # head entries 0 .. kv_len - 2
+        width = max(prefix) + depth
+        table = torch.zeros(len(inputs) * k, width, dtype=self.table.dtype, device=self.device)
+        slots, pos, lens = [], [], []
+        for b, inp in enumerate(inputs):
+            row = self.table[inp.kv_row, :prefix[b]]
+            for j in range(k):
+                slot = self.scratch_base + (inp.kv_row * self.max_steps + depth - 1) * k + j
+                paths[b][j] = paths[b][j] + [slot]
+                r = b * k + j
+                table[r, :prefix[b]] = row
+                table[r, prefix[b]:prefix[b] + depth] = torch.tensor(paths[b][j], dtype=table.dtype)
+                slots.append(slot)
+                pos.append(prefix[b] + depth - 1)
+                lens.append(prefix[b] + depth)
+        positions = torch.tensor(pos, **long)
+        fb = self._forward_batch(ForwardMode.DECODE, tokens, positions, torch.tensor(slots, **long),
+                                 list(range(len(slots))), pos, [1] * len(slots), table=table)
+        feature, logits = self._run(fb, tokens, positions, feature)
+        return feature, self.log_probs(logits)
+
     def release(self, rid: str) -> None:
         self._tails.pop(rid, None)
         self._reqs.pop(rid, None)
@@ -145,7 +200,7 @@ class DraftHeadRunner:
         last = fb.logits_indices
         return feature[last], self.head.compute_logits(out[last])
 
-    def _forward_batch(self, mode, ids, positions, slots, rows, prefix, lens) -> ForwardBatch:
+    def _forward_batch(self, mode, ids, positions, slots, rows, prefix, lens, table=None) -> ForwardBatch:
         long = dict(dtype=torch.int64, device=self.device)
         seq_lens = [p + n for p, n in zip(prefix, lens)]
         starts, acc = [], 0
@@ -158,7 +213,7 @@ class DraftHeadRunner:
             seq_lens=torch.tensor(seq_lens, **long), seq_lens_cpu=seq_lens, extend_prefix_lens_cpu=list(prefix),
             extend_seq_lens_cpu=list(lens), extend_start_loc=torch.tensor(starts, **long),
             logits_indices=torch.tensor([s + n - 1 for s, n in zip(starts, lens)], **long),
-            req_to_token=self.table, kv_pool=self.pool, attn_backend=self.attn)
+            req_to_token=self.table if table is None else table, kv_pool=self.pool, attn_backend=self.attn)
 
     def _sample(self, inputs: Sequence, logits: torch.Tensor, step: int) -> list[int]:
         """Draft ``step`` of each request: its own sampler settings and seed at position

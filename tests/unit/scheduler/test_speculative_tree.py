@@ -1,0 +1,85 @@
+"""Tree drafts through the scheduler: EAGLE / EAGLE-3 top-k trees (random heads on the tiny
+Llama) and NGRAM tries give the plain-decoding output token for token, greedy and seeded
+sampling, at batch 1 and 16, through the randomized workload (chunked prefill, radix hits,
+aborts, retraction, KV integrity after every step, overlap on and off), with the torch_native
+and triton (CPU interpreter) tree masks; the drafts really branch."""
+from __future__ import annotations
+
+import pytest
+
+from kvyard.scheduler.io_struct import TokenizedGenerateReq
+from kvyard.scheduler.process import build_scheduler
+from kvyard.server_args import ServerArgs
+from test_scheduler_workload import assert_same_outputs, make_params, run_workload
+from test_speculative_eagle import PROMPTS, generate, heads  # noqa: F401  (heads: a fixture)
+
+
+def tree(algorithm: str, path: str, topk: int, steps: int, tokens: int) -> dict:
+    return dict(speculative_algorithm=algorithm, speculative_draft_model_path=path, speculative_num_steps=steps,
+                speculative_eagle_topk=topk, speculative_num_draft_tokens=tokens)
+
+
+def record_drafts(sched) -> list:
+    """Wraps the scheduler's propose to keep every DraftTree it verifies."""
+    seen, propose = [], sched.speculation.propose
+
+    def wrapped(reqs):
+        out = propose(reqs)
+        seen.extend(t for t in out if len(t))
+        return out
+
+    sched.speculation.propose = wrapped
+    return seen
+
+
+@pytest.mark.parametrize("algorithm, head, topk, steps, tokens", [
+    ("EAGLE", "eagle", 2, 3, 6),
+    ("EAGLE3", "eagle3", 4, 2, 8),
+    pytest.param("EAGLE", "eagle-echo", 3, 3, 4, marks=pytest.mark.slow),
+    pytest.param("EAGLE3", "eagle3-echo", 2, 4, 8, marks=pytest.mark.slow),
+])
+def test_eagle_trees_greedy_equal_plain_decoding(tiny_models, heads, algorithm, head, topk, steps, tokens):
+    path, _ = tiny_models["llama"]
+    plain, _ = generate(path, PROMPTS)
+    out, speculation = generate(path, PROMPTS, **tree(algorithm, heads[head], topk, steps, tokens))
+    assert out == plain and speculation.stats.verify_steps > 0
+    one, _ = generate(path, PROMPTS[3:4], **tree(algorithm, heads[head], topk, steps, tokens))
+    assert one["r0"] == plain["r3"]
+
+
+def test_echo_head_trees_branch_and_are_accepted(tiny_models, heads):
+    """An echo head's best child is the target's own prediction (its last token): the trees
+    branch (top-3 at every step), hold num_draft_tokens - 1 nodes, siblings differ, and some
+    drafts are accepted."""
+    path, _ = tiny_models["llama"]
+    args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=2048,
+                      log_level="warning", disable_overlap_schedule=True, debug_kv_integrity=True,
+                      **tree("EAGLE", heads["eagle-echo"], 3, 3, 7))
+    sched = build_scheduler(args)
+    seen = record_drafts(sched)
+    for i, ids in enumerate(PROMPTS[:6]):
+        sched.add_request(TokenizedGenerateReq(f"r{i}", ids, make_params(24)))
+    while sched.has_work():
+        sched.step()
+    sched.check_integrity()
+    stats = sched.speculation.stats
+    sched.close()
+    assert seen and any(not t.is_chain for t in seen)
+    assert max(len(t) for t in seen) == 6 and 2 <= max(max(t.depths()) for t in seen) <= 3
+    assert all(len(set(zip(t.parents, t.tokens))) == len(t) for t in seen)
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_an_exact_head_tree_accepts_its_best_path(tmp_path):
+    """A head that computes the target's prediction exactly: the tree's most likely child at
+    every level is the target's token, so each verify step accepts at least one draft (the best
+    depth-1 node is always kept) and the siblings are rejected."""
+    from eagle_heads import save_exact_head
+
+    target, head = save_exact_head(tmp_path)
+    plain, _ = generate(target, PROMPTS[:4], max_new=24)
+    out, speculation = generate(target, PROMPTS[:4], max_new=24, **tree("EAGLE", head, 3, 3, 8))
+    assert out == plain
+    stats = speculation.stats
+    assert stats.verify_steps > 5 and stats.accepted >= stats.verify_steps
+    assert stats.accepted < stats.drafted
