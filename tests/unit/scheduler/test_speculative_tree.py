@@ -83,3 +83,22 @@ def test_an_exact_head_tree_accepts_its_best_path(tmp_path):
     stats = speculation.stats
     assert stats.verify_steps > 5 and stats.accepted >= stats.verify_steps
     assert stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("algorithm, head, page_size, overlap, sampling", [
+    ("EAGLE", "eagle-echo", 4, False, False),
+    pytest.param("EAGLE3", "eagle3-echo", 1, True, False, marks=pytest.mark.slow),
+    pytest.param("EAGLE", "eagle", 1, True, True, marks=pytest.mark.slow),
+    pytest.param("EAGLE3", "eagle3", 4, False, True, marks=pytest.mark.slow),
+])
+def test_tree_workload_equals_plain_decoding(tiny_models, heads, algorithm, head, page_size, overlap, sampling):
+    """200 requests with chunked prefill, radix hits, aborts and retraction under tree drafts;
+    KV integrity checked after every step (the accepted path's KV moved, the rest freed) and
+    nothing leaked at the end (run_workload)."""
+    path, _ = tiny_models["llama"]
+    _, _, plain, _ = run_workload(path, page_size, True, overlap=False, sampling=sampling)
+    sched, _, out, _ = run_workload(path, page_size, True, overlap=overlap, sampling=sampling,
+                                    **tree(algorithm, heads[head], 3, 3, 6))
+    assert_same_outputs(plain, out)
+    stats = sched.speculation.stats
+    assert stats.verify_steps > 0 and stats.accepted > 0
