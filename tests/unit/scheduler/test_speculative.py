@@ -182,3 +182,39 @@ def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny
         assert (counts > 0).sum() == 1 and probs[int(counts.argmax())] == 1.0
         return
     assert chi2_dist.sf(chi2, dof) > 1e-3, (chi2, dof, n)
+
+
+# -- NGRAM tries -------------------------------------------------------------------------------------
+def test_ngram_trie_merges_continuations_breadth_first():
+    from kvyard_plugins.speculative.ngram import build_trie, matches_in_context
+
+    tokens = [1, 2, 3, 4, 9, 1, 2, 5, 6, 1, 2, 3, 7, 1, 2]
+    # suffix [1, 2] occurred at 9 (-> 3 7 1), 5 (-> 5 6 1) and 0 (-> 3 4 9): most recent first
+    branches = matches_in_context(tokens, range(1, 3), limit=3, breadth=3)
+    assert branches == [[3, 7, 1], [5, 6, 1], [3, 4, 9]]
+    trie = build_trie(branches, breadth=[3, 3, 3], max_nodes=10)
+    # depth 1: 3, 5; depth 2: 7, 4 (under 3), 6 (under 5); depth 3: 1, 9, 1
+    assert trie.tokens == (3, 5, 7, 4, 6, 1, 9, 1) and trie.parents == (-1, -1, 0, 0, 1, 2, 3, 4)
+    # breadth caps: one child per node past depth 1; max_nodes cuts breadth-first
+    assert build_trie(branches, breadth=[2, 1, 1], max_nodes=10).tokens == (3, 5, 7, 6, 1, 1)
+    assert build_trie(branches, breadth=[3, 3, 3], max_nodes=3).tokens == (3, 5, 7)
+    # PROB: the continuation most branches share comes first
+    assert build_trie([[5, 1], [3, 2], [3, 4]], breadth=[3, 3], max_nodes=3, by_count=True).tokens == (3, 5, 2)
+
+
+NGRAM_TREE = dict(speculative_algorithm="NGRAM", speculative_num_steps=3, speculative_num_draft_tokens=8,
+                  speculative_ngram_max_bfs_breadth=4, speculative_ngram_min_bfs_breadth=2,
+                  speculative_ngram_max_match_window_size=4)
+
+
+@pytest.mark.parametrize("overlap, sampling, page_size", [
+    (False, False, 1),
+    pytest.param(True, True, 4, marks=pytest.mark.slow),
+])
+def test_ngram_trie_workload_equals_plain_decoding(tiny_models, overlap, sampling, page_size):
+    path, _ = tiny_models["llama"]
+    _, _, plain, _ = run_workload(path, page_size, True, overlap=False, sampling=sampling)
+    sched, _, spec, _ = run_workload(path, page_size, True, overlap=overlap, sampling=sampling, **NGRAM_TREE)
+    assert_same_outputs(plain, spec)
+    stats = sched.speculation.stats
+    assert stats.verify_steps > 0 and stats.accepted > 0
