@@ -140,14 +140,21 @@ def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny
     """1,500 seeded samples of two tokens after a fixed prompt, drafted by a different model (often
     wrong): the second token, given the most frequent first one, follows transformers' softmax
     filtered as the sampler filters (chi-square over tokens with expected count >= 5, the rest pooled)."""
+    stats = check_second_token_distribution(peaked_model, settings, speculative_algorithm="STANDALONE",
+                                            speculative_draft_model_path=tiny_models["qwen2"][0],
+                                            speculative_num_steps=2)
+    assert 0 < stats.accepted < stats.drafted          # drafts were both accepted and rejected
+
+
+def check_second_token_distribution(peaked_model, settings: dict, **spec):
+    """Samples 1,500 seeded two-token continuations with speculation ``spec`` and checks the
+    chi-square of the second token (module test above); returns the speculation's stats."""
     from kvyard.sampling.batch_info import SamplingBatchInfo
     from kvyard.sampling.sampler import filter_probs
 
     path, hf_model = peaked_model
     args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=8192,
-                      max_running_requests=64, log_level="warning", disable_overlap_schedule=True,
-                      speculative_algorithm="STANDALONE", speculative_draft_model_path=tiny_models["qwen2"][0],
-                      speculative_num_steps=2)
+                      max_running_requests=64, log_level="warning", disable_overlap_schedule=True, **spec)
     sched = build_scheduler(args)
     prompt = [3, 17, 42, 8]
     for i in range(1500):
@@ -157,7 +164,6 @@ def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny
         outs += [u.new_token_ids for u in sched.step() if u.finished_reason]
     stats = sched.speculation.stats
     sched.close()
-    assert 0 < stats.accepted < stats.drafted          # drafts were both accepted and rejected
     first = max(set(o[0] for o in outs), key=lambda t: sum(o[0] == t for o in outs))
     seconds = [o[1] for o in outs if o[0] == first]
     with torch.no_grad():
@@ -180,8 +186,9 @@ def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny
     assert n >= 200, n
     if dof == 0:   # the filters keep one token: every sample must be it
         assert (counts > 0).sum() == 1 and probs[int(counts.argmax())] == 1.0
-        return
+        return stats
     assert chi2_dist.sf(chi2, dof) > 1e-3, (chi2, dof, n)
+    return stats
 
 
 # -- NGRAM tries -------------------------------------------------------------------------------------

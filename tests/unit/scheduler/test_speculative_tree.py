@@ -11,6 +11,7 @@ from kvyard.scheduler.io_struct import TokenizedGenerateReq
 from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs
 from test_scheduler_workload import assert_same_outputs, make_params, run_workload
+from test_speculative import check_second_token_distribution, peaked_model  # noqa: F401  (a fixture)
 from test_speculative_eagle import PROMPTS, generate, heads  # noqa: F401  (heads: a fixture)
 
 
@@ -102,3 +103,15 @@ def test_tree_workload_equals_plain_decoding(tiny_models, heads, algorithm, head
     assert_same_outputs(plain, out)
     stats = sched.speculation.stats
     assert stats.verify_steps > 0 and stats.accepted > 0
+
+
+@pytest.mark.parametrize("settings", [
+    pytest.param(dict(temperature=1.0, top_k=6), id="top_k"),
+    pytest.param(dict(temperature=1.0), id="temperature", marks=pytest.mark.slow),
+    pytest.param(dict(temperature=2.0, top_p=0.9), id="top_p", marks=pytest.mark.slow),
+])
+def test_tree_sampled_next_token_distribution_matches_transformers(peaked_model, heads, settings):
+    """The chi-square test of the sampled second token (test_speculative.py) under EAGLE top-3
+    trees drafted by a random head: the tree walk keeps the target's distribution."""
+    stats = check_second_token_distribution(peaked_model, settings, **tree("EAGLE", heads["eagle-echo"], 3, 2, 6))
+    assert 0 < stats.accepted < stats.drafted

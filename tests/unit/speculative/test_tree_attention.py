@@ -1,4 +1,5 @@
-"""Tree-masked extend (speculative tree verify) of torch_native and triton (CPU interpreter)
+"""Tree-masked extend (speculative tree verify) of torch_native, triton (CPU interpreter) and
+flex_attention
 against dense attention with the same mask, per request; and the draft-tree bookkeeping
 (kvyard.speculative.DraftTree): masks, the acceptance walk, pruning."""
 import os
@@ -51,7 +52,7 @@ def make_backend(name: str, kv: PagedKV, heads: int, head_dim: int):
     return pm.registry("attention_backends").get(name)(cfg)
 
 
-@pytest.mark.parametrize("backend_name", ["torch_native", "triton"])
+@pytest.mark.parametrize("backend_name", ["torch_native", "triton", "flex_attention"])
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_tree_masked_extend_matches_dense(backend_name, page_size):
     if backend_name == "triton":
