@@ -38,7 +38,8 @@ def check(engine: Engine, prompts, expected) -> list[dict]:
 
 @pytest.mark.parametrize("shape", [
     dict(speculative_num_steps=4),                                                    # a chain
-    dict(speculative_num_steps=4, speculative_num_draft_tokens=10, speculative_ngram_max_bfs_breadth=4),  # a trie
+    pytest.param(dict(speculative_num_steps=4, speculative_num_draft_tokens=10, speculative_ngram_max_bfs_breadth=4),
+                 marks=pytest.mark.slow),                                             # a trie
 ], ids=["chain", "trie"])
 def test_ngram_equals_transformers(smollm2_path, reference, shape):
     prompts, expected = reference

@@ -5,6 +5,10 @@ aborts, retraction, KV integrity after every step, overlap on and off), with the
 and triton (CPU interpreter) tree masks; the drafts really branch."""
 from __future__ import annotations
 
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # the triton case runs its kernels in the CPU interpreter
+
 import pytest
 
 from kvyard.scheduler.io_struct import TokenizedGenerateReq
@@ -35,7 +39,7 @@ def record_drafts(sched) -> list:
 
 @pytest.mark.parametrize("algorithm, head, topk, steps, tokens", [
     ("EAGLE", "eagle", 2, 3, 6),
-    ("EAGLE3", "eagle3", 4, 2, 8),
+    pytest.param("EAGLE3", "eagle3", 4, 2, 8, marks=pytest.mark.slow),
     pytest.param("EAGLE", "eagle-echo", 3, 3, 4, marks=pytest.mark.slow),
     pytest.param("EAGLE3", "eagle3-echo", 2, 4, 8, marks=pytest.mark.slow),
 ])
@@ -115,3 +119,13 @@ def test_tree_sampled_next_token_distribution_matches_transformers(peaked_model,
     trees drafted by a random head: the tree walk keeps the target's distribution."""
     stats = check_second_token_distribution(peaked_model, settings, **tree("EAGLE", heads["eagle-echo"], 3, 2, 6))
     assert 0 < stats.accepted < stats.drafted
+
+
+def test_triton_tree_verify_equals_plain_decoding(tiny_models, heads):
+    """The triton extend kernel's tree mask (CPU interpreter) through the scheduler."""
+    pytest.importorskip("triton")
+    path, _ = tiny_models["llama"]
+    plain, _ = generate(path, PROMPTS[:3], max_new=8)
+    out, speculation = generate(path, PROMPTS[:3], max_new=8, attention_backend="triton",
+                                **tree("EAGLE3", heads["eagle3"], 2, 2, 5))
+    assert out == plain and speculation.stats.verify_steps > 0
