@@ -147,20 +147,17 @@ class DraftHeadRunner:
         -> (features [B * k, H], log-probabilities [B * k, V])."""
         k, long = self.topk, dict(dtype=torch.int64, device=self.device)
         prefix = [len(inp.token_ids) - 1 for inp in inputs]          # head entries 0 .. kv_len - 2
-        width = max(prefix) + depth
-        table = torch.zeros(len(inputs) * k, width, dtype=self.table.dtype, device=self.device)
-        slots, pos, lens = [], [], []
         for b, inp in enumerate(inputs):
-            row = self.table[inp.kv_row, :prefix[b]]
             for j in range(k):
-                slot = self.scratch_base + (inp.kv_row * self.max_steps + depth - 1) * k + j
-                paths[b][j] = paths[b][j] + [slot]
-                r = b * k + j
-                table[r, :prefix[b]] = row
-                table[r, prefix[b]:prefix[b] + depth] = torch.tensor(paths[b][j], dtype=table.dtype)
-                slots.append(slot)
-                pos.append(prefix[b] + depth - 1)
-                lens.append(prefix[b] + depth)
+                paths[b][j] = paths[b][j] + [self.scratch_base + (inp.kv_row * self.max_steps + depth - 1) * k + j]
+        # [B * k, width]: the request's row (the prefix; columns past it are overwritten or unread)
+        rows = torch.tensor([inp.kv_row for inp in inputs], **long).repeat_interleave(k)
+        table = self.table[rows, :max(prefix) + depth].clone()
+        cols = torch.tensor(prefix, **long).repeat_interleave(k)[:, None] + torch.arange(depth, **long)[None, :]
+        path = torch.tensor([p for beams in paths for p in beams], dtype=table.dtype, device=self.device)
+        table[torch.arange(len(rows), **long)[:, None], cols] = path
+        slots = [p[-1] for beams in paths for p in beams]
+        pos = [prefix[b] + depth - 1 for b in range(len(inputs)) for _ in range(k)]
         positions = torch.tensor(pos, **long)
         fb = self._forward_batch(ForwardMode.DECODE, tokens, positions, torch.tensor(slots, **long),
                                  list(range(len(slots))), pos, [1] * len(slots), table=table)
