@@ -13,7 +13,9 @@ Measures, on the in-process scheduler (as benchmarks/speculative_cpu.py does):
   4. an EAGLE-3 head of the Llama-3.1-8B EAGLE-3 shape (1 layer, hidden 4096, 32 heads, 8 KV
      heads, MLP 14336, draft vocabulary 32000; random weights, saved in the published layout):
      the head's draft step time and the end-to-end tok/s (a random head is rarely accepted: the
-     figure is the cost side; a trained head's acceptance length multiplies it).
+     figure is the cost side; a trained head's acceptance length multiplies it);
+  5. the same head drafting top-k trees (--eagle3-topk, --eagle3-draft-tokens; SGLang's Llama-3.1-8B
+     EAGLE-3 setting is topk 4, 8 draft tokens): its beam steps and the tree-masked verify forward.
 Prints a table and writes one JSON line per measurement with --json.
 """
 from __future__ import annotations
@@ -146,6 +148,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eagle3-steps", type=int, default=3)
+    ap.add_argument("--eagle3-topk", type=int, default=4, help="tree drafts: top-k per step (1: skip the tree run)")
+    ap.add_argument("--eagle3-draft-tokens", type=int, default=8, help="tree drafts: tokens verified per step")
     ap.add_argument("--json", default=None)
     ap.add_argument("--head-shape", default="8b", choices=("8b", "tiny"), help="tiny: a small head (dry runs)")
     ap.add_argument("--cpu", action="store_true", help="float32 on the CPU (a dry run of this script)")
@@ -166,6 +170,11 @@ def main() -> None:
         results[f"EAGLE3 random head k={ns.eagle3_steps}"] = run(
             ns.config, prompt, ns.output_len, ns.rounds, speculative_algorithm="EAGLE3",
             speculative_draft_model_path=head, speculative_num_steps=ns.eagle3_steps)
+        if ns.eagle3_topk > 1:
+            results[f"EAGLE3 tree topk={ns.eagle3_topk} n={ns.eagle3_draft_tokens}"] = run(
+                ns.config, prompt, ns.output_len, ns.rounds, speculative_algorithm="EAGLE3",
+                speculative_draft_model_path=head, speculative_num_steps=ns.eagle3_steps,
+                speculative_eagle_topk=ns.eagle3_topk, speculative_num_draft_tokens=ns.eagle3_draft_tokens)
     base = max(results["plain"], results["plain (overlap on)"], key=lambda r: r["tok_s"])
     print(f"{'configuration':<28} {'tok/s':>8} {'vs plain':>9} {'accept len':>10}  forward ms (median)")
     lines = []

@@ -3,7 +3,8 @@
 # pyzmq wheels for the device's Python), Llama-3.1-8B shape with dummy weights, batch 1:
 #   plain decode vs STANDALONE self-draft (acceptance 1) at num_steps 1..4, the verify forward's
 #   cost vs a plain decode forward, the draft forward's, and a random EAGLE-3 head (8B EAGLE-3
-#   shape) with its draft step time: benchmarks/speculative_device.py.
+#   shape) with its draft step time, chains and top-4 trees of 8 tokens (tree-masked verify on the
+#   triton backend): benchmarks/speculative_device.py.
 # Output under $OUT: env.txt, setup.txt, speculative.txt (the table), speculative.jsonl.
 #   STEPS="2 4" OUTPUT_LEN=128 bash benchmarks/h100/speculative_device.sh   # a shorter call
 set -u

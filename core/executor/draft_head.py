@@ -138,6 +138,24 @@ class DraftHeadRunner:
         (-inf off the draft vocabulary)."""
         return torch.log_softmax(self._to_target_vocab(logits.float()), dim=-1)
 
+    def favour_draws(self, inputs: Sequence, logp: torch.Tensor, depth: int) -> torch.Tensor:
+        """Sampled (non-greedy) requests: each row's coupled draw (the token the request's own
+        sampler settings, seed and position ``len(token_ids) + depth - 1`` pick from logp [N, V],
+        the draw the target's verify row makes) gets log-probability 0, so it ranks first among
+        its siblings and its path stays in the tree. Greedy rows are left as they are (their draw
+        is the argmax, first anyway). inputs [N]: the request of each row."""
+        rows = [r for r, inp in enumerate(inputs)
+                if inp.sampling_params is not None and not inp.sampling_params.is_greedy]
+        if not rows:
+            return logp
+        picked = [inputs[r] for r in rows]
+        info = SamplingBatchInfo.from_reqs([self._req(inp) for inp in picked], self.vocab_size, self.device)
+        positions = torch.tensor([len(inp.token_ids) + depth - 1 for inp in picked], dtype=torch.int64,
+                                 device=self.device)
+        draws = self.sampler(logp[rows], info, positions).next_ids
+        logp[torch.tensor(rows, device=self.device), draws.to(self.device)] = 0.0
+        return logp
+
     def beam_step(self, inputs: Sequence, tokens: torch.Tensor, feature: torch.Tensor,
                   paths: list[list[list[int]]], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One head decode step of every beam: tokens [B * k] the beams' nodes at ``depth``,

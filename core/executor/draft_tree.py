@@ -11,6 +11,11 @@ Per request, with k = topk and the head's log-probabilities log q over the targe
             scores above its parent, so this is the best-score subtree), as a DraftTree with
             parents before children.
 
+Sampled requests: at every expansion the child the request's own coupled draw picks (the token
+the target's verify row draws too when the head agrees with the target; DraftHeadRunner
+.favour_draws) scores as if certain, so the chain a sampled request would draft is always in its
+tree and the other nodes branch off it by probability. Greedy requests rank by probability only.
+
 Invariants: siblings carry distinct tokens (each comes from one top-k of one distribution);
 candidates off the draft vocabulary (score -inf) are dropped; no node is deeper than the
 request's depth limit. The draft only decides speed: the target verifies every node
@@ -67,7 +72,7 @@ def _expand(runner, inputs: Sequence, depth: Sequence[int], live: list[int], can
     paths [B][k] scratch slots of the beams' ancestors."""
     k = runner.topk
     feature, logp = runner.tree_roots([inputs[i] for i in live])
-    score, token = logp.topk(k, dim=-1)                                   # [B, k]
+    score, token = runner.favour_draws([inputs[i] for i in live], logp, 1).topk(k, dim=-1)   # [B, k]
     beams = [_add(cands[i], s, t, [-1] * k, 1) for i, s, t in zip(live, score.tolist(), token.tolist())]
     parent_feature = feature.repeat_interleave(k, dim=0)                  # [B * k, H]
     paths: list[list[list[int]]] = [[[] for _ in range(k)] for _ in live]
@@ -78,7 +83,8 @@ def _expand(runner, inputs: Sequence, depth: Sequence[int], live: list[int], can
             live, beams, paths = [live[b] for b in keep], [beams[b] for b in keep], [paths[b] for b in keep]
             score, token, parent_feature = score[keep], token[keep], parent_feature[rows]
         feat, child_logp = runner.beam_step([inputs[i] for i in live], token.flatten(), parent_feature, paths, d - 1)
-        child_score, child_token = child_logp.topk(k, dim=-1)              # [B * k, k]
+        rows = [inputs[i] for i in live for _ in range(k)]
+        child_score, child_token = runner.favour_draws(rows, child_logp, d).topk(k, dim=-1)   # [B * k, k]
         total = (score.reshape(-1, 1) + child_score).view(len(live), k * k)  # child j of beam j // k
         tokens = child_token.view(len(live), k * k)
         new = [_add(cands[i], s, t, [beams[b][j // k] for j in range(k * k)], d)

@@ -129,3 +129,52 @@ def test_triton_tree_verify_equals_plain_decoding(tiny_models, heads):
     out, speculation = generate(path, PROMPTS[:3], max_new=8, attention_backend="triton",
                                 **tree("EAGLE3", heads["eagle3"], 2, 2, 5))
     assert out == plain and speculation.stats.verify_steps > 0
+
+
+def test_sampled_requests_keep_their_coupled_chain_in_the_tree(tiny_models, heads):
+    """For a sampled request the chain the head would draft (its own coupled draws) is a path
+    of its tree, so a head that agrees with the target is accepted under sampling as with chains;
+    the output still equals plain decoding."""
+    path, _ = tiny_models["llama"]
+    settings = dict(temperature=0.8, top_p=0.95)
+    args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=2048,
+                      log_level="warning", disable_overlap_schedule=True, debug_kv_integrity=True,
+                      **tree("EAGLE", heads["eagle"], 2, 3, 6))
+    sched = build_scheduler(args)
+    algo, checked = sched.speculation.algorithm, []
+    propose = algo.propose
+
+    def wrapped(inputs):
+        trees = propose(inputs)
+        chains = algo.runner.propose(inputs, [min(i.depth_limit, 3) for i in inputs])
+        checked.extend((t, c) for t, c in zip(trees, chains) if c)
+        return trees
+
+    algo.propose = wrapped
+    for i, ids in enumerate(PROMPTS[:4]):
+        sched.add_request(TokenizedGenerateReq(f"r{i}", ids, make_params(16, **settings), sampling_seed=i))
+    outs = {}
+    while sched.has_work():
+        outs.update({u.rid: u.new_token_ids for u in sched.step() if u.finished_reason})
+    sched.close()
+    assert len(checked) > 5 and all(has_path(t, c) for t, c in checked)
+    plain = build_scheduler(ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True,
+                                       max_total_tokens=2048, log_level="warning", disable_overlap_schedule=True))
+    for i, ids in enumerate(PROMPTS[:4]):
+        plain.add_request(TokenizedGenerateReq(f"r{i}", ids, make_params(16, **settings), sampling_seed=i))
+    expected = {}
+    while plain.has_work():
+        expected.update({u.rid: u.new_token_ids for u in plain.step() if u.finished_reason})
+    plain.close()
+    assert outs == expected
+
+
+def has_path(tree, chain) -> bool:
+    """Whether ``chain`` is a path of ``tree`` from its root."""
+    node = -1
+    for tok in chain:
+        kids = [i for i, (p, t) in enumerate(zip(tree.parents, tree.tokens)) if p == node and t == tok]
+        if not kids:
+            return False
+        node = kids[0]
+    return True
