@@ -171,6 +171,15 @@ class DraftTree:
                 return path
             path.append(nxt)
 
+    def first_branch(self) -> "DraftTree":
+        """The chain of first children from the root (what a server without trees verifies)."""
+        tokens, last = [], -1
+        for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
+            if p == last:
+                tokens.append(t)
+                last = i
+        return DraftTree.chain(tokens)
+
     def pruned(self, max_nodes: int, max_depth: int) -> "DraftTree":
         """The first nodes (in order) of depth <= max_depth whose parent is kept, at most max_nodes."""
         keep: dict[int, int] = {}          # old index -> new index

@@ -75,7 +75,10 @@ class Speculation:
                              sampling_params=r.sampling_params, kv_row=r.req_pool_idx, max_depth=rooms[i][1])
                   for i, r in asked]
         for (i, _), draft in zip(asked, self.algorithm.propose(inputs)):
-            drafts[i] = as_tree(draft).pruned(*rooms[i])
+            tree = as_tree(draft)
+            if not self.config.tree and not tree.is_chain:   # attention may not serve the tree mask
+                tree = tree.first_branch()
+            drafts[i] = tree.pruned(*rooms[i])
         return drafts
 
     # -- the verify batch -----------------------------------------------------------------------

@@ -148,6 +148,11 @@ def test_pruned_keeps_ancestors_and_limits():
     assert shallow.tokens == (10, 11)
 
 
+def test_first_branch_follows_first_children():
+    tree = DraftTree((10, 11, 12, 13, 14), (-1, -1, 0, 0, 2))
+    assert tree.first_branch().tokens == (10, 12, 14)
+
+
 def test_bad_trees_are_refused():
     with pytest.raises(ValueError, match="does not precede"):
         DraftTree((1, 2), (1, -1))
