@@ -95,11 +95,14 @@ class AttentionBackend(ABC):
     def __init__(self, config: AttentionConfig):
         check_serves_layout(type(self), config)
         missing = self.missing_features(config.features)
+        if missing == ["spec_tree"]:
+            raise ValueError(f"attention backend {self.name!r}: {LAYER_FEATURES['spec_tree']} is not supported "
+                             f"yet; choose another --attention-backend (torch_native, triton, flex_attention) "
+                             f"or chain drafts")
         if missing:
             raise ValueError(f"attention backend {self.name!r} does not support "
-                             f"{' or '.join(LAYER_FEATURES[f] for f in missing)}, which this "
-                             f"{'server' if missing == ['spec_tree'] else 'model'} needs; choose another "
-                             f"--attention-backend")
+                             f"{' or '.join(LAYER_FEATURES[f] for f in missing)}, which this model "
+                             f"needs; choose another --attention-backend")
         if {"spec_tree", "sliding_window"} <= config.features:
             raise ValueError("speculative tree drafts with sliding-window layers are not supported yet "
                              "(the window counts verify rows, not tree depths); use chain drafts")

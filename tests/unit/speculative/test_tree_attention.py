@@ -109,8 +109,11 @@ def test_backends_without_the_tree_mask_are_refused_by_name():
             raise AssertionError
 
     cfg = kv.backend_config(4, 16)
-    with pytest.raises(ValueError, match="'plain' does not support tree-masked verify"):
+    with pytest.raises(ValueError, match="'plain': tree-masked verify of speculative draft trees is not supported yet"):
         Plain(type(cfg)(**{**cfg.__dict__, "features": frozenset({"spec_tree"})}))
+    from kvyard_plugins.attention.flashinfer_backend import FlashInferBackend
+    with pytest.raises(ValueError, match="'flashinfer': tree-masked verify .* is not supported yet"):
+        FlashInferBackend(type(cfg)(**{**cfg.__dict__, "features": frozenset({"spec_tree"})}))
     with pytest.raises(ValueError, match="sliding-window layers are not supported yet"):
         make_backend("torch_native", kv, 4, 16).__class__(
             type(cfg)(**{**cfg.__dict__, "features": frozenset({"spec_tree", "sliding_window"})}))
