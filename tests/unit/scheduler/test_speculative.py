@@ -215,7 +215,7 @@ NGRAM_TREE = dict(speculative_algorithm="NGRAM", speculative_num_steps=3, specul
 
 
 @pytest.mark.parametrize("overlap, sampling, page_size", [
-    (False, False, 1),
+    pytest.param(False, False, 1, marks=pytest.mark.slow),
     pytest.param(True, True, 4, marks=pytest.mark.slow),
 ])
 def test_ngram_trie_workload_equals_plain_decoding(tiny_models, overlap, sampling, page_size):

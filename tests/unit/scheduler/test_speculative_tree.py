@@ -178,3 +178,34 @@ def has_path(tree, chain) -> bool:
             return False
         node = kids[0]
     return True
+
+
+def test_ngram_tries_branch_and_equal_plain_decoding(tiny_models):
+    """Prompts that repeat a phrase with different continuations: the NGRAM trie branches (one
+    child per earlier continuation) and the output equals plain decoding (the workload variant,
+    with chunked prefill, radix hits, aborts and retraction, is in test_speculative.py)."""
+    path, _ = tiny_models["llama"]
+    prompts = [[9, 8, 7, 1 + i, 9, 8, 7, 20 + i, 9, 8, 7, 40 + i, 9, 8, 7, 60, 61, 9, 8, 7] for i in range(4)]
+    trie = dict(speculative_algorithm="NGRAM", speculative_num_steps=3, speculative_num_draft_tokens=8,
+                speculative_ngram_max_bfs_breadth=4)
+    plain, _ = generate(path, prompts)
+    args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=2048,
+                      log_level="warning", disable_overlap_schedule=True, debug_kv_integrity=True, **trie)
+    sched = build_scheduler(args)
+    seen = record_drafts(sched)
+    for i, ids in enumerate(prompts):
+        sched.add_request(TokenizedGenerateReq(f"r{i}", ids, make_params(16)))
+    outs = {}
+    while sched.has_work():
+        outs.update({u.rid: u.new_token_ids for u in sched.step() if u.finished_reason})
+    sched.check_integrity()
+    sched.close()
+    assert outs == plain and seen
+    # the algorithm on one of those contexts: the 4 earlier continuations of "9 8 7" at the root
+    # (breadth 4 at depth 1 falling to min_bfs_breadth 1 at depth 3), 7 nodes at most
+    from kvyard.speculative import DraftInput
+    from kvyard_plugins.speculative.ngram import NgramAlgorithm
+    algo = NgramAlgorithm(args.speculative_config(), None)
+    t = algo.propose([DraftInput(rid="x", token_ids=prompts[0], max_draft_len=7, seed=0, max_depth=3)])[0]
+    assert t.tokens[:4] == (60, 40, 20, 1) and t.parents[:4] == (-1, -1, -1, -1)
+    assert len(t) == 7 and max(t.depths()) <= 3
