@@ -151,22 +151,22 @@ def test_sampled_requests_keep_their_coupled_chain_in_the_tree(tiny_models, head
         return trees
 
     algo.propose = wrapped
+    outs = run_sampled(sched, settings)
+    assert len(checked) > 5 and all(has_path(t, c) for t, c in checked)
+    plain = build_scheduler(ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True,
+                                       max_total_tokens=2048, log_level="warning", disable_overlap_schedule=True))
+    assert outs == run_sampled(plain, settings)
+
+
+def run_sampled(sched, settings: dict) -> dict:
+    """PROMPTS[:4] with seeded sampling through ``sched`` (closed after): {rid: tokens}."""
     for i, ids in enumerate(PROMPTS[:4]):
         sched.add_request(TokenizedGenerateReq(f"r{i}", ids, make_params(16, **settings), sampling_seed=i))
     outs = {}
     while sched.has_work():
         outs.update({u.rid: u.new_token_ids for u in sched.step() if u.finished_reason})
     sched.close()
-    assert len(checked) > 5 and all(has_path(t, c) for t, c in checked)
-    plain = build_scheduler(ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True,
-                                       max_total_tokens=2048, log_level="warning", disable_overlap_schedule=True))
-    for i, ids in enumerate(PROMPTS[:4]):
-        plain.add_request(TokenizedGenerateReq(f"r{i}", ids, make_params(16, **settings), sampling_seed=i))
-    expected = {}
-    while plain.has_work():
-        expected.update({u.rid: u.new_token_ids for u in plain.step() if u.finished_reason})
-    plain.close()
-    assert outs == expected
+    return outs
 
 
 def has_path(tree, chain) -> bool:
