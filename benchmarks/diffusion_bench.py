@@ -21,13 +21,14 @@ import base64
 import concurrent.futures as cf
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+from kvyard.utils import free_port
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -102,12 +103,6 @@ def bench_engine(path: str, a) -> list[dict]:
     for i in range(a.images):
         engine.run([job(i)])
     return [{"row": "engine_bs1", **rate(a.images, time.perf_counter() - t0)}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_serve(path: str, a) -> list[dict]:

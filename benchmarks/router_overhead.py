@@ -15,13 +15,14 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 import httpx
+
+from kvyard.utils import free_port
 
 ECHO_APP = """
 from fastapi import FastAPI, Request
@@ -35,12 +36,6 @@ async def completions(request: Request):
     return {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": body["prompt"][-8:],
             "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(cmd: list[str], health_url: str) -> subprocess.Popen:

@@ -14,8 +14,19 @@ Measures, on the in-process scheduler (as benchmarks/speculative_cpu.py does):
      heads, MLP 14336, draft vocabulary 32000; random weights, saved in the published layout):
      the head's draft step time and the end-to-end tok/s (a random head is rarely accepted: the
      figure is the cost side; a trained head's acceptance length multiplies it);
-  5. the same head drafting top-k trees (--eagle3-topk, --eagle3-draft-tokens; SGLang's Llama-3.1-8B
-     EAGLE-3 setting is topk 4, 8 draft tokens): its beam steps and the tree-masked verify forward.
+  5. the machinery's upper bound with a cheap draft: STANDALONE with a 1-layer truncation of the
+     target as the draft, at acceptance 1. A draft as large as the target costs a target step per
+     draft (k drafts + 1 verify for k + 1 tokens: about break-even), so the target's layers 1..L-1
+     are made to add nothing to the residual stream (o_proj and down_proj zeroed: they still cost
+     their full compute) and the draft gets the target's embedding, layer 0, final norm and LM
+     head: both compute the same function, every draft is accepted, and a draft step costs about
+     1/L of a target step plus the LM head.
+  6. the EAGLE-3 head drafting top-k trees (--eagle3-topk, --eagle3-draft-tokens; SGLang's
+     Llama-3.1-8B EAGLE-3 setting is topk 4, 8 draft tokens): its beam steps and the tree-masked
+     verify forward (eager: extend graphs decline a batch with a tree mask).
+With CUDA graphs on (the default) decode steps, verify steps (1 + k tokens per request) and the
+draft model's decode and catch-up steps all replay captured graphs; the "graphs" column says
+which runners had them.
 Prints a table and writes one JSON line per measurement with --json.
 """
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -79,10 +91,52 @@ def _free_memory() -> None:
 def batch_kind(batch, *_):
     if batch.is_verify:
         return f"verify {len(batch.input_ids)} tokens"
-    return "decode" if batch.mode.is_decode() else "prefill"
+    if batch.mode.is_decode():
+        return "decode"
+    return f"extend {len(batch.input_ids)} tokens" if len(batch.input_ids) <= 8 else "prefill"
 
 
-def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: bool = False, **spec) -> dict:
+def graphs_of(runner) -> str:
+    """Which CUDA graphs a ModelRunner has: decode buckets and extend width."""
+    decode = runner.decode_graphs
+    parts = [f"{type(decode).__name__}{getattr(decode, 'sizes', '')}" if decode is not None else "no decode graphs"]
+    if runner.extend_graphs is not None:
+        parts.append(f"extend x{runner.extend_graphs.width}")
+    return " + ".join(parts)
+
+
+
+def idle_upper_layers(sched) -> None:
+    """The truncated self-draft (module docstring, 5): the target's layers >= 1 add nothing to the
+    residual stream, and the 1-layer draft model holds the target's remaining weights."""
+    import torch
+
+    target = sched.runner.model
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            layer = re.search(r"layers\.(\d+)\.", name)
+            if layer and int(layer.group(1)) >= 1 and (".o_proj." in name or ".down_proj." in name):
+                p.zero_()
+        if sched.speculation is None:
+            return   # the plain reference of the truncated self-draft
+        weights = dict(target.named_parameters())
+        for name, p in sched.speculation.algorithm.draft.runner.model.named_parameters():
+            p.copy_(weights[name])
+
+
+def one_layer_config(config: str, out_dir: str) -> str:
+    """A copy of ``config`` with one decoder layer (the truncated draft)."""
+    with open(os.path.join(config, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"] = 1
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return out_dir
+
+
+def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: bool = False, prepare=None,
+        **spec) -> dict:
     """Batch 1, ``rounds`` requests one after another (the first warms up); tok/s of the rest.
     Overlap off unless asked: speculation makes every step a sync point anyway, and the forwards
     are timed only on the synchronous executor."""
@@ -95,11 +149,15 @@ def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: b
                       context_length=4096, max_total_tokens=MAX_TOTAL_TOKENS, max_running_requests=8,
                       log_level="warning", disable_overlap_schedule=not overlap, **DEVICE_ARGS, **spec)
     sched = build_scheduler(args)
+    if prepare is not None:
+        prepare(sched)
+    graphs = graphs_of(sched.runner)
     times: dict[str, list[float]] = defaultdict(list)
     ForwardTimer(times, sched.runner, "forward", batch_kind)
     algo = sched.speculation.algorithm if sched.speculation is not None else None
     if algo is not None and hasattr(algo, "draft"):
         ForwardTimer(times, algo.draft.runner, "forward", lambda b, *_: "draft " + batch_kind(b))
+        graphs += "; draft: " + graphs_of(algo.draft.runner)
     if algo is not None and hasattr(algo, "runner"):
         ForwardTimer(times, algo.runner, "_run", lambda fb, *_: f"head {fb.mode.name.lower()}")
     outs, rates = [], []
@@ -121,7 +179,7 @@ def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: b
     ForwardTimer.unwrap_all()
     del sched, algo
     _free_memory()
-    return {"tok_s": statistics.median(rates), "outs": outs, "stats": stats,
+    return {"tok_s": statistics.median(rates), "outs": outs, "stats": stats, "graphs": graphs,
             "forward_ms": {k: 1000 * statistics.median(v) for k, v in times.items() if v}}
 
 
@@ -166,6 +224,13 @@ def main() -> None:
             ns.config, prompt, ns.output_len, ns.rounds, speculative_algorithm="STANDALONE",
             speculative_draft_model_path=ns.config, speculative_num_steps=k)
     with tempfile.TemporaryDirectory() as tmp:
+        k = max(ns.steps)
+        results["plain (layers 1.. idle)"] = run(ns.config, prompt, ns.output_len, ns.rounds,
+                                                 prepare=idle_upper_layers)
+        results[f"STANDALONE 1-layer k={k}"] = run(
+            ns.config, prompt, ns.output_len, ns.rounds, prepare=idle_upper_layers, speculative_algorithm="STANDALONE",
+            speculative_draft_model_path=one_layer_config(ns.config, os.path.join(tmp, "draft1")),
+            speculative_num_steps=k)
         head = save_eagle3_head(os.path.join(tmp, "eagle3"), ns.config, ns.head_shape)
         results[f"EAGLE3 random head k={ns.eagle3_steps}"] = run(
             ns.config, prompt, ns.output_len, ns.rounds, speculative_algorithm="EAGLE3",
@@ -179,17 +244,35 @@ def main() -> None:
     print(f"{'configuration':<28} {'tok/s':>8} {'vs plain':>9} {'accept len':>10}  forward ms (median)")
     lines = []
     for name, r in results.items():
-        same = all(o == base["outs"][0] for o in r["outs"])
+        ref = results["plain (layers 1.. idle)"] if "1-layer" in name or "idle" in name else base
+        same = all(o == ref["outs"][0] for o in r["outs"])
         length = r["stats"].get("spec_accept_length", 1.0)
         ms = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["forward_ms"].items()))
         print(f"{name:<28} {r['tok_s']:>8.1f} {r['tok_s'] / base['tok_s']:>8.2f}x {length:>10.2f}  {ms}"
               + ("" if same else "  OUTPUT DIFFERS FROM PLAIN"))
         lines.append({"workload": "speculative_batch1", "config": name, "tok_s": r["tok_s"],
                       "vs_plain": r["tok_s"] / base["tok_s"], "accept_length": length,
-                      "forward_ms": r["forward_ms"], "equal_to_plain": same})
+                      "forward_ms": r["forward_ms"], "equal_to_plain": same, "graphs": r["graphs"]})
+    print("graphs: " + "; ".join(f"{name}: {r['graphs']}" for name, r in results.items()))
+    for line in step_costs(results, results["plain"]):
+        print(line)
     if ns.json:
         with open(ns.json, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def step_costs(results: dict, base: dict) -> list[str]:
+    """The verify step vs a plain decode step of ``base`` (a synchronous run: its forwards are
+    timed), and the draft steps (median forward ms, each with its sampling and host sync)."""
+    decode = base["forward_ms"].get("decode")
+    lines = []
+    for name, r in results.items():
+        for kind, ms in sorted(r["forward_ms"].items()):
+            if kind.startswith("verify") and decode:
+                lines.append(f"{name}: {kind} {ms:.2f} ms = {ms / decode:.2f}x a plain decode step ({decode:.2f} ms)")
+            elif kind.startswith(("draft decode", "head")):
+                lines.append(f"{name}: draft step ({kind}) {ms:.2f} ms")
+    return lines
 
 
 if __name__ == "__main__":

@@ -221,6 +221,8 @@ class DraftHead:
       compute_logits(out [N, H]) -> float32 [N, V_draft]
       kv_layout() -> kvyard.kv_layout.KVLayout of the head's own layers
       num_heads: int                           query heads of its attention
+      feature_size: int                        H: the width of ``feature`` (optional; without it
+                                               the chain steps run eagerly, no CUDA graphs)
       draft_to_target: None or int64 [V_draft] target token id of each draft-vocabulary id
     """
 

@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests/unit mirrors core's packages (one folder per concern); the helper modules its folders share
-# (forward_harness, tiny_tokenizer, hf_reference, quant_*, lang_fake_backend, fake_flashinfer)
+# (forward_harness, attention_reference, tiny_tokenizer, hf_reference, quant_*, lang_fake_backend, fake_flashinfer)
 # stay in tests/unit, importable from every folder
 _UNIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unit")
 if _UNIT not in sys.path:

@@ -18,7 +18,9 @@
 #               windows, soft-caps) against transformers, triton with CUDA graphs, flex, torch_native
 #   models      Qwen3-8B and Gemma-2-9B shapes on triton: batch-1 decode (128 in / 256 out) and
 #               64 x 1024 prefill, and 1 x 128/256 and 128 x 256/256 through --compare-hf
-#               (MODELS: the benchmarks/configs folders, default "qwen3-8b gemma-2-9b")
+#               (MODELS: the benchmarks/configs folders, default "qwen3-8b gemma-2-9b"; MODEL_PARTS:
+#               which of "decode prefill compare offline" to run, default all; OFFLINE_MODELS_PROMPTS:
+#               the offline comparison's prompt count, default 128)
 #   all         every part above (more than one 10-minute call holds)
 #
 # Setup (always, ~30 s): flashinfer's wheels and precompiled kernels from .whl_fi/ (carry it;
@@ -170,8 +172,8 @@ part_compare() {
 }
 
 part_model_tests() {
-    step model-tests 420 python3 -m pytest tests/gpu/test_gpu_engine.py -q -rfEs -p no:cacheprovider \
-        -k "qwen3 or phi3 or gemma"
+    step model-tests ${MODEL_TESTS_LIMIT_S:-420} python3 -m pytest tests/gpu/test_gpu_engine.py -q -rfEs -p no:cacheprovider \
+        -k "${MODEL_TESTS_K:-qwen3 or phi3 or gemma}"
     tail -n 5 "$LOGS/model-tests.log"
 }
 
@@ -179,14 +181,18 @@ part_models() {
     local cfg name
     for name in ${MODELS:-qwen3-8b gemma-2-9b}; do
         cfg=benchmarks/configs/$name
+        [[ " ${MODEL_PARTS:-decode prefill compare offline} " == *" decode "* ]] && \
         bench "decode-$name" triton 150 one-batch --model-path "$cfg" "${COMMON[@]}" --context-length 4096 \
             --batch-size 1 --input-len 128 --output-len 256
+        [[ " ${MODEL_PARTS:-decode prefill compare offline} " == *" prefill "* ]] && \
         bench "prefill-$name" triton 150 one-batch --model-path "$cfg" "${COMMON[@]}" --context-length 2048 \
             --batch-size 64 --input-len 1024 --output-len 1
+        [[ " ${MODEL_PARTS:-decode prefill compare offline} " == *" compare "* ]] && \
         TAG_COMPARE=hf bench "decode-$name-vs-hf" triton 150 offline --model-path "$cfg" "${COMMON[@]}" \
             --context-length 4096 --num-prompts 1 --input-len 128 --output-len 256 --compare-hf
-        TAG_COMPARE=hf bench "offline-$name-128x256-vs-hf" triton 200 offline --model-path "$cfg" "${COMMON[@]}" \
-            --context-length 2048 --num-prompts 128 --input-len 256 --output-len 256 --compare-hf
+        [[ " ${MODEL_PARTS:-decode prefill compare offline} " == *" offline "* ]] && \
+        TAG_COMPARE=hf bench "offline-$name-${OFFLINE_MODELS_PROMPTS:-128}x256-vs-hf" triton 200 offline --model-path "$cfg" "${COMMON[@]}" \
+            --context-length 2048 --num-prompts "${OFFLINE_MODELS_PROMPTS:-128}" --input-len 256 --output-len 256 --compare-hf
     done
 }
 

@@ -28,7 +28,14 @@ the tree depths the batch carries, so a backend must not derive positions from r
 A backend that cannot lists no "spec_tree" and is refused at start-up by name.
 
 CUDA-graph hooks: a backend that supports graphs keeps its metadata in buffers preallocated by
-``init_cuda_graph_state`` and refills them in place in ``init_forward_metadata_replay``.
+``init_cuda_graph_state`` and refills them in place in ``init_forward_metadata_replay``. Decode
+steps (``supports_cuda_graph``) and, with ``supports_extend_graph``, extends of exactly W new
+tokens per request (the speculative verify step; kvyard.executor.extend_graph_runner) are
+captured: ``init_extend_graph_state(max_bs, W)`` preallocates the extend buffers, and the
+capture / replay hooks get a decode or an extend batch (``fb.mode`` tells which). An extend
+batch there has W new tokens per request and per-request prefix lengths that change from replay
+to replay (``fb.extend_prefix_lens_cpu``, ``fb.seq_lens``); the replay hook refills them outside
+the graph.
 """
 from __future__ import annotations
 
@@ -88,6 +95,7 @@ def layer_features(layers: Iterable["Attention"]) -> frozenset:
 class AttentionBackend(ABC):
     name: str = "base"
     supports_cuda_graph: bool = False
+    supports_extend_graph: bool = False   # extends of W tokens per request captured too
     supports_fp8_kv: bool = False   # reads an fp8 KV pool (multiplying back its per-layer scales)
     supported_features: frozenset = frozenset()   # of LAYER_FEATURES
     kv_layouts: tuple[str, ...] = ("mha",)   # KV layout kinds served (kvyard.kv_layout)
@@ -146,9 +154,12 @@ class AttentionBackend(ABC):
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
         """One query token per request over its whole KV."""
 
-    # -- CUDA-graph hooks (decode only) -----------------------------------------------------
+    # -- CUDA-graph hooks ---------------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int) -> None:
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
+
+    def init_extend_graph_state(self, max_bs: int, tokens_per_req: int) -> None:
+        raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs of extend steps")
 
     def init_forward_metadata_capture(self, fb: "ForwardBatch") -> None:
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")

@@ -32,6 +32,7 @@ class HybridAttentionBackend(AttentionBackend):
         self.prefill = prefill
         self.decode = decode
         self.supports_cuda_graph = decode.supports_cuda_graph
+        self.supports_extend_graph = prefill.supports_extend_graph
 
     def _for(self, fb: "ForwardBatch") -> AttentionBackend:
         return self.decode if fb.mode.is_decode() else self.prefill
@@ -52,15 +53,18 @@ class HybridAttentionBackend(AttentionBackend):
     def lower_decode(self, layer: "Attention", kv_pool):
         return self.decode.lower_decode(layer, kv_pool)
 
-    # -- CUDA-graph hooks: decode only -------------------------------------------------------
+    # -- CUDA-graph hooks: decode graphs on the decode backend, extend graphs on the prefill one
     def init_cuda_graph_state(self, max_bs: int) -> None:
         self.decode.init_cuda_graph_state(max_bs)
 
+    def init_extend_graph_state(self, max_bs: int, tokens_per_req: int) -> None:
+        self.prefill.init_extend_graph_state(max_bs, tokens_per_req)
+
     def init_forward_metadata_capture(self, fb: "ForwardBatch") -> None:
-        self.decode.init_forward_metadata_capture(fb)
+        self._for(fb).init_forward_metadata_capture(fb)
 
     def init_forward_metadata_replay(self, fb: "ForwardBatch") -> None:
-        self.decode.init_forward_metadata_replay(fb)
+        self._for(fb).init_forward_metadata_replay(fb)
 
 
 def build_attention_backend(config: AttentionConfig, prefill_name: str,

@@ -28,14 +28,20 @@ Use from the ModelRunner (decode steps only; the graph returns the logits of all
     runner = CudaGraphRunner(config, step_fn, attn_backend, kv_pool, req_to_token, max_reqs, device)
     runner.capture()                            # once, after the model and KV pool exist
     if runner.can_run(fb): logits = runner.replay(fb)   # instead of init_forward_metadata + model
-where ``step_fn(fb) -> logits [B, vocab]`` runs the model and its logits head on ``fb``.
+where ``step_fn(fb) -> logits [B, vocab]`` runs the model and its logits head on ``fb``. A step
+may return a tuple of tensors with B rows each instead (e.g. logits and the hidden states a
+speculative draft head reads: ``capture_layers`` is then set on every captured batch, and only
+batches asking for the same layers replay); replay returns the same tuple, each cut to B rows.
+
+Extends of a few tokens per request (the speculative verify step) have their own runner on the
+same buckets and capture implementations: kvyard.executor.extend_graph_runner.
 """
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 
@@ -52,7 +58,9 @@ DUMMY_SLOT = 0           # the pool's reserved slot (mem_cache/kv_pool.py)
 DUMMY_ROW = 0            # req_to_token's reserved row (mem_cache/req_to_token.py)
 PAD_SEQ_LEN = 1          # a padded row attends to its one dummy key: finite, never read back
 
-StepFn = Callable[[ForwardBatch], torch.Tensor]
+# a step's output: one tensor, or a tuple of tensors (rows first in each)
+Outputs = Union[torch.Tensor, tuple]
+StepFn = Callable[[ForwardBatch], Outputs]
 
 
 @dataclass(frozen=True)
@@ -94,15 +102,20 @@ def padded_size(sizes: list[int], batch_size: int, allow_padding: bool) -> Optio
 
 
 # -- capture implementations -------------------------------------------------------------------
+def map_outputs(fn: Callable[[torch.Tensor], torch.Tensor], out: Outputs) -> Outputs:
+    """``fn`` applied to the tensor, or to each tensor of a tuple of outputs."""
+    return tuple(fn(t) for t in out) if isinstance(out, tuple) else fn(out)
+
+
 class GraphCapture(ABC):
-    """One captured step. ``capture(fn)`` returns fn's output tensor, which stays the output of
-    every ``replay()`` (refreshed in place)."""
+    """One captured step. ``capture(fn)`` returns fn's output (a tensor or a tuple of tensors),
+    which stays the output of every ``replay()`` (refreshed in place)."""
 
     @abstractmethod
-    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+    def capture(self, fn: Callable[[], Outputs]) -> Outputs: ...
 
     @abstractmethod
-    def replay(self) -> torch.Tensor: ...
+    def replay(self) -> Outputs: ...
 
 
 class CudaGraphCapture(GraphCapture):
@@ -113,9 +126,9 @@ class CudaGraphCapture(GraphCapture):
         self.pool = pool
         self.warmup_runs = warmup_runs
         self.graph = None
-        self.output: Optional[torch.Tensor] = None
+        self.output: Optional[Outputs] = None
 
-    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def capture(self, fn: Callable[[], Outputs]) -> Outputs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -128,7 +141,7 @@ class CudaGraphCapture(GraphCapture):
             self.output = fn()
         return self.output
 
-    def replay(self) -> torch.Tensor:
+    def replay(self) -> Outputs:
         self.graph.replay()
         return self.output
 
@@ -139,19 +152,31 @@ class EagerReplayCapture(GraphCapture):
     runner's buffers at replay time, so what it computes depends only on their contents."""
 
     def __init__(self):
-        self.fn: Optional[Callable[[], torch.Tensor]] = None
-        self.output: Optional[torch.Tensor] = None
+        self.fn: Optional[Callable[[], Outputs]] = None
+        self.output: Optional[Outputs] = None
         self.replays = 0
 
-    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def capture(self, fn: Callable[[], Outputs]) -> Outputs:
         self.fn = fn
         self.output = fn()
         return self.output
 
-    def replay(self) -> torch.Tensor:
-        self.output.copy_(self.fn())
+    def replay(self) -> Outputs:
+        fresh = self.fn()
+        pairs = zip(self.output, fresh) if isinstance(fresh, tuple) else [(self.output, fresh)]
+        for static, new in pairs:
+            static.copy_(new)
         self.replays += 1
         return self.output
+
+
+def default_capture_factory(device) -> Callable[[], GraphCapture]:
+    """CUDA graphs sharing one memory pool on CUDA (later, smaller graphs reuse its memory), the
+    eager stand-in elsewhere."""
+    if torch.device(device).type != "cuda":
+        return EagerReplayCapture
+    pool = torch.cuda.graph_pool_handle()
+    return lambda: CudaGraphCapture(pool=pool)
 
 
 # -- input buffers -----------------------------------------------------------------------------
@@ -208,58 +233,78 @@ class DecodeInputBuffers:
         return fb
 
 
-# -- the runner --------------------------------------------------------------------------------
-class CudaGraphRunner:
+# -- the runners -------------------------------------------------------------------------------
+class BucketedGraphRunner:
+    """What the decode and extend graph runners share: the buckets, the capture loop over them
+    (largest first, on views of ``self.buffers``), the bucket a batch replays in. A subclass sets
+    ``self.buffers`` (with a ``batch(bs, kv_pool, req_to_token, attn_backend)``) and prepares the
+    attention backend's static state in ``_init_backend``."""
+
+    kind = "decode"
+
     def __init__(self, config: CudaGraphConfig, step_fn: StepFn, attn_backend: "AttentionBackend",
                  kv_pool: "KVPool", req_to_token: torch.Tensor, max_running_requests: int, device,
-                 capture_factory: Optional[Callable[[], GraphCapture]] = None, with_lora: bool = False):
+                 capture_factory: Optional[Callable[[], GraphCapture]] = None,
+                 capture_layers: Optional[tuple[int, ...]] = None):
+        """capture_layers: the hidden-state layers every captured batch asks for (module docstring)."""
         self.config = config
         self.step_fn = step_fn
         self.attn_backend = attn_backend
         self.kv_pool = kv_pool
         self.req_to_token = req_to_token
+        self.capture_layers = capture_layers
         self.sizes = config.capture_sizes(max_running_requests)
         self.max_bs = max(self.sizes, default=0)
-        self.buffers = DecodeInputBuffers(self.max_bs, device, with_lora) if self.sizes else None
-        self._capture_factory = capture_factory or self._default_factory(device)
+        self.buffers = None
+        self._capture_factory = capture_factory or default_capture_factory(device)
         self.graphs: dict[int, GraphCapture] = {}
         self.graph_batches: dict[int, ForwardBatch] = {}
 
-    @staticmethod
-    def _default_factory(device) -> Callable[[], GraphCapture]:
-        if torch.device(device).type != "cuda":
-            return EagerReplayCapture
-        pool = torch.cuda.graph_pool_handle()   # one pool: later (smaller) graphs reuse its memory
-        return lambda: CudaGraphCapture(pool=pool)
+    def _init_backend(self) -> None:
+        raise NotImplementedError
 
     def capture(self) -> None:
         if not self.sizes:
             return
-        if not self.attn_backend.supports_cuda_graph:
-            raise ValueError(f"attention backend {self.attn_backend.name!r} does not support CUDA graphs; "
-                             "use --disable-cuda-graph or a backend that does (triton)")
-        self.attn_backend.init_cuda_graph_state(self.max_bs)
+        self._init_backend()
         with torch.inference_mode():
             for bs in reversed(self.sizes):
                 fb = self.buffers.batch(bs, self.kv_pool, self.req_to_token, self.attn_backend)
+                fb.capture_layers = self.capture_layers
                 self.attn_backend.init_forward_metadata_capture(fb)
                 graph = self._capture_factory()
                 graph.capture(lambda fb=fb: self.step_fn(fb))
                 self.graphs[bs] = graph
                 self.graph_batches[bs] = fb
-        logger.info("captured decode graphs for batch sizes %s", self.sizes)
+        logger.info("captured %s graphs for batch sizes %s", self.kind, self.sizes)
 
     def padded_size(self, batch_size: int) -> Optional[int]:
         return padded_size(self.sizes, batch_size, not self.config.disable_padding)
 
+
+class CudaGraphRunner(BucketedGraphRunner):
+    def __init__(self, config: CudaGraphConfig, step_fn: StepFn, attn_backend: "AttentionBackend",
+                 kv_pool: "KVPool", req_to_token: torch.Tensor, max_running_requests: int, device,
+                 capture_factory: Optional[Callable[[], GraphCapture]] = None, with_lora: bool = False,
+                 capture_layers: Optional[tuple[int, ...]] = None):
+        super().__init__(config, step_fn, attn_backend, kv_pool, req_to_token, max_running_requests, device,
+                         capture_factory, capture_layers)
+        self.buffers = DecodeInputBuffers(self.max_bs, device, with_lora) if self.sizes else None
+
+    def _init_backend(self) -> None:
+        if not self.attn_backend.supports_cuda_graph:
+            raise ValueError(f"attention backend {self.attn_backend.name!r} does not support CUDA graphs; "
+                             "use --disable-cuda-graph or a backend that does (triton)")
+        self.attn_backend.init_cuda_graph_state(self.max_bs)
+
     def can_run(self, fb: ForwardBatch) -> bool:
-        if not (self.graphs and fb.mode.is_decode()):
+        if not (self.graphs and fb.mode.is_decode()) or fb.capture_layers != self.capture_layers:
             return False
         size = self.padded_size(fb.batch_size)
         return size is not None and size in self.graphs
 
-    def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """The step's output for the real rows of ``fb`` ([B, ...], a view of the static output)."""
+    def replay(self, fb: ForwardBatch) -> Outputs:
+        """The step's output for the real rows of ``fb`` ([B, ...], views of the static output)."""
         b = fb.batch_size
         size = self.padded_size(b)
         if size is None or size not in self.graphs:
@@ -272,4 +317,4 @@ class CudaGraphRunner:
             graph_fb.extend_prefix_lens_cpu = list(fb.extend_prefix_lens_cpu) + [PAD_SEQ_LEN - 1] * pad
             graph_fb.real_batch_size = b
             self.attn_backend.init_forward_metadata_replay(graph_fb)
-            return self.graphs[size].replay()[:b]
+            return map_outputs(lambda t: t[:b], self.graphs[size].replay())

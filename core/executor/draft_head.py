@@ -20,6 +20,16 @@ step runs the head once per beam (topk per request). A beam attends the request'
 own ancestors only, so each beam gets a row of a per-step table: the request's slots of
 positions 0 .. kv_len - 2, then the scratch slots of its ancestors' entries and its own
 (``num_slots + ((row * max_steps + depth - 1) * topk + beam)``); the target's table is untouched.
+Beam steps run eagerly (the chain-step graphs read the target's table).
+
+CUDA graphs: where the target's decode steps have CUDA graphs, the head's steps are captured
+too, per batch-size bucket with the target's buckets, padded with the dummy request as the
+target's are: the chain steps (decode steps of the head, one row per request; the hidden input
+is a static buffer [max_bs, feature_size] refilled before each replay) and, where the attention
+backend captures extends, the extend over a target step's pairs when each request has at most
+max_steps + 1 of them (after a verify or decode step; kvyard.executor.extend_graph_runner, the
+target's hidden states as its per-row input). It writes nothing into the target's req_to_token
+table: every entry there is a valid slot of the head's pool. Longer extends (prefill) run eagerly.
 
 Invariants, per request:
   - ``_tails[rid].position`` = q: the head's KV covers positions [0, q] of the request, and the
@@ -39,6 +49,8 @@ import torch
 
 from kvyard.attention import AttentionConfig
 from kvyard.attention.hybrid import build_attention_backend
+from kvyard.executor.cuda_graph_runner import CudaGraphRunner
+from kvyard.executor.extend_graph_runner import ExtendGraphRunner
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.mem_cache.kv_pool import KVPool
 from kvyard.sampling.batch_info import SamplingBatchInfo
@@ -75,6 +87,9 @@ class DraftHeadRunner:
                                     options=dict(target.config.attention_options or {}))
         self.attn, _ = build_attention_backend(attention, *target.attention_names)
         self.sampler = Sampler()
+        self._feature_in: Optional[torch.Tensor] = None     # [max_bs, H] the graphs' hidden input
+        self.chain_graphs = self._init_chain_graphs(target)
+        self.observe_graphs = self._init_observe_graphs(target) if self.chain_graphs is not None else None
         self._tails: dict[str, _Tail] = {}
         self._reqs: dict[str, Req] = {}            # sampling views of the requests
 
@@ -93,7 +108,11 @@ class DraftHeadRunner:
         fb = self._forward_batch(ForwardMode.EXTEND, ids, positions, torch.cat([s.slots for s in steps]),
                                  [s.kv_row for s in steps], starts, lens)
         hidden = torch.cat([s.hidden for s in steps]).to(self.device)
-        feature, logits = self._run(fb, ids, positions, hidden)
+        if self.observe_graphs is not None and self.observe_graphs.can_run(fb):
+            logits, feature = self.observe_graphs.replay(fb, row_input=hidden)
+            feature = feature[fb.logits_indices]           # [B, H] at each request's last pair
+        else:
+            feature, logits = self._run(fb, ids, positions, hidden)
         for i, s in enumerate(steps):
             self._tails[s.rid] = _Tail(s.start + lens[i] - 1, feature[i], logits[i])
 
@@ -190,6 +209,41 @@ class DraftHeadRunner:
         self._tails.clear()
         self._reqs.clear()
 
+    # -- CUDA graphs of the chain steps ------------------------------------------------------------
+    def _init_chain_graphs(self, target) -> Optional[CudaGraphRunner]:
+        """Captured chain steps where the target has CUDA graphs (module docstring), else None."""
+        graphs = target.decode_graphs
+        size = getattr(self.head, "feature_size", None)
+        if type(graphs) is not CudaGraphRunner or graphs.buffers is None or not size \
+                or not self.attn.supports_cuda_graph:
+            return None
+        self._feature_in = torch.zeros(graphs.max_bs, size, dtype=target.dtype, device=self.device)
+        runner = CudaGraphRunner(graphs.config, self._graph_chain_step, self.attn, self.pool, self.table,
+                                 target.max_running_requests, self.device)
+        runner.capture()
+        return runner
+
+    def _init_observe_graphs(self, target) -> Optional[ExtendGraphRunner]:
+        """Captured extends over the pairs of a verify or decode step (module docstring), or None."""
+        if not self.attn.supports_extend_graph or not target.capture_layers:
+            return None
+        width = len(target.capture_layers) * target.model_config.hf_config.hidden_size
+        runner = ExtendGraphRunner(self.chain_graphs.config, self.max_steps + 1, self._graph_observe_step, self.attn,
+                                   self.pool, self.table, target.max_running_requests, self.device,
+                                   row_input=(width, target.dtype), pad_table_entries=False)
+        runner.capture()
+        return runner
+
+    def _graph_observe_step(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What an observe graph captures: (logits [T, V_draft], features [T, H]) of every row."""
+        feature, out = self.head(fb.input_ids, fb.positions, fb.extras["row_input"], fb)
+        return self.head.compute_logits(out), feature
+
+    def _graph_chain_step(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a chain-step graph captures: (features [B, H], logits [B, V_draft]) of every row."""
+        feature, out = self.head(fb.input_ids, fb.positions, self._feature_in[:fb.batch_size], fb)
+        return feature, self.head.compute_logits(out)
+
     # -- internals ----------------------------------------------------------------------------
     def _ready(self, inp) -> bool:
         tail = self._tails.get(inp.rid)
@@ -210,6 +264,10 @@ class DraftHeadRunner:
 
     def _run(self, fb: ForwardBatch, ids, positions, hidden) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, H], logits [B, V_draft]) at each request's last row."""
+        # beam steps (trees) read a per-step table the graphs were not captured with: eager
+        if self.chain_graphs is not None and fb.req_to_token is self.table and self.chain_graphs.can_run(fb):
+            self._feature_in[:fb.batch_size].copy_(hidden)
+            return self.chain_graphs.replay(fb)      # views of the graph's outputs: used before the next step
         self.attn.init_forward_metadata(fb)
         feature, out = self.head(ids, positions, hidden, fb)
         last = fb.logits_indices

@@ -15,6 +15,12 @@ Invariants, per request between calls:
     rest (rejected drafts) is freed first.
 Each draft is sampled with the request's own sampling settings, seed and position, the same
 draw the target's verify row makes, so a draft model that agrees with the target is accepted.
+
+CUDA graphs: the chain's decode steps replay the draft runner's decode graphs; the catch-up
+extend after a verify step feeds one token (a draft was rejected: the target's own token) or two
+(every draft accepted: the last draft, never fed, and the bonus token), so the runner captures
+extends of up to CATCH_UP_TOKENS tokens per request too. Longer catch-ups (a new request's
+prompt) run eagerly.
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ from kvyard.scheduler.schedule_batch import ScheduleBatch
 
 logger = logging.getLogger(__name__)
 
+CATCH_UP_TOKENS = 2      # widest catch-up extend captured as a CUDA graph (module docstring)
+
 
 @dataclass
 class _DraftState:
@@ -41,6 +49,7 @@ class _DraftState:
 class DraftModel:
     def __init__(self, runner):
         self.runner = runner
+        runner.enable_extend_graphs(CATCH_UP_TOKENS)
         self.allocator = runner.allocator
         self.req_to_token = runner.req_to_token
         self.vocab_size = runner.model_config.vocab_size

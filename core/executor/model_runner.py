@@ -22,6 +22,7 @@ from kvyard.attention import AttentionConfig, layer_features
 from kvyard.attention.hybrid import build_attention_backend
 from kvyard.distributed import ONE_STAGE, SINGLE, PipelineStage, TensorParallel
 from kvyard.distributed.collectives import broadcast_object
+from kvyard.executor.cuda_graph_runner import CudaGraphRunner
 from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
 from kvyard.layers.attention import Attention
 from kvyard.forward_batch import ForwardBatch, ForwardMode, TreeMask
@@ -114,15 +115,17 @@ class ModelRunner:
         self.attn_backend, self.attn_backend_name = build_attention_backend(attention, prefill_name, decode_name)
         self.attention_names = (prefill_name, decode_name)
         self.sampler = Sampler()
-        self.decode_graphs = self._init_decode_graphs()
         # hidden states a speculative draft head reads (enable_hidden_capture); None: none
         self.capture_layers: Optional[tuple[int, ...]] = None
+        self.decode_graphs = self._init_decode_graphs()
+        self.extend_graphs = None        # enable_extend_graphs (speculative verify / draft catch-up)
 
     def enable_hidden_capture(self, layers: tuple[int, ...]) -> None:
         """Every generation step from now on keeps the hidden states of ``layers`` (layer ids,
         FINAL_HIDDEN for the final normed state; core/forward_batch.py) for all its token rows:
-        ``StepResult.captured_hidden`` [T, len(layers) * hidden]. Decode graphs are skipped then
-        (they keep only logits)."""
+        ``StepResult.captured_hidden`` [T, len(layers) * hidden]. CUDA graphs are captured again
+        to return those states beside the logits (the CPU decode loop and torch.compile buckets
+        keep only logits: such steps run eagerly)."""
         if not hasattr(self.model, "input_embeddings"):
             raise ValueError(f"speculative_algorithm: the model {self.model_config.architectures[0]} does "
                              "not expose its hidden states to a draft head (kvyard.model_base)")
@@ -132,13 +135,39 @@ class ModelRunner:
             raise ValueError(f"speculative_draft_model_path: the draft head reads target layers {bad}, "
                              f"the target has {num_layers}")
         self.capture_layers = tuple(layers)
+        if type(self.decode_graphs) is CudaGraphRunner:   # not the torch.compile subclass
+            self.decode_graphs = self._init_decode_graphs()
+        if self.extend_graphs is not None:
+            self.enable_extend_graphs(self.extend_graphs.width)
+
+    def enable_extend_graphs(self, tokens_per_req: int) -> None:
+        """CUDA graphs for extends of at most ``tokens_per_req`` new tokens per request (the
+        speculative verify step; kvyard.executor.extend_graph_runner), where decode steps have
+        CUDA graphs (so not with --disable-cuda-graph) and the attention backend can capture
+        extends; otherwise those steps stay eager (logged)."""
+        from kvyard.executor.extend_graph_runner import ExtendGraphRunner
+
+        if type(self.decode_graphs) is not CudaGraphRunner or self.decode_graphs.buffers is None:
+            return
+        if not self.attn_backend.supports_extend_graph:
+            logger.info("extend CUDA graphs off: attention backend %s cannot capture extend steps",
+                        self.attn_backend_name)
+            return
+        if self.lora is not None:
+            logger.info("extend CUDA graphs off: LoRA serving")
+            return
+        runner = ExtendGraphRunner(self.decode_graphs.config, tokens_per_req, self._graph_step, self.attn_backend,
+                                   self.kv_pool, self.req_to_token.table, self.max_running_requests, self.device,
+                                   capture_layers=self.capture_layers)
+        runner.capture()
+        self.extend_graphs = runner
 
     def _init_decode_graphs(self):
         """CUDA graphs on CUDA (unless disabled or the backend cannot), torch.compile buckets
         with --enable-torch-compile; both pad decode batches to a bucket with the dummy row.
         On the CPU otherwise: the C++ decode loop for small batches where the model lowers."""
         from kvyard.executor.compiled_decode import CompiledDecodeRunner
-        from kvyard.executor.cuda_graph_runner import CudaGraphConfig, CudaGraphRunner
+        from kvyard.executor.cuda_graph_runner import CudaGraphConfig
 
         cfg = self.config
         if not getattr(self.model, "is_generation", True):
@@ -166,9 +195,9 @@ class ModelRunner:
             if self.lora is not None and self.lora.config.backend != "triton":
                 logger.info("CUDA graphs off: --lora-backend %s cannot be captured", self.lora.config.backend)
                 return None
-            runner = CudaGraphRunner(cfg.cuda_graph or CudaGraphConfig(), self._logits_step, self.attn_backend,
+            runner = CudaGraphRunner(cfg.cuda_graph or CudaGraphConfig(), self._graph_step, self.attn_backend,
                                      self.kv_pool, self.req_to_token.table, self.max_running_requests, self.device,
-                                     with_lora=self.lora is not None)
+                                     with_lora=self.lora is not None, capture_layers=self.capture_layers)
         else:
             return None
         runner.capture()
@@ -183,6 +212,14 @@ class ModelRunner:
         if self.config.enable_torch_compile:
             raise ValueError("enable_torch_compile: not supported with --enable-lora yet")
         return LoRAManager(self.config.lora, self.model, self.dtype, self.device)
+
+    def _graph_step(self, fb: ForwardBatch):
+        """What a CUDA graph captures: the logits [N, vocab] of ``fb.logits_indices``, or with
+        ``fb.capture_layers`` the tuple (logits, hidden states of each of those layers [T, D])."""
+        logits = self._logits_step(fb)
+        if not fb.capture_layers:
+            return logits
+        return (logits, *(fb.captured[i] for i in fb.capture_layers))
 
     def _logits_step(self, fb: ForwardBatch) -> torch.Tensor:
         """The decode step a graph captures: model + logits of every row, [B, vocab]."""
@@ -275,6 +312,8 @@ class ModelRunner:
             raise
         if self.decode_graphs is not None:
             self.decode_graphs = self._init_decode_graphs()  # graphs captured the old weights
+        if self.extend_graphs is not None:
+            self.enable_extend_graphs(self.extend_graphs.width)
         logger.info("weights updated from %s", model_path)
 
     def _check_same_shape(self, old: ModelConfig, old_dtype: torch.dtype) -> None:
@@ -409,10 +448,22 @@ class ModelRunner:
         """Logits [len(fb.logits_indices), V] of a generation batch already ``prepare``d, left
         on the device (decode batches replay the decode graphs, as in ``forward``). Overlap
         prepares batch N+1 while N computes, so ``prepare`` must not reuse per-step buffers."""
-        if self.decode_graphs is not None and fb.capture_layers is None and self.decode_graphs.can_run(fb):
-            return self.decode_graphs.replay(fb)
+        for graphs in (self.decode_graphs, self.extend_graphs):
+            if graphs is not None and getattr(graphs, "capture_layers", None) == fb.capture_layers \
+                    and graphs.can_run(fb):
+                return self._replay(graphs, fb)
         self.attn_backend.init_forward_metadata(fb)
         return self._logits_step(fb)
+
+    def _replay(self, graphs, fb: ForwardBatch) -> torch.Tensor:
+        """The logits of a replayed step; the hidden states it captured go to ``fb.captured`` as
+        the eager model would put them (copies: the graph's outputs are overwritten next step)."""
+        out = graphs.replay(fb)
+        if not isinstance(out, tuple):
+            return out
+        logits, *hidden = out
+        fb.captured.update((i, h.clone()) for i, h in zip(fb.capture_layers, hidden))
+        return logits
 
 
 def captured_hidden(fb: ForwardBatch) -> Optional[torch.Tensor]:

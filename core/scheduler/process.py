@@ -58,6 +58,8 @@ def build_scheduler(args, tokenizer_factory=None, groups=None):
     if grammar is not None and groups.world.enabled:
         grammar.lockstep = True   # ranks must agree on when a request's grammar is ready
     speculation = make_speculation(args.speculative_config(), draft_context(args, runner))
+    if speculation is not None:   # the verify step: 1 + k tokens per request, captured like decode
+        runner.enable_extend_graphs(speculation.config.num_draft_tokens)
     return Scheduler(config, runner, mc.eos_token_ids, tokenizer_factory, grammar=grammar, speculation=speculation)
 
 

@@ -11,13 +11,22 @@ Invariants:
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Generic, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, RootModel
+
+T = TypeVar("T")
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class ListOf(_Out, Generic[T]):
+    """The OpenAI list envelope, {"object": "list", "data": [T, ...]}; each list subclasses it
+    (its schema keeps the subclass's name) and adds its own fields."""
+    object: Literal["list"]
+    data: list[T]
 
 
 def ok(model: Any, description: str = "success") -> dict:
@@ -56,9 +65,8 @@ class ModelCard(_Out):
     max_model_len: Optional[int] = None
 
 
-class ModelList(_Out):
-    object: Literal["list"]
-    data: list[ModelCard]
+class ModelList(ListOf[ModelCard]):
+    pass
 
 
 # -- /v1/chat/completions --------------------------------------------------------------------
@@ -148,9 +156,7 @@ class EmbeddingUsage(_Out):
     total_tokens: int
 
 
-class EmbeddingList(_Out):
-    object: Literal["list"]
-    data: list[Embedding]
+class EmbeddingList(ListOf[Embedding]):
     model: str
     usage: EmbeddingUsage
 
@@ -166,9 +172,8 @@ class FileObject(_Out):
     status: Optional[str] = None
 
 
-class FileList(_Out):
-    object: Literal["list"]
-    data: list[FileObject]
+class FileList(ListOf[FileObject]):
+    pass
 
 
 class Deleted(_Out):
@@ -190,9 +195,8 @@ class BatchError(_Out):
     line: Optional[int] = None
 
 
-class BatchErrors(_Out):
-    object: Literal["list"]
-    data: list[BatchError]
+class BatchErrors(ListOf[BatchError]):
+    pass
 
 
 class Batch(_Out):
@@ -211,9 +215,7 @@ class Batch(_Out):
     metadata: Optional[dict[str, Any]] = None
 
 
-class BatchList(_Out):
-    object: Literal["list"]
-    data: list[Batch]
+class BatchList(ListOf[Batch]):
     first_id: Optional[str]
     last_id: Optional[str]
     has_more: bool

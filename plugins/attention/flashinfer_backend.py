@@ -13,6 +13,9 @@ CUDA graphs (decode): init_cuda_graph_state allocates the page-table buffers onc
 batch; each captured batch size gets its own graph-mode decode wrapper whose kernels read those
 buffers, and init_forward_metadata_replay re-plans it (host-side work and copies into the same
 buffers) before the graph replays. Padded rows (req_to_token row 0, seq_len 1) read dummy page 0.
+CUDA graphs (extend of W tokens per request, the speculative verify step): the same with
+init_extend_graph_state, buffers of their own (qo_indptr = i * W fixed, the page table refilled)
+and a graph-mode prefill wrapper per captured batch size, causal as in eager extends.
 
 Options (AttentionConfig.options):
   flashinfer_prefill_backend     fa2 (default) | fa3 | auto   the library's extend kernels
@@ -102,15 +105,26 @@ class FlashInferMetadata:
 
 @dataclass
 class GraphBuffers:
-    """Page-table buffers of the captured decode graphs, sized for the largest batch."""
+    """Page-table buffers of the captured decode (or extend) graphs, sized for the largest batch."""
     kv_indptr: torch.Tensor          # [max_bs + 1] int32
     kv_indices: torch.Tensor         # [max_bs * pages of the longest context] int32
     kv_last_page_len: torch.Tensor   # [max_bs] int32
+    qo_indptr: Optional[torch.Tensor] = None   # extend graphs: [max_bs + 1] int32, i * W
+
+    @classmethod
+    def allocate(cls, max_bs: int, config: AttentionConfig, tokens_per_req: int = 0) -> "GraphBuffers":
+        # an extend graph's padded rows may reach tokens_per_req past the context
+        max_pages = max_bs * -(-(config.max_context_len + tokens_per_req) // config.page_size)
+        int32 = dict(dtype=torch.int32, device=config.device)
+        qo = torch.arange(max_bs + 1, **int32) * tokens_per_req if tokens_per_req else None
+        return cls(kv_indptr=torch.zeros(max_bs + 1, **int32), kv_indices=torch.zeros(max_pages, **int32),
+                   kv_last_page_len=torch.ones(max_bs, **int32), qo_indptr=qo)
 
 
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     supports_cuda_graph = True
+    supports_extend_graph = True
 
     @classmethod
     def is_available(cls, device: str) -> bool:
@@ -134,6 +148,8 @@ class FlashInferBackend(AttentionBackend):
             self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores)
         self.graph_buffers: Optional[GraphBuffers] = None
         self.graph_wrappers: dict[int, Any] = {}   # captured batch size -> graph-mode decode wrapper
+        self.extend_graph_buffers: Optional[GraphBuffers] = None
+        self.extend_graph_wrappers: dict[int, Any] = {}   # captured batch size -> graph-mode prefill wrapper
 
     # -- per-step metadata -------------------------------------------------------------------
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
@@ -148,13 +164,14 @@ class FlashInferBackend(AttentionBackend):
     def _plan_kwargs(self, fb: "ForwardBatch") -> dict:
         return dict(q_data_type=self.config.dtype, kv_data_type=fb.kv_pool.dtype, sm_scale=self.sm_scale)
 
-    def _plan_extend(self, fb: "ForwardBatch") -> FlashInferMetadata:
+    def _plan_extend(self, fb: "ForwardBatch", wrapper: Any = None) -> FlashInferMetadata:
         cfg, index = self.config, self._index(fb)
-        self.prefill_wrapper.plan(
+        wrapper = wrapper or self.prefill_wrapper
+        wrapper.plan(
             qo_indptr(fb.extend_seq_lens_cpu), index.kv_indptr, index.kv_indices, index.kv_last_page_len,
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, causal=True,
             **self._plan_kwargs(fb))
-        return FlashInferMetadata(self.prefill_wrapper, index)
+        return FlashInferMetadata(wrapper, index)
 
     def _plan_decode(self, wrapper: Any, fb: "ForwardBatch") -> FlashInferMetadata:
         cfg, index = self.config, self._index(fb)
@@ -185,15 +202,37 @@ class FlashInferBackend(AttentionBackend):
 
     # -- CUDA-graph hooks (decode) -------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int) -> None:
-        cfg = self.config
-        max_pages = max_bs * -(-cfg.max_context_len // cfg.page_size)
-        int32 = dict(dtype=torch.int32, device=cfg.device)
-        self.graph_buffers = GraphBuffers(kv_indptr=torch.zeros(max_bs + 1, **int32),
-                                          kv_indices=torch.zeros(max_pages, **int32),
-                                          kv_last_page_len=torch.ones(max_bs, **int32))
+        self.graph_buffers = GraphBuffers.allocate(max_bs, self.config)
         self.graph_wrappers = {}
 
+    def init_extend_graph_state(self, max_bs: int, tokens_per_req: int) -> None:
+        self.extend_graph_buffers = GraphBuffers.allocate(max_bs, self.config, tokens_per_req)
+        self.extend_graph_wrappers = {}
+
+    def _capture_extend(self, fb: "ForwardBatch") -> None:
+        buffers = self.extend_graph_buffers
+        if buffers is None:
+            raise RuntimeError("init_extend_graph_state must run before an extend graph is captured")
+        bs = fb.batch_size
+        if bs + 1 > buffers.qo_indptr.shape[0]:
+            raise ValueError(f"batch_size {bs} exceeds the extend graph buffers ({buffers.qo_indptr.shape[0] - 1})")
+        wrapper = self.fi.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=buffers.qo_indptr[:bs + 1],
+            paged_kv_indptr_buf=buffers.kv_indptr[:bs + 1], paged_kv_indices_buf=buffers.kv_indices,
+            paged_kv_last_page_len_buf=buffers.kv_last_page_len[:bs], backend=self.options.prefill_backend)
+        self.extend_graph_wrappers[bs] = wrapper
+        fb.attn_metadata = self._plan_extend(fb, wrapper)
+
+    def _replay_extend(self, fb: "ForwardBatch") -> None:
+        wrapper = self.extend_graph_wrappers.get(fb.batch_size)
+        if wrapper is None:
+            raise ValueError(f"no extend graph was captured for batch size {fb.batch_size} "
+                             f"(captured: {sorted(self.extend_graph_wrappers)})")
+        fb.attn_metadata = self._plan_extend(fb, wrapper)
+
     def init_forward_metadata_capture(self, fb: "ForwardBatch") -> None:
+        if fb.mode.is_extend():
+            return self._capture_extend(fb)
         if self.graph_buffers is None:
             raise RuntimeError("init_cuda_graph_state must run before a graph is captured")
         bs = fb.batch_size
@@ -209,6 +248,8 @@ class FlashInferBackend(AttentionBackend):
         fb.attn_metadata = self._plan_decode(wrapper, fb)
 
     def init_forward_metadata_replay(self, fb: "ForwardBatch") -> None:
+        if fb.mode.is_extend():
+            return self._replay_extend(fb)
         wrapper = self.graph_wrappers.get(fb.batch_size)
         if wrapper is None:
             raise ValueError(f"no decode graph was captured for batch size {fb.batch_size} "

@@ -9,6 +9,10 @@ decode  split-KV flash-decoding + reduce (triton_kernels/decode_attention.py). T
         largest batch (init_cuda_graph_state) and captured steps take views of it: nothing is
         allocated inside a captured step, and replay has nothing to refill (the graph runner
         refills seq_lens / req_pool_indices in place).
+extend graphs (speculative verify: W new tokens per request; kvyard.executor.extend_graph_runner):
+        init_extend_graph_state allocates q_lens (all W) and prefix_lens for the largest batch;
+        a captured extend reads views of them with max_q_len W, and replay copies the batch's
+        prefix lengths into prefix_lens (the only metadata that changes).
 
 Splits: a decode batch of B requests takes S = min(max splits, ceil(2 * SMs / (B * Hkv)))
 key ranges per request, at least 1: split-KV exists to fill the GPU when B * Hkv programs are too
@@ -76,6 +80,7 @@ class TritonAttnBackend(AttentionBackend):
     name = "triton"
     supports_fp8_kv = True
     supports_cuda_graph = True
+    supports_extend_graph = True
     supported_features = frozenset({"sliding_window", "logit_cap", "spec_tree"})
     kv_layouts = ("mha", "mla")
 
@@ -96,6 +101,7 @@ class TritonAttnBackend(AttentionBackend):
         self.sm_count = (torch.cuda.get_device_properties(config.device).multi_processor_count
                          if torch.device(config.device).type == "cuda" else None)
         self._graph_workspace: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._extend_graph: Optional[TritonExtendMetadata] = None   # q_lens / prefix_lens [max_bs], max_q_len W
 
     # -- per-step metadata -------------------------------------------------------------------
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
@@ -158,7 +164,31 @@ class TritonAttnBackend(AttentionBackend):
     def init_cuda_graph_state(self, max_bs: int) -> None:
         self._graph_workspace = self._workspace(max_bs, self.config.device)
 
+    # -- CUDA-graph hooks (extend of W tokens per request) ----------------------------------------
+    def init_extend_graph_state(self, max_bs: int, tokens_per_req: int) -> None:
+        long = dict(dtype=torch.int64, device=self.config.device)
+        self._extend_graph = TritonExtendMetadata(q_lens=torch.full((max_bs,), tokens_per_req, **long),
+                                                  prefix_lens=torch.zeros(max_bs, **long), max_q_len=tokens_per_req)
+
+    def _extend_graph_metadata(self, fb: "ForwardBatch") -> TritonExtendMetadata:
+        static = self._extend_graph
+        if static is None:
+            raise RuntimeError("init_extend_graph_state must run before an extend graph is captured")
+        bs = fb.batch_size
+        if bs > static.q_lens.shape[0] or set(fb.extend_seq_lens_cpu) != {static.max_q_len}:
+            raise ValueError(f"an extend graph batch has up to {static.q_lens.shape[0]} requests of "
+                             f"{static.max_q_len} tokens, got {list(fb.extend_seq_lens_cpu)}")
+        return TritonExtendMetadata(static.q_lens[:bs], static.prefix_lens[:bs], static.max_q_len)
+
+    def _fill_extend_graph(self, fb: "ForwardBatch") -> None:
+        prefix = torch.tensor(fb.extend_prefix_lens_cpu, dtype=torch.int64)
+        self._extend_graph.prefix_lens[:fb.batch_size].copy_(prefix)
+
     def init_forward_metadata_capture(self, fb: "ForwardBatch") -> None:
+        if fb.mode.is_extend():
+            fb.attn_metadata = self._extend_graph_metadata(fb)
+            self._fill_extend_graph(fb)
+            return
         if self._graph_workspace is None:
             raise RuntimeError("init_cuda_graph_state must run before a graph is captured")
         mid_o, mid_lse = self._graph_workspace
@@ -167,6 +197,11 @@ class TritonAttnBackend(AttentionBackend):
         fb.attn_metadata = self._decode_metadata(mid_o, mid_lse, fb.batch_size)
 
     def init_forward_metadata_replay(self, fb: "ForwardBatch") -> None:
+        if fb.mode.is_extend():
+            if not isinstance(fb.attn_metadata, TritonExtendMetadata):
+                fb.attn_metadata = self._extend_graph_metadata(fb)
+            self._fill_extend_graph(fb)
+            return
         # The captured kernels read seq_lens / req_pool_indices from the runner's buffers, which
         # it has refilled in place; the workspace views are the captured ones.
         if not isinstance(fb.attn_metadata, TritonDecodeMetadata):

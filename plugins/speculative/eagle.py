@@ -69,6 +69,7 @@ class EagleHead(nn.Module):
         super().__init__()
         self.dims = dims = head_dims(cfg)
         self.num_heads = dims.num_heads
+        self.feature_size = dims.hidden_size     # the chain steps' hidden input (CUDA graphs size it)
         self._shared = (embed, target_logits)        # the target's: not this module's parameters
         h = dims.hidden_size
         self.fc = Linear(2 * h, h, bias=src.has("fc.bias"), prefix="fc", dtype=dtype, device=device)

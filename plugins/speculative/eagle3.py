@@ -67,6 +67,7 @@ class Eagle3Head(nn.Module):
                              "not supported yet (1 layer)")
         h = dims.hidden_size
         self.num_heads = dims.num_heads
+        self.feature_size = dims.hidden_size     # the chain steps' hidden input (CUDA graphs size it)
         hidden_in = getattr(cfg, "target_hidden_size", None) or h
         if hidden_in != target_hidden:
             raise ValueError(f"speculative_draft_model_path: the head's target_hidden_size ({hidden_in}) "

@@ -16,15 +16,17 @@
 #   overlap     tests/gpu/test_gpu_overlap.py   overlap on == off on a workload with aborts
 #               (triton graphs, torch_native), the worker stream and events, the future map
 #   flashinfer  tests/gpu/test_flashinfer.py    (skipped where flashinfer is not installed)
+#   speculative tests/gpu/test_gpu_speculative_graphs.py  verify / draft steps through CUDA graphs:
+#               STANDALONE, EAGLE, EAGLE-3 greedy with graphs == without == no speculation
 #   core-cuda   the CPU suite's CUDA-parametrized cases (torch_native, llama vs transformers)
-# Environment: SUITES (default "kernels engine engine-no-overlap overlap flashinfer core-cuda"),
+# Environment: SUITES (default "kernels engine engine-no-overlap overlap flashinfer speculative core-cuda"),
 # SUITE_TIMEOUT_S (900).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 OUT_DIR=${OUT:-/tmp/kvyard_gpu}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"kernels engine engine-no-overlap overlap flashinfer core-cuda"}
+SUITES=${SUITES:-"kernels engine engine-no-overlap overlap flashinfer speculative core-cuda"}
 SUITE_TIMEOUT_S=${SUITE_TIMEOUT_S:-900}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET KVYARD_TRITON_OPS
@@ -54,6 +56,7 @@ for s in $SUITES; do
         engine-no-overlap) KVYARD_TEST_DISABLE_OVERLAP=1 suite engine-no-overlap tests/gpu/test_gpu_engine.py ;;
         overlap)    suite overlap tests/gpu/test_gpu_overlap.py ;;
         flashinfer) suite flashinfer tests/gpu/test_flashinfer.py ;;
+        speculative) suite speculative tests/gpu/test_gpu_speculative_graphs.py ;;
         core-cuda)  suite core-cuda tests/unit/attention/test_torch_native_attention.py tests/unit/models/test_llama_vs_hf.py -k cuda ;;
         *) echo "run_all.sh: unknown suite $s"; exit 2 ;;
     esac

@@ -3,6 +3,7 @@
 Kernel level (bfloat16, head dims 64 and 128, page sizes 1 and 16, GQA groups 1, 3 and 4 — group
 4 takes the tensor-core decode kernel): flashinfer vs torch_native on the same paged pool for
 extend steps on cached prefixes and for decode steps, eagerly and through a captured CUDA graph
+(decode, and the speculative verify step's padded extend)
 replayed on a different batch. Tolerance: both round a float32 accumulation to bf16, so outputs
 of O(1) differ by a few bf16 ulps; 3e-2 max abs.
 
@@ -67,6 +68,19 @@ def attend(backend, fb, layer, q, k, v):
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     assert torch.isfinite(a).all()
     return (a.float() - b.float()).abs().max().item()
+
+
+def capture_graph(step):
+    """(a CUDA graph of ``step``, its output), after one warm-up run on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 GRID = [(1, 1, 64), (16, 3, 64), (16, 4, 128), (1, 4, 128), (16, 1, 128)]  # (page, group, head_dim)
@@ -142,14 +156,7 @@ def test_decode_graph_replays_a_new_batch(page_size, group):
     def step():
         return layer(static["q"].flatten(1), static["k"].flatten(1), static["v"].flatten(1), fb)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
 
     for lengths in ([700, 5, 64, 31, 2], [1, 1, 900, 17, 300, 45, 8, 600]):
         replay_fb, b = fill(lengths)
@@ -159,6 +166,49 @@ def test_decode_graph_replays_a_new_batch(page_size, group):
         torch.cuda.synchronize()
         want = attend(native, replay_fb, layer, static["q"], static["k"], static["v"])
         assert max_err(out[:b], want[:b]) < TOL, f"replay of {lengths}"
+
+
+@pytest.mark.parametrize("page_size,group", [(1, 3), (16, 4)], ids=["flashinfer-page1", "flashinfer-page16"])
+def test_extend_graph_replays_a_padded_verify_batch(page_size, group):
+    """Capture one layer's extend of W = 4 tokens per request for a bucket of 4 (the speculative
+    verify layout, kvyard.executor.extend_graph_runner), replay it on other requests with 1..4 new
+    tokens each: the real rows equal torch_native on the unpadded batch."""
+    from kvyard.executor.extend_graph_runner import ExtendInputBuffers, ExtendLayout
+
+    torch.manual_seed(21 + page_size)
+    heads, dim, bucket, width = KV_HEADS * group, 64, 4, 4
+    kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=dim, num_pages=4096 // page_size,
+                 page_size=page_size, max_reqs=32, max_context=1024, dtype=DTYPE, device=DEV)
+    flash, native = make_pair(kv, heads, dim)
+    flash.init_extend_graph_state(bucket, width)
+    layer = Attention(layer_id=0, num_heads=heads, num_kv_heads=KV_HEADS, head_dim=dim)
+    buffers = ExtendInputBuffers(bucket, width, DEV)
+    graph_fb = buffers.batch(bucket, kv.pool, kv.req_to_token, flash)
+    rows = bucket * width
+    static = {name: torch.zeros(rows, h, dim, device=DEV, dtype=DTYPE)
+              for name, h in (("q", heads), ("k", KV_HEADS), ("v", KV_HEADS))}
+    flash.init_forward_metadata_capture(graph_fb)
+
+    def step():
+        return layer(static["q"].flatten(1), static["k"].flatten(1), static["v"].flatten(1), graph_fb)
+
+    graph, out = capture_graph(step)
+
+    for shapes in ([(300, 4), (5, 2)], [(17, 1), (64, 4), (900, 3), (2, 4)]):
+        reqs = [add_request(kv, c, n, heads, dim) for c, n in shapes]
+        fb = Harness(model=None, backend=flash, kv=kv).extend_batch([r[0] for r in reqs], [n for _, n in shapes])
+        layout = ExtendLayout(fb, width, bucket)
+        dest = buffers.fill(fb, layout, kv.req_to_token)
+        for name, i in (("q", 1), ("k", 2), ("v", 3)):
+            static[name].zero_()
+            static[name][dest] = torch.cat([r[i] for r in reqs])
+        graph_fb.extend_prefix_lens_cpu = layout.prefix
+        graph_fb.seq_lens_cpu = [p + width for p in layout.prefix]
+        flash.init_forward_metadata_replay(graph_fb)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = attend(native, fb, layer, *(torch.cat([r[i] for r in reqs]) for i in (1, 2, 3)))
+        assert max_err(out[dest], want) < TOL, f"replay of {shapes}"
 
 
 # -- engine level ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from attention_reference import dense_attention  # noqa: E402
 from forward_harness import Harness, PagedKV, Seq  # noqa: E402
 from kvyard import kernels  # noqa: E402
 from kvyard.executor.cuda_graph_runner import CudaGraphConfig, CudaGraphCapture, CudaGraphRunner  # noqa: E402
@@ -47,17 +48,6 @@ DECODE_LENGTHS = [1, 17, 6, 33, 130, 700]
 def make_backend(name: str, kv: PagedKV, heads: int, dim: int, **options):
     cfg = kv.backend_config(heads, dim)
     return registry("attention_backends").get(name)(type(cfg)(**{**cfg.__dict__, "options": options}))
-
-
-def dense_reference(q, k, v, prefix: int) -> torch.Tensor:
-    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
-    n, heads, dim = q.shape
-    group = heads // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * dim ** -0.5
-    allowed = torch.arange(k.shape[0])[None, :] <= torch.arange(prefix, prefix + n)[:, None]
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
 
 
 def new_request(kv, layer_id, cached, new, heads, dim, dtype):
@@ -95,7 +85,7 @@ def test_extend_matches_dense(backend_name, page_size, group, dim, dtype):
     k_new = torch.cat([r[2][p:] for (p, _), r in zip(EXTEND_SHAPES, reqs)])
     v_new = torch.cat([r[3][p:] for (p, _), r in zip(EXTEND_SHAPES, reqs)])
     out = layer(q.flatten(1), k_new.flatten(1), v_new.flatten(1), fb)
-    expected = torch.cat([dense_reference(r[1], r[2], r[3], p) for (p, _), r in zip(EXTEND_SHAPES, reqs)])
+    expected = torch.cat([dense_attention(r[1], r[2], r[3], p) for (p, _), r in zip(EXTEND_SHAPES, reqs)])
     assert max_err(out, expected) < TOL[dtype]
 
 
@@ -113,7 +103,7 @@ def test_decode_matches_dense(backend_name, page_size, group, dim, dtype):
     q = torch.cat([r[1] for r in reqs])
     out = layer(q.flatten(1), torch.stack([r[2][-1] for r in reqs]).flatten(1),
                 torch.stack([r[3][-1] for r in reqs]).flatten(1), fb)
-    expected = torch.cat([dense_reference(r[1], r[2], r[3], n) for n, r in zip(DECODE_LENGTHS, reqs)])
+    expected = torch.cat([dense_attention(r[1], r[2], r[3], n) for n, r in zip(DECODE_LENGTHS, reqs)])
     assert max_err(out, expected) < TOL[dtype]
 
 
@@ -131,7 +121,7 @@ def test_triton_decode_options(splits, reduce_in_fp32):
     backend.init_forward_metadata(fb)
     out = layer(torch.cat([r[1] for r in reqs]).flatten(1), torch.stack([r[2][-1] for r in reqs]).flatten(1),
                 torch.stack([r[3][-1] for r in reqs]).flatten(1), fb)
-    expected = torch.cat([dense_reference(r[1], r[2], r[3], n) for n, r in zip(lengths, reqs)])
+    expected = torch.cat([dense_attention(r[1], r[2], r[3], n) for n, r in zip(lengths, reqs)])
     assert max_err(out, expected) < TOL[dtype]
 
 

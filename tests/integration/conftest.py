@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,16 +15,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from kvyard.utils import free_port
+
 API_KEY = "test-key-123"
 SERVED_NAME = "smollm2"
 READY_PREFIX = "kvyard server ready at "
 START_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -9,8 +9,9 @@ read garbage:
     kv_len keys sees keys 0 .. kv_len - q_len + j (aligned to the end of its KV);
   * decode: one query per request;
   * sm_scale fixed at plan time, multiplied by run's q_scale;
-  * graph mode (decode): the batch size is fixed by the buffers given to the constructor, plan
-    copies the table into them, and run reads the buffers, never plan's arguments.
+  * graph mode (decode and prefill): the batch size is fixed by the buffers given to the
+    constructor, plan copies the table (and qo_indptr) into them, and run reads the buffers,
+    never plan's arguments.
 Here, unlike the library, the host/device placement the plugin promises is asserted: indptr and
 last_page_len on the host (planning never waits for the device), indices on the cache's device.
 """
@@ -80,10 +81,19 @@ class _PagedWrapper:
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_PagedWrapper):
-    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, backend="auto", **_):
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
+                 paged_kv_indptr_buf=None, paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None,
+                 backend="auto", **_):
         super().__init__(float_workspace_buffer, kv_layout)
-        assert not use_cuda_graph, "the plugin captures decode only"
         self.backend = backend
+        self.use_cuda_graph = use_cuda_graph
+        if use_cuda_graph:
+            bufs = (qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf)
+            for t in bufs:
+                assert torch.is_tensor(t) and t.dtype == torch.int32
+            assert qo_indptr_buf.numel() == paged_kv_indptr_buf.numel() == paged_kv_last_page_len_buf.numel() + 1
+            self.fixed_batch_size = paged_kv_last_page_len_buf.numel()
+            self.buffers = bufs
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
              num_kv_heads, head_dim_qk, page_size, causal=False, sm_scale=None, q_data_type="float16",
@@ -92,13 +102,24 @@ class BatchPrefillWithPagedKVCacheWrapper(_PagedWrapper):
         assert qo_indptr.numel() == paged_kv_indptr.numel()
         self._store_plan(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
                          num_kv_heads, head_dim_qk, page_size, q_data_type, kv_data_type or q_data_type, sm_scale)
-        self.table = (qo_indptr.clone(), paged_kv_indptr.clone(), paged_kv_indices.clone(),
-                      paged_kv_last_page_len.clone())
         self.causal = causal
+        if self.use_cuda_graph:
+            assert paged_kv_last_page_len.numel() == self.fixed_batch_size, "graph mode: the batch size is fixed"
+            qo_buf, indptr_buf, indices_buf, last_buf = self.buffers
+            assert paged_kv_indices.numel() <= indices_buf.numel(), "kv_indices exceed the graph buffer"
+            qo_buf.copy_(qo_indptr)
+            indptr_buf.copy_(paged_kv_indptr)
+            indices_buf[:paged_kv_indices.numel()].copy_(paged_kv_indices)
+            last_buf.copy_(paged_kv_last_page_len)
+        else:
+            self.table = (qo_indptr.clone(), paged_kv_indptr.clone(), paged_kv_indices.clone(),
+                          paged_kv_last_page_len.clone())
 
     def run(self, q, paged_kv_cache, out=None, q_scale=None, **_):
-        assert q.shape[0] == int(self.table[0][-1]), "q rows differ from qo_indptr"
-        return self._attend(q, paged_kv_cache, *self.table, self.causal, out, q_scale)
+        qo, indptr, indices, last = self.buffers if self.use_cuda_graph else self.table
+        qo, indptr, last = qo.cpu(), indptr.cpu(), last.cpu()
+        assert q.shape[0] == int(qo[-1]), "q rows differ from qo_indptr"
+        return self._attend(q, paged_kv_cache, qo, indptr, indices, last, self.causal, out, q_scale)
 
 
 class BatchDecodeWithPagedKVCacheWrapper(_PagedWrapper):

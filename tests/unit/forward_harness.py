@@ -198,3 +198,30 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     while n < min(len(a), len(b), limit) and a[n] == b[n]:
         n += 1
     return n
+
+
+def tiny_llama_on_triton(**triton_options):
+    """(model, triton backend, PagedKV): a tiny random Llama (2 layers, hidden 64, 4 heads over 2
+    KV heads, vocabulary 128) as the llama plugin builds it, with transformers' weights, and the
+    triton attention plugin (set TRITON_INTERPRET=1 on the CPU) over a pool of 16-token pages."""
+    import transformers
+
+    from kvyard.model_base import ModelBuildContext
+    from kvyard.plugins import PluginManager
+    import kvyard_plugins.attention.triton as triton_plugin
+    import kvyard_plugins.models.llama as llama_plugin
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
+                                   max_position_embeddings=128, initializer_range=0.1)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    pm = PluginManager(autoload=False)
+    pm.add_plugin(llama_plugin)
+    pm.add_plugin(triton_plugin)
+    model = pm.registry("model_architectures").get("LlamaForCausalLM")(cfg, ModelBuildContext(torch.float32, "cpu"))
+    model.load_weights(hf.state_dict().items())
+    kv = PagedKV(2, 2, 16, num_pages=16, page_size=16, seed=3)
+    attn_cfg = kv.backend_config(4, 16)
+    attn_cfg = type(attn_cfg)(**{**attn_cfg.__dict__, "options": dict(triton_options)})
+    return model, pm.registry("attention_backends").get("triton")(attn_cfg), kv

@@ -31,11 +31,14 @@ def runner(path: str, quantization: str | None = None, dtype: str = "float32", *
                                     max_total_tokens=1024, max_running_requests=8, num_threads=1, **kw))
 
 
-def harness(model, cfg, attention: str = "torch_native", kv_dtype: torch.dtype = torch.float32) -> Harness:
+def harness(model, cfg, attention: str = "torch_native", kv_dtype: torch.dtype = torch.float32,
+            options: dict | None = None) -> Harness:
+    """``options``: the attention backend's (AttentionConfig.options)."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = PagedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, num_pages=512, dtype=kv_dtype)
     # the activation dtype stays float32 whatever the pool stores (as ModelRunner builds it)
-    config = replace(kv.backend_config(cfg.num_attention_heads, head_dim), dtype=torch.float32)
+    config = replace(kv.backend_config(cfg.num_attention_heads, head_dim), dtype=torch.float32,
+                     options=dict(options or {}))
     backend = registry("attention_backends").get(attention)(config)
     return Harness(model, backend, kv)
 

@@ -1,7 +1,8 @@
-"""Launch helpers shared by the fused kernels."""
+"""Launch helpers and jitted tile helpers shared by the fused and GEMM kernels."""
 from __future__ import annotations
 
 import triton
+import triton.language as tl
 
 
 def block_for(n: int, minimum: int = 16) -> int:
@@ -20,3 +21,12 @@ def rows_2d(x):
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2
+
+
+@triton.jit
+def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows and columns of output tile (pid_m, pid_n) and their in-bounds masks:
+    (offs_m [BLOCK_M], offs_n [BLOCK_N], offs_m < M, offs_n < N)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvyard.kernels.triton_ops.common import tile_offsets
+
 BLOCK_M = 16
 
 
@@ -43,10 +45,7 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, indptr_ptr, slots_ptr, N, K,
     pid_n = tl.program_id(0) % n_blocks
     if pid_m * BLOCK_M >= length:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < length
-    col_ok = cols < N
+    rows, cols, row_ok, col_ok = tile_offsets(pid_m, pid_n, length, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     for k0 in range(0, K, BLOCK_K):
@@ -76,11 +75,8 @@ def _expand_kernel(xa_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, R,
     size = tl.load(starts_ptr + shard + 1) - col0
     if pid_m * BLOCK_M >= length or pid_n * BLOCK_N >= size:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols, row_ok, col_ok = tile_offsets(pid_m, pid_n, length, size, BLOCK_M, BLOCK_N)
     rs = tl.arange(0, BLOCK_R)
-    row_ok = rows < length
-    col_ok = cols < size
     r_ok = rs < R
     row_off = (start + rows)[:, None].to(tl.int64)
     xa = tl.load(xa_ptr + row_off * stride_xam + shard * R + rs[None, :],

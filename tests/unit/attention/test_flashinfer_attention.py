@@ -232,6 +232,52 @@ def test_cuda_graph_hooks_plan_into_preallocated_buffers(with_fake_library):
         flash.init_forward_metadata_replay(fb2)
 
 
+def test_extend_graph_hooks_serve_a_padded_verify_batch(with_fake_library):
+    """A verify-shaped extend (W = 4 new tokens per request, some shorter) padded into the extend
+    graph layout (kvyard.executor.extend_graph_runner): captured at bucket 4, replayed with other
+    requests; its real rows equal an eager torch_native extend of the unpadded batch."""
+    from kvyard.executor.extend_graph_runner import ExtendInputBuffers, ExtendLayout
+
+    torch.manual_seed(11)
+    page, heads, dim, width = 16, 4 * KV_HEADS, 64, 4
+    kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=dim, num_pages=64, page_size=page,
+                 max_context=128, dtype=DTYPE)
+    flash, native = make_pair(kv, heads, dim)
+    flash.init_extend_graph_state(4, width)
+    buffers = ExtendInputBuffers(4, width, "cpu")
+    graph_fb = buffers.batch(4, kv.pool, kv.req_to_token, flash)
+    flash.init_forward_metadata_capture(graph_fb)
+    wrapper = graph_fb.attn_metadata.wrapper
+    assert wrapper.use_cuda_graph and wrapper.fixed_batch_size == 4 and flash.extend_graph_wrappers == {4: wrapper}
+    assert flash.extend_graph_buffers.qo_indptr.tolist() == [0, 4, 8, 12, 16]
+    layer = Attention(layer_id=0, num_heads=heads, num_kv_heads=KV_HEADS, head_dim=dim)
+
+    shapes = [(17, 4), (3, 2), (40, 1)]                       # (cached, new) per request
+    reqs = [add_request(kv, c, n, heads, dim) for c, n in shapes]
+    fb = Harness(model=None, backend=flash, kv=kv).extend_batch([r[0] for r in reqs], [n for _, n in shapes])
+    q, k, v = (torch.cat([r[i] for r in reqs]) for i in (1, 2, 3))
+    layout = ExtendLayout(fb, width, 4)
+    dest = buffers.fill(fb, layout, kv.req_to_token)
+    graph_fb.extend_prefix_lens_cpu = layout.prefix
+    graph_fb.seq_lens_cpu = [p + width for p in layout.prefix]
+    flash.init_forward_metadata_replay(graph_fb)
+    assert graph_fb.attn_metadata.wrapper is wrapper
+
+    def padded(t):
+        out = torch.zeros(16, *t.shape[1:], dtype=t.dtype)
+        out[dest] = t
+        return out
+
+    got = layer(padded(q).flatten(1), padded(k).flatten(1), padded(v).flatten(1), graph_fb)[dest]
+    fb.attn_backend = native
+    native.init_forward_metadata(fb)
+    want = layer(q.flatten(1), k.flatten(1), v.flatten(1), fb)
+    assert (got.float() - want.float()).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="no extend graph was captured for batch size 2"):
+        graph_fb.batch_size = 2
+        flash.init_forward_metadata_replay(graph_fb)
+
+
 def test_capture_needs_graph_state(with_fake_library):
     kv = PagedKV(num_layers=1, num_kv_heads=KV_HEADS, head_dim=64, num_pages=8, dtype=DTYPE)
     flash, _ = make_pair(kv, KV_HEADS, 64)

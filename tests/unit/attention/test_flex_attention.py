@@ -3,6 +3,7 @@ block mask built from the page table."""
 import pytest
 import torch
 
+from attention_reference import dense_attention
 from forward_harness import Harness, PagedKV, Seq
 from kvyard.layers.attention import Attention
 from kvyard.plugins import PluginManager
@@ -17,16 +18,6 @@ def make_backend(kv: PagedKV, heads: int, head_dim: int):
     pm = PluginManager(autoload=False)
     pm.add_plugin(flex_plugin)
     return pm.registry("attention_backends").get("flex_attention")(kv.backend_config(heads, head_dim))
-
-
-def dense_reference(q, k, v, prefix: int) -> torch.Tensor:
-    q, k, v = q.double(), k.double(), v.double()
-    n, heads, dim = q.shape
-    group = heads // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * dim ** -0.5
-    allowed = torch.arange(k.shape[0])[None, :] <= torch.arange(prefix, prefix + n)[:, None]
-    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v).reshape(n, -1)
 
 
 def new_request(kv, cached, new, heads, dim, dtype):
@@ -59,7 +50,7 @@ def test_extend_and_decode_match_dense(page_size, group, head_dim, dtype, mask_f
     k_new = torch.cat([k[p:] for (p, _), (_, _, k, _) in zip(shapes, reqs)])
     v_new = torch.cat([v[p:] for (p, _), (_, _, _, v) in zip(shapes, reqs)])
     out = layer(q.flatten(1), k_new.flatten(1), v_new.flatten(1), fb)
-    want = torch.cat([dense_reference(r[1], r[2], r[3], p) for (p, _), r in zip(shapes, reqs)])
+    want = torch.cat([dense_attention(r[1], r[2], r[3], p) for (p, _), r in zip(shapes, reqs)])
     assert out.dtype == dtype and (out.double() - want).abs().max() < TOL[dtype]
 
     # one decode step on top of everything
@@ -71,7 +62,7 @@ def test_extend_and_decode_match_dense(page_size, group, head_dim, dtype, mask_f
     q = torch.randn(len(reqs), heads, head_dim).to(dtype)
     k_step, v_step = (torch.randn(len(reqs), KV_HEADS, head_dim).to(dtype) for _ in range(2))
     out = layer(q.flatten(1), k_step.flatten(1), v_step.flatten(1), fb)
-    want = torch.cat([dense_reference(q[i:i + 1], torch.cat([r[2], k_step[i:i + 1]]),
+    want = torch.cat([dense_attention(q[i:i + 1], torch.cat([r[2], k_step[i:i + 1]]),
                                       torch.cat([r[3], v_step[i:i + 1]]), r[2].shape[0])
                       for i, r in enumerate(reqs)])
     assert (out.double() - want).abs().max() < TOL[dtype]
@@ -94,7 +85,7 @@ def test_padded_decode_row_gives_zeros():
     k2, v2 = torch.cat([k_all[-1:], torch.zeros(1, KV_HEADS, 64)]), torch.cat([v_all[-1:], torch.zeros(1, KV_HEADS, 64)])
     out = layer(q2.flatten(1), k2.flatten(1), v2.flatten(1), fb)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
-    torch.testing.assert_close(out[:1].double(), dense_reference(q, k_all, v_all, 5), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out[:1].double(), dense_attention(q, k_all, v_all, 5), rtol=0, atol=2e-5)
 
 
 def test_block_mask_tiles_are_empty_partial_or_full():

@@ -74,3 +74,46 @@ def test_hybrid_dispatches_each_mode_to_its_backend():
     fb = harness2.decode_batch([seq2])
     plain.init_forward_metadata(fb)
     torch.testing.assert_close(decode_out, layer(q[5:], k[5:], v[5:], fb), rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_graph_hooks_go_to_the_backend_of_the_mode():
+    """Decode graphs are the decode backend's, extend graphs (speculative verify) the prefill one's."""
+    from types import SimpleNamespace
+
+    from kvyard.attention import AttentionBackend
+    from kvyard.forward_batch import ForwardMode
+
+    class Recording(AttentionBackend):
+        supports_cuda_graph = True
+
+        def __init__(self, name, extend_graphs):
+            self.name, self.supports_extend_graph, self.calls = name, extend_graphs, []
+
+        def forward_extend(self, q, layer, fb): ...
+
+        def forward_decode(self, q, layer, fb): ...
+
+        def init_cuda_graph_state(self, max_bs):
+            self.calls.append("state")
+
+        def init_extend_graph_state(self, max_bs, tokens_per_req):
+            self.calls.append(("extend state", tokens_per_req))
+
+        def init_forward_metadata_capture(self, fb):
+            self.calls.append(("capture", fb.mode.name))
+
+        def init_forward_metadata_replay(self, fb):
+            self.calls.append(("replay", fb.mode.name))
+
+    kv = PagedKV(num_layers=1, num_kv_heads=2, head_dim=8, num_pages=8)
+    prefill, decode = Recording("p", True), Recording("d", False)
+    hybrid = HybridAttentionBackend(kv.backend_config(4, 8), prefill, decode)
+    assert hybrid.supports_cuda_graph and hybrid.supports_extend_graph
+    hybrid.init_cuda_graph_state(4)
+    hybrid.init_extend_graph_state(4, 3)
+    for mode in (ForwardMode.DECODE, ForwardMode.EXTEND):
+        hybrid.init_forward_metadata_capture(SimpleNamespace(mode=mode))
+        hybrid.init_forward_metadata_replay(SimpleNamespace(mode=mode))
+    assert decode.calls == ["state", ("capture", "DECODE"), ("replay", "DECODE")]
+    assert prefill.calls == [("extend state", 3), ("capture", "EXTEND"), ("replay", "EXTEND")]
+    assert not HybridAttentionBackend(kv.backend_config(4, 8), decode, prefill).supports_extend_graph

@@ -1,9 +1,8 @@
 """torch_native attention over the paged pool vs dense causal attention on unpaged tensors."""
-import math
-
 import pytest
 import torch
 
+from attention_reference import dense_attention
 from forward_harness import Harness, PagedKV, Seq
 from kvyard.layers.attention import Attention
 from kvyard.plugins import PluginManager
@@ -13,17 +12,6 @@ HEAD_DIM = 8
 KV_HEADS = 2
 # the same code runs on CUDA; those cases run only where a GPU is present
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def reference(q, k, v, prefix: int):
-    """q [n, H, D] at positions prefix.., k/v [prefix + n, Hkv, D] -> [n, H * D], dense."""
-    n, heads, _ = q.shape
-    group = heads // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-    allowed = torch.arange(k.shape[0])[None, :] <= torch.arange(prefix, prefix + n)[:, None]
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
 
 
 def make_backend(kv: PagedKV, heads: int):
@@ -69,9 +57,9 @@ def test_extend_mixed_prefixes_matches_dense(group, page_size, device):
     v_new = torch.cat([v[p:] for (p, _), (_, _, v) in zip(shapes, tensors)])
     out = layer(*(x.flatten(1).to(device) for x in (q, k_new, v_new)), fb)
 
-    expected = torch.cat([reference(q_i, k_i, v_i, p) for (p, _), (q_i, k_i, v_i) in zip(shapes, tensors)])
+    expected = torch.cat([dense_attention(q_i, k_i, v_i, p) for (p, _), (q_i, k_i, v_i) in zip(shapes, tensors)])
     assert out.shape == (q.shape[0], heads * HEAD_DIM)
-    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(params=["cpu_kernel", "torch_path"])
@@ -112,8 +100,8 @@ def test_decode_mixed_lengths_matches_dense(group, page_size, device, decode_pat
     k_new, v_new = torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs])
     out = layer(*(x.flatten(1).to(device) for x in (q, k_new, v_new)), fb)
 
-    expected = torch.cat([reference(q[i:i + 1], ks[i], vs[i], n) for i, n in enumerate(lengths)])
-    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
+    expected = torch.cat([dense_attention(q[i:i + 1], ks[i], vs[i], n) for i, n in enumerate(lengths)])
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_padded_row_on_the_dummy_slot_stays_finite(decode_path):
@@ -136,7 +124,7 @@ def test_decode_padded_row_on_the_dummy_slot_stays_finite(decode_path):
     k_new = torch.stack([k_all[-1], torch.zeros(KV_HEADS, HEAD_DIM)])
     out = layer(q.flatten(1), k_new.flatten(1), torch.stack([v_all[-1], k_new[1]]).flatten(1), fb)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out[:1], reference(q[:1], k_all, v_all, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:1].double(), dense_attention(q[:1], k_all, v_all, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_plugin_registers_torch_native():

@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from attention_reference import dense_attention  # noqa: E402
 from forward_harness import Harness, PagedKV, Seq  # noqa: E402
 from kvyard.layers.attention import Attention  # noqa: E402
 from kvyard.plugins import PluginManager  # noqa: E402
@@ -40,18 +41,6 @@ def make_backend(kv: PagedKV, heads: int, head_dim: int, **options):
     cls = pm.registry("attention_backends").get("triton")
     cfg = kv.backend_config(heads, head_dim)
     return cls(type(cfg)(**{**cfg.__dict__, "options": options}))
-
-
-def dense_reference(q, k, v, prefix: int) -> torch.Tensor:
-    """q [n, H, D] at positions prefix.., k/v [prefix + n, Hkv, D] -> [n, H * D] in float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    n, heads, dim = q.shape
-    group = heads // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * dim ** -0.5
-    allowed = torch.arange(k.shape[0])[None, :] <= torch.arange(prefix, prefix + n)[:, None]
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
 
 
 def new_request(kv: PagedKV, layer_id: int, cached: int, new: int, heads: int, dim: int, dtype):
@@ -80,7 +69,7 @@ def run_extend(page_size: int, group: int, head_dim: int, dtype, shapes=EXTEND_S
     k_new = torch.cat([k[p:] for (p, _), (_, _, k, _) in zip(shapes, reqs)])
     v_new = torch.cat([v[p:] for (p, _), (_, _, _, v) in zip(shapes, reqs)])
     out = layer(q.flatten(1), k_new.flatten(1), v_new.flatten(1), fb)
-    expected = torch.cat([dense_reference(q_i, k_i, v_i, p) for (p, _), (_, q_i, k_i, v_i) in zip(shapes, reqs)])
+    expected = torch.cat([dense_attention(q_i, k_i, v_i, p) for (p, _), (_, q_i, k_i, v_i) in zip(shapes, reqs)])
     assert out.shape == (q.shape[0], heads * head_dim) and out.dtype == dtype
     assert torch.isfinite(out).all()
     err = (out.double() - expected).abs().max().item()
@@ -102,7 +91,7 @@ def run_decode(page_size: int, group: int, head_dim: int, dtype, splits: int = 4
     q = torch.cat([r[1] for r in reqs])
     k_new, v_new = torch.stack([r[2][-1] for r in reqs]), torch.stack([r[3][-1] for r in reqs])
     out = layer(q.flatten(1), k_new.flatten(1), v_new.flatten(1), fb)
-    expected = torch.cat([dense_reference(q_i, k_i, v_i, n) for n, (_, q_i, k_i, v_i) in zip(lengths, reqs)])
+    expected = torch.cat([dense_attention(q_i, k_i, v_i, n) for n, (_, q_i, k_i, v_i) in zip(lengths, reqs)])
     assert out.shape == (len(lengths), heads * head_dim) and out.dtype == dtype
     err = (out.double() - expected).abs().max().item()
     assert err < TOL[dtype], f"max abs error {err:.3g}"
@@ -156,7 +145,7 @@ def test_decode_padded_rows_on_the_dummy_row_give_zeros():
     out = layer(q3.flatten(1), k3.flatten(1), v3.flatten(1), fb)
     assert torch.isfinite(out).all()
     assert (out[1] == 0).all()                               # no keys at all: zeros
-    torch.testing.assert_close(out[:1].double(), dense_reference(q, k_all, v_all, 9), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out[:1].double(), dense_attention(q, k_all, v_all, 9), rtol=0, atol=2e-5)
 
 
 def test_extend_then_decode_continue_one_sequence():
@@ -175,7 +164,7 @@ def test_extend_then_decode_continue_one_sequence():
         backend.init_forward_metadata(fb)
         rows = slice(start, start + count)
         out = layer(q_all[rows].flatten(1), k_all[rows].flatten(1), v_all[rows].flatten(1), fb)
-        want = dense_reference(q_all[rows], k_all[:start + count], v_all[:start + count], start)
+        want = dense_attention(q_all[rows], k_all[:start + count], v_all[:start + count], start)
         torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5)
         seq.kv_len += count
 

@@ -8,7 +8,7 @@ os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in t
 import pytest
 import torch
 
-from forward_harness import Harness, PagedKV, Seq
+from forward_harness import Harness, PagedKV, Seq, tiny_llama_on_triton
 from kvyard.attention import AttentionBackend
 from kvyard.executor.cuda_graph_runner import (CudaGraphConfig, CudaGraphRunner, DecodeInputBuffers,
                                       EagerReplayCapture, default_buckets, padded_size)
@@ -171,26 +171,7 @@ def test_a_backend_without_graph_support_is_a_clear_error():
 # -- a real model through the runner -------------------------------------------------------------
 def test_tiny_llama_decode_through_graphs_equals_eager():
     pytest.importorskip("triton")
-    import transformers
-    from kvyard.model_base import ModelBuildContext
-    from kvyard.plugins import PluginManager
-    import kvyard_plugins.attention.triton as triton_plugin
-    import kvyard_plugins.models.llama as llama_plugin
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
-                                   max_position_embeddings=128, initializer_range=0.1)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    pm = PluginManager(autoload=False)
-    pm.add_plugin(llama_plugin)
-    pm.add_plugin(triton_plugin)
-    model = pm.registry("model_architectures").get("LlamaForCausalLM")(cfg, ModelBuildContext(torch.float32, "cpu"))
-    model.load_weights(hf.state_dict().items())
-    kv = PagedKV(2, 2, 16, num_pages=16, page_size=16, seed=3)
-    attn_cfg = kv.backend_config(4, 16)
-    attn_cfg = type(attn_cfg)(**{**attn_cfg.__dict__, "options": {"triton_attention_num_kv_splits": 2}})
-    backend = pm.registry("attention_backends").get("triton")(attn_cfg)
+    model, backend, kv = tiny_llama_on_triton(triton_attention_num_kv_splits=2)
     harness = Harness(model, backend, kv)
     runner = CudaGraphRunner(CudaGraphConfig(batch_sizes=(2, 4)), lambda fb: model.compute_logits(model(fb.input_ids, fb.positions, fb)),
                              backend, kv.pool, kv.req_to_token, 4, "cpu")

@@ -2,7 +2,6 @@
 retries past a dead worker, 503 without healthy workers, add/remove/list, API key, metrics."""
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -14,12 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from kvyard.router.app import create_router_app
 from kvyard.router.config import CacheAwareConfig, RouterConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from kvyard.utils import free_port
 
 
 def fake_worker(name: str) -> FastAPI:
