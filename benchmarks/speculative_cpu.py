@@ -2,7 +2,8 @@
 
     python benchmarks/speculative_cpu.py [--model-path M] [--rounds 3] [--max-new-tokens 128] [--llama-lookup auto|off|PATH]
 
-Workloads: copy-heavy prompts (rewrite / continue a given passage, a code edit) for NGRAM, and
+Workloads: copy-heavy prompts (rewrite / continue a given passage, a code edit) for NGRAM (a chain
+of 4, and a trie of 9 nodes over up to 4 continuations, depth 4), and
 STANDALONE with the target as its own draft (acceptance 1: the machinery's upper bound) at
 num_steps 1..5. Runs alternate plain / speculative per round (noisy shared cores); prints
 tokens/s per configuration (median over rounds, with min-max), acceptance, and checks that every
@@ -114,7 +115,9 @@ def main() -> None:
         print(f"llama-lookup: skipped (binary {lookup}, model {path}: it needs both, the model as GGUF)")
         lookup = None
     lookup_rates, lookup_accept = [], 0.0
-    configs = {"plain": {}, "NGRAM k=4": dict(speculative_algorithm="NGRAM", speculative_num_steps=4)}
+    configs = {"plain": {}, "NGRAM k=4": dict(speculative_algorithm="NGRAM", speculative_num_steps=4),
+               "NGRAM trie 9 (4x4)": dict(speculative_algorithm="NGRAM", speculative_num_steps=4,
+                                          speculative_num_draft_tokens=10, speculative_ngram_max_bfs_breadth=4)}
     for k in ns.standalone_steps:
         configs[f"STANDALONE self k={k}"] = dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=path,
                                                  speculative_num_steps=k)

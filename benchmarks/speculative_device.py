@@ -21,6 +21,9 @@ Measures, on the in-process scheduler (as benchmarks/speculative_cpu.py does):
      their full compute) and the draft gets the target's embedding, layer 0, final norm and LM
      head: both compute the same function, every draft is accepted, and a draft step costs about
      1/L of a target step plus the LM head.
+  6. the EAGLE-3 head drafting top-k trees (--eagle3-topk, --eagle3-draft-tokens; SGLang's
+     Llama-3.1-8B EAGLE-3 setting is topk 4, 8 draft tokens): its beam steps and the tree-masked
+     verify forward (eager: extend graphs decline a batch with a tree mask).
 With CUDA graphs on (the default) decode steps, verify steps (1 + k tokens per request) and the
 draft model's decode and catch-up steps all replay captured graphs; the "graphs" column says
 which runners had them.
@@ -203,6 +206,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eagle3-steps", type=int, default=3)
+    ap.add_argument("--eagle3-topk", type=int, default=4, help="tree drafts: top-k per step (1: skip the tree run)")
+    ap.add_argument("--eagle3-draft-tokens", type=int, default=8, help="tree drafts: tokens verified per step")
     ap.add_argument("--json", default=None)
     ap.add_argument("--head-shape", default="8b", choices=("8b", "tiny"), help="tiny: a small head (dry runs)")
     ap.add_argument("--cpu", action="store_true", help="float32 on the CPU (a dry run of this script)")
@@ -230,6 +235,11 @@ def main() -> None:
         results[f"EAGLE3 random head k={ns.eagle3_steps}"] = run(
             ns.config, prompt, ns.output_len, ns.rounds, speculative_algorithm="EAGLE3",
             speculative_draft_model_path=head, speculative_num_steps=ns.eagle3_steps)
+        if ns.eagle3_topk > 1:
+            results[f"EAGLE3 tree topk={ns.eagle3_topk} n={ns.eagle3_draft_tokens}"] = run(
+                ns.config, prompt, ns.output_len, ns.rounds, speculative_algorithm="EAGLE3",
+                speculative_draft_model_path=head, speculative_num_steps=ns.eagle3_steps,
+                speculative_eagle_topk=ns.eagle3_topk, speculative_num_draft_tokens=ns.eagle3_draft_tokens)
     base = max(results["plain"], results["plain (overlap on)"], key=lambda r: r["tok_s"])
     print(f"{'configuration':<28} {'tok/s':>8} {'vs plain':>9} {'accept len':>10}  forward ms (median)")
     lines = []

@@ -10,6 +10,12 @@ Ownership of the three batch objects:
 
 Shapes: T = total new tokens in the step (= B for decode), B = number of requests.
 
+Tree-masked extend (speculative tree drafts, core/speculative.py): when ``spec_tree`` is set the
+step is an extend whose new tokens of request i do not all see each other: new token r sees the
+whole prefix and the new tokens c with ``spec_tree.mask(i)[r, c]`` (itself and its ancestors;
+always c <= r, so a causal kernel's loop bounds still hold). Positions are depths, not row
+indices. Attention backends that serve it list "spec_tree" in ``supported_features``.
+
 Hidden-state capture (speculative draft heads read the target's hidden states): when
 ``capture_layers`` is set, the model's decoder stack (core/layers/decoder.py) stores in
 ``captured`` the residual stream after each listed layer i (``h + residual``, before the next
@@ -43,6 +49,37 @@ class ForwardMode(enum.IntEnum):
 
 
 @dataclass
+class TreeMask:
+    """Per request of an extend step, which of its new tokens each new token sees.
+
+    packed  [sum_i n_i * n_i] uint8 (1 = attend), request i's row-major [n_i, n_i] block starts at
+            offsets[i]; requests without a tree get the causal (lower-triangular) block.
+    offsets [B] int64 on the device; offsets_cpu the same on the host.
+    """
+    packed: torch.Tensor
+    offsets: torch.Tensor
+    offsets_cpu: list[int]
+    sizes: list[int]                  # [B] n_i, the request's new tokens
+
+    def mask(self, i: int) -> torch.Tensor:
+        """bool [n_i, n_i] of request i."""
+        n, start = self.sizes[i], self.offsets_cpu[i]
+        return self.packed[start:start + n * n].view(n, n).bool()
+
+    @classmethod
+    def from_rows(cls, masks: list[list[list[bool]]], device) -> "TreeMask":
+        """masks [B][n_i][n_i] (host lists) -> the packed device form."""
+        flat, offsets, sizes = [], [], []
+        for m in masks:
+            offsets.append(len(flat))
+            sizes.append(len(m))
+            flat += [int(x) for row in m for x in row]
+        return cls(packed=torch.tensor(flat, dtype=torch.uint8, device=device),
+                   offsets=torch.tensor(offsets, dtype=torch.int64, device=device),
+                   offsets_cpu=offsets, sizes=sizes)
+
+
+@dataclass
 class ForwardBatch:
     mode: ForwardMode
     batch_size: int
@@ -71,6 +108,8 @@ class ForwardBatch:
     # hidden-state capture: layer ids (FINAL_HIDDEN for the final normed state) -> [T, hidden]
     capture_layers: Optional[tuple[int, ...]] = None
     captured: dict = field(default_factory=dict)
+    # speculative tree verify: which new tokens each new token sees (module docstring); None: causal
+    spec_tree: Optional[TreeMask] = None
 
     @property
     def num_tokens(self) -> int:

@@ -5,7 +5,8 @@
 #   with a 1-layer truncation of the target as the draft (acceptance 1, the upper bound with a
 #   cheap draft), the verify step's cost vs a plain decode step, the draft steps', and a random
 #   EAGLE-3 head (8B EAGLE-3 shape) with its draft step time; CUDA graphs on for decode, verify
-#   and draft steps (the "graphs:" line says which): benchmarks/speculative_device.py.
+#   and draft steps (the "graphs:" line says which), and the head's top-4 trees of 8 tokens
+#   (tree-masked verify on the triton backend, eager): benchmarks/speculative_device.py.
 # Output under $OUT: env.txt, setup.txt, speculative.txt (the table), speculative.jsonl.
 #   STEPS="4" OUTPUT_LEN=128 bash benchmarks/h100/speculative_device.sh   # a shorter call
 set -u

@@ -20,6 +20,13 @@ cap * tanh(score / cap) before the mask and softmax). ``AttentionConfig.features
 served model's layers need; a backend lists what it serves in ``supported_features`` and the base
 constructor refuses the rest by name, so an unsupported model fails at start-up, not mid-run.
 
+Tree-masked extend ("spec_tree" in ``features`` when the server verifies speculative draft
+trees): ``forward_extend`` must honour ``fb.spec_tree`` (kvyard.forward_batch.TreeMask) when it
+is set: request i's new token r attends the whole prefix and exactly the new tokens c with
+``fb.spec_tree.mask(i)[r, c]`` (its ancestors and itself; c <= r always). Positions (RoPE) are
+the tree depths the batch carries, so a backend must not derive positions from row indices.
+A backend that cannot lists no "spec_tree" and is refused at start-up by name.
+
 CUDA-graph hooks: a backend that supports graphs keeps its metadata in buffers preallocated by
 ``init_cuda_graph_state`` and refills them in place in ``init_forward_metadata_replay``. Decode
 steps (``supports_cuda_graph``) and, with ``supports_extend_graph``, extends of exactly W new
@@ -70,7 +77,8 @@ class AttentionConfig:
 
 # name -> what it means, for error messages
 LAYER_FEATURES = {"sliding_window": "sliding-window attention",
-                  "logit_cap": "attention logit soft-capping"}
+                  "logit_cap": "attention logit soft-capping",
+                  "spec_tree": "tree-masked verify of speculative draft trees"}
 
 
 def layer_features(layers: Iterable["Attention"]) -> frozenset:
@@ -95,10 +103,17 @@ class AttentionBackend(ABC):
     def __init__(self, config: AttentionConfig):
         check_serves_layout(type(self), config)
         missing = self.missing_features(config.features)
+        if missing == ["spec_tree"]:
+            raise ValueError(f"attention backend {self.name!r}: {LAYER_FEATURES['spec_tree']} is not supported "
+                             f"yet; choose another --attention-backend (torch_native, triton, flex_attention) "
+                             f"or chain drafts")
         if missing:
             raise ValueError(f"attention backend {self.name!r} does not support "
                              f"{' or '.join(LAYER_FEATURES[f] for f in missing)}, which this model "
                              f"needs; choose another --attention-backend")
+        if {"spec_tree", "sliding_window"} <= config.features:
+            raise ValueError("speculative tree drafts with sliding-window layers are not supported yet "
+                             "(the window counts verify rows, not tree depths); use chain drafts")
         self.config = config
 
     @classmethod

@@ -15,6 +15,13 @@ wrong token). Chain steps past the target's KV (positions >= kv_len) write scrat
 the target's pool, ``num_slots + row * max_steps + j``, into the request's req_to_token row past
 kv_len, where the target reads nothing before its verify step writes its own slots.
 
+Trees (topk > 1, ``propose_tree``; the expansion itself is core/executor/draft_tree.py): each
+step runs the head once per beam (topk per request). A beam attends the request's prefix and its
+own ancestors only, so each beam gets a row of a per-step table: the request's slots of
+positions 0 .. kv_len - 2, then the scratch slots of its ancestors' entries and its own
+(``num_slots + ((row * max_steps + depth - 1) * topk + beam)``); the target's table is untouched.
+Beam steps run eagerly (the chain-step graphs read the target's table).
+
 CUDA graphs: where the target's decode steps have CUDA graphs, the head's steps are captured
 too, per batch-size bucket with the target's buckets, padded with the dummy request as the
 target's are: the chain steps (decode steps of the head, one row per request; the hidden input
@@ -59,7 +66,7 @@ class _Tail:
 
 
 class DraftHeadRunner:
-    def __init__(self, head, *, target, max_steps: int):
+    def __init__(self, head, *, target, max_steps: int, topk: int = 1):
         """head: a DraftHead module, built and loaded; target: the target's ModelRunner (read
         only: its slots, req_to_token table, attention backend choice and vocabulary)."""
         self.head = head
@@ -67,10 +74,12 @@ class DraftHeadRunner:
         self.vocab_size = target.model_config.vocab_size
         self.table = target.req_to_token.table
         self.max_steps = max(1, max_steps)
+        self.topk = max(1, topk)
         self.scratch_base = target.kv_pool_slots
         rows = self.table.shape[0]
         layout = head.kv_layout()
-        self.pool = KVPool.for_layout(self.scratch_base + rows * self.max_steps, layout, target.dtype, self.device)
+        self.pool = KVPool.for_layout(self.scratch_base + rows * self.max_steps * self.topk, layout, target.dtype,
+                                      self.device)
         attention = AttentionConfig(num_heads=head.num_heads, num_kv_heads=layout.num_kv_heads,
                                     head_dim=layout.head_dim, dtype=target.dtype, device=self.device,
                                     page_size=1, max_context_len=target.model_config.context_length,
@@ -129,6 +138,68 @@ class DraftHeadRunner:
             feature, logits = self._chain_step([inputs[i] for i in live], [chains[i][-1] for i in live],
                                                feature[keep], step)
         return chains
+
+    @torch.inference_mode()
+    def propose_tree(self, inputs: Sequence, depth: Sequence[int], nodes: Sequence[int]) -> list:
+        """inputs: DraftInputs; depth/nodes [B]: per request the deepest node and the most nodes
+        wanted -> a DraftTree per request (empty where the head has no entry yet)."""
+        from kvyard.executor.draft_tree import expand_tree
+        return expand_tree(self, inputs, depth, nodes)
+
+    def tree_roots(self, inputs: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, H], target-vocabulary log-probabilities [B, V]) at each request's tail."""
+        tails = [self._tails[inp.rid] for inp in inputs]
+        logits = torch.stack([t.logits for t in tails])
+        return torch.stack([t.feature for t in tails]), self.log_probs(logits)
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits [N, V_draft] -> float32 log-probabilities [N, V] over the target's vocabulary
+        (-inf off the draft vocabulary)."""
+        return torch.log_softmax(self._to_target_vocab(logits.float()), dim=-1)
+
+    def favour_draws(self, inputs: Sequence, logp: torch.Tensor, depth: int) -> torch.Tensor:
+        """Sampled (non-greedy) requests: each row's coupled draw (the token the request's own
+        sampler settings, seed and position ``len(token_ids) + depth - 1`` pick from logp [N, V],
+        the draw the target's verify row makes) gets log-probability 0, so it ranks first among
+        its siblings and its path stays in the tree. Greedy rows are left as they are (their draw
+        is the argmax, first anyway). inputs [N]: the request of each row."""
+        rows = [r for r, inp in enumerate(inputs)
+                if inp.sampling_params is not None and not inp.sampling_params.is_greedy]
+        if not rows:
+            return logp
+        picked = [inputs[r] for r in rows]
+        info = SamplingBatchInfo.from_reqs([self._req(inp) for inp in picked], self.vocab_size, self.device)
+        positions = torch.tensor([len(inp.token_ids) + depth - 1 for inp in picked], dtype=torch.int64,
+                                 device=self.device)
+        draws = self.sampler(logp[rows], info, positions).next_ids
+        logp[torch.tensor(rows, device=self.device), draws.to(self.device)] = 0.0
+        return logp
+
+    def beam_step(self, inputs: Sequence, tokens: torch.Tensor, feature: torch.Tensor,
+                  paths: list[list[list[int]]], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head decode step of every beam: tokens [B * k] the beams' nodes at ``depth``,
+        feature [B * k, H] their parents' features, paths [B][k] the scratch slots of each beam's
+        ancestors' entries (depths 1 .. depth - 1). Writes each beam's entry (position
+        kv_len - 1 + depth - 1) to its scratch slot and appends that slot to its path.
+        -> (features [B * k, H], log-probabilities [B * k, V])."""
+        k, long = self.topk, dict(dtype=torch.int64, device=self.device)
+        prefix = [len(inp.token_ids) - 1 for inp in inputs]          # head entries 0 .. kv_len - 2
+        for b, inp in enumerate(inputs):
+            for j in range(k):
+                paths[b][j] = paths[b][j] + [self.scratch_base + (inp.kv_row * self.max_steps + depth - 1) * k + j]
+        # [B * k, width]: the request's row (the prefix; columns past it are overwritten or unread)
+        rows = torch.tensor([inp.kv_row for inp in inputs], **long).repeat_interleave(k)
+        table = self.table[rows, :max(prefix) + depth].clone()
+        cols = torch.tensor(prefix, **long).repeat_interleave(k)[:, None] + torch.arange(depth, **long)[None, :]
+        path = torch.tensor([p for beams in paths for p in beams], dtype=table.dtype, device=self.device)
+        table[torch.arange(len(rows), **long)[:, None], cols] = path
+        slots = [p[-1] for beams in paths for p in beams]
+        pos = [prefix[b] + depth - 1 for b in range(len(inputs)) for _ in range(k)]
+        positions = torch.tensor(pos, **long)
+        fb = self._forward_batch(ForwardMode.DECODE, tokens, positions, torch.tensor(slots, **long),
+                                 list(range(len(slots))), pos, [1] * len(slots), table=table)
+        feature, logits = self._run(fb, tokens, positions, feature)
+        return feature, self.log_probs(logits)
 
     def release(self, rid: str) -> None:
         self._tails.pop(rid, None)
@@ -193,7 +264,8 @@ class DraftHeadRunner:
 
     def _run(self, fb: ForwardBatch, ids, positions, hidden) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, H], logits [B, V_draft]) at each request's last row."""
-        if self.chain_graphs is not None and self.chain_graphs.can_run(fb):
+        # beam steps (trees) read a per-step table the graphs were not captured with: eager
+        if self.chain_graphs is not None and fb.req_to_token is self.table and self.chain_graphs.can_run(fb):
             self._feature_in[:fb.batch_size].copy_(hidden)
             return self.chain_graphs.replay(fb)      # views of the graph's outputs: used before the next step
         self.attn.init_forward_metadata(fb)
@@ -201,7 +273,7 @@ class DraftHeadRunner:
         last = fb.logits_indices
         return feature[last], self.head.compute_logits(out[last])
 
-    def _forward_batch(self, mode, ids, positions, slots, rows, prefix, lens) -> ForwardBatch:
+    def _forward_batch(self, mode, ids, positions, slots, rows, prefix, lens, table=None) -> ForwardBatch:
         long = dict(dtype=torch.int64, device=self.device)
         seq_lens = [p + n for p, n in zip(prefix, lens)]
         starts, acc = [], 0
@@ -214,7 +286,7 @@ class DraftHeadRunner:
             seq_lens=torch.tensor(seq_lens, **long), seq_lens_cpu=seq_lens, extend_prefix_lens_cpu=list(prefix),
             extend_seq_lens_cpu=list(lens), extend_start_loc=torch.tensor(starts, **long),
             logits_indices=torch.tensor([s + n - 1 for s, n in zip(starts, lens)], **long),
-            req_to_token=self.table, kv_pool=self.pool, attn_backend=self.attn)
+            req_to_token=self.table if table is None else table, kv_pool=self.pool, attn_backend=self.attn)
 
     def _sample(self, inputs: Sequence, logits: torch.Tensor, step: int) -> list[int]:
         """Draft ``step`` of each request: its own sampler settings and seed at position

@@ -25,7 +25,7 @@ from kvyard.distributed.collectives import broadcast_object
 from kvyard.executor.cuda_graph_runner import CudaGraphRunner
 from kvyard.executor.backend_select import checkpoint_quantization, resolve_attention_backends, resolve_quantization
 from kvyard.layers.attention import Attention
-from kvyard.forward_batch import ForwardBatch, ForwardMode
+from kvyard.forward_batch import ForwardBatch, ForwardMode, TreeMask
 from kvyard.kv_layout import KVLayout
 from kvyard.loader import LoadConfig
 from kvyard.mem_cache.allocator import SlotAllocator
@@ -41,6 +41,7 @@ from kvyard.model.pooling import EmbeddingAdapter, PoolingConfig, pooling_config
 from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
+from kvyard.speculative import spec_features
 from kvyard.executor.step_sampling import sample_outputs, sampling_spec, to_step_result
 
 logger = logging.getLogger(__name__)
@@ -372,7 +373,8 @@ class ModelRunner:
                                dtype=self.dtype, device=self.device, page_size=self.config.page_size,
                                max_context_len=mc.context_length, max_batch_size=self.max_running_requests,
                                options=dict(self.config.attention_options or {}), kv_layout=layout,
-                               features=layer_features(m for m in self.model.modules() if isinstance(m, Attention)))
+                               features=layer_features(m for m in self.model.modules() if isinstance(m, Attention))
+                               | spec_features(self.config))
 
     # -- one step ---------------------------------------------------------------------------
     def prepare(self, batch: ScheduleBatch) -> ForwardBatch:
@@ -395,6 +397,8 @@ class ModelRunner:
             extend_start_loc=torch.tensor(starts, **long), logits_indices=torch.tensor(rows, **long),
             req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend,
             capture_layers=self.capture_layers)
+        if batch.is_verify and not all(t.is_chain for t in batch.draft_tokens):
+            fb.spec_tree = TreeMask.from_rows([t.mask() for t in batch.draft_tokens], dev)
         if batch.hidden_rows:
             fb.hidden_indices = torch.tensor([row for _, row in batch.hidden_rows], **long)
         if self.lora is not None:   # [B] each request's adapter slot (-1: the base model)

@@ -93,6 +93,15 @@ class KVPool:
         self.k_buffers[layer_id][loc] = k.to(self.dtype)
         self.v_buffers[layer_id][loc] = v.to(self.dtype)
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """The KV of slots ``src`` [N] copied to slots ``dst`` [N], every layer (speculative tree
+        verify keeps the accepted path's KV contiguous in the request's rows). Reads all sources
+        before writing, so a slot may be both a source and a target."""
+        src, dst = src.to(self.k_buffers[0].device), dst.to(self.k_buffers[0].device)
+        buffers = self.k_buffers + (self.v_buffers if self.layout.separate_v else [])
+        for buf in buffers:
+            buf[dst] = buf[src]
+
     def k_buffer(self, layer_id: int) -> torch.Tensor:
         return self.k_buffers[layer_id]
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from kvyard.scheduler.io_struct import ReqUpdate
 from kvyard.scheduler.req import FinishReason, Req
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
@@ -70,25 +72,30 @@ class OutputProcessorMixin:
 
     def _process_verify(self, batch: ScheduleBatch, result: StepResult) -> list[ReqUpdate]:
         """A speculative verify batch (core/scheduler/speculation.py): each request gains the
-        target's tokens up to its first rejected draft, and gives back the KV of the rows past
-        what it keeps."""
+        target's tokens along its accepted path, the KV of that path moves to the rows right after
+        its prefix, and the KV of the other rows is given back."""
         updates = self._drain_pending()
-        row = 0
-        for req, chain in zip(batch.reqs, batch.draft_tokens):
-            n = 1 + len(chain)
+        row, kept, moves = 0, [], []
+        for req, tree in zip(batch.reqs, batch.draft_tokens):
+            n = 1 + len(tree)
             targets = result.next_ids[row:row + n]
-            m = self.speculation.accepted_prefix(chain, targets)
+            path = tree.accept(targets)
             gained = []
-            for j in range(m + 1):
-                self._append_token(req, targets[j], result, row + j)
-                gained.append(targets[j])
+            for r in path:
+                self._append_token(req, targets[r], result, row + r)
+                gained.append(targets[r])
                 if req.finished():
                     break
             row += n
-            self._give_back_kv(req, n - len(gained))
+            kept.append(len(gained))       # the root and the gained tokens but the newest
+            moves += self._path_moves(req, n, path[:len(gained)])
+            accepted = min(len(path) - 1, len(gained))
             req.spec_verify_ct += 1
-            req.spec_accepted_tokens += min(m, len(gained))
-            self.speculation.record(req.rid, chain, min(m, len(gained)), gained)
+            req.spec_accepted_tokens += accepted
+            self.speculation.record(req.rid, tree, accepted, gained)
+        self._move_kv(moves)
+        for req, tree, k in zip(batch.reqs, batch.draft_tokens, kept):
+            self._give_back_kv(req, 1 + len(tree) - k)
             if req.finished():
                 self._release(req, insert=True)
             update = self._maybe_update(req)
@@ -96,6 +103,22 @@ class OutputProcessorMixin:
                 updates.append(update)
         self.speculation.stats.verify_steps += 1
         return updates
+
+    def _path_moves(self, req: Req, n: int, path: list[int]) -> list[tuple[int, int]]:
+        """(source slot, target slot) pairs that put the KV of verify row path[j] where row j's
+        is, for a request whose kv_len counts its n verify rows; none for a chain's path."""
+        start = req.kv_len - n
+        moves = [(start + r, start + j) for j, r in enumerate(path) if r != j]
+        if not moves:
+            return []
+        table = self.req_to_token.table[req.req_pool_idx]
+        return [(int(table[a]), int(table[b])) for a, b in moves]
+
+    def _move_kv(self, moves: list[tuple[int, int]]) -> None:
+        """Copies the KV of every (source, target) slot pair, all layers, in one call."""
+        if moves:
+            src, dst = zip(*moves)
+            self.runner.kv_pool.copy_slots(torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64))
 
     def _collect_input_logprobs(self, batch: ScheduleBatch, result: StepResult) -> None:
         if not batch.input_logprob_rows or result.input_logprobs is None:

@@ -82,8 +82,8 @@ def draft_context(args, runner):
                              context_length=runner.model_config.context_length)
         return DraftModel(ModelRunner(draft_args.runner_config()))
 
-    def make_draft_head(head, max_steps: int) -> DraftHeadRunner:
-        return DraftHeadRunner(head, target=runner, max_steps=max_steps)
+    def make_draft_head(head, max_steps: int, topk: int = 1) -> DraftHeadRunner:
+        return DraftHeadRunner(head, target=runner, max_steps=max_steps, topk=topk)
 
     def target_modules():
         if not hasattr(runner.model, "input_embeddings"):

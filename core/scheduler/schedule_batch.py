@@ -30,10 +30,10 @@ class ScheduleBatch:
     sample_req_idx: list[int] = field(default_factory=list)   # [S] index into reqs
     input_logprob_rows: list[tuple[int, int, int]] = field(default_factory=list)  # (req idx, row, target token)
     sampling_info: Any = None       # kvyard.sampling.batch_info.SamplingBatchInfo for sample rows
-    # speculative verify batches (core/scheduler/speculation.py): every row of a request's chain
-    # is a sample row; sample_offsets [S] is each row's place in its chain (0 = the last token)
+    # speculative verify batches (core/scheduler/speculation.py): every row of a request's draft
+    # is a sample row; sample_offsets [S] is each row's depth in its draft (0 = the last token)
     sample_offsets: list[int] = field(default_factory=list)
-    draft_tokens: Optional[list[list[int]]] = None   # [B] each request's drafts; None: not a verify batch
+    draft_tokens: Optional[list[Any]] = None   # [B] each request's DraftTree; None: not a verify batch
     # rows whose final hidden state goes back (return_hidden_states): (request index, row), in
     # each request's position order
     hidden_rows: list[tuple[int, int]] = field(default_factory=list)

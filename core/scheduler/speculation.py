@@ -1,15 +1,19 @@
 """Speculative decoding inside the scheduler: drafts -> one verify batch -> accepted tokens.
 
-A verify batch is an extend over each request's KV: row 0 feeds the request's last token, rows
-1..k its k drafts (a chain; causal attention over prefix + chain is exactly what an extend
-computes, so every attention plugin serves it). Every row is a sample row with the request's own
-sampling settings at position ``seq_len + j``: the target's token there is what a plain decode
-step would sample after the first j drafts (core/speculative.py states why this is exact).
+A verify batch is an extend over each request's KV: row 0 feeds the request's last token (the
+root), rows 1..n its n draft nodes (a DraftTree, core/speculative.py; a chain is a tree of one
+branch). Node i sits at position ``kv_len + depth(i)`` and attends the prefix and its ancestors
+only: a chain needs the causal mask alone (every attention plugin serves it), a branching tree
+puts its mask on the ForwardBatch (``spec_tree``). Every row is a sample row with the request's
+own sampling settings at position ``seq_len + depth``: the target's token there is what a plain
+decode step would sample after that node's path (core/speculative.py states why this is exact).
 
-Acceptance of request with drafts d_1..d_k and target tokens t_0..t_k: m = the number of leading
-j with d_{j+1} == t_j; the request gains t_0..t_m (fewer if a stop condition ends it earlier).
-Its KV then holds the last token and the gained tokens but the newest (kv_len = L + gained), and
-the slots of the other rows are given back before anything else happens.
+Acceptance of a request with target tokens t_r per row: the path [0, r_1, .., r_m] that
+``DraftTree.accept`` walks; the request gains t_0, t_{r_1}, .., t_{r_m} (fewer if a stop
+condition ends it earlier). Its KV then holds the last token and the gained tokens but the
+newest (kv_len = L + gained): the KV of path rows r_1.. is copied to the slots of rows 1.. (the
+request's req_to_token row stays contiguous, whatever the page size; a chain copies nothing) and
+the slots of the remaining rows are given back before anything else happens.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.scheduler.inflight import needs_host_state
 from kvyard.scheduler.req import Req
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
-from kvyard.speculative import DraftInput, HiddenStep, SpeculativeAlgorithm, SpeculativeConfig
+from kvyard.speculative import DraftInput, DraftTree, HiddenStep, SpeculativeAlgorithm, SpeculativeConfig, as_tree
 
 
 @dataclass
@@ -48,41 +52,49 @@ class Speculation:
         self.stats = SpecStats()
 
     # -- proposing ------------------------------------------------------------------------------
-    def draft_room(self, req: Req) -> int:
-        """How many drafts ``req`` may take now: 0 for requests decoded plainly."""
+    def draft_room(self, req: Req) -> tuple[int, int]:
+        """(nodes, depth) ``req`` may draft now: (0, 0) for requests decoded plainly."""
         if needs_host_state(req) or req.embed:
-            return 0
+            return 0, 0
         p = req.sampling_params
         left = p.max_new_tokens - len(req.output_ids) - 1        # the bonus token needs room too
         room = self.context_length - req.seq_len - 1
-        return max(0, min(self.config.max_draft_len, left, room))
+        if not self.config.tree:
+            depth = max(0, min(self.config.max_draft_len, left, room))
+            return depth, depth
+        nodes = max(0, min(self.config.max_draft_len, room))
+        return nodes, max(0, min(nodes, left, self.config.num_steps))
 
-    def propose(self, reqs: Sequence[Req]) -> list[list[int]]:
+    def propose(self, reqs: Sequence[Req]) -> list[DraftTree]:
         rooms = [self.draft_room(r) for r in reqs]
-        asked = [(i, r) for i, r in enumerate(reqs) if rooms[i] > 0]
-        drafts: list[list[int]] = [[] for _ in reqs]
+        asked = [(i, r) for i, r in enumerate(reqs) if rooms[i][1] > 0]
+        drafts = [DraftTree((), ()) for _ in reqs]
         if not asked:
             return drafts
-        inputs = [DraftInput(rid=r.rid, token_ids=r.all_ids, max_draft_len=rooms[i], seed=r.sampling_seed,
-                             sampling_params=r.sampling_params, kv_row=r.req_pool_idx)
+        inputs = [DraftInput(rid=r.rid, token_ids=r.all_ids, max_draft_len=rooms[i][0], seed=r.sampling_seed,
+                             sampling_params=r.sampling_params, kv_row=r.req_pool_idx, max_depth=rooms[i][1])
                   for i, r in asked]
-        for (i, _), chain in zip(asked, self.algorithm.propose(inputs)):
-            drafts[i] = [int(t) for t in chain[:rooms[i]]]
+        for (i, _), draft in zip(asked, self.algorithm.propose(inputs)):
+            tree = as_tree(draft)
+            if not self.config.tree and not tree.is_chain:   # attention may not serve the tree mask
+                tree = tree.first_branch()
+            drafts[i] = tree.pruned(*rooms[i])
         return drafts
 
     # -- the verify batch -----------------------------------------------------------------------
     @staticmethod
-    def verify_batch(reqs: list[Req], drafts: list[list[int]], slots: list[torch.Tensor],
+    def verify_batch(reqs: list[Req], drafts: list[DraftTree], slots: list[torch.Tensor],
                      vocab_size: int, device, eos_token_ids: list[int]) -> ScheduleBatch:
-        """reqs [B] with their drafts and their allocated slots [1 + len(drafts[i])] each."""
+        """reqs [B] with their draft trees and their allocated slots [1 + len(drafts[i])] each."""
         input_ids, positions, rows, row_req, offsets = [], [], [], [], []
-        for i, (req, chain) in enumerate(zip(reqs, drafts)):
+        for i, (req, tree) in enumerate(zip(reqs, drafts)):
             start = len(input_ids)
-            input_ids += [req.output_ids[-1], *chain]
-            positions += range(req.kv_len, req.kv_len + 1 + len(chain))
-            rows += range(start, start + 1 + len(chain))
-            row_req += [i] * (1 + len(chain))
-            offsets += range(1 + len(chain))
+            depths = [0, *tree.depths()]
+            input_ids += [req.output_ids[-1], *tree.tokens]
+            positions += [req.kv_len + d for d in depths]
+            rows += range(start, start + 1 + len(tree))
+            row_req += [i] * (1 + len(tree))
+            offsets += depths
         batch = ScheduleBatch(
             mode=ForwardMode.EXTEND, reqs=reqs, input_ids=input_ids, positions=positions,
             out_cache_loc=torch.cat(slots), prefix_lens=[r.kv_len for r in reqs],
@@ -108,9 +120,11 @@ class Speculation:
         steps = []
         for i in owned:
             req, start, n = batch.reqs[i], starts[i], batch.extend_lens[i]
+            path = None
             if batch.is_verify:
                 targets = result.next_ids[sampled[i]:sampled[i] + n]
-                nxt = targets[:self.accepted_prefix(batch.draft_tokens[i], targets) + 1]
+                path = batch.draft_tokens[i].accept(targets)
+                nxt = [targets[r] for r in path]
             else:
                 ids = req.all_ids
                 first = batch.prefix_lens[i] + 1
@@ -119,23 +133,18 @@ class Speculation:
                     if i not in sampled:
                         continue
                     nxt.append(result.next_ids[sampled[i]])
-            rows = torch.arange(start, start + len(nxt), device=hidden.device)
+            # the rows whose KV the request keeps; their slots after the verify's KV compaction
+            # are the first len(nxt) of the request's (output_processor moves the path there)
+            rows = torch.tensor([start + r for r in path] if path is not None else range(start, start + len(nxt)),
+                                dtype=torch.int64, device=hidden.device)
             steps.append(HiddenStep(rid=req.rid, kv_row=req.req_pool_idx, start=batch.prefix_lens[i],
                                     next_tokens=nxt, slots=batch.out_cache_loc[start:start + len(nxt)],
                                     hidden=hidden[rows]))
         self.algorithm.observe(steps)
 
     # -- accepting --------------------------------------------------------------------------------
-    @staticmethod
-    def accepted_prefix(chain: Sequence[int], targets: Sequence[int]) -> int:
-        """m: how many leading drafts equal the target's own tokens (targets has len(chain) + 1)."""
-        m = 0
-        while m < len(chain) and chain[m] == targets[m]:
-            m += 1
-        return m
-
-    def record(self, rid: str, chain: Sequence[int], accepted: int, gained: Sequence[int]) -> None:
-        self.stats.drafted += len(chain)
+    def record(self, rid: str, tree: DraftTree, accepted: int, gained: Sequence[int]) -> None:
+        self.stats.drafted += len(tree)
         self.stats.accepted += accepted
         self.algorithm.accepted(rid, gained)
 

@@ -16,6 +16,10 @@ runs eagerly (torch's unfused implementation, the inductor CPU template does not
 dynamic shapes here): correct and exact in float32, fine for tests and small batches.
 A query row with no key (graph padding, seq_len 0) gives zeros.
 
+Tree-masked extend (``fb.spec_tree``, speculative tree verify): each request's block of new
+queries x new keys in the dense mask is replaced by its tree block, and the mask is read from that
+dense [T, L] tensor (compiled too).
+
 Layer features: a sliding-window layer (window W) adds ``key position > query position - W`` to
 the mask; its BlockMask is built on first use per distinct W in the step and shared by every
 layer with that window. A logit cap c is a score_mod, c * tanh(score / c), applied to the scaled
@@ -106,10 +110,20 @@ def _tile_lists(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[None, None], order[None, None]
 
 
+def _with_tree(allowed: torch.Tensor, fb: "ForwardBatch") -> torch.Tensor:
+    """allowed [T, L] with each request's block of new queries x new keys replaced by its tree
+    mask (kvyard.forward_batch.TreeMask; the prefix columns stay visible)."""
+    q0 = k0 = 0
+    for i, (prefix, n) in enumerate(zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)):
+        allowed[q0:q0 + n, k0 + prefix:k0 + prefix + n] = fb.spec_tree.mask(i)
+        q0, k0 = q0 + n, k0 + prefix + n
+    return allowed
+
+
 class FlexAttentionBackend(AttentionBackend):
     name = "flex_attention"
     supports_cuda_graph = False
-    supported_features = frozenset({"sliding_window", "logit_cap"})
+    supported_features = frozenset({"sliding_window", "logit_cap", "spec_tree"})
 
     def __init__(self, config: AttentionConfig):
         super().__init__(config)
@@ -140,7 +154,9 @@ class FlexAttentionBackend(AttentionBackend):
         # query j of request b sits at position (seq_len_b - new_b) + j
         q_pos = (lens - q_counts).repeat_interleave(q_counts) + torch.arange(q_doc.numel(), device=dev) - q_starts
         allowed = (q_doc[:, None] == kv_doc[None, :]) & (kv_pos[None, :] <= q_pos[:, None])
-        if self.compiled:
+        if fb.spec_tree is not None:
+            allowed = _with_tree(allowed, fb)
+        if self.compiled and fb.spec_tree is None:
             mask_mod = doc_causal_mask_mod(q_doc, q_pos, kv_doc, kv_pos)
         else:
             mask_mod = dense_mask_mod(allowed)

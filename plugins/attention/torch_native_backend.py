@@ -13,6 +13,9 @@ decode: on the CPU the C++ kernel of cpu_kernels/ reads K/V straight from the po
         [Hkv, B, group, D] for GQA, scores masked past each row's length, softmax in float32.
 Gathered K/V land in staging buffers allocated once per step and reused by every layer.
 
+Tree-masked extend (``fb.spec_tree``, speculative tree drafts): a request's span mask becomes
+[prefix columns all True | its tree block]; the explicit path takes the same mask.
+
 Layer features (kvyard.attention): a layer with ``sliding_window`` W or ``logit_cap`` c runs the
 explicit path: scores = q.k * scale in float32, c * tanh(scores / c) when capped, then masked
 (causal, and keys j <= p - W hidden from the query at position p) and softmaxed. When the model
@@ -98,9 +101,12 @@ def _use_cpu_kernel(fb: "ForwardBatch", dtype: torch.dtype) -> bool:
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
-                        layer: "Attention", k_scale: float = 1.0) -> torch.Tensor:
+                        layer: "Attention", k_scale: float = 1.0,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One request's new tokens with the layer's features: q [N, H, D] at positions
-    prefix .. prefix + N - 1 over k/v [L, Hkv, D] at positions 0 .. L - 1 -> [N, H, D]."""
+    prefix .. prefix + N - 1 over k/v [L, Hkv, D] at positions 0 .. L - 1 -> [N, H, D].
+    mask [N, L] bool (True = attend) replaces the causal mask where given (tree verify; the
+    sliding window still counts row indices, so trees and windows are not combined)."""
     n, heads, dim = q.shape
     length, kv_heads = k.shape[0], k.shape[1]
     qh = q.view(n, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)     # [Hkv, G, N, D]
@@ -108,7 +114,7 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefi
     scores = _capped(scores.mul_(layer.scaling * k_scale), layer.logit_cap)
     q_pos = torch.arange(prefix, prefix + n, device=q.device)[:, None]
     k_pos = torch.arange(length, device=q.device)[None, :]
-    hidden = k_pos > q_pos
+    hidden = k_pos > q_pos if mask is None else ~mask
     if layer.sliding_window:
         hidden |= k_pos <= q_pos - layer.sliding_window
     probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).to(q.dtype)
@@ -119,6 +125,11 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefi
 def _capped(scores: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     """c * tanh(scores / c) in place when the layer caps its logits."""
     return scores.div_(cap).tanh_().mul_(cap) if cap else scores
+
+
+def _layer_features(config) -> frozenset:
+    """The model's layer features (the tree mask concerns extend steps only)."""
+    return config.features - {"spec_tree"}
 
 
 def _kv_scales(fb, layer) -> tuple[float, float]:
@@ -132,7 +143,7 @@ class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
     supports_fp8_kv = True
     supports_cuda_graph = False
-    supported_features = frozenset({"sliding_window", "logit_cap"})
+    supported_features = frozenset({"sliding_window", "logit_cap", "spec_tree"})
     kv_layouts = ("mha", "mla")
 
     # -- per-step metadata -------------------------------------------------------------------
@@ -143,7 +154,7 @@ class TorchNativeBackend(AttentionBackend):
             fb.attn_metadata = self._extend_metadata(fb)
 
     def _decode_metadata(self, fb: "ForwardBatch") -> Optional[DecodeMetadata]:
-        if _use_cpu_kernel(fb, self.config.dtype) and not self.config.features:
+        if _use_cpu_kernel(fb, self.config.dtype) and not _layer_features(self.config):
             return None   # the kernel reads req_to_token itself
         max_len = max(max(fb.seq_lens_cpu), 1)
         rows = fb.req_to_token.index_select(0, fb.req_pool_indices)[:, :max_len].long()
@@ -163,13 +174,16 @@ class TorchNativeBackend(AttentionBackend):
         for i, (prefix, q_len) in enumerate(zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)):
             kv_len = prefix + q_len
             mask = None
-            if prefix > 0 and q_len > 1:
+            if fb.spec_tree is not None:   # [q_len, prefix + q_len]: the prefix, then the tree block
+                tree = fb.spec_tree.mask(i)
+                mask = torch.cat([tree.new_ones(q_len, prefix), tree], dim=1)
+            elif prefix > 0 and q_len > 1:
                 key_pos = torch.arange(kv_len, device=rows.device)
                 query_pos = torch.arange(prefix, kv_len, device=rows.device)
                 mask = key_pos[None, :] <= query_pos[:, None]
             spans.append(ExtendSpan(q_start=q_start, q_len=q_len, kv_start=kv_start,
                                     kv_slots=rows[i, :kv_len].long(), mask=mask,
-                                    is_causal=prefix == 0 and q_len > 1))
+                                    is_causal=mask is None and prefix == 0 and q_len > 1))
             q_start += q_len
             kv_start += kv_len
         pool = fb.kv_pool.k_buffer(0)
@@ -190,7 +204,7 @@ class TorchNativeBackend(AttentionBackend):
             v = _gather_rows(v_buf, span.kv_slots, meta.v_stage[stage]).to(q.dtype)
             if layer.sliding_window or layer.logit_cap:
                 prefix = span.kv_slots.shape[0] - span.q_len
-                out[rows] = _explicit_attention(q[rows], k, v, prefix, layer, k_scale)
+                out[rows] = _explicit_attention(q[rows], k, v, prefix, layer, k_scale, span.mask)
                 continue
             # SDPA layout [1, heads, tokens, D]: 4-D inputs take the fused CPU kernel
             # (2-3x faster than 3-D ones, which fall back to the unfused math path)
@@ -207,7 +221,7 @@ class TorchNativeBackend(AttentionBackend):
         """The C++ paged-decode kernel, where ``forward_decode`` would take it (same conditions,
         for every step) and the layer needs nothing beyond causal attention over K and V."""
         pool = kv_pool.k_buffer(layer.layer_id)
-        plain = (not self.config.features and not layer.sliding_window and not layer.logit_cap
+        plain = (not _layer_features(self.config) and not layer.sliding_window and not layer.logit_cap
                  and layer.v_head_dim == layer.head_dim and kv_pool.layout.separate_v)
         if not plain or pool.device.type != "cpu" or pool.dtype not in (torch.float32, torch.bfloat16) \
                 or pool.dtype != self.config.dtype or not cpu_kernels.available():

@@ -23,7 +23,8 @@ interpreter (no SM count) S is always the maximum.
 Options (AttentionConfig.options): triton_attention_num_kv_splits (the most splits S, default 8),
 triton_attention_reduce_in_fp32 (keep the split partial outputs in float32 instead of the
 activation dtype; default False). Sliding-window and soft-capped layers pass their window and
-cap to both kernels (see their docstrings). KV layouts: "mha" and "mla" (the V buffer is the K
+cap to both kernels (see their docstrings); a tree-masked verify extend (``fb.spec_tree``) passes
+its packed mask to the extend kernel. KV layouts: "mha" and "mla" (the V buffer is the K
 buffer; each head keeps the leading layer.v_head_dim output columns). Writing the new tokens' k/v is the pool's set_kv, which takes
 the fused Triton write on CUDA (kvyard.kernels).
 """
@@ -69,12 +70,18 @@ def read_options(options: dict) -> tuple[int, bool]:
     return splits, bool(options.get("triton_attention_reduce_in_fp32", False))
 
 
+def _tree_args(fb: "ForwardBatch") -> tuple:
+    """(tree_mask, tree_start) of a tree-masked verify extend (kvyard.forward_batch.TreeMask), or ()."""
+    tree = fb.spec_tree
+    return () if tree is None else (tree.packed, tree.offsets)
+
+
 class TritonAttnBackend(AttentionBackend):
     name = "triton"
     supports_fp8_kv = True
     supports_cuda_graph = True
     supports_extend_graph = True
-    supported_features = frozenset({"sliding_window", "logit_cap"})
+    supported_features = frozenset({"sliding_window", "logit_cap", "spec_tree"})
     kv_layouts = ("mha", "mla")
 
     @classmethod
@@ -134,7 +141,7 @@ class TritonAttnBackend(AttentionBackend):
         extend_attention(q, pool.k_buffer(layer.layer_id), pool.v_buffer(layer.layer_id), out,
                          fb.req_to_token, fb.req_pool_indices, fb.extend_start_loc, meta.q_lens,
                          meta.prefix_lens, meta.max_q_len, layer.scaling * k_scale, layer.sliding_window or 0,
-                         layer.logit_cap or 0.0)
+                         layer.logit_cap or 0.0, *_tree_args(fb))
         if v_scale != 1.0:
             out.mul_(v_scale)
         return value_columns(out, layer)

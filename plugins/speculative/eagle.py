@@ -12,7 +12,9 @@ SGLang does).
 
 Chain steps feed the head its own feature in place of the target's hidden state. With
 ``--speculative-token-map`` (a torch-saved list of token ids, FR-Spec) drafts are restricted to
-those ids. The KV and drafting mechanics are the core's (core/executor/draft_head.py).
+those ids. With ``--speculative-eagle-topk`` k > 1 drafts are top-k trees (EAGLE-2: k beams per
+step, the ``num_draft_tokens - 1`` best nodes by path probability kept). The KV and drafting
+mechanics are the core's (core/executor/draft_head.py, draft_tree.py).
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ class EagleAlgorithm(SpeculativeAlgorithm):
         embed, target_logits = context.target_modules()
         head, layers = self.build_head(head_config, src, embed, target_logits)
         context.enable_hidden_capture(layers)
-        self.runner = context.make_draft_head(head.eval(), config.num_steps)
+        self.runner = context.make_draft_head(head.eval(), config.num_steps, topk=config.eagle_topk)
         logger.info("%s head %s: %d layer(s), hidden %d, reading target layers %s", self.name,
                     config.draft_model_path, head.dims.num_layers, head.dims.hidden_size, list(layers))
 
@@ -135,8 +137,10 @@ class EagleAlgorithm(SpeculativeAlgorithm):
         head = EagleHead(cfg, src, embed, target_logits, ctx.dtype, ctx.device, hot)
         return head, (FINAL_HIDDEN,)
 
-    def propose(self, requests: Sequence[DraftInput]) -> list[list[int]]:
-        depth = [min(r.max_draft_len, self.config.num_steps) for r in requests]
+    def propose(self, requests: Sequence[DraftInput]) -> list:
+        depth = [min(r.depth_limit, self.config.num_steps) for r in requests]
+        if self.config.eagle_topk > 1:      # a top-k tree, the EAGLE-2 way (core/executor/draft_tree.py)
+            return self.runner.propose_tree(requests, depth, [r.max_draft_len for r in requests])
         return self.runner.propose(requests, depth)
 
     def observe(self, steps: Sequence[HiddenStep]) -> None:

@@ -1,5 +1,6 @@
 """Speculative decoding on the real SmolLM2 weights through kvyard.Engine: greedy output equals
-transformers token for token with NGRAM (copy-heavy prompts, batch 1 and a batch, radix hits) and
+transformers token for token with NGRAM chains and tries (copy-heavy prompts, batch 1 and a batch,
+radix hits) and
 with STANDALONE drafting for itself and with a truncated-layer draft; meta_info reports it."""
 from __future__ import annotations
 
@@ -35,10 +36,15 @@ def check(engine: Engine, prompts, expected) -> list[dict]:
     return outs
 
 
-def test_ngram_equals_transformers(smollm2_path, reference):
+@pytest.mark.parametrize("shape", [
+    dict(speculative_num_steps=4),                                                    # a chain
+    pytest.param(dict(speculative_num_steps=4, speculative_num_draft_tokens=10, speculative_ngram_max_bfs_breadth=4),
+                 marks=pytest.mark.slow),                                             # a trie
+], ids=["chain", "trie"])
+def test_ngram_equals_transformers(smollm2_path, reference, shape):
     prompts, expected = reference
     with Engine(model_path=smollm2_path, dtype="float32", max_total_tokens=4096, log_level="warning",
-                chunked_prefill_size=32, speculative_algorithm="NGRAM", speculative_num_steps=4) as engine:
+                chunked_prefill_size=32, speculative_algorithm="NGRAM", **shape) as engine:
         outs = check(engine, prompts, expected)
     copied = outs[0]["meta_info"]
     assert copied["spec_verify_ct"] > 0 and copied["spec_accepted_tokens"] > 0   # the passage is copied

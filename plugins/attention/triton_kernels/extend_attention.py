@@ -9,6 +9,10 @@ Grid (B, H, ceil(max N_b / BLOCK_M)): one program per (request, query head, bloc
 tokens); blocks past a short request's N_b return at once. GQA: query head h reads kv head
 h // GROUP. Online softmax in float32 with exp2 (the scale is pre-multiplied by log2(e)).
 
+Tree mask (speculative tree verify): with TREE, request b's new token i sees new key j (j <= i)
+only where ``tree_mask[tree_start[b] + i * N_b + j]`` is 1; prefix keys stay visible. The
+causal loop bound is unchanged (ancestors precede their descendants).
+
 Layer features: ``window`` W > 0 also hides keys j <= position - W (sliding window; 0 = none);
 ``logit_cap`` c > 0 turns the scaled score s into c * tanh(s / c) before the mask (SOFT_CAP).
 
@@ -28,12 +32,12 @@ from kvyard_plugins.attention.triton_kernels.precision import fp32_dot, scaled_s
 
 @triton.jit
 def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, Q_LENS, PREFIX_LENS,
-                   scale_log2, window, logit_cap,
+                   TREE_MASK, TREE_START, scale_log2, window, logit_cap,
                    stride_qt, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh,
                    stride_ot, stride_oh, stride_req,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
-                   SOFT_CAP: tl.constexpr):
+                   SOFT_CAP: tl.constexpr, TREE: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -42,6 +46,9 @@ def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, 
         return
     q_start = tl.load(Q_START + b)
     prefix = tl.load(PREFIX_LENS + b)
+    tree_start = 0
+    if TREE:
+        tree_start = tl.load(TREE_START + b)
     table_row = REQ_TO_TOKEN + tl.load(REQ_POOL_INDICES + b).to(tl.int64) * stride_req
     kv_head = head // GROUP
 
@@ -73,6 +80,12 @@ def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, 
         else:
             qk = tl.dot(q, tl.trans(k))
         allowed = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if TREE:   # new keys (offs_n >= prefix) only where the request's tree block says so
+            new_key = offs_n - prefix
+            in_tree = (new_key[None, :] >= 0) & allowed & m_ok[:, None]
+            bits = tl.load(TREE_MASK + tree_start + offs_m[:, None] * q_len + new_key[None, :],
+                           mask=in_tree, other=1)
+            allowed = allowed & (bits != 0)
         if window > 0:
             allowed = allowed & (offs_n[None, :] > q_pos[:, None] - window)
         qk = tl.where(allowed, scaled_scores(qk, scale_log2, logit_cap, SOFT_CAP), float("-inf"))
@@ -98,8 +111,11 @@ def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, 
 def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      q_start: torch.Tensor, q_lens: torch.Tensor, prefix_lens: torch.Tensor,
-                     max_q_len: int, scaling: float, window: int = 0, logit_cap: float = 0.0) -> None:
-    """Writes out [T, H, D]. ``max_q_len`` (a host int) sizes the grid, so no device sync."""
+                     max_q_len: int, scaling: float, window: int = 0, logit_cap: float = 0.0,
+                     tree_mask: torch.Tensor | None = None, tree_start: torch.Tensor | None = None) -> None:
+    """Writes out [T, H, D]. ``max_q_len`` (a host int) sizes the grid, so no device sync.
+    tree_mask [sum N_b^2] uint8 and tree_start [B] int64 (kvyard.forward_batch.TreeMask): the
+    tree-masked extend of a speculative verify step; None: causal."""
     _, heads, dim = q.shape
     kv_heads = k_buf.shape[1]
     if heads % kv_heads:
@@ -115,8 +131,9 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     grid = (batch, heads, triton.cdiv(max_q_len, block_m))
     _extend_kernel[grid](
         q, k_buf, v_buf, out, req_to_token, req_pool_indices, q_start, q_lens, prefix_lens,
+        tree_mask if tree_mask is not None else q_lens, tree_start if tree_start is not None else q_lens,
         scaling * math.log2(math.e), int(window or 0), float(logit_cap or 0.0),
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
         GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap), num_warps=4 if block_d <= 64 else 8, num_stages=stages)
+        FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap), TREE=tree_mask is not None, num_warps=4 if block_d <= 64 else 8, num_stages=stages)

@@ -12,7 +12,7 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 
 TINY = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
@@ -97,3 +97,30 @@ def _save(path, config: dict, tensors: dict) -> str:
         json.dump(config, f)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
     return str(path)
+
+
+def save_exact_head(tmp_path) -> tuple[str, str]:
+    """(target folder, EAGLE head folder): a one-layer target whose attention adds nothing
+    predicts from the current token alone; the head (fc passes the embedding, the target layer's
+    MLP) computes the target's next prediction exactly (up to the final norm's positive scale,
+    which greedy ignores)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=False)
+    target = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        target.model.layers[0].self_attn.o_proj.weight.zero_()
+    target.save_pretrained(tmp_path / "target")
+    head = save_eagle_head(tmp_path / "head", target)
+    tensors = load_file(os.path.join(head, "model.safetensors"))
+    h = cfg.hidden_size
+    tensors["model.fc.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)   # the embedding only
+    tensors["model.fc.bias"].zero_()
+    tensors["model.layers.0.self_attn.o_proj.weight"].zero_()
+    layer = target.model.layers[0]
+    for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "post_attention_layernorm"):
+        tensors[f"model.layers.0.{name}.weight"] = layer.get_submodule(name).weight.detach().clone()
+    save_file(tensors, os.path.join(head, "model.safetensors"))
+    return str(tmp_path / "target"), head

@@ -36,9 +36,16 @@ def test_ngram_cache_is_bounded_and_answers_from_other_requests():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4), "tree drafts are not supported"),
+    (dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4), "top-k tree drafts are for EAGLE and EAGLE3, not NGRAM"),
+    (dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="/x", speculative_eagle_topk=2),
+     "top-k tree drafts are for EAGLE and EAGLE3, not STANDALONE"),
+    (dict(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=8,
+          speculative_ngram_max_bfs_breadth=3), r"max_bfs_breadth \* speculative_num_steps \+ 1 \(3 \* 2 \+ 1\) = 7"),
+    (dict(speculative_algorithm="NGRAM", speculative_ngram_min_bfs_breadth=4, speculative_ngram_max_bfs_breadth=2),
+     "speculative_ngram_min_bfs_breadth"),
     (dict(speculative_algorithm="STANDALONE"), "speculative_draft_model_path is required"),
-    (dict(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=5), r"num_steps \+ 1"),
+    (dict(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=5,
+          speculative_ngram_max_bfs_breadth=1), r"num_steps \+ 1"),
     (dict(speculative_algorithm="NGRAM", speculative_accept_threshold_single=0.5), "only 1.0"),
     (dict(speculative_algorithm="MEDUSA"), "unknown speculative algorithm .MEDUSA."),
     (dict(speculative_draft_model_path="/x"), "needs --speculative-algorithm"),
@@ -133,14 +140,21 @@ def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny
     """1,500 seeded samples of two tokens after a fixed prompt, drafted by a different model (often
     wrong): the second token, given the most frequent first one, follows transformers' softmax
     filtered as the sampler filters (chi-square over tokens with expected count >= 5, the rest pooled)."""
+    stats = check_second_token_distribution(peaked_model, settings, speculative_algorithm="STANDALONE",
+                                            speculative_draft_model_path=tiny_models["qwen2"][0],
+                                            speculative_num_steps=2)
+    assert 0 < stats.accepted < stats.drafted          # drafts were both accepted and rejected
+
+
+def check_second_token_distribution(peaked_model, settings: dict, **spec):
+    """Samples 1,500 seeded two-token continuations with speculation ``spec`` and checks the
+    chi-square of the second token (module test above); returns the speculation's stats."""
     from kvyard.sampling.batch_info import SamplingBatchInfo
     from kvyard.sampling.sampler import filter_probs
 
     path, hf_model = peaked_model
     args = ServerArgs(model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=8192,
-                      max_running_requests=64, log_level="warning", disable_overlap_schedule=True,
-                      speculative_algorithm="STANDALONE", speculative_draft_model_path=tiny_models["qwen2"][0],
-                      speculative_num_steps=2)
+                      max_running_requests=64, log_level="warning", disable_overlap_schedule=True, **spec)
     sched = build_scheduler(args)
     prompt = [3, 17, 42, 8]
     for i in range(1500):
@@ -150,7 +164,6 @@ def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny
         outs += [u.new_token_ids for u in sched.step() if u.finished_reason]
     stats = sched.speculation.stats
     sched.close()
-    assert 0 < stats.accepted < stats.drafted          # drafts were both accepted and rejected
     first = max(set(o[0] for o in outs), key=lambda t: sum(o[0] == t for o in outs))
     seconds = [o[1] for o in outs if o[0] == first]
     with torch.no_grad():
@@ -173,5 +186,42 @@ def test_sampled_next_token_distribution_matches_transformers(peaked_model, tiny
     assert n >= 200, n
     if dof == 0:   # the filters keep one token: every sample must be it
         assert (counts > 0).sum() == 1 and probs[int(counts.argmax())] == 1.0
-        return
+        return stats
     assert chi2_dist.sf(chi2, dof) > 1e-3, (chi2, dof, n)
+    return stats
+
+
+# -- NGRAM tries -------------------------------------------------------------------------------------
+def test_ngram_trie_merges_continuations_breadth_first():
+    from kvyard_plugins.speculative.ngram import build_trie, matches_in_context
+
+    tokens = [1, 2, 3, 4, 9, 1, 2, 5, 6, 1, 2, 3, 7, 1, 2]
+    # suffix [1, 2] occurred at 9 (-> 3 7 1), 5 (-> 5 6 1) and 0 (-> 3 4 9): most recent first
+    branches = matches_in_context(tokens, range(1, 3), limit=3, breadth=3)
+    assert branches == [[3, 7, 1], [5, 6, 1], [3, 4, 9]]
+    trie = build_trie(branches, breadth=[3, 3, 3], max_nodes=10)
+    # depth 1: 3, 5; depth 2: 7, 4 (under 3), 6 (under 5); depth 3: 1, 9, 1
+    assert trie.tokens == (3, 5, 7, 4, 6, 1, 9, 1) and trie.parents == (-1, -1, 0, 0, 1, 2, 3, 4)
+    # breadth caps: one child per node past depth 1; max_nodes cuts breadth-first
+    assert build_trie(branches, breadth=[2, 1, 1], max_nodes=10).tokens == (3, 5, 7, 6, 1, 1)
+    assert build_trie(branches, breadth=[3, 3, 3], max_nodes=3).tokens == (3, 5, 7)
+    # PROB: the continuation most branches share comes first
+    assert build_trie([[5, 1], [3, 2], [3, 4]], breadth=[3, 3], max_nodes=3, by_count=True).tokens == (3, 5, 2)
+
+
+NGRAM_TREE = dict(speculative_algorithm="NGRAM", speculative_num_steps=3, speculative_num_draft_tokens=8,
+                  speculative_ngram_max_bfs_breadth=4, speculative_ngram_min_bfs_breadth=2,
+                  speculative_ngram_max_match_window_size=4)
+
+
+@pytest.mark.parametrize("overlap, sampling, page_size", [
+    pytest.param(False, False, 1, marks=pytest.mark.slow),
+    pytest.param(True, True, 4, marks=pytest.mark.slow),
+])
+def test_ngram_trie_workload_equals_plain_decoding(tiny_models, overlap, sampling, page_size):
+    path, _ = tiny_models["llama"]
+    _, _, plain, _ = run_workload(path, page_size, True, overlap=False, sampling=sampling)
+    sched, _, spec, _ = run_workload(path, page_size, True, overlap=overlap, sampling=sampling, **NGRAM_TREE)
+    assert_same_outputs(plain, spec)
+    stats = sched.speculation.stats
+    assert stats.verify_steps > 0 and stats.accepted > 0

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from eagle_heads import save_eagle3_head, save_eagle_head
+from eagle_heads import save_eagle3_head, save_eagle_head, save_exact_head
 from kvyard.scheduler.io_struct import TokenizedGenerateReq
 from kvyard.scheduler.process import build_scheduler
 from kvyard.server_args import ServerArgs
@@ -71,7 +71,7 @@ def test_echo_head_drafts_the_targets_last_prediction(tiny_models, heads, algori
 
     def record(reqs):
         drafts = propose(reqs)
-        seen.extend((r.all_ids[-1], d) for r, d in zip(reqs, drafts))
+        seen.extend((r.all_ids[-1], list(d.tokens)) for r, d in zip(reqs, drafts))
         return drafts
 
     sched.speculation.propose = record
@@ -89,28 +89,9 @@ def test_a_head_that_computes_the_target_is_always_accepted(tmp_path):
     """A one-layer target whose attention adds nothing predicts from the current token alone; an
     EAGLE head with that layer's MLP reads the next token's embedding and so computes the target's
     next prediction exactly (up to the final norm's positive scale, which greedy ignores)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=False)
-    target = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        target.model.layers[0].self_attn.o_proj.weight.zero_()
-    target.save_pretrained(tmp_path / "target")
-    head = save_eagle_head(tmp_path / "head", target)
-    from safetensors.torch import load_file, save_file
-    tensors = load_file(os.path.join(head, "model.safetensors"))
-    h = cfg.hidden_size
-    tensors["model.fc.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)   # the embedding only
-    tensors["model.fc.bias"].zero_()
-    tensors["model.layers.0.self_attn.o_proj.weight"].zero_()
-    layer = target.model.layers[0]
-    for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "post_attention_layernorm"):
-        tensors[f"model.layers.0.{name}.weight"] = layer.get_submodule(name).weight.detach().clone()
-    save_file(tensors, os.path.join(head, "model.safetensors"))
-    plain, _ = generate(str(tmp_path / "target"), PROMPTS[:4])
-    out, speculation = generate(str(tmp_path / "target"), PROMPTS[:4], **spec("EAGLE", head, steps=4))
+    target, head = save_exact_head(tmp_path)
+    plain, _ = generate(target, PROMPTS[:4])
+    out, speculation = generate(target, PROMPTS[:4], **spec("EAGLE", head, steps=4))
     assert out == plain
     stats = speculation.stats
     assert stats.drafted > 20 and stats.accepted == stats.drafted
@@ -173,8 +154,8 @@ def test_token_map_restricts_eagle_drafts(tiny_models, heads, tmp_path):
 
     def record(reqs):
         out = propose(reqs)
-        for chain in out:
-            drafts.extend(chain)
+        for tree in out:
+            drafts.extend(tree.tokens)
         return out
 
     sched.speculation.propose = record
@@ -191,8 +172,9 @@ def test_token_map_restricts_eagle_drafts(tiny_models, heads, tmp_path):
 # -- flags and checkpoints ----------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (dict(speculative_algorithm="EAGLE"), "speculative_draft_model_path is required"),
-    (dict(speculative_algorithm="EAGLE3", speculative_draft_model_path="/x", speculative_eagle_topk=4),
-     "tree drafts are not supported"),
+    (dict(speculative_algorithm="EAGLE3", speculative_draft_model_path="/x", speculative_eagle_topk=2,
+          speculative_num_steps=2, speculative_num_draft_tokens=6), r"topk \* speculative_num_steps \+ 1 \(2 \* 2 \+ 1\) = 5"),
+    (dict(speculative_algorithm="EAGLE", speculative_draft_model_path="/x", speculative_eagle_topk=0), "must be >= 1"),
 ])
 def test_eagle_flag_errors(flags, message):
     with pytest.raises(ValueError, match=message):
