@@ -53,24 +53,16 @@ def main(argv: list[str]) -> int:
 
 
 def _setup(ns):
-    from dataclasses import replace
+    from decode_loop_ab import in_process_scheduler   # benchmarks/cpu/ is this script's folder
 
     from kvyard.bench.common import random_prompts
-    from kvyard.cli.common import server_args_from
-    from kvyard.frontend.launch import resolve_args
     from kvyard.sampling.params import SamplingParams
-    from kvyard.scheduler.process import build_scheduler
 
-    bs = ns.batch_size[0]
-    args = resolve_args(server_args_from(ns))
-    args = replace(args, chunked_prefill_size=-1, skip_tokenizer_init=True, disable_radix_cache=True,
-                   max_running_requests=max(bs, args.max_running_requests or 0),
-                   max_total_tokens=args.max_total_tokens or bs * (ns.input_len + ns.output_len) + 1024)
-    scheduler = build_scheduler(args)
+    scheduler = in_process_scheduler(ns)
     params = SamplingParams.from_dict({"max_new_tokens": ns.output_len, "temperature": 0, "ignore_eos": True})
     params.verify(scheduler.vocab_size)
     params.normalize(None)
-    return scheduler, random_prompts(bs, ns.input_len, scheduler.vocab_size, ns.seed), params
+    return scheduler, random_prompts(ns.batch_size[0], ns.input_len, scheduler.vocab_size, ns.seed), params
 
 
 def _generate(scheduler, prompts, params, tag: str):

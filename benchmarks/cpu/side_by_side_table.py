@@ -79,14 +79,15 @@ def main(out: str) -> int:
          " (llama-server -np 32)" if "llama-server" in serve else "", "serving"),
         ("serving: median TTFT, ms", "—", get(serve.get("kvyard"), "median_ttft_ms"),
          get(serve.get("llama-server"), "median_ttft_ms"), "", "serving"),
-        ("resident memory, idle server, default KV budget, MiB", "≤ 1.5× llama-server", get(mem.get("kvyard"), "rss_mib"),
-         get(mem.get("llama-server"), "rss_mib"),
+        ("resident memory, idle server, default KV budget, MiB", "≤ 1.5× llama-server",
+         get(mem.get("kvyard"), "rss_mib"), get(mem.get("llama-server"), "rss_mib"),
          f" (llama-server -c {mem['llama-server'].get('context')})" if "llama-server" in mem else "", "memory"),
     ]
     print("| workload | goal | kvyard | llama.cpp (same run) | kvyard / llama.cpp | load at start |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, goal, ours, theirs, note, part in rows:
-        print(f"| {name} | {goal} | {fmt(ours)} | {fmt(theirs)}{note} | {ratio(ours, theirs)} | {load.get(part, '—')} |")
+        print(f"| {name} | {goal} | {fmt(ours)} | {fmt(theirs)}{note} | {ratio(ours, theirs)} "
+              f"| {load.get(part, '—')} |")
     if hf is not None:
         print(f"\ntransformers generate on the offline prompts (same process): {fmt(hf['output_tok_s'])} output tok/s "
               f"(kvyard {ratio(get(offline, 'output_tok_s'), hf['output_tok_s'])})")
