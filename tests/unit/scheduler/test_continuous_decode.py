@@ -155,3 +155,17 @@ def test_single_steps_where_a_run_is_unsafe_or_useless(tiny_models, case):
     out, _ = drain(scheduler)
     assert runs == [] and len(out) == n
     assert_nothing_leaked(scheduler)
+
+
+def test_pages_of_four_an_interrupted_run_keeps_only_the_pages_it_wrote(tiny_models):
+    plain, _ = make(tiny_models, steps=1, page_size=4)
+    submit(plain, 2, 23)
+    expected, _ = drain(plain)
+    scheduler, runs = make(tiny_models, steps=8, page_size=4)
+    submit(scheduler, 2, 23)
+    scheduler.step()                                           # both prefills
+    polls = []
+    scheduler.inbox_pending = lambda: polls.append(1) or len(polls) % 5 == 0   # every 5th sub-step: a message
+    got, _ = drain(scheduler)
+    assert got == expected and runs[:2] == [8, 8]
+    assert_nothing_leaked(scheduler)
