@@ -57,7 +57,8 @@ def make_scheduler(ns, lora: bool, max_adapters: int, tmp: str):
     args = ServerArgs(model_path=ns.model_path, load_format=ns.load_format, dtype=ns.dtype, skip_tokenizer_init=True,
                       max_total_tokens=ns.max_total_tokens, max_running_requests=ns.max_running_requests,
                       log_level="warning", disable_radix_cache=True, context_length=ns.context_length,
-                      num_threads=ns.num_threads, attention_backend=ns.attention_backend, **extra)
+                      num_threads=ns.num_threads, attention_backend=ns.attention_backend,
+                      num_continuous_decode_steps=1, **extra)   # run_decode times one step per sched.step()
     sched = build_scheduler(args)
     if lora:
         for k in range(max_adapters):

@@ -67,7 +67,8 @@ def _scheduler_with_batch(ns):
     bs = max(ns.batch_size)
     steps = WARMUP + 2 * STEPS + 4
     args = resolve_args(server_args_from(ns))
-    args = replace(args, skip_tokenizer_init=True, disable_radix_cache=True,
+    # num_continuous_decode_steps 1: one decode step per scheduler.step(), which is what is timed
+    args = replace(args, skip_tokenizer_init=True, disable_radix_cache=True, num_continuous_decode_steps=1,
                    max_running_requests=max(args.max_running_requests or 0, bs),
                    max_total_tokens=args.max_total_tokens or bs * (ns.input_len + steps + 8) + 1024)
     scheduler = build_scheduler(args)

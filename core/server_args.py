@@ -97,6 +97,7 @@ class ServerArgs:
     prefill_only_one_req: bool = _f(False, "admit one request per prefill batch (--prefill-max-requests 1)", "scheduling", optional_value=True)
     disable_radix_cache: bool = _f(False, "no prefix caching", "scheduling")
     stream_interval: int = _f(1, "stream every N tokens", "scheduling")
+    num_continuous_decode_steps: int = _f(8, "most decode steps one scheduler iteration runs for a decode batch of at most 4 requests while nothing waits (their KV slots allocated at once; every token still streamed as it is sampled; the run ends at a finished request or a new message). Not with overlap scheduling, speculative decoding, grammars, penalties, logprobs or hidden states. 1 turns it off (SGLang's default)", "scheduling")
     incremental_streaming_output: bool = _f(False, "native streams (/generate, Engine) send only the new text and ids per event instead of the whole output so far", "scheduling")
     random_seed: Optional[int] = _f(None, "seed of the server's random state", "scheduling")
     watchdog_timeout: float = _f(300.0, "abort if one scheduler step takes longer than this (s)", "scheduling")
@@ -184,7 +185,7 @@ class ServerArgs:
     def check(self) -> None:
         """One-line ValueError naming the field for values argparse cannot catch."""
         positive = ("dp_size", "tp_size", "pp_size", "nnodes", "context_length", "max_total_tokens", "max_running_requests", "page_size",
-                    "stream_interval", "max_prefill_tokens", "num_threads", "torch_compile_max_bs",
+                    "stream_interval", "num_continuous_decode_steps", "max_prefill_tokens", "num_threads", "torch_compile_max_bs",
                     "max_queued_requests", "triton_attention_num_kv_splits", "cuda_graph_max_bs",
                     "max_n", "max_sequences_per_request")
         for name in positive:
@@ -401,6 +402,7 @@ class ServerArgs:
             enable_mixed_chunk=self.enable_mixed_chunk,
             prefill_max_requests=1 if self.prefill_only_one_req else self.prefill_max_requests,
             decode_log_interval=self.decode_log_interval, show_time_cost=self.show_time_cost,
+            num_continuous_decode_steps=self.num_continuous_decode_steps,
             priority_sign=(-1 if self.schedule_low_priority_values_first else 1) if self.enable_priority_scheduling else 0)
 
     # -- argparse -------------------------------------------------------------------------

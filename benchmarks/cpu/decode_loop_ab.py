@@ -28,19 +28,12 @@ def main(argv: list[str]) -> int:
     p = build_parser()
     p.add_argument("--block", type=int, default=8, help="decode steps per alternation block")
     ns = p.parse_args(argv)
-    from dataclasses import replace
-
-    from kvyard.frontend.launch import resolve_args
     from kvyard.sampling.params import SamplingParams
     from kvyard.scheduler.io_struct import TokenizedGenerateReq
-    from kvyard.scheduler.process import build_scheduler
 
     bs = ns.batch_size[0]
-    args = resolve_args(server_args_from(ns))
-    args = replace(args, chunked_prefill_size=-1, skip_tokenizer_init=True, disable_radix_cache=True,
-                   max_running_requests=max(bs, args.max_running_requests or 0),
-                   max_total_tokens=args.max_total_tokens or bs * (ns.input_len + ns.output_len) + 1024)
-    scheduler = build_scheduler(args)
+    ns.num_continuous_decode_steps = 1   # one decode step per scheduler.step(): blocks count steps
+    scheduler = in_process_scheduler(ns)
     runner = scheduler.runner
     loop = runner.decode_graphs
     if loop is None:
@@ -78,6 +71,22 @@ def main(argv: list[str]) -> int:
               f"cpu ms/step median {statistics.median(cpu):7.2f} (p10 {cpu[len(cpu) // 10]:.2f}, "
               f"p90 {cpu[9 * len(cpu) // 10]:.2f})")
     return 0
+
+
+def in_process_scheduler(ns):
+    """The Scheduler of `kvyard bench one-batch`'s arguments ``ns``, in this process, sized for
+    one batch of ns.batch_size[0] requests (no chunking, no prefix cache, no tokenizer)."""
+    from dataclasses import replace
+
+    from kvyard.frontend.launch import resolve_args
+    from kvyard.scheduler.process import build_scheduler
+
+    bs = ns.batch_size[0]
+    args = resolve_args(server_args_from(ns))
+    args = replace(args, chunked_prefill_size=-1, skip_tokenizer_init=True, disable_radix_cache=True,
+                   max_running_requests=max(bs, args.max_running_requests or 0),
+                   max_total_tokens=args.max_total_tokens or bs * (ns.input_len + ns.output_len) + 1024)
+    return build_scheduler(args)
 
 
 def _params(SamplingParams, n: int, vocab: int):

@@ -42,8 +42,10 @@ if [ "${1:-}" = "--build-only" ]; then
 fi
 built || build
 
-echo "== llama-bench: batch 1, prefill $IN, decode $OUT, $THREADS threads"
-"$CACHE/build/bin/llama-bench" -m "$GGUF" -t "$THREADS" -p "$IN" -n "$OUT" -o md
+# with AMX, repacked weights crash the AMX matmul of more than one row (benchmarks/cpu/side_by_side.sh)
+AMX=$(grep -q -m1 amx_tile /proc/cpuinfo && echo yes)
+echo "== llama-bench: batch 1, prefill $IN, decode $OUT, $THREADS threads${AMX:+, no weight repacking (AMX)}"
+"$CACHE/build/bin/llama-bench" -m "$GGUF" -t "$THREADS" -p "$IN" -n "$OUT" -o md ${AMX:+--repack 0}
 echo "== llama-batched-bench: $BATCH sequences x $IN in / $OUT out, $THREADS threads"
 "$CACHE/build/bin/llama-batched-bench" -m "$GGUF" -t "$THREADS" -c $(( BATCH * (IN + OUT) + 256 )) \
-  -b 2048 -ub 512 -npp "$IN" -ntg "$OUT" -npl "$BATCH" 2>/dev/null | grep -E '^\|'
+  -b 2048 -ub 512 -npp "$IN" -ntg "$OUT" -npl "$BATCH" ${AMX:+--no-repack} 2>/dev/null | grep -E '^\|'

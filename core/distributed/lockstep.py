@@ -31,6 +31,10 @@ class ZmqInbox:
     def wait(self, timeout_ms: int) -> None:
         self.socket.poll(timeout_ms)
 
+    def pending(self) -> bool:
+        """Whether a message waits (never blocks)."""
+        return bool(self.socket.poll(0))
+
     def drain(self) -> list:
         out = []
         while True:

@@ -183,6 +183,10 @@ class SchedulerLoop:
         self.watchdog_timeout = watchdog_timeout
         self.step_started: Optional[float] = None
         self.profiler = StepProfiler()
+        # a continuous decode run streams each sub-step's tokens and stops when a message waits;
+        # under tensor parallelism (no ``pending``: the ranks must agree) it runs its full length
+        scheduler.emit = lambda updates: self.outbox.send_pyobj(BatchTokenOut(updates))
+        scheduler.inbox_pending = getattr(inbox, "pending", None)
 
     def run(self) -> None:
         threading.Thread(target=self._watchdog, name="kvyard-watchdog", daemon=True).start()

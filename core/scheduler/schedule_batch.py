@@ -40,6 +40,13 @@ class ScheduleBatch:
     # --enable-mixed-chunk: the last ``mixed_decodes`` requests of an extend batch are running
     # requests decoding one token each (extend_len 1 on their KV), riding with the prefill
     mixed_decodes: int = 0
+    # continuous decode (core/scheduler/continuous_decode.py): [N, B] the slots of each of the N
+    # decode steps this batch runs in one iteration (row 0 is out_cache_loc); None: one step
+    step_slots: Optional[torch.Tensor] = None
+
+    @property
+    def num_steps(self) -> int:
+        return 1 if self.step_slots is None else int(self.step_slots.shape[0])
 
     @property
     def batch_size(self) -> int:

@@ -7,6 +7,8 @@ request by one token — launch it on the executor, then complete the batch laun
 SyncExecutor (launch runs the step; it is completed in the same ``step()``) or, with overlap
 scheduling, an OverlapWorker (the step runs on a worker thread while the next one is scheduled);
 the bookkeeping of the batch in flight and its invariants are in core/scheduler/inflight.py.
+A small decode batch with nothing waiting may run several decode steps in one ``step()``
+(continuous decode, core/scheduler/continuous_decode.py).
 The scheduler owns every Req and every KV slot decision; the runner only computes. It knows
 nothing about sockets (core/scheduler/process.py wires it to ZMQ), so tests drive it directly.
 """
@@ -26,6 +28,7 @@ from kvyard.mem_cache.chunk_cache import ChunkCache
 from kvyard.mem_cache.integrity import check_kv_integrity
 from kvyard.mem_cache.radix_cache import RadixCache
 from kvyard.sampling.batch_info import SamplingBatchInfo
+from kvyard.scheduler.continuous_decode import ContinuousDecodeMixin
 from kvyard.scheduler.extend_builder import ExtendBatchBuilder
 from kvyard.scheduler.future_tokens import FutureTokenMap
 from kvyard.scheduler.inflight import InFlight, needs_host_state
@@ -61,9 +64,10 @@ class SchedulerConfig:
     priority_sign: int = 0                 # priority scheduling: +1 higher values first, -1 lower, 0 off
     decode_log_interval: int = 0           # a "Decode batch" log line every N decode batches (0: none)
     show_time_cost: bool = False           # stage timings with each log line (core/scheduler/step_log.py)
+    num_continuous_decode_steps: int = 1   # most decode steps of a small batch per iteration (continuous_decode.py)
 
 
-class Scheduler(OutputProcessorMixin):
+class Scheduler(OutputProcessorMixin, ContinuousDecodeMixin):
     def __init__(self, config: SchedulerConfig, runner, eos_token_ids: list[int],
                  tokenizer_factory: Callable[[], object] | None = None, grammar=None, speculation=None):
         self.config = config
@@ -237,7 +241,9 @@ class Scheduler(OutputProcessorMixin):
         with stage("schedule"):
             batch = self._schedule_extend() or self._schedule_decode()
         with stage("launch"):
-            if batch is not None:
+            if batch is not None and batch.num_steps > 1:
+                updates += self._run_steps(batch)   # launched and completed here, step by step
+            elif batch is not None:
                 updates += self._launch(batch)   # the batch in flight from now on (None if it failed)
             else:
                 self._inflight = None
@@ -458,13 +464,15 @@ class Scheduler(OutputProcessorMixin):
             verify = self._schedule_verify(reqs)
             if verify is not None:
                 return verify
-        slots = self._alloc_decode(reqs)
+        steps = self._continuous_steps(reqs)
+        step_slots = self._alloc_steps(reqs, steps) if steps > 1 else None
+        slots = self._alloc_decode(reqs) if step_slots is None else step_slots[0]
         batch = ScheduleBatch(
             mode=ForwardMode.DECODE, reqs=reqs, input_ids=[self._input_token(r) for r in reqs],
             positions=[r.kv_len for r in reqs], out_cache_loc=slots,
             prefix_lens=[r.kv_len for r in reqs], extend_lens=[1] * len(reqs),
             sample_rows=list(range(len(reqs))), sample_req_idx=list(range(len(reqs))),
-            hidden_rows=[(i, i) for i, r in enumerate(reqs) if r.return_hidden_states])
+            hidden_rows=[(i, i) for i, r in enumerate(reqs) if r.return_hidden_states], step_slots=step_slots)
         batch.sampling_info = self._decode_sampling_info(reqs)
         return batch
 

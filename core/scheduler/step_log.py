@@ -65,6 +65,15 @@ class StepLog:
             if self.interval > 0 and self._decode_steps % self.interval == 0:
                 self._log_decode(load())
 
+    def more_decode_steps(self, steps: int, tokens: int, load: Callable[[], dict]) -> None:
+        """Counts ``steps`` more decode steps (``tokens`` sampled) of the step just run: the
+        sub-steps of a continuous decode run (core/scheduler/continuous_decode.py)."""
+        before = self._decode_steps
+        self._decode_steps += steps
+        self._tokens += tokens
+        if self.interval > 0 and self._decode_steps // self.interval > before // self.interval:
+            self._log_decode(load())
+
     def _log_prefill(self, batch, load: dict) -> None:
         new = len(batch.reqs) - batch.mixed_decodes
         tokens = sum(batch.extend_lens[:new])

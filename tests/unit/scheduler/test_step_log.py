@@ -35,7 +35,8 @@ def run(path: str, caplog, n: int = 3, max_new: int = 7, priorities=(), **flags)
 
 def test_decode_log_interval_and_time_cost(tiny_models, caplog):
     path, _ = tiny_models["llama"]
-    lines = run(path, caplog, decode_log_interval=2, show_time_cost=True, prefill_max_requests=2)
+    lines = run(path, caplog, decode_log_interval=2, show_time_cost=True, prefill_max_requests=2,
+                num_continuous_decode_steps=1)
     prefills = [ln for ln in lines if ln.startswith("Prefill batch.")]
     decodes = [ln for ln in lines if ln.startswith("Decode batch.")]
     costs = [ln for ln in lines if re.fullmatch(r"Time cost \(ms\): schedule [\d.]+, launch [\d.]+, complete [\d.]+", ln)]
@@ -45,6 +46,15 @@ def test_decode_log_interval_and_time_cost(tiny_models, caplog):
     assert len(decodes) == 6 // 2 and len(costs) == len(prefills) + len(decodes)
     assert re.match(r"Decode batch\. #running-req: \d+, #token: \d+, token usage: [\d.]+, "
                     r"gen throughput \(token/s\): [\d.]+, #queue-req: 0$", decodes[0])
+
+
+def test_a_continuous_decode_run_counts_each_of_its_steps(tiny_models, caplog):
+    """One request, 7 tokens: the prefill, then one run of 6 decode steps (continuous decode);
+    the interval counts steps, at most one line per scheduler iteration."""
+    path, _ = tiny_models["llama"]
+    lines = run(path, caplog, n=1, decode_log_interval=4)
+    decodes = [ln for ln in lines if ln.startswith("Decode batch.")]
+    assert len(decodes) == 1   # the 4th step crossed the interval; the 6th ended the run before the 8th
 
 
 def test_no_decode_lines_at_interval_zero(tiny_models, caplog):
