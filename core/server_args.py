@@ -119,7 +119,7 @@ class ServerArgs:
     gpu_id_step: int = _f(1, "CUDA device index step between --dp-size replicas (replica i: base_gpu_id + i * step)", "runtime")
     sampling_backend: str = _f("pytorch", "sampling kernels: pytorch (flashinfer is not supported yet)", "runtime", choices=("pytorch", "flashinfer"))
     attention_backend: str = _f("auto", "attention plugin", "runtime", registry="attention_backends", allow=("auto",))
-    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores); they wait passively (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY is set, e.g. ACTIVE on an otherwise idle machine", "runtime")
+    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores); waiting threads spin briefly, then sleep (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=3000) unless OMP_WAIT_POLICY is set, e.g. ACTIVE on an otherwise idle machine", "runtime")
     enable_torch_compile: bool = _f(False, "compile the decode step (inductor) for batch-size buckets", "runtime")
     disable_cpu_decode_loop: bool = _f(False, "CPU: run small decode batches through the Python layers instead of the C++ "
                                        "decode loop (on by default where the model, quantization and attention backend "
