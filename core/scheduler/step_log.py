@@ -71,6 +71,7 @@ class StepLog:
         before = self._decode_steps
         self._decode_steps += steps
         self._tokens += tokens
+        self._stage_steps += steps        # the run's stage times cover all its sub-steps
         if self.interval > 0 and self._decode_steps // self.interval > before // self.interval:
             self._log_decode(load())
 
