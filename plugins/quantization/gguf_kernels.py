@@ -47,7 +47,9 @@ X16 = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0})
 X16_BASE = 512
 
 DENSE_MIN_M = 16     # M at which "dense" (dequantize + gemm) overtakes "int"
-DENSE_MIN_M_X16 = 48  # the same for the 16-row interleaved layouts (their int kernel is ~2x faster)
+DENSE_MIN_M_X16 = 16  # the same for the 16-row interleaved layouts: their int kernel wins up to M ~48, but
+# its int16 activations are not the dense path's float ones, and prefill chunks of 16 must stay
+# greedy-equal to the dequantized model (as they were before the interleaved layout)
 PATHS = ("auto", "int", "dense")
 
 _state: dict[str, object] = {}
