@@ -4,8 +4,7 @@
 kernels (gguf_kernels.cpp): "int" quantizes x to int16 per 32-block and dots it with the decoded
 weight rows (decode-sized M: memory-bound, no float weight copy); "dense" dequantizes L2-sized
 row chunks and calls the gemm (prefill-sized M: compute-bound). ``DENSE_MIN_M`` is where dense
-starts winning (``DENSE_MIN_M_X16`` for the interleaved layouts; benchmarks/gguf_matmul.py
---all-paths measures it). x is read in its dtype (float32 or
+starts winning (benchmarks/gguf_matmul.py --all-paths measures it). x is read in its dtype (float32 or
 bfloat16: no copies) and y written in it.
 
 ``prepare`` lays the file's blocks out for the SIMD level in force when the weights load: on
@@ -46,10 +45,10 @@ PLANAR_BASE = 256
 X16 = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0})
 X16_BASE = 512
 
-DENSE_MIN_M = 16     # M at which "dense" (dequantize + gemm) overtakes "int"
-DENSE_MIN_M_X16 = 16  # the same for the 16-row interleaved layouts: their int kernel wins up to M ~48, but
-# its int16 activations are not the dense path's float ones, and prefill chunks of 16 must stay
-# greedy-equal to the dequantized model (as they were before the interleaved layout)
+# M at which "dense" (dequantize + gemm) takes over from "int", for every layout. The interleaved
+# layouts' int kernel is faster up to M ~48, but its int16 activations are not the dense path's
+# float ones, and prefill chunks of 16 must stay greedy-equal to the dequantized model.
+DENSE_MIN_M = 16
 PATHS = ("auto", "int", "dense")
 
 _state: dict[str, object] = {}
@@ -129,11 +128,6 @@ def prepare(data: torch.Tensor, qtype: int, in_features: int) -> tuple[torch.Ten
     return data, int(qtype)
 
 
-def dense_min_m(layout: int) -> int:
-    """M from which ``matmul`` takes the dense path for weights in ``layout`` (a layout id)."""
-    return DENSE_MIN_M_X16 if layout >= X16_BASE else DENSE_MIN_M
-
-
 def matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, in_features: int,
            bias: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:
     """y = x @ dequantize(data).T (+ bias): x [M, K] float32/bfloat16 -> [M, N] in x's dtype.
@@ -141,7 +135,7 @@ def matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, in_features: int,
     if _ops is None:
         load()
     if path == "auto":
-        path = "int" if x.shape[0] < (DENSE_MIN_M_X16 if qtype >= X16_BASE else DENSE_MIN_M) else "dense"
+        path = "int" if x.shape[0] < DENSE_MIN_M else "dense"
     if path == "int":
         return _ops.mm_int(x, data, qtype, in_features, bias)
     if path == "dense":

@@ -131,9 +131,8 @@ class GGUFLinearMethod(LinearMethod):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def lower(self, layer) -> Optional[LoweredLinear]:
-        """``apply`` for inputs in the int kernel's range (fewer than dense_min_m rows of every
-        quantized segment) and the layer dtype: one call per segment, the bias in the call when
-        there is one segment."""
+        """``apply`` for inputs in the int kernel's range (fewer than DENSE_MIN_M rows) and the
+        layer dtype: one call per segment, the bias in the call when there is one segment."""
         if self.dtype not in COMPUTE_DTYPES or not gguf_kernels.available():
             return None
         gguf_kernels.load()
@@ -146,9 +145,7 @@ class GGUFLinearMethod(LinearMethod):
             else:
                 calls.append(("kvyard_gguf::mm_int", (weight, seg.kernel_qtype, layer.in_features, bias)))
         bias = None if one or layer.bias is None else layer.bias.to(self.dtype)
-        min_m = min((gguf_kernels.dense_min_m(seg.kernel_qtype) for seg in layer.gguf_segments
-                     if seg.kernel_qtype is not None), default=gguf_kernels.DENSE_MIN_M)
-        return LoweredLinear(tuple(calls), bias, max_rows=min_m - 1)
+        return LoweredLinear(tuple(calls), bias, max_rows=gguf_kernels.DENSE_MIN_M - 1)
 
     @staticmethod
     def _segment(layer, seg: Segment, x2: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Reference: x @ gguf.quants.dequantize(w).T in float64. Tolerances, as a fraction of the largest
 reference output |y|:
-  int path (M < dense_min_m; activations quantized to int16 per 32-block):  2e-4 for float32 x
+  int path (M < DENSE_MIN_M; activations quantized to int16 per 32-block):  2e-4 for float32 x
   dense path (dequantize + fp32 gemm):                                        2e-6 for float32 x
   bfloat16 x (either path; the output is rounded to bf16, 2^-8 relative):     1e-2
 """
@@ -65,7 +65,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def auto_path(layer: Linear, m: int) -> str:
     """The kernel matmul(path="auto") takes for m rows of the layer's first segment."""
-    return "int" if m < gguf_kernels.dense_min_m(layer.gguf_segments[0].kernel_qtype) else "dense"
+    return "int" if m < gguf_kernels.DENSE_MIN_M else "dense"
 
 
 def block_cols(qtype: Q) -> int:
