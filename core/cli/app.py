@@ -43,7 +43,8 @@ def plugins() -> None:
 def generate(ctx: typer.Context) -> None:
     """Generate text for one prompt or a file of prompts (run with --help for every flag)."""
     from kvyard.cli.generate import run_generate
-    sys.exit(run_generate(ctx.args))
+    from kvyard.utils import exit_without_teardown
+    exit_without_teardown(run_generate(ctx.args))
 
 
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)

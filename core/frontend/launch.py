@@ -136,7 +136,7 @@ def start_engine_process(args: ServerArgs) -> EngineProcess:
 
 
 def _start(args: ServerArgs, ipc_dir: str) -> EngineProcess:
-    from kvyard.scheduler.process import run_scheduler_process
+    from kvyard.scheduler.entry import run_scheduler_process
 
     ctx = mp.get_context("spawn")
     factory = None if args.skip_tokenizer_init else tokenizer_factory(args)

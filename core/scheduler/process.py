@@ -23,6 +23,7 @@ from kvyard.scheduler.io_struct import (AbortReq, BatchTokenOut, ControlReply, C
 from kvyard.model_registry import ModelRegistry
 from kvyard.scheduler.profiler import StepProfiler
 from kvyard.scheduler.req import FinishReason
+from kvyard.utils import exit_without_teardown
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class SchedulerLoop:
             elif isinstance(msg, ControlReq):
                 self.outbox.send_pyobj(self._control(msg))
             elif msg == "shutdown":
-                raise SystemExit(0)
+                exit_without_teardown(0)   # nothing is pending: the API side closed its sockets
         return updates
 
     def _control(self, msg: ControlReq) -> ControlReply:

@@ -12,7 +12,8 @@ import kvyard.cli
 import kvyard.server
 
 FRONTEND = ["kvyard.frontend.launch", "kvyard.frontend.tokenizer_manager", "kvyard.frontend.outputs",
-            "kvyard.frontend.detokenizer", "kvyard.engine", "kvyard.server_args", "kvyard.utils"]
+            "kvyard.frontend.detokenizer", "kvyard.engine", "kvyard.server_args", "kvyard.utils",
+            "kvyard.scheduler.entry"]
 
 
 def api_modules() -> list[str]:
@@ -31,3 +32,19 @@ def test_api_process_modules_import_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert len(mods) > 20
+
+
+def test_scheduler_process_starts_before_the_api_process_imports_torch():
+    """The spawn comes first, so the scheduler process loads torch and the model while the API
+    process loads the tokenizer (start-up time); the launch stops at the spawn here."""
+    code = ("import sys, multiprocessing.context as c\n"
+            "from kvyard.frontend.launch import start_engine_process\n"
+            "from kvyard.server_args import ServerArgs\n"
+            "def start(self):\n"
+            "    print('torch' in sys.modules, self._target.__module__)\n"
+            "    raise SystemExit(0)\n"
+            "c.SpawnProcess.start = start\n"
+            "start_engine_process(ServerArgs())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert r.stdout.split() == ["False", "kvyard.scheduler.entry"]
