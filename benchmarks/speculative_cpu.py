@@ -10,7 +10,7 @@ tokens/s per configuration (median over rounds, with min-max), acceptance, and c
 speculative output equals the plain output token for token.
 
 Beside them, in the same run and on the same prompts (chat-templated text, greedy, the same
-GGUF and thread count): llama.cpp's prompt-lookup decoding, ``llama-lookup --draft 4`` (its
+GGUF and thread count): llama.cpp's prompt-lookup decoding, ``llama-lookup --spec-draft-n-max 4`` (its
 n-gram drafts from the context), when a build exists: ``auto`` looks in the llama.cpp peer's build
 folder (benchmarks/peers/llamacpp.sh; add the binary with
 ``cmake --build ~/.cache/kvyard/llamacpp/build --target llama-lookup``).
@@ -26,6 +26,19 @@ import tempfile
 import time
 
 LOOKUP_BIN = os.path.expanduser("~/.cache/kvyard/llamacpp/build/bin/llama-lookup")
+
+
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return "amx_tile" in fh.read()
+    except OSError:
+        return False
+
+
+# As in benchmarks/cpu/side_by_side.sh: on AMX CPUs llama.cpp's repacked weights crash a forward of
+# more than one row (the lookup's verify batches), so its tools run without repacking there.
+NO_REPACK = ["--no-repack"] if _has_amx() else []
 
 PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp, "
            "a notebook and a flask of tea. From the gallery he watched the ships pass the reef, wrote "
@@ -76,8 +89,8 @@ def llama_lookup(binary: str, gguf: str, texts: list[str], max_new: int, threads
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write(text)
         try:
-            run = subprocess.run([binary, "-m", gguf, "-f", f.name, "-n", str(max_new), "--draft", str(draft),
-                                  "-t", str(threads), "--temp", "0", "--ignore-eos", "-c", "4096", "--no-warmup"],
+            run = subprocess.run([binary, "-m", gguf, "-f", f.name, "-n", str(max_new), "--spec-draft-n-max", str(draft),
+                                  "-t", str(threads), "--temp", "0", "--ignore-eos", "-c", "4096", *NO_REPACK],
                                  capture_output=True, text=True, timeout=900)
         finally:
             os.unlink(f.name)
