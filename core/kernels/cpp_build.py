@@ -1,6 +1,8 @@
 """Builds and loads a plugin's C++ CPU kernels (a torch op library) at first use.
 
-A library is compiled with ``-march=native`` for the machine at hand, so it is cached per
+A library is compiled with ``-march=native`` for the machine at hand (``KVYARD_CPU_MARCH=<arch>``,
+e.g. ``x86-64-v3``, targets an older CPU class instead: benchmarks of AVX2-only code paths on a
+newer machine), so it is cached per
 (sources, flags, torch, compiler, CPU) key outside the repository: ``$KVYARD_CACHE_DIR`` or
 ``$XDG_CACHE_HOME/kvyard`` or ``~/.cache/kvyard``, under ``<name>/<key>/``. Sources include only
 the few ATen/c10 headers they need, so a build takes seconds. Concurrent processes (one per
@@ -35,6 +37,11 @@ COMMON_HEADERS = (Path(__file__).with_name("csrc") / "kvyard_simd.h",)
 NATIVE_FLAGS = ("-march=native",)
 
 
+def native_flags() -> tuple[str, ...]:
+    march = os.environ.get("KVYARD_CPU_MARCH", "").strip()
+    return (f"-march={march}",) if march else NATIVE_FLAGS
+
+
 class KernelBuildError(RuntimeError):
     """C++ kernels could not be compiled or loaded on this machine."""
 
@@ -49,7 +56,7 @@ class CppLibrary:
     extra_flags: tuple[str, ...] = ()  # beside BASE_FLAGS
 
     def flags(self, native: bool) -> list[str]:
-        return [*BASE_FLAGS, *self.extra_flags, *(NATIVE_FLAGS if native else ())]
+        return [*BASE_FLAGS, *self.extra_flags, *(native_flags() if native else ())]
 
 
 def cache_root() -> Path:
