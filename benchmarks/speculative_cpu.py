@@ -1,6 +1,7 @@
 """Batch-1 decode with and without speculative decoding, on the in-process scheduler.
 
-    python benchmarks/speculative_cpu.py [--model-path M] [--rounds 3] [--max-new-tokens 128] [--llama-lookup auto|off|PATH]
+    python benchmarks/speculative_cpu.py [--model-path M] [--rounds 3] [--max-new-tokens 128] [--dtype auto|float32]
+        [--llama-lookup auto|off|PATH]
 
 Workloads: copy-heavy prompts (rewrite / continue a given passage, a code edit) for NGRAM (a chain
 of 4, and a trie of 9 nodes over up to 4 continuations, depth 4), and
@@ -55,13 +56,13 @@ PROMPTS = [
 ]
 
 
-def run_once(model_path: str, prompts: list[list[int]], max_new: int, **spec) -> tuple[float, list, dict]:
+def run_once(model_path: str, prompts: list[list[int]], max_new: int, dtype: str, **spec) -> tuple[float, list, dict]:
     from kvyard.sampling.params import SamplingParams
     from kvyard.scheduler.io_struct import TokenizedGenerateReq
     from kvyard.scheduler.process import build_scheduler
     from kvyard.server_args import ServerArgs
 
-    args = ServerArgs(model_path=model_path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=8192,
+    args = ServerArgs(model_path=model_path, dtype=dtype, skip_tokenizer_init=True, max_total_tokens=8192,
                       log_level="warning", **spec)
     sched = build_scheduler(args)
     outs, tokens, elapsed = [], 0, 0.0
@@ -111,6 +112,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--standalone-steps", type=int, nargs="*", default=[1, 2, 3, 4, 5])
+    ap.add_argument("--dtype", default="auto", help="auto: the engine's default (a GGUF stays quantized); "
+                    "float32: the dequantized model")
     ap.add_argument("--llama-lookup", default="auto", help="auto | off | path of a llama-lookup binary")
     ns = ap.parse_args()
     from transformers import AutoTokenizer
@@ -138,7 +141,7 @@ def main() -> None:
     accept, reference = {}, None
     for _ in range(ns.rounds):
         for name, spec in configs.items():
-            rate, outs, stats = run_once(path, prompts, ns.max_new_tokens, **spec)
+            rate, outs, stats = run_once(path, prompts, ns.max_new_tokens, ns.dtype, **spec)
             rates[name].append(rate)
             if name == "plain":
                 reference = reference or outs
