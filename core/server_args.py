@@ -119,11 +119,14 @@ class ServerArgs:
     gpu_id_step: int = _f(1, "CUDA device index step between --dp-size replicas (replica i: base_gpu_id + i * step)", "runtime")
     sampling_backend: str = _f("pytorch", "sampling kernels: pytorch (flashinfer is not supported yet)", "runtime", choices=("pytorch", "flashinfer"))
     attention_backend: str = _f("auto", "attention plugin", "runtime", registry="attention_backends", allow=("auto",))
-    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores); waiting threads spin briefly, then sleep (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=3000) unless OMP_WAIT_POLICY is set, e.g. ACTIVE on an otherwise idle machine", "runtime")
+    num_threads: Optional[int] = _f(None, "CPU compute threads (default: physical cores; fewer while other processes keep cores busy, see --disable-cpu-thread-adaptation)", "runtime")
     enable_torch_compile: bool = _f(False, "compile the decode step (inductor) for batch-size buckets", "runtime")
     disable_cpu_decode_loop: bool = _f(False, "CPU: run small decode batches through the Python layers instead of the C++ "
                                        "decode loop (on by default where the model, quantization and attention backend "
                                        "can be lowered; also KVYARD_CPU_DECODE_LOOP=0)", "runtime")
+    disable_cpu_thread_adaptation: bool = _f(False, "CPU: keep the thread count fixed; by default a step runs on fewer "
+                                             "threads while other processes keep this process's cores busy "
+                                             "(measured each second from /proc/stat), and on all of them again after", "runtime")
     torch_compile_max_bs: int = _f(32, "largest batch size compiled", "runtime")
     prefill_attention_backend: Optional[str] = _f(None, "attention plugin for extend (prefill) steps (default: --attention-backend)", "runtime", registry="attention_backends")
     decode_attention_backend: Optional[str] = _f(None, "attention plugin for decode steps (default: --attention-backend)", "runtime", registry="attention_backends")
@@ -385,7 +388,8 @@ class ServerArgs:
             num_threads=self.num_threads, random_seed=self.random_seed, cuda_graph=self.cuda_graph_config(),
             enable_torch_compile=self.enable_torch_compile, torch_compile_max_bs=self.torch_compile_max_bs,
             lora=self.lora_config(),
-            disable_cpu_decode_loop=self.disable_cpu_decode_loop)
+            disable_cpu_decode_loop=self.disable_cpu_decode_loop,
+            adapt_cpu_threads=not self.disable_cpu_thread_adaptation)
 
     def scheduler_config(self, max_running_requests: int, context_length: int, enable_overlap: bool):
         """The scheduler's config; the arguments are what the loaded model and pool resolved."""

@@ -77,6 +77,7 @@ class RunnerConfig:
     torch_compile_max_bs: int = 32
     lora: Optional[object] = None                     # kvyard.lora.LoRAConfig; None: LoRA serving off
     disable_cpu_decode_loop: bool = False
+    adapt_cpu_threads: bool = True                    # kvyard.executor.cpu_threads
 
 
 def physical_cores() -> int:
@@ -94,8 +95,12 @@ class ModelRunner:
         self.config = config
         self.tp, self.pp, self.world = tp, pp, world or tp
         self.device = config.device
+        self.cpu_threads = None   # FreeCoreThreads: fewer threads while other processes hold cores
         if self.device == "cpu":
             torch.set_num_threads(config.num_threads or physical_cores())
+            if config.adapt_cpu_threads:
+                from kvyard.executor.cpu_threads import FreeCoreThreads
+                self.cpu_threads = FreeCoreThreads(torch.get_num_threads())
         if config.random_seed is not None:
             torch.manual_seed(config.random_seed)
         self._load_model()
@@ -415,6 +420,8 @@ class ModelRunner:
         sequence length (default: their seq_len now)."""
         fb = self.prepare(batch)
         if not getattr(self.model, "is_generation", True):
+            if self.cpu_threads is not None:
+                self.cpu_threads.adjust()
             self.attn_backend.init_forward_metadata(fb)
             if self.lora is not None:
                 self.lora.bind(fb.lora)
@@ -435,6 +442,8 @@ class ModelRunner:
         ``fb.hidden_indices`` names (None without): the model's forward rows as they are (the
         contract of kvyard.model_base), so every model serves return_hidden_states. Such a step
         runs eagerly (the decode graphs return logits only)."""
+        if self.cpu_threads is not None:   # here: the thread that computes, also under overlap
+            self.cpu_threads.adjust()
         if fb.hidden_indices is None:
             return self.forward_logits(fb), None
         self.attn_backend.init_forward_metadata(fb)
