@@ -29,7 +29,7 @@ def lora_torch(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tenso
         if isinstance(rows, slice):
             y[rows] += delta
         else:
-            y.index_add_(0, rows, delta)
+            y.index_add_(0, rows.to(y.device), delta)
     return y
 
 
