@@ -113,11 +113,13 @@ def bench_serve(path: str, a) -> list[dict]:
            "--log-level", "warning"] + (["--enable-torch-compile"] if a.enable_torch_compile else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        seen = []
         for line in proc.stdout:
             if line.startswith("kvyard server ready at "):
                 break
+            seen.append(line)
         else:
-            raise RuntimeError("kvyard serve exited before it was ready")
+            raise RuntimeError("kvyard serve exited before it was ready:\n" + "".join(seen[-30:]))
         url = f"http://127.0.0.1:{port}/v1/images/generations"
         size = f"{a.size}x{a.size}"
 

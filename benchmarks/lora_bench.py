@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-threads", type=int, default=None, help="CPU compute threads (default: physical cores)")
     parser.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
     ns = parser.parse_args(argv)
-    if ns.model_path is None:
+    if ns.model_path is None and ns.mode != "kernels":   # the kernels run on random tensors
         from kvyard.model.source import default_model_path
         ns.model_path = default_model_path()
     ns.adapters = ns.adapters or ([0, 1, 4] if ns.mode == "offline" else [1, 8])
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     if ns.json:
         with open(ns.json, "a") as fh:
             for row in rows:
-                fh.write(json.dumps({"mode": ns.mode, "model": os.path.basename(ns.model_path.rstrip("/")), **row}) + "\n")
+                fh.write(json.dumps({"mode": ns.mode, "model": os.path.basename((ns.model_path or "").rstrip("/")), **row}) + "\n")
     return 0
 
 
