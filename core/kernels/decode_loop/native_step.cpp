@@ -1,16 +1,18 @@
-// The decode step of a pre-norm decoder (the graph of decode_loop.cpp) in ONE OpenMP region for
-// the whole step: every linear layer and the attention are native descriptors
+// The decode step of a pre-norm decoder (the graph of decode_loop.cpp) with no dispatcher and no
+// parallel region per op: every linear layer and the attention are native descriptors
 // (kvyard_native.h) the plugins built, called directly; the layer ops are layer_ops.h's row
 // arithmetic; all buffers belong to the plan. Where decode_loop.cpp opens ~150 parallel regions
 // per step (one per kernel call, plus the dispatcher, an output allocation and an activation
-// quantization each), this opens one and the threads meet at a barrier between dependent stages.
+// quantization each), this runs the whole step on one team (team.h): the calling thread and
+// at::get_num_threads() - 1 persistent helpers that take chunks of the parallel stages.
 //
-// Per layer, thread 0 alone runs the serial stages (S); all threads split the parallel ones (P):
+// Per layer, the calling thread alone runs the serial stages (S); the team splits the parallel
+// ones (P) in chunks:
 //   S  x, residual = rmsnorm(h, in_norm, residual); prepare qkv(x)
-//   P  qkv [B, (H + 2 Hkv) D] = qkv rows, whole row groups per thread
+//   P  qkv [B, (H + 2 Hkv) D] = qkv rows, chunks of whole row groups
 //   P  per (sequence b, kv head g) pair: rotary of q heads of group g -> q [B, H, D], rotary of
 //      k head g and v head g into the pool at loc[b], then attention of the pair -> attn [B, H, D]
-//      (a pair reads only its own K/V head, written by the same thread just before)
+//      (a pair reads only its own K/V head, written by the same chunk just before)
 //   S  prepare o(attn)                      P  o [B, hidden] = o rows
 //   S  x, residual = rmsnorm(o, post_norm, residual); prepare gate_up(x)
 //   P  gu [B, 2I] = gate_up rows
@@ -20,11 +22,8 @@
 //
 // Bitwise equal to decode_loop.cpp's step: the same kernels (the descriptors promise their ops'
 // results), the same row arithmetic, and rmsnorm's row sums from ATen's own sum kernel, called by
-// thread 0 (the calling thread: its ATen state is the caller's) on a [B, hidden] float tensor as
-// the fused op does. Built with -ffp-contract=off, as fused_ops.cpp.
-//
-// Barrier: spin (pause) for a bounded time, then sleep on a futex: when another process holds a
-// core, a waiter gives its core back instead of spinning through the other thread's time slice.
+// the calling thread on a [B, hidden] float tensor as the fused op does. Built with
+// -ffp-contract=off, as fused_ops.cpp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -32,75 +31,19 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <linux/futex.h>
-#include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <atomic>
 #include <cstring>
-#include <exception>
 #include <memory>
 #include <mutex>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "kvyard_native.h"
 #include "layer_ops.h"
+#include "team.h"
 
 namespace kvyard_native_step {
 namespace {
 
 using namespace kvyard_layer_ops;
-
-// ---- barrier ----------------------------------------------------------------------------------
-
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  _mm_pause();
-#endif
-}
-
-// Spin iterations before sleeping: ~20-60 us of pause on current x86 cores, longer than a serial
-// stage of a small batch (a few us), far shorter than a scheduler time slice.
-constexpr int SPIN = 1 << 10;
-
-class Barrier {
- public:
-  void reset(int n) {
-    n_ = n;
-    count_.store(0);
-  }
-
-  void wait() {
-    const uint32_t gen = gen_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
-      count_.store(0, std::memory_order_relaxed);
-      gen_.store(gen + 1, std::memory_order_seq_cst);
-      if (sleepers_.load(std::memory_order_seq_cst) > 0)
-        syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gen_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
-      return;
-    }
-    for (int i = 0; i < SPIN; ++i) {
-      if (gen_.load(std::memory_order_acquire) != gen) return;
-      cpu_relax();
-    }
-    sleepers_.fetch_add(1, std::memory_order_seq_cst);
-    while (gen_.load(std::memory_order_seq_cst) == gen)
-      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gen_), FUTEX_WAIT_PRIVATE, gen, nullptr, nullptr, 0);
-    sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-  }
-
- private:
-  int n_ = 1;
-  alignas(64) std::atomic<int> count_{0};
-  alignas(64) std::atomic<uint32_t> gen_{0};
-  alignas(64) std::atomic<int> sleepers_{0};
-};
-static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
 
 // ---- the plan ---------------------------------------------------------------------------------
 
@@ -133,7 +76,8 @@ struct Plan {
   at::Tensor residual, x, qkv, q, attn, o, gu, act, h, squares, sums, silu;
   std::vector<uint8_t> scratch;
   int64_t scratch_stride = 0;   // bytes between segments' regions
-  Barrier barrier;
+  std::unique_ptr<Team> team;   // made at the first step, remade when the thread count changes
+  std::mutex stepping;          // one step at a time per plan (the team and buffers are the plan's)
 };
 
 std::mutex plans_mutex;
@@ -273,50 +217,51 @@ struct StepArgs {
 template <class T>
 class Step {
  public:
-  Step(Plan& P, const StepArgs& a, int tid, int nt) : P(P), a(a), tid(tid), nt(nt) {}
+  Step(Plan& P, const StepArgs& a) : P(P), a(a), team(*P.team) {}
 
   void run() {
     const int64_t hid = P.hidden;
     T* res = ptr(P.residual);
     bool first = true;
     for (const Layer& L : P.layers) {
-      serial([&] {
-        if (first) {
-          std::memcpy(res, a.h_in, a.B * hid * sizeof(T));
-          rmsnorm(static_cast<const T*>(a.h_in), nullptr, L.in_norm, ptr(P.x));
-        } else {
-          rmsnorm(ptr(P.h), res, L.in_norm, ptr(P.x));
-        }
-        prepare(L.linears[QKV], ptr(P.x), hid);
-      });
+      if (first) {
+        std::memcpy(res, a.h_in, a.B * hid * sizeof(T));
+        rmsnorm(static_cast<const T*>(a.h_in), nullptr, L.in_norm, ptr(P.x));
+      } else {
+        rmsnorm(ptr(P.h), res, L.in_norm, ptr(P.x));
+      }
       first = false;
+      prepare(L.linears[QKV], ptr(P.x), hid);
       rows(L.linears[QKV], ptr(P.qkv));
       attention(L);
-      serial([&] { prepare(L.linears[O], ptr(P.attn), L.heads * L.head_dim); });
+      prepare(L.linears[O], ptr(P.attn), L.heads * L.head_dim);
       rows(L.linears[O], ptr(P.o));
-      serial([&] {
-        rmsnorm(ptr(P.o), res, L.post_norm, ptr(P.x));
-        prepare(L.linears[GATE_UP], ptr(P.x), hid);
-      });
+      rmsnorm(ptr(P.o), res, L.post_norm, ptr(P.x));
+      prepare(L.linears[GATE_UP], ptr(P.x), hid);
       rows(L.linears[GATE_UP], ptr(P.gu));
-      serial([&] {
-        const int64_t d = L.linears[GATE_UP].out / 2;
-        for (int64_t t = 0; t < a.B; ++t)
-          silu_and_mul_row<T>(ptr(P.gu) + t * 2 * d, ptr(P.gu) + t * 2 * d + d, d,
-                              P.silu.data_ptr<float>(), ptr(P.act) + t * d);
-        prepare(L.linears[DOWN], ptr(P.act), d);
-      });
+      const int64_t d = L.linears[GATE_UP].out / 2;
+      for (int64_t t = 0; t < a.B; ++t)
+        silu_and_mul_row<T>(ptr(P.gu) + t * 2 * d, ptr(P.gu) + t * 2 * d + d, d, P.silu.data_ptr<float>(),
+                            ptr(P.act) + t * d);
+      prepare(L.linears[DOWN], ptr(P.act), d);
       rows(L.linears[DOWN], ptr(P.h));
     }
-    serial([&] { rmsnorm(ptr(P.h), res, P.final_norm, static_cast<T*>(a.out)); });
+    rmsnorm(ptr(P.h), res, P.final_norm, static_cast<T*>(a.out));
   }
 
-  std::exception_ptr error;   // thread 0's, rethrown after the region
-
  private:
+  struct Chunk {   // output columns [r0, r1) of one segment
+    int64_t segment, r0, r1, col;
+  };
+
   Plan& P;
   const StepArgs& a;
-  const int tid, nt;
+  Team& team;
+  // what the running parallel stage works on (set before team.run, read by its chunks)
+  const Linear* linear = nullptr;
+  T* y = nullptr;
+  std::vector<Chunk> chunks;
+  const Layer* layer = nullptr;
 
   static T* ptr(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
   void* scratch(size_t segment) const {
@@ -324,65 +269,59 @@ class Step {
     return reinterpret_cast<void*>(base + segment * P.scratch_stride);
   }
 
-  // fn on thread 0, then everyone meets. After a failure the stages are skipped, the barriers kept.
-  template <class Fn>
-  void serial(const Fn& fn) {
-    if (tid == 0 && !error) {
-      try {
-        fn();
-      } catch (...) {
-        error = std::current_exception();
-      }
-    }
-    P.barrier.wait();
-  }
-
-  // This thread's share [lo, hi) of n units.
-  void share(int64_t n, int64_t& lo, int64_t& hi) const {
-    lo = n * tid / nt;
-    hi = n * (tid + 1) / nt;
-  }
-
   void prepare(const Linear& L, const T* x, int64_t ldx) {
     for (size_t s = 0; s < L.segments.size(); ++s)
       L.segments[s]->prepare(L.segments[s]->ctx, x, ldx, a.B, scratch(s));
   }
 
-  // Every segment's output rows split in whole row groups over the threads.
-  void rows(const Linear& L, T* y) {
+  // Every segment's output rows in chunks of whole row groups, about CHUNKS_PER_THREAD per thread
+  // and segment: small enough to balance threads that run at different speeds.
+  static constexpr int64_t CHUNKS_PER_THREAD = 4;
+
+  void rows(const Linear& L, T* out) {
+    chunks.clear();
     int64_t col = 0;
     for (size_t s = 0; s < L.segments.size(); ++s) {
       const kvyard_native_linear& d = *L.segments[s];
       const int64_t groups = (d.out_features + d.row_grain - 1) / d.row_grain;
-      int64_t g0, g1;
-      share(groups, g0, g1);
-      if (g0 < g1)
-        d.rows(d.ctx, scratch(s), a.B, y + col, L.out, g0 * d.row_grain, std::min(g1 * d.row_grain, d.out_features));
+      const int64_t per = std::max<int64_t>(1, groups / (CHUNKS_PER_THREAD * team.size()));
+      for (int64_t g = 0; g < groups; g += per)
+        chunks.push_back({int64_t(s), g * d.row_grain, std::min((g + per) * d.row_grain, d.out_features), col});
       col += d.out_features;
     }
-    P.barrier.wait();
+    linear = &L;
+    y = out;
+    team.run(&Step::linear_chunk, this, int64_t(chunks.size()));
   }
 
-  // Rotary and the KV write of each (sequence, kv head) pair, then its attention.
+  static void linear_chunk(void* self, int64_t c) {
+    const Step& S = *static_cast<const Step*>(self);
+    const Chunk& k = S.chunks[c];
+    const kvyard_native_linear& d = *S.linear->segments[k.segment];
+    d.rows(d.ctx, S.scratch(k.segment), S.a.B, S.y + k.col, S.linear->out, k.r0, k.r1);
+  }
+
   void attention(const Layer& L) {
+    layer = &L;
+    team.run(&Step::pair_chunk, this, a.B * L.kv_heads);
+  }
+
+  // Rotary and the KV write of one (sequence, kv head) pair, then its attention.
+  static void pair_chunk(void* self, int64_t p) {
+    const Step& S = *static_cast<const Step*>(self);
+    const Layer& L = *S.layer;
+    const StepArgs& a = S.a;
     const int64_t H = L.heads, Hkv = L.kv_heads, D = L.head_dim, G = H / Hkv, ldq = L.linears[QKV].out;
-    T* kb = ptr(L.k_buf);
-    T* vb = ptr(L.v_buf);
-    int64_t p0, p1;
-    share(a.B * Hkv, p0, p1);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / Hkv, g = p % Hkv;
-      const T* row = ptr(P.qkv) + b * ldq;
-      const T* cos = static_cast<const T*>(a.cos) + b * a.cs_stride;
-      const T* sin = static_cast<const T*>(a.sin) + b * a.cs_stride;
-      for (int64_t h = g * G; h < (g + 1) * G; ++h) rotary_head<T>(row + h * D, cos, sin, D, ptr(P.q) + (b * H + h) * D);
-      const int64_t slot = (a.loc[b] * Hkv + g) * D;
-      rotary_head<T>(row + (H + g) * D, cos, sin, D, kb + slot);
-      std::memcpy(vb + slot, row + (H + Hkv + g) * D, D * sizeof(T));
-      L.attention->pairs(L.attention->ctx, ptr(P.q), a.table, a.table_stride, a.rows, a.lens, a.B, ptr(P.attn), p,
-                         p + 1);
-    }
-    P.barrier.wait();
+    const int64_t b = p / Hkv, g = p % Hkv;
+    const T* row = ptr(S.P.qkv) + b * ldq;
+    const T* cos = static_cast<const T*>(a.cos) + b * a.cs_stride;
+    const T* sin = static_cast<const T*>(a.sin) + b * a.cs_stride;
+    T* q = ptr(S.P.q);
+    for (int64_t h = g * G; h < (g + 1) * G; ++h) rotary_head<T>(row + h * D, cos, sin, D, q + (b * H + h) * D);
+    const int64_t slot = (a.loc[b] * Hkv + g) * D;
+    rotary_head<T>(row + (H + g) * D, cos, sin, D, ptr(L.k_buf) + slot);
+    std::memcpy(ptr(L.v_buf) + slot, row + (H + Hkv + g) * D, D * sizeof(T));
+    L.attention->pairs(L.attention->ctx, q, a.table, a.table_stride, a.rows, a.lens, a.B, ptr(S.P.attn), p, p + 1);
   }
 
   // out = rmsnorm(src (+ residual, stored back into residual)), as kvyard_cpu_ops::rmsnorm.
@@ -402,18 +341,12 @@ class Step {
 
 template <class T>
 void run_step(Plan& P, const StepArgs& args) {
-  const int want = std::max(1, at::get_num_threads());
-  std::exception_ptr error;
-#pragma omp parallel num_threads(want)
-  {
-    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-#pragma omp single
-    P.barrier.reset(nt);
-    Step<T> step(P, args, tid, nt);
-    step.run();
-    if (tid == 0) error = step.error;
+  const int threads = std::max(1, at::get_num_threads());
+  if (!P.team || P.team->size() != threads) {
+    P.team.reset();
+    P.team = std::make_unique<Team>(threads);
   }
-  if (error) std::rethrow_exception(error);
+  Step<T>(P, args).run();
 }
 
 at::Tensor step(int64_t id, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& loc,
@@ -440,6 +373,7 @@ at::Tensor step(int64_t id, const at::Tensor& h, const at::Tensor& cos, const at
     TORCH_CHECK(r >= 0 && r < table.size(0) && n >= 0 && n <= table.size(1), "native decode step: row ", b,
                 " reads outside the req_to_token table");
   }
+  std::lock_guard<std::mutex> guard(P.stepping);
   reserve(P, B);
   at::Tensor out = at::empty({B, P.hidden}, h.options());
   const StepArgs args{h.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.stride(0), loc.data_ptr<int64_t>(),
