@@ -27,10 +27,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/rand.h>
 #include <ATen/ops/sum.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -44,6 +46,74 @@ namespace kvyard_native_step {
 namespace {
 
 using namespace kvyard_layer_ops;
+
+// ---- rmsnorm's row sums ----------------------------------------------------------------------
+//
+// The fused rmsnorm takes its sums of squares from at::sum, whose order the result depends on.
+// ATen's float inner sum (SumKernel.cpp, vectorized_inner_sum) adds L-lane vectors: the row as
+// [n / L] vectors, read 4 interleaved (ilp) into a cascade of 4 levels of 2^p steps, the
+// accumulators folded, the scalar tail added, then the lanes in order. aten_order_sum repeats
+// that for L = 16 (AVX-512 kernels) or 8 (AVX2); the plan checks at start which L (if any)
+// reproduces at::sum here bit for bit, and otherwise keeps calling at::sum.
+
+inline int64_t ceil_log2(int64_t x) {   // ATen's utils::CeilLog2
+  if (x <= 2) return 1;
+  return 64 - __builtin_clzll(static_cast<uint64_t>(x) - 1);
+}
+
+template <int L>
+float aten_order_sum(const float* x, int64_t n) {
+  using Vec = std::array<float, L>;
+  auto add = [](Vec& a, const float* p) {
+    for (int l = 0; l < L; ++l) a[l] += p[l];
+  };
+  const int64_t vecs = n / L, rows = vecs / 4;   // row_sum: ilp factor 4
+  constexpr int LEVELS = 4;
+  const int64_t power = std::max<int64_t>(4, ceil_log2(rows) / LEVELS), step = int64_t(1) << power;
+  const int64_t mask = step - 1;
+  Vec acc[LEVELS][4] = {};
+  int64_t i = 0;
+  while (i + step <= rows) {
+    for (int64_t j = 0; j < step; ++j, ++i)
+      for (int k = 0; k < 4; ++k) add(acc[0][k], x + (i * 4 + k) * L);
+    for (int j = 1; j < LEVELS; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        for (int l = 0; l < L; ++l) acc[j][k][l] += acc[j - 1][k][l];
+        acc[j - 1][k] = Vec{};
+      }
+      if ((i & (mask << (j * power))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i)
+    for (int k = 0; k < 4; ++k) add(acc[0][k], x + (i * 4 + k) * L);
+  for (int j = 1; j < LEVELS; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < L; ++l) acc[0][k][l] += acc[j][k][l];
+  Vec partial = acc[0][0];
+  for (int64_t v = rows * 4; v < vecs; ++v) add(partial, x + v * L);
+  for (int k = 1; k < 4; ++k)
+    for (int l = 0; l < L; ++l) partial[l] += acc[0][k][l];
+  float total = 0.f;
+  for (int64_t e = vecs * L; e < n; ++e) total += x[e];
+  for (int l = 0; l < L; ++l) total += partial[l];
+  return 0.f + total;   // the output starts at zero and accumulates the row's sum
+}
+
+// The lanes L with which aten_order_sum equals at::sum on rows of n floats here (0: none).
+int sum_lanes(int64_t n) {
+  at::Tensor x = at::rand({64, n}, at::kFloat).mul_(8).pow_(2);   // squares of varied size
+  const at::Tensor ref = at::sum(x, {1});
+  for (int lanes : {16, 8}) {
+    bool equal = true;
+    for (int64_t r = 0; r < x.size(0) && equal; ++r) {
+      const float got = lanes == 16 ? aten_order_sum<16>(x.data_ptr<float>() + r * n, n)
+                                    : aten_order_sum<8>(x.data_ptr<float>() + r * n, n);
+      equal = std::memcmp(&got, ref.data_ptr<float>() + r, sizeof(float)) == 0;
+    }
+    if (equal) return lanes;
+  }
+  return 0;
+}
 
 // ---- the plan ---------------------------------------------------------------------------------
 
@@ -69,6 +139,7 @@ struct Plan {
   at::Tensor final_norm;
   at::ScalarType dtype;
   int64_t hidden, max_rows;
+  int sum_lanes = -1;   // aten_order_sum's L, 0: at::sum; -1: not checked yet
   std::vector<Layer> layers;
   // Buffers for up to `capacity` rows, (re)made by reserve(): activations in dtype, float squares
   // and sums for rmsnorm, a float row for silu, one scratch region per linear segment.
@@ -77,6 +148,8 @@ struct Plan {
   std::vector<uint8_t> scratch;
   int64_t scratch_stride = 0;   // bytes between segments' regions
   std::unique_ptr<Team> team;   // made at the first step, remade when the thread count changes
+  int64_t solo_left = 0;        // steps still to run solo after stalls (team.h)
+  int64_t solo_run = 0;         // length of the last solo run: doubles while the team keeps stalling
   std::mutex stepping;          // one step at a time per plan (the team and buffers are the plan's)
 };
 
@@ -197,8 +270,12 @@ void reserve(Plan& P, int64_t rows) {
 int64_t plan_check(int64_t id) {
   Plan& P = plan_at(id);
   reserve(P, P.max_rows);
+  if (P.sum_lanes < 0) P.sum_lanes = sum_lanes(P.hidden);
   return P.max_rows;
 }
+
+// Which row sum the plan's rmsnorm uses: aten_order_sum's lanes, 0 for at::sum (after check).
+int64_t plan_sum_lanes(int64_t id) { return plan_at(id).sum_lanes; }
 
 // ---- the step ---------------------------------------------------------------------------------
 
@@ -331,13 +408,27 @@ class Step {
     for (int64_t t = 0; t < a.B; ++t)
       add_residual_and_square<T>(src + t * n, residual ? residual + t * n : nullptr, n,
                                  residual ? residual + t * n : nullptr, squares + t * n);
-    at::Tensor sums = P.sums.narrow(0, 0, a.B);
-    at::sum_out(sums, P.squares.narrow(0, 0, a.B), {1});
+    float* sums = P.sums.data_ptr<float>();
+    if (P.sum_lanes == 16) {
+      for (int64_t t = 0; t < a.B; ++t) sums[t] = aten_order_sum<16>(squares + t * n, n);
+    } else if (P.sum_lanes == 8) {
+      for (int64_t t = 0; t < a.B; ++t) sums[t] = aten_order_sum<8>(squares + t * n, n);
+    } else {
+      at::Tensor view = P.sums.narrow(0, 0, a.B);
+      at::sum_out(view, P.squares.narrow(0, 0, a.B), {1});
+    }
     for (int64_t t = 0; t < a.B; ++t)
-      normalize_row<T>(residual ? residual + t * n : src + t * n, w.data_ptr<T>(), sums.data_ptr<float>()[t],
-                       float(P.eps), n, out + t * n);
+      normalize_row<T>(residual ? residual + t * n : src + t * n, w.data_ptr<T>(), sums[t], float(P.eps), n,
+                       out + t * n);
   }
 };
+
+// A step whose master spent more than WAIT_PERCENT of it waiting for helpers (preempted mid-chunk,
+// stage after stage: fewer free cores than threads) sends the next steps solo: SOLO_FIRST of them,
+// doubling up to SOLO_MAX while the team keeps waiting that long when it is tried again. On a
+// quiet machine the wait is the stages' tail imbalance, a few percent.
+constexpr uint64_t WAIT_PERCENT = 25;
+constexpr int64_t SOLO_FIRST = 8, SOLO_MAX = 512;
 
 template <class T>
 void run_step(Plan& P, const StepArgs& args) {
@@ -346,7 +437,21 @@ void run_step(Plan& P, const StepArgs& args) {
     P.team.reset();
     P.team = std::make_unique<Team>(threads);
   }
+  Team& team = *P.team;
+  const bool solo = P.solo_left > 0;
+  P.solo_left -= solo;
+  team.set_solo(solo);
+  team.take_wait_cycles();
+  const uint64_t start = Team::now();
   Step<T>(P, args).run();
+  if (solo) return;
+  const uint64_t total = Team::now() - start;
+  if (team.take_wait_cycles() * 100 > total * WAIT_PERCENT) {
+    P.solo_run = std::min(SOLO_MAX, P.solo_run > 0 ? 2 * P.solo_run : SOLO_FIRST);
+    P.solo_left = P.solo_run;
+  } else {
+    P.solo_run = 0;
+  }
 }
 
 at::Tensor step(int64_t id, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& loc,
@@ -395,6 +500,7 @@ TORCH_LIBRARY_FRAGMENT(kvyard_decode, m) {
   m.def("native_plan_add_segment(int plan, int layer, int which, int linear) -> ()",
         &kvyard_native_step::plan_add_segment);
   m.def("native_plan_check(int plan) -> int", &kvyard_native_step::plan_check);
+  m.def("native_plan_sum_lanes(int plan) -> int", &kvyard_native_step::plan_sum_lanes);
   m.def("native_step(int plan, Tensor h, Tensor cos, Tensor sin, Tensor loc, Tensor table, Tensor rows, "
         "Tensor lens) -> Tensor", &kvyard_native_step::step);
 }

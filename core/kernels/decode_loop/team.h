@@ -11,6 +11,11 @@
 // for chunks a helper has started: a helper that is off its core when a stage begins costs
 // nothing, and the step degrades to the master's one-thread speed at worst.
 //
+// Still, a helper preempted in the middle of a chunk holds its stage up until it is back on a core,
+// which on a machine with fewer free cores than team threads happens stage after stage. The
+// master counts the time it waits for helpers (TSC cycles) for its caller, which can run the next
+// steps solo (set_solo: every chunk on the master) and try the team again later.
+//
 // Stages are published in one 64-bit ticket: stage (24 bits) | chunks (20) | next chunk (20);
 // a thread takes chunk c with one fetch_add and runs it if c < chunks. The stage's (fn, ctx) sit
 // in slot stage % 2: the master rewrites a slot only after the stage two back completed, and a
@@ -24,6 +29,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <thread>
@@ -31,6 +37,7 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <x86intrin.h>
 #endif
 
 namespace kvyard_native_step {
@@ -55,9 +62,20 @@ class Team {
 
   int size() const { return static_cast<int>(helpers_.size()) + 1; }
 
+  // Solo: every chunk on the master, the helpers left asleep (they sleep after their spin).
+  void set_solo(bool solo) { solo_ = solo; }
+  bool solo() const { return solo_ || helpers_.empty(); }
+
+  // TSC cycles the master waited for helpers' chunks since the last call.
+  uint64_t take_wait_cycles() {
+    const uint64_t n = wait_cycles_;
+    wait_cycles_ = 0;
+    return n;
+  }
+
   void run(ChunkFn fn, void* ctx, int64_t n) {
     if (n <= 0) return;
-    if (helpers_.empty() || n == 1) {
+    if (solo() || n == 1) {
       for (int64_t c = 0; c < n; ++c) fn(ctx, c);
       return;
     }
@@ -68,10 +86,22 @@ class Team {
     stage_word_.store(uint32_t(stage), std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) futex(FUTEX_WAKE_PRIVATE, INT_MAX);
     take_chunks();
+    if (done_.load(std::memory_order_acquire) == n) return;
+    const uint64_t start = now();
     for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
       if (spins < SPIN) relax();
       else sched_yield();   // a helper holding a chunk is off its core: let it back on
     }
+    wait_cycles_ += now() - start;
+  }
+
+  // A cheap clock for the wait share (x86: the TSC; elsewhere the steady clock in ns).
+  static uint64_t now() {
+#if defined(__x86_64__)
+    return __rdtsc();
+#else
+    return uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+#endif
   }
 
  private:
@@ -126,6 +156,8 @@ class Team {
 
   std::vector<std::thread> helpers_;
   uint64_t stage_ = 0;   // the master's
+  uint64_t wait_cycles_ = 0;   // the master's
+  bool solo_ = false;    // the master's
   Slot slots_[2];
   std::atomic<bool> quit_{false};
   alignas(64) std::atomic<uint64_t> ticket_{0};

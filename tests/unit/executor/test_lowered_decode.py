@@ -159,6 +159,9 @@ def generate_with(model, cfg, dtype, prompts, native: bool, monkeypatch, steps=1
         m.setenv("KVYARD_CPU_NATIVE_STEP", "1" if native else "0")
         runner = LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu")
     assert runner is not None and (runner.native is not None) == native
+    if native and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        # rmsnorm's row sums in ATen's own order, not through at::sum (checked at plan build)
+        assert torch.ops.kvyard_decode.native_plan_sum_lanes(runner.native.id) in (8, 16)
     return LoopHarness(base, runner).generate(prompts, steps)
 
 
