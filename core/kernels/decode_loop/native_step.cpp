@@ -3,8 +3,8 @@
 // (kvyard_native.h) the plugins built, called directly; the layer ops are layer_ops.h's row
 // arithmetic; all buffers belong to the plan. Where decode_loop.cpp opens ~150 parallel regions
 // per step (one per kernel call, plus the dispatcher, an output allocation and an activation
-// quantization each), this runs the whole step on one team (team.h): the calling thread and
-// at::get_num_threads() - 1 persistent helpers that take chunks of the parallel stages.
+// quantization each), this runs the whole step in one OpenMP region of at::get_num_threads()
+// threads (team.h): the calling thread runs the step, the others take chunks of its parallel stages.
 //
 // Per layer, the calling thread alone runs the serial stages (S); the team splits the parallel
 // ones (P) in chunks:
@@ -147,7 +147,7 @@ struct Plan {
   at::Tensor residual, x, qkv, q, attn, o, gu, act, h, squares, sums, silu;
   std::vector<uint8_t> scratch;
   int64_t scratch_stride = 0;   // bytes between segments' regions
-  std::unique_ptr<Team> team;   // made at the first step, remade when the thread count changes
+  Team team;
   int64_t solo_left = 0;        // steps still to run solo after stalls (team.h)
   int64_t solo_run = 0;         // length of the last solo run: doubles while the team keeps stalling
   std::mutex stepping;          // one step at a time per plan (the team and buffers are the plan's)
@@ -294,7 +294,7 @@ struct StepArgs {
 template <class T>
 class Step {
  public:
-  Step(Plan& P, const StepArgs& a) : P(P), a(a), team(*P.team) {}
+  Step(Plan& P, const StepArgs& a) : P(P), a(a), team(P.team) {}
 
   void run() {
     const int64_t hid = P.hidden;
@@ -432,18 +432,12 @@ constexpr int64_t SOLO_FIRST = 8, SOLO_MAX = 512;
 
 template <class T>
 void run_step(Plan& P, const StepArgs& args) {
-  const int threads = std::max(1, at::get_num_threads());
-  if (!P.team || P.team->size() != threads) {
-    P.team.reset();
-    P.team = std::make_unique<Team>(threads);
-  }
-  Team& team = *P.team;
+  Team& team = P.team;
   const bool solo = P.solo_left > 0;
   P.solo_left -= solo;
-  team.set_solo(solo);
   team.take_wait_cycles();
   const uint64_t start = Team::now();
-  Step<T>(P, args).run();
+  team.session(std::max(1, at::get_num_threads()), solo, [&] { Step<T>(P, args).run(); });
   if (solo) return;
   const uint64_t total = Team::now() - start;
   if (team.take_wait_cycles() * 100 > total * WAIT_PERCENT) {

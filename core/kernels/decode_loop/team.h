@@ -1,20 +1,22 @@
-// A team for the native decode step: the calling thread (the master) and persistent helper
-// threads that take chunks of the master's parallel stages.
+// A team for the native decode step: the calling thread (the master) and the other threads of one
+// OpenMP region per step (ATen's pool: the threads that run every other op), which take chunks of
+// the master's parallel stages.
 //
-//   run(fn, ctx, n)   fn(ctx, c) for every chunk c in [0, n), on whichever team threads are
-//                     running; returns when all n are done. Only the master calls it.
+//   session(threads, solo, fn)   fn() on the master while the others serve as helpers; with
+//                                solo, or one thread, fn() alone without a region
+//   run(fn, ctx, n)              (inside fn) fn(ctx, c) for every chunk c in [0, n), on whichever
+//                                team threads are running; returns when all n are done
 //
-// Why not a barrier per stage (an OpenMP region, or barriers inside one): a barrier waits for
-// every thread to arrive, so when another process holds a core and preempts one of our threads,
-// every stage waits out that thread's time off the core (measured: a 2-thread step ~4x slower than
-// one thread with one busy core beside it). Here the master takes chunks itself and waits only
-// for chunks a helper has started: a helper that is off its core when a stage begins costs
-// nothing, and the step degrades to the master's one-thread speed at worst.
-//
-// Still, a helper preempted in the middle of a chunk holds its stage up until it is back on a core,
-// which on a machine with fewer free cores than team threads happens stage after stage. The
-// master counts the time it waits for helpers (TSC cycles) for its caller, which can run the next
-// steps solo (set_solo: every chunk on the master) and try the team again later.
+// Why chunks and not a barrier per stage: a barrier waits for every thread to arrive, so when
+// another process holds a core and preempts one of our threads, every stage waits out that
+// thread's time off the core (measured: a 2-thread step ~4x slower than one thread with one busy
+// core beside it). Here the master takes chunks itself and waits only for chunks a helper has
+// started: a helper that is not running when a stage begins (still waking up, or preempted)
+// costs nothing. A helper preempted in the middle of a chunk still holds its stage up until it is
+// back on a core, which on a machine with fewer free cores than threads happens stage after
+// stage; the master counts the time it waits for helpers (TSC cycles) for its caller, which then
+// runs the next steps solo and tries the team again later. The region's end waits for the helpers
+// once per step.
 //
 // Stages are published in one 64-bit ticket: stage (24 bits) | chunks (20) | next chunk (20);
 // a thread takes chunk c with one fetch_add and runs it if c < chunks. The stage's (fn, ctx) sit
@@ -24,6 +26,7 @@
 #pragma once
 
 #include <linux/futex.h>
+#include <omp.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -32,8 +35,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdint>
-#include <thread>
-#include <vector>
+#include <exception>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -46,25 +48,38 @@ class Team {
  public:
   using ChunkFn = void (*)(void* ctx, int64_t chunk);
 
-  explicit Team(int threads) {
-    for (int i = 1; i < threads; ++i) helpers_.emplace_back([this] { helper(); });
-  }
-
-  ~Team() {
-    quit_.store(true, std::memory_order_seq_cst);
-    stage_word_.fetch_add(1, std::memory_order_seq_cst);
-    futex(FUTEX_WAKE_PRIVATE, INT_MAX);
-    for (auto& t : helpers_) t.join();
-  }
-
+  Team() = default;
   Team(const Team&) = delete;
   Team& operator=(const Team&) = delete;
 
-  int size() const { return static_cast<int>(helpers_.size()) + 1; }
+  template <class Fn>
+  void session(int threads, bool solo, const Fn& fn) {
+    helpers_ = 0;
+    if (solo || threads <= 1) return fn();
+    quit_.store(false, std::memory_order_seq_cst);
+    std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+    {
+      if (omp_get_thread_num() == 0) {
+        helpers_ = omp_get_num_threads() - 1;
+        try {
+          fn();
+        } catch (...) {
+          error = std::current_exception();
+        }
+        quit_.store(true, std::memory_order_seq_cst);   // before stage_word_ moves: see helper()
+        stage_word_.fetch_add(1, std::memory_order_seq_cst);
+        if (sleepers_.load(std::memory_order_seq_cst) > 0) futex(FUTEX_WAKE_PRIVATE, INT_MAX);
+      } else {
+        helper();
+      }
+    }
+    helpers_ = 0;
+    if (error) std::rethrow_exception(error);
+  }
 
-  // Solo: every chunk on the master, the helpers left asleep (they sleep after their spin).
-  void set_solo(bool solo) { solo_ = solo; }
-  bool solo() const { return solo_ || helpers_.empty(); }
+  // Threads of the running session (1 outside one, and solo).
+  int size() const { return helpers_ + 1; }
 
   // TSC cycles the master waited for helpers' chunks since the last call.
   uint64_t take_wait_cycles() {
@@ -75,7 +90,7 @@ class Team {
 
   void run(ChunkFn fn, void* ctx, int64_t n) {
     if (n <= 0) return;
-    if (solo() || n == 1) {
+    if (helpers_ == 0 || n == 1) {
       for (int64_t c = 0; c < n; ++c) fn(ctx, c);
       return;
     }
@@ -135,10 +150,13 @@ class Team {
     }
   }
 
-  // seen is read before quit_ every time: ~Team sets quit_ before it moves stage_word_ on.
+  // Chunks of the stage in force, then of each stage published after; seen is read before quit_
+  // every time, as the master sets quit_ before it moves stage_word_ on.
   void helper() {
     uint32_t seen = stage_word_.load(std::memory_order_seq_cst);
-    while (!quit_.load(std::memory_order_seq_cst)) {
+    for (;;) {
+      take_chunks();
+      if (quit_.load(std::memory_order_seq_cst)) return;
       int spins = 0;
       while (stage_word_.load(std::memory_order_acquire) == seen && spins < SPIN) {
         relax();
@@ -150,14 +168,12 @@ class Team {
         sleepers_.fetch_sub(1, std::memory_order_seq_cst);
       }
       seen = stage_word_.load(std::memory_order_seq_cst);
-      take_chunks();
     }
   }
 
-  std::vector<std::thread> helpers_;
+  int helpers_ = 0;       // the master's: helper threads in the running session
   uint64_t stage_ = 0;   // the master's
   uint64_t wait_cycles_ = 0;   // the master's
-  bool solo_ = false;    // the master's
   Slot slots_[2];
   std::atomic<bool> quit_{false};
   alignas(64) std::atomic<uint64_t> ticket_{0};
