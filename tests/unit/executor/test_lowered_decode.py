@@ -191,3 +191,26 @@ def test_native_step_needs_every_piece_native():
     base = harness(model, hf.config)
     runner = LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu")
     assert runner is not None and runner.native is None and runner.native_max == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_native_step_on_the_default_model(smollm2_path, dtype, monkeypatch):
+    """SmolLM2 Q4_1 kept quantized (the default model): the native step's logits are the
+    dispatcher loop's and the Python step's, bit for bit, at batch 1 and 3."""
+    from quant_helpers import runner
+
+    r = runner(smollm2_path, "gguf", dtype=dtype)
+    assert r.decode_graphs is not None and r.decode_graphs.native is not None
+    model, cfg, torch_dtype = r.model, r.model_config.hf_config, getattr(torch, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for prompts in (PROMPTS[:1], PROMPTS[:3]):
+            native = generate_with(model, cfg, torch_dtype, prompts, True, monkeypatch, steps=6)
+            loop = generate_with(model, cfg, torch_dtype, prompts, False, monkeypatch, steps=6)
+            python = dtype_harness(model, cfg, torch_dtype).generate(prompts, 6)
+            assert native.tokens == loop.tokens == python.tokens
+            for a, b, c in zip(native.logits, loop.logits, python.logits):
+                assert torch.equal(a, b) and torch.equal(a, c)
+    finally:
+        torch.set_num_threads(threads)
