@@ -24,6 +24,7 @@
 // results), the same row arithmetic, and rmsnorm's row sums from ATen's own sum kernel, called by
 // the calling thread on a [B, hidden] float tensor as the fused op does. Built with
 // -ffp-contract=off, as fused_ops.cpp.
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -101,7 +102,8 @@ float aten_order_sum(const float* x, int64_t n) {
 
 // The lanes L with which aten_order_sum equals at::sum on rows of n floats here (0: none).
 int sum_lanes(int64_t n) {
-  at::Tensor x = at::rand({64, n}, at::kFloat).mul_(8).pow_(2);   // squares of varied size
+  // squares of varied size, from a generator of its own (the global one's state is the user's)
+  at::Tensor x = at::rand({64, n}, at::detail::createCPUGenerator(0), at::kFloat).mul_(8).pow_(2);
   const at::Tensor ref = at::sum(x, {1});
   for (int lanes : {16, 8}) {
     bool equal = true;
