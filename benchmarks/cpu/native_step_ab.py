@@ -12,16 +12,14 @@ prompts through each path alone and says whether they are equal.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import kvyard  # noqa: F401  first: it sets the OpenMP wait policy before torch loads libgomp
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_loop_ab import _generate, _params, in_process_scheduler  # noqa: E402
+from decode_loop_ab import _generate, in_process_scheduler, print_times, timed_blocks  # noqa: E402
 
 from kvyard.bench.one_batch import build_parser  # noqa: E402
 
@@ -44,38 +42,19 @@ def main(argv: list[str]) -> int:
     if bs > native_max:
         print(f"batch {bs} is above the native step's {native_max} rows: nothing to compare")
         return 1
+
+    def use(label: str) -> None:
+        loop.native_max = native_max if label == "native" else 0
+
     tokens = {}
     for label in ("native", "loop"):
-        loop.native_max = native_max if label == "native" else 0
+        use(label)
         tokens[label] = _generate(scheduler, bs, ns, SamplingParams, TokenizedGenerateReq, f"eq-{label}")
     print(f"greedy tokens equal across paths: {tokens['native'] == tokens['loop']}")
-    params = _params(SamplingParams, ns.output_len, scheduler.vocab_size)
-    from kvyard.bench.common import random_prompts
-    for i, ids in enumerate(random_prompts(bs, ns.input_len, scheduler.vocab_size, ns.seed)):
-        scheduler.add_request(TokenizedGenerateReq(f"ab-{i}", ids, params))
-    scheduler.step()   # prefill
-    times = {"native": [], "loop": []}
-    native = True
-    while scheduler.has_work():
-        label = "native" if native else "loop"
-        loop.native_max = native_max if native else 0
-        for _ in range(ns.block):
-            if not scheduler.has_work():
-                break
-            w, c = time.perf_counter(), time.process_time()
-            scheduler.step()
-            times[label].append((time.perf_counter() - w, time.process_time() - c))
-        native = not native
-    loop.native_max = native_max
+    times = timed_blocks(scheduler, ns, use, ("native", "loop"))
     print(f"batch {bs}, {ns.input_len} in / {ns.output_len} out, {torch.get_num_threads()} threads, "
           f"dtype {scheduler.runner.dtype}, quantization {scheduler.runner.quantization}")
-    for label, rows in times.items():
-        wall = sorted(1000 * w for w, _ in rows)
-        cpu = sorted(1000 * c for _, c in rows)
-        print(f"{label:7s} steps {len(rows):4d}  wall ms/step median {statistics.median(wall):7.2f} "
-              f"(p10 {wall[len(wall) // 10]:.2f}, p90 {wall[9 * len(wall) // 10]:.2f})  "
-              f"cpu ms/step median {statistics.median(cpu):7.2f} (p10 {cpu[len(cpu) // 10]:.2f}, "
-              f"p90 {cpu[9 * len(cpu) // 10]:.2f})")
+    print_times(times)
     return 0
 
 

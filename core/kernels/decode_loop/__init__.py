@@ -24,7 +24,8 @@ from kvyard.kernels.native import NativeKernel
 
 LIBRARY = CppLibrary(name="cpu_decode_loop",
                      sources=(Path(__file__).with_name("decode_loop.cpp"), Path(__file__).with_name("native_step.cpp")),
-                     headers=(Path(cpu_ops.__file__).with_name("layer_ops.h"), Path(__file__).with_name("team.h")), extra_flags=("-ffp-contract=off",))
+                     headers=(Path(cpu_ops.__file__).with_name("layer_ops.h"), Path(__file__).with_name("team.h"),
+                              Path(__file__).with_name("plan_table.h")), extra_flags=("-ffp-contract=off",))
 QKV, O, GATE_UP, DOWN = range(4)   # a layer's linear slots
 
 Call = tuple[str, Sequence]        # ("namespace::op[.overload]", args after x)

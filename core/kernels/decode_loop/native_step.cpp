@@ -41,6 +41,7 @@
 
 #include "kvyard_native.h"
 #include "layer_ops.h"
+#include "plan_table.h"
 #include "team.h"
 
 namespace kvyard_native_step {
@@ -155,15 +156,9 @@ struct Plan {
   std::mutex stepping;          // one step at a time per plan (the team and buffers are the plan's)
 };
 
-std::mutex plans_mutex;
-std::vector<std::unique_ptr<Plan>> plans;   // index = plan id; null = free
+kvyard_decode_plans::PlanTable<Plan> plans;
 
-Plan& plan_at(int64_t id) {
-  std::lock_guard<std::mutex> guard(plans_mutex);
-  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(plans.size()) && plans[id], "native decode plan ", id,
-              " does not exist");
-  return *plans[id];
-}
+Plan& plan_at(int64_t id) { return plans.at(id); }
 
 int64_t plan_new(double eps, const at::Tensor& final_norm, int64_t max_rows) {
   TORCH_CHECK(final_norm.dim() == 1 && final_norm.is_contiguous() &&
@@ -176,20 +171,10 @@ int64_t plan_new(double eps, const at::Tensor& final_norm, int64_t max_rows) {
   plan->dtype = final_norm.scalar_type();
   plan->hidden = final_norm.size(0);
   plan->max_rows = max_rows;
-  std::lock_guard<std::mutex> guard(plans_mutex);
-  for (size_t i = 0; i < plans.size(); ++i)
-    if (!plans[i]) {
-      plans[i] = std::move(plan);
-      return static_cast<int64_t>(i);
-    }
-  plans.push_back(std::move(plan));
-  return static_cast<int64_t>(plans.size() - 1);
+  return plans.add(std::move(plan));
 }
 
-void plan_free(int64_t id) {
-  std::lock_guard<std::mutex> guard(plans_mutex);
-  if (id >= 0 && id < static_cast<int64_t>(plans.size())) plans[id].reset();
-}
+void plan_free(int64_t id) { plans.free(id); }
 
 int64_t native_dtype(at::ScalarType t) { return t == at::kBFloat16 ? KVYARD_NATIVE_BF16 : KVYARD_NATIVE_F32; }
 
