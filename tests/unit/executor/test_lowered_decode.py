@@ -214,3 +214,25 @@ def test_native_step_on_the_default_model(smollm2_path, dtype, monkeypatch):
                 assert torch.equal(a, b) and torch.equal(a, c)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_native_step_equal_with_a_busy_core_beside(monkeypatch):
+    """With another process holding a core, the team's helpers get preempted mid-chunk and the
+    step may fall back to solo steps (team.h): the results stay the loop's, bit for bit."""
+    import subprocess
+    import sys
+
+    model, cfg = gguf_llama(torch.bfloat16)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        native = generate_with(model, cfg, torch.bfloat16, PROMPTS[:2], True, monkeypatch, steps=24)
+    finally:
+        torch.set_num_threads(threads)
+        busy.kill()
+        busy.wait()
+    loop = generate_with(model, cfg, torch.bfloat16, PROMPTS[:2], False, monkeypatch, steps=24)
+    assert native.tokens == loop.tokens
+    for a, b in zip(native.logits, loop.logits):
+        assert torch.equal(a, b)
