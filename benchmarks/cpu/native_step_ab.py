@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import kvyard  # noqa: F401  first: it sets the OpenMP wait policy before torch loads libgomp
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
