@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from kvyard.kernels.native import NativeKernel
     from kvyard.layers.linear import Linear
 
 
@@ -85,6 +86,12 @@ class LinearMethod(ABC):
     def lower(self, layer: "Linear") -> Optional[LoweredLinear]:
         """``apply`` as dispatcher calls (same kernels, same results), or None: not lowerable, and
         models using the layer keep their Python decode step."""
+        return None
+
+    def lower_native(self, layer: "Linear") -> Optional["NativeKernel"]:
+        """``lower``'s calls as kvyard_native.h linear descriptors (kvyard.kernels.native), one per
+        output segment, bitwise equal to them for inputs of at most their max_rows rows; None: not
+        available, and the C++ decode step keeps the dispatcher calls."""
         return None
 
 

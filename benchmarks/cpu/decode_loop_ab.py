@@ -39,30 +39,50 @@ def main(argv: list[str]) -> int:
     if loop is None:
         print("the C++ decode loop is off for this model/flags: nothing to compare")
         return 1
+
+    def use(label: str) -> None:
+        runner.decode_graphs = loop if label == "loop" else None
+
     tokens = {}
     for label in ("loop", "python"):   # same prompts through each path alone: equal greedy tokens
-        runner.decode_graphs = loop if label == "loop" else None
+        use(label)
         tokens[label] = _generate(scheduler, bs, ns, SamplingParams, TokenizedGenerateReq, f"eq-{label}")
     print(f"greedy tokens equal across paths: {tokens['loop'] == tokens['python']}")
+    times = timed_blocks(scheduler, ns, use, ("loop", "python"))
+    print(f"batch {bs}, {ns.input_len} in / {ns.output_len} out, {torch.get_num_threads()} threads, "
+          f"dtype {runner.dtype}, quantization {runner.quantization}")
+    print_times(times)
+    return 0
+
+
+def timed_blocks(scheduler, ns, use, labels: tuple[str, str]) -> dict[str, list[tuple[float, float]]]:
+    """Prefills ns.batch_size[0] requests of ns.input_len tokens, then runs their decode steps in
+    blocks of ns.block, ``use(label)`` before each block, labels alternating; (wall, cpu) seconds
+    of each step per label. Ends with ``use(labels[0])``."""
+    from kvyard.sampling.params import SamplingParams
+    from kvyard.scheduler.io_struct import TokenizedGenerateReq
+
     params = _params(SamplingParams, ns.output_len, scheduler.vocab_size)
-    for i, ids in enumerate(random_prompts(bs, ns.input_len, scheduler.vocab_size, ns.seed)):
+    for i, ids in enumerate(random_prompts(ns.batch_size[0], ns.input_len, scheduler.vocab_size, ns.seed)):
         scheduler.add_request(TokenizedGenerateReq(f"ab-{i}", ids, params))
     scheduler.step()   # prefill
-    times = {"loop": [], "python": []}
-    use_loop = True
+    times = {label: [] for label in labels}
+    turn = 0
     while scheduler.has_work():
-        label = "loop" if use_loop else "python"
-        runner.decode_graphs = loop if use_loop else None
+        label = labels[turn % 2]
+        use(label)
         for _ in range(ns.block):
             if not scheduler.has_work():
                 break
             w, c = time.perf_counter(), time.process_time()
             scheduler.step()
             times[label].append((time.perf_counter() - w, time.process_time() - c))
-        use_loop = not use_loop
-    runner.decode_graphs = loop
-    print(f"batch {bs}, {ns.input_len} in / {ns.output_len} out, {torch.get_num_threads()} threads, "
-          f"dtype {runner.dtype}, quantization {runner.quantization}")
+        turn += 1
+    use(labels[0])
+    return times
+
+
+def print_times(times: dict[str, list[tuple[float, float]]]) -> None:
     for label, rows in times.items():
         wall = sorted(1000 * w for w, _ in rows)
         cpu = sorted(1000 * c for _, c in rows)
@@ -70,7 +90,6 @@ def main(argv: list[str]) -> int:
               f"(p10 {wall[len(wall) // 10]:.2f}, p90 {wall[9 * len(wall) // 10]:.2f})  "
               f"cpu ms/step median {statistics.median(cpu):7.2f} (p10 {cpu[len(cpu) // 10]:.2f}, "
               f"p90 {cpu[9 * len(cpu) // 10]:.2f})")
-    return 0
 
 
 def in_process_scheduler(ns):

@@ -49,6 +49,7 @@ from kvyard.kv_layout import KVLayout
 
 if TYPE_CHECKING:
     from kvyard.forward_batch import ForwardBatch
+    from kvyard.kernels.native import NativeKernel
     from kvyard.layers.attention import Attention
 
 
@@ -144,6 +145,11 @@ class AttentionBackend(ABC):
         ("namespace::op", args), run as ``op(q [B, H, D] contiguous, k_buf, v_buf, req_to_token,
         req_pool_indices, seq_lens, *args) -> [B, H, Dv]`` with the same results; None: the
         backend cannot, and the model keeps its Python decode step (kvyard.kernels.decode_loop)."""
+        return None
+
+    def lower_decode_native(self, layer: "Attention", kv_pool) -> Optional["NativeKernel"]:
+        """``lower_decode``'s call as one kvyard_native.h attention descriptor over the layer's
+        pools (kvyard.kernels.native), bitwise equal to it; None: not available."""
         return None
 
     @abstractmethod

@@ -53,6 +53,9 @@ class HybridAttentionBackend(AttentionBackend):
     def lower_decode(self, layer: "Attention", kv_pool):
         return self.decode.lower_decode(layer, kv_pool)
 
+    def lower_decode_native(self, layer: "Attention", kv_pool):
+        return self.decode.lower_decode_native(layer, kv_pool)
+
     # -- CUDA-graph hooks: decode graphs on the decode backend, extend graphs on the prefill one
     def init_cuda_graph_state(self, max_bs: int) -> None:
         self.decode.init_cuda_graph_state(max_bs)

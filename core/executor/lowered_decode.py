@@ -8,7 +8,14 @@ then runs as: embedding and rotary lookup in Python, all layers in one C++ call,
 It has the interface of the decode graph runners (``can_run`` / ``replay``) and the results of the
 Python step (the same kernels in the same order).
 
-Off switch: ``--disable-cpu-decode-loop`` (ServerArgs) or KVYARD_CPU_DECODE_LOOP=0.
+Where every linear layer's method can ``lower_native`` it and the attention backend can
+``lower_decode_native`` every layer, a second plan runs batches of at most NATIVE_MAX_ROWS rows as
+the native step (native_step.cpp: the whole step in one OpenMP region, no dispatcher); its
+results are bitwise the loop's. Larger batches, and everything when a piece has no native form,
+take the dispatcher loop.
+
+Off switches: ``--disable-cpu-decode-loop`` (ServerArgs) or KVYARD_CPU_DECODE_LOOP=0 (both plans);
+KVYARD_CPU_NATIVE_STEP=0 (only the native step).
 """
 from __future__ import annotations
 
@@ -25,11 +32,16 @@ from kvyard.layers.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 
+# Batches up to this many rows take the native step (docs/performance.md, "the decode step in one
+# OpenMP region": it wins at every size the int kernels serve; larger batches are dense GEMMs).
+NATIVE_MAX_ROWS = 15
+
 
 class LoweredDecodeRunner:
     def __init__(self, model: torch.nn.Module, lowered: LoweredDecoder, plan: decode_loop.DecodePlan,
-                 max_batch: int):
+                 max_batch: int, native: Optional[decode_loop.NativePlan] = None, native_max: int = 0):
         self.model, self.lowered, self.plan, self.max_batch = model, lowered, plan, max_batch
+        self.native, self.native_max = native, native_max if native is not None else 0
 
     @classmethod
     def build(cls, model: torch.nn.Module, attn_backend, kv_pool, device: str) -> Optional["LoweredDecodeRunner"]:
@@ -46,8 +58,10 @@ class LoweredDecodeRunner:
         except _NotLowerable as exc:
             logger.info("C++ decode loop off: %s", exc)
             return None
-        logger.info("C++ decode loop on for decode batches of at most %d rows", max_batch)
-        return cls(model, lowered, plan, max_batch)
+        native, native_max = _build_native(lowered, attn_backend, kv_pool, min(max_batch, NATIVE_MAX_ROWS))
+        logger.info("C++ decode loop on for decode batches of at most %d rows%s", max_batch,
+                    f", in one native step up to {native_max}" if native is not None else "")
+        return cls(model, lowered, plan, max_batch, native, native_max)
 
     def capture(self) -> None:
         """Nothing to capture: the plan was built with the runner."""
@@ -60,7 +74,8 @@ class LoweredDecodeRunner:
         low = self.lowered
         h = low.embed(fb.input_ids)
         cos, sin = low.rotary.lookup(fb.positions)
-        hidden = self.plan.step(h, cos, sin, fb.out_cache_loc, fb.req_to_token, fb.req_pool_indices, fb.seq_lens)
+        plan = self.native if fb.batch_size <= self.native_max else self.plan
+        hidden = plan.step(h, cos, sin, fb.out_cache_loc, fb.req_to_token, fb.req_pool_indices, fb.seq_lens)
         return self.model.compute_logits(hidden[fb.logits_indices])
 
 
@@ -102,3 +117,36 @@ def _build_plan(lowered: LoweredDecoder, attn_backend, kv_pool) -> tuple[decode_
             if low.max_rows is not None:
                 max_batch = min(max_batch, low.max_rows)
     return plan, max_batch
+
+
+def _build_native(lowered: LoweredDecoder, attn_backend, kv_pool,
+                  max_rows: int) -> tuple[Optional[decode_loop.NativePlan], int]:
+    """The native plan and the rows it takes, or (None, 0) with the reason logged."""
+    if os.environ.get("KVYARD_CPU_NATIVE_STEP", "1").strip().lower() in ("0", "false", "none"):
+        logger.info("native decode step off: KVYARD_CPU_NATIVE_STEP=0")
+        return None, 0
+    pieces = []
+    for layer in lowered.layers:
+        attn = attn_backend.lower_decode_native(layer.attention, kv_pool)
+        linears = [linear.method.lower_native(linear)
+                   for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+        missing = [f"layer {layer.attention.layer_id} attention"] if attn is None else []
+        missing += [linear.prefix for linear, low in zip(
+            (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj), linears) if low is None]
+        if missing:
+            logger.info("native decode step off: no native form for %s", ", ".join(missing))
+            return None, 0
+        pieces.append((layer, attn, linears))
+    plan = decode_loop.NativePlan(lowered.norm.eps, lowered.norm.weight, max_rows)
+    try:
+        for layer, attn, linears in pieces:
+            attention = layer.attention
+            index = plan.add_layer(layer.input_norm.weight, layer.post_norm.weight, kv_pool.k_buffer(attention.layer_id),
+                                   kv_pool.v_buffer(attention.layer_id), attn)
+            for which, low in enumerate(linears):
+                plan.add_linear(index, which, low)
+        rows = plan.check()
+    except RuntimeError as exc:   # a descriptor the plan refuses (ABI, dtype, shapes): say so, keep the loop
+        logger.info("native decode step off: %s", str(exc).splitlines()[0])
+        return None, 0
+    return plan, rows

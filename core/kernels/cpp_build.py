@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 BASE_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++20")
 # Headers every library may include (their folder is on every include path, their text in every
-# build key): small SIMD helpers shared by core and plugin kernels.
-COMMON_HEADERS = (Path(__file__).with_name("csrc") / "kvyard_simd.h",)
+# build key): small SIMD helpers shared by core and plugin kernels, and the native C ABI between
+# the C++ decode step and the plugins' kernels.
+COMMON_HEADERS = tuple(Path(__file__).with_name("csrc") / h for h in ("kvyard_simd.h", "kvyard_native.h"))
 NATIVE_FLAGS = ("-march=native",)
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kvyard.attention import AttentionBackend, value_columns
+from kvyard.kernels.native import NativeKernel
 from kvyard_plugins.attention import cpu_kernels
 
 if TYPE_CHECKING:
@@ -220,13 +221,25 @@ class TorchNativeBackend(AttentionBackend):
     def lower_decode(self, layer: "Attention", kv_pool) -> Optional[tuple[str, tuple]]:
         """The C++ paged-decode kernel, where ``forward_decode`` would take it (same conditions,
         for every step) and the layer needs nothing beyond causal attention over K and V."""
+        if not self._plain_decode(layer, kv_pool):
+            return None
+        return "kvyard_attn::paged_decode", (layer.scaling,)
+
+    def lower_decode_native(self, layer: "Attention", kv_pool) -> Optional[NativeKernel]:
+        """``lower_decode``'s kernel as a native descriptor over the layer's pools (same code per
+        (sequence, kv head) pair)."""
+        if not self._plain_decode(layer, kv_pool):
+            return None
+        k_buf, v_buf = kv_pool.k_buffer(layer.layer_id), kv_pool.v_buffer(layer.layer_id)
+        desc = torch.ops.kvyard_attn.native_decode(k_buf, v_buf, layer.num_heads, layer.scaling)
+        return NativeKernel((desc.data_ptr(),), (desc, k_buf, v_buf))
+
+    def _plain_decode(self, layer: "Attention", kv_pool) -> bool:
         pool = kv_pool.k_buffer(layer.layer_id)
         plain = (not _layer_features(self.config) and not layer.sliding_window and not layer.logit_cap
                  and layer.v_head_dim == layer.head_dim and kv_pool.layout.separate_v)
-        if not plain or pool.device.type != "cpu" or pool.dtype not in (torch.float32, torch.bfloat16) \
-                or pool.dtype != self.config.dtype or not cpu_kernels.available():
-            return None
-        return "kvyard_attn::paged_decode", (layer.scaling,)
+        return plain and pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16) \
+            and pool.dtype == self.config.dtype and cpu_kernels.available()
 
     def forward_decode(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
         """q [B, H, D] -> [B, H * Dv]."""

@@ -24,6 +24,8 @@
 //             where the CPU multiplies bf16 natively) and handed to the BLAS gemm.
 //             X16 weights are dequantized K-major ([K, rows]), their natural order.
 // Both run on ATen's intra-op thread pool (OpenMP), split over output rows.
+//   native_linear  mm_int as a kvyard_native.h descriptor, for the C++ decode step: the same
+//             activation quantization and row kernels (int_tiles), no dispatcher, no threads.
 //
 // The block formats live in gguf_formats.h. Dequantization reproduces gguf.quants.dequantize
 // bit for bit (built with -ffp-contract=off, so q*scale+min rounds twice as numpy does).
@@ -38,12 +40,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <new>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "gguf_formats.h"
+#include "kvyard_native.h"
 #include "kvyard_simd.h"
 
 namespace kvyard_gguf {
@@ -98,13 +102,36 @@ ActLayout act_layout(int64_t level) {
 // error ~1.5e-5 of the block's max); sums of x per 16 and per 32 elements carry the min terms
 // exactly. d and the sums are zero-padded to whole groups of 8 blocks (nbp per row), which the
 // planar kernels load 8 at a time. q is in the layout's order.
+// The arrays live in memory the caller provides (acts_bytes / bind_acts): mm_int's thread-local
+// buffer, or the native linear's scratch.
 struct QuantizedActs {
   int64_t M, K, nb, nbp;
-  std::vector<int16_t> q;        // [M, K]
-  std::vector<float> d;          // [M, nbp]
-  std::vector<float> sum16;      // [M, 2 * nbp]
-  std::vector<float> sum32;      // [M, nbp]
+  int16_t* q;        // [M, K]
+  float* d;          // [M, nbp]
+  float* sum16;      // [M, 2 * nbp]
+  float* sum32;      // [M, nbp]
 };
+
+constexpr int64_t ACTS_ALIGN = 64;
+
+inline int64_t padded_blocks(int64_t K) { return (K / 32 + 7) / 8 * 8; }
+inline int64_t aligned(int64_t bytes) { return (bytes + ACTS_ALIGN - 1) / ACTS_ALIGN * ACTS_ALIGN; }
+
+// Bytes bind_acts needs for M rows of K (from a 64-byte aligned base).
+inline int64_t acts_bytes(int64_t M, int64_t K) {
+  return aligned(M * K * int64_t(sizeof(int16_t))) + aligned(M * padded_blocks(K) * 4 * int64_t(sizeof(float)));
+}
+
+// The arrays for M rows of K laid out in mem (acts_bytes(M, K) bytes, 64-byte aligned).
+inline QuantizedActs bind_acts(void* mem, int64_t M, int64_t K) {
+  QuantizedActs a{M, K, K / 32, padded_blocks(K), nullptr, nullptr, nullptr, nullptr};
+  auto* base = static_cast<uint8_t*>(mem);
+  a.q = reinterpret_cast<int16_t*>(base);
+  a.d = reinterpret_cast<float*>(base + aligned(M * K * int64_t(sizeof(int16_t))));
+  a.sum16 = a.d + M * a.nbp;
+  a.sum32 = a.sum16 + M * 2 * a.nbp;
+  return a;
+}
 
 // One 32-block in element order; returns d. lo, hi: the sums of elements 0..15 and 16..31.
 // The AVX2 and portable versions round q alike (x * (1/d) to nearest even).
@@ -182,29 +209,20 @@ inline void order_pair(const int16_t* a, const int16_t* b, int16_t* out, ActLayo
   std::memcpy(out + 48, b + 16, 32);
 }
 
-// x [M, K] row-major (float or bfloat16) -> the calling thread's buffers (reused call after call:
-// a decode step makes ~120 calls of the same few shapes).
+// x [M, K] (rows ldx elements apart, float or bfloat16) -> a, bound to its memory for M rows of K.
 template <class T>
-const QuantizedActs& quantize_acts(const T* x, int64_t M, int64_t K, ActLayout layout) {
-  thread_local QuantizedActs a;
-  a.M = M;
-  a.K = K;
-  a.nb = K / 32;
-  a.nbp = (a.nb + 7) / 8 * 8;
-  a.q.resize(a.M * a.K);
-  a.d.assign(a.M * a.nbp, 0.f);
-  a.sum16.assign(a.M * 2 * a.nbp, 0.f);
-  a.sum32.assign(a.M * a.nbp, 0.f);
+void quantize_into(const T* x, int64_t ldx, QuantizedActs& a, ActLayout layout) {
+  std::fill(a.d, a.d + a.M * 4 * a.nbp, 0.f);   // d, sum16, sum32: zero padding past nb
   const int64_t paired_blocks = layout == ActLayout::ELEMENT ? 0 : a.nb / 2 * 2;
   for (int64_t m = 0; m < a.M; ++m) {
-    int16_t* q = a.q.data() + m * a.K;
+    int16_t* q = a.q + m * a.K;
     alignas(32) int16_t pair[64];   // a pair's two blocks in element order
     alignas(32) float buf[32];
     for (int64_t blk = 0; blk < a.nb; ++blk) {
       const bool in_pair = blk < paired_blocks;
       float lo, hi;
       int16_t* dst = in_pair ? pair + blk % 2 * 32 : q + blk * 32;
-      const float d = quantize_block(block_floats(x + m * a.K + blk * 32, buf), dst, lo, hi);
+      const float d = quantize_block(block_floats(x + m * ldx + blk * 32, buf), dst, lo, hi);
       a.d[m * a.nbp + blk] = d;
       a.sum16[m * 2 * a.nbp + 2 * blk] = lo;
       a.sum16[m * 2 * a.nbp + 2 * blk + 1] = hi;
@@ -212,6 +230,19 @@ const QuantizedActs& quantize_acts(const T* x, int64_t M, int64_t K, ActLayout l
       if (in_pair && blk % 2 == 1) order_pair(pair, pair + 32, q + (blk - 1) * 32, layout);
     }
   }
+}
+
+// x [M, K] row-major -> the calling thread's buffers (reused call after call: a decode step
+// makes ~120 calls of the same few shapes).
+template <class T>
+const QuantizedActs& quantize_acts(const T* x, int64_t M, int64_t K, ActLayout layout) {
+  thread_local std::vector<uint8_t> mem;
+  thread_local QuantizedActs a;
+  const size_t bytes = acts_bytes(M, K) + ACTS_ALIGN;
+  if (mem.size() < bytes) mem.resize(bytes);
+  const auto base = (reinterpret_cast<uintptr_t>(mem.data()) + ACTS_ALIGN - 1) / ACTS_ALIGN * ACTS_ALIGN;
+  a = bind_acts(reinterpret_cast<void*>(base), M, K);
+  quantize_into(x, K, a, layout);
   return a;
 }
 
@@ -226,9 +257,9 @@ struct ActRows {
   const float* xs[MT];
   ActRows(const QuantizedActs& a, int64_t m0, bool sum16 = false) {
     for (int m = 0; m < MT; ++m) {
-      xq[m] = a.q.data() + (m0 + m) * a.K;
-      dx[m] = a.d.data() + (m0 + m) * a.nbp;
-      xs[m] = sum16 ? a.sum16.data() + (m0 + m) * 2 * a.nbp : a.sum32.data() + (m0 + m) * a.nbp;
+      xq[m] = a.q + (m0 + m) * a.K;
+      dx[m] = a.d + (m0 + m) * a.nbp;
+      xs[m] = sum16 ? a.sum16 + (m0 + m) * 2 * a.nbp : a.sum32 + (m0 + m) * a.nbp;
     }
   }
 };
@@ -658,7 +689,7 @@ void int_rows_portable(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t 
                        const QuantizedActs& a, OutTile out) {
   constexpr int PER = F::QK / F::SUB;
   const int64_t K = a.K, subs = K / F::SUB;
-  const std::vector<float>& xsum = F::SUB == 16 ? a.sum16 : a.sum32;
+  const float* xsum = F::SUB == 16 ? a.sum16 : a.sum32;
   std::vector<int16_t> q(K);
   std::vector<float> scale(subs), min(subs);
   for (int64_t n = n0; n < n1; ++n) {
@@ -668,9 +699,9 @@ void int_rows_portable(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t 
       F::scales(row, blk, K / F::QK, scale.data() + blk * PER, min.data() + blk * PER);
     }
     for (int64_t m = 0; m < a.M; ++m) {
-      const int16_t* x = a.q.data() + m * K;
-      const float* dx = a.d.data() + m * a.nbp;
-      const float* xs = xsum.data() + m * a.nbp * (32 / F::SUB);
+      const int16_t* x = a.q + m * K;
+      const float* dx = a.d + m * a.nbp;
+      const float* xs = xsum + m * a.nbp * (32 / F::SUB);
       float y = 0.f;
       for (int64_t s = 0; s < subs; ++s) {
         int32_t p = 0;
@@ -753,7 +784,7 @@ void x16_tile_portable(const uint8_t* tile, const QuantizedActs& a, const OutTil
       F::values(block, 0, 1, q);
       F::scales(block, 0, 1, &scale, &min);
       for (int64_t m = 0; m < a.M; ++m) {
-        const int16_t* x = a.q.data() + m * a.K + blk * 32;
+        const int16_t* x = a.q + m * a.K + blk * 32;
         int32_t p = 0;
         for (int i = 0; i < 32; ++i) p += int32_t(q[i]) * int32_t(x[i]);
         out(m, n0 + r) += float(p) * scale * a.d[m * a.nbp + blk] + min * a.sum32[m * a.nbp + blk];
@@ -1001,12 +1032,12 @@ int64_t row_grain(int64_t K, int64_t M) {
 inline void store(float* p, float v) { *p = v; }
 inline void store(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }   // nearest even, as .to()
 
-// out[m, n] = tile(m, n) + bias[n] for n in [n0, n1), in the output's dtype.
+// out[m, n] = tile(m, n) + bias[n] for n in [n0, n1), in the output's dtype (rows ld apart).
 template <class T>
 void store_rows(const OutTile& tile, int64_t M, int64_t n0, int64_t n1, const float* bias, T* out,
-                int64_t N) {
+                int64_t ld) {
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = n0; n < n1; ++n) store(out + m * N + n, tile(m, n) + (bias ? bias[n] : 0.f));
+    for (int64_t n = n0; n < n1; ++n) store(out + m * ld + n, tile(m, n) + (bias ? bias[n] : 0.f));
 }
 
 // A task's float results for 16 weight rows: on the stack for decode-sized M.
@@ -1019,66 +1050,147 @@ struct TileBuffer {
   }
 };
 
+// One weight as the int kernel multiplies it (qtype a layout id, checked by check_int_weight).
+struct IntWeight {
+  const uint8_t* w;
+  int64_t qtype, K, N, row_bytes;
+  const float* bias;   // float32 [N] or null
+};
+
+void check_int_weight(const at::Tensor& w, int64_t qtype, int64_t K) {
+  if (!dispatch_x16(qtype, [&](auto fmt) { check_weight<typename decltype(fmt)::Tail>(w, K); }))
+    dispatch(qtype, [&](auto fmt) { check_weight<decltype(fmt)>(w, K); });
+}
+
+// The order the activations must be quantized in for this weight at SIMD level `level`.
+ActLayout int_act_layout(int64_t qtype, int64_t level) {
+  ActLayout layout = ActLayout::ELEMENT;
+  if (!dispatch_x16(qtype, [](auto) {}))
+    dispatch(qtype, [&](auto fmt) { layout = act_layout<decltype(fmt)>(level); });
+  return layout;
+}
+
+// y[:, g0:g1] for activations quantized in int_act_layout(W.qtype, level); g0 a multiple of 16.
+// Groups of 16 weight rows (an X16 tile, or 16 rows that stay in L1 while every activation tile
+// passes over them) go through a float tile. mm_int's tasks and the native linear's rows both
+// run this, so they agree bit for bit.
+template <class T>
+void int_tiles(const IntWeight& W, const QuantizedActs& acts, int64_t level, int64_t g0, int64_t g1,
+               T* y, int64_t ldy) {
+  TileBuffer buf(acts.M);
+  const bool x16 = dispatch_x16(W.qtype, [&](auto fmt) {
+    using X = decltype(fmt);
+    using P = typename X::Tail;
+    for (int64_t g = g0; g < g1; g += 16) {
+      const int64_t e = std::min(g + 16, g1);
+      const OutTile tile{buf.data, 16, g};
+      if (e - g == X16_ROWS) x16_tile_at<X>(level, W.w + g * W.row_bytes, acts, tile, g);
+      else int_rows_portable<P>(W.w, W.row_bytes, g, e, acts, tile);   // the planar last rows
+      store_rows(tile, acts.M, g, e, W.bias, y, ldy);
+    }
+  });
+  if (!x16)
+    dispatch(W.qtype, [&](auto fmt) {
+      using F = decltype(fmt);
+      for (int64_t g = g0; g < g1; g += 16) {
+        const int64_t e = std::min(g + 16, g1);
+        const OutTile tile{buf.data, 16, g};
+        int_rows_at<F>(level, W.w, W.row_bytes, g, e, acts, tile);
+        store_rows(tile, acts.M, g, e, W.bias, y, ldy);
+      }
+    });
+}
+
 // x [M, K] float32 or bfloat16 is read as it is and y [M, N] written in its dtype (other dtypes
-// go through float32). Weight rows are split over the threads; groups of 16 of them stay in L1
-// while every activation tile passes over them, their results in a float tile.
+// go through float32). Weight rows are split over the threads in groups of 16 (int_tiles).
 at::Tensor mm_int(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
               "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
+  check_int_weight(w, qtype, K);
   const at::ScalarType dtype = x.scalar_type();
   const bool direct = dtype == at::kFloat || dtype == at::kBFloat16;
   const at::Tensor xc = direct ? x.contiguous() : x.to(at::kFloat).contiguous();
   const int64_t M = xc.size(0), N = w.size(0);
   at::Tensor out = at::empty({M, N}, xc.options());
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  const IntWeight W{w.data_ptr<uint8_t>(), qtype, K, N, w.size(1),
+                    bias32.defined() ? bias32.data_ptr<float>() : nullptr};
   const int64_t level = simd_level();
+  const ActLayout layout = int_act_layout(qtype, level);
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
-  auto quantize = [&](ActLayout layout) -> const QuantizedActs& {
-    return bf16 ? quantize_acts(xc.data_ptr<c10::BFloat16>(), M, K, layout)
-                : quantize_acts(xc.data_ptr<float>(), M, K, layout);
-  };
-  auto store_tile = [&](const OutTile& tile, int64_t g, int64_t g1) {
-    if (bf16) store_rows(tile, M, g, g1, bp, out.data_ptr<c10::BFloat16>(), N);
-    else store_rows(tile, M, g, g1, bp, out.data_ptr<float>(), N);
-  };
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1), grain16 = std::max<int64_t>(1, row_grain(K, M) / 16);
-  // Tasks take whole groups of 16 rows (an X16 tile, or 16 rows that stay in L1 while every
-  // activation tile passes over them); each group's results go through a float tile.
-  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {
-    using X = decltype(fmt);
-    using P = typename X::Tail;
-    check_weight<P>(w, K);
-    const QuantizedActs& acts = quantize(ActLayout::ELEMENT);
-    at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
-      TileBuffer buf(M);
-      for (int64_t g = t0 * 16; g < std::min(t1 * 16, N); g += 16) {
-        const int64_t g1 = std::min(g + 16, N);
-        const OutTile tile{buf.data, 16, g};
-        if (g1 - g == X16_ROWS) x16_tile_at<X>(level, wp + g * row_bytes, acts, tile, g);
-        else int_rows_portable<P>(wp, row_bytes, g, g1, acts, tile);   // the planar last rows
-        store_tile(tile, g, g1);
-      }
-    });
+  const QuantizedActs& acts = bf16 ? quantize_acts(xc.data_ptr<c10::BFloat16>(), M, K, layout)
+                                   : quantize_acts(xc.data_ptr<float>(), M, K, layout);
+  const int64_t grain16 = std::max<int64_t>(1, row_grain(K, M) / 16);
+  at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
+    const int64_t g0 = t0 * 16, g1 = std::min(t1 * 16, N);
+    if (bf16) int_tiles(W, acts, level, g0, g1, out.data_ptr<c10::BFloat16>(), N);
+    else int_tiles(W, acts, level, g0, g1, out.data_ptr<float>(), N);
   });
-  if (!x16)
-    dispatch(qtype, [&](auto fmt) {
-      using F = decltype(fmt);
-      check_weight<F>(w, K);
-      const QuantizedActs& acts = quantize(act_layout<F>(level));
-      at::parallel_for(0, (N + 15) / 16, grain16, [&](int64_t t0, int64_t t1) {
-        TileBuffer buf(M);
-        for (int64_t g = t0 * 16; g < std::min(t1 * 16, N); g += 16) {
-          const int64_t g1 = std::min(g + 16, N);
-          const OutTile tile{buf.data, 16, g};
-          int_rows_at<F>(level, wp, row_bytes, g, g1, acts, tile);
-          store_tile(tile, g, g1);
-        }
-      });
-    });
   return direct ? out : out.to(dtype);
+}
+
+// ---- the native linear (kvyard_native.h) ------------------------------------------------------
+//
+// mm_int without the dispatcher, for the C++ decode step: prepare quantizes x into the caller's
+// scratch exactly as mm_int does (quantize_into, the layout of the SIMD level read then, stored
+// in the scratch), rows runs int_tiles on a range of whole 16-row groups.
+
+struct NativeLinear {
+  kvyard_native_linear desc;   // first: the descriptor's address is the tensor's
+  IntWeight weight;
+  bool bf16;
+};
+
+struct NativeScratch {   // followed by the activations, 64-byte aligned
+  int64_t level, M;
+  alignas(64) uint8_t acts[];
+};
+
+QuantizedActs native_acts(const NativeLinear& L, void* scratch, int64_t M) {
+  return bind_acts(static_cast<NativeScratch*>(scratch)->acts, M, L.weight.K);
+}
+
+int64_t native_scratch_bytes(const void* ctx, int64_t M) {
+  return int64_t(sizeof(NativeScratch)) + acts_bytes(M, static_cast<const NativeLinear*>(ctx)->weight.K);
+}
+
+void native_prepare(const void* ctx, const void* x, int64_t ldx, int64_t M, void* scratch) {
+  const auto& L = *static_cast<const NativeLinear*>(ctx);
+  auto* head = static_cast<NativeScratch*>(scratch);
+  head->level = simd_level();
+  head->M = M;
+  QuantizedActs acts = native_acts(L, scratch, M);
+  const ActLayout layout = int_act_layout(L.weight.qtype, head->level);
+  if (L.bf16) quantize_into(static_cast<const c10::BFloat16*>(x), ldx, acts, layout);
+  else quantize_into(static_cast<const float*>(x), ldx, acts, layout);
+}
+
+void native_rows(const void* ctx, const void* scratch, int64_t M, void* y, int64_t ldy, int64_t r0,
+                 int64_t r1) {
+  const auto& L = *static_cast<const NativeLinear*>(ctx);
+  auto* head = static_cast<NativeScratch*>(const_cast<void*>(scratch));
+  const QuantizedActs acts = native_acts(L, head, M);
+  if (L.bf16) int_tiles(L.weight, acts, head->level, r0, r1, static_cast<c10::BFloat16*>(y), ldy);
+  else int_tiles(L.weight, acts, head->level, r0, r1, static_cast<float*>(y), ldy);
+}
+
+// (descriptor bytes, float32 bias or empty): both, and w, must outlive every use of the descriptor.
+std::tuple<at::Tensor, at::Tensor> native_linear(const at::Tensor& w, int64_t qtype, int64_t K,
+                                                 const std::optional<at::Tensor>& bias, at::ScalarType dtype,
+                                                 int64_t max_rows) {
+  check_int_weight(w, qtype, K);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "kvyard_gguf.native_linear: float32 or bfloat16 expected");
+  const int64_t N = w.size(0);
+  at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::empty({0}, at::kFloat);
+  TORCH_CHECK(!bias.has_value() || bias32.numel() == N, "kvyard_gguf.native_linear: bias must have ", N, " values");
+  at::Tensor bytes = at::empty({int64_t(sizeof(NativeLinear))}, at::kByte);
+  auto* L = new (bytes.data_ptr()) NativeLinear{};
+  L->weight = IntWeight{w.data_ptr<uint8_t>(), qtype, K, N, w.size(1), bias.has_value() ? bias32.data_ptr<float>() : nullptr};
+  L->bf16 = dtype == at::kBFloat16;
+  L->desc = kvyard_native_linear{KVYARD_NATIVE_ABI, L, L->bf16 ? KVYARD_NATIVE_BF16 : KVYARD_NATIVE_F32, N, K, 16,
+                                 max_rows, &native_scratch_bytes, &native_prepare, &native_rows};
+  return {bytes, bias32};
 }
 
 // Dequantizes chunks of rows and multiplies each with one single-threaded gemm inside the
@@ -1246,6 +1358,8 @@ TORCH_LIBRARY(kvyard_gguf, m) {
   m.def("dequantize(Tensor w, int qtype, int in_features, ScalarType dtype) -> Tensor");
   m.def("repack(Tensor w, int qtype, int in_features) -> Tensor");
   m.def("repack_x16(Tensor w, int qtype, int in_features) -> Tensor");
+  m.def("native_linear(Tensor w, int qtype, int in_features, Tensor? bias, ScalarType dtype, int max_rows)"
+        " -> (Tensor, Tensor)", &kvyard_gguf::native_linear);
   m.def("native_bf16() -> bool", &kvyard_gguf::native_bf16);
   m.def("has_simd() -> bool", &kvyard_gguf::has_simd);
   m.def("simd_level() -> int", &kvyard_gguf::simd_level);

@@ -24,6 +24,7 @@ import gguf
 import torch
 import torch.nn.functional as F
 
+from kvyard.kernels.native import NativeKernel
 from kvyard.quantization import LinearMethod, LoweredLinear, QuantizationConfig, QuantizationMethod
 from kvyard_plugins.quantization import gguf_kernels
 
@@ -146,6 +147,25 @@ class GGUFLinearMethod(LinearMethod):
                 calls.append(("kvyard_gguf::mm_int", (weight, seg.kernel_qtype, layer.in_features, bias)))
         bias = None if one or layer.bias is None else layer.bias.to(self.dtype)
         return LoweredLinear(tuple(calls), bias, max_rows=gguf_kernels.DENSE_MIN_M - 1)
+
+    def lower_native(self, layer) -> Optional[NativeKernel]:
+        """``lower``'s int-kernel calls as native descriptors (the same activation quantization
+        and row kernels), where every segment is kept quantized and a bias, if any, sits in the
+        one segment's call."""
+        if self.dtype not in COMPUTE_DTYPES or not gguf_kernels.available():
+            return None
+        segments = layer.gguf_segments
+        if any(seg.kernel_qtype is None for seg in segments) or (len(segments) > 1 and layer.bias is not None):
+            return None
+        gguf_kernels.load()
+        descriptors, keep = [], []
+        for seg in segments:
+            weight = layer._buffers[seg.buffer]
+            desc, bias32 = torch.ops.kvyard_gguf.native_linear(weight, seg.kernel_qtype, layer.in_features, layer.bias,
+                                                               self.dtype, gguf_kernels.DENSE_MIN_M - 1)
+            descriptors.append(desc.data_ptr())
+            keep += [desc, bias32, weight]
+        return NativeKernel(tuple(descriptors), tuple(keep))
 
     @staticmethod
     def _segment(layer, seg: Segment, x2: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 from kvyard.kernels.cpp_build import CppLibrary, OptionalLibrary
 
 LIBRARY = CppLibrary(name="cpu_fused_ops", sources=(Path(__file__).with_name("fused_ops.cpp"),),
-                     extra_flags=("-ffp-contract=off",))
+                     headers=(Path(__file__).with_name("layer_ops.h"),), extra_flags=("-ffp-contract=off",))
 
 
 def available() -> bool:

@@ -1,6 +1,9 @@
 """The C++ decode loop (decode_loop.cpp): a pre-norm decoder's decode step over all layers in one
 call, for small CPU batches. Built at first use by kvyard.kernels.cpp_build.
 
+``NativePlan`` (native_step.cpp) is the same step in one OpenMP region over native kernel
+descriptors (kvyard.kernels.native); it holds the descriptors' handles for as long as it lives.
+
 ``DecodePlan`` owns one plan in the library (freed with the object). What each linear layer and
 the attention do is given as ``(op name, args)`` calls — the op is called as ``op(x, *args)`` —
 which the quantization method (``LinearMethod.lower``) and the attention plugin
@@ -17,8 +20,12 @@ import torch
 
 from kvyard.kernels import cpu_ops
 from kvyard.kernels.cpp_build import CppLibrary, OptionalLibrary
+from kvyard.kernels.native import NativeKernel
 
-LIBRARY = CppLibrary(name="cpu_decode_loop", sources=(Path(__file__).with_name("decode_loop.cpp"),))
+LIBRARY = CppLibrary(name="cpu_decode_loop",
+                     sources=(Path(__file__).with_name("decode_loop.cpp"), Path(__file__).with_name("native_step.cpp")),
+                     headers=(Path(cpu_ops.__file__).with_name("layer_ops.h"), Path(__file__).with_name("team.h"),
+                              Path(__file__).with_name("plan_table.h")), extra_flags=("-ffp-contract=off",))
 QKV, O, GATE_UP, DOWN = range(4)   # a layer's linear slots
 
 Call = tuple[str, Sequence]        # ("namespace::op[.overload]", args after x)
@@ -62,3 +69,39 @@ class DecodePlan:
              table: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """h [B, hidden] embeddings, cos/sin [B, 1, D] -> hidden [B, hidden] after the final norm."""
         return self._ops.decode_step(self.id, h, cos, sin, loc, table, rows, lens)
+
+
+class NativePlan:
+    """One decoder's plan for the native step. Build: ``add_layer`` per layer in order, then
+    ``add_linear`` for each of its four linear slots; then ``step`` any number of times with at
+    most ``max_rows`` rows (the smallest the descriptors allow, and the caller's cap)."""
+
+    def __init__(self, eps: float, final_norm: torch.Tensor, max_rows: int):
+        if not available():
+            raise RuntimeError("kvyard's CPU decode loop could not be built here (see the log)")
+        self._ops = torch.ops.kvyard_decode
+        self.id = int(self._ops.native_plan_new(eps, final_norm, max_rows))
+        self.num_layers = 0
+        self._keep: list[NativeKernel] = []   # the descriptors' handles: valid while the plan lives
+        weakref.finalize(self, self._ops.native_plan_free, self.id)
+
+    def add_layer(self, in_norm: torch.Tensor, post_norm: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                  attention: NativeKernel) -> int:
+        self._keep.append(attention)
+        self._ops.native_plan_add_layer(self.id, in_norm, post_norm, k_buf, v_buf, attention.descriptors[0])
+        self.num_layers += 1
+        return self.num_layers - 1
+
+    def add_linear(self, layer: int, which: int, linear: NativeKernel) -> None:
+        self._keep.append(linear)
+        for address in linear.descriptors:
+            self._ops.native_plan_add_segment(self.id, layer, which, address)
+
+    def check(self) -> int:
+        """Validates the finished plan (raises RuntimeError naming what is wrong); its max rows."""
+        return int(self._ops.native_plan_check(self.id))
+
+    def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loc: torch.Tensor,
+             table: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """As DecodePlan.step: h [B, hidden] embeddings -> hidden [B, hidden] after the final norm."""
+        return self._ops.native_step(self.id, h, cos, sin, loc, table, rows, lens)

@@ -18,7 +18,7 @@
 // The same ops in the same order as the Python layers (kvyard.layers, plugins/models/llama_model.py)
 // with the same kernels, so the result is bitwise the Python step's. A linear layer is one or more
 // segment calls whose outputs are concatenated along the last dim, then an optional bias.
-// Plans live in a table indexed by id until plan_free; ids are reused.
+// Plans live in a table indexed by id until plan_free (plan_table.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/ivalue.h>
@@ -28,10 +28,11 @@
 #include <torch/library.h>
 
 #include <memory>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "plan_table.h"
 
 namespace kvyard_decode {
 namespace {
@@ -83,14 +84,9 @@ struct Plan {
   std::vector<Layer> layers;
 };
 
-std::mutex plans_mutex;
-std::vector<std::unique_ptr<Plan>> plans;   // index = plan id; null = free
+kvyard_decode_plans::PlanTable<Plan> plans;
 
-Plan& plan_at(int64_t id) {
-  std::lock_guard<std::mutex> guard(plans_mutex);
-  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(plans.size()) && plans[id], "decode plan ", id, " does not exist");
-  return *plans[id];
-}
+Plan& plan_at(int64_t id) { return plans.at(id); }
 
 Call make_call(const std::string& qualified, const c10::List<c10::IValue>& args) {
   auto sep = qualified.find("::");
@@ -132,22 +128,10 @@ const CoreOps& core_ops() {
 // -- plan building ------------------------------------------------------------------------------
 int64_t plan_new(double eps, const at::Tensor& final_norm) {
   core_ops();   // fail here, not mid-step, when the fused ops are not loaded
-  auto plan = std::make_unique<Plan>(Plan{eps, final_norm, {}});
-  std::lock_guard<std::mutex> guard(plans_mutex);
-  for (size_t i = 0; i < plans.size(); ++i) {
-    if (!plans[i]) {
-      plans[i] = std::move(plan);
-      return static_cast<int64_t>(i);
-    }
-  }
-  plans.push_back(std::move(plan));
-  return static_cast<int64_t>(plans.size() - 1);
+  return plans.add(std::make_unique<Plan>(Plan{eps, final_norm, {}}));
 }
 
-void plan_free(int64_t id) {
-  std::lock_guard<std::mutex> guard(plans_mutex);
-  if (id >= 0 && id < static_cast<int64_t>(plans.size())) plans[id].reset();
-}
+void plan_free(int64_t id) { plans.free(id); }
 
 void plan_add_layer(int64_t id, const at::Tensor& in_norm, const at::Tensor& post_norm, const at::Tensor& k_buf,
                     const at::Tensor& v_buf, int64_t heads, int64_t kv_heads, int64_t head_dim,

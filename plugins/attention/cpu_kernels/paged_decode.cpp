@@ -16,6 +16,9 @@
 // float32. For head_dim 64 and 128 (AVX2) the scores take eight tokens per horizontal reduction and
 // the value sum keeps its D accumulators in registers: 3.5-5x the per-token loop (batch 32 x 192
 // tokens, SmolLM2 heads, one thread: ~0.77 vs 2.8-3.9 ms per layer; benchmarks/cpu/paged_decode.py).
+//
+// native_decode(k_pool, v_pool, heads, scale) -> the same per-pair code as a kvyard_native.h
+// attention descriptor (uint8 tensor) for the C++ decode step, which splits the pairs itself.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,8 +28,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <new>
 #include <vector>
 
+#include "kvyard_native.h"
 #include "kvyard_simd.h"
 
 namespace kvyard_attn {
@@ -170,56 +175,97 @@ void pair_blocked(const float* qf, const KV* kp, const KV* vp, const int32_t* sl
 }
 #endif
 
+// The pairs [p0, p1) of (sequence b = p / Hkv, kv head h = p % Hkv): out[b, hG:(h+1)G] for the
+// G query heads of group h. Both the op's parallel tasks and the native descriptor run this.
+template <typename Q, typename KV>
+void decode_pairs(const Q* qp, const KV* kp, const KV* vp, const int32_t* tp, int64_t table_stride,
+                  const int64_t* rp, const int64_t* lp, int64_t H, int64_t Hkv, int64_t D, float fscale, Q* op,
+                  int64_t p0, int64_t p1) {
+  const int64_t G = H / Hkv, slot_stride = Hkv * D;
+  std::vector<float> qf(G * D), acc(G * D), denom(G), scores;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t b = p / Hkv, h = p % Hkv;
+    const int64_t len = std::max<int64_t>(lp[b], 1);
+    const int32_t* slots = tp + rp[b] * table_stride;
+    const Q* qb = qp + (b * H + h * G) * D;
+    for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qb[i]);
+    scores.resize(G * len);
+    const KV* kh = kp + h * D;
+    const KV* vh = vp + h * D;
+#ifdef KVYARD_AVX2
+    if (D == 64 || D == 128) {
+      if (D == 64)
+        pair_blocked<8>(qf.data(), kh, vh, slots, len, G, slot_stride, fscale, scores.data(), acc.data(), denom.data());
+      else
+        pair_blocked<16>(qf.data(), kh, vh, slots, len, G, slot_stride, fscale, scores.data(), acc.data(), denom.data());
+    } else
+#endif
+    {
+      for (int64_t t = 0; t < len; ++t) {
+        const KV* k = kh + static_cast<int64_t>(slots[t]) * slot_stride;
+        for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qf.data() + g * D, k, D) * fscale;
+      }
+      for (int64_t g = 0; g < G; ++g) denom[g] = softmax_numerator(scores.data() + g * len, len);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < len; ++t) {
+        const KV* v = vh + static_cast<int64_t>(slots[t]) * slot_stride;
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t], v, acc.data() + g * D, D);
+      }
+    }
+    Q* ob = op + (b * H + h * G) * D;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < D; ++i) ob[g * D + i] = static_cast<Q>(acc[g * D + i] / denom[g]);
+  }
+}
+
 template <typename Q, typename KV>
 void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
             const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, double scale,
             at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_pool.size(1);
-  const int64_t G = H / Hkv, slot_stride = Hkv * D, table_stride = table.stride(0);
-  const Q* qp = q.data_ptr<Q>();
-  const KV* kp = k_pool.data_ptr<KV>();
-  const KV* vp = v_pool.data_ptr<KV>();
-  const int32_t* tp = table.data_ptr<int32_t>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  Q* op = out.data_ptr<Q>();
-  const float fscale = static_cast<float>(scale);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> qf(G * D), acc(G * D), denom(G), scores;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / Hkv, h = p % Hkv;
-      const int64_t len = std::max<int64_t>(lp[b], 1);
-      const int32_t* slots = tp + rp[b] * table_stride;
-      const Q* qb = qp + (b * H + h * G) * D;
-      for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qb[i]);
-      scores.resize(G * len);
-      const KV* kh = kp + h * D;
-      const KV* vh = vp + h * D;
-#ifdef KVYARD_AVX2
-      if (D == 64 || D == 128) {
-        if (D == 64)
-          pair_blocked<8>(qf.data(), kh, vh, slots, len, G, slot_stride, fscale, scores.data(), acc.data(), denom.data());
-        else
-          pair_blocked<16>(qf.data(), kh, vh, slots, len, G, slot_stride, fscale, scores.data(), acc.data(), denom.data());
-      } else
-#endif
-      {
-        for (int64_t t = 0; t < len; ++t) {
-          const KV* k = kh + static_cast<int64_t>(slots[t]) * slot_stride;
-          for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qf.data() + g * D, k, D) * fscale;
-        }
-        for (int64_t g = 0; g < G; ++g) denom[g] = softmax_numerator(scores.data() + g * len, len);
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t t = 0; t < len; ++t) {
-          const KV* v = vh + static_cast<int64_t>(slots[t]) * slot_stride;
-          for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t], v, acc.data() + g * D, D);
-        }
-      }
-      Q* ob = op + (b * H + h * G) * D;
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < D; ++i) ob[g * D + i] = static_cast<Q>(acc[g * D + i] / denom[g]);
-    }
+    decode_pairs(q.data_ptr<Q>(), k_pool.data_ptr<KV>(), v_pool.data_ptr<KV>(), table.data_ptr<int32_t>(),
+                 table.stride(0), rows.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), H, Hkv, D,
+                 static_cast<float>(scale), out.data_ptr<Q>(), p0, p1);
   });
+}
+
+// ---- the native decode attention (kvyard_native.h) ------------------------------------------
+
+struct NativeAttention {
+  kvyard_native_attention desc;   // first: the descriptor's address is the tensor's
+  const void *k_pool, *v_pool;
+  float scale;
+};
+
+template <typename T>
+void native_pairs(const void* ctx, const void* q, const int32_t* table, int64_t table_stride, const int64_t* rows,
+                  const int64_t* lens, int64_t, void* out, int64_t p0, int64_t p1) {
+  const auto& A = *static_cast<const NativeAttention*>(ctx);
+  decode_pairs(static_cast<const T*>(q), static_cast<const T*>(A.k_pool), static_cast<const T*>(A.v_pool), table,
+               table_stride, rows, lens, A.desc.heads, A.desc.kv_heads, A.desc.head_dim, A.scale,
+               static_cast<T*>(out), p0, p1);
+}
+
+// Descriptor bytes for one layer's pools (q, out and the pools in the pools' dtype); the pools
+// must outlive every use of it.
+at::Tensor native_decode(const at::Tensor& k_pool, const at::Tensor& v_pool, int64_t heads, double scale) {
+  TORCH_CHECK(k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes() && k_pool.is_contiguous() &&
+                  v_pool.is_contiguous() && k_pool.scalar_type() == v_pool.scalar_type(),
+              "native_decode: contiguous pools [S, Hkv, D] of one dtype expected");
+  TORCH_CHECK(heads > 0 && heads % k_pool.size(1) == 0, "native_decode: heads must be a multiple of Hkv");
+  const auto dt = k_pool.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "native_decode: float32 or bfloat16 pools expected");
+  at::Tensor bytes = at::empty({int64_t(sizeof(NativeAttention))}, at::kByte);
+  auto* A = new (bytes.data_ptr()) NativeAttention{};
+  const bool bf16 = dt == at::kBFloat16;
+  A->desc = kvyard_native_attention{KVYARD_NATIVE_ABI, A, bf16 ? KVYARD_NATIVE_BF16 : KVYARD_NATIVE_F32, heads,
+                                    k_pool.size(1), k_pool.size(2),
+                                    bf16 ? &native_pairs<c10::BFloat16> : &native_pairs<float>};
+  A->k_pool = k_pool.data_ptr();
+  A->v_pool = v_pool.data_ptr();
+  A->scale = static_cast<float>(scale);
+  return bytes;
 }
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
@@ -255,6 +301,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
 }  // namespace kvyard_attn
 
 TORCH_LIBRARY(kvyard_attn, m) {
+  m.def("native_decode(Tensor k_pool, Tensor v_pool, int heads, float scale) -> Tensor",
+        &kvyard_attn::native_decode);
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor rows, "
         "Tensor lens, float scale) -> Tensor");
 }

@@ -112,3 +112,127 @@ def test_gguf_lowered_calls_equal_apply(sizes, bias):
         y = y + low.bias
     assert torch.equal(y, method.apply(layer, x))
     assert low.max_rows is not None and low.max_rows >= 1
+
+
+# -- the native step (one OpenMP region over native descriptors) --------------------------------
+
+def gguf_llama(dtype: torch.dtype):
+    """A tiny Llama kept quantized by the GGUF method: Q4_1 projections, Q8_0 v_proj (so the
+    fused qkv layer has two segments of different formats)."""
+    from kvyard_plugins.quantization.gguf_method import GGUFQuantization
+
+    hf = tiny_llama()
+    hf.config.architectures = ["LlamaForCausalLM"]
+    quant = GGUFQuantization(QuantizationConfig("gguf", dtype, "cpu"))
+    model = ModelRegistry.resolve(hf.config.architectures)(hf.config, ModelBuildContext(dtype, "cpu", quant))
+    Q = gguf.GGMLQuantizationType
+
+    def weights():
+        for name, value in hf.state_dict().items():
+            if name.endswith("proj.weight"):
+                qtype = Q.Q8_0 if "v_proj" in name else Q.Q4_1
+                data = gguf.quants.quantize(value.float().numpy(), qtype)
+                yield name, QuantizedTensor(torch.from_numpy(data), tuple(value.shape), int(qtype))
+            else:
+                yield name, value.to(dtype)
+
+    model.load_weights(weights())
+    return model.eval(), hf.config
+
+
+def dtype_harness(model, cfg, dtype: torch.dtype) -> Harness:
+    """quant_helpers.harness with the activations and the pool in ``dtype``."""
+    from dataclasses import replace
+
+    from forward_harness import PagedKV
+    from kvyard.plugins import registry
+
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = PagedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, num_pages=512, dtype=dtype)
+    config = replace(kv.backend_config(cfg.num_attention_heads, head_dim), dtype=dtype)
+    return Harness(model, registry("attention_backends").get("torch_native")(config), kv)
+
+
+def generate_with(model, cfg, dtype, prompts, native: bool, monkeypatch, steps=10):
+    base = dtype_harness(model, cfg, dtype)
+    with monkeypatch.context() as m:
+        m.setenv("KVYARD_CPU_NATIVE_STEP", "1" if native else "0")
+        runner = LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu")
+    assert runner is not None and (runner.native is not None) == native
+    if native and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        # rmsnorm's row sums in ATen's own order, not through at::sum (checked at plan build)
+        assert torch.ops.kvyard_decode.native_plan_sum_lanes(runner.native.id) in (8, 16)
+    return LoopHarness(base, runner).generate(prompts, steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_native_step_equals_the_dispatcher_loop(dtype, batch, monkeypatch):
+    model, cfg = gguf_llama(dtype)
+    prompts = PROMPTS[:batch]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)   # the stages split over threads, with barriers between them
+    try:
+        native = generate_with(model, cfg, dtype, prompts, True, monkeypatch)
+        loop = generate_with(model, cfg, dtype, prompts, False, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    python = dtype_harness(model, cfg, dtype).generate(prompts, 10)
+    assert native.tokens == loop.tokens == python.tokens
+    for a, b, c in zip(native.logits, loop.logits, python.logits):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_native_step_needs_every_piece_native():
+    """A dense (float) model has no native linears: the runner keeps the dispatcher loop."""
+    hf = tiny_llama()
+    hf.config.architectures = ["LlamaForCausalLM"]
+    model = kvyard_model(hf)
+    base = harness(model, hf.config)
+    runner = LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu")
+    assert runner is not None and runner.native is None and runner.native_max == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_native_step_on_the_default_model(smollm2_path, dtype, monkeypatch):
+    """SmolLM2 Q4_1 kept quantized (the default model): the native step's logits are the
+    dispatcher loop's and the Python step's, bit for bit, at batch 1 and 3."""
+    from quant_helpers import runner
+
+    r = runner(smollm2_path, "gguf", dtype=dtype)
+    assert r.decode_graphs is not None and r.decode_graphs.native is not None
+    model, cfg, torch_dtype = r.model, r.model_config.hf_config, getattr(torch, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for prompts in (PROMPTS[:1], PROMPTS[:3]):
+            native = generate_with(model, cfg, torch_dtype, prompts, True, monkeypatch, steps=6)
+            loop = generate_with(model, cfg, torch_dtype, prompts, False, monkeypatch, steps=6)
+            python = dtype_harness(model, cfg, torch_dtype).generate(prompts, 6)
+            assert native.tokens == loop.tokens == python.tokens
+            for a, b, c in zip(native.logits, loop.logits, python.logits):
+                assert torch.equal(a, b) and torch.equal(a, c)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_step_equal_with_a_busy_core_beside(monkeypatch):
+    """With another process holding a core, the team's helpers get preempted mid-chunk and the
+    step may fall back to solo steps (team.h): the results stay the loop's, bit for bit."""
+    import subprocess
+    import sys
+
+    model, cfg = gguf_llama(torch.bfloat16)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        native = generate_with(model, cfg, torch.bfloat16, PROMPTS[:2], True, monkeypatch, steps=24)
+    finally:
+        torch.set_num_threads(threads)
+        busy.kill()
+        busy.wait()
+    loop = generate_with(model, cfg, torch.bfloat16, PROMPTS[:2], False, monkeypatch, steps=24)
+    assert native.tokens == loop.tokens
+    for a, b in zip(native.logits, loop.logits):
+        assert torch.equal(a, b)
