@@ -7,6 +7,7 @@ rows k // 8 of qweight, shifts out nibble k % 8, subtracts the zero and multipli
 group g_idx[k] (any order: GPTQ act-order too), and accumulates x_tile @ w_tile in float32
 (bf16 / fp16 inputs: a tf32 tensor-core dot, x exact in tf32 and the dequantized weight rounded
 to tf32's 10-bit mantissa; float32 inputs: an exact float32 dot), in 64 x 64 tiles (M > 16).
+``int4_gemm_tiled`` runs it at any M (16 x 32 tiles up to 16 rows; benchmarks compare).
 Invariants: K % 8 == 0; scales in x's dtype family; the result is cast to x's dtype.
 
 Decode sizes (M <= 16) take a split-K GEMV instead (``_int4_gemv_kernel``): the tiled kernel's
@@ -138,15 +139,28 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     """x [M, K] -> y [M, N] in x's dtype (canonical int4 weight). ``group_size`` > 0 promises
     g_idx == k // group_size (the GEMV then reads scales by row); 0: read g_idx. M <= 16: the
     split-K GEMV (``split`` forces its split count: tests); larger M: the tiled kernel."""
+    x = _check(x, qweight)
+    if x.shape[0] <= GEMV_MAX_M:
+        return _int4_gemv(x, qweight, scales, zeros, g_idx, group_size, split)
+    return int4_gemm_tiled(x, qweight, scales, zeros, g_idx)
+
+
+def int4_gemm_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    g_idx: torch.Tensor) -> torch.Tensor:
+    """The tiled kernel at any M (16 x 32 tiles up to 16 rows: what decode ran before the GEMV)."""
+    x = _check(x, qweight)
     m, k = x.shape
     n = qweight.shape[1]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m, block_n = (16, 32) if m <= GEMV_MAX_M else (64, 64)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _int4_gemm_kernel[grid](x, qweight, scales, zeros, g_idx, y, m, n, k, x.stride(0), y.stride(0),
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, FP32=x.dtype == torch.float32)
+    return y
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    k = x.shape[1]
     if k % 8 or qweight.shape[0] * 8 != k:
         raise ValueError(f"int4_gemm: K {k} does not match qweight {tuple(qweight.shape)}")
-    x = x.contiguous()
-    if m <= GEMV_MAX_M:
-        return _int4_gemv(x, qweight, scales, zeros, g_idx, group_size, split)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
-    _int4_gemm_kernel[grid](x, qweight, scales, zeros, g_idx, y, m, n, k, x.stride(0), y.stride(0),
-                            BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, FP32=x.dtype == torch.float32)
-    return y
+    return x.contiguous()

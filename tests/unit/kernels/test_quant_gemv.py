@@ -21,7 +21,7 @@ import triton                                                    # noqa: E402
 import triton.language as tl                                     # noqa: E402
 
 from kvyard.kernels.triton_ops import fp8_gemv as fg             # noqa: E402
-from kvyard.kernels.triton_ops.int4_gemm import int4_gemm        # noqa: E402
+from kvyard.kernels.triton_ops.int4_gemm import int4_gemm, int4_gemm_tiled   # noqa: E402
 from kvyard.kernels.triton_ops.splitk import plan_split          # noqa: E402
 
 F32 = dict(rtol=1e-5, atol=1e-5)
@@ -116,6 +116,15 @@ def test_int4_gemv_equals_dequantized_matmul(m, k, n, group, act_order, split):
     for group_size in (0,) if act_order else (0, group):     # gathered, and scales read by row
         got = int4_gemm(x, qweight, scales, zeros, g_idx, group_size, split=split)
         torch.testing.assert_close(got, expected, **F32)
+
+
+def test_int4_tiled_kernel_at_decode_sizes():
+    """The tiled kernel (benchmarks compare it) still serves M <= 16 when called directly."""
+    torch.manual_seed(7)
+    qweight, scales, zeros, g_idx = _int4(80, 256, 64, False, torch.float32)
+    x = torch.randn(3, 256)
+    expected = x @ qm.dequantize_int4(qweight, scales, zeros, g_idx, torch.float32).t()
+    torch.testing.assert_close(int4_gemm_tiled(x, qweight, scales, zeros, g_idx), expected, **F32)
 
 
 def test_int4_gemv_bfloat16():
