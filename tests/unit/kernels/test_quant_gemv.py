@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kvyard.layers import quant_math as qm
+from quant_helpers import layer_both_ways
 
 pytest.importorskip("triton")
 
@@ -138,20 +139,16 @@ def test_int4_gemv_bfloat16():
 
 
 @pytest.fixture
-def forced(monkeypatch):
-    """The layers' Triton paths on CPU tensors; counts fp8_gemv calls."""
-    from kvyard.layers import quantized_linear as ql
-
+def gemv_calls(monkeypatch):
+    """The row counts fp8_gemv is called with."""
     calls = []
     real = fg.fp8_gemv
     monkeypatch.setattr(fg, "fp8_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    ql.force_triton(True)
-    yield calls
-    ql.force_triton(False)
+    return calls
 
 
 @pytest.mark.parametrize("activation", ["dynamic", "static"])
-def test_fp8_layer_routes_decode_sizes_to_the_gemv(forced, activation):
+def test_fp8_layer_routes_decode_sizes_to_the_gemv(gemv_calls, activation):
     from kvyard.layers import quantized_linear as ql
     from kvyard.layers.linear import Linear
 
@@ -165,14 +162,9 @@ def test_fp8_layer_routes_decode_sizes_to_the_gemv(forced, activation):
         if activation == "static":
             layer.load_tensor(shard, "input_scale", torch.tensor(0.01 * (shard + 1)))
     layer.process_after_loading()
-    for m in (1, 16, 17):
-        x = torch.randn(m, k)
-        got = layer(x)
-        ql.force_triton(False)
-        expected = layer(x)                       # the float32 emulation path
-        ql.force_triton(True)
-        torch.testing.assert_close(got, expected, **F32)
-    assert forced == [1, 16]                      # 17 rows keep the GEMM path
+    for m in (1, 16, 17):                         # CPU: the float32 emulation path
+        torch.testing.assert_close(*layer_both_ways(layer, torch.randn(m, k)), **F32)
+    assert gemv_calls == [1, 16]                  # 17 rows keep the GEMM path
 
 
 def test_int4_layer_knows_sequential_groups():
@@ -183,18 +175,10 @@ def test_int4_layer_knows_sequential_groups():
     layer.load_shard(0, torch.randn(64, 256))
     layer.process_after_loading()
     assert layer.int4_group == 64
-    x = torch.randn(2, 256)
-    expected = layer(x)
-    ql.force_triton(True)
-    try:
-        got = layer(x)
-    finally:
-        ql.force_triton(False)
-    torch.testing.assert_close(got, expected, **F32)
+    torch.testing.assert_close(*layer_both_ways(layer, torch.randn(2, 256)), **F32)
 
 
 def test_int4_layer_gathers_act_order_groups():
-    from kvyard.layers import quantized_linear as ql
     from kvyard.layers.linear import Linear
     from kvyard_plugins.quantization.gptq_method import GPTQLinearMethod
 
@@ -206,11 +190,4 @@ def test_int4_layer_gathers_act_order_groups():
         layer.load_tensor(0, name, t)
     layer.process_after_loading()
     assert layer.int4_group == 0
-    x = torch.randn(4, 128)
-    expected = layer(x)
-    ql.force_triton(True)
-    try:
-        got = layer(x)
-    finally:
-        ql.force_triton(False)
-    torch.testing.assert_close(got, expected, **F32)
+    torch.testing.assert_close(*layer_both_ways(layer, torch.randn(4, 128)), **F32)
