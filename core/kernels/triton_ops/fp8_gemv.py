@@ -25,7 +25,6 @@ import triton.language as tl
 from kvyard.kernels.triton_ops.splitk import plan_split, sm_count, splitk_reduce
 
 MAX_M = 16
-FP8_MAX = 448.0
 BLOCK_N, BLOCK_K, BLOCK_AMAX = 64, 128, 512
 
 
