@@ -106,6 +106,8 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, input_scale: Op
                          f"(M <= {MAX_M}, K and N must match)")
     x = x if x.stride(1) == 1 else x.contiguous()
     out_dtype = out_dtype or x.dtype
+    if m == 0:
+        return torch.empty(0, n, dtype=out_dtype, device=x.device)
     plan = plan_split(k, triton.cdiv(n, BLOCK_N), BLOCK_K, sm_count(x.device), split)
     dynamic = input_scale is None
     sx = torch.empty(m, dtype=torch.float32, device=x.device) if dynamic else input_scale.reshape(1)

@@ -140,6 +140,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     g_idx == k // group_size (the GEMV then reads scales by row); 0: read g_idx. M <= 16: the
     split-K GEMV (``split`` forces its split count: tests); larger M: the tiled kernel."""
     x = _check(x, qweight)
+    if x.shape[0] == 0:
+        return torch.empty(0, qweight.shape[1], dtype=x.dtype, device=x.device)
     if x.shape[0] <= GEMV_MAX_M:
         return _int4_gemv(x, qweight, scales, zeros, g_idx, group_size, split)
     return int4_gemm_tiled(x, qweight, scales, zeros, g_idx)

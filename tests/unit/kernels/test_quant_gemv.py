@@ -48,6 +48,13 @@ def test_fp8_gemv_dynamic_equals_float32_emulation(m, k, n, split):
     torch.testing.assert_close(got, expected, **F32)
 
 
+def test_zero_rows_give_empty_outputs():
+    wq, sw = _fp8_weight(64, 256)
+    assert fg.fp8_gemv(torch.empty(0, 256), wq, sw).shape == (0, 64)
+    qweight, scales, zeros, g_idx = _int4(64, 256, 64, False, torch.float32)
+    assert int4_gemm(torch.empty(0, 256), qweight, scales, zeros, g_idx, 64).shape == (0, 64)
+
+
 @pytest.mark.parametrize("m,split", [(1, 2), (9, None)])
 def test_fp8_gemv_static_scale(m, split):
     torch.manual_seed(m)
