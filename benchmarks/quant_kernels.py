@@ -8,11 +8,19 @@ For each (M, K, N) it times, with CUDA events (median of `--iters` after warm-up
   int8           per-token int8 quantization + torch._int_mm + both scales (Int8LinearMethod)
   fp8-block      128x128 block-scaled fp8 (per-token-group x): the Triton block-scaled GEMM
                  (kvyard.kernels.triton_ops.fp8_block_gemm), quantization of x included
-  int4-triton    the Triton dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm), group 128
+  fp8-gemv       M <= 16: the Triton fp8 GEMV (kvyard.kernels.triton_ops.fp8_gemv), per-token
+                 quantization of x inside the kernel (what Fp8LinearMethod runs at decode
+                 sizes); fp8-gemv-static: a static activation scale; fp8-gemv-sN: N K-splits
+  int4-triton    the tiled Triton dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm_tiled), group 128
+  int4-gemv      M <= 16: int4_gemm's split-K GEMV (group 128 read by row); int4-gemv-sN: N splits
   int4-dequant   dequantize the int4 weight to bf16, then F.linear
-and prints one JSON line per (shape, path): {"m", "k", "n", "path", "us", "tflops", "vs_bf16"}.
+and prints one JSON line per (shape, path): {"m", "k", "n", "path", "us", "graph_us", "tflops",
+"vs_bf16", "rel_err"}: us are eager launches, graph_us the same call replayed from a CUDA graph
+(10 calls a replay; what decode runs: no launch overhead; None where capture fails); rel_err
+the relative L2 error against the float32 reference of the path's own quantization (fp8 and int4
+paths; the GEMV rows also check that two runs are bit-identical: "deterministic").
 
-    python benchmarks/quant_kernels.py [--m 1 16 64 1024] [--iters 50]
+    python benchmarks/quant_kernels.py [--m 1 16 64 1024] [--iters 50] [--gemv-splits 1 4 16]
 """
 from __future__ import annotations
 
@@ -41,9 +49,25 @@ def timed(fn, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def paths(x: torch.Tensor, w: torch.Tensor):
+def timed_graph(fn, iters: int, calls: int = 10):
+    """Median us per call of ``calls`` back-to-back calls captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, iters) / calls
+
+
+def paths(x: torch.Tensor, w: torch.Tensor, splits: list[int]):
+    """{name: (fn, float32 reference or None)}."""
     from kvyard.kernels.triton_ops.fp8_block_gemm import fp8_block_gemm
-    from kvyard.kernels.triton_ops.int4_gemm import int4_gemm
+    from kvyard.kernels.triton_ops.fp8_gemv import MAX_M, fp8_gemv
+    from kvyard.kernels.triton_ops.int4_gemm import int4_gemm, int4_gemm_tiled
 
     wq8, sw8 = qm.fp8_per_row(w)
     sw8 = sw8.view(1, -1)
@@ -68,22 +92,48 @@ def paths(x: torch.Tensor, w: torch.Tensor):
         xq, sx = qm.int8_per_row(x)
         return (qm.int_mm(xq, wi8_t).float() * sx * swi8).to(x.dtype)
 
-    return {
-        "bf16": lambda: F.linear(x, w),
-        "fp8-scaled_mm": fp8,
-        "fp8-gemm-only": lambda: torch._scaled_mm(xq8, wq8.t(), scale_a=sx8, scale_b=sw8, out_dtype=x.dtype),
-        "fp8-dequant": lambda: F.linear(x, (wq8.to(x.dtype) * sw8.t().to(x.dtype))),
-        "fp8-block": fp8_block,
-        "int8": int8,
-        "int4-triton": lambda: int4_gemm(x, qweight, s4, z4, g_idx),
-        "int4-dequant": lambda: F.linear(x, qm.dequantize_int4(qweight, s4, z4, g_idx, x.dtype)),
+    ref8 = (xq8.float() @ wq8.float().t()) * sx8 * sw8
+    static = sx8.amax().reshape(())                  # one scale covering every token
+    ref8s = (qm.fp8_quantize(x, static).float() @ wq8.float().t()) * static * sw8
+    ref4 = x.float() @ qm.dequantize_int4(qweight, s4, z4, g_idx, torch.float32).t()
+    sw8_n = sw8.view(-1)
+    out = {
+        "bf16": (lambda: F.linear(x, w), None),
+        "fp8-scaled_mm": (fp8, ref8),
+        "fp8-gemm-only": (lambda: torch._scaled_mm(xq8, wq8.t(), scale_a=sx8, scale_b=sw8, out_dtype=x.dtype), ref8),
+        "fp8-dequant": (lambda: F.linear(x, (wq8.to(x.dtype) * sw8.t().to(x.dtype))), None),
+        "fp8-block": (fp8_block, None),
+        "int8": (int8, None),
+        "int4-triton": (lambda: int4_gemm_tiled(x, qweight, s4, z4, g_idx), ref4),
+        "int4-dequant": (lambda: F.linear(x, qm.dequantize_int4(qweight, s4, z4, g_idx, x.dtype)), None),
     }
+    if x.shape[0] <= MAX_M:
+        out["fp8-gemv"] = (lambda: fp8_gemv(x, wq8, sw8_n), ref8)
+        out["fp8-gemv-static"] = (lambda: fp8_gemv(x, wq8, sw8_n, static), ref8s)
+        out["int4-gemv"] = (lambda: int4_gemm(x, qweight, s4, z4, g_idx, 128), ref4)
+        for sp in splits:
+            out[f"fp8-gemv-s{sp}"] = (lambda sp=sp: fp8_gemv(x, wq8, sw8_n, split=sp), ref8)
+            out[f"int4-gemv-s{sp}"] = (lambda sp=sp: int4_gemm(x, qweight, s4, z4, g_idx, 128, split=sp), ref4)
+    return out
+
+
+def accuracy(name: str, fn, ref) -> dict:
+    """rel_err against the float32 reference; GEMV rows: bit-identical across two runs."""
+    if ref is None:
+        return {}
+    y = fn().float()
+    row = {"rel_err": float(f"{((y - ref).norm() / ref.norm()).item():.3g}")}
+    if "gemv" in name:
+        row["deterministic"] = bool(torch.equal(fn().float(), y))
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 1024])
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--gemv-splits", type=int, nargs="*", default=[1, 4, 16],
+                        help="extra GEMV rows with a forced split-K count (M <= 16)")
     args = parser.parse_args()
     torch.manual_seed(0)
     for k, n in SHAPES:
@@ -91,16 +141,23 @@ def main() -> None:
         for m in args.m:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = None
-            for name, fn in paths(x, w).items():
+            for name, (fn, ref) in paths(x, w, args.gemv_splits).items():
                 try:
                     us = timed(fn, args.iters)
+                    extra = accuracy(name, fn, ref)
                 except Exception as exc:   # a path the device cannot run: say so, go on
                     print(json.dumps({"m": m, "k": k, "n": n, "path": name, "error": str(exc).splitlines()[0][:200]}))
                     continue
-                base = us if name == "bf16" else base
-                print(json.dumps({"m": m, "k": k, "n": n, "path": name, "us": round(us, 2),
+                try:
+                    graph_us = round(timed_graph(fn, args.iters), 2)
+                except Exception:          # not capturable (host syncs): eager figure only
+                    graph_us = None
+                base = (us, graph_us) if name == "bf16" else base
+                print(json.dumps({"m": m, "k": k, "n": n, "path": name, "us": round(us, 2), "graph_us": graph_us,
                                   "tflops": round(2 * m * k * n / us / 1e6, 2),
-                                  "vs_bf16": round(base / us, 3) if base else None}), flush=True)
+                                  "vs_bf16": round(base[0] / us, 3) if base else None,
+                                  "graph_vs_bf16": round(base[1] / graph_us, 3) if base and base[1] and graph_us else None,
+                                  **extra}), flush=True)
 
 
 if __name__ == "__main__":

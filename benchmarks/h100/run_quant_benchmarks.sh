@@ -6,6 +6,7 @@
 # Parts (PARTS="kernels decode prefill offline" by default; each row lands in $OUT/results.jsonl):
 #   kernels   benchmarks/quant_kernels.py: every quantized GEMM path beside cuBLAS bf16,
 #             torch._scaled_mm and dequantize-then-matmul, at Llama-3.1-8B projection shapes
+#             (eager and CUDA-graph-replayed; the decode-sized fp8 / int4 GEMVs at M <= 16)
 #   decode    batch-1 decode, 128 in / 256 out, Llama-3.1-8B shape (dummy weights): bf16, then
 #             --quantization fp8, w8a8_int8, gptq (online round-to-nearest int4 g128 -> the Triton
 #             int4 GEMM, the path AWQ / GPTQ / compressed-tensors w4a16 checkpoints take)
@@ -54,10 +55,12 @@ finish() {
     [ -f "$OUT/kernels.jsonl" ] && python3 - "$OUT/kernels.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print(f"{'m':>5} {'k':>6} {'n':>6} {'path':<15} {'us':>9} {'TFLOP/s':>8} {'vs bf16':>8}")
+print(f"{'m':>5} {'k':>6} {'n':>6} {'path':<15} {'us':>9} {'TFLOP/s':>8} {'vs bf16':>8} "
+      f"{'graph us':>9} {'vs bf16':>8} {'rel err':>8}")
 for r in rows:
     print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} {r['path']:<15} {r.get('us', 'ERR'):>9} "
-          f"{r.get('tflops', ''):>8} {r.get('vs_bf16', r.get('error', '')):>8}")
+          f"{r.get('tflops', ''):>8} {r.get('vs_bf16', r.get('error', '')):>8} "
+          f"{str(r.get('graph_us', '')):>9} {str(r.get('graph_vs_bf16', '')):>8} {str(r.get('rel_err', '')):>8}")
 PY
     tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
 }

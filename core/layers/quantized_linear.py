@@ -11,13 +11,15 @@ tensors of every shard (q/k/v, gate/up) in ``load_tensor``, turns them into one 
                      Activations: dynamic per-token (per token-group of 128 for block
                      weights), static per-tensor (the largest of the shards' input scales), or
                      none (weight-only: dequantize and multiply in the layer dtype).
-                     CUDA: torch._scaled_mm with row-wise scales (block scales: the Triton
-                     block-scaled GEMM); elsewhere the same arithmetic in float32 (the fp8
-                     values are exact in float32).
+                     CUDA: torch._scaled_mm with row-wise scales; up to GEMV_MAX_M (16) token
+                     rows the Triton fp8 GEMV (activation quantization fused in); block
+                     scales: the Triton block-scaled GEMM. Elsewhere the same arithmetic in
+                     float32 (the fp8 values are exact in float32).
   Int8LinearMethod   weight [N, K] int8, scales [N]; activations int8 per token (dynamic) or per
                      tensor (static); int32 accumulation (torch._int_mm), then both scales.
   Int4LinearMethod   the canonical int4 layout of kvyard.layers.quant_math; CUDA: the Triton
-                     dequant-GEMM; elsewhere dequantize to the layer dtype and F.linear.
+                     dequant-GEMM (split-K GEMV up to 16 token rows); elsewhere dequantize to
+                     the layer dtype and F.linear.
 
 Every apply maps x [..., K] -> y [..., N] in x's dtype, the bias added in that dtype.
 """
@@ -33,9 +35,15 @@ import torch.nn.functional as F
 from kvyard.layers import quant_math as qm
 from kvyard.quantization import LinearMethod, _dense
 
+GEMV_MAX_M = 16   # flattened token rows up to which CUDA takes the Triton GEMV kernels
+
 
 def _flat(layer, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, layer.in_features)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
 
 
 def _unflat(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -162,6 +170,11 @@ class Fp8LinearMethod(ShardedLinearMethod):
             else:
                 y = qm.dequantize_block(xq, sx, s.block[1]) @ qm.dequantize_block(w, sw, s.block[1]).t()
             return _unflat(layer, x, y)
+        if x2.shape[0] <= GEMV_MAX_M and ((x2.is_cuda and self.scaled_mm(x2)) or _force_triton):
+            # decode sizes: one Triton GEMV quantizes x and multiplies (no torch ops around it)
+            from kvyard.kernels.triton_ops.fp8_gemv import fp8_gemv
+            static = layer.input_scale if s.activation == "static" else None
+            return _unflat(layer, x, fp8_gemv(x2, w, sw, static, _out_dtype(x)))
         if s.activation == "static":
             sx = layer.input_scale
             xq = qm.fp8_quantize(x2, sx)
@@ -169,9 +182,8 @@ class Fp8LinearMethod(ShardedLinearMethod):
         else:
             xq, sx = qm.fp8_per_row(x2)
         if self.scaled_mm(x2):
-            out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
             y = torch._scaled_mm(xq, w.t(), scale_a=sx.contiguous(), scale_b=sw.view(1, -1),
-                                 out_dtype=out_dtype)
+                                 out_dtype=_out_dtype(x))
         else:
             y = (xq.float() @ w.float().t()) * sx * sw
         return _unflat(layer, x, y)
@@ -277,6 +289,9 @@ class Int4LinearMethod(ShardedLinearMethod):
         self.set_buffer(layer, "scales", torch.cat([s.scales for s in shards], 1).to(self.dtype), self.device)
         self.set_buffer(layer, "zeros", torch.cat([s.zeros for s in shards], 1).to(torch.uint8), self.device)
         self.set_buffer(layer, "g_idx", shards[0].g_idx.to(torch.int32), self.device)
+        # group size when g_idx is k // group (the kernel then reads scales by row); 0: gather
+        seq = torch.arange(k, dtype=torch.int32) // self.group_size
+        layer.int4_group = self.group_size if torch.equal(shards[0].g_idx.cpu().to(torch.int32), seq) else 0
 
     def dequantize(self, layer) -> torch.Tensor:
         """Dense [N, K] in the layer dtype."""
@@ -286,7 +301,7 @@ class Int4LinearMethod(ShardedLinearMethod):
         x2 = _flat(layer, x)
         if x2.is_cuda or _force_triton:
             from kvyard.kernels.triton_ops.int4_gemm import int4_gemm
-            y = int4_gemm(x2, layer.qweight, layer.scales, layer.zeros, layer.g_idx)
+            y = int4_gemm(x2, layer.qweight, layer.scales, layer.zeros, layer.g_idx, layer.int4_group)
         else:
             y = F.linear(x2.to(self.dtype), self.dequantize(layer))
         return _unflat(layer, x, y)

@@ -71,3 +71,16 @@ def save_float(hf, path) -> str:
     hf.save_pretrained(path)
     save_tokenizer(path)
     return str(path)
+
+
+def layer_both_ways(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the layer's CPU output, its output through the Triton kernels forced onto CPU tensors;
+    the caller runs under TRITON_INTERPRET=1)."""
+    from kvyard.layers import quantized_linear as ql
+
+    expected = layer(x)
+    ql.force_triton(True)
+    try:
+        return expected, layer(x)
+    finally:
+        ql.force_triton(False)

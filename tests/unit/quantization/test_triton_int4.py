@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvyard.layers import quant_math as qm
+from quant_helpers import layer_both_ways
 
 pytest.importorskip("triton")
 
@@ -44,7 +45,6 @@ def test_int4_gemm_equals_dequantized_matmul(m, group, act_order, symmetric, dty
 
 def test_int4_layer_takes_the_kernel_when_forced():
     from kvyard.layers.linear import Linear
-    from kvyard.layers import quantized_linear as ql
     from kvyard_plugins.quantization.gptq_method import GPTQLinearMethod
 
     qweight, scales, zeros, g_idx = _weights(64, 128, 32, True, False, torch.float32)
@@ -54,13 +54,7 @@ def test_int4_layer_takes_the_kernel_when_forced():
     layer.load_tensor(0, "scales", scales)
     layer.load_tensor(0, "g_idx", g_idx)
     layer.process_after_loading()
-    x = torch.randn(3, 128)
-    expected = layer(x)
-    ql.force_triton(True)
-    try:
-        got = layer(x)
-    finally:
-        ql.force_triton(False)
+    expected, got = layer_both_ways(layer, torch.randn(3, 128))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -94,11 +88,5 @@ def test_block_fp8_layer_takes_the_kernel_when_forced():
         layer.load_tensor(shard, "weight", qm.fp8_quantize(w, block_scale.repeat_interleave(32, 0).repeat_interleave(32, 1)))
         layer.load_tensor(shard, "weight_scale_inv", block_scale)
     layer.process_after_loading()
-    x = torch.randn(5, k)
-    expected = layer(x)
-    ql.force_triton(True)
-    try:
-        got = layer(x)
-    finally:
-        ql.force_triton(False)
+    expected, got = layer_both_ways(layer, torch.randn(5, k))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
