@@ -37,8 +37,8 @@ def lora_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
                 shard_sizes: list[int], info: LoRABatchInfo) -> torch.Tensor:
     from kvyard.kernels.triton_ops.lora import lora_expand, lora_shrink
 
-    xa = lora_shrink(x, a, info.seg_indptr, info.seg_slots, info.max_seg_len)     # [T, n R]
-    lora_expand(xa, b, y, shard_sizes, info.seg_indptr, info.seg_slots, info.max_seg_len)
+    part = lora_shrink(x, a, info.seg_indptr, info.seg_slots, info.max_seg_len)   # [SPLIT_K, T, n R] f32
+    lora_expand(part, b, y, shard_sizes, info.seg_indptr, info.seg_slots, info.max_seg_len)
     return y
 
 

@@ -2,19 +2,27 @@
 
 One segment per request (its new tokens are contiguous in T); seg_indptr [B + 1] int32 token
 offsets, seg_slots [B] int32 adapter slot per segment (-1: base model, skipped). Both kernels
-read the indices from device tensors only, and their grid depends only on B, the widths and the
-host int ``max_seg_len`` — so a decode graph (max_seg_len 1) captures them once and every replay
-serves whatever slots its buffers hold.
+read the indices from device tensors only, and their grid depends only on B, the widths, the
+shapes and the host int ``max_seg_len`` — so a decode graph (max_seg_len 1) captures them once
+and every replay serves whatever slots its buffers hold.
 
-    shrink:  xa[t, :]                = x[t, :] @ A[slot(t)].T             A [S, N, K], N = n R
-    expand:  y[t, off_k:off_k+size_k] += xa[t, kR:(k+1)R] @ B[slot(t), off_k:off_k+size_k].T
+    shrink:  part[s, t, :]          = x[t, Ks] @ A[slot(t), :, Ks].T    A [S, N, K], N = n R
+             (split-K: Ks = the s-th of SPLIT_K chunks of K, each its own program; float32)
+    expand:  xa[t, :]                = sum_s part[s, t, :]                (fixed order)
+             y[t, off_k:off_k+size_k] += xa[t, kR:(k+1)R] @ B[slot(t), off_k:off_k+size_k].T
                                                                             B [S, OUT, R]
-Each output element is written by exactly one program (no atomics); accumulation in float32.
-Rows of base-model segments are left untouched in y and unwritten in xa.
+Why split-K: at decode the shrink is a handful of rows against K = 4096..14336; one program per
+row block walking all of K serially leaves the GPU idle (latency-bound). SPLIT_K programs per
+tile each walk ~K_PER_SPLIT columns instead. The partial sums are reduced by the expand kernel
+as it loads them (no third launch), in a fixed order: no atomics, results do not depend on
+scheduling. Each element of part and y is written by exactly one program; accumulation in
+float32; xa is rounded to B's dtype before the expand dot (as a stored xa would be).
+Rows of base-model segments are left untouched in y and unwritten in part.
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import triton
@@ -23,6 +31,9 @@ import triton.language as tl
 from kvyard.kernels.triton_ops.common import tile_offsets
 
 BLOCK_M = 16
+K_PER_SPLIT = 256     # columns of K per shrink program (4 BLOCK_K steps): split-K picks SPLIT_K from it
+MAX_SPLIT_K = 64      # bounds the partial buffer and the expand's reduction
+REDUCE_ELEMS = 8192   # float32 partials one expand program holds at once ([chunk, BLOCK_M, BLOCK_R])
 
 
 @triton.jit
@@ -34,37 +45,62 @@ def _segment(indptr_ptr, slots_ptr):
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, out_ptr, indptr_ptr, slots_ptr, N, K,
-                   stride_xm, stride_as, stride_an, stride_om,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_kernel(x_ptr, a_ptr, part_ptr, indptr_ptr, slots_ptr, N, K, k_per_split, split_k,
+                   stride_xm, stride_as, stride_an, stride_ps, stride_pm,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   N_BLOCKS: tl.constexpr):
+    """Program (tile * split_k + split, segment): part[split, tile rows, tile cols]."""
     slot, start, length = _segment(indptr_ptr, slots_ptr)
     if slot < 0:
         return
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // n_blocks
-    pid_n = tl.program_id(0) % n_blocks
+    split = tl.program_id(0) % split_k
+    tile = tl.program_id(0) // split_k
+    pid_m = tile // N_BLOCKS
+    pid_n = tile % N_BLOCKS
     if pid_m * BLOCK_M >= length:
         return
     rows, cols, row_ok, col_ok = tile_offsets(pid_m, pid_n, length, N, BLOCK_M, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_off = (start + rows)[:, None].to(tl.int64)
     a_base = a_ptr + slot.to(tl.int64) * stride_as
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + (start + rows)[:, None].to(tl.int64) * stride_xm + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        k_ok = ks < k_hi
+        x = tl.load(x_ptr + row_off * stride_xm + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)     # [BLOCK_M, BLOCK_K]
         a = tl.load(a_base + cols[None, :] * stride_an + ks[:, None],
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)     # [BLOCK_K, BLOCK_N]
         acc += tl.dot(x, a)          # native dtype operands (bf16/fp16 tensor cores), float32 accumulator
-    tl.store(out_ptr + (start + rows)[:, None].to(tl.int64) * stride_om + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(part_ptr + split.to(tl.int64) * stride_ps + row_off * stride_pm + cols[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _expand_kernel(xa_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, R,
-                   stride_xam, stride_bs, stride_bo, stride_ym,
+def _reduce_partials(part_ptr, row_off, row_ok, col0, R, split_k, stride_ps, stride_pm,
+                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_PAD: tl.constexpr,
+                     SPLIT_CHUNK: tl.constexpr):
+    """xa [BLOCK_M, BLOCK_R] float32 = sum over the split_k partials of columns col0 .. col0 + R,
+    chunk by chunk in a fixed order (deterministic; SPLIT_CHUNK bounds the registers)."""
+    rs = tl.arange(0, BLOCK_R)
+    ok = row_ok[None, :, None] & (rs < R)[None, None, :]
+    ptrs = part_ptr + row_off[None, :, None] * stride_pm + (col0 + rs)[None, None, :]
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for s0 in tl.static_range(0, SPLIT_PAD, SPLIT_CHUNK):
+        ss = s0 + tl.arange(0, SPLIT_CHUNK)
+        p = tl.load(ptrs + ss[:, None, None].to(tl.int64) * stride_ps,
+                    mask=(ss < split_k)[:, None, None] & ok, other=0.0)  # [SPLIT_CHUNK, BLOCK_M, BLOCK_R]
+        xa += tl.sum(p, axis=0)
+    return xa
+
+
+@triton.jit
+def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, R, split_k,
+                   stride_ps, stride_pm, stride_bs, stride_bo, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   N_BLOCKS: tl.constexpr):
+                   N_BLOCKS: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """Program (m-block * N_BLOCKS + n-block, segment, shard): y tile += xa tile @ B tile."""
     shard = tl.program_id(2)
     slot, start, length = _segment(indptr_ptr, slots_ptr)
     if slot < 0:
@@ -76,15 +112,14 @@ def _expand_kernel(xa_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, R,
     if pid_m * BLOCK_M >= length or pid_n * BLOCK_N >= size:
         return
     rows, cols, row_ok, col_ok = tile_offsets(pid_m, pid_n, length, size, BLOCK_M, BLOCK_N)
+    row_off = (start + rows).to(tl.int64)
+    xa = _reduce_partials(part_ptr, row_off, row_ok, shard * R, R, split_k, stride_ps, stride_pm,
+                          BLOCK_M, BLOCK_R, SPLIT_PAD, SPLIT_CHUNK)
     rs = tl.arange(0, BLOCK_R)
-    r_ok = rs < R
-    row_off = (start + rows)[:, None].to(tl.int64)
-    xa = tl.load(xa_ptr + row_off * stride_xam + shard * R + rs[None, :],
-                 mask=row_ok[:, None] & r_ok[None, :], other=0.0)         # [BLOCK_M, BLOCK_R]
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + (col0 + cols)[None, :] * stride_bo + rs[:, None],
-                mask=col_ok[None, :] & r_ok[:, None], other=0.0)           # [BLOCK_R, BLOCK_N]
-    delta = tl.dot(xa, b)
-    y_ptrs = y_ptr + row_off * stride_ym + (col0 + cols)[None, :]
+                mask=col_ok[None, :] & (rs < R)[:, None], other=0.0)      # [BLOCK_R, BLOCK_N]
+    delta = tl.dot(xa.to(b_ptr.dtype.element_ty), b)
+    y_ptrs = y_ptr + row_off[:, None] * stride_ym + (col0 + cols)[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
@@ -94,21 +129,35 @@ def _block(n: int, lo: int = 16, hi: int = 128) -> int:
     return min(hi, max(lo, triton.next_power_of_2(n)))
 
 
+def split_plan(k: int, split_k: Optional[int] = None) -> tuple[int, int, int]:
+    """(SPLIT_K, columns per split, BLOCK_K) for a shrink over K; every split non-empty.
+    Default: ~K_PER_SPLIT columns per program (Llama-3.1-8B: K 4096 -> 16, 14336 -> 56)."""
+    want = split_k if split_k is not None else min(MAX_SPLIT_K, triton.cdiv(k, K_PER_SPLIT))
+    per_split = triton.cdiv(k, max(1, want))
+    block_k = _block(per_split, hi=64)
+    per_split = triton.cdiv(per_split, block_k) * block_k     # whole BLOCK_K steps per program
+    return triton.cdiv(k, per_split), per_split, block_k
+
+
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
-                max_seg_len: int) -> torch.Tensor:
-    """x [T, K], a [S, N, K] -> xa [T, N] (rows of base-model segments unwritten)."""
+                max_seg_len: int, split_k: Optional[int] = None) -> torch.Tensor:
+    """x [T, K], a [S, N, K] -> partial sums [SPLIT_K, T, N] float32 (``lora_expand`` reduces them;
+    rows of base-model segments unwritten). ``split_k``: force a split (tests); default from K."""
     t, k = x.shape
     n = a.shape[1]
-    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    splits, per_split, block_k = split_plan(k, split_k)
+    part = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
     segments = seg_slots.shape[0]
     if t == 0 or segments == 0 or max_seg_len == 0:
-        return out
+        return part
     x = x if x.stride(-1) == 1 else x.contiguous()
-    block_n, block_k = _block(n, hi=64), _block(k, hi=64)
-    grid = (triton.cdiv(max_seg_len, BLOCK_M) * triton.cdiv(n, block_n), segments)
-    _shrink_kernel[grid](x, a, out, seg_indptr, seg_slots, n, k, x.stride(0), a.stride(0), a.stride(1),
-                         out.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
-    return out
+    block_n = _block(n, hi=64)
+    n_blocks = triton.cdiv(n, block_n)
+    grid = (triton.cdiv(max_seg_len, BLOCK_M) * n_blocks * splits, segments)
+    _shrink_kernel[grid](x, a, part, seg_indptr, seg_slots, n, k, per_split, splits,
+                         x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
+                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, N_BLOCKS=n_blocks)
+    return part
 
 
 @lru_cache(maxsize=64)
@@ -120,18 +169,25 @@ def _shard_starts(sizes: tuple[int, ...], device: str) -> torch.Tensor:
     return torch.tensor(starts, dtype=torch.int32, device=device)
 
 
-def lora_expand(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_sizes: list[int],
+def lora_expand(part: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_sizes: list[int],
                 seg_indptr: torch.Tensor, seg_slots: torch.Tensor, max_seg_len: int) -> torch.Tensor:
-    """y [T, OUT] += per shard k: xa[:, kR:(k+1)R] @ b[slot, shard k rows].T; b [S, OUT, R]."""
+    """y [T, OUT] += per shard k: xa[:, kR:(k+1)R] @ b[slot, shard k rows].T; b [S, OUT, R];
+    xa = part.sum(0): part [SPLIT_K, T, n R] from ``lora_shrink`` (or a plain xa [T, n R])."""
     segments = seg_slots.shape[0]
     if y.shape[0] == 0 or segments == 0 or max_seg_len == 0:
         return y
+    part = part if part.dim() == 3 else part.unsqueeze(0)
     r = b.shape[2]
     starts = _shard_starts(tuple(shard_sizes), str(y.device))
-    block_n = _block(max(shard_sizes), hi=64)
+    # 128-wide tiles: out = 6144 .. 28672 gives 48 .. 224 programs per row block, each
+    # [BLOCK_R, 128] of B (4 KiB bf16 at R 16); 4 warps suit those small dot tiles
+    block_n, block_r = _block(max(shard_sizes), hi=128), _block(r)
     n_blocks = triton.cdiv(max(shard_sizes), block_n)
+    split_pad = triton.next_power_of_2(part.shape[0])
+    chunk = min(split_pad, max(1, REDUCE_ELEMS // (BLOCK_M * block_r)))
     grid = (triton.cdiv(max_seg_len, BLOCK_M) * n_blocks, segments, len(shard_sizes))
-    _expand_kernel[grid](xa, b, y, seg_indptr, seg_slots, starts, r, xa.stride(0), b.stride(0), b.stride(1),
-                         y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_block(r),
-                         N_BLOCKS=n_blocks)
+    _expand_kernel[grid](part, b, y, seg_indptr, seg_slots, starts, r, part.shape[0],
+                         part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0),
+                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=block_r, N_BLOCKS=n_blocks,
+                         SPLIT_PAD=split_pad, SPLIT_CHUNK=chunk)
     return y

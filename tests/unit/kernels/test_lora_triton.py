@@ -1,6 +1,7 @@
 """The LoRA shrink/expand Triton kernels under the CPU interpreter (TRITON_INTERPRET=1) against the
 torch path: fused (qkv-shaped) and plain layers, prefill segments of mixed lengths and decode
-rows, base-model segments untouched, ranks padded below the slot width."""
+rows, base-model segments untouched, ranks padded below the slot width; the split-K shrink (K in
+uneven chunks, partial sums reduced by the expand) for ranks 8/16/64, deterministic."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
@@ -10,8 +11,19 @@ import torch
 
 pytest.importorskip("triton")
 
+from kvyard.kernels.triton_ops.lora import lora_expand, lora_shrink, split_plan
 from kvyard.lora.batch import build_batch_info
 from kvyard.lora.ops import lora_torch, lora_triton
+
+
+def _random_case(shard_sizes, in_features, rank, seg_lens, num_slots=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n, tokens = len(shard_sizes), sum(seg_lens)
+    x = torch.randn(tokens, in_features, generator=gen)
+    a = torch.randn(num_slots, n * rank, in_features, generator=gen)
+    b = torch.randn(num_slots, sum(shard_sizes), rank, generator=gen)
+    y0 = torch.randn(tokens, sum(shard_sizes), generator=gen)
+    return x, a, b, y0
 
 
 @pytest.mark.parametrize("shard_sizes,in_features,rank,seg_lens,slots", [
@@ -52,3 +64,35 @@ def test_graph_batch_slots_are_read_from_the_buffers():
     second = lora_triton(x, torch.zeros(4, 12), a, b, [12], info)
     torch.testing.assert_close(second, lora_torch(x, torch.zeros(4, 12), a, b, [12], info))
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("shard_sizes,in_features,rank,seg_lens,slots,split_k", [
+    ([32, 16, 16], 40, 8, [5, 1, 19, 3], [1, -1, 0, 2], 3),      # K 40 in 16 + 16 + 8, qkv-shaped
+    ([48], 100, 16, [1] * 6, [2, 0, -1, 2, 1, 0], 4),            # decode rows, K 100 in 4 x 32 (last 4)
+    ([24, 40], 260, 64, [2, 17], [0, 1], 17),                     # rank 64: the reduction in 4 chunks
+])
+def test_split_k_matches_torch(shard_sizes, in_features, rank, seg_lens, slots, split_k):
+    x, a, b, y0 = _random_case(shard_sizes, in_features, rank, seg_lens, seed=split_k)
+    info = build_batch_info(slots, seg_lens, "cpu")
+    part = lora_shrink(x, a, info.seg_indptr, info.seg_slots, info.max_seg_len, split_k=split_k)
+    assert part.shape[0] == split_k and part.dtype == torch.float32
+    got = lora_expand(part, b, y0.clone(), shard_sizes, info.seg_indptr, info.seg_slots, info.max_seg_len)
+    want = lora_torch(x, y0.clone(), a, b, shard_sizes, info)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    again = lora_expand(lora_shrink(x, a, info.seg_indptr, info.seg_slots, info.max_seg_len, split_k=split_k),
+                        b, y0.clone(), shard_sizes, info.seg_indptr, info.seg_slots, info.max_seg_len)
+    assert torch.equal(got, again)      # fixed reduction order: bitwise the same every run
+
+
+def test_default_split_plan():
+    """Llama-3.1-8B widths split into ~256-column chunks; a K of a few hundred already splits
+    (and runs through lora_triton's defaults)."""
+    assert split_plan(4096) == (16, 256, 64)
+    assert split_plan(14336) == (56, 256, 64)
+    assert split_plan(64) == (1, 64, 64)
+    splits, per_split, _ = split_plan(600)
+    assert splits == 3 and per_split * (splits - 1) < 600 <= per_split * splits
+    x, a, b, y0 = _random_case([16, 8, 8], 600, 8, [3, 1], seed=1)
+    info = build_batch_info([1, 0], [3, 1], "cpu")
+    torch.testing.assert_close(lora_triton(x, y0.clone(), a, b, [16, 8, 8], info),
+                               lora_torch(x, y0.clone(), a, b, [16, 8, 8], info), rtol=1e-4, atol=1e-3)
