@@ -28,39 +28,56 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard.kernels.triton_ops.common import tile_offsets
-
 BLOCK_M = 16
 K_PER_SPLIT = 256     # columns of K per shrink program (4 BLOCK_K steps): split-K picks SPLIT_K from it
 MAX_SPLIT_K = 64      # bounds the partial buffer and the expand's reduction
 REDUCE_ELEMS = 8192   # float32 partials one expand program holds at once ([chunk, BLOCK_M, BLOCK_R])
+MAX_SLOT_GROUPED = 512   # decode batches up to this many rows group by slot ([BLOCK_B, BLOCK_M] in registers)
 
 
 @triton.jit
-def _segment(indptr_ptr, slots_ptr):
-    """(slot, first token, length) of this program's segment (grid axis 1)."""
-    seg = tl.program_id(1)
-    start = tl.load(indptr_ptr + seg)
-    return tl.load(slots_ptr + seg), start, tl.load(indptr_ptr + seg + 1) - start
+def _group_rows(indptr_ptr, slots_ptr, num_segs, pid_m, BLOCK_M: tl.constexpr, BY_SLOT: tl.constexpr,
+                BLOCK_B: tl.constexpr):
+    """(slot, token rows [BLOCK_M] int64, row mask, live) of m-block ``pid_m`` of this program's
+    group (grid axis 1). Segment mode: the group is a segment, its rows are contiguous. Slot mode
+    (every segment at most one token, decode): the group is adapter slot g, its rows are the
+    tokens of the segments with slot g, in segment order, gathered in-kernel from seg_slots.
+    live: the slot is an adapter and the m-block holds a row."""
+    g = tl.program_id(1)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if BY_SLOT:
+        bs = tl.arange(0, BLOCK_B)
+        b_ok = bs < num_segs
+        first = tl.load(indptr_ptr + bs, mask=b_ok, other=0)
+        match = (tl.load(slots_ptr + bs, mask=b_ok, other=-1) == g) & (tl.load(indptr_ptr + bs + 1, mask=b_ok,
+                                                                                other=0) > first)
+        order = tl.cumsum(match.to(tl.int32), axis=0) - 1       # [BLOCK_B] rank among the slot's tokens
+        pick = match[:, None] & (order[:, None] == ms[None, :])  # [BLOCK_B, BLOCK_M] one-hot columns
+        rows = tl.sum(tl.where(pick, first[:, None], 0), axis=0)
+        slot = g
+        count = tl.sum(match.to(tl.int32), axis=0)
+    else:
+        start = tl.load(indptr_ptr + g)
+        rows = start + ms
+        slot = tl.load(slots_ptr + g)
+        count = tl.load(indptr_ptr + g + 1) - start
+    return slot, rows.to(tl.int64), ms < count, (slot >= 0) & (pid_m * BLOCK_M < count)
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, part_ptr, indptr_ptr, slots_ptr, N, K, k_per_split, split_k,
+def _shrink_kernel(x_ptr, a_ptr, part_ptr, indptr_ptr, slots_ptr, num_segs, N, K, k_per_split, split_k,
                    stride_xm, stride_as, stride_an, stride_ps, stride_pm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   N_BLOCKS: tl.constexpr):
-    """Program (tile * split_k + split, segment): part[split, tile rows, tile cols]."""
-    slot, start, length = _segment(indptr_ptr, slots_ptr)
-    if slot < 0:
-        return
+                   N_BLOCKS: tl.constexpr, BY_SLOT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Program (tile * split_k + split, group): part[split, tile rows, tile cols]."""
     split = tl.program_id(0) % split_k
     tile = tl.program_id(0) // split_k
-    pid_m = tile // N_BLOCKS
-    pid_n = tile % N_BLOCKS
-    if pid_m * BLOCK_M >= length:
+    slot, rows, row_ok, live = _group_rows(indptr_ptr, slots_ptr, num_segs, tile // N_BLOCKS, BLOCK_M,
+                                           BY_SLOT, BLOCK_B)
+    if not live:
         return
-    rows, cols, row_ok, col_ok = tile_offsets(pid_m, pid_n, length, N, BLOCK_M, BLOCK_N)
-    row_off = (start + rows)[:, None].to(tl.int64)
+    cols = (tile % N_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -68,12 +85,12 @@ def _shrink_kernel(x_ptr, a_ptr, part_ptr, indptr_ptr, slots_ptr, N, K, k_per_sp
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_hi
-        x = tl.load(x_ptr + row_off * stride_xm + ks[None, :],
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)     # [BLOCK_M, BLOCK_K]
         a = tl.load(a_base + cols[None, :] * stride_an + ks[:, None],
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)     # [BLOCK_K, BLOCK_N]
         acc += tl.dot(x, a)          # native dtype operands (bf16/fp16 tensor cores), float32 accumulator
-    tl.store(part_ptr + split.to(tl.int64) * stride_ps + row_off * stride_pm + cols[None, :], acc,
+    tl.store(part_ptr + split.to(tl.int64) * stride_ps + rows[:, None] * stride_pm + cols[None, :], acc,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -96,30 +113,29 @@ def _reduce_partials(part_ptr, row_off, row_ok, col0, R, split_k, stride_ps, str
 
 
 @triton.jit
-def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, R, split_k,
+def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, num_segs, R, split_k,
                    stride_ps, stride_pm, stride_bs, stride_bo, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   N_BLOCKS: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    """Program (m-block * N_BLOCKS + n-block, segment, shard): y tile += xa tile @ B tile."""
+                   N_BLOCKS: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                   BY_SLOT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Program (m-block * N_BLOCKS + n-block, group, shard): y tile += xa tile @ B tile."""
     shard = tl.program_id(2)
-    slot, start, length = _segment(indptr_ptr, slots_ptr)
-    if slot < 0:
-        return
-    pid_m = tl.program_id(0) // N_BLOCKS
     pid_n = tl.program_id(0) % N_BLOCKS
+    slot, rows, row_ok, live = _group_rows(indptr_ptr, slots_ptr, num_segs, tl.program_id(0) // N_BLOCKS,
+                                           BLOCK_M, BY_SLOT, BLOCK_B)
     col0 = tl.load(starts_ptr + shard)
     size = tl.load(starts_ptr + shard + 1) - col0
-    if pid_m * BLOCK_M >= length or pid_n * BLOCK_N >= size:
+    if not live or pid_n * BLOCK_N >= size:
         return
-    rows, cols, row_ok, col_ok = tile_offsets(pid_m, pid_n, length, size, BLOCK_M, BLOCK_N)
-    row_off = (start + rows).to(tl.int64)
-    xa = _reduce_partials(part_ptr, row_off, row_ok, shard * R, R, split_k, stride_ps, stride_pm,
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < size
+    xa = _reduce_partials(part_ptr, rows, row_ok, shard * R, R, split_k, stride_ps, stride_pm,
                           BLOCK_M, BLOCK_R, SPLIT_PAD, SPLIT_CHUNK)
     rs = tl.arange(0, BLOCK_R)
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + (col0 + cols)[None, :] * stride_bo + rs[:, None],
                 mask=col_ok[None, :] & (rs < R)[:, None], other=0.0)      # [BLOCK_R, BLOCK_N]
     delta = tl.dot(xa.to(b_ptr.dtype.element_ty), b)
-    y_ptrs = y_ptr + row_off[:, None] * stride_ym + (col0 + cols)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + (col0 + cols)[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
@@ -127,6 +143,15 @@ def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, R,
 
 def _block(n: int, lo: int = 16, hi: int = 128) -> int:
     return min(hi, max(lo, triton.next_power_of_2(n)))
+
+
+def _grouping(segments: int, num_slots: int, max_seg_len: int) -> tuple[int, int, bool, int]:
+    """(groups, most rows of a group, BY_SLOT, BLOCK_B): decode batches (every segment at most one
+    token) group their rows by adapter slot, so each slot's weights are read once per m-block
+    instead of once per request; longer segments are their own groups. Host ints only."""
+    if max_seg_len == 1 and segments <= MAX_SLOT_GROUPED:
+        return num_slots, segments, True, _block(segments, hi=MAX_SLOT_GROUPED)
+    return segments, max_seg_len, False, 1
 
 
 def split_plan(k: int, split_k: Optional[int] = None) -> tuple[int, int, int]:
@@ -151,12 +176,14 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg_indptr: torch.Tensor, seg_
     if t == 0 or segments == 0 or max_seg_len == 0:
         return part
     x = x if x.stride(-1) == 1 else x.contiguous()
+    groups, group_rows, by_slot, block_b = _grouping(segments, a.shape[0], max_seg_len)
     block_n = _block(n, hi=64)
     n_blocks = triton.cdiv(n, block_n)
-    grid = (triton.cdiv(max_seg_len, BLOCK_M) * n_blocks * splits, segments)
-    _shrink_kernel[grid](x, a, part, seg_indptr, seg_slots, n, k, per_split, splits,
+    grid = (triton.cdiv(group_rows, BLOCK_M) * n_blocks * splits, groups)
+    _shrink_kernel[grid](x, a, part, seg_indptr, seg_slots, segments, n, k, per_split, splits,
                          x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
-                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, N_BLOCKS=n_blocks)
+                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, N_BLOCKS=n_blocks,
+                         BY_SLOT=by_slot, BLOCK_B=block_b)
     return part
 
 
@@ -185,9 +212,10 @@ def lora_expand(part: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_size
     n_blocks = triton.cdiv(max(shard_sizes), block_n)
     split_pad = triton.next_power_of_2(part.shape[0])
     chunk = min(split_pad, max(1, REDUCE_ELEMS // (BLOCK_M * block_r)))
-    grid = (triton.cdiv(max_seg_len, BLOCK_M) * n_blocks, segments, len(shard_sizes))
-    _expand_kernel[grid](part, b, y, seg_indptr, seg_slots, starts, r, part.shape[0],
+    groups, group_rows, by_slot, block_b = _grouping(segments, b.shape[0], max_seg_len)
+    grid = (triton.cdiv(group_rows, BLOCK_M) * n_blocks, groups, len(shard_sizes))
+    _expand_kernel[grid](part, b, y, seg_indptr, seg_slots, starts, segments, r, part.shape[0],
                          part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0),
                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=block_r, N_BLOCKS=n_blocks,
-                         SPLIT_PAD=split_pad, SPLIT_CHUNK=chunk)
+                         SPLIT_PAD=split_pad, SPLIT_CHUNK=chunk, BY_SLOT=by_slot, BLOCK_B=block_b)
     return y

@@ -1,7 +1,8 @@
 """The LoRA shrink/expand Triton kernels under the CPU interpreter (TRITON_INTERPRET=1) against the
 torch path: fused (qkv-shaped) and plain layers, prefill segments of mixed lengths and decode
-rows, base-model segments untouched, ranks padded below the slot width; the split-K shrink (K in
-uneven chunks, partial sums reduced by the expand) for ranks 8/16/64, deterministic."""
+rows (grouped by adapter slot in-kernel), base-model segments untouched, ranks padded below the
+slot width; the split-K shrink (K in uneven chunks, partial sums reduced by the expand) for ranks
+8/16/64, deterministic."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
@@ -70,6 +71,8 @@ def test_graph_batch_slots_are_read_from_the_buffers():
     ([32, 16, 16], 40, 8, [5, 1, 19, 3], [1, -1, 0, 2], 3),      # K 40 in 16 + 16 + 8, qkv-shaped
     ([48], 100, 16, [1] * 6, [2, 0, -1, 2, 1, 0], 4),            # decode rows, K 100 in 4 x 32 (last 4)
     ([24, 40], 260, 64, [2, 17], [0, 1], 17),                     # rank 64: the reduction in 4 chunks
+    ([16, 16], 72, 8, [1] * 40, [0, 1, 0, -1, 0] * 8, 3),         # decode: slot 0 has 24 rows (2 m-blocks)
+    ([24], 50, 16, [1, 0, 1, 1, 0], [1, 1, -1, 1, 0], 2),         # decode with empty segments
 ])
 def test_split_k_matches_torch(shard_sizes, in_features, rank, seg_lens, slots, split_k):
     x, a, b, y0 = _random_case(shard_sizes, in_features, rank, seg_lens, seed=split_k)
