@@ -3,7 +3,8 @@
 x [T, in], y [T, out] (the base output, updated in place and returned), A [S, n R, in],
 B [S, out, R], shard_sizes: the n output widths of a fused layer. Two implementations with one
 result: ``lora_torch`` (the CPU path: one pair of matmuls per slot used, over its token rows)
-and the Triton kernel pair (core/kernels/triton_ops/lora.py, CUDA; segment-gather GEMMs whose
+and the Triton kernel pair (core/kernels/triton_ops/lora.py, CUDA; a split-K shrink and an
+expand that reduces its partial sums; segment/slot-gather GEMMs whose
 indices are device tensors, so decode graphs capture them).
 """
 from __future__ import annotations

@@ -2,9 +2,14 @@
 
 One segment per request (its new tokens are contiguous in T); seg_indptr [B + 1] int32 token
 offsets, seg_slots [B] int32 adapter slot per segment (-1: base model, skipped). Both kernels
-read the indices from device tensors only, and their grid depends only on B, the widths, the
-shapes and the host int ``max_seg_len`` — so a decode graph (max_seg_len 1) captures them once
-and every replay serves whatever slots its buffers hold.
+read the indices from device tensors only, and their grid depends only on B, the slot count S,
+the widths, the shapes and the host int ``max_seg_len`` — so a decode graph (max_seg_len 1)
+captures them once and every replay serves whatever slots its buffers hold.
+
+Programs own groups of rows (grid axis 1): a prefill segment is its own group (contiguous rows);
+a decode batch (every segment at most one token, B <= MAX_SLOT_GROUPED) groups by adapter slot
+instead, S groups whose rows each program gathers from seg_slots in-kernel (a cumsum over B) —
+so a slot's A and B are read once per 16 rows, not once per request.
 
     shrink:  part[s, t, :]          = x[t, Ks] @ A[slot(t), :, Ks].T    A [S, N, K], N = n R
              (split-K: Ks = the s-th of SPLIT_K chunks of K, each its own program; float32)
@@ -150,7 +155,7 @@ def _grouping(segments: int, num_slots: int, max_seg_len: int) -> tuple[int, int
     token) group their rows by adapter slot, so each slot's weights are read once per m-block
     instead of once per request; longer segments are their own groups. Host ints only."""
     if max_seg_len == 1 and segments <= MAX_SLOT_GROUPED:
-        return num_slots, segments, True, _block(segments, hi=MAX_SLOT_GROUPED)
+        return num_slots, segments, True, _block(segments, lo=64, hi=MAX_SLOT_GROUPED)   # few variants
     return segments, max_seg_len, False, 1
 
 
