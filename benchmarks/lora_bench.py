@@ -191,7 +191,7 @@ def kernels(ns) -> list[dict]:
     for layer in ns.layers:
         fan_in, sizes = LAYERS[layer]
         n = len(sizes)
-        print(f"{layer}: {fan_in} -> {sum(sizes)}, split-K {split_plan(fan_in)[0]}", flush=True)
+        print(f"{layer}: {fan_in} -> {sum(sizes)}, split-K up to {split_plan(fan_in)[0]}", flush=True)
         for batch in ns.batch_sizes:
             for k in ns.adapters:
                 a = torch.randn(k, n * rank, fan_in, device=dev, dtype=dtype) * 0.01

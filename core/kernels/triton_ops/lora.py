@@ -18,7 +18,7 @@ so a slot's A and B are read once per 16 rows, not once per request.
                                                                             B [S, OUT, R]
 Why split-K: at decode the shrink is a handful of rows against K = 4096..14336; one program per
 row block walking all of K serially leaves the GPU idle (latency-bound). SPLIT_K programs per
-tile each walk ~K_PER_SPLIT columns instead. The partial sums are reduced by the expand kernel
+tile each walk >= K_PER_SPLIT columns instead; SPLIT_K shrinks as the tiles grow (prefill: 1). The partial sums are reduced by the expand kernel
 as it loads them (no third launch), in a fixed order: no atomics, results do not depend on
 scheduling. Each element of part and y is written by exactly one program; accumulation in
 float32; xa is rounded to B's dtype before the expand dot (as a stored xa would be).
@@ -36,6 +36,7 @@ import triton.language as tl
 BLOCK_M = 16
 K_PER_SPLIT = 256     # columns of K per shrink program (4 BLOCK_K steps): split-K picks SPLIT_K from it
 MAX_SPLIT_K = 64      # bounds the partial buffer and the expand's reduction
+TARGET_PROGRAMS = 512  # shrink programs worth having (~4 per SM on a 132-SM H100); fewer tiles split more
 REDUCE_ELEMS = 8192   # float32 partials one expand program holds at once ([chunk, BLOCK_M, BLOCK_R])
 MAX_SLOT_GROUPED = 512   # decode batches up to this many rows group by slot ([BLOCK_B, BLOCK_M] in registers)
 
@@ -159,11 +160,14 @@ def _grouping(segments: int, num_slots: int, max_seg_len: int) -> tuple[int, int
     return segments, max_seg_len, False, 1
 
 
-def split_plan(k: int, split_k: Optional[int] = None) -> tuple[int, int, int]:
-    """(SPLIT_K, columns per split, BLOCK_K) for a shrink over K; every split non-empty.
-    Default: ~K_PER_SPLIT columns per program (Llama-3.1-8B: K 4096 -> 16, 14336 -> 56)."""
-    want = split_k if split_k is not None else min(MAX_SPLIT_K, triton.cdiv(k, K_PER_SPLIT))
-    per_split = triton.cdiv(k, max(1, want))
+def split_plan(k: int, tiles: int = 1, split_k: Optional[int] = None) -> tuple[int, int, int]:
+    """(SPLIT_K, columns per split, BLOCK_K) for a shrink over K with about ``tiles`` live output
+    tiles; every split non-empty. Default: enough splits for ~TARGET_PROGRAMS programs, at least
+    K_PER_SPLIT columns each (decode on Llama-3.1-8B: K 4096 -> 16, 14336 -> 56); a long prefill
+    already has the programs and gets 1 (partials that large would cost the expand more)."""
+    if split_k is None:
+        split_k = min(MAX_SPLIT_K, triton.cdiv(k, K_PER_SPLIT), triton.cdiv(TARGET_PROGRAMS, tiles))
+    per_split = triton.cdiv(k, max(1, split_k))
     block_k = _block(per_split, hi=64)
     per_split = triton.cdiv(per_split, block_k) * block_k     # whole BLOCK_K steps per program
     return triton.cdiv(k, per_split), per_split, block_k
@@ -172,18 +176,20 @@ def split_plan(k: int, split_k: Optional[int] = None) -> tuple[int, int, int]:
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
                 max_seg_len: int, split_k: Optional[int] = None) -> torch.Tensor:
     """x [T, K], a [S, N, K] -> partial sums [SPLIT_K, T, N] float32 (``lora_expand`` reduces them;
-    rows of base-model segments unwritten). ``split_k``: force a split (tests); default from K."""
+    rows of base-model segments unwritten). ``split_k``: force a split (tests); default from the
+    shapes (host ints only: graph-capturable)."""
     t, k = x.shape
     n = a.shape[1]
-    splits, per_split, block_k = split_plan(k, split_k)
-    part = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
     segments = seg_slots.shape[0]
-    if t == 0 or segments == 0 or max_seg_len == 0:
-        return part
-    x = x if x.stride(-1) == 1 else x.contiguous()
     groups, group_rows, by_slot, block_b = _grouping(segments, a.shape[0], max_seg_len)
     block_n = _block(n, hi=64)
     n_blocks = triton.cdiv(n, block_n)
+    live_tiles = (triton.cdiv(t, BLOCK_M) + min(groups, t)) * n_blocks     # an upper bound
+    splits, per_split, block_k = split_plan(k, max(1, live_tiles), split_k)
+    part = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+    if t == 0 or segments == 0 or max_seg_len == 0:
+        return part
+    x = x if x.stride(-1) == 1 else x.contiguous()
     grid = (triton.cdiv(group_rows, BLOCK_M) * n_blocks * splits, groups)
     _shrink_kernel[grid](x, a, part, seg_indptr, seg_slots, segments, n, k, per_split, splits,
                          x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),

@@ -88,10 +88,13 @@ def test_split_k_matches_torch(shard_sizes, in_features, rank, seg_lens, slots, 
 
 
 def test_default_split_plan():
-    """Llama-3.1-8B widths split into ~256-column chunks; a K of a few hundred already splits
-    (and runs through lora_triton's defaults)."""
+    """Few tiles (decode): Llama-3.1-8B widths split into 256-column chunks; many tiles (a long
+    prefill): fewer splits, down to none; a K of a few hundred already splits (and runs through
+    lora_triton's defaults)."""
     assert split_plan(4096) == (16, 256, 64)
-    assert split_plan(14336) == (56, 256, 64)
+    assert split_plan(14336, tiles=8) == (56, 256, 64)
+    assert split_plan(4096, tiles=128)[0] == 4
+    assert split_plan(4096, tiles=513)[0] == 1
     assert split_plan(64) == (1, 64, 64)
     splits, per_split, _ = split_plan(600)
     assert splits == 3 and per_split * (splits - 1) < 600 <= per_split * splits
