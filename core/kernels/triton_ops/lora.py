@@ -37,7 +37,8 @@ BLOCK_M = 16
 K_PER_SPLIT = 256     # columns of K per shrink program (4 BLOCK_K steps): split-K picks SPLIT_K from it
 MAX_SPLIT_K = 64      # bounds the partial buffer and the expand's reduction
 TARGET_PROGRAMS = 512  # shrink programs worth having (~4 per SM on a 132-SM H100); fewer tiles split more
-REDUCE_ELEMS = 8192   # float32 partials one expand program holds at once ([chunk, BLOCK_M, BLOCK_R])
+REDUCE_ELEMS = 4096   # float32 partials one expand program holds at once ([chunk, BLOCK_M, BLOCK_R]):
+                      # sm_90 compiles rank 64 with a 512-row slot scan without spills
 MAX_SLOT_GROUPED = 512   # decode batches up to this many rows group by slot ([BLOCK_B, BLOCK_M] in registers)
 
 
@@ -102,15 +103,15 @@ def _shrink_kernel(x_ptr, a_ptr, part_ptr, indptr_ptr, slots_ptr, num_segs, N, K
 
 @triton.jit
 def _reduce_partials(part_ptr, row_off, row_ok, col0, R, split_k, stride_ps, stride_pm,
-                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_PAD: tl.constexpr,
-                     SPLIT_CHUNK: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """xa [BLOCK_M, BLOCK_R] float32 = sum over the split_k partials of columns col0 .. col0 + R,
-    chunk by chunk in a fixed order (deterministic; SPLIT_CHUNK bounds the registers)."""
+    chunk by chunk in a fixed order (deterministic; SPLIT_CHUNK bounds the registers: a runtime
+    loop, so the compiler does not hoist every chunk's loads at once)."""
     rs = tl.arange(0, BLOCK_R)
     ok = row_ok[None, :, None] & (rs < R)[None, None, :]
     ptrs = part_ptr + row_off[None, :, None] * stride_pm + (col0 + rs)[None, None, :]
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for s0 in tl.static_range(0, SPLIT_PAD, SPLIT_CHUNK):
+    for s0 in range(0, split_k, SPLIT_CHUNK):
         ss = s0 + tl.arange(0, SPLIT_CHUNK)
         p = tl.load(ptrs + ss[:, None, None].to(tl.int64) * stride_ps,
                     mask=(ss < split_k)[:, None, None] & ok, other=0.0)  # [SPLIT_CHUNK, BLOCK_M, BLOCK_R]
@@ -122,7 +123,7 @@ def _reduce_partials(part_ptr, row_off, row_ok, col0, R, split_k, stride_ps, str
 def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, num_segs, R, split_k,
                    stride_ps, stride_pm, stride_bs, stride_bo, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   N_BLOCKS: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                   N_BLOCKS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
                    BY_SLOT: tl.constexpr, BLOCK_B: tl.constexpr):
     """Program (m-block * N_BLOCKS + n-block, group, shard): y tile += xa tile @ B tile."""
     shard = tl.program_id(2)
@@ -136,7 +137,7 @@ def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, nu
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < size
     xa = _reduce_partials(part_ptr, rows, row_ok, shard * R, R, split_k, stride_ps, stride_pm,
-                          BLOCK_M, BLOCK_R, SPLIT_PAD, SPLIT_CHUNK)
+                          BLOCK_M, BLOCK_R, SPLIT_CHUNK)
     rs = tl.arange(0, BLOCK_R)
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + (col0 + cols)[None, :] * stride_bo + rs[:, None],
                 mask=col_ok[None, :] & (rs < R)[:, None], other=0.0)      # [BLOCK_R, BLOCK_N]
@@ -221,12 +222,11 @@ def lora_expand(part: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_size
     # [BLOCK_R, 128] of B (4 KiB bf16 at R 16); 4 warps suit those small dot tiles
     block_n, block_r = _block(max(shard_sizes), hi=128), _block(r)
     n_blocks = triton.cdiv(max(shard_sizes), block_n)
-    split_pad = triton.next_power_of_2(part.shape[0])
-    chunk = min(split_pad, max(1, REDUCE_ELEMS // (BLOCK_M * block_r)))
+    chunk = min(triton.next_power_of_2(part.shape[0]), max(1, REDUCE_ELEMS // (BLOCK_M * block_r)))
     groups, group_rows, by_slot, block_b = _grouping(segments, b.shape[0], max_seg_len)
     grid = (triton.cdiv(group_rows, BLOCK_M) * n_blocks, groups, len(shard_sizes))
     _expand_kernel[grid](part, b, y, seg_indptr, seg_slots, starts, segments, r, part.shape[0],
                          part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0),
                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=block_r, N_BLOCKS=n_blocks,
-                         SPLIT_PAD=split_pad, SPLIT_CHUNK=chunk, BY_SLOT=by_slot, BLOCK_B=block_b)
+                         SPLIT_CHUNK=chunk, BY_SLOT=by_slot, BLOCK_B=block_b)
     return y

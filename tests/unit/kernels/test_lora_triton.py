@@ -102,3 +102,49 @@ def test_default_split_plan():
     info = build_batch_info([1, 0], [3, 1], "cpu")
     torch.testing.assert_close(lora_triton(x, y0.clone(), a, b, [16, 8, 8], info),
                                lora_torch(x, y0.clone(), a, b, [16, 8, 8], info), rtol=1e-4, atol=1e-3)
+
+
+_COMPILE_SM90 = """
+import sys
+import pytest, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvyard.kernels.triton_ops import lora as kernels
+
+def build(fn, pointers, ints, consts):
+    sig = {**pointers, **{name: "i32" for name in ints}, **{name: "constexpr" for name in consts}}
+    names = list(sig)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except RuntimeError as exc:
+        if str(exc).startswith("Cannot find") and "ptxas" in str(exc):
+            sys.exit(3)                    # no CUDA toolchain in this Triton install
+        raise
+
+by_slot = sys.argv[1] == "1"
+rows = dict(BY_SLOT=by_slot, BLOCK_B=kernels.MAX_SLOT_GROUPED if by_slot else 1)
+build(kernels._shrink_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", part_ptr="*fp32", indptr_ptr="*i32", slots_ptr="*i32"),
+      ["num_segs", "N", "K", "k_per_split", "split_k", "stride_xm", "stride_as", "stride_an", "stride_ps", "stride_pm"],
+      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, N_BLOCKS=3, **rows))
+build(kernels._expand_kernel, dict(part_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", indptr_ptr="*i32",
+                                   slots_ptr="*i32", starts_ptr="*i32"),
+      ["num_segs", "R", "split_k", "stride_ps", "stride_pm", "stride_bs", "stride_bo", "stride_ym"],
+      dict(BLOCK_M=16, BLOCK_N=128, BLOCK_R=64, N_BLOCKS=112, SPLIT_CHUNK=kernels.REDUCE_ELEMS // (16 * 64), **rows))
+"""
+
+
+@pytest.mark.parametrize("by_slot", [True, False])
+def test_kernels_compile_for_sm90(by_slot):
+    """The interpreter runs the kernels as Python; this compiles both to an H100 cubin (Triton's
+    bundled ptxas, no GPU needed; a process without TRITON_INTERPRET): rank 64, the largest
+    reduction tile, at the widest decode slot scan."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90, "1" if by_slot else "0"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-3000:]
