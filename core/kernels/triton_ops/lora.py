@@ -33,10 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kvyard.kernels.triton_ops.splitk import PROGRAMS_PER_SM, plan_split, sm_count
+
 BLOCK_M = 16
 K_PER_SPLIT = 256     # columns of K per shrink program (4 BLOCK_K steps): split-K picks SPLIT_K from it
 MAX_SPLIT_K = 64      # bounds the partial buffer and the expand's reduction
-TARGET_PROGRAMS = 512  # shrink programs worth having (~4 per SM on a 132-SM H100); fewer tiles split more
 REDUCE_ELEMS = 4096   # float32 partials one expand program holds at once ([chunk, BLOCK_M, BLOCK_R]):
                       # sm_90 compiles rank 64 with a 512-row slot scan without spills
 MAX_SLOT_GROUPED = 512   # decode batches up to this many rows group by slot ([BLOCK_B, BLOCK_M] in registers)
@@ -161,17 +162,17 @@ def _grouping(segments: int, num_slots: int, max_seg_len: int) -> tuple[int, int
     return segments, max_seg_len, False, 1
 
 
-def split_plan(k: int, tiles: int = 1, split_k: Optional[int] = None) -> tuple[int, int, int]:
+def split_plan(k: int, tiles: int = 1, split_k: Optional[int] = None, sms: int = 132) -> tuple[int, int, int]:
     """(SPLIT_K, columns per split, BLOCK_K) for a shrink over K with about ``tiles`` live output
-    tiles; every split non-empty. Default: enough splits for ~TARGET_PROGRAMS programs, at least
-    K_PER_SPLIT columns each (decode on Llama-3.1-8B: K 4096 -> 16, 14336 -> 56); a long prefill
-    already has the programs and gets 1 (partials that large would cost the expand more)."""
+    tiles; every split non-empty (splitk.plan_split). Default: enough splits for PROGRAMS_PER_SM
+    programs an SM, at least K_PER_SPLIT columns each (decode on Llama-3.1-8B: K 4096 -> 16,
+    14336 -> 56); a long prefill already has the programs and gets 1 (partials that large would
+    cost the expand more than they save)."""
     if split_k is None:
-        split_k = min(MAX_SPLIT_K, triton.cdiv(k, K_PER_SPLIT), triton.cdiv(TARGET_PROGRAMS, tiles))
-    per_split = triton.cdiv(k, max(1, split_k))
-    block_k = _block(per_split, hi=64)
-    per_split = triton.cdiv(per_split, block_k) * block_k     # whole BLOCK_K steps per program
-    return triton.cdiv(k, per_split), per_split, block_k
+        split_k = min(MAX_SPLIT_K, triton.cdiv(k, K_PER_SPLIT), max(1, PROGRAMS_PER_SM * sms // tiles))
+    block_k = _block(triton.cdiv(k, max(1, split_k)), hi=64)
+    plan = plan_split(k, tiles, block_k, sms, split_k)
+    return plan.split, plan.k_per_split, block_k
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
@@ -186,7 +187,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg_indptr: torch.Tensor, seg_
     block_n = _block(n, hi=64)
     n_blocks = triton.cdiv(n, block_n)
     live_tiles = (triton.cdiv(t, BLOCK_M) + min(groups, t)) * n_blocks     # an upper bound
-    splits, per_split, block_k = split_plan(k, max(1, live_tiles), split_k)
+    splits, per_split, block_k = split_plan(k, max(1, live_tiles), split_k, sm_count(x.device))
     part = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
     if t == 0 or segments == 0 or max_seg_len == 0:
         return part
