@@ -5,15 +5,17 @@
     python benchmarks/lora_bench.py decode --model-path CFG --load-format dummy --dtype bfloat16
         [--batch-sizes 1 64] [--adapters 1 8] [--rank 16] [--decode-steps 64]
     python benchmarks/lora_bench.py kernels [--batch-sizes 1 64] [--adapters 1 8] [--rank 16]
+        [--layers qkv o gate_up down]
 
 offline: N prompts of random ids, all submitted at once, greedy; the wall time of the whole run
 and output tokens/s for the base model with LoRA serving off ("base") and on, the requests
 spread round-robin over K distinct adapters (K = 0: LoRA on, every request on the base model).
 decode: B requests prefilled, then the mean time of the next decode steps, same configurations.
 Both alternate the configurations within each round (noisy shared machines) and print the
-median with the min-max spread. kernels: one qkv-shaped layer (Llama-3.1-8B: 4096 -> 4096 +
-1024 + 1024) at decode, the Triton shrink/expand pair vs the torch path (one matmul pair per
-adapter) vs a plain loop over the requests.
+median with the min-max spread. kernels: Llama-3.1-8B's LoRA layers (qkv 4096 -> 4096 + 1024 +
+1024, o, gate_up 4096 -> 2 x 14336, down 14336 -> 4096) at decode, the Triton shrink/expand pair
+(and each kernel alone: which one dominates) vs the torch path (one matmul pair per adapter) vs a
+plain loop over the requests; eager calls, so launch costs are included.
 
 Adapters are random rank-R PEFT folders over all seven projections, written for the served
 model's shapes into a temporary folder and loaded at runtime (no peft needed).
@@ -171,46 +173,69 @@ def decode(ns) -> list[dict]:
     return rows
 
 
+LAYERS = {   # Llama-3.1-8B's four LoRA layers: (input width, output shard widths)
+    "qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate_up": (4096, [14336, 14336]),
+    "down": (14336, [4096]),
+}
+
+
 def kernels(ns) -> list[dict]:
     import torch
 
+    from kvyard.kernels.triton_ops.lora import lora_expand, lora_shrink, split_plan
     from kvyard.lora.batch import build_batch_info
     from kvyard.lora.ops import lora_torch, lora_triton
 
-    dev, dtype = "cuda", torch.bfloat16
-    sizes, fan_in, rank = [4096, 1024, 1024], 4096, ns.rank
+    dev, dtype, rank = "cuda", torch.bfloat16, ns.rank
     rows = []
-    for batch in ns.batch_sizes:
-        for k in ns.adapters:
-            a = torch.randn(k, 3 * rank, fan_in, device=dev, dtype=dtype) * 0.01
-            b = torch.randn(k, sum(sizes), rank, device=dev, dtype=dtype) * 0.01
-            x = torch.randn(batch, fan_in, device=dev, dtype=dtype)
-            y = torch.zeros(batch, sum(sizes), device=dev, dtype=dtype)
-            slots = [i % k for i in range(batch)]
-            info = build_batch_info(slots, [1] * batch, dev)
+    for layer in ns.layers:
+        fan_in, sizes = LAYERS[layer]
+        n = len(sizes)
+        print(f"{layer}: {fan_in} -> {sum(sizes)}, split-K up to {split_plan(fan_in)[0]}", flush=True)
+        for batch in ns.batch_sizes:
+            for k in ns.adapters:
+                a = torch.randn(k, n * rank, fan_in, device=dev, dtype=dtype) * 0.01
+                b = torch.randn(k, sum(sizes), rank, device=dev, dtype=dtype) * 0.01
+                x = torch.randn(batch, fan_in, device=dev, dtype=dtype)
+                y = torch.zeros(batch, sum(sizes), device=dev, dtype=dtype)
+                slots = [i % k for i in range(batch)]
+                info = build_batch_info(slots, [1] * batch, dev)
+                seg = (info.seg_indptr, info.seg_slots, info.max_seg_len)
+                part = lora_shrink(x, a, *seg)
 
-            def loop():   # one request at a time: the naive reference
-                for i, s in enumerate(slots):
-                    xa = x[i:i + 1] @ a[s].t()
-                    y[i:i + 1] += torch.cat([xa[:, j * rank:(j + 1) * rank] @ b[s, sum(sizes[:j]):sum(sizes[:j + 1])].t()
-                                            for j in range(3)], dim=1)
-            want = lora_torch(x, torch.zeros_like(y), a, b, sizes, info)
-            torch.testing.assert_close(lora_triton(x, torch.zeros_like(y), a, b, sizes, info), want,
-                                       rtol=2e-2, atol=2e-2)   # the kernels agree on the device too
-            fns = {"triton": lambda: lora_triton(x, y, a, b, sizes, info),
-                   "torch (per adapter)": lambda: lora_torch(x, y, a, b, sizes, info), "torch loop (per request)": loop}
-            for name, fn in fns.items():
-                for _ in range(5):
-                    fn()
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(ns.kernel_iters):
-                    fn()
-                torch.cuda.synchronize()
-                us = (time.perf_counter() - start) / ns.kernel_iters * 1e6
-                rows.append({"batch": batch, "adapters": k, "impl": name, "us": round(us, 1)})
-                print(f"  qkv 4096->6144 rank {rank}, batch {batch}, {k} adapters: {name:<26} {us:8.1f} us", flush=True)
+                def loop():   # one request at a time: the naive reference
+                    for i, s in enumerate(slots):
+                        xa = x[i:i + 1] @ a[s].t()
+                        y[i:i + 1] += torch.cat([xa[:, j * rank:(j + 1) * rank]
+                                                 @ b[s, sum(sizes[:j]):sum(sizes[:j + 1])].t() for j in range(n)], dim=1)
+                want = lora_torch(x, torch.zeros_like(y), a, b, sizes, info)
+                torch.testing.assert_close(lora_triton(x, torch.zeros_like(y), a, b, sizes, info), want,
+                                           rtol=2e-2, atol=2e-2)   # the kernels agree on the device too
+                fns = {"triton": lambda: lora_triton(x, y, a, b, sizes, info),
+                       "triton shrink": lambda: lora_shrink(x, a, *seg),
+                       "triton expand": lambda: lora_expand(part, b, y, sizes, *seg),
+                       "torch (per adapter)": lambda: lora_torch(x, y, a, b, sizes, info),
+                       "torch loop (per request)": loop}
+                for name, fn in fns.items():
+                    us = _time_us(fn, ns.kernel_iters)
+                    rows.append({"layer": layer, "batch": batch, "adapters": k, "impl": name, "us": round(us, 1)})
+                    print(f"  {layer} {fan_in}->{sum(sizes)} rank {rank}, batch {batch}, {k} adapters: "
+                          f"{name:<26} {us:8.1f} us", flush=True)
     return rows
+
+
+def _time_us(fn, iters: int) -> float:
+    """Mean microseconds of one call, launches included (no graph), after 5 warm-up calls."""
+    import torch
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
 
 
 def main(argv=None) -> int:
@@ -228,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--kernel-iters", type=int, default=200)
+    parser.add_argument("--layers", nargs="+", choices=sorted(LAYERS), default=["qkv", "o", "gate_up", "down"],
+                        help="kernels: the Llama-3.1-8B LoRA layers to time")
     parser.add_argument("--max-total-tokens", type=int, default=32768)
     parser.add_argument("--max-running-requests", type=int, default=None)
     parser.add_argument("--context-length", type=int, default=4096)

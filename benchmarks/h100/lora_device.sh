@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Multi-LoRA serving on the H100 in one device call (kind nvidia-h100-x1, carry .whl: the gguf and
 # pyzmq wheels the device image lacks, as for moe_device.sh):
-#   1. kernels: one Llama-3.1-8B qkv layer (4096 -> 4096+1024+1024) at decode, batch 1 and 64, 1 and
-#      8 rank-16 adapters: the Triton shrink/expand pair vs the torch path (one matmul pair per
-#      adapter) vs a torch loop over the requests; the Triton result is checked against torch first
+#   1. kernels: Llama-3.1-8B's four LoRA layers (qkv 4096 -> 4096+1024+1024, o, gate_up, down) at
+#      decode, batch 1 and 64, 1 and 8 rank-16 adapters: the Triton shrink/expand pair (and the
+#      split-K shrink and the expand alone) vs the torch path (one matmul pair per adapter) vs a
+#      torch loop over the requests; the Triton result is checked against torch first
 #   2. decode: Llama-3.1-8B shape (benchmarks/configs/llama-3.1-8b, dummy weights, bf16, triton
 #      attention, CUDA graphs on), batch 1 and 64, 128-token prompts, 64 timed decode steps, no LoRA
 #      vs 1 and 8 distinct rank-16 adapters (dummy, all seven projections) per batch, 3 rounds
@@ -17,8 +18,8 @@ source benchmarks/h100/device_setup.sh
 PARTS=${PARTS:-"kernels decode"}
 for part in $PARTS; do
   case $part in
-    kernels) timeout 120 python3 benchmarks/lora_bench.py kernels --batch-sizes 1 64 --adapters 1 8 --rank 16 \
-               --json "$OUT/lora.jsonl" 2>&1 | tail -20 | tee "$OUT/kernels.txt" ;;
+    kernels) timeout 180 python3 benchmarks/lora_bench.py kernels --batch-sizes 1 64 --adapters 1 8 --rank 16 \
+               --json "$OUT/lora.jsonl" 2>&1 | tail -100 | tee "$OUT/kernels.txt" ;;
     decode) timeout 420 python3 benchmarks/lora_bench.py decode --model-path benchmarks/configs/llama-3.1-8b \
               --load-format dummy --dtype bfloat16 --attention-backend triton --batch-sizes 1 64 --adapters 1 8 \
               --rank 16 --rounds 3 --decode-steps 64 --max-total-tokens 32768 --max-running-requests 64 \

@@ -3,7 +3,8 @@
 x [T, in], y [T, out] (the base output, updated in place and returned), A [S, n R, in],
 B [S, out, R], shard_sizes: the n output widths of a fused layer. Two implementations with one
 result: ``lora_torch`` (the CPU path: one pair of matmuls per slot used, over its token rows)
-and the Triton kernel pair (core/kernels/triton_ops/lora.py, CUDA; segment-gather GEMMs whose
+and the Triton kernel pair (core/kernels/triton_ops/lora.py, CUDA; a split-K shrink and an
+expand that reduces its partial sums; segment/slot-gather GEMMs whose
 indices are device tensors, so decode graphs capture them).
 """
 from __future__ import annotations
@@ -37,8 +38,8 @@ def lora_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
                 shard_sizes: list[int], info: LoRABatchInfo) -> torch.Tensor:
     from kvyard.kernels.triton_ops.lora import lora_expand, lora_shrink
 
-    xa = lora_shrink(x, a, info.seg_indptr, info.seg_slots, info.max_seg_len)     # [T, n R]
-    lora_expand(xa, b, y, shard_sizes, info.seg_indptr, info.seg_slots, info.max_seg_len)
+    part = lora_shrink(x, a, info.seg_indptr, info.seg_slots, info.max_seg_len)   # [SPLIT_K, T, n R] f32
+    lora_expand(part, b, y, shard_sizes, info.seg_indptr, info.seg_slots, info.max_seg_len)
     return y
 
 

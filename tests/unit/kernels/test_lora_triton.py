@@ -1,6 +1,8 @@
 """The LoRA shrink/expand Triton kernels under the CPU interpreter (TRITON_INTERPRET=1) against the
 torch path: fused (qkv-shaped) and plain layers, prefill segments of mixed lengths and decode
-rows, base-model segments untouched, ranks padded below the slot width."""
+rows (grouped by adapter slot in-kernel), base-model segments untouched, ranks padded below the
+slot width; the split-K shrink (K in uneven chunks, partial sums reduced by the expand) for ranks
+8/16/64, deterministic."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
@@ -10,8 +12,19 @@ import torch
 
 pytest.importorskip("triton")
 
+from kvyard.kernels.triton_ops.lora import lora_expand, lora_shrink, split_plan
 from kvyard.lora.batch import build_batch_info
 from kvyard.lora.ops import lora_torch, lora_triton
+
+
+def _random_case(shard_sizes, in_features, rank, seg_lens, num_slots=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n, tokens = len(shard_sizes), sum(seg_lens)
+    x = torch.randn(tokens, in_features, generator=gen)
+    a = torch.randn(num_slots, n * rank, in_features, generator=gen)
+    b = torch.randn(num_slots, sum(shard_sizes), rank, generator=gen)
+    y0 = torch.randn(tokens, sum(shard_sizes), generator=gen)
+    return x, a, b, y0
 
 
 @pytest.mark.parametrize("shard_sizes,in_features,rank,seg_lens,slots", [
@@ -52,3 +65,86 @@ def test_graph_batch_slots_are_read_from_the_buffers():
     second = lora_triton(x, torch.zeros(4, 12), a, b, [12], info)
     torch.testing.assert_close(second, lora_torch(x, torch.zeros(4, 12), a, b, [12], info))
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("shard_sizes,in_features,rank,seg_lens,slots,split_k", [
+    ([32, 16, 16], 40, 8, [5, 1, 19, 3], [1, -1, 0, 2], 3),      # K 40 in 16 + 16 + 8, qkv-shaped
+    ([48], 100, 16, [1] * 6, [2, 0, -1, 2, 1, 0], 4),            # decode rows, K 100 in 4 x 32 (last 4)
+    ([24, 40], 260, 64, [2, 17], [0, 1], 17),                     # rank 64: the reduction in 4 chunks
+    ([16, 16], 72, 8, [1] * 40, [0, 1, 0, -1, 0] * 8, 3),         # decode: slot 0 has 24 rows (2 m-blocks)
+    ([24], 50, 16, [1, 0, 1, 1, 0], [1, 1, -1, 1, 0], 2),         # decode with empty segments
+])
+def test_split_k_matches_torch(shard_sizes, in_features, rank, seg_lens, slots, split_k):
+    x, a, b, y0 = _random_case(shard_sizes, in_features, rank, seg_lens, seed=split_k)
+    info = build_batch_info(slots, seg_lens, "cpu")
+    part = lora_shrink(x, a, info.seg_indptr, info.seg_slots, info.max_seg_len, split_k=split_k)
+    assert part.shape[0] == split_k and part.dtype == torch.float32
+    got = lora_expand(part, b, y0.clone(), shard_sizes, info.seg_indptr, info.seg_slots, info.max_seg_len)
+    want = lora_torch(x, y0.clone(), a, b, shard_sizes, info)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    again = lora_expand(lora_shrink(x, a, info.seg_indptr, info.seg_slots, info.max_seg_len, split_k=split_k),
+                        b, y0.clone(), shard_sizes, info.seg_indptr, info.seg_slots, info.max_seg_len)
+    assert torch.equal(got, again)      # fixed reduction order: bitwise the same every run
+
+
+def test_default_split_plan():
+    """Few tiles (decode): Llama-3.1-8B widths split into 256-column chunks; many tiles (a long
+    prefill): fewer splits, down to none; a K of a few hundred already splits (and runs through
+    lora_triton's defaults)."""
+    assert split_plan(4096) == (16, 256, 64)
+    assert split_plan(14336, tiles=8) == (56, 256, 64)
+    assert split_plan(4096, tiles=128)[0] == 4
+    assert split_plan(4096, tiles=513)[0] == 1
+    assert split_plan(64) == (1, 64, 64)
+    splits, per_split, _ = split_plan(600)
+    assert splits == 3 and per_split * (splits - 1) < 600 <= per_split * splits
+    x, a, b, y0 = _random_case([16, 8, 8], 600, 8, [3, 1], seed=1)
+    info = build_batch_info([1, 0], [3, 1], "cpu")
+    torch.testing.assert_close(lora_triton(x, y0.clone(), a, b, [16, 8, 8], info),
+                               lora_torch(x, y0.clone(), a, b, [16, 8, 8], info), rtol=1e-4, atol=1e-3)
+
+
+_COMPILE_SM90 = """
+import sys
+import pytest, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvyard.kernels.triton_ops import lora as kernels
+
+def build(fn, pointers, ints, consts):
+    sig = {**pointers, **{name: "i32" for name in ints}, **{name: "constexpr" for name in consts}}
+    names = list(sig)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except RuntimeError as exc:
+        if str(exc).startswith("Cannot find") and "ptxas" in str(exc):
+            sys.exit(3)                    # no CUDA toolchain in this Triton install
+        raise
+
+by_slot = sys.argv[1] == "1"
+rows = dict(BY_SLOT=by_slot, BLOCK_B=kernels.MAX_SLOT_GROUPED if by_slot else 1)
+build(kernels._shrink_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", part_ptr="*fp32", indptr_ptr="*i32", slots_ptr="*i32"),
+      ["num_segs", "N", "K", "k_per_split", "split_k", "stride_xm", "stride_as", "stride_an", "stride_ps", "stride_pm"],
+      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, N_BLOCKS=3, **rows))
+build(kernels._expand_kernel, dict(part_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", indptr_ptr="*i32",
+                                   slots_ptr="*i32", starts_ptr="*i32"),
+      ["num_segs", "R", "split_k", "stride_ps", "stride_pm", "stride_bs", "stride_bo", "stride_ym"],
+      dict(BLOCK_M=16, BLOCK_N=128, BLOCK_R=64, N_BLOCKS=112, SPLIT_CHUNK=kernels.REDUCE_ELEMS // (16 * 64), **rows))
+"""
+
+
+@pytest.mark.parametrize("by_slot", [True, False])
+def test_kernels_compile_for_sm90(by_slot):
+    """The interpreter runs the kernels as Python; this compiles both to an H100 cubin (Triton's
+    bundled ptxas, no GPU needed; a process without TRITON_INTERPRET): rank 64, the largest
+    reduction tile, at the widest decode slot scan."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90, "1" if by_slot else "0"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-3000:]
