@@ -28,9 +28,6 @@ def main(argv: list[str]) -> int:
     p = build_parser()
     p.add_argument("--block", type=int, default=8, help="decode steps per alternation block")
     ns = p.parse_args(argv)
-    from kvyard.sampling.params import SamplingParams
-    from kvyard.scheduler.io_struct import TokenizedGenerateReq
-
     bs = ns.batch_size[0]
     ns.num_continuous_decode_steps = 1   # one decode step per scheduler.step(): blocks count steps
     scheduler = in_process_scheduler(ns)
@@ -43,12 +40,22 @@ def main(argv: list[str]) -> int:
     def use(label: str) -> None:
         runner.decode_graphs = loop if label == "loop" else None
 
+    return compare(scheduler, ns, use, ("loop", "python"))
+
+
+def compare(scheduler, ns, use, labels: tuple[str, str]) -> int:
+    """Generates the same greedy tokens through each path alone and says whether they are equal,
+    then times the paths in alternating blocks (``timed_blocks``) and prints both."""
+    from kvyard.sampling.params import SamplingParams
+    from kvyard.scheduler.io_struct import TokenizedGenerateReq
+
+    bs, runner = ns.batch_size[0], scheduler.runner
     tokens = {}
-    for label in ("loop", "python"):   # same prompts through each path alone: equal greedy tokens
+    for label in labels:
         use(label)
         tokens[label] = _generate(scheduler, bs, ns, SamplingParams, TokenizedGenerateReq, f"eq-{label}")
-    print(f"greedy tokens equal across paths: {tokens['loop'] == tokens['python']}")
-    times = timed_blocks(scheduler, ns, use, ("loop", "python"))
+    print(f"greedy tokens equal across paths: {tokens[labels[0]] == tokens[labels[1]]}")
+    times = timed_blocks(scheduler, ns, use, labels)
     print(f"batch {bs}, {ns.input_len} in / {ns.output_len} out, {torch.get_num_threads()} threads, "
           f"dtype {runner.dtype}, quantization {runner.quantization}")
     print_times(times)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_loop_ab import _generate, in_process_scheduler, print_times, timed_blocks  # noqa: E402
+from decode_loop_ab import compare, in_process_scheduler  # noqa: E402
 
 from kvyard.bench.one_batch import build_parser  # noqa: E402
 
@@ -27,9 +27,6 @@ def main(argv: list[str]) -> int:
     p = build_parser()
     p.add_argument("--block", type=int, default=8, help="decode steps per alternation block")
     ns = p.parse_args(argv)
-    from kvyard.sampling.params import SamplingParams
-    from kvyard.scheduler.io_struct import TokenizedGenerateReq
-
     bs = ns.batch_size[0]
     ns.num_continuous_decode_steps = 1
     scheduler = in_process_scheduler(ns)
@@ -45,16 +42,7 @@ def main(argv: list[str]) -> int:
     def use(label: str) -> None:
         loop.native_max = native_max if label == "native" else 0
 
-    tokens = {}
-    for label in ("native", "loop"):
-        use(label)
-        tokens[label] = _generate(scheduler, bs, ns, SamplingParams, TokenizedGenerateReq, f"eq-{label}")
-    print(f"greedy tokens equal across paths: {tokens['native'] == tokens['loop']}")
-    times = timed_blocks(scheduler, ns, use, ("native", "loop"))
-    print(f"batch {bs}, {ns.input_len} in / {ns.output_len} out, {torch.get_num_threads()} threads, "
-          f"dtype {scheduler.runner.dtype}, quantization {scheduler.runner.quantization}")
-    print_times(times)
-    return 0
+    return compare(scheduler, ns, use, ("native", "loop"))
 
 
 if __name__ == "__main__":
