@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_loop_ab import compare, in_process_scheduler  # noqa: E402
 
