@@ -83,8 +83,17 @@ class _NotLowerable(Exception):
     pass
 
 
+def _switched_off(env: str) -> bool:
+    return os.environ.get(env, "1").strip().lower() in ("0", "false", "none")
+
+
+def _linears(layer) -> tuple:
+    """A lowered layer's four linear slots, in the plans' order (decode_loop.QKV, O, GATE_UP, DOWN)."""
+    return (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+
+
 def _unavailable(model: torch.nn.Module, device: str) -> Optional[str]:
-    if os.environ.get("KVYARD_CPU_DECODE_LOOP", "1").strip().lower() in ("0", "false", "none"):
+    if _switched_off("KVYARD_CPU_DECODE_LOOP"):
         return "KVYARD_CPU_DECODE_LOOP=0"
     if torch.device(device).type != "cpu":
         return f"device {device}"
@@ -109,7 +118,7 @@ def _build_plan(lowered: LoweredDecoder, attn_backend, kv_pool) -> tuple[decode_
         index = plan.add_layer(layer.input_norm.weight, layer.post_norm.weight, kv_pool.k_buffer(attn.layer_id),
                                kv_pool.v_buffer(attn.layer_id), attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                call)
-        for which, linear in enumerate((layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)):
+        for which, linear in enumerate(_linears(layer)):
             low = linear.method.lower(linear)
             if low is None:
                 raise _NotLowerable(f"{linear.prefix}: its quantization method cannot lower it")
@@ -122,17 +131,15 @@ def _build_plan(lowered: LoweredDecoder, attn_backend, kv_pool) -> tuple[decode_
 def _build_native(lowered: LoweredDecoder, attn_backend, kv_pool,
                   max_rows: int) -> tuple[Optional[decode_loop.NativePlan], int]:
     """The native plan and the rows it takes, or (None, 0) with the reason logged."""
-    if os.environ.get("KVYARD_CPU_NATIVE_STEP", "1").strip().lower() in ("0", "false", "none"):
+    if _switched_off("KVYARD_CPU_NATIVE_STEP"):
         logger.info("native decode step off: KVYARD_CPU_NATIVE_STEP=0")
         return None, 0
     pieces = []
     for layer in lowered.layers:
         attn = attn_backend.lower_decode_native(layer.attention, kv_pool)
-        linears = [linear.method.lower_native(linear)
-                   for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+        linears = [linear.method.lower_native(linear) for linear in _linears(layer)]
         missing = [f"layer {layer.attention.layer_id} attention"] if attn is None else []
-        missing += [linear.prefix for linear, low in zip(
-            (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj), linears) if low is None]
+        missing += [linear.prefix for linear, low in zip(_linears(layer), linears) if low is None]
         if missing:
             logger.info("native decode step off: no native form for %s", ", ".join(missing))
             return None, 0
