@@ -21,6 +21,9 @@
 #               (MODELS: the benchmarks/configs folders, default "qwen3-8b gemma-2-9b"; MODEL_PARTS:
 #               which of "decode prefill compare offline" to run, default all; OFFLINE_MODELS_PROMPTS:
 #               the offline comparison's prompt count, default 128)
+#   models-vs-hf  benchmarks/models_vs_hf.py: per MODELS folder, one kvyard Engine (triton) then
+#               transformers on the same config, WORKLOADS (default "1x128/256 64x256/128"), each
+#               model under MODEL_LIMIT_S (default 260); rows in results.jsonl as they land
 #   all         every part above (more than one 10-minute call holds)
 #
 # Setup (always, ~30 s): flashinfer's wheels and precompiled kernels from .whl_fi/ (carry it;
@@ -196,6 +199,15 @@ part_models() {
     done
 }
 
+part_models_vs_hf() {
+    local name
+    for name in ${MODELS:-qwen3-8b gemma-2-9b}; do
+        step "models-vs-hf-$name" "${MODEL_LIMIT_S:-260}" python3 benchmarks/models_vs_hf.py "benchmarks/configs/$name" \
+            --attention-backend triton --workloads ${WORKLOADS:-1x128/256 64x256/128} --json "$RESULTS"
+        grep '^{' "$LOGS/models-vs-hf-$name.log"
+    done
+}
+
 part_offline() {
     local b
     for b in flashinfer triton; do
@@ -223,8 +235,8 @@ for part in "$@"; do
     case $part in
         fi-tests) part_fi_tests ;; gpu-tests) part_gpu_tests ;; decode) part_decode ;;
         prefill) part_prefill ;; compare) part_compare ;; offline) part_offline ;; profile) part_profile ;;
-        model-tests) part_model_tests ;; models) part_models ;;
+        model-tests) part_model_tests ;; models) part_models ;; models-vs-hf) part_models_vs_hf ;;
         all) part_fi_tests; part_gpu_tests; part_decode; part_prefill; part_compare; part_offline; part_profile ;;
-        *) echo "unknown part $part (fi-tests gpu-tests decode prefill compare offline profile model-tests models all)"; exit 2 ;;
+        *) echo "unknown part $part (fi-tests gpu-tests decode prefill compare offline profile model-tests models models-vs-hf all)"; exit 2 ;;
     esac
 done
