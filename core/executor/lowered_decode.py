@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 # Batches up to this many rows take the native step (docs/performance.md, "the decode step in one
 # OpenMP region": it wins at every size the int kernels serve; larger batches are dense GEMMs).
-NATIVE_MAX_ROWS = 15
+NATIVE_MAX_ROWS = 47
 
 
 class LoweredDecodeRunner:

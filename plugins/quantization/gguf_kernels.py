@@ -49,6 +49,12 @@ X16_BASE = 512
 # layouts' int kernel is faster up to M ~48, but its int16 activations are not the dense path's
 # float ones, and prefill chunks of 16 must stay greedy-equal to the dequantized model.
 DENSE_MIN_M = 16
+# Decode steps (one new token per request, run by the lowered decode plans) take the int kernel
+# further for the interleaved layouts, where it beats dequantize + gemm up to M ~48 (SmolLM2's
+# layers at M = 32: 0.5-0.8x the dense time). Prefill keeps DENSE_MIN_M; a decode row's result
+# does not depend on the other rows (per-row activation scales, exact int sums), so decode tokens
+# are the same at batch 1 and batch 47.
+DECODE_INT_MAX_M_X16 = 47
 PATHS = ("auto", "int", "dense")
 
 _state: dict[str, object] = {}
@@ -126,6 +132,11 @@ def prepare(data: torch.Tensor, qtype: int, in_features: int) -> tuple[torch.Ten
     if Q(qtype) in PLANAR:
         return torch.ops.kvyard_gguf.repack(data, int(qtype), in_features), PLANAR_BASE + int(qtype)
     return data, int(qtype)
+
+
+def decode_int_max_rows(layout: int) -> int:
+    """The most rows a decode step's lowered call of layout id ``layout`` takes on the int kernel."""
+    return DECODE_INT_MAX_M_X16 if layout >= X16_BASE else DENSE_MIN_M - 1
 
 
 def matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, in_features: int,

@@ -132,8 +132,9 @@ class GGUFLinearMethod(LinearMethod):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def lower(self, layer) -> Optional[LoweredLinear]:
-        """``apply`` for inputs in the int kernel's range (fewer than DENSE_MIN_M rows) and the
-        layer dtype: one call per segment, the bias in the call when there is one segment."""
+        """The decode step's ``apply`` in the layer dtype, on the int kernel for up to
+        ``gguf_kernels.decode_int_max_rows`` rows of its layouts: one call per segment, the bias in
+        the call when there is one segment."""
         if self.dtype not in COMPUTE_DTYPES or not gguf_kernels.available():
             return None
         gguf_kernels.load()
@@ -146,7 +147,7 @@ class GGUFLinearMethod(LinearMethod):
             else:
                 calls.append(("kvyard_gguf::mm_int", (weight, seg.kernel_qtype, layer.in_features, bias)))
         bias = None if one or layer.bias is None else layer.bias.to(self.dtype)
-        return LoweredLinear(tuple(calls), bias, max_rows=gguf_kernels.DENSE_MIN_M - 1)
+        return LoweredLinear(tuple(calls), bias, max_rows=_decode_max_rows(layer))
 
     def lower_native(self, layer) -> Optional[NativeKernel]:
         """``lower``'s int-kernel calls as native descriptors (the same activation quantization
@@ -162,7 +163,7 @@ class GGUFLinearMethod(LinearMethod):
         for seg in segments:
             weight = layer._buffers[seg.buffer]
             desc, bias32 = torch.ops.kvyard_gguf.native_linear(weight, seg.kernel_qtype, layer.in_features, layer.bias,
-                                                               self.dtype, gguf_kernels.DENSE_MIN_M - 1)
+                                                               self.dtype, _decode_max_rows(layer))
             descriptors.append(desc.data_ptr())
             keep += [desc, bias32, weight]
         return NativeKernel(tuple(descriptors), tuple(keep))
@@ -205,3 +206,11 @@ def _runs(parts: list[tuple[str, torch.Tensor]]) -> list[tuple[str, list[torch.T
         else:
             runs.append((kind, [tensor]))
     return runs
+
+
+def _decode_max_rows(layer) -> int:
+    """The rows a decode step's lowered calls of ``layer`` serve: the int kernel's decode range of
+    its quantized segments' layouts (the prefill range where none is kept quantized)."""
+    rows = [gguf_kernels.decode_int_max_rows(seg.kernel_qtype) for seg in layer.gguf_segments
+            if seg.kernel_qtype is not None]
+    return min(rows, default=gguf_kernels.DENSE_MIN_M - 1)

@@ -140,7 +140,7 @@ def gguf_llama(dtype: torch.dtype):
     return model.eval(), hf.config
 
 
-def dtype_harness(model, cfg, dtype: torch.dtype) -> Harness:
+def dtype_harness(model, cfg, dtype: torch.dtype, max_reqs: int = 16) -> Harness:
     """quant_helpers.harness with the activations and the pool in ``dtype``."""
     from dataclasses import replace
 
@@ -148,8 +148,9 @@ def dtype_harness(model, cfg, dtype: torch.dtype) -> Harness:
     from kvyard.plugins import registry
 
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    kv = PagedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, num_pages=512, dtype=dtype)
-    config = replace(kv.backend_config(cfg.num_attention_heads, head_dim), dtype=dtype)
+    kv = PagedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, num_pages=1024, dtype=dtype,
+                 max_reqs=max_reqs)
+    config = replace(kv.backend_config(cfg.num_attention_heads, head_dim, max_reqs), dtype=dtype)
     return Harness(model, registry("attention_backends").get("torch_native")(config), kv)
 
 
@@ -236,3 +237,48 @@ def test_native_step_equal_with_a_busy_core_beside(monkeypatch):
     assert native.tokens == loop.tokens
     for a, b in zip(native.logits, loop.logits):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the X16 layouts need AVX-512")
+def test_x16_decode_batches_past_sixteen_rows_take_the_int_kernel(monkeypatch):
+    """With the 16-row interleaved layouts the lowered plans take decode batches up to 47 rows on
+    the int kernel, and a row's result does not depend on its batch: 20 requests decoded together
+    give each request's tokens decoded alone (same prefill), logits equal to float rounding of the
+    float LM head."""
+    from kvyard_plugins.quantization import gguf_kernels
+
+    if gguf_kernels.simd_level() != "avx512":
+        pytest.skip("the int kernel runs below AVX-512 here")
+    model, cfg = gguf_llama(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 320, (int(n),), generator=g).tolist() for n in torch.randint(4, 30, (20,), generator=g)]
+
+    def decoder():
+        base = dtype_harness(model, cfg, torch.bfloat16, max_reqs=len(prompts))
+        runner = LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu")
+        assert runner.max_batch == gguf_kernels.DECODE_INT_MAX_M_X16 == runner.native_max
+        h = LoopHarness(base, runner)
+        seqs = h.add(prompts)
+        first = h.prefill(seqs).argmax(-1).tolist()
+        for seq, token in zip(seqs, first):
+            seq.tokens.append(token)
+        return h, seqs
+
+    together, alone = decoder(), decoder()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(8):
+            h, seqs = together
+            batch = h.decode_batch(seqs)
+            assert h.runner.can_run(batch)
+            rows = h.run(batch, seqs)
+            h1, seqs1 = alone
+            ones = torch.cat([h1.run(h1.decode_batch([s]), [s]) for s in seqs1])
+            torch.testing.assert_close(rows, ones, rtol=1e-5, atol=1e-5)
+            for s, s1, a, b in zip(seqs, seqs1, rows.argmax(-1).tolist(), ones.argmax(-1).tolist()):
+                assert a == b
+                s.tokens.append(a)
+                s1.tokens.append(b)
+    finally:
+        torch.set_num_threads(threads)
