@@ -58,6 +58,15 @@ class LoweredLinear:
     bias: Optional[torch.Tensor] = None
     max_rows: Optional[int] = None
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The same multiply from Python (a lowered step's logits): x [M, in] -> [M, out]."""
+        parts = []
+        for op, args in self.calls:
+            namespace, name = op.split("::")
+            parts.append(getattr(getattr(torch.ops, namespace), name)(x, *args))
+        y = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+        return y if self.bias is None else y + self.bias
+
 
 class LinearMethod(ABC):
     # checkpoint tensors per projection: every one of checkpoint_names must arrive, the

@@ -42,6 +42,7 @@ class LoweredDecodeRunner:
                  max_batch: int, native: Optional[decode_loop.NativePlan] = None, native_max: int = 0):
         self.model, self.lowered, self.plan, self.max_batch = model, lowered, plan, max_batch
         self.native, self.native_max = native, native_max if native is not None else 0
+        self.lm_head = _lowered_lm_head(lowered)
 
     @classmethod
     def build(cls, model: torch.nn.Module, attn_backend, kv_pool, device: str) -> Optional["LoweredDecodeRunner"]:
@@ -76,7 +77,11 @@ class LoweredDecodeRunner:
         cos, sin = low.rotary.lookup(fb.positions)
         plan = self.native if fb.batch_size <= self.native_max else self.plan
         hidden = plan.step(h, cos, sin, fb.out_cache_loc, fb.req_to_token, fb.req_pool_indices, fb.seq_lens)
-        return self.model.compute_logits(hidden[fb.logits_indices])
+        hidden = hidden[fb.logits_indices]
+        head = self.lm_head
+        if head is not None and (head.max_rows is None or hidden.shape[0] <= head.max_rows):
+            return low.logits_head(hidden, project=head)
+        return self.model.compute_logits(hidden)
 
 
 class _NotLowerable(Exception):
@@ -90,6 +95,15 @@ def _switched_off(env: str) -> bool:
 def _linears(layer) -> tuple:
     """A lowered layer's four linear slots, in the plans' order (decode_loop.QKV, O, GATE_UP, DOWN)."""
     return (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+
+
+def _lowered_lm_head(lowered: LoweredDecoder):
+    """The lm_head's lowered call for the logits of decode rows (the int kernel up to its decode
+    range for a kept-quantized head), or None: compute_logits projects as in the Python step."""
+    if lowered.logits_head is None:
+        return None
+    lm_head = lowered.logits_head.lm_head
+    return lm_head.method.lower(lm_head)
 
 
 def _unavailable(model: torch.nn.Module, device: str) -> Optional[str]:

@@ -8,7 +8,7 @@ from the same full logits.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -33,9 +33,10 @@ class LogitsHead(nn.Module):
         self.scale = scale
         self.soft_cap = soft_cap
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] float32."""
-        logits = self.lm_head(hidden)
+    def forward(self, hidden: torch.Tensor, project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] float32. ``project`` stands in for the
+        lm_head's own forward (a lowered decode step's call of the same weights)."""
+        logits = (project or self.lm_head)(hidden)
         if self.lm_head.out_shards is not None:
             logits = all_gather_last(logits, self.lm_head.tp)
         if self.vocab_size != logits.shape[-1]:

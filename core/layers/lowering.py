@@ -17,11 +17,13 @@ the weights are shared, not copied.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 
 from kvyard.layers.attention import Attention
 from kvyard.layers.linear import Linear
+from kvyard.layers.logits import LogitsHead
 from kvyard.layers.norm import RMSNorm
 from kvyard.layers.rotary import RotaryEmbedding
 
@@ -43,3 +45,6 @@ class LoweredDecoder:
     rotary: RotaryEmbedding
     layers: tuple[LoweredLayer, ...]
     norm: RMSNorm
+    # the model's compute_logits when it is exactly this head (None: the runner calls
+    # compute_logits); the runner may then project with the lm_head's lowered call
+    logits_head: Optional[LogitsHead] = None

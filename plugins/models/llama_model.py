@@ -227,7 +227,8 @@ class LlamaForCausalLM(nn.Module):
         return LoweredDecoder(m.embed_tokens, m.rotary, tuple(
             LoweredLayer(layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.qkv_proj,
                          layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj, layer.self_attn.attn)
-            for layer in m.layers), m.norm)
+            for layer in m.layers), m.norm,
+            self.logits_head if type(self).compute_logits is LlamaForCausalLM.compute_logits else None)
 
     # -- weights -----------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:

@@ -103,22 +103,15 @@ def test_gguf_lowered_calls_equal_apply(sizes, bias):
     layer.process_after_loading()
     low = method.lower(layer)
     x = torch.randn(3, 64)
-    parts = []
-    for op, args in low.calls:
-        namespace, name = op.split("::")
-        parts.append(getattr(getattr(torch.ops, namespace), name)(x, *args))
-    y = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
-    if low.bias is not None:
-        y = y + low.bias
-    assert torch.equal(y, method.apply(layer, x))
+    assert torch.equal(low(x), method.apply(layer, x))
     assert low.max_rows is not None and low.max_rows >= 1
 
 
 # -- the native step (one OpenMP region over native descriptors) --------------------------------
 
-def gguf_llama(dtype: torch.dtype):
+def gguf_llama(dtype: torch.dtype, quantized_head: bool = False):
     """A tiny Llama kept quantized by the GGUF method: Q4_1 projections, Q8_0 v_proj (so the
-    fused qkv layer has two segments of different formats)."""
+    fused qkv layer has two segments of different formats), and a Q8_0 lm_head if asked."""
     from kvyard_plugins.quantization.gguf_method import GGUFQuantization
 
     hf = tiny_llama()
@@ -129,8 +122,8 @@ def gguf_llama(dtype: torch.dtype):
 
     def weights():
         for name, value in hf.state_dict().items():
-            if name.endswith("proj.weight"):
-                qtype = Q.Q8_0 if "v_proj" in name else Q.Q4_1
+            if name.endswith("proj.weight") or (quantized_head and name == "lm_head.weight"):
+                qtype = Q.Q8_0 if "v_proj" in name or "lm_head" in name else Q.Q4_1
                 data = gguf.quants.quantize(value.float().numpy(), qtype)
                 yield name, QuantizedTensor(torch.from_numpy(data), tuple(value.shape), int(qtype))
             else:
@@ -243,13 +236,12 @@ def test_native_step_equal_with_a_busy_core_beside(monkeypatch):
 def test_x16_decode_batches_past_sixteen_rows_take_the_int_kernel(monkeypatch):
     """With the 16-row interleaved layouts the lowered plans take decode batches up to 47 rows on
     the int kernel, and a row's result does not depend on its batch: 20 requests decoded together
-    give each request's tokens decoded alone (same prefill), logits equal to float rounding of the
-    float LM head."""
+    give each request's logits decoded alone (same prefill), bit for bit, the Q8_0 LM head's too."""
     from kvyard_plugins.quantization import gguf_kernels
 
     if gguf_kernels.simd_level() != "avx512":
         pytest.skip("the int kernel runs below AVX-512 here")
-    model, cfg = gguf_llama(torch.bfloat16)
+    model, cfg = gguf_llama(torch.bfloat16, quantized_head=True)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 320, (int(n),), generator=g).tolist() for n in torch.randint(4, 30, (20,), generator=g)]
 
@@ -257,6 +249,7 @@ def test_x16_decode_batches_past_sixteen_rows_take_the_int_kernel(monkeypatch):
         base = dtype_harness(model, cfg, torch.bfloat16, max_reqs=len(prompts))
         runner = LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu")
         assert runner.max_batch == gguf_kernels.DECODE_INT_MAX_M_X16 == runner.native_max
+        assert runner.lm_head.max_rows == gguf_kernels.DECODE_INT_MAX_M_X16
         h = LoopHarness(base, runner)
         seqs = h.add(prompts)
         first = h.prefill(seqs).argmax(-1).tolist()
@@ -275,7 +268,7 @@ def test_x16_decode_batches_past_sixteen_rows_take_the_int_kernel(monkeypatch):
             rows = h.run(batch, seqs)
             h1, seqs1 = alone
             ones = torch.cat([h1.run(h1.decode_batch([s]), [s]) for s in seqs1])
-            torch.testing.assert_close(rows, ones, rtol=1e-5, atol=1e-5)
+            assert torch.equal(rows, ones)
             for s, s1, a, b in zip(seqs, seqs1, rows.argmax(-1).tolist(), ones.argmax(-1).tolist()):
                 assert a == b
                 s.tokens.append(a)
