@@ -124,8 +124,9 @@ class ServerArgs:
     disable_cpu_decode_loop: bool = _f(False, "CPU: run small decode batches through the Python layers instead of the C++ "
                                        "decode loop (on by default where the model, quantization and attention backend "
                                        "can be lowered; also KVYARD_CPU_DECODE_LOOP=0; KVYARD_CPU_NATIVE_STEP=0 keeps "
-                                       "the loop but turns off its native step, the one-team step of batches of at "
-                                       "most 15 rows over GGUF int kernels)", "runtime")
+                                       "the loop but turns off its native step, the one-team step of decode batches "
+                                       "on GGUF int kernels: up to 47 rows for the AVX-512 interleaved layouts, 15 "
+                                       "otherwise)", "runtime")
     disable_cpu_thread_adaptation: bool = _f(False, "CPU: keep the thread count fixed; by default a step runs on fewer "
                                              "threads while other processes keep this process's cores busy "
                                              "(measured each second from /proc/stat), and on all of them again after", "runtime")
