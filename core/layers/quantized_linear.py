@@ -11,8 +11,11 @@ tensors of every shard (q/k/v, gate/up) in ``load_tensor``, turns them into one 
                      Activations: dynamic per-token (per token-group of 128 for block
                      weights), static per-tensor (the largest of the shards' input scales), or
                      none (weight-only: dequantize and multiply in the layer dtype).
-                     CUDA: torch._scaled_mm with row-wise scales; up to GEMV_MAX_M (16) token
-                     rows the Triton fp8 GEMV (activation quantization fused in); block
+                     CUDA: torch._scaled_mm with row-wise scales where the device has it
+                     (8.9+); elsewhere on CUDA, up to GEMV_MAX_M (16) token rows, the Triton fp8
+                     GEMV (activation quantization fused in: fp8 values as fp16 dot operands;
+                     on the H100 cuBLAS replayed in a graph beat it at batch-1 decode, 134.6 vs
+                     103.1 tok/s on Llama-3.1-8B, docs/performance.md); block
                      scales: the Triton block-scaled GEMM. Elsewhere the same arithmetic in
                      float32 (the fp8 values are exact in float32).
   Int8LinearMethod   weight [N, K] int8, scales [N]; activations int8 per token (dynamic) or per
@@ -170,8 +173,8 @@ class Fp8LinearMethod(ShardedLinearMethod):
             else:
                 y = qm.dequantize_block(xq, sx, s.block[1]) @ qm.dequantize_block(w, sw, s.block[1]).t()
             return _unflat(layer, x, y)
-        if x2.shape[0] <= GEMV_MAX_M and ((x2.is_cuda and self.scaled_mm(x2)) or _force_triton):
-            # decode sizes: one Triton GEMV quantizes x and multiplies (no torch ops around it)
+        if x2.shape[0] <= GEMV_MAX_M and ((x2.is_cuda and not self.scaled_mm(x2)) or _force_triton):
+            # decode sizes without fp8 tensor cores: one Triton GEMV quantizes x and multiplies
             from kvyard.kernels.triton_ops.fp8_gemv import fp8_gemv
             static = layer.input_scale if s.activation == "static" else None
             return _unflat(layer, x, fp8_gemv(x2, w, sw, static, _out_dtype(x)))
