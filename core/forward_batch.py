@@ -110,6 +110,10 @@ class ForwardBatch:
     captured: dict = field(default_factory=dict)
     # speculative tree verify: which new tokens each new token sees (module docstring); None: causal
     spec_tree: Optional[TreeMask] = None
+    # a speculative verify step: every new token is one draft position after its request's cached
+    # prefix and sees the prefix and its own chain (spec_tree None) or ancestors (spec_tree), so a
+    # runner may compute each new token as a decode row of that sequence
+    spec_verify: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -68,15 +68,25 @@ class LoweredDecodeRunner:
         """Nothing to capture: the plan was built with the runner."""
 
     def can_run(self, fb: ForwardBatch) -> bool:
-        return fb.mode.is_decode() and 0 < fb.batch_size <= self.max_batch
+        rows = fb.batch_size if fb.mode.is_decode() else fb.num_tokens if fb.spec_verify else 0
+        return 0 < rows <= self.max_batch
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits [len(fb.logits_indices), vocab] of the decode batch ``fb``."""
+        """Logits [len(fb.logits_indices), vocab] of the decode batch ``fb``, or of a speculative
+        verify step run as decode rows: each draft token one row over its request's prefix and
+        its chain (or tree ancestors) in order, so its logits are the ones a decode step of that
+        token on that sequence computes, bit for bit (the int kernels' rows do not depend on their
+        batch). The dispatcher loop runs verify rows: it writes every row's K/V before the
+        attention reads them (the native step writes and reads per row)."""
         low = self.lowered
         h = low.embed(fb.input_ids)
         cos, sin = low.rotary.lookup(fb.positions)
-        plan = self.native if fb.batch_size <= self.native_max else self.plan
-        hidden = plan.step(h, cos, sin, fb.out_cache_loc, fb.req_to_token, fb.req_pool_indices, fb.seq_lens)
+        if fb.spec_verify:
+            table, rows = _verify_rows(fb)
+            hidden = self.plan.step(h, cos, sin, fb.out_cache_loc, table, rows, fb.positions + 1)
+        else:
+            plan = self.native if fb.batch_size <= self.native_max else self.plan
+            hidden = plan.step(h, cos, sin, fb.out_cache_loc, fb.req_to_token, fb.req_pool_indices, fb.seq_lens)
         hidden = hidden[fb.logits_indices]
         head = self.lm_head
         if head is not None and (head.max_rows is None or hidden.shape[0] <= head.max_rows):
@@ -95,6 +105,30 @@ def _switched_off(env: str) -> bool:
 def _linears(layer) -> tuple:
     """A lowered layer's four linear slots, in the plans' order (decode_loop.QKV, O, GATE_UP, DOWN)."""
     return (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+
+
+def _verify_rows(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(req_to_token table, [T] row of each new token) for a verify step's tokens as decode rows.
+    Chains read their request's own row (token t sees slots [0, positions[t]]); a tree's node gets
+    a row of its own in a scratch table: the prefix's slots, then its ancestors' and its own, in
+    depth order (the order a decode of that path would have written them)."""
+    counts = torch.tensor(fb.extend_seq_lens_cpu, device=fb.positions.device)
+    if fb.spec_tree is None:
+        return fb.req_to_token, torch.repeat_interleave(fb.req_pool_indices, counts)
+    prefix = fb.extend_prefix_lens_cpu
+    width = max(p + n for p, n in zip(prefix, fb.extend_seq_lens_cpu))
+    table = fb.req_to_token.new_zeros((fb.num_tokens, width))
+    slots = fb.out_cache_loc.to(table.dtype)
+    start = 0
+    for i, (p, n) in enumerate(zip(prefix, fb.extend_seq_lens_cpu)):
+        own = fb.req_to_token[int(fb.req_pool_indices[i]), :p]
+        mask = fb.spec_tree.mask(i).cpu()
+        for r in range(n):
+            seen = slots[start:start + n][mask[r].to(slots.device)]
+            table[start + r, :p] = own
+            table[start + r, p:p + seen.numel()] = seen
+        start += n
+    return table, torch.arange(fb.num_tokens, device=fb.positions.device)
 
 
 def _lowered_lm_head(lowered: LoweredDecoder):

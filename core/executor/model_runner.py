@@ -402,6 +402,7 @@ class ModelRunner:
             extend_start_loc=torch.tensor(starts, **long), logits_indices=torch.tensor(rows, **long),
             req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend,
             capture_layers=self.capture_layers)
+        fb.spec_verify = batch.is_verify
         if batch.is_verify and not all(t.is_chain for t in batch.draft_tokens):
             fb.spec_tree = TreeMask.from_rows([t.mask() for t in batch.draft_tokens], dev)
         if batch.hidden_rows:

@@ -275,3 +275,79 @@ def test_x16_decode_batches_past_sixteen_rows_take_the_int_kernel(monkeypatch):
                 s1.tokens.append(b)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_chain_verify_rows_equal_one_decode_step_per_token(dtype, monkeypatch):
+    """A speculative verify of chain drafts runs as decode rows through the dispatcher loop: the
+    logits of every draft position equal, bit for bit, those of decoding the same tokens one step
+    at a time (what the request would compute without speculation)."""
+    model, cfg = gguf_llama(dtype, quantized_head=True)
+    prompts, chains = PROMPTS[:2], [[5, 9, 13, 2, 40], [7, 7, 8]]
+
+    def prefilled():
+        base = dtype_harness(model, cfg, dtype)
+        h = LoopHarness(base, LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu"))
+        seqs = h.add(prompts)
+        h.prefill(seqs)
+        for seq, chain in zip(seqs, chains):
+            seq.tokens += chain
+        return h, seqs
+
+    h, seqs = prefilled()
+    stepwise = {i: [] for i in range(len(seqs))}
+    while any(s.pending for s in seqs):
+        live = [i for i, s in enumerate(seqs) if s.pending]
+        rows = h.run(h.decode_batch([seqs[i] for i in live]), [seqs[i] for i in live])
+        for i, row in zip(live, rows):
+            stepwise[i].append(row)
+
+    h, seqs = prefilled()
+    fb = h.extend_batch(seqs, [len(c) for c in chains], all_logits=True)
+    fb.spec_verify = True
+    assert h.runner.can_run(fb)
+    h.backend.init_forward_metadata(fb)
+    verify = h.runner.replay(fb).split([len(c) for c in chains])
+    for i, rows in enumerate(verify):
+        assert torch.equal(rows, torch.stack(stepwise[i]))
+    fb.spec_verify = False
+    assert not h.runner.can_run(fb)   # a plain extend keeps the Python step
+
+
+def test_tree_verify_rows_equal_decoding_each_path(monkeypatch):
+    """A tree verify as decode rows: node r sees the prefix and its ancestors in depth order, so
+    its logits equal, bit for bit, decoding its root-to-node path one token at a time."""
+    from kvyard.forward_batch import TreeMask
+
+    model, cfg = gguf_llama(torch.bfloat16, quantized_head=True)
+    prompt, tokens = PROMPTS[1], [11, 22, 33, 44, 55]
+    parent = [-1, 0, 0, 1, 2]                      # two branches under the root
+
+    def path(r):
+        return path(parent[r]) + [r] if r >= 0 else []
+
+    def harness_with_prefill():
+        base = dtype_harness(model, cfg, torch.bfloat16)
+        h = LoopHarness(base, LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu"))
+        seq = h.add([prompt])[0]
+        h.prefill([seq])
+        return h, seq
+
+    expected = {}
+    for leaf in (3, 4):
+        h, seq = harness_with_prefill()
+        for r in path(leaf):
+            seq.tokens.append(tokens[r])
+            expected[r] = h.run(h.decode_batch([seq]), [seq])[0]
+
+    h, seq = harness_with_prefill()
+    prefix = seq.kv_len
+    seq.tokens += tokens
+    fb = h.extend_batch([seq], [len(tokens)], all_logits=True)
+    fb.positions = torch.tensor([prefix + len(path(r)) - 1 for r in range(len(tokens))])
+    fb.spec_tree = TreeMask.from_rows([[[c in path(r) for c in range(len(tokens))] for r in range(len(tokens))]], "cpu")
+    fb.spec_verify = True
+    assert h.runner.can_run(fb)
+    got = h.runner.replay(fb)
+    for r in range(len(tokens)):
+        assert torch.equal(got[r], expected[r]), r
