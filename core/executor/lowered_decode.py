@@ -76,14 +76,18 @@ class LoweredDecodeRunner:
         verify step run as decode rows: each draft token one row over its request's prefix and
         its chain (or tree ancestors) in order, so its logits are the ones a decode step of that
         token on that sequence computes, bit for bit (the int kernels' rows do not depend on their
-        batch). The dispatcher loop runs verify rows: it writes every row's K/V before the
-        attention reads them (the native step writes and reads per row)."""
+        batch). Verify rows share sequences, so every row's K/V must be in the pool before any
+        row's attention: the dispatcher loop does that per layer, the native step with
+        ``shared_rows`` (one stage of writes, then one of attention)."""
         low = self.lowered
         h = low.embed(fb.input_ids)
         cos, sin = low.rotary.lookup(fb.positions)
         if fb.spec_verify:
             table, rows = _verify_rows(fb)
-            hidden = self.plan.step(h, cos, sin, fb.out_cache_loc, table, rows, fb.positions + 1)
+            if fb.num_tokens <= self.native_max:
+                hidden = self.native.step(h, cos, sin, fb.out_cache_loc, table, rows, fb.positions + 1, shared_rows=True)
+            else:
+                hidden = self.plan.step(h, cos, sin, fb.out_cache_loc, table, rows, fb.positions + 1)
         else:
             plan = self.native if fb.batch_size <= self.native_max else self.plan
             hidden = plan.step(h, cos, sin, fb.out_cache_loc, fb.req_to_token, fb.req_pool_indices, fb.seq_lens)

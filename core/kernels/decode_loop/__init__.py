@@ -102,6 +102,8 @@ class NativePlan:
         return int(self._ops.native_plan_check(self.id))
 
     def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loc: torch.Tensor,
-             table: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        """As DecodePlan.step: h [B, hidden] embeddings -> hidden [B, hidden] after the final norm."""
-        return self._ops.native_step(self.id, h, cos, sin, loc, table, rows, lens)
+             table: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor, shared_rows: bool = False) -> torch.Tensor:
+        """As DecodePlan.step: h [B, hidden] embeddings -> hidden [B, hidden] after the final norm.
+        ``shared_rows``: rows may be positions of one sequence (a speculative verify), so every
+        row's K/V is written before any row's attention reads the pool."""
+        return self._ops.native_step(self.id, h, cos, sin, loc, table, rows, lens, shared_rows)

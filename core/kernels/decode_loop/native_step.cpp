@@ -276,6 +276,8 @@ struct StepArgs {
   const int64_t *rows, *lens;
   int64_t B;
   void* out;
+  bool shared_rows;   // rows may be positions of one sequence (a speculative verify): every row's
+                      // K/V is written before any row's attention reads the pool
 };
 
 template <class T>
@@ -367,11 +369,29 @@ class Step {
 
   void attention(const Layer& L) {
     layer = &L;
-    team.run(&Step::pair_chunk, this, a.B * L.kv_heads);
+    if (a.shared_rows) {
+      team.run(&Step::write_chunk, this, a.B * L.kv_heads);
+      team.run(&Step::attend_chunk, this, a.B * L.kv_heads);
+    } else {
+      team.run(&Step::pair_chunk, this, a.B * L.kv_heads);
+    }
   }
 
-  // Rotary and the KV write of one (sequence, kv head) pair, then its attention.
+  // Rotary and the KV write of one (row, kv head) pair, then its attention.
   static void pair_chunk(void* self, int64_t p) {
+    write_chunk(self, p);
+    attend_chunk(self, p);
+  }
+
+  static void attend_chunk(void* self, int64_t p) {
+    const Step& S = *static_cast<const Step*>(self);
+    const Layer& L = *S.layer;
+    const StepArgs& a = S.a;
+    L.attention->pairs(L.attention->ctx, ptr(S.P.q), a.table, a.table_stride, a.rows, a.lens, a.B, ptr(S.P.attn), p, p + 1);
+  }
+
+  // Rotary of the pair's query heads and of its key head, its K/V written to the pool.
+  static void write_chunk(void* self, int64_t p) {
     const Step& S = *static_cast<const Step*>(self);
     const Layer& L = *S.layer;
     const StepArgs& a = S.a;
@@ -385,7 +405,6 @@ class Step {
     const int64_t slot = (a.loc[b] * Hkv + g) * D;
     rotary_head<T>(row + (H + g) * D, cos, sin, D, ptr(L.k_buf) + slot);
     std::memcpy(ptr(L.v_buf) + slot, row + (H + Hkv + g) * D, D * sizeof(T));
-    L.attention->pairs(L.attention->ctx, q, a.table, a.table_stride, a.rows, a.lens, a.B, ptr(S.P.attn), p, p + 1);
   }
 
   // out = rmsnorm(src (+ residual, stored back into residual)), as kvyard_cpu_ops::rmsnorm.
@@ -436,7 +455,7 @@ void run_step(Plan& P, const StepArgs& args) {
 }
 
 at::Tensor step(int64_t id, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& loc,
-                const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens) {
+                const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, bool shared_rows) {
   Plan& P = plan_at(id);
   TORCH_CHECK(h.dim() == 2 && h.size(1) == P.hidden && h.is_contiguous() && h.scalar_type() == P.dtype,
               "native decode step: h must be a contiguous [B, ", P.hidden, "] ", P.dtype, " tensor");
@@ -464,7 +483,7 @@ at::Tensor step(int64_t id, const at::Tensor& h, const at::Tensor& cos, const at
   at::Tensor out = at::empty({B, P.hidden}, h.options());
   const StepArgs args{h.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.stride(0), loc.data_ptr<int64_t>(),
                       table.data_ptr<int32_t>(), table.stride(0), rows.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-                      B, out.data_ptr()};
+                      B, out.data_ptr(), shared_rows};
   if (P.dtype == at::kBFloat16) run_step<c10::BFloat16>(P, args);
   else run_step<float>(P, args);
   return out;
@@ -483,5 +502,5 @@ TORCH_LIBRARY_FRAGMENT(kvyard_decode, m) {
   m.def("native_plan_check(int plan) -> int", &kvyard_native_step::plan_check);
   m.def("native_plan_sum_lanes(int plan) -> int", &kvyard_native_step::plan_sum_lanes);
   m.def("native_step(int plan, Tensor h, Tensor cos, Tensor sin, Tensor loc, Tensor table, Tensor rows, "
-        "Tensor lens) -> Tensor", &kvyard_native_step::step);
+        "Tensor lens, bool shared_rows=False) -> Tensor", &kvyard_native_step::step);
 }

@@ -277,17 +277,21 @@ def test_x16_decode_batches_past_sixteen_rows_take_the_int_kernel(monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-step", "dispatcher-loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_chain_verify_rows_equal_one_decode_step_per_token(dtype, monkeypatch):
-    """A speculative verify of chain drafts runs as decode rows through the dispatcher loop: the
-    logits of every draft position equal, bit for bit, those of decoding the same tokens one step
-    at a time (what the request would compute without speculation)."""
+def test_chain_verify_rows_equal_one_decode_step_per_token(dtype, native, monkeypatch):
+    """A speculative verify of chain drafts runs as decode rows (the native step writing every
+    row's K/V before the attention stage, or the dispatcher loop): the logits of every draft
+    position equal, bit for bit, those of decoding the same tokens one step at a time (what the
+    request would compute without speculation)."""
     model, cfg = gguf_llama(dtype, quantized_head=True)
     prompts, chains = PROMPTS[:2], [[5, 9, 13, 2, 40], [7, 7, 8]]
+    monkeypatch.setenv("KVYARD_CPU_NATIVE_STEP", "1" if native else "0")
 
     def prefilled():
         base = dtype_harness(model, cfg, dtype)
         h = LoopHarness(base, LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu"))
+        assert (h.runner.native is not None) == native
         seqs = h.add(prompts)
         h.prefill(seqs)
         for seq, chain in zip(seqs, chains):
