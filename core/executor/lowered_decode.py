@@ -68,8 +68,10 @@ class LoweredDecodeRunner:
         """Nothing to capture: the plan was built with the runner."""
 
     def can_run(self, fb: ForwardBatch) -> bool:
-        rows = fb.batch_size if fb.mode.is_decode() else fb.num_tokens if fb.spec_verify else 0
-        return 0 < rows <= self.max_batch
+        if fb.mode.is_decode():
+            return 0 < fb.batch_size <= self.max_batch
+        # a verify step runs in groups of whole requests of at most max_batch rows each
+        return fb.spec_verify and fb.num_tokens > 0 and max(fb.extend_seq_lens_cpu) <= self.max_batch
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
         """Logits [len(fb.logits_indices), vocab] of the decode batch ``fb``, or of a speculative
@@ -84,18 +86,30 @@ class LoweredDecodeRunner:
         cos, sin = low.rotary.lookup(fb.positions)
         if fb.spec_verify:
             table, rows = _verify_rows(fb)
-            if fb.num_tokens <= self.native_max:
-                hidden = self.native.step(h, cos, sin, fb.out_cache_loc, table, rows, fb.positions + 1, shared_rows=True)
-            else:
-                hidden = self.plan.step(h, cos, sin, fb.out_cache_loc, table, rows, fb.positions + 1)
+            lens, loc, parts = fb.positions + 1, fb.out_cache_loc, []
+            for a, b in _request_groups(fb.extend_seq_lens_cpu, self.max_batch):
+                if b - a <= self.native_max:
+                    parts.append(self.native.step(h[a:b], cos[a:b], sin[a:b], loc[a:b], table, rows[a:b], lens[a:b],
+                                                  shared_rows=True))
+                else:
+                    parts.append(self.plan.step(h[a:b], cos[a:b], sin[a:b], loc[a:b], table, rows[a:b], lens[a:b]))
+            hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
         else:
             plan = self.native if fb.batch_size <= self.native_max else self.plan
             hidden = plan.step(h, cos, sin, fb.out_cache_loc, fb.req_to_token, fb.req_pool_indices, fb.seq_lens)
         hidden = hidden[fb.logits_indices]
-        head = self.lm_head
-        if head is not None and (head.max_rows is None or hidden.shape[0] <= head.max_rows):
-            return low.logits_head(hidden, project=head)
-        return self.model.compute_logits(hidden)
+        if self.lm_head is None:
+            return self.model.compute_logits(hidden)
+        return low.logits_head(hidden, project=self._project)
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The lm_head's lowered call over ``hidden`` in pieces of at most its ``max_rows`` rows
+        (a verify step's rows may exceed it; the GGUF int kernel computes each row on its own, so
+        the pieces give what one call of all rows would)."""
+        limit = self.lm_head.max_rows or hidden.shape[0]
+        if hidden.shape[0] <= limit:
+            return self.lm_head(hidden)
+        return torch.cat([self.lm_head(part) for part in hidden.split(limit)])
 
 
 class _NotLowerable(Exception):
@@ -133,6 +147,20 @@ def _verify_rows(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
             table[start + r, p:p + seen.numel()] = seen
         start += n
     return table, torch.arange(fb.num_tokens, device=fb.positions.device)
+
+
+def _request_groups(counts: list[int], limit: int) -> list[tuple[int, int]]:
+    """Token ranges [a, b) of consecutive whole requests (counts: each one's tokens, each <= limit),
+    at most ``limit`` tokens per range: a request's rows stay in one step, which writes their K/V
+    before reading it."""
+    groups, a, b = [], 0, 0
+    for n in counts:
+        if b + n - a > limit:
+            groups.append((a, b))
+            a = b
+        b += n
+    groups.append((a, b))
+    return groups
 
 
 def _lowered_lm_head(lowered: LoweredDecoder):

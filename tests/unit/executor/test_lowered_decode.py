@@ -355,3 +355,43 @@ def test_tree_verify_rows_equal_decoding_each_path(monkeypatch):
     got = h.runner.replay(fb)
     for r in range(len(tokens)):
         assert torch.equal(got[r], expected[r]), r
+
+
+def test_request_groups_keep_requests_whole():
+    from kvyard.executor.lowered_decode import _request_groups
+
+    assert _request_groups([5, 5, 5], 15) == [(0, 15)]
+    assert _request_groups([5, 5, 5, 5], 15) == [(0, 15), (15, 20)]
+    assert _request_groups([3, 15, 2], 15) == [(0, 3), (3, 18), (18, 20)]
+
+
+def test_verify_of_more_rows_than_a_step_takes_runs_in_groups():
+    """12 requests x 5 draft tokens (60 rows, above the plans' 47 or 15): the verify runs in groups
+    of whole requests, each row still bitwise its decode step."""
+    model, cfg = gguf_llama(torch.bfloat16, quantized_head=True)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 320, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (12,), generator=g)]
+    chains = [torch.randint(3, 320, (5,), generator=g).tolist() for _ in prompts]
+
+    def prefilled():
+        base = dtype_harness(model, cfg, torch.bfloat16)
+        h = LoopHarness(base, LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu"))
+        seqs = h.add(prompts)
+        h.prefill(seqs)
+        for seq, chain in zip(seqs, chains):
+            seq.tokens += chain
+        return h, seqs
+
+    h, seqs = prefilled()
+    stepwise = []
+    for _ in range(5):
+        stepwise.append(h.run(h.decode_batch(seqs), seqs))
+    expected = torch.stack(stepwise, 1).reshape(len(seqs) * 5, -1)   # request-major, like the verify rows
+
+    h, seqs = prefilled()
+    fb = h.extend_batch(seqs, [5] * len(seqs), all_logits=True)
+    fb.spec_verify = True
+    assert fb.num_tokens > h.runner.max_batch and h.runner.can_run(fb)
+    got = h.runner.replay(fb)
+    bad = [i for i in range(got.shape[0]) if not torch.equal(got[i], expected[i])]
+    assert not bad, (bad, (got - expected).abs().max())
