@@ -277,6 +277,17 @@ def test_x16_decode_batches_past_sixteen_rows_take_the_int_kernel(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def prefilled_with_drafts(model, cfg, dtype, prompts, chains):
+    """A loop harness whose requests are prefilled, each with its draft chain appended (pending)."""
+    base = dtype_harness(model, cfg, dtype)
+    h = LoopHarness(base, LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu"))
+    seqs = h.add(prompts)
+    h.prefill(seqs)
+    for seq, chain in zip(seqs, chains):
+        seq.tokens += chain
+    return h, seqs
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-step", "dispatcher-loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_chain_verify_rows_equal_one_decode_step_per_token(dtype, native, monkeypatch):
@@ -289,13 +300,8 @@ def test_chain_verify_rows_equal_one_decode_step_per_token(dtype, native, monkey
     monkeypatch.setenv("KVYARD_CPU_NATIVE_STEP", "1" if native else "0")
 
     def prefilled():
-        base = dtype_harness(model, cfg, dtype)
-        h = LoopHarness(base, LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu"))
+        h, seqs = prefilled_with_drafts(model, cfg, dtype, prompts, chains)
         assert (h.runner.native is not None) == native
-        seqs = h.add(prompts)
-        h.prefill(seqs)
-        for seq, chain in zip(seqs, chains):
-            seq.tokens += chain
         return h, seqs
 
     h, seqs = prefilled()
@@ -374,13 +380,7 @@ def test_verify_of_more_rows_than_a_step_takes_runs_in_groups():
     chains = [torch.randint(3, 320, (5,), generator=g).tolist() for _ in prompts]
 
     def prefilled():
-        base = dtype_harness(model, cfg, torch.bfloat16)
-        h = LoopHarness(base, LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu"))
-        seqs = h.add(prompts)
-        h.prefill(seqs)
-        for seq, chain in zip(seqs, chains):
-            seq.tokens += chain
-        return h, seqs
+        return prefilled_with_drafts(model, cfg, torch.bfloat16, prompts, chains)
 
     h, seqs = prefilled()
     stepwise = []
