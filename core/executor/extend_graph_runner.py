@@ -62,7 +62,8 @@ _PLACED_FIELDS = frozenset({
     "mode", "batch_size", "input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens",
     "seq_lens_cpu", "extend_prefix_lens_cpu", "extend_seq_lens_cpu", "extend_start_loc", "logits_indices",
     "req_to_token", "kv_pool", "attn_backend", "attn_metadata", "lora", "real_batch_size", "hidden_indices",
-    "extras", "capture_layers", "captured"})
+    "extras", "capture_layers", "captured",
+    "spec_verify"})   # a flag: a chain verify is a causal extend, laid out as any other
 
 
 def _unknown_inputs(fb: ForwardBatch) -> bool:
