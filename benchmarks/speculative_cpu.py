@@ -1,10 +1,10 @@
 """Batch-1 decode with and without speculative decoding, on the in-process scheduler.
 
     python benchmarks/speculative_cpu.py [--model-path M] [--rounds 3] [--max-new-tokens 128] [--dtype auto|float32]
-        [--llama-lookup auto|off|PATH]
+        [--llama-lookup auto|off|PATH] [--ngram-steps 4] [--standalone-steps 1 2 3 4 5]
 
-Workloads: copy-heavy prompts (rewrite / continue a given passage, a code edit) for NGRAM (a chain
-of 4, and a trie of 9 nodes over up to 4 continuations, depth 4), and
+Workloads: copy-heavy prompts (rewrite / continue a given passage, a code edit) for NGRAM (chains
+of --ngram-steps drafts, default 4, and a trie of 9 nodes over up to 4 continuations, depth 4), and
 STANDALONE with the target as its own draft (acceptance 1: the machinery's upper bound) at
 num_steps 1..5. Runs alternate plain / speculative per round (noisy shared cores); prints
 tokens/s per configuration (median over rounds, with min-max), acceptance, and checks that every
@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--ngram-steps", type=int, nargs="*", default=[4], help="NGRAM chain lengths to run")
     ap.add_argument("--standalone-steps", type=int, nargs="*", default=[1, 2, 3, 4, 5])
     ap.add_argument("--dtype", default="auto", help="auto: the engine's default (a GGUF stays quantized); "
                     "float32: the dequantized model")
@@ -131,9 +132,11 @@ def main() -> None:
         print(f"llama-lookup: skipped (binary {lookup}, model {path}: it needs both, the model as GGUF)")
         lookup = None
     lookup_rates, lookup_accept = [], 0.0
-    configs = {"plain": {}, "NGRAM k=4": dict(speculative_algorithm="NGRAM", speculative_num_steps=4),
-               "NGRAM trie 9 (4x4)": dict(speculative_algorithm="NGRAM", speculative_num_steps=4,
-                                          speculative_num_draft_tokens=10, speculative_ngram_max_bfs_breadth=4)}
+    configs = {"plain": {}}
+    for k in ns.ngram_steps:
+        configs[f"NGRAM k={k}"] = dict(speculative_algorithm="NGRAM", speculative_num_steps=k)
+    configs["NGRAM trie 9 (4x4)"] = dict(speculative_algorithm="NGRAM", speculative_num_steps=4,
+                                         speculative_num_draft_tokens=10, speculative_ngram_max_bfs_breadth=4)
     for k in ns.standalone_steps:
         configs[f"STANDALONE self k={k}"] = dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=path,
                                                  speculative_num_steps=k)
