@@ -1,7 +1,8 @@
 """Batch-1 decode with and without speculative decoding, on the in-process scheduler.
 
     python benchmarks/speculative_cpu.py [--model-path M] [--rounds 3] [--max-new-tokens 128] [--dtype auto|float32]
-        [--llama-lookup auto|off|PATH] [--ngram-steps 4] [--standalone-steps 1 2 3 4 5]
+        [--llama-lookup auto|off|PATH] [--ngram-steps 4] [--ngram-min-match 1]
+        [--standalone-steps 1 2 3 4 5]
 
 Workloads: copy-heavy prompts (rewrite / continue a given passage, a code edit) for NGRAM (chains
 of --ngram-steps drafts, default 4, and a trie of 9 nodes over up to 4 continuations, depth 4), and
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--ngram-steps", type=int, nargs="*", default=[4], help="NGRAM chain lengths to run")
+    ap.add_argument("--ngram-min-match", type=int, nargs="*", default=[1],
+                    help="NGRAM shortest matched context suffixes to run (each with every chain length)")
     ap.add_argument("--standalone-steps", type=int, nargs="*", default=[1, 2, 3, 4, 5])
     ap.add_argument("--dtype", default="auto", help="auto: the engine's default (a GGUF stays quantized); "
                     "float32: the dequantized model")
@@ -134,7 +137,9 @@ def main() -> None:
     lookup_rates, lookup_accept = [], 0.0
     configs = {"plain": {}}
     for k in ns.ngram_steps:
-        configs[f"NGRAM k={k}"] = dict(speculative_algorithm="NGRAM", speculative_num_steps=k)
+        for w in ns.ngram_min_match:
+            configs[f"NGRAM k={k}" + (f" min{w}" if len(ns.ngram_min_match) > 1 else "")] = dict(
+                speculative_algorithm="NGRAM", speculative_num_steps=k, speculative_ngram_min_match_window_size=w)
     configs["NGRAM trie 9 (4x4)"] = dict(speculative_algorithm="NGRAM", speculative_num_steps=4,
                                          speculative_num_draft_tokens=10, speculative_ngram_max_bfs_breadth=4)
     for k in ns.standalone_steps:
