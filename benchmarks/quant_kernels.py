@@ -51,15 +51,10 @@ def timed(fn, iters: int) -> float:
 
 def timed_graph(fn, iters: int, calls: int = 10):
     """Median us per call of ``calls`` back-to-back calls captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    from kvyard.executor.cuda_graph_runner import CudaGraphCapture
+
+    graph = CudaGraphCapture(warmup_runs=1)
+    graph.capture(lambda: [fn() for _ in range(calls)])
     return timed(graph.replay, iters) / calls
 
 

@@ -72,15 +72,10 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def capture_graph(step):
     """(a CUDA graph of ``step``, its output), after one warm-up run on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
+    from kvyard.executor.cuda_graph_runner import CudaGraphCapture
+
+    graph = CudaGraphCapture(warmup_runs=1)
+    return graph, graph.capture(step)
 
 
 GRID = [(1, 1, 64), (16, 3, 64), (16, 4, 128), (1, 4, 128), (16, 1, 128)]  # (page, group, head_dim)
