@@ -130,23 +130,21 @@ def _verify_rows(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
     Chains read their request's own row (token t sees slots [0, positions[t]]); a tree's node gets
     a row of its own in a scratch table: the prefix's slots, then its ancestors' and its own, in
     depth order (the order a decode of that path would have written them)."""
-    counts = torch.tensor(fb.extend_seq_lens_cpu, device=fb.positions.device)
+    counts = fb.extend_seq_lens_cpu
     if fb.spec_tree is None:
-        return fb.req_to_token, torch.repeat_interleave(fb.req_pool_indices, counts)
+        return fb.req_to_token, torch.repeat_interleave(fb.req_pool_indices, torch.tensor(counts))
     prefix = fb.extend_prefix_lens_cpu
-    width = max(p + n for p, n in zip(prefix, fb.extend_seq_lens_cpu))
-    table = fb.req_to_token.new_zeros((fb.num_tokens, width))
-    slots = fb.out_cache_loc.to(table.dtype)
+    table = fb.req_to_token.new_zeros((fb.num_tokens, max(p + n for p, n in zip(prefix, counts))))
     start = 0
-    for i, (p, n) in enumerate(zip(prefix, fb.extend_seq_lens_cpu)):
-        own = fb.req_to_token[int(fb.req_pool_indices[i]), :p]
-        mask = fb.spec_tree.mask(i).cpu()
+    for i, (p, n) in enumerate(zip(prefix, counts)):
+        nodes = fb.out_cache_loc[start:start + n].to(table.dtype)
+        mask = fb.spec_tree.mask(i)
+        table[start:start + n, :p] = fb.req_to_token[int(fb.req_pool_indices[i]), :p]
         for r in range(n):
-            seen = slots[start:start + n][mask[r].to(slots.device)]
-            table[start + r, :p] = own
+            seen = nodes[mask[r]]
             table[start + r, p:p + seen.numel()] = seen
         start += n
-    return table, torch.arange(fb.num_tokens, device=fb.positions.device)
+    return table, torch.arange(fb.num_tokens)
 
 
 def _request_groups(counts: list[int], limit: int) -> list[tuple[int, int]]:

@@ -337,11 +337,8 @@ def test_tree_verify_rows_equal_decoding_each_path(monkeypatch):
         return path(parent[r]) + [r] if r >= 0 else []
 
     def harness_with_prefill():
-        base = dtype_harness(model, cfg, torch.bfloat16)
-        h = LoopHarness(base, LoweredDecodeRunner.build(model, base.backend, base.kv.pool, "cpu"))
-        seq = h.add([prompt])[0]
-        h.prefill([seq])
-        return h, seq
+        h, seqs = prefilled_with_drafts(model, cfg, torch.bfloat16, [prompt], [[]])
+        return h, seqs[0]
 
     expected = {}
     for leaf in (3, 4):
