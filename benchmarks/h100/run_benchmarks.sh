@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #9 on the H100 device, one call per group of parts (see device_call.md for the calls).
+# The H100 benchmarks (engine speed, models), one device call per group of parts (see device_call.md for the calls).
 #
 #   bash benchmarks/h100/run_benchmarks.sh PART...        from the repository root, on the device
 #

@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-MATMUL_TFLOPS = 787.0     # bf16 dense matmul rate measured on the same kind of machine (issue #9)
+MATMUL_TFLOPS = 787.0     # bf16 dense matmul rate measured on the same kind of machine (docs/performance.md)
 TARGETS = {
     "decode-8b": "≥ 180 tokens/s",
     "decode-smol": "≤ 1.0 ms/step",
