@@ -20,9 +20,11 @@ tensors of every shard (q/k/v, gate/up) in ``load_tensor``, turns them into one 
                      float32 (the fp8 values are exact in float32).
   Int8LinearMethod   weight [N, K] int8, scales [N]; activations int8 per token (dynamic) or per
                      tensor (static); int32 accumulation (torch._int_mm), then both scales.
-  Int4LinearMethod   the canonical int4 layout of kvyard.layers.quant_math; CUDA: the Triton
-                     dequant-GEMM (split-K GEMV up to 16 token rows); elsewhere dequantize to
-                     the layer dtype and F.linear.
+  Int4LinearMethod   shards arrive in the canonical int4 layout of kvyard.layers.quant_math and
+                     are stored once, transposed, in the N-major kernel layout
+                     (``int4_kernel_layout``: qweight [N, K/8], scales / zeros [N, G]) that both
+                     Triton kernels read; CUDA: the autotuned int4 GEMV up to 16 token rows, the
+                     tiled dequant-GEMM above; elsewhere dequantize to the layer dtype and F.linear.
 
 Every apply maps x [..., K] -> y [..., N] in x's dtype, the bias added in that dtype.
 """
@@ -268,6 +270,14 @@ class Int4Shard:
     g_idx: torch.Tensor
 
 
+def int4_kernel_layout(qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical (qweight [K/8, N], scales [G, N], zeros [G, N]) -> the kernels' N-major layout
+    (qweight [N, K/8], scales [N, G], zeros [N, G]), contiguous. The packing of a word is
+    unchanged (8 consecutive inputs of one output): only the order of the words is."""
+    return qweight.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous()
+
+
 class Int4LinearMethod(ShardedLinearMethod):
     """Grouped 4-bit weights; subclasses (in the format plugins) convert a shard's checkpoint
     tensors with ``to_canonical``."""
@@ -288,9 +298,12 @@ class Int4LinearMethod(ShardedLinearMethod):
             self.check_shape(layer, i, "qweight (canonical)", sh.qweight, (k // 8, layer.output_sizes[i]))
             if not torch.equal(sh.g_idx, shards[0].g_idx):
                 raise ValueError(f"{layer.prefix}: shards have different g_idx; fused layers need one order")
-        self.set_buffer(layer, "qweight", torch.cat([s.qweight for s in shards], 1), self.device)
-        self.set_buffer(layer, "scales", torch.cat([s.scales for s in shards], 1).to(self.dtype), self.device)
-        self.set_buffer(layer, "zeros", torch.cat([s.zeros for s in shards], 1).to(torch.uint8), self.device)
+        qweight, scales, zeros = int4_kernel_layout(torch.cat([s.qweight for s in shards], 1),
+                                                    torch.cat([s.scales for s in shards], 1).to(self.dtype),
+                                                    torch.cat([s.zeros for s in shards], 1).to(torch.uint8))
+        self.set_buffer(layer, "qweight", qweight, self.device)
+        self.set_buffer(layer, "scales", scales, self.device)
+        self.set_buffer(layer, "zeros", zeros, self.device)
         self.set_buffer(layer, "g_idx", shards[0].g_idx.to(torch.int32), self.device)
         # group size when g_idx is k // group (the kernel then reads scales by row); 0: gather
         seq = torch.arange(k, dtype=torch.int32) // self.group_size
@@ -298,7 +311,7 @@ class Int4LinearMethod(ShardedLinearMethod):
 
     def dequantize(self, layer) -> torch.Tensor:
         """Dense [N, K] in the layer dtype."""
-        return qm.dequantize_int4(layer.qweight, layer.scales, layer.zeros, layer.g_idx, self.dtype)
+        return qm.dequantize_int4(layer.qweight.t(), layer.scales.t(), layer.zeros.t(), layer.g_idx, self.dtype)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(layer, x)

@@ -22,7 +22,8 @@ import triton                                                    # noqa: E402
 import triton.language as tl                                     # noqa: E402
 
 from kvyard.kernels.triton_ops import fp8_gemv as fg             # noqa: E402
-from kvyard.kernels.triton_ops.int4_gemm import int4_gemm, int4_gemm_tiled   # noqa: E402
+from kvyard.kernels.triton_ops import int4_gemm as i4                 # noqa: E402
+from kvyard.layers.quantized_linear import int4_kernel_layout    # noqa: E402
 from kvyard.kernels.triton_ops.splitk import plan_split          # noqa: E402
 
 F32 = dict(rtol=1e-5, atol=1e-5)
@@ -100,6 +101,15 @@ def test_split_plan_covers_k_without_empty_splits(k, n_blocks, split):
     plan = plan_split(k, n_blocks, 128, 132, split)
     assert plan.k_per_split % 128 == 0 and plan.split >= 1
     assert (plan.split - 1) * plan.k_per_split < k <= plan.split * plan.k_per_split
+
+
+def int4_gemm(x, qweight, scales, zeros, g_idx, *args, **kwargs):
+    """The kernel on canonical tensors (transposed to its layout)."""
+    return i4.int4_gemm(x, *int4_kernel_layout(qweight, scales, zeros), g_idx, *args, **kwargs)
+
+
+def int4_gemm_tiled(x, qweight, scales, zeros, g_idx):
+    return i4.int4_gemm_tiled(x, *int4_kernel_layout(qweight, scales, zeros), g_idx)
 
 
 def _int4(n, k, group, act_order, dtype):

@@ -32,12 +32,13 @@ def _weights(n, k, group, act_order, symmetric, dtype):
 @pytest.mark.parametrize("group,act_order,symmetric", [(32, False, True), (64, True, False), (128, False, False)])
 def test_int4_gemm_equals_dequantized_matmul(m, group, act_order, symmetric, dtype):
     from kvyard.kernels.triton_ops.int4_gemm import int4_gemm
+    from kvyard.layers.quantized_linear import int4_kernel_layout
 
     k, n = 256, 80
     qweight, scales, zeros, g_idx = _weights(n, k, group, act_order, symmetric, dtype)
     x = torch.randn(m, k, dtype=dtype)
     expected = (x.float() @ qm.dequantize_int4(qweight, scales, zeros, g_idx, torch.float32).t())
-    got = int4_gemm(x, qweight, scales, zeros, g_idx)
+    got = int4_gemm(x, *int4_kernel_layout(qweight, scales, zeros), g_idx)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
     torch.testing.assert_close(got.float(), expected, **tol)

@@ -1,0 +1,130 @@
+"""The int4 GEMV (kvyard.kernels.triton_ops.int4_gemm, N-major kernel layout) equals the float32
+reference x @ ((q - z) * s)^T, in the Triton CPU interpreter: every autotune config of every M
+bucket (the H100 may pick any), M = 1..16, group 32/64/128, symmetric and asymmetric zeros,
+GPTQ act-order g_idx, K splits, bfloat16 activations; and the layer stores the kernel layout.
+
+Tolerance: float32 rtol/atol 1e-5 at M <= 4 (CUDA-core path: the dequantized weight is exact in
+float32, only the summation order differs) and in the dot path for float32 x (ieee);
+bfloat16 x: one bfloat16 unit (the result is rounded to bfloat16; the dot path rounds the weight
+to tf32).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
+
+import pytest
+import torch
+
+from kvyard.layers import quant_math as qm
+from kvyard.layers.quantized_linear import int4_kernel_layout
+
+pytest.importorskip("triton")
+
+from kvyard.kernels.triton_ops import int4_gemm as i4   # noqa: E402
+
+F32 = dict(rtol=1e-5, atol=1e-5)
+BF16 = dict(rtol=1.6e-2, atol=2e-2)
+
+
+def _weights(n, k, group, act_order=False, symmetric=False, dtype=torch.float32, seed=0):
+    """Canonical (qweight [K/8, N], scales [G, N], zeros [G, N], g_idx [K])."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=gen)
+    groups = k // group
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.001).to(dtype)
+    zeros = (torch.full((groups, n), 8) if symmetric
+             else torch.randint(0, 16, (groups, n), generator=gen)).to(torch.uint8)
+    g_idx = torch.arange(k, dtype=torch.int32) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    return qm.pack_int4_rows(q), scales, zeros, g_idx
+
+
+def _run(x, canon, group_size, **kw):
+    qweight, scales, zeros, g_idx = canon
+    expected = x.float() @ qm.dequantize_int4(qweight, scales, zeros, g_idx, torch.float32).t()
+    got = i4.int4_gemm(x, *int4_kernel_layout(qweight, scales, zeros), g_idx, group_size, **kw)
+    assert got.dtype == x.dtype and got.shape == expected.shape
+    return got.float(), expected
+
+
+BUCKET_ROWS = {1: 1, 2: 2, 4: 3, 16: 11}
+CASES = [(b, j) for b in i4.GEMV_CONFIGS for j in range(len(i4.GEMV_CONFIGS[b]))]
+
+
+@pytest.mark.parametrize("bucket,index", CASES)
+def test_every_config_equals_float32_reference(bucket, index):
+    """K 512 in one split (a tile may be shorter than BLOCK_K: masked), asymmetric group 64 read
+    by row, and the same weights through g_idx (the gather path)."""
+    cfg = i4.GEMV_CONFIGS[bucket][index]
+    m = BUCKET_ROWS[bucket]
+    canon = _weights(96 if cfg.kwargs["BLOCK_N"] < 64 else 128, 512, 64, seed=index)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(bucket))
+    for group_size in (64, 0):
+        torch.testing.assert_close(*_run(x, canon, group_size, split=1, config=cfg), **F32)
+
+
+@pytest.mark.parametrize("m,k,n,group,act_order,symmetric,split", [
+    (1, 256, 64, 32, False, True, None), (1, 512, 192, 128, False, False, 2),
+    (1, 384, 80, 128, True, False, 3), (2, 256, 72, 32, False, False, 2),
+    (4, 512, 64, 128, True, True, None), (6, 384, 160, 64, False, False, 3),
+    (9, 512, 64, 32, True, False, 4), (16, 256, 192, 128, False, True, 2)])
+def test_shapes_groups_and_splits(m, k, n, group, act_order, symmetric, split):
+    """Default configs (the interpreter does not tune), N not a multiple of BLOCK_N, K split in
+    128-wide pieces (the configs that tile them), K not a multiple of BLOCK_K."""
+    canon = _weights(n, k, group, act_order, symmetric, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n))
+    for group_size in (0,) if act_order else (group, 0):
+        torch.testing.assert_close(*_run(x, canon, group_size, split=split), **F32)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_bfloat16_activations(m):
+    canon = _weights(128, 256, 64, dtype=torch.bfloat16, seed=m)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).bfloat16()
+    torch.testing.assert_close(*_run(x, canon, 64, split=2), **BF16)
+
+
+def test_tiled_kernel_reads_the_same_layout():
+    canon = _weights(80, 256, 32, act_order=True, seed=5)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(5))
+    qweight, scales, zeros, g_idx = canon
+    expected = x @ qm.dequantize_int4(qweight, scales, zeros, g_idx, torch.float32).t()
+    got = i4.int4_gemm(x, *int4_kernel_layout(qweight, scales, zeros), g_idx)   # M > 16: tiled
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_configs_fit_buckets_and_splits():
+    assert [i4.m_bucket(m) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 4, 4, 16, 16]
+    for bucket, configs in i4.GEMV_CONFIGS.items():
+        # every bucket keeps a config for any split of 128-multiples, and for one whole-K split
+        assert any(i4.config_fits(c, bucket, 4096, 384) for c in configs)
+        assert all(i4.config_fits(c, bucket, 4096, 4096) for c in configs)
+        assert not any(i4.config_fits(c, 1 if bucket != 1 else 2, 4096, 4096) for c in configs)
+        # the dot bucket's tiles are at least 16 wide (tl.dot)
+        assert bucket != 16 or all(c.kwargs["BLOCK_N"] >= 16 for c in configs)
+
+
+def test_a_config_that_does_not_tile_the_split_is_refused():
+    canon = _weights(64, 512, 64)
+    big_k = next(c for c in i4.GEMV_CONFIGS[1] if c.kwargs["BLOCK_K"] > 128)
+    with pytest.raises(ValueError, match="does not serve"):
+        _run(torch.randn(1, 512), canon, 64, split=4, config=big_k)   # 128-wide splits
+
+
+def test_layer_stores_the_kernel_layout():
+    from kvyard.layers import quantized_linear as ql
+    from kvyard.layers.linear import Linear
+
+    layer = Linear(256, [64, 32], method=ql.OnlineInt4LinearMethod(torch.float32, "cpu", 64))
+    w = [torch.randn(64, 256), torch.randn(32, 256)]
+    for shard, ws in enumerate(w):
+        layer.load_shard(shard, ws)
+    layer.process_after_loading()
+    assert layer.qweight.shape == (96, 32) and layer.qweight.is_contiguous()
+    assert layer.scales.shape == layer.zeros.shape == (96, 4)
+    dense = layer.method.dequantize(layer)
+    assert dense.shape == (96, 256)
+    # round-to-nearest int4: within half a step of each weight
+    step = layer.scales.float().repeat_interleave(64, dim=1)
+    assert bool(((dense - torch.cat(w)).abs() <= step / 2 + 1e-6).all())
