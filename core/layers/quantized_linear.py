@@ -21,10 +21,11 @@ tensors of every shard (q/k/v, gate/up) in ``load_tensor``, turns them into one 
   Int8LinearMethod   weight [N, K] int8, scales [N]; activations int8 per token (dynamic) or per
                      tensor (static); int32 accumulation (torch._int_mm), then both scales.
   Int4LinearMethod   shards arrive in the canonical int4 layout of kvyard.layers.quant_math and
-                     are stored once, transposed, in the N-major kernel layout
-                     (``int4_kernel_layout``: qweight [N, K/8], scales / zeros [N, G]) that both
-                     Triton kernels read; CUDA: the autotuned int4 GEMV up to 16 token rows, the
-                     tiled dequant-GEMM above; elsewhere dequantize to the layer dtype and F.linear.
+                     are stored once in the kernels' layout (``int4_kernel_layout``: qweight
+                     [ceil(N/4), K/8, 4], 4 outputs interleaved per 16-byte chunk; scales /
+                     zeros canonical) that both Triton kernels read; CUDA: the autotuned int4
+                     GEMV up to 16 token rows, the tiled dequant-GEMM above; elsewhere
+                     dequantize to the layer dtype and F.linear.
 
 Every apply maps x [..., K] -> y [..., N] in x's dtype, the bias added in that dtype.
 """
@@ -270,12 +271,26 @@ class Int4Shard:
     g_idx: torch.Tensor
 
 
+INT4_ROWS = 4   # outputs interleaved per 16-byte chunk of the kernel layout
+
+
 def int4_kernel_layout(qweight: torch.Tensor, scales: torch.Tensor,
                        zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Canonical (qweight [K/8, N], scales [G, N], zeros [G, N]) -> the kernels' N-major layout
-    (qweight [N, K/8], scales [N, G], zeros [N, G]), contiguous. The packing of a word is
-    unchanged (8 consecutive inputs of one output): only the order of the words is."""
-    return qweight.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous()
+    """Canonical (qweight [K/8, N], scales [G, N], zeros [G, N]) -> the Triton kernels' layout
+    (kvyard.kernels.triton_ops.int4_gemm): qweight [ceil(N/4), K/8, 4] with [r, j, i] = word j
+    of output 4r + i (the words themselves unchanged; outputs past N are zero words); scales
+    and zeros stay canonical. The same bytes as the canonical qweight (plus the padding)."""
+    k8, n = qweight.shape
+    pad = -n % INT4_ROWS
+    q = torch.nn.functional.pad(qweight, (0, pad)) if pad else qweight
+    q = q.reshape(k8, (n + pad) // INT4_ROWS, INT4_ROWS).permute(1, 0, 2).contiguous()
+    return q, scales.contiguous(), zeros.contiguous()
+
+
+def int4_canonical_qweight(qweight: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of int4_kernel_layout's qweight: [ceil(N/4), K/8, 4] -> [K/8, N]."""
+    n4, k8, rows = qweight.shape
+    return qweight.permute(1, 0, 2).reshape(k8, n4 * rows)[:, :n]
 
 
 class Int4LinearMethod(ShardedLinearMethod):
@@ -311,7 +326,8 @@ class Int4LinearMethod(ShardedLinearMethod):
 
     def dequantize(self, layer) -> torch.Tensor:
         """Dense [N, K] in the layer dtype."""
-        return qm.dequantize_int4(layer.qweight.t(), layer.scales.t(), layer.zeros.t(), layer.g_idx, self.dtype)
+        qweight = int4_canonical_qweight(layer.qweight, layer.scales.shape[1])
+        return qm.dequantize_int4(qweight, layer.scales, layer.zeros, layer.g_idx, self.dtype)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(layer, x)

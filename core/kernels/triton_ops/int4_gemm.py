@@ -1,32 +1,36 @@
-"""Triton kernels for grouped int4 weights in the N-major kernel layout.
+"""Triton kernels for grouped int4 weights in the row-interleaved kernel layout.
 
 Layout (what Int4LinearMethod stores; kvyard.layers.quantized_linear.int4_kernel_layout builds
-it from the canonical layout of kvyard.layers.quant_math, one transpose of each tensor):
-  qweight [N, K/8] int32   row n holds input k of output n in word k // 8, nibble k % 8 (bits
-                           4 * (k % 8)), unsigned 0..15: K is contiguous per output row, so a
-                           program's rows are long runs of 16-byte loads
-  scales  [N, G]           x's dtype family; zeros [N, G] uint8 (0..15); g_idx [K] int32
-y [M, N] = x [M, K] @ W^T with W[n, k] = (q[n, k] - zeros[n, g_idx[k]]) * scales[n, g_idx[k]].
+it from the canonical layout of kvyard.layers.quant_math):
+  qweight [N4, K/8, 4] int32   N4 = ceil(N / 4); word j of output n = 4 * r + i is
+                               qweight[r, j, i], holding inputs 8j..8j+7 of that output in nibbles
+                               0..7 (bits 4 * (k % 8)), unsigned 0..15. A 16-byte chunk is one word
+                               of 4 consecutive outputs: they share the same 8 activations, so a
+                               thread's vector load needs one 16-byte activation load beside it
+                               (a plain [N, K/8] row needs four); consecutive chunks walk K.
+                               Outputs past N (padding) are zero words.
+  scales [G, N] (x's dtype family), zeros [G, N] uint8 (0..15), g_idx [K] int32: canonical.
+y [M, N] = x [M, K] @ W^T with W[n, k] = (q[n, k] - zeros[g_idx[k], n]) * scales[g_idx[k], n].
 Both kernels read this one layout (no second copy for prefill).
 
 Nibbles become floats without an int -> float conversion (a quarter-rate instruction): the
-bits q | 0x4B000000 are the float32 2^23 + q, and subtracting 2^23 + z leaves q - z exactly.
-The dequantized weight (q - z) * s is then exact in float32 (4-bit by <= 11-bit mantissas).
+bits q | 0x4B000000 are the float32 2^23 + q, and subtracting 2^23 + z leaves q - z exactly;
+the dequantized weight (q - z) * s is then exact in float32 (4-bit by <= 11-bit mantissas).
 
 Decode sizes (M <= GEMV_MAX_M) take ``_int4_gemv_kernel``, autotuned per (M bucket, N, K, split,
-group) on CUDA; the runner's eager warm-up of each captured batch size runs the tuning before
-CUDA-graph capture. A program owns BLOCK_N output rows and one K split; it walks its split in
-BLOCK_K tiles viewed as [BLOCK_N, NG, GW, 8] (NG groups of GW words of 8 nibbles: a tile holds
-whole groups, or lies in one), so scales / zeros broadcast without reshapes. Per M bucket:
-  M == 1     a CUDA-core multiply into a [BLOCK_N, BLOCK_K] float32 accumulator, summed over K
+group) on CUDA; the runner's eager warm-up of each captured batch size (CudaGraphCapture runs
+the step eagerly before capture) runs the tuning outside the graph. A program owns BLOCK_N
+outputs and one K split, walked in BLOCK_K tiles of [BLOCK_N / 4, BLOCK_K / 8, 4] words,
+unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
+  M == 1     a CUDA-core multiply into a float32 accumulator of the tile's shape, summed over K
              once at the end (no padded tensor-core tile, no per-tile reductions);
   M 2..4     the same tile multiplied by each row in turn (static loop), summed per tile;
-  M 5..16    a 16-row dot (tf32 for bf16 / fp16 x, x exact in tf32 and the weight rounded to
+  M 5..16    a 16-row dot (tf32 for bf16 / fp16 x: x exact in tf32, the weight rounded to
              tf32's 10-bit mantissa, as the tiled kernel; ieee for float32 x).
 K splits write float32 partials that kernels.triton_ops.splitk sums in a fixed order
-(deterministic). Sequential groups (g_idx == k // group, every format without act-order,
-power-of-two group) read one scale / zero per row and group; otherwise (GPTQ act-order) they
-are gathered per input through g_idx.
+(deterministic). Sequential groups (g_idx == k // group, power-of-two group: every format
+without act-order) read one scale / zero per output and group; otherwise (GPTQ act-order)
+they are gathered per input through g_idx.
 
 Larger M takes the tiled kernel ``_int4_gemm_kernel`` (64 x 64 tiles, tf32 / ieee dot, scales
 gathered through g_idx). Invariants: K % 8 == 0; results in x's dtype, float32 accumulation.
@@ -47,6 +51,7 @@ SPLIT_BLOCK_K = 128        # K splits are multiples of this (configs with BLOCK_
 SPLIT_BLOCK_N = 32         # the row block the split plan assumes (the tuned BLOCK_N may differ)
 MAGIC = tl.constexpr(0x4B000000)   # float32 bits of 2^23: (MAGIC | q) is the float 2^23 + q
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
+ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
 
 
 def _cfg(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -81,33 +86,48 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if config_fits(c, kwargs["BLOCK_M"], k, kps)]
 
 
-def _group_shape(a: dict) -> tuple[int, int]:
-    """(NG, GW): a BLOCK_K tile as NG groups of GW packed words (NG == 1: one group or gather)."""
-    group, bk = a["GROUP"], a["BLOCK_K"]
-    ng = bk // group if 0 < group < bk else 1
-    return ng, bk // 8 // ng
+@triton.jit
+def _nibbles(words):
+    """words [R4, W, 4] int32 -> [R4, W, 4, 8] float32 2^23 + q, nibble i of a word at [..., i].
+    Each of the 8 shifts works on the words' own layout; the joins add the nibble axis inside
+    each thread (no data movement), highest index bit first so the flat order is 4a + 2b + c."""
+    p0 = (((words >> 0) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+    p1 = (((words >> 4) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+    p2 = (((words >> 8) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+    p3 = (((words >> 12) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+    p4 = (((words >> 16) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+    p5 = (((words >> 20) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+    p6 = (((words >> 24) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+    p7 = (((words >> 28) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+    a0, a1, a2, a3 = tl.join(p0, p4), tl.join(p1, p5), tl.join(p2, p6), tl.join(p3, p7)   # [.., a]
+    b0, b1 = tl.join(a0, a2), tl.join(a1, a3)                                             # [.., a, b]
+    q = tl.join(b0, b1)                                                                   # [.., a, b, c]
+    return tl.reshape(q, (words.shape[0], words.shape[1], words.shape[2], 8))
 
 
 @triton.jit
-def _dequant(words, s_ptr, z_ptr, g_ptr, offs_n, mask_n, G, k0, k_hi, kin,
-             GROUP: tl.constexpr, NG: tl.constexpr):
-    """words [BN, NG, GW] int32 of inputs kin [NG, GW, 8] (absolute k) -> (q - z) * s as float32
-    [BN, NG, GW, 8]."""
-    shifts = tl.arange(0, 8) * 4
-    bits = ((words[:, :, :, None] >> shifts[None, None, None, :]) & 0xF) | MAGIC
-    qf = bits.to(tl.float32, bitcast=True)                           # 2^23 + q
-    if GROUP > 0:       # sequential groups: the tile's NG groups, one scale / zero per row each
-        gs = k0 // GROUP + tl.arange(0, NG)
-        ptr = offs_n[:, None] * G + gs[None, :]
-        gm = mask_n[:, None] & (gs[None, :] * GROUP < k_hi)
+def _dequant(words, s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin,
+             GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """words [R4, W, 4] int32 (outputs offs_n [R4, 4], inputs kin [W, 8]) -> (q - z) * s as
+    float32 [R4, W, 4, 8]."""
+    qf = _nibbles(words)                                             # 2^23 + q
+    if GROUP >= BLOCK_K:    # the tile lies in one group: one scale / zero per output
+        ptr = (k0 // GROUP) * N + offs_n
+        s = tl.load(s_ptr + ptr, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + ptr, mask=mask_n, other=0).to(tl.float32) + MAGIC_F
+        w = (qf - z[:, None, :, None]) * s[:, None, :, None]
+    elif GROUP > 0:         # whole groups of GROUP / 8 words: one scale / zero per output and word
+        gw = (k0 + tl.arange(0, BLOCK_K // 8) * 8) // GROUP
+        ptr = gw[None, :, None] * N + offs_n[:, None, :]
+        gm = mask_n[:, None, :] & (gw[None, :, None] * GROUP < k_hi)
         s = tl.load(s_ptr + ptr, mask=gm, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + ptr, mask=gm, other=0).to(tl.float32) + MAGIC_F
-        w = (qf - z[:, :, None, None]) * s[:, :, None, None]
-    else:               # any g_idx (act-order): gather per input
+        w = (qf - z[:, :, :, None]) * s[:, :, :, None]
+    else:                   # any g_idx (act-order): gather per input
         km = kin < k_hi
         g = tl.load(g_ptr + kin, mask=km, other=0)
-        ptr = offs_n[:, None, None, None] * G + g[None, :, :, :]
-        gm = mask_n[:, None, None, None] & km[None, :, :, :]
+        ptr = g[None, :, None, :] * N + offs_n[:, None, :, None]
+        gm = mask_n[:, None, :, None] & km[None, :, None, :]
         s = tl.load(s_ptr + ptr, mask=gm, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + ptr, mask=gm, other=0).to(tl.float32) + MAGIC_F
         w = (qf - z) * s
@@ -115,61 +135,100 @@ def _dequant(words, s_ptr, z_ptr, g_ptr, offs_n, mask_n, G, k0, k_hi, kin,
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, G, K_PER_SPLIT, stride_xm,
+def _row_product(w, x_row_ptr, xin, k_row):
+    """w [R4, W, 4, 8] times one activation row -> [R4, W, 4] (summed over the 8 nibbles, in
+    each thread); ``k_row`` 0 for rows past M (they read nothing)."""
+    x = tl.load(x_row_ptr + xin, mask=xin < k_row, other=0.0).to(tl.float32)
+    return tl.sum(w * x[:, :, None, :], axis=3)
+
+
+@triton.jit
+def _row_total(acc, BLOCK_N: tl.constexpr):
+    """[R4, W, 4] -> [BLOCK_N] (output 4 * r + i), summed over the tile's words."""
+    return tl.reshape(tl.sum(acc, axis=1), (BLOCK_N,))
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, K8, W_PER_SPLIT,
                       GROUP: tl.constexpr, PARTIAL: tl.constexpr, FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      NG: tl.constexpr, GW: tl.constexpr, EVEN: tl.constexpr):
+                      EVEN: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    offs_m, offs_n, mask_m, mask_n = tile_offsets(0, pid_n, M, N, BLOCK_M, BLOCK_N)
+    R4: tl.constexpr = BLOCK_N // 4
+    W: tl.constexpr = BLOCK_K // 8
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rg = pid_n * R4 + tl.arange(0, R4)                               # row groups of 4 outputs
+    offs_n = rg[:, None] * 4 + tl.arange(0, 4)[None, :]              # [R4, 4]
+    mask_n = offs_n < N
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)                         # a multiple of 8
-    kw = tl.arange(0, NG)[:, None] * GW + tl.arange(0, GW)[None, :]   # [NG, GW] word of the tile
-    kt = kw[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]          # [NG, GW, 8] input of the tile
-    row_ptr = qw_ptr + offs_n[:, None, None] * (K // 8)
+    kw = tl.arange(0, W)                                             # word of the tile
+    kt = kw[:, None] * 8 + tl.arange(0, 8)[None, :]                  # [W, 8] input of the tile
+    # [R4, 1, 4] chunk pointers; K8 = K / 8 passed apart: its own divisibility (16-byte chunks)
+    chunk_ptr = qw_ptr + (rg[:, None, None] * K8) * 4 + tl.arange(0, 4)[None, None, :]
     if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, NG, GW, 8), dtype=tl.float32)
+        acc = tl.zeros((R4, W, 4, 8), dtype=tl.float32)
+    elif BLOCK_M <= 4:      # one accumulator per row (unused ones are dead code)
+        acc0 = tl.zeros((R4, W, 4), dtype=tl.float32)
+        acc1 = tl.zeros((R4, W, 4), dtype=tl.float32)
+        acc2 = tl.zeros((R4, W, 4), dtype=tl.float32)
+        acc3 = tl.zeros((R4, W, 4), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    # walk words, not inputs: j0's divisibility (that of W_PER_SPLIT) is the loads' alignment
+    for j0 in range(pid_s * W_PER_SPLIT, tl.minimum(pid_s * W_PER_SPLIT + W_PER_SPLIT, K8), W):
+        k0 = j0 * 8
         kin = k0 + kt
+        wptr = chunk_ptr + ((j0 + kw) * 4)[None, :, None]
         if EVEN:
-            words = tl.load(row_ptr + (k0 // 8 + kw)[None, :, :])
+            words = tl.load(wptr)
         else:
-            wm = mask_n[:, None, None] & (k0 + kw * 8 < k_hi)[None, :, :]
-            words = tl.load(row_ptr + (k0 // 8 + kw)[None, :, :], mask=wm, other=0)
-        w = _dequant(words, s_ptr, z_ptr, g_ptr, offs_n, mask_n, G, k0, k_hi, kin, GROUP, NG)
+            wm = (rg * 4 < N)[:, None, None] & (k0 + kw * 8 < k_hi)[None, :, None]
+            words = tl.load(wptr, mask=wm, other=0)
+        w = _dequant(words, s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin, GROUP, BLOCK_K)
+        # x loaded as [R4, W, 8] (each warp its own copy, L1 hits): the layout of the weight
+        # tile's threads, so no shared-memory exchange per tile
+        xin = tl.broadcast_to(kin[None, :, :], (R4, W, 8))
         if BLOCK_M == 1:
-            x = tl.load(x_ptr + kin, mask=kin < k_hi, other=0.0).to(tl.float32)
-            acc += w * x[None, :, :, :]
+            x = tl.load(x_ptr + xin, mask=xin < k_hi, other=0.0).to(tl.float32)
+            acc += w * x[:, :, None, :]
         elif BLOCK_M <= 4:
-            for m in tl.static_range(BLOCK_M):
-                k_row = tl.where(m < M, k_hi, 0)                   # rows past M read nothing
-                x = tl.load(x_ptr + m * stride_xm + kin, mask=kin < k_row, other=0.0).to(tl.float32)
-                r = tl.sum(tl.sum(tl.sum(w * x[None, :, :, :], axis=3), axis=2), axis=1)   # [BN]
-                acc += tl.where(offs_m[:, None] == m, r[None, :], 0.0)
+            acc0 += _row_product(w, x_ptr, xin, k_hi)
+            if BLOCK_M > 1:
+                acc1 += _row_product(w, x_ptr + stride_xm, xin, tl.where(M > 1, k_hi, 0))
+            if BLOCK_M > 2:
+                acc2 += _row_product(w, x_ptr + 2 * stride_xm, xin, tl.where(M > 2, k_hi, 0))
+                acc3 += _row_product(w, x_ptr + 3 * stride_xm, xin, tl.where(M > 3, k_hi, 0))
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & (offs_k[None, :] < k_hi), other=0.0).to(tl.float32)
-            wt = tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)))
+            wt = tl.trans(tl.reshape(tl.permute(w, (0, 2, 1, 3)), (BLOCK_N, BLOCK_K)))   # [BK, BN]
             if FP32:
                 acc += tl.dot(x, wt, input_precision="ieee")
             else:
                 acc += tl.dot(x, wt, input_precision="tf32")
     if BLOCK_M == 1:
-        res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]   # [1, BN]
+        res = tl.reshape(tl.sum(tl.sum(acc, axis=3), axis=1), (1, BLOCK_N))   # output 4 * r + i
+    elif BLOCK_M <= 4:
+        res = tl.where(offs_m[:, None] == 0, _row_total(acc0, BLOCK_N)[None, :], 0.0)
+        if BLOCK_M > 1:
+            res += tl.where(offs_m[:, None] == 1, _row_total(acc1, BLOCK_N)[None, :], 0.0)
+        if BLOCK_M > 2:
+            res += tl.where(offs_m[:, None] == 2, _row_total(acc2, BLOCK_N)[None, :], 0.0)
+            res += tl.where(offs_m[:, None] == 3, _row_total(acc3, BLOCK_N)[None, :], 0.0)
     else:
         res = acc
-    out_mask = mask_m[:, None] & mask_n[None, :]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_mask = mask_m[:, None] & (cols < N)[None, :]
     if PARTIAL:
-        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], res, mask=out_mask)
+        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + cols[None, :], res, mask=out_mask)
     else:
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], res.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + offs_m[:, None] * N + cols[None, :], res.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 _GEMV_HEURISTICS = {
-    "NG": lambda a: _group_shape(a)[0],
-    "GW": lambda a: _group_shape(a)[1],
     "EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0
     and (a["K_PER_SPLIT"] >= a["K"] or a["K_PER_SPLIT"] % a["BLOCK_K"] == 0),
 }
@@ -185,13 +244,14 @@ def _sequential_group(group_size: int) -> int:
 
 def _int4_gemv(x, qweight, scales, zeros, g_idx, group_size: int, split, config) -> torch.Tensor:
     m, k = x.shape
-    n = qweight.shape[0]
+    n = scales.shape[1]
     block_m = m_bucket(m)
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device), split)
     partial = plan.split > 1
     out = (torch.empty(plan.split, m, n, dtype=torch.float32, device=x.device) if partial
            else torch.empty(m, n, dtype=x.dtype, device=x.device))
-    args = (x, qweight, scales, zeros, g_idx, out, m, n, k, scales.shape[1], plan.k_per_split, x.stride(0))
+    args = (x, qweight, scales, zeros, g_idx, out, m, n, k, plan.k_per_split, x.stride(0), k // 8,
+            plan.k_per_split // 8)
     meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FP32=x.dtype == torch.float32,
                 BLOCK_M=block_m)
     if config is None and x.is_cuda:
@@ -206,26 +266,27 @@ def _int4_gemv(x, qweight, scales, zeros, g_idx, group_size: int, split, config)
 
 
 @triton.jit
-def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, G,
+def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, K8,
                       stride_xm, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       FP32: tl.constexpr):
     offs_m, offs_n, mask_m, mask_n = tile_offsets(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     kw = tl.arange(0, BLOCK_K // 8)
-    kt = kw[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]              # [1, BK/8, 8]
+    kin0 = kw[:, None] * 8 + tl.arange(0, 8)[None, :]                        # [BK/8, 8]
+    row_ptr = qw_ptr + (offs_n // 4 * K8) * 4 + offs_n % 4                   # word 0 of each output
     for k0 in range(0, K, BLOCK_K):
-        kin = k0 + kt
+        kin = k0 + kin0
         km = kin < K
-        words = tl.load(qw_ptr + offs_n[:, None, None] * (K // 8) + (k0 // 8 + kw)[None, :, None],
-                        mask=mask_n[:, None, None] & (k0 + kw * 8 < K)[None, :, None], other=0)   # [BN, BK/8, 1]
-        bits = ((words >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF) | MAGIC
+        words = tl.load(row_ptr[:, None] + ((k0 // 8 + kw) * 4)[None, :],
+                        mask=mask_n[:, None] & (k0 + kw * 8 < K)[None, :], other=0)          # [BN, BK/8]
+        qf = tl.reshape(_nibbles(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1))), (BLOCK_N, BLOCK_K // 8, 8))
         g = tl.load(g_ptr + kin, mask=km, other=0)
-        ptr = offs_n[:, None, None] * G + g
-        mk = mask_n[:, None, None] & km
+        ptr = g[None, :, :] * N + offs_n[:, None, None]
+        mk = mask_n[:, None, None] & km[None, :, :]
         s = tl.load(s_ptr + ptr, mask=mk, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + ptr, mask=mk, other=0).to(tl.float32) + MAGIC_F
-        w = tl.reshape((bits.to(tl.float32, bitcast=True) - z) * s, (BLOCK_N, BLOCK_K))
+        w = tl.reshape((qf - z) * s, (BLOCK_N, BLOCK_K))
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
@@ -244,9 +305,9 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     promises g_idx == k // group_size (the GEMV then reads scales by row); 0: read g_idx.
     M <= 16: the GEMV (``split`` forces its K-split count, ``config`` one of GEMV_CONFIGS for
     the M bucket instead of autotuning: tests and benchmarks); larger M: the tiled kernel."""
-    x = _check(x, qweight)
+    x = _check(x, qweight, scales)
     if x.shape[0] == 0:
-        return torch.empty(0, qweight.shape[0], dtype=x.dtype, device=x.device)
+        return torch.empty(0, scales.shape[1], dtype=x.dtype, device=x.device)
     if x.shape[0] <= GEMV_MAX_M:
         return _int4_gemv(x, qweight, scales, zeros, g_idx, group_size, split, config)
     return int4_gemm_tiled(x, qweight, scales, zeros, g_idx)
@@ -255,19 +316,20 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 def int4_gemm_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     g_idx: torch.Tensor) -> torch.Tensor:
     """The tiled kernel at any M (16 x 32 tiles up to 16 rows: benchmarks compare it)."""
-    x = _check(x, qweight)
+    x = _check(x, qweight, scales)
     m, k = x.shape
-    n = qweight.shape[0]
+    n = scales.shape[1]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m, block_n = (16, 32) if m <= GEMV_MAX_M else (64, 64)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _int4_gemm_kernel[grid](x, qweight, scales, zeros, g_idx, y, m, n, k, scales.shape[1], x.stride(0), y.stride(0),
+    _int4_gemm_kernel[grid](x, qweight, scales, zeros, g_idx, y, m, n, k, k // 8, x.stride(0), y.stride(0),
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, FP32=x.dtype == torch.float32)
     return y
 
 
-def _check(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
-    k = x.shape[1]
-    if k % 8 or qweight.shape[1] * 8 != k:
-        raise ValueError(f"int4_gemm: K {k} does not match qweight {tuple(qweight.shape)} ([N, K/8])")
+def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    k, n = x.shape[1], scales.shape[1]
+    if k % 8 or tuple(qweight.shape) != (triton.cdiv(n, ROWS), k // 8, ROWS):
+        raise ValueError(f"int4_gemm: qweight {tuple(qweight.shape)} is not the kernel layout "
+                         f"[ceil(N/4), K/8, 4] for K {k}, N {n}")
     return x.contiguous()

@@ -68,10 +68,12 @@ def test_every_config_equals_float32_reference(bucket, index):
     (1, 256, 64, 32, False, True, None), (1, 512, 192, 128, False, False, 2),
     (1, 384, 80, 128, True, False, 3), (2, 256, 72, 32, False, False, 2),
     (4, 512, 64, 128, True, True, None), (6, 384, 160, 64, False, False, 3),
-    (9, 512, 64, 32, True, False, 4), (16, 256, 192, 128, False, True, 2)])
+    (9, 512, 64, 32, True, False, 4), (16, 256, 192, 128, False, True, 2),
+    (1, 256, 70, 64, False, False, 2), (3, 256, 70, 32, True, False, None), (12, 256, 70, 64, False, False, 1)])
 def test_shapes_groups_and_splits(m, k, n, group, act_order, symmetric, split):
-    """Default configs (the interpreter does not tune), N not a multiple of BLOCK_N, K split in
-    128-wide pieces (the configs that tile them), K not a multiple of BLOCK_K."""
+    """Default configs (the interpreter does not tune), N not a multiple of BLOCK_N (70: not even
+    of the 4 interleaved outputs: padded), K split in 128-wide pieces (the configs that tile
+    them), K not a multiple of BLOCK_K."""
     canon = _weights(n, k, group, act_order, symmetric, seed=m + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n))
     for group_size in (0,) if act_order else (group, 0):
@@ -92,6 +94,17 @@ def test_tiled_kernel_reads_the_same_layout():
     expected = x @ qm.dequantize_int4(qweight, scales, zeros, g_idx, torch.float32).t()
     got = i4.int4_gemm(x, *int4_kernel_layout(qweight, scales, zeros), g_idx)   # M > 16: tiled
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [64, 70])
+def test_kernel_layout_round_trip(n):
+    from kvyard.layers.quantized_linear import int4_canonical_qweight
+
+    qweight = _weights(n, 128, 32)[0]
+    packed = int4_kernel_layout(qweight, torch.zeros(4, n), torch.zeros(4, n))[0]
+    assert packed.shape == (-(-n // 4), 16, 4)
+    assert torch.equal(packed[1, 3], qweight[3, 4:8])             # outputs 4..7, word 3
+    assert torch.equal(int4_canonical_qweight(packed, n), qweight)
 
 
 def test_configs_fit_buckets_and_splits():
@@ -121,10 +134,10 @@ def test_layer_stores_the_kernel_layout():
     for shard, ws in enumerate(w):
         layer.load_shard(shard, ws)
     layer.process_after_loading()
-    assert layer.qweight.shape == (96, 32) and layer.qweight.is_contiguous()
-    assert layer.scales.shape == layer.zeros.shape == (96, 4)
+    assert layer.qweight.shape == (24, 32, 4) and layer.qweight.is_contiguous()
+    assert layer.scales.shape == layer.zeros.shape == (4, 96)
     dense = layer.method.dequantize(layer)
     assert dense.shape == (96, 256)
     # round-to-nearest int4: within half a step of each weight
-    step = layer.scales.float().repeat_interleave(64, dim=1)
+    step = layer.scales.float().t().repeat_interleave(64, dim=1)
     assert bool(((dense - torch.cat(w)).abs() <= step / 2 + 1e-6).all())
