@@ -12,7 +12,10 @@ For each (M, K, N) it times, with CUDA events (median of `--iters` after warm-up
                  quantization of x inside the kernel (what Fp8LinearMethod runs at decode
                  sizes); fp8-gemv-static: a static activation scale; fp8-gemv-sN: N K-splits
   int4-triton    the tiled Triton dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm_tiled), group 128
-  int4-gemv      M <= 16: int4_gemm's split-K GEMV (group 128 read by row); int4-gemv-sN: N splits
+  int4-gemv      M <= 16: int4_gemm's autotuned GEMV (group 128 read by row; "config" names the
+                 tuned tiling); int4-gemv-sN: N K-splits; int4-gemv-gidx: scales gathered through
+                 g_idx (the GPTQ act-order path) on the same weights, M = 1
+  (the int4 kernels read the layer's kernel layout, kvyard.layers.quantized_linear.int4_kernel_layout)
   int4-dequant   dequantize the int4 weight to bf16, then F.linear
 and prints one JSON line per (shape, path): {"m", "k", "n", "path", "us", "graph_us", "tflops",
 "vs_bf16", "rel_err"}: us are eager launches, graph_us the same call replayed from a CUDA graph
@@ -63,6 +66,7 @@ def paths(x: torch.Tensor, w: torch.Tensor, splits: list[int]):
     from kvyard.kernels.triton_ops.fp8_block_gemm import fp8_block_gemm
     from kvyard.kernels.triton_ops.fp8_gemv import MAX_M, fp8_gemv
     from kvyard.kernels.triton_ops.int4_gemm import int4_gemm, int4_gemm_tiled
+    from kvyard.layers.quantized_linear import int4_kernel_layout
 
     wq8, sw8 = qm.fp8_per_row(w)
     sw8 = sw8.view(1, -1)
@@ -72,6 +76,7 @@ def paths(x: torch.Tensor, w: torch.Tensor, splits: list[int]):
     qweight = qm.pack_int4_rows(q4.t().contiguous())
     s4, z4 = s4.t().contiguous().to(x.dtype), z4.t().contiguous().to(torch.uint8)
     g_idx = torch.arange(w.shape[1], dtype=torch.int32, device=w.device) // 128
+    q4k = int4_kernel_layout(qweight, s4, z4)[0]      # what Int4LinearMethod stores
     xq8, sx8 = qm.fp8_per_row(x)
     wqb, swb = qm.fp8_per_token_group(w, 128)   # per-row block scales (the layer's storage form)
 
@@ -99,16 +104,18 @@ def paths(x: torch.Tensor, w: torch.Tensor, splits: list[int]):
         "fp8-dequant": (lambda: F.linear(x, (wq8.to(x.dtype) * sw8.t().to(x.dtype))), None),
         "fp8-block": (fp8_block, None),
         "int8": (int8, None),
-        "int4-triton": (lambda: int4_gemm_tiled(x, qweight, s4, z4, g_idx), ref4),
+        "int4-triton": (lambda: int4_gemm_tiled(x, q4k, s4, z4, g_idx), ref4),
         "int4-dequant": (lambda: F.linear(x, qm.dequantize_int4(qweight, s4, z4, g_idx, x.dtype)), None),
     }
     if x.shape[0] <= MAX_M:
         out["fp8-gemv"] = (lambda: fp8_gemv(x, wq8, sw8_n), ref8)
         out["fp8-gemv-static"] = (lambda: fp8_gemv(x, wq8, sw8_n, static), ref8s)
-        out["int4-gemv"] = (lambda: int4_gemm(x, qweight, s4, z4, g_idx, 128), ref4)
+        out["int4-gemv"] = (lambda: int4_gemm(x, q4k, s4, z4, g_idx, 128), ref4)
+        if x.shape[0] == 1:   # its own compiles: batch 1 only
+            out["int4-gemv-gidx"] = (lambda: int4_gemm(x, q4k, s4, z4, g_idx, 0), ref4)
         for sp in splits:
             out[f"fp8-gemv-s{sp}"] = (lambda sp=sp: fp8_gemv(x, wq8, sw8_n, split=sp), ref8)
-            out[f"int4-gemv-s{sp}"] = (lambda sp=sp: int4_gemm(x, qweight, s4, z4, g_idx, 128, split=sp), ref4)
+            out[f"int4-gemv-s{sp}"] = (lambda sp=sp: int4_gemm(x, q4k, s4, z4, g_idx, 128, split=sp), ref4)
     return out
 
 
@@ -120,6 +127,9 @@ def accuracy(name: str, fn, ref) -> dict:
     row = {"rel_err": float(f"{((y - ref).norm() / ref.norm()).item():.3g}")}
     if "gemv" in name:
         row["deterministic"] = bool(torch.equal(fn().float(), y))
+    if name.startswith("int4-gemv"):   # the tiling the autotuner chose for this shape
+        from kvyard.kernels.triton_ops.int4_gemm import _gemv_tuned
+        row["config"] = str(getattr(_gemv_tuned, "best_config", None))
     return row
 
 
