@@ -16,15 +16,20 @@ Both kernels read this one layout (no second copy for prefill).
 Nibbles become floats without an int -> float conversion (a quarter-rate instruction): the
 bits q | 0x4B000000 are the float32 2^23 + q, and subtracting 2^23 + z leaves q - z exactly;
 the dequantized weight (q - z) * s is then exact in float32 (4-bit by <= 11-bit mantissas).
+On CUDA the extraction is inline PTX (a shift and a lop3 per nibble). Numerics: float32
+throughout; at M <= 4 the products of a word are summed before its scale multiplies them
+((sum_k (q - z) x) * s instead of sum_k ((q - z) s) x): the same value up to float32 rounding.
 
 Decode sizes (M <= GEMV_MAX_M) take ``_int4_gemv_kernel``, autotuned per (M bucket, N, K, split,
 group) on CUDA; the runner's eager warm-up of each captured batch size (CudaGraphCapture runs
 the step eagerly before capture) runs the tuning outside the graph. A program owns BLOCK_N
 outputs and one K split, walked in BLOCK_K tiles of [BLOCK_N / 4, BLOCK_K / 8, 4] words,
 unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
-  M == 1     a CUDA-core multiply into a float32 accumulator of the tile's shape, summed over K
-             once at the end (no padded tensor-core tile, no per-tile reductions);
-  M 2..4     the same tile multiplied by each row in turn (static loop), summed per tile;
+  M 1..4     CUDA cores, no padded tensor-core tile: per row, each word's 8 nibble planes
+             minus the zero times the word's 8 activations in a chain of fused multiply-adds,
+             times the word's scale (sequential groups; act-order scales per input), into a
+             per-row accumulator of one value per output and word, summed over the words once
+             at the end (no cross-thread reduction per tile);
   M 5..16    a 16-row dot (tf32 for bf16 / fp16 x: x exact in tf32, the weight rounded to
              tf32's 10-bit mantissa, as the tiled kernel; ieee for float32 x).
 K splits write float32 partials that kernels.triton_ops.splitk sums in a fixed order
@@ -88,60 +93,129 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if config_fits(c, kwargs["BLOCK_M"], k, kps)]
 
 
+# PTX of _planes on the GPU: per nibble one shift and one lop3 ((t & 0xF) | 2^23 bits, lut 0xEA);
+# the compiler's own lowering of the same expression spends a third instruction (a bit-field
+# extract) per nibble, and the GEMV at M = 1 is bound by instruction issue near copy bandwidth
+_PLANES_PTX = tl.constexpr("""{
+.reg .b32 t;
+lop3.b32 $0, $8, 0xF, 0x4B000000, 0xEA;
+shr.b32 t, $8, 4;  lop3.b32 $1, t, 0xF, 0x4B000000, 0xEA;
+shr.b32 t, $8, 8;  lop3.b32 $2, t, 0xF, 0x4B000000, 0xEA;
+shr.b32 t, $8, 12; lop3.b32 $3, t, 0xF, 0x4B000000, 0xEA;
+shr.b32 t, $8, 16; lop3.b32 $4, t, 0xF, 0x4B000000, 0xEA;
+shr.b32 t, $8, 20; lop3.b32 $5, t, 0xF, 0x4B000000, 0xEA;
+shr.b32 t, $8, 24; lop3.b32 $6, t, 0xF, 0x4B000000, 0xEA;
+shr.b32 t, $8, 28; or.b32 $7, t, 0x4B000000;
+}""")
+
+
 @triton.jit
-def _nibbles(words):
-    """words [R4, W, 4] int32 -> [R4, W, 4, 8] float32 2^23 + q, nibble i of a word at [..., i].
-    Each of the 8 shifts works on the words' own layout; the joins add the nibble axis inside
-    each thread (no data movement), highest index bit first so the flat order is 4a + 2b + c."""
-    p0 = (((words >> 0) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
-    p1 = (((words >> 4) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
-    p2 = (((words >> 8) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
-    p3 = (((words >> 12) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
-    p4 = (((words >> 16) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
-    p5 = (((words >> 20) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
-    p6 = (((words >> 24) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
-    p7 = (((words >> 28) & 0xF) | MAGIC).to(tl.float32, bitcast=True)
+def _planes(words, ASM: tl.constexpr):
+    """words int32 -> the 8 nibble planes, float32 2^23 + q (plane i: bits 4i..4i+3; logical
+    shifts and masks on whole words, the words' own layout). ASM: the same in inline PTX
+    (CUDA only; the interpreter runs the Triton expression)."""
+    u = words.to(tl.uint32, bitcast=True)
+    if ASM:
+        b0, b1, b2, b3, b4, b5, b6, b7 = tl.inline_asm_elementwise(
+            _PLANES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [u], dtype=(tl.uint32,) * 8, is_pure=True, pack=1)
+    else:
+        b0 = (u & 0xF) | MAGIC
+        b1 = ((u >> 4) & 0xF) | MAGIC
+        b2 = ((u >> 8) & 0xF) | MAGIC
+        b3 = ((u >> 12) & 0xF) | MAGIC
+        b4 = ((u >> 16) & 0xF) | MAGIC
+        b5 = ((u >> 20) & 0xF) | MAGIC
+        b6 = ((u >> 24) & 0xF) | MAGIC
+        b7 = (u >> 28) | MAGIC
+    return (b0.to(tl.float32, bitcast=True), b1.to(tl.float32, bitcast=True), b2.to(tl.float32, bitcast=True),
+            b3.to(tl.float32, bitcast=True), b4.to(tl.float32, bitcast=True), b5.to(tl.float32, bitcast=True),
+            b6.to(tl.float32, bitcast=True), b7.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _join8(p0, p1, p2, p3, p4, p5, p6, p7):
+    """8 planes [...] -> [..., 8] with plane i at [..., i]: the joins add the axis inside each
+    thread (no data movement), highest index bit first so the flat order is 4a + 2b + c."""
     a0, a1, a2, a3 = tl.join(p0, p4), tl.join(p1, p5), tl.join(p2, p6), tl.join(p3, p7)   # [.., a]
     b0, b1 = tl.join(a0, a2), tl.join(a1, a3)                                             # [.., a, b]
     q = tl.join(b0, b1)                                                                   # [.., a, b, c]
-    return tl.reshape(q, (words.shape[0], words.shape[1], words.shape[2], 8))
+    return tl.reshape(q, (p0.shape[0], p0.shape[1], p0.shape[2], 8))
 
 
 @triton.jit
-def _dequant(words, s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin,
-             GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """words [R4, W, 4] int32 (outputs offs_n [R4, 4], inputs kin [W, 8]) -> (q - z) * s as
-    float32 [R4, W, 4, 8]."""
-    qf = _nibbles(words)                                             # 2^23 + q
-    if GROUP >= BLOCK_K:    # the tile lies in one group: one scale / zero per output
-        ptr = (k0 // GROUP) * N + offs_n
-        s = tl.load(s_ptr + ptr, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + ptr, mask=mask_n, other=0).to(tl.float32) + MAGIC_F
-        w = (qf - z[:, None, :, None]) * s[:, None, :, None]
-    elif GROUP > 0:         # whole groups of GROUP / 8 words: one scale / zero per output and word
+def _split8(x):
+    """[R4, W, 8] -> its 8 planes [R4, W] (the inverse of _join8 on one fewer axis)."""
+    q = tl.reshape(x, (x.shape[0], x.shape[1], 2, 2, 2))             # [.., a, b, c]
+    c0, c1 = tl.split(q)                                             # [.., a, b]
+    b00, b01 = tl.split(c0)                                          # [.., a] with c = 0
+    b10, b11 = tl.split(c1)                                          # c = 1
+    x0, x4 = tl.split(b00)
+    x2, x6 = tl.split(b01)
+    x1, x5 = tl.split(b10)
+    x3, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _nibbles(words, ASM: tl.constexpr):
+    """words [R4, W, 4] int32 -> [R4, W, 4, 8] float32 2^23 + q, nibble i of a word at [..., i]."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, ASM)
+    return _join8(p0, p1, p2, p3, p4, p5, p6, p7)
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin,
+                GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(s, 2^23 + z) float32 for the tile of outputs offs_n [R4, 4] and inputs kin [W, 8]:
+    [R4, 1, 4] (the tile in one group), [R4, W, 4] (one group per word: the 8 nibbles of a word
+    share one) or [R4, W, 4, 8] (gathered per input through g_idx: act-order)."""
+    if GROUP >= BLOCK_K:
+        ptr = (k0 // GROUP) * N + offs_n[:, None, :]
+        gm = mask_n[:, None, :]
+    elif GROUP > 0:
         gw = (k0 + tl.arange(0, BLOCK_K // 8) * 8) // GROUP
         ptr = gw[None, :, None] * N + offs_n[:, None, :]
         gm = mask_n[:, None, :] & (gw[None, :, None] * GROUP < k_hi)
-        s = tl.load(s_ptr + ptr, mask=gm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + ptr, mask=gm, other=0).to(tl.float32) + MAGIC_F
-        w = (qf - z[:, :, :, None]) * s[:, :, :, None]
-    else:                   # any g_idx (act-order): gather per input
+    else:
         km = kin < k_hi
         g = tl.load(g_ptr + kin, mask=km, other=0)
         ptr = g[None, :, None, :] * N + offs_n[:, None, :, None]
         gm = mask_n[:, None, :, None] & km[None, :, None, :]
-        s = tl.load(s_ptr + ptr, mask=gm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + ptr, mask=gm, other=0).to(tl.float32) + MAGIC_F
-        w = (qf - z) * s
-    return w
+    s = tl.load(s_ptr + ptr, mask=gm, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + ptr, mask=gm, other=0).to(tl.float32) + MAGIC_F
+    return s, z
 
 
 @triton.jit
-def _row_product(w, x_row_ptr, xin, k_row):
-    """w [R4, W, 4, 8] times one activation row -> [R4, W, 4] (summed over the 8 nibbles, in
-    each thread); ``k_row`` 0 for rows past M (they read nothing)."""
+def _dequant(words, s, z, GROUP: tl.constexpr, ASM: tl.constexpr):
+    """The tile's weights (q - z) * s, float32 [R4, W, 4, 8] (exact: small integer times s)."""
+    if GROUP > 0:
+        return (_nibbles(words, ASM) - z[:, :, :, None]) * s[:, :, :, None]
+    else:
+        return (_nibbles(words, ASM) - z) * s
+
+
+@triton.jit
+def _row_product(words, s, z, x_row_ptr, xin, k_row, GROUP: tl.constexpr, ASM: tl.constexpr):
+    """The tile times one activation row (x at x_row_ptr + xin, [R4, W, 8]; ``k_row`` 0 for
+    rows past M: they read nothing) -> [R4, W, 4], one value per output and word. Sequential
+    groups: per nibble plane one subtraction and one fused multiply-add into a chain over the
+    word's 8 inputs, then one multiply by the word's scale; act-order: scaled per input."""
     x = tl.load(x_row_ptr + xin, mask=xin < k_row, other=0.0).to(tl.float32)
-    return tl.sum(w * x[:, :, None, :], axis=3)
+    if GROUP > 0:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, ASM)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+        t = (p0 - z) * x0[:, :, None]
+        t += (p1 - z) * x1[:, :, None]
+        t += (p2 - z) * x2[:, :, None]
+        t += (p3 - z) * x3[:, :, None]
+        t += (p4 - z) * x4[:, :, None]
+        t += (p5 - z) * x5[:, :, None]
+        t += (p6 - z) * x6[:, :, None]
+        t += (p7 - z) * x7[:, :, None]
+        return t * s
+    else:
+        return tl.sum(_dequant(words, s, z, GROUP, ASM) * x[:, :, None, :], axis=3)
 
 
 @triton.jit
@@ -154,7 +228,7 @@ def _row_total(acc, BLOCK_N: tl.constexpr):
 def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, K8, W_PER_SPLIT,
                       GROUP: tl.constexpr, PARTIAL: tl.constexpr, FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr):
+                      EVEN: tl.constexpr, ASM: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     R4: tl.constexpr = BLOCK_N // 4
     W: tl.constexpr = BLOCK_K // 8
@@ -169,9 +243,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PE
     kt = kw[:, None] * 8 + tl.arange(0, 8)[None, :]                  # [W, 8] input of the tile
     # [R4, 1, 4] chunk pointers; K8 = K / 8 passed apart: its own divisibility (16-byte chunks)
     chunk_ptr = qw_ptr + (rg[:, None, None] * K8) * 4 + tl.arange(0, 4)[None, None, :]
-    if BLOCK_M == 1:
-        acc = tl.zeros((R4, W, 4, 8), dtype=tl.float32)
-    elif BLOCK_M <= 4:      # one accumulator per row (unused ones are dead code)
+    if BLOCK_M <= 4:        # one accumulator per row (unused ones are dead code)
         acc0 = tl.zeros((R4, W, 4), dtype=tl.float32)
         acc1 = tl.zeros((R4, W, 4), dtype=tl.float32)
         acc2 = tl.zeros((R4, W, 4), dtype=tl.float32)
@@ -188,21 +260,19 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PE
         else:
             wm = (rg * 4 < N)[:, None, None] & (k0 + kw * 8 < k_hi)[None, :, None]
             words = tl.load(wptr, mask=wm, other=0)
-        w = _dequant(words, s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin, GROUP, BLOCK_K)
-        # x loaded as [R4, W, 8] (each warp its own copy, L1 hits): the layout of the weight
-        # tile's threads, so no shared-memory exchange per tile
-        xin = tl.broadcast_to(kin[None, :, :], (R4, W, 8))
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + xin, mask=xin < k_hi, other=0.0).to(tl.float32)
-            acc += w * x[:, :, None, :]
-        elif BLOCK_M <= 4:
-            acc0 += _row_product(w, x_ptr, xin, k_hi)
+        s, z = _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin, GROUP, BLOCK_K)
+        if BLOCK_M <= 4:
+            # x loaded as [R4, W, 8] (each warp its own copy, L1 hits): the layout of the
+            # weight tile's threads, so no shared-memory exchange per tile
+            xin = tl.broadcast_to(kin[None, :, :], (R4, W, 8))
+            acc0 += _row_product(words, s, z, x_ptr, xin, k_hi, GROUP, ASM)
             if BLOCK_M > 1:
-                acc1 += _row_product(w, x_ptr + stride_xm, xin, tl.where(M > 1, k_hi, 0))
+                acc1 += _row_product(words, s, z, x_ptr + stride_xm, xin, tl.where(M > 1, k_hi, 0), GROUP, ASM)
             if BLOCK_M > 2:
-                acc2 += _row_product(w, x_ptr + 2 * stride_xm, xin, tl.where(M > 2, k_hi, 0))
-                acc3 += _row_product(w, x_ptr + 3 * stride_xm, xin, tl.where(M > 3, k_hi, 0))
+                acc2 += _row_product(words, s, z, x_ptr + 2 * stride_xm, xin, tl.where(M > 2, k_hi, 0), GROUP, ASM)
+                acc3 += _row_product(words, s, z, x_ptr + 3 * stride_xm, xin, tl.where(M > 3, k_hi, 0), GROUP, ASM)
         else:
+            w = _dequant(words, s, z, GROUP, ASM)
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & (offs_k[None, :] < k_hi), other=0.0).to(tl.float32)
@@ -211,9 +281,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PE
                 acc += tl.dot(x, wt, input_precision="ieee")
             else:
                 acc += tl.dot(x, wt, input_precision="tf32")
-    if BLOCK_M == 1:
-        res = tl.reshape(tl.sum(tl.sum(acc, axis=3), axis=1), (1, BLOCK_N))   # output 4 * r + i
-    elif BLOCK_M <= 4:
+    if BLOCK_M <= 4:
         res = tl.where(offs_m[:, None] == 0, _row_total(acc0, BLOCK_N)[None, :], 0.0)
         if BLOCK_M > 1:
             res += tl.where(offs_m[:, None] == 1, _row_total(acc1, BLOCK_N)[None, :], 0.0)
@@ -264,7 +332,7 @@ def _int4_gemv(x, qweight, scales, zeros, g_idx, group_size: int, split, config)
     args = (x, qweight, scales, zeros, g_idx, out, m, n, k, plan.k_per_split, x.stride(0), k // 8,
             plan.k_per_split // 8)
     meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FP32=x.dtype == torch.float32,
-                BLOCK_M=block_m)
+                BLOCK_M=block_m, ASM=x.is_cuda)
     if config is None and x.is_cuda:
         _gemv_tuned[lambda a: (triton.cdiv(n, a["BLOCK_N"]), plan.split)](*args, **meta)
     else:   # the interpreter (no timing there) or a forced config: the bucket's first fitting one
@@ -291,7 +359,7 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, K8,
         km = kin < K
         words = tl.load(row_ptr[:, None] + ((k0 // 8 + kw) * 4)[None, :],
                         mask=mask_n[:, None] & (k0 + kw * 8 < K)[None, :], other=0)          # [BN, BK/8]
-        qf = tl.reshape(_nibbles(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1))), (BLOCK_N, BLOCK_K // 8, 8))
+        qf = tl.reshape(_nibbles(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), False), (BLOCK_N, BLOCK_K // 8, 8))
         g = tl.load(g_ptr + kin, mask=km, other=0)
         ptr = g[None, :, :] * N + offs_n[:, None, None]
         mk = mask_n[:, None, None] & km[None, :, :]
