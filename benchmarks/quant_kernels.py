@@ -11,7 +11,9 @@ For each (M, K, N) it times, with CUDA events (median of `--iters` after warm-up
   fp8-gemv       M <= 16: the Triton fp8 GEMV (kvyard.kernels.triton_ops.fp8_gemv), per-token
                  quantization of x inside the kernel (what Fp8LinearMethod runs at decode
                  sizes); fp8-gemv-static: a static activation scale; fp8-gemv-sN: N K-splits
-  int4-triton    the tiled Triton dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm_tiled), group 128
+  int4-triton    the earlier tiled Triton dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm_tiled),
+                 group 128; int4-mm: M > 16, int4_gemm's autotuned kernel over 64-row blocks (what
+                 Int4LinearMethod runs at prefill sizes)
   int4-gemv      M <= 16: int4_gemm's autotuned GEMV (group 128 read by row; "config" names the
                  tuned tiling); int4-gemv-sN: N K-splits; int4-gemv-gidx: scales gathered through
                  g_idx (the GPTQ act-order path) on the same weights, M = 1
@@ -107,6 +109,8 @@ def paths(x: torch.Tensor, w: torch.Tensor, splits: list[int]):
         "int4-triton": (lambda: int4_gemm_tiled(x, q4k, s4, z4, g_idx), ref4),
         "int4-dequant": (lambda: F.linear(x, qm.dequantize_int4(qweight, s4, z4, g_idx, x.dtype)), None),
     }
+    if x.shape[0] > MAX_M:
+        out["int4-mm"] = (lambda: int4_gemm(x, q4k, s4, z4, g_idx, 128), ref4)
     if x.shape[0] <= MAX_M:
         out["fp8-gemv"] = (lambda: fp8_gemv(x, wq8, sw8_n), ref8)
         out["fp8-gemv-static"] = (lambda: fp8_gemv(x, wq8, sw8_n, static), ref8s)
@@ -127,9 +131,9 @@ def accuracy(name: str, fn, ref) -> dict:
     row = {"rel_err": float(f"{((y - ref).norm() / ref.norm()).item():.3g}")}
     if "gemv" in name:
         row["deterministic"] = bool(torch.equal(fn().float(), y))
-    if name.startswith("int4-gemv"):   # the tiling the autotuner chose for this shape
-        from kvyard.kernels.triton_ops.int4_gemm import _gemv_tuned
-        row["config"] = str(getattr(_gemv_tuned, "best_config", None))
+    if name.startswith(("int4-gemv", "int4-mm")):   # the tiling the autotuner chose for this shape
+        from kvyard.kernels.triton_ops.int4_gemm import _mm_tuned
+        row["config"] = str(getattr(_mm_tuned, "best_config", None))
     return row
 
 

@@ -20,7 +20,7 @@ On CUDA the extraction is inline PTX (a shift and a lop3 per nibble). Numerics: 
 throughout; at M <= 4 the products of a word are summed before its scale multiplies them
 ((sum_k (q - z) x) * s instead of sum_k ((q - z) s) x): the same value up to float32 rounding.
 
-Decode sizes (M <= GEMV_MAX_M) take ``_int4_gemv_kernel``, autotuned per (M bucket, N, K, split,
+Decode sizes (M <= GEMV_MAX_M) take ``_int4_mm_kernel``, autotuned per (M bucket, N, K, split,
 group) on CUDA; the runner's eager warm-up of each captured batch size (CudaGraphCapture runs
 the step eagerly before capture) runs the tuning outside the graph. A program owns BLOCK_N
 outputs and one K split, walked in BLOCK_K tiles of [BLOCK_N / 4, BLOCK_K / 8, 4] words,
@@ -31,14 +31,17 @@ unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
              per-row accumulator of one value per output and word, summed over the words once
              at the end (no cross-thread reduction per tile);
   M 5..16    a 16-row dot (tf32 for bf16 / fp16 x: x exact in tf32, the weight rounded to
-             tf32's 10-bit mantissa, as the tiled kernel; ieee for float32 x).
+             tf32's 10-bit mantissa, as the tiled kernel; ieee for float32 x) on the dequantized
+             tile (q - z) * s.
 K splits write float32 partials that kernels.triton_ops.splitk sums in a fixed order
 (deterministic). Sequential groups (g_idx == k // group, power-of-two group: every format
 without act-order) read one scale / zero per output and group; otherwise (GPTQ act-order)
 they are gathered per input through g_idx.
 
-Larger M takes the tiled kernel ``_int4_gemm_kernel`` (64 x 64 tiles, tf32 / ieee dot, scales
-gathered through g_idx). Invariants: K % 8 == 0; results in x's dtype, float32 accumulation.
+Larger M (prefill) runs the same kernel's dot path over 64-row M blocks (grid axis 2), K not
+split, the tiling autotuned per (N, K, group) for all M > 16. ``int4_gemm_tiled`` keeps the
+earlier tiled kernel (64 x 64 tiles, scales gathered per input through g_idx) for benchmark
+comparison. Invariants: K % 8 == 0; results in x's dtype, float32 accumulation.
 """
 from __future__ import annotations
 
@@ -72,13 +75,15 @@ GEMV_CONFIGS = {
     2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2)],
     4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2)],
     16: [_cfg(32, 128, 4, 3), _cfg(64, 128, 4, 3), _cfg(16, 128, 4, 4)],
+    64: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 2)],     # M > 16: prefill tiles
 }
 ALL_CONFIGS = [c for cs in GEMV_CONFIGS.values() for c in cs]
 
 
 def m_bucket(m: int) -> int:
-    """BLOCK_M of the GEMV for ``m`` token rows: 1, 2, 4 (CUDA-core paths) or 16 (dot)."""
-    return triton.next_power_of_2(m) if m <= 4 else GEMV_MAX_M
+    """BLOCK_M for ``m`` token rows: 1, 2, 4 (CUDA-core paths), 16 (a dot, decode sizes) or
+    64 (a dot over 64-row tiles, larger M)."""
+    return triton.next_power_of_2(m) if m <= 4 else GEMV_MAX_M if m <= GEMV_MAX_M else 64
 
 
 def config_fits(cfg: triton.Config, block_m: int, k: int, k_per_split: int) -> bool:
@@ -225,14 +230,14 @@ def _row_total(acc, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, K8, W_PER_SPLIT,
+def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, K8, W_PER_SPLIT,
                       GROUP: tl.constexpr, PARTIAL: tl.constexpr, FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     R4: tl.constexpr = BLOCK_N // 4
     W: tl.constexpr = BLOCK_K // 8
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)     # one M block below 64 rows
     mask_m = offs_m < M
     rg = pid_n * R4 + tl.arange(0, R4)                               # row groups of 4 outputs
     offs_n = rg[:, None] * 4 + tl.arange(0, 4)[None, :]              # [R4, 4]
@@ -298,11 +303,11 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PE
         tl.store(out_ptr + offs_m[:, None] * N + cols[None, :], res.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_GEMV_HEURISTICS = {
+_MM_HEURISTICS = {
     "EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0
     and (a["K_PER_SPLIT"] >= a["K"] or a["K_PER_SPLIT"] % a["BLOCK_K"] == 0),
 }
-_gemv_fixed = triton.heuristics(_GEMV_HEURISTICS)(_int4_gemv_kernel)     # explicit config (interpreter, tests)
+_mm_fixed = triton.heuristics(_MM_HEURISTICS)(_int4_mm_kernel)     # explicit config (interpreter, tests)
 
 
 def _quick_bench(fn, quantiles):
@@ -311,9 +316,9 @@ def _quick_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-_gemv_tuned = triton.autotune(ALL_CONFIGS, key=["N", "K", "K_PER_SPLIT", "BLOCK_M", "GROUP"],
+_mm_tuned = triton.autotune(ALL_CONFIGS, key=["N", "K", "K_PER_SPLIT", "BLOCK_M", "GROUP"],
                               prune_configs_by={"early_config_prune": _prune},
-                              do_bench=_quick_bench)(_gemv_fixed)
+                              do_bench=_quick_bench)(_mm_fixed)
 
 
 def _sequential_group(group_size: int) -> int:
@@ -321,11 +326,14 @@ def _sequential_group(group_size: int) -> int:
     return group_size if group_size >= 8 and group_size & (group_size - 1) == 0 else 0
 
 
-def _int4_gemv(x, qweight, scales, zeros, g_idx, group_size: int, split, config) -> torch.Tensor:
+def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config) -> torch.Tensor:
     m, k = x.shape
     n = scales.shape[1]
     block_m = m_bucket(m)
+    if block_m > GEMV_MAX_M:    # enough programs along M: no K split
+        split = 1
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device), split)
+    m_blocks = triton.cdiv(m, block_m)
     partial = plan.split > 1
     out = (torch.empty(plan.split, m, n, dtype=torch.float32, device=x.device) if partial
            else torch.empty(m, n, dtype=x.dtype, device=x.device))
@@ -334,12 +342,12 @@ def _int4_gemv(x, qweight, scales, zeros, g_idx, group_size: int, split, config)
     meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FP32=x.dtype == torch.float32,
                 BLOCK_M=block_m, ASM=x.is_cuda)
     if config is None and x.is_cuda:
-        _gemv_tuned[lambda a: (triton.cdiv(n, a["BLOCK_N"]), plan.split)](*args, **meta)
+        _mm_tuned[lambda a: (triton.cdiv(n, a["BLOCK_N"]), plan.split, m_blocks)](*args, **meta)
     else:   # the interpreter (no timing there) or a forced config: the bucket's first fitting one
         cfg = config or next(c for c in GEMV_CONFIGS[block_m] if config_fits(c, block_m, k, plan.k_per_split))
         if not config_fits(cfg, block_m, k, plan.k_per_split):
             raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}")
-        _gemv_fixed[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), plan.split)](
+        _mm_fixed[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), plan.split, m_blocks)](
             *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return splitk_reduce(out, x.dtype) if partial else out
 
@@ -381,15 +389,13 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
               g_idx: torch.Tensor, group_size: int = 0, split: Optional[int] = None,
               config: Optional[triton.Config] = None) -> torch.Tensor:
     """x [M, K] -> y [M, N] in x's dtype (kernel layout, module docstring). ``group_size`` > 0
-    promises g_idx == k // group_size (the GEMV then reads scales by row); 0: read g_idx.
-    M <= 16: the GEMV (``split`` forces its K-split count, ``config`` one of GEMV_CONFIGS for
-    the M bucket instead of autotuning: tests and benchmarks); larger M: the tiled kernel."""
+    promises g_idx == k // group_size (scales then read by row); 0: read g_idx. One kernel for
+    every M (its bucket picks the path); ``split`` forces the K-split count at M <= 16,
+    ``config`` one of GEMV_CONFIGS for the M bucket instead of autotuning (tests, benchmarks)."""
     x = _check(x, qweight, scales)
     if x.shape[0] == 0:
         return torch.empty(0, scales.shape[1], dtype=x.dtype, device=x.device)
-    if x.shape[0] <= GEMV_MAX_M:
-        return _int4_gemv(x, qweight, scales, zeros, g_idx, group_size, split, config)
-    return int4_gemm_tiled(x, qweight, scales, zeros, g_idx)
+    return _int4_mm(x, qweight, scales, zeros, g_idx, group_size, split, config)
 
 
 def int4_gemm_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -48,7 +48,7 @@ def _run(x, canon, group_size, **kw):
     return got.float(), expected
 
 
-BUCKET_ROWS = {1: 1, 2: 2, 4: 3, 16: 11}
+BUCKET_ROWS = {1: 1, 2: 2, 4: 3, 16: 11, 64: 70}
 CASES = [(b, j) for b in i4.GEMV_CONFIGS for j in range(len(i4.GEMV_CONFIGS[b]))]
 
 
@@ -92,8 +92,16 @@ def test_tiled_kernel_reads_the_same_layout():
     x = torch.randn(20, 256, generator=torch.Generator().manual_seed(5))
     qweight, scales, zeros, g_idx = canon
     expected = x @ qm.dequantize_int4(qweight, scales, zeros, g_idx, torch.float32).t()
-    got = i4.int4_gemm(x, *int4_kernel_layout(qweight, scales, zeros), g_idx)   # M > 16: tiled
+    got = i4.int4_gemm_tiled(x, *int4_kernel_layout(qweight, scales, zeros), g_idx)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,group_size", [(17, 64), (130, 0)])
+def test_prefill_sizes_take_64_row_blocks(m, group_size):
+    """M > 16: the dot path over several 64-row blocks (the last one partial)."""
+    canon = _weights(72, 256, 64, act_order=group_size == 0, seed=m)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+    torch.testing.assert_close(*_run(x, canon, group_size), **F32)
 
 
 @pytest.mark.parametrize("n", [64, 70])
@@ -108,14 +116,15 @@ def test_kernel_layout_round_trip(n):
 
 
 def test_configs_fit_buckets_and_splits():
-    assert [i4.m_bucket(m) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 4, 4, 16, 16]
+    assert [i4.m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 4096)] == [1, 2, 4, 4, 16, 16, 64, 64]
     for bucket, configs in i4.GEMV_CONFIGS.items():
         # every bucket keeps a config for any split of 128-multiples, and for one whole-K split
         assert any(i4.config_fits(c, bucket, 4096, 384) for c in configs)
         assert all(i4.config_fits(c, bucket, 4096, 4096) for c in configs)
-        assert not any(i4.config_fits(c, 1 if bucket != 1 else 2, 4096, 4096) for c in configs)
-        # the dot bucket's tiles are at least 16 wide (tl.dot)
-        assert bucket != 16 or all(c.kwargs["BLOCK_N"] >= 16 for c in configs)
+        other = 1 if bucket != 1 else 2
+        assert not any(i4.config_fits(c, other, 4096, 4096) for c in configs)   # by identity
+        # the dot buckets' tiles are at least 16 wide (tl.dot)
+        assert bucket < 16 or all(c.kwargs["BLOCK_N"] >= 16 for c in configs)
 
 
 def test_a_config_that_does_not_tile_the_split_is_refused():
