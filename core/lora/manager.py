@@ -62,8 +62,23 @@ class LoRAManager:
         self.targets = targets
         # every LoRA-capable layer by PEFT name: an adapter of a module outside the slots is named as such
         self.by_peft = targets_by_peft_name(find_targets(model, TARGET_MODULES))
+        fused = 0
         for key, t in targets.items():
-            t.layer.lora_hook = LoRAHook(self.runtime, self.pool.a[key], self.pool.b[key], t.layer.output_sizes)
+            rows = self._extra_rows(t.layer, self.pool.a[key])
+            if rows is not None:
+                self.pool.place_a(key, rows)
+                fused += 1
+            t.layer.lora_hook = LoRAHook(self.runtime, self.pool.a[key], self.pool.b[key], t.layer.output_sizes,
+                                         fused=rows is not None)
+        logger.info("LoRA: %d of %d layers fuse the shrink into their base GEMM", fused, len(targets))
+
+    def _extra_rows(self, layer, a: torch.Tensor) -> Optional[torch.Tensor]:
+        """The layer's extra weight rows that hold its slots' A (fused shrink), or None: the
+        backend does not fuse, the method cannot carry rows (quantized), or the layer is
+        row-parallel (its h would need the all-reduce the base output gets)."""
+        if not self.runtime.ops.fuses or layer.in_shard is not None:
+            return None
+        return layer.method.extend_rows(layer, a.shape[0] * a.shape[1])
 
     # -- adapters ------------------------------------------------------------------------------
     def load(self, name: str, path: str) -> LoRAAdapter:
