@@ -15,7 +15,11 @@ Both alternate the configurations within each round (noisy shared machines) and 
 median with the min-max spread. kernels: Llama-3.1-8B's LoRA layers (qkv 4096 -> 4096 + 1024 +
 1024, o, gate_up 4096 -> 2 x 14336, down 14336 -> 4096) at decode, the Triton shrink/expand pair
 (and each kernel alone: which one dominates) vs the torch path (one matmul pair per adapter) vs a
-plain loop over the requests; eager calls, so launch costs are included.
+plain loop over the requests; eager calls, so launch costs are included. Beside them the fused
+form serving uses for unquantized weights (kvyard.lora.hook): the base GEMM alone, the GEMM over
+W_ext (the base rows plus every slot's A rows: S = the largest --adapters) with the one expand
+launch, and that expand alone; "fused overhead" = fused gemm + expand - base gemm, the LoRA cost
+of the layer (the old pair's is its "triton" row). decode prints how many layers fuse.
 
 Adapters are random rank-R PEFT folders over all seven projections, written for the served
 model's shapes into a temporary folder and loaded at runtime (no peft needed).
@@ -162,6 +166,9 @@ def decode(ns) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         plain = make_scheduler(ns, False, 0, tmp)
         lora = make_scheduler(ns, True, max(ns.adapters), tmp)
+        hooks = [t.layer.lora_hook for t in lora.runner.lora.targets.values()]
+        print(f"decode: {sum(h.fused for h in hooks)} of {len(hooks)} LoRA layers fuse the shrink into their GEMM "
+              f"(backend {lora.runner.lora.config.backend})", flush=True)
         for batch in ns.batch_sizes:
             print(f"decode: batch {batch}, {ns.input_len} in, {ns.decode_steps} steps timed, rank {ns.rank}")
             results: dict[str, list[float]] = {}
@@ -185,6 +192,7 @@ def kernels(ns) -> list[dict]:
     from kvyard.kernels.triton_ops.lora import lora_expand, lora_shrink, split_plan
     from kvyard.lora.batch import build_batch_info
     from kvyard.lora.ops import lora_torch, lora_triton
+    slots_total = max(ns.adapters)
 
     dev, dtype, rank = "cuda", torch.bfloat16, ns.rank
     rows = []
@@ -211,17 +219,49 @@ def kernels(ns) -> list[dict]:
                 want = lora_torch(x, torch.zeros_like(y), a, b, sizes, info)
                 torch.testing.assert_close(lora_triton(x, torch.zeros_like(y), a, b, sizes, info), want,
                                            rtol=2e-2, atol=2e-2)   # the kernels agree on the device too
+                fused = _fused_case(x, a, b, sizes, info, slots_total, want)
                 fns = {"triton": lambda: lora_triton(x, y, a, b, sizes, info),
                        "triton shrink": lambda: lora_shrink(x, a, *seg),
                        "triton expand": lambda: lora_expand(part, b, y, sizes, *seg),
                        "torch (per adapter)": lambda: lora_torch(x, y, a, b, sizes, info),
-                       "torch loop (per request)": loop}
-                for name, fn in fns.items():
-                    us = _time_us(fn, ns.kernel_iters)
+                       "torch loop (per request)": loop, **fused}
+                times = {name: _time_us(fn, ns.kernel_iters) for name, fn in fns.items()}
+                times["fused overhead"] = times["fused gemm + expand"] - times["base gemm"]
+                for name, us in times.items():
                     rows.append({"layer": layer, "batch": batch, "adapters": k, "impl": name, "us": round(us, 1)})
                     print(f"  {layer} {fan_in}->{sum(sizes)} rank {rank}, batch {batch}, {k} adapters: "
                           f"{name:<26} {us:8.1f} us", flush=True)
     return rows
+
+
+def _fused_case(x, a, b, sizes, info, slots_total: int, want) -> dict:
+    """The fused form's calls for one case: a random base weight W [out, in], W_ext = W then the A
+    rows of ``slots_total`` slots (the first len(a) hold a, the rest zeros); the expand of the
+    GEMM's h is checked first against the torch LoRA term ``want``."""
+    import torch
+    import torch.nn.functional as F
+
+    from kvyard.kernels.triton_ops.lora import lora_expand_fused
+
+    k, nr, fan_in = a.shape
+    out = sum(sizes)
+    w = torch.randn(out, fan_in, device=x.device, dtype=x.dtype) * 0.02
+    w_ext = torch.zeros(out + slots_total * nr, fan_in, device=x.device, dtype=x.dtype)
+    w_ext[:out] = w
+    w_ext[out:out + k * nr] = a.reshape(k * nr, fan_in)
+    b_all = torch.zeros(slots_total, out, b.shape[2], device=b.device, dtype=b.dtype)
+    b_all[:k] = b
+    seg = (info.seg_indptr, info.seg_slots, info.max_seg_len)
+
+    def gemm_expand():
+        y_ext = F.linear(x, w_ext)
+        return lora_expand_fused(y_ext[:, out:], b_all, y_ext[:, :out], sizes, *seg)
+
+    y_ext = F.linear(x, w_ext)
+    torch.testing.assert_close(lora_expand_fused(y_ext[:, out:], b_all, torch.zeros_like(y_ext[:, :out]), sizes, *seg),
+                               want, rtol=2e-2, atol=2e-2)   # the LoRA term the expand adds to y
+    return {"base gemm": lambda: F.linear(x, w), "fused gemm + expand": gemm_expand,
+            "fused expand": lambda: lora_expand_fused(y_ext[:, out:], b_all, y_ext[:, :out], sizes, *seg)}
 
 
 def _time_us(fn, iters: int) -> float:
