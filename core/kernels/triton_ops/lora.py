@@ -23,6 +23,13 @@ as it loads them (no third launch), in a fixed order: no atomics, results do not
 scheduling. Each element of part and y is written by exactly one program; accumulation in
 float32; xa is rounded to B's dtype before the expand dot (as a stored xa would be).
 Rows of base-model segments are left untouched in y and unwritten in part.
+
+The fused form (kvyard.lora.hook: the shrink rode in the base GEMM, which wrote
+h [T, S n R] = x @ A_all.T beside y in one y_ext row) needs only the expand, one launch:
+    decode (one token per segment):  program (row t, column block), slot = seg_slots[t]
+             y[t, c] += sum_r h[t, slot n R + shard(c) R + r] * B[slot, c, r]      (float32 sum)
+    otherwise: the segment expand above with split-K 1, reading xa at column slot * n R + k R.
+y may be a row-strided view (y_ext[:, :out]); only its last dim must be contiguous.
 """
 from __future__ import annotations
 
