@@ -89,3 +89,25 @@ def test_manager_fuses_only_where_the_weight_carries_rows(tmp_path):
             start = t.layer.out_features + slot * len(t.shard_modules) * 8
             assert torch.equal(t.layer.weight_ext[start:start + la.shape[0]], la)
     scheduler.close()
+
+
+def test_triton_consumers_take_the_row_strided_output():
+    """What reads a fused target's output on CUDA — the rotary, silu-and-mul and rmsnorm (+
+    residual) kernels — gives the same on y_ext[:, :out] as on a contiguous copy (interpreter)."""
+    pytest.importorskip("triton")
+    from kvyard.kernels.triton_ops.activation import silu_and_mul
+    from kvyard.kernels.triton_ops.rmsnorm import rmsnorm
+    from kvyard.kernels.triton_ops.rotary import apply_rotary
+
+    gen = torch.Generator().manual_seed(0)
+    t, out = 5, 32
+    y = torch.randn(t, out + 48, generator=gen)[:, :out]              # row stride 80, as y_ext's
+    assert not y.is_contiguous()
+    dense = y.contiguous()
+    torch.testing.assert_close(silu_and_mul(y), silu_and_mul(dense), rtol=0, atol=0)
+    weight, residual = torch.randn(out, generator=gen), torch.randn(t, out, generator=gen)
+    for a, b in zip(rmsnorm(y, weight, 1e-6, residual), rmsnorm(dense, weight, 1e-6, residual)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cos, sin = torch.randn(t, 4, generator=gen), torch.randn(t, 4, generator=gen)
+    torch.testing.assert_close(apply_rotary(y.view(t, 4, 8), cos, sin), apply_rotary(dense.view(t, 4, 8), cos, sin),
+                               rtol=0, atol=0)
