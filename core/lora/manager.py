@@ -55,7 +55,8 @@ class LoRAManager:
 
     def attach(self, model: nn.Module) -> None:
         """Hooks every target Linear of ``model`` to its slot buffers (again after a weight
-        update swapped the model object)."""
+        update swapped the model object). Where the backend fuses and the layer's method carries
+        extra rows, the layer's A moves into its weight's tail (contents kept) first."""
         targets = find_targets(model, self.config.target_modules)
         if set(targets) != set(self.pool.a):
             raise LoRAError("enable_lora: the model's LoRA layers differ from the slot pool's")
@@ -70,6 +71,8 @@ class LoRAManager:
                 fused += 1
             t.layer.lora_hook = LoRAHook(self.runtime, self.pool.a[key], self.pool.b[key], t.layer.output_sizes,
                                          fused=rows is not None)
+        if fused and torch.cuda.is_available() and torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()   # the replaced weights' blocks: KV sizing reads mem_get_info
         logger.info("LoRA: %d of %d layers fuse the shrink into their base GEMM", fused, len(targets))
 
     def _extra_rows(self, layer, a: torch.Tensor) -> Optional[torch.Tensor]:

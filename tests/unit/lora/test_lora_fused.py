@@ -88,6 +88,9 @@ def test_manager_fuses_only_where_the_weight_carries_rows(tmp_path):
             la = manager.adapters[name].modules[t.peft_name(0)][0]
             start = t.layer.out_features + slot * len(t.shard_modules) * 8
             assert torch.equal(t.layer.weight_ext[start:start + la.shape[0]], la)
+            ext = t.layer.weight_ext
+            manager.attach(model)                  # again (as after a weight update): nothing moves
+            assert t.layer.weight_ext is ext and torch.equal(ext[start:start + la.shape[0]], la)
     scheduler.close()
 
 
