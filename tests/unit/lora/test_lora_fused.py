@@ -66,11 +66,11 @@ def test_manager_fuses_only_where_the_weight_carries_rows(tmp_path):
     from kvyard.scheduler.process import build_scheduler
     from kvyard.server_args import ServerArgs
 
-    tiny_base("llama", str(tmp_path / "base"))
+    base = tiny_base("llama", str(tmp_path / "base"))
     scheduler = build_scheduler(ServerArgs(model_path=str(tmp_path / "base"), dtype="float32",
                                            skip_tokenizer_init=True, max_total_tokens=128, log_level="warning"))
     model = scheduler.runner.model
-    adapters = make_adapters(tiny_base("llama", str(tmp_path / "b2")), str(tmp_path))
+    adapters = make_adapters(base, str(tmp_path))
     for backend, fused in (("torch", False), ("triton", True)):
         config = LoRAConfig(max_loras_per_batch=2, max_lora_rank=8, target_modules=TARGET_MODULES,
                             backend=backend, adapters=())
@@ -114,3 +114,28 @@ def test_triton_consumers_take_the_row_strided_output():
     cos, sin = torch.randn(t, 4, generator=gen), torch.randn(t, 4, generator=gen)
     torch.testing.assert_close(apply_rotary(y.view(t, 4, 8), cos, sin), apply_rotary(dense.view(t, 4, 8), cos, sin),
                                rtol=0, atol=0)
+
+
+def test_fused_serving_matches_peft(tmp_path):
+    """The Triton backend (interpreter) serves every unquantized layer fused: one batch mixing
+    three adapters and the base model, chunked prefill, gives PEFT's greedy tokens."""
+    pytest.importorskip("triton")
+    from lora_fixtures import make_adapters, peft_greedy, peft_model, run, tiny_base
+    from kvyard.scheduler.process import build_scheduler
+    from kvyard.server_args import ServerArgs
+
+    base = tiny_base("llama", str(tmp_path / "base"))
+    adapters = make_adapters(base, str(tmp_path))
+    scheduler = build_scheduler(ServerArgs(
+        model_path=str(tmp_path / "base"), dtype="float32", skip_tokenizer_init=True, max_total_tokens=256,
+        chunked_prefill_size=8, lora_backend="triton", log_level="warning", debug_kv_integrity=True,
+        lora_paths=[f"{n}={p}" for n, p in adapters.items()], max_loras_per_batch=3))
+    assert all(t.layer.lora_hook.fused for t in scheduler.runner.lora.targets.values())
+    prompts = {"qv": [5, 17, 33, 2, 9, 41, 7], "all": [3, 99, 14, 27, 8, 61, 22, 5, 19, 70, 11],
+               "mlp": [120, 7, 7, 44], None: [5, 17, 33, 2, 9, 41, 7]}
+    got = run(scheduler, [(f"r-{name}", prompt, name) for name, prompt in prompts.items()], steps=3)
+    for name, prompt in prompts.items():
+        tokens, logprobs = peft_greedy(base if name is None else peft_model(base, adapters[name]), prompt, 3)
+        assert got[f"r-{name}"][0] == tokens, name
+        assert got[f"r-{name}"][1] == pytest.approx(logprobs, abs=2e-4), name
+    scheduler.close()
