@@ -172,19 +172,21 @@ def _expand_decode_kernel(h_ptr, b_ptr, y_ptr, slots_ptr, starts_ptr, OUT, R, sl
         return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < OUT
-    rs = tl.arange(0, BLOCK_R)
-    r_ok = rs < R
     row64 = row.to(tl.int64)
     h_base = h_ptr + row64 * stride_hm + slot * slot_cols
-    # each column's shard (starts[k] <= c), and that shard's R values of h: n loads of [BLOCK_R]
-    hsel = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for k in tl.static_range(N_SHARDS):
-        hk = tl.load(h_base + k * R + rs, mask=r_ok, other=0.0).to(tl.float32)
-        in_k = (cols >= tl.load(starts_ptr + k)) & (cols < tl.load(starts_ptr + k + 1))
-        hsel = tl.where(in_k[:, None], hk[None, :], hsel)
-    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * stride_bo + rs[None, :],
-                mask=col_ok[:, None] & r_ok[None, :], other=0.0)              # [BLOCK_N, BLOCK_R]
-    delta = tl.sum(hsel * b.to(tl.float32), axis=1)                          # float32 accumulate
+    b_base = b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * stride_bo
+    delta = tl.zeros((BLOCK_N,), dtype=tl.float32)                           # float32 accumulate
+    for r0 in range(0, R, BLOCK_R):          # one pass when R <= BLOCK_R (every rank up to 256)
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        # each column's shard (starts[k] <= c < starts[k+1]) and that shard's values of h
+        hsel = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for k in tl.static_range(N_SHARDS):
+            hk = tl.load(h_base + k * R + rs, mask=r_ok, other=0.0).to(tl.float32)
+            in_k = (cols >= tl.load(starts_ptr + k)) & (cols < tl.load(starts_ptr + k + 1))
+            hsel = tl.where(in_k[:, None], hk[None, :], hsel)
+        b = tl.load(b_base + rs[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)   # [BLOCK_N, BLOCK_R]
+        delta += tl.sum(hsel * b.to(tl.float32), axis=1)
     y_ptrs = y_ptr + row64 * stride_ym + cols
     y = tl.load(y_ptrs, mask=col_ok, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=col_ok)
@@ -264,7 +266,7 @@ def lora_expand(part: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_size
     starts = _shard_starts(tuple(shard_sizes), str(y.device))
     # 128-wide tiles: out = 6144 .. 28672 gives 48 .. 224 programs per row block, each
     # [BLOCK_R, 128] of B (4 KiB bf16 at R 16); 4 warps suit those small dot tiles
-    block_n, block_r = _block(max(shard_sizes), hi=128), _block(r)
+    block_n, block_r = _block(max(shard_sizes), hi=128), max(16, triton.next_power_of_2(r))   # all R at once
     n_blocks = triton.cdiv(max(shard_sizes), block_n)
     chunk = min(triton.next_power_of_2(part.shape[0]), max(1, REDUCE_ELEMS // (BLOCK_M * block_r)))
     groups, group_rows, by_slot, block_b = _grouping(segments, b.shape[0], max_seg_len)

@@ -2,7 +2,8 @@
 torch path: fused (qkv-shaped) and plain layers, prefill segments of mixed lengths and decode
 rows (grouped by adapter slot in-kernel), base-model segments untouched, ranks padded below the
 slot width; the split-K shrink (K in uneven chunks, partial sums reduced by the expand) for ranks
-8/16/64, deterministic."""
+8/16/64, deterministic; the fused form's expand (h from one GEMM over every slot's A rows) into a
+row-strided y, decode rows and segments."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
@@ -163,6 +164,8 @@ def test_kernels_compile_for_sm90(by_slot):
     ([600], 16, 8, [1, 1, 1], [0, 2, 1]),                       # decode, several column blocks
     ([32, 16, 16], 24, 8, [5, 1, 19, 3], [1, -1, 0, 2]),        # prefill segments: the segment expand
     ([24], 50, 16, [1, 0, 1, 1, 0], [1, 1, -1, 1, 0]),          # empty segments: rows != segments
+    ([24, 8], 12, 300, [1] * 3, [2, -1, 0]),                    # rank 300: the decode R loop, 2 passes
+    ([24, 8], 12, 200, [2, 3], [0, 2]),                         # rank 200 > 128 in the segment expand
 ])
 def test_fused_expand_matches_torch(shard_sizes, in_features, rank, seg_lens, slots):
     """The fused form: h = x @ A_all.T from one GEMM (every slot's A rows after the base rows),
