@@ -12,6 +12,9 @@ Lifecycle of one linear layer:
                                  shard indexes layer.output_sizes. ``weight`` goes to load_shard.
   process_after_loading(layer)   once, after every shard is in (repacking, transposes)
   apply(layer, x) -> y           every forward; x [..., in_features] -> y [..., out_features]
+  extend_rows(layer, rows)       optional, after loading (LoRA serving): extra trailing weight
+                                 rows multiplied by ``apply_extended`` in the same matmul; None
+                                 (the default, every quantized method): not supported
 
 How a method is chosen (kvyard.executor.backend_select.resolve_quantization): a checkpoint whose
 config.json has ``quantization_config`` declares its method by ``quant_method``; the method
