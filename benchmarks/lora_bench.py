@@ -10,7 +10,8 @@
 offline: N prompts of random ids, all submitted at once, greedy; the wall time of the whole run
 and output tokens/s for the base model with LoRA serving off ("base") and on, the requests
 spread round-robin over K distinct adapters (K = 0: LoRA on, every request on the base model).
-decode: B requests prefilled, then the mean time of the next decode steps, same configurations.
+decode: B requests prefilled, then the mean time of the next decode steps, same configurations
+(--pair-adapters K: also K adapters on an engine that keeps the shrink/expand pair per layer).
 Both alternate the configurations within each round (noisy shared machines) and print the
 median with the min-max spread. kernels: Llama-3.1-8B's LoRA layers (qkv 4096 -> 4096 + 1024 +
 1024, o, gate_up 4096 -> 2 x 14336, down 14336 -> 4096) at decode, the Triton shrink/expand pair
@@ -169,6 +170,7 @@ def decode(ns) -> list[dict]:
         hooks = [t.layer.lora_hook for t in lora.runner.lora.targets.values()]
         print(f"decode: {sum(h.fused for h in hooks)} of {len(hooks)} LoRA layers fuse the shrink into their GEMM "
               f"(backend {lora.runner.lora.config.backend})", flush=True)
+        pair = pair_engine(ns, tmp) if ns.pair_adapters else None
         for batch in ns.batch_sizes:
             print(f"decode: batch {batch}, {ns.input_len} in, {ns.decode_steps} steps timed, rank {ns.rank}")
             results: dict[str, list[float]] = {}
@@ -176,8 +178,27 @@ def decode(ns) -> list[dict]:
                 results.setdefault("no lora", []).append(run_decode(plain, batch, ns, 0, seed=r))
                 for k in ns.adapters:
                     results.setdefault(f"{k} adapters", []).append(run_decode(lora, batch, ns, k, seed=r))
+                for k in ns.pair_adapters if pair is not None else ():
+                    results.setdefault(f"{k} adapters (pair)", []).append(run_decode(pair, batch, ns, k, seed=r))
             rows += [{"batch": batch, **row} for row in summarize(results, "ms/step", "no lora")]
     return rows
+
+
+def pair_engine(ns, tmp: str):
+    """A third engine serving LoRA through the shrink/expand pair in every layer (the fused form's
+    reference: its hooks turned unfused, the A rows read from the weights' tails by the shrink,
+    decode graphs captured again); None, said on stdout, when it cannot be built (memory)."""
+    try:
+        sched = make_scheduler(ns, True, max(ns.adapters), tmp)
+        for t in sched.runner.lora.targets.values():
+            t.layer.lora_hook.fused = False
+        if sched.runner.decode_graphs is not None:
+            sched.runner.decode_graphs = None
+            sched.runner.decode_graphs = sched.runner._init_decode_graphs()
+        return sched
+    except Exception as exc:   # the main comparison goes on without it
+        print(f"decode: no shrink/expand pair engine ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+        return None
 
 
 LAYERS = {   # Llama-3.1-8B's four LoRA layers: (input width, output shard widths)
@@ -293,6 +314,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--kernel-iters", type=int, default=200)
+    parser.add_argument("--pair-adapters", type=int, nargs="*", default=[],
+                        help="decode: also these adapter counts on a third engine whose layers keep the "
+                             "shrink/expand pair (the fused form's reference)")
     parser.add_argument("--layers", nargs="+", choices=sorted(LAYERS), default=["qkv", "o", "gate_up", "down"],
                         help="kernels: the Llama-3.1-8B LoRA layers to time")
     parser.add_argument("--max-total-tokens", type=int, default=32768)
