@@ -3,10 +3,20 @@
 #
 #   run(kind="nvidia-h100-x1", timeout_s=600, command="bash benchmarks/h100/run_quant_benchmarks.sh")
 #
+# The fp8 kernels alone (expected ~7-8 min, inside BUDGET_S): the kernel table, batch-1 decode
+# and prefill, without offline:
+#
+#   run(kind="nvidia-h100-x1", timeout_s=600, command='PARTS="kernels decode prefill" BUDGET_S=570 bash benchmarks/h100/run_quant_benchmarks.sh')
+#
+# The fp8 w8a16 GEMV autotunes its tiles on the first call of each shape (~1-2 s a shape with
+# compilation); the kernels step leaves the choices in Triton's cache directory, so the decode
+# servers after it start without timing runs.
+#
 # Parts (PARTS="kernels decode prefill offline" by default; each row lands in $OUT/results.jsonl):
 #   kernels   benchmarks/quant_kernels.py: every quantized GEMM path beside cuBLAS bf16,
 #             torch._scaled_mm and dequantize-then-matmul, at Llama-3.1-8B projection shapes
-#             (eager and CUDA-graph-replayed; the decode-sized fp8 / int4 GEMVs at M <= 16)
+#             (eager and CUDA-graph-replayed; the decode-sized fp8 w8a16 / int4 GEMVs at
+#             M <= 16; the one-launch fp8 activation quantization + torch._scaled_mm)
 #   decode    batch-1 decode, 128 in / 256 out, Llama-3.1-8B shape (dummy weights): bf16, then
 #             --quantization fp8, w8a8_int8, gptq (online round-to-nearest int4 g128 -> the Triton
 #             int4 GEMM, the path AWQ / GPTQ / compressed-tensors w4a16 checkpoints take)
@@ -74,7 +84,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 
 for part in $PARTS; do
     case $part in
-        kernels) step kernels 150 sh -c "python3 benchmarks/quant_kernels.py --m 1 16 64 1024 > $OUT/kernels.jsonl" ;;
+        kernels) step kernels 180 sh -c "python3 benchmarks/quant_kernels.py --m 1 16 64 1024 > $OUT/kernels.jsonl" ;;
         decode)
             for q in none fp8 w8a8_int8 gptq; do
                 bench decode-8b "$q" 100 one-batch --quantization "$q" --context-length 4096 \

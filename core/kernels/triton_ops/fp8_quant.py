@@ -25,19 +25,25 @@ BLOCK = 1024        # K elements per step of a row
 
 
 @triton.jit
-def round_to_e4m3(v):
-    """float32 v (|v| <= 448) -> the nearest e4m3 value (ties to even) as float32, as torch's
-    cast rounds. The step of v's binade is 2^(e - 3) (3 mantissa bits; e >= -6 covers the
-    subnormals); scaling by powers of two is exact, and adding then subtracting 1.5 * 2^23
-    rounds the scaled value to an integer, ties to even; the sign is put back afterwards, so
-    a tiny negative value rounds to -0 as in torch. (Triton's interpreter does not round fp8
-    casts correctly, so the kernels round themselves; the result is exact in e4m3.)"""
+def round_to_fp8(v, MANT: tl.constexpr, EMIN: tl.constexpr):
+    """float32 v (|v| <= the format's max) -> the nearest fp8 value (ties to even) as float32, as
+    torch's cast rounds; e4m3: MANT 3, EMIN -6; e5m2: MANT 2, EMIN -14. The step of v's binade
+    is 2^(e - MANT) (e >= EMIN covers the subnormals); scaling by powers of two is exact, and
+    adding then subtracting 1.5 * 2^23 rounds the scaled value to an integer, ties to even; the
+    sign is put back afterwards, so a tiny negative value rounds to -0 as in torch. (Triton's
+    interpreter does not round fp8 casts correctly, so the kernels round themselves; the result
+    is exact in the fp8 format, and the cast after it only stores.)"""
     a = tl.abs(v)
-    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    step = ((e + 124) << 23).to(tl.float32, bitcast=True)           # 2^(e - 3)
-    inv = ((130 - e) << 23).to(tl.float32, bitcast=True)            # 2^(3 - e)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)
+    step = ((e + (127 - MANT)) << 23).to(tl.float32, bitcast=True)     # 2^(e - MANT)
+    inv = (((127 + MANT) - e) << 23).to(tl.float32, bitcast=True)      # 2^(MANT - e)
     r = ((a * inv + 12582912.0) - 12582912.0) * step
     return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)        # the sign bit: -0 stays -0
+
+
+@triton.jit
+def round_to_e4m3(v):
+    return round_to_fp8(v, 3, -6)
 
 
 @triton.jit
