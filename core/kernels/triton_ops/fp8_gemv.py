@@ -8,7 +8,7 @@
   y           float32 accumulation, scaled at the end (per-row) or per K tile (block scales),
               cast to out_dtype
 
-Decode is bound by reading w: each program owns BLOCK_N weight rows (4-32: hundreds of programs
+Decode is bound by reading w: each program owns BLOCK_N weight rows (4-64: hundreds of programs
 for N >= 4096) and walks K in long contiguous BLOCK_K slices (16-byte vector loads). Two bodies:
   M == 1      CUDA cores: a [BLOCK_N, BLOCK_K] float32 product accumulated elementwise, one row
               sum at the end (no padded tensor-core tile)
@@ -18,9 +18,10 @@ Products of an e4m3 value and a bf16 / fp16 value are exact in float32: the resu
 float32 reference x.float() @ (w.float() * sw).T up to the order of the float32 sums.
 
 The tile sizes come from @triton.autotune (key: the M body, the scale layout, N, K, the split):
-the first call of a shape benchmarks the configs (once per machine: the choice is cached on disk). The model runner runs every captured batch size
-eagerly before CUDA-graph capture (executor.cuda_graph_runner: warm-up runs), so tuning never
-happens inside a capture; the plan below depends on shapes only, never on data.
+the first call of a shape times the configs (once per machine: the choice is cached on disk).
+The model runner runs every captured batch size eagerly before CUDA-graph capture
+(executor.cuda_graph_runner: warm-up runs), so tuning never happens inside a capture (a shape
+first seen inside one takes a fixed config); the plan depends on shapes only, never on data.
 
 Split-K only where N is small (N < SPLIT_BELOW_N: too few row blocks to fill the device): split s
 covers K in [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT), stores scaled float32 partials [S, M, N],
