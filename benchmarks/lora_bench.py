@@ -10,12 +10,17 @@
 offline: N prompts of random ids, all submitted at once, greedy; the wall time of the whole run
 and output tokens/s for the base model with LoRA serving off ("base") and on, the requests
 spread round-robin over K distinct adapters (K = 0: LoRA on, every request on the base model).
-decode: B requests prefilled, then the mean time of the next decode steps, same configurations.
+decode: B requests prefilled, then the mean time of the next decode steps, same configurations
+(--pair-adapters K: also K adapters on an engine that keeps the shrink/expand pair per layer).
 Both alternate the configurations within each round (noisy shared machines) and print the
 median with the min-max spread. kernels: Llama-3.1-8B's LoRA layers (qkv 4096 -> 4096 + 1024 +
 1024, o, gate_up 4096 -> 2 x 14336, down 14336 -> 4096) at decode, the Triton shrink/expand pair
 (and each kernel alone: which one dominates) vs the torch path (one matmul pair per adapter) vs a
-plain loop over the requests; eager calls, so launch costs are included.
+plain loop over the requests; eager calls, so launch costs are included. Beside them the fused
+form serving uses for unquantized weights (kvyard.lora.hook): the base GEMM alone, the GEMM over
+W_ext (the base rows plus every slot's A rows: S = the largest --adapters) with the one expand
+launch, and that expand alone; "fused overhead" = fused gemm + expand - base gemm, the LoRA cost
+of the layer (the old pair's is its "triton" row). decode prints how many layers fuse.
 
 Adapters are random rank-R PEFT folders over all seven projections, written for the served
 model's shapes into a temporary folder and loaded at runtime (no peft needed).
@@ -162,6 +167,10 @@ def decode(ns) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         plain = make_scheduler(ns, False, 0, tmp)
         lora = make_scheduler(ns, True, max(ns.adapters), tmp)
+        hooks = [t.layer.lora_hook for t in lora.runner.lora.targets.values()]
+        print(f"decode: {sum(h.fused for h in hooks)} of {len(hooks)} LoRA layers fuse the shrink into their GEMM "
+              f"(backend {lora.runner.lora.config.backend})", flush=True)
+        pair = pair_engine(ns, tmp) if ns.pair_adapters else None
         for batch in ns.batch_sizes:
             print(f"decode: batch {batch}, {ns.input_len} in, {ns.decode_steps} steps timed, rank {ns.rank}")
             results: dict[str, list[float]] = {}
@@ -169,8 +178,27 @@ def decode(ns) -> list[dict]:
                 results.setdefault("no lora", []).append(run_decode(plain, batch, ns, 0, seed=r))
                 for k in ns.adapters:
                     results.setdefault(f"{k} adapters", []).append(run_decode(lora, batch, ns, k, seed=r))
+                for k in ns.pair_adapters if pair is not None else ():
+                    results.setdefault(f"{k} adapters (pair)", []).append(run_decode(pair, batch, ns, k, seed=r))
             rows += [{"batch": batch, **row} for row in summarize(results, "ms/step", "no lora")]
     return rows
+
+
+def pair_engine(ns, tmp: str):
+    """A third engine serving LoRA through the shrink/expand pair in every layer (the fused form's
+    reference: its hooks turned unfused, the A rows read from the weights' tails by the shrink,
+    decode graphs captured again); None, said on stdout, when it cannot be built (memory)."""
+    try:
+        sched = make_scheduler(ns, True, max(ns.adapters), tmp)
+        for t in sched.runner.lora.targets.values():
+            t.layer.lora_hook.fused = False
+        if sched.runner.decode_graphs is not None:
+            sched.runner.decode_graphs = None
+            sched.runner.decode_graphs = sched.runner._init_decode_graphs()
+        return sched
+    except Exception as exc:   # the main comparison goes on without it
+        print(f"decode: no shrink/expand pair engine ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+        return None
 
 
 LAYERS = {   # Llama-3.1-8B's four LoRA layers: (input width, output shard widths)
@@ -185,6 +213,7 @@ def kernels(ns) -> list[dict]:
     from kvyard.kernels.triton_ops.lora import lora_expand, lora_shrink, split_plan
     from kvyard.lora.batch import build_batch_info
     from kvyard.lora.ops import lora_torch, lora_triton
+    slots_total = max(ns.adapters)
 
     dev, dtype, rank = "cuda", torch.bfloat16, ns.rank
     rows = []
@@ -211,17 +240,49 @@ def kernels(ns) -> list[dict]:
                 want = lora_torch(x, torch.zeros_like(y), a, b, sizes, info)
                 torch.testing.assert_close(lora_triton(x, torch.zeros_like(y), a, b, sizes, info), want,
                                            rtol=2e-2, atol=2e-2)   # the kernels agree on the device too
+                fused = _fused_case(x, a, b, sizes, info, slots_total, want)
                 fns = {"triton": lambda: lora_triton(x, y, a, b, sizes, info),
                        "triton shrink": lambda: lora_shrink(x, a, *seg),
                        "triton expand": lambda: lora_expand(part, b, y, sizes, *seg),
                        "torch (per adapter)": lambda: lora_torch(x, y, a, b, sizes, info),
-                       "torch loop (per request)": loop}
-                for name, fn in fns.items():
-                    us = _time_us(fn, ns.kernel_iters)
+                       "torch loop (per request)": loop, **fused}
+                times = {name: _time_us(fn, ns.kernel_iters) for name, fn in fns.items()}
+                times["fused overhead"] = times["fused gemm + expand"] - times["base gemm"]
+                for name, us in times.items():
                     rows.append({"layer": layer, "batch": batch, "adapters": k, "impl": name, "us": round(us, 1)})
                     print(f"  {layer} {fan_in}->{sum(sizes)} rank {rank}, batch {batch}, {k} adapters: "
                           f"{name:<26} {us:8.1f} us", flush=True)
     return rows
+
+
+def _fused_case(x, a, b, sizes, info, slots_total: int, want) -> dict:
+    """The fused form's calls for one case: a random base weight W [out, in], W_ext = W then the A
+    rows of ``slots_total`` slots (the first len(a) hold a, the rest zeros); the expand of the
+    GEMM's h is checked first against the torch LoRA term ``want``."""
+    import torch
+    import torch.nn.functional as F
+
+    from kvyard.kernels.triton_ops.lora import lora_expand_fused
+
+    k, nr, fan_in = a.shape
+    out = sum(sizes)
+    w = torch.randn(out, fan_in, device=x.device, dtype=x.dtype) * 0.02
+    w_ext = torch.zeros(out + slots_total * nr, fan_in, device=x.device, dtype=x.dtype)
+    w_ext[:out] = w
+    w_ext[out:out + k * nr] = a.reshape(k * nr, fan_in)
+    b_all = torch.zeros(slots_total, out, b.shape[2], device=b.device, dtype=b.dtype)
+    b_all[:k] = b
+    seg = (info.seg_indptr, info.seg_slots, info.max_seg_len)
+
+    def gemm_expand():
+        y_ext = F.linear(x, w_ext)
+        return lora_expand_fused(y_ext[:, out:], b_all, y_ext[:, :out], sizes, *seg)
+
+    y_ext = F.linear(x, w_ext)
+    torch.testing.assert_close(lora_expand_fused(y_ext[:, out:], b_all, torch.zeros_like(y_ext[:, :out]), sizes, *seg),
+                               want, rtol=2e-2, atol=2e-2)   # the LoRA term the expand adds to y
+    return {"base gemm": lambda: F.linear(x, w), "fused gemm + expand": gemm_expand,
+            "fused expand": lambda: lora_expand_fused(y_ext[:, out:], b_all, y_ext[:, :out], sizes, *seg)}
 
 
 def _time_us(fn, iters: int) -> float:
@@ -253,6 +314,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--kernel-iters", type=int, default=200)
+    parser.add_argument("--pair-adapters", type=int, nargs="*", default=[],
+                        help="decode: also these adapter counts on a third engine whose layers keep the "
+                             "shrink/expand pair (the fused form's reference)")
     parser.add_argument("--layers", nargs="+", choices=sorted(LAYERS), default=["qkv", "o", "gate_up", "down"],
                         help="kernels: the Llama-3.1-8B LoRA layers to time")
     parser.add_argument("--max-total-tokens", type=int, default=32768)

@@ -8,9 +8,12 @@ For each (M, K, N) it times, with CUDA events (median of `--iters` after warm-up
   int8           per-token int8 quantization + torch._int_mm + both scales (Int8LinearMethod)
   fp8-block      128x128 block-scaled fp8 (per-token-group x): the Triton block-scaled GEMM
                  (kvyard.kernels.triton_ops.fp8_block_gemm), quantization of x included
-  fp8-gemv       M <= 16: the Triton fp8 GEMV (kvyard.kernels.triton_ops.fp8_gemv), per-token
-                 quantization of x inside the kernel (what Fp8LinearMethod runs at decode
-                 sizes); fp8-gemv-static: a static activation scale; fp8-gemv-sN: N K-splits
+  fp8-quant1-scaled_mm  per-token quantization of x in one Triton launch
+                 (kvyard.kernels.triton_ops.fp8_quant) + torch._scaled_mm (what Fp8LinearMethod
+                 runs on CUDA above 16 rows); fp8-quant1: the quantization kernel alone
+  fp8-w8a16      M <= 16: the weight-only fp8 GEMV (kvyard.kernels.triton_ops.fp8_gemv; x in
+                 bf16, autotuned tiles: what Fp8LinearMethod runs at decode sizes);
+                 fp8-w8a16-block: the same with 128x128 block scales
   int4-triton    the earlier tiled Triton dequant-GEMM (kvyard.kernels.triton_ops.int4_gemm_tiled),
                  group 128; int4-mm: M > 16, int4_gemm's autotuned kernel over 64-row blocks (what
                  Int4LinearMethod runs at prefill sizes)
@@ -66,7 +69,8 @@ def timed_graph(fn, iters: int, calls: int = 10):
 def paths(x: torch.Tensor, w: torch.Tensor, splits: list[int]):
     """{name: (fn, float32 reference or None)}."""
     from kvyard.kernels.triton_ops.fp8_block_gemm import fp8_block_gemm
-    from kvyard.kernels.triton_ops.fp8_gemv import MAX_M, fp8_gemv
+    from kvyard.kernels.triton_ops.fp8_gemv import MAX_M, fp8_w8a16_gemv
+    from kvyard.kernels.triton_ops.fp8_quant import per_token_fp8
     from kvyard.kernels.triton_ops.int4_gemm import int4_gemm, int4_gemm_tiled
     from kvyard.layers.quantized_linear import int4_kernel_layout
 
@@ -90,18 +94,24 @@ def paths(x: torch.Tensor, w: torch.Tensor, splits: list[int]):
         xq, sx = qm.fp8_per_row(x)
         return torch._scaled_mm(xq, wq8.t(), scale_a=sx, scale_b=sw8, out_dtype=x.dtype)
 
+    def fp8_quant1():
+        xq, sx = per_token_fp8(x)
+        return torch._scaled_mm(xq, wq8.t(), scale_a=sx, scale_b=sw8, out_dtype=x.dtype)
+
     def int8():
         xq, sx = qm.int8_per_row(x)
         return (qm.int_mm(xq, wi8_t).float() * sx * swi8).to(x.dtype)
 
     ref8 = (xq8.float() @ wq8.float().t()) * sx8 * sw8
-    static = sx8.amax().reshape(())                  # one scale covering every token
-    ref8s = (qm.fp8_quantize(x, static).float() @ wq8.float().t()) * static * sw8
+    ref_w16 = x.float() @ (wq8.float() * sw8.t()).t()                       # w8a16: x unquantized
+    ref_w16b = x.float() @ qm.dequantize_block(wqb, swb, 128).t()
     ref4 = x.float() @ qm.dequantize_int4(qweight, s4, z4, g_idx, torch.float32).t()
     sw8_n = sw8.view(-1)
     out = {
         "bf16": (lambda: F.linear(x, w), None),
         "fp8-scaled_mm": (fp8, ref8),
+        "fp8-quant1-scaled_mm": (fp8_quant1, ref8),
+        "fp8-quant1": (lambda: per_token_fp8(x), None),
         "fp8-gemm-only": (lambda: torch._scaled_mm(xq8, wq8.t(), scale_a=sx8, scale_b=sw8, out_dtype=x.dtype), ref8),
         "fp8-dequant": (lambda: F.linear(x, (wq8.to(x.dtype) * sw8.t().to(x.dtype))), None),
         "fp8-block": (fp8_block, None),
@@ -112,13 +122,12 @@ def paths(x: torch.Tensor, w: torch.Tensor, splits: list[int]):
     if x.shape[0] > MAX_M:
         out["int4-mm"] = (lambda: int4_gemm(x, q4k, s4, z4, g_idx, 128), ref4)
     if x.shape[0] <= MAX_M:
-        out["fp8-gemv"] = (lambda: fp8_gemv(x, wq8, sw8_n), ref8)
-        out["fp8-gemv-static"] = (lambda: fp8_gemv(x, wq8, sw8_n, static), ref8s)
+        out["fp8-w8a16"] = (lambda: fp8_w8a16_gemv(x, wq8, sw8_n), ref_w16)
+        out["fp8-w8a16-block"] = (lambda: fp8_w8a16_gemv(x, wqb, swb, 128), ref_w16b)
         out["int4-gemv"] = (lambda: int4_gemm(x, q4k, s4, z4, g_idx, 128), ref4)
         if x.shape[0] == 1:   # its own compiles: batch 1 only
             out["int4-gemv-gidx"] = (lambda: int4_gemm(x, q4k, s4, z4, g_idx, 0), ref4)
         for sp in splits:
-            out[f"fp8-gemv-s{sp}"] = (lambda sp=sp: fp8_gemv(x, wq8, sw8_n, split=sp), ref8)
             out[f"int4-gemv-s{sp}"] = (lambda sp=sp: int4_gemm(x, q4k, s4, z4, g_idx, 128, split=sp), ref4)
     return out
 
@@ -129,7 +138,7 @@ def accuracy(name: str, fn, ref) -> dict:
         return {}
     y = fn().float()
     row = {"rel_err": float(f"{((y - ref).norm() / ref.norm()).item():.3g}")}
-    if "gemv" in name:
+    if "gemv" in name or "w8a16" in name:
         row["deterministic"] = bool(torch.equal(fn().float(), y))
     if name.startswith(("int4-gemv", "int4-mm")):   # the tiling the autotuner chose for this shape
         from kvyard.kernels.triton_ops.int4_gemm import _mm_tuned
@@ -142,7 +151,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 1024])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--gemv-splits", type=int, nargs="*", default=[1, 4, 16],
-                        help="extra GEMV rows with a forced split-K count (M <= 16)")
+                        help="extra int4 GEMV rows with a forced split-K count (M <= 16)")
     args = parser.parse_args()
     torch.manual_seed(0)
     for k, n in SHAPES:

@@ -12,6 +12,9 @@ Lifecycle of one linear layer:
                                  shard indexes layer.output_sizes. ``weight`` goes to load_shard.
   process_after_loading(layer)   once, after every shard is in (repacking, transposes)
   apply(layer, x) -> y           every forward; x [..., in_features] -> y [..., out_features]
+  extend_rows(layer, rows)       optional, after loading (LoRA serving): extra trailing weight
+                                 rows multiplied by ``apply_extended`` in the same matmul; None
+                                 (the default, every quantized method): not supported
 
 How a method is chosen (kvyard.executor.backend_select.resolve_quantization): a checkpoint whose
 config.json has ``quantization_config`` declares its method by ``quant_method``; the method
@@ -92,6 +95,19 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor: ...
 
+    def extend_rows(self, layer: "Linear", rows: int) -> Optional[torch.Tensor]:
+        """Re-allocates the layer's weight with ``rows`` extra trailing output rows (zeros) that
+        ``apply_extended`` multiplies in the same matmul; returns those rows [rows, in_features]
+        (a view the caller writes in place), or None: this method cannot carry extra rows (a
+        quantized weight), and the caller keeps its own matmul. Calling it again returns the same
+        rows when ``rows`` matches."""
+        return None
+
+    def apply_extended(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> [T, out + rows]: ``apply``'s result in the first ``out`` columns (bias on
+        those only), x @ extra_rows.T after them. Only after ``extend_rows`` returned rows."""
+        raise NotImplementedError(f"{type(self).__name__} carries no extra rows")
+
     def lower(self, layer: "Linear") -> Optional[LoweredLinear]:
         """``apply`` as dispatcher calls (same kernels, same results), or None: not lowerable, and
         models using the layer keep their Python decode step."""
@@ -127,6 +143,29 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+    def extend_rows(self, layer: "Linear", rows: int) -> Optional[torch.Tensor]:
+        """W_ext [out + rows, in]: layer.weight becomes its leading rows (a contiguous view, so
+        ``apply`` and in-place weight updates are unchanged); a bias becomes the head of a
+        zero-padded b_ext the same way."""
+        out = layer.out_features
+        ext = getattr(layer, "weight_ext", None)
+        if ext is not None and ext.shape[0] == out + rows and layer.weight.data_ptr() == ext.data_ptr():
+            return ext[out:]
+        w = layer.weight.data
+        ext = torch.zeros(out + rows, layer.in_features, dtype=w.dtype, device=w.device)
+        ext[:out].copy_(w)
+        layer.weight = torch.nn.Parameter(ext[:out], requires_grad=False)
+        layer.weight_ext = ext
+        layer.bias_ext = None
+        if layer.bias is not None:
+            layer.bias_ext = torch.zeros(out + rows, dtype=layer.bias.dtype, device=layer.bias.device)
+            layer.bias_ext[:out].copy_(layer.bias.data)
+            layer.bias = torch.nn.Parameter(layer.bias_ext[:out], requires_grad=False)
+        return ext[out:]
+
+    def apply_extended(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight_ext, layer.bias_ext)
 
     def lower(self, layer: "Linear") -> Optional[LoweredLinear]:
         return LoweredLinear((("aten::linear", (layer.weight, layer.bias)),))

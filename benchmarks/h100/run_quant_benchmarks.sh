@@ -3,10 +3,22 @@
 #
 #   run(kind="nvidia-h100-x1", timeout_s=600, command="bash benchmarks/h100/run_quant_benchmarks.sh")
 #
+# The fp8 kernels alone (expected ~7-8 min, inside BUDGET_S): the kernel table, batch-1 decode
+# and prefill, without offline:
+#
+#   run(kind="nvidia-h100-x1", timeout_s=600, command='PARTS="fp8check kernels decode prefill" BUDGET_S=570 bash benchmarks/h100/run_quant_benchmarks.sh')
+#
+# The fp8 w8a16 GEMV autotunes its tiles on the first call of each shape (~1-2 s a shape with
+# compilation); the kernels step leaves the choices in Triton's cache directory, so the decode
+# servers after it start without timing runs.
+#
 # Parts (PARTS="kernels decode prefill offline" by default; each row lands in $OUT/results.jsonl):
+#   fp8check  tests/gpu/test_gpu_fp8.py: the fp8 kernels' correctness on this GPU (~30 s; a
+#             failure is reported in steps.txt, the measurements go on)
 #   kernels   benchmarks/quant_kernels.py: every quantized GEMM path beside cuBLAS bf16,
 #             torch._scaled_mm and dequantize-then-matmul, at Llama-3.1-8B projection shapes
-#             (eager and CUDA-graph-replayed; the decode-sized fp8 / int4 GEMVs at M <= 16)
+#             (eager and CUDA-graph-replayed; the decode-sized fp8 w8a16 / int4 GEMVs at
+#             M <= 16; the one-launch fp8 activation quantization + torch._scaled_mm)
 #   decode    batch-1 decode, 128 in / 256 out, Llama-3.1-8B shape (dummy weights): bf16, then
 #             --quantization fp8, w8a8_int8, gptq (online round-to-nearest int4 g128 -> the Triton
 #             int4 GEMM, the path AWQ / GPTQ / compressed-tensors w4a16 checkpoints take)
@@ -74,7 +86,8 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 
 for part in $PARTS; do
     case $part in
-        kernels) step kernels 150 sh -c "python3 benchmarks/quant_kernels.py --m 1 16 64 1024 > $OUT/kernels.jsonl" ;;
+        fp8check) step fp8check 90 python3 -m pytest tests/gpu/test_gpu_fp8.py -q -p no:cacheprovider ;;
+        kernels) step kernels 180 sh -c "python3 benchmarks/quant_kernels.py --m 1 16 64 1024 > $OUT/kernels.jsonl" ;;
         decode)
             for q in none fp8 w8a8_int8 gptq; do
                 bench decode-8b "$q" 100 one-batch --quantization "$q" --context-length 4096 \
@@ -91,6 +104,6 @@ for part in $PARTS; do
             bench offline-8b fp8-fp8kv 200 offline --quantization fp8 --kv-cache-dtype fp8_e4m3 \
                 --context-length 2048 --cuda-graph-max-bs 256 --num-prompts "$OFFLINE_PROMPTS" \
                 --input-len 1024 --output-len 512 ;;
-        *) echo "unknown part $part (kernels decode prefill offline)"; exit 2 ;;
+        *) echo "unknown part $part (fp8check kernels decode prefill offline)"; exit 2 ;;
     esac
 done

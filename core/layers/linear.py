@@ -8,7 +8,10 @@ the layer keeps this rank's (``output_sizes``, ``in_features``; the full ones st
 ``full_output_sizes`` / ``full_in_features``), every checkpoint entry is sliced before the
 LinearMethod sees it, and a row-parallel layer all-reduces its output.
 ``lora_hook`` (None unless LoRA serving attached one: kvyard.lora) runs after that matmul,
-whatever the method computed: ``y = hook(x, y)``.
+whatever the method computed: ``y = hook(x, y)``; or, when its method carries extra weight rows
+(``LinearMethod.extend_rows``) and the layer is not row-parallel, instead of it
+(``hook.forward_fused``: the adapters' A rows ride in the base GEMM; the output is then a
+row-strided view, which every consumer of a LoRA target's output accepts).
 """
 from __future__ import annotations
 
@@ -117,6 +120,8 @@ class Linear(nn.Module):
         self.method.process_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_hook is not None and self.lora_hook.fused:
+            return self.lora_hook.forward_fused(self, x)   # one GEMM: base rows + adapter A rows
         y = self.method.apply(self, x)
         if self.reduce_tp is not None:
             y = all_reduce(y, self.reduce_tp)

@@ -11,21 +11,21 @@ tensors of every shard (q/k/v, gate/up) in ``load_tensor``, turns them into one 
                      Activations: dynamic per-token (per token-group of 128 for block
                      weights), static per-tensor (the largest of the shards' input scales), or
                      none (weight-only: dequantize and multiply in the layer dtype).
-                     CUDA: torch._scaled_mm with row-wise scales where the device has it
-                     (8.9+); elsewhere on CUDA, up to GEMV_MAX_M (16) token rows, the Triton fp8
-                     GEMV (activation quantization fused in: fp8 values as fp16 dot operands;
-                     on the H100 cuBLAS replayed in a graph beat it at batch-1 decode, 134.6 vs
-                     103.1 tok/s on Llama-3.1-8B, docs/performance.md); block
-                     scales: the Triton block-scaled GEMM. Elsewhere the same arithmetic in
-                     float32 (the fp8 values are exact in float32).
+                     CUDA, up to GEMV_MAX_M (16) token rows, every scheme: the weight-only
+                     Triton GEMV (w8a16: x stays in its dtype against the dequantized fp8
+                     weight, float32 accumulation; more accurate than w8a8, as Marlin-fp8).
+                     Above that: the activations quantized in one Triton launch
+                     (bit-identical to quant_math), then torch._scaled_mm with row-wise scales
+                     where the device has it (8.9+); block scales: the Triton block-scaled
+                     GEMM. Elsewhere (the CPU) w8a8 in float32 (the fp8 values are exact).
   Int8LinearMethod   weight [N, K] int8, scales [N]; activations int8 per token (dynamic) or per
                      tensor (static); int32 accumulation (torch._int_mm), then both scales.
   Int4LinearMethod   shards arrive in the canonical int4 layout of kvyard.layers.quant_math and
                      are stored once in the kernels' layout (``int4_kernel_layout``: qweight
                      [ceil(N/4), K/8, 4], 4 outputs interleaved per 16-byte chunk; scales /
-                     zeros canonical) that both Triton kernels read; CUDA: the autotuned int4
-                     GEMV up to 16 token rows, the tiled dequant-GEMM above; elsewhere
-                     dequantize to the layer dtype and F.linear.
+                     zeros canonical); CUDA: one autotuned Triton kernel (GEMV paths up to 16
+                     token rows, a dot over 64-row blocks above); elsewhere dequantize to the
+                     layer dtype and F.linear.
 
 Every apply maps x [..., K] -> y [..., N] in x's dtype, the bias added in that dtype.
 """
@@ -165,6 +165,11 @@ class Fp8LinearMethod(ShardedLinearMethod):
         x2 = _flat(layer, x)
         s = self.scheme
         w, sw = layer.weight, layer.weight_scale
+        if x2.shape[0] <= GEMV_MAX_M and (x2.is_cuda or _force_triton) and self._gemv_fits():
+            # decode sizes: weight-only GEMV at copy bandwidth, no activation quantization
+            from kvyard.kernels.triton_ops.fp8_gemv import fp8_w8a16_gemv
+            scale_k = s.block[1] if s.weight == "block" else 0
+            return _unflat(layer, x, fp8_w8a16_gemv(x2, w, sw, scale_k, _out_dtype(x)))
         if s.activation == "none":
             dense = self._dense_weight(w, sw, s).to(x.dtype)
             return _unflat(layer, x, F.linear(x2, dense))
@@ -176,23 +181,32 @@ class Fp8LinearMethod(ShardedLinearMethod):
             else:
                 y = qm.dequantize_block(xq, sx, s.block[1]) @ qm.dequantize_block(w, sw, s.block[1]).t()
             return _unflat(layer, x, y)
-        if x2.shape[0] <= GEMV_MAX_M and ((x2.is_cuda and not self.scaled_mm(x2)) or _force_triton):
-            # decode sizes without fp8 tensor cores: one Triton GEMV quantizes x and multiplies
-            from kvyard.kernels.triton_ops.fp8_gemv import fp8_gemv
-            static = layer.input_scale if s.activation == "static" else None
-            return _unflat(layer, x, fp8_gemv(x2, w, sw, static, _out_dtype(x)))
-        if s.activation == "static":
-            sx = layer.input_scale
-            xq = qm.fp8_quantize(x2, sx)
-            sx = sx.reshape(1, 1).expand(x2.shape[0], 1)
-        else:
-            xq, sx = qm.fp8_per_row(x2)
+        xq, sx = self._quantize_input(layer, x2)
         if self.scaled_mm(x2):
             y = torch._scaled_mm(xq, w.t(), scale_a=sx.contiguous(), scale_b=sw.view(1, -1),
                                  out_dtype=_out_dtype(x))
         else:
             y = (xq.float() @ w.float().t()) * sx * sw
         return _unflat(layer, x, y)
+
+    def _gemv_fits(self) -> bool:
+        """The w8a16 GEMV serves per-row scales and power-of-two block widths >= 16."""
+        bk = self.scheme.block[1]
+        return self.scheme.weight != "block" or (bk >= 16 and bk & (bk - 1) == 0)
+
+    def _quantize_input(self, layer, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x2 [M, K] -> (xq [M, K] e4m3, sx [M, 1] float32); CUDA: one Triton launch."""
+        static = self.scheme.activation == "static"
+        if x2.is_cuda or _force_triton:
+            from kvyard.kernels.triton_ops.fp8_quant import per_token_fp8, static_fp8
+            if not static:
+                return per_token_fp8(x2)
+            xq = static_fp8(x2, layer.input_scale)
+        elif not static:
+            return qm.fp8_per_row(x2)
+        else:
+            xq = qm.fp8_quantize(x2, layer.input_scale)
+        return xq, layer.input_scale.reshape(1, 1).expand(x2.shape[0], 1)
 
     def dequantize(self, layer) -> torch.Tensor:
         """Dense [N, K] float32: what the stored weight and scales stand for."""

@@ -55,15 +55,33 @@ class LoRAManager:
 
     def attach(self, model: nn.Module) -> None:
         """Hooks every target Linear of ``model`` to its slot buffers (again after a weight
-        update swapped the model object)."""
+        update swapped the model object). Where the backend fuses and the layer's method carries
+        extra rows, the layer's A moves into its weight's tail (contents kept) first."""
         targets = find_targets(model, self.config.target_modules)
         if set(targets) != set(self.pool.a):
             raise LoRAError("enable_lora: the model's LoRA layers differ from the slot pool's")
         self.targets = targets
         # every LoRA-capable layer by PEFT name: an adapter of a module outside the slots is named as such
         self.by_peft = targets_by_peft_name(find_targets(model, TARGET_MODULES))
+        fused = 0
         for key, t in targets.items():
-            t.layer.lora_hook = LoRAHook(self.runtime, self.pool.a[key], self.pool.b[key], t.layer.output_sizes)
+            rows = self._extra_rows(t.layer, self.pool.a[key])
+            if rows is not None:
+                self.pool.place_a(key, rows)
+                fused += 1
+            t.layer.lora_hook = LoRAHook(self.runtime, self.pool.a[key], self.pool.b[key], t.layer.output_sizes,
+                                         fused=rows is not None)
+        if fused and torch.cuda.is_available() and torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()   # the replaced weights' blocks: KV sizing reads mem_get_info
+        logger.info("LoRA: %d of %d layers fuse the shrink into their base GEMM", fused, len(targets))
+
+    def _extra_rows(self, layer, a: torch.Tensor) -> Optional[torch.Tensor]:
+        """The layer's extra weight rows that hold its slots' A (fused shrink), or None: the
+        backend does not fuse, the method cannot carry rows (quantized), or the layer is
+        row-parallel (its h would need the all-reduce the base output gets)."""
+        if not self.runtime.ops.fuses or layer.in_shard is not None:
+            return None
+        return layer.method.extend_rows(layer, a.shape[0] * a.shape[1])
 
     # -- adapters ------------------------------------------------------------------------------
     def load(self, name: str, path: str) -> LoRAAdapter:

@@ -5,7 +5,9 @@ Per LoRA target (a Linear with n shards, ``in`` input and ``out`` = sum of shard
     B [S, out, R]       shard k's lora_B (scaling folded in) in rows of its output columns, cols [0, r)
 S = slots, R = --max-lora-rank. Everything outside an adapter's own rows and columns is zero, so a
 smaller rank or an untouched module adds exactly nothing. Allocated once; slots are overwritten
-in place (the CUDA graphs captured their addresses).
+in place (the CUDA graphs captured their addresses). A target whose base weight carries extra
+rows (the fused shrink, kvyard.lora.hook) has its A moved once, at attach, into the trailing
+rows of that weight (``place_a``); writes keep going to ``a[key]``, wherever it lives.
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ class LoRASlotPool:
             n, lin = len(t.shard_modules), t.layer
             self.a[key] = torch.zeros(num_slots, n * max_rank, lin.in_features, dtype=dtype, device=device)
             self.b[key] = torch.zeros(num_slots, lin.out_features, max_rank, dtype=dtype, device=device)
+
+    def place_a(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        """Target ``key``'s A lives in ``rows`` [S n R, in] from now on (its contents copied)."""
+        a = self.a[key]
+        if rows.data_ptr() != a.data_ptr():
+            rows.copy_(a.reshape(rows.shape))
+            self.a[key] = rows.view(a.shape)
+        return self.a[key]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())

@@ -71,21 +71,22 @@ class KVPool:
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         """loc [T] slots; k [T, Hkv, D], v [T, Hkv, Dv], or None where the layout keeps V inside
         the K row (mla)."""
-        if self.is_fp8:
-            if v is None or not self.layout.separate_v:
-                raise ValueError(f"an fp8 KV cache is not supported with the {self.layout.kind} KV layout")
-            fmax = torch.finfo(self.dtype).max
-            self.k_buffers[layer_id][loc] = (k.float() / self.k_scales[layer_id]).clamp(-fmax, fmax).to(self.dtype)
-            self.v_buffers[layer_id][loc] = (v.float() / self.v_scales[layer_id]).clamp(-fmax, fmax).to(self.dtype)
-            return
+        if self.is_fp8 and (v is None or not self.layout.separate_v):
+            raise ValueError(f"an fp8 KV cache is not supported with the {self.layout.kind} KV layout")
         if v is None:
             if self.layout.separate_v:
                 raise ValueError(f"set_kv: the {self.layout.kind} KV layout needs v")
             self.k_buffers[layer_id][loc] = k.to(self.dtype)
             return
-        if use_triton("kv_write", k):
+        if use_triton("kv_write", k):          # one launch (fp8: scaled, bit-identical to below)
             from kvyard.kernels.triton_ops.kv_write import write_kv
-            write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)
+            write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v,
+                     self.k_scales[layer_id], self.v_scales[layer_id])
+            return
+        if self.is_fp8:
+            fmax = torch.finfo(self.dtype).max
+            self.k_buffers[layer_id][loc] = (k.float() / self.k_scales[layer_id]).clamp(-fmax, fmax).to(self.dtype)
+            self.v_buffers[layer_id][loc] = (v.float() / self.v_scales[layer_id]).clamp(-fmax, fmax).to(self.dtype)
             return
         if k.dtype == self.dtype and loc.dtype == torch.int64 and use_cpu_kernel("kv_write", k):
             cpu_ops.write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)

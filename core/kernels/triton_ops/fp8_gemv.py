@@ -1,122 +1,189 @@
-"""Decode-sized W8A8 fp8 GEMV: y [M, N] = fp8(x) @ W^T * sx * sw for M <= 16 token rows.
+"""Decode-sized weight-only fp8 GEMV (w8a16): y [M, N] = x @ dequant(w)^T for M <= 16 token rows.
 
-  x  [M, K]  bf16 / fp16 / fp32 activations, quantized inside the kernel
-  w  [N, K]  float8_e4m3fn weight, sw [N] float32 per-channel scales
-  sx         dynamic: per token, amax(|x[m, :]|) / 448 (clamped to 1e-12), exactly as
-             quant_math.fp8_per_row; static: one float32 scale read from the device
-One launch (plus the split-K reduction when K is split, kernels.triton_ops.splitk): program
-(n block, split s) computes its rows' scales itself (x is a few KB, read from L2), quantizes its
-K slice of x with correctly rounded division and round-to-nearest-even to e4m3 (bit-identical to
-torch), and multiplies with its [BLOCK_N, K slice] weight tile. The fp8 values are converted to
-bf16 (exact) for a tensor-core dot with float32 accumulation, so every product is exact and only
-the float32 sums round: the result equals the float32 emulation ((xq @ w^T) * sx * sw) to float32
-rounding. The weight is the dot's left operand (``w @ xq^T``, swap-AB): N fills the tensor core's
-rows, the 16 token rows its columns. Program (0, 0) writes the dynamic scales sx [M] for the
-reduction; every program computes the same values.
+  x   [M, K]  bf16 / fp16 / fp32 activations, used as they are (no activation quantization)
+  w   [N, K]  float8_e4m3fn, row-major (K contiguous)
+  sw  [N]     float32 per-row scales (per-channel; a per-tensor scale repeated over the rows), or
+      [N, KB] float32 per-row block scales, KB = ceil(K / SCALE_K) (128x128 block-scaled
+              checkpoints after kvyard.layers.quant_math.expand_block_scales)
+  y           float32 accumulation, scaled at the end (per-row) or per K tile (block scales),
+              cast to out_dtype
+
+Decode is bound by reading w: each program owns BLOCK_N weight rows (4-64: hundreds of programs
+for N >= 4096) and walks K in long contiguous BLOCK_K slices (16-byte vector loads). Two bodies:
+  M == 1      CUDA cores: a [BLOCK_N, BLOCK_K] float32 product accumulated elementwise, one row
+              sum at the end (no padded tensor-core tile)
+  2 <= M <=16 a tensor-core dot w_tile [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, 16] with the fp8 tile
+              converted to x's dtype (exact: every e4m3 value is a bf16 / fp16 / fp32 value)
+Products of an e4m3 value and a bf16 / fp16 value are exact in float32: the result equals the
+float32 reference x.float() @ (w.float() * sw).T up to the order of the float32 sums.
+
+The tile sizes come from @triton.autotune (key: the M body, the scale layout, N, K, the split):
+the first call of a shape times the configs (once per machine: the choice is cached on disk).
+The model runner runs every captured batch size eagerly before CUDA-graph capture
+(executor.cuda_graph_runner: warm-up runs), so tuning never happens inside a capture (a shape
+first seen inside one takes a fixed config); the plan depends on shapes only, never on data.
+
+Split-K only where N is small (N < SPLIT_BELOW_N: too few row blocks to fill the device): split s
+covers K in [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT), stores scaled float32 partials [S, M, N],
+and kernels.triton_ops.splitk sums them in a fixed order (deterministic).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
-from kvyard.kernels.triton_ops.splitk import plan_split, sm_count, splitk_reduce
+from kvyard.kernels.triton_ops.splitk import splitk_reduce
 
 MAX_M = 16
-BLOCK_N, BLOCK_K, BLOCK_AMAX = 64, 128, 512
-# sm_90 ptxas takes all 255 registers for this kernel unless capped; 128 spills nothing (checked
-# with cuobjdump on the compiled cubin) and lets 4 programs of 4 warps share an SM
-MAX_REGS = 128
+SPLIT_BELOW_N = 2048      # fewer output rows than this: split K
+SPLIT_K_STEP = 512        # K_PER_SPLIT is a multiple of this (and so of every BLOCK_K)
+MAX_SPLIT = 8
+
+
+def _configs() -> list[triton.Config]:
+    """A handful per body: M == 1 keeps BLOCK_N * BLOCK_K <= 8192 (the float32 product tile
+    stays in registers); the dot body needs BLOCK_N >= 16; the last serves block scales as
+    narrow as 32 columns."""
+    out = []
+    for bn, bk, warps, stages in ((4, 512, 2, 4), (8, 256, 2, 4), (8, 512, 4, 3), (16, 256, 4, 3),
+                                  (16, 512, 8, 2), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 4, 4),
+                                  (16, 128, 4, 4), (16, 32, 2, 4)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return out
+
+
+CONFIGS = _configs()
+
+
+def config_fits(cfg: triton.Config, block_m: int, scale_k: int) -> bool:
+    """Whether a config serves this body and scale layout: the dot body needs BLOCK_N >= 16;
+    M == 1 keeps its product tile <= 8192 values; a K tile never straddles a scale block."""
+    bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    if block_m > 1 and bn < 16:
+        return False
+    if block_m == 1 and bn * bk > 8192:
+        return False
+    return scale_k == 0 or (bk <= scale_k and scale_k % bk == 0)
+
+
+def _prune(configs, named_args, **kwargs):
+    return [c for c in configs if config_fits(c, kwargs["BLOCK_M"], kwargs["SCALE_K"])]
 
 
 @triton.jit
-def _row_scales(x_ptr, offs_m, mask_m, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_AMAX: tl.constexpr):
-    """Per-row amax(|x|) / 448 over all of K: [BLOCK_M] float32 (rows past M: 1e-12 / 448)."""
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_AMAX):
-        offs = k0 + tl.arange(0, BLOCK_AMAX)
-        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs[None, :],
-                     mask=mask_m[:, None] & (offs[None, :] < K), other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(xa), axis=1))
-    return tl.math.div_rn(tl.maximum(amax, 1e-12), tl.full((BLOCK_M,), 448.0, tl.float32))
-
-
-@triton.jit
-def _round_to_e4m3(v):
-    """float32 v (|v| <= 448) -> the nearest e4m3 value (ties to even) as float32, as torch's
-    cast rounds. The step of v's binade is 2^(e - 3) (3 mantissa bits; e >= -6 covers the
-    subnormals); scaling by powers of two is exact, and adding then subtracting 1.5 * 2^23
-    rounds the scaled value to an integer, ties to even. (Triton's interpreter does not round
-    fp8 casts correctly, so the kernel rounds itself; the result is exact in float16.)"""
-    e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    step = ((e + 124) << 23).to(tl.float32, bitcast=True)           # 2^(e - 3)
-    inv = ((130 - e) << 23).to(tl.float32, bitcast=True)            # 2^(3 - e)
-    return ((v * inv + 12582912.0) - 12582912.0) * step
-
-
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, sx_in_ptr, sx_out_ptr, out_ptr, M, N, K, K_PER_SPLIT,
-                     stride_xm, DYNAMIC: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_AMAX: tl.constexpr):
+def _w8a16_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_sw,
+                  SCALE_K: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    if DYNAMIC:
-        scale = _row_scales(x_ptr, offs_m, mask_m, K, stride_xm, BLOCK_M, BLOCK_AMAX)
-        if (pid_n == 0) & (pid_s == 0):
-            tl.store(sx_out_ptr + offs_m, scale, mask=mask_m)
-    else:
-        scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(sx_in_ptr)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K                       # [BN, 1]
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)               # per-lane partial sums
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                     mask=mask_m[None, :] & mask_k[:, None], other=0.0).to(tl.float32)   # [BK, BM]
-        xq = tl.math.div_rn(xt, scale[None, :])
-        xq = _round_to_e4m3(tl.minimum(tl.maximum(xq, -448.0), 448.0)).to(tl.float16)
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float16)     # [BN, BK]
-        acc += tl.dot(w, xq)                                                            # [BN, BM]
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if SCALE_K > 0:        # block scales: one per row for this K tile (the tile lies in one block)
+            s = tl.load(sw_ptr + offs_n * stride_sw + k0 // SCALE_K, mask=mask_n, other=0.0)
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            prod = w.to(tl.float32) * x[None, :]                               # [BN, BK]
+            if SCALE_K > 0:
+                prod = prod * s[:, None]
+            acc2 += prod
+        else:
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                         mask=mask_m[None, :] & mask_k[:, None], other=0.0)        # [BK, BM]
+            if IEEE:           # float32 operands, no tf32 rounding
+                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:              # e4m3 -> x's dtype is exact (via float32)
+                part = tl.dot(w.to(tl.float32).to(xt.dtype), xt)                # [BN, BM]
+            if SCALE_K > 0:
+                part = part * s[:, None]
+            acc += part
+    if BLOCK_M == 1:
+        acc += tl.sum(acc2, axis=1)[:, None]
+    if SCALE_K == 0:
+        acc = acc * tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    out_mask = mask_n[:, None] & mask_m[None, :]
     if PARTIAL:
-        tl.store(out_ptr + pid_s * M * N + offs_m[None, :] * N + offs_n[:, None], acc,
-                 mask=mask_n[:, None] & mask_m[None, :])
+        tl.store(out_ptr + pid_s * M * N + offs_m[None, :] * N + offs_n[:, None], acc, mask=out_mask)
     else:
-        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-        y = acc * scale[None, :] * sw[:, None]
-        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], y.to(out_ptr.dtype.element_ty),
-                 mask=mask_n[:, None] & mask_m[None, :])
+        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
 
 
-def fp8_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
-             out_dtype: Optional[torch.dtype] = None, split: Optional[int] = None) -> torch.Tensor:
-    """x [M, K] (M <= 16), w [N, K] e4m3, sw [N] float32 -> y [M, N] in out_dtype (x's dtype).
-    ``input_scale`` (float32, one value): static activations; None: dynamic per token.
-    ``split`` forces the split-K count (tests); None plans it from the shapes."""
+def _bench(kernel_call, quantiles):
+    """Short timing runs (25 ms a config, not Triton's 100): the kernel takes 5-150 us."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+# cache_results: the chosen config is kept in Triton's cache directory, so a server restart (or
+# the next benchmark process) skips the timing runs
+_tuned = triton.autotune(CONFIGS, key=["BLOCK_M", "SCALE_K", "N", "K", "K_PER_SPLIT"], do_bench=_bench,
+                         prune_configs_by={"early_config_prune": _prune}, cache_results=True)(_w8a16_kernel)
+
+
+_tuned_keys: set[tuple] = set()   # shapes autotune has timed in this process
+
+
+def plan_split(n: int, k: int) -> tuple[int, int]:
+    """(split, k_per_split) from the shape alone: split K only where N < SPLIT_BELOW_N."""
+    steps = triton.cdiv(k, SPLIT_K_STEP)
+    want = 1 if n >= SPLIT_BELOW_N else min(MAX_SPLIT, steps, max(1, SPLIT_BELOW_N // max(n, 1)))
+    per = triton.cdiv(steps, want)
+    return triton.cdiv(steps, per), per * SPLIT_K_STEP
+
+
+def _untimed_config(x: torch.Tensor, key: tuple) -> triton.Config | None:
+    """The first fitting config where autotune must not time: CPU tensors (the interpreter) and
+    a shape first seen inside a CUDA-graph capture (the runner's eager warm-up tunes before it,
+    so this is a fallback); None: autotune."""
+    if x.is_cuda and (key in _tuned_keys or not torch.cuda.is_current_stream_capturing()):
+        return None
+    return next(c for c in CONFIGS if config_fits(c, key[0], key[1]))
+
+
+def fp8_w8a16_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, scale_k: int = 0,
+                   out_dtype: torch.dtype | None = None, config: triton.Config | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 16), w [N, K] e4m3, sw [N] (scale_k 0) or [N, ceil(K / scale_k)] block
+    scales (scale_k a power of two >= 16) -> y [M, N] in out_dtype (x's dtype).
+    ``config``: run this tile config instead of autotuning (tests)."""
+    if scale_k and (scale_k < 16 or scale_k & (scale_k - 1)):
+        raise ValueError(f"fp8_w8a16_gemv: scale_k {scale_k} must be a power of two >= 16")
     m, k = x.shape
     n = w.shape[0]
-    if m > MAX_M or w.shape[1] != k or sw.numel() != n:
-        raise ValueError(f"fp8_gemv: x {tuple(x.shape)}, w {tuple(w.shape)}, sw {tuple(sw.shape)} "
-                         f"(M <= {MAX_M}, K and N must match)")
+    kb = triton.cdiv(k, scale_k) if scale_k else 1
+    if m > MAX_M or w.shape[1] != k or sw.numel() != n * kb:
+        raise ValueError(f"fp8_w8a16_gemv: x {tuple(x.shape)}, w {tuple(w.shape)}, sw {tuple(sw.shape)} "
+                         f"(M <= {MAX_M}, K and N must match, sw [N] or [N, ceil(K / {scale_k})])")
     x = x if x.stride(1) == 1 else x.contiguous()
     out_dtype = out_dtype or x.dtype
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=x.device)
-    plan = plan_split(k, triton.cdiv(n, BLOCK_N), BLOCK_K, sm_count(x.device), split)
-    dynamic = input_scale is None
-    sx = torch.empty(m, dtype=torch.float32, device=x.device) if dynamic else input_scale.reshape(1)
-    partial = plan.split > 1
-    out = (torch.empty(plan.split, m, n, dtype=torch.float32, device=x.device) if partial
+    block_m = 1 if m == 1 else MAX_M
+    split, k_per_split = plan_split(n, k)
+    partial = split > 1
+    out = (torch.empty(split, m, n, dtype=torch.float32, device=x.device) if partial
            else torch.empty(m, n, dtype=out_dtype, device=x.device))
-    _fp8_gemv_kernel[(triton.cdiv(n, BLOCK_N), plan.split)](
-        x, w, sw, sx, sx, out, m, n, k, plan.k_per_split, x.stride(0), DYNAMIC=dynamic, PARTIAL=partial,
-        BLOCK_M=MAX_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_AMAX=BLOCK_AMAX, maxnreg=MAX_REGS)
-    if not partial:
-        return out
-    return splitk_reduce(out, out_dtype, sx, sw, sx_stride=1 if dynamic else 0)
+    args = (x, w, sw, out, m, n, k, k_per_split, x.stride(0), kb)
+    # IEEE: float32 dot operands for float32 x, and in the interpreter (its bf16 dot is wrong)
+    meta = dict(SCALE_K=scale_k, PARTIAL=partial, BLOCK_M=block_m,
+                IEEE=x.dtype == torch.float32 or not x.is_cuda)
+    key = (block_m, scale_k, n, k, k_per_split, x.dtype, out_dtype)
+    config = config or _untimed_config(x, key)
+    if config is None:
+        _tuned[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta)
+        _tuned_keys.add(key)
+    else:
+        _w8a16_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]), split)](
+            *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return splitk_reduce(out, out_dtype) if partial else out

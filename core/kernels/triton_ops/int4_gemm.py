@@ -22,7 +22,8 @@ throughout; at M <= 4 the products of a word are summed before its scale multipl
 
 Decode sizes (M <= GEMV_MAX_M) take ``_int4_mm_kernel``, autotuned per (M bucket, N, K, split,
 group) on CUDA; the runner's eager warm-up of each captured batch size (CudaGraphCapture runs
-the step eagerly before capture) runs the tuning outside the graph. A program owns BLOCK_N
+the step eagerly before capture) runs the tuning outside the graph (a shape first seen inside
+a capture takes the bucket's first fitting config, untimed). A program owns BLOCK_N
 outputs and one K split, walked in BLOCK_K tiles of [BLOCK_N / 4, BLOCK_K / 8, 4] words,
 unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
   M 1..4     CUDA cores, no padded tensor-core tile: per row, each word's 8 nibble planes
@@ -316,9 +317,11 @@ def _quick_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+# cache_results: the chosen config is kept in Triton's cache directory (a restart skips timing)
 _mm_tuned = triton.autotune(ALL_CONFIGS, key=["N", "K", "K_PER_SPLIT", "BLOCK_M", "GROUP"],
-                              prune_configs_by={"early_config_prune": _prune},
-                              do_bench=_quick_bench)(_mm_fixed)
+                            prune_configs_by={"early_config_prune": _prune},
+                            do_bench=_quick_bench, cache_results=True)(_mm_fixed)
+_tuned_keys: set[tuple] = set()   # shapes autotune has timed in this process
 
 
 def _sequential_group(group_size: int) -> int:
@@ -341,9 +344,13 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config) -
             plan.k_per_split // 8)
     meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FP32=x.dtype == torch.float32,
                 BLOCK_M=block_m, ASM=x.is_cuda)
-    if config is None and x.is_cuda:
+    key = (n, k, plan.k_per_split, block_m, meta["GROUP"], x.dtype)
+    # autotune times on CUDA, never inside a CUDA-graph capture: the runner's eager warm-up of
+    # each captured size tunes before it; a shape first seen while capturing takes the fallback
+    if config is None and x.is_cuda and (key in _tuned_keys or not torch.cuda.is_current_stream_capturing()):
         _mm_tuned[lambda a: (triton.cdiv(n, a["BLOCK_N"]), plan.split, m_blocks)](*args, **meta)
-    else:   # the interpreter (no timing there) or a forced config: the bucket's first fitting one
+        _tuned_keys.add(key)
+    else:   # the interpreter (no timing there), a forced config or a capture: the bucket's first fitting one
         cfg = config or next(c for c in GEMV_CONFIGS[block_m] if config_fits(c, block_m, k, plan.k_per_split))
         if not config_fits(cfg, block_m, k, plan.k_per_split):
             raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}")

@@ -1,7 +1,10 @@
 """KV-cache write: the new tokens' k and v into the paged pool in one launch.
 
 k/v [T, Hkv, D] (rows may be strided, each row's Hkv * D values contiguous); loc [T] slots;
-k_buf/v_buf [num_slots, Hkv, D]. Row t goes to slot loc[t], cast to the pool's dtype.
+k_buf/v_buf [num_slots, Hkv, D]. Row t goes to slot loc[t], cast to the pool's dtype. An fp8
+pool (float8_e4m3fn / float8_e5m2) stores k / k_scale and v / v_scale saturated to the format's
+range, bit-identical to the torch expression in mem_cache/kv_pool.py (correctly rounded float32
+division, fp8 rounding to nearest even: fp8_quant.round_to_fp8).
 Grid (T, column blocks); k and v are copied by the same program.
 """
 from __future__ import annotations
@@ -10,18 +13,32 @@ import torch
 import triton
 import triton.language as tl
 
+from kvyard.kernels.triton_ops.fp8_quant import round_to_fp8
+
 BLOCK = 1024
+# fp8 pool dtype -> (mantissa bits, smallest normal exponent)
+_FP8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+
+@triton.jit
+def _to_fp8(x, scale, FMAX: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr):
+    v = tl.math.div_rn(x.to(tl.float32), scale)
+    return round_to_fp8(tl.minimum(tl.maximum(v, -FMAX), FMAX), MANT, EMIN)
 
 
 @triton.jit
 def _kv_write_kernel(K, V, LOC, K_BUF, V_BUF, stride_kt, stride_vt, stride_kb, stride_vb, WIDTH,
-                     BLOCK: tl.constexpr):
+                     k_scale, v_scale, BLOCK: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr,
+                     MANT: tl.constexpr, EMIN: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < WIDTH
     slot = tl.load(LOC + t).to(tl.int64)
     k = tl.load(K + t * stride_kt + cols, mask=mask)
     v = tl.load(V + t * stride_vt + cols, mask=mask)
+    if FP8:
+        k = _to_fp8(k, k_scale, FMAX, MANT, EMIN)
+        v = _to_fp8(v, v_scale, FMAX, MANT, EMIN)
     tl.store(K_BUF + slot * stride_kb + cols, k.to(K_BUF.dtype.element_ty), mask=mask)
     tl.store(V_BUF + slot * stride_vb + cols, v.to(V_BUF.dtype.element_ty), mask=mask)
 
@@ -33,7 +50,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
+             v: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """The scales divide k and v for an fp8 pool (ignored otherwise)."""
     t = loc.shape[0]
     if k.shape[0] != t or v.shape[0] != t:
         raise ValueError(f"k/v rows ({k.shape[0]}, {v.shape[0]}) must equal len(loc) = {t}")
@@ -45,6 +63,9 @@ def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: tor
         raise ValueError("k_buf and v_buf must be contiguous [num_slots, Hkv, D] buffers")
     if t:
         block = min(BLOCK, triton.next_power_of_2(width))
+        fp8 = k_buf.dtype in _FP8
+        mant, emin = _FP8.get(k_buf.dtype, (0, 0))
+        fmax = torch.finfo(k_buf.dtype).max if fp8 else 0.0
         _kv_write_kernel[(t, triton.cdiv(width, block))](
             k2, v2, loc, k_buf, v_buf, k2.stride(0), v2.stride(0), k_buf.stride(0), v_buf.stride(0),
-            width, BLOCK=block)
+            width, float(k_scale), float(v_scale), BLOCK=block, FP8=fp8, FMAX=fmax, MANT=mant, EMIN=emin)

@@ -23,6 +23,13 @@ as it loads them (no third launch), in a fixed order: no atomics, results do not
 scheduling. Each element of part and y is written by exactly one program; accumulation in
 float32; xa is rounded to B's dtype before the expand dot (as a stored xa would be).
 Rows of base-model segments are left untouched in y and unwritten in part.
+
+The fused form (kvyard.lora.hook: the shrink rode in the base GEMM, which wrote
+h [T, S n R] = x @ A_all.T beside y in one y_ext row) needs only the expand, one launch:
+    decode (one token per segment):  program (row t, column block), slot = seg_slots[t]
+             y[t, c] += sum_r h[t, slot n R + shard(c) R + r] * B[slot, c, r]      (float32 sum)
+    otherwise: the segment expand above with split-K 1, reading xa at column slot * n R + k R.
+y may be a row-strided view (y_ext[:, :out]); only its last dim must be contiguous.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ MAX_SPLIT_K = 64      # bounds the partial buffer and the expand's reduction
 REDUCE_ELEMS = 4096   # float32 partials one expand program holds at once ([chunk, BLOCK_M, BLOCK_R]):
                       # sm_90 compiles rank 64 with a 512-row slot scan without spills
 MAX_SLOT_GROUPED = 512   # decode batches up to this many rows group by slot ([BLOCK_B, BLOCK_M] in registers)
+DECODE_TILE = 4096    # B elements one fused decode-expand program reads ([BLOCK_N, BLOCK_R]; R 16: 256 columns)
 
 
 @triton.jit
@@ -122,11 +130,13 @@ def _reduce_partials(part_ptr, row_off, row_ok, col0, R, split_k, stride_ps, str
 
 @triton.jit
 def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, num_segs, R, split_k,
-                   stride_ps, stride_pm, stride_bs, stride_bo, stride_ym,
+                   slot_cols, stride_ps, stride_pm, stride_bs, stride_bo, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    N_BLOCKS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
                    BY_SLOT: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Program (m-block * N_BLOCKS + n-block, group, shard): y tile += xa tile @ B tile."""
+    """Program (m-block * N_BLOCKS + n-block, group, shard): y tile += xa tile @ B tile. xa's
+    columns of shard k start at slot * slot_cols + k R (slot_cols 0: per-token partials of the
+    shrink; n R: the fused GEMM's h, every slot's columns side by side)."""
     shard = tl.program_id(2)
     pid_n = tl.program_id(0) % N_BLOCKS
     slot, rows, row_ok, live = _group_rows(indptr_ptr, slots_ptr, num_segs, tl.program_id(0) // N_BLOCKS,
@@ -137,7 +147,7 @@ def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, nu
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < size
-    xa = _reduce_partials(part_ptr, rows, row_ok, shard * R, R, split_k, stride_ps, stride_pm,
+    xa = _reduce_partials(part_ptr, rows, row_ok, slot * slot_cols + shard * R, R, split_k, stride_ps, stride_pm,
                           BLOCK_M, BLOCK_R, SPLIT_CHUNK)
     rs = tl.arange(0, BLOCK_R)
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + (col0 + cols)[None, :] * stride_bo + rs[:, None],
@@ -147,6 +157,39 @@ def _expand_kernel(part_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, starts_ptr, nu
     mask = row_ok[:, None] & col_ok[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expand_decode_kernel(h_ptr, b_ptr, y_ptr, slots_ptr, starts_ptr, OUT, R, slot_cols,
+                          stride_hm, stride_bs, stride_bo, stride_ym,
+                          N_SHARDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program (row t, column block), one token per segment so slot(t) = seg_slots[t]:
+    y[t, c] += sum_r h[t, slot * slot_cols + shard(c) R + r] * B[slot, c, r]. A base-model row
+    returns at once; B comes from L2 (every row of a slot reads the same [OUT, R] block)."""
+    row = tl.program_id(0)
+    slot = tl.load(slots_ptr + row)
+    if slot < 0:
+        return
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < OUT
+    row64 = row.to(tl.int64)
+    h_base = h_ptr + row64 * stride_hm + slot * slot_cols
+    b_base = b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * stride_bo
+    delta = tl.zeros((BLOCK_N,), dtype=tl.float32)                           # float32 accumulate
+    for r0 in range(0, R, BLOCK_R):          # one pass when R <= BLOCK_R (every rank up to 256)
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        # each column's shard (starts[k] <= c < starts[k+1]) and that shard's values of h
+        hsel = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for k in tl.static_range(N_SHARDS):
+            hk = tl.load(h_base + k * R + rs, mask=r_ok, other=0.0).to(tl.float32)
+            in_k = (cols >= tl.load(starts_ptr + k)) & (cols < tl.load(starts_ptr + k + 1))
+            hsel = tl.where(in_k[:, None], hk[None, :], hsel)
+        b = tl.load(b_base + rs[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)   # [BLOCK_N, BLOCK_R]
+        delta += tl.sum(hsel * b.to(tl.float32), axis=1)
+    y_ptrs = y_ptr + row64 * stride_ym + cols
+    y = tl.load(y_ptrs, mask=col_ok, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _block(n: int, lo: int = 16, hi: int = 128) -> int:
@@ -210,9 +253,11 @@ def _shard_starts(sizes: tuple[int, ...], device: str) -> torch.Tensor:
 
 
 def lora_expand(part: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_sizes: list[int],
-                seg_indptr: torch.Tensor, seg_slots: torch.Tensor, max_seg_len: int) -> torch.Tensor:
-    """y [T, OUT] += per shard k: xa[:, kR:(k+1)R] @ b[slot, shard k rows].T; b [S, OUT, R];
-    xa = part.sum(0): part [SPLIT_K, T, n R] from ``lora_shrink`` (or a plain xa [T, n R])."""
+                seg_indptr: torch.Tensor, seg_slots: torch.Tensor, max_seg_len: int,
+                slot_cols: int = 0) -> torch.Tensor:
+    """y [T, OUT] += per shard k: xa[:, c0 + kR:c0 + (k+1)R] @ b[slot, shard k rows].T, c0 = slot *
+    slot_cols; b [S, OUT, R]; xa = part.sum(0): part [SPLIT_K, T, n R] from ``lora_shrink`` (or a
+    plain xa [T, n R]; or with slot_cols = n R the fused GEMM's h [T, S n R])."""
     segments = seg_slots.shape[0]
     if y.shape[0] == 0 or segments == 0 or max_seg_len == 0:
         return y
@@ -221,13 +266,37 @@ def lora_expand(part: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_size
     starts = _shard_starts(tuple(shard_sizes), str(y.device))
     # 128-wide tiles: out = 6144 .. 28672 gives 48 .. 224 programs per row block, each
     # [BLOCK_R, 128] of B (4 KiB bf16 at R 16); 4 warps suit those small dot tiles
-    block_n, block_r = _block(max(shard_sizes), hi=128), _block(r)
+    block_n, block_r = _block(max(shard_sizes), hi=128), max(16, triton.next_power_of_2(r))   # all R at once
     n_blocks = triton.cdiv(max(shard_sizes), block_n)
     chunk = min(triton.next_power_of_2(part.shape[0]), max(1, REDUCE_ELEMS // (BLOCK_M * block_r)))
     groups, group_rows, by_slot, block_b = _grouping(segments, b.shape[0], max_seg_len)
     grid = (triton.cdiv(group_rows, BLOCK_M) * n_blocks, groups, len(shard_sizes))
-    _expand_kernel[grid](part, b, y, seg_indptr, seg_slots, starts, segments, r, part.shape[0],
+    _expand_kernel[grid](part, b, y, seg_indptr, seg_slots, starts, segments, r, part.shape[0], slot_cols,
                          part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0),
                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=block_r, N_BLOCKS=n_blocks,
                          SPLIT_CHUNK=chunk, BY_SLOT=by_slot, BLOCK_B=block_b)
+    return y
+
+
+def lora_expand_fused(h: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_sizes: list[int],
+                      seg_indptr: torch.Tensor, seg_slots: torch.Tensor, max_seg_len: int) -> torch.Tensor:
+    """The expand of the fused-shrink path: h [T, S n R] = x @ A_all.T (every slot's A rows, from
+    the base GEMM, model dtype) -> y [T, OUT] (row-strided view allowed) += per token its slot's
+    columns of h @ B[slot].T, shard by shard. One launch. Decode (one token per segment: T ==
+    segments, max_seg_len 1): a program per (row, column block), no slot scan; otherwise the
+    segment expand reading h's slot columns (split-K 1)."""
+    t, segments = y.shape[0], seg_slots.shape[0]
+    if t == 0 or segments == 0 or max_seg_len == 0:
+        return y
+    r = b.shape[2]
+    slot_cols = len(shard_sizes) * r
+    if not (max_seg_len == 1 and segments == t):
+        return lora_expand(h, b, y, shard_sizes, seg_indptr, seg_slots, max_seg_len, slot_cols=slot_cols)
+    out = y.shape[1]
+    block_r = _block(r, hi=256)
+    block_n = min(triton.next_power_of_2(out), max(32, min(512, DECODE_TILE // block_r)))
+    starts = _shard_starts(tuple(shard_sizes), str(y.device))
+    _expand_decode_kernel[(t, triton.cdiv(out, block_n))](
+        h, b, y, seg_slots, starts, out, r, slot_cols, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        N_SHARDS=len(shard_sizes), BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
     return y

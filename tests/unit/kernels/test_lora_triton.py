@@ -2,7 +2,8 @@
 torch path: fused (qkv-shaped) and plain layers, prefill segments of mixed lengths and decode
 rows (grouped by adapter slot in-kernel), base-model segments untouched, ranks padded below the
 slot width; the split-K shrink (K in uneven chunks, partial sums reduced by the expand) for ranks
-8/16/64, deterministic."""
+8/16/64, deterministic; the fused form's expand (h from one GEMM over every slot's A rows) into a
+row-strided y, decode rows and segments."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
@@ -129,16 +130,22 @@ build(kernels._shrink_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", part_ptr="*fp32
       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, N_BLOCKS=3, **rows))
 build(kernels._expand_kernel, dict(part_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", indptr_ptr="*i32",
                                    slots_ptr="*i32", starts_ptr="*i32"),
-      ["num_segs", "R", "split_k", "stride_ps", "stride_pm", "stride_bs", "stride_bo", "stride_ym"],
+      ["num_segs", "R", "split_k", "slot_cols", "stride_ps", "stride_pm", "stride_bs", "stride_bo", "stride_ym"],
       dict(BLOCK_M=16, BLOCK_N=128, BLOCK_R=64, N_BLOCKS=112, SPLIT_CHUNK=kernels.REDUCE_ELEMS // (16 * 64), **rows))
+if by_slot:    # the fused form's decode expand: R 16 (256 columns a program) and R 64
+    for block_n, block_r in ((256, 16), (64, 64)):
+        build(kernels._expand_decode_kernel, dict(h_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", slots_ptr="*i32",
+                                                  starts_ptr="*i32"),
+              ["OUT", "R", "slot_cols", "stride_hm", "stride_bs", "stride_bo", "stride_ym"],
+              dict(N_SHARDS=3, BLOCK_N=block_n, BLOCK_R=block_r))
 """
 
 
 @pytest.mark.parametrize("by_slot", [True, False])
 def test_kernels_compile_for_sm90(by_slot):
-    """The interpreter runs the kernels as Python; this compiles both to an H100 cubin (Triton's
+    """The interpreter runs the kernels as Python; this compiles them to an H100 cubin (Triton's
     bundled ptxas, no GPU needed; a process without TRITON_INTERPRET): rank 64, the largest
-    reduction tile, at the widest decode slot scan."""
+    reduction tile, at the widest decode slot scan; the fused form's decode expand."""
     import subprocess
     import sys
 
@@ -148,3 +155,34 @@ def test_kernels_compile_for_sm90(by_slot):
     if proc.returncode == 3:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shard_sizes,in_features,rank,seg_lens,slots", [
+    ([40], 20, 4, [1] * 6, [2, 0, -1, 2, 1, -1]),               # decode, n = 1, base rows between
+    ([24, 40], 36, 16, [1] * 5, [0, 1, 1, -1, 2]),              # decode, gate_up-shaped (n = 2)
+    ([32, 16, 16], 24, 8, [1] * 7, [1, -1, 0, 1, 2, 2, 0]),     # decode, qkv-shaped (n = 3)
+    ([600], 16, 8, [1, 1, 1], [0, 2, 1]),                       # decode, several column blocks
+    ([32, 16, 16], 24, 8, [5, 1, 19, 3], [1, -1, 0, 2]),        # prefill segments: the segment expand
+    ([24], 50, 16, [1, 0, 1, 1, 0], [1, 1, -1, 1, 0]),          # empty segments: rows != segments
+    ([24, 8], 12, 300, [1] * 3, [2, -1, 0]),                    # rank 300: the decode R loop, 2 passes
+    ([24, 8], 12, 200, [2, 3], [0, 2]),                         # rank 200 > 128 in the segment expand
+])
+def test_fused_expand_matches_torch(shard_sizes, in_features, rank, seg_lens, slots):
+    """The fused form: h = x @ A_all.T from one GEMM (every slot's A rows after the base rows),
+    the expand reading each row's slot columns into a row-strided y; equal to shrink + expand."""
+    from kvyard.kernels.triton_ops.lora import lora_expand_fused
+    from kvyard.lora.ops import expand_torch
+
+    x, a, b, y0 = _random_case(shard_sizes, in_features, rank, seg_lens, seed=len(seg_lens))
+    a[1, :rank // 2] = 0                       # slot 1 holds a smaller rank in shard 0
+    out = sum(shard_sizes)
+    info = build_batch_info(slots, seg_lens, "cpu")
+    want = lora_torch(x, y0.clone(), a, b, shard_sizes, info)
+    for expand in (expand_torch, lambda h, y, b, s, i: lora_expand_fused(h, b, y, s, i.seg_indptr, i.seg_slots,
+                                                                        i.max_seg_len)):
+        y_ext = torch.cat([y0, x @ a.reshape(-1, in_features).t()], dim=1)   # [T, out + S n R]
+        got = expand(y_ext[:, out:], y_ext[:, :out], b, shard_sizes, info)
+        assert got.data_ptr() == y_ext.data_ptr() and got.stride(0) == y_ext.shape[1]   # in place
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        base_rows = [t for i, s in enumerate(slots) if s < 0 for t in range(sum(seg_lens[:i]), sum(seg_lens[:i + 1]))]
+        assert torch.equal(got[base_rows], y0[base_rows])

@@ -1,10 +1,10 @@
-"""The decode-sized quantized GEMV kernels (kvyard.kernels.triton_ops.fp8_gemv, int4_gemm's split-K
-path) equal the float32 references, in the Triton CPU interpreter, for M = 1..16, several split-K
-counts (K not a multiple of the split), dynamic and static fp8 activations, sequential and
-act-order int4 groups; and the quantized linear layers route M <= 16 to them.
+"""The decode-sized int4 GEMV kernel (int4_gemm's split-K path) equals the float32 reference, in
+the Triton CPU interpreter, for M = 1..16, several split-K counts (K not a multiple of the
+split), sequential and act-order int4 groups; and the int4 layers route M <= 16 to it. (The fp8
+GEMV: test_fp8_w8a16.py.)
 
-Tolerance: float32 rtol/atol 1e-5 (the fp8 and int4 products are exact in float32; only the
-order of the float32 sums differs); bfloat16 one unit in the last place.
+Tolerance: float32 rtol/atol 1e-5 (the int4 products are exact in float32; only the order of
+the float32 sums differs); bfloat16 one unit in the last place.
 """
 import os
 
@@ -18,11 +18,7 @@ from quant_helpers import layer_both_ways
 
 pytest.importorskip("triton")
 
-import triton                                                    # noqa: E402
-import triton.language as tl                                     # noqa: E402
-
-from kvyard.kernels.triton_ops import fp8_gemv as fg             # noqa: E402
-from kvyard.kernels.triton_ops import int4_gemm as i4                 # noqa: E402
+from kvyard.kernels.triton_ops import int4_gemm as i4             # noqa: E402
 from kvyard.layers.quantized_linear import int4_kernel_layout    # noqa: E402
 from kvyard.kernels.triton_ops.splitk import plan_split          # noqa: E402
 
@@ -30,70 +26,9 @@ F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=1.6e-2, atol=2e-2)
 
 
-def _fp8_weight(n, k):
-    wq, sw = qm.fp8_per_row(torch.randn(n, k) * 0.05)
-    return wq, sw.view(n)
-
-
-@pytest.mark.parametrize("m,k,n,split", [(1, 256, 64, None), (5, 300, 96, 3), (16, 512, 192, 4),
-                                         (7, 384, 80, 1), (3, 512, 64, 3)])
-def test_fp8_gemv_dynamic_equals_float32_emulation(m, k, n, split):
-    torch.manual_seed(m * k + n)
-    x = torch.randn(m, k) * 3
-    x[0, :40] *= 1e-4            # small values: e4m3 subnormals after scaling
-    wq, sw = _fp8_weight(n, k)
-    xq, sx = qm.fp8_per_row(x)
-    expected = (xq.float() @ wq.float().t()) * sx * sw
-    got = fg.fp8_gemv(x, wq, sw, split=split)
-    assert got.shape == (m, n) and got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, **F32)
-
-
 def test_zero_rows_give_empty_outputs():
-    wq, sw = _fp8_weight(64, 256)
-    assert fg.fp8_gemv(torch.empty(0, 256), wq, sw).shape == (0, 64)
     qweight, scales, zeros, g_idx = _int4(64, 256, 64, False, torch.float32)
     assert int4_gemm(torch.empty(0, 256), qweight, scales, zeros, g_idx, 64).shape == (0, 64)
-
-
-@pytest.mark.parametrize("m,split", [(1, 2), (9, None)])
-def test_fp8_gemv_static_scale(m, split):
-    torch.manual_seed(m)
-    k, n = 320, 72
-    x = torch.randn(m, k)
-    wq, sw = _fp8_weight(n, k)
-    scale = torch.tensor(0.004)                # saturates the largest values: the clamp matters
-    expected = (qm.fp8_quantize(x, scale).float() @ wq.float().t()) * scale * sw
-    torch.testing.assert_close(fg.fp8_gemv(x, wq, sw, scale, split=split), expected, **F32)
-
-
-def test_fp8_gemv_bfloat16_activations():
-    torch.manual_seed(2)
-    x = torch.randn(4, 256).bfloat16()
-    wq, sw = _fp8_weight(96, 256)
-    xq, sx = qm.fp8_per_row(x)
-    expected = ((xq.float() @ wq.float().t()) * sx * sw).bfloat16()
-    got = fg.fp8_gemv(x, wq, sw, split=2)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), expected.float(), **BF16)
-
-
-@triton.jit
-def _round_kernel(v_ptr, out_ptr, N: tl.constexpr):
-    offs = tl.arange(0, N)
-    tl.store(out_ptr + offs, fg._round_to_e4m3(tl.load(v_ptr + offs)))
-
-
-def test_e4m3_rounding_equals_torch_cast():
-    """Every e4m3 value, every midpoint between neighbours (ties to even) and random values."""
-    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    grid = grid[grid.isfinite()].unique()
-    mids = (grid[1:] + grid[:-1]) / 2
-    v = torch.cat([grid, mids, torch.randn(4000) * 60, torch.randn(1000) * 0.01]).clamp(-448, 448)
-    v = torch.nn.functional.pad(v, (0, triton.next_power_of_2(v.numel()) - v.numel()))
-    out = torch.empty_like(v)
-    _round_kernel[(1,)](v, out, N=v.numel())
-    assert torch.equal(out, v.to(torch.float8_e4m3fn).float())
 
 
 @pytest.mark.parametrize("k,n_blocks,split", [(4096, 96, None), (320, 2, 3), (512, 1, 7), (128, 400, None)])
@@ -153,35 +88,6 @@ def test_int4_gemv_bfloat16():
     got = int4_gemm(x, qweight, scales, zeros, g_idx, 64, split=2)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, **BF16)
-
-
-@pytest.fixture
-def gemv_calls(monkeypatch):
-    """The row counts fp8_gemv is called with."""
-    calls = []
-    real = fg.fp8_gemv
-    monkeypatch.setattr(fg, "fp8_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    return calls
-
-
-@pytest.mark.parametrize("activation", ["dynamic", "static"])
-def test_fp8_layer_routes_decode_sizes_to_the_gemv(gemv_calls, activation):
-    from kvyard.layers import quantized_linear as ql
-    from kvyard.layers.linear import Linear
-
-    torch.manual_seed(5)
-    k = 256
-    layer = Linear(k, [64, 32], method=ql.Fp8LinearMethod(torch.float32, "cpu", ql.Fp8Scheme("tensor", activation)))
-    for shard, rows in enumerate((64, 32)):
-        wq, scale = qm.fp8_per_tensor(torch.randn(rows, k) * 0.05)
-        layer.load_tensor(shard, "weight", wq)
-        layer.load_tensor(shard, "weight_scale", scale)
-        if activation == "static":
-            layer.load_tensor(shard, "input_scale", torch.tensor(0.01 * (shard + 1)))
-    layer.process_after_loading()
-    for m in (1, 16, 17):                         # CPU: the float32 emulation path
-        torch.testing.assert_close(*layer_both_ways(layer, torch.randn(m, k)), **F32)
-    assert gemv_calls == [1, 16]                  # 17 rows keep the GEMM path
 
 
 def test_int4_layer_knows_sequential_groups():

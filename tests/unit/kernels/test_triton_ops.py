@@ -128,13 +128,20 @@ def test_rotary_on_the_qk_columns_of_a_fused_qkv(rope, dtype):
 # -- KV-cache write --------------------------------------------------------------------------
 @pytest.mark.parametrize("pool_dtype,act_dtype", [(torch.float32, torch.float32),
                                                   (torch.bfloat16, torch.bfloat16),
-                                                  (torch.bfloat16, torch.float32)])
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.float8_e4m3fn, torch.bfloat16),
+                                                  (torch.float8_e5m2, torch.bfloat16)])
 def test_kv_write_scatters_rows_into_slots(pool_dtype, act_dtype):
+    """fp8 pools: k / 0.004 saturates (the clamp), v / 3; tiny values round to subnormals and -0;
+    the kernel's bits equal the torch expression's."""
     torch.manual_seed(1)
     kv_heads, d, t = 3, 64, 11
-    pools = [KVPool(40, 2, kv_heads, d, pool_dtype, "cpu") for _ in range(2)]
+    fp8 = pool_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    scales = ([1.0, 0.004], [1.0, 3.0]) if fp8 else None
+    pools = [KVPool(40, 2, kv_heads, d, pool_dtype, "cpu", scales=scales) for _ in range(2)]
     loc = torch.randperm(39)[:t] + 1                       # scattered, never the dummy slot 0
-    qkv = torch.randn(t, 8 * kv_heads * d, dtype=act_dtype)
+    qkv = torch.randn(t, 8 * kv_heads * d, dtype=act_dtype) * (4 if fp8 else 1)
+    qkv[:, :20] *= 1e-5
     k = qkv[:, :kv_heads * d].view(t, kv_heads, d)          # strided rows, as a model passes them
     v = qkv[:, -kv_heads * d:].view(t, kv_heads, d)
     with force_triton(()):
@@ -142,9 +149,12 @@ def test_kv_write_scatters_rows_into_slots(pool_dtype, act_dtype):
     with force_triton(("kv_write",)):
         pools[1].set_kv(1, loc, k, v)
     for a, b in ((pools[0].k_buffer(1), pools[1].k_buffer(1)), (pools[0].v_buffer(1), pools[1].v_buffer(1))):
+        if fp8:
+            assert torch.equal(b.view(torch.uint8), a.view(torch.uint8))
+            continue
         exact = dict(rtol=0, atol=0) if pool_dtype == act_dtype else TOL[pool_dtype]  # a cast rounds
         torch.testing.assert_close(b, a, **exact)
-    assert pools[1].k_buffer(0).abs().sum() == 0           # other layers untouched
+    assert pools[1].k_buffer(0).float().abs().sum() == 0   # other layers untouched
 
 
 # -- every fused op inside a model ----------------------------------------------------------------

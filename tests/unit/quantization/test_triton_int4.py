@@ -89,5 +89,5 @@ def test_block_fp8_layer_takes_the_kernel_when_forced():
         layer.load_tensor(shard, "weight", qm.fp8_quantize(w, block_scale.repeat_interleave(32, 0).repeat_interleave(32, 1)))
         layer.load_tensor(shard, "weight_scale_inv", block_scale)
     layer.process_after_loading()
-    expected, got = layer_both_ways(layer, torch.randn(5, k))
+    expected, got = layer_both_ways(layer, torch.randn(20, k))     # > 16 rows: the w8a8 block GEMM
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
