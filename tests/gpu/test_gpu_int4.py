@@ -1,0 +1,90 @@
+"""The int4 kernel on a CUDA device (skipped elsewhere): the checks the CPU suite runs under the
+Triton interpreter (tests/unit/kernels/test_int4_gemv.py), compiled for the GPU, where the
+nibble extraction is inline PTX (the interpreter runs the Triton expression instead).
+
+  * every config of every M bucket vs the float32 reference x @ ((q - z) * s)^T, sequential
+    groups and the act-order gather, float32 x (exact products: float32 sum order only);
+  * the autotuned path at Llama-3.1-8B projection shapes, M 1..16 and a prefill size, bf16 x;
+    replayed from a CUDA graph it gives the eager bits;
+  * Int4LinearMethod on CUDA equals its own dequantize-then-matmul.
+Tolerance: float32 1e-5 (1e-4 for the tf32 dot at M > 4 with bf16 x: one bf16 unit).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from kvyard.kernels.triton_ops import int4_gemm as i4  # noqa: E402
+from kvyard.layers import quant_math as qm  # noqa: E402
+from kvyard.layers.quantized_linear import int4_kernel_layout  # noqa: E402
+
+DEV = "cuda"
+F32 = dict(rtol=1e-5, atol=1e-5)
+BF16 = dict(rtol=1.6e-2, atol=2e-2)
+ROWS = {1: 1, 2: 2, 4: 3, 16: 11, 64: 70}
+
+
+def _weights(n, k, group, act_order=False, dtype=torch.float32):
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32, device=DEV)
+    scales = (torch.rand(k // group, n, device=DEV) * 0.02 + 0.001).to(dtype)
+    zeros = torch.randint(0, 16, (k // group, n), device=DEV).to(torch.uint8)
+    g_idx = torch.arange(k, dtype=torch.int32, device=DEV) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, device=DEV)]
+    qweight = qm.pack_int4_rows(q)
+    dense = qm.dequantize_int4(qweight, scales, zeros, g_idx, torch.float32)
+    return (*int4_kernel_layout(qweight, scales, zeros), g_idx), dense
+
+
+@pytest.mark.parametrize("bucket", sorted(i4.GEMV_CONFIGS))
+def test_every_config_equals_float32_reference(bucket):
+    torch.manual_seed(bucket)
+    packed, dense = _weights(192, 1024, 128)
+    gathered, dense_g = _weights(192, 1024, 128, act_order=True)
+    x = torch.randn(ROWS[bucket], 1024, device=DEV)
+    for cfg in i4.GEMV_CONFIGS[bucket]:
+        got = i4.int4_gemm(x, *packed, 128, split=1, config=cfg)
+        torch.testing.assert_close(got, x @ dense.t(), **F32, msg=lambda m: f"{cfg}: {m}")
+        got = i4.int4_gemm(x, *gathered, 0, split=1, config=cfg)
+        torch.testing.assert_close(got, x @ dense_g.t(), **F32, msg=lambda m: f"{cfg} gather: {m}")
+
+
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (4096, 28672)])
+def test_autotuned_shapes_and_graph_replay(k, n):
+    torch.manual_seed(k + n)
+    packed, dense = _weights(n, k, 128, dtype=torch.bfloat16)
+    for m in (1, 2, 4, 7, 16, 100):
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        got = i4.int4_gemm(x, *packed, 128)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), x.float() @ dense.t(), **BF16)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = i4.int4_gemm(x, *packed, 128)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, got)
+
+
+def test_layer_on_cuda_equals_its_dequantized_matmul():
+    from kvyard.layers import quantized_linear as ql
+    from kvyard.layers.linear import Linear
+
+    torch.manual_seed(3)
+    layer = Linear(512, [256, 128], method=ql.OnlineInt4LinearMethod(torch.bfloat16, DEV, 128),
+                   dtype=torch.bfloat16, device=DEV)
+    for shard, rows in enumerate((256, 128)):
+        layer.load_shard(shard, torch.randn(rows, 512) * 0.02)
+    layer.process_after_loading()
+    dense = layer.method.dequantize(layer).float()
+    for m in (1, 3, 16, 40):
+        x = torch.randn(m, 512, device=DEV, dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x).float(), x.float() @ dense.t(), **BF16)
