@@ -89,7 +89,8 @@ def wrap_scheduler(sched, spans: Spans) -> None:
     spans.wrap(runner, "prepare", _kind)
     spans.wrap(runner, "forward_logits", lambda fb: "target compute (verify)" if fb.spec_verify
                else "target compute (decode)" if fb.mode.is_decode() else "target compute (extend)")
-    for name in ("_schedule_decode", "_process", "_process_verify", "_complete", "_launch"):
+    for name in ("_schedule_decode", "_schedule_verify", "_alloc", "_process", "_process_verify", "_complete",
+                 "_launch"):
         spans.wrap(sched, name, f"scheduler {name.lstrip('_')}")
     spec = sched.speculation
     if spec is None:
@@ -107,7 +108,7 @@ def wrap_scheduler(sched, spans: Spans) -> None:
                else "draft compute (extend)")
     if hasattr(draft.runner, "sample_on_device"):
         spans.wrap(draft.runner, "sample_on_device", "draft sampling (on the device)")
-    for name in ("_sync", "_trim", "_alloc", "_batch", "_plan"):
+    for name in ("_sync", "_trim", "_alloc", "_batch", "_plan", "_run"):
         if hasattr(draft, name):
             spans.wrap(draft, name, f"draft {name.lstrip('_')}")
 

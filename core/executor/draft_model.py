@@ -2,10 +2,13 @@
 
 It owns a ModelRunner of its own (weights, KV pool of page size 1, req_to_token rows), built
 through DraftContext.make_draft_model (core/speculative.py), and keeps per request the token
-ids whose KV it holds. ``propose`` brings each request's draft KV up to its current tokens (one
-batched extend over what it has not seen: the tokens the target accepted since, always at least
-the request's last token), samples the first draft there, then runs batched decode steps for the
-rest of the chain.
+ids whose KV it holds. ``propose`` runs one cycle: it allocates
+each request's KV for the whole cycle at once (its unseen tokens: the tokens the target accepted
+since, always at least the request's last token; and the depth - 1 drafts it feeds back), brings
+the draft KV up to the request's tokens in one batched extend that samples the first draft, then
+runs batched decode steps for the rest of the chain. The drafts stay on the device between steps
+(each step's sampled ids are the next step's input ids; positions, slots and seed positions of
+every step are built once per cycle), and one ``tolist`` at the end is the cycle's only host sync.
 
 Invariants, per request between calls:
   - ``state.ids`` are the tokens whose KV is in ``req_to_token[state.row, :len(state.ids)]``;
@@ -25,7 +28,7 @@ prompt) run eagerly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -95,8 +98,8 @@ class DraftModel:
                       sampling_seed=inp.seed, req_pool_idx=row)
             state = self._states[inp.rid] = _DraftState(req)
         tokens = inp.token_ids
-        keep = 0
         limit = min(len(state.ids), len(tokens) - 1)      # the last token is always fed again
+        keep = limit if list(tokens[:limit]) == state.ids[:limit] else 0   # the usual case, at C speed
         while keep < limit and state.ids[keep] == tokens[keep]:
             keep += 1
         self._trim(state, keep)
@@ -136,16 +139,17 @@ class DraftModel:
 
     def _run(self, cycle: "_Cycle") -> torch.Tensor:
         """int64 [L, max depth] the drafts, left on the device: the catch-up extend samples column
-        0; decode step j feeds column j - 1 back as its input ids. Step j's ForwardBatch is the
-        first step's with its tensors' column j (positions, seq lens, slots and sample positions
-        of every step are built once per cycle), so a step makes no host list into a tensor;
-        only when a shorter chain ends are they built again, for the requests left."""
+        0; decode step j feeds column j - 1 back as its input ids. Step j reuses the first step's
+        ForwardBatch with row j of tables built once per cycle (positions, seq lens, slots, sample
+        positions), so a step makes no host list into a tensor and reads nothing back; only when
+        a shorter chain ends is a ForwardBatch prepared again, for the requests left."""
         runner, L, D = self.runner, len(cycle.reqs), max(cycle.depth)
         long = dict(dtype=torch.int64, device=runner.device)
         info = self._sampling_info(cycle.reqs)
         steps = torch.arange(D, **long)                                   # [D]
         # step-major [D, L] tables: a step's row is a contiguous view (kernels take contiguous slots)
         sample_pos = steps[:, None] + torch.tensor(cycle.sample_pos, **long)   # seed position per draft
+        chain_slots = cycle.chain_slots.to(runner.device)                      # [D - 1, L], once per cycle
         cols = [runner.sample_on_device(runner.prepare(cycle.extend_batch()), info, sample_pos[0])]
         rows: list[Optional[torch.Tensor]] = [None]   # per step: the cycle rows it ran (None: all)
         members = None
@@ -156,19 +160,20 @@ class DraftModel:
                 index = None if len(now) == L else torch.tensor(now, **long)
                 pick = (lambda t: t) if index is None else (lambda t: t[:, index])
                 step_info = info if index is None else self._sampling_info([cycle.reqs[k] for k in now])
-                slots, seeds = pick(cycle.chain_slots)[step - 1:], pick(sample_pos)[step:]   # [D - step, B]
+                slots, seeds = pick(chain_slots)[step - 1:], pick(sample_pos)[step:]   # [D - step, B]
                 fb = runner.prepare(cycle.decode_batch(now, slots[0], step - 1))
                 ahead = steps[:D - step, None]                                                  # [D - step, 1]
                 positions, seq_lens = ahead + fb.positions, ahead + fb.seq_lens
                 prev = cols[-1] if rows[-1] is None and index is None else _gather(cols, rows, now, L)
+                host_lens = fb.seq_lens_cpu
             shift = step - first
-            step_fb = fb if shift == 0 else replace(
-                fb, positions=positions[shift], seq_lens=seq_lens[shift], out_cache_loc=slots[shift],
-                seq_lens_cpu=[n + shift for n in fb.seq_lens_cpu],
-                extend_prefix_lens_cpu=[n + shift for n in fb.extend_prefix_lens_cpu],
-                attn_metadata=None, captured={})
-            step_fb.input_ids = prev
-            prev = runner.sample_on_device(step_fb, step_info, seeds[shift])
+            if shift:                    # the same ForwardBatch, one position further
+                fb.positions, fb.seq_lens, fb.out_cache_loc = positions[shift], seq_lens[shift], slots[shift]
+                fb.seq_lens_cpu = [n + shift for n in host_lens]
+                fb.extend_prefix_lens_cpu = [n - 1 for n in fb.seq_lens_cpu]
+                fb.attn_metadata, fb.captured = None, {}
+            fb.input_ids = prev
+            prev = runner.sample_on_device(fb, step_info, seeds[shift])
             cols.append(prev)
             rows.append(index)
         return _stack(cols, rows, L)
