@@ -289,6 +289,8 @@ def main() -> None:
     print("graphs: " + "; ".join(f"{name}: {r['graphs']}" for name, r in results.items()))
     for line in step_costs(results, results["plain"]):
         print(line)
+    for line in cycle_split(results):
+        print(line)
     if ns.json:
         with open(ns.json, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
@@ -306,6 +308,27 @@ def step_costs(results: dict, base: dict) -> list[str]:
                 lines.append(f"{name}: {kind} {ms:.2f} ms = {ms / decode:.2f}x a plain decode step ({decode:.2f} ms)")
             elif kind.startswith(("draft decode", "head")):
                 lines.append(f"{name}: draft step ({kind}) {ms:.2f} ms")
+    return lines
+
+
+def cycle_split(results: dict) -> list[str]:
+    """Per STANDALONE row: the wall time of one cycle (from tok/s and tokens per verify) against
+    the median forwards it runs (a verify, a draft catch-up extend, k - 1 draft decode steps); the
+    rest is host work the GPU did not hide (benchmarks/speculative_host.py splits it on the CPU)."""
+    lines = []
+    for name, r in results.items():
+        m = re.search(r"STANDALONE .* k=(\d+)", name)
+        ms = r["forward_ms"]
+        verify = next((v for k, v in ms.items() if k.startswith("verify")), None)
+        if not m or verify is None or "draft decode" not in ms:
+            continue
+        k = int(m.group(1))
+        catch_up = next((v for key, v in ms.items() if key.startswith("draft extend")), ms["draft decode"])
+        forwards = verify + catch_up + (k - 1) * ms["draft decode"]
+        cycle = 1000 * r["stats"].get("spec_accept_length", 1.0) / r["tok_s"]
+        lines.append(f"{name}: cycle {cycle:.2f} ms = forwards {forwards:.2f} ms (verify {verify:.2f}, draft "
+                     f"catch-up {catch_up:.2f}, {k - 1} x draft decode {ms['draft decode']:.2f}) + "
+                     f"{cycle - forwards:.2f} ms outside them")
     return lines
 
 
