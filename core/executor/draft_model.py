@@ -69,7 +69,11 @@ class DraftModel:
         cycle = self._plan(live, inputs, depth)
         if cycle is None:
             return chains
-        drafts = self._run(cycle).tolist()          # the cycle's one host sync: [L, max depth]
+        try:
+            drafts = self._run(cycle).tolist()      # the cycle's one host sync: [L, max depth]
+        except Exception:
+            self._abandon(cycle)
+            raise
         for k, i in enumerate(cycle.index):
             chains[i] = drafts[k][:cycle.depth[k]]
             cycle.states[k].ids += chains[i][:-1]     # fed back to the draft: their KV is written
@@ -136,6 +140,14 @@ class DraftModel:
             cycle.add(i, state, new, slots, n, len(inputs[i].token_ids))
             state.ids += new
         return cycle.finish() if cycle.reqs else None
+
+    def _abandon(self, cycle: "_Cycle") -> None:
+        """A failed cycle: its chain slots go back and each request's draft KV back to what it
+        held before the cycle (the extend may not have written its tokens)."""
+        for k, state in enumerate(cycle.states):
+            if cycle.depth[k] > 1:
+                self.allocator.free(cycle.chain_slots[:cycle.depth[k] - 1, k])
+            self._trim(state, cycle.prefix[k])
 
     def _run(self, cycle: "_Cycle") -> torch.Tensor:
         """int64 [L, max depth] the drafts, left on the device: the catch-up extend samples column

@@ -230,8 +230,8 @@ def test_ngram_trie_workload_equals_plain_decoding(tiny_models, overlap, samplin
 def test_draft_model_chains_of_different_lengths_in_one_cycle(tiny_models, hf_greedy):
     """The draft model's cycle (one KV allocation per request, drafts kept on the device between
     steps, one host sync): requests whose chains end at different steps leave the batch and the
-    rest keep drafting; a second cycle after accepted and rejected drafts trims and catches up;
-    release gives every slot back. A self-draft's greedy chains are the target's continuations."""
+    rest keep drafting; a second cycle after accepted and rejected drafts trims and catches up; a
+    cycle failing midway gives its slots back; release gives every slot back. A self-draft's greedy chains are the target's continuations."""
     from kvyard.speculative import DraftInput
 
     path, hf_model = tiny_models["llama"]
@@ -257,6 +257,19 @@ def test_draft_model_chains_of_different_lengths_in_one_cycle(tiny_models, hf_gr
     chains = draft.propose(inputs(tokens), [3, 1, 2, 4])
     expect = {rid: hf_greedy(hf_model, ids, n) for (rid, ids), n in zip(tokens.items(), [3, 1, 2, 4])}
     assert chains == list(expect.values())
+    # a cycle that fails midway gives its slots back and leaves the draft KV consistent
+    real, calls = draft.runner.sample_on_device, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a failed draft step")
+        return real(*args)
+    draft.runner.sample_on_device = failing
+    with pytest.raises(RuntimeError, match="a failed draft step"):
+        draft.propose(inputs(tokens), [4, 4, 4, 4])
+    del draft.runner.sample_on_device
+    assert draft.propose(inputs(tokens), [3, 1, 2, 4]) == list(expect.values())
     for rid in prompts:
         draft.release(rid)
     assert draft.allocator.available() == free
