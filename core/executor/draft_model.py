@@ -28,12 +28,12 @@ prompt) run eagerly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
 
-from kvyard.forward_batch import ForwardMode
+from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.scheduler.req import Req
 from kvyard.scheduler.schedule_batch import ScheduleBatch
@@ -151,8 +151,9 @@ class DraftModel:
 
     def _run(self, cycle: "_Cycle") -> torch.Tensor:
         """int64 [L, max depth] the drafts, left on the device: the catch-up extend samples column
-        0; decode step j feeds column j - 1 back as its input ids. Step j reuses the first step's
-        ForwardBatch with row j of tables built once per cycle (positions, seq lens, slots, sample
+        0; decode step j feeds column j - 1 back as its input ids. The first step's ForwardBatch
+        is the extend's with decode rows (device tensors, nothing copied from the host); step j
+        reuses it with row j of tables built once per cycle (positions, seq lens, slots, sample
         positions), so a step makes no host list into a tensor and reads nothing back; only when
         a shorter chain ends is a ForwardBatch prepared again, for the requests left."""
         runner, L, D = self.runner, len(cycle.reqs), max(cycle.depth)
@@ -162,7 +163,8 @@ class DraftModel:
         # step-major [D, L] tables: a step's row is a contiguous view (kernels take contiguous slots)
         sample_pos = steps[:, None] + torch.tensor(cycle.sample_pos, **long)   # seed position per draft
         chain_slots = cycle.chain_slots.to(runner.device)                      # [D - 1, L], once per cycle
-        cols = [runner.sample_on_device(runner.prepare(cycle.extend_batch()), info, sample_pos[0])]
+        extend_fb = runner.prepare(cycle.extend_batch())
+        cols = [runner.sample_on_device(extend_fb, info, sample_pos[0])]
         rows: list[Optional[torch.Tensor]] = [None]   # per step: the cycle rows it ran (None: all)
         members = None
         for step in range(1, D):
@@ -173,10 +175,13 @@ class DraftModel:
                 pick = (lambda t: t) if index is None else (lambda t: t[:, index])
                 step_info = info if index is None else self._sampling_info([cycle.reqs[k] for k in now])
                 slots, seeds = pick(chain_slots)[step - 1:], pick(sample_pos)[step:]   # [D - step, B]
-                fb = runner.prepare(cycle.decode_batch(now, slots[0], step - 1))
+                prev = cols[-1] if rows[-1] is None and index is None else _gather(cols, rows, now, L)
+                if step == 1 and index is None:   # every request: from the extend's device tensors
+                    fb = _decode_after(extend_fb, prev, cycle.decode_lens(now, 0), slots[0])
+                else:
+                    fb = runner.prepare(cycle.decode_batch(now, slots[0], step - 1))
                 ahead = steps[:D - step, None]                                                  # [D - step, 1]
                 positions, seq_lens = ahead + fb.positions, ahead + fb.seq_lens
-                prev = cols[-1] if rows[-1] is None and index is None else _gather(cols, rows, now, L)
                 host_lens = fb.seq_lens_cpu
             shift = step - first
             if shift:                    # the same ForwardBatch, one position further
@@ -198,6 +203,20 @@ class DraftModel:
             self._info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.runner.device)
             self._info_key, self._info_reqs = key, list(reqs)
         return self._info
+
+
+def _decode_after(extend_fb: ForwardBatch, input_ids: torch.Tensor, kv: list[int],
+                  slots: torch.Tensor) -> ForwardBatch:
+    """The first chain step's decode ForwardBatch of every request of the catch-up extend
+    ``extend_fb``, built from its device tensors (no host list copied to the device): each
+    request's position is the extend's sequence length (kv [B], the same on the host); input_ids
+    [B] the drafts the extend sampled; slots [B] the step's KV slots."""
+    rows = torch.arange(extend_fb.batch_size, dtype=torch.int64, device=extend_fb.positions.device)
+    return replace(extend_fb, mode=ForwardMode.DECODE, input_ids=input_ids, positions=extend_fb.seq_lens,
+                   out_cache_loc=slots, seq_lens=extend_fb.seq_lens + 1, seq_lens_cpu=[n + 1 for n in kv],
+                   extend_prefix_lens_cpu=list(kv), extend_seq_lens_cpu=[1] * len(kv), extend_start_loc=rows,
+                   logits_indices=rows, attn_metadata=None, captured={}, spec_tree=None, spec_verify=False,
+                   hidden_indices=None, extras={})
 
 
 def _gather(cols: list, rows: list, members: list[int], n: int) -> torch.Tensor:
@@ -265,11 +284,15 @@ class _Cycle:
                              prefix_lens=self.prefix, extend_lens=self.lens, sample_rows=self.rows,
                              sample_req_idx=list(range(len(self.reqs))))
 
+    def decode_lens(self, members: list[int], fed: int) -> list[int]:
+        """[len(members)] the draft KV length before the chain step that feeds draft ``fed``."""
+        return [self.prefix[k] + self.lens[k] + fed for k in members]
+
     def decode_batch(self, members: list[int], slots: torch.Tensor, fed: int) -> ScheduleBatch:
         """The chain step of requests ``members`` that feeds their draft ``fed`` (0: the first;
         input ids are placeholders: the caller sets the device tensor of drafts)."""
         reqs = [self.reqs[k] for k in members]
-        kv = [self.prefix[k] + self.lens[k] + fed for k in members]
+        kv = self.decode_lens(members, fed)
         return ScheduleBatch(mode=ForwardMode.DECODE, reqs=reqs, input_ids=[0] * len(reqs), positions=kv,
                              out_cache_loc=slots, prefix_lens=kv, extend_lens=[1] * len(reqs),
                              sample_rows=list(range(len(reqs))), sample_req_idx=list(range(len(reqs))))
