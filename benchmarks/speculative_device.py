@@ -314,7 +314,8 @@ def step_costs(results: dict, base: dict) -> list[str]:
 def cycle_split(results: dict) -> list[str]:
     """Per STANDALONE row: the wall time of one cycle (from tok/s and tokens per verify) against
     the median forwards it runs (a verify, a draft catch-up extend, k - 1 draft decode steps); the
-    rest is host work the GPU did not hide (benchmarks/speculative_host.py splits it on the CPU)."""
+    rest is host work the GPU did not hide (benchmarks/speculative_host.py splits it on the CPU).
+    tok/s counts the request's prefill too: with short outputs the rest overstates it."""
     lines = []
     for name, r in results.items():
         m = re.search(r"STANDALONE .* k=(\d+)", name)
