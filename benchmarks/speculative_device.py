@@ -9,7 +9,8 @@ Measures, on the in-process scheduler (as benchmarks/speculative_cpu.py does):
      draft is the target: acceptance 1, the machinery's upper bound) at each --steps: tok/s and
      the ratio to plain, with every output checked equal to plain decoding;
   3. the cost of one verify forward (1 + k tokens) vs one plain decode forward, and of one draft
-     forward, from the forwards the runs made (each forward ends with a host sync);
+     forward, from the forwards the runs made (a target forward ends with a host sync; a draft
+     model's steps keep their drafts on the device and are timed by CUDA events, GPU time);
   4. an EAGLE-3 head of the Llama-3.1-8B EAGLE-3 shape (1 layer, hidden 4096, 32 heads, 8 KV
      heads, MLP 14336, draft vocabulary 32000; random weights, saved in the published layout):
      the head's draft step time and the end-to-end tok/s (a random head is rarely accepted: the
@@ -60,17 +61,40 @@ class ForwardTimer:
             delattr(timer.obj, timer.attr)       # the instance attribute shadowing the method
         cls.active.clear()
 
-    def __init__(self, times: dict, obj, attr: str, key):
+    def __init__(self, times: dict, obj, attr: str, key, events: bool = False):
+        """events: time the call by CUDA events instead of a host sync after it (calls whose
+        results stay on the device, like a draft model's chain steps: a sync would add the host
+        round trips the code avoids); ``resolve`` adds their times once the run is over."""
         self.obj, self.attr, self.orig = obj, attr, getattr(obj, attr)
         self.__class__.active.append(self)
+        self.pending: list = []          # (key, start event, end event)
+        self.times = times
+        import torch
+        use_events = events and torch.cuda.is_available()
 
         def timed(*args, **kwargs):
+            if use_events:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = self.orig(*args, **kwargs)
+                end.record()
+                self.pending.append((key(*args), start, end))
+                return out
             start = time.perf_counter()
             out = self.orig(*args, **kwargs)
             _sync()
             times[key(*args)].append(time.perf_counter() - start)
             return out
         setattr(obj, attr, timed)
+
+    @classmethod
+    def resolve(cls) -> None:
+        """Adds the event-timed calls' seconds to their ``times`` (after a device sync)."""
+        _sync()
+        for timer in cls.active:
+            for k, start, end in timer.pending:
+                timer.times[k].append(start.elapsed_time(end) / 1000)
+            timer.pending.clear()
 
 
 def _sync() -> None:
@@ -94,6 +118,13 @@ def batch_kind(batch, *_):
     if batch.mode.is_decode():
         return "decode"
     return f"extend {len(batch.input_ids)} tokens" if len(batch.input_ids) <= 8 else "prefill"
+
+
+def fb_kind(fb, *_):
+    """batch_kind of a prepared ForwardBatch (the draft model's steps)."""
+    if fb.mode.is_decode():
+        return "decode"
+    return f"extend {fb.num_tokens} tokens" if fb.num_tokens <= 8 else "prefill"
 
 
 def graphs_of(runner) -> str:
@@ -155,8 +186,9 @@ def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: b
     times: dict[str, list[float]] = defaultdict(list)
     ForwardTimer(times, sched.runner, "forward", batch_kind)
     algo = sched.speculation.algorithm if sched.speculation is not None else None
-    if algo is not None and hasattr(algo, "draft"):
-        ForwardTimer(times, algo.draft.runner, "forward", lambda b, *_: "draft " + batch_kind(b))
+    if algo is not None and hasattr(algo, "draft"):   # its steps keep their drafts on the device
+        ForwardTimer(times, algo.draft.runner, "sample_on_device", lambda fb, *_: "draft " + fb_kind(fb),
+                     events=True)
         graphs += "; draft: " + graphs_of(algo.draft.runner)
     if algo is not None and hasattr(algo, "runner"):
         ForwardTimer(times, algo.runner, "_run", lambda fb, *_: f"head {fb.mode.name.lower()}")
@@ -176,6 +208,7 @@ def run(config: str, prompt: list[int], output_len: int, rounds: int, overlap: b
             rates.append(len(final.new_token_ids) / elapsed)
     stats = sched.load_info()
     sched.close()
+    ForwardTimer.resolve()
     ForwardTimer.unwrap_all()
     del sched, algo
     _free_memory()
@@ -256,6 +289,8 @@ def main() -> None:
     print("graphs: " + "; ".join(f"{name}: {r['graphs']}" for name, r in results.items()))
     for line in step_costs(results, results["plain"]):
         print(line)
+    for line in cycle_split(results):
+        print(line)
     if ns.json:
         with open(ns.json, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
@@ -263,7 +298,8 @@ def main() -> None:
 
 def step_costs(results: dict, base: dict) -> list[str]:
     """The verify step vs a plain decode step of ``base`` (a synchronous run: its forwards are
-    timed), and the draft steps (median forward ms, each with its sampling and host sync)."""
+    timed), and the draft steps (median ms: a draft model's step with its sampling, by CUDA
+    events; a head's step with its host sync)."""
     decode = base["forward_ms"].get("decode")
     lines = []
     for name, r in results.items():
@@ -272,6 +308,28 @@ def step_costs(results: dict, base: dict) -> list[str]:
                 lines.append(f"{name}: {kind} {ms:.2f} ms = {ms / decode:.2f}x a plain decode step ({decode:.2f} ms)")
             elif kind.startswith(("draft decode", "head")):
                 lines.append(f"{name}: draft step ({kind}) {ms:.2f} ms")
+    return lines
+
+
+def cycle_split(results: dict) -> list[str]:
+    """Per STANDALONE row: the wall time of one cycle (from tok/s and tokens per verify) against
+    the median forwards it runs (a verify, a draft catch-up extend, k - 1 draft decode steps); the
+    rest is host work the GPU did not hide (benchmarks/speculative_host.py splits it on the CPU).
+    tok/s counts the request's prefill too: with short outputs the rest overstates it."""
+    lines = []
+    for name, r in results.items():
+        m = re.search(r"STANDALONE .* k=(\d+)", name)
+        ms = r["forward_ms"]
+        verify = next((v for k, v in ms.items() if k.startswith("verify")), None)
+        if not m or verify is None or "draft decode" not in ms:
+            continue
+        k = int(m.group(1))
+        catch_up = next((v for key, v in ms.items() if key.startswith("draft extend")), ms["draft decode"])
+        forwards = verify + catch_up + (k - 1) * ms["draft decode"]
+        cycle = 1000 * r["stats"].get("spec_accept_length", 1.0) / r["tok_s"]
+        lines.append(f"{name}: cycle {cycle:.2f} ms = forwards {forwards:.2f} ms (verify {verify:.2f}, draft "
+                     f"catch-up {catch_up:.2f}, {k - 1} x draft decode {ms['draft decode']:.2f}) + "
+                     f"{cycle - forwards:.2f} ms outside them")
     return lines
 
 

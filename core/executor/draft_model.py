@@ -2,10 +2,13 @@
 
 It owns a ModelRunner of its own (weights, KV pool of page size 1, req_to_token rows), built
 through DraftContext.make_draft_model (core/speculative.py), and keeps per request the token
-ids whose KV it holds. ``propose`` brings each request's draft KV up to its current tokens (one
-batched extend over what it has not seen: the tokens the target accepted since, always at least
-the request's last token), samples the first draft there, then runs batched decode steps for the
-rest of the chain.
+ids whose KV it holds. ``propose`` runs one cycle: it allocates
+each request's KV for the whole cycle at once (its unseen tokens: the tokens the target accepted
+since, always at least the request's last token; and the depth - 1 drafts it feeds back), brings
+the draft KV up to the request's tokens in one batched extend that samples the first draft, then
+runs batched decode steps for the rest of the chain. The drafts stay on the device between steps
+(each step's sampled ids are the next step's input ids; positions, slots and seed positions of
+every step are built once per cycle), and one ``tolist`` at the end is the cycle's only host sync.
 
 Invariants, per request between calls:
   - ``state.ids`` are the tokens whose KV is in ``req_to_token[state.row, :len(state.ids)]``;
@@ -25,12 +28,12 @@ prompt) run eagerly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
 
-from kvyard.forward_batch import ForwardMode
+from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.scheduler.req import Req
 from kvyard.scheduler.schedule_batch import ScheduleBatch
@@ -54,30 +57,26 @@ class DraftModel:
         self.req_to_token = runner.req_to_token
         self.vocab_size = runner.model_config.vocab_size
         self._states: dict[str, _DraftState] = {}
+        self._info_key: tuple = ()                  # _sampling_info's cache
+        self._info: Optional[SamplingBatchInfo] = None
+        self._info_reqs: list[Req] = []
 
     # -- public --------------------------------------------------------------------------------
     def propose(self, inputs: Sequence, depth: Sequence[int]) -> list[list[int]]:
         """inputs: DraftInputs; depth [B]: chain length wanted per request (0: none)."""
         chains: list[list[int]] = [[] for _ in inputs]
-        live = []
-        for i, (inp, n) in enumerate(zip(inputs, depth)):
-            if n > 0 and self._sync(inp):
-                live.append(i)
-        if not live:
+        live = [i for i, (inp, n) in enumerate(zip(inputs, depth)) if n > 0 and self._sync(inp)]
+        cycle = self._plan(live, inputs, depth)
+        if cycle is None:
             return chains
-        firsts = self._extend([inputs[i] for i in live])
-        for i, tok in zip(live, firsts):
-            if tok is not None:
-                chains[i].append(tok)
-        for step in range(1, max(depth[i] for i in live)):
-            more = [i for i in live if chains[i] and len(chains[i]) == step and depth[i] > step]
-            if not more:
-                break
-            nexts = self._decode([inputs[i] for i in more], [chains[i][-1] for i in more],
-                                 [len(inputs[i].token_ids) + step for i in more])
-            for i, tok in zip(more, nexts):
-                if tok is not None:
-                    chains[i].append(tok)
+        try:
+            drafts = self._run(cycle).tolist()      # the cycle's one host sync: [L, max depth]
+        except Exception:
+            self._abandon(cycle)
+            raise
+        for k, i in enumerate(cycle.index):
+            chains[i] = drafts[k][:cycle.depth[k]]
+            cycle.states[k].ids += chains[i][:-1]     # fed back to the draft: their KV is written
         return chains
 
     def release(self, rid: str) -> None:
@@ -103,8 +102,8 @@ class DraftModel:
                       sampling_seed=inp.seed, req_pool_idx=row)
             state = self._states[inp.rid] = _DraftState(req)
         tokens = inp.token_ids
-        keep = 0
         limit = min(len(state.ids), len(tokens) - 1)      # the last token is always fed again
+        keep = limit if list(tokens[:limit]) == state.ids[:limit] else 0   # the usual case, at C speed
         while keep < limit and state.ids[keep] == tokens[keep]:
             keep += 1
         self._trim(state, keep)
@@ -117,64 +116,183 @@ class DraftModel:
             del state.ids[keep:]
 
     def _alloc(self, state: _DraftState, n: int) -> Optional[torch.Tensor]:
+        """int64 [n] slots for the next n positions of the request, written to its row."""
         kv_len = len(state.ids)
-        last = int(self.req_to_token.table[state.req.req_pool_idx, kv_len - 1]) if kv_len else 0
+        last = 0
+        if kv_len and self.allocator.page_size > 1:   # the slot before is read only to fill its page
+            last = int(self.req_to_token.table[state.req.req_pool_idx, kv_len - 1])
         slots = self.allocator.alloc_for_req(kv_len, last, n)
         if slots is not None:
             self.req_to_token.write(state.req.req_pool_idx, kv_len, slots)
         return slots
 
-    # -- forwards -------------------------------------------------------------------------------
-    def _extend(self, inputs: Sequence) -> list[Optional[int]]:
-        """Feeds each request's unseen tokens; the first draft of each (None: no KV room)."""
-        reqs, ids, positions, slots, prefix, lens, rows, sample_pos = [], [], [], [], [], [], [], []
-        for inp in inputs:
-            state = self._states[inp.rid]
-            new = list(inp.token_ids[len(state.ids):])
-            got = self._alloc(state, len(new))
-            if got is None:
+    # -- one cycle: the catch-up extend, then the chain's decode steps on the device -----------
+    def _plan(self, live: list[int], inputs: Sequence, depth: Sequence[int]) -> Optional["_Cycle"]:
+        """Allocates the KV of the whole cycle per request at once (its unseen tokens and the
+        depth - 1 drafts it feeds back); a request without room gets no draft. None: none left."""
+        cycle = _Cycle()
+        for i in live:
+            state, n = self._states[inputs[i].rid], depth[i]
+            new = list(inputs[i].token_ids[len(state.ids):])
+            slots = self._alloc(state, len(new) + n - 1)
+            if slots is None:
                 continue
-            reqs.append(state.req)
-            prefix.append(len(state.ids))
-            positions += range(len(state.ids), len(state.ids) + len(new))
-            ids += new
-            lens.append(len(new))
-            rows.append(len(ids) - 1)
-            slots.append(got)
+            cycle.add(i, state, new, slots, n, len(inputs[i].token_ids))
             state.ids += new
-            sample_pos.append(len(inp.token_ids))
-        if not reqs:
-            return [None] * len(inputs)
-        batch = self._batch(ForwardMode.EXTEND, reqs, ids, positions, slots, prefix, lens, rows)
-        out = iter(self.runner.forward(batch, sample_pos).next_ids)
-        done = {id(r) for r in reqs}
-        return [next(out) if id(self._states[inp.rid].req) in done else None for inp in inputs]
+        return cycle.finish() if cycle.reqs else None
 
-    def _decode(self, inputs: Sequence, tokens: list[int], sample_pos: list[int]) -> list[Optional[int]]:
-        reqs, slots, prefix, positions, fed, keep_pos = [], [], [], [], [], []
-        for inp, tok, pos in zip(inputs, tokens, sample_pos):
-            state = self._states[inp.rid]
-            got = self._alloc(state, 1)
-            if got is None:
-                continue
-            reqs.append(state.req)
-            prefix.append(len(state.ids))
-            positions.append(len(state.ids))
-            slots.append(got)
-            fed.append(tok)
-            keep_pos.append(pos)
-            state.ids.append(tok)
-        if not reqs:
-            return [None] * len(inputs)
-        batch = self._batch(ForwardMode.DECODE, reqs, fed, positions, slots, prefix, [1] * len(reqs),
-                            list(range(len(reqs))))
-        out = iter(self.runner.forward(batch, keep_pos).next_ids)
-        done = {id(r) for r in reqs}
-        return [next(out) if id(self._states[inp.rid].req) in done else None for inp in inputs]
+    def _abandon(self, cycle: "_Cycle") -> None:
+        """A failed cycle: its chain slots go back and each request's draft KV back to what it
+        held before the cycle (the extend may not have written its tokens)."""
+        for k, state in enumerate(cycle.states):
+            if cycle.depth[k] > 1:
+                self.allocator.free(cycle.chain_slots[:cycle.depth[k] - 1, k])
+            self._trim(state, cycle.prefix[k])
 
-    def _batch(self, mode, reqs, ids, positions, slots, prefix, lens, rows) -> ScheduleBatch:
-        batch = ScheduleBatch(mode=mode, reqs=reqs, input_ids=ids, positions=positions,
-                              out_cache_loc=torch.cat(slots), prefix_lens=prefix, extend_lens=lens,
-                              sample_rows=rows, sample_req_idx=list(range(len(reqs))))
-        batch.sampling_info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.runner.device)
-        return batch
+    def _run(self, cycle: "_Cycle") -> torch.Tensor:
+        """int64 [L, max depth] the drafts, left on the device: the catch-up extend samples column
+        0; decode step j feeds column j - 1 back as its input ids. The first step's ForwardBatch
+        is the extend's with decode rows (device tensors, nothing copied from the host); step j
+        reuses it with row j of tables built once per cycle (positions, seq lens, slots, sample
+        positions), so a step makes no host list into a tensor and reads nothing back; only when
+        a shorter chain ends is a ForwardBatch prepared again, for the requests left."""
+        runner, L, D = self.runner, len(cycle.reqs), max(cycle.depth)
+        long = dict(dtype=torch.int64, device=runner.device)
+        info = self._sampling_info(cycle.reqs)
+        steps = torch.arange(D, **long)                                   # [D]
+        # step-major [D, L] tables: a step's row is a contiguous view (kernels take contiguous slots)
+        sample_pos = steps[:, None] + torch.tensor(cycle.sample_pos, **long)   # seed position per draft
+        chain_slots = cycle.chain_slots.to(runner.device)                      # [D - 1, L], once per cycle
+        extend_fb = runner.prepare(cycle.extend_batch())
+        cols = [runner.sample_on_device(extend_fb, info, sample_pos[0])]
+        rows: list[Optional[torch.Tensor]] = [None]   # per step: the cycle rows it ran (None: all)
+        members = None
+        for step in range(1, D):
+            now = [k for k in range(L) if cycle.depth[k] > step]
+            if now != members:           # the first step, or a chain ended: new tensors
+                members, first = now, step
+                index = None if len(now) == L else torch.tensor(now, **long)
+                pick = (lambda t: t) if index is None else (lambda t: t[:, index])
+                step_info = info if index is None else self._sampling_info([cycle.reqs[k] for k in now])
+                slots, seeds = pick(chain_slots)[step - 1:], pick(sample_pos)[step:]   # [D - step, B]
+                prev = cols[-1] if rows[-1] is None and index is None else _gather(cols, rows, now, L)
+                if step == 1 and index is None:   # every request: from the extend's device tensors
+                    fb = _decode_after(extend_fb, prev, cycle.decode_lens(now, 0), slots[0])
+                else:
+                    fb = runner.prepare(cycle.decode_batch(now, slots[0], step - 1))
+                ahead = steps[:D - step, None]                                                  # [D - step, 1]
+                positions, seq_lens = ahead + fb.positions, ahead + fb.seq_lens
+                host_lens = fb.seq_lens_cpu
+            shift = step - first
+            if shift:                    # the same ForwardBatch, one position further
+                fb.positions, fb.seq_lens, fb.out_cache_loc = positions[shift], seq_lens[shift], slots[shift]
+                fb.seq_lens_cpu = [n + shift for n in host_lens]
+                fb.extend_prefix_lens_cpu = [n - 1 for n in fb.seq_lens_cpu]
+                fb.attn_metadata, fb.captured = None, {}
+            fb.input_ids = prev
+            prev = runner.sample_on_device(fb, step_info, seeds[shift])
+            cols.append(prev)
+            rows.append(index)
+        return _stack(cols, rows, L)
+
+    def _sampling_info(self, reqs: list[Req]) -> SamplingBatchInfo:
+        """The draft batch's sampling tensors, kept while the same requests draft (batch 1 every
+        cycle): a draft Req's settings never change and drafted requests have no penalty state."""
+        key = tuple(id(r) for r in reqs)      # _info_reqs holds them: no id is reused meanwhile
+        if self._info_key != key:
+            self._info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.runner.device)
+            self._info_key, self._info_reqs = key, list(reqs)
+        return self._info
+
+
+def _decode_after(extend_fb: ForwardBatch, input_ids: torch.Tensor, kv: list[int],
+                  slots: torch.Tensor) -> ForwardBatch:
+    """The first chain step's decode ForwardBatch of every request of the catch-up extend
+    ``extend_fb``, built from its device tensors (no host list copied to the device): each
+    request's position is the extend's sequence length (kv [B], the same on the host); input_ids
+    [B] the drafts the extend sampled; slots [B] the step's KV slots."""
+    rows = torch.arange(extend_fb.batch_size, dtype=torch.int64, device=extend_fb.positions.device)
+    return replace(extend_fb, mode=ForwardMode.DECODE, input_ids=input_ids, positions=extend_fb.seq_lens,
+                   out_cache_loc=slots, seq_lens=extend_fb.seq_lens + 1, seq_lens_cpu=[n + 1 for n in kv],
+                   extend_prefix_lens_cpu=list(kv), extend_seq_lens_cpu=[1] * len(kv), extend_start_loc=rows,
+                   logits_indices=rows, attn_metadata=None, captured={}, spec_tree=None, spec_verify=False,
+                   hidden_indices=None, extras={})
+
+
+def _gather(cols: list, rows: list, members: list[int], n: int) -> torch.Tensor:
+    """[len(members)] the last column's tokens of cycle rows ``members`` (each ran that step)."""
+    return _stack(cols[-1:], rows[-1:], n)[members, 0]
+
+
+def _stack(cols: list, rows: list, n: int) -> torch.Tensor:
+    """int64 [n, len(cols)] column j = cols[j] at cycle rows rows[j] (None: all n), 0 elsewhere."""
+    if all(r is None for r in rows):
+        return torch.stack(cols, dim=1)
+    out = torch.zeros((n, len(cols)), dtype=torch.int64, device=cols[0].device)
+    for j, (col, r) in enumerate(zip(cols, rows)):
+        if r is None:
+            out[:, j] = col
+        else:
+            out[r, j] = col
+    return out
+
+
+@dataclass
+class _Cycle:
+    """One propose call's requests (L of them, in the caller's order) and their host lists: the
+    catch-up extend's, and ``chain_slots`` int64 [max depth - 1, L] the slots of each chain
+    step (a shorter chain's column padded with slot 0, never written: a request leaves the decode
+    steps once its chain is complete)."""
+    index: list[int] = field(default_factory=list)          # [L] the caller's index of each
+    states: list = field(default_factory=list)               # [L] _DraftState
+    reqs: list = field(default_factory=list)                 # [L] their draft Reqs
+    depth: list[int] = field(default_factory=list)           # [L] chain length wanted
+    ids: list[int] = field(default_factory=list)             # [T] the extend's new tokens
+    positions: list[int] = field(default_factory=list)       # [T]
+    prefix: list[int] = field(default_factory=list)          # [L] draft KV before the extend
+    lens: list[int] = field(default_factory=list)            # [L] new tokens each
+    rows: list[int] = field(default_factory=list)            # [L] the extend's sample row of each
+    extend_slots: list = field(default_factory=list)         # [L] int64 [lens[k]]
+    chain_slots: object = field(default_factory=list)        # [L] int64 [depth - 1]; finish: [D - 1, L]
+    sample_pos: list[int] = field(default_factory=list)      # [L] seq length at the first draft
+
+    def add(self, index: int, state: _DraftState, new: list[int], slots: torch.Tensor, depth: int,
+            seq_len: int) -> None:
+        kv = len(state.ids)
+        self.index.append(index)
+        self.states.append(state)
+        self.reqs.append(state.req)
+        self.depth.append(depth)
+        self.prefix.append(kv)
+        self.positions += range(kv, kv + len(new))
+        self.ids += new
+        self.lens.append(len(new))
+        self.rows.append(len(self.ids) - 1)
+        self.extend_slots.append(slots[:len(new)])
+        self.chain_slots.append(slots[len(new):])
+        self.sample_pos.append(seq_len)
+
+    def finish(self) -> "_Cycle":
+        width = max(self.depth) - 1
+        self.chain_slots = torch.stack([torch.nn.functional.pad(s, (0, width - s.numel()))
+                                        for s in self.chain_slots], dim=1).contiguous()   # [D - 1, L]
+        return self
+
+    def extend_batch(self) -> ScheduleBatch:
+        return ScheduleBatch(mode=ForwardMode.EXTEND, reqs=self.reqs, input_ids=self.ids,
+                             positions=self.positions, out_cache_loc=torch.cat(self.extend_slots),
+                             prefix_lens=self.prefix, extend_lens=self.lens, sample_rows=self.rows,
+                             sample_req_idx=list(range(len(self.reqs))))
+
+    def decode_lens(self, members: list[int], fed: int) -> list[int]:
+        """[len(members)] the draft KV length before the chain step that feeds draft ``fed``."""
+        return [self.prefix[k] + self.lens[k] + fed for k in members]
+
+    def decode_batch(self, members: list[int], slots: torch.Tensor, fed: int) -> ScheduleBatch:
+        """The chain step of requests ``members`` that feeds their draft ``fed`` (0: the first;
+        input ids are placeholders: the caller sets the device tensor of drafts)."""
+        reqs = [self.reqs[k] for k in members]
+        kv = self.decode_lens(members, fed)
+        return ScheduleBatch(mode=ForwardMode.DECODE, reqs=reqs, input_ids=[0] * len(reqs), positions=kv,
+                             out_cache_loc=slots, prefix_lens=kv, extend_lens=[1] * len(reqs),
+                             sample_rows=list(range(len(reqs))), sample_req_idx=list(range(len(reqs))))

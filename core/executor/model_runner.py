@@ -436,6 +436,14 @@ class ModelRunner:
         result.captured_hidden = captured_hidden(fb)
         return result
 
+    @torch.inference_mode()
+    def sample_on_device(self, fb: ForwardBatch, sampling_info, positions: torch.Tensor) -> torch.Tensor:
+        """int64 [S] the tokens sampled at the sample rows of a ``prepare``d batch (no logprobs),
+        left on the device: no host sync (a draft model's chain feeds them to its next step);
+        positions [S] int64 on the device, as ``forward``'s."""
+        logits, _ = self.forward_outputs(fb)
+        return self.sampler(logits, sampling_info, positions).next_ids
+
     # -- overlap scheduling hooks (core/executor/overlap_worker.py runs them on its thread) ----
     @torch.inference_mode()
     def forward_outputs(self, fb: ForwardBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -444,7 +444,9 @@ class Scheduler(OutputProcessorMixin, ContinuousDecodeMixin):
         return n
 
     def _alloc(self, req: Req, n: int) -> Optional[torch.Tensor]:
-        last_loc = int(self.req_to_token.table[req.req_pool_idx, req.kv_len - 1]) if req.kv_len else 0
+        # the slot before is read (a device-to-host copy) only where it has a partly filled page
+        last_loc = int(self.req_to_token.table[req.req_pool_idx, req.kv_len - 1]) \
+            if req.kv_len and self.page_size > 1 else 0
         need = self.allocator.pages_needed(req.kv_len, n) * self.page_size
         if self.allocator.available() < need:
             self.cache.evict(need - self.allocator.available())

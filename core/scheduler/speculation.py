@@ -50,6 +50,9 @@ class Speculation:
         self.config = config
         self.context_length = context_length
         self.stats = SpecStats()
+        self._verify_key: tuple = ()            # _verify_sampling_info's cache
+        self._verify_reqs: list[Req] = []
+        self._verify_info: Optional[SamplingBatchInfo] = None
 
     # -- proposing ------------------------------------------------------------------------------
     def draft_room(self, req: Req) -> tuple[int, int]:
@@ -82,8 +85,7 @@ class Speculation:
         return drafts
 
     # -- the verify batch -----------------------------------------------------------------------
-    @staticmethod
-    def verify_batch(reqs: list[Req], drafts: list[DraftTree], slots: list[torch.Tensor],
+    def verify_batch(self, reqs: list[Req], drafts: list[DraftTree], slots: list[torch.Tensor],
                      vocab_size: int, device, eos_token_ids: list[int]) -> ScheduleBatch:
         """reqs [B] with their draft trees and their allocated slots [1 + len(drafts[i])] each."""
         input_ids, positions, rows, row_req, offsets = [], [], [], [], []
@@ -100,9 +102,23 @@ class Speculation:
             out_cache_loc=torch.cat(slots), prefix_lens=[r.kv_len for r in reqs],
             extend_lens=[1 + len(d) for d in drafts], sample_rows=rows, sample_req_idx=row_req,
             sample_offsets=offsets, draft_tokens=drafts)
-        batch.sampling_info = SamplingBatchInfo.from_reqs([reqs[i] for i in row_req], vocab_size, device,
-                                                          eos_token_ids=eos_token_ids)
+        batch.sampling_info = self._verify_sampling_info(reqs, row_req, vocab_size, device, eos_token_ids)
         return batch
+
+    def _verify_sampling_info(self, reqs: list[Req], row_req: list[int], vocab_size: int, device,
+                              eos_token_ids: list[int]) -> SamplingBatchInfo:
+        """The verify batch's sampling tensors (one row per verify row), kept while the same
+        requests verify the same number of rows each (batch 1 at full drafts: every cycle). Only
+        without host sampling state (penalties, grammar, ...): then the tensors depend on each
+        request's settings and seed alone, which never change."""
+        key = tuple(id(reqs[i]) for i in row_req)       # _verify_reqs holds them: no id is reused
+        if key != self._verify_key or any(needs_host_state(r) for r in reqs):
+            info = SamplingBatchInfo.from_reqs([reqs[i] for i in row_req], vocab_size, device,
+                                               eos_token_ids=eos_token_ids)
+            if any(needs_host_state(r) for r in reqs):
+                return info
+            self._verify_key, self._verify_reqs, self._verify_info = key, list(reqs), info
+        return self._verify_info
 
     # -- the target's hidden states (draft heads) ----------------------------------------------
     def observe(self, batch: ScheduleBatch, result: StepResult, owned: Sequence[int]) -> None:

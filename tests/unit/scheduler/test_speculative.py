@@ -225,3 +225,52 @@ def test_ngram_trie_workload_equals_plain_decoding(tiny_models, overlap, samplin
     assert_same_outputs(plain, spec)
     stats = sched.speculation.stats
     assert stats.verify_steps > 0 and stats.accepted > 0
+
+
+def test_draft_model_chains_of_different_lengths_in_one_cycle(tiny_models, hf_greedy):
+    """The draft model's cycle (one KV allocation per request, drafts kept on the device between
+    steps, one host sync): requests whose chains end at different steps leave the batch and the
+    rest keep drafting; a second cycle after accepted and rejected drafts trims and catches up; a
+    cycle failing midway gives its slots back; release gives every slot back. A self-draft's greedy chains are the target's continuations."""
+    from kvyard.speculative import DraftInput
+
+    path, hf_model = tiny_models["llama"]
+    sched = build_scheduler(ServerArgs(
+        model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=512, log_level="warning",
+        disable_overlap_schedule=True, speculative_algorithm="STANDALONE", speculative_draft_model_path=path,
+        speculative_num_steps=4))
+    draft = sched.speculation.algorithm.draft
+    free = draft.allocator.available()
+    prompts = {"a": [5, 6, 7, 8], "b": [9, 10, 11, 12, 13, 14], "c": [20, 21], "d": [30, 31, 32]}
+    depth = {"a": 4, "b": 2, "c": 0, "d": 3}
+    full = {rid: hf_greedy(hf_model, p, 8) for rid, p in prompts.items()}
+
+    def inputs(tokens):
+        return [DraftInput(rid=rid, token_ids=ids, max_draft_len=4, seed=0, sampling_params=make_params(8))
+                for rid, ids in tokens.items()]
+
+    chains = draft.propose(inputs(prompts), list(depth.values()))
+    assert chains == [full[rid][:n] for rid, n in depth.items()]
+    # the target accepted a's four drafts (+ its bonus), rejected b's second, d's first
+    gained = {"a": full["a"][:5], "b": full["b"][:1] + [99], "c": full["c"][:1], "d": [98]}
+    tokens = {rid: prompts[rid] + g for rid, g in gained.items()}
+    chains = draft.propose(inputs(tokens), [3, 1, 2, 4])
+    expect = {rid: hf_greedy(hf_model, ids, n) for (rid, ids), n in zip(tokens.items(), [3, 1, 2, 4])}
+    assert chains == list(expect.values())
+    # a cycle that fails midway gives its slots back and leaves the draft KV consistent
+    real, calls = draft.runner.sample_on_device, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a failed draft step")
+        return real(*args)
+    draft.runner.sample_on_device = failing
+    with pytest.raises(RuntimeError, match="a failed draft step"):
+        draft.propose(inputs(tokens), [4, 4, 4, 4])
+    del draft.runner.sample_on_device
+    assert draft.propose(inputs(tokens), [3, 1, 2, 4]) == list(expect.values())
+    for rid in prompts:
+        draft.release(rid)
+    assert draft.allocator.available() == free
+    sched.close()
