@@ -1256,11 +1256,25 @@ void dense_block_kmajor(const at::Tensor& w, int64_t qtype, int64_t K, int64_t n
 
 // [K, DENSE_BN] -> [K/2, DENSE_BN, 2]: the pairs of K next to each other (the bf16 micro-kernel's B).
 void to_vnni(const c10::BFloat16* kmajor, int64_t K, c10::BFloat16* vnni) {
+#ifdef KVYARD_AVX512
+  static_assert(DENSE_BN % 32 == 0);
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                      36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t k = 0; k < K; k += 2)
+    for (int64_t r = 0; r < DENSE_BN; r += 32) {   // 32 columns of rows k and k + 1 -> 64 pairs
+      const __m512i a = _mm512_loadu_si512(kmajor + k * DENSE_BN + r);
+      const __m512i b = _mm512_loadu_si512(kmajor + (k + 1) * DENSE_BN + r);
+      _mm512_storeu_si512(vnni + k * DENSE_BN + 2 * r, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(vnni + k * DENSE_BN + 2 * r + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+#else
   for (int64_t k = 0; k < K; k += 2)
     for (int64_t r = 0; r < DENSE_BN; ++r) {
-      vnni[(k * DENSE_BN) + 2 * r] = kmajor[k * DENSE_BN + r];
-      vnni[(k * DENSE_BN) + 2 * r + 1] = kmajor[(k + 1) * DENSE_BN + r];
+      vnni[k * DENSE_BN + 2 * r] = kmajor[k * DENSE_BN + r];
+      vnni[k * DENSE_BN + 2 * r + 1] = kmajor[(k + 1) * DENSE_BN + r];
     }
+#endif
 }
 
 // out[:, n0 : n0 + rows] = xg @ B, B the block's dequantized rows (see above).
