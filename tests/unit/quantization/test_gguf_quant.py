@@ -365,6 +365,13 @@ for qtype in sorted(k.SUPPORTED, key=int):
     y = k.matmul(x, data, layout, cols, path="int")
     err = ((y.double() - x.double() @ ref.T).abs().max() / (x.double() @ ref.T).abs().max()).item()
     assert err < 2e-4, (qtype.name, err)
+    # the dense path without the micro-kernel: one ATen gemm per block of weight rows
+    x = torch.randn(20, cols)
+    for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
+        y = torch.ops.kvyard_gguf.mm_dense(x.to(dtype), data, layout, cols, None, dtype == torch.bfloat16)
+        ref_y = x.to(dtype).double() @ ref.T
+        err = ((y.double() - ref_y).abs().max() / ref_y.abs().max()).item()
+        assert y.dtype == dtype and err < tol, (qtype.name, dtype, err)
 print("portable ok")
 """
 
