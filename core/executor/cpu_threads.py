@@ -9,7 +9,10 @@ reads how much CPU time the rest of the machine used on this process's cores (/p
 back up when the other work stops. Without /proc (not Linux) the count stays as configured.
 
 Invariant: the count only changes between steps, in the thread that runs them (OpenMP's thread
-count is that thread's setting). Off: ``--disable-cpu-thread-adaptation``.
+count is that thread's setting). It changes speed, not results: kvyard's CPU kernels sum every
+value in an order the shapes fix (docs/architecture.md; float weights, multiplied by torch's own
+gemm, are not there yet).
+Off: ``--disable-cpu-thread-adaptation``.
 """
 from __future__ import annotations
 

@@ -20,10 +20,12 @@
 //             AVX2 kernel at M = 1); Q5_0/Q5_1 stay planar (int_rows_planar, WIDE: 512-bit pair dots). The SIMD level
 //             is read per call (simd_level: the build's best unless set_simd_level lowered it);
 //             x is read as it comes (float32 or bfloat16) and y written in x's dtype, no copies.
-//   mm_dense  M large (prefill, big batches): rows are dequantized in chunks to fp32 (or bf16
-//             where the CPU multiplies bf16 natively) and handed to the BLAS gemm.
-//             X16 weights are dequantized K-major ([K, rows]), their natural order.
-// Both run on ATen's intra-op thread pool (OpenMP), split over output rows.
+//   mm_dense  M large (prefill, big batches): rows are dequantized in blocks of 64 to fp32 (or
+//             bf16 where the CPU multiplies bf16 natively), K-major ([K, rows]: X16 weights'
+//             natural order), and multiplied by oneDNN's brgemm micro-kernel over the whole K,
+//             so the sums' order does not depend on the thread count (the library gemm's did).
+// Both run on ATen's intra-op thread pool (OpenMP), split over output rows; every output value
+// is computed by one thread in an order fixed by the shapes: the same bits on any thread count.
 //   native_linear  mm_int as a kvyard_native.h descriptor, for the C++ decode step: the same
 //             activation quantization and row kernels (int_tiles), no dispatcher, no threads.
 //
@@ -34,7 +36,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/Context.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -1193,69 +1198,133 @@ std::tuple<at::Tensor, at::Tensor> native_linear(const at::Tensor& w, int64_t qt
   return {bytes, bias32};
 }
 
-// Dequantizes chunks of rows and multiplies each with one single-threaded gemm inside the
-// parallel region. Chunks are as large as a 4 MiB fp32 tile allows (bigger gemms run closer to
-// the BLAS peak) but at least one per thread, and at least 64 rows.
-int64_t dense_chunk_rows(int64_t N, int64_t K) {
-  const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t by_size = (int64_t(1) << 20) / K;
-  return std::max<int64_t>(64, std::min(per_thread, by_size));
+// ---- the dense path -------------------------------------------------------------------------
+//
+// out [M, N] float32 in blocks of DENSE_BN weight rows, one parallel task each: the task
+// dequantizes its rows K-major into its tile ([K, DENSE_BN]; bfloat16 pairs of K interleaved,
+// [K/2, DENSE_BN, 2], where the gemm is bf16), then runs one brgemm micro-kernel call over the whole
+// K per DENSE_BM activation rows. Invariant: an output value's summation order depends on the
+// shapes (M, N, K) alone, never on the thread count nor on which thread runs its block. A library
+// gemm (oneDNN, MKL) picks its blocking, a split of K among them, from the threads it sees, even
+// when it runs single-threaded inside a parallel region: its bf16 results moved by an ulp between
+// 1 and 2 threads, and greedy tokens with them. The micro-kernel (oneDNN's, through
+// at::native::cpublas) has no threads of its own; where it is missing (not x86, oneDNN switched
+// off), each block is one ATen gemm instead, as deterministic as that library.
+constexpr int64_t DENSE_BN = 64, DENSE_BM = 32;
+
+// Whether at::native::cpublas::brgemm runs oneDNN's micro-kernel for this gemm dtype here; it
+// needs oneDNN switched on (torch.backends.mkldnn). float32: from AVX2 on (below it cpublas calls
+// the BLAS gemm). bfloat16 in VNNI pairs: from AVX-512 on, found by one small call at first use
+// (cpublas raises where that micro-kernel is missing, e.g. oneDNN capped to an older ISA).
+bool dense_ukernel(bool bf16_gemm) {
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+#ifdef KVYARD_AVX2
+  if (!bf16_gemm) return true;
+  static const bool bf16 = [] {
+    std::vector<c10::BFloat16> a(2 * 32), b(32 * 16);
+    std::vector<float> c(2 * 16);
+    try {
+      at::native::cpublas::brgemm(2, 16, 32, 32, 16, 16, false, a.data(), b.data(), c.data(), true);
+      at::native::cpublas::brgemm_release(true);
+      return true;
+    } catch (const std::exception&) {   // c10::Error, or oneDNN's when it generates no kernel
+      return false;
+    }
+  }();
+  return bf16;
+#else
+  (void)bf16_gemm;
+  return false;
+#endif
 }
 
-// out[:, n0 : n0 + rows] = xg @ fill(tile, n0, rows) for the chunks of `chunk` weight rows, each
-// thread with one tile of tile_shape that fill dequantizes into (returning the [K, rows] operand).
-// One single-threaded gemm per chunk inside the parallel region.
-template <class Fill>
-void dense_chunks(const at::Tensor& xg, at::Tensor& out, int64_t chunk, std::vector<int64_t> tile_shape,
-                  Fill&& fill) {
-  const int64_t N = out.size(1);
-  // The pool's threads do not inherit the caller's inference mode; the tensor ops below
-  // (an in-place copy into `out`, an inference tensor under torch.inference_mode) need it.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    at::Tensor tile = at::empty(tile_shape, xg.options());
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = c * chunk, rows = std::min(chunk, N - n0);
-      out.narrow(1, n0, rows).copy_(at::mm(xg, fill(tile, n0, rows)));   // [M, rows]
-    }
+// Rows [n0, n0 + rows) of w dequantized K-major into kmajor[k * DENSE_BN + r].
+template <class T>
+void dense_block_kmajor(const at::Tensor& w, int64_t qtype, int64_t K, int64_t n0, int64_t rows, T* kmajor,
+                        std::vector<T>& row_major) {
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t N = w.size(0), row_bytes = w.size(1);
+  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {
+    dequant_x16_kmajor<decltype(fmt)>(wp, row_bytes, N, n0, n0 + rows, K, kmajor, DENSE_BN);
   });
+  if (x16) return;
+  row_major.resize(rows * K);
+  dispatch(qtype, [&](auto fmt) { dequant_rows<decltype(fmt)>(wp, row_bytes, n0, n0 + rows, K, row_major.data()); });
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; ++k) kmajor[k * DENSE_BN + r] = row_major[r * K + k];
+}
+
+// [K, DENSE_BN] -> [K/2, DENSE_BN, 2]: the pairs of K next to each other (the bf16 micro-kernel's B).
+void to_vnni(const c10::BFloat16* kmajor, int64_t K, c10::BFloat16* vnni) {
+#ifdef KVYARD_AVX512
+  static_assert(DENSE_BN % 32 == 0);
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                      36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t k = 0; k < K; k += 2)
+    for (int64_t r = 0; r < DENSE_BN; r += 32) {   // 32 columns of rows k and k + 1 -> 64 pairs
+      const __m512i a = _mm512_loadu_si512(kmajor + k * DENSE_BN + r);
+      const __m512i b = _mm512_loadu_si512(kmajor + (k + 1) * DENSE_BN + r);
+      _mm512_storeu_si512(vnni + k * DENSE_BN + 2 * r, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(vnni + k * DENSE_BN + 2 * r + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+#else
+  for (int64_t k = 0; k < K; k += 2)
+    for (int64_t r = 0; r < DENSE_BN; ++r) {
+      vnni[k * DENSE_BN + 2 * r] = kmajor[k * DENSE_BN + r];
+      vnni[k * DENSE_BN + 2 * r + 1] = kmajor[(k + 1) * DENSE_BN + r];
+    }
+#endif
+}
+
+// out[:, n0 : n0 + rows] = xg @ B, B the block's dequantized rows (see above).
+template <class T>
+void dense_block(const at::Tensor& xg, const at::Tensor& w, int64_t qtype, int64_t n0, int64_t rows, bool ukernel,
+                 std::vector<T>& kmajor, std::vector<T>& vnni, std::vector<T>& row_major, at::Tensor& out) {
+  const int64_t M = xg.size(0), K = xg.size(1), N = out.size(1);
+  dense_block_kmajor<T>(w, qtype, K, n0, rows, kmajor.data(), row_major);
+  float* y = out.data_ptr<float>() + n0;
+  if (!ukernel) {
+    const at::Tensor b = at::from_blob(kmajor.data(), {K, rows}, {DENSE_BN, 1}, xg.options());
+    out.narrow(1, n0, rows).copy_(at::mm(xg, b));
+    return;
+  }
+  const T* x = xg.data_ptr<T>();
+  const T* b = kmajor.data();
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    to_vnni(kmajor.data(), K, vnni.data());
+    b = vnni.data();
+  }
+  constexpr bool is_vnni = std::is_same_v<T, c10::BFloat16>;
+  for (int64_t m0 = 0; m0 < M; m0 += DENSE_BM)
+    at::native::cpublas::brgemm(std::min(DENSE_BM, M - m0), rows, K, K, DENSE_BN, N, false, x + m0 * K, b,
+                                y + m0 * N, is_vnni);
 }
 
 at::Tensor mm_dense(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t K,
                     const std::optional<at::Tensor>& bias, bool bf16_gemm) {
-  const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K,
               "kvyard_gguf: x must be a CPU tensor [M, ", K, "]");
-  const at::Tensor xg = x.to(gemm_dtype).contiguous();
-  const int64_t M = xg.size(0), N = w.size(0);
-  const int64_t CHUNK = dense_chunk_rows(N, K);
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  // X16: chunks of whole tiles, dequantized K-major ([K, rows]: the tile layout's natural order)
-  const bool x16 = dispatch_x16(qtype, [&](auto fmt) {
-    using X = decltype(fmt);
-    check_weight<typename X::Tail>(w, K);
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    const int64_t chunk = (CHUNK + X16_ROWS - 1) / X16_ROWS * X16_ROWS;
-    dense_chunks(xg, out, chunk, {K, chunk}, [&](at::Tensor& tile, int64_t n0, int64_t rows) {
-      if (bf16_gemm)
-        dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>(), chunk);
-      else
-        dequant_x16_kmajor<X>(wp, w.size(1), N, n0, n0 + rows, K, tile.data_ptr<float>(), chunk);
-      return tile.narrow(1, 0, rows);
-    });
-  });
-  if (!x16) dispatch(qtype, [&](auto fmt) {
-    using F = decltype(fmt);
-    check_weight<F>(w, K);
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    dense_chunks(xg, out, CHUNK, {CHUNK, K}, [&](at::Tensor& tile, int64_t n0, int64_t rows) {
-      if (bf16_gemm)
-        dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<c10::BFloat16>());
-      else
-        dequant_rows<F>(wp, w.size(1), n0, n0 + rows, K, tile.data_ptr<float>());
-      return tile.narrow(0, 0, rows).t();
-    });
+  check_int_weight(w, qtype, K);
+  const at::Tensor xg = x.to(bf16_gemm ? at::kBFloat16 : at::kFloat).contiguous();
+  const int64_t N = w.size(0);
+  const bool ukernel = dense_ukernel(bf16_gemm);
+  at::Tensor out = at::empty({xg.size(0), N}, x.options().dtype(at::kFloat));
+  // The pool's threads do not inherit the caller's inference mode; the fallback's tensor ops
+  // (an in-place copy into `out`, an inference tensor under torch.inference_mode) need it.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, (N + DENSE_BN - 1) / DENSE_BN, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      std::vector<T> kmajor(K * DENSE_BN), vnni(ukernel && bf16_gemm ? K * DENSE_BN : 0), row_major;
+      for (int64_t blk = b0; blk < b1; ++blk)
+        dense_block<T>(xg, w, qtype, blk * DENSE_BN, std::min(DENSE_BN, N - blk * DENSE_BN), ukernel, kmajor, vnni,
+                       row_major, out);
+    };
+    if (bf16_gemm) run(c10::BFloat16{});
+    else run(float{});
+    if (ukernel) at::native::cpublas::brgemm_release(bf16_gemm);
   });
   return finish(out, bias, x.scalar_type());
 }

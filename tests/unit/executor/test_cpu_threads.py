@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from kvyard.executor.cpu_threads import FreeCoreThreads, machine_busy_ticks, own_ticks
 from kvyard.server_args import ServerArgs
@@ -80,3 +81,69 @@ def test_proc_readers_count_this_process_within_the_machine():
 def test_the_flag_turns_adaptation_off():
     assert ServerArgs().runner_config().adapt_cpu_threads is True
     assert ServerArgs(disable_cpu_thread_adaptation=True).runner_config().adapt_cpu_threads is False
+
+
+# -- the numbers do not follow the thread count ---------------------------------------------------
+
+# token ids of two prompts: 40 tokens (their prefill takes the GGUF dense path in two activation
+# blocks) and 17 (one block)
+THREAD_PROMPTS = [[(37 * i) % 4000 + 100 for i in range(40)], [(53 * i) % 3000 + 900 for i in range(17)]]
+
+
+def step_logits(model_path: str, monkeypatch, threads=None, adapt: bool = False) -> list[torch.Tensor]:
+    """The logits of every step of THREAD_PROMPTS, one request at a time, greedy, in the default
+    model's dtype (auto: bfloat16 where the CPU multiplies it natively). ``threads(i)``: the thread
+    count step i runs with; ``adapt``: the adaptation on, its measurement replaced by a machine
+    whose free cores alternate between 2 and 1 every step."""
+    from kvyard.executor.model_runner import ModelRunner
+    from kvyard.sampling.params import SamplingParams
+    from kvyard.scheduler.io_struct import TokenizedGenerateReq
+    from kvyard.scheduler.process import build_scheduler
+
+    logits, forward_logits = [], ModelRunner.forward_logits
+
+    def recorded(self, fb):
+        if threads is not None:
+            torch.set_num_threads(threads(len(logits)))
+        out = forward_logits(self, fb)
+        logits.append(out.float().clone())
+        return out
+
+    def alternate(self):
+        self.threads = 1 if self.threads == 2 else 2
+        self.set_threads(self.threads)
+        return self.threads
+
+    before = torch.get_num_threads()
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelRunner, "forward_logits", recorded)
+        patch.setattr(FreeCoreThreads, "adjust", alternate)
+        sched = build_scheduler(ServerArgs(model_path=model_path, skip_tokenizer_init=True, max_total_tokens=1024,
+                                           num_threads=2, disable_cpu_thread_adaptation=not adapt,
+                                           log_level="warning"))
+        try:
+            for i, ids in enumerate(THREAD_PROMPTS):
+                p = SamplingParams.from_dict({"max_new_tokens": 5, "temperature": 0, "ignore_eos": True})
+                sched.add_request(TokenizedGenerateReq(f"r{i}", ids, p.normalize(None)))
+                while sched.has_work():
+                    sched.step()
+        finally:
+            sched.close()
+            torch.set_num_threads(before)
+    return logits
+
+
+def test_default_model_logits_equal_on_one_and_two_threads_and_with_adaptation(smollm2_path, monkeypatch):
+    """Every step's logits, prefill and decode, bit for bit: on 1 thread, on 2, switching between
+    them step by step (what the adaptation does on a busy machine), and with the adaptation on.
+    No reduction may be split by the thread count (the GGUF dense path's gemm once was: greedy
+    tokens of the default model then changed with --disable-cpu-thread-adaptation)."""
+    one = step_logits(smollm2_path, monkeypatch, threads=lambda i: 1)
+    runs = {"two": step_logits(smollm2_path, monkeypatch, threads=lambda i: 2),
+            "switching": step_logits(smollm2_path, monkeypatch, threads=lambda i: 1 + i % 2),
+            "adaptation": step_logits(smollm2_path, monkeypatch, adapt=True)}
+    assert len(one) == 2 * 5
+    for name, run in runs.items():
+        assert len(run) == len(one), name
+        for step, (a, b) in enumerate(zip(one, run)):
+            assert torch.equal(a, b), f"{name}: step {step} differs by {(a - b).abs().max().item()}"

@@ -173,6 +173,31 @@ def test_int_kernel_is_independent_of_threads_and_batch(qtype):
     assert torch.equal(torch.cat(rows), outs[0])
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("gemm", ["float32", "bfloat16"])
+def test_dense_path_is_independent_of_threads(qtype, gemm):
+    """The dense path's sums run in blocks whose shapes follow (M, N, K) alone: the same bits for
+    any thread count, in the float32 and the bf16 gemm (M = 37: activation blocks of 32 and 5;
+    N = 600: a last block of 24 weight rows)."""
+    cols = 576 if gguf.GGML_QUANT_SIZES[qtype][0] == 32 else 512
+    w = quantized(qtype, 600, cols)
+    data, layout = gguf_kernels.prepare(w.data, qtype, cols)
+    x = torch.randn(37, cols)
+    bf16 = gemm == "bfloat16"
+    if bf16:
+        x = x.bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.kvyard_gguf.mm_dense(x, data, layout, cols, None, bf16))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], y) for y in outs[1:])
+    assert relative_error(outs[0], x.double() @ reference(w).T) < (1e-2 if bf16 else 2e-6)
+
+
 def test_runs_under_inference_mode():
     """The dense path's worker threads must see the caller's inference mode (a model runs under
     torch.inference_mode; its output tensors may not be written in place outside it)."""
@@ -340,6 +365,13 @@ for qtype in sorted(k.SUPPORTED, key=int):
     y = k.matmul(x, data, layout, cols, path="int")
     err = ((y.double() - x.double() @ ref.T).abs().max() / (x.double() @ ref.T).abs().max()).item()
     assert err < 2e-4, (qtype.name, err)
+    # the dense path without the micro-kernel: one ATen gemm per block of weight rows
+    x = torch.randn(20, cols)
+    for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
+        y = torch.ops.kvyard_gguf.mm_dense(x.to(dtype), data, layout, cols, None, dtype == torch.bfloat16)
+        ref_y = x.to(dtype).double() @ ref.T
+        err = ((y.double() - ref_y).abs().max() / ref_y.abs().max()).item()
+        assert y.dtype == dtype and err < tol, (qtype.name, dtype, err)
 print("portable ok")
 """
 
