@@ -52,7 +52,10 @@ class _DraftState:
 class DraftModel:
     def __init__(self, runner):
         self.runner = runner
-        runner.enable_extend_graphs(CATCH_UP_TOKENS)
+        # a cycle writes its chain's slots into the row right after the catch-up tokens before the
+        # catch-up extend runs, so the extend's padded rows must not point those entries at the
+        # dummy slot (every entry of the zero-initialized table is a slot of this pool anyway)
+        runner.enable_extend_graphs(CATCH_UP_TOKENS, pad_table_entries=False)
         self.allocator = runner.allocator
         self.req_to_token = runner.req_to_token
         self.vocab_size = runner.model_config.vocab_size

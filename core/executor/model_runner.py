@@ -143,13 +143,15 @@ class ModelRunner:
         if type(self.decode_graphs) is CudaGraphRunner:   # not the torch.compile subclass
             self.decode_graphs = self._init_decode_graphs()
         if self.extend_graphs is not None:
-            self.enable_extend_graphs(self.extend_graphs.width)
+            self.enable_extend_graphs(self.extend_graphs.width, self.extend_graphs.pad_table_entries)
 
-    def enable_extend_graphs(self, tokens_per_req: int) -> None:
+    def enable_extend_graphs(self, tokens_per_req: int, pad_table_entries: bool = True) -> None:
         """CUDA graphs for extends of at most ``tokens_per_req`` new tokens per request (the
         speculative verify step; kvyard.executor.extend_graph_runner), where decode steps have
         CUDA graphs (so not with --disable-cuda-graph) and the attention backend can capture
-        extends; otherwise those steps stay eager (logged)."""
+        extends; otherwise those steps stay eager (logged). ``pad_table_entries=False``: the
+        caller has written slots it still needs past a request's new tokens (the runner's
+        docstring)."""
         from kvyard.executor.extend_graph_runner import ExtendGraphRunner
 
         if type(self.decode_graphs) is not CudaGraphRunner or self.decode_graphs.buffers is None:
@@ -163,7 +165,7 @@ class ModelRunner:
             return
         runner = ExtendGraphRunner(self.decode_graphs.config, tokens_per_req, self._graph_step, self.attn_backend,
                                    self.kv_pool, self.req_to_token.table, self.max_running_requests, self.device,
-                                   capture_layers=self.capture_layers)
+                                   capture_layers=self.capture_layers, pad_table_entries=pad_table_entries)
         runner.capture()
         self.extend_graphs = runner
 
@@ -318,7 +320,7 @@ class ModelRunner:
         if self.decode_graphs is not None:
             self.decode_graphs = self._init_decode_graphs()  # graphs captured the old weights
         if self.extend_graphs is not None:
-            self.enable_extend_graphs(self.extend_graphs.width)
+            self.enable_extend_graphs(self.extend_graphs.width, self.extend_graphs.pad_table_entries)
         logger.info("weights updated from %s", model_path)
 
     def _check_same_shape(self, old: ModelConfig, old_dtype: torch.dtype) -> None:

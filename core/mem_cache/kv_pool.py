@@ -85,8 +85,10 @@ class KVPool:
             return
         if self.is_fp8:
             fmax = torch.finfo(self.dtype).max
-            self.k_buffers[layer_id][loc] = (k.float() / self.k_scales[layer_id]).clamp(-fmax, fmax).to(self.dtype)
-            self.v_buffers[layer_id][loc] = (v.float() / self.v_scales[layer_id]).clamp(-fmax, fmax).to(self.dtype)
+            # times the reciprocal, not / scale: torch divides by a Python number differently on
+            # the CPU (true division) and CUDA (reciprocal product); the product is one value everywhere
+            self.k_buffers[layer_id][loc] = (k.float() * (1.0 / self.k_scales[layer_id])).clamp(-fmax, fmax).to(self.dtype)
+            self.v_buffers[layer_id][loc] = (v.float() * (1.0 / self.v_scales[layer_id])).clamp(-fmax, fmax).to(self.dtype)
             return
         if k.dtype == self.dtype and loc.dtype == torch.int64 and use_cpu_kernel("kv_write", k):
             cpu_ops.write_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k, v)

@@ -38,8 +38,9 @@ def test_fused_expand_bf16(fan_in, sizes, seg_lens, slots):
     torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
 
 
-def test_fused_serving_through_graphs_matches_peft(tmp_path):
+def test_fused_serving_through_graphs_matches_peft(tmp_path, monkeypatch):
     pytest.importorskip("peft")
+    from kvyard.executor.cuda_graph_runner import CudaGraphCapture
     from lora_fixtures import make_adapters, peft_greedy, peft_model, run, tiny_base
     from kvyard.scheduler.process import build_scheduler
     from kvyard.server_args import ServerArgs
@@ -55,10 +56,12 @@ def test_fused_serving_through_graphs_matches_peft(tmp_path):
     assert all(t.layer.lora_hook.fused for t in runner.lora.targets.values())
     prompts = {"qv": [5, 17, 33, 2, 9, 41, 7], "all": [3, 99, 14, 27, 8, 61, 22, 5], "mlp": [120, 7, 7, 44],
                None: [5, 17, 33, 2, 9, 41, 7]}
+    replays, replay = [], CudaGraphCapture.replay
+    monkeypatch.setattr(CudaGraphCapture, "replay", lambda self: replays.append(1) or replay(self))
     got = run(scheduler, [(f"r-{name}", prompt, name) for name, prompt in prompts.items()], steps=6)
     for name, prompt in prompts.items():
         tokens, logprobs = peft_greedy(base if name is None else peft_model(base, adapters[name]), prompt, 6)
         assert got[f"r-{name}"][0] == tokens, name
         assert got[f"r-{name}"][1] == pytest.approx(logprobs, abs=2e-3), name
-    assert sum(g.replays for g in runner.decode_graphs.graphs.values()) > 0
+    assert replays, "no decode step replayed a CUDA graph"
     scheduler.close()

@@ -2,9 +2,9 @@
 
 k/v [T, Hkv, D] (rows may be strided, each row's Hkv * D values contiguous); loc [T] slots;
 k_buf/v_buf [num_slots, Hkv, D]. Row t goes to slot loc[t], cast to the pool's dtype. An fp8
-pool (float8_e4m3fn / float8_e5m2) stores k / k_scale and v / v_scale saturated to the format's
-range, bit-identical to the torch expression in mem_cache/kv_pool.py (correctly rounded float32
-division, fp8 rounding to nearest even: fp8_quant.round_to_fp8).
+pool (float8_e4m3fn / float8_e5m2) stores k * fp32(1 / k_scale) and v * fp32(1 / v_scale) saturated to
+the format's range, bit-identical to the torch expression in mem_cache/kv_pool.py (a float32
+product, fp8 rounding to nearest even: fp8_quant.round_to_fp8).
 Grid (T, column blocks); k and v are copied by the same program.
 """
 from __future__ import annotations
@@ -21,14 +21,14 @@ _FP8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 
 
 @triton.jit
-def _to_fp8(x, scale, FMAX: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr):
-    v = tl.math.div_rn(x.to(tl.float32), scale)
+def _to_fp8(x, inv_scale, FMAX: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr):
+    v = x.to(tl.float32) * inv_scale
     return round_to_fp8(tl.minimum(tl.maximum(v, -FMAX), FMAX), MANT, EMIN)
 
 
 @triton.jit
 def _kv_write_kernel(K, V, LOC, K_BUF, V_BUF, stride_kt, stride_vt, stride_kb, stride_vb, WIDTH,
-                     k_scale, v_scale, BLOCK: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr,
+                     k_inv, v_inv, BLOCK: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr,
                      MANT: tl.constexpr, EMIN: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -37,8 +37,8 @@ def _kv_write_kernel(K, V, LOC, K_BUF, V_BUF, stride_kt, stride_vt, stride_kb, s
     k = tl.load(K + t * stride_kt + cols, mask=mask)
     v = tl.load(V + t * stride_vt + cols, mask=mask)
     if FP8:
-        k = _to_fp8(k, k_scale, FMAX, MANT, EMIN)
-        v = _to_fp8(v, v_scale, FMAX, MANT, EMIN)
+        k = _to_fp8(k, k_inv, FMAX, MANT, EMIN)
+        v = _to_fp8(v, v_inv, FMAX, MANT, EMIN)
     tl.store(K_BUF + slot * stride_kb + cols, k.to(K_BUF.dtype.element_ty), mask=mask)
     tl.store(V_BUF + slot * stride_vb + cols, v.to(V_BUF.dtype.element_ty), mask=mask)
 
@@ -51,7 +51,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """The scales divide k and v for an fp8 pool (ignored otherwise)."""
+    """For an fp8 pool k and v are multiplied by the float32 reciprocals of the scales (ignored
+    otherwise); the kernel takes them as float32 arguments, rounded as torch rounds 1.0 / scale."""
     t = loc.shape[0]
     if k.shape[0] != t or v.shape[0] != t:
         raise ValueError(f"k/v rows ({k.shape[0]}, {v.shape[0]}) must equal len(loc) = {t}")
@@ -68,4 +69,4 @@ def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: tor
         fmax = torch.finfo(k_buf.dtype).max if fp8 else 0.0
         _kv_write_kernel[(t, triton.cdiv(width, block))](
             k2, v2, loc, k_buf, v_buf, k2.stride(0), v2.stride(0), k_buf.stride(0), v_buf.stride(0),
-            width, float(k_scale), float(v_scale), BLOCK=block, FP8=fp8, FMAX=fmax, MANT=mant, EMIN=emin)
+            width, 1.0 / k_scale, 1.0 / v_scale, BLOCK=block, FP8=fp8, FMAX=fmax, MANT=mant, EMIN=emin)

@@ -23,14 +23,14 @@ pytest.importorskip("triton")
 PROMPTS = [[(7 * i + 3 * j) % 250 + 1 for j in range(5 + i)] for i in range(8)]
 
 
-def with_graphs(runner, width: int):
+def with_graphs(runner, width: int, pad_table_entries: bool = True):
     """The runner's decode steps and extends of up to ``width`` tokens through the graph runners,
     as on CUDA (on the CPU the capture factory is the eager stand-in)."""
     runner.decode_graphs = CudaGraphRunner(CudaGraphConfig(max_bs=8), runner._graph_step, runner.attn_backend,
                                            runner.kv_pool, runner.req_to_token.table, runner.max_running_requests,
                                            "cpu", capture_layers=runner.capture_layers)
     runner.decode_graphs.capture()
-    runner.enable_extend_graphs(width)
+    runner.enable_extend_graphs(width, pad_table_entries)
     assert runner.extend_graphs is not None
     return runner
 
@@ -55,7 +55,7 @@ def generate(path: str, prompts, graphs: bool, max_new: int = 10, **spec):
         algorithm = sched.speculation.algorithm
         if hasattr(algorithm, "draft"):               # STANDALONE: the draft model's own runner
             from kvyard.executor.draft_model import CATCH_UP_TOKENS
-            runners.append(with_graphs(algorithm.draft.runner, CATCH_UP_TOKENS))
+            runners.append(with_graphs(algorithm.draft.runner, CATCH_UP_TOKENS, pad_table_entries=False))  # as DraftModel
         else:                                         # a draft head: its chain steps
             head = algorithm.runner
             head.chain_graphs = head._init_chain_graphs(sched.runner)
