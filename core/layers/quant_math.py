@@ -20,9 +20,6 @@ FP8_E4M3 = torch.float8_e4m3fn
 FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max   # 448
 INT8_MAX = 127.0
 _TINY = 1e-12
-# _RECIPROCAL: scales are amax times the float32 reciprocal of the format's max, never amax / max:
-# torch divides by a Python number as a true division on the CPU but as a multiplication by the
-# reciprocal on CUDA, so only the product gives one value everywhere (the Triton kernels too).
 
 
 # -- fp8 -------------------------------------------------------------------------------------
@@ -36,13 +33,13 @@ def fp8_per_row(x: torch.Tensor, dtype: torch.dtype = FP8_E4M3) -> tuple[torch.T
     """x [R, C] -> (q [R, C] fp8, scale [R, 1] float32) with each row's amax mapped to the fp8 max.
     Serves per-channel weights (rows = output channels) and per-token activations alike."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY)
-    scale = amax * (1.0 / torch.finfo(dtype).max)    # see _RECIPROCAL
+    scale = amax / torch.finfo(dtype).max
     return fp8_quantize(x, scale, dtype), scale
 
 
 def fp8_per_tensor(x: torch.Tensor, dtype: torch.dtype = FP8_E4M3) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (q fp8, scale [] float32)."""
-    scale = x.abs().amax().float().clamp(min=_TINY) * (1.0 / torch.finfo(dtype).max)   # see _RECIPROCAL
+    scale = x.abs().amax().float().clamp(min=_TINY) / torch.finfo(dtype).max
     return fp8_quantize(x, scale, dtype), scale
 
 

@@ -1,8 +1,10 @@
-"""fp8 activation quantization in one launch, bit-identical to kvyard.layers.quant_math.
+"""fp8 activation quantization in one launch, bit-identical to kvyard.layers.quant_math on CUDA.
 
   per_token_fp8(x)        x [M, K] -> (q [M, K] float8_e4m3fn, scale [M, 1] float32) with
                           scale = max(amax(|x[m, :]|), 1e-12) * fp32(1 / 448) and q = e4m3(clamp(x / scale))
-                          (quant_math.fp8_per_row)
+                          (quant_math.fp8_per_row as torch runs it on CUDA: amax / 448.0, a Python
+                          number, is a product with the float32 reciprocal there, a true division
+                          on the CPU)
   static_fp8(x, scale)    x [M, K], scale one float32 value on the device -> q [M, K]
                           (quant_math.fp8_quantize with a per-tensor scale)
 
@@ -66,7 +68,8 @@ def _per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.co
         offs = k0 + tl.arange(0, BLOCK)
         xa = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(xa))
-    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * (1.0 / 448.0)   # quant_math._RECIPROCAL
+    # torch on CUDA computes quant_math's amax / 448 as amax times the float32 reciprocal
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * (1.0 / 448.0)
     tl.store(s_ptr + row, scale)
     _quantize_row(x_row, q_ptr + row * stride_qm, scale, K, BLOCK)
 
