@@ -47,6 +47,10 @@ CATCH_UP_TOKENS = 2      # widest catch-up extend captured as a CUDA graph (modu
 class _DraftState:
     req: Req                                   # the draft's view: row, sampling params, seed
     ids: list[int] = field(default_factory=list)
+    # host int64 copy of the slots last allocated: positions tail_start .. tail_start + len - 1
+    # (one cycle's); trimming within them frees from here, not from the device table
+    tail_start: int = 0
+    tail: Optional[torch.Tensor] = None
 
 
 class DraftModel:
@@ -110,10 +114,17 @@ class DraftModel:
         return True
 
     def _trim(self, state: _DraftState, keep: int) -> None:
-        if keep < len(state.ids):
-            row = self.req_to_token.table[state.req.req_pool_idx]
-            self.allocator.free(row[keep:len(state.ids)].to(torch.int64))
-            del state.ids[keep:]
+        """Frees the draft KV of positions keep.. (rejected drafts; all of it on release)."""
+        end = len(state.ids)
+        if keep >= end:
+            return
+        tail = state.tail
+        if tail is not None and state.tail_start <= keep and end <= state.tail_start + tail.numel():
+            freed = tail[keep - state.tail_start:end - state.tail_start]     # the usual case: no device read
+        else:
+            freed = self.req_to_token.table[state.req.req_pool_idx, keep:end].to(torch.int64)
+        self.allocator.free(freed)
+        del state.ids[keep:]
 
     def _alloc(self, state: _DraftState, n: int) -> Optional[torch.Tensor]:
         """int64 [n] slots for the next n positions of the request, written to its row."""
@@ -124,6 +135,7 @@ class DraftModel:
         slots = self.allocator.alloc_for_req(kv_len, last, n)
         if slots is not None:
             self.req_to_token.write(state.req.req_pool_idx, kv_len, slots)
+            state.tail_start, state.tail = kv_len, slots
         return slots
 
     # -- one cycle: the catch-up extend, then the chain's decode steps on the device -----------
