@@ -8,12 +8,18 @@ since, always at least the request's last token; and the depth - 1 drafts it fee
 the draft KV up to the request's tokens in one batched extend that samples the first draft, then
 runs batched decode steps for the rest of the chain. The drafts stay on the device between steps
 (each step's sampled ids are the next step's input ids; positions, slots and seed positions of
-every step are built once per cycle), and one ``tolist`` at the end is the cycle's only host sync.
+every step are built once per cycle) and after it: ``propose`` returns DeviceChains
+(core/speculative.py) whose tokens the verify batch takes on the device, and whose host copy,
+started when the chain ends, is read after the verify step's sync. Nothing here waits for the
+device.
 
 Invariants, per request between calls:
-  - ``state.ids`` are the tokens whose KV is in ``req_to_token[state.row, :len(state.ids)]``;
-    they are a prefix of what the request had when last proposed for plus the drafts fed back
-    (all but the last draft of each chain).
+  - ``state.ids`` plus the drafts of ``state.fed`` (the last cycle's, settled onto ``ids`` when
+    next needed) are the tokens whose KV is in ``req_to_token[state.row, :kv_len]``; they are a
+    prefix of what the request had when last proposed for plus the drafts fed back (all but
+    the last draft of each chain).
+  - ``state.tail`` holds the host slots of the positions allocated last (one cycle's), so
+    trimming rejected drafts reads nothing back from the device table.
   - at the next ``propose`` the longest common prefix with the request's tokens is kept and the
     rest (rejected drafts) is freed first.
 Each draft is sampled with the request's own sampling settings, seed and position, the same
@@ -37,6 +43,7 @@ from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.scheduler.req import Req
 from kvyard.scheduler.schedule_batch import ScheduleBatch
+from kvyard.speculative import DeviceDrafts
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,17 @@ class _DraftState:
     # (one cycle's); trimming within them frees from here, not from the device table
     tail_start: int = 0
     tail: Optional[torch.Tensor] = None
+    # the last cycle's drafts fed back, (DeviceDrafts, row, count): their KV is written, their
+    # ids join ``ids`` when next needed (by then on the host without a wait)
+    fed: Optional[tuple] = None
+
+
+def _settle(state: _DraftState) -> None:
+    """Appends the drafts fed back in the last cycle to ``state.ids``."""
+    if state.fed is not None:
+        drafts, row, n = state.fed
+        state.ids += drafts.host()[row][:n]
+        state.fed = None
 
 
 class DraftModel:
@@ -66,26 +84,30 @@ class DraftModel:
         self._info_reqs: list[Req] = []
 
     # -- public --------------------------------------------------------------------------------
-    def propose(self, inputs: Sequence, depth: Sequence[int]) -> list[list[int]]:
-        """inputs: DraftInputs; depth [B]: chain length wanted per request (0: none)."""
-        chains: list[list[int]] = [[] for _ in inputs]
+    def propose(self, inputs: Sequence, depth: Sequence[int]) -> list:
+        """inputs: DraftInputs; depth [B]: chain length wanted per request (0: none). Per request
+        a chain: [] or a DeviceChain whose tokens are still on the device (nothing here waits
+        for the draft steps: the verify batch is built around them)."""
+        chains: list = [[] for _ in inputs]
         live = [i for i, (inp, n) in enumerate(zip(inputs, depth)) if n > 0 and self._sync(inp)]
         cycle = self._plan(live, inputs, depth)
         if cycle is None:
             return chains
         try:
-            drafts = self._run(cycle).tolist()      # the cycle's one host sync: [L, max depth]
+            drafts = DeviceDrafts(self._run(cycle))      # [L, max depth], its host copy under way
         except Exception:
             self._abandon(cycle)
             raise
         for k, i in enumerate(cycle.index):
-            chains[i] = drafts[k][:cycle.depth[k]]
-            cycle.states[k].ids += chains[i][:-1]     # fed back to the draft: their KV is written
+            chains[i] = drafts.chain(k, cycle.depth[k])
+            # fed back to the draft (their KV is written): joins state.ids once on the host
+            cycle.states[k].fed = (drafts, k, cycle.depth[k] - 1)
         return chains
 
     def release(self, rid: str) -> None:
         state = self._states.pop(rid, None)
         if state is not None:
+            _settle(state)
             self._trim(state, 0)
             self.req_to_token.free(state.req.req_pool_idx)
 
@@ -105,6 +127,7 @@ class DraftModel:
             req = Req(rid=inp.rid, origin_input_ids=[], sampling_params=inp.sampling_params,
                       sampling_seed=inp.seed, req_pool_idx=row)
             state = self._states[inp.rid] = _DraftState(req)
+        _settle(state)
         tokens = inp.token_ids
         limit = min(len(state.ids), len(tokens) - 1)      # the last token is always fed again
         keep = limit if list(tokens[:limit]) == state.ids[:limit] else 0   # the usual case, at C speed

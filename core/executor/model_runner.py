@@ -393,9 +393,12 @@ class ModelRunner:
             acc += n
         rows = batch.sample_rows + [row for _, row, _ in batch.input_logprob_rows]
         # the host lists and the KV slots reach the device in one copy (kvyard.executor.host_pack)
-        input_ids, positions, req_rows, seq_lens, start_loc, logits_rows, out_cache_loc = to_device(
-            (batch.input_ids, batch.positions, batch.req_pool_indices(), batch.seq_lens, starts, rows),
-            batch.out_cache_loc, dev)
+        fill = batch.draft_fill or (None, [], [])
+        input_ids, positions, req_rows, seq_lens, start_loc, logits_rows, fill_rows, fill_index, out_cache_loc = \
+            to_device((batch.input_ids, batch.positions, batch.req_pool_indices(), batch.seq_lens, starts, rows,
+                       fill[1], fill[2]), batch.out_cache_loc, dev)
+        if fill[1]:      # drafts still on the device: written there, no wait for them on the host
+            input_ids[fill_rows] = fill[0][fill_index]
         fb = ForwardBatch(
             mode=batch.mode, batch_size=batch.batch_size, input_ids=input_ids, positions=positions,
             out_cache_loc=out_cache_loc, req_pool_indices=req_rows, seq_lens=seq_lens,
