@@ -4,10 +4,12 @@
 lengths, extend starts, logits rows) and the host tensor of KV slots into device tensors. Copied
 one by one, each is a tensor construction plus, on a GPU, a synchronous copy from pageable
 memory. ``to_device`` packs them into one host buffer (pinned on CUDA), copies it in one
-asynchronous transfer and hands back views of the device buffer.
+asynchronous transfer and hands back views of the device buffer. On the CPU there is no
+transfer to save, and one tensor per part is cheaper than packing and slicing: each part
+becomes its own tensor, the tail is used as it is.
 
-Invariants: every view is int64, 1-D and contiguous, and equals ``torch.tensor(part)`` element for
-element; views never overlap, so an in-place op on one leaves the others unchanged; each view
+Invariants: every result is int64, 1-D and contiguous, and equals ``torch.tensor(part)`` element
+for element; results never overlap, so an in-place op on one leaves the others unchanged; each
 starts at a multiple of ALIGN elements (16 bytes), the alignment a freshly allocated tensor has
 and kernels may specialize on. A fresh buffer per call: overlap scheduling prepares step N + 1
 while step N still reads its tensors, and the caching host allocator keeps a pinned block until
@@ -29,6 +31,13 @@ def _padded(n: int) -> int:
 def to_device(parts: Sequence[Sequence[int]], tail: torch.Tensor, device) -> list[torch.Tensor]:
     """[len(parts) + 1] int64 device tensors: each host list of ``parts``, then ``tail`` (an int64
     host tensor, e.g. a step's KV slots), from one host buffer and one copy."""
+    if torch.device(device).type == "cpu":
+        return [torch.tensor(part, dtype=torch.int64) for part in parts] + [tail.to(torch.int64)]
+    return packed(parts, tail, device)
+
+
+def packed(parts: Sequence[Sequence[int]], tail: torch.Tensor, device) -> list[torch.Tensor]:
+    """``to_device``'s result as views of one buffer copied to ``device`` at once."""
     values: list[int] = []
     for part in parts:
         values += part
@@ -39,7 +48,7 @@ def to_device(parts: Sequence[Sequence[int]], tail: torch.Tensor, device) -> lis
     if torch.device(device).type == "cuda":
         buf = host.pin_memory().to(device, non_blocking=True)
     else:
-        buf = host.to(device)
+        buf = host.to(device)       # other accelerators: one plain copy
     out, start = [], 0
     for part in parts:
         out.append(buf[start:start + len(part)])
