@@ -393,12 +393,14 @@ class ModelRunner:
             acc += n
         rows = batch.sample_rows + [row for _, row, _ in batch.input_logprob_rows]
         # the host lists and the KV slots reach the device in one copy (kvyard.executor.host_pack)
-        fill = batch.draft_fill or (None, [], [])
-        input_ids, positions, req_rows, seq_lens, start_loc, logits_rows, fill_rows, fill_index, out_cache_loc = \
-            to_device((batch.input_ids, batch.positions, batch.req_pool_indices(), batch.seq_lens, starts, rows,
-                       fill[1], fill[2]), batch.out_cache_loc, dev)
-        if fill[1]:      # drafts still on the device: written there, no wait for them on the host
-            input_ids[fill_rows] = fill[0][fill_index]
+        parts = [batch.input_ids, batch.positions, batch.req_pool_indices(), batch.seq_lens, starts, rows]
+        fill = batch.draft_fill
+        if fill is not None:   # verify rows whose drafts are still on the device: (drafts, rows, index)
+            parts += fill[1:]
+        input_ids, positions, req_rows, seq_lens, start_loc, logits_rows, *fill_at, out_cache_loc = \
+            to_device(parts, batch.out_cache_loc, dev)
+        if fill is not None:   # written on the device: nothing waits for the drafts on the host
+            input_ids[fill_at[0]] = fill[0][fill_at[1]]
         fb = ForwardBatch(
             mode=batch.mode, batch_size=batch.batch_size, input_ids=input_ids, positions=positions,
             out_cache_loc=out_cache_loc, req_pool_indices=req_rows, seq_lens=seq_lens,
