@@ -31,7 +31,7 @@ def _padded(n: int) -> int:
 def to_device(parts: Sequence[Sequence[int]], tail: torch.Tensor, device) -> list[torch.Tensor]:
     """[len(parts) + 1] int64 device tensors: each host list of ``parts``, then ``tail`` (an int64
     host tensor, e.g. a step's KV slots), from one host buffer and one copy."""
-    if torch.device(device).type == "cpu":
+    if device == "cpu" or getattr(device, "type", None) == "cpu":
         return [torch.tensor(part, dtype=torch.int64) for part in parts] + [tail.to(torch.int64)]
     return packed(parts, tail, device)
 

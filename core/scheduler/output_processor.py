@@ -87,18 +87,17 @@ class OutputProcessorMixin:
                 if req.finished():
                     break
             kept.append(len(gained))       # the root and the gained tokens but the newest
-            moves += self._path_moves(batch.out_cache_loc[row:row + n], path[:len(gained)])
+            moves += self._path_moves(batch.out_cache_loc, row, path[:len(gained)])
             row += n
             accepted = min(len(path) - 1, len(gained))
             req.spec_verify_ct += 1
             req.spec_accepted_tokens += accepted
             self.speculation.record(req.rid, tree, accepted, gained)
         self._move_kv(moves)
-        row = 0
+        end = 0
         for req, tree, k in zip(batch.reqs, batch.draft_tokens, kept):
-            n = 1 + len(tree)    # the verify's own host slots: no read of the device table
-            self._give_back_kv(req, n - k, tail=batch.out_cache_loc[row:row + n])
-            row += n
+            end += 1 + len(tree)     # the verify's own host slots: no read of the device table
+            self._give_back_kv(req, 1 + len(tree) - k, slots=batch.out_cache_loc, end=end)
             if req.finished():
                 self._release(req, insert=True)
             update = self._maybe_update(req)
@@ -108,15 +107,14 @@ class OutputProcessorMixin:
         return updates
 
     @staticmethod
-    def _path_moves(slots: torch.Tensor, path: list[int]) -> list[tuple[int, int]]:
+    def _path_moves(slots: torch.Tensor, start: int, path: list[int]) -> list[tuple[int, int]]:
         """(source slot, target slot) pairs that put the KV of verify row path[j] where row j's
-        is; slots: int64 host [n] the request's verify rows' slots (the batch's out_cache_loc);
-        none for a chain's path."""
-        moves = [(r, j) for j, r in enumerate(path) if r != j]
+        is; slots: int64 host, the batch's out_cache_loc, whose row ``start`` is the request's
+        first verify row; none for a chain's path."""
+        moves = [(start + r, start + j) for j, r in enumerate(path) if r != j]
         if not moves:
             return []
-        host = slots.tolist()
-        return [(host[a], host[b]) for a, b in moves]
+        return [(int(slots[a]), int(slots[b])) for a, b in moves]
 
     def _move_kv(self, moves: list[tuple[int, int]]) -> None:
         """Copies the KV of every (source, target) slot pair, all layers, in one call."""
