@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from kvyard.executor.host_pack import to_device
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.scheduler.req import Req
@@ -196,8 +197,9 @@ class DraftModel:
         info = self._sampling_info(cycle.reqs)
         steps = torch.arange(D, **long)                                   # [D]
         # step-major [D, L] tables: a step's row is a contiguous view (kernels take contiguous slots)
-        sample_pos = steps[:, None] + torch.tensor(cycle.sample_pos, **long)   # seed position per draft
-        chain_slots = cycle.chain_slots.to(runner.device)                      # [D - 1, L], once per cycle
+        first_pos, chain_slots = to_device([cycle.sample_pos], cycle.chain_slots.flatten(), runner.device)
+        sample_pos = steps[:, None] + first_pos                    # [D, L] seed position per draft
+        chain_slots = chain_slots.view(D - 1, L)                   # [D - 1, L], once per cycle
         extend_fb = runner.prepare(cycle.extend_batch())
         cols = [runner.sample_on_device(extend_fb, info, sample_pos[0])]
         rows: list[Optional[torch.Tensor]] = [None]   # per step: the cycle rows it ran (None: all)
