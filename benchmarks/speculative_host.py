@@ -17,7 +17,10 @@ below, exclusive of the spans nested inside them) into
 and "everything else" is further attributed to the methods that hold it. The model is so small
 that "compute" is mostly the CPU's own op dispatch; what predicts the GPU result is the host work
 outside it: per speculative cycle against per plain decode step (the GPU pays about that much
-host time on top of the graph replays). Runs alternate plain / speculative per round (shared,
+host time on top of the graph replays). It also reports the host work from the end of each
+cycle's last draft step to the start of the verify's forward (slot allocation, the verify batch,
+its prepare): on a GPU that work overlaps the draft steps still running, unless something in it
+waits for the drafts (a copy of them to the host). Runs alternate plain / speculative per round (shared,
 noisy cores); medians over rounds. ``--profile`` prints a cProfile of the speculative run too.
 """
 from __future__ import annotations
@@ -45,6 +48,8 @@ class Spans:
         self.calls: dict[str, int] = defaultdict(int)
         self._stack: list[list[float]] = []       # per open span: [children seconds]
         self._wrapped: list[tuple[object, str]] = []
+        self.gap_s = 0.0                          # the host work between the drafts and the verify
+        self._draft_end: float | None = None
 
     def wrap(self, obj, attr: str, label) -> None:
         """label: a string, or a function of the call's arguments giving one."""
@@ -74,6 +79,25 @@ class Spans:
     def reset(self) -> None:
         self.self_s.clear()
         self.calls.clear()
+        self.gap_s = 0.0
+        self._draft_end = None
+
+    def mark_draft_end(self, obj, attr: str) -> None:
+        """After each call of obj.attr (a draft step) notes the time: the host work until the
+        verify's forward starts (``verify_starts``) is the cycle's ``gap_s``."""
+        orig = getattr(obj, attr)
+
+        def marked(*args, **kwargs):
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self._draft_end = time.perf_counter()
+        setattr(obj, attr, marked)
+
+    def verify_starts(self) -> None:
+        if self._draft_end is not None:
+            self.gap_s += time.perf_counter() - self._draft_end
+            self._draft_end = None
 
 
 def _kind(batch, *_):
@@ -87,8 +111,12 @@ def wrap_scheduler(sched, spans: Spans) -> None:
     spans.wrap(sched, "step", "scheduler step (rest)")
     spans.wrap(runner, "forward", "target forward (sampling, host sync, rest)")
     spans.wrap(runner, "prepare", _kind)
-    spans.wrap(runner, "forward_logits", lambda fb: "target compute (verify)" if fb.spec_verify
-               else "target compute (decode)" if fb.mode.is_decode() else "target compute (extend)")
+    def target_compute(fb):
+        if fb.spec_verify:
+            spans.verify_starts()
+            return "target compute (verify)"
+        return "target compute (decode)" if fb.mode.is_decode() else "target compute (extend)"
+    spans.wrap(runner, "forward_logits", target_compute)
     for name in ("_schedule_decode", "_schedule_verify", "_alloc", "_process", "_process_verify", "_complete",
                  "_launch"):
         spans.wrap(sched, name, f"scheduler {name.lstrip('_')}")
@@ -108,6 +136,7 @@ def wrap_scheduler(sched, spans: Spans) -> None:
                else "draft compute (extend)")
     if hasattr(draft.runner, "sample_on_device"):
         spans.wrap(draft.runner, "sample_on_device", "draft sampling (on the device)")
+        spans.mark_draft_end(draft.runner, "sample_on_device")   # under the span: unwrap removes both
     for name in ("_sync", "_trim", "_alloc", "_batch", "_plan", "_run"):
         if hasattr(draft, name):
             spans.wrap(draft, name, f"draft {name.lstrip('_')}")
@@ -158,7 +187,7 @@ def run_round(sched, spans: Spans, prompt: list[int], output_len: int, rid: str,
     tokens = len(outs) - before
     cycles = (sched.speculation.stats.verify_steps - verify0) if sched.speculation is not None else tokens
     return {"wall_s": wall, "steps": steps, "cycles": max(cycles, 1), "tokens": tokens,
-            "spans": dict(spans.self_s), "calls": dict(spans.calls), "outs": outs}
+            "spans": dict(spans.self_s), "calls": dict(spans.calls), "outs": outs, "gap_s": spans.gap_s}
 
 
 def write_configs(tmp: str, layers: int, hidden: int, vocab: int) -> tuple[str, str]:
@@ -180,7 +209,8 @@ def summarize(rounds: list[dict]) -> dict:
     per = {k: statistics.median(1000 * r["spans"].get(k, 0.0) / r["cycles"] for r in rounds) for k in labels}
     wall = statistics.median(1000 * r["wall_s"] / r["cycles"] for r in rounds)
     compute = sum(v for k, v in per.items() if " compute" in k)
-    return {"per_cycle_ms": per, "wall_ms": wall, "compute_ms": compute, "host_ms": wall - compute,
+    gap = statistics.median(1000 * r["gap_s"] / r["cycles"] for r in rounds)
+    return {"per_cycle_ms": per, "wall_ms": wall, "compute_ms": compute, "host_ms": wall - compute, "gap_ms": gap,
             "tokens_per_cycle": statistics.median(r["tokens"] / r["cycles"] for r in rounds),
             "calls_per_cycle": {k: statistics.median(r["calls"].get(k, 0) / r["cycles"] for r in rounds)
                                 for k in labels}}
@@ -231,6 +261,8 @@ def main() -> None:
     print(f"  {'host (wall - compute)':<46} {s['host_ms']:>13.3f} {'':>6} {p['host_ms']:>13.3f}")
     print(f"host ms per speculative cycle {s['host_ms']:.2f} vs per plain decode step {p['host_ms']:.2f} "
           f"({s['host_ms'] / p['host_ms']:.1f}x)")
+    print(f"host ms per cycle from the last draft step's end to the verify's forward {s['gap_ms']:.3f} "
+          "(on a GPU: overlaps the draft steps when nothing in it waits for the drafts)")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     if ns.json:

@@ -6,7 +6,8 @@ them all in one target forward and keeps what the target itself would have produ
 
     algo = Algorithm(config, context)      # once, after the target model is loaded
     drafts = algo.propose(requests)        # each decode step: per request a chain (list of ids, maybe
-                                           # empty) or a DraftTree
+                                           # empty), a DraftTree, or a DeviceChain (tokens still
+                                           # on the device: the verify batch takes them there)
     algo.observe(steps)                    # after every target step, when the algorithm asked the
                                            # context for the target's hidden states (draft heads)
     algo.accepted(rid, tokens)             # after verification: the tokens the request gained
@@ -195,8 +196,82 @@ class DraftTree:
         return DraftTree(tuple(tokens), tuple(parents))
 
 
+    def device_tokens(self) -> Optional[tuple["DeviceDrafts", int]]:
+        """(drafts, row) when the tokens are still on the device (a DeviceChain), else None."""
+        return None
+
+
+class DeviceDrafts:
+    """Draft chains of several requests whose tokens are still on the device, so the verify
+    batch can be built and launched before they reach the host (its input ids are filled on
+    the device: ``tensor`` row k holds chain k, left-aligned). The host copy starts at once
+    (into pinned memory, without waiting on CUDA) and is read on first use of ``host()``: after
+    the verify step's own sync, so a cycle syncs once."""
+
+    def __init__(self, tensor):
+        import torch
+
+        self.tensor = tensor                                   # int64 [L, D] on the device
+        self._done = None
+        if tensor.is_cuda:
+            self._copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._copy.copy_(tensor, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._copy = tensor
+        self._rows: Optional[list[list[int]]] = None
+
+    def host(self) -> list[list[int]]:
+        """[L][D] the drafts on the host (waits for the copy the first time)."""
+        if self._rows is None:
+            if self._done is not None:
+                self._done.synchronize()
+            self._rows = self._copy.tolist()
+        return self._rows
+
+    def chain(self, row: int, length: int) -> "DeviceChain":
+        return DeviceChain(self, row, length)
+
+
+class DeviceChain(DraftTree):
+    """A chain of ``length`` drafts, row ``row`` of a DeviceDrafts: a DraftTree whose length and
+    shape are known on the host and whose tokens reach the host only when read (acceptance,
+    after the verify)."""
+
+    def __init__(self, drafts: DeviceDrafts, row: int, length: int):   # no __post_init__: a chain is valid
+        object.__setattr__(self, "_drafts", drafts)
+        object.__setattr__(self, "_row", row)
+        object.__setattr__(self, "_length", length)
+        object.__setattr__(self, "parents", tuple(range(-1, length - 1)))
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(self._drafts.host()[self._row][:self._length])
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def is_chain(self) -> bool:
+        return True
+
+    def depths(self) -> list[int]:
+        return list(range(1, self._length + 1))
+
+    def first_branch(self) -> "DraftTree":
+        return self
+
+    def pruned(self, max_nodes: int, max_depth: int) -> "DraftTree":
+        n = max(0, min(self._length, max_nodes, max_depth))
+        return self if n == self._length else DeviceChain(self._drafts, self._row, n)
+
+    def device_tokens(self) -> Optional[tuple[DeviceDrafts, int]]:
+        return self._drafts, self._row
+
+
 def as_tree(draft) -> DraftTree:
-    """A proposal (a chain as a sequence of ids, or a DraftTree) as a DraftTree."""
+    """A proposal (a chain as a sequence of ids, or a DraftTree: a DeviceChain too) as a DraftTree."""
     return draft if isinstance(draft, DraftTree) else DraftTree.chain(draft)
 
 

@@ -8,12 +8,18 @@ since, always at least the request's last token; and the depth - 1 drafts it fee
 the draft KV up to the request's tokens in one batched extend that samples the first draft, then
 runs batched decode steps for the rest of the chain. The drafts stay on the device between steps
 (each step's sampled ids are the next step's input ids; positions, slots and seed positions of
-every step are built once per cycle), and one ``tolist`` at the end is the cycle's only host sync.
+every step are built once per cycle) and after it: ``propose`` returns DeviceChains
+(core/speculative.py) whose tokens the verify batch takes on the device, and whose host copy,
+started when the chain ends, is read after the verify step's sync. Nothing here waits for the
+device.
 
 Invariants, per request between calls:
-  - ``state.ids`` are the tokens whose KV is in ``req_to_token[state.row, :len(state.ids)]``;
-    they are a prefix of what the request had when last proposed for plus the drafts fed back
-    (all but the last draft of each chain).
+  - ``state.ids`` plus the drafts of ``state.fed`` (the last cycle's, settled onto ``ids`` when
+    next needed) are the tokens whose KV is in ``req_to_token[state.row, :kv_len]``; they are a
+    prefix of what the request had when last proposed for plus the drafts fed back (all but
+    the last draft of each chain).
+  - ``state.tail`` holds the host slots of the positions allocated last (one cycle's), so
+    trimming rejected drafts reads nothing back from the device table.
   - at the next ``propose`` the longest common prefix with the request's tokens is kept and the
     rest (rejected drafts) is freed first.
 Each draft is sampled with the request's own sampling settings, seed and position, the same
@@ -33,10 +39,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from kvyard.executor.host_pack import to_device
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 from kvyard.sampling.batch_info import SamplingBatchInfo
 from kvyard.scheduler.req import Req
 from kvyard.scheduler.schedule_batch import ScheduleBatch
+from kvyard.speculative import DeviceDrafts
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +55,21 @@ CATCH_UP_TOKENS = 2      # widest catch-up extend captured as a CUDA graph (modu
 class _DraftState:
     req: Req                                   # the draft's view: row, sampling params, seed
     ids: list[int] = field(default_factory=list)
+    # host int64 copy of the slots last allocated: positions tail_start .. tail_start + len - 1
+    # (one cycle's); trimming within them frees from here, not from the device table
+    tail_start: int = 0
+    tail: Optional[torch.Tensor] = None
+    # the last cycle's drafts fed back, (DeviceDrafts, row, count): their KV is written, their
+    # ids join ``ids`` when next needed (by then on the host without a wait)
+    fed: Optional[tuple] = None
+
+
+def _settle(state: _DraftState) -> None:
+    """Appends the drafts fed back in the last cycle to ``state.ids``."""
+    if state.fed is not None:
+        drafts, row, n = state.fed
+        state.ids += drafts.host()[row][:n]
+        state.fed = None
 
 
 class DraftModel:
@@ -65,26 +88,30 @@ class DraftModel:
         self._info_reqs: list[Req] = []
 
     # -- public --------------------------------------------------------------------------------
-    def propose(self, inputs: Sequence, depth: Sequence[int]) -> list[list[int]]:
-        """inputs: DraftInputs; depth [B]: chain length wanted per request (0: none)."""
-        chains: list[list[int]] = [[] for _ in inputs]
+    def propose(self, inputs: Sequence, depth: Sequence[int]) -> list:
+        """inputs: DraftInputs; depth [B]: chain length wanted per request (0: none). Per request
+        a chain: [] or a DeviceChain whose tokens are still on the device (nothing here waits
+        for the draft steps: the verify batch is built around them)."""
+        chains: list = [[] for _ in inputs]
         live = [i for i, (inp, n) in enumerate(zip(inputs, depth)) if n > 0 and self._sync(inp)]
         cycle = self._plan(live, inputs, depth)
         if cycle is None:
             return chains
         try:
-            drafts = self._run(cycle).tolist()      # the cycle's one host sync: [L, max depth]
+            drafts = DeviceDrafts(self._run(cycle))      # [L, max depth], its host copy under way
         except Exception:
             self._abandon(cycle)
             raise
         for k, i in enumerate(cycle.index):
-            chains[i] = drafts[k][:cycle.depth[k]]
-            cycle.states[k].ids += chains[i][:-1]     # fed back to the draft: their KV is written
+            chains[i] = drafts.chain(k, cycle.depth[k])
+            # fed back to the draft (their KV is written): joins state.ids once on the host
+            cycle.states[k].fed = (drafts, k, cycle.depth[k] - 1)
         return chains
 
     def release(self, rid: str) -> None:
         state = self._states.pop(rid, None)
         if state is not None:
+            _settle(state)
             self._trim(state, 0)
             self.req_to_token.free(state.req.req_pool_idx)
 
@@ -104,6 +131,7 @@ class DraftModel:
             req = Req(rid=inp.rid, origin_input_ids=[], sampling_params=inp.sampling_params,
                       sampling_seed=inp.seed, req_pool_idx=row)
             state = self._states[inp.rid] = _DraftState(req)
+        _settle(state)
         tokens = inp.token_ids
         limit = min(len(state.ids), len(tokens) - 1)      # the last token is always fed again
         keep = limit if list(tokens[:limit]) == state.ids[:limit] else 0   # the usual case, at C speed
@@ -113,10 +141,17 @@ class DraftModel:
         return True
 
     def _trim(self, state: _DraftState, keep: int) -> None:
-        if keep < len(state.ids):
-            row = self.req_to_token.table[state.req.req_pool_idx]
-            self.allocator.free(row[keep:len(state.ids)].to(torch.int64))
-            del state.ids[keep:]
+        """Frees the draft KV of positions keep.. (rejected drafts; all of it on release)."""
+        end = len(state.ids)
+        if keep >= end:
+            return
+        tail = state.tail
+        if tail is not None and state.tail_start <= keep and end <= state.tail_start + tail.numel():
+            freed = tail[keep - state.tail_start:end - state.tail_start]     # the usual case: no device read
+        else:
+            freed = self.req_to_token.table[state.req.req_pool_idx, keep:end].to(torch.int64)
+        self.allocator.free(freed)
+        del state.ids[keep:]
 
     def _alloc(self, state: _DraftState, n: int) -> Optional[torch.Tensor]:
         """int64 [n] slots for the next n positions of the request, written to its row."""
@@ -127,6 +162,7 @@ class DraftModel:
         slots = self.allocator.alloc_for_req(kv_len, last, n)
         if slots is not None:
             self.req_to_token.write(state.req.req_pool_idx, kv_len, slots)
+            state.tail_start, state.tail = kv_len, slots
         return slots
 
     # -- one cycle: the catch-up extend, then the chain's decode steps on the device -----------
@@ -164,8 +200,9 @@ class DraftModel:
         info = self._sampling_info(cycle.reqs)
         steps = torch.arange(D, **long)                                   # [D]
         # step-major [D, L] tables: a step's row is a contiguous view (kernels take contiguous slots)
-        sample_pos = steps[:, None] + torch.tensor(cycle.sample_pos, **long)   # seed position per draft
-        chain_slots = cycle.chain_slots.to(runner.device)                      # [D - 1, L], once per cycle
+        first_pos, chain_slots = to_device([cycle.sample_pos], cycle.chain_slots.flatten(), runner.device)
+        sample_pos = steps[:, None] + first_pos                    # [D, L] seed position per draft
+        chain_slots = chain_slots.view(D - 1, L)                   # [D - 1, L], once per cycle
         extend_fb = runner.prepare(cycle.extend_batch())
         cols = [runner.sample_on_device(extend_fb, info, sample_pos[0])]
         rows: list[Optional[torch.Tensor]] = [None]   # per step: the cycle rows it ran (None: all)

@@ -47,6 +47,7 @@ import torch
 
 from kvyard.executor.cuda_graph_runner import (DUMMY_ROW, DUMMY_SLOT, BucketedGraphRunner, CudaGraphConfig,
                                                GraphCapture, Outputs)
+from kvyard.executor.host_pack import to_device
 from kvyard.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -122,10 +123,12 @@ class ExtendInputBuffers:
         and points the padded rows' req_to_token entries at the dummy slot unless req_to_token is
         None; returns dest [T_real] on the device."""
         b, p, rows = fb.batch_size, layout.padded_bs, layout.num_rows
-        long = dict(dtype=torch.int64, device=self.device)
-        # the host-made parts in one transfer: dest [T_real] | positions [rows] | seq_lens [P]
-        host = torch.tensor(layout.dest + layout.positions + [q + self.width for q in layout.prefix], **long)
-        dest, positions, seq_lens = host.split([len(layout.dest), rows, p])
+        # the host-made parts in one transfer (pinned, no wait on CUDA): dest [T_real], positions
+        # [rows], seq_lens [P], and the (request, column) pairs of pad_entries
+        pads = list(zip(*layout.pad_entries)) or [(), ()]
+        dest, positions, seq_lens, pad_reqs, pad_cols, _ = to_device(
+            (layout.dest, layout.positions, [q + self.width for q in layout.prefix], *pads),
+            torch.empty(0, dtype=torch.int64), self.device)
         self.input_ids[:rows].zero_()
         self.input_ids.index_copy_(0, dest, fb.input_ids)
         self.positions[:rows].copy_(positions)
@@ -141,8 +144,7 @@ class ExtendInputBuffers:
             self.row_input[:rows].zero_()
             self.row_input.index_copy_(0, dest, row_input.to(self.row_input.dtype))
         if req_to_token is not None and layout.pad_entries:
-            reqs, cols = torch.tensor(list(zip(*layout.pad_entries)), **long)
-            req_to_token[fb.req_pool_indices[reqs], cols] = DUMMY_SLOT   # rows looked up on the device
+            req_to_token[fb.req_pool_indices[pad_reqs], pad_cols] = DUMMY_SLOT   # rows looked up on the device
         return dest
 
     def batch(self, bs: int, kv_pool: "KVPool", req_to_token: torch.Tensor,

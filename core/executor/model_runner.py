@@ -42,6 +42,7 @@ from kvyard.quantization import QuantizationConfig
 from kvyard.sampling.sampler import Sampler
 from kvyard.scheduler.schedule_batch import ScheduleBatch, StepResult
 from kvyard.speculative import spec_features
+from kvyard.executor.host_pack import to_device
 from kvyard.executor.step_sampling import sample_outputs, sampling_spec, to_step_result
 
 logger = logging.getLogger(__name__)
@@ -393,15 +394,20 @@ class ModelRunner:
             starts.append(acc)
             acc += n
         rows = batch.sample_rows + [row for _, row, _ in batch.input_logprob_rows]
+        # the host lists and the KV slots reach the device in one copy (kvyard.executor.host_pack)
+        parts = [batch.input_ids, batch.positions, batch.req_pool_indices(), batch.seq_lens, starts, rows]
+        fill = batch.draft_fill
+        if fill is not None:   # verify rows whose drafts are still on the device: (drafts, rows, index)
+            parts += fill[1:]
+        input_ids, positions, req_rows, seq_lens, start_loc, logits_rows, *fill_at, out_cache_loc = \
+            to_device(parts, batch.out_cache_loc, dev)
+        if fill is not None:   # written on the device: nothing waits for the drafts on the host
+            input_ids[fill_at[0]] = fill[0][fill_at[1]]
         fb = ForwardBatch(
-            mode=batch.mode, batch_size=batch.batch_size,
-            input_ids=torch.tensor(batch.input_ids, **long),
-            positions=torch.tensor(batch.positions, **long),
-            out_cache_loc=batch.out_cache_loc.to(dev),
-            req_pool_indices=torch.tensor(batch.req_pool_indices(), **long),
-            seq_lens=torch.tensor(batch.seq_lens, **long), seq_lens_cpu=batch.seq_lens,
-            extend_prefix_lens_cpu=batch.prefix_lens, extend_seq_lens_cpu=extend_lens,
-            extend_start_loc=torch.tensor(starts, **long), logits_indices=torch.tensor(rows, **long),
+            mode=batch.mode, batch_size=batch.batch_size, input_ids=input_ids, positions=positions,
+            out_cache_loc=out_cache_loc, req_pool_indices=req_rows, seq_lens=seq_lens,
+            seq_lens_cpu=batch.seq_lens, extend_prefix_lens_cpu=batch.prefix_lens, extend_seq_lens_cpu=extend_lens,
+            extend_start_loc=start_loc, logits_indices=logits_rows,
             req_to_token=self.req_to_token.table, kv_pool=self.kv_pool, attn_backend=self.attn_backend,
             capture_layers=self.capture_layers)
         fb.spec_verify = batch.is_verify

@@ -47,7 +47,15 @@ class ReqToTokenPool:
         if start < 0 or end > self.max_context_len:
             raise ValueError(f"start..end = {start}..{end} outside 0..max_context_len "
                              f"({self.max_context_len})")
-        self.table[row, start:end] = slots.to(device=self.device, dtype=torch.int32)
+        self.table[row, start:end] = self._to_table(slots.to(torch.int32))
+
+    def _to_table(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` on the table's device. On CUDA through pinned memory without waiting: a
+        blocking copy would wait for every queued step (a speculative verify allocates while the
+        draft steps still run)."""
+        if self.table.is_cuda and not host.is_cuda:
+            return host.pin_memory().to(self.table.device, non_blocking=True)
+        return host.to(self.table.device)
 
     def write_tokens(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
         """table[rows[i], positions[i]] = slots[i] for every i, in one indexed write (a decode
@@ -58,8 +66,8 @@ class ReqToTokenPool:
             raise ValueError(f"rows must be in 1..{self.max_reqs} (row 0 is the dummy row), got {rows}")
         if min(positions) < 0 or max(positions) >= self.max_context_len:
             raise ValueError(f"positions must be in 0..{self.max_context_len - 1}, got {positions}")
-        index = torch.tensor([rows, positions], dtype=torch.int64).to(self.device, non_blocking=True)
-        self.table[index[0], index[1]] = slots.to(device=self.device, dtype=torch.int32)
+        index = self._to_table(torch.tensor([rows, positions], dtype=torch.int64))
+        self.table[index[0], index[1]] = self._to_table(slots.to(torch.int32))
 
     def read_tokens(self, rows: list[int], positions: list[int]) -> list[int]:
         """[table[rows[i], positions[i]] for every i] on the host, in one gather."""

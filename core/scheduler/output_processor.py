@@ -86,16 +86,18 @@ class OutputProcessorMixin:
                 gained.append(targets[r])
                 if req.finished():
                     break
-            row += n
             kept.append(len(gained))       # the root and the gained tokens but the newest
-            moves += self._path_moves(req, n, path[:len(gained)])
+            moves += self._path_moves(batch.out_cache_loc, row, path[:len(gained)])
+            row += n
             accepted = min(len(path) - 1, len(gained))
             req.spec_verify_ct += 1
             req.spec_accepted_tokens += accepted
             self.speculation.record(req.rid, tree, accepted, gained)
         self._move_kv(moves)
+        end = 0
         for req, tree, k in zip(batch.reqs, batch.draft_tokens, kept):
-            self._give_back_kv(req, 1 + len(tree) - k)
+            end += 1 + len(tree)     # the verify's own host slots: no read of the device table
+            self._give_back_kv(req, 1 + len(tree) - k, slots=batch.out_cache_loc, end=end)
             if req.finished():
                 self._release(req, insert=True)
             update = self._maybe_update(req)
@@ -104,15 +106,15 @@ class OutputProcessorMixin:
         self.speculation.stats.verify_steps += 1
         return updates
 
-    def _path_moves(self, req: Req, n: int, path: list[int]) -> list[tuple[int, int]]:
+    @staticmethod
+    def _path_moves(slots: torch.Tensor, start: int, path: list[int]) -> list[tuple[int, int]]:
         """(source slot, target slot) pairs that put the KV of verify row path[j] where row j's
-        is, for a request whose kv_len counts its n verify rows; none for a chain's path."""
-        start = req.kv_len - n
+        is; slots: int64 host, the batch's out_cache_loc, whose row ``start`` is the request's
+        first verify row; none for a chain's path."""
         moves = [(start + r, start + j) for j, r in enumerate(path) if r != j]
         if not moves:
             return []
-        table = self.req_to_token.table[req.req_pool_idx]
-        return [(int(table[a]), int(table[b])) for a, b in moves]
+        return [(int(slots[a]), int(slots[b])) for a, b in moves]
 
     def _move_kv(self, moves: list[tuple[int, int]]) -> None:
         """Copies the KV of every (source, target) slot pair, all layers, in one call."""

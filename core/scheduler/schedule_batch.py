@@ -34,6 +34,9 @@ class ScheduleBatch:
     # is a sample row; sample_offsets [S] is each row's depth in its draft (0 = the last token)
     sample_offsets: list[int] = field(default_factory=list)
     draft_tokens: Optional[list[Any]] = None   # [B] each request's DraftTree; None: not a verify batch
+    # verify rows whose input ids are drafts still on the device (core/scheduler/speculation.py,
+    # DraftFill): (int64 [M] device drafts, rows [N], index [N] into them); input_ids holds 0 there
+    draft_fill: Optional[tuple] = None
     # rows whose final hidden state goes back (return_hidden_states): (request index, row), in
     # each request's position order
     hidden_rows: list[tuple[int, int]] = field(default_factory=list)
@@ -75,7 +78,8 @@ class ScheduleBatch:
         sample rows, prompt-logprob rows and hidden rows renumbered; also which sample entries,
         input_logprob_rows entries and hidden_rows entries of this batch it kept (to select a
         StepResult alike).
-        sampling_info stays this batch's (its rows are the unselected sample rows)."""
+        sampling_info stays this batch's (its rows are the unselected sample rows); draft_fill
+        stays behind (a selected batch is processed, never prepared)."""
         starts = [0]
         for n in self.extend_lens:
             starts.append(starts[-1] + n)

@@ -205,14 +205,20 @@ class Scheduler(OutputProcessorMixin, ContinuousDecodeMixin):
         if self.speculation is not None:
             self.speculation.release(req.rid)
 
-    def _give_back_kv(self, req: Req, n: int) -> None:
+    def _give_back_kv(self, req: Req, n: int, slots: Optional[torch.Tensor] = None, end: int = 0) -> None:
         """Drops the last n KV tokens (not computed yet) of a request: frees the pages only they
-        use (the page of the last kept token stays with the request) and shortens kv_len."""
+        use (the page of the last kept token stays with the request) and shortens kv_len.
+        slots: int64 host, whose entries before ``end`` hold the slots of the request's last
+        positions as allocated (a verify batch's out_cache_loc): then nothing is read back from
+        the req_to_token table on the device."""
         keep = req.kv_len - n
         first_free = -(-keep // self.page_size) * self.page_size
         if first_free < req.kv_len:
-            row = self.req_to_token.table[req.req_pool_idx]
-            self.allocator.free(row[first_free:req.kv_len].to(torch.int64))
+            if slots is not None:
+                freed = slots[end - (req.kv_len - first_free):end]
+            else:
+                freed = self.req_to_token.table[req.req_pool_idx, first_free:req.kv_len].to(torch.int64)
+            self.allocator.free(freed)
         req.kv_len = keep
 
     def has_work(self) -> bool:

@@ -89,10 +89,11 @@ class Speculation:
                      vocab_size: int, device, eos_token_ids: list[int]) -> ScheduleBatch:
         """reqs [B] with their draft trees and their allocated slots [1 + len(drafts[i])] each."""
         input_ids, positions, rows, row_req, offsets = [], [], [], [], []
+        fill = DraftFill()
         for i, (req, tree) in enumerate(zip(reqs, drafts)):
             start = len(input_ids)
             depths = [0, *tree.depths()]
-            input_ids += [req.output_ids[-1], *tree.tokens]
+            input_ids += [req.output_ids[-1], *fill.take(tree, start + 1)]
             positions += [req.kv_len + d for d in depths]
             rows += range(start, start + 1 + len(tree))
             row_req += [i] * (1 + len(tree))
@@ -101,7 +102,7 @@ class Speculation:
             mode=ForwardMode.EXTEND, reqs=reqs, input_ids=input_ids, positions=positions,
             out_cache_loc=torch.cat(slots), prefix_lens=[r.kv_len for r in reqs],
             extend_lens=[1 + len(d) for d in drafts], sample_rows=rows, sample_req_idx=row_req,
-            sample_offsets=offsets, draft_tokens=drafts)
+            sample_offsets=offsets, draft_tokens=drafts, draft_fill=fill.done())
         batch.sampling_info = self._verify_sampling_info(reqs, row_req, vocab_size, device, eos_token_ids)
         return batch
 
@@ -169,6 +170,34 @@ class Speculation:
 
     def close(self) -> None:
         self.algorithm.close()
+
+
+class DraftFill:
+    """The verify batch's input ids that are drafts still on the device (DeviceChains of one
+    DeviceDrafts): ``ModelRunner.prepare`` writes them into its device input ids, so the batch is
+    built and launched without waiting for the draft steps. Chains of another DeviceDrafts (a
+    second source in one batch: not produced by the built-in algorithms) come to the host."""
+
+    def __init__(self):
+        self.source = None                 # the DeviceDrafts
+        self.rows: list[int] = []          # [N] verify rows (flat token index) of device drafts
+        self.index: list[int] = []         # [N] their flat index into source.tensor
+
+    def take(self, tree: DraftTree, first_row: int) -> Sequence[int]:
+        """The input ids of ``tree``'s nodes, whose first verify row is ``first_row``: its tokens,
+        or placeholders (0) for device drafts recorded here."""
+        src = tree.device_tokens()
+        if src is None or (self.source is not None and src[0] is not self.source):
+            return tree.tokens
+        self.source, (_, row) = src[0], src
+        width = self.source.tensor.shape[1]
+        self.rows += range(first_row, first_row + len(tree))
+        self.index += range(row * width, row * width + len(tree))
+        return [0] * len(tree)
+
+    def done(self) -> Optional[tuple]:
+        """(int64 [L * D] device drafts, rows, index) for ScheduleBatch.draft_fill, or None."""
+        return None if not self.rows else (self.source.tensor.reshape(-1), self.rows, self.index)
 
 
 def make_speculation(config: Optional[SpeculativeConfig], context) -> Optional[Speculation]:

@@ -182,7 +182,9 @@ class TritonAttnBackend(AttentionBackend):
 
     def _fill_extend_graph(self, fb: "ForwardBatch") -> None:
         prefix = torch.tensor(fb.extend_prefix_lens_cpu, dtype=torch.int64)
-        self._extend_graph.prefix_lens[:fb.batch_size].copy_(prefix)
+        if self._extend_graph.prefix_lens.is_cuda:   # pinned: the copy need not wait for queued steps
+            prefix = prefix.pin_memory()
+        self._extend_graph.prefix_lens[:fb.batch_size].copy_(prefix, non_blocking=True)
 
     def init_forward_metadata_capture(self, fb: "ForwardBatch") -> None:
         if fb.mode.is_extend():

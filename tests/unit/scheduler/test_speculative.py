@@ -227,6 +227,50 @@ def test_ngram_trie_workload_equals_plain_decoding(tiny_models, overlap, samplin
     assert stats.verify_steps > 0 and stats.accepted > 0
 
 
+def test_standalone_drafts_reach_the_host_only_after_the_verify_forward(tiny_models, hf_greedy, monkeypatch):
+    """The cycle's one host sync: the verify batch is built and its forward runs with the drafts
+    still on the device (its input ids filled there); the drafts come to the host afterwards, for
+    acceptance. The verify forward's device input ids are the last token and the drafts."""
+    from kvyard.speculative import DeviceDrafts
+    from kvyard.sampling.params import SamplingParams
+
+    path, hf_model = tiny_models["llama"]
+    sched = build_scheduler(ServerArgs(
+        model_path=path, dtype="float32", skip_tokenizer_init=True, max_total_tokens=512, log_level="warning",
+        disable_overlap_schedule=True, debug_kv_integrity=True, speculative_algorithm="STANDALONE",
+        speculative_draft_model_path=path, speculative_num_steps=3))
+    read, verified, host = [], [], DeviceDrafts.host    # DeviceDrafts read on the host / verified
+    monkeypatch.setattr(DeviceDrafts, "host", lambda self: read.append(self) or host(self))
+    runner, prepare = sched.runner, sched.runner.prepare
+
+    def checked_prepare(batch):
+        fb = prepare(batch)
+        if batch.is_verify:
+            source = batch.draft_tokens[0].device_tokens()[0]
+            assert batch.draft_fill is not None and not any(d is source for d in read)
+            verified.append(source)
+            ids = [batch.reqs[0].output_ids[-1], *batch.draft_tokens[0].tokens]
+            assert fb.input_ids.tolist() == ids and batch.input_ids[1:] == [0] * (len(ids) - 1)
+        return fb
+    monkeypatch.setattr(runner, "prepare", checked_prepare)
+    prompt = [5, 6, 7, 8, 9]
+    p = SamplingParams.from_dict({"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    p.verify(sched.vocab_size)
+    sched.add_request(TokenizedGenerateReq("r", prompt, p.normalize(None)))
+    out = []
+    while sched.has_work():
+        for u in sched.step():
+            out += u.new_token_ids
+    assert out == hf_greedy(hf_model, prompt, 12)
+    assert len(verified) >= 2
+    sched.close()
+
+
+def host_chains(chains) -> list[list[int]]:
+    """A DraftModel's chains (DeviceChains, or [] for none) as host lists."""
+    return [list(getattr(c, "tokens", c)) for c in chains]
+
+
 def test_draft_model_chains_of_different_lengths_in_one_cycle(tiny_models, hf_greedy):
     """The draft model's cycle (one KV allocation per request, drafts kept on the device between
     steps, one host sync): requests whose chains end at different steps leave the batch and the
@@ -249,12 +293,12 @@ def test_draft_model_chains_of_different_lengths_in_one_cycle(tiny_models, hf_gr
         return [DraftInput(rid=rid, token_ids=ids, max_draft_len=4, seed=0, sampling_params=make_params(8))
                 for rid, ids in tokens.items()]
 
-    chains = draft.propose(inputs(prompts), list(depth.values()))
+    chains = host_chains(draft.propose(inputs(prompts), list(depth.values())))
     assert chains == [full[rid][:n] for rid, n in depth.items()]
     # the target accepted a's four drafts (+ its bonus), rejected b's second, d's first
     gained = {"a": full["a"][:5], "b": full["b"][:1] + [99], "c": full["c"][:1], "d": [98]}
     tokens = {rid: prompts[rid] + g for rid, g in gained.items()}
-    chains = draft.propose(inputs(tokens), [3, 1, 2, 4])
+    chains = host_chains(draft.propose(inputs(tokens), [3, 1, 2, 4]))
     expect = {rid: hf_greedy(hf_model, ids, n) for (rid, ids), n in zip(tokens.items(), [3, 1, 2, 4])}
     assert chains == list(expect.values())
     # a cycle that fails midway gives its slots back and leaves the draft KV consistent
@@ -269,7 +313,7 @@ def test_draft_model_chains_of_different_lengths_in_one_cycle(tiny_models, hf_gr
     with pytest.raises(RuntimeError, match="a failed draft step"):
         draft.propose(inputs(tokens), [4, 4, 4, 4])
     del draft.runner.sample_on_device
-    assert draft.propose(inputs(tokens), [3, 1, 2, 4]) == list(expect.values())
+    assert host_chains(draft.propose(inputs(tokens), [3, 1, 2, 4])) == list(expect.values())
     for rid in prompts:
         draft.release(rid)
     assert draft.allocator.available() == free
