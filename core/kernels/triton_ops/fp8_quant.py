@@ -40,7 +40,10 @@ def round_to_fp8(v, MANT: tl.constexpr, EMIN: tl.constexpr):
     step = ((e + (127 - MANT)) << 23).to(tl.float32, bitcast=True)     # 2^(e - MANT)
     inv = (((127 + MANT) - e) << 23).to(tl.float32, bitcast=True)      # 2^(MANT - e)
     r = ((a * inv + 12582912.0) - 12582912.0) * step
-    return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)        # the sign bit: -0 stays -0
+    # the sign bit ORed back as an integer: a float negation or select of 0.0 may be folded to +0
+    # by the GPU compiler (no-signed-zeros), so -0 would come out +0 there
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
