@@ -40,7 +40,10 @@ def _weights(n, k, group, act_order=False, dtype=torch.float32):
     if act_order:
         g_idx = g_idx[torch.randperm(k, device=DEV)]
     qweight = qm.pack_int4_rows(q)
-    dense = qm.dequantize_int4(qweight, scales, zeros, g_idx, torch.float32)
+    # the kernel multiplies (q - z) by the scale in float32 (exact); dequantize_int4 would round each
+    # weight to the scales' dtype first (bf16: ~2e-2 apart after K = 4096 sums), so the reference
+    # takes float32 scales of the same values
+    dense = qm.dequantize_int4(qweight, scales.float(), zeros, g_idx, torch.float32)
     return (*int4_kernel_layout(qweight, scales, zeros), g_idx), dense
 
 
