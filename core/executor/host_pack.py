@@ -36,6 +36,14 @@ def to_device(parts: Sequence[Sequence[int]], tail: torch.Tensor, device) -> lis
     return packed(parts, tail, device)
 
 
+def upload(host: torch.Tensor, device) -> torch.Tensor:
+    """``host`` on ``device``. To CUDA through pinned memory without waiting: a blocking copy
+    from pageable memory would wait for every queued GPU step; elsewhere one plain copy."""
+    if torch.device(device).type == "cuda" and not host.is_cuda:
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def packed(parts: Sequence[Sequence[int]], tail: torch.Tensor, device) -> list[torch.Tensor]:
     """``to_device``'s result as views of one buffer copied to ``device`` at once."""
     values: list[int] = []
@@ -45,10 +53,7 @@ def packed(parts: Sequence[Sequence[int]], tail: torch.Tensor, device) -> list[t
     host = torch.tensor(values, dtype=torch.int64)
     if tail.numel():
         host = torch.cat((host, tail.to(torch.int64).flatten()))
-    if torch.device(device).type == "cuda":
-        buf = host.pin_memory().to(device, non_blocking=True)
-    else:
-        buf = host.to(device)       # other accelerators: one plain copy
+    buf = upload(host, device)
     out, start = [], 0
     for part in parts:
         out.append(buf[start:start + len(part)])

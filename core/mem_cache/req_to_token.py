@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kvyard.executor.host_pack import upload
+
 
 class ReqToTokenPool:
     def __init__(self, max_reqs: int, max_context_len: int, device="cpu"):
@@ -47,15 +49,9 @@ class ReqToTokenPool:
         if start < 0 or end > self.max_context_len:
             raise ValueError(f"start..end = {start}..{end} outside 0..max_context_len "
                              f"({self.max_context_len})")
-        self.table[row, start:end] = self._to_table(slots.to(torch.int32))
-
-    def _to_table(self, host: torch.Tensor) -> torch.Tensor:
-        """``host`` on the table's device. On CUDA through pinned memory without waiting: a
-        blocking copy would wait for every queued step (a speculative verify allocates while the
-        draft steps still run)."""
-        if self.table.is_cuda and not host.is_cuda:
-            return host.pin_memory().to(self.table.device, non_blocking=True)
-        return host.to(self.table.device)
+        # uploads never wait for queued GPU steps: a speculative verify allocates while the
+        # draft steps still run
+        self.table[row, start:end] = upload(slots.to(torch.int32), self.table.device)
 
     def write_tokens(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
         """table[rows[i], positions[i]] = slots[i] for every i, in one indexed write (a decode
@@ -66,8 +62,8 @@ class ReqToTokenPool:
             raise ValueError(f"rows must be in 1..{self.max_reqs} (row 0 is the dummy row), got {rows}")
         if min(positions) < 0 or max(positions) >= self.max_context_len:
             raise ValueError(f"positions must be in 0..{self.max_context_len - 1}, got {positions}")
-        index = self._to_table(torch.tensor([rows, positions], dtype=torch.int64))
-        self.table[index[0], index[1]] = self._to_table(slots.to(torch.int32))
+        index = upload(torch.tensor([rows, positions], dtype=torch.int64), self.table.device)
+        self.table[index[0], index[1]] = upload(slots.to(torch.int32), self.table.device)
 
     def read_tokens(self, rows: list[int], positions: list[int]) -> list[int]:
         """[table[rows[i], positions[i]] for every i] on the host, in one gather."""
