@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard_plugins.attention.triton_kernels.precision import fp32_dot, scaled_scores
+from kvyard_plugins.attention.triton_kernels.precision import fp8_kv, fp32_dot, scaled_scores
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LE
                          stride_req, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         FP32_DOT: tl.constexpr, SOFT_CAP: tl.constexpr):
+                         FP32_DOT: tl.constexpr, KV_FP8: tl.constexpr, SOFT_CAP: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,6 +58,8 @@ def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LE
                 mask=h_ok[:, None] & d_ok[None, :], other=0.0)
     if FP32_DOT:
         q = q.to(tl.float32)
+    elif KV_FP8:        # precision.py: the fp8 cache converts to float16 in one step
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -154,7 +156,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         req_to_token.stride(0), split_out.stride(0), split_out.stride(1), split_out.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap),
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), KV_FP8=fp8_kv(k_buf), SOFT_CAP=bool(logit_cap),
         num_warps=4, num_stages=stages)
     if num_splits == 1:
         return

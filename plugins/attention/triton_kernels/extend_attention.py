@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard_plugins.attention.triton_kernels.precision import fp32_dot, scaled_scores
+from kvyard_plugins.attention.triton_kernels.precision import fp8_kv, fp32_dot, scaled_scores
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, 
                    stride_qt, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh,
                    stride_ot, stride_oh, stride_req,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr, KV_FP8: tl.constexpr,
                    SOFT_CAP: tl.constexpr, TREE: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -61,6 +61,8 @@ def _extend_kernel(Q, K_BUF, V_BUF, O, REQ_TO_TOKEN, REQ_POOL_INDICES, Q_START, 
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if FP32_DOT:
         q = q.to(tl.float32)
+    elif KV_FP8:        # precision.py: the fp8 cache converts to float16 in one step
+        q = q.to(tl.float16)
     q_pos = prefix + offs_m                              # sequence position of each query
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -136,4 +138,4 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
         GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP32_DOT=fp32_dot(q.dtype), SOFT_CAP=bool(logit_cap), TREE=tree_mask is not None, num_warps=4 if block_d <= 64 else 8, num_stages=stages)
+        FP32_DOT=fp32_dot(q.dtype), KV_FP8=fp8_kv(k_buf), SOFT_CAP=bool(logit_cap), TREE=tree_mask is not None, num_warps=4 if block_d <= 64 else 8, num_stages=stages)

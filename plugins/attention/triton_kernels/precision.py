@@ -5,6 +5,14 @@ True   q/k/v are cast to float32 and tl.dot runs as true IEEE float32 (not tf32)
        models, so they keep float32 accuracy on a GPU, and always under the CPU interpreter,
        whose bfloat16 arithmetic is not IEEE (it holds bf16 as raw uint16 words).
 False  bf16/fp16 operands stay narrow so the tensor cores take them; accumulation is float32.
+
+``fp8_kv(k_buf)`` is the KV_FP8 switch (an fp8 cache, FP32_DOT off): q, the keys, the values and
+the probabilities meet as float16. e4m3 / e5m2 -> float16 is one conversion per pair of values on
+sm_89+ (to bfloat16 it takes a detour through wider types, and the decode kernel over an fp8
+cache ran at ~1.7 TB/s of cache bytes instead of the bf16 cache's ~3 TB/s). Every fp8 value is
+exact in float16; bf16 q is exact in float16 for 6.1e-5 <= |q| <= 65504 (rope'd queries of the
+served models sit far inside; smaller ones keep float16's subnormal precision, well under the
+scores' own rounding); probabilities in [0, 1] round finer in float16 than in bf16.
 """
 from __future__ import annotations
 
@@ -18,6 +26,10 @@ import triton.language as tl
 
 def fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fp8_kv(k_buf: torch.Tensor) -> bool:
+    return k_buf.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @triton.jit

@@ -228,3 +228,44 @@ def test_split_count_shrinks_as_the_batch_fills_the_gpu():
     fb = Harness(model=None, backend=backend, kv=kv).decode_batch(seqs)
     backend.init_forward_metadata_capture(fb)
     assert fb.attn_metadata.mid_o.shape[:3] == (2, KV_HEADS, backend.num_splits(2))
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_cache_meets_q_in_float16(monkeypatch, fp8):
+    """An fp8 cache with FP32_DOT off (a GPU's bf16/fp16 model) takes the KV_FP8 path: q, keys,
+    values and probabilities as float16. The interpreter always picks FP32_DOT, so it is turned off
+    here (a bf16 q becomes float16 before any arithmetic, which numpy runs honestly); both kernels must agree with the
+    float32 path over the same fp8 values to the bf16 output's rounding."""
+    from kvyard_plugins.attention.triton_kernels import decode_attention as dec
+    from kvyard_plugins.attention.triton_kernels import extend_attention as ext
+    torch.manual_seed(3)
+    heads, kv_heads, dim, lens = 4, 2, 64, [5, 37]
+    slots = sum(lens) + 1
+    k_buf = (torch.randn(slots, kv_heads, dim) * 2).to(fp8)
+    v_buf = (torch.randn(slots, kv_heads, dim) * 2).to(fp8)
+    table = torch.zeros(len(lens), max(lens), dtype=torch.int32)
+    start = 1
+    for i, n in enumerate(lens):
+        table[i, :n] = torch.arange(start, start + n, dtype=torch.int32)
+        start += n
+    rows, seq_lens = torch.arange(len(lens)), torch.tensor(lens)
+    q = torch.randn(len(lens), heads, dim).to(torch.bfloat16)   # exact in float16 too
+
+    def decode(q):
+        out = torch.empty_like(q)
+        mid_o, mid_lse = dec.decode_workspace(len(lens), heads, 2, dim, torch.float32, "cpu")
+        dec.decode_attention(q, k_buf, v_buf, out, table, rows, seq_lens, mid_o, mid_lse, dim ** -0.5)
+        return out.float()
+
+    def extend(q):      # the last token of each request as a 1-token extend on its prefix
+        out = torch.empty_like(q)
+        ext.extend_attention(q, k_buf, v_buf, out, table, rows, torch.arange(len(lens)),
+                             torch.ones(len(lens), dtype=torch.int64), seq_lens - 1, 1, dim ** -0.5)
+        return out.float()
+
+    ref_d, ref_e = decode(q.float()), extend(q.float())
+    for mod in (dec, ext):
+        monkeypatch.setattr(mod, "fp32_dot", lambda dtype: False)
+    assert dec.fp8_kv(k_buf)
+    torch.testing.assert_close(decode(q), ref_d, atol=1e-2, rtol=1e-2)   # bf16 output rounding
+    torch.testing.assert_close(extend(q), ref_e, atol=1e-2, rtol=1e-2)
