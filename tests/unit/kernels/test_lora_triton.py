@@ -166,6 +166,11 @@ def test_kernels_compile_for_sm90(by_slot):
     ([24], 50, 16, [1, 0, 1, 1, 0], [1, 1, -1, 1, 0]),          # empty segments: rows != segments
     ([24, 8], 12, 300, [1] * 3, [2, -1, 0]),                    # rank 300: the decode R loop, 2 passes
     ([24, 8], 12, 200, [2, 3], [0, 2]),                         # rank 200 > 128 in the segment expand
+    ([32, 16, 16], 24, 8, [1] * 37, [i % 4 - 1 for i in range(37)]),   # 37 decode rows: the dense expand
+    ([64, 64], 20, 16, [1] * 16, [1, 1, 0, -1] * 4),            # dense, 16 rows, slot 2 unused (skipped)
+    ([32], 20, 8, [1] * 70, [i % 5 - 2 for i in range(70)]),    # dense, 70 rows: two row blocks
+    ([48, 16], 20, 24, [1] * 20, [2] * 20),                     # dense, one slot, rank 24 padded to 32
+    ([24, 40], 36, 16, [1] * 18, [i % 3 for i in range(18)]),   # 18 rows, shards not 16-divisible: per row
 ])
 def test_fused_expand_matches_torch(shard_sizes, in_features, rank, seg_lens, slots):
     """The fused form: h = x @ A_all.T from one GEMM (every slot's A rows after the base rows),
