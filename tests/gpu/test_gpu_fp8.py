@@ -76,7 +76,7 @@ def test_w8a16_one_launch_split_k_replays_identically(block):
     """N 1024 < SPLIT_BELOW_N: K split 2, summed by the last split program of each row block in
     the same launch; equal to the two-launch sum bit for bit, and three replays of one CUDA
     graph give those bits each time, every tile counter back at 0 after each."""
-    from kvyard.kernels.triton_ops import splitk
+    from quant_helpers import assert_graph_replays
 
     torch.manual_seed(5)
     wq, sw, _ = _weights(1024, 4096, block)
@@ -86,15 +86,7 @@ def test_w8a16_one_launch_split_k_replays_identically(block):
         x = torch.randn(m, 4096, device=DEV, dtype=torch.bfloat16)
         eager = fg.fp8_w8a16_gemv(x, wq, sw, scale_k)
         assert torch.equal(eager, fg.fp8_w8a16_gemv(x, wq, sw, scale_k, fuse_reduce=False))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fg.fp8_w8a16_gemv(x, wq, sw, scale_k)
-        for _ in range(3):
-            out.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, eager)
-            assert not splitk.tile_counters(x.device).any()
+        assert_graph_replays(lambda: fg.fp8_w8a16_gemv(x, wq, sw, scale_k), eager)
 
 
 @pytest.mark.parametrize("m,k", [(1, 4096), (64, 4096), (1024, 14336), (3, 1300)])

@@ -83,7 +83,7 @@ def test_one_launch_split_k_replays_identically(k, n):
     """qkv and down shapes (K split 2 and 4 on an H100): the last split program of each tile sums
     the partials in the same launch; it equals the two-launch sum bit for bit, and three replays
     of one CUDA graph give those bits each time, every tile counter back at 0 after each."""
-    from kvyard.kernels.triton_ops import splitk
+    from quant_helpers import assert_graph_replays
 
     torch.manual_seed(k - n)
     packed, _ = _weights(n, k, 128, dtype=torch.bfloat16)
@@ -91,15 +91,7 @@ def test_one_launch_split_k_replays_identically(k, n):
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         eager = i4.int4_gemm(x, *packed, 128)
         assert torch.equal(eager, i4.int4_gemm(x, *packed, 128, fuse_reduce=False))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = i4.int4_gemm(x, *packed, 128)
-        for _ in range(3):
-            out.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, eager)
-            assert not splitk.tile_counters(x.device).any()
+        assert_graph_replays(lambda: i4.int4_gemm(x, *packed, 128), eager)
 
 
 def test_layer_on_cuda_equals_its_dequantized_matmul():

@@ -120,7 +120,8 @@ def splitk_store(part_ptr, y_ptr, cnt_ptr, res, offs, mask, tile, pid_s, MN, SPL
     m * N + n, the tile's elements; ``mask`` those inside [M, N]). FUSE: count the arrival at
     cnt_ptr + tile; the last of the SPLIT programs of the tile sums the S partials in order
     s = 0, 1, ... (from 0.0, as _splitk_reduce_kernel: the same bits), casts, stores y at
-    y_ptr + offs and resets the counter to 0."""
+    y_ptr + offs and resets the counter to 0. No sx / sw: both GEMVs scale before storing the
+    partials (they call splitk_reduce without scales too)."""
     tl.store(part_ptr + pid_s * MN + offs, res, mask=mask)
     if FUSE:
         tl.debug_barrier()          # all threads' partial stores, then one thread's release
