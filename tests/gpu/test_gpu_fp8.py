@@ -3,7 +3,8 @@ Triton interpreter (tests/unit/kernels/test_fp8_w8a16.py), compiled and autotune
 
   * the w8a16 GEMV (kvyard.kernels.triton_ops.fp8_gemv) vs x.float() @ (w.float() * sw).T at
     Llama-3.1-8B projection shapes, M 1..16, per-channel and 128x128 block scales, bf16 x;
-    replayed from a CUDA graph it gives the eager bits;
+    replayed from a CUDA graph it gives the eager bits; a K split summed in the same launch
+    equals the two-launch sum and replays three times with the same bits;
   * the one-launch activation quantization (fp8_quant) bit-identical to quant_math on the GPU;
   * the fp8 KV write (kv_write) bit-identical to the pool's torch expression;
   * Fp8LinearMethod on CUDA: M <= 16 -> the GEMV, M > 16 -> the quantization kernel +
@@ -68,6 +69,24 @@ def test_w8a16_in_a_cuda_graph_gives_the_eager_bits():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_w8a16_one_launch_split_k_replays_identically(block):
+    """N 1024 < SPLIT_BELOW_N: K split 2, summed by the last split program of each row block in
+    the same launch; equal to the two-launch sum bit for bit, and three replays of one CUDA
+    graph give those bits each time, every tile counter back at 0 after each."""
+    from quant_helpers import assert_graph_replays
+
+    torch.manual_seed(5)
+    wq, sw, _ = _weights(1024, 4096, block)
+    scale_k = 128 if block else 0
+    assert fg.plan_split(1024, 4096)[0] > 1
+    for m in (1, 16):
+        x = torch.randn(m, 4096, device=DEV, dtype=torch.bfloat16)
+        eager = fg.fp8_w8a16_gemv(x, wq, sw, scale_k)
+        assert torch.equal(eager, fg.fp8_w8a16_gemv(x, wq, sw, scale_k, fuse_reduce=False))
+        assert_graph_replays(lambda: fg.fp8_w8a16_gemv(x, wq, sw, scale_k), eager)
 
 
 @pytest.mark.parametrize("m,k", [(1, 4096), (64, 4096), (1024, 14336), (3, 1300)])

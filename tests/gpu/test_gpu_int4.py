@@ -5,7 +5,8 @@ nibble extraction is inline PTX (the interpreter runs the Triton expression inst
   * every config of every M bucket vs the float32 reference x @ ((q - z) * s)^T, sequential
     groups and the act-order gather, float32 x (exact products: float32 sum order only);
   * the autotuned path at Llama-3.1-8B projection shapes, M 1..16 and a prefill size, bf16 x;
-    replayed from a CUDA graph it gives the eager bits;
+    replayed from a CUDA graph it gives the eager bits; a K split summed in the same launch
+    equals the two-launch sum and replays three times with the same bits;
   * Int4LinearMethod on CUDA equals its own dequantize-then-matmul.
 Tolerance: float32 1e-5 (1e-4 for the tf32 dot at M > 4 with bf16 x: one bf16 unit).
 """
@@ -75,6 +76,22 @@ def test_autotuned_shapes_and_graph_replay(k, n):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(replayed, got)
+
+
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
+def test_one_launch_split_k_replays_identically(k, n):
+    """qkv and down shapes (K split 2 and 4 on an H100): the last split program of each tile sums
+    the partials in the same launch; it equals the two-launch sum bit for bit, and three replays
+    of one CUDA graph give those bits each time, every tile counter back at 0 after each."""
+    from quant_helpers import assert_graph_replays
+
+    torch.manual_seed(k - n)
+    packed, _ = _weights(n, k, 128, dtype=torch.bfloat16)
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        eager = i4.int4_gemm(x, *packed, 128)
+        assert torch.equal(eager, i4.int4_gemm(x, *packed, 128, fuse_reduce=False))
+        assert_graph_replays(lambda: i4.int4_gemm(x, *packed, 128), eager)
 
 
 def test_layer_on_cuda_equals_its_dequantized_matmul():

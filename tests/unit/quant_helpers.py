@@ -84,3 +84,19 @@ def layer_both_ways(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return expected, layer(x)
     finally:
         ql.force_triton(False)
+
+
+def assert_graph_replays(fn, eager: torch.Tensor, times: int = 3) -> None:
+    """Captures ``fn`` (a GEMV call on CUDA) in a CUDA graph and replays it ``times`` times: each
+    replay gives ``eager``'s bits and leaves every split-K tile counter at 0 (kernels.triton_ops.splitk)."""
+    from kvyard.kernels.triton_ops import splitk
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for _ in range(times):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        assert not splitk.tile_counters(out.device).any()

@@ -25,7 +25,9 @@ first seen inside one takes a fixed config); the plan depends on shapes only, ne
 
 Split-K only where N is small (N < SPLIT_BELOW_N: too few row blocks to fill the device): split s
 covers K in [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT), stores scaled float32 partials [S, M, N],
-and kernels.triton_ops.splitk sums them in a fixed order (deterministic).
+and the tile's last split program sums them in a fixed order in the same launch
+(kernels.triton_ops.splitk.splitk_store: deterministic; the two-launch splitk_reduce with
+``fuse_reduce=False`` or where the counters do not fit).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from kvyard.kernels.triton_ops.splitk import splitk_reduce
+from kvyard.kernels.triton_ops.splitk import counters_fit, splitk_reduce, splitk_store, tile_counters
 
 MAX_M = 16
 SPLIT_BELOW_N = 2048      # fewer output rows than this: split K
@@ -55,6 +57,7 @@ def _configs() -> list[triton.Config]:
 
 
 CONFIGS = _configs()
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)
 
 
 def config_fits(cfg: triton.Config, block_m: int, scale_k: int) -> bool:
@@ -73,8 +76,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _w8a16_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_sw,
-                  SCALE_K: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+def _w8a16_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, y_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_sw,
+                  SCALE_K: tl.constexpr, PARTIAL: tl.constexpr, FUSE: tl.constexpr, BLOCK_M: tl.constexpr,
                   IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,8 +117,9 @@ def _w8a16_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm
     if SCALE_K == 0:
         acc = acc * tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     out_mask = mask_n[:, None] & mask_m[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_s * M * N + offs_m[None, :] * N + offs_n[:, None], acc, mask=out_mask)
+    if PARTIAL:     # partials [S, M, N] at out_ptr; FUSE: y [M, N] at y_ptr
+        splitk_store(out_ptr, y_ptr, cnt_ptr, acc, offs_m[None, :] * N + offs_n[:, None], out_mask, pid_n, pid_s,
+                     M * N, tl.num_programs(1), FUSE)
     else:
         tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
@@ -153,10 +157,12 @@ def _untimed_config(x: torch.Tensor, key: tuple) -> triton.Config | None:
 
 
 def fp8_w8a16_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, scale_k: int = 0,
-                   out_dtype: torch.dtype | None = None, config: triton.Config | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None, config: triton.Config | None = None,
+                   fuse_reduce: bool = True) -> torch.Tensor:
     """x [M, K] (M <= 16), w [N, K] e4m3, sw [N] (scale_k 0) or [N, ceil(K / scale_k)] block
     scales (scale_k a power of two >= 16) -> y [M, N] in out_dtype (x's dtype).
-    ``config``: run this tile config instead of autotuning (tests)."""
+    ``config``: run this tile config instead of autotuning (tests); ``fuse_reduce=False``: sum
+    a K split in a second launch (the same bits; tests, benchmarks)."""
     if scale_k and (scale_k < 16 or scale_k & (scale_k - 1)):
         raise ValueError(f"fp8_w8a16_gemv: scale_k {scale_k} must be a power of two >= 16")
     m, k = x.shape
@@ -172,11 +178,15 @@ def fp8_w8a16_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, scale_k: 
     block_m = 1 if m == 1 else MAX_M
     split, k_per_split = plan_split(n, k)
     partial = split > 1
-    out = (torch.empty(split, m, n, dtype=torch.float32, device=x.device) if partial
-           else torch.empty(m, n, dtype=out_dtype, device=x.device))
-    args = (x, w, sw, out, m, n, k, k_per_split, x.stride(0), kb)
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    # the split's partials; FUSE: their sum lands in y in this launch (a counter per row block
+    # of the narrowest tiling a config may pick)
+    fuse = fuse_reduce and partial and counters_fit(triton.cdiv(n, MIN_BLOCK_N))
+    out = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if partial else y
+    cnt = tile_counters(x.device) if fuse else y
+    args = (x, w, sw, out, y, cnt, m, n, k, k_per_split, x.stride(0), kb)
     # IEEE: float32 dot operands for float32 x, and in the interpreter (its bf16 dot is wrong)
-    meta = dict(SCALE_K=scale_k, PARTIAL=partial, BLOCK_M=block_m,
+    meta = dict(SCALE_K=scale_k, PARTIAL=partial, FUSE=fuse, BLOCK_M=block_m,
                 IEEE=x.dtype == torch.float32 or not x.is_cuda)
     key = (block_m, scale_k, n, k, k_per_split, x.dtype, out_dtype)
     config = config or _untimed_config(x, key)
@@ -186,4 +196,4 @@ def fp8_w8a16_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, scale_k: 
     else:
         _w8a16_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]), split)](
             *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    return splitk_reduce(out, out_dtype) if partial else out
+    return splitk_reduce(out, out_dtype) if partial and not fuse else y

@@ -34,10 +34,12 @@ unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
   M 5..16    a 16-row dot (tf32 for bf16 / fp16 x: x exact in tf32, the weight rounded to
              tf32's 10-bit mantissa, as the tiled kernel; ieee for float32 x) on the dequantized
              tile (q - z) * s.
-K splits write float32 partials that kernels.triton_ops.splitk sums in a fixed order
-(deterministic). Sequential groups (g_idx == k // group, power-of-two group: every format
-without act-order) read one scale / zero per output and group; otherwise (GPTQ act-order)
-they are gathered per input through g_idx.
+K splits write float32 partials that the tile's last split program sums in a fixed order in
+the same launch (kernels.triton_ops.splitk.splitk_store: one launch, deterministic; the
+two-launch splitk_reduce where the counters do not fit or ``fuse_reduce=False``). Sequential
+groups (g_idx == k // group, power-of-two group: every format without act-order) read one
+scale / zero per output and group; otherwise (GPTQ act-order) they are gathered per input
+through g_idx.
 
 Larger M (prefill) runs the same kernel's dot path over 64-row M blocks (grid axis 2), K not
 split, the tiling autotuned per (N, K, group) for all M > 16. ``int4_gemm_tiled`` keeps the
@@ -54,7 +56,8 @@ import triton.language as tl
 import triton.testing
 
 from kvyard.kernels.triton_ops.common import tile_offsets
-from kvyard.kernels.triton_ops.splitk import plan_split, sm_count, splitk_reduce
+from kvyard.kernels.triton_ops.splitk import (counters_fit, plan_split, sm_count, splitk_reduce, splitk_store,
+                                               tile_counters)
 
 GEMV_MAX_M = 16
 SPLIT_BLOCK_K = 128        # K splits are multiples of this (configs with BLOCK_K dividing them run)
@@ -79,6 +82,7 @@ GEMV_CONFIGS = {
     64: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 2)],     # M > 16: prefill tiles
 }
 ALL_CONFIGS = [c for cs in GEMV_CONFIGS.values() for c in cs]
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in ALL_CONFIGS)
 
 
 def m_bucket(m: int) -> int:
@@ -231,8 +235,9 @@ def _row_total(acc, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, K8, W_PER_SPLIT,
-                      GROUP: tl.constexpr, PARTIAL: tl.constexpr, FP32: tl.constexpr,
+def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, stride_xm,
+                      K8, W_PER_SPLIT, GROUP: tl.constexpr, PARTIAL: tl.constexpr, FUSE: tl.constexpr,
+                      FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
@@ -298,8 +303,9 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, K_PER_
         res = acc
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = mask_m[:, None] & (cols < N)[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + cols[None, :], res, mask=out_mask)
+    if PARTIAL:     # partials [S, M, N] at out_ptr (one M block: M <= BLOCK_M); FUSE: y [M, N] at y_ptr
+        splitk_store(out_ptr, y_ptr, cnt_ptr, res, offs_m[:, None] * N + cols[None, :], out_mask, pid_n, pid_s,
+                     M * N, tl.num_programs(1), FUSE)
     else:
         tl.store(out_ptr + offs_m[:, None] * N + cols[None, :], res.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -329,7 +335,7 @@ def _sequential_group(group_size: int) -> int:
     return group_size if group_size >= 8 and group_size & (group_size - 1) == 0 else 0
 
 
-def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config) -> torch.Tensor:
+def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, fuse: bool) -> torch.Tensor:
     m, k = x.shape
     n = scales.shape[1]
     block_m = m_bucket(m)
@@ -338,11 +344,15 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config) -
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device), split)
     m_blocks = triton.cdiv(m, block_m)
     partial = plan.split > 1
-    out = (torch.empty(plan.split, m, n, dtype=torch.float32, device=x.device) if partial
-           else torch.empty(m, n, dtype=x.dtype, device=x.device))
-    args = (x, qweight, scales, zeros, g_idx, out, m, n, k, plan.k_per_split, x.stride(0), k // 8,
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    # the split's partials; FUSE: their sum lands in y in this launch (a counter per output tile
+    # of the narrowest tiling a config may pick; a split launch has one M block)
+    fuse = fuse and partial and counters_fit(triton.cdiv(n, MIN_BLOCK_N))
+    out = torch.empty(plan.split, m, n, dtype=torch.float32, device=x.device) if partial else y
+    cnt = tile_counters(x.device) if fuse else y
+    args = (x, qweight, scales, zeros, g_idx, out, y, cnt, m, n, k, plan.k_per_split, x.stride(0), k // 8,
             plan.k_per_split // 8)
-    meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FP32=x.dtype == torch.float32,
+    meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FUSE=fuse, FP32=x.dtype == torch.float32,
                 BLOCK_M=block_m, ASM=x.is_cuda)
     key = (n, k, plan.k_per_split, block_m, meta["GROUP"], x.dtype)
     # autotune times on CUDA, never inside a CUDA-graph capture: the runner's eager warm-up of
@@ -356,7 +366,7 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config) -
             raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}")
         _mm_fixed[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), plan.split, m_blocks)](
             *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return splitk_reduce(out, x.dtype) if partial else out
+    return splitk_reduce(out, x.dtype) if partial and not fuse else y
 
 
 @triton.jit
@@ -394,15 +404,16 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, K8,
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               g_idx: torch.Tensor, group_size: int = 0, split: Optional[int] = None,
-              config: Optional[triton.Config] = None) -> torch.Tensor:
+              config: Optional[triton.Config] = None, fuse_reduce: bool = True) -> torch.Tensor:
     """x [M, K] -> y [M, N] in x's dtype (kernel layout, module docstring). ``group_size`` > 0
     promises g_idx == k // group_size (scales then read by row); 0: read g_idx. One kernel for
     every M (its bucket picks the path); ``split`` forces the K-split count at M <= 16,
-    ``config`` one of GEMV_CONFIGS for the M bucket instead of autotuning (tests, benchmarks)."""
+    ``config`` one of GEMV_CONFIGS for the M bucket instead of autotuning (tests, benchmarks);
+    ``fuse_reduce=False`` sums a K split in a second launch (the same bits; tests, benchmarks)."""
     x = _check(x, qweight, scales)
     if x.shape[0] == 0:
         return torch.empty(0, scales.shape[1], dtype=x.dtype, device=x.device)
-    return _int4_mm(x, qweight, scales, zeros, g_idx, group_size, split, config)
+    return _int4_mm(x, qweight, scales, zeros, g_idx, group_size, split, config, fuse_reduce)
 
 
 def int4_gemm_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

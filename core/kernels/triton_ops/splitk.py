@@ -2,11 +2,28 @@
 
 A GEMV (M <= 16 token rows) reads each weight byte once; to keep enough bytes in flight it
 spreads K over ``split`` programs per output block. Program s of a split covers the K tiles
-[s * tiles, (s + 1) * tiles) and writes float32 partials [split, M, N]; ``splitk_reduce`` sums
-them in the fixed order s = 0, 1, ... (no float atomics: the result is bit-identical from run
-to run), applies the optional per-row (sx [M] or one scalar) and per-column (sw [N]) scales as
-((sum * sx) * sw) and casts to the output dtype. The plan depends on shapes only (and the device's
-SM count), never on data: CUDA-graph safe.
+[s * tiles, (s + 1) * tiles) and writes float32 partials [split, M, N]; the partials are summed
+in the fixed order s = 0, 1, ... (no float atomics: the result is bit-identical from run to
+run), optionally scaled by per-row (sx [M] or one scalar) and per-column (sw [N]) scales as
+((sum * sx) * sw), and cast to the output dtype. The plan depends on shapes only (and the
+device's SM count), never on data: CUDA-graph safe.
+
+Two ways to sum, the same bits:
+  * ``splitk_reduce``: a second launch over the partials (any caller; the fallback);
+  * ``splitk_store`` inside the GEMV itself (one launch): each split program stores its partial
+    tile, then increments the tile's int32 arrival counter (acq_rel, gpu scope: the release
+    orders the partial stores before the increment, the acquire orders the last program's loads
+    after every other program's stores). The program that reads back S - 1 arrived last: it
+    loads the S partials in order s = 0, 1, ... bypassing L1 (``.cg``: L1 is not coherent across
+    SMs), stores y and resets the counter to 0. On the GPU a CTA barrier precedes the scalar
+    atomic (Triton issues it from one thread) so every thread's partial stores come before it.
+
+Counter invariant: ``tile_counters(device)`` is one int32 buffer per device, all zero between
+launches. Every launch that uses it resets each counter it incremented (the last arrival of a
+tile resets it), so the next launch, or the next replay of a CUDA graph, starts from zero. The
+GEMVs run on one stream in order, so two launches never use the counters at the same time;
+a launch must not be split across streams that run concurrently. The buffer is made on first
+use outside any CUDA-graph capture (the runner warms every shape up eagerly before capturing).
 """
 from __future__ import annotations
 
@@ -19,6 +36,7 @@ import triton
 import triton.language as tl
 
 PROGRAMS_PER_SM = 4     # enough programs (each a few weight tiles) to saturate HBM
+COUNTER_SLOTS = 1 << 16  # output tiles one fused launch may count (more: the two-launch path)
 
 
 @dataclass(frozen=True)
@@ -72,3 +90,45 @@ def splitk_reduce(partials: torch.Tensor, out_dtype: torch.dtype, sx: Optional[t
         partials, y, sx if has else partials, sw if has else partials, m, n, s, sx_stride,
         HAS_SCALES=has, BLOCK=block)
     return y
+
+
+@functools.lru_cache(maxsize=None)
+def _counters(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"splitk: the tile counters of {device} would be allocated inside a CUDA-graph "
+                           "capture; run the GEMV once eagerly before capturing (the runner's warm-up does)")
+    return torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+
+
+def tile_counters(device: torch.device) -> torch.Tensor:
+    """The device's int32 arrival counters [COUNTER_SLOTS], all zero between launches (module
+    docstring); made once per device, on first use outside a CUDA-graph capture."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _counters(device)
+
+
+def counters_fit(n_tiles: int) -> bool:
+    """Whether a launch of ``n_tiles`` output tiles (at the smallest tile its configs may pick)
+    can sum its split in the same launch: every tile needs its own counter."""
+    return n_tiles <= COUNTER_SLOTS
+
+
+@triton.jit
+def splitk_store(part_ptr, y_ptr, cnt_ptr, res, offs, mask, tile, pid_s, MN, SPLIT, FUSE: tl.constexpr):
+    """Store split ``pid_s``'s float32 partial ``res`` at part_ptr + pid_s * MN + offs (offs =
+    m * N + n, the tile's elements; ``mask`` those inside [M, N]). FUSE: count the arrival at
+    cnt_ptr + tile; the last of the SPLIT programs of the tile sums the S partials in order
+    s = 0, 1, ... (from 0.0, as _splitk_reduce_kernel: the same bits), casts, stores y at
+    y_ptr + offs and resets the counter to 0. No sx / sw: both GEMVs scale before storing the
+    partials (they call splitk_reduce without scales too)."""
+    tl.store(part_ptr + pid_s * MN + offs, res, mask=mask)
+    if FUSE:
+        tl.debug_barrier()          # all threads' partial stores, then one thread's release
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:    # every other split of the tile has stored its partial
+            acc = tl.zeros_like(res)
+            for s in range(0, SPLIT):                   # fixed order: deterministic
+                acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(cnt_ptr + tile, 0)                 # the next launch / graph replay starts at 0

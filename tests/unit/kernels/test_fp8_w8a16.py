@@ -1,7 +1,7 @@
 """The fp8 kernels in the Triton CPU interpreter: the weight-only decode GEMV
 (kvyard.kernels.triton_ops.fp8_gemv) equals the float32 reference x.float() @ (w.float() * sw).T
-for M = 1..16, per-channel, per-tensor and block scales, K not a multiple of BLOCK_K, split-K,
-and every autotune config; the one-launch activation quantization
+for M = 1..16, per-channel, per-tensor and block scales, K not a multiple of BLOCK_K, split-K
+(summed in the same launch: the bits of the two-launch sum), and every autotune config; the one-launch activation quantization
 (kvyard.kernels.triton_ops.fp8_quant) is bit-identical to quant_math; the fp8 layers route
 M <= 16 to the GEMV and larger batches through the quantization kernel. (The fp8 KV-cache write:
 test_triton_ops.py; the triton attention kernels reading an fp8 pool:
@@ -26,6 +26,7 @@ import triton.language as tl                                     # noqa: E402
 
 from kvyard.kernels.triton_ops import fp8_gemv as fg             # noqa: E402
 from kvyard.kernels.triton_ops import fp8_quant as fq            # noqa: E402
+from kvyard.kernels.triton_ops import splitk                     # noqa: E402
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=1.6e-2, atol=2e-2)
@@ -75,6 +76,45 @@ def test_every_autotune_config_computes_the_same(m):
     assert len(fits) >= 4
     for cfg in fits:
         torch.testing.assert_close(fg.fp8_w8a16_gemv(x, wq, sw, config=cfg), x @ dense.t(), **F32)
+
+
+@pytest.fixture
+def reduce_launches(monkeypatch):
+    """How many times fp8_w8a16_gemv called the two-launch splitk_reduce."""
+    calls = []
+    monkeypatch.setattr(fg, "splitk_reduce", lambda *a, **kw: calls.append(1) or splitk.splitk_reduce(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_split_k_sums_in_the_same_launch_bit_identical(m, reduce_launches):
+    """N 40, K 2100: K split 5 ways (per-channel and block scales, float32 and bfloat16 output);
+    the last split program of each row block sums the partials in the same launch, with the
+    bits of the two-launch sum, and leaves every tile counter at 0. The interpreter runs a
+    launch's programs one after another: this tests the counting and summing logic, not the GPU
+    memory ordering (tests/gpu/test_gpu_fp8.py replays the GEMV from a CUDA graph)."""
+    torch.manual_seed(m)
+    assert fg.plan_split(40, 2100)[0] == 5
+    for scheme, dtype in (("channel", torch.float32), ("block", torch.bfloat16)):
+        x = torch.randn(m, 2100).to(dtype)
+        wq, sw, _ = _weight(40, 2100, scheme)
+        scale_k = 128 if scheme == "block" else 0
+        one = fg.fp8_w8a16_gemv(x, wq, sw, scale_k)
+        assert reduce_launches == []
+        two = fg.fp8_w8a16_gemv(x, wq, sw, scale_k, fuse_reduce=False)
+        assert reduce_launches == [1]
+        reduce_launches.clear()
+        assert one.dtype == dtype and torch.equal(one, two)
+        assert not splitk.tile_counters(x.device).any()
+
+
+def test_split_k_takes_two_launches_where_the_counters_do_not_fit(monkeypatch, reduce_launches):
+    torch.manual_seed(9)
+    monkeypatch.setattr(splitk, "COUNTER_SLOTS", 4)      # 40 rows in 4-row blocks: 10 tiles
+    x = torch.randn(1, 2100)
+    wq, sw, dense = _weight(40, 2100, "channel")
+    torch.testing.assert_close(fg.fp8_w8a16_gemv(x, wq, sw), x @ dense.t(), **F32)
+    assert reduce_launches == [1]
 
 
 def test_block_scales_with_narrow_blocks():
@@ -243,16 +283,25 @@ def build(fn, pointers, ints, consts, cfg, floats=()):
             sys.exit(3)                    # no CUDA toolchain in this Triton install
         raise
 
-gemv = (dict(x_ptr="*bf16", w_ptr="*fp8e4nv", sw_ptr="*fp32", out_ptr="*bf16"),
+gemv = (dict(x_ptr="*bf16", w_ptr="*fp8e4nv", sw_ptr="*fp32", out_ptr="*bf16", y_ptr="*bf16", cnt_ptr="*i32"),
         ["M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_sw"])
 for block_m, scale_k in ((1, 0), (fg.MAX_M, 128)):
     cfg = next(c for c in fg.CONFIGS if fg.config_fits(c, block_m, scale_k))
-    ptx = build(fg._w8a16_kernel, *gemv, dict(SCALE_K=scale_k, PARTIAL=False, BLOCK_M=block_m, IEEE=False,
-                                             **cfg.kwargs), cfg)
+    ptx = build(fg._w8a16_kernel, *gemv, dict(SCALE_K=scale_k, PARTIAL=False, FUSE=False, BLOCK_M=block_m,
+                                             IEEE=False, **cfg.kwargs), cfg)
     if block_m == 1:
         assert "ld.global.v4" in ptx and "mma" not in ptx, "M == 1: 16-byte weight loads, CUDA cores"
     else:
         assert "mma" in ptx, "M > 1: a tensor-core dot"
+# split K summed in the same launch: partial stores, a CTA barrier, one gpu-scope acq_rel
+# increment, then the last program's L1-bypassing loads of the partials
+cfg = next(c for c in fg.CONFIGS if fg.config_fits(c, 1, 0))
+split = (dict(gemv[0], out_ptr="*fp32"), gemv[1])
+ptx = build(fg._w8a16_kernel, *split, dict(SCALE_K=0, PARTIAL=True, FUSE=True, BLOCK_M=1, IEEE=False,
+                                          **cfg.kwargs), cfg)
+atom = ptx.index("atom.global.gpu.acq_rel.add")
+assert "bar.sync" in ptx[ptx.rindex("st.global.b32", 0, atom):atom], "partial stores, barrier, increment"
+assert ptx.count("atom.global") == 1 and "ld.global.cg" in ptx[atom:]
 quant = (dict(x_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32"), ["K", "stride_xm", "stride_qm"])
 for fn in (fq._per_token_kernel, fq._static_kernel):
     build(fn, *quant, dict(BLOCK=fq.BLOCK), triton.Config({}, num_warps=4, num_stages=1))
@@ -266,7 +315,9 @@ build(kv_write._kv_write_kernel, sig, ["stride_kt", "stride_vt", "stride_kb", "s
 def test_kernels_compile_for_sm90():
     """The interpreter runs the kernels as Python; this compiles them to H100 code (Triton's
     bundled ptxas, no GPU needed; a process without TRITON_INTERPRET): the M == 1 body loads the
-    weight in 16-byte vectors without a tensor-core tile, the 2..16 body uses one."""
+    weight in 16-byte vectors without a tensor-core tile, the 2..16 body uses one; a K split
+    summed in the same launch orders its partial stores before a gpu-scope acq_rel counter
+    increment and reads the partials back past L1."""
     import subprocess
     import sys
 

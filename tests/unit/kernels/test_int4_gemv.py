@@ -1,7 +1,8 @@
 """The int4 GEMV (kvyard.kernels.triton_ops.int4_gemm, N-major kernel layout) equals the float32
 reference x @ ((q - z) * s)^T, in the Triton CPU interpreter: every autotune config of every M
 bucket (the H100 may pick any), M = 1..16, group 32/64/128, symmetric and asymmetric zeros,
-GPTQ act-order g_idx, K splits, bfloat16 activations; and the layer stores the kernel layout.
+GPTQ act-order g_idx, K splits (summed in the same launch: the bits of the two-launch sum),
+bfloat16 activations; and the layer stores the kernel layout.
 
 Tolerance: float32 rtol/atol 1e-5 at M <= 4 (CUDA-core path: the dequantized weight is exact in
 float32, only the summation order differs) and in the dot path for float32 x (ieee);
@@ -21,6 +22,7 @@ from kvyard.layers.quantized_linear import int4_kernel_layout
 pytest.importorskip("triton")
 
 from kvyard.kernels.triton_ops import int4_gemm as i4   # noqa: E402
+from kvyard.kernels.triton_ops import splitk            # noqa: E402
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=1.6e-2, atol=2e-2)
@@ -85,6 +87,36 @@ def test_bfloat16_activations(m):
     canon = _weights(128, 256, 64, dtype=torch.bfloat16, seed=m)
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).bfloat16()
     torch.testing.assert_close(*_run(x, canon, 64, split=2), **BF16)
+
+
+@pytest.fixture
+def reduce_launches(monkeypatch):
+    """How many times int4_gemm called the two-launch splitk_reduce."""
+    calls = []
+    monkeypatch.setattr(i4, "splitk_reduce", lambda *a, **kw: calls.append(1) or splitk.splitk_reduce(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 4, 16])
+def test_split_k_sums_in_the_same_launch_bit_identical(m, act_order, reduce_launches):
+    """K split 4 ways: the last split program of each output tile sums the partials in the same
+    launch, with the bits of the two-launch sum (float32 and bfloat16 output), and leaves every
+    tile counter at 0. The interpreter runs a launch's programs one after another: this tests
+    the counting and summing logic, not the GPU memory ordering (tests/gpu/test_gpu_int4.py
+    replays the one-launch GEMV from a CUDA graph)."""
+    canon = _weights(96, 512, 64, act_order, seed=m)
+    packed = int4_kernel_layout(*canon[:3])
+    group_size = 0 if act_order else 64
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(dtype)
+        one = i4.int4_gemm(x, *packed, canon[3], group_size, split=4)
+        assert reduce_launches == []
+        two = i4.int4_gemm(x, *packed, canon[3], group_size, split=4, fuse_reduce=False)
+        assert reduce_launches == [1]
+        reduce_launches.clear()
+        assert one.dtype == dtype and torch.equal(one, two)
+        assert not splitk.tile_counters(x.device).any()
 
 
 def test_tiled_kernel_reads_the_same_layout():
