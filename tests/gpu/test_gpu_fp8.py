@@ -7,6 +7,7 @@ Triton interpreter (tests/unit/kernels/test_fp8_w8a16.py), compiled and autotune
     equals the two-launch sum and replays three times with the same bits;
   * the one-launch activation quantization (fp8_quant) bit-identical to quant_math on the GPU;
   * the fp8 KV write (kv_write) bit-identical to the pool's torch expression;
+  * the triton attention kernels over an fp8 cache (float16 operands) vs float32 attention;
   * Fp8LinearMethod on CUDA: M <= 16 -> the GEMV, M > 16 -> the quantization kernel +
     torch._scaled_mm, equal to the torch quantization + torch._scaled_mm.
 Tolerance: bfloat16 output, one unit in the last place (2^-8 relative) plus float32 sum order.
@@ -138,3 +139,39 @@ def test_fp8_layer_routes_by_rows():
     ref = torch._scaled_mm(xq, layer.weight.t(), scale_a=sx, scale_b=layer.weight_scale.view(1, -1),
                            out_dtype=torch.bfloat16)
     assert torch.equal(layer(x), ref)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_triton_attention_over_an_fp8_cache(fp8):
+    """The triton plugin's decode and extend kernels reading an fp8 cache with a bf16 q (the
+    KV_FP8 path: q, keys, values, probabilities as float16) against float32 attention over the
+    same fp8 values, at Llama-3.1-8B heads (32 / 8, head_dim 128) and 1000-token contexts."""
+    from kvyard_plugins.attention.triton_kernels import decode_attention as dec
+    from kvyard_plugins.attention.triton_kernels import extend_attention as ext
+
+    torch.manual_seed(4)
+    heads, kv_heads, dim, lens = 32, 8, 128, [1000, 37, 513]
+    k_buf = (torch.randn(sum(lens) + 1, kv_heads, dim, device=DEV) * 2).to(fp8)
+    v_buf = (torch.randn(sum(lens) + 1, kv_heads, dim, device=DEV) * 2).to(fp8)
+    table = torch.zeros(len(lens), max(lens), dtype=torch.int32, device=DEV)
+    start = 1
+    for i, n in enumerate(lens):
+        table[i, :n] = torch.arange(start, start + n, dtype=torch.int32, device=DEV)
+        start += n
+    rows, seq_lens = torch.arange(len(lens), device=DEV), torch.tensor(lens, device=DEV)
+    q = torch.randn(len(lens), heads, dim, device=DEV).bfloat16()
+    want = []
+    for i, n in enumerate(lens):
+        keys = k_buf[table[i, :n].long()].float().repeat_interleave(heads // kv_heads, 1)     # [n, H, D]
+        vals = v_buf[table[i, :n].long()].float().repeat_interleave(heads // kv_heads, 1)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), keys) * dim ** -0.5, dim=-1)
+        want.append(torch.einsum("hn,nhd->hd", p, vals))
+    want = torch.stack(want)
+    out = torch.empty_like(q)
+    mid_o, mid_lse = dec.decode_workspace(len(lens), heads, 8, dim, torch.float32, DEV)
+    dec.decode_attention(q, k_buf, v_buf, out, table, rows, seq_lens, mid_o, mid_lse, dim ** -0.5)
+    torch.testing.assert_close(out.float(), want, **BF16)
+    out = torch.empty_like(q)
+    ext.extend_attention(q, k_buf, v_buf, out, table, rows, torch.arange(len(lens), device=DEV),
+                         torch.ones(len(lens), dtype=torch.int64, device=DEV), seq_lens - 1, 1, dim ** -0.5)
+    torch.testing.assert_close(out.float(), want, **BF16)
