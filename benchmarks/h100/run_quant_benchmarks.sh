@@ -24,6 +24,8 @@
 #             int4 GEMM, the path AWQ / GPTQ / compressed-tensors w4a16 checkpoints take)
 #   prefill   batch 64 x 1024 prefill, bf16 and fp8
 #   offline   OFFLINE_PROMPTS (300) x 1024 in / 512 out: bf16, then fp8 weights + fp8_e4m3 KV cache
+#             (each run at most OFFLINE_STEP_S seconds, 200; 1000 prompts want ~260)
+#   gputests  tests/gpu/test_gpu_fp8.py, test_gpu_int4.py, test_gpu_lora.py (~1-2 min)
 # Attention is triton throughout (it reads the fp8 KV cache); dtype bfloat16; weights are the
 # dummy loader's (random, from benchmarks/configs/llama-3.1-8b/config.json), quantized at load.
 # The summary table prints each figure and its ratio to the bf16 row of the same workload.
@@ -87,6 +89,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 for part in $PARTS; do
     case $part in
         fp8check) step fp8check 90 python3 -m pytest tests/gpu/test_gpu_fp8.py -q -p no:cacheprovider ;;
+        gputests) step gputests 240 sh -c "python3 -m pytest tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_lora.py -q -p no:cacheprovider 2>&1 | tail -n 30 | tee $OUT/gputests.txt" ;;
         kernels) step kernels 180 sh -c "python3 benchmarks/quant_kernels.py --m 1 16 64 1024 > $OUT/kernels.jsonl" ;;
         decode)
             for q in none fp8 w8a8_int8 gptq; do
@@ -99,11 +102,11 @@ for part in $PARTS; do
                     --batch-size 64 --input-len 1024 --output-len 1
             done ;;
         offline)
-            bench offline-8b bf16 200 offline --context-length 2048 --cuda-graph-max-bs 256 \
+            bench offline-8b bf16 "${OFFLINE_STEP_S:-200}" offline --context-length 2048 --cuda-graph-max-bs 256 \
                 --num-prompts "$OFFLINE_PROMPTS" --input-len 1024 --output-len 512
-            bench offline-8b fp8-fp8kv 200 offline --quantization fp8 --kv-cache-dtype fp8_e4m3 \
+            bench offline-8b fp8-fp8kv "${OFFLINE_STEP_S:-200}" offline --quantization fp8 --kv-cache-dtype fp8_e4m3 \
                 --context-length 2048 --cuda-graph-max-bs 256 --num-prompts "$OFFLINE_PROMPTS" \
                 --input-len 1024 --output-len 512 ;;
-        *) echo "unknown part $part (fp8check kernels decode prefill offline)"; exit 2 ;;
+        *) echo "unknown part $part (fp8check gputests kernels decode prefill offline)"; exit 2 ;;
     esac
 done
