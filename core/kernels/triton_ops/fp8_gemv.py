@@ -183,7 +183,7 @@ def fp8_w8a16_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, scale_k: 
     # of the narrowest tiling a config may pick)
     fuse = fuse_reduce and partial and counters_fit(triton.cdiv(n, MIN_BLOCK_N))
     out = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if partial else y
-    cnt = tile_counters(x.device) if fuse else y
+    cnt = tile_counters(x.device) if partial else y   # one signature (autotune key) fused or not
     args = (x, w, sw, out, y, cnt, m, n, k, k_per_split, x.stride(0), kb)
     # IEEE: float32 dot operands for float32 x, and in the interpreter (its bf16 dot is wrong)
     meta = dict(SCALE_K=scale_k, PARTIAL=partial, FUSE=fuse, BLOCK_M=block_m,

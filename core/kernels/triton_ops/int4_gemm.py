@@ -349,7 +349,7 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
     # of the narrowest tiling a config may pick; a split launch has one M block)
     fuse = fuse and partial and counters_fit(triton.cdiv(n, MIN_BLOCK_N))
     out = torch.empty(plan.split, m, n, dtype=torch.float32, device=x.device) if partial else y
-    cnt = tile_counters(x.device) if fuse else y
+    cnt = tile_counters(x.device) if partial else y   # one signature (autotune key) fused or not
     args = (x, qweight, scales, zeros, g_idx, out, y, cnt, m, n, k, plan.k_per_split, x.stride(0), k // 8,
             plan.k_per_split // 8)
     meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FUSE=fuse, FP32=x.dtype == torch.float32,
