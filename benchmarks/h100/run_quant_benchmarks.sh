@@ -22,10 +22,11 @@
 #   decode    batch-1 decode, 128 in / 256 out, Llama-3.1-8B shape (dummy weights): bf16, then
 #             --quantization fp8, w8a8_int8, gptq (online round-to-nearest int4 g128 -> the Triton
 #             int4 GEMM, the path AWQ / GPTQ / compressed-tensors w4a16 checkpoints take)
+#             (DECODE_QUANTS picks the methods, DECODE_STEP_S the seconds each may take, 100)
 #   prefill   batch 64 x 1024 prefill, bf16 and fp8
 #   offline   OFFLINE_PROMPTS (300) x 1024 in / 512 out: bf16, then fp8 weights + fp8_e4m3 KV cache
 #             (each run at most OFFLINE_STEP_S seconds, 200; 1000 prompts want ~260)
-#   gputests  tests/gpu/test_gpu_fp8.py, test_gpu_int4.py, test_gpu_lora.py (~1-2 min)
+#   gputests  tests/gpu/test_gpu_fp8.py, test_gpu_int4.py, test_gpu_lora.py (~1-2 min; GPU_TESTS: others)
 # Attention is triton throughout (it reads the fp8 KV cache); dtype bfloat16; weights are the
 # dummy loader's (random, from benchmarks/configs/llama-3.1-8b/config.json), quantized at load.
 # The summary table prints each figure and its ratio to the bf16 row of the same workload.
@@ -89,11 +90,11 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 for part in $PARTS; do
     case $part in
         fp8check) step fp8check 90 python3 -m pytest tests/gpu/test_gpu_fp8.py -q -p no:cacheprovider ;;
-        gputests) step gputests 240 sh -c "python3 -m pytest tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_lora.py -q -p no:cacheprovider 2>&1 | tail -n 30 | tee $OUT/gputests.txt" ;;
+        gputests) step gputests 240 sh -c "python3 -m pytest ${GPU_TESTS:-tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_lora.py} -q -p no:cacheprovider 2>&1 | tail -n 30 | tee $OUT/gputests.txt" ;;
         kernels) step kernels 180 sh -c "python3 benchmarks/quant_kernels.py --m 1 16 64 1024 > $OUT/kernels.jsonl" ;;
         decode)
-            for q in none fp8 w8a8_int8 gptq; do
-                bench decode-8b "$q" 100 one-batch --quantization "$q" --context-length 4096 \
+            for q in ${DECODE_QUANTS:-none fp8 w8a8_int8 gptq}; do
+                bench decode-8b "$q" "${DECODE_STEP_S:-100}" one-batch --quantization "$q" --context-length 4096 \
                     --batch-size 1 --input-len 128 --output-len 256
             done ;;
         prefill)
