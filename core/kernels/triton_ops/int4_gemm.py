@@ -75,7 +75,10 @@ def _cfg(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 # BLOCK_K 128 tiling: it tiles any K split)
 GEMV_CONFIGS = {
     1: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(64, 256, 8, 2),
-        _cfg(32, 512, 8, 2), _cfg(16, 128, 4, 2)],
+        _cfg(32, 512, 8, 2), _cfg(16, 128, 4, 2),
+        # deeper pipelines and longer K tiles: more weight bytes in flight per program
+        _cfg(32, 512, 4, 3), _cfg(16, 512, 4, 3), _cfg(64, 512, 8, 3), _cfg(32, 1024, 8, 2),
+        _cfg(128, 256, 8, 2)],
     2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2)],
     4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2)],
     16: [_cfg(32, 128, 4, 3), _cfg(64, 128, 4, 3), _cfg(16, 128, 4, 4)],

@@ -138,6 +138,12 @@ if by_slot:    # the fused form's decode expand: R 16 (256 columns a program) an
                                                   starts_ptr="*i32"),
               ["OUT", "R", "slot_cols", "stride_hm", "stride_bs", "stride_bo", "stride_ym"],
               dict(N_SHARDS=3, BLOCK_N=block_n, BLOCK_R=block_r))
+    # the dense decode expand (16+ rows): R 16 at 128 columns, R 64 at 64 columns
+    for block_m, block_n, block_r in ((64, 128, 16), (16, 64, 64)):
+        build(kernels._expand_dense_kernel, dict(h_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", slots_ptr="*i32",
+                                                 starts_ptr="*i32"),
+              ["T", "OUT", "R", "S", "slot_cols", "stride_hm", "stride_bs", "stride_bo", "stride_ym"],
+              dict(N_SHARDS=3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=False))
 """
 
 
@@ -145,7 +151,7 @@ if by_slot:    # the fused form's decode expand: R 16 (256 columns a program) an
 def test_kernels_compile_for_sm90(by_slot):
     """The interpreter runs the kernels as Python; this compiles them to an H100 cubin (Triton's
     bundled ptxas, no GPU needed; a process without TRITON_INTERPRET): rank 64, the largest
-    reduction tile, at the widest decode slot scan; the fused form's decode expand."""
+    reduction tile, at the widest decode slot scan; the fused form's decode expands."""
     import subprocess
     import sys
 
