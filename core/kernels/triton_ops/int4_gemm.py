@@ -125,37 +125,34 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if config_fits(c, kwargs["BLOCK_M"], k, kps)]
 
 
-# PTX of _planes on the GPU: per nibble one shift and one lop3 ((t & 0xF) | 2^23 bits, lut 0xEA);
-# the compiler's own lowering of the same expression spends a third instruction (a bit-field
-# extract) per nibble, and the GEMV at M = 1 is bound by instruction issue near copy bandwidth
-_PLANES_PTX = tl.constexpr("""{
-.reg .b32 t;
-lop3.b32 $0, $8, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 4;  lop3.b32 $1, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 8;  lop3.b32 $2, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 12; lop3.b32 $3, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 16; lop3.b32 $4, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 20; lop3.b32 $5, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 24; lop3.b32 $6, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 28; or.b32 $7, t, 0x4B000000;
-}""")
 TOP = tl.constexpr(0x41800000)      # float32 bits of 16: (TOP | q << 19) is the float 16 + q
 TOP_MASK = tl.constexpr(0x00780000)  # the top 4 mantissa bits, 19..22
 TOP_F = tl.constexpr(16.0)
-# PTX of _top_planes: nibble i (bits 4i..4i+3) moved to bits 19..22 by one shift (left by
-# 19 - 4i, right by 4i - 19 from i = 5), then one lop3 ((t & TOP_MASK) | TOP, lut 0xEA): every
-# nibble keeps bits below it after its shift, so each needs the mask (16 instructions a word)
-_TOP_PLANES_PTX = tl.constexpr("""{
-.reg .b32 t;
-shl.b32 t, $8, 19; lop3.b32 $0, t, 0x00780000, 0x41800000, 0xEA;
-shl.b32 t, $8, 15; lop3.b32 $1, t, 0x00780000, 0x41800000, 0xEA;
-shl.b32 t, $8, 11; lop3.b32 $2, t, 0x00780000, 0x41800000, 0xEA;
-shl.b32 t, $8, 7;  lop3.b32 $3, t, 0x00780000, 0x41800000, 0xEA;
-shl.b32 t, $8, 3;  lop3.b32 $4, t, 0x00780000, 0x41800000, 0xEA;
-shr.b32 t, $8, 1;  lop3.b32 $5, t, 0x00780000, 0x41800000, 0xEA;
-shr.b32 t, $8, 5;  lop3.b32 $6, t, 0x00780000, 0x41800000, 0xEA;
-shr.b32 t, $8, 9;  lop3.b32 $7, t, 0x00780000, 0x41800000, 0xEA;
-}""")
+
+
+def _plane_ptx(pos: int, base: int) -> str:
+    """Inline PTX: nibble i of $8 (bits 4i..4i+3) moved to bits pos..pos+3 of $i over ``base``'s
+    bits: one shift (none where the nibble is in place) and one lop3 ((t & mask) | base, lut
+    0xEA) per nibble; an or where the shift leaves nothing but the nibble (the top nibble moved
+    to bits 0..3)."""
+    mask, lines = 0xF << pos, ["{", ".reg .b32 t;"]
+    for i in range(8):
+        d = pos - 4 * i
+        shift = "" if d == 0 else f"shl.b32 t, $8, {d}; " if d > 0 else f"shr.b32 t, $8, {-d}; "
+        src = "$8" if d == 0 else "t"
+        alone = pos == 0 and i == 7
+        lines.append(shift + (f"or.b32 ${i}, t, {base:#x};" if alone
+                              else f"lop3.b32 ${i}, {src}, {mask:#x}, {base:#x}, 0xEA;"))
+    return "\n".join(lines + ["}"])
+
+
+# PTX of _planes on the GPU (2^23 + q: 7 shifts and 8 lop3 / or a word); the compiler's own
+# lowering of the same expression spends a third instruction (a bit-field extract) per nibble,
+# and the GEMV at M = 1 is bound by instruction issue near copy bandwidth
+_PLANES_PTX = tl.constexpr(_plane_ptx(0, MAGIC.value))
+# PTX of _top_planes (16 + q: nibble i shifted by 19 - 4i to the top mantissa bits; every
+# nibble keeps other bits below it after its shift, so 8 shifts and 8 lop3 a word)
+_TOP_PLANES_PTX = tl.constexpr(_plane_ptx(19, TOP.value))
 
 
 @triton.jit
