@@ -91,7 +91,7 @@ for part in $PARTS; do
     case $part in
         fp8check) step fp8check 90 python3 -m pytest tests/gpu/test_gpu_fp8.py -q -p no:cacheprovider ;;
         gputests) step gputests 240 sh -c "python3 -m pytest ${GPU_TESTS:-tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_lora.py} -q -p no:cacheprovider 2>&1 | tail -n 30 | tee $OUT/gputests.txt" ;;
-        kernels) step kernels 180 sh -c "python3 benchmarks/quant_kernels.py --m 1 16 64 1024 > $OUT/kernels.jsonl" ;;
+        kernels) step kernels 180 sh -c "python3 benchmarks/quant_kernels.py --m ${KERNEL_M:-1 16 64 1024} > $OUT/kernels.jsonl" ;;
         decode)
             for q in ${DECODE_QUANTS:-none fp8 w8a8_int8 gptq}; do
                 bench decode-8b "$q" "${DECODE_STEP_S:-100}" one-batch --quantization "$q" --context-length 4096 \

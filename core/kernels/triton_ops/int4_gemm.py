@@ -20,6 +20,24 @@ On CUDA the extraction is inline PTX (a shift and a lop3 per nibble). Numerics: 
 throughout; at M <= 4 the products of a word are summed before its scale multiplies them
 ((sum_k (q - z) x) * s instead of sum_k ((q - z) s) x): the same value up to float32 rounding.
 
+The folded zero point (M <= FOLD_MAX_M = 2, sequential groups): the per-weight subtraction
+goes. Nibble q moved to the top 4 mantissa bits (19..22) under the exponent of 16 is the float
+v = 16 + q (bits 0x41800000 | q << 19: exact, 5 significant bits; the same trick as 1 + q/16
+under 0x3F800000, scaled by 16 so no factor 16 is left over). For one word's 8 inputs, which
+share the output's group (s, z):
+    sum_i (q_i - z) x_i = sum_i v_i x_i - (16 + z) * X_w,    X_w = sum_i x_i,
+so per weight: a shift and a lop3 (the plane) and one FMA of the chain t = sum_i v_i x_i
+(before: the same plus one FADD, v - (2^23 + z)); per word and output: u = t - (16 + z) X_w
+(one FMA), acc += u s (one FMA); per word and row: X_w (7 FADDs, shared by the chunk's 4
+outputs). _scale_zero hands over 16 + z (one add, as 2^23 + z before). Error: float32 rounding
+of terms of size < 32 sum_i |x_i| (v < 32): the chain's 8 roundings, X_w's 3 levels (of sums
+< sum|x|) times 16 + z < 32, and u's one: < 400 * 2^-24 * s * sum_word |x| per word (2.4e-5
+s sum|x|), i.e. < 6e-6 of sum_k |x_k| |w_k| where the mean |q - z| is >= 4 (measured ~6e-8
+with float32 x, K 1024), far below the bf16 / fp16 output rounding (2^-8 / 2^-11 of |y|);
+float32 x sees it as summation noise. From 3 rows the per-weight subtraction, computed once
+and shared by the rows, costs fewer instructions than the fold's per-row X_w and u (sm_90 SASS
+of the loop, M = 4: 350 vs 370 a tile; M = 1: 328 vs 354), so M 3..4 keep it.
+
 Decode sizes (M <= GEMV_MAX_M) take ``_int4_mm_kernel``, autotuned per (M bucket, N, K, split,
 group) on CUDA; the runner's eager warm-up of each captured batch size (CudaGraphCapture runs
 the step eagerly before capture) runs the tuning outside the graph (a shape first seen inside
@@ -27,10 +45,11 @@ a capture takes the bucket's first fitting config, untimed). A program owns BLOC
 outputs and one K split, walked in BLOCK_K tiles of [BLOCK_N / 4, BLOCK_K / 8, 4] words,
 unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
   M 1..4     CUDA cores, no padded tensor-core tile: per row, each word's 8 nibble planes
-             minus the zero times the word's 8 activations in a chain of fused multiply-adds,
-             times the word's scale (sequential groups; act-order scales per input), into a
-             per-row accumulator of one value per output and word, summed over the words once
-             at the end (no cross-thread reduction per tile);
+             minus the zero times the word's 8 activations in a chain of fused multiply-adds
+             (M 1..2: the zero folded per word, above), times the word's scale (sequential
+             groups; act-order scales per input), into a per-row accumulator of one value per
+             output and word, summed over the words once at the end (no cross-thread
+             reduction per tile);
   M 5..16    a 16-row dot (tf32 for bf16 / fp16 x: x exact in tf32, the weight rounded to
              tf32's 10-bit mantissa, as the tiled kernel; ieee for float32 x) on the dequantized
              tile (q - z) * s.
@@ -65,6 +84,9 @@ SPLIT_BLOCK_N = 32         # the row block the split plan assumes (the tuned BLO
 MAGIC = tl.constexpr(0x4B000000)   # float32 bits of 2^23: (MAGIC | q) is the float 2^23 + q
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
+# up to this many rows the zero point is folded per word (module docstring); from 3 rows the
+# per-weight subtraction, shared by the rows, costs fewer instructions than the per-row fold
+FOLD_MAX_M = tl.constexpr(2)
 
 
 def _cfg(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -106,20 +128,42 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if config_fits(c, kwargs["BLOCK_M"], k, kps)]
 
 
-# PTX of _planes on the GPU: per nibble one shift and one lop3 ((t & 0xF) | 2^23 bits, lut 0xEA);
-# the compiler's own lowering of the same expression spends a third instruction (a bit-field
-# extract) per nibble, and the GEMV at M = 1 is bound by instruction issue near copy bandwidth
-_PLANES_PTX = tl.constexpr("""{
-.reg .b32 t;
-lop3.b32 $0, $8, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 4;  lop3.b32 $1, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 8;  lop3.b32 $2, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 12; lop3.b32 $3, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 16; lop3.b32 $4, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 20; lop3.b32 $5, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 24; lop3.b32 $6, t, 0xF, 0x4B000000, 0xEA;
-shr.b32 t, $8, 28; or.b32 $7, t, 0x4B000000;
-}""")
+TOP = tl.constexpr(0x41800000)      # float32 bits of 16: (TOP | q << 19) is the float 16 + q
+TOP_MASK = tl.constexpr(0x00780000)  # the top 4 mantissa bits, 19..22
+TOP_F = tl.constexpr(16.0)
+
+
+def _plane_ptx(pos: int, base: int) -> str:
+    """Inline PTX: nibble i of $8 (bits 4i..4i+3) moved to bits pos..pos+3 of $i over ``base``'s
+    bits: one shift (none where the nibble is in place) and one lop3 ((t & mask) | base, lut
+    0xEA) per nibble; an or where the shift leaves nothing but the nibble (the top nibble moved
+    to bits 0..3)."""
+    mask, lines = 0xF << pos, ["{", ".reg .b32 t;"]
+    for i in range(8):
+        d = pos - 4 * i
+        shift = "" if d == 0 else f"shl.b32 t, $8, {d}; " if d > 0 else f"shr.b32 t, $8, {-d}; "
+        src = "$8" if d == 0 else "t"
+        alone = pos == 0 and i == 7
+        lines.append(shift + (f"or.b32 ${i}, t, {base:#x};" if alone
+                              else f"lop3.b32 ${i}, {src}, {mask:#x}, {base:#x}, 0xEA;"))
+    return "\n".join(lines + ["}"])
+
+
+# PTX of _planes on the GPU (2^23 + q: 7 shifts and 8 lop3 / or a word); the compiler's own
+# lowering of the same expression spends a third instruction (a bit-field extract) per nibble,
+# and the GEMV at M = 1 is bound by instruction issue near copy bandwidth
+_PLANES_PTX = tl.constexpr(_plane_ptx(0, MAGIC.value))
+# PTX of _top_planes (16 + q: nibble i shifted by 19 - 4i to the top mantissa bits; every
+# nibble keeps other bits below it after its shift, so 8 shifts and 8 lop3 a word)
+_TOP_PLANES_PTX = tl.constexpr(_plane_ptx(19, TOP.value))
+
+
+@triton.jit
+def _as_floats(b0, b1, b2, b3, b4, b5, b6, b7):
+    """8 uint32 planes -> the same bits as float32."""
+    return (b0.to(tl.float32, bitcast=True), b1.to(tl.float32, bitcast=True), b2.to(tl.float32, bitcast=True),
+            b3.to(tl.float32, bitcast=True), b4.to(tl.float32, bitcast=True), b5.to(tl.float32, bitcast=True),
+            b6.to(tl.float32, bitcast=True), b7.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -140,9 +184,27 @@ def _planes(words, ASM: tl.constexpr):
         b5 = ((u >> 20) & 0xF) | MAGIC
         b6 = ((u >> 24) & 0xF) | MAGIC
         b7 = (u >> 28) | MAGIC
-    return (b0.to(tl.float32, bitcast=True), b1.to(tl.float32, bitcast=True), b2.to(tl.float32, bitcast=True),
-            b3.to(tl.float32, bitcast=True), b4.to(tl.float32, bitcast=True), b5.to(tl.float32, bitcast=True),
-            b6.to(tl.float32, bitcast=True), b7.to(tl.float32, bitcast=True))
+    return _as_floats(b0, b1, b2, b3, b4, b5, b6, b7)
+
+
+@triton.jit
+def _top_planes(words, ASM: tl.constexpr):
+    """words int32 -> the 8 nibble planes as float32 16 + q: q in the top 4 mantissa bits
+    (exact, 5 significant bits; module docstring). ASM: inline PTX, as _planes."""
+    u = words.to(tl.uint32, bitcast=True)
+    if ASM:
+        b0, b1, b2, b3, b4, b5, b6, b7 = tl.inline_asm_elementwise(
+            _TOP_PLANES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [u], dtype=(tl.uint32,) * 8, is_pure=True, pack=1)
+    else:
+        b0 = ((u << 19) & TOP_MASK) | TOP
+        b1 = ((u << 15) & TOP_MASK) | TOP
+        b2 = ((u << 11) & TOP_MASK) | TOP
+        b3 = ((u << 7) & TOP_MASK) | TOP
+        b4 = ((u << 3) & TOP_MASK) | TOP
+        b5 = ((u >> 1) & TOP_MASK) | TOP
+        b6 = ((u >> 5) & TOP_MASK) | TOP
+        b7 = ((u >> 9) & TOP_MASK) | TOP
+    return _as_floats(b0, b1, b2, b3, b4, b5, b6, b7)
 
 
 @triton.jit
@@ -178,10 +240,11 @@ def _nibbles(words, ASM: tl.constexpr):
 
 @triton.jit
 def _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin,
-                GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+                GROUP: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
     """(s, 2^23 + z) float32 for the tile of outputs offs_n [R4, 4] and inputs kin [W, 8]:
     [R4, 1, 4] (the tile in one group), [R4, W, 4] (one group per word: the 8 nibbles of a word
-    share one) or [R4, W, 4, 8] (gathered per input through g_idx: act-order)."""
+    share one) or [R4, W, 4, 8] (gathered per input through g_idx: act-order). FOLD (M <=
+    FOLD_MAX_M) with sequential groups: (s, 16 + z), the offset of _top_planes (the same one add)."""
     if GROUP >= BLOCK_K:
         ptr = (k0 // GROUP) * N + offs_n[:, None, :]
         gm = mask_n[:, None, :]
@@ -195,8 +258,11 @@ def _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin,
         ptr = g[None, :, None, :] * N + offs_n[:, None, :, None]
         gm = mask_n[:, None, :, None] & km[None, :, None, :]
     s = tl.load(s_ptr + ptr, mask=gm, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + ptr, mask=gm, other=0).to(tl.float32) + MAGIC_F
-    return s, z
+    z = tl.load(z_ptr + ptr, mask=gm, other=0).to(tl.float32)
+    if FOLD and GROUP > 0:
+        return s, z + TOP_F
+    else:
+        return s, z + MAGIC_F
 
 
 @triton.jit
@@ -209,24 +275,42 @@ def _dequant(words, s, z, GROUP: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _row_product(words, s, z, x_row_ptr, xin, k_row, GROUP: tl.constexpr, ASM: tl.constexpr):
+def _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7):
+    """sum_i p_i x_i over a word's 8 planes [R4, W, 4] and activations [R4, W]: one multiply
+    and 7 fused multiply-adds in input order."""
+    t = p0 * x0[:, :, None]
+    t += p1 * x1[:, :, None]
+    t += p2 * x2[:, :, None]
+    t += p3 * x3[:, :, None]
+    t += p4 * x4[:, :, None]
+    t += p5 * x5[:, :, None]
+    t += p6 * x6[:, :, None]
+    t += p7 * x7[:, :, None]
+    return t
+
+
+@triton.jit
+def _row_product(words, s, z, x_row_ptr, xin, k_row, GROUP: tl.constexpr, FOLD: tl.constexpr,
+                 ASM: tl.constexpr):
     """The tile times one activation row (x at x_row_ptr + xin, [R4, W, 8]; ``k_row`` 0 for
     rows past M: they read nothing) -> [R4, W, 4], one value per output and word. Sequential
-    groups: per nibble plane one subtraction and one fused multiply-add into a chain over the
-    word's 8 inputs, then one multiply by the word's scale; act-order: scaled per input."""
+    groups, FOLD (z = 16 + zero, _scale_zero's FOLD): the folded sum of the module docstring,
+    the chain on the planes 16 + q minus z times the word's activation sum (one per word, shared
+    by the chunk's 4 outputs), times the word's scale; without FOLD (z = 2^23 + zero): the
+    chain on the planes minus z (one subtraction per weight, shared by the rows), times the
+    scale; act-order: dequantized and scaled per input."""
     x = tl.load(x_row_ptr + xin, mask=xin < k_row, other=0.0).to(tl.float32)
     if GROUP > 0:
-        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, ASM)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
-        t = (p0 - z) * x0[:, :, None]
-        t += (p1 - z) * x1[:, :, None]
-        t += (p2 - z) * x2[:, :, None]
-        t += (p3 - z) * x3[:, :, None]
-        t += (p4 - z) * x4[:, :, None]
-        t += (p5 - z) * x5[:, :, None]
-        t += (p6 - z) * x6[:, :, None]
-        t += (p7 - z) * x7[:, :, None]
-        return t * s
+        if FOLD:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _top_planes(words, ASM)
+            t = _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7)
+            x_word = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))     # [R4, W]
+            return (t - z * x_word[:, :, None]) * s
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, ASM)
+            return _fma_chain(p0 - z, p1 - z, p2 - z, p3 - z, p4 - z, p5 - z, p6 - z, p7 - z,
+                              x0, x1, x2, x3, x4, x5, x6, x7) * s
     else:
         return tl.sum(_dequant(words, s, z, GROUP, ASM) * x[:, :, None, :], axis=3)
 
@@ -246,6 +330,7 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     R4: tl.constexpr = BLOCK_N // 4
     W: tl.constexpr = BLOCK_K // 8
+    FOLD: tl.constexpr = BLOCK_M <= FOLD_MAX_M                   # the folded zero point
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)     # one M block below 64 rows
     mask_m = offs_m < M
     rg = pid_n * R4 + tl.arange(0, R4)                               # row groups of 4 outputs
@@ -274,17 +359,20 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
         else:
             wm = (rg * 4 < N)[:, None, None] & (k0 + kw * 8 < k_hi)[None, :, None]
             words = tl.load(wptr, mask=wm, other=0)
-        s, z = _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin, GROUP, BLOCK_K)
+        s, z = _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin, GROUP, BLOCK_K, FOLD)
         if BLOCK_M <= 4:
             # x loaded as [R4, W, 8] (each warp its own copy, L1 hits): the layout of the
             # weight tile's threads, so no shared-memory exchange per tile
             xin = tl.broadcast_to(kin[None, :, :], (R4, W, 8))
-            acc0 += _row_product(words, s, z, x_ptr, xin, k_hi, GROUP, ASM)
+            acc0 += _row_product(words, s, z, x_ptr, xin, k_hi, GROUP, FOLD, ASM)
             if BLOCK_M > 1:
-                acc1 += _row_product(words, s, z, x_ptr + stride_xm, xin, tl.where(M > 1, k_hi, 0), GROUP, ASM)
+                acc1 += _row_product(words, s, z, x_ptr + stride_xm, xin, tl.where(M > 1, k_hi, 0), GROUP, FOLD,
+                                     ASM)
             if BLOCK_M > 2:
-                acc2 += _row_product(words, s, z, x_ptr + 2 * stride_xm, xin, tl.where(M > 2, k_hi, 0), GROUP, ASM)
-                acc3 += _row_product(words, s, z, x_ptr + 3 * stride_xm, xin, tl.where(M > 3, k_hi, 0), GROUP, ASM)
+                acc2 += _row_product(words, s, z, x_ptr + 2 * stride_xm, xin, tl.where(M > 2, k_hi, 0), GROUP,
+                                     FOLD, ASM)
+                acc3 += _row_product(words, s, z, x_ptr + 3 * stride_xm, xin, tl.where(M > 3, k_hi, 0), GROUP,
+                                     FOLD, ASM)
         else:
             w = _dequant(words, s, z, GROUP, ASM)
             offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -4,7 +4,8 @@ split), sequential and act-order int4 groups; and the int4 layers route M <= 16 
 GEMV: test_fp8_w8a16.py.)
 
 Tolerance: float32 rtol/atol 1e-5 (the int4 products are exact in float32; only the order of
-the float32 sums differs); bfloat16 one unit in the last place.
+the float32 sums differs; the folded zero point at M <= 2: see its test); bfloat16 one unit in
+the last place.
 """
 import os
 
@@ -98,7 +99,9 @@ def test_int4_layer_knows_sequential_groups():
     layer.load_shard(0, torch.randn(64, 256))
     layer.process_after_loading()
     assert layer.int4_group == 64
-    torch.testing.assert_close(*layer_both_ways(layer, torch.randn(2, 256)), **F32)
+    # M <= 4 folds the zero point per word: float32 rounding of terms up to 32 s sum|x| (scales
+    # ~0.25 for these randn rows, |y| ~ 16), about 1e-7 of sum|x||w|: atol 1e-4
+    torch.testing.assert_close(*layer_both_ways(layer, torch.randn(2, 256)), rtol=1e-5, atol=1e-4)
 
 
 def test_int4_layer_gathers_act_order_groups():
