@@ -28,10 +28,12 @@ The fused form (kvyard.lora.hook: the shrink rode in the base GEMM, which wrote
 h [T, S n R] = x @ A_all.T beside y in one y_ext row) needs only the expand, one launch:
     decode (one token per segment):  program (row t, column block), slot = seg_slots[t]
              y[t, c] += sum_r h[t, slot n R + shard(c) R + r] * B[slot, c, r]      (float32 sum)
-             from DENSE_MIN_ROWS rows: program (row block, column block), one masked dot per
-             slot in use: every row's B block comes from one read per row block (the per-row
-             form read it once per row: 8 adapters at batch 64 moved 59 MB through L2 for
-             gate_up alone)
+             from DENSE_MIN_ROWS rows: program (row block, column block, slot), one dot over
+             the block's rows of that slot (a program whose slot no row uses returns at once):
+             a slot's B block comes from one read per row block (the per-row form read it once
+             per row: 8 adapters at batch 64 moved 59 MB through L2 for gate_up alone), and the
+             slots run in parallel (a loop over them inside one program ran 8 dependent rounds
+             of loads: at batch 64 with 8 adapters that was slower than the per-row form)
     otherwise: the segment expand above with split-K 1, reading xa at column slot * n R + k R.
 y may be a row-strided view (y_ext[:, :out]); only its last dim must be contiguous.
 """
@@ -53,7 +55,7 @@ REDUCE_ELEMS = 4096   # float32 partials one expand program holds at once ([chun
                       # sm_90 compiles rank 64 with a 512-row slot scan without spills
 MAX_SLOT_GROUPED = 512   # decode batches up to this many rows group by slot ([BLOCK_B, BLOCK_M] in registers)
 DECODE_TILE = 4096    # B elements one fused decode-expand program reads ([BLOCK_N, BLOCK_R]; R 16: 256 columns)
-DENSE_MIN_ROWS = 16   # decode batches from this many rows take the dense expand (a row block per program)
+DENSE_MIN_ROWS = 16   # decode batches from this many rows take the dense expand (a row block and slot per program)
 DENSE_TILE = 8192     # B elements per slot one dense-expand program holds ([BLOCK_N, BLOCK_R])
 
 
@@ -199,18 +201,21 @@ def _expand_decode_kernel(h_ptr, b_ptr, y_ptr, slots_ptr, starts_ptr, OUT, R, sl
 
 
 @triton.jit
-def _expand_dense_kernel(h_ptr, b_ptr, y_ptr, slots_ptr, starts_ptr, T, OUT, R, S, slot_cols,
+def _expand_dense_kernel(h_ptr, b_ptr, y_ptr, slots_ptr, starts_ptr, T, OUT, R, slot_cols,
                          stride_hm, stride_bs, stride_bo, stride_ym,
                          N_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    """Program (block of BLOCK_M rows, column block inside one shard k), one token per segment:
-    y[t, c] += sum_s [slot(t) == s] h[t, s * slot_cols + k R + r] * B[s, c, r] as S masked dots
-    [BLOCK_M, R] x [R, BLOCK_N], a slot no row of the block uses skipped. Each slot's B block is
-    read once per row block (not once per row), so a batch of many requests over a few adapters
-    reads B about once."""
+    """Program (block of BLOCK_M rows, column block inside one shard k, slot s), one token per
+    segment: for the block's rows of slot s (none: return at once)
+        y[t, c] += sum_r h[t, s * slot_cols + k R + r] * B[s, c, r]
+    as one [BLOCK_M, R] x [R, BLOCK_N] dot. A row has one slot, so every element of y is written
+    by at most one program (no atomics; the sum order is fixed), and slot s's B block is read
+    once per row block instead of once per row."""
+    s = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1)
+    in_s = tl.load(slots_ptr + rows, mask=rows < T, other=-1) == s
+    if tl.max(in_s.to(tl.int32), axis=0) == 0:
+        return
     c0 = tl.program_id(1) * BLOCK_N
     cols = c0 + tl.arange(0, BLOCK_N)
     col_ok = cols < OUT
@@ -220,22 +225,18 @@ def _expand_dense_kernel(h_ptr, b_ptr, y_ptr, slots_ptr, starts_ptr, T, OUT, R, 
     rs = tl.arange(0, BLOCK_R)
     r_ok = rs < R
     rows64 = rows.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, S):
-        in_s = slot == s
-        if tl.max(in_s.to(tl.int32), axis=0) > 0:
-            h = tl.load(h_ptr + rows64[:, None] * stride_hm + s * slot_cols + shard * R + rs[None, :],
-                        mask=in_s[:, None] & r_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + s * stride_bs + cols[:, None] * stride_bo + rs[None, :],
-                        mask=col_ok[:, None] & r_ok[None, :], other=0.0)                  # [BLOCK_N, BLOCK_R]
-            if IEEE:
-                acc += tl.dot(h, tl.trans(b), input_precision="ieee")
-            else:
-                acc += tl.dot(h, tl.trans(b))
+    h = tl.load(h_ptr + rows64[:, None] * stride_hm + s * slot_cols + shard * R + rs[None, :],
+                mask=in_s[:, None] & r_ok[None, :], other=0.0)
+    b = tl.load(b_ptr + s * stride_bs + cols[:, None] * stride_bo + rs[None, :],
+                mask=col_ok[:, None] & r_ok[None, :], other=0.0)                      # [BLOCK_N, BLOCK_R]
+    if IEEE:
+        delta = tl.dot(h, tl.trans(b), input_precision="ieee")
+    else:
+        delta = tl.dot(h, tl.trans(b))
     y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols[None, :]
-    mask = (slot >= 0)[:, None] & col_ok[None, :]
+    mask = in_s[:, None] & col_ok[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n: int, lo: int = 16, hi: int = 128) -> int:
@@ -356,8 +357,8 @@ def lora_expand_fused(h: torch.Tensor, b: torch.Tensor, y: torch.Tensor, shard_s
     dense_n = _dense_block_n(shard_sizes, r)
     if t >= DENSE_MIN_ROWS and dense_n:
         block_m = min(64, triton.next_power_of_2(t))
-        _expand_dense_kernel[(triton.cdiv(t, block_m), triton.cdiv(out, dense_n))](
-            h, b, y, seg_slots, starts, t, out, r, b.shape[0], slot_cols, h.stride(0), b.stride(0), b.stride(1),
+        _expand_dense_kernel[(triton.cdiv(t, block_m), triton.cdiv(out, dense_n), b.shape[0])](
+            h, b, y, seg_slots, starts, t, out, r, slot_cols, h.stride(0), b.stride(0), b.stride(1),
             y.stride(0), N_SHARDS=len(shard_sizes), BLOCK_M=block_m, BLOCK_N=dense_n,
             BLOCK_R=max(16, triton.next_power_of_2(r)), IEEE=h.dtype == torch.float32, num_warps=4)
         return y

@@ -142,7 +142,7 @@ if by_slot:    # the fused form's decode expand: R 16 (256 columns a program) an
     for block_m, block_n, block_r in ((64, 128, 16), (16, 64, 64)):
         build(kernels._expand_dense_kernel, dict(h_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", slots_ptr="*i32",
                                                  starts_ptr="*i32"),
-              ["T", "OUT", "R", "S", "slot_cols", "stride_hm", "stride_bs", "stride_bo", "stride_ym"],
+              ["T", "OUT", "R", "slot_cols", "stride_hm", "stride_bs", "stride_bo", "stride_ym"],
               dict(N_SHARDS=3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=False))
 """
 
