@@ -79,20 +79,21 @@ def test_autotuned_shapes_and_graph_replay(k, n):
         assert torch.equal(replayed, got)
 
 
-@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
-def test_one_launch_split_k_replays_identically(k, n):
-    """qkv and down shapes (K split 2 and 4 on an H100): the last split program of each tile sums
-    the partials in the same launch; it equals the two-launch sum bit for bit, and three replays
-    of one CUDA graph give those bits each time, every tile counter back at 0 after each."""
+@pytest.mark.parametrize("k,n,split", [(4096, 6144, 2), (14336, 4096, None)])
+def test_one_launch_split_k_replays_identically(k, n, split):
+    """qkv shape with a forced split of 2 and the down shape at its default split (4 on an H100):
+    the last split program of each tile sums the partials in the same launch; it equals the
+    two-launch sum bit for bit, and three replays of one CUDA graph give those bits each time,
+    every tile counter back at 0 after each."""
     from quant_helpers import assert_graph_replays
 
     torch.manual_seed(k - n)
     packed, _ = _weights(n, k, 128, dtype=torch.bfloat16)
     for m in (1, 4, 16):
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-        eager = i4.int4_gemm(x, *packed, 128)
-        assert torch.equal(eager, i4.int4_gemm(x, *packed, 128, fuse_reduce=False))
-        assert_graph_replays(lambda: i4.int4_gemm(x, *packed, 128), eager)
+        eager = i4.int4_gemm(x, *packed, 128, split=split)
+        assert torch.equal(eager, i4.int4_gemm(x, *packed, 128, split=split, fuse_reduce=False))
+        assert_graph_replays(lambda: i4.int4_gemm(x, *packed, 128, split=split), eager)
 
 
 def test_layer_on_cuda_equals_its_dequantized_matmul():

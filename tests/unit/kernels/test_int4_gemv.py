@@ -184,3 +184,12 @@ def test_layer_stores_the_kernel_layout():
     # round-to-nearest int4: within half a step of each weight
     step = layer.scales.float().t().repeat_interleave(64, dim=1)
     assert bool(((dense - torch.cat(w)).abs() <= step / 2 + 1e-6).all())
+
+
+def test_default_split_keeps_long_k_runs():
+    """The default split at one row on 132 SMs (Llama-3.1-8B shapes): qkv, o and gate_up run
+    unsplit, down (K 14336) in 4 splits; no split shorter than MIN_K_PER_SPLIT inputs."""
+    from kvyard.kernels.triton_ops import int4_gemm as i4
+    caps = {(k, n): i4._split_cap(k, n, 132) for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]}
+    assert caps == {(4096, 6144): 1, (4096, 4096): 1, (4096, 28672): 1, (14336, 4096): 4}
+    assert all(k // cap >= i4.MIN_K_PER_SPLIT for (k, _), cap in caps.items())
