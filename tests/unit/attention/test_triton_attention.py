@@ -269,3 +269,71 @@ def test_fp8_cache_meets_q_in_float16(monkeypatch, fp8):
     assert dec.fp8_kv(k_buf)
     torch.testing.assert_close(decode(q), ref_d, atol=1e-2, rtol=1e-2)   # bf16 output rounding
     torch.testing.assert_close(extend(q), ref_e, atol=1e-2, rtol=1e-2)
+
+
+def test_decode_reduce_in_the_split_launch():
+    """S > 1: the split programs' last arrival per (request, kv head) combines the splits in the
+    same launch; equal to the separate reduce launch to float32 rounding, the counters back at 0
+    (the interpreter runs programs one by one: this checks the logic, tests/gpu the ordering)."""
+    from kvyard.kernels.triton_ops.splitk import tile_counters
+    from kvyard_plugins.attention.triton_kernels import decode_attention as dec
+    torch.manual_seed(5)
+    heads, kv_heads, dim, lens = 8, 2, 64, [0, 5, 37, 130]     # a padding row, short and long rows
+    slots = sum(lens) + 1
+    k_buf, v_buf = torch.randn(slots, kv_heads, dim), torch.randn(slots, kv_heads, dim)
+    table = torch.zeros(len(lens), max(lens), dtype=torch.int32)
+    start = 1
+    for i, n in enumerate(lens):
+        table[i, :n] = torch.arange(start, start + n, dtype=torch.int32)
+        start += n
+    q = torch.randn(len(lens), heads, dim)
+    outs = []
+    for fuse in (True, False):
+        out = torch.full_like(q, float("nan"))
+        mid_o, mid_lse = dec.decode_workspace(len(lens), heads, 4, dim, torch.float32, "cpu")
+        dec.decode_attention(q, k_buf, v_buf, out, table, torch.arange(len(lens)), torch.tensor(lens),
+                             mid_o, mid_lse, dim ** -0.5, fuse_reduce=fuse)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(outs[0][0], torch.zeros_like(outs[0][0]))                   # the padding row
+    assert not tile_counters(torch.device("cpu")).any()
+
+
+_COMPILE_FUSED_DECODE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvyard_plugins.attention.triton_kernels import decode_attention as dec
+
+pointers = dict(Q="*bf16", K_BUF="*bf16", V_BUF="*bf16", REQ_TO_TOKEN="*i32", REQ_POOL_INDICES="*i64",
+                SEQ_LENS="*i64", MID_O="*fp32", MID_LSE="*fp32", O="*bf16", CNT="*i32")
+ints = ["stride_qb", "stride_qh", "stride_kbs", "stride_kbh", "stride_vbs", "stride_vbh", "stride_req",
+        "stride_mob", "stride_moh", "stride_mos", "stride_mlb", "stride_mlh", "stride_ob", "stride_oh"]
+consts = dict(FUSE=True, BLOCK_S=8, GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=8,
+              FP32_DOT=False, KV_FP8=False, SOFT_CAP=False)
+sig = {**pointers, "scale_log2": "fp32", "window": "i32", "logit_cap": "fp32", **{n: "i32" for n in ints},
+       **{n: "constexpr" for n in consts}}
+names = list(sig)
+src = ASTSource(fn=dec._decode_split_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+try:
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+except RuntimeError as exc:
+    if "ptxas" in str(exc):
+        sys.exit(3)
+    raise
+ptx = k.asm["ptx"]
+assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, "fused reduce missing"
+"""
+
+
+def test_fused_decode_compiles_for_sm90():
+    """The one-launch decode (stage 2 inside stage 1) compiles to an H100 cubin with its acq_rel
+    arrival counter and L1-bypassing reads (Triton's bundled ptxas; no GPU needed)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FUSED_DECODE], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-3000:]
