@@ -91,10 +91,15 @@ def main() -> None:
     ap.add_argument("--module", help="another copy of int4_gemm.py to compile (default: the installed one)")
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4], help="M buckets (1, 2, 4, 16)")
     ap.add_argument("--group", type=int, default=128, help="the GROUP constexpr (0: act-order gather)")
+    ap.add_argument("--dot16", choices=["all", "only", "none"], default="all",
+                    help="which configs: all, only the DOT16 ones, or none of them")
     args = ap.parse_args()
     mod = load_module(args.module)
     for block_m in args.m:
         for cfg in mod.GEMV_CONFIGS[block_m]:
+            dot16 = cfg.kwargs.get("DOT16", False)
+            if (args.dot16 == "only" and not dot16) or (args.dot16 == "none" and dot16):
+                continue
             hist = loop_histogram(compile_sass(mod, block_m, args.group, cfg))
             total = sum(hist.values())
             weights = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] // (32 * cfg.num_warps)
