@@ -2,7 +2,9 @@
 Triton interpreter (tests/unit/kernels/test_int4_gemv.py), compiled for the GPU, where the
 nibble extraction is inline PTX (the interpreter runs the Triton expression instead).
 
-  * every config of every M bucket vs the float32 reference x @ ((q - z) * s)^T, sequential
+  * every DOT16 config (bf16 x only) at M 1 and 16, whole K and split in two, vs the float32
+    reference;
+  * every other config of every M bucket vs the float32 reference x @ ((q - z) * s)^T, sequential
     groups and the act-order gather, float32 x (exact products: float32 sum order only; the zero
     point folded per word at M <= 2 adds ~1e-7 s sum|x|);
   * the autotuned path at Llama-3.1-8B projection shapes, M 1..16 and a prefill size, bf16 x;

@@ -53,6 +53,27 @@ unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
   M 5..16    a 16-row dot (tf32 for bf16 / fp16 x: x exact in tf32, the weight rounded to
              tf32's 10-bit mantissa, as the tiled kernel; ieee for float32 x) on the dequantized
              tile (q - z) * s.
+  DOT16      (any M <= 16, sequential groups, bf16 / fp16 x; configs with DOT16=True in every
+             decode bucket, the autotuner picks them per shape on the device; _prune drops them
+             for act-order, float32 x, a group that is not a whole number of K tiles or a split
+             that is not: a K tile lies in one group, one scale row per tile). Each weight
+             becomes (q - z) EXACTLY in x's 16-bit dtype: for a word w, byte j of w and of w >> 4
+             (nibbles 2j, 2j + 1) prmt'd into the two 16-bit halves, lop3 (t & 0x000F000F) |
+             MAGIC2 gives the two floats magic + q (MAGIC2 0x43004300: bf16 128, whose ulp is
+             1; 0x64006400: fp16 1024), one packed sub.bf16x2 / sub.f16x2 of the pair (magic +
+             z, magic + z) leaves (q - z) in -15..15 (inline PTX; the interpreter computes the
+             same integers with Triton ops). The weight tile [BLOCK_N, BLOCK_K] is the A operand
+             (registers) of a tensor-core dot with x^T [BLOCK_K, 16] (rows past M zero), float32
+             accumulation, and acc += dot * s (the tile's scale row, float32): y^T per tile,
+             transposed once at the end; K splits store the same float32 partials. Per weight:
+             13/8 of prmt, lop3, sub and the shift a word (the halves feed the dot operand as
+             they are); sm_90 SASS of the loop 2.6 instructions a weight at 256 x 128 tiles (the
+             M 1 CUDA-core path: 5.1). Numerics: the products (q - z) x are exact in float32;
+             each tile sums BLOCK_K of them in the tensor core's float32 (taken as truncating:
+             BLOCK_K 2^-23 relative to the tile's sum |x| |q - z|), one rounding for the scale,
+             K / BLOCK_K float32 tile sums: |y - ref| <= (BLOCK_K + K / BLOCK_K + 1) 2^-23
+             sum_k |x_k| |w_nk| (K 4096, BLOCK_K 128: 1.9e-5 of sum |x||w|), under the bf16 /
+             fp16 output rounding for any output not far below sum |x||w| / 100.
 K splits write float32 partials that the tile's last split program sums in a fixed order in
 the same launch (kernels.triton_ops.splitk.splitk_store: one launch, deterministic; the
 two-launch splitk_reduce where the counters do not fit or ``fuse_reduce=False``). Sequential
@@ -99,6 +120,16 @@ def _dot16(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return _cfg(bn, bk, warps, stages, dot16=True)
 
 
+def DOT16_CONFIGS() -> list[triton.Config]:   # noqa: N802 (a table, one fresh copy per bucket)
+    """The DOT16 tilings (the same in every M bucket: the dot pads M to 16). The weight tile is
+    the dot's A operand ([BLOCK_N, BLOCK_K] from registers, Hopper's warpgroup MMA: BLOCK_N a
+    multiple of 64 per 4 warps); wide BLOCK_N amortizes the per-tile x operand and loop costs
+    (sm_90 SASS of the K loop: 2.6 instructions a weight at 256 x 128 / 4 warps, 4.4-4.5 at
+    64-128 wide; benchmarks/int4_gemv_sass.py). BLOCK_K 64 serves group 64."""
+    return [_dot16(256, 128, 4, 3), _dot16(512, 128, 8, 2), _dot16(128, 128, 8, 3), _dot16(64, 128, 4, 3),
+            _dot16(256, 64, 4, 4), _dot16(512, 64, 8, 3)]
+
+
 # per M bucket (BLOCK_M): a handful of tilings the H100 chooses among (each bucket keeps a
 # BLOCK_K 128 tiling: it tiles any K split)
 GEMV_CONFIGS = {
@@ -106,14 +137,10 @@ GEMV_CONFIGS = {
         _cfg(32, 512, 8, 2), _cfg(16, 128, 4, 2),
         # deeper pipelines and longer K tiles: more weight bytes in flight per program
         _cfg(32, 512, 4, 3), _cfg(16, 512, 4, 3), _cfg(64, 512, 8, 3), _cfg(32, 1024, 8, 2),
-        _cfg(128, 256, 8, 2),
-        _dot16(32, 128, 4, 4), _dot16(64, 128, 4, 3), _dot16(128, 128, 8, 3), _dot16(64, 64, 4, 4)],
-    2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2),
-        _dot16(32, 128, 4, 4), _dot16(64, 128, 4, 3), _dot16(128, 128, 8, 3)],
-    4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2),
-        _dot16(32, 128, 4, 4), _dot16(64, 128, 4, 3), _dot16(128, 128, 8, 3)],
-    16: [_cfg(32, 128, 4, 3), _cfg(64, 128, 4, 3), _cfg(16, 128, 4, 4),
-         _dot16(32, 128, 4, 4), _dot16(64, 128, 4, 3), _dot16(128, 64, 8, 2)],
+        _cfg(128, 256, 8, 2), *DOT16_CONFIGS()],
+    2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2), *DOT16_CONFIGS()],
+    4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2), *DOT16_CONFIGS()],
+    16: [_cfg(32, 128, 4, 3), _cfg(64, 128, 4, 3), _cfg(16, 128, 4, 4), *DOT16_CONFIGS()],
     64: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 2)],     # M > 16: prefill tiles
 }
 ALL_CONFIGS = [c for cs in GEMV_CONFIGS.values() for c in cs]
@@ -179,21 +206,24 @@ _TOP_PLANES_PTX = tl.constexpr(_plane_ptx(19, TOP.value))
 
 
 MAGIC16 = {"bf16": 0x43004300, "fp16": 0x64006400}   # bf16 128 | fp16 1024, twice: (MAGIC16 | q) = 128 + q
-NIBBLE_PAIR = 0x000F000F   # nibbles j and j + 4 of a word shifted right by 4j, one per 16-bit half
+NIBBLE_PAIR = 0x000F000F   # one nibble in the bottom of each 16-bit half
 
 
 def _dot16_ptx(magic2: int, sub: str) -> str:
     """Inline PTX: word $8 and the packed pair (magic + z, magic + z) $9 -> (q_i - z) in 16-bit
-    floats $0..$7 (nibble i at bits 4i..4i+3). Per pair of nibbles j, j + 4: a shift (none for
-    j = 0), a lop3 ((t & 0x000F000F) | magic2: the two floats magic + q), one packed subtraction
-    (exact: both halves in [magic, magic + 15], their ulp 1) and a free register split."""
-    lines = ["{", ".reg .b32 t<4>;"]
+    floats $0..$7 (nibble i at bits 4i..4i+3). v = $8 >> 4 puts nibble 2j + 1 at the bottom of
+    byte j; per pair of nibbles 2j, 2j + 1 (consecutive inputs: the pair the tensor core's
+    operand register holds, so no repacking): a prmt (byte j of $8 to bits 0..7, of v to bits
+    16..23), a lop3 ((t & 0x000F000F) | magic2: the two floats magic + q), one packed
+    subtraction (exact: both halves in [magic, magic + 15], their ulp 1) and a free register
+    split: 13 instructions a word."""
+    lines = ["{", ".reg .b32 v, t<4>;", "shr.b32 v, $8, 4;"]
     for j in range(4):
-        if j:
-            lines.append(f"shr.b32 t{j}, $8, {4 * j};")
-        lines.append(f"lop3.b32 t{j}, {'t' + str(j) if j else '$8'}, {NIBBLE_PAIR:#x}, {magic2:#x}, 0xEA;")
+        sel = j | j << 4 | (4 + j) << 8 | (4 + j) << 12
+        lines.append(f"prmt.b32 t{j}, $8, v, {sel:#x};")
+        lines.append(f"lop3.b32 t{j}, t{j}, {NIBBLE_PAIR:#x}, {magic2:#x}, 0xEA;")
         lines.append(f"{sub} t{j}, t{j}, $9;")
-        lines.append(f"mov.b32 {{${j}, ${j + 4}}}, t{j};")
+        lines.append(f"mov.b32 {{${2 * j}, ${2 * j + 1}}}, t{j};")
     return "\n".join(lines + ["}"])
 
 
@@ -418,11 +448,11 @@ def _dot16_tile(words, x_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, N, s
     DT: tl.constexpr = x_ptr.dtype.element_ty
     s, zz = _dot16_scale_zero(s_ptr, z_ptr, offs_n, mask_n, N, k0, BLOCK_K // 8, DT, GROUP)
     w = _dot16_weights(words, zz, DT, ASM)                                            # [R4, W, 4, 8]
-    wt = tl.trans(tl.reshape(tl.permute(w, (0, 2, 1, 3)), (BLOCK_N, BLOCK_K)))         # [BK, BN]
+    wnk = tl.reshape(tl.permute(w, (0, 2, 1, 3)), (BLOCK_N, BLOCK_K))                  # [BN, BK]
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                mask=mask_m[:, None] & (offs_k[None, :] < k_hi), other=0.0)
-    return tl.dot(x, wt, out_dtype=tl.float32) * s[None, :]
+    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                 mask=mask_m[None, :] & (offs_k[:, None] < k_hi), other=0.0)            # [BK, 16]
+    return tl.dot(wnk, xt, out_dtype=tl.float32) * s[:, None]
 
 
 @triton.jit
@@ -450,7 +480,7 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
     # [R4, 1, 4] chunk pointers; K8 = K / 8 passed apart: its own divisibility (16-byte chunks)
     chunk_ptr = qw_ptr + (rg[:, None, None] * K8) * 4 + tl.arange(0, 4)[None, None, :]
     if DOT16:
-        acc = tl.zeros((DOT_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, DOT_M), dtype=tl.float32)     # y^T: the weight tile is the dot's A
     elif BLOCK_M <= 4:        # one accumulator per row (unused ones are dead code)
         acc0 = tl.zeros((R4, W, 4), dtype=tl.float32)
         acc1 = tl.zeros((R4, W, 4), dtype=tl.float32)
@@ -497,7 +527,7 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
             else:
                 acc += tl.dot(x, wt, input_precision="tf32")
     if DOT16:
-        res = acc
+        res = tl.trans(acc)
     elif BLOCK_M <= 4:
         res = tl.where(offs_m[:, None] == 0, _row_total(acc0, BLOCK_N)[None, :], 0.0)
         if BLOCK_M > 1:

@@ -23,8 +23,8 @@ import re
 import pytest
 import torch
 
-from kvyard.layers import quant_math as qm
 from kvyard.layers.quantized_linear import int4_kernel_layout
+from quant_helpers import int4_weights as _weights
 
 pytest.importorskip("triton")
 
@@ -35,21 +35,10 @@ FOLD_TOL = 2.0 ** -16
 DOT16 = {b: [c for c in i4.GEMV_CONFIGS[b] if c.kwargs["DOT16"]] for b in (1, 2, 4, 16)}
 
 
-def _weights(n, k, group, symmetric, dtype, seed):
-    """Canonical int4 (qweight [K/8, N], scales [G, N], zeros [G, N], g_idx [K]) and float64 W [N, K]."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=gen)
-    scales = (torch.rand(k // group, n, generator=gen) * 0.5 + 0.01).to(dtype)
-    zeros = (torch.full((k // group, n), 8) if symmetric
-             else torch.randint(0, 16, (k // group, n), generator=gen)).to(torch.uint8)
-    g_idx = torch.arange(k, dtype=torch.int32) // group
-    w = (q.double() - zeros.double()[g_idx.long()]) * scales.double()[g_idx.long()]
-    return (qm.pack_int4_rows(q), scales, zeros, g_idx), w.t()
 
-
-def _dot16_config(m, group):
-    """The bucket's first DOT16 config whose K tile divides the group."""
-    return next(c for c in DOT16[i4.m_bucket(m)] if group % c.kwargs["BLOCK_K"] == 0)
+def _dot16_configs(m, group):
+    """The bucket's DOT16 configs whose K tile divides the group."""
+    return [c for c in DOT16[i4.m_bucket(m)] if group % c.kwargs["BLOCK_K"] == 0]
 
 
 def _check(got, ref, mass, dtype, c):
@@ -62,17 +51,20 @@ def _check(got, ref, mass, dtype, c):
     (1, 512, 96, 128, False, None), (1, 256, 64, 64, True, 2), (3, 512, 64, 128, True, 2),
     (3, 256, 96, 128, False, 1), (16, 512, 96, 64, False, 4), (16, 256, 64, 128, True, None)])
 def test_dot16_fp16_equals_float64_reference_and_existing_path(m, k, n, group, symmetric, split):
-    cfg = _dot16_config(m, group)
+    """Every DOT16 config that serves the group (N 64 / 96: tiles of 64..512 outputs, masked)."""
     canon, w = _weights(n, k, group, symmetric, torch.float16, seed=m * k + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n + m)).half()
     ref, mass = x.double() @ w.t(), x.double().abs() @ w.abs().t()
     layout = int4_kernel_layout(*canon[:3])
-    got = i4.int4_gemm(x, *layout, canon[3], group, split=split, config=cfg)
-    assert got.dtype == torch.float16 and got.shape == (m, n)
-    c = (cfg.kwargs["BLOCK_K"] + k / cfg.kwargs["BLOCK_K"] + 1) * 2.0 ** -23
-    _check(got, ref, mass, torch.float16, c)
     existing = i4.int4_gemm(x, *layout, canon[3], group, split=split)      # the bucket's first config
-    _check(got, existing.double(), mass, torch.float16, 2 * (c + FOLD_TOL))
+    configs = _dot16_configs(m, group)
+    assert configs
+    for cfg in configs:
+        got = i4.int4_gemm(x, *layout, canon[3], group, split=split, config=cfg)
+        assert got.dtype == torch.float16 and got.shape == (m, n)
+        c = (cfg.kwargs["BLOCK_K"] + k / cfg.kwargs["BLOCK_K"] + 1) * 2.0 ** -23
+        _check(got, ref, mass, torch.float16, c)
+        _check(got, existing.double(), mass, torch.float16, 2 * (c + FOLD_TOL))
 
 
 def _prune(block_m, group, dtype, k=4096, kps=4096):
@@ -103,7 +95,7 @@ def test_fallback_never_picks_dot16_and_a_forced_misfit_is_refused():
 
 
 def _run_dot16_ptx(ptx: str, word: int, zz: int, dtype) -> list[float]:
-    """Emulate the DOT16 PTX (shr / lop3 on .b32, sub.rn on 16-bit pairs, mov.b32 split)."""
+    """Emulate the DOT16 PTX (shr / prmt / lop3 on .b32, sub.rn on 16-bit pairs, mov.b32 split)."""
     regs, m32 = {"$8": word, "$9": zz}, 0xFFFFFFFF
 
     def val(a):
@@ -112,7 +104,7 @@ def _run_dot16_ptx(ptx: str, word: int, zz: int, dtype) -> list[float]:
     def halves(v):
         return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
 
-    for op, args in re.findall(r"(shr\.b32|lop3\.b32|sub\.rn\.\w+|mov\.b32)\s+([^;]+);", ptx):
+    for op, args in re.findall(r"(shr\.b32|prmt\.b32|lop3\.b32|sub\.rn\.\w+|mov\.b32)\s+([^;]+);", ptx):
         if op == "mov.b32":
             lo, hi, src = re.match(r"\{(\$\d+),\s*(\$\d+)\},\s*(\w+)", args).groups()
             regs[lo], regs[hi] = (float(v) for v in halves(regs[src]))
@@ -120,6 +112,9 @@ def _run_dot16_ptx(ptx: str, word: int, zz: int, dtype) -> list[float]:
         d, *a = [s.strip() for s in args.split(",")]
         if op == "shr.b32":
             regs[d] = val(a[0]) >> val(a[1])
+        elif op == "prmt.b32":   # byte i of d: byte (selector nibble i) of {a, b} (a bytes 0..3)
+            pool, sel = val(a[0]) | val(a[1]) << 32, val(a[2])
+            regs[d] = sum(((pool >> (8 * (sel >> (4 * i) & 7))) & 0xFF) << (8 * i) for i in range(4))
         elif op == "lop3.b32":
             x, y, z, lut = (val(v) for v in a)
             regs[d] = sum(((lut >> (4 * (x >> j & 1) + 2 * (y >> j & 1) + (z >> j & 1))) & 1) << j
