@@ -4,11 +4,14 @@ Compiles kvyard.kernels.triton_ops.int4_gemm._int4_mm_kernel (or the same kernel
 of the module, ``--module FILE``, e.g. `git show main:core/kernels/triton_ops/int4_gemm.py`)
 for sm_90 with Triton's bundled ptxas, disassembles the cubin with its nvdisasm, finds the
 longest backward branch (the K loop) and prints one JSON line per (M bucket, config): the loop's
-instruction count, the count per weight a thread handles per iteration, and the opcode
-histogram. Pointer arguments and N, K and the split lengths carry Triton's divisibility-by-16
-specialization (what an 8B projection gets); x and scales are bf16, EVEN tiles, no K split.
+instruction count, the count per weight a thread handles per iteration, the kernel's local-memory
+accesses (LDL / STL: register spills; 0 wanted) and the loop's opcode histogram. ``--dot16 only``
+compiles just the DOT16 configs (tensor-core dot on (q - z) in x's 16-bit dtype), ``--dtype fp16``
+their fp16 PTX. Pointer arguments and N, K and the split lengths carry Triton's divisibility-by-16
+specialization (what an 8B projection gets); x and scales are bf16 (or --dtype fp16), EVEN tiles, no K split.
 
     OMP_NUM_THREADS=1 python benchmarks/int4_gemv_sass.py --m 1 2 4 --group 128
+    OMP_NUM_THREADS=1 python benchmarks/int4_gemv_sass.py --m 1 16 --dot16 only --dtype fp16
 """
 from __future__ import annotations
 
@@ -40,17 +43,19 @@ def load_module(path: str | None):
     return mod
 
 
-def compile_sass(mod, block_m: int, group: int, cfg: triton.Config) -> str:
-    """The kernel's SASS for one M bucket, group and config (bf16 x, no split, EVEN)."""
+def compile_sass(mod, block_m: int, group: int, cfg: triton.Config, dtype: str = "bf16") -> str:
+    """The kernel's SASS for one M bucket, group and config (x and scales in ``dtype``, bf16 or
+    fp16; no split, EVEN)."""
     fn = mod._int4_mm_kernel
+    ptr_types = {**PTR_TYPES, **{name: f"*{dtype}" for name in ("x_ptr", "s_ptr", "y_ptr")}}
     values = dict(GROUP=group, PARTIAL=False, FUSE=False, FP32=False, BLOCK_M=block_m, EVEN=True,
                   ASM=True, **cfg.kwargs)
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in values:
             sig[name], consts[name] = "constexpr", values[name]
-        elif name in PTR_TYPES:
-            sig[name] = PTR_TYPES[name]
+        elif name in ptr_types:
+            sig[name] = ptr_types[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
@@ -91,15 +96,24 @@ def main() -> None:
     ap.add_argument("--module", help="another copy of int4_gemm.py to compile (default: the installed one)")
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4], help="M buckets (1, 2, 4, 16)")
     ap.add_argument("--group", type=int, default=128, help="the GROUP constexpr (0: act-order gather)")
+    ap.add_argument("--dot16", choices=["all", "only", "none"], default="all",
+                    help="which configs: all, only the DOT16 ones, or none of them")
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="x's (and the scales') dtype")
     args = ap.parse_args()
     mod = load_module(args.module)
     for block_m in args.m:
         for cfg in mod.GEMV_CONFIGS[block_m]:
-            hist = loop_histogram(compile_sass(mod, block_m, args.group, cfg))
+            dot16 = cfg.kwargs.get("DOT16", False)
+            if (args.dot16 == "only" and not dot16) or (args.dot16 == "none" and dot16):
+                continue
+            sass = compile_sass(mod, block_m, args.group, cfg, args.dtype)
+            hist = loop_histogram(sass)
+            local = len(re.findall(r"\b(?:LDL|STL)\b", sass))     # local-memory (spill) accesses
             total = sum(hist.values())
             weights = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] // (32 * cfg.num_warps)
             print(json.dumps({"m": block_m, "group": args.group, **cfg.kwargs, "warps": cfg.num_warps,
-                              "loop_instructions": total, "per_weight": round(total / weights, 3),
+                              "dtype": args.dtype, "loop_instructions": total,
+                              "per_weight": round(total / weights, 3), "local_memory_ops": local,
                               "ops": dict(hist.most_common())}))
 
 

@@ -2,7 +2,9 @@
 Triton interpreter (tests/unit/kernels/test_int4_gemv.py), compiled for the GPU, where the
 nibble extraction is inline PTX (the interpreter runs the Triton expression instead).
 
-  * every config of every M bucket vs the float32 reference x @ ((q - z) * s)^T, sequential
+  * every DOT16 config (bf16 x only) at M 1 and 16, whole K and split in two, vs the float32
+    reference;
+  * every other config of every M bucket vs the float32 reference x @ ((q - z) * s)^T, sequential
     groups and the act-order gather, float32 x (exact products: float32 sum order only; the zero
     point folded per word at M <= 2 adds ~1e-7 s sum|x|);
   * the autotuned path at Llama-3.1-8B projection shapes, M 1..16 and a prefill size, bf16 x;
@@ -55,11 +57,26 @@ def test_every_config_equals_float32_reference(bucket):
     packed, dense = _weights(192, 1024, 128)
     gathered, dense_g = _weights(192, 1024, 128, act_order=True)
     x = torch.randn(ROWS[bucket], 1024, device=DEV)
-    for cfg in i4.GEMV_CONFIGS[bucket]:
+    for cfg in (c for c in i4.GEMV_CONFIGS[bucket] if not c.kwargs["DOT16"]):     # float32 x
         got = i4.int4_gemm(x, *packed, 128, split=1, config=cfg)
         torch.testing.assert_close(got, x @ dense.t(), **F32, msg=lambda m: f"{cfg}: {m}")
         got = i4.int4_gemm(x, *gathered, 0, split=1, config=cfg)
         torch.testing.assert_close(got, x @ dense_g.t(), **F32, msg=lambda m: f"{cfg} gather: {m}")
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_every_dot16_config_equals_float32_reference(m):
+    """The DOT16 path (bf16 x, (q - z) exact in bf16 by the inline PTX, tensor-core dot, scale
+    per tile): every DOT16 config of the bucket, group 128, against x @ W in float32. Tolerance:
+    one bf16 unit of the output (the dot's float32 error is ~1e-6 of sum|x||w|)."""
+    torch.manual_seed(m + 7)
+    packed, dense = _weights(192, 1024, 128, dtype=torch.bfloat16)
+    x = torch.randn(m, 1024, device=DEV, dtype=torch.bfloat16)
+    expected = x.float() @ dense.t()
+    for cfg in (c for c in i4.GEMV_CONFIGS[i4.m_bucket(m)] if c.kwargs["DOT16"]):
+        for split in (1, 2):
+            got = i4.int4_gemm(x, *packed, 128, split=split, config=cfg)
+            torch.testing.assert_close(got.float(), expected, **BF16, msg=lambda s: f"{cfg} split {split}: {s}")
 
 
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (4096, 28672)])

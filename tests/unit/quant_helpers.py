@@ -100,3 +100,18 @@ def assert_graph_replays(fn, eager: torch.Tensor, times: int = 3) -> None:
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
         assert not splitk.tile_counters(out.device).any()
+
+
+def int4_weights(n: int, k: int, group: int, symmetric: bool, dtype: torch.dtype, seed: int):
+    """Random canonical int4 weights (qweight [K/8, N], scales [G, N] in ``dtype``, zeros [G, N]
+    uint8, sequential g_idx [K]) and the dequantized float64 W [N, K] (the kernels' reference)."""
+    from kvyard.layers import quant_math as qm
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=gen)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.5 + 0.01).to(dtype)
+    zeros = (torch.full((k // group, n), 8) if symmetric
+             else torch.randint(0, 16, (k // group, n), generator=gen)).to(torch.uint8)
+    g_idx = torch.arange(k, dtype=torch.int32) // group
+    w = (q.double() - zeros.double()[g_idx.long()]) * scales.double()[g_idx.long()]
+    return (qm.pack_int4_rows(q), scales, zeros, g_idx), w.t()

@@ -53,6 +53,27 @@ unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
   M 5..16    a 16-row dot (tf32 for bf16 / fp16 x: x exact in tf32, the weight rounded to
              tf32's 10-bit mantissa, as the tiled kernel; ieee for float32 x) on the dequantized
              tile (q - z) * s.
+  DOT16      (any M <= 16, sequential groups, bf16 / fp16 x; configs with DOT16=True in every
+             decode bucket, the autotuner picks them per shape on the device; _prune drops them
+             for act-order, float32 x, a group that is not a whole number of K tiles or a split
+             that is not: a K tile lies in one group, one scale row per tile). Each weight
+             becomes (q - z) EXACTLY in x's 16-bit dtype: for a word w, byte j of w and of w >> 4
+             (nibbles 2j, 2j + 1) prmt'd into the two 16-bit halves, lop3 (t & 0x000F000F) |
+             MAGIC2 gives the two floats magic + q (MAGIC2 0x43004300: bf16 128, whose ulp is
+             1; 0x64006400: fp16 1024), one packed sub.bf16x2 / sub.f16x2 of the pair (magic +
+             z, magic + z) leaves (q - z) in -15..15 (inline PTX; the interpreter computes the
+             same integers with Triton ops). The weight tile [BLOCK_N, BLOCK_K] is the A operand
+             (registers) of a tensor-core dot with x^T [BLOCK_K, 16] (rows past M zero), float32
+             accumulation, and acc += dot * s (the tile's scale row, float32): y^T per tile,
+             transposed once at the end; K splits store the same float32 partials. Per weight:
+             13/8 of prmt, lop3, sub and the shift a word (the halves feed the dot operand as
+             they are); sm_90 SASS of the loop 2.6 instructions a weight at 256 x 128 tiles (the
+             M 1 CUDA-core path: 5.1). Numerics: the products (q - z) x are exact in float32;
+             each tile sums BLOCK_K of them in the tensor core's float32 (taken as truncating:
+             BLOCK_K 2^-23 relative to the tile's sum |x| |q - z|), one rounding for the scale,
+             K / BLOCK_K float32 tile sums: |y - ref| <= (BLOCK_K + K / BLOCK_K + 1) 2^-23
+             sum_k |x_k| |w_nk| (K 4096, BLOCK_K 128: 1.9e-5 of sum |x||w|), under the bf16 /
+             fp16 output rounding for any output not far below sum |x||w| / 100.
 K splits write float32 partials that the tile's last split program sums in a fixed order in
 the same launch (kernels.triton_ops.splitk.splitk_store: one launch, deterministic; the
 two-launch splitk_reduce where the counters do not fit or ``fuse_reduce=False``). Sequential
@@ -90,8 +111,24 @@ ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
 FOLD_MAX_M = tl.constexpr(2)
 
 
-def _cfg(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+def _cfg(bn: int, bk: int, warps: int, stages: int, dot16: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "DOT16": dot16}, num_warps=warps, num_stages=stages)
+
+
+def _dot16(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    """A DOT16 tiling (module docstring): after the bucket's CUDA-core / tf32 ones, so the
+    untimed fallback (the bucket's first fitting config) never picks it."""
+    return _cfg(bn, bk, warps, stages, dot16=True)
+
+
+def DOT16_CONFIGS() -> list[triton.Config]:   # noqa: N802 (a table, one fresh copy per bucket)
+    """The DOT16 tilings (the same in every M bucket: the dot pads M to 16). The weight tile is
+    the dot's A operand ([BLOCK_N, BLOCK_K] from registers, Hopper's warpgroup MMA: BLOCK_N a
+    multiple of 64 per 4 warps); wide BLOCK_N amortizes the per-tile x operand and loop costs
+    (sm_90 SASS of the K loop: 2.6 instructions a weight at 256 x 128 / 4 warps, 4.4-4.5 at
+    64-128 wide; benchmarks/int4_gemv_sass.py). BLOCK_K 64 serves group 64."""
+    return [_dot16(256, 128, 4, 3), _dot16(512, 128, 8, 2), _dot16(128, 128, 8, 3), _dot16(64, 128, 4, 3),
+            _dot16(256, 64, 4, 4), _dot16(512, 64, 8, 3)]
 
 
 # per M bucket (BLOCK_M): a handful of tilings the H100 chooses among (each bucket keeps a
@@ -101,10 +138,10 @@ GEMV_CONFIGS = {
         _cfg(32, 512, 8, 2), _cfg(16, 128, 4, 2),
         # deeper pipelines and longer K tiles: more weight bytes in flight per program
         _cfg(32, 512, 4, 3), _cfg(16, 512, 4, 3), _cfg(64, 512, 8, 3), _cfg(32, 1024, 8, 2),
-        _cfg(128, 256, 8, 2)],
-    2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2)],
-    4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2)],
-    16: [_cfg(32, 128, 4, 3), _cfg(64, 128, 4, 3), _cfg(16, 128, 4, 4)],
+        _cfg(128, 256, 8, 2), *DOT16_CONFIGS()],
+    2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2), *DOT16_CONFIGS()],
+    4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2), *DOT16_CONFIGS()],
+    16: [_cfg(32, 128, 4, 3), _cfg(64, 128, 4, 3), _cfg(16, 128, 4, 4), *DOT16_CONFIGS()],
     64: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 2)],     # M > 16: prefill tiles
 }
 ALL_CONFIGS = [c for cs in GEMV_CONFIGS.values() for c in cs]
@@ -124,9 +161,19 @@ def config_fits(cfg: triton.Config, block_m: int, k: int, k_per_split: int) -> b
     return in_bucket and (k_per_split >= k or k_per_split % cfg.kwargs["BLOCK_K"] == 0)
 
 
+def dot16_fits(cfg: triton.Config, group: int, x_dtype: torch.dtype) -> bool:
+    """Whether ``cfg``'s path applies to the weights and x: a DOT16 config needs sequential
+    groups (the GROUP constexpr > 0) a whole number of its K tiles (one scale row per tile) and
+    16-bit x (the dot's operand dtype); every other config applies to all."""
+    if not cfg.kwargs["DOT16"]:
+        return True
+    return group > 0 and group % cfg.kwargs["BLOCK_K"] == 0 and x_dtype in (torch.bfloat16, torch.float16)
+
+
 def _prune(configs, named_args, **kwargs):
     k, kps = named_args["K"], named_args["K_PER_SPLIT"]
-    return [c for c in configs if config_fits(c, kwargs["BLOCK_M"], k, kps)]
+    return [c for c in configs if config_fits(c, kwargs["BLOCK_M"], k, kps)
+            and dot16_fits(c, kwargs["GROUP"], named_args["x_ptr"].dtype)]
 
 
 TOP = tl.constexpr(0x41800000)      # float32 bits of 16: (TOP | q << 19) is the float 16 + q
@@ -157,6 +204,35 @@ _PLANES_PTX = tl.constexpr(_plane_ptx(0, MAGIC.value))
 # PTX of _top_planes (16 + q: nibble i shifted by 19 - 4i to the top mantissa bits; every
 # nibble keeps other bits below it after its shift, so 8 shifts and 8 lop3 a word)
 _TOP_PLANES_PTX = tl.constexpr(_plane_ptx(19, TOP.value))
+
+
+MAGIC16 = {"bf16": 0x43004300, "fp16": 0x64006400}   # bf16 128 | fp16 1024, twice: (MAGIC16 | q) = 128 + q
+NIBBLE_PAIR = 0x000F000F   # one nibble in the bottom of each 16-bit half
+
+
+def _dot16_ptx(magic2: int, sub: str) -> str:
+    """Inline PTX: word $8 and the packed pair (magic + z, magic + z) $9 -> (q_i - z) in 16-bit
+    floats $0..$7 (nibble i at bits 4i..4i+3). v = $8 >> 4 puts nibble 2j + 1 at the bottom of
+    byte j; per pair of nibbles 2j, 2j + 1 (consecutive inputs: the pair the tensor core's
+    operand register holds, so no repacking): a prmt (byte j of $8 to bits 0..7, of v to bits
+    16..23), a lop3 ((t & 0x000F000F) | magic2: the two floats magic + q), one packed
+    subtraction (exact: both halves in [magic, magic + 15], their ulp 1) and a free register
+    split: 13 instructions a word."""
+    lines = ["{", ".reg .b32 v, t<4>;", "shr.b32 v, $8, 4;"]
+    for j in range(4):
+        sel = j | j << 4 | (4 + j) << 8 | (4 + j) << 12
+        lines.append(f"prmt.b32 t{j}, $8, v, {sel:#x};")
+        lines.append(f"lop3.b32 t{j}, t{j}, {NIBBLE_PAIR:#x}, {magic2:#x}, 0xEA;")
+        lines.append(f"{sub} t{j}, t{j}, $9;")
+        lines.append(f"mov.b32 {{${2 * j}, ${2 * j + 1}}}, t{j};")
+    return "\n".join(lines + ["}"])
+
+
+_DOT16_BF16_PTX = tl.constexpr(_dot16_ptx(MAGIC16["bf16"], "sub.rn.bf16x2"))
+_DOT16_FP16_PTX = tl.constexpr(_dot16_ptx(MAGIC16["fp16"], "sub.rn.f16x2"))
+MAGIC16_BF16 = tl.constexpr(MAGIC16["bf16"])
+MAGIC16_FP16 = tl.constexpr(MAGIC16["fp16"])
+DOT_M = tl.constexpr(GEMV_MAX_M)     # the DOT16 path's rows: any M <= 16 padded to one 16-row dot
 
 
 @triton.jit
@@ -276,6 +352,48 @@ def _dequant(words, s, z, GROUP: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _dot16_weights(words, zz, DT: tl.constexpr, ASM: tl.constexpr):
+    """words [R4, W, 4] int32 and zz (the packed 16-bit pair magic + z per word, uint32, same
+    shape) -> (q - z) [R4, W, 4, 8] in DT (bf16 / fp16: integers -15..15, exact), nibble i of a
+    word at [..., i]. ASM: the inline PTX of _dot16_ptx; otherwise (the interpreter) integer
+    ops and one conversion, the same values."""
+    u = words.to(tl.uint32, bitcast=True)
+    if ASM:
+        if DT == tl.bfloat16:
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _DOT16_BF16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [u, zz], dtype=(tl.bfloat16,) * 8, is_pure=True,
+                pack=1)
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _DOT16_FP16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [u, zz], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=1)
+    else:
+        z = (zz & 0xF).to(tl.int32)
+        v0 = ((u & 0xF).to(tl.int32) - z).to(DT)
+        v1 = (((u >> 4) & 0xF).to(tl.int32) - z).to(DT)
+        v2 = (((u >> 8) & 0xF).to(tl.int32) - z).to(DT)
+        v3 = (((u >> 12) & 0xF).to(tl.int32) - z).to(DT)
+        v4 = (((u >> 16) & 0xF).to(tl.int32) - z).to(DT)
+        v5 = (((u >> 20) & 0xF).to(tl.int32) - z).to(DT)
+        v6 = (((u >> 24) & 0xF).to(tl.int32) - z).to(DT)
+        v7 = ((u >> 28).to(tl.int32) - z).to(DT)
+    return _join8(v0, v1, v2, v3, v4, v5, v6, v7)
+
+
+@triton.jit
+def _dot16_scale_zero(s_ptr, z_ptr, offs_n, mask_n, N, k0, W: tl.constexpr, DT: tl.constexpr,
+                      GROUP: tl.constexpr):
+    """The tile's group (GROUP a multiple of BLOCK_K: one row): s [R4 * 4] float32 (output
+    4 * r + i) and the packed pair magic + z, uint32 [R4, W, 4] (broadcast over the words)."""
+    ptr = (k0 // GROUP) * N + offs_n[:, None, :]                     # [R4, 1, 4]
+    s = tl.load(s_ptr + ptr, mask=mask_n[:, None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + ptr, mask=mask_n[:, None, :], other=0).to(tl.uint32)
+    magic: tl.constexpr = MAGIC16_BF16 if DT == tl.bfloat16 else MAGIC16_FP16
+    zz = (z * 0x10001) | magic
+    return tl.reshape(s, (s.shape[0] * 4,)), tl.broadcast_to(zz, (zz.shape[0], W, 4))
+
+
+@triton.jit
 def _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7):
     """sum_i p_i x_i over a word's 8 planes [R4, W, 4] and activations [R4, W]: one multiply
     and 7 fused multiply-adds in input order."""
@@ -323,16 +441,35 @@ def _row_total(acc, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _dot16_tile(words, x_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_xm, k0, k_hi,
+                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """One K tile of the DOT16 path -> [DOT_M, BLOCK_N] float32: x [16, BLOCK_K] (x's dtype,
+    rows past M zero) @ (q - z) [BLOCK_K, BLOCK_N] (exact in x's dtype) on the tensor cores with
+    float32 accumulation, times the tile's scale row."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    s, zz = _dot16_scale_zero(s_ptr, z_ptr, offs_n, mask_n, N, k0, BLOCK_K // 8, DT, GROUP)
+    w = _dot16_weights(words, zz, DT, ASM)                                            # [R4, W, 4, 8]
+    wnk = tl.reshape(tl.permute(w, (0, 2, 1, 3)), (BLOCK_N, BLOCK_K))                  # [BN, BK]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                 mask=mask_m[None, :] & (offs_k[:, None] < k_hi), other=0.0)            # [BK, 16]
+    return tl.dot(wnk, xt, out_dtype=tl.float32) * s[:, None]
+
+
+@triton.jit
 def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, stride_xm,
                       K8, W_PER_SPLIT, GROUP: tl.constexpr, PARTIAL: tl.constexpr, FUSE: tl.constexpr,
                       FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr, ASM: tl.constexpr):
+                      EVEN: tl.constexpr, ASM: tl.constexpr, DOT16: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     R4: tl.constexpr = BLOCK_N // 4
     W: tl.constexpr = BLOCK_K // 8
     FOLD: tl.constexpr = BLOCK_M <= FOLD_MAX_M                   # the folded zero point
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)     # one M block below 64 rows
+    if DOT16:       # one 16-row dot tile whatever the bucket (grid axis 2: one block at M <= 16)
+        offs_m = tl.arange(0, DOT_M)
+    else:
+        offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)     # one M block below 64 rows
     mask_m = offs_m < M
     rg = pid_n * R4 + tl.arange(0, R4)                               # row groups of 4 outputs
     offs_n = rg[:, None] * 4 + tl.arange(0, 4)[None, :]              # [R4, 4]
@@ -343,7 +480,9 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
     kt = kw[:, None] * 8 + tl.arange(0, 8)[None, :]                  # [W, 8] input of the tile
     # [R4, 1, 4] chunk pointers; K8 = K / 8 passed apart: its own divisibility (16-byte chunks)
     chunk_ptr = qw_ptr + (rg[:, None, None] * K8) * 4 + tl.arange(0, 4)[None, None, :]
-    if BLOCK_M <= 4:        # one accumulator per row (unused ones are dead code)
+    if DOT16:
+        acc = tl.zeros((BLOCK_N, DOT_M), dtype=tl.float32)     # y^T: the weight tile is the dot's A
+    elif BLOCK_M <= 4:        # one accumulator per row (unused ones are dead code)
         acc0 = tl.zeros((R4, W, 4), dtype=tl.float32)
         acc1 = tl.zeros((R4, W, 4), dtype=tl.float32)
         acc2 = tl.zeros((R4, W, 4), dtype=tl.float32)
@@ -360,8 +499,11 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
         else:
             wm = (rg * 4 < N)[:, None, None] & (k0 + kw * 8 < k_hi)[None, :, None]
             words = tl.load(wptr, mask=wm, other=0)
-        s, z = _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin, GROUP, BLOCK_K, FOLD)
-        if BLOCK_M <= 4:
+        if DOT16:
+            acc += _dot16_tile(words, x_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_xm, k0,
+                               k_hi, GROUP, BLOCK_N, BLOCK_K, ASM)
+        elif BLOCK_M <= 4:
+            s, z = _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin, GROUP, BLOCK_K, FOLD)
             # x loaded as [R4, W, 8] (each warp its own copy, L1 hits): the layout of the
             # weight tile's threads, so no shared-memory exchange per tile
             xin = tl.broadcast_to(kin[None, :, :], (R4, W, 8))
@@ -375,6 +517,7 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
                 acc3 += _row_product(words, s, z, x_ptr + 3 * stride_xm, xin, tl.where(M > 3, k_hi, 0), GROUP,
                                      FOLD, ASM)
         else:
+            s, z = _scale_zero(s_ptr, z_ptr, g_ptr, offs_n, mask_n, N, k0, k_hi, kin, GROUP, BLOCK_K, FOLD)
             w = _dequant(words, s, z, GROUP, ASM)
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -384,7 +527,9 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
                 acc += tl.dot(x, wt, input_precision="ieee")
             else:
                 acc += tl.dot(x, wt, input_precision="tf32")
-    if BLOCK_M <= 4:
+    if DOT16:
+        res = tl.trans(acc)
+    elif BLOCK_M <= 4:
         res = tl.where(offs_m[:, None] == 0, _row_total(acc0, BLOCK_N)[None, :], 0.0)
         if BLOCK_M > 1:
             res += tl.where(offs_m[:, None] == 1, _row_total(acc1, BLOCK_N)[None, :], 0.0)
@@ -463,9 +608,11 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
         _mm_tuned[lambda a: (triton.cdiv(n, a["BLOCK_N"]), plan.split, m_blocks)](*args, **meta)
         _tuned_keys.add(key)
     else:   # the interpreter (no timing there), a forced config or a capture: the bucket's first fitting one
-        cfg = config or next(c for c in GEMV_CONFIGS[block_m] if config_fits(c, block_m, k, plan.k_per_split))
-        if not config_fits(cfg, block_m, k, plan.k_per_split):
-            raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}")
+        cfg = config or next(c for c in GEMV_CONFIGS[block_m]
+                             if not c.kwargs["DOT16"] and config_fits(c, block_m, k, plan.k_per_split))
+        if not (config_fits(cfg, block_m, k, plan.k_per_split) and dot16_fits(cfg, meta["GROUP"], x.dtype)):
+            raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}, "
+                         f"group {group_size}, x {x.dtype}")
         _mm_fixed[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), plan.split, m_blocks)](
             *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return splitk_reduce(out, x.dtype) if partial and not fuse else y

@@ -25,8 +25,8 @@ import re
 import pytest
 import torch
 
-from kvyard.layers import quant_math as qm
 from kvyard.layers.quantized_linear import int4_kernel_layout
+from quant_helpers import int4_weights as _weights
 
 pytest.importorskip("triton")
 
@@ -38,18 +38,6 @@ from kvyard.kernels.triton_ops import int4_gemm as i4           # noqa: E402
 OUT_EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 0.0}
 FOLD_TOL = 2.0 ** -16
 
-
-def _weights(n, k, group, symmetric, dtype, seed):
-    """Canonical int4 (qweight [K/8, N], scales [G, N] in x's dtype, zeros [G, N], g_idx [K]) and
-    the dequantized float64 W [N, K]."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=gen)
-    scales = (torch.rand(k // group, n, generator=gen) * 0.5 + 0.01).to(dtype)
-    zeros = (torch.full((k // group, n), 8) if symmetric
-             else torch.randint(0, 16, (k // group, n), generator=gen)).to(torch.uint8)
-    g_idx = torch.arange(k, dtype=torch.int32) // group
-    w = (q.double() - zeros.double()[g_idx.long()]) * scales.double()[g_idx.long()]
-    return (qm.pack_int4_rows(q), scales, zeros, g_idx), w.t()
 
 
 def _check(got, ref, mass, dtype, scale=1.0):
