@@ -103,7 +103,6 @@ GEMV_MAX_M = 16
 SPLIT_BLOCK_K = 128        # K splits are multiples of this (configs with BLOCK_K dividing them run)
 SPLIT_BLOCK_N = 32         # the row block the split plan assumes (the tuned BLOCK_N may differ)
 MIN_K_PER_SPLIT = 3584     # the default split leaves each program at least this many inputs (_split_cap)
-SPLIT_CHOICES = (1, 2, 4, 8)   # K splits timed per one-row GEMV shape on CUDA (_timed_split)
 MAGIC = tl.constexpr(0x4B000000)   # float32 bits of 2^23: (MAGIC | q) is the float 2^23 + q
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
@@ -566,7 +565,6 @@ _mm_tuned = triton.autotune(ALL_CONFIGS, key=["N", "K", "K_PER_SPLIT", "BLOCK_M"
                             prune_configs_by={"early_config_prune": _prune},
                             do_bench=_quick_bench, cache_results=True)(_mm_fixed)
 _tuned_keys: set[tuple] = set()   # shapes autotune has timed in this process
-_split_choice: dict[tuple, int] = {}   # (N, K, GROUP, dtype) -> the fastest one-row K split (_timed_split)
 
 
 def _sequential_group(group_size: int) -> int:
@@ -583,34 +581,10 @@ def _split_cap(k: int, n: int, sms: int) -> int:
     return max(1, min(want, k // MIN_K_PER_SPLIT))
 
 
-def _timed_split(x, qweight, scales, zeros, g_idx, group_size: int, fuse: bool) -> Optional[int]:
-    """The K split of a one-row GEMV on CUDA, chosen by timing: each of SPLIT_CHOICES (reduced so
-    no split is empty) runs autotuned (its own tiling) and the fastest is kept per (N, K, group,
-    dtype), so the autotuner's tilings, the DOT16 ones included, meet the split that suits them
-    (a wide tensor-core tile needs K split to fill the SMs, a CUDA-core one often none). Timed in
-    the runner's eager warm-up; inside a CUDA-graph capture an untimed shape takes the default
-    plan (None)."""
-    n, k = scales.shape[1], x.shape[1]
-    family = (n, k, _sequential_group(group_size), x.dtype)
-    if family in _split_choice or torch.cuda.is_current_stream_capturing():
-        return _split_choice.get(family)
-    times: dict[int, float] = {}
-    for want in SPLIT_CHOICES:
-        split = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device), want).split
-        if split not in times:
-            run = lambda split=split: _int4_mm(x, qweight, scales, zeros, g_idx, group_size, split, None, fuse)
-            run()                                                   # tunes this split's tilings
-            times[split] = _quick_bench(run, None)
-    _split_choice[family] = min(times, key=times.get)
-    return _split_choice[family]
-
-
 def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, fuse: bool) -> torch.Tensor:
     m, k = x.shape
     n = scales.shape[1]
     block_m = m_bucket(m)
-    if split is None and config is None and block_m == 1 and x.is_cuda:
-        split = _timed_split(x, qweight, scales, zeros, g_idx, group_size, fuse)
     if block_m > GEMV_MAX_M:    # enough programs along M: no K split
         split = 1
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device),
