@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
+from gpu_guard import require_gpu
+
+require_gpu(triton=False)
 pytest.importorskip("flashinfer")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
+from gpu_guard import require_gpu
+
+require_gpu(triton=False)
 pytest.importorskip("diffusers")
 
 from tiny_diffusion import build_sd, reference_pipeline  # noqa: E402

@@ -14,15 +14,13 @@ Tolerance: bfloat16 output, one unit in the last place (2^-8 relative) plus floa
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
+from gpu_guard import require_gpu
+
+require_gpu()
 pytest.importorskip("triton")
 
 from kvyard.kernels.triton_ops import fp8_gemv as fg  # noqa: E402

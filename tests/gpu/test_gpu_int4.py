@@ -15,15 +15,13 @@ Tolerance: float32 1e-5 (1e-4 for the tf32 dot at M > 4 with bf16 x: one bf16 un
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
+from gpu_guard import require_gpu
+
+require_gpu()
 pytest.importorskip("triton")
 
 from kvyard.kernels.triton_ops import int4_gemm as i4  # noqa: E402

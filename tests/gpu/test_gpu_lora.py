@@ -6,15 +6,13 @@ three adapters and the base model.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
+from gpu_guard import require_gpu
+
+require_gpu()
 
 from kvyard.kernels.triton_ops.lora import lora_expand_fused  # noqa: E402
 from kvyard.lora.batch import build_batch_info  # noqa: E402

@@ -5,15 +5,13 @@ in one batch, with 16-token chunked prefill and again on radix-cache hits. Plus 
 against the torch path in bfloat16 at a real model's shapes."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
+from gpu_guard import require_gpu
+
+require_gpu()
 
 from kvyard import Engine  # noqa: E402
 from kvyard.layers.moe import RoutingConfig, fused_experts_torch, select_experts  # noqa: E402

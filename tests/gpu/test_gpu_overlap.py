@@ -5,16 +5,14 @@ KV integrity check; the future map on a side stream.
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
+from gpu_guard import require_gpu
+
+require_gpu()
 
 from kvyard.scheduler.future_tokens import FutureTokenMap  # noqa: E402
 from kvyard.scheduler.io_struct import TokenizedGenerateReq  # noqa: E402

@@ -13,10 +13,9 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
+from gpu_guard import require_gpu
+
+require_gpu()
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit", "scheduler"))
 from eagle_heads import save_eagle3_head, save_eagle_head  # noqa: E402
