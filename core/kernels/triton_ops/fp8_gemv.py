@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from kvyard.kernels.triton_ops.splitk import counters_fit, splitk_reduce, splitk_store, tile_counters
+from kvyard.kernels.triton_ops.splitk import split_buffers, splitk_reduce, splitk_store
 
 MAX_M = 16
 SPLIT_BELOW_N = 2048      # fewer output rows than this: split K
@@ -178,12 +178,7 @@ def fp8_w8a16_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, scale_k: 
     block_m = 1 if m == 1 else MAX_M
     split, k_per_split = plan_split(n, k)
     partial = split > 1
-    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    # the split's partials; FUSE: their sum lands in y in this launch (a counter per row block
-    # of the narrowest tiling a config may pick)
-    fuse = fuse_reduce and partial and counters_fit(triton.cdiv(n, MIN_BLOCK_N))
-    out = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if partial else y
-    cnt = tile_counters(x.device) if partial else y   # one signature (autotune key) fused or not
+    y, out, cnt, fuse = split_buffers(m, n, split, out_dtype, x.device, fuse_reduce, MIN_BLOCK_N)
     args = (x, w, sw, out, y, cnt, m, n, k, k_per_split, x.stride(0), kb)
     # IEEE: float32 dot operands for float32 x, and in the interpreter (its bf16 dot is wrong)
     meta = dict(SCALE_K=scale_k, PARTIAL=partial, FUSE=fuse, BLOCK_M=block_m,

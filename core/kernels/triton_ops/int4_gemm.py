@@ -96,8 +96,8 @@ import triton.language as tl
 import triton.testing
 
 from kvyard.kernels.triton_ops.common import tile_offsets
-from kvyard.kernels.triton_ops.splitk import (PROGRAMS_PER_SM, counters_fit, plan_split, sm_count, splitk_reduce,
-                                               splitk_store, tile_counters)
+from kvyard.kernels.triton_ops.splitk import (PROGRAMS_PER_SM, plan_split, sm_count, split_buffers, splitk_reduce,
+                                               splitk_store)
 
 GEMV_MAX_M = 16
 SPLIT_BLOCK_K = 128        # K splits are multiples of this (configs with BLOCK_K dividing them run)
@@ -590,13 +590,8 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device),
                       split or _split_cap(k, n, sm_count(x.device)))
     m_blocks = triton.cdiv(m, block_m)
-    partial = plan.split > 1
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # the split's partials; FUSE: their sum lands in y in this launch (a counter per output tile
-    # of the narrowest tiling a config may pick; a split launch has one M block)
-    fuse = fuse and partial and counters_fit(triton.cdiv(n, MIN_BLOCK_N))
-    out = torch.empty(plan.split, m, n, dtype=torch.float32, device=x.device) if partial else y
-    cnt = tile_counters(x.device) if partial else y   # one signature (autotune key) fused or not
+    partial = plan.split > 1     # (a split launch has one M block: a counter per output tile)
+    y, out, cnt, fuse = split_buffers(m, n, plan.split, x.dtype, x.device, fuse, MIN_BLOCK_N)
     args = (x, qweight, scales, zeros, g_idx, out, y, cnt, m, n, k, plan.k_per_split, x.stride(0), k // 8,
             plan.k_per_split // 8)
     meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FUSE=fuse, FP32=x.dtype == torch.float32,

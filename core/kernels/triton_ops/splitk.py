@@ -2,11 +2,11 @@
 
 A GEMV (M <= 16 token rows) reads each weight byte once; to keep enough bytes in flight it
 spreads K over ``split`` programs per output block. Program s of a split covers the K tiles
-[s * tiles, (s + 1) * tiles) and writes float32 partials [split, M, N]; the partials are summed
-in the fixed order s = 0, 1, ... (no float atomics: the result is bit-identical from run to
-run), optionally scaled by per-row (sx [M] or one scalar) and per-column (sw [N]) scales as
-((sum * sx) * sw), and cast to the output dtype. The plan depends on shapes only (and the
-device's SM count), never on data: CUDA-graph safe.
+[s * tiles, (s + 1) * tiles) and writes float32 partials [split, M, N] (already scaled: the
+GEMVs apply their scales before storing); the partials are summed in the fixed order s = 0, 1,
+... (no float atomics: the result is bit-identical from run to run) and cast to the output
+dtype. ``split_buffers`` allocates a launch's result, partials and counters. The plan depends
+on shapes only (and the device's SM count), never on data: CUDA-graph safe.
 
 Two ways to sum, the same bits:
   * ``splitk_reduce``: a second launch over the partials (any caller; the fallback);
@@ -65,30 +65,21 @@ def plan_split(k: int, n_blocks: int, block_k: int, sms: int, split: Optional[in
 
 
 @triton.jit
-def _splitk_reduce_kernel(part_ptr, y_ptr, sx_ptr, sw_ptr, M, N, SPLIT, sx_stride,
-                          HAS_SCALES: tl.constexpr, BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, SPLIT, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, SPLIT):                       # fixed order: deterministic
         acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
-    if HAS_SCALES:
-        sx = tl.load(sx_ptr + (offs // N) * sx_stride, mask=mask, other=0.0)
-        sw = tl.load(sw_ptr + offs % N, mask=mask, other=0.0)
-        acc = acc * sx * sw
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def splitk_reduce(partials: torch.Tensor, out_dtype: torch.dtype, sx: Optional[torch.Tensor] = None,
-                  sw: Optional[torch.Tensor] = None, sx_stride: int = 1) -> torch.Tensor:
-    """partials [S, M, N] float32 -> y [M, N] = (sum_s partials[s]) (* sx[m * sx_stride] * sw[n])."""
+def splitk_reduce(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """partials [S, M, N] float32 -> y [M, N] = sum_s partials[s], in out_dtype."""
     s, m, n = partials.shape
     y = torch.empty(m, n, dtype=out_dtype, device=partials.device)
     block = 1024
-    has = sx is not None
-    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-        partials, y, sx if has else partials, sw if has else partials, m, n, s, sx_stride,
-        HAS_SCALES=has, BLOCK=block)
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](partials, y, m, n, s, BLOCK=block)
     return y
 
 
@@ -114,14 +105,27 @@ def counters_fit(n_tiles: int) -> bool:
     return n_tiles <= COUNTER_SLOTS
 
 
+def split_buffers(m: int, n: int, split: int, out_dtype: torch.dtype, device: torch.device,
+                  fuse_reduce: bool, min_block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(y, part, cnt, fuse) for a GEMV launch of ``split`` K splits: y [M, N] in out_dtype; part
+    the float32 partials [split, M, N] (y itself when unsplit); cnt the tile counters whenever K
+    is split, fused or not (Triton's autotuner keys on argument dtypes: both forms then share one
+    tuned tiling, so one summation order); fuse whether the launch sums the split itself (asked
+    for, and a counter for every tile of the narrowest tiling, ``min_block_n`` wide)."""
+    y = torch.empty(m, n, dtype=out_dtype, device=device)
+    if split == 1:
+        return y, y, y, False
+    part = torch.empty(split, m, n, dtype=torch.float32, device=device)
+    return y, part, tile_counters(device), fuse_reduce and counters_fit(triton.cdiv(n, min_block_n))
+
+
 @triton.jit
 def splitk_store(part_ptr, y_ptr, cnt_ptr, res, offs, mask, tile, pid_s, MN, SPLIT, FUSE: tl.constexpr):
     """Store split ``pid_s``'s float32 partial ``res`` at part_ptr + pid_s * MN + offs (offs =
     m * N + n, the tile's elements; ``mask`` those inside [M, N]). FUSE: count the arrival at
     cnt_ptr + tile; the last of the SPLIT programs of the tile sums the S partials in order
     s = 0, 1, ... (from 0.0, as _splitk_reduce_kernel: the same bits), casts, stores y at
-    y_ptr + offs and resets the counter to 0. No sx / sw: both GEMVs scale before storing the
-    partials (they call splitk_reduce without scales too)."""
+    y_ptr + offs and resets the counter to 0."""
     tl.store(part_ptr + pid_s * MN + offs, res, mask=mask)
     if FUSE:
         tl.debug_barrier()          # all threads' partial stores, then one thread's release
