@@ -9,12 +9,9 @@ mid_lse[b, h, s] (-inf for an empty split, whose mid_o row is zeros).
 Stage 2, grid (B, H): out[b, h] = sum_s 2^(lse_s - max) * mid_o_s / sum_s 2^(lse_s - max).
 
 With S = 1 the one split's normalized output is the answer: stage 1 writes it straight into
-out and stage 2 is not launched. ``fuse_reduce=True`` runs stage 2 inside stage 1 (one launch):
-each split program counts its arrival on an acq_rel counter per (b, kv head) (kvyard's split-K
-tile counters: all zero between launches), and the last to arrive combines the S splits of its
-GROUP heads in the fixed order s = 0, 1, ... (deterministic) and resets the counter. It is off by
-default: on the H100 (Llama-3.1-8B, batch 1) it removed 32 launches a step but the tail of the
-last arrival made the kernel 0.02 ms a step slower, no measurable gain end to end.
+out and stage 2 is not launched. (Stage 2 inside stage 1, the last-arriving split program
+combining the splits, was measured on the H100 — Llama-3.1-8B, batch 1: 32 launches fewer a
+step, 0.02 ms more kernel time, no gain end to end — and not kept.)
 
 Only device tensors describe the batch (seq_lens, req_pool_indices): the grid depends on B and
 S alone, so a CUDA graph captured at batch size B replays for any lengths. A row with
@@ -34,16 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard.kernels.triton_ops.splitk import counters_fit, tile_counters
 from kvyard_plugins.attention.triton_kernels.precision import fp8_kv, fp32_dot, scaled_scores
 
 
 @triton.jit
-def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LENS, MID_O, MID_LSE, O, CNT,
+def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LENS, MID_O, MID_LSE,
                          scale_log2, window, logit_cap,
                          stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh,
                          stride_req, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
-                         stride_ob, stride_oh, FUSE: tl.constexpr, BLOCK_S: tl.constexpr,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          FP32_DOT: tl.constexpr, KV_FP8: tl.constexpr, SOFT_CAP: tl.constexpr):
@@ -105,41 +100,6 @@ def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LE
     mid = MID_O + b.to(tl.int64) * stride_mob + heads[:, None] * stride_moh + split * stride_mos
     tl.store(mid + offs_d[None, :], out.to(MID_O.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
     tl.store(MID_LSE + b.to(tl.int64) * stride_mlb + heads * stride_mlh + split, lse, mask=h_ok)
-    if FUSE:
-        _reduce_if_last(MID_O, MID_LSE, O, CNT + b * tl.num_programs(1) + kv_head, b, heads, h_ok, offs_d, d_ok,
-                        stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
-                        NUM_SPLITS, BLOCK_S, BLOCK_H, BLOCK_D)
-
-
-@triton.jit
-def _reduce_if_last(MID_O, MID_LSE, O, cnt, b, heads, h_ok, offs_d, d_ok, stride_mob, stride_moh, stride_mos,
-                    stride_mlb, stride_mlh, stride_ob, stride_oh, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Stage 2 inside stage 1: the split program of (b, kv head) that arrives last (an acq_rel
-    counter per (b, kv head), as kernels.triton_ops.splitk.splitk_store) combines the S splits of
-    its GROUP heads, reading them back past L1, and resets the counter for the next launch."""
-    tl.debug_barrier()                      # every thread's mid_o / mid_lse stores, then the release
-    arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-    if arrived == NUM_SPLITS - 1:
-        b64 = b.to(tl.int64)
-        offs_s = tl.arange(0, BLOCK_S)
-        lse = tl.load(MID_LSE + b64 * stride_mlb + heads[:, None] * stride_mlh + offs_s[None, :],
-                      mask=h_ok[:, None] & (offs_s < NUM_SPLITS)[None, :], other=float("-inf"),
-                      cache_modifier=".cg")                                        # [BLOCK_H, BLOCK_S]
-        top = tl.max(lse, 1)
-        top = tl.where(top == float("-inf"), 0.0, top)                             # empty splits weigh 0
-        total = tl.sum(tl.exp2(lse - top[:, None]), 1)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for s in tl.static_range(NUM_SPLITS):                                      # fixed order
-            w = tl.exp2(tl.load(MID_LSE + b64 * stride_mlb + heads * stride_mlh + s, mask=h_ok,
-                                other=float("-inf"), cache_modifier=".cg") - top)
-            part = tl.load(MID_O + b64 * stride_mob + heads[:, None] * stride_moh + s * stride_mos + offs_d[None, :],
-                           mask=h_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
-            acc += w[:, None] * part
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(O + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=h_ok[:, None] & d_ok[None, :])
-        tl.store(cnt, 0)                    # the next launch / graph replay starts from zero
 
 
 @triton.jit
@@ -173,9 +133,8 @@ def decode_workspace(batch: int, heads: int, num_splits: int, head_dim: int, mid
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                      mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, window: int = 0,
-                     logit_cap: float = 0.0, fuse_reduce: bool = False) -> None:
-    """Writes out [B, H, D]; mid_o/mid_lse are the workspace (decode_workspace, >= B rows).
-    ``fuse_reduce=True`` combines the splits inside the split launch (module docstring)."""
+                     logit_cap: float = 0.0) -> None:
+    """Writes out [B, H, D]; mid_o/mid_lse are the workspace (decode_workspace, >= B rows)."""
     batch, heads, dim = q.shape
     kv_heads = k_buf.shape[1]
     if heads % kv_heads:
@@ -192,18 +151,16 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     split_out = out.unsqueeze(2) if num_splits == 1 else mid_o      # [B, H, S, D]
     # Narrower key tiles for wide heads (MLA's 576 -> 1024 padded): K and V tiles fit shared memory.
     block_n, stages = (64, 2) if block_d <= 256 else (16, 1)
-    fuse = fuse_reduce and num_splits > 1 and counters_fit(batch * kv_heads)
-    cnt = tile_counters(q.device) if num_splits > 1 else mid_lse    # one signature fused or not
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, split_out, mid_lse, out, cnt,
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, split_out, mid_lse,
         scaling * math.log2(math.e), int(window or 0), float(logit_cap or 0.0),
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), split_out.stride(0), split_out.stride(1), split_out.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-        FUSE=fuse, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), KV_FP8=fp8_kv(k_buf), SOFT_CAP=bool(logit_cap),
-        num_warps=4, num_stages=stages)
-    if num_splits == 1 or fuse:
+        mid_lse.stride(0), mid_lse.stride(1),
+        GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), KV_FP8=fp8_kv(k_buf),
+        SOFT_CAP=bool(logit_cap), num_warps=4, num_stages=stages)
+    if num_splits == 1:
         return
     _decode_reduce_kernel[(batch, heads)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
