@@ -1,6 +1,7 @@
 """Launch helpers and jitted tile helpers shared by the fused and GEMM kernels."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -21,6 +22,17 @@ def rows_2d(x):
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2
+
+
+def may_autotune(x: torch.Tensor, key: tuple, tuned_keys: set) -> bool:
+    """Whether a call of an autotuned kernel on ``x`` may time its configs: on CUDA (the CPU
+    interpreter does not time), and not for a shape first seen inside a CUDA-graph capture (the
+    runner's eager warm-up tunes every captured shape before it; such a shape takes the caller's
+    untimed fallback). Adds ``key`` to ``tuned_keys`` when it may."""
+    if x.is_cuda and (key in tuned_keys or not torch.cuda.is_current_stream_capturing()):
+        tuned_keys.add(key)
+        return True
+    return False
 
 
 @triton.jit

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from kvyard.kernels.triton_ops.common import may_autotune
 from kvyard.kernels.triton_ops.splitk import split_buffers, splitk_reduce, splitk_store
 
 MAX_M = 16
@@ -151,7 +152,7 @@ def _untimed_config(x: torch.Tensor, key: tuple) -> triton.Config | None:
     """The first fitting config where autotune must not time: CPU tensors (the interpreter) and
     a shape first seen inside a CUDA-graph capture (the runner's eager warm-up tunes before it,
     so this is a fallback); None: autotune."""
-    if x.is_cuda and (key in _tuned_keys or not torch.cuda.is_current_stream_capturing()):
+    if may_autotune(x, key, _tuned_keys):
         return None
     return next(c for c in CONFIGS if config_fits(c, key[0], key[1]))
 
@@ -187,7 +188,6 @@ def fp8_w8a16_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, scale_k: 
     config = config or _untimed_config(x, key)
     if config is None:
         _tuned[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta)
-        _tuned_keys.add(key)
     else:
         _w8a16_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]), split)](
             *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

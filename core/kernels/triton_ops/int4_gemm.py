@@ -95,7 +95,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from kvyard.kernels.triton_ops.common import tile_offsets
+from kvyard.kernels.triton_ops.common import may_autotune, tile_offsets
 from kvyard.kernels.triton_ops.splitk import (PROGRAMS_PER_SM, plan_split, sm_count, split_buffers, splitk_reduce,
                                                splitk_store)
 
@@ -597,11 +597,8 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
     meta = dict(GROUP=_sequential_group(group_size), PARTIAL=partial, FUSE=fuse, FP32=x.dtype == torch.float32,
                 BLOCK_M=block_m, ASM=x.is_cuda)
     key = (n, k, plan.k_per_split, block_m, meta["GROUP"], x.dtype)
-    # autotune times on CUDA, never inside a CUDA-graph capture: the runner's eager warm-up of
-    # each captured size tunes before it; a shape first seen while capturing takes the fallback
-    if config is None and x.is_cuda and (key in _tuned_keys or not torch.cuda.is_current_stream_capturing()):
+    if config is None and may_autotune(x, key, _tuned_keys):
         _mm_tuned[lambda a: (triton.cdiv(n, a["BLOCK_N"]), plan.split, m_blocks)](*args, **meta)
-        _tuned_keys.add(key)
     else:   # the interpreter (no timing there), a forced config or a capture: the bucket's first fitting one
         cfg = config or next(c for c in GEMV_CONFIGS[block_m]
                              if not c.kwargs["DOT16"] and config_fits(c, block_m, k, plan.k_per_split))
