@@ -58,6 +58,13 @@ def test_every_config_equals_float32_reference(bucket):
     for cfg in (c for c in i4.GEMV_CONFIGS[bucket] if not c.kwargs["DOT16"]):     # float32 x
         got = i4.int4_gemm(x, *packed, 128, split=1, config=cfg)
         torch.testing.assert_close(got, x @ dense.t(), **F32, msg=lambda m: f"{cfg}: {m}")
+        if cfg.kwargs["WPT"] > 1:     # one-group tiles: no gather; bf16 x read as uint32 pairs
+            xb = x.bfloat16()
+            for split in (1, 2):
+                got = i4.int4_gemm(xb, *packed, 128, split=split, config=cfg)
+                torch.testing.assert_close(got.float(), xb.float() @ dense.t(), **BF16,
+                                           msg=lambda m: f"{cfg} bf16 split {split}: {m}")
+            continue
         got = i4.int4_gemm(x, *gathered, 0, split=1, config=cfg)
         torch.testing.assert_close(got, x @ dense_g.t(), **F32, msg=lambda m: f"{cfg} gather: {m}")
 
@@ -92,6 +99,8 @@ def test_autotuned_shapes_and_graph_replay(k, n):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(replayed, got)
+    # the one-row call timed the K splits once (eagerly) and the capture replayed that choice
+    assert i4._split_choice[(n, k, 128, torch.bfloat16)] in {1, 2, 4, 8}
 
 
 @pytest.mark.parametrize("k,n,split", [(4096, 6144, 2), (14336, 4096, None)])

@@ -103,6 +103,7 @@ GEMV_MAX_M = 16
 SPLIT_BLOCK_K = 128        # K splits are multiples of this (configs with BLOCK_K dividing them run)
 SPLIT_BLOCK_N = 32         # the row block the split plan assumes (the tuned BLOCK_N may differ)
 MIN_K_PER_SPLIT = 3584     # the default split leaves each program at least this many inputs (_split_cap)
+SPLIT_CHOICES = (1, 2, 4, 8)   # K splits timed per one-row GEMV shape on CUDA (_timed_split)
 MAGIC = tl.constexpr(0x4B000000)   # float32 bits of 2^23: (MAGIC | q) is the float 2^23 + q
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
@@ -111,8 +112,15 @@ ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
 FOLD_MAX_M = tl.constexpr(2)
 
 
-def _cfg(bn: int, bk: int, warps: int, stages: int, dot16: bool = False) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "DOT16": dot16}, num_warps=warps, num_stages=stages)
+def _cfg(bn: int, bk: int, warps: int, stages: int, dot16: bool = False, wpt: int = 1) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "DOT16": dot16, "WPT": wpt}, num_warps=warps,
+                         num_stages=stages)
+
+
+def _wide(bn: int, bk: int, warps: int, stages: int, wpt: int) -> triton.Config:
+    """A one-row tiling whose threads each hold ``wpt`` words of every output they own (the
+    tile's K in ``wpt`` parts: module docstring, WPT)."""
+    return _cfg(bn, bk, warps, stages, wpt=wpt)
 
 
 def _dot16(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -138,7 +146,11 @@ GEMV_CONFIGS = {
         _cfg(32, 512, 8, 2), _cfg(16, 128, 4, 2),
         # deeper pipelines and longer K tiles: more weight bytes in flight per program
         _cfg(32, 512, 4, 3), _cfg(16, 512, 4, 3), _cfg(64, 512, 8, 3), _cfg(32, 1024, 8, 2),
-        _cfg(128, 256, 8, 2), *DOT16_CONFIGS()],
+        _cfg(128, 256, 8, 2),
+        # each thread WPT words of its outputs (one-group tiles): zero and scale once per WPT words
+        _wide(64, 128, 4, 2, 2), _wide(128, 128, 4, 2, 4), _wide(64, 128, 2, 2, 4), _wide(32, 128, 1, 2, 4),
+        _wide(256, 128, 4, 2, 8), _wide(64, 128, 1, 2, 8), _wide(16, 128, 1, 2, 2), _wide(128, 64, 4, 2, 2),
+        *DOT16_CONFIGS()],
     2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2), *DOT16_CONFIGS()],
     4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2), *DOT16_CONFIGS()],
     16: [_cfg(32, 128, 4, 3), _cfg(64, 128, 4, 3), _cfg(16, 128, 4, 4), *DOT16_CONFIGS()],
@@ -161,19 +173,20 @@ def config_fits(cfg: triton.Config, block_m: int, k: int, k_per_split: int) -> b
     return in_bucket and (k_per_split >= k or k_per_split % cfg.kwargs["BLOCK_K"] == 0)
 
 
-def dot16_fits(cfg: triton.Config, group: int, x_dtype: torch.dtype) -> bool:
-    """Whether ``cfg``'s path applies to the weights and x: a DOT16 config needs sequential
-    groups (the GROUP constexpr > 0) a whole number of its K tiles (one scale row per tile) and
-    16-bit x (the dot's operand dtype); every other config applies to all."""
-    if not cfg.kwargs["DOT16"]:
+def path_fits(cfg: triton.Config, group: int, x_dtype: torch.dtype) -> bool:
+    """Whether ``cfg``'s path applies to the weights and x: a DOT16 or WPT > 1 config needs
+    sequential groups (the GROUP constexpr > 0) a whole number of its K tiles (one scale row per
+    tile); DOT16 also 16-bit x (the dot's operand dtype); every other config applies to all."""
+    if not (cfg.kwargs["DOT16"] or cfg.kwargs["WPT"] > 1):
         return True
-    return group > 0 and group % cfg.kwargs["BLOCK_K"] == 0 and x_dtype in (torch.bfloat16, torch.float16)
+    one_group = group > 0 and group % cfg.kwargs["BLOCK_K"] == 0
+    return one_group and (not cfg.kwargs["DOT16"] or x_dtype in (torch.bfloat16, torch.float16))
 
 
 def _prune(configs, named_args, **kwargs):
     k, kps = named_args["K"], named_args["K_PER_SPLIT"]
     return [c for c in configs if config_fits(c, kwargs["BLOCK_M"], k, kps)
-            and dot16_fits(c, kwargs["GROUP"], named_args["x_ptr"].dtype)]
+            and path_fits(c, kwargs["GROUP"], named_args["x_ptr"].dtype)]
 
 
 TOP = tl.constexpr(0x41800000)      # float32 bits of 16: (TOP | q << 19) is the float 16 + q
@@ -394,10 +407,13 @@ def _dot16_scale_zero(s_ptr, z_ptr, offs_n, mask_n, N, k0, W: tl.constexpr, DT: 
 
 
 @triton.jit
-def _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7):
-    """sum_i p_i x_i over a word's 8 planes [R4, W, 4] and activations [R4, W]: one multiply
-    and 7 fused multiply-adds in input order."""
-    t = p0 * x0[:, :, None]
+def _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7, t=None):
+    """t + sum_i p_i x_i over a word's 8 planes [R4, W, 4] and activations [R4, W] (t None: 0):
+    8 fused multiply-adds in input order (one multiply and 7 without t)."""
+    if t is None:
+        t = p0 * x0[:, :, None]
+    else:
+        t += p0 * x0[:, :, None]
     t += p1 * x1[:, :, None]
     t += p2 * x2[:, :, None]
     t += p3 * x3[:, :, None]
@@ -435,6 +451,74 @@ def _row_product(words, s, z, x_row_ptr, xin, k_row, GROUP: tl.constexpr, FOLD: 
 
 
 @triton.jit
+def _split4(x):
+    """[R4, W, 4] -> its 4 planes [R4, W] (element i of the last axis is plane i)."""
+    q = tl.reshape(x, (x.shape[0], x.shape[1], 2, 2))
+    c0, c1 = tl.split(q)
+    e0, e2 = tl.split(c0)
+    e1, e3 = tl.split(c1)
+    return e0, e1, e2, e3
+
+
+@triton.jit
+def _word_activations(x_ptr, jw, k_hi, R4: tl.constexpr, EVEN: tl.constexpr):
+    """The 8 activations of words jw [WP] as float32 planes [R4, WP] (the layout of a [R4, WP, 4]
+    word load: each thread its own copy). bf16 x: loaded as 4 uint32 pairs, input 2i the low
+    half shifted up, 2i + 1 the high half masked (one instruction each); otherwise converted."""
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        pin = tl.broadcast_to((jw[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :], (R4, jw.shape[0], 4))
+        px = x_ptr.to(tl.pointer_type(tl.uint32), bitcast=True) + pin
+        if EVEN:
+            pairs = tl.load(px)
+        else:
+            pairs = tl.load(px, mask=pin * 2 < k_hi, other=0)
+        e0, e1, e2, e3 = _split4(pairs)
+        return ((e0 << 16).to(tl.float32, bitcast=True), (e0 & 0xFFFF0000).to(tl.float32, bitcast=True),
+                (e1 << 16).to(tl.float32, bitcast=True), (e1 & 0xFFFF0000).to(tl.float32, bitcast=True),
+                (e2 << 16).to(tl.float32, bitcast=True), (e2 & 0xFFFF0000).to(tl.float32, bitcast=True),
+                (e3 << 16).to(tl.float32, bitcast=True), (e3 & 0xFFFF0000).to(tl.float32, bitcast=True))
+    else:
+        xin = tl.broadcast_to((jw[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :], (R4, jw.shape[0], 8))
+        if EVEN:
+            x = tl.load(x_ptr + xin).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + xin, mask=xin < k_hi, other=0.0).to(tl.float32)
+        return _split8(x)
+
+
+@triton.jit
+def _wide_product(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_hi, GROUP: tl.constexpr,
+                  W: tl.constexpr, WPT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """One K tile of the one-row WPT path (sequential groups, the tile inside one group): the
+    tile's words in WPT parts of W / WPT consecutive words (part p: words p W / WPT + j), every
+    load (words, activations, the tile's scale and zero, broadcast over the words) of the one
+    shape [R4, W / WPT, 4], so a thread holds the same position of every part and no load needs
+    a layout exchange; the folded chain (16 + q planes) runs on through a thread's parts and
+    the activation sum with it, so zero and scale apply once per WPT words -> [R4, W / WPT, 4]."""
+    WP: tl.constexpr = W // WPT
+    R4: tl.constexpr = offs_n.shape[0]
+    kw = tl.arange(0, WP)
+    sz = (j0 * 8 // GROUP) * N + offs_n[:, None, :] + 0 * kw[None, :, None]          # [R4, WP, 4]
+    sm = mask_n[:, None, :] & (kw >= 0)[None, :, None]
+    s = tl.load(s_ptr + sz, mask=sm, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=sm, other=0).to(tl.float32) + TOP_F
+    t = tl.zeros((R4, WP, 4), dtype=tl.float32)
+    x_sum = tl.zeros((R4, WP), dtype=tl.float32)
+    for part in tl.static_range(WPT):
+        jw = j0 + part * WP + kw                                             # [WP] words
+        wptr = chunk_ptr + (jw * 4)[None, :, None]
+        if EVEN:
+            words = tl.load(wptr)
+        else:
+            words = tl.load(wptr, mask=(rg * 4 < N)[:, None, None] & (jw * 8 < k_hi)[None, :, None], other=0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _word_activations(x_ptr, jw, k_hi, R4, EVEN)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _top_planes(words, ASM)
+        t = _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7, t)
+        x_sum += ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    return (t - z * x_sum[:, :, None]) * s
+
+
+@triton.jit
 def _row_total(acc, BLOCK_N: tl.constexpr):
     """[R4, W, 4] -> [BLOCK_N] (output 4 * r + i), summed over the tile's words."""
     return tl.reshape(tl.sum(acc, axis=1), (BLOCK_N,))
@@ -461,7 +545,7 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
                       K8, W_PER_SPLIT, GROUP: tl.constexpr, PARTIAL: tl.constexpr, FUSE: tl.constexpr,
                       FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr, ASM: tl.constexpr, DOT16: tl.constexpr):
+                      EVEN: tl.constexpr, ASM: tl.constexpr, DOT16: tl.constexpr, WPT: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     R4: tl.constexpr = BLOCK_N // 4
     W: tl.constexpr = BLOCK_K // 8
@@ -482,6 +566,8 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
     chunk_ptr = qw_ptr + (rg[:, None, None] * K8) * 4 + tl.arange(0, 4)[None, None, :]
     if DOT16:
         acc = tl.zeros((BLOCK_N, DOT_M), dtype=tl.float32)     # y^T: the weight tile is the dot's A
+    elif WPT > 1:             # one row (_prune): a value per output and word slot of a part
+        acc0 = tl.zeros((R4, W // WPT, 4), dtype=tl.float32)
     elif BLOCK_M <= 4:        # one accumulator per row (unused ones are dead code)
         acc0 = tl.zeros((R4, W, 4), dtype=tl.float32)
         acc1 = tl.zeros((R4, W, 4), dtype=tl.float32)
@@ -493,13 +579,17 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
     for j0 in range(pid_s * W_PER_SPLIT, tl.minimum(pid_s * W_PER_SPLIT + W_PER_SPLIT, K8), W):
         k0 = j0 * 8
         kin = k0 + kt
-        wptr = chunk_ptr + ((j0 + kw) * 4)[None, :, None]
-        if EVEN:
-            words = tl.load(wptr)
-        else:
-            wm = (rg * 4 < N)[:, None, None] & (k0 + kw * 8 < k_hi)[None, :, None]
-            words = tl.load(wptr, mask=wm, other=0)
-        if DOT16:
+        if WPT == 1:    # (the WPT path loads its parts itself)
+            wptr = chunk_ptr + ((j0 + kw) * 4)[None, :, None]
+            if EVEN:
+                words = tl.load(wptr)
+            else:
+                wm = (rg * 4 < N)[:, None, None] & (k0 + kw * 8 < k_hi)[None, :, None]
+                words = tl.load(wptr, mask=wm, other=0)
+        if WPT > 1:
+            acc0 += _wide_product(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_hi, GROUP, W, WPT,
+                                  EVEN, ASM)
+        elif DOT16:
             acc += _dot16_tile(words, x_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_xm, k0,
                                k_hi, GROUP, BLOCK_N, BLOCK_K, ASM)
         elif BLOCK_M <= 4:
@@ -529,7 +619,7 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
                 acc += tl.dot(x, wt, input_precision="tf32")
     if DOT16:
         res = tl.trans(acc)
-    elif BLOCK_M <= 4:
+    elif BLOCK_M <= 4:      # (the WPT path: BLOCK_M 1)
         res = tl.where(offs_m[:, None] == 0, _row_total(acc0, BLOCK_N)[None, :], 0.0)
         if BLOCK_M > 1:
             res += tl.where(offs_m[:, None] == 1, _row_total(acc1, BLOCK_N)[None, :], 0.0)
@@ -565,6 +655,7 @@ _mm_tuned = triton.autotune(ALL_CONFIGS, key=["N", "K", "K_PER_SPLIT", "BLOCK_M"
                             prune_configs_by={"early_config_prune": _prune},
                             do_bench=_quick_bench, cache_results=True)(_mm_fixed)
 _tuned_keys: set[tuple] = set()   # shapes autotune has timed in this process
+_split_choice: dict[tuple, int] = {}   # (N, K, GROUP, dtype) -> the fastest one-row K split (_timed_split)
 
 
 def _sequential_group(group_size: int) -> int:
@@ -581,10 +672,33 @@ def _split_cap(k: int, n: int, sms: int) -> int:
     return max(1, min(want, k // MIN_K_PER_SPLIT))
 
 
+def _timed_split(x, qweight, scales, zeros, g_idx, group_size: int, fuse: bool) -> Optional[int]:
+    """The K split of a one-row GEMV on CUDA, chosen by timing: each of SPLIT_CHOICES (reduced so
+    no split is empty) runs autotuned (its own tiling) and the fastest is kept per (N, K, group,
+    dtype), so every tiling meets the split that suits it (a wide tile, WPT or tensor-core, needs
+    K split to fill the SMs; a narrow CUDA-core one often none). Timed in the runner's eager
+    warm-up; inside a CUDA-graph capture an untimed shape takes the default plan (None)."""
+    n, k = scales.shape[1], x.shape[1]
+    family = (n, k, _sequential_group(group_size), x.dtype)
+    if family in _split_choice or torch.cuda.is_current_stream_capturing():
+        return _split_choice.get(family)
+    times: dict[int, float] = {}
+    for want in SPLIT_CHOICES:
+        split = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device), want).split
+        if split not in times:
+            run = lambda split=split: _int4_mm(x, qweight, scales, zeros, g_idx, group_size, split, None, fuse)
+            run()                                                   # tunes this split's tilings
+            times[split] = _quick_bench(run, None)
+    _split_choice[family] = min(times, key=times.get)
+    return _split_choice[family]
+
+
 def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, fuse: bool) -> torch.Tensor:
     m, k = x.shape
     n = scales.shape[1]
     block_m = m_bucket(m)
+    if split is None and config is None and block_m == 1 and x.is_cuda:
+        split = _timed_split(x, qweight, scales, zeros, g_idx, group_size, fuse)
     if block_m > GEMV_MAX_M:    # enough programs along M: no K split
         split = 1
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device),
@@ -601,8 +715,8 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
         _mm_tuned[lambda a: (triton.cdiv(n, a["BLOCK_N"]), plan.split, m_blocks)](*args, **meta)
     else:   # the interpreter (no timing there), a forced config or a capture: the bucket's first fitting one
         cfg = config or next(c for c in GEMV_CONFIGS[block_m]
-                             if not c.kwargs["DOT16"] and config_fits(c, block_m, k, plan.k_per_split))
-        if not (config_fits(cfg, block_m, k, plan.k_per_split) and dot16_fits(cfg, meta["GROUP"], x.dtype)):
+                             if not c.kwargs["DOT16"] and c.kwargs["WPT"] == 1 and config_fits(c, block_m, k, plan.k_per_split))
+        if not (config_fits(cfg, block_m, k, plan.k_per_split) and path_fits(cfg, meta["GROUP"], x.dtype)):
             raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}, "
                          f"group {group_size}, x {x.dtype}")
         _mm_fixed[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), plan.split, m_blocks)](

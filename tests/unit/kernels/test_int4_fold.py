@@ -77,6 +77,30 @@ def test_folded_gemv_every_group_shape(index, group):
     _check(got, x.double() @ w.t(), x.double().abs() @ w.abs().t(), torch.bfloat16)
 
 
+WIDE = [c for c in i4.GEMV_CONFIGS[1] if c.kwargs["WPT"] > 1]
+
+
+@pytest.mark.parametrize("cfg", WIDE, ids=lambda c: "{BLOCK_N}x{BLOCK_K}-wpt{WPT}".format(**c.kwargs))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_wide_configs_every_dtype_masked_and_split(cfg, dtype):
+    """The WPT configs (each thread WPT words of its outputs; bf16 x read as uint32 pairs): the
+    group of their K tile, N 70 (masked outputs), K whole and in 2 splits."""
+    group = cfg.kwargs["BLOCK_K"]
+    canon, w = _weights(70, 512, group, False, dtype, seed=cfg.kwargs["BLOCK_N"] + cfg.kwargs["WPT"])
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(group)).to(dtype)
+    ref, mass = x.double() @ w.t(), x.double().abs() @ w.abs().t()
+    layout = int4_kernel_layout(*canon[:3])
+    for split in (1, 2):
+        _check(i4.int4_gemm(x, *layout, canon[3], group, split=split, config=cfg), ref, mass, dtype)
+
+
+def test_wide_configs_refuse_a_group_their_tile_straddles():
+    canon, _ = _weights(64, 512, 32, False, torch.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="does not serve"):
+        i4.int4_gemm(torch.randn(1, 512).bfloat16(), *int4_kernel_layout(*canon[:3]), canon[3], 32, split=1,
+                     config=WIDE[0])
+
+
 @triton.jit
 def _planes_kernel(w_ptr, out_ptr, TOP: tl.constexpr):
     w = tl.load(w_ptr + tl.arange(0, 64))

@@ -63,9 +63,11 @@ def test_every_config_equals_float32_reference(bucket, index):
     by row, and the same weights through g_idx (the gather path)."""
     cfg = i4.GEMV_CONFIGS[bucket][index]
     m = BUCKET_ROWS[bucket]
-    canon = _weights(96 if cfg.kwargs["BLOCK_N"] < 64 else 128, 512, 64, seed=index)
+    wide = cfg.kwargs["WPT"] > 1        # a tile inside one group: its own group, no gather
+    group = max(64, cfg.kwargs["BLOCK_K"]) if wide else 64
+    canon = _weights(96 if cfg.kwargs["BLOCK_N"] < 64 else 128, 512, group, seed=index)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(bucket))
-    for group_size in (64, 0):
+    for group_size in (group,) if wide else (group, 0):
         torch.testing.assert_close(*_run(x, canon, group_size, split=1, config=cfg), **F32)
 
 
