@@ -103,7 +103,7 @@ GEMV_MAX_M = 16
 SPLIT_BLOCK_K = 128        # K splits are multiples of this (configs with BLOCK_K dividing them run)
 SPLIT_BLOCK_N = 32         # the row block the split plan assumes (the tuned BLOCK_N may differ)
 MIN_K_PER_SPLIT = 3584     # the default split leaves each program at least this many inputs (_split_cap)
-SPLIT_CHOICES = (1, 2, 4, 8)   # K splits timed per one-row GEMV shape on CUDA (_timed_split)
+SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)   # K splits timed per one-row GEMV shape on CUDA (_timed_split)
 MAGIC = tl.constexpr(0x4B000000)   # float32 bits of 2^23: (MAGIC | q) is the float 2^23 + q
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
@@ -149,7 +149,7 @@ GEMV_CONFIGS = {
         _cfg(128, 256, 8, 2),
         # each thread WPT words of its outputs (one-group tiles): zero and scale once per WPT words
         _wide(64, 128, 4, 2, 2), _wide(128, 128, 4, 2, 4), _wide(64, 128, 2, 2, 4), _wide(32, 128, 1, 2, 4),
-        _wide(256, 128, 4, 2, 8), _wide(64, 128, 1, 2, 8), _wide(16, 128, 1, 2, 2), _wide(128, 64, 4, 2, 2),
+        _wide(256, 128, 4, 2, 8), _wide(128, 128, 2, 2, 8), _wide(64, 128, 1, 2, 8), _wide(16, 128, 1, 2, 2), _wide(128, 64, 4, 2, 2),
         *DOT16_CONFIGS()],
     2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2), *DOT16_CONFIGS()],
     4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2), *DOT16_CONFIGS()],
