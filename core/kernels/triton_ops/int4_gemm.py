@@ -112,15 +112,17 @@ ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
 FOLD_MAX_M = tl.constexpr(2)
 
 
-def _cfg(bn: int, bk: int, warps: int, stages: int, dot16: bool = False, wpt: int = 1) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "DOT16": dot16, "WPT": wpt}, num_warps=warps,
-                         num_stages=stages)
+def _cfg(bn: int, bk: int, warps: int, stages: int, dot16: bool = False, wpt: int = 1,
+         pipe: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "DOT16": dot16, "WPT": wpt, "PIPE": pipe},
+                         num_warps=warps, num_stages=stages)
 
 
-def _wide(bn: int, bk: int, warps: int, stages: int, wpt: int) -> triton.Config:
+def _wide(bn: int, bk: int, warps: int, stages: int, wpt: int, pipe: bool = False) -> triton.Config:
     """A one-row tiling whose threads each hold ``wpt`` words of every output they own (the
-    tile's K in ``wpt`` parts: module docstring, WPT)."""
-    return _cfg(bn, bk, warps, stages, wpt=wpt)
+    tile's K in ``wpt`` parts: module docstring, WPT); ``pipe``: the next tile's loads issued
+    before this tile's arithmetic (WPT 2 or 4, 16-bit x)."""
+    return _cfg(bn, bk, warps, stages, wpt=wpt, pipe=pipe)
 
 
 def _dot16(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -149,7 +151,10 @@ GEMV_CONFIGS = {
         _cfg(128, 256, 8, 2),
         # each thread WPT words of its outputs (one-group tiles): zero and scale once per WPT words
         _wide(64, 128, 4, 2, 2), _wide(128, 128, 4, 2, 4), _wide(64, 128, 2, 2, 4), _wide(32, 128, 1, 2, 4),
-        _wide(256, 128, 4, 2, 8), _wide(128, 128, 2, 2, 8), _wide(64, 128, 1, 2, 8), _wide(16, 128, 1, 2, 2), _wide(128, 64, 4, 2, 2),
+        _wide(256, 128, 4, 2, 8), _wide(128, 128, 2, 2, 8), _wide(64, 128, 1, 2, 8), _wide(16, 128, 1, 2, 2),
+        _wide(128, 64, 4, 2, 2),
+        _wide(64, 128, 4, 2, 2, True), _wide(128, 128, 4, 2, 4, True), _wide(64, 128, 2, 2, 4, True),
+        _wide(32, 128, 1, 2, 4, True), _wide(16, 128, 1, 2, 2, True),
         *DOT16_CONFIGS()],
     2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2), *DOT16_CONFIGS()],
     4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2), *DOT16_CONFIGS()],
@@ -176,11 +181,13 @@ def config_fits(cfg: triton.Config, block_m: int, k: int, k_per_split: int) -> b
 def path_fits(cfg: triton.Config, group: int, x_dtype: torch.dtype) -> bool:
     """Whether ``cfg``'s path applies to the weights and x: a DOT16 or WPT > 1 config needs
     sequential groups (the GROUP constexpr > 0) a whole number of its K tiles (one scale row per
-    tile); DOT16 also 16-bit x (the dot's operand dtype); every other config applies to all."""
+    tile); DOT16 and PIPE also 16-bit x (the dot's operand dtype; activations read as uint32
+    pairs); every other config applies to all."""
     if not (cfg.kwargs["DOT16"] or cfg.kwargs["WPT"] > 1):
         return True
     one_group = group > 0 and group % cfg.kwargs["BLOCK_K"] == 0
-    return one_group and (not cfg.kwargs["DOT16"] or x_dtype in (torch.bfloat16, torch.float16))
+    sixteen_bit = x_dtype in (torch.bfloat16, torch.float16)
+    return one_group and (sixteen_bit or not (cfg.kwargs["DOT16"] or cfg.kwargs["PIPE"]))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -519,6 +526,126 @@ def _wide_product(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_h
 
 
 @triton.jit
+def _pair_floats(e):
+    """uint32 words of two 16-bit activations (bf16: the halves as float32 by a shift and a mask;
+    fp16: converted) -> (input 2i, input 2i + 1) float32 (x's dtype from the caller's pointer:
+    bf16 when BF16)."""
+    return (e << 16).to(tl.float32, bitcast=True), (e & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pair_floats_fp16(e):
+    lo = (e & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (e >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _part_chain(words, pairs, t, x_sum, BF16: tl.constexpr, ASM: tl.constexpr):
+    """One part [R4, WP, 4] of the pipelined WPT path: words and the activation pairs of the
+    same layout -> the folded chain t and the activation sum x_sum carried on."""
+    e0, e1, e2, e3 = _split4(pairs)
+    if BF16:
+        x0, x1 = _pair_floats(e0)
+        x2, x3 = _pair_floats(e1)
+        x4, x5 = _pair_floats(e2)
+        x6, x7 = _pair_floats(e3)
+    else:
+        x0, x1 = _pair_floats_fp16(e0)
+        x2, x3 = _pair_floats_fp16(e1)
+        x4, x5 = _pair_floats_fp16(e2)
+        x6, x7 = _pair_floats_fp16(e3)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _top_planes(words, ASM)
+    t = _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7, t)
+    return t, x_sum + (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))
+
+
+@triton.jit
+def _part_loads(chunk_ptr, xw_ptr, rg, N, jw, k_hi, R4: tl.constexpr, EVEN: tl.constexpr):
+    """Words jw [WP] of the tile's outputs and their activations as uint32 pairs, both
+    [R4, WP, 4] (one layout)."""
+    wptr = chunk_ptr + (jw * 4)[None, :, None]
+    pin = tl.broadcast_to((jw[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :], (R4, jw.shape[0], 4))
+    if EVEN:
+        return tl.load(wptr), tl.load(xw_ptr + pin)
+    else:
+        wm = (rg * 4 < N)[:, None, None] & (jw * 8 < k_hi)[None, :, None]
+        return tl.load(wptr, mask=wm, other=0), tl.load(xw_ptr + pin, mask=pin * 2 < k_hi, other=0)
+
+
+@triton.jit
+def _tile_loads(chunk_ptr, xw_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_hi, GROUP: tl.constexpr,
+                WP: tl.constexpr, WPT: tl.constexpr, EVEN: tl.constexpr):
+    """Every load of one tile of the pipelined WPT path (WPT 2 or 4): words and activation
+    pairs with the parts stacked on a last axis (tl.join: inside each thread) and the tile's
+    scale and zero, all in the [R4, WP, 4] layout."""
+    R4: tl.constexpr = offs_n.shape[0]
+    kw = tl.arange(0, WP)
+    sz = (j0 * 8 // GROUP) * N + offs_n[:, None, :] + 0 * kw[None, :, None]
+    sm = mask_n[:, None, :] & (kw >= 0)[None, :, None]
+    s = tl.load(s_ptr + sz, mask=sm, other=0.0)
+    z = tl.load(z_ptr + sz, mask=sm, other=0)
+    w0, x0 = _part_loads(chunk_ptr, xw_ptr, rg, N, j0 + kw, k_hi, R4, EVEN)
+    w1, x1 = _part_loads(chunk_ptr, xw_ptr, rg, N, j0 + WP + kw, k_hi, R4, EVEN)
+    if WPT == 2:
+        words, pairs = tl.join(w0, w1), tl.join(x0, x1)
+    else:
+        w2, x2 = _part_loads(chunk_ptr, xw_ptr, rg, N, j0 + 2 * WP + kw, k_hi, R4, EVEN)
+        w3, x3 = _part_loads(chunk_ptr, xw_ptr, rg, N, j0 + 3 * WP + kw, k_hi, R4, EVEN)
+        words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+        pairs = tl.join(tl.join(x0, x2), tl.join(x1, x3))
+    return words, pairs, s, z
+
+
+@triton.jit
+def _tile_product(words, pairs, s, z, WPT: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
+    """One tile of the pipelined WPT path from its stacked loads -> [R4, WP, 4] (the folded
+    sum of every part, zero and scale applied once)."""
+    t = tl.zeros(s.shape, dtype=tl.float32)
+    x_sum = tl.zeros((s.shape[0], s.shape[1]), dtype=tl.float32)
+    if WPT == 2:
+        w0, w1 = tl.split(words)
+        x0, x1 = tl.split(pairs)
+        t, x_sum = _part_chain(w0, x0, t, x_sum, BF16, ASM)
+        t, x_sum = _part_chain(w1, x1, t, x_sum, BF16, ASM)
+    else:
+        wa, wb = tl.split(words)
+        xa, xb = tl.split(pairs)
+        w0, w2 = tl.split(wa)
+        w1, w3 = tl.split(wb)
+        x0, x2 = tl.split(xa)
+        x1, x3 = tl.split(xb)
+        t, x_sum = _part_chain(w0, x0, t, x_sum, BF16, ASM)
+        t, x_sum = _part_chain(w1, x1, t, x_sum, BF16, ASM)
+        t, x_sum = _part_chain(w2, x2, t, x_sum, BF16, ASM)
+        t, x_sum = _part_chain(w3, x3, t, x_sum, BF16, ASM)
+    return (t - (z.to(tl.float32) + TOP_F) * x_sum[:, :, None]) * s.to(tl.float32)
+
+
+@triton.jit
+def _wide_pipelined(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j_lo, j_hi, k_hi,
+                    GROUP: tl.constexpr, W: tl.constexpr, WPT: tl.constexpr, EVEN: tl.constexpr,
+                    ASM: tl.constexpr):
+    """The WPT path's K loop with the next tile's loads issued before this tile's arithmetic
+    (one tile of words, activations, scale and zero in flight beside the one in use; the last
+    iteration reloads the split's last tile instead of reading past it) -> [R4, W / WPT, 4]."""
+    WP: tl.constexpr = W // WPT
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
+    last = tl.maximum(j_hi - W, j_lo)
+    words, pairs, s, z = _tile_loads(chunk_ptr, xw_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j_lo, k_hi, GROUP,
+                                     WP, WPT, EVEN)
+    acc = tl.zeros((offs_n.shape[0], WP, 4), dtype=tl.float32)
+    for j0 in range(j_lo, j_hi, W):
+        nxt = tl.minimum(j0 + W, last)
+        words_n, pairs_n, s_n, z_n = _tile_loads(chunk_ptr, xw_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, nxt, k_hi,
+                                                 GROUP, WP, WPT, EVEN)
+        acc += _tile_product(words, pairs, s, z, WPT, BF16, ASM)
+        words, pairs, s, z = words_n, pairs_n, s_n, z_n
+    return acc
+
+
+@triton.jit
 def _row_total(acc, BLOCK_N: tl.constexpr):
     """[R4, W, 4] -> [BLOCK_N] (output 4 * r + i), summed over the tile's words."""
     return tl.reshape(tl.sum(acc, axis=1), (BLOCK_N,))
@@ -545,7 +672,8 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
                       K8, W_PER_SPLIT, GROUP: tl.constexpr, PARTIAL: tl.constexpr, FUSE: tl.constexpr,
                       FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr, ASM: tl.constexpr, DOT16: tl.constexpr, WPT: tl.constexpr):
+                      EVEN: tl.constexpr, ASM: tl.constexpr, DOT16: tl.constexpr, WPT: tl.constexpr,
+                      PIPE: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     R4: tl.constexpr = BLOCK_N // 4
     W: tl.constexpr = BLOCK_K // 8
@@ -575,8 +703,13 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
         acc3 = tl.zeros((R4, W, 4), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    j_end = tl.minimum(pid_s * W_PER_SPLIT + W_PER_SPLIT, K8)
+    if PIPE:    # the pipelined WPT path: its own loop (one row, 16-bit x: _prune); the one below is empty
+        acc0 = _wide_pipelined(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, pid_s * W_PER_SPLIT, j_end,
+                               k_hi, GROUP, W, WPT, EVEN, ASM)
+        j_end = pid_s * W_PER_SPLIT
     # walk words, not inputs: j0's divisibility (that of W_PER_SPLIT) is the loads' alignment
-    for j0 in range(pid_s * W_PER_SPLIT, tl.minimum(pid_s * W_PER_SPLIT + W_PER_SPLIT, K8), W):
+    for j0 in range(pid_s * W_PER_SPLIT, j_end, W):
         k0 = j0 * 8
         kin = k0 + kt
         if WPT == 1:    # (the WPT path loads its parts itself)
