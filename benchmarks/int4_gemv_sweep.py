@@ -4,9 +4,9 @@ Each (shape, config, split) is timed as CUDA-graph replays of a chain of calls t
 through enough copies of the weight (> 2x the 50 MB L2) that no call finds its weight in L2,
 as in a decode step (every layer its own weights). One JSON line per row (us per call, the
 weight bytes read per microsecond), then the fastest rows per shape and the autotuned call
-(int4_gemm without split / config: the timed split and its tuned tiling) beside them.
+(int4_gemm without split / config: the one-row plan where it applies, else autotuned) beside them.
 
-    python benchmarks/int4_gemv_sweep.py [--splits 1 2 4 8 16 32] [--dot16] [--group 128]
+    python benchmarks/int4_gemv_sweep.py [--splits 1 2 4 8 16 32] [--group 128]
 """
 from __future__ import annotations
 
@@ -56,10 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--dot16", action="store_true", help="time the DOT16 tilings too")
     args = ap.parse_args()
     torch.manual_seed(0)
-    configs = [c for c in i4.GEMV_CONFIGS[1] if args.dot16 or not c.kwargs["DOT16"]]
+    configs = i4.GEMV_CONFIGS[1]
     for k, n in SHAPES:
         nbytes = k * n // 2 + (k // args.group) * n * 3
         copies = max(2, -(-2 * L2_BYTES // nbytes))
@@ -70,8 +69,9 @@ def main() -> None:
             if not i4.path_fits(cfg, args.group, x.dtype):
                 continue
             for split in args.splits:
-                name = "{BLOCK_N}x{BLOCK_K}/w{warps}/s{stages}/wpt{WPT}{d}".format(
-                    **cfg.kwargs, warps=cfg.num_warps, stages=cfg.num_stages, d="/dot16" if cfg.kwargs["DOT16"] else "")
+                name = "{BLOCK_N}x{BLOCK_K}/w{warps}/s{stages}/wpt{WPT}{d}{p}".format(
+                    **cfg.kwargs, warps=cfg.num_warps, stages=cfg.num_stages, d="/dot16" if cfg.kwargs["DOT16"] else "",
+                    p="/pipe" if cfg.kwargs["PIPE"] else "")
                 try:
                     us = graph_us([lambda w=w: i4.int4_gemm(x, *w[:3], w[3], args.group, split=split, config=cfg)
                                    for w in ws])
@@ -87,7 +87,7 @@ def main() -> None:
         auto = graph_us([lambda w=w: i4.int4_gemm(x, *w[:3], w[3], args.group) for w in ws])
         best = sorted(rows, key=lambda r: r["us"])[:5]
         print(json.dumps({"k": k, "n": n, "autotuned_us": round(auto, 2),
-                          "timed_split": i4._split_choice.get((n, k, i4._sequential_group(args.group), x.dtype)),
+                          "one_row_plan": str(i4._one_row_plan(x, n, k, args.group)),
                           "tuned": str(getattr(i4._mm_tuned, "best_config", None)), "best": best}), flush=True)
 
 

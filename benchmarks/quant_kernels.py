@@ -141,10 +141,8 @@ def accuracy(name: str, fn, ref) -> dict:
     if "gemv" in name or "w8a16" in name:
         row["deterministic"] = bool(torch.equal(fn().float(), y))
     if name.startswith(("int4-gemv", "int4-mm")):   # the tiling the autotuner chose for this shape
-        from kvyard.kernels.triton_ops.int4_gemm import _mm_tuned, _split_choice
+        from kvyard.kernels.triton_ops.int4_gemm import _mm_tuned
         row["config"] = str(getattr(_mm_tuned, "best_config", None))
-        if _split_choice:     # the one-row K split timed for the shape last seen first (_timed_split)
-            row["timed_split"] = list(_split_choice.values())[-1]
     return row
 
 

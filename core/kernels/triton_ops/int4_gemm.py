@@ -96,6 +96,13 @@ import triton.language as tl
 import triton.testing
 
 from kvyard.kernels.triton_ops.common import may_autotune, tile_offsets
+
+try:    # programmatic dependent launch (Triton >= 3.4, sm_90+): the one-row plan's prologue
+    from triton.language.extra.cuda import gdc_wait
+    PDL_OK = True
+except ImportError:     # pragma: no cover - older Triton: plain launches
+    gdc_wait = None
+    PDL_OK = False
 from kvyard.kernels.triton_ops.splitk import (PROGRAMS_PER_SM, plan_split, sm_count, split_buffers, splitk_reduce,
                                                splitk_store)
 
@@ -103,7 +110,6 @@ GEMV_MAX_M = 16
 SPLIT_BLOCK_K = 128        # K splits are multiples of this (configs with BLOCK_K dividing them run)
 SPLIT_BLOCK_N = 32         # the row block the split plan assumes (the tuned BLOCK_N may differ)
 MIN_K_PER_SPLIT = 3584     # the default split leaves each program at least this many inputs (_split_cap)
-SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)   # K splits timed per one-row GEMV shape on CUDA (_timed_split)
 MAGIC = tl.constexpr(0x4B000000)   # float32 bits of 2^23: (MAGIC | q) is the float 2^23 + q
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 ROWS = 4                  # outputs interleaved per 16-byte chunk of qweight
@@ -150,18 +156,21 @@ GEMV_CONFIGS = {
         _cfg(32, 512, 4, 3), _cfg(16, 512, 4, 3), _cfg(64, 512, 8, 3), _cfg(32, 1024, 8, 2),
         _cfg(128, 256, 8, 2),
         # each thread WPT words of its outputs (one-group tiles): zero and scale once per WPT words
-        _wide(64, 128, 4, 2, 2), _wide(128, 128, 4, 2, 4), _wide(64, 128, 2, 2, 4), _wide(32, 128, 1, 2, 4),
-        _wide(256, 128, 4, 2, 8), _wide(128, 128, 2, 2, 8), _wide(64, 128, 1, 2, 8), _wide(16, 128, 1, 2, 2),
-        _wide(128, 64, 4, 2, 2),
-        _wide(64, 128, 4, 2, 2, True), _wide(128, 128, 4, 2, 4, True), _wide(64, 128, 2, 2, 4, True),
-        _wide(32, 128, 1, 2, 4, True), _wide(16, 128, 1, 2, 2, True),
-        *DOT16_CONFIGS()],
+        # (no DOT16 here: at one row it ran 2-4x slower than these on the H100, weights past L2)
+        _wide(64, 128, 4, 2, 2), _wide(32, 128, 1, 2, 4), _wide(16, 128, 1, 2, 2), _wide(128, 64, 4, 2, 2),
+        _wide(64, 128, 2, 2, 4, True), _wide(32, 128, 1, 2, 4, True), _wide(16, 128, 1, 2, 2, True),
+        _wide(64, 64, 1, 2, 2, True)],
     2: [_cfg(16, 256, 4, 2), _cfg(32, 256, 4, 2), _cfg(32, 128, 4, 2), *DOT16_CONFIGS()],
     4: [_cfg(16, 256, 4, 2), _cfg(32, 256, 8, 2), _cfg(16, 128, 4, 2), *DOT16_CONFIGS()],
     16: [_cfg(32, 128, 4, 3), _cfg(64, 128, 4, 3), _cfg(16, 128, 4, 4), *DOT16_CONFIGS()],
     64: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 2)],     # M > 16: prefill tiles
 }
 ALL_CONFIGS = [c for cs in GEMV_CONFIGS.values() for c in cs]
+# the one-row plan (_one_row_plan): one warp, 16 outputs, one 128-input group a tile, 2 words a
+# thread, pipelined, at a K split that makes ~ONE_ROW_PROGRAMS_PER_SM programs an SM
+ONE_ROW_CONFIG = next(c for c in GEMV_CONFIGS[1] if c.kwargs == {"BLOCK_N": 16, "BLOCK_K": 128, "DOT16": False,
+                                                                  "WPT": 2, "PIPE": True})
+ONE_ROW_PROGRAMS_PER_SM = 28
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in ALL_CONFIGS)
 
 
@@ -561,40 +570,69 @@ def _part_chain(words, pairs, t, x_sum, BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _part_loads(chunk_ptr, xw_ptr, rg, N, jw, k_hi, R4: tl.constexpr, EVEN: tl.constexpr):
-    """Words jw [WP] of the tile's outputs and their activations as uint32 pairs, both
-    [R4, WP, 4] (one layout)."""
+def _part_words(chunk_ptr, rg, N, jw, k_hi, R4: tl.constexpr, EVEN: tl.constexpr):
+    """Words jw [WP] of the tile's outputs, [R4, WP, 4]."""
     wptr = chunk_ptr + (jw * 4)[None, :, None]
-    pin = tl.broadcast_to((jw[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :], (R4, jw.shape[0], 4))
     if EVEN:
-        return tl.load(wptr), tl.load(xw_ptr + pin)
+        return tl.load(wptr)
     else:
-        wm = (rg * 4 < N)[:, None, None] & (jw * 8 < k_hi)[None, :, None]
-        return tl.load(wptr, mask=wm, other=0), tl.load(xw_ptr + pin, mask=pin * 2 < k_hi, other=0)
+        return tl.load(wptr, mask=(rg * 4 < N)[:, None, None] & (jw * 8 < k_hi)[None, :, None], other=0)
 
 
 @triton.jit
-def _tile_loads(chunk_ptr, xw_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_hi, GROUP: tl.constexpr,
-                WP: tl.constexpr, WPT: tl.constexpr, EVEN: tl.constexpr):
-    """Every load of one tile of the pipelined WPT path (WPT 2 or 4): words and activation
-    pairs with the parts stacked on a last axis (tl.join: inside each thread) and the tile's
-    scale and zero, all in the [R4, WP, 4] layout."""
+def _part_pairs(xw_ptr, jw, k_hi, R4: tl.constexpr, EVEN: tl.constexpr):
+    """The activations of words jw [WP] as uint32 pairs, [R4, WP, 4] (the words' layout)."""
+    pin = tl.broadcast_to((jw[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :], (R4, jw.shape[0], 4))
+    if EVEN:
+        return tl.load(xw_ptr + pin)
+    else:
+        return tl.load(xw_ptr + pin, mask=pin * 2 < k_hi, other=0)
+
+
+@triton.jit
+def _stack(p0, p1, p2, p3, WPT: tl.constexpr):
+    """WPT (2 or 4) parts [R4, WP, 4] stacked on a last axis (tl.join: inside each thread)."""
+    if WPT == 2:
+        return tl.join(p0, p1)
+    else:
+        return tl.join(tl.join(p0, p2), tl.join(p1, p3))
+
+
+@triton.jit
+def _tile_weights(chunk_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_hi, GROUP: tl.constexpr,
+                  WP: tl.constexpr, WPT: tl.constexpr, EVEN: tl.constexpr):
+    """The weight loads of one tile of the pipelined WPT path (WPT 2 or 4): the words, parts
+    stacked, and the tile's scale and zero, all in the [R4, WP, 4] layout."""
     R4: tl.constexpr = offs_n.shape[0]
     kw = tl.arange(0, WP)
     sz = (j0 * 8 // GROUP) * N + offs_n[:, None, :] + 0 * kw[None, :, None]
     sm = mask_n[:, None, :] & (kw >= 0)[None, :, None]
     s = tl.load(s_ptr + sz, mask=sm, other=0.0)
     z = tl.load(z_ptr + sz, mask=sm, other=0)
-    w0, x0 = _part_loads(chunk_ptr, xw_ptr, rg, N, j0 + kw, k_hi, R4, EVEN)
-    w1, x1 = _part_loads(chunk_ptr, xw_ptr, rg, N, j0 + WP + kw, k_hi, R4, EVEN)
+    w0 = _part_words(chunk_ptr, rg, N, j0 + kw, k_hi, R4, EVEN)
+    w1 = _part_words(chunk_ptr, rg, N, j0 + WP + kw, k_hi, R4, EVEN)
     if WPT == 2:
-        words, pairs = tl.join(w0, w1), tl.join(x0, x1)
+        words = _stack(w0, w1, w0, w1, WPT)
     else:
-        w2, x2 = _part_loads(chunk_ptr, xw_ptr, rg, N, j0 + 2 * WP + kw, k_hi, R4, EVEN)
-        w3, x3 = _part_loads(chunk_ptr, xw_ptr, rg, N, j0 + 3 * WP + kw, k_hi, R4, EVEN)
-        words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
-        pairs = tl.join(tl.join(x0, x2), tl.join(x1, x3))
-    return words, pairs, s, z
+        w2 = _part_words(chunk_ptr, rg, N, j0 + 2 * WP + kw, k_hi, R4, EVEN)
+        w3 = _part_words(chunk_ptr, rg, N, j0 + 3 * WP + kw, k_hi, R4, EVEN)
+        words = _stack(w0, w1, w2, w3, WPT)
+    return words, s, z
+
+
+@triton.jit
+def _tile_pairs(xw_ptr, j0, k_hi, R4: tl.constexpr, WP: tl.constexpr, WPT: tl.constexpr, EVEN: tl.constexpr):
+    """The activation loads of one tile (uint32 pairs, parts stacked as _tile_weights')."""
+    kw = tl.arange(0, WP)
+    x0 = _part_pairs(xw_ptr, j0 + kw, k_hi, R4, EVEN)
+    x1 = _part_pairs(xw_ptr, j0 + WP + kw, k_hi, R4, EVEN)
+    if WPT == 2:
+        pairs = _stack(x0, x1, x0, x1, WPT)
+    else:
+        x2 = _part_pairs(xw_ptr, j0 + 2 * WP + kw, k_hi, R4, EVEN)
+        x3 = _part_pairs(xw_ptr, j0 + 3 * WP + kw, k_hi, R4, EVEN)
+        pairs = _stack(x0, x1, x2, x3, WPT)
+    return pairs
 
 
 @triton.jit
@@ -625,21 +663,28 @@ def _tile_product(words, pairs, s, z, WPT: tl.constexpr, BF16: tl.constexpr, ASM
 @triton.jit
 def _wide_pipelined(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j_lo, j_hi, k_hi,
                     GROUP: tl.constexpr, W: tl.constexpr, WPT: tl.constexpr, EVEN: tl.constexpr,
-                    ASM: tl.constexpr):
+                    ASM: tl.constexpr, PDL: tl.constexpr):
     """The WPT path's K loop with the next tile's loads issued before this tile's arithmetic
     (one tile of words, activations, scale and zero in flight beside the one in use; the last
-    iteration reloads the split's last tile instead of reading past it) -> [R4, W / WPT, 4]."""
+    iteration reloads the split's last tile instead of reading past it) -> [R4, W / WPT, 4].
+    PDL (launched as a programmatic dependent of the kernel before it): the first tile's
+    weights are requested before waiting for that kernel (gdc_wait: its writes, x among them,
+    visible), so they stream while it drains; nothing is read from or written for it before."""
+    R4: tl.constexpr = offs_n.shape[0]
     WP: tl.constexpr = W // WPT
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     xw_ptr = x_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
     last = tl.maximum(j_hi - W, j_lo)
-    words, pairs, s, z = _tile_loads(chunk_ptr, xw_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j_lo, k_hi, GROUP,
-                                     WP, WPT, EVEN)
-    acc = tl.zeros((offs_n.shape[0], WP, 4), dtype=tl.float32)
+    words, s, z = _tile_weights(chunk_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j_lo, k_hi, GROUP, WP, WPT, EVEN)
+    if PDL:
+        gdc_wait()
+    pairs = _tile_pairs(xw_ptr, j_lo, k_hi, R4, WP, WPT, EVEN)
+    acc = tl.zeros((R4, WP, 4), dtype=tl.float32)
     for j0 in range(j_lo, j_hi, W):
         nxt = tl.minimum(j0 + W, last)
-        words_n, pairs_n, s_n, z_n = _tile_loads(chunk_ptr, xw_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, nxt, k_hi,
-                                                 GROUP, WP, WPT, EVEN)
+        words_n, s_n, z_n = _tile_weights(chunk_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, nxt, k_hi, GROUP, WP, WPT,
+                                          EVEN)
+        pairs_n = _tile_pairs(xw_ptr, nxt, k_hi, R4, WP, WPT, EVEN)
         acc += _tile_product(words, pairs, s, z, WPT, BF16, ASM)
         words, pairs, s, z = words_n, pairs_n, s_n, z_n
     return acc
@@ -673,7 +718,7 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
                       FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr, DOT16: tl.constexpr, WPT: tl.constexpr,
-                      PIPE: tl.constexpr):
+                      PIPE: tl.constexpr, PDL: tl.constexpr = False):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     R4: tl.constexpr = BLOCK_N // 4
     W: tl.constexpr = BLOCK_K // 8
@@ -706,7 +751,7 @@ def _int4_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, y_ptr, cnt_ptr,
     j_end = tl.minimum(pid_s * W_PER_SPLIT + W_PER_SPLIT, K8)
     if PIPE:    # the pipelined WPT path: its own loop (one row, 16-bit x: _prune); the one below is empty
         acc0 = _wide_pipelined(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, pid_s * W_PER_SPLIT, j_end,
-                               k_hi, GROUP, W, WPT, EVEN, ASM)
+                               k_hi, GROUP, W, WPT, EVEN, ASM, PDL)
         j_end = pid_s * W_PER_SPLIT
     # walk words, not inputs: j0's divisibility (that of W_PER_SPLIT) is the loads' alignment
     for j0 in range(pid_s * W_PER_SPLIT, j_end, W):
@@ -788,7 +833,6 @@ _mm_tuned = triton.autotune(ALL_CONFIGS, key=["N", "K", "K_PER_SPLIT", "BLOCK_M"
                             prune_configs_by={"early_config_prune": _prune},
                             do_bench=_quick_bench, cache_results=True)(_mm_fixed)
 _tuned_keys: set[tuple] = set()   # shapes autotune has timed in this process
-_split_choice: dict[tuple, int] = {}   # (N, K, GROUP, dtype) -> the fastest one-row K split (_timed_split)
 
 
 def _sequential_group(group_size: int) -> int:
@@ -805,33 +849,37 @@ def _split_cap(k: int, n: int, sms: int) -> int:
     return max(1, min(want, k // MIN_K_PER_SPLIT))
 
 
-def _timed_split(x, qweight, scales, zeros, g_idx, group_size: int, fuse: bool) -> Optional[int]:
-    """The K split of a one-row GEMV on CUDA, chosen by timing: each of SPLIT_CHOICES (reduced so
-    no split is empty) runs autotuned (its own tiling) and the fastest is kept per (N, K, group,
-    dtype), so every tiling meets the split that suits it (a wide tile, WPT or tensor-core, needs
-    K split to fill the SMs; a narrow CUDA-core one often none). Timed in the runner's eager
-    warm-up; inside a CUDA-graph capture an untimed shape takes the default plan (None)."""
-    n, k = scales.shape[1], x.shape[1]
-    family = (n, k, _sequential_group(group_size), x.dtype)
-    if family in _split_choice or torch.cuda.is_current_stream_capturing():
-        return _split_choice.get(family)
-    times: dict[int, float] = {}
-    for want in SPLIT_CHOICES:
-        split = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device), want).split
-        if split not in times:
-            run = lambda split=split: _int4_mm(x, qweight, scales, zeros, g_idx, group_size, split, None, fuse)
-            run()                                                   # tunes this split's tilings
-            times[split] = _quick_bench(run, None)
-    _split_choice[family] = min(times, key=times.get)
-    return _split_choice[family]
+def _one_row_plan(x: torch.Tensor, n: int, k: int, group: int) -> Optional[tuple[triton.Config, int]]:
+    """(config, K split) for one row on CUDA when ONE_ROW_CONFIG serves the weights (16-bit x,
+    sequential groups of a multiple of 128); None: autotune. The split: the largest power of two
+    keeping N / 16 * split <= ONE_ROW_PROGRAMS_PER_SM * SMs (at most one 128-input tile a
+    split). Chosen on the H100 (benchmarks/int4_gemv_sweep.py, every tiling at K splits 1..32
+    with the weights cycled past L2, as a decode step reads them): this config at these splits
+    was the fastest or within 2% of it at all four Llama-3.1-8B projections, where timing the
+    candidates in the warm-up (the weights hot in L2) picked tilings 5-15% slower."""
+    if not path_fits(ONE_ROW_CONFIG, group, x.dtype) or not x.is_cuda:
+        return None
+    return ONE_ROW_CONFIG, one_row_split(n, k, sm_count(x.device))
+
+
+def one_row_split(n: int, k: int, sms: int) -> int:
+    """_one_row_plan's K split: the largest power of two with N / BLOCK_N * split <=
+    ONE_ROW_PROGRAMS_PER_SM * sms, at least 1, at most one BLOCK_K tile a split."""
+    want = ONE_ROW_PROGRAMS_PER_SM * sms * ONE_ROW_CONFIG.kwargs["BLOCK_N"] // n
+    split = 1 << (want.bit_length() - 1) if want > 1 else 1
+    return max(1, min(split, k // ONE_ROW_CONFIG.kwargs["BLOCK_K"]))
 
 
 def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, fuse: bool) -> torch.Tensor:
     m, k = x.shape
     n = scales.shape[1]
     block_m = m_bucket(m)
-    if split is None and config is None and block_m == 1 and x.is_cuda:
-        split = _timed_split(x, qweight, scales, zeros, g_idx, group_size, fuse)
+    pdl = False
+    if split is None and config is None and block_m == 1:
+        plan = _one_row_plan(x, n, k, _sequential_group(group_size))
+        if plan is not None:
+            config, split = plan
+            pdl = PDL_OK and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
     if block_m > GEMV_MAX_M:    # enough programs along M: no K split
         split = 1
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device),
@@ -852,8 +900,9 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
         if not (config_fits(cfg, block_m, k, plan.k_per_split) and path_fits(cfg, meta["GROUP"], x.dtype)):
             raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}, "
                          f"group {group_size}, x {x.dtype}")
+        launch = dict(PDL=True, launch_pdl=True) if pdl else {}      # (only the one-row plan's config)
         _mm_fixed[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), plan.split, m_blocks)](
-            *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            *args, **meta, **cfg.kwargs, **launch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return splitk_reduce(out, x.dtype) if partial and not fuse else y
 
 

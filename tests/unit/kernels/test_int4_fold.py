@@ -97,6 +97,19 @@ def test_wide_configs_every_dtype_masked_and_split(cfg, dtype):
         _check(i4.int4_gemm(x, *layout, canon[3], group, split=split, config=cfg), ref, mass, dtype)
 
 
+@pytest.mark.parametrize("n,k,sms,split", [(6144, 4096, 132, 8), (4096, 4096, 132, 8), (28672, 4096, 132, 2),
+                                           (4096, 14336, 132, 8), (28672, 4096, 16, 1), (64, 256, 132, 2)])
+def test_one_row_split(n, k, sms, split):
+    """The one-row plan's split: ~ONE_ROW_PROGRAMS_PER_SM one-warp programs an SM (the splits
+    the H100 sweep found fastest at the Llama-3.1-8B projections), at most one tile a split."""
+    assert i4.one_row_split(n, k, sms) == split
+
+
+def test_one_row_plan_is_cuda_16_bit_and_whole_groups_only():
+    assert i4.ONE_ROW_CONFIG.kwargs["PIPE"] and i4.ONE_ROW_CONFIG in i4.GEMV_CONFIGS[1]
+    assert i4._one_row_plan(torch.empty(1, 512, dtype=torch.bfloat16), 64, 512, 128) is None     # CPU
+
+
 def test_wide_configs_refuse_what_they_do_not_serve():
     """A group the K tile straddles; float32 x for a pipelined one."""
     canon, _ = _weights(64, 512, 32, False, torch.bfloat16, seed=0)
