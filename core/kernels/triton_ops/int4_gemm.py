@@ -74,6 +74,23 @@ unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
              K / BLOCK_K float32 tile sums: |y - ref| <= (BLOCK_K + K / BLOCK_K + 1) 2^-23
              sum_k |x_k| |w_nk| (K 4096, BLOCK_K 128: 1.9e-5 of sum |x||w|), under the bf16 /
              fp16 output rounding for any output not far below sum |x||w| / 100.
+  WPT        (one row, sequential groups, the K tile inside one group: configs with WPT > 1 in
+             bucket 1) each thread holds WPT words of every output it owns: the tile's words in
+             WPT parts of W / WPT consecutive words, each part (and the activations, scale and
+             zero) loaded in the one [R4, W / WPT, 4] layout, so a thread holds the same slot of
+             every part; the folded chain runs on through the parts and the activation sum with
+             it, so zero and scale apply once per WPT words; bf16 x is read as uint32 pairs (the
+             low half shifted up, the high half masked: one instruction a value). PIPE (16-bit
+             x, WPT 2 or 4): the next tile's loads are issued before this tile's arithmetic (the
+             parts stacked in-thread with tl.join; the last iteration reloads the split's last
+             tile rather than read past it). Numerics: those of the fold, the chain WPT words long.
+  one-row plan (_one_row_plan: CUDA, 16-bit x, sequential groups of a multiple of 128) no
+             autotuning: ONE_ROW_CONFIG (16 x 128, one warp, WPT 2, PIPE) at the split that
+             makes ~ONE_ROW_PROGRAMS_PER_SM programs an SM (one_row_split), the fastest or within
+             2% of it at every Llama-3.1-8B projection on the H100 with the weights past L2
+             (benchmarks/int4_gemv_sweep.py); launched as a programmatic dependent (PDL): the
+             first tile's weights, scale and zero are requested, then gdc_wait (the previous
+             kernel complete, its writes visible) before x is read or anything written.
 K splits write float32 partials that the tile's last split program sums in a fixed order in
 the same launch (kernels.triton_ops.splitk.splitk_store: one launch, deterministic; the
 two-launch splitk_reduce where the counters do not fit or ``fuse_reduce=False``). Sequential
