@@ -102,7 +102,7 @@ def test_autotuned_shapes_and_graph_replay(k, n):
         assert torch.equal(replayed, got)
     # one row took the one-row plan (its config, a split from the SM count; launched with PDL)
     config, split = i4._one_row_plan(torch.empty(1, k, device=DEV, dtype=torch.bfloat16), n, k, 128)
-    assert config is i4.ONE_ROW_CONFIG and split == i4.one_row_split(n, k, i4.sm_count(DEV))
+    assert config is i4.ONE_ROW_CONFIG and split == i4.one_row_split(n, k, i4.sm_count(torch.device(DEV)))
 
 
 @pytest.mark.parametrize("k,n,split", [(4096, 6144, 2), (14336, 4096, None)])
