@@ -506,10 +506,11 @@ def _word_activations(x_ptr, jw, k_hi, R4: tl.constexpr, EVEN: tl.constexpr):
         else:
             pairs = tl.load(px, mask=pin * 2 < k_hi, other=0)
         e0, e1, e2, e3 = _split4(pairs)
-        return ((e0 << 16).to(tl.float32, bitcast=True), (e0 & 0xFFFF0000).to(tl.float32, bitcast=True),
-                (e1 << 16).to(tl.float32, bitcast=True), (e1 & 0xFFFF0000).to(tl.float32, bitcast=True),
-                (e2 << 16).to(tl.float32, bitcast=True), (e2 & 0xFFFF0000).to(tl.float32, bitcast=True),
-                (e3 << 16).to(tl.float32, bitcast=True), (e3 & 0xFFFF0000).to(tl.float32, bitcast=True))
+        x0, x1 = _pair_floats(e0)
+        x2, x3 = _pair_floats(e1)
+        x4, x5 = _pair_floats(e2)
+        x6, x7 = _pair_floats(e3)
+        return x0, x1, x2, x3, x4, x5, x6, x7
     else:
         xin = tl.broadcast_to((jw[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :], (R4, jw.shape[0], 8))
         if EVEN:
@@ -553,9 +554,8 @@ def _wide_product(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_h
 
 @triton.jit
 def _pair_floats(e):
-    """uint32 words of two 16-bit activations (bf16: the halves as float32 by a shift and a mask;
-    fp16: converted) -> (input 2i, input 2i + 1) float32 (x's dtype from the caller's pointer:
-    bf16 when BF16)."""
+    """uint32 words of two bf16 activations -> (input 2i, input 2i + 1) as float32: the low half
+    shifted up, the high half masked (one instruction each; _pair_floats_fp16 for fp16)."""
     return (e << 16).to(tl.float32, bitcast=True), (e & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
