@@ -105,6 +105,7 @@ comparison. Invariants: K % 8 == 0; results in x's dtype, float32 accumulation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -499,18 +500,8 @@ def _word_activations(x_ptr, jw, k_hi, R4: tl.constexpr, EVEN: tl.constexpr):
     word load: each thread its own copy). bf16 x: loaded as 4 uint32 pairs, input 2i the low
     half shifted up, 2i + 1 the high half masked (one instruction each); otherwise converted."""
     if x_ptr.dtype.element_ty == tl.bfloat16:
-        pin = tl.broadcast_to((jw[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :], (R4, jw.shape[0], 4))
-        px = x_ptr.to(tl.pointer_type(tl.uint32), bitcast=True) + pin
-        if EVEN:
-            pairs = tl.load(px)
-        else:
-            pairs = tl.load(px, mask=pin * 2 < k_hi, other=0)
-        e0, e1, e2, e3 = _split4(pairs)
-        x0, x1 = _pair_floats(e0)
-        x2, x3 = _pair_floats(e1)
-        x4, x5 = _pair_floats(e2)
-        x6, x7 = _pair_floats(e3)
-        return x0, x1, x2, x3, x4, x5, x6, x7
+        return _pair_planes(_part_pairs(x_ptr.to(tl.pointer_type(tl.uint32), bitcast=True), jw, k_hi, R4, EVEN),
+                            True)
     else:
         xin = tl.broadcast_to((jw[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :], (R4, jw.shape[0], 8))
         if EVEN:
@@ -532,24 +523,34 @@ def _wide_product(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_h
     WP: tl.constexpr = W // WPT
     R4: tl.constexpr = offs_n.shape[0]
     kw = tl.arange(0, WP)
-    sz = (j0 * 8 // GROUP) * N + offs_n[:, None, :] + 0 * kw[None, :, None]          # [R4, WP, 4]
-    sm = mask_n[:, None, :] & (kw >= 0)[None, :, None]
-    s = tl.load(s_ptr + sz, mask=sm, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sz, mask=sm, other=0).to(tl.float32) + TOP_F
+    s, z = _wide_scale_zero(s_ptr, z_ptr, offs_n, mask_n, N, j0, GROUP, WP)
     t = tl.zeros((R4, WP, 4), dtype=tl.float32)
     x_sum = tl.zeros((R4, WP), dtype=tl.float32)
     for part in tl.static_range(WPT):
         jw = j0 + part * WP + kw                                             # [WP] words
-        wptr = chunk_ptr + (jw * 4)[None, :, None]
-        if EVEN:
-            words = tl.load(wptr)
-        else:
-            words = tl.load(wptr, mask=(rg * 4 < N)[:, None, None] & (jw * 8 < k_hi)[None, :, None], other=0)
         x0, x1, x2, x3, x4, x5, x6, x7 = _word_activations(x_ptr, jw, k_hi, R4, EVEN)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _top_planes(words, ASM)
-        t = _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7, t)
-        x_sum += ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    return (t - z * x_sum[:, :, None]) * s
+        t, x_sum = _chain_on(_part_words(chunk_ptr, rg, N, jw, k_hi, R4, EVEN), x0, x1, x2, x3, x4, x5, x6, x7,
+                             t, x_sum, ASM)
+    return (t - (z.to(tl.float32) + TOP_F) * x_sum[:, :, None]) * s.to(tl.float32)
+
+
+@triton.jit
+def _wide_scale_zero(s_ptr, z_ptr, offs_n, mask_n, N, j0, GROUP: tl.constexpr, WP: tl.constexpr):
+    """The scale and zero of a WPT tile (inside one group) as loaded, broadcast over its WP
+    word slots: [R4, WP, 4], the words' layout (each thread its own copy)."""
+    kw = tl.arange(0, WP)
+    sz = (j0 * 8 // GROUP) * N + offs_n[:, None, :] + 0 * kw[None, :, None]
+    sm = mask_n[:, None, :] & (kw >= 0)[None, :, None]
+    return tl.load(s_ptr + sz, mask=sm, other=0.0), tl.load(z_ptr + sz, mask=sm, other=0)
+
+
+@triton.jit
+def _chain_on(words, x0, x1, x2, x3, x4, x5, x6, x7, t, x_sum, ASM: tl.constexpr):
+    """One part of a WPT tile: the folded chain t (16 + q planes times the activations) and the
+    activation sum x_sum carried on through the part's words [R4, WP, 4]."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = _top_planes(words, ASM)
+    t = _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7, t)
+    return t, x_sum + (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))
 
 
 @triton.jit
@@ -567,9 +568,8 @@ def _pair_floats_fp16(e):
 
 
 @triton.jit
-def _part_chain(words, pairs, t, x_sum, BF16: tl.constexpr, ASM: tl.constexpr):
-    """One part [R4, WP, 4] of the pipelined WPT path: words and the activation pairs of the
-    same layout -> the folded chain t and the activation sum x_sum carried on."""
+def _pair_planes(pairs, BF16: tl.constexpr):
+    """Activation pairs [R4, WP, 4] uint32 (a word's 8 inputs) -> its 8 float32 planes [R4, WP]."""
     e0, e1, e2, e3 = _split4(pairs)
     if BF16:
         x0, x1 = _pair_floats(e0)
@@ -581,9 +581,15 @@ def _part_chain(words, pairs, t, x_sum, BF16: tl.constexpr, ASM: tl.constexpr):
         x2, x3 = _pair_floats_fp16(e1)
         x4, x5 = _pair_floats_fp16(e2)
         x6, x7 = _pair_floats_fp16(e3)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _top_planes(words, ASM)
-    t = _fma_chain(p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7, t)
-    return t, x_sum + (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _part_chain(words, pairs, t, x_sum, BF16: tl.constexpr, ASM: tl.constexpr):
+    """One part [R4, WP, 4] of the pipelined WPT path: words and the activation pairs of the
+    same layout -> the folded chain t and the activation sum x_sum carried on."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _pair_planes(pairs, BF16)
+    return _chain_on(words, x0, x1, x2, x3, x4, x5, x6, x7, t, x_sum, ASM)
 
 
 @triton.jit
@@ -622,10 +628,7 @@ def _tile_weights(chunk_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j0, k_hi, GROU
     stacked, and the tile's scale and zero, all in the [R4, WP, 4] layout."""
     R4: tl.constexpr = offs_n.shape[0]
     kw = tl.arange(0, WP)
-    sz = (j0 * 8 // GROUP) * N + offs_n[:, None, :] + 0 * kw[None, :, None]
-    sm = mask_n[:, None, :] & (kw >= 0)[None, :, None]
-    s = tl.load(s_ptr + sz, mask=sm, other=0.0)
-    z = tl.load(z_ptr + sz, mask=sm, other=0)
+    s, z = _wide_scale_zero(s_ptr, z_ptr, offs_n, mask_n, N, j0, GROUP, WP)
     w0 = _part_words(chunk_ptr, rg, N, j0 + kw, k_hi, R4, EVEN)
     w1 = _part_words(chunk_ptr, rg, N, j0 + WP + kw, k_hi, R4, EVEN)
     if WPT == 2:
@@ -879,6 +882,13 @@ def _one_row_plan(x: torch.Tensor, n: int, k: int, group: int) -> Optional[tuple
     return ONE_ROW_CONFIG, one_row_split(n, k, sm_count(x.device))
 
 
+@functools.lru_cache(maxsize=None)
+def _pdl_ok(index: int) -> bool:
+    """Whether one-row plan launches may be programmatic dependents: Triton has gdc_wait and
+    the device is sm_90 or newer."""
+    return PDL_OK and torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def one_row_split(n: int, k: int, sms: int) -> int:
     """_one_row_plan's K split: the largest power of two with N / BLOCK_N * split <=
     ONE_ROW_PROGRAMS_PER_SM * sms, at least 1, at most one BLOCK_K tile a split."""
@@ -896,7 +906,7 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
         plan = _one_row_plan(x, n, k, _sequential_group(group_size))
         if plan is not None:
             config, split = plan
-            pdl = PDL_OK and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+            pdl = _pdl_ok(x.device.index or 0)
     if block_m > GEMV_MAX_M:    # enough programs along M: no K split
         split = 1
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device),
