@@ -9,13 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard.kernels.triton_ops.common import rows_2d
+from kvyard.kernels.triton_ops.common import pdl_enter, pdl_launch, rows_2d
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, OUT, stride_x, stride_o, D, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, OUT, stride_x, stride_o, D, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
@@ -34,5 +35,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] and d:
         block = min(BLOCK, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block)
+            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, **pdl_launch(x2))
     return out.view(*x.shape[:-1], d)

@@ -1,9 +1,55 @@
-"""Launch helpers and jitted tile helpers shared by the fused and GEMM kernels."""
+"""Launch helpers and jitted tile helpers shared by the fused and GEMM kernels.
+
+Programmatic dependent launch (PDL, sm_90+): a kernel launched with ``pdl_launch(x)``'s
+arguments may start while the kernel before it in the stream still runs. Invariant of every
+kernel that takes them: ``pdl_enter(PDL)`` runs in every program before it reads anything the
+previous kernel may write or writes anything at all (what it loads before is immutable:
+weights), so each kernel still sees its predecessor complete, and a chain of them completes
+in stream order. pdl_enter then lets the next kernel launch; its programs wait in their own
+pdl_enter, so the launch latency hides behind this kernel's work instead of following it.
+``KVYARD_PDL=0`` launches every kernel plainly (an A/B switch for benchmarks; read at import,
+inherited by the scheduler processes).
+"""
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+try:    # Triton >= 3.4: griddepcontrol.wait / launch_dependents
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _GDC = True
+except ImportError:     # pragma: no cover - older Triton: plain launches
+    gdc_launch_dependents = gdc_wait = None
+    _GDC = False
+PDL_ENABLED = os.environ.get("KVYARD_PDL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_ok(x: torch.Tensor) -> bool:
+    """Whether kernels on ``x``'s device may launch as programmatic dependents: a CUDA device
+    of sm_90 or newer, Triton with the gdc ops, KVYARD_PDL not off."""
+    return PDL_ENABLED and _GDC and x.is_cuda and _pdl_device(x.device.index or 0)
+
+
+def pdl_launch(x: torch.Tensor) -> dict:
+    """Launch arguments for a kernel with a ``PDL`` constexpr: {PDL, launch_pdl} where pdl_ok."""
+    return dict(PDL=True, launch_pdl=True) if pdl_ok(x) else dict(PDL=False)
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """Wait for the previous kernel (complete, its writes visible), then let the next launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def block_for(n: int, minimum: int = 16) -> int:

@@ -89,8 +89,9 @@ unpacked by shifts and masks on whole words into [.., 8] nibbles. Per M bucket:
              makes ~ONE_ROW_PROGRAMS_PER_SM programs an SM (one_row_split), the fastest or within
              2% of it at every Llama-3.1-8B projection on the H100 with the weights past L2
              (benchmarks/int4_gemv_sweep.py); launched as a programmatic dependent (PDL): the
-             first tile's weights, scale and zero are requested, then gdc_wait (the previous
-             kernel complete, its writes visible) before x is read or anything written.
+             first tile's weights, scale and zero are requested, then pdl_enter (common.py: the
+             previous kernel complete, its writes visible; the next kernel may launch) before x
+             is read or anything written.
 K splits write float32 partials that the tile's last split program sums in a fixed order in
 the same launch (kernels.triton_ops.splitk.splitk_store: one launch, deterministic; the
 two-launch splitk_reduce where the counters do not fit or ``fuse_reduce=False``). Sequential
@@ -105,7 +106,6 @@ comparison. Invariants: K % 8 == 0; results in x's dtype, float32 accumulation.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -113,14 +113,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from kvyard.kernels.triton_ops.common import may_autotune, tile_offsets
-
-try:    # programmatic dependent launch (Triton >= 3.4, sm_90+): the one-row plan's prologue
-    from triton.language.extra.cuda import gdc_wait
-    PDL_OK = True
-except ImportError:     # pragma: no cover - older Triton: plain launches
-    gdc_wait = None
-    PDL_OK = False
+from kvyard.kernels.triton_ops.common import may_autotune, pdl_enter, pdl_launch, tile_offsets
 from kvyard.kernels.triton_ops.splitk import (PROGRAMS_PER_SM, plan_split, sm_count, split_buffers, splitk_reduce,
                                                splitk_store)
 
@@ -688,7 +681,7 @@ def _wide_pipelined(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j_lo,
     (one tile of words, activations, scale and zero in flight beside the one in use; the last
     iteration reloads the split's last tile instead of reading past it) -> [R4, W / WPT, 4].
     PDL (launched as a programmatic dependent of the kernel before it): the first tile's
-    weights are requested before waiting for that kernel (gdc_wait: its writes, x among them,
+    weights are requested before waiting for that kernel (pdl_enter: its writes, x among them,
     visible), so they stream while it drains; nothing is read from or written for it before."""
     R4: tl.constexpr = offs_n.shape[0]
     WP: tl.constexpr = W // WPT
@@ -696,8 +689,7 @@ def _wide_pipelined(chunk_ptr, x_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j_lo,
     xw_ptr = x_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
     last = tl.maximum(j_hi - W, j_lo)
     words, s, z = _tile_weights(chunk_ptr, s_ptr, z_ptr, offs_n, mask_n, rg, N, j_lo, k_hi, GROUP, WP, WPT, EVEN)
-    if PDL:
-        gdc_wait()
+    pdl_enter(PDL)
     pairs = _tile_pairs(xw_ptr, j_lo, k_hi, R4, WP, WPT, EVEN)
     acc = tl.zeros((R4, WP, 4), dtype=tl.float32)
     for j0 in range(j_lo, j_hi, W):
@@ -882,13 +874,6 @@ def _one_row_plan(x: torch.Tensor, n: int, k: int, group: int) -> Optional[tuple
     return ONE_ROW_CONFIG, one_row_split(n, k, sm_count(x.device))
 
 
-@functools.lru_cache(maxsize=None)
-def _pdl_ok(index: int) -> bool:
-    """Whether one-row plan launches may be programmatic dependents: Triton has gdc_wait and
-    the device is sm_90 or newer."""
-    return PDL_OK and torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def one_row_split(n: int, k: int, sms: int) -> int:
     """_one_row_plan's K split: the largest power of two with N / BLOCK_N * split <=
     ONE_ROW_PROGRAMS_PER_SM * sms, at least 1, at most one BLOCK_K tile a split."""
@@ -906,7 +891,7 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
         plan = _one_row_plan(x, n, k, _sequential_group(group_size))
         if plan is not None:
             config, split = plan
-            pdl = _pdl_ok(x.device.index or 0)
+            pdl = True
     if block_m > GEMV_MAX_M:    # enough programs along M: no K split
         split = 1
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device),
@@ -927,7 +912,7 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
         if not (config_fits(cfg, block_m, k, plan.k_per_split) and path_fits(cfg, meta["GROUP"], x.dtype)):
             raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}, "
                          f"group {group_size}, x {x.dtype}")
-        launch = dict(PDL=True, launch_pdl=True) if pdl else {}      # (only the one-row plan's config)
+        launch = pdl_launch(x) if pdl else {}      # (only the one-row plan's config has the PDL prologue)
         _mm_fixed[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), plan.split, m_blocks)](
             *args, **meta, **cfg.kwargs, **launch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return splitk_reduce(out, x.dtype) if partial and not fuse else y

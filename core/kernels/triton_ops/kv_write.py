@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvyard.kernels.triton_ops.common import pdl_enter, pdl_launch
 from kvyard.kernels.triton_ops.fp8_quant import round_to_fp8
 
 BLOCK = 1024
@@ -29,7 +30,8 @@ def _to_fp8(x, inv_scale, FMAX: tl.constexpr, MANT: tl.constexpr, EMIN: tl.const
 @triton.jit
 def _kv_write_kernel(K, V, LOC, K_BUF, V_BUF, stride_kt, stride_vt, stride_kb, stride_vb, WIDTH,
                      k_inv, v_inv, BLOCK: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr,
-                     MANT: tl.constexpr, EMIN: tl.constexpr):
+                     MANT: tl.constexpr, EMIN: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < WIDTH
@@ -69,4 +71,5 @@ def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: tor
         fmax = torch.finfo(k_buf.dtype).max if fp8 else 0.0
         _kv_write_kernel[(t, triton.cdiv(width, block))](
             k2, v2, loc, k_buf, v_buf, k2.stride(0), v2.stride(0), k_buf.stride(0), v_buf.stride(0),
-            width, 1.0 / k_scale, 1.0 / v_scale, BLOCK=block, FP8=fp8, FMAX=fmax, MANT=mant, EMIN=emin)
+            width, 1.0 / k_scale, 1.0 / v_scale, BLOCK=block, FP8=fp8, FMAX=fmax, MANT=mant, EMIN=emin,
+            **pdl_launch(k2))

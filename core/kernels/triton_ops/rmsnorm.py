@@ -14,12 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kvyard.kernels.triton_ops.common import block_for, rows_2d, warps_for
+from kvyard.kernels.triton_ops.common import block_for, pdl_enter, pdl_launch, rows_2d, warps_for
 
 
 @triton.jit
 def _rmsnorm_kernel(X, R, W, OUT, SUM, stride_x, stride_r, stride_o, stride_s, N, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -56,7 +57,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if x2.shape[0]:
         _rmsnorm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, summed, x2.stride(0), r2.stride(0), out.stride(0), summed.stride(0),
-            n, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps_for(block))
+            n, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps_for(block), **pdl_launch(x2))
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), summed.view(x.shape)

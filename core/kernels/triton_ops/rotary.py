@@ -15,10 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kvyard.kernels.triton_ops.common import pdl_enter, pdl_launch
+
 
 @triton.jit
 def _rotary_kernel(X, COS, SIN, OUT, stride_xt, stride_xh, stride_ct, stride_st, stride_ot, stride_oh,
-                   HEADS, HALF, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                   HEADS, HALF, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_HALF)
@@ -52,5 +55,5 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         _rotary_kernel[(t, triton.cdiv(heads, block_h))](
             x, cos2, sin2, out, x.stride(0), x.stride(1), cos2.stride(0), sin2.stride(0),
             out.stride(0), out.stride(1), heads, dim // 2,
-            BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(dim // 2))
+            BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(dim // 2), **pdl_launch(x))
     return out

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvyard.kernels.triton_ops.common import pdl_enter, pdl_launch
 from kvyard_plugins.attention.triton_kernels.precision import fp8_kv, fp32_dot, scaled_scores
 
 
@@ -41,7 +42,9 @@ def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LE
                          stride_req, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         FP32_DOT: tl.constexpr, KV_FP8: tl.constexpr, SOFT_CAP: tl.constexpr):
+                         FP32_DOT: tl.constexpr, KV_FP8: tl.constexpr, SOFT_CAP: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -106,7 +109,8 @@ def _decode_split_kernel(Q, K_BUF, V_BUF, REQ_TO_TOKEN, REQ_POOL_INDICES, SEQ_LE
 def _decode_reduce_kernel(MID_O, MID_LSE, O, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                           stride_ob, stride_oh,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                          BLOCK_S: tl.constexpr):
+                          BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -159,11 +163,11 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, NUM_SPLITS=num_splits, FP32_DOT=fp32_dot(q.dtype), KV_FP8=fp8_kv(k_buf),
-        SOFT_CAP=bool(logit_cap), num_warps=4, num_stages=stages)
+        SOFT_CAP=bool(logit_cap), num_warps=4, num_stages=stages, **pdl_launch(q))
     if num_splits == 1:
         return
     _decode_reduce_kernel[(batch, heads)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4, **pdl_launch(q))

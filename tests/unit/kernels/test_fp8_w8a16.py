@@ -308,7 +308,7 @@ for fn in (fq._per_token_kernel, fq._static_kernel):
 from kvyard.kernels.triton_ops import kv_write
 sig = dict(K="*bf16", V="*bf16", LOC="*i64", K_BUF="*fp8e4nv", V_BUF="*fp8e4nv")
 build(kv_write._kv_write_kernel, sig, ["stride_kt", "stride_vt", "stride_kb", "stride_vb", "WIDTH"],
-      dict(BLOCK=1024, FP8=True, FMAX=448.0, MANT=3, EMIN=-6), triton.Config({}, num_warps=4), ["k_inv", "v_inv"])
+      dict(BLOCK=1024, FP8=True, FMAX=448.0, MANT=3, EMIN=-6, PDL=False), triton.Config({}, num_warps=4), ["k_inv", "v_inv"])
 """
 
 
