@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kvyard.forward_batch import ForwardBatch
+from kvyard.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -50,6 +51,22 @@ class Attention(nn.Module):
         if v is not None:
             v = v.view(t, self.num_kv_heads, self.v_head_dim)
         return fb.attn_backend.forward(q, k, v, self, fb)
+
+    def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                       fb: ForwardBatch) -> torch.Tensor:
+        """qk [T, (H + Hkv) * D] (the [q | k] columns of a fused qkv output), v [T, Hkv * D]:
+        RotaryEmbedding.apply on q and k, then attention -> [T, H * D]. Where the KV pool can
+        (KVPool.store_rotated), the rotated keys and v reach the cache in the rotary's own launch
+        and the backend is told the KV is saved; else the backend's forward saves it."""
+        t = qk.shape[0]
+        heads = qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        rotated = fb.kv_pool.store_rotated(self.layer_id, fb.out_cache_loc, heads, v, cos_sin)
+        stored = rotated is not None
+        if not stored:
+            rotated = RotaryEmbedding.apply(heads, cos_sin)
+        q, k = rotated.split_with_sizes((self.num_heads, self.num_kv_heads), dim=1)
+        return fb.attn_backend.forward(q, k, v, self, fb, save_kv_cache=not stored)
 
 
 def sliding_windows_from_hf(hf_config, num_layers: int) -> list[int | None]:

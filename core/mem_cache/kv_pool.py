@@ -96,6 +96,20 @@ class KVPool:
         self.k_buffers[layer_id][loc] = k.to(self.dtype)
         self.v_buffers[layer_id][loc] = v.to(self.dtype)
 
+    def store_rotated(self, layer_id: int, loc: torch.Tensor, qk: torch.Tensor, v: torch.Tensor,
+                      cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """The rotary embedding of qk [T, Hq + Hkv, D] ([q | k] heads, RotaryEmbedding.apply's
+        rotate-half form) with the rotated keys and v [T, Hkv, D] stored at slots loc [T] in the
+        same launch (triton_ops.rotary.rotate_and_store: set_kv's casts and fp8 scaling) -> the
+        rotated qk. None where that kernel does not serve (the Triton rotary or KV-write op off,
+        a layout that keeps V in the K row): the caller rotates, then set_kv."""
+        if not (self.layout.separate_v and use_triton("rotary", qk) and use_triton("kv_write", qk)):
+            return None
+        from kvyard.kernels.triton_ops.rotary import rotate_and_store
+        cos, sin = cos_sin
+        return rotate_and_store(qk, cos, sin, v, loc, self.k_buffers[layer_id], self.v_buffers[layer_id],
+                                self.k_scales[layer_id], self.v_scales[layer_id])
+
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """The KV of slots ``src`` [N] copied to slots ``dst`` [N], every layer (speculative tree
         verify keeps the accepted path's KV contiguous in the request's rows). Reads all sources

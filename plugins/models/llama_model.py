@@ -114,14 +114,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 fb: ForwardBatch) -> torch.Tensor:
-        t = x.shape[0]
         qkv = self.qkv_proj(x)                                  # [T, q | k | v]
-        # q and k are adjacent columns: rotate them as one [T, H + Hkv, D] view. Split views, not
-        # slices: a decode step runs this per layer, and each tensor op costs dispatch time.
+        # q and k are adjacent columns: rotated as one [T, H + Hkv, D] view (with the KV write
+        # where the pool can). Split views, not slices: a decode step runs this per layer, and
+        # each tensor op costs dispatch time.
         qk, v = qkv.split_with_sizes((self.q_size + self.kv_size, self.kv_size), dim=1)
-        qk = RotaryEmbedding.apply(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos_sin)
-        q, k = qk.view(t, -1).split_with_sizes((self.q_size, self.kv_size), dim=1)
-        return self.o_proj(self.attn(q, k, v, fb))
+        return self.o_proj(self.attn.forward_rotary(qk, v, cos_sin, fb))
 
 
 class LlamaMLP(nn.Module):

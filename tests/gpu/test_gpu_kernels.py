@@ -209,3 +209,12 @@ def test_fused_layer_kernels_match_torch(dtype):
         pools[1].set_kv(0, loc, k, v)
     assert torch.equal(pools[0].k_buffer(0), pools[1].k_buffer(0))
     assert torch.equal(pools[0].v_buffer(0), pools[1].v_buffer(0))
+    # rotary with the KV write folded in: the bits of the two launches
+    pools = [KVPool(512, 1, 8, 128, dtype, DEV) for _ in range(2)]
+    with kernels.force_triton(("rotary", "kv_write")):
+        expected = RotaryEmbedding.apply(qk, cos_sin)
+        pools[0].set_kv(0, loc, expected[:, 32:], v)
+        got = pools[1].store_rotated(0, loc, qk, v, cos_sin)
+    assert torch.equal(got, expected)
+    assert torch.equal(pools[0].k_buffer(0), pools[1].k_buffer(0))
+    assert torch.equal(pools[0].v_buffer(0), pools[1].v_buffer(0))

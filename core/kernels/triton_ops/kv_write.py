@@ -18,11 +18,11 @@ from kvyard.kernels.triton_ops.fp8_quant import round_to_fp8
 
 BLOCK = 1024
 # fp8 pool dtype -> (mantissa bits, smallest normal exponent)
-_FP8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+FP8_FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 
 
 @triton.jit
-def _to_fp8(x, inv_scale, FMAX: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr):
+def to_fp8(x, inv_scale, FMAX: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr):
     v = x.to(tl.float32) * inv_scale
     return round_to_fp8(tl.minimum(tl.maximum(v, -FMAX), FMAX), MANT, EMIN)
 
@@ -39,8 +39,8 @@ def _kv_write_kernel(K, V, LOC, K_BUF, V_BUF, stride_kt, stride_vt, stride_kb, s
     k = tl.load(K + t * stride_kt + cols, mask=mask)
     v = tl.load(V + t * stride_vt + cols, mask=mask)
     if FP8:
-        k = _to_fp8(k, k_inv, FMAX, MANT, EMIN)
-        v = _to_fp8(v, v_inv, FMAX, MANT, EMIN)
+        k = to_fp8(k, k_inv, FMAX, MANT, EMIN)
+        v = to_fp8(v, v_inv, FMAX, MANT, EMIN)
     tl.store(K_BUF + slot * stride_kb + cols, k.to(K_BUF.dtype.element_ty), mask=mask)
     tl.store(V_BUF + slot * stride_vb + cols, v.to(V_BUF.dtype.element_ty), mask=mask)
 
@@ -66,8 +66,8 @@ def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: tor
         raise ValueError("k_buf and v_buf must be contiguous [num_slots, Hkv, D] buffers")
     if t:
         block = min(BLOCK, triton.next_power_of_2(width))
-        fp8 = k_buf.dtype in _FP8
-        mant, emin = _FP8.get(k_buf.dtype, (0, 0))
+        fp8 = k_buf.dtype in FP8_FORMATS
+        mant, emin = FP8_FORMATS.get(k_buf.dtype, (0, 0))
         fmax = torch.finfo(k_buf.dtype).max if fp8 else 0.0
         _kv_write_kernel[(t, triton.cdiv(width, block))](
             k2, v2, loc, k_buf, v_buf, k2.stride(0), v2.stride(0), k_buf.stride(0), v_buf.stride(0),

@@ -44,7 +44,11 @@ bf = "*bf16"
 cases = {
     "rmsnorm": (rmsnorm._rmsnorm_kernel, dict(X=bf, R=bf, W=bf, OUT=bf, SUM=bf), dict(HAS_RESIDUAL=True, BLOCK=4096), {}),
     "silu_and_mul": (activation._silu_and_mul_kernel, dict(X=bf, OUT=bf), dict(BLOCK=1024), {}),
-    "rotary": (rotary._rotary_kernel, dict(X=bf, COS=bf, SIN=bf, OUT=bf), dict(BLOCK_H=16, BLOCK_HALF=64), {}),
+    "rotary": (rotary._rotary_kernel, dict(X=bf, COS=bf, SIN=bf, OUT=bf, V=bf, LOC="*i64", K_BUF=bf, V_BUF=bf),
+               dict(BLOCK_H=16, BLOCK_HALF=64, STORE_KV=True, FP8=False, FMAX=0.0, MANT=0, EMIN=0), {}),
+    "rotary_fp8_cache": (rotary._rotary_kernel, dict(X=bf, COS=bf, SIN=bf, OUT=bf, V=bf, LOC="*i64",
+                         K_BUF="*fp8e4nv", V_BUF="*fp8e4nv"),
+                         dict(BLOCK_H=16, BLOCK_HALF=64, STORE_KV=True, FP8=True, FMAX=448.0, MANT=3, EMIN=-6), {}),
     "kv_write": (kv_write._kv_write_kernel, dict(K=bf, V=bf, LOC="*i64", K_BUF=bf, V_BUF=bf),
                  dict(BLOCK=1024, FP8=False, FMAX=0.0, MANT=0, EMIN=0), {}),
     "decode_split": (da._decode_split_kernel, dict(Q=bf, K_BUF=bf, V_BUF=bf, REQ_TO_TOKEN="*i32",
@@ -87,7 +91,7 @@ def test_pdl_kernels_wait_first_then_release_on_sm90():
     if proc.returncode == 3:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["ok", "7"]
+    assert proc.stdout.split() == ["ok", "8"]
 
 
 def test_pdl_launch_only_on_cuda_and_switch():

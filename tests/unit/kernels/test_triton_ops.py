@@ -157,6 +157,34 @@ def test_kv_write_scatters_rows_into_slots(pool_dtype, act_dtype):
     assert pools[1].k_buffer(0).float().abs().sum() == 0   # other layers untouched
 
 
+@pytest.mark.parametrize("pool_dtype,act_dtype", [(torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float8_e4m3fn, torch.bfloat16)])
+def test_rotary_with_the_kv_write_folded_in_equals_the_two_launches(pool_dtype, act_dtype):
+    """KVPool.store_rotated (one launch) against RotaryEmbedding.apply then set_kv (two): the
+    same rotated q / k bits returned, the same bits in both pools (fp8: scaled, saturated)."""
+    torch.manual_seed(2)
+    hq, hkv, d, t = 6, 2, 32, 9
+    fp8 = pool_dtype == torch.float8_e4m3fn
+    scales = ([1.0, 0.01], [1.0, 2.0]) if fp8 else None
+    pools = [KVPool(30, 2, hkv, d, pool_dtype, "cpu", scales=scales) for _ in range(2)]
+    loc = torch.randperm(29)[:t] + 1
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, dtype=act_dtype) * (4 if fp8 else 1)
+    qk = qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+    rope = RotaryEmbedding(RopeConfig(head_dim=d, max_position=64, theta=10000.0), dtype=act_dtype)
+    cos_sin = rope.lookup(torch.randint(0, 64, (t,)))
+    with force_triton(("rotary", "kv_write")):
+        expected = RotaryEmbedding.apply(qk, cos_sin)
+        pools[0].set_kv(1, loc, expected[:, hq:], v)
+        got = pools[1].store_rotated(1, loc, qk, v, cos_sin)
+    assert torch.equal(got, expected)
+    for a, b in ((pools[0].k_buffer(1), pools[1].k_buffer(1)), (pools[0].v_buffer(1), pools[1].v_buffer(1))):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    with force_triton(("rotary",)):           # the KV-write op off: the caller does both
+        assert pools[1].store_rotated(1, loc, qk, v, cos_sin) is None
+
+
 # -- every fused op inside a model ----------------------------------------------------------------
 def test_tiny_llama_with_every_fused_op_matches_the_torch_path(monkeypatch):
     import transformers
@@ -189,8 +217,9 @@ def test_tiny_llama_with_every_fused_op_matches_the_torch_path(monkeypatch):
     calls = count_fused_calls(monkeypatch)
     with force_triton(kernels.OPS):
         got = generate()
-    # per step: 2 layers x (2 norms, rotary, kv write, silu) + the final norm
-    assert calls == {"rmsnorm": 3 * 5, "apply_rotary": 3 * 2, "write_kv": 3 * 2, "silu_and_mul": 3 * 2}
+    # per step: 2 layers x (2 norms, rotary with the kv write, silu) + the final norm
+    assert calls == {"rmsnorm": 3 * 5, "rotate_and_store": 3 * 2, "apply_rotary": 0, "write_kv": 0,
+                     "silu_and_mul": 3 * 2}
     assert got.tokens == expected.tokens
     for a, b in zip(got.logits, expected.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -201,8 +230,8 @@ def count_fused_calls(monkeypatch) -> dict:
     from kvyard.kernels.triton_ops import activation, kv_write, rmsnorm, rotary
 
     calls = {}
-    for module, name in ((rmsnorm, "rmsnorm"), (rotary, "apply_rotary"), (kv_write, "write_kv"),
-                         (activation, "silu_and_mul")):
+    for module, name in ((rmsnorm, "rmsnorm"), (rotary, "apply_rotary"), (rotary, "rotate_and_store"),
+                         (kv_write, "write_kv"), (activation, "silu_and_mul")):
         original = getattr(module, name)
         calls[name] = 0
 
