@@ -28,10 +28,6 @@ covers K in [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT), stores scaled float32 part
 and the tile's last split program sums them in a fixed order in the same launch
 (kernels.triton_ops.splitk.splitk_store: deterministic; the two-launch splitk_reduce with
 ``fuse_reduce=False`` or where the counters do not fit).
-
-On sm_90+ the launch is a programmatic dependent (common.pdl_launch): each program requests its
-first K tile's weights (and block scales), then waits for the previous kernel (pdl_enter) before
-it reads x or writes anything, so the weights stream while that kernel drains.
 """
 from __future__ import annotations
 
@@ -40,7 +36,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from kvyard.kernels.triton_ops.common import may_autotune, pdl_enter, pdl_launch
+from kvyard.kernels.triton_ops.common import may_autotune
 from kvyard.kernels.triton_ops.splitk import split_buffers, splitk_reduce, splitk_store
 
 MAX_M = 16
@@ -81,47 +77,9 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _tile_weights(w_rows, sw_ptr, offs_n, mask_n, stride_sw, k0, k_hi, SCALE_K: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """K tile k0's weights [BN, BK] (fp8) and, with block scales, its scale per row [BN]."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0.0)
-    if SCALE_K > 0:        # block scales: one per row for this K tile (the tile lies in one block)
-        s = tl.load(sw_ptr + offs_n * stride_sw + k0 // SCALE_K, mask=mask_n, other=0.0)
-    else:
-        s = tl.zeros_like(offs_n).to(tl.float32)     # (unused)
-    return w, s
-
-
-@triton.jit
-def _tile_product(w, s, x_ptr, offs_m, mask_m, stride_xm, k0, k_hi, acc, acc2, SCALE_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """K tile k0 of w times x, added to acc2 [BN, BK] (M == 1) or acc [BN, BM] (the dot body)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < k_hi
-    if BLOCK_M == 1:
-        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        prod = w.to(tl.float32) * x[None, :]                               # [BN, BK]
-        if SCALE_K > 0:
-            prod = prod * s[:, None]
-        acc2 += prod
-    else:
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                     mask=mask_m[None, :] & mask_k[:, None], other=0.0)        # [BK, BM]
-        if IEEE:           # float32 operands, no tf32 rounding
-            part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        else:              # e4m3 -> x's dtype is exact (via float32)
-            part = tl.dot(w.to(tl.float32).to(xt.dtype), xt)                # [BN, BM]
-        if SCALE_K > 0:
-            part = part * s[:, None]
-        acc += part
-    return acc, acc2
-
-
-@triton.jit
 def _w8a16_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, y_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_sw,
                   SCALE_K: tl.constexpr, PARTIAL: tl.constexpr, FUSE: tl.constexpr, BLOCK_M: tl.constexpr,
-                  IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                  IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -130,20 +88,31 @@ def _w8a16_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, y_ptr, cnt_ptr, M, N, K, K_PER_
     mask_m = offs_m < M
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    A2_K: tl.constexpr = BLOCK_K if BLOCK_M == 1 else 1
-    acc2 = tl.zeros((BLOCK_N, A2_K), dtype=tl.float32)            # M == 1: per-lane partial sums
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)               # per-lane partial sums
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    start = k_lo
-    if PDL:     # the first tile's weights requested, then the wait; that tile peeled off the loop
-        w, s = _tile_weights(w_rows, sw_ptr, offs_n, mask_n, stride_sw, k_lo, k_hi, SCALE_K, BLOCK_K)
-        pdl_enter(PDL)
-        acc, acc2 = _tile_product(w, s, x_ptr, offs_m, mask_m, stride_xm, k_lo, k_hi, acc, acc2, SCALE_K,
-                                  BLOCK_M, IEEE, BLOCK_K)
-        start = k_lo + BLOCK_K
-    for k0 in range(start, k_hi, BLOCK_K):
-        w, s = _tile_weights(w_rows, sw_ptr, offs_n, mask_n, stride_sw, k0, k_hi, SCALE_K, BLOCK_K)
-        acc, acc2 = _tile_product(w, s, x_ptr, offs_m, mask_m, stride_xm, k0, k_hi, acc, acc2, SCALE_K,
-                                  BLOCK_M, IEEE, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if SCALE_K > 0:        # block scales: one per row for this K tile (the tile lies in one block)
+            s = tl.load(sw_ptr + offs_n * stride_sw + k0 // SCALE_K, mask=mask_n, other=0.0)
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            prod = w.to(tl.float32) * x[None, :]                               # [BN, BK]
+            if SCALE_K > 0:
+                prod = prod * s[:, None]
+            acc2 += prod
+        else:
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                         mask=mask_m[None, :] & mask_k[:, None], other=0.0)        # [BK, BM]
+            if IEEE:           # float32 operands, no tf32 rounding
+                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:              # e4m3 -> x's dtype is exact (via float32)
+                part = tl.dot(w.to(tl.float32).to(xt.dtype), xt)                # [BN, BM]
+            if SCALE_K > 0:
+                part = part * s[:, None]
+            acc += part
     if BLOCK_M == 1:
         acc += tl.sum(acc2, axis=1)[:, None]
     if SCALE_K == 0:
@@ -218,8 +187,8 @@ def fp8_w8a16_gemv(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, scale_k: 
     key = (block_m, scale_k, n, k, k_per_split, x.dtype, out_dtype)
     config = config or _untimed_config(x, key)
     if config is None:
-        _tuned[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta, **pdl_launch(x))
+        _tuned[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta)
     else:
         _w8a16_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]), split)](
-            *args, **meta, **config.kwargs, **pdl_launch(x), num_warps=config.num_warps, num_stages=config.num_stages)
+            *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return splitk_reduce(out, out_dtype) if partial and not fuse else y

@@ -288,7 +288,7 @@ gemv = (dict(x_ptr="*bf16", w_ptr="*fp8e4nv", sw_ptr="*fp32", out_ptr="*bf16", y
 for block_m, scale_k in ((1, 0), (fg.MAX_M, 128)):
     cfg = next(c for c in fg.CONFIGS if fg.config_fits(c, block_m, scale_k))
     ptx = build(fg._w8a16_kernel, *gemv, dict(SCALE_K=scale_k, PARTIAL=False, FUSE=False, BLOCK_M=block_m,
-                                             IEEE=False, **cfg.kwargs, PDL=False), cfg)
+                                             IEEE=False, **cfg.kwargs), cfg)
     if block_m == 1:
         assert "ld.global.v4" in ptx and "mma" not in ptx, "M == 1: 16-byte weight loads, CUDA cores"
     else:
@@ -298,7 +298,7 @@ for block_m, scale_k in ((1, 0), (fg.MAX_M, 128)):
 cfg = next(c for c in fg.CONFIGS if fg.config_fits(c, 1, 0))
 split = (dict(gemv[0], out_ptr="*fp32"), gemv[1])
 ptx = build(fg._w8a16_kernel, *split, dict(SCALE_K=0, PARTIAL=True, FUSE=True, BLOCK_M=1, IEEE=False,
-                                          **cfg.kwargs, PDL=False), cfg)
+                                          **cfg.kwargs), cfg)
 atom = ptx.index("atom.global.gpu.acq_rel.add")
 assert "bar.sync" in ptx[ptx.rindex("st.global.b32", 0, atom):atom], "partial stores, barrier, increment"
 assert ptx.count("atom.global") == 1 and "ld.global.cg" in ptx[atom:]
