@@ -7,13 +7,16 @@ lets the next kernel launch (griddepcontrol.launch_dependents); without PDL neit
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
-import pytest
-import torch
+os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
 
-from kvyard.kernels.triton_ops import common
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kvyard.kernels.triton_ops import common  # noqa: E402
 
 _SM90 = r"""
 import re, sys
