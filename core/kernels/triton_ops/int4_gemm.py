@@ -886,12 +886,12 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
     m, k = x.shape
     n = scales.shape[1]
     block_m = m_bucket(m)
-    pdl = False
+    launch = {}     # the one-row plan's config alone has the PDL prologue
     if split is None and config is None and block_m == 1:
         plan = _one_row_plan(x, n, k, _sequential_group(group_size))
         if plan is not None:
             config, split = plan
-            pdl = True
+            launch = pdl_launch(x)
     if block_m > GEMV_MAX_M:    # enough programs along M: no K split
         split = 1
     plan = plan_split(k, triton.cdiv(n, SPLIT_BLOCK_N), SPLIT_BLOCK_K, sm_count(x.device),
@@ -912,7 +912,6 @@ def _int4_mm(x, qweight, scales, zeros, g_idx, group_size: int, split, config, f
         if not (config_fits(cfg, block_m, k, plan.k_per_split) and path_fits(cfg, meta["GROUP"], x.dtype)):
             raise ValueError(f"int4_gemm: config {cfg.kwargs} does not serve M={m}, K={k}, split {plan}, "
                          f"group {group_size}, x {x.dtype}")
-        launch = pdl_launch(x) if pdl else {}      # (only the one-row plan's config has the PDL prologue)
         _mm_fixed[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), plan.split, m_blocks)](
             *args, **meta, **cfg.kwargs, **launch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return splitk_reduce(out, x.dtype) if partial and not fuse else y

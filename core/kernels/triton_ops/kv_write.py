@@ -18,7 +18,7 @@ from kvyard.kernels.triton_ops.fp8_quant import round_to_fp8
 
 BLOCK = 1024
 # fp8 pool dtype -> (mantissa bits, smallest normal exponent)
-FP8_FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+_FP8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 
 
 @triton.jit
@@ -51,6 +51,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+def fp8_store_meta(pool_dtype: torch.dtype) -> dict:
+    """The FP8 / FMAX / MANT / EMIN constexprs of a kernel storing into a pool of ``pool_dtype``
+    through to_fp8 (FP8 False and zeros for other pools)."""
+    mant, emin = _FP8.get(pool_dtype, (0, 0))
+    fp8 = pool_dtype in _FP8
+    return dict(FP8=fp8, FMAX=torch.finfo(pool_dtype).max if fp8 else 0.0, MANT=mant, EMIN=emin)
+
+
+def check_kv_buffers(k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
+    if not (k_buf.is_contiguous() and v_buf.is_contiguous()):
+        raise ValueError("k_buf and v_buf must be contiguous [num_slots, Hkv, D] buffers")
+
+
 def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """For an fp8 pool k and v are multiplied by the float32 reciprocals of the scales (ignored
@@ -62,14 +75,10 @@ def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: tor
     k2, v2 = _rows(k), _rows(v)
     if k2.shape[1] != width or v2.shape[1] != width:
         raise ValueError(f"k/v rows hold {k2.shape[1]}/{v2.shape[1]} values, the pool {width}")
-    if not (k_buf.is_contiguous() and v_buf.is_contiguous()):
-        raise ValueError("k_buf and v_buf must be contiguous [num_slots, Hkv, D] buffers")
+    check_kv_buffers(k_buf, v_buf)
     if t:
         block = min(BLOCK, triton.next_power_of_2(width))
-        fp8 = k_buf.dtype in FP8_FORMATS
-        mant, emin = FP8_FORMATS.get(k_buf.dtype, (0, 0))
-        fmax = torch.finfo(k_buf.dtype).max if fp8 else 0.0
         _kv_write_kernel[(t, triton.cdiv(width, block))](
             k2, v2, loc, k_buf, v_buf, k2.stride(0), v2.stride(0), k_buf.stride(0), v_buf.stride(0),
-            width, 1.0 / k_scale, 1.0 / v_scale, BLOCK=block, FP8=fp8, FMAX=fmax, MANT=mant, EMIN=emin,
+            width, 1.0 / k_scale, 1.0 / v_scale, BLOCK=block, **fp8_store_meta(k_buf.dtype),
             **pdl_launch(k2))

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kvyard.kernels.triton_ops.common import pdl_enter, pdl_launch
-from kvyard.kernels.triton_ops.kv_write import FP8_FORMATS, to_fp8
+from kvyard.kernels.triton_ops.kv_write import check_kv_buffers, fp8_store_meta, to_fp8
 
 
 @triton.jit
@@ -90,11 +90,9 @@ def _launch(x, cos2, sin2, store=None):
         meta = {}
     else:
         v, loc, k_buf, v_buf, k_scale, v_scale = store
-        mant, emin = FP8_FORMATS.get(k_buf.dtype, (0, 0))
         kv = (v, loc, k_buf, v_buf, v.stride(0), v.stride(1), k_buf.stride(0), v_buf.stride(0),
               heads - k_buf.shape[1], 1.0 / k_scale, 1.0 / v_scale)
-        meta = dict(STORE_KV=True, FP8=k_buf.dtype in FP8_FORMATS, MANT=mant, EMIN=emin,
-                    FMAX=torch.finfo(k_buf.dtype).max if k_buf.dtype in FP8_FORMATS else 0.0)
+        meta = dict(STORE_KV=True, **fp8_store_meta(k_buf.dtype))
     _rotary_kernel[(t, triton.cdiv(heads, block_h))](
         x, cos2, sin2, out, x.stride(0), x.stride(1), cos2.stride(0), sin2.stride(0),
         out.stride(0), out.stride(1), heads, dim // 2, *kv,
@@ -121,6 +119,5 @@ def rotate_and_store(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v: t
     if tuple(v.shape) != (t, hkv, dim) or v.stride(-1) != 1 or loc.shape != (t,):
         raise ValueError(f"v {tuple(v.shape)} must be [T, Hkv, D] = [{t}, {hkv}, {dim}] with a contiguous "
                          f"last dim, loc [{t}], got loc {tuple(loc.shape)}")
-    if not (k_buf.is_contiguous() and v_buf.is_contiguous()):
-        raise ValueError("k_buf and v_buf must be contiguous [num_slots, Hkv, D] buffers")
+    check_kv_buffers(k_buf, v_buf)
     return _launch(x, cos2, sin2, (v, loc, k_buf, v_buf, k_scale, v_scale))
